@@ -1,0 +1,127 @@
+//! The error type of the core, with whose fault it is and whether a retry can help.
+
+use crate::ids::StepId;
+
+/// Result with [`CoreError`] as the default error.
+pub type Result<T, E = CoreError> = std::result::Result<T, E>;
+
+/// Who caused an error: decides between reporting a mistake to the user and restarting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The pipeline, its config or its input is wrong; fixing it is the user's job.
+    User,
+    /// A system outside Weir (a file system, a server) failed.
+    External,
+    /// Weir itself is wrong: a bug.
+    Internal,
+}
+
+/// Whether trying again may succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The same call will fail the same way.
+    Never,
+    /// The failure may pass; retry with exponential backoff.
+    Backoff,
+}
+
+/// Errors raised by the runtime and by operators, sources and sinks.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoreError {
+    /// The pipeline or its configuration is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// Reading or writing a file or stream failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, naming the path.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An Arrow kernel failed.
+    #[error(transparent)]
+    Arrow(#[from] arrow_schema::ArrowError),
+    /// An error in a step, with the step named.
+    #[error("step `{step}`: {source}")]
+    Step {
+        /// The failing step.
+        step: StepId,
+        /// The cause.
+        #[source]
+        source: Box<CoreError>,
+    },
+    /// A failure reported by another crate's error type, already rendered.
+    #[error("{message}")]
+    Other {
+        /// The rendered error chain.
+        message: String,
+        /// Whose fault.
+        blame: Blame,
+        /// Whether to retry.
+        retry: Retry,
+    },
+    /// A runtime task was cancelled or panicked.
+    #[error("task failed: {0}")]
+    Task(String),
+    /// An invariant did not hold.
+    #[error("internal invariant violated: {0} (this is a bug, please report it)")]
+    Internal(String),
+}
+
+impl CoreError {
+    /// Whose fault the error is.
+    pub fn blame(&self) -> Blame {
+        match self {
+            Self::Config(_) => Blame::User,
+            Self::Io { .. } => Blame::External,
+            Self::Arrow(_) | Self::Internal(_) | Self::Task(_) => Blame::Internal,
+            Self::Step { source, .. } => source.blame(),
+            Self::Other { blame, .. } => *blame,
+        }
+    }
+
+    /// Whether a retry may help.
+    pub fn retry(&self) -> Retry {
+        match self {
+            Self::Io { .. } => Retry::Backoff,
+            Self::Step { source, .. } => source.retry(),
+            Self::Other { retry, .. } => *retry,
+            _ => Retry::Never,
+        }
+    }
+
+    /// Wraps the error with the step it happened in (once: an error already naming a step is
+    /// left alone so messages do not stutter).
+    #[must_use]
+    pub fn in_step(self, step: &StepId) -> Self {
+        match self {
+            Self::Step { .. } => self,
+            other => Self::Step { step: step.clone(), source: Box::new(other) },
+        }
+    }
+
+    /// An I/O error with a description of what was being done.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io { what: what.into(), source }
+    }
+
+    /// A user error from another crate (config, schema, expression).
+    pub fn user(err: impl std::fmt::Display) -> Self {
+        Self::Other { message: err.to_string(), blame: Blame::User, retry: Retry::Never }
+    }
+}
+
+/// Returns early with [`CoreError::Internal`].
+#[macro_export]
+macro_rules! bail_internal {
+    ($($arg:tt)*) => { return Err($crate::CoreError::Internal(format!($($arg)*))) };
+}
+
+/// Returns early with [`CoreError::Config`] unless the condition holds.
+#[macro_export]
+macro_rules! ensure_config {
+    ($cond:expr, $($arg:tt)*) => { if !$cond { return Err($crate::CoreError::Config(format!($($arg)*))); } };
+}

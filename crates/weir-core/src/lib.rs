@@ -1,0 +1,33 @@
+//! The core of Weir: what flows (Arrow [`Batch`]es and [`Message`]s), what processes it
+//! ([`Operator`], [`Source`], [`Sink`]), and the runtime that wires them into tasks joined by
+//! bounded channels.
+//!
+//! Invariants every other crate relies on:
+//! - every channel is bounded; a full channel blocks its sender, and a blocked source stops
+//!   reading, so memory stays bounded whatever the input rate;
+//! - a batch's event-time column is always aligned with its rows (see [`Batch`]);
+//! - watermarks only move forward on a channel, and an operator's input watermark is the minimum
+//!   over its live, non-idle inputs;
+//! - every row is accounted for per step: `in = out + filtered + aggregated + dead_lettered +
+//!   late_dropped` (see [`metrics::StepMetrics`]).
+//!
+//! This crate knows nothing of Kafka, file formats or Python.
+#![warn(missing_docs)]
+
+pub mod batch;
+pub mod deadletter;
+pub mod error;
+pub mod exchange;
+pub mod ids;
+pub mod keys;
+pub mod linger;
+pub mod metrics;
+pub mod operator;
+pub mod runtime;
+pub mod time;
+
+pub use batch::{Batch, Message, Watermark};
+pub use deadletter::{DeadLetter, DeadLetterSink, ErrorKind, Payload};
+pub use error::{Blame, CoreError, Result, Retry};
+pub use ids::StepId;
+pub use operator::{OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory, SourcePoll};

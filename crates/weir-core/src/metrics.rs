@@ -1,0 +1,259 @@
+//! Counters per step and per worker, read by the progress line, the end-of-run summary and the
+//! Prometheus endpoint.
+//!
+//! Counters are plain atomics bumped once per batch (never per row). Queue depth is a
+//! pushed/popped pair, so a reader computes fill without the hot path keeping a gauge.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::ids::StepId;
+
+/// What a step did with its rows. The invariant the tests check:
+/// `rows_in = rows_out + filtered + aggregated + dead_lettered + late_dropped`, where
+/// `rows_out` counts rows passed through for row-preserving steps; for steps that aggregate,
+/// `aggregated` counts the input rows folded into state and `results_out` the rows they emit.
+#[derive(Debug, Default)]
+pub struct StepMetrics {
+    /// Rows received.
+    pub rows_in: AtomicU64,
+    /// Rows passed on unchanged in number (maps, projections, filters' survivors).
+    pub rows_out: AtomicU64,
+    /// Rows emitted from state (window results, anomalies).
+    pub results_out: AtomicU64,
+    /// Rows removed by a predicate.
+    pub filtered: AtomicU64,
+    /// Rows folded into state.
+    pub aggregated: AtomicU64,
+    /// Rows sent to the dead-letter output.
+    pub dead_lettered: AtomicU64,
+    /// Rows dropped as late (policy `drop`).
+    pub late_dropped: AtomicU64,
+    /// Late rows written to the side output (counted in `aggregated` = no; they are counted here
+    /// and in `late_dropped`'s sibling so the identity still holds: see `late_side`).
+    pub late_side: AtomicU64,
+    /// Batches received.
+    pub batches_in: AtomicU64,
+    /// Nanoseconds spent inside the step's hooks.
+    pub busy_ns: AtomicU64,
+}
+
+impl StepMetrics {
+    /// Adds `n` to a counter.
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A plain copy of the counters.
+    pub fn snapshot(&self) -> StepSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StepSnapshot {
+            rows_in: g(&self.rows_in),
+            rows_out: g(&self.rows_out),
+            results_out: g(&self.results_out),
+            filtered: g(&self.filtered),
+            aggregated: g(&self.aggregated),
+            dead_lettered: g(&self.dead_lettered),
+            late_dropped: g(&self.late_dropped),
+            late_side: g(&self.late_side),
+            batches_in: g(&self.batches_in),
+            busy_ns: g(&self.busy_ns),
+        }
+    }
+}
+
+/// A copy of [`StepMetrics`], summed over workers.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct StepSnapshot {
+    pub rows_in: u64,
+    pub rows_out: u64,
+    pub results_out: u64,
+    pub filtered: u64,
+    pub aggregated: u64,
+    pub dead_lettered: u64,
+    pub late_dropped: u64,
+    pub late_side: u64,
+    pub batches_in: u64,
+    pub busy_ns: u64,
+}
+
+impl StepSnapshot {
+    fn add(&mut self, o: &StepSnapshot) {
+        self.rows_in += o.rows_in;
+        self.rows_out += o.rows_out;
+        self.results_out += o.results_out;
+        self.filtered += o.filtered;
+        self.aggregated += o.aggregated;
+        self.dead_lettered += o.dead_lettered;
+        self.late_dropped += o.late_dropped;
+        self.late_side += o.late_side;
+        self.batches_in += o.batches_in;
+        self.busy_ns += o.busy_ns;
+    }
+
+    /// Whether every input row is accounted for.
+    pub fn balanced(&self) -> bool {
+        self.rows_in
+            == self.rows_out
+                + self.filtered
+                + self.aggregated
+                + self.dead_lettered
+                + self.late_dropped
+                + self.late_side
+    }
+}
+
+/// Counters of one channel (all senders into one receiving task).
+#[derive(Debug, Default)]
+pub struct ChannelMetrics {
+    /// Batches pushed.
+    pub pushed: AtomicU64,
+    /// Batches popped.
+    pub popped: AtomicU64,
+    /// Capacity in messages.
+    pub capacity: AtomicU64,
+}
+
+/// Per-worker progress of event time.
+#[derive(Debug)]
+pub struct WorkerClock {
+    /// Current output watermark of the worker's source, ms (i64::MIN before the first).
+    pub watermark: AtomicI64,
+}
+
+impl Default for WorkerClock {
+    fn default() -> Self {
+        Self { watermark: AtomicI64::new(i64::MIN) }
+    }
+}
+
+/// All metrics of one running job.
+#[derive(Debug, Default)]
+pub struct Registry {
+    steps: Mutex<Vec<(StepId, usize, Arc<StepMetrics>)>>,
+    channels: Mutex<Vec<(String, Arc<ChannelMetrics>)>>,
+    clocks: Mutex<Vec<Arc<WorkerClock>>>,
+    /// Records read by sources (before decoding).
+    pub source_records: AtomicU64,
+    /// Bytes read by sources.
+    pub source_bytes: AtomicU64,
+    /// Rows written by sinks.
+    pub sink_rows: AtomicU64,
+}
+
+impl Registry {
+    /// Registers (or returns) the metrics of `step` on `worker`. Steps keep registration order,
+    /// which is pipeline order.
+    pub fn step(&self, step: &StepId, worker: usize) -> Arc<StepMetrics> {
+        let mut steps = self.steps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, _, m)) = steps.iter().find(|(s, w, _)| s == step && *w == worker) {
+            return m.clone();
+        }
+        let m = Arc::new(StepMetrics::default());
+        steps.push((step.clone(), worker, m.clone()));
+        m
+    }
+
+    /// Registers a channel.
+    pub fn channel(&self, name: String, capacity: usize) -> Arc<ChannelMetrics> {
+        let m = Arc::new(ChannelMetrics::default());
+        m.capacity.store(capacity as u64, Ordering::Relaxed);
+        self.channels.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((name, m.clone()));
+        m
+    }
+
+    /// Registers a worker's watermark cell.
+    pub fn clock(&self) -> Arc<WorkerClock> {
+        let c = Arc::new(WorkerClock::default());
+        self.clocks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(c.clone());
+        c
+    }
+
+    /// Per-step totals over workers, in pipeline order.
+    pub fn steps(&self) -> Vec<(StepId, StepSnapshot)> {
+        let steps = self.steps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<(StepId, StepSnapshot)> = Vec::new();
+        for (id, _, m) in steps.iter() {
+            let snap = m.snapshot();
+            match out.iter_mut().find(|(s, _)| s == id) {
+                Some((_, total)) => total.add(&snap),
+                None => out.push((id.clone(), snap)),
+            }
+        }
+        out
+    }
+
+    /// The job's event-time watermark: the minimum over workers that have one.
+    pub fn watermark(&self) -> Option<i64> {
+        let clocks = self.clocks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        clocks
+            .iter()
+            .map(|c| c.watermark.load(Ordering::Relaxed))
+            .filter(|w| *w != i64::MIN)
+            .min()
+    }
+
+    /// Fill of each channel, 0..=1, averaged over the snapshot instant.
+    pub fn channel_fill(&self) -> Vec<(String, f64)> {
+        let chans = self.channels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        chans
+            .iter()
+            .map(|(n, c)| {
+                let pushed = c.pushed.load(Ordering::Relaxed);
+                let popped = c.popped.load(Ordering::Relaxed);
+                let cap = c.capacity.load(Ordering::Relaxed).max(1);
+                (n.clone(), pushed.saturating_sub(popped) as f64 / cap as f64)
+            })
+            .collect()
+    }
+
+    /// Renders every metric in the Prometheus text exposition format.
+    pub fn render_prometheus(&self, job: &str) -> String {
+        let mut s = String::with_capacity(4096);
+        let steps = self.steps();
+        let counters: [(&str, &str, fn(&StepSnapshot) -> u64); 10] = [
+            ("weir_step_rows_in_total", "Rows received by a step.", |x| x.rows_in),
+            ("weir_step_rows_out_total", "Rows passed on by a step.", |x| x.rows_out),
+            ("weir_step_results_out_total", "Rows emitted from a step's state.", |x| x.results_out),
+            ("weir_step_rows_filtered_total", "Rows removed by a predicate.", |x| x.filtered),
+            ("weir_step_rows_aggregated_total", "Rows folded into state.", |x| x.aggregated),
+            ("weir_step_dead_letters_total", "Rows sent to the dead-letter output.", |x| x.dead_lettered),
+            ("weir_step_late_dropped_total", "Late rows dropped.", |x| x.late_dropped),
+            ("weir_step_late_side_total", "Late rows sent to the side output.", |x| x.late_side),
+            ("weir_step_batches_in_total", "Batches received by a step.", |x| x.batches_in),
+            ("weir_step_busy_seconds_total", "Time spent in a step, seconds (ns resolution).", |x| x.busy_ns),
+        ];
+        for (name, help, get) in counters {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (id, snap) in &steps {
+                let v = get(snap);
+                if name.ends_with("busy_seconds_total") {
+                    let _ = writeln!(s, "{name}{{job=\"{job}\",step=\"{id}\"}} {}", v as f64 / 1e9);
+                } else {
+                    let _ = writeln!(s, "{name}{{job=\"{job}\",step=\"{id}\"}} {v}");
+                }
+            }
+        }
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = writeln!(s, "# HELP weir_source_records_total Records read by sources.\n# TYPE weir_source_records_total counter");
+        let _ = writeln!(s, "weir_source_records_total{{job=\"{job}\"}} {}", g(&self.source_records));
+        let _ = writeln!(s, "# HELP weir_source_bytes_total Bytes read by sources.\n# TYPE weir_source_bytes_total counter");
+        let _ = writeln!(s, "weir_source_bytes_total{{job=\"{job}\"}} {}", g(&self.source_bytes));
+        let _ = writeln!(s, "# HELP weir_sink_rows_total Rows written by sinks.\n# TYPE weir_sink_rows_total counter");
+        let _ = writeln!(s, "weir_sink_rows_total{{job=\"{job}\"}} {}", g(&self.sink_rows));
+        let _ = writeln!(s, "# HELP weir_channel_fill_ratio Messages queued over capacity.\n# TYPE weir_channel_fill_ratio gauge");
+        for (name, fill) in self.channel_fill() {
+            let _ = writeln!(s, "weir_channel_fill_ratio{{job=\"{job}\",channel=\"{name}\"}} {fill}");
+        }
+        if let Some(wm) = self.watermark() {
+            let lag = crate::deadletter::now_ms().saturating_sub(wm) as f64 / 1000.0;
+            let _ = writeln!(s, "# HELP weir_watermark_ms Event-time watermark, ms since epoch.\n# TYPE weir_watermark_ms gauge");
+            let _ = writeln!(s, "weir_watermark_ms{{job=\"{job}\"}} {wm}");
+            let _ = writeln!(s, "# HELP weir_watermark_lag_seconds Wall clock minus watermark.\n# TYPE weir_watermark_lag_seconds gauge");
+            let _ = writeln!(s, "weir_watermark_lag_seconds{{job=\"{job}\"}} {lag}");
+        }
+        s
+    }
+}

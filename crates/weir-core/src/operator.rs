@@ -1,0 +1,177 @@
+//! The traits a step implements: [`Operator`] for transformations, [`Source`] and [`Sink`] for
+//! the ends, each built per worker by its factory.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+
+use crate::batch::Batch;
+use crate::deadletter::{DeadLetter, DeadLetterSink};
+use crate::error::Result;
+use crate::ids::StepId;
+use crate::metrics::StepMetrics;
+
+/// What an operator sees besides its input: where its output goes, its metrics and the
+/// dead-letter output.
+#[derive(Debug)]
+pub struct OpContext<'a> {
+    /// The step being run.
+    pub step: &'a StepId,
+    /// Index of this worker, `0..workers`.
+    pub worker: usize,
+    /// This step's counters on this worker.
+    pub metrics: &'a StepMetrics,
+    /// The job's dead-letter output.
+    pub dead_letters: &'a dyn DeadLetterSink,
+    /// The current input watermark, ms (`None` before the first).
+    pub watermark: Option<i64>,
+    pub(crate) out: &'a mut Vec<Batch>,
+}
+
+impl OpContext<'_> {
+    /// Sends a batch downstream. Empty batches are dropped here, so operators need not check.
+    pub fn emit(&mut self, batch: Batch) {
+        if !batch.is_empty() {
+            self.out.push(batch);
+        }
+    }
+
+    /// Writes dead letters and counts them for this step.
+    ///
+    /// # Errors
+    /// If the dead-letter output itself fails, which stops the job: losing rows silently is
+    /// worse than stopping.
+    pub fn dead_letter(&mut self, letters: Vec<DeadLetter>) -> Result<()> {
+        StepMetrics::add(&self.metrics.dead_lettered, letters.len() as u64);
+        self.dead_letters.write(letters)
+    }
+}
+
+/// A step that turns input batches into output batches.
+///
+/// One instance runs per worker, driven by one task: hooks are called one at a time, in input
+/// order, so implementations need no locks. Hooks are synchronous because operators are CPU
+/// work on a batch; I/O belongs in sources and sinks.
+///
+/// Counting: the runtime counts `rows_in` and `batches_in`. An operator MUST count what it does
+/// with each input row in exactly one of `rows_out`, `filtered`, `aggregated`, `dead_lettered`
+/// (done by [`OpContext::dead_letter`]), `late_dropped` or `late_side`, so that the accounting
+/// identity of [`StepMetrics`] holds; rows it later emits from state go in `results_out`.
+pub trait Operator: Send + fmt::Debug {
+    /// Processes one batch, emitting any output through `cx`.
+    fn process(&mut self, batch: Batch, cx: &mut OpContext<'_>) -> Result<()>;
+
+    /// Called when the input watermark advances to `wm` (ms), after the batches before it.
+    /// Windows close here. The runtime forwards the watermark downstream after this returns.
+    fn on_watermark(&mut self, wm: i64, cx: &mut OpContext<'_>) -> Result<()> {
+        let _ = (wm, cx);
+        Ok(())
+    }
+
+    /// Called every [`Operator::tick_interval`] with the wall clock in ms, for processing-time
+    /// windows and timeouts.
+    fn on_tick(&mut self, now_ms: i64, cx: &mut OpContext<'_>) -> Result<()> {
+        let _ = (now_ms, cx);
+        Ok(())
+    }
+
+    /// How often [`Operator::on_tick`] should run; `None` (the default) for never.
+    fn tick_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Called once at the end of input, after the final watermark. Flush what is left.
+    fn on_end(&mut self, cx: &mut OpContext<'_>) -> Result<()> {
+        let _ = cx;
+        Ok(())
+    }
+}
+
+/// Builds one [`Operator`] per worker. Made after planning, so the schemas are known.
+pub trait OperatorFactory: Send + Sync + fmt::Debug {
+    /// Makes the instance for `worker` of `workers`.
+    fn create(&self, worker: usize, workers: usize) -> Result<Box<dyn Operator>>;
+}
+
+/// What a source partition produced.
+#[derive(Debug)]
+pub enum SourcePoll {
+    /// Decoded rows of one partition, with their event times (ms).
+    Rows {
+        /// The partition, an index local to this source instance.
+        partition: usize,
+        /// The rows.
+        batch: Batch,
+    },
+    /// Nothing arrived within the source's wait; poll again. Lets the runtime run idle
+    /// detection and timers.
+    Waiting,
+    /// The partition is finished (bounded input) and sends nothing more.
+    PartitionEnd(usize),
+    /// Every partition of this instance is finished.
+    End,
+}
+
+/// What a source sees: the shutdown signal and its dead-letter output.
+#[derive(Debug)]
+pub struct SourceContext {
+    /// The step id of the source.
+    pub step: StepId,
+    /// Counters of the source step (records in, dead-lettered).
+    pub metrics: Arc<StepMetrics>,
+    /// The job's dead-letter output.
+    pub dead_letters: Arc<dyn DeadLetterSink>,
+    /// Becomes true when the job should stop reading (SIGINT, SIGTERM): a source waiting for
+    /// data MUST wake on it and return [`SourcePoll::End`].
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Job-wide counters of records and bytes read.
+    pub registry: Arc<crate::metrics::Registry>,
+}
+
+impl SourceContext {
+    /// Whether shutdown was requested.
+    pub fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+}
+
+/// The reading side of one worker's share of a source.
+///
+/// A source instance owns several partitions; it reads, decodes and assigns event times, and
+/// hands over batches. It is polled in a loop by one task; returning from `poll` promptly when
+/// nothing is ready (with [`SourcePoll::Waiting`]) keeps idle detection and shutdown working.
+#[async_trait::async_trait]
+pub trait Source: Send + fmt::Debug {
+    /// Number of partitions this instance reads (for watermarks).
+    fn partitions(&self) -> usize;
+    /// Produces the next output.
+    async fn poll(&mut self, cx: &mut SourceContext) -> Result<SourcePoll>;
+}
+
+/// Builds one [`Source`] per worker.
+pub trait SourceFactory: Send + Sync + fmt::Debug {
+    /// The schema of the rows the source produces.
+    fn schema(&self) -> SchemaRef;
+    /// Makes the instance for `worker` of `workers`. No I/O happens before the first poll
+    /// beyond opening files.
+    fn create(&self, worker: usize, workers: usize) -> Result<Box<dyn Source>>;
+}
+
+/// Where results go. One instance per worker; instances that write to one place (a file)
+/// share it internally.
+#[async_trait::async_trait]
+pub trait Sink: Send + fmt::Debug {
+    /// Writes a batch of rows.
+    async fn write(&mut self, rows: &RecordBatch) -> Result<()>;
+    /// Flushes and closes; called once at the end of input.
+    async fn close(&mut self) -> Result<()>;
+}
+
+/// Builds one [`Sink`] per worker.
+pub trait SinkFactory: Send + Sync + fmt::Debug {
+    /// Makes the instance for `worker` of `workers`.
+    fn create(&self, worker: usize, workers: usize) -> Result<Box<dyn Sink>>;
+}

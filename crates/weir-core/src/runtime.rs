@@ -1,0 +1,574 @@
+//! The runtime: turns a [`JobSpec`] into tasks joined by bounded channels and runs them.
+//!
+//! Shape of a job with `W` workers and stages `S0..Sk` (a stage is a chain of operators
+//! between exchanges):
+//! ```text
+//! worker w:  [source w] -> S0 ops --exchange(key)--> S1 ops --> ... --> Sk ops -> [sink w]
+//!                                  \ every S(i) task of worker w sends to the S(i+1) task of
+//!                                    the worker owning each row's key
+//! ```
+//! Operators inside a stage are chained: one task calls them one after the other, with no
+//! channel between them. Each stage task after the first receives from all `W` upstream tasks
+//! on one bounded channel, tagged with the sender, and takes the minimum of their watermarks.
+//! With one worker there is no exchange at all: the whole pipeline is one task.
+//!
+//! Backpressure: `send` on a full channel waits, so a slow stage stops the stages before it
+//! and finally the source, which then stops reading.
+//!
+//! Shutdown: at the end of bounded input, or when [`ShutdownHandle::stop`] is called, sources
+//! end; the end travels as `Watermark::At(END_OF_TIME)` then `End`, so windows flush and sinks
+//! close before [`Job::run`] returns.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
+
+use crate::batch::{Batch, Message, Watermark, END_OF_TIME};
+use crate::deadletter::{now_ms, DeadLetterSink};
+use crate::error::{CoreError, Result};
+use crate::exchange::Partitioner;
+use crate::ids::StepId;
+use crate::metrics::{ChannelMetrics, Registry, StepMetrics, StepSnapshot, WorkerClock};
+use crate::operator::{OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory, SourcePoll};
+use crate::time::{PartitionWatermark, WatermarkCombiner};
+
+/// Watermark settings of the job's sources.
+#[derive(Debug, Clone, Copy)]
+pub struct WatermarkSpec {
+    /// Bounded out-of-orderness: rows up to this much older than the newest seen are on time.
+    pub bound: Duration,
+    /// A partition with no data for this long stops holding the watermark back.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// A chain of operators between two exchanges.
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    /// Key column paths of the exchange in front of the stage; `None` for the first stage.
+    pub key: Option<Vec<String>>,
+    /// The operators, in order.
+    pub ops: Vec<(StepId, Arc<dyn OperatorFactory>)>,
+}
+
+/// A planned job: everything needed to run, with schemas resolved and expressions compiled.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// Name of the job (metrics label, logs).
+    pub name: String,
+    /// Number of workers; each runs every stage.
+    pub workers: usize,
+    /// Step id of the source.
+    pub source_step: StepId,
+    /// The source.
+    pub source: Arc<dyn SourceFactory>,
+    /// The stages; at least one (possibly with no operators).
+    pub stages: Vec<StageSpec>,
+    /// Step id of the sink.
+    pub sink_step: StepId,
+    /// The sink.
+    pub sink: Arc<dyn SinkFactory>,
+    /// Where dead letters go.
+    pub dead_letters: Arc<dyn DeadLetterSink>,
+    /// Watermark settings.
+    pub watermark: WatermarkSpec,
+    /// Capacity of each channel, in messages (batches); with batches of `B` rows a channel
+    /// holds at most `capacity * B` rows.
+    pub channel_capacity: usize,
+}
+
+/// Stops a running job gracefully: sources end, windows flush, sinks close.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
+
+impl ShutdownHandle {
+    /// Asks the sources to stop reading.
+    pub fn stop(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+/// What a finished run did.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Wall time of the run.
+    pub elapsed: Duration,
+    /// Per-step counters summed over workers, in pipeline order.
+    pub steps: Vec<(StepId, StepSnapshot)>,
+    /// Records read by the source.
+    pub source_records: u64,
+    /// Rows written by the sink.
+    pub sink_rows: u64,
+}
+
+/// A job ready to run.
+#[derive(Debug)]
+pub struct Job {
+    spec: JobSpec,
+    registry: Arc<Registry>,
+    shutdown_tx: Arc<watch::Sender<bool>>,
+    shutdown_rx: watch::Receiver<bool>,
+}
+
+impl Job {
+    /// Prepares a job; registers its metrics so they can be served before it starts.
+    pub fn new(spec: JobSpec) -> Result<Self> {
+        crate::ensure_config!(spec.workers >= 1, "workers must be at least 1");
+        crate::ensure_config!(!spec.stages.is_empty(), "a job needs at least one stage");
+        let registry = Arc::new(Registry::default());
+        // Register steps in pipeline order so summaries list them that way.
+        for w in 0..spec.workers {
+            registry.step(&spec.source_step, w);
+            for st in &spec.stages {
+                for (id, _) in &st.ops {
+                    registry.step(id, w);
+                }
+            }
+            registry.step(&spec.sink_step, w);
+        }
+        let (tx, rx) = watch::channel(false);
+        Ok(Self { spec, registry, shutdown_tx: Arc::new(tx), shutdown_rx: rx })
+    }
+
+    /// The job's metrics.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    /// A handle that stops the job gracefully.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shutdown_tx.clone())
+    }
+
+    /// Runs the job to the end of its input (or until stopped).
+    ///
+    /// # Errors
+    /// The first error of any task; the other tasks are then aborted.
+    pub async fn run(self) -> Result<RunSummary> {
+        let started = Instant::now();
+        let spec = &self.spec;
+        let w_count = spec.workers;
+        // Stages fuse when there is one worker: no exchange is needed.
+        let stages: Vec<StageSpec> = if w_count == 1 {
+            vec![StageSpec { key: None, ops: spec.stages.iter().flat_map(|s| s.ops.clone()).collect() }]
+        } else {
+            spec.stages.clone()
+        };
+
+        // Channels into every stage but the first: rx[stage][worker].
+        let mut senders: Vec<Vec<mpsc::Sender<(usize, Message)>>> = vec![Vec::new()];
+        let mut receivers: Vec<Vec<Option<mpsc::Receiver<(usize, Message)>>>> = vec![Vec::new()];
+        let mut chan_metrics: Vec<Vec<Arc<ChannelMetrics>>> = vec![Vec::new()];
+        for (si, _) in stages.iter().enumerate().skip(1) {
+            let (mut s, mut r, mut m) = (Vec::new(), Vec::new(), Vec::new());
+            for w in 0..w_count {
+                // Every upstream task shares the channel: give it room for each of them.
+                let cap = spec.channel_capacity.max(1) * w_count;
+                let (tx, rx) = mpsc::channel(cap);
+                s.push(tx);
+                r.push(Some(rx));
+                m.push(self.registry.channel(format!("stage{si}-w{w}"), cap));
+            }
+            senders.push(s);
+            receivers.push(r);
+            chan_metrics.push(m);
+        }
+
+        let mut tasks: JoinSet<Result<()>> = JoinSet::new();
+        for w in 0..w_count {
+            for (si, stage) in stages.iter().enumerate() {
+                let chain = Chain::build(&stage.ops, w, w_count, &self.registry, spec.dead_letters.clone())?;
+                let downstream = if si + 1 < stages.len() {
+                    let next = &stages[si + 1];
+                    Downstream::Exchange {
+                        part: Partitioner::new(next.key.clone().unwrap_or_default(), w_count),
+                        senders: senders[si + 1].clone(),
+                        metrics: chan_metrics[si + 1].clone(),
+                        me: w,
+                    }
+                } else {
+                    Downstream::Sink {
+                        sink: spec.sink.create(w, w_count)?,
+                        metrics: self.registry.step(&spec.sink_step, w),
+                        registry: self.registry.clone(),
+                        step: spec.sink_step.clone(),
+                    }
+                };
+                if si == 0 {
+                    let source = spec.source.create(w, w_count)?;
+                    let cx = SourceContext {
+                        step: spec.source_step.clone(),
+                        metrics: self.registry.step(&spec.source_step, w),
+                        dead_letters: spec.dead_letters.clone(),
+                        shutdown: self.shutdown_rx.clone(),
+                        registry: self.registry.clone(),
+                    };
+                    let driver = SourceDriver { source, cx, chain, downstream, wm: spec.watermark, clock: self.registry.clock() };
+                    tasks.spawn(driver.run());
+                } else {
+                    let rx = receivers[si][w].take().ok_or_else(|| CoreError::Internal("receiver taken twice".into()))?;
+                    let driver = StageDriver { rx, inputs: w_count, chain, downstream, metrics: chan_metrics[si][w].clone() };
+                    tasks.spawn(driver.run());
+                }
+            }
+        }
+        // The tasks hold their own clones now; dropping ours lets channels close.
+        drop(senders);
+
+        while let Some(res) = tasks.join_next().await {
+            let res = res.map_err(|e| CoreError::Task(e.to_string())).and_then(|r| r);
+            if let Err(e) = res {
+                tasks.abort_all();
+                let _ = spec.dead_letters.flush();
+                return Err(e);
+            }
+        }
+        spec.dead_letters.flush()?;
+        let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        Ok(RunSummary {
+            elapsed: started.elapsed(),
+            steps: self.registry.steps(),
+            source_records: g(&self.registry.source_records),
+            sink_rows: g(&self.registry.sink_rows),
+        })
+    }
+}
+
+/// One operator in a chain, with its counters.
+#[derive(Debug)]
+struct Link {
+    id: StepId,
+    op: Box<dyn Operator>,
+    metrics: Arc<StepMetrics>,
+    watermark: Option<i64>,
+}
+
+/// Operators run back to back in one task.
+#[derive(Debug)]
+struct Chain {
+    links: Vec<Link>,
+    worker: usize,
+    dead: Arc<dyn DeadLetterSink>,
+    tick: Option<Duration>,
+}
+
+enum Hook {
+    Batch(Batch),
+    Watermark(i64),
+    Tick(i64),
+    End,
+}
+
+impl Chain {
+    fn build(ops: &[(StepId, Arc<dyn OperatorFactory>)], worker: usize, workers: usize, reg: &Registry, dead: Arc<dyn DeadLetterSink>) -> Result<Self> {
+        let mut links = Vec::with_capacity(ops.len());
+        let mut tick: Option<Duration> = None;
+        for (id, f) in ops {
+            let op = f.create(worker, workers).map_err(|e| e.in_step(id))?;
+            if let Some(t) = op.tick_interval() {
+                tick = Some(tick.map_or(t, |c| c.min(t)));
+            }
+            links.push(Link { id: id.clone(), metrics: reg.step(id, worker), op, watermark: None });
+        }
+        Ok(Self { links, worker, dead, tick })
+    }
+
+    /// Runs a hook on link `i`, then feeds its output through the rest of the chain.
+    fn run(&mut self, start: usize, hook: Hook, out: &mut Vec<Batch>) -> Result<()> {
+        let mut pending: Vec<Batch> = Vec::new();
+        let Some(link) = self.links.get_mut(start) else {
+            if let Hook::Batch(b) = hook {
+                out.push(b);
+            }
+            return Ok(());
+        };
+        let mut emitted = Vec::new();
+        let t0 = Instant::now();
+        {
+            let mut cx = OpContext {
+                step: &link.id,
+                worker: self.worker,
+                metrics: &link.metrics,
+                dead_letters: self.dead.as_ref(),
+                watermark: link.watermark,
+                out: &mut emitted,
+            };
+            let res = match hook {
+                Hook::Batch(b) => {
+                    StepMetrics::add(&link.metrics.rows_in, b.num_rows() as u64);
+                    StepMetrics::add(&link.metrics.batches_in, 1);
+                    link.op.process(b, &mut cx)
+                }
+                Hook::Watermark(wm) => {
+                    let r = link.op.on_watermark(wm, &mut cx);
+                    link.watermark = Some(wm);
+                    r
+                }
+                Hook::Tick(now) => link.op.on_tick(now, &mut cx),
+                Hook::End => link.op.on_end(&mut cx),
+            };
+            res.map_err(|e| e.in_step(&link.id))?;
+        }
+        StepMetrics::add(&link.metrics.busy_ns, t0.elapsed().as_nanos() as u64);
+        pending.append(&mut emitted);
+        for b in pending {
+            self.run(start + 1, Hook::Batch(b), out)?;
+        }
+        Ok(())
+    }
+
+    fn batch(&mut self, b: Batch, out: &mut Vec<Batch>) -> Result<()> {
+        self.run(0, Hook::Batch(b), out)
+    }
+
+    /// Advances every link's watermark in order, so rows a link emits on the watermark reach
+    /// the next link before the watermark does.
+    fn watermark(&mut self, wm: i64, out: &mut Vec<Batch>) -> Result<()> {
+        for i in 0..self.links.len() {
+            self.run(i, Hook::Watermark(wm), out)?;
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self, now: i64, out: &mut Vec<Batch>) -> Result<()> {
+        for i in 0..self.links.len() {
+            self.run(i, Hook::Tick(now), out)?;
+        }
+        Ok(())
+    }
+
+    fn end(&mut self, out: &mut Vec<Batch>) -> Result<()> {
+        self.watermark(END_OF_TIME, out)?;
+        for i in 0..self.links.len() {
+            self.run(i, Hook::End, out)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a stage's output goes.
+#[derive(Debug)]
+enum Downstream {
+    Exchange { part: Partitioner, senders: Vec<mpsc::Sender<(usize, Message)>>, metrics: Vec<Arc<ChannelMetrics>>, me: usize },
+    Sink { sink: Box<dyn Sink>, metrics: Arc<StepMetrics>, registry: Arc<Registry>, step: StepId },
+}
+
+impl Downstream {
+    async fn batches(&mut self, out: &mut Vec<Batch>) -> Result<()> {
+        for b in out.drain(..) {
+            match self {
+                Self::Exchange { part, senders, metrics, me } => {
+                    for (w, piece) in part.split(&b)?.into_iter().enumerate() {
+                        if let Some(piece) = piece {
+                            metrics[w].pushed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            send(&senders[w], (*me, Message::Batch(piece))).await?;
+                        }
+                    }
+                }
+                Self::Sink { sink, metrics, registry, step } => {
+                    let n = b.num_rows() as u64;
+                    StepMetrics::add(&metrics.rows_in, n);
+                    StepMetrics::add(&metrics.batches_in, 1);
+                    let t0 = Instant::now();
+                    sink.write(&b.rows).await.map_err(|e| e.in_step(step))?;
+                    StepMetrics::add(&metrics.busy_ns, t0.elapsed().as_nanos() as u64);
+                    StepMetrics::add(&metrics.rows_out, n);
+                    StepMetrics::add(&registry.sink_rows, n);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn watermark(&mut self, wm: Watermark) -> Result<()> {
+        if let Self::Exchange { senders, me, .. } = self {
+            for s in senders.iter() {
+                send(s, (*me, Message::Watermark(wm))).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn end(&mut self) -> Result<()> {
+        match self {
+            Self::Exchange { senders, me, .. } => {
+                for s in senders.iter() {
+                    send(s, (*me, Message::End)).await?;
+                }
+                Ok(())
+            }
+            Self::Sink { sink, step, .. } => sink.close().await.map_err(|e| e.in_step(step)),
+        }
+    }
+}
+
+async fn send(tx: &mpsc::Sender<(usize, Message)>, m: (usize, Message)) -> Result<()> {
+    tx.send(m).await.map_err(|_| CoreError::Task("a downstream task stopped".into()))
+}
+
+fn tick_timer(every: Option<Duration>) -> Option<tokio::time::Interval> {
+    every.map(|d| {
+        let mut i = tokio::time::interval(d);
+        i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        i
+    })
+}
+
+async fn next_tick(t: &mut Option<tokio::time::Interval>) {
+    match t {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Drives a source and the first stage of one worker.
+#[derive(Debug)]
+struct SourceDriver {
+    source: Box<dyn Source>,
+    cx: SourceContext,
+    chain: Chain,
+    downstream: Downstream,
+    wm: WatermarkSpec,
+    clock: Arc<WorkerClock>,
+}
+
+impl SourceDriver {
+    async fn run(mut self) -> Result<()> {
+        let now = Instant::now();
+        let n = self.source.partitions();
+        let mut parts: Vec<PartitionWatermark> = (0..n).map(|_| PartitionWatermark::new(self.wm.bound, self.wm.idle_timeout, now)).collect();
+        let mut comb = WatermarkCombiner::new(n);
+        let mut out = Vec::new();
+        let mut ticks = tick_timer(self.chain.tick);
+        let step = self.cx.step.clone();
+        loop {
+            // Cancel safety: a poll dropped by the tick branch loses nothing, because sources
+            // only hand out data they have fully prepared in the returned value.
+            let polled = tokio::select! {
+                biased;
+                p = self.source.poll(&mut self.cx) => p.map_err(|e| e.in_step(&step))?,
+                () = next_tick(&mut ticks) => {
+                    self.chain.tick(now_ms(), &mut out)?;
+                    self.downstream.batches(&mut out).await?;
+                    continue;
+                }
+            };
+            let changed: Option<usize> = match polled {
+                SourcePoll::Rows { partition, batch } => {
+                    let rows = batch.num_rows() as u64;
+                    StepMetrics::add(&self.cx.metrics.rows_in, rows);
+                    StepMetrics::add(&self.cx.metrics.rows_out, rows);
+                    StepMetrics::add(&self.cx.metrics.batches_in, 1);
+                    let p = parts.get_mut(partition).ok_or_else(|| CoreError::Internal(format!("source returned partition {partition} of {n}")))?;
+                    if let Some(t) = batch.max_time() {
+                        p.observe(t, Instant::now());
+                    }
+                    self.chain.batch(batch, &mut out)?;
+                    self.downstream.batches(&mut out).await?;
+                    Some(partition)
+                }
+                SourcePoll::Waiting => {
+                    let now = Instant::now();
+                    for (i, p) in parts.iter_mut().enumerate() {
+                        p.check_idle(now);
+                        if let Some(w) = comb.update(i, p.current()) {
+                            self.emit_watermark(w, &mut out).await?;
+                        }
+                    }
+                    None
+                }
+                SourcePoll::PartitionEnd(p) => {
+                    if let Some(x) = parts.get_mut(p) {
+                        x.end();
+                    }
+                    Some(p)
+                }
+                SourcePoll::End => break,
+            };
+            if let Some(i) = changed {
+                if let Some(w) = comb.update(i, parts[i].current()) {
+                    self.emit_watermark(w, &mut out).await?;
+                }
+            }
+        }
+        self.clock.watermark.store(END_OF_TIME, std::sync::atomic::Ordering::Relaxed);
+        self.chain.end(&mut out)?;
+        self.downstream.batches(&mut out).await?;
+        self.downstream.watermark(Watermark::At(END_OF_TIME)).await?;
+        self.downstream.end().await
+    }
+
+    async fn emit_watermark(&mut self, w: Watermark, out: &mut Vec<Batch>) -> Result<()> {
+        if let Watermark::At(t) = w {
+            self.clock.watermark.store(t, std::sync::atomic::Ordering::Relaxed);
+            self.chain.watermark(t, out)?;
+            self.downstream.batches(out).await?;
+        }
+        self.downstream.watermark(w).await
+    }
+}
+
+/// Drives a stage after an exchange on one worker.
+#[derive(Debug)]
+struct StageDriver {
+    rx: mpsc::Receiver<(usize, Message)>,
+    inputs: usize,
+    chain: Chain,
+    downstream: Downstream,
+    metrics: Arc<ChannelMetrics>,
+}
+
+impl StageDriver {
+    async fn run(mut self) -> Result<()> {
+        let mut comb = WatermarkCombiner::new(self.inputs);
+        let mut ended = 0;
+        let mut out = Vec::new();
+        let mut ticks = tick_timer(self.chain.tick);
+        loop {
+            // Cancel safety: `recv` is cancel safe, and a tick only runs between messages.
+            let msg = tokio::select! {
+                biased;
+                m = self.rx.recv() => m,
+                () = next_tick(&mut ticks) => {
+                    self.chain.tick(now_ms(), &mut out)?;
+                    self.downstream.batches(&mut out).await?;
+                    continue;
+                }
+            };
+            let Some((from, msg)) = msg else {
+                return Err(CoreError::Task("every upstream task stopped before the end of input".into()));
+            };
+            match msg {
+                Message::Batch(b) => {
+                    self.metrics.popped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.chain.batch(b, &mut out)?;
+                    self.downstream.batches(&mut out).await?;
+                }
+                Message::Watermark(w) => {
+                    if let Some(w) = comb.update(from, Some(w)) {
+                        if let Watermark::At(t) = w {
+                            if t != END_OF_TIME {
+                                self.chain.watermark(t, &mut out)?;
+                                self.downstream.batches(&mut out).await?;
+                            }
+                        }
+                        self.downstream.watermark(w).await?;
+                    }
+                }
+                Message::End => {
+                    ended += 1;
+                    if ended == self.inputs {
+                        self.chain.end(&mut out)?;
+                        self.downstream.batches(&mut out).await?;
+                        self.downstream.watermark(Watermark::At(END_OF_TIME)).await?;
+                        return self.downstream.end().await;
+                    }
+                }
+            }
+        }
+    }
+}
