@@ -19,13 +19,24 @@ pub struct Partitioner {
 impl Partitioner {
     /// A partitioner on the given key column paths.
     pub fn new(keys: Vec<String>, workers: usize) -> Self {
-        Self { keys, workers, hashes: Vec::new(), indices: vec![Vec::new(); workers] }
+        Self {
+            keys,
+            workers,
+            hashes: Vec::new(),
+            indices: vec![Vec::new(); workers],
+        }
     }
 
     /// Returns one (possibly empty) batch per worker.
     pub fn split(&mut self, batch: &Batch) -> Result<Vec<Option<Batch>>> {
         if self.workers == 1 {
             return Ok(vec![Some(batch.clone())]);
+        }
+        if self.keys.is_empty() {
+            // No key: one global group, owned by worker 0.
+            let mut out = vec![None; self.workers];
+            out[0] = Some(batch.clone());
+            return Ok(out);
         }
         let cols = key_columns(&batch.rows, &self.keys)?;
         hash_rows(&cols, &mut self.hashes)?;

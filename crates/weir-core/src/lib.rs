@@ -24,10 +24,14 @@ pub mod linger;
 pub mod metrics;
 pub mod operator;
 pub mod runtime;
+pub mod testing;
 pub mod time;
 
 pub use batch::{Batch, Message, Watermark};
 pub use deadletter::{DeadLetter, DeadLetterSink, ErrorKind, Payload};
 pub use error::{Blame, CoreError, Result, Retry};
 pub use ids::StepId;
-pub use operator::{OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory, SourcePoll};
+pub use operator::{
+    OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory,
+    SourcePoll,
+};

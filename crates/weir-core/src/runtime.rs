@@ -32,7 +32,10 @@ use crate::error::{CoreError, Result};
 use crate::exchange::Partitioner;
 use crate::ids::StepId;
 use crate::metrics::{ChannelMetrics, Registry, StepMetrics, StepSnapshot, WorkerClock};
-use crate::operator::{OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory, SourcePoll};
+use crate::operator::{
+    OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory,
+    SourcePoll,
+};
 use crate::time::{PartitionWatermark, WatermarkCombiner};
 
 /// Watermark settings of the job's sources.
@@ -129,7 +132,12 @@ impl Job {
             registry.step(&spec.sink_step, w);
         }
         let (tx, rx) = watch::channel(false);
-        Ok(Self { spec, registry, shutdown_tx: Arc::new(tx), shutdown_rx: rx })
+        Ok(Self {
+            spec,
+            registry,
+            shutdown_tx: Arc::new(tx),
+            shutdown_rx: rx,
+        })
     }
 
     /// The job's metrics.
@@ -152,7 +160,10 @@ impl Job {
         let w_count = spec.workers;
         // Stages fuse when there is one worker: no exchange is needed.
         let stages: Vec<StageSpec> = if w_count == 1 {
-            vec![StageSpec { key: None, ops: spec.stages.iter().flat_map(|s| s.ops.clone()).collect() }]
+            vec![StageSpec {
+                key: None,
+                ops: spec.stages.iter().flat_map(|s| s.ops.clone()).collect(),
+            }]
         } else {
             spec.stages.clone()
         };
@@ -179,7 +190,13 @@ impl Job {
         let mut tasks: JoinSet<Result<()>> = JoinSet::new();
         for w in 0..w_count {
             for (si, stage) in stages.iter().enumerate() {
-                let chain = Chain::build(&stage.ops, w, w_count, &self.registry, spec.dead_letters.clone())?;
+                let chain = Chain::build(
+                    &stage.ops,
+                    w,
+                    w_count,
+                    &self.registry,
+                    spec.dead_letters.clone(),
+                )?;
                 let downstream = if si + 1 < stages.len() {
                     let next = &stages[si + 1];
                     Downstream::Exchange {
@@ -205,11 +222,26 @@ impl Job {
                         shutdown: self.shutdown_rx.clone(),
                         registry: self.registry.clone(),
                     };
-                    let driver = SourceDriver { source, cx, chain, downstream, wm: spec.watermark, clock: self.registry.clock() };
+                    let driver = SourceDriver {
+                        source,
+                        cx,
+                        chain,
+                        downstream,
+                        wm: spec.watermark,
+                        clock: self.registry.clock(),
+                    };
                     tasks.spawn(driver.run());
                 } else {
-                    let rx = receivers[si][w].take().ok_or_else(|| CoreError::Internal("receiver taken twice".into()))?;
-                    let driver = StageDriver { rx, inputs: w_count, chain, downstream, metrics: chan_metrics[si][w].clone() };
+                    let rx = receivers[si][w]
+                        .take()
+                        .ok_or_else(|| CoreError::Internal("receiver taken twice".into()))?;
+                    let driver = StageDriver {
+                        rx,
+                        inputs: w_count,
+                        chain,
+                        downstream,
+                        metrics: chan_metrics[si][w].clone(),
+                    };
                     tasks.spawn(driver.run());
                 }
             }
@@ -218,7 +250,9 @@ impl Job {
         drop(senders);
 
         while let Some(res) = tasks.join_next().await {
-            let res = res.map_err(|e| CoreError::Task(e.to_string())).and_then(|r| r);
+            let res = res
+                .map_err(|e| CoreError::Task(e.to_string()))
+                .and_then(|r| r);
             if let Err(e) = res {
                 tasks.abort_all();
                 let _ = spec.dead_letters.flush();
@@ -262,7 +296,13 @@ enum Hook {
 }
 
 impl Chain {
-    fn build(ops: &[(StepId, Arc<dyn OperatorFactory>)], worker: usize, workers: usize, reg: &Registry, dead: Arc<dyn DeadLetterSink>) -> Result<Self> {
+    fn build(
+        ops: &[(StepId, Arc<dyn OperatorFactory>)],
+        worker: usize,
+        workers: usize,
+        reg: &Registry,
+        dead: Arc<dyn DeadLetterSink>,
+    ) -> Result<Self> {
         let mut links = Vec::with_capacity(ops.len());
         let mut tick: Option<Duration> = None;
         for (id, f) in ops {
@@ -270,9 +310,19 @@ impl Chain {
             if let Some(t) = op.tick_interval() {
                 tick = Some(tick.map_or(t, |c| c.min(t)));
             }
-            links.push(Link { id: id.clone(), metrics: reg.step(id, worker), op, watermark: None });
+            links.push(Link {
+                id: id.clone(),
+                metrics: reg.step(id, worker),
+                op,
+                watermark: None,
+            });
         }
-        Ok(Self { links, worker, dead, tick })
+        Ok(Self {
+            links,
+            worker,
+            dead,
+            tick,
+        })
     }
 
     /// Runs a hook on link `i`, then feeds its output through the rest of the chain.
@@ -351,23 +401,45 @@ impl Chain {
 /// Where a stage's output goes.
 #[derive(Debug)]
 enum Downstream {
-    Exchange { part: Partitioner, senders: Vec<mpsc::Sender<(usize, Message)>>, metrics: Vec<Arc<ChannelMetrics>>, me: usize },
-    Sink { sink: Box<dyn Sink>, metrics: Arc<StepMetrics>, registry: Arc<Registry>, step: StepId },
+    Exchange {
+        part: Partitioner,
+        senders: Vec<mpsc::Sender<(usize, Message)>>,
+        metrics: Vec<Arc<ChannelMetrics>>,
+        me: usize,
+    },
+    Sink {
+        sink: Box<dyn Sink>,
+        metrics: Arc<StepMetrics>,
+        registry: Arc<Registry>,
+        step: StepId,
+    },
 }
 
 impl Downstream {
     async fn batches(&mut self, out: &mut Vec<Batch>) -> Result<()> {
         for b in out.drain(..) {
             match self {
-                Self::Exchange { part, senders, metrics, me } => {
+                Self::Exchange {
+                    part,
+                    senders,
+                    metrics,
+                    me,
+                } => {
                     for (w, piece) in part.split(&b)?.into_iter().enumerate() {
                         if let Some(piece) = piece {
-                            metrics[w].pushed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            metrics[w]
+                                .pushed
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             send(&senders[w], (*me, Message::Batch(piece))).await?;
                         }
                     }
                 }
-                Self::Sink { sink, metrics, registry, step } => {
+                Self::Sink {
+                    sink,
+                    metrics,
+                    registry,
+                    step,
+                } => {
                     let n = b.num_rows() as u64;
                     StepMetrics::add(&metrics.rows_in, n);
                     StepMetrics::add(&metrics.batches_in, 1);
@@ -405,7 +477,9 @@ impl Downstream {
 }
 
 async fn send(tx: &mpsc::Sender<(usize, Message)>, m: (usize, Message)) -> Result<()> {
-    tx.send(m).await.map_err(|_| CoreError::Task("a downstream task stopped".into()))
+    tx.send(m)
+        .await
+        .map_err(|_| CoreError::Task("a downstream task stopped".into()))
 }
 
 fn tick_timer(every: Option<Duration>) -> Option<tokio::time::Interval> {
@@ -440,7 +514,9 @@ impl SourceDriver {
     async fn run(mut self) -> Result<()> {
         let now = Instant::now();
         let n = self.source.partitions();
-        let mut parts: Vec<PartitionWatermark> = (0..n).map(|_| PartitionWatermark::new(self.wm.bound, self.wm.idle_timeout, now)).collect();
+        let mut parts: Vec<PartitionWatermark> = (0..n)
+            .map(|_| PartitionWatermark::new(self.wm.bound, self.wm.idle_timeout, now))
+            .collect();
         let mut comb = WatermarkCombiner::new(n);
         let mut out = Vec::new();
         let mut ticks = tick_timer(self.chain.tick);
@@ -459,11 +535,14 @@ impl SourceDriver {
             };
             let changed: Option<usize> = match polled {
                 SourcePoll::Rows { partition, batch } => {
+                    // Sources count their own `rows_in` (records read, good or bad) and
+                    // dead letters; what reaches here is their output.
                     let rows = batch.num_rows() as u64;
-                    StepMetrics::add(&self.cx.metrics.rows_in, rows);
                     StepMetrics::add(&self.cx.metrics.rows_out, rows);
                     StepMetrics::add(&self.cx.metrics.batches_in, 1);
-                    let p = parts.get_mut(partition).ok_or_else(|| CoreError::Internal(format!("source returned partition {partition} of {n}")))?;
+                    let p = parts.get_mut(partition).ok_or_else(|| {
+                        CoreError::Internal(format!("source returned partition {partition} of {n}"))
+                    })?;
                     if let Some(t) = batch.max_time() {
                         p.observe(t, Instant::now());
                     }
@@ -495,16 +574,22 @@ impl SourceDriver {
                 }
             }
         }
-        self.clock.watermark.store(END_OF_TIME, std::sync::atomic::Ordering::Relaxed);
+        self.clock
+            .watermark
+            .store(END_OF_TIME, std::sync::atomic::Ordering::Relaxed);
         self.chain.end(&mut out)?;
         self.downstream.batches(&mut out).await?;
-        self.downstream.watermark(Watermark::At(END_OF_TIME)).await?;
+        self.downstream
+            .watermark(Watermark::At(END_OF_TIME))
+            .await?;
         self.downstream.end().await
     }
 
     async fn emit_watermark(&mut self, w: Watermark, out: &mut Vec<Batch>) -> Result<()> {
         if let Watermark::At(t) = w {
-            self.clock.watermark.store(t, std::sync::atomic::Ordering::Relaxed);
+            self.clock
+                .watermark
+                .store(t, std::sync::atomic::Ordering::Relaxed);
             self.chain.watermark(t, out)?;
             self.downstream.batches(out).await?;
         }
@@ -540,11 +625,15 @@ impl StageDriver {
                 }
             };
             let Some((from, msg)) = msg else {
-                return Err(CoreError::Task("every upstream task stopped before the end of input".into()));
+                return Err(CoreError::Task(
+                    "every upstream task stopped before the end of input".into(),
+                ));
             };
             match msg {
                 Message::Batch(b) => {
-                    self.metrics.popped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.metrics
+                        .popped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.chain.batch(b, &mut out)?;
                     self.downstream.batches(&mut out).await?;
                 }
@@ -564,7 +653,9 @@ impl StageDriver {
                     if ended == self.inputs {
                         self.chain.end(&mut out)?;
                         self.downstream.batches(&mut out).await?;
-                        self.downstream.watermark(Watermark::At(END_OF_TIME)).await?;
+                        self.downstream
+                            .watermark(Watermark::At(END_OF_TIME))
+                            .await?;
                         return self.downstream.end().await;
                     }
                 }

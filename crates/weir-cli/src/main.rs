@@ -1,0 +1,302 @@
+//! The `weir` command.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use weir::prelude::*;
+use weir::yaml::{self, ConfigError};
+use weir_core::runtime::Job;
+use weir_core::Blame;
+
+/// Weir: real-time stream processing on Arrow micro-batches.
+#[derive(Debug, Parser)]
+#[command(name = "weir", version, about)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a pipeline described in YAML.
+    Run {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Worker count (default: the pipeline's `workers`, else the number of cores).
+        #[arg(long, short)]
+        workers: Option<usize>,
+        /// Serve /metrics and /healthz on this address, e.g. 127.0.0.1:9464.
+        #[arg(long)]
+        metrics_addr: Option<String>,
+        /// No live progress line, even on a terminal.
+        #[arg(long)]
+        no_progress: bool,
+        /// No end-of-run summary.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Check a pipeline file: keys, types, references, columns and expressions.
+    Validate {
+        /// The pipeline file.
+        pipeline: PathBuf,
+    },
+    /// Write synthetic sensor events (JSON Lines by default).
+    Gen {
+        /// Number of events.
+        #[arg(long, short = 'n', default_value_t = 10_000)]
+        count: u64,
+        /// Events per second (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Number of devices.
+        #[arg(long, default_value_t = 1000)]
+        devices: u32,
+        /// Random seed.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Fraction of events with an anomaly.
+        #[arg(long, default_value_t = 0.0005)]
+        anomaly_rate: f64,
+        /// Output file (default: stdout).
+        #[arg(long, short)]
+        output: Option<String>,
+        /// Output format: json, csv or msgpack.
+        #[arg(long, default_value = "json")]
+        format: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => sub.init(),
+        LogFormat::Json => sub.json().init(),
+    }
+    match run(cli.cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Run(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+enum Failure {
+    Config(String),
+    Run(anyhow::Error),
+}
+
+impl From<weir_core::CoreError> for Failure {
+    fn from(e: weir_core::CoreError) -> Self {
+        match e.blame() {
+            Blame::User => Failure::Config(e.to_string()),
+            _ => Failure::Run(e.into()),
+        }
+    }
+}
+
+/// Loads and builds a pipeline file; errors name the file and line.
+fn load(path: &PathBuf) -> Result<(BuiltPipeline, String), Failure> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::Config(format!("cannot read pipeline file `{file}`: {e}")))?;
+    let cfg = yaml::parse(&file, &text).map_err(|e| Failure::Config(e.to_string()))?;
+    let built = Pipeline::from_config(cfg)
+        .build()
+        .map_err(|e| located(&file, &text, e))?;
+    Ok((built, text))
+}
+
+/// Points an error about a step at that step's line in the file.
+fn located(file: &str, text: &str, e: weir_core::CoreError) -> Failure {
+    let line = match &e {
+        weir_core::CoreError::Step { step, .. } => yaml::step_line(text, step.as_str()),
+        _ => None,
+    };
+    if e.blame() != Blame::User && !matches!(e, weir_core::CoreError::Step { .. }) {
+        return Failure::from(e);
+    }
+    Failure::Config(
+        ConfigError {
+            file: file.into(),
+            line,
+            message: e.to_string(),
+        }
+        .to_string(),
+    )
+}
+
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.max(1))
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Run(anyhow::anyhow!("cannot start the runtime: {e}")))
+}
+
+fn run(cmd: Cmd) -> Result<(), Failure> {
+    match cmd {
+        Cmd::Validate { pipeline } => {
+            let (built, text) = load(&pipeline)?;
+            // Planning checks columns and expressions; it reads the input only to infer a schema.
+            built
+                .plan(&RunOptions { workers: Some(1) })
+                .map_err(|e| located(&pipeline.display().to_string(), &text, e))?;
+            eprintln!(
+                "{}: ok ({} steps)",
+                pipeline.display(),
+                built.config().steps.len()
+            );
+            Ok(())
+        }
+        Cmd::Run {
+            pipeline,
+            workers,
+            metrics_addr,
+            no_progress,
+            quiet,
+        } => {
+            let (built, text) = load(&pipeline)?;
+            let opts = RunOptions { workers };
+            let spec = built
+                .plan(&opts)
+                .map_err(|e| located(&pipeline.display().to_string(), &text, e))?;
+            let workers = spec.workers;
+            let name = spec.name.clone();
+            let rt = runtime(workers)?;
+            let summary = rt.block_on(async move {
+                let job = Job::new(spec)?;
+                let registry = job.registry();
+                let _server = match &metrics_addr {
+                    Some(a) => {
+                        Some(weir::http::MetricsServer::start(a, name, registry.clone()).await?)
+                    }
+                    None => None,
+                };
+                let stop = job.shutdown_handle();
+                tokio::spawn(async move {
+                    // First signal: stop reading and flush. Second: leave at once.
+                    wait_signal().await;
+                    eprintln!(
+                        "\nStopping: flushing open windows and sinks (signal again to abort)."
+                    );
+                    stop.stop();
+                    wait_signal().await;
+                    std::process::exit(130);
+                });
+                let progress = (!no_progress && std::io::stderr().is_terminal()).then(|| {
+                    let reg = registry.clone();
+                    tokio::spawn(async move {
+                        let every = Duration::from_secs(1);
+                        let mut last = 0;
+                        let mut tick = tokio::time::interval(every);
+                        tick.tick().await;
+                        loop {
+                            tick.tick().await;
+                            eprint!(
+                                "\r\x1b[2K{}",
+                                weir::report::progress_line(&reg, &mut last, every)
+                            );
+                        }
+                    })
+                });
+                let res = job.run().await;
+                if let Some(p) = progress {
+                    p.abort();
+                    eprint!("\r\x1b[2K");
+                }
+                res
+            })?;
+            if !quiet {
+                eprint!("{}", weir::report::summary(&summary, workers));
+            }
+            Ok(())
+        }
+        Cmd::Gen {
+            count,
+            rate,
+            devices,
+            seed,
+            anomaly_rate,
+            output,
+            format,
+        } => {
+            let format = FormatSpec::from_name(&format).ok_or_else(|| {
+                Failure::Config(format!(
+                    "unknown format `{format}`; use json, csv or msgpack"
+                ))
+            })?;
+            let mut p = Pipeline::new("gen");
+            p.source(SourceConfig::new(
+                "generator",
+                SourceConnector::Generator(GeneratorSettings {
+                    count: Some(count),
+                    rate,
+                    devices,
+                    seed,
+                    anomaly_rate,
+                    ..Default::default()
+                }),
+            ));
+            p.sink(match output {
+                Some(path) => SinkConfig::new(
+                    "out",
+                    SinkConnector::File(FileSinkSettings { path, format }),
+                ),
+                None => SinkConfig::new("out", SinkConnector::Stdout(StdoutSettings { format })),
+            });
+            // One worker keeps the output in generation order.
+            let built = p.build()?;
+            let rt = runtime(1)?;
+            rt.block_on(built.run(&RunOptions { workers: Some(1) }))?;
+            Ok(())
+        }
+    }
+}
+
+async fn wait_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut i), Ok(mut t)) => {
+                tokio::select! {
+                    _ = i.recv() => {}
+                    _ = t.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,184 @@
+//! Dead-letter and side outputs written as JSON Lines files.
+//!
+//! A dead-letter entry:
+//! `{"time":"2026-11-22T10:00:00.123Z","step":"in","kind":"schema","reason":"missing required
+//! field `readings.temp`","origin":"events.jsonl","position":"line 42, offset 5120",
+//! "payload":"{...}","payload_encoding":"utf8"}`. The payload is the record as read: UTF-8 text
+//! when it is valid UTF-8, else base64 (`"payload_encoding":"base64"`); rows that failed after
+//! decoding are rendered as a JSON object (`"payload_encoding":"json"`).
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use arrow_array::RecordBatch;
+use base64::Engine as _;
+use weir_core::deadletter::{DeadLetter, DeadLetterSink, Payload};
+use weir_core::{CoreError, Result};
+use weir_formats::{Encoder, FormatSpec};
+use weir_ops::SideWriter;
+
+/// Appends dead letters to a JSON Lines file, created on the first entry (a clean run leaves
+/// no empty file behind).
+#[derive(Debug)]
+pub struct FileDeadLetters {
+    path: PathBuf,
+    out: Mutex<Option<BufWriter<File>>>,
+}
+
+impl FileDeadLetters {
+    /// A dead-letter file at `path`. An existing file is replaced when the first entry comes.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            out: Mutex::new(None),
+        }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+/// Renders one entry as a JSON line (with the trailing newline).
+pub fn render(l: &DeadLetter) -> String {
+    let (payload, enc) = match &l.payload {
+        Payload::Raw(bytes) => match std::str::from_utf8(bytes) {
+            Ok(s) => (s.to_string(), "utf8"),
+            Err(_) => (
+                base64::engine::general_purpose::STANDARD.encode(bytes),
+                "base64",
+            ),
+        },
+        Payload::Row(b) => (weir_formats::row_to_json(b, 0), "json"),
+    };
+    let time = chrono::DateTime::from_timestamp_millis(l.time_ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+    let v = serde_json::json!({
+        "time": time,
+        "step": l.step.as_str(),
+        "kind": l.kind.as_str(),
+        "reason": l.reason,
+        "origin": l.origin,
+        "position": l.position,
+        "attempts": 1,
+        "payload": payload,
+        "payload_encoding": enc,
+    });
+    let mut s = v.to_string();
+    s.push('\n');
+    s
+}
+
+impl DeadLetterSink for FileDeadLetters {
+    fn write(&self, letters: Vec<DeadLetter>) -> Result<()> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let mut slot = self
+            .out
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_none() {
+            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    CoreError::io(format!("cannot create folder `{}`", dir.display()), e)
+                })?;
+            }
+            let f = File::create(&self.path).map_err(|e| {
+                CoreError::io(
+                    format!("cannot create dead-letter file `{}`", self.path.display()),
+                    e,
+                )
+            })?;
+            tracing::warn!(path = %self.path.display(), "Writing dead letters.");
+            *slot = Some(BufWriter::new(f));
+        }
+        if let Some(w) = slot.as_mut() {
+            for l in &letters {
+                w.write_all(render(l).as_bytes()).map_err(|e| {
+                    CoreError::io(
+                        format!("writing dead letters to `{}`", self.path.display()),
+                        e,
+                    )
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        let mut slot = self
+            .out
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(w) = slot.as_mut() {
+            w.flush()
+                .map_err(|e| CoreError::io(format!("flushing `{}`", self.path.display()), e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes side-output rows (late rows) to a JSON Lines file.
+pub struct FileSideWriter {
+    path: PathBuf,
+    state: Mutex<Option<(BufWriter<File>, Box<dyn Encoder>)>>,
+}
+
+impl std::fmt::Debug for FileSideWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileSideWriter")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileSideWriter {
+    /// A side output at `path`, created on the first row.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            state: Mutex::new(None),
+        }
+    }
+}
+
+impl SideWriter for FileSideWriter {
+    fn write(&self, rows: &RecordBatch) -> Result<()> {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if st.is_none() {
+            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    CoreError::io(format!("cannot create folder `{}`", dir.display()), e)
+                })?;
+            }
+            let f = File::create(&self.path).map_err(|e| {
+                CoreError::io(
+                    format!("cannot create side output `{}`", self.path.display()),
+                    e,
+                )
+            })?;
+            *st = Some((
+                BufWriter::new(f),
+                FormatSpec::Json
+                    .encoder(rows.schema())
+                    .map_err(crate::fmt_err)?,
+            ));
+        }
+        if let Some((w, enc)) = st.as_mut() {
+            let mut buf = Vec::new();
+            enc.encode(rows, &mut buf).map_err(crate::fmt_err)?;
+            // Late rows are rare and must survive a crash as well as the results do.
+            w.write_all(&buf)
+                .and_then(|()| w.flush())
+                .map_err(|e| CoreError::io(format!("writing `{}`", self.path.display()), e))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,94 @@
+//! Shared by the byte-reading sources: records -> decoded, time-stamped batches, with bad
+//! records dead-lettered.
+
+use std::ops::Range;
+
+use arrow_array::{BooleanArray, Int64Array};
+use weir_core::deadletter::{now_ms, DeadLetter, ErrorKind, Payload};
+use weir_core::metrics::StepMetrics;
+use weir_core::time::EventTimeSpec;
+use weir_core::{Batch, Result, SourceContext};
+use weir_formats::{Decoder, RecordErrorKind};
+
+/// Where a record sits in its origin, for dead-letter entries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Position {
+    /// Byte offset of the record's first byte in the origin.
+    pub(crate) offset: u64,
+    /// 1-based line number, when the reader knows it.
+    pub(crate) line: Option<u64>,
+}
+
+impl Position {
+    fn render(self) -> String {
+        match self.line {
+            Some(l) => format!("line {l}, offset {}", self.offset),
+            None => format!("offset {}", self.offset),
+        }
+    }
+}
+
+/// Decodes `records` of `buf`, dead-letters failures (decode, schema, event time) and returns
+/// the good rows with their event times. `pos(i)` gives record `i`'s position.
+pub(crate) fn decode_records(
+    decoder: &mut dyn Decoder,
+    time: Option<&EventTimeSpec>,
+    buf: &[u8],
+    records: &[Range<usize>],
+    origin: &str,
+    pos: impl Fn(usize) -> Position,
+    cx: &SourceContext,
+) -> Result<Option<Batch>> {
+    if records.is_empty() {
+        return Ok(None);
+    }
+    StepMetrics::add(&cx.metrics.rows_in, records.len() as u64);
+    StepMetrics::add(&cx.registry.source_records, records.len() as u64);
+    let decoded = decoder.decode(buf, records).map_err(crate::fmt_err)?;
+    let mut letters = Vec::new();
+    let letter = |idx: usize, kind: ErrorKind, reason: String| DeadLetter {
+        payload: Payload::Raw(buf[records[idx].clone()].to_vec()),
+        kind,
+        reason,
+        step: cx.step.clone(),
+        origin: origin.to_string(),
+        position: Some(pos(idx).render()),
+        time_ms: now_ms(),
+    };
+    for e in &decoded.errors {
+        let kind = match e.kind {
+            RecordErrorKind::Decode => ErrorKind::Decode,
+            RecordErrorKind::Schema => ErrorKind::Schema,
+        };
+        letters.push(letter(e.index, kind, e.message.clone()));
+    }
+    let rows = decoded.batch.clone();
+    let batch = match time {
+        None => {
+            let now = now_ms();
+            Batch::new(rows, Int64Array::from(vec![now; decoded.batch.num_rows()]))?
+        }
+        Some(spec) => {
+            let (times, bad) = spec.extract(&rows)?;
+            if bad.is_empty() {
+                Batch::new(rows, times)?
+            } else {
+                let mut keep = vec![true; rows.num_rows()];
+                for (row, reason) in bad {
+                    keep[row] = false;
+                    letters.push(letter(
+                        decoded.record_of_row(row),
+                        ErrorKind::EventTime,
+                        reason,
+                    ));
+                }
+                Batch::new(rows, times)?.filter(&BooleanArray::from(keep))?
+            }
+        }
+    };
+    if !letters.is_empty() {
+        StepMetrics::add(&cx.metrics.dead_lettered, letters.len() as u64);
+        cx.dead_letters.write(letters)?;
+    }
+    Ok((!batch.is_empty()).then_some(batch))
+}

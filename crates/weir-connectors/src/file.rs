@@ -1,0 +1,411 @@
+//! The file source: one file or a glob, JSON Lines, CSV or MessagePack, optionally following a
+//! growing file.
+//!
+//! Splitting: a line-delimited file is cut into chunks of `chunk_size` bytes, and worker `w` of
+//! `W` reads chunks `w, w + W, w + 2W, ...` of every file, so parsing spreads over all cores
+//! even for one file. A line belongs to the chunk in which it starts. Each worker's share of
+//! the files is one partition, whose watermark follows the rows in file order; a subsequence of
+//! a stream keeps the stream's bound on disorder, so the bound holds per worker.
+//! MessagePack files cannot be cut at arbitrary bytes; they are assigned whole, round-robin.
+//! In follow mode, worker 0 reads every file and keeps polling for appended data.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_schema::SchemaRef;
+use weir_core::metrics::StepMetrics;
+use weir_core::time::EventTimeSpec;
+use weir_core::{Batch, CoreError, Result, Source, SourceContext, SourceFactory, SourcePoll};
+use weir_formats::{csv_header, split_records, Decoder, FormatSpec};
+
+use crate::decode::{decode_records, Position};
+
+/// Settings of the file source.
+#[derive(Debug, Clone)]
+pub struct FileSourceConfig {
+    /// A path or a glob pattern (`data/*.jsonl`); files are read in sorted path order.
+    pub path: String,
+    /// Record format.
+    pub format: FormatSpec,
+    /// Schema of the decoded rows.
+    pub schema: SchemaRef,
+    /// Event-time column; `None` for processing time (the time a row is read).
+    pub event_time: Option<EventTimeSpec>,
+    /// Rows per batch at most.
+    pub batch_size: usize,
+    /// Bytes per chunk when splitting a file between workers.
+    pub chunk_size: usize,
+    /// Keep reading as the file grows, until the job is stopped.
+    pub follow: bool,
+    /// How often to look for new data in follow mode.
+    pub poll_interval: Duration,
+}
+
+/// Expands a path or glob into a sorted list of files.
+///
+/// # Errors
+/// A bad pattern, or no file matching: both name the pattern.
+pub fn expand_paths(pattern: &str) -> Result<Vec<PathBuf>> {
+    let is_glob = pattern.contains(['*', '?', '[']);
+    if !is_glob {
+        let p = PathBuf::from(pattern);
+        return match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => Ok(vec![p]),
+            Ok(_) => Err(CoreError::Config(format!(
+                "input `{pattern}` is not a file"
+            ))),
+            Err(e) => Err(CoreError::io(
+                format!("cannot open input file `{pattern}`"),
+                e,
+            )),
+        };
+    }
+    let mut files: Vec<PathBuf> = glob::glob(pattern)
+        .map_err(|e| CoreError::Config(format!("bad glob pattern `{pattern}`: {e}")))?
+        .filter_map(std::result::Result::ok)
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(CoreError::Config(format!("no file matches `{pattern}`")));
+    }
+    Ok(files)
+}
+
+/// Builds file source instances. Resolves the file list at planning time, so a missing file is
+/// reported before anything runs.
+#[derive(Debug)]
+pub struct FileSourceFactory {
+    cfg: Arc<FileSourceConfig>,
+    files: Arc<Vec<PathBuf>>,
+}
+
+impl FileSourceFactory {
+    /// Checks the path and format.
+    ///
+    /// # Errors
+    /// Missing files, bad glob.
+    pub fn new(cfg: FileSourceConfig) -> Result<Self> {
+        let files = expand_paths(&cfg.path)?;
+        Ok(Self {
+            cfg: Arc::new(cfg),
+            files: Arc::new(files),
+        })
+    }
+}
+
+impl SourceFactory for FileSourceFactory {
+    fn schema(&self) -> SchemaRef {
+        self.cfg.schema.clone()
+    }
+
+    fn create(&self, worker: usize, workers: usize) -> Result<Box<dyn Source>> {
+        let splittable = !matches!(self.cfg.format, FormatSpec::MsgPack);
+        let mut plan = Vec::new();
+        for (i, f) in self.files.iter().enumerate() {
+            if self.cfg.follow {
+                if worker == 0 {
+                    plan.push(FilePlan {
+                        path: f.clone(),
+                        stride: 1,
+                        first: 0,
+                    });
+                }
+            } else if splittable {
+                plan.push(FilePlan {
+                    path: f.clone(),
+                    stride: workers,
+                    first: worker,
+                });
+            } else if i % workers == worker {
+                plan.push(FilePlan {
+                    path: f.clone(),
+                    stride: 1,
+                    first: 0,
+                });
+            }
+        }
+        Ok(Box::new(FileSource {
+            cfg: self.cfg.clone(),
+            plan,
+            current: None,
+            ready: std::collections::VecDeque::new(),
+            partitions: usize::from(worker == 0 || !self.cfg.follow),
+        }))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FilePlan {
+    path: PathBuf,
+    /// Read chunks `first, first + stride, ...`; stride 1 reads the whole file in order.
+    stride: usize,
+    first: usize,
+}
+
+#[derive(Debug)]
+struct OpenFile {
+    plan: FilePlan,
+    file: File,
+    origin: String,
+    decoder: Box<dyn Decoder>,
+    next_chunk: usize,
+    /// For sequential reading: byte offset of the next unread byte and the current line.
+    offset: u64,
+    line: u64,
+    done: bool,
+    /// CSV: the header line is skipped.
+    skip_header: bool,
+    /// Keep polling at the end (follow mode, last file).
+    follow: bool,
+}
+
+#[derive(Debug)]
+struct FileSource {
+    cfg: Arc<FileSourceConfig>,
+    plan: Vec<FilePlan>,
+    current: Option<OpenFile>,
+    ready: std::collections::VecDeque<Batch>,
+    partitions: usize,
+}
+
+impl FileSource {
+    fn open(&self, plan: FilePlan) -> Result<OpenFile> {
+        let origin = plan.path.display().to_string();
+        let file = File::open(&plan.path)
+            .map_err(|e| CoreError::io(format!("cannot open input file `{origin}`"), e))?;
+        let (header, skip_header) = match &self.cfg.format {
+            FormatSpec::Csv(o) if o.header => {
+                let mut buf = vec![0u8; 64 * 1024];
+                let n = file
+                    .read_at(&mut buf, 0)
+                    .map_err(|e| CoreError::io(format!("reading `{origin}`"), e))?;
+                let end = buf[..n].iter().position(|b| *b == b'\n').unwrap_or(n);
+                (Some(csv_header(&buf[..end], o.delimiter)), true)
+            }
+            _ => (None, false),
+        };
+        let decoder = self
+            .cfg
+            .format
+            .decoder_with_header(self.cfg.schema.clone(), header.as_deref())
+            .map_err(crate::fmt_err)?;
+        // Following applies to the last file: earlier ones are complete by the time it starts.
+        let follow = self.cfg.follow && self.plan.is_empty();
+        Ok(OpenFile {
+            next_chunk: plan.first,
+            plan,
+            file,
+            origin,
+            decoder,
+            offset: 0,
+            line: 1,
+            done: false,
+            skip_header,
+            follow,
+        })
+    }
+
+    /// Reads the next chunk of the current file into `ready`. Returns false at the end of the
+    /// file's share (or, following, when no new data is there yet).
+    fn read_chunk(&mut self, cx: &SourceContext) -> Result<bool> {
+        let cfg = self.cfg.clone();
+        let Some(f) = self.current.as_mut() else {
+            return Ok(false);
+        };
+        if f.done {
+            return Ok(false);
+        }
+        let len = f
+            .file
+            .metadata()
+            .map_err(|e| CoreError::io(format!("reading `{}`", f.origin), e))?
+            .len();
+        let chunk = cfg.chunk_size as u64;
+        let sequential = f.plan.stride == 1;
+        // Where this chunk's lines may start, and the end of the range lines must start before.
+        let (start, limit) = if sequential {
+            (f.offset, f.offset + chunk)
+        } else {
+            let k = f.next_chunk as u64;
+            (k * chunk, (k + 1) * chunk)
+        };
+        if start >= len {
+            if !f.follow {
+                f.done = true;
+            }
+            return Ok(false);
+        }
+        // Read from one byte before the chunk so a line starting exactly at `start` is seen.
+        let read_from = if sequential || start == 0 {
+            start
+        } else {
+            start - 1
+        };
+        let mut buf = Vec::new();
+        let mut want = (limit - read_from + 64 * 1024).min(len - read_from);
+        loop {
+            buf.resize(want as usize, 0);
+            let n = read_full(&f.file, &mut buf, read_from)
+                .map_err(|e| CoreError::io(format!("reading `{}`", f.origin), e))?;
+            buf.truncate(n);
+            // Done when the last line starting before `limit` is complete, or at end of file.
+            let eof = read_from + n as u64 >= len;
+            let tail_start = (limit - read_from).min(n as u64) as usize;
+            if eof
+                || buf[tail_start..].contains(&b'\n')
+                || matches!(cfg.format, FormatSpec::MsgPack)
+            {
+                break;
+            }
+            want = (want * 2).min(len - read_from);
+        }
+        let eof = read_from + buf.len() as u64 >= len;
+        // First record start.
+        let mut first = 0usize;
+        if !sequential && start > 0 {
+            match buf.iter().position(|b| *b == b'\n') {
+                Some(p) => first = p + 1,
+                None => first = buf.len(),
+            }
+        }
+        if f.skip_header && read_from == 0 {
+            first = buf
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(buf.len(), |p| p + 1);
+            f.line = 2;
+        }
+        // Records starting before `limit` (in sequential mode: all complete ones).
+        let mut ranges = Vec::new();
+        let body = &buf[first..];
+        let at_end = eof && !f.follow;
+        let consumed =
+            split_records(&cfg.format, body, at_end, &mut ranges).map_err(crate::fmt_err)?;
+        let mut keep = ranges.len();
+        if !sequential {
+            let lim = (limit - read_from) as usize;
+            keep = ranges
+                .iter()
+                .position(|r| first + r.start >= lim)
+                .unwrap_or(ranges.len());
+        }
+        ranges.truncate(keep);
+        for r in &mut ranges {
+            r.start += first;
+            r.end += first;
+        }
+        StepMetrics::add(&cx.registry.source_bytes, buf.len() as u64);
+        // Line numbers are known when reading in order.
+        let mut lines: Vec<u64> = Vec::new();
+        let line_based = !matches!(cfg.format, FormatSpec::MsgPack);
+        if sequential {
+            let mut line = f.line;
+            let mut last = first;
+            for r in &ranges {
+                line += bytecount(&buf[last..r.start]);
+                if line_based {
+                    lines.push(line);
+                }
+                last = r.start;
+            }
+            if let Some(r) = ranges.last() {
+                line += bytecount(&buf[last..r.end.min(buf.len())]);
+            }
+            let end = first + consumed;
+            line += bytecount(&buf[ranges.last().map_or(first, |r| r.end.min(buf.len()))..end]);
+            f.line = line;
+            f.offset = read_from + end as u64;
+            if consumed == 0 && !f.follow && eof {
+                f.done = true;
+            }
+        } else {
+            f.next_chunk += f.plan.stride;
+        }
+        for (bi, group) in ranges.chunks(cfg.batch_size.max(1)).enumerate() {
+            let base = bi * cfg.batch_size.max(1);
+            let pos = |i: usize| Position {
+                offset: read_from + group[i].start as u64,
+                line: lines.get(base + i).copied(),
+            };
+            if let Some(b) = decode_records(
+                f.decoder.as_mut(),
+                cfg.event_time.as_ref(),
+                &buf,
+                group,
+                &f.origin,
+                pos,
+                cx,
+            )? {
+                self.ready.push_back(b);
+            }
+        }
+        Ok(!ranges.is_empty() || (sequential && consumed > 0))
+    }
+}
+
+fn bytecount(b: &[u8]) -> u64 {
+    b.iter().filter(|c| **c == b'\n').count() as u64
+}
+
+fn read_full(f: &File, buf: &mut [u8], mut off: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], off) {
+            Ok(0) => break,
+            Ok(k) => {
+                n += k;
+                off += k as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+#[async_trait::async_trait]
+impl Source for FileSource {
+    fn partitions(&self) -> usize {
+        self.partitions
+    }
+
+    async fn poll(&mut self, cx: &mut SourceContext) -> Result<SourcePoll> {
+        loop {
+            if let Some(b) = self.ready.pop_front() {
+                return Ok(SourcePoll::Rows {
+                    partition: 0,
+                    batch: b,
+                });
+            }
+            if cx.stopping() {
+                return Ok(SourcePoll::End);
+            }
+            if self.current.is_none() {
+                if self.plan.is_empty() {
+                    return Ok(SourcePoll::End);
+                }
+                let next = self.plan.remove(0);
+                self.current = Some(self.open(next)?);
+            }
+            if self.read_chunk(cx)? {
+                continue;
+            }
+            let done = self.current.as_ref().is_none_or(|f| f.done);
+            if done {
+                self.current = None;
+                continue;
+            }
+            // Following and nothing new: wait, but wake for shutdown.
+            let mut stop = cx.shutdown.clone();
+            tokio::select! {
+                () = tokio::time::sleep(self.cfg.poll_interval) => {}
+                _ = stop.changed() => {}
+            }
+            return Ok(SourcePoll::Waiting);
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! Weir's sources and sinks that need no external server: files (one, a glob, or a growing
+//! file), stdin and stdout, the synthetic sensor generator, and the dead-letter and side
+//! outputs.
+//!
+//! Guarantees: the file sink is at-least-once until checkpoints land (a crash may leave a
+//! partial file); sources read each record once per run.
+#![warn(missing_docs)]
+
+pub mod deadletter;
+mod decode;
+pub mod file;
+pub mod generator;
+pub mod sink;
+pub mod stdin;
+
+pub use deadletter::{FileDeadLetters, FileSideWriter};
+pub use file::{FileSourceConfig, FileSourceFactory};
+pub use generator::{GeneratorConfig, GeneratorFactory};
+pub use sink::{FileSinkFactory, StdoutSinkFactory};
+pub use stdin::StdinSourceFactory;
+
+/// Turns a formats error into a core error (it is the user's input or config at fault).
+pub(crate) fn fmt_err(e: weir_formats::FormatError) -> weir_core::CoreError {
+    weir_core::CoreError::user(e)
+}

@@ -1,0 +1,675 @@
+//! The settings of a pipeline, as written in YAML and as taken by the builder.
+//!
+//! Every struct rejects unknown keys, so a typo is an error that names the key and its line.
+//! Durations are humantime strings (`10s`, `250ms`, `1h 30m`). Defaults live in the
+//! `default_*` functions next to each struct, once.
+
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+use weir_core::time::TimeFormat;
+use weir_formats::{FormatSpec, SchemaSpec};
+
+/// A whole pipeline: the YAML file's top level.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Name of the job, used in metrics and logs.
+    pub name: String,
+    /// Worker count; the `--workers` flag overrides it; default: the number of cores.
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Where events come from.
+    pub source: SourceConfig,
+    /// What happens to them, in order.
+    #[serde(default)]
+    pub steps: Vec<StepConfig>,
+    /// Where results go.
+    pub sink: SinkConfig,
+    /// Where records that cannot be processed go.
+    #[serde(default)]
+    pub dead_letters: DeadLetterConfig,
+    /// Runtime settings.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// A source step.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Step id.
+    pub id: String,
+    /// Read files (exactly one of `file`, `stdin`, `generator`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileSourceSettings>,
+    /// Read standard input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<StdinSettings>,
+    /// Generate synthetic sensor events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generator: Option<GeneratorSettings>,
+    /// Declared schema; inferred from the first records when absent (JSON only).
+    #[serde(default)]
+    pub schema: Option<SchemaSpec>,
+    /// Event-time column; without it, rows get processing time.
+    #[serde(default)]
+    pub event_time: Option<EventTimeConfig>,
+    /// Watermark settings.
+    #[serde(default)]
+    pub watermark: WatermarkConfig,
+    /// Rows per batch at most.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Longest a partial batch may wait for more rows (the linger adapts below this).
+    #[serde(default = "default_max_linger", with = "humantime_serde")]
+    pub max_linger: Duration,
+}
+
+fn default_batch_size() -> usize {
+    8192
+}
+fn default_max_linger() -> Duration {
+    Duration::from_millis(1)
+}
+
+/// The source connectors.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceConnector {
+    /// Files.
+    File(FileSourceSettings),
+    /// Standard input.
+    Stdin(StdinSettings),
+    /// Synthetic sensor events.
+    Generator(GeneratorSettings),
+}
+
+/// File source settings.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSourceSettings {
+    /// Path or glob.
+    pub path: String,
+    /// Record format.
+    #[serde(default = "default_format")]
+    pub format: FormatSpec,
+    /// Keep reading the last file as it grows.
+    #[serde(default)]
+    pub follow: bool,
+    /// How often to look for new data when following.
+    #[serde(default = "default_poll", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Bytes per chunk when splitting files between workers.
+    #[serde(default = "default_chunk")]
+    pub chunk_size: usize,
+}
+
+fn default_format() -> FormatSpec {
+    FormatSpec::Json
+}
+fn default_poll() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_chunk() -> usize {
+    4 << 20
+}
+
+/// Stdin settings.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdinSettings {
+    /// Record format (line-delimited).
+    #[serde(default = "default_format")]
+    pub format: FormatSpec,
+}
+
+/// Generator settings.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratorSettings {
+    /// Number of devices.
+    #[serde(default = "default_devices")]
+    pub devices: u32,
+    /// Events per second; absent for unlimited.
+    #[serde(default)]
+    pub rate: Option<f64>,
+    /// Total events; absent for no limit.
+    #[serde(default)]
+    pub count: Option<u64>,
+    /// Run time; absent for no limit.
+    #[serde(default, with = "humantime_serde")]
+    pub duration: Option<Duration>,
+    /// Fraction of events that arrive out of order.
+    #[serde(default = "default_disorder")]
+    pub disorder: f64,
+    /// How late an out-of-order event is at most.
+    #[serde(default = "default_max_delay", with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Fraction of events with an injected anomaly.
+    #[serde(default = "default_anomaly_rate")]
+    pub anomaly_rate: f64,
+    /// Random seed.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Add a `created_us` column (wall clock at creation) for latency measurement.
+    #[serde(default)]
+    pub stamp_created: bool,
+}
+
+fn default_devices() -> u32 {
+    1000
+}
+fn default_disorder() -> f64 {
+    0.05
+}
+fn default_max_delay() -> Duration {
+    Duration::from_millis(2000)
+}
+fn default_anomaly_rate() -> f64 {
+    0.0005
+}
+fn default_seed() -> u64 {
+    7
+}
+
+impl Default for GeneratorSettings {
+    fn default() -> Self {
+        Self {
+            devices: default_devices(),
+            rate: None,
+            count: None,
+            duration: None,
+            disorder: default_disorder(),
+            max_delay: default_max_delay(),
+            anomaly_rate: default_anomaly_rate(),
+            seed: default_seed(),
+            stamp_created: false,
+        }
+    }
+}
+
+/// Event-time column.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventTimeConfig {
+    /// Column path.
+    pub column: String,
+    /// `s`, `ms`, `us`, `ns` (epoch) or `rfc3339`.
+    #[serde(default = "default_time_format")]
+    pub format: TimeFormat,
+}
+
+fn default_time_format() -> TimeFormat {
+    TimeFormat::Millis
+}
+
+/// Watermark settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatermarkConfig {
+    /// Rows this much older than the newest seen are still on time.
+    #[serde(default = "default_ooo", with = "humantime_serde")]
+    pub max_out_of_orderness: Duration,
+    /// A partition silent this long stops holding the watermark back.
+    #[serde(default = "default_idle", with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+}
+
+fn default_ooo() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_idle() -> Option<Duration> {
+    Some(Duration::from_secs(30))
+}
+
+impl Default for WatermarkConfig {
+    fn default() -> Self {
+        Self {
+            max_out_of_orderness: default_ooo(),
+            idle_timeout: default_idle(),
+        }
+    }
+}
+
+/// One processing step. In YAML each is a one-key map: `- filter: {id: hot, where: "..."}`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", try_from = "StepRepr", into = "StepRepr")]
+pub enum StepConfig {
+    /// Keep rows matching a SQL predicate.
+    Filter(FilterConfig),
+    /// Choose, rename and compute columns.
+    Select(SelectConfig),
+    /// Partition the stream by key columns for the keyed steps after it.
+    KeyBy(KeyByConfig),
+    /// Aggregate in windows.
+    Window(WindowConfig),
+    /// Keyed EWMA z-score anomaly detector.
+    EwmaZscore(EwmaConfig),
+}
+
+/// The YAML shape of a step: a map with exactly one known key. (serde_yaml reads enums from
+/// YAML tags only, and a one-key map reads better.)
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct StepRepr {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    filter: Option<FilterConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    select: Option<SelectConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_by: Option<KeyByConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    window: Option<WindowConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ewma_zscore: Option<EwmaConfig>,
+}
+
+impl TryFrom<StepRepr> for StepConfig {
+    type Error = String;
+    fn try_from(r: StepRepr) -> Result<Self, String> {
+        let mut found = Vec::new();
+        if let Some(c) = r.filter {
+            found.push(StepConfig::Filter(c));
+        }
+        if let Some(c) = r.select {
+            found.push(StepConfig::Select(c));
+        }
+        if let Some(c) = r.key_by {
+            found.push(StepConfig::KeyBy(c));
+        }
+        if let Some(c) = r.window {
+            found.push(StepConfig::Window(c));
+        }
+        if let Some(c) = r.ewma_zscore {
+            found.push(StepConfig::EwmaZscore(c));
+        }
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => Err(
+                "a step needs one of `filter`, `select`, `key_by`, `window`, `ewma_zscore`".into(),
+            ),
+            _ => Err("a step has more than one kind; write each as its own list item".into()),
+        }
+    }
+}
+
+impl From<StepConfig> for StepRepr {
+    fn from(s: StepConfig) -> Self {
+        let mut r = StepRepr::default();
+        match s {
+            StepConfig::Filter(c) => r.filter = Some(c),
+            StepConfig::Select(c) => r.select = Some(c),
+            StepConfig::KeyBy(c) => r.key_by = Some(c),
+            StepConfig::Window(c) => r.window = Some(c),
+            StepConfig::EwmaZscore(c) => r.ewma_zscore = Some(c),
+        }
+        r
+    }
+}
+
+impl StepConfig {
+    /// The step's id.
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Filter(c) => &c.id,
+            Self::Select(c) => &c.id,
+            Self::KeyBy(c) => &c.id,
+            Self::Window(c) => &c.id,
+            Self::EwmaZscore(c) => &c.id,
+        }
+    }
+}
+
+/// `filter` settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Step id.
+    pub id: String,
+    /// SQL boolean expression, e.g. `readings.temp > 25.0`.
+    #[serde(rename = "where")]
+    pub predicate: String,
+}
+
+/// `select` settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectConfig {
+    /// Step id.
+    pub id: String,
+    /// Items: `col`, `a.b AS c`, `expr AS name`, `*`.
+    pub columns: Vec<String>,
+}
+
+/// `key_by` settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyByConfig {
+    /// Step id.
+    pub id: String,
+    /// Key column paths.
+    pub keys: Vec<String>,
+}
+
+/// `window` settings: exactly one of `tumbling`, `hopping`, `session`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    /// Step id.
+    pub id: String,
+    /// Tumbling window size.
+    #[serde(default, with = "humantime_serde")]
+    pub tumbling: Option<Duration>,
+    /// Hopping window size and slide.
+    #[serde(default)]
+    pub hopping: Option<HoppingConfig>,
+    /// Session gap.
+    #[serde(default)]
+    pub session: Option<SessionConfig>,
+    /// `event` (default) or `processing`.
+    #[serde(default)]
+    pub time: TimeDomainConfig,
+    /// Output name -> `func(column)`, in output order. Functions: count, sum, mean, min, max,
+    /// first, last, stddev.
+    pub aggregates: IndexMap<String, String>,
+    /// Late rows: `drop` (default), `{side_output: path}` or `{allowed_lateness: 5s}`.
+    #[serde(default)]
+    pub late: LateConfig,
+}
+
+/// Hopping window.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoppingConfig {
+    /// Window length.
+    #[serde(with = "humantime_serde")]
+    pub size: Duration,
+    /// Distance between starts.
+    #[serde(with = "humantime_serde")]
+    pub slide: Duration,
+}
+
+/// Session window.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Inactivity gap.
+    #[serde(with = "humantime_serde")]
+    pub gap: Duration,
+}
+
+/// Which clock a window uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeDomainConfig {
+    /// Event time.
+    #[default]
+    Event,
+    /// Processing time.
+    Processing,
+}
+
+/// Late-row policy. YAML: `drop`, `{side_output: late.jsonl}` or `{allowed_lateness: 5s}`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(try_from = "LateRepr", into = "LateRepr")]
+pub enum LateConfig {
+    /// Drop and count.
+    #[default]
+    Drop,
+    /// Write late rows to a JSON Lines file.
+    SideOutput(String),
+    /// Update windows within this lateness and emit the updated result.
+    AllowedLateness(Duration),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+enum LateRepr {
+    Name(String),
+    Map(LateMap),
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct LateMap {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    side_output: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    allowed_lateness: Option<Duration>,
+}
+
+impl TryFrom<LateRepr> for LateConfig {
+    type Error = String;
+    fn try_from(r: LateRepr) -> Result<Self, String> {
+        match r {
+            LateRepr::Name(n) if n == "drop" => Ok(Self::Drop),
+            LateRepr::Name(n) => Err(format!("unknown late policy `{n}`; use `drop`, `{{side_output: path}}` or `{{allowed_lateness: 5s}}`")),
+            LateRepr::Map(LateMap { side_output: Some(p), allowed_lateness: None }) => Ok(Self::SideOutput(p)),
+            LateRepr::Map(LateMap { side_output: None, allowed_lateness: Some(d) }) => Ok(Self::AllowedLateness(d)),
+            LateRepr::Map(_) => Err("late: give exactly one of `side_output`, `allowed_lateness`".into()),
+        }
+    }
+}
+
+impl From<LateConfig> for LateRepr {
+    fn from(l: LateConfig) -> Self {
+        match l {
+            LateConfig::Drop => LateRepr::Name("drop".into()),
+            LateConfig::SideOutput(p) => LateRepr::Map(LateMap {
+                side_output: Some(p),
+                ..Default::default()
+            }),
+            LateConfig::AllowedLateness(d) => LateRepr::Map(LateMap {
+                allowed_lateness: Some(d),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+/// `ewma_zscore` settings.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EwmaConfig {
+    /// Step id.
+    pub id: String,
+    /// Watched numeric column path.
+    pub value: String,
+    /// Smoothing factor.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// |z| above this is an anomaly.
+    #[serde(default = "default_threshold")]
+    pub threshold: f64,
+    /// Rows per key before alerts.
+    #[serde(default = "default_warmup")]
+    pub warmup: u64,
+}
+
+fn default_alpha() -> f64 {
+    0.1
+}
+fn default_threshold() -> f64 {
+    4.0
+}
+fn default_warmup() -> u64 {
+    20
+}
+
+/// A sink step.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Step id.
+    pub id: String,
+    /// Write a file (exactly one of `file`, `stdout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileSinkSettings>,
+    /// Write to standard output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<StdoutSettings>,
+}
+
+/// The sink connectors.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkConnector {
+    /// A file.
+    File(FileSinkSettings),
+    /// Standard output.
+    Stdout(StdoutSettings),
+}
+
+/// File sink settings.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSinkSettings {
+    /// Output path (replaced).
+    pub path: String,
+    /// Format.
+    #[serde(default = "default_format")]
+    pub format: FormatSpec,
+}
+
+/// Stdout settings.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdoutSettings {
+    /// Format.
+    #[serde(default = "default_format")]
+    pub format: FormatSpec,
+}
+
+/// Dead-letter output.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// JSON Lines file, created on the first dead letter.
+    #[serde(default = "default_dlq")]
+    pub path: String,
+}
+
+fn default_dlq() -> String {
+    "dead-letters.jsonl".into()
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        Self {
+            path: default_dlq(),
+        }
+    }
+}
+
+/// Runtime settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Messages (batches) each channel holds before its sender waits.
+    #[serde(default = "default_channel_capacity")]
+    pub channel_capacity: usize,
+}
+
+fn default_channel_capacity() -> usize {
+    4
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            channel_capacity: default_channel_capacity(),
+        }
+    }
+}
+
+impl SourceConfig {
+    /// A source with the given id and connector, and default settings.
+    pub fn new(id: impl Into<String>, connector: SourceConnector) -> Self {
+        let mut s = Self {
+            id: id.into(),
+            file: None,
+            stdin: None,
+            generator: None,
+            schema: None,
+            event_time: None,
+            watermark: WatermarkConfig::default(),
+            batch_size: default_batch_size(),
+            max_linger: default_max_linger(),
+        };
+        match connector {
+            SourceConnector::File(f) => s.file = Some(f),
+            SourceConnector::Stdin(f) => s.stdin = Some(f),
+            SourceConnector::Generator(f) => s.generator = Some(f),
+        }
+        s
+    }
+
+    /// The one connector configured.
+    ///
+    /// # Errors
+    /// None or several configured.
+    pub fn connector(&self) -> Result<SourceConnector, String> {
+        match (&self.file, &self.stdin, &self.generator) {
+            (Some(f), None, None) => Ok(SourceConnector::File(f.clone())),
+            (None, Some(s), None) => Ok(SourceConnector::Stdin(s.clone())),
+            (None, None, Some(g)) => Ok(SourceConnector::Generator(g.clone())),
+            (None, None, None) => Err(format!(
+                "source `{}` needs one of `file`, `stdin`, `generator`",
+                self.id
+            )),
+            _ => Err(format!(
+                "source `{}` has more than one of `file`, `stdin`, `generator`",
+                self.id
+            )),
+        }
+    }
+}
+
+impl FileSourceSettings {
+    /// Settings for a path with defaults otherwise.
+    pub fn new(path: impl Into<String>, format: FormatSpec) -> Self {
+        Self {
+            path: path.into(),
+            format,
+            follow: false,
+            poll_interval: default_poll(),
+            chunk_size: default_chunk(),
+        }
+    }
+}
+
+impl SinkConfig {
+    /// A sink with the given id and connector.
+    pub fn new(id: impl Into<String>, connector: SinkConnector) -> Self {
+        let mut s = Self {
+            id: id.into(),
+            file: None,
+            stdout: None,
+        };
+        match connector {
+            SinkConnector::File(f) => s.file = Some(f),
+            SinkConnector::Stdout(f) => s.stdout = Some(f),
+        }
+        s
+    }
+
+    /// The one connector configured.
+    ///
+    /// # Errors
+    /// None or several configured.
+    pub fn connector(&self) -> Result<SinkConnector, String> {
+        match (&self.file, &self.stdout) {
+            (Some(f), None) => Ok(SinkConnector::File(f.clone())),
+            (None, Some(s)) => Ok(SinkConnector::Stdout(s.clone())),
+            (None, None) => Err(format!("sink `{}` needs one of `file`, `stdout`", self.id)),
+            _ => Err(format!(
+                "sink `{}` has more than one of `file`, `stdout`",
+                self.id
+            )),
+        }
+    }
+}

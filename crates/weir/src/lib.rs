@@ -1,0 +1,38 @@
+//! Weir: a real-time stream-processing engine that moves Arrow micro-batches through a
+//! dataflow of operators.
+//!
+//! This crate is the front door: the [`Pipeline`] builder (whose settings are the YAML form,
+//! one to one), planning and running, the metrics endpoint, and a [`prelude`].
+//!
+//! ```no_run
+//! use weir::prelude::*;
+//!
+//! # async fn demo() -> weir::Result<()> {
+//! let mut p = Pipeline::new("w2");
+//! p.source(SourceConfig::new("events", SourceConnector::File(FileSourceSettings::new("events.jsonl", FormatSpec::Json))))
+//!     .filter("hot", "readings.temp > 25.0")
+//!     .select("cols", ["device_id", "ts", "readings.temp AS temp"])
+//!     .sink(SinkConfig::new("out", SinkConnector::File(FileSinkSettings { path: "hot.jsonl".into(), format: FormatSpec::Json })));
+//! let summary = p.build()?.run(&RunOptions::default()).await?;
+//! println!("{} rows out", summary.sink_rows);
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod http;
+pub mod pipeline;
+pub mod report;
+pub mod yaml;
+
+pub use pipeline::{BuiltPipeline, Pipeline, RunOptions};
+pub use weir_core::{CoreError, Result};
+
+/// The names most pipelines need.
+pub mod prelude {
+    pub use crate::config::*;
+    pub use crate::pipeline::{BuiltPipeline, Pipeline, RunOptions};
+    pub use weir_core::runtime::RunSummary;
+    pub use weir_core::time::TimeFormat;
+    pub use weir_formats::{CsvOptions, FieldSpec, FieldType, FormatSpec, SchemaSpec};
+}

@@ -1,0 +1,552 @@
+//! The pipeline builder: stable step ids, `build()` validates without I/O, `plan()` resolves
+//! schemas and compiles expressions, `run()` executes.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_schema::SchemaRef;
+use weir_connectors::{
+    FileDeadLetters, FileSideWriter, FileSinkFactory, FileSourceConfig, FileSourceFactory,
+    GeneratorConfig, GeneratorFactory, StdinSourceFactory, StdoutSinkFactory,
+};
+use weir_core::runtime::{Job, JobSpec, RunSummary, StageSpec, WatermarkSpec};
+use weir_core::time::EventTimeSpec;
+use weir_core::{
+    CoreError, DeadLetterSink, OperatorFactory, Result, SinkFactory, SourceFactory, StepId,
+};
+use weir_formats::{infer_json_schema, split_records, FormatSpec};
+use weir_ops::{
+    AggSpec, EwmaZscoreSpec, FilterSpec, LatePolicy, SelectSpec, TimeDomain, WindowKind, WindowSpec,
+};
+
+use crate::config::*;
+
+/// A pipeline under construction. Step ids must be unique; they name steps in metrics, logs
+/// and dead letters, and will key their state in checkpoints, so keep them stable.
+///
+/// ```
+/// use weir::prelude::*;
+///
+/// let mut p = Pipeline::new("hot-sensors");
+/// p.source(SourceConfig::new("events", SourceConnector::Generator(GeneratorSettings { count: Some(1000), ..Default::default() })))
+///     .filter("hot", "readings.temp > 25.0")
+///     .select("cols", ["device_id", "ts", "readings.temp * 1.8 + 32 AS temp_f"])
+///     .sink(SinkConfig::new("out", SinkConnector::Stdout(StdoutSettings { format: FormatSpec::Json })));
+/// let built = p.build().expect("valid pipeline");
+/// assert_eq!(built.config().steps.len(), 2);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    cfg: PipelineConfig,
+    source_set: bool,
+    sink_set: bool,
+}
+
+impl Pipeline {
+    /// A new, empty pipeline.
+    pub fn new(name: impl Into<String>) -> Self {
+        let placeholder = SourceConfig::new(
+            "",
+            SourceConnector::Stdin(StdinSettings {
+                format: FormatSpec::Json,
+            }),
+        );
+        let sink = SinkConfig::new(
+            "",
+            SinkConnector::Stdout(StdoutSettings {
+                format: FormatSpec::Json,
+            }),
+        );
+        Self {
+            cfg: PipelineConfig {
+                name: name.into(),
+                workers: None,
+                source: placeholder,
+                steps: Vec::new(),
+                sink,
+                dead_letters: DeadLetterConfig::default(),
+                runtime: RuntimeConfig::default(),
+            },
+            source_set: false,
+            sink_set: false,
+        }
+    }
+
+    /// A pipeline from its configuration (the YAML form).
+    pub fn from_config(cfg: PipelineConfig) -> Self {
+        Self {
+            cfg,
+            source_set: true,
+            sink_set: true,
+        }
+    }
+
+    /// Sets the source.
+    pub fn source(&mut self, cfg: SourceConfig) -> &mut Self {
+        self.cfg.source = cfg;
+        self.source_set = true;
+        self
+    }
+
+    /// Adds a step.
+    pub fn step(&mut self, step: StepConfig) -> &mut Self {
+        self.cfg.steps.push(step);
+        self
+    }
+
+    /// Keeps rows matching a SQL predicate.
+    pub fn filter(&mut self, id: &str, predicate: &str) -> &mut Self {
+        self.step(StepConfig::Filter(FilterConfig {
+            id: id.into(),
+            predicate: predicate.into(),
+        }))
+    }
+
+    /// Chooses, renames and computes columns.
+    pub fn select<I: IntoIterator<Item = S>, S: Into<String>>(
+        &mut self,
+        id: &str,
+        columns: I,
+    ) -> &mut Self {
+        self.step(StepConfig::Select(SelectConfig {
+            id: id.into(),
+            columns: columns.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    /// Partitions by key columns for the keyed steps that follow.
+    pub fn key_by<I: IntoIterator<Item = S>, S: Into<String>>(
+        &mut self,
+        id: &str,
+        keys: I,
+    ) -> &mut Self {
+        self.step(StepConfig::KeyBy(KeyByConfig {
+            id: id.into(),
+            keys: keys.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    /// Aggregates in windows.
+    pub fn window(&mut self, cfg: WindowConfig) -> &mut Self {
+        self.step(StepConfig::Window(cfg))
+    }
+
+    /// Adds an EWMA z-score detector.
+    pub fn ewma_zscore(&mut self, cfg: EwmaConfig) -> &mut Self {
+        self.step(StepConfig::EwmaZscore(cfg))
+    }
+
+    /// Sets the sink.
+    pub fn sink(&mut self, cfg: SinkConfig) -> &mut Self {
+        self.cfg.sink = cfg;
+        self.sink_set = true;
+        self
+    }
+
+    /// Sets the dead-letter file.
+    pub fn dead_letters(&mut self, path: impl Into<String>) -> &mut Self {
+        self.cfg.dead_letters.path = path.into();
+        self
+    }
+
+    /// Sets the default worker count.
+    pub fn workers(&mut self, n: usize) -> &mut Self {
+        self.cfg.workers = Some(n);
+        self
+    }
+
+    /// Checks the pipeline's structure and settings without touching files or servers.
+    /// With a declared schema, columns and expressions are checked too.
+    ///
+    /// # Errors
+    /// The first problem, naming its step.
+    pub fn build(&self) -> Result<BuiltPipeline> {
+        weir_core::ensure_config!(
+            self.source_set,
+            "pipeline `{}` has no source",
+            self.cfg.name
+        );
+        weir_core::ensure_config!(self.sink_set, "pipeline `{}` has no sink", self.cfg.name);
+        let c = &self.cfg;
+        let mut ids = HashSet::new();
+        let all_ids = std::iter::once(c.source.id.as_str())
+            .chain(c.steps.iter().map(StepConfig::id))
+            .chain(std::iter::once(c.sink.id.as_str()));
+        for id in all_ids {
+            weir_core::ensure_config!(!id.is_empty(), "a step has an empty id");
+            weir_core::ensure_config!(
+                ids.insert(id),
+                "step id `{id}` is used twice; ids must be unique"
+            );
+        }
+        c.source.connector().map_err(CoreError::Config)?;
+        c.sink.connector().map_err(CoreError::Config)?;
+        weir_core::ensure_config!(
+            c.source.batch_size > 0,
+            "source `{}`: batch_size must be positive",
+            c.source.id
+        );
+        weir_core::ensure_config!(c.workers != Some(0), "workers must be at least 1");
+        weir_core::ensure_config!(
+            c.runtime.channel_capacity > 0,
+            "runtime.channel_capacity must be positive"
+        );
+        for s in &c.steps {
+            step_spec(s, &[]).map_err(|e| e.in_step(&StepId::new(s.id())))?;
+        }
+        let built = BuiltPipeline { cfg: c.clone() };
+        if let Some(schema) = &c.source.schema {
+            built.plan_steps(&schema.to_arrow(), 1)?;
+        }
+        Ok(built)
+    }
+}
+
+/// A checked pipeline, ready to plan and run.
+#[derive(Debug, Clone)]
+pub struct BuiltPipeline {
+    cfg: PipelineConfig,
+}
+
+/// How to run a pipeline.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Worker count; default: the pipeline's, else the number of cores.
+    pub workers: Option<usize>,
+}
+
+/// What planning a step gives: a stage boundary or an operator.
+enum Planned {
+    Exchange(Vec<String>),
+    Op(Arc<dyn OperatorFactory>, SchemaRef),
+}
+
+/// The operator settings of a step, given the current key.
+enum OpSpec {
+    KeyBy(Vec<String>),
+    Filter(FilterSpec),
+    Select(SelectSpec),
+    Window(WindowSpec),
+    Ewma(EwmaZscoreSpec),
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn step_spec(s: &StepConfig, keys: &[String]) -> Result<OpSpec> {
+    Ok(match s {
+        StepConfig::Filter(f) => OpSpec::Filter(FilterSpec {
+            predicate: f.predicate.clone(),
+        }),
+        StepConfig::Select(f) => {
+            weir_core::ensure_config!(!f.columns.is_empty(), "select needs at least one column");
+            OpSpec::Select(SelectSpec {
+                columns: f.columns.clone(),
+            })
+        }
+        StepConfig::KeyBy(k) => {
+            weir_core::ensure_config!(!k.keys.is_empty(), "key_by needs at least one key column");
+            OpSpec::KeyBy(k.keys.clone())
+        }
+        StepConfig::Window(w) => {
+            let kind = match (w.tumbling, &w.hopping, &w.session) {
+                (Some(size), None, None) => WindowKind::Tumbling { size_ms: ms(size) },
+                (None, Some(h), None) => WindowKind::Hopping {
+                    size_ms: ms(h.size),
+                    slide_ms: ms(h.slide),
+                },
+                (None, None, Some(s)) => WindowKind::Session { gap_ms: ms(s.gap) },
+                _ => {
+                    return Err(CoreError::Config(
+                        "a window needs exactly one of `tumbling`, `hopping`, `session`".into(),
+                    ))
+                }
+            };
+            let aggs = w
+                .aggregates
+                .iter()
+                .map(|(name, f)| AggSpec::parse(name, f))
+                .collect::<Result<Vec<_>>>()?;
+            weir_core::ensure_config!(!aggs.is_empty(), "a window needs at least one aggregate");
+            let late = match &w.late {
+                LateConfig::Drop => LatePolicy::Drop,
+                LateConfig::SideOutput(p) => LatePolicy::Side(Arc::new(FileSideWriter::new(p))),
+                LateConfig::AllowedLateness(d) => LatePolicy::Update { allowed_ms: ms(*d) },
+            };
+            let domain = match w.time {
+                TimeDomainConfig::Event => TimeDomain::Event,
+                TimeDomainConfig::Processing => TimeDomain::Processing,
+            };
+            OpSpec::Window(WindowSpec {
+                keys: keys.to_vec(),
+                kind,
+                domain,
+                aggs,
+                late,
+            })
+        }
+        StepConfig::EwmaZscore(e) => OpSpec::Ewma(EwmaZscoreSpec {
+            keys: keys.to_vec(),
+            value: e.value.clone(),
+            alpha: e.alpha,
+            threshold: e.threshold,
+            warmup: e.warmup,
+        }),
+    })
+}
+
+impl BuiltPipeline {
+    /// The pipeline's configuration.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.cfg
+    }
+
+    /// Plans the steps on a schema: returns, per stage, its key and operators, and the final
+    /// schema.
+    fn plan_steps(
+        &self,
+        schema: &SchemaRef,
+        _workers: usize,
+    ) -> Result<(Vec<StageSpec>, SchemaRef)> {
+        let mut stages = vec![StageSpec {
+            key: None,
+            ops: Vec::new(),
+        }];
+        let mut schema = schema.clone();
+        let mut keys: Vec<String> = Vec::new();
+        let mut keyed = false;
+        for s in &self.cfg.steps {
+            let id = StepId::new(s.id());
+            let planned = (|| -> Result<Planned> {
+                let spec = step_spec(s, &keys)?;
+                Ok(match spec {
+                    OpSpec::KeyBy(k) => {
+                        for key in &k {
+                            weir_ops::field_by_path(&schema, key)?;
+                        }
+                        Planned::Exchange(k)
+                    }
+                    OpSpec::Filter(f) => {
+                        let (f, o) = f.plan(&schema)?;
+                        Planned::Op(f, o)
+                    }
+                    OpSpec::Select(f) => {
+                        let (f, o) = f.plan(&schema)?;
+                        Planned::Op(f, o)
+                    }
+                    OpSpec::Window(w) => {
+                        let (f, o) = w.plan(&schema)?;
+                        Planned::Op(f, o)
+                    }
+                    OpSpec::Ewma(e) => {
+                        weir_core::ensure_config!(
+                            !e.keys.is_empty(),
+                            "ewma_zscore is keyed: put a `key_by` step before it"
+                        );
+                        let (f, o) = e.plan(&schema)?;
+                        Planned::Op(f, o)
+                    }
+                })
+            })()
+            .map_err(|e| e.in_step(&id))?;
+            match planned {
+                Planned::Exchange(k) => {
+                    keys = k.clone();
+                    keyed = true;
+                    stages.push(StageSpec {
+                        key: Some(k),
+                        ops: Vec::new(),
+                    });
+                }
+                Planned::Op(f, out) => {
+                    // A keyless window is global: route everything to one worker first.
+                    if matches!(s, StepConfig::Window(_)) && !keyed {
+                        stages.push(StageSpec {
+                            key: Some(Vec::new()),
+                            ops: Vec::new(),
+                        });
+                        keyed = true;
+                    }
+                    if matches!(s, StepConfig::Window(_)) {
+                        // Window output is keyed by the leaf names of its keys.
+                        keys = keys
+                            .iter()
+                            .map(|k| weir_ops::leaf_name(k).to_string())
+                            .collect();
+                    }
+                    let stage = stages
+                        .last_mut()
+                        .ok_or_else(|| CoreError::Internal("no stage".into()))?;
+                    stage.ops.push((id, f));
+                    schema = out;
+                }
+            }
+        }
+        Ok((stages, schema))
+    }
+
+    /// Resolves the source schema (inferring it when needed, which reads the input), compiles
+    /// every step and builds the job.
+    ///
+    /// # Errors
+    /// Missing input, schema problems, unknown columns, bad expressions.
+    pub fn plan(&self, opts: &RunOptions) -> Result<JobSpec> {
+        let c = &self.cfg;
+        let workers = opts
+            .workers
+            .or(c.workers)
+            .unwrap_or_else(default_workers)
+            .max(1);
+        let src = &c.source;
+        let source_step = StepId::new(&src.id);
+        let event_time = src.event_time.as_ref().map(|e| EventTimeSpec {
+            column: e.column.clone(),
+            format: e.format,
+        });
+        let (source, schema): (Arc<dyn SourceFactory>, SchemaRef) = match src
+            .connector()
+            .map_err(CoreError::Config)?
+        {
+            SourceConnector::File(f) => {
+                let schema = match &src.schema {
+                    Some(s) => s.to_arrow(),
+                    None => {
+                        infer_from_file(&f.path, &f.format).map_err(|e| e.in_step(&source_step))?
+                    }
+                };
+                let fac = FileSourceFactory::new(FileSourceConfig {
+                    path: f.path.clone(),
+                    format: f.format,
+                    schema: schema.clone(),
+                    event_time: event_time.clone(),
+                    batch_size: src.batch_size,
+                    chunk_size: f.chunk_size.max(4096),
+                    follow: f.follow,
+                    poll_interval: f.poll_interval,
+                })
+                .map_err(|e| e.in_step(&source_step))?;
+                (Arc::new(fac), schema)
+            }
+            SourceConnector::Stdin(s) => {
+                let schema = src
+                    .schema
+                    .as_ref()
+                    .map(weir_formats::SchemaSpec::to_arrow)
+                    .ok_or_else(|| CoreError::Config(format!("source `{}`: stdin needs a declared `schema` (it cannot be read twice to infer one)", src.id)))?;
+                let fac = StdinSourceFactory::new(
+                    s.format,
+                    schema.clone(),
+                    event_time.clone(),
+                    src.batch_size,
+                    src.max_linger,
+                )?;
+                (Arc::new(fac), schema)
+            }
+            SourceConnector::Generator(g) => {
+                weir_core::ensure_config!(
+                    src.schema.is_none(),
+                    "source `{}`: the generator's schema is fixed; remove `schema`",
+                    src.id
+                );
+                let fac = GeneratorFactory::new(GeneratorConfig {
+                    devices: g.devices,
+                    rate: g.rate,
+                    count: g.count,
+                    duration: g.duration,
+                    disorder: g.disorder,
+                    max_delay_ms: u32::try_from(g.max_delay.as_millis()).unwrap_or(u32::MAX),
+                    anomaly_rate: g.anomaly_rate,
+                    seed: g.seed,
+                    batch_size: src.batch_size,
+                    max_linger: src.max_linger,
+                    stamp_created: g.stamp_created,
+                })
+                .map_err(|e| e.in_step(&source_step))?;
+                let schema = fac.schema();
+                (Arc::new(fac), schema)
+            }
+        };
+        if let Some(et) = &event_time {
+            weir_ops::field_by_path(&schema, &et.column)
+                .map_err(|e| CoreError::Config(format!("event_time: {e}")).in_step(&source_step))?;
+        }
+        let (stages, out_schema) = self.plan_steps(&schema, workers)?;
+        let sink: Arc<dyn SinkFactory> = match c.sink.connector().map_err(CoreError::Config)? {
+            SinkConnector::File(f) => Arc::new(FileSinkFactory::new(&f.path, f.format, out_schema)),
+            SinkConnector::Stdout(s) => Arc::new(StdoutSinkFactory::new(s.format, out_schema)),
+        };
+        let dead: Arc<dyn DeadLetterSink> = Arc::new(FileDeadLetters::new(&c.dead_letters.path));
+        Ok(JobSpec {
+            name: c.name.clone(),
+            workers,
+            source_step,
+            source,
+            stages,
+            sink_step: StepId::new(&c.sink.id),
+            sink,
+            dead_letters: dead,
+            watermark: WatermarkSpec {
+                bound: src.watermark.max_out_of_orderness,
+                idle_timeout: src.watermark.idle_timeout,
+            },
+            channel_capacity: c.runtime.channel_capacity,
+        })
+    }
+
+    /// Plans and runs the pipeline to the end of its input.
+    ///
+    /// # Errors
+    /// Planning errors, or the first runtime failure.
+    pub async fn run(&self, opts: &RunOptions) -> Result<RunSummary> {
+        Job::new(self.plan(opts)?)?.run().await
+    }
+}
+
+/// The number of cores, the default worker count.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// Infers a schema from the first records of the first file (JSON only).
+fn infer_from_file(path: &str, format: &FormatSpec) -> Result<SchemaRef> {
+    weir_core::ensure_config!(
+        matches!(format, FormatSpec::Json),
+        "a {} source needs a declared `schema`; only JSON schemas can be inferred",
+        match format {
+            FormatSpec::Csv(_) => "csv",
+            _ => "msgpack",
+        }
+    );
+    let files = weir_connectors::file::expand_paths(path)?;
+    let first = &files[0];
+    let mut buf = vec![0u8; 1 << 20];
+    let n = {
+        use std::io::Read as _;
+        let mut f = std::fs::File::open(first).map_err(|e| {
+            CoreError::io(format!("cannot open input file `{}`", first.display()), e)
+        })?;
+        let mut n = 0;
+        loop {
+            let k = f
+                .read(&mut buf[n..])
+                .map_err(|e| CoreError::io(format!("reading `{}`", first.display()), e))?;
+            n += k;
+            if k == 0 || n == buf.len() {
+                break n;
+            }
+        }
+    };
+    let mut ranges = Vec::new();
+    split_records(format, &buf[..n], n < buf.len(), &mut ranges).map_err(CoreError::user)?;
+    let samples: Vec<&[u8]> = ranges.iter().take(1000).map(|r| &buf[r.clone()]).collect();
+    let spec = infer_json_schema(&samples).map_err(|e| {
+        CoreError::Config(format!(
+            "cannot infer a schema from `{}`: {e}; declare one with `schema:`",
+            first.display()
+        ))
+    })?;
+    tracing::info!(file = %first.display(), fields = spec.fields.len(), "Inferred the input schema from the first records.");
+    Ok(spec.to_arrow())
+}

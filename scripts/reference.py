@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Reference implementations of W1-W3 (shared/bench/WORKLOADS.md), written from the
+definitions, to check Weir's output. Slow and obvious on purpose.
+
+Usage: reference.py w1|w2|w3 INPUT > expected.jsonl
+"""
+import json
+import math
+import sys
+
+
+def events(path):
+    with open(path, "rb") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                ev = json.loads(line)
+                ev["device_id"], ev["ts"], ev["readings"]["temp"]
+            except Exception:
+                continue
+            if not isinstance(ev.get("ts"), int) or not isinstance(ev["readings"].get("temp"), (int, float)):
+                continue
+            yield ev
+
+
+def w1(path):
+    wins = {}
+    for ev in events(path):
+        r = ev["readings"]
+        if not isinstance(r.get("vibration"), (int, float)):
+            continue
+        start = ev["ts"] - ev["ts"] % 10000
+        w = wins.setdefault((ev["device_id"], start), [0, 0.0, -math.inf])
+        w[0] += 1
+        w[1] += r["temp"]
+        w[2] = max(w[2], r["vibration"])
+    for (dev, start), (n, s, mx) in wins.items():
+        yield {"device_id": dev, "window_start": start, "count": n, "avg_temp": s / n, "max_vibration": mx}
+
+
+def w2(path):
+    for ev in events(path):
+        t = ev["readings"]["temp"]
+        if t > 25.0:
+            yield {"device_id": ev["device_id"], "ts": ev["ts"], "temp": t}
+
+
+def w3(path):
+    st = {}
+    for ev in events(path):
+        x = ev["readings"]["temp"]
+        d = ev["device_id"]
+        s = st.get(d)
+        if s is None:
+            st[d] = [x, 0.0, 1]
+            continue
+        mean, var, n = s
+        if n >= 20 and abs(x - mean) > 4 * math.sqrt(var):
+            yield {"device_id": d, "ts": ev["ts"], "temp": x, "mean": mean, "z": (x - mean) / math.sqrt(var)}
+        dd = x - mean
+        s[0] = mean + 0.1 * dd
+        s[1] = 0.9 * (var + 0.1 * dd * dd)
+        s[2] = n + 1
+
+
+if __name__ == "__main__":
+    fn = {"w1": w1, "w2": w2, "w3": w3}[sys.argv[1]]
+    out = sys.stdout
+    for row in fn(sys.argv[2]):
+        out.write(json.dumps(row, separators=(",", ":")))
+        out.write("\n")
