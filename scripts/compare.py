@@ -15,7 +15,10 @@ def load(path):
 
 
 def key(row):
-    return tuple(sorted((k, v if not isinstance(v, float) else round(v, 6)) for k, v in row.items()))
+    # Exact fields first, so rows that tie on rounded floats still pair up by their keys.
+    exact = tuple(sorted((k, str(v)) for k, v in row.items() if not isinstance(v, float)))
+    approx = tuple(sorted((k, round(v, 6)) for k, v in row.items() if isinstance(v, float)))
+    return exact, approx
 
 
 def same(a, b):

@@ -182,3 +182,29 @@ impl SideWriter for FileSideWriter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use weir_core::deadletter::ErrorKind;
+    use weir_core::StepId;
+
+    use super::*;
+
+    #[test]
+    fn invalid_utf8_payloads_are_base64() {
+        let l = DeadLetter {
+            payload: Payload::Raw(vec![0xff, 0x00, b'x']),
+            kind: ErrorKind::Decode,
+            reason: "bad".into(),
+            step: StepId::new("in"),
+            origin: "f".into(),
+            position: Some("offset 3".into()),
+            time_ms: 0,
+        };
+        let v: serde_json::Value = serde_json::from_str(&render(&l)).unwrap();
+        assert_eq!(v["payload"], "/wB4");
+        assert_eq!(v["payload_encoding"], "base64");
+        assert_eq!(v["time"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["kind"], "decode");
+    }
+}

@@ -112,3 +112,90 @@ impl OpHarness {
         self.dead.entries()
     }
 }
+
+/// A source that replays batches: partition `p` is read by worker `p % workers`, in order.
+#[derive(Debug, Clone)]
+pub struct VecSourceFactory {
+    schema: arrow_schema::SchemaRef,
+    partitions: Vec<Vec<Batch>>,
+}
+
+impl VecSourceFactory {
+    /// Replays `partitions` (each a list of batches, all of `schema`).
+    pub fn new(schema: arrow_schema::SchemaRef, partitions: Vec<Vec<Batch>>) -> Self {
+        Self { schema, partitions }
+    }
+}
+
+impl crate::operator::SourceFactory for VecSourceFactory {
+    fn schema(&self) -> arrow_schema::SchemaRef {
+        self.schema.clone()
+    }
+
+    fn create(&self, worker: usize, workers: usize) -> Result<Box<dyn crate::operator::Source>> {
+        let mine: Vec<std::collections::VecDeque<Batch>> =
+            self.partitions.iter().enumerate().filter(|(p, _)| p % workers == worker).map(|(_, b)| b.iter().cloned().collect()).collect();
+        Ok(Box::new(VecSource { parts: mine, next: 0, ended: Vec::new() }))
+    }
+}
+
+#[derive(Debug)]
+struct VecSource {
+    parts: Vec<std::collections::VecDeque<Batch>>,
+    next: usize,
+    ended: Vec<usize>,
+}
+
+#[async_trait::async_trait]
+impl crate::operator::Source for VecSource {
+    fn partitions(&self) -> usize {
+        self.parts.len()
+    }
+
+    async fn poll(&mut self, cx: &mut crate::operator::SourceContext) -> Result<crate::operator::SourcePoll> {
+        use crate::operator::SourcePoll;
+        // Round-robin over partitions, one batch at a time, like interleaved arrival.
+        for _ in 0..self.parts.len() {
+            let p = self.next % self.parts.len();
+            self.next += 1;
+            if let Some(b) = self.parts[p].pop_front() {
+                StepMetrics::add(&cx.metrics.rows_in, b.num_rows() as u64);
+                StepMetrics::add(&cx.registry.source_records, b.num_rows() as u64);
+                return Ok(SourcePoll::Rows { partition: p, batch: b });
+            }
+            if !self.ended.contains(&p) {
+                self.ended.push(p);
+                return Ok(SourcePoll::PartitionEnd(p));
+            }
+        }
+        Ok(SourcePoll::End)
+    }
+}
+
+/// A sink that keeps every batch in memory, shared by all workers.
+#[derive(Debug, Clone, Default)]
+pub struct CollectSink(pub std::sync::Arc<Mutex<Vec<arrow_array::RecordBatch>>>);
+
+impl CollectSink {
+    /// Everything written so far.
+    pub fn batches(&self) -> Vec<arrow_array::RecordBatch> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
+impl crate::operator::SinkFactory for CollectSink {
+    fn create(&self, _worker: usize, _workers: usize) -> Result<Box<dyn crate::operator::Sink>> {
+        Ok(Box::new(self.clone()))
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::operator::Sink for CollectSink {
+    async fn write(&mut self, rows: &arrow_array::RecordBatch) -> Result<()> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(rows.clone());
+        Ok(())
+    }
+    async fn close(&mut self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -13,6 +13,7 @@ use datafusion_sql::sqlparser::parser::{Parser, ParserError};
 use datafusion_sql::sqlparser::tokenizer::{Location, Token};
 
 use crate::error::{ExprError, Result};
+use crate::registry::is_excluded_function;
 
 /// At most this many column paths are listed in an "unknown column" message.
 const MAX_LISTED_COLUMNS: usize = 64;
@@ -176,8 +177,9 @@ fn is_variable(id: &Ident) -> bool {
     id.quote_style.is_none() && id.value.starts_with('@')
 }
 
-/// Checks that every column reference in `expr` exists in `schema`; the
-/// error lists the available column paths.
+/// Checks that every column reference in `expr` exists in `schema` (the
+/// error lists the available column paths) and that no function unavailable
+/// on streams is called.
 pub(crate) fn validate_columns(sql: &str, expr: &Expr, schema: &Schema) -> Result<()> {
     let mut v = ColumnValidator {
         schema,
@@ -185,13 +187,7 @@ pub(crate) fn validate_columns(sql: &str, expr: &Expr, schema: &Schema) -> Resul
     };
     match expr.visit(&mut v) {
         ControlFlow::Continue(()) => Ok(()),
-        ControlFlow::Break(path) => Err(ExprError::plan(
-            sql,
-            format!(
-                "unknown column `{path}`; available: {}",
-                available_columns(schema)
-            ),
-        )),
+        ControlFlow::Break(message) => Err(ExprError::plan(sql, message)),
     }
 }
 
@@ -206,12 +202,17 @@ impl ColumnValidator<'_> {
         let names: Vec<&str> = ids.iter().map(|id| id.value.as_str()).collect();
         match resolve(self.schema, &names) {
             Some(_) => ControlFlow::Continue(()),
-            None => ControlFlow::Break(
-                ids.iter()
+            None => {
+                let path = ids
+                    .iter()
                     .map(|id| id.to_string())
                     .collect::<Vec<_>>()
-                    .join("."),
-            ),
+                    .join(".");
+                ControlFlow::Break(format!(
+                    "unknown column `{path}`; available: {}",
+                    available_columns(self.schema)
+                ))
+            }
         }
     }
 }
@@ -224,6 +225,20 @@ impl Visitor for ColumnValidator<'_> {
             return ControlFlow::Continue(());
         }
         match expr {
+            Expr::Function(f) => match f.name.0.as_slice() {
+                [part]
+                    if part
+                        .as_ident()
+                        .is_some_and(|id| is_excluded_function(&id.value)) =>
+                {
+                    ControlFlow::Break(format!(
+                        "function `{}` is not available in stream expressions \
+                         (its value would be frozen when the expression is compiled)",
+                        f.name
+                    ))
+                }
+                _ => ControlFlow::Continue(()),
+            },
             Expr::Identifier(id) if !is_variable(id) => self.check(&[id]),
             Expr::CompoundIdentifier(ids) if !ids.first().is_some_and(is_variable) => {
                 self.check(&ids.iter().collect::<Vec<_>>())

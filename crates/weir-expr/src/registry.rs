@@ -14,11 +14,17 @@ use datafusion_expr::{AggregateUDF, HigherOrderUDF, ScalarUDF, TableSource, Wind
 /// freeze at compile time) or on a source file.
 const EXCLUDED: &[&str] = &[
     "now",
+    "current_timestamp",
     "current_date",
     "current_time",
     "input_file_name",
     "file_row_index",
 ];
+
+/// Whether `name` is one of the functions deliberately left out.
+pub(crate) fn is_excluded_function(name: &str) -> bool {
+    EXCLUDED.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
 
 /// Every scalar function and expression planner Weir expressions can use.
 #[derive(Debug)]

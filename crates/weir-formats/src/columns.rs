@@ -336,15 +336,19 @@ fn build_array(plan: &Plan, cols: &mut [Column], id: usize) -> Result<ArrayRef> 
                 nulls,
             )?)
         }
-        (Data::Struct, Kind::Struct(fields)) => {
+        (Data::Struct, kind) => {
+            // Struct columns belong to struct nodes; an empty field list would fail below.
+            let fields = match kind {
+                Kind::Struct(fields) => fields.clone(),
+                _ => Fields::empty(),
+            };
             let children = node
                 .children
                 .iter()
                 .map(|&c| build_array(plan, cols, c))
                 .collect::<Result<Vec<_>>>()?;
-            Arc::new(StructArray::try_new(fields.clone(), children, nulls)?)
+            Arc::new(StructArray::try_new(fields, children, nulls)?)
         }
-        (Data::Struct, _) => unreachable!("struct columns belong to struct nodes"),
     };
     Ok(array)
 }

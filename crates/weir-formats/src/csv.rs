@@ -177,11 +177,7 @@ impl CsvDecoder {
         })
     }
 
-    fn record(
-        &mut self,
-        rec: &[u8],
-        n: usize,
-    ) -> std::result::Result<(), (RecordErrorKind, String)> {
+    fn record(&mut self, rec: &[u8]) -> std::result::Result<(), (RecordErrorKind, String)> {
         if let Err(e) = std::str::from_utf8(rec) {
             return Err((
                 RecordErrorKind::Decode,
@@ -216,7 +212,7 @@ impl CsvDecoder {
             data: &self.data,
         };
         for &c in self.plan.nodes[ROOT].children.iter() {
-            fill.emit(c, n)
+            fill.emit(c)
                 .map_err(|m| (RecordErrorKind::Schema, format!("{m} (line: {})", line())))?;
         }
         Ok(())
@@ -268,7 +264,7 @@ impl<'b> Fill<'b> {
         }
     }
 
-    fn emit(&mut self, id: usize, n: usize) -> std::result::Result<(), String> {
+    fn emit(&mut self, id: usize) -> std::result::Result<(), String> {
         let plan = self.plan;
         let node = &plan.nodes[id];
         if let Kind::Struct(_) = node.kind {
@@ -276,7 +272,7 @@ impl<'b> Fill<'b> {
                 null_subtree(plan, self.cols, id);
             } else {
                 for &c in node.children.iter() {
-                    self.emit(c, n)?;
+                    self.emit(c)?;
                 }
                 self.cols[id].valid.push(true);
             }
@@ -377,7 +373,7 @@ impl Decoder for CsvDecoder {
         for (index, range) in records.iter().enumerate() {
             let rec = record_bytes(buf, index, range)?;
             let n = self.builders.rows;
-            match self.record(rec, n) {
+            match self.record(rec) {
                 Ok(()) => {
                     self.builders.rows += 1;
                     if let Some(map) = &mut row_records {

@@ -43,6 +43,8 @@ mod encode;
 mod infer;
 mod json;
 mod msgpack;
+#[cfg(test)]
+mod proptests;
 mod schema;
 mod spec;
 

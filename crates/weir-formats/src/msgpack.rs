@@ -630,6 +630,7 @@ impl Encoder for MsgPackEncoder {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use std::sync::Arc;
 
@@ -656,7 +657,9 @@ mod tests {
         ]))
     }
 
-    fn map(entries: &[(&str, &dyn Fn(&mut ByteBuf))]) -> Vec<u8> {
+    type Entry<'a> = (&'a str, &'a dyn Fn(&mut ByteBuf));
+
+    fn map(entries: &[Entry<'_>]) -> Vec<u8> {
         let mut b = ByteBuf::new();
         done(enc::write_map_len(&mut b, entries.len() as u32));
         for (k, v) in entries {

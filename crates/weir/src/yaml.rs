@@ -71,8 +71,20 @@ pub fn expand_env(
 /// # Errors
 /// Bad YAML, unknown keys, wrong types: with the line.
 pub fn parse(file: &str, text: &str) -> Result<PipelineConfig, ConfigError> {
+    parse_with(file, text, |k| std::env::var(k).ok())
+}
+
+/// [`parse`] with variables looked up by `lookup` instead of the environment.
+///
+/// # Errors
+/// As [`parse`].
+pub fn parse_with(
+    file: &str,
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<PipelineConfig, ConfigError> {
     let expanded =
-        expand_env(text, |k| std::env::var(k).ok()).map_err(|(line, message)| ConfigError {
+        expand_env(text, lookup).map_err(|(line, message)| ConfigError {
             file: file.into(),
             line: Some(line),
             message,

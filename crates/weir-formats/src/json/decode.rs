@@ -918,6 +918,7 @@ impl Parser<'_, '_> {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use std::sync::Arc;
 

@@ -1,0 +1,60 @@
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use weir::prelude::*;
+
+pub(crate) fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+pub(crate) fn data(name: &str) -> PathBuf {
+    repo().join("tests/data").join(name)
+}
+
+/// Loads an example pipeline with variables taken from `vars`.
+pub(crate) fn example(name: &str, vars: &[(&str, &Path)]) -> BuiltPipeline {
+    let path = repo().join("examples").join(name);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let cfg = weir::yaml::parse_with(name, &text, |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.display().to_string())).unwrap();
+    Pipeline::from_config(cfg).build().unwrap()
+}
+
+pub(crate) fn read_jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap().lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn sort_key(v: &Value) -> String {
+    // Exact fields first, so rows that tie on rounded floats still pair up by their keys.
+    match v {
+        Value::Object(m) => {
+            let exact = m.iter().filter(|(_, v)| !matches!(v, Value::Number(n) if n.is_f64()));
+            let approx = m.iter().filter_map(|(k, v)| match v {
+                Value::Number(n) if n.is_f64() => Some(format!("{k}={:.6}", n.as_f64().unwrap())),
+                _ => None,
+            });
+            exact.map(|(k, v)| format!("{k}={v}")).chain(approx).collect::<Vec<_>>().join(",")
+        }
+        other => other.to_string(),
+    }
+}
+
+fn close(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1e-12)
+        }
+        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| close(v, w))),
+        _ => a == b,
+    }
+}
+
+/// Asserts two row sets are equal up to order and float rounding (1e-9 relative).
+pub(crate) fn assert_same_rows(mut expected: Vec<Value>, mut actual: Vec<Value>, what: &str) {
+    assert_eq!(expected.len(), actual.len(), "{what}: row counts differ");
+    expected.sort_by_key(sort_key);
+    actual.sort_by_key(sort_key);
+    for (e, a) in expected.iter().zip(&actual) {
+        assert!(close(e, a), "{what}: expected {e}, got {a}");
+    }
+}

@@ -1,0 +1,107 @@
+//! Bad input: dead letters with reasons, accounting, and clear errors.
+
+use weir::prelude::*;
+
+use crate::common::*;
+
+#[test]
+fn malformed_lines_go_to_dead_letters_and_the_rest_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
+    let input = data("sensors-malformed.jsonl");
+    let p = example("w2-filter-project.yaml", &[("INPUT", &input), ("OUTPUT", &out), ("DEAD_LETTERS", &dead)]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let summary = rt.block_on(p.run(&RunOptions { workers: Some(2) })).unwrap();
+
+    // The good lines give exactly the reference result.
+    assert_same_rows(read_jsonl(&data("w2-malformed-expected.jsonl")), read_jsonl(&out), "w2 on malformed input");
+
+    // Every bad line is in the dead-letter file, with a kind and a position.
+    let letters = read_jsonl(&dead);
+    let lines = std::fs::read(&input).unwrap();
+    let total = lines.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count();
+    let source = &summary.steps[0].1;
+    assert_eq!(source.rows_in as usize, total);
+    assert_eq!(source.dead_lettered as usize, letters.len());
+    assert!(letters.len() >= 50, "the fixture has about 5% bad lines, got {}", letters.len());
+    for l in &letters {
+        let kind = l["kind"].as_str().unwrap();
+        assert!(["decode", "schema"].contains(&kind), "{l}");
+        assert!(l["position"].as_str().unwrap().contains("offset"), "{l}");
+        assert!(!l["reason"].as_str().unwrap().is_empty());
+        assert_eq!(l["step"], "events");
+    }
+    let kinds: std::collections::HashSet<_> = letters.iter().map(|l| l["kind"].as_str().unwrap().to_string()).collect();
+    assert_eq!(kinds.len(), 2, "both decode and schema errors occur in the fixture: {kinds:?}");
+    assert!(
+        letters.iter().any(|l| l["kind"] == "decode" && l["payload"].as_str().unwrap().contains("not json at all")),
+        "garbage lines are kept with their payload"
+    );
+    assert!(letters.iter().any(|l| l["reason"].as_str().unwrap().contains("readings.temp")), "a missing field is named");
+    // rows in = out + filtered + dead-lettered, per step.
+    for (id, m) in &summary.steps {
+        assert!(m.balanced(), "step {id}: {m:?}");
+    }
+    assert_eq!(source.rows_out + source.dead_lettered, source.rows_in);
+}
+
+#[test]
+fn line_numbers_are_reported_with_one_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
+    let input = data("sensors-malformed.jsonl");
+    let p = example("w2-filter-project.yaml", &[("INPUT", &input), ("OUTPUT", &out), ("DEAD_LETTERS", &dead)]);
+    tokio::runtime::Runtime::new().unwrap().block_on(p.run(&RunOptions { workers: Some(1) })).unwrap();
+    let text = std::fs::read(&input).unwrap();
+    let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
+    for l in read_jsonl(&dead) {
+        let pos = l["position"].as_str().unwrap();
+        let n: usize = pos.strip_prefix("line ").unwrap().split(',').next().unwrap().parse().unwrap();
+        let raw = lines[n - 1];
+        if l["payload_encoding"] == "utf8" {
+            assert_eq!(l["payload"].as_str().unwrap().as_bytes(), raw, "line {n}");
+        }
+    }
+}
+
+#[test]
+fn a_missing_input_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.jsonl");
+    let p = example("w2-filter-project.yaml", &[("INPUT", &missing), ("OUTPUT", &dir.path().join("o")), ("DEAD_LETTERS", &dir.path().join("d"))]);
+    let err = p.plan(&RunOptions { workers: Some(1) }).unwrap_err().to_string();
+    assert!(err.contains("step `events`: cannot open input file") && err.contains("nope.jsonl"), "{err}");
+}
+
+#[test]
+fn unknown_keys_and_bad_values_name_the_line() {
+    let text = "name: x\nsource:\n  id: in\n  stdin: {}\nsteps:\n  - filter:\n      id: f\n      wher: \"a > 1\"\nsink:\n  id: out\n  stdout: {}\n";
+    let e = weir::yaml::parse_with("p.yaml", text, |_| None).unwrap_err();
+    assert_eq!(e.line, Some(8), "{e}");
+    assert!(e.message.contains("unknown field `wher`"), "{e}");
+    let text = "name: x\nsource:\n  id: in\n  stdin: {}\n  batch_size: lots\nsink:\n  id: out\n  stdout: {}\n";
+    let e = weir::yaml::parse_with("p.yaml", text, |_| None).unwrap_err();
+    assert_eq!(e.line, Some(5), "{e}");
+    let text = "name: x\nsource:\n  id: in\n  stdin: {}\nsteps:\n  - windw: {id: w}\nsink:\n  id: out\n  stdout: {}\n";
+    let e = weir::yaml::parse_with("p.yaml", text, |_| None).unwrap_err();
+    assert!(e.message.contains("unknown field `windw`"), "{e}");
+    assert_eq!(e.line, Some(6), "{e}");
+}
+
+#[test]
+fn bad_references_are_caught_by_build_with_a_declared_schema() {
+    let text = "name: x\nsource:\n  id: in\n  stdin: {}\n  schema:\n    fields: [{name: a, type: int64}]\nsteps:\n  - filter: {id: f, where: \"b > 1\"}\nsink:\n  id: out\n  stdout: {}\n";
+    let cfg = weir::yaml::parse_with("p.yaml", text, |_| None).unwrap();
+    let e = Pipeline::from_config(cfg).build().unwrap_err().to_string();
+    assert!(e.starts_with("step `f`:") && e.contains('b'), "{e}");
+    assert_eq!(weir::yaml::step_line(text, "f"), Some(8));
+}
+
+#[test]
+fn duplicate_step_ids_are_rejected() {
+    let mut p = Pipeline::new("dup");
+    p.source(SourceConfig::new("a", SourceConnector::Generator(GeneratorSettings::default())))
+        .filter("a", "true")
+        .sink(SinkConfig::new("out", SinkConnector::Stdout(StdoutSettings { format: FormatSpec::Json })));
+    assert!(p.build().unwrap_err().to_string().contains("step id `a` is used twice"));
+}

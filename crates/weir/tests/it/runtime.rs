@@ -1,0 +1,104 @@
+//! The runtime with in-memory sources and sinks: windowed results equal a plain computation
+//! for any stream whose disorder stays within the bound, at 1 and 2 workers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int64Type};
+use arrow_array::{Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use proptest::prelude::*;
+use weir_core::runtime::{Job, JobSpec, StageSpec, WatermarkSpec};
+use weir_core::testing::{CollectSink, MemoryDeadLetters, VecSourceFactory};
+use weir_core::{Batch, StepId};
+use weir_ops::{AggFunc, AggSpec, LatePolicy, TimeDomain, WindowKind, WindowSpec};
+
+fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new("k", DataType::Utf8, false), Field::new("v", DataType::Float64, false)]))
+}
+
+fn batch(rows: &[(String, f64, i64)]) -> Batch {
+    let rb = RecordBatch::try_new(
+        schema(),
+        vec![
+            Arc::new(StringArray::from(rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>())),
+            Arc::new(Float64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+        ],
+    )
+    .unwrap();
+    Batch::new(rb, Int64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())).unwrap()
+}
+
+type Rows = BTreeMap<(String, i64), (i64, i64)>;
+
+fn run(partitions: Vec<Vec<Batch>>, bound: i64, workers: usize) -> (Rows, u64) {
+    let spec = WindowSpec {
+        keys: vec!["k".into()],
+        kind: WindowKind::Tumbling { size_ms: 100 },
+        domain: TimeDomain::Event,
+        aggs: vec![AggSpec { name: "n".into(), func: AggFunc::Count, column: None }, AggSpec { name: "s".into(), func: AggFunc::Sum, column: Some("v".into()) }],
+        late: LatePolicy::Drop,
+    };
+    let (win, _) = spec.plan(&schema()).unwrap();
+    let sink = CollectSink::default();
+    let job = JobSpec {
+        name: "prop".into(),
+        workers,
+        source_step: StepId::new("src"),
+        source: Arc::new(VecSourceFactory::new(schema(), partitions)),
+        stages: vec![StageSpec { key: None, ops: vec![] }, StageSpec { key: Some(vec!["k".into()]), ops: vec![(StepId::new("win"), win)] }],
+        sink_step: StepId::new("sink"),
+        sink: Arc::new(sink.clone()),
+        dead_letters: Arc::new(MemoryDeadLetters::default()),
+        watermark: WatermarkSpec { bound: Duration::from_millis(bound as u64), idle_timeout: None },
+        channel_capacity: 2,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let summary = rt.block_on(Job::new(job).unwrap().run()).unwrap();
+    let late = summary.steps.iter().find(|(s, _)| s.as_str() == "win").unwrap().1.late_dropped;
+    let mut out = Rows::new();
+    for b in sink.batches() {
+        for i in 0..b.num_rows() {
+            let k = b.column(0).as_string::<i32>().value(i).to_string();
+            let start = b.column(1).as_primitive::<Int64Type>().value(i);
+            let n = b.column(3).as_primitive::<Int64Type>().value(i);
+            let s = b.column(4).as_primitive::<Float64Type>().value(i) as i64;
+            assert!(out.insert((k, start), (n, s)).is_none(), "a window was emitted twice");
+        }
+    }
+    (out, late)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #[test]
+    fn windows_equal_reference_at_1_and_2_workers(
+        parts in prop::collection::vec(prop::collection::vec((0u8..6, 0i64..1500, -20i32..20), 0..150), 1..4),
+        bound in 0i64..200,
+        cut in 1usize..40,
+    ) {
+        let mut expect = Rows::new();
+        let mut partitions = Vec::new();
+        for events in parts {
+            // Each partition's disorder stays within the bound.
+            let mut max = i64::MIN;
+            let mut rows = Vec::new();
+            for (k, t, v) in events {
+                let t = if max != i64::MIN && t < max - bound { max - bound } else { t };
+                max = max.max(t);
+                rows.push((format!("k{k}"), f64::from(v), t));
+                let e = expect.entry((format!("k{k}"), t - t.rem_euclid(100))).or_insert((0, 0));
+                e.0 += 1;
+                e.1 += i64::from(v);
+            }
+            partitions.push(rows.chunks(cut).map(batch).collect());
+        }
+        for workers in [1, 2] {
+            let (got, late) = run(partitions.clone(), bound, workers);
+            prop_assert_eq!(late, 0);
+            prop_assert_eq!(&got, &expect, "workers {}", workers);
+        }
+    }
+}
