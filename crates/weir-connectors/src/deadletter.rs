@@ -122,10 +122,13 @@ impl DeadLetterSink for FileDeadLetters {
     }
 }
 
+/// An open side-output file and its encoder.
+type OpenSide = (BufWriter<File>, Box<dyn Encoder>);
+
 /// Writes side-output rows (late rows) to a JSON Lines file.
 pub struct FileSideWriter {
     path: PathBuf,
-    state: Mutex<Option<(BufWriter<File>, Box<dyn Encoder>)>>,
+    state: Mutex<Option<OpenSide>>,
 }
 
 impl std::fmt::Debug for FileSideWriter {

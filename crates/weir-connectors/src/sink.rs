@@ -149,7 +149,7 @@ impl WriterSink {
                 header: false,
                 ..*o
             }),
-            f => f.clone(),
+            f => *f,
         };
         Ok(Self {
             writer,

@@ -62,7 +62,7 @@ impl SourceFactory for StdinSourceFactory {
         Ok(Box::new(StdinSource {
             reader: (worker == 0).then(|| BufReader::with_capacity(1 << 20, tokio::io::stdin())),
             decoder,
-            format: self.format.clone(),
+            format: self.format,
             event_time: self.event_time.clone().map(Arc::new),
             linger: Linger::new(self.batch_size, self.max_linger),
             buf: Vec::new(),

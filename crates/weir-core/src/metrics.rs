@@ -131,6 +131,9 @@ impl Default for WorkerClock {
     }
 }
 
+/// A counter's name, help text and getter.
+type Counter = (&'static str, &'static str, fn(&StepSnapshot) -> u64);
+
 /// All metrics of one running job.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -233,7 +236,7 @@ impl Registry {
     pub fn render_prometheus(&self, job: &str) -> String {
         let mut s = String::with_capacity(4096);
         let steps = self.steps();
-        let counters: [(&str, &str, fn(&StepSnapshot) -> u64); 10] = [
+        let counters: [Counter; 10] = [
             ("weir_step_rows_in_total", "Rows received by a step.", |x| {
                 x.rows_in
             }),

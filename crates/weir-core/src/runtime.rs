@@ -38,6 +38,9 @@ use crate::operator::{
 };
 use crate::time::{PartitionWatermark, WatermarkCombiner};
 
+/// The receiving end of a stage's channel: messages tagged with the sending worker.
+type Inbox = mpsc::Receiver<(usize, Message)>;
+
 /// Watermark settings of the job's sources.
 #[derive(Debug, Clone, Copy)]
 pub struct WatermarkSpec {
@@ -170,7 +173,7 @@ impl Job {
 
         // Channels into every stage but the first: rx[stage][worker].
         let mut senders: Vec<Vec<mpsc::Sender<(usize, Message)>>> = vec![Vec::new()];
-        let mut receivers: Vec<Vec<Option<mpsc::Receiver<(usize, Message)>>>> = vec![Vec::new()];
+        let mut receivers: Vec<Vec<Option<Inbox>>> = vec![Vec::new()];
         let mut chan_metrics: Vec<Vec<Arc<ChannelMetrics>>> = vec![Vec::new()];
         for (si, _) in stages.iter().enumerate().skip(1) {
             let (mut s, mut r, mut m) = (Vec::new(), Vec::new(), Vec::new());

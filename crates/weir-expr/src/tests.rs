@@ -201,7 +201,10 @@ fn arithmetic_with_alias() {
         [Some(21), None, Some(63), Some(84), Some(105)]
     );
     let p = Projection::compile("concat('é€', device_id)\n   AS x", &s).unwrap();
-    assert_eq!((p.name.as_str(), p.expr.sql()), ("x", "concat('é€', device_id)"));
+    assert_eq!(
+        (p.name.as_str(), p.expr.sql()),
+        ("x", "concat('é€', device_id)")
+    );
     let p = Projection::compile("  ts % 3  ", &s).unwrap();
     assert_eq!(p.name, "ts % 3");
     let p = Projection::compile("readings.hum / 2 as half", &s).unwrap();

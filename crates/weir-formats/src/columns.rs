@@ -60,8 +60,6 @@ pub(crate) struct Node {
     pub(crate) kind: Kind,
     /// Node indices of the children, for structs.
     pub(crate) children: Box<[usize]>,
-    /// The name needs no escaping in JSON, so it can be compared with raw key bytes.
-    pub(crate) plain: bool,
     /// Child node by name, for wide structs.
     lookup: Option<HashMap<Box<[u8]>, usize>>,
 }
@@ -82,7 +80,6 @@ impl Plan {
             required: true,
             kind: Kind::Struct(schema.fields().clone()),
             children: Box::new([]),
-            plain: true,
             lookup: None,
         });
         plan.add_children(ROOT, schema.fields(), format)?;
@@ -125,7 +122,6 @@ impl Plan {
                 required: !field.is_nullable(),
                 kind: kind.clone(),
                 children: Box::new([]),
-                plain: !name.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20),
                 lookup: None,
             });
             if let Kind::Struct(f) = &kind {

@@ -25,6 +25,15 @@ const MAX_DEPTH: u32 = 128;
 const MAX_ORDER: usize = 64;
 /// "No schema field" in a learned key order.
 const UNKNOWN: u32 = u32::MAX;
+
+/// The key seen at one position of an object in the previous record.
+#[derive(Debug, Clone)]
+struct Learned {
+    /// Its raw bytes (between the quotes; keys with escapes are not learned).
+    key: Box<[u8]>,
+    /// The child node it names, or [`UNKNOWN`].
+    child: u32,
+}
 /// Longest value text quoted in an error message.
 const QUOTE_MAX: usize = 40;
 
@@ -38,7 +47,7 @@ pub struct JsonDecoder {
     plan: Plan,
     builders: Builders,
     /// Per struct node, the child seen at each key position of the previous object.
-    order: Vec<Vec<u32>>,
+    order: Vec<Vec<Learned>>,
     scratch: Vec<u8>,
 }
 
@@ -481,6 +490,39 @@ pub(super) fn scan_number(buf: &[u8], pos: &mut usize) -> Result<Num, PErr> {
     })
 }
 
+/// Byte equality of short slices without a call to `memcmp`.
+#[inline]
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let n = a.len();
+    if n >= 8 {
+        let word = |s: &[u8], i: usize| {
+            u64::from_le_bytes([
+                s[i],
+                s[i + 1],
+                s[i + 2],
+                s[i + 3],
+                s[i + 4],
+                s[i + 5],
+                s[i + 6],
+                s[i + 7],
+            ])
+        };
+        let mut i = 0;
+        while i + 8 < n {
+            if word(a, i) != word(b, i) {
+                return false;
+            }
+            i += 8;
+        }
+        word(a, n - 8) == word(b, n - 8)
+    } else {
+        a.iter().zip(b).all(|(x, y)| x == y)
+    }
+}
+
 /// Reads the literal `lit` (`true`, `false`, `null`) at `*pos`.
 #[inline]
 fn literal(buf: &[u8], pos: &mut usize, lit: &'static [u8]) -> Result<(), PErr> {
@@ -515,7 +557,7 @@ struct Parser<'a, 'b> {
     pos: usize,
     plan: &'b Plan,
     cols: &'b mut [Column],
-    order: &'b mut [Vec<u32>],
+    order: &'b mut [Vec<Learned>],
     scratch: &'b mut Vec<u8>,
 }
 
@@ -634,20 +676,17 @@ impl Parser<'_, '_> {
     /// position in the object.
     #[inline]
     fn key(&mut self, s: usize, k: usize) -> Result<Option<usize>, PErr> {
-        let plan = self.plan;
         let start = self.pos;
-        if let Some(&guess) = self.order[s].get(k) {
-            if guess != UNKNOWN {
-                let node = &plan.nodes[guess as usize];
-                let name = node.name.as_bytes();
-                let end = start + name.len();
-                if node.plain
-                    && self.buf.get(end) == Some(&b'"')
-                    && self.buf.get(start..end) == Some(name)
-                {
-                    self.pos = end + 1;
-                    return Ok(Some(guess as usize));
-                }
+        if let Some(guess) = self.order[s].get(k) {
+            let end = start + guess.key.len();
+            if self.buf.get(end) == Some(&b'"')
+                && self
+                    .buf
+                    .get(start..end)
+                    .is_some_and(|b| same(b, &guess.key))
+            {
+                self.pos = end + 1;
+                return Ok((guess.child != UNKNOWN).then_some(guess.child as usize));
             }
         }
         self.key_slow(s, k)
@@ -659,7 +698,7 @@ impl Parser<'_, '_> {
         let start = self.pos;
         let mut p = start;
         let mut non_ascii = false;
-        let found = loop {
+        loop {
             let Some(&b) = self.buf.get(p) else {
                 return Err(eof(self.buf));
             };
@@ -672,12 +711,25 @@ impl Parser<'_, '_> {
                         }
                     }
                     self.pos = p + 1;
-                    break plan.find_child(s, &self.buf[start..p]);
+                    let key = &self.buf[start..p];
+                    let found = plan.find_child(s, key);
+                    let learned = Learned {
+                        key: key.into(),
+                        child: found.map_or(UNKNOWN, |c| c as u32),
+                    };
+                    let order = &mut self.order[s];
+                    if k < order.len() {
+                        order[k] = learned;
+                    } else if k == order.len() && k < MAX_ORDER {
+                        order.push(learned);
+                    }
+                    return Ok(found);
                 }
                 2 => {
                     self.scratch.clear();
                     read_string(self.buf, &mut self.pos, self.scratch)?;
-                    break plan.find_child(s, self.scratch);
+                    // Keys with escapes are not learned: their raw bytes are not the key.
+                    return Ok(plan.find_child(s, self.scratch));
                 }
                 3 => return Err(decode_err(p, "control character in string")),
                 _ => {
@@ -685,15 +737,7 @@ impl Parser<'_, '_> {
                     p += 1;
                 }
             }
-        };
-        let order = &mut self.order[s];
-        let learned = found.map_or(UNKNOWN, |c| c as u32);
-        if k < order.len() {
-            order[k] = learned;
-        } else if k == order.len() && k < MAX_ORDER {
-            order.push(learned);
         }
-        Ok(found)
     }
 
     /// Reads the value at the current position into node `c`, row `n`.

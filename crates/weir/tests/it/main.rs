@@ -1,4 +1,5 @@
 //! Integration tests of the engine through its public API: one binary, a module per area.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 mod errors;

@@ -1,0 +1,111 @@
+//! The `weir` command, run as a user would.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn weir(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_weir"));
+    c.args(args).current_dir(repo());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn run_writes_results_and_a_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("w1.jsonl");
+    let o = weir(
+        &["run", "examples/w1-sensor-window.yaml", "--workers", "2"],
+        &[("INPUT", &repo().join("tests/data/sensors-3k.jsonl")), ("OUTPUT", &out), ("DEAD_LETTERS", &dir.path().join("d.jsonl"))],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = std::fs::read_to_string(&out).unwrap().lines().count();
+    assert_eq!(rows, 303);
+    let err = stderr(&o);
+    assert!(err.contains("per-device-10s") && err.contains("3000 events in"), "summary missing: {err}");
+}
+
+#[test]
+fn validate_names_the_file_and_line_of_a_bad_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.yaml");
+    std::fs::write(&p, "name: x\nsource:\n  id: in\n  generator: {count: 10}\nsteps:\n  - filter: {id: f, were: \"a\"}\nsink:\n  id: out\n  stdout: {}\n").unwrap();
+    let o = weir(&["validate", p.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("bad.yaml:6:") && err.contains("unknown field `were`"), "{err}");
+}
+
+#[test]
+fn validate_points_at_the_step_with_a_bad_expression() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.yaml");
+    std::fs::write(&p, "name: x\nsource:\n  id: in\n  generator: {count: 10}\nsteps:\n  - filter:\n      id: hot\n      where: \"readings.tmp > 1\"\nsink:\n  id: out\n  stdout: {}\n").unwrap();
+    let o = weir(&["validate", p.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("bad.yaml:7:") && err.contains("step `hot`") && err.contains("readings.tmp"), "{err}");
+}
+
+#[test]
+fn a_missing_input_exits_2_with_the_path() {
+    let o = weir(
+        &["run", "examples/w2-filter-project.yaml"],
+        &[("INPUT", Path::new("/nonexistent/in.jsonl")), ("OUTPUT", Path::new("/tmp/never.jsonl"))],
+    );
+    assert_ne!(o.status.code(), Some(0));
+    let err = stderr(&o);
+    assert!(err.contains("/nonexistent/in.jsonl"), "{err}");
+}
+
+#[test]
+fn gen_then_run_the_generated_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("g.jsonl");
+    let o = weir(&["gen", "-n", "500", "--output", f.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&f).unwrap();
+    assert_eq!(text.lines().count(), 500);
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert!(first["readings"]["temp"].is_f64() && first["device_id"].as_str().unwrap().starts_with("dev-"));
+    let out = dir.path().join("o.jsonl");
+    let o = weir(&["run", "examples/w2-filter-project.yaml"], &[("INPUT", &f), ("OUTPUT", &out), ("DEAD_LETTERS", &dir.path().join("d"))]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn sigint_flushes_open_windows_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("endless.yaml");
+    let out = dir.path().join("out.jsonl");
+    std::fs::write(
+        &p,
+        format!(
+            "name: endless\nsource:\n  id: in\n  generator: {{rate: 5000, devices: 5}}\n  event_time: {{column: ts}}\nsteps:\n  - key_by: {{id: k, keys: [device_id]}}\n  - window: {{id: w, tumbling: 1h, aggregates: {{n: count()}}}}\nsink:\n  id: out\n  file: {{path: \"{}\"}}\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_weir")).args(["run", p.to_str().unwrap(), "--quiet"]).current_dir(dir.path()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    // The hour-long windows were open; a clean stop flushes them.
+    let rows = std::fs::read_to_string(&out).unwrap();
+    assert!(!rows.is_empty(), "open windows must be flushed on SIGINT");
+    let total: i64 = rows.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["n"].as_i64().unwrap()).sum();
+    assert!(total > 1000, "{total}");
+}
