@@ -122,6 +122,9 @@ impl SinkFactory for StdoutSinkFactory {
 
 struct WriterSink {
     writer: SharedWriter,
+    /// Buffered bytes reach the file at least this often, so a slow stream is visible to
+    /// readers (`tail -f`) without a write per batch.
+    last_flush: std::time::Instant,
     encoder: Box<dyn Encoder>,
     buf: Vec<u8>,
     what: String,
@@ -153,6 +156,7 @@ impl WriterSink {
         };
         Ok(Self {
             writer,
+            last_flush: std::time::Instant::now(),
             encoder: format.encoder(schema.clone()).map_err(crate::fmt_err)?,
             buf: Vec::with_capacity(1 << 16),
             what,
@@ -172,7 +176,13 @@ impl Sink for WriterSink {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         w.0.write_all(&self.buf)
-            .map_err(|e| CoreError::io(format!("writing {}", self.what), e))
+            .map_err(|e| CoreError::io(format!("writing {}", self.what), e))?;
+        if self.last_flush.elapsed() >= std::time::Duration::from_millis(100) {
+            self.last_flush = std::time::Instant::now();
+            w.0.flush()
+                .map_err(|e| CoreError::io(format!("flushing {}", self.what), e))?;
+        }
+        Ok(())
     }
 
     async fn close(&mut self) -> Result<()> {

@@ -83,6 +83,9 @@ pub struct JobSpec {
     /// Capacity of each channel, in messages (batches); with batches of `B` rows a channel
     /// holds at most `capacity * B` rows.
     pub channel_capacity: usize,
+    /// A column of the sink's input holding each row's creation time in µs since the epoch;
+    /// when set, the sink records creation-to-write latency in [`Registry::latency`].
+    pub latency_column: Option<String>,
 }
 
 /// Stops a running job gracefully: sources end, windows flush, sinks close.
@@ -107,6 +110,8 @@ pub struct RunSummary {
     pub source_records: u64,
     /// Rows written by the sink.
     pub sink_rows: u64,
+    /// Creation-to-sink latency quantiles in µs (p50, p99, max), when measured.
+    pub latency_us: Option<(u64, u64, u64)>,
 }
 
 /// A job ready to run.
@@ -210,6 +215,7 @@ impl Job {
                     }
                 } else {
                     Downstream::Sink {
+                        latency: spec.latency_column.clone(),
                         sink: spec.sink.create(w, w_count)?,
                         metrics: self.registry.step(&spec.sink_step, w),
                         registry: self.registry.clone(),
@@ -269,6 +275,7 @@ impl Job {
             steps: self.registry.steps(),
             source_records: g(&self.registry.source_records),
             sink_rows: g(&self.registry.sink_rows),
+            latency_us: self.registry.latency.quantile_us(0.5).zip(self.registry.latency.quantile_us(0.99)).map(|(a, b)| (a, b, self.registry.latency.max_us())),
         })
     }
 }
@@ -415,6 +422,7 @@ enum Downstream {
         metrics: Arc<StepMetrics>,
         registry: Arc<Registry>,
         step: StepId,
+        latency: Option<String>,
     },
 }
 
@@ -442,6 +450,7 @@ impl Downstream {
                     metrics,
                     registry,
                     step,
+                    latency,
                 } => {
                     let n = b.num_rows() as u64;
                     StepMetrics::add(&metrics.rows_in, n);
@@ -451,6 +460,9 @@ impl Downstream {
                     StepMetrics::add(&metrics.busy_ns, t0.elapsed().as_nanos() as u64);
                     StepMetrics::add(&metrics.rows_out, n);
                     StepMetrics::add(&registry.sink_rows, n);
+                    if let Some(col) = latency {
+                        record_latency(&registry.latency, &b, col)?;
+                    }
                 }
             }
         }
@@ -477,6 +489,16 @@ impl Downstream {
             Self::Sink { sink, step, .. } => sink.close().await.map_err(|e| e.in_step(step)),
         }
     }
+}
+
+fn record_latency(h: &crate::metrics::LatencyHistogram, b: &Batch, col: &str) -> Result<()> {
+    let c = crate::time::column_by_path(&b.rows, col)?;
+    let Some(created) = c.as_any().downcast_ref::<arrow_array::Int64Array>() else {
+        return Err(CoreError::Config(format!("latency column `{col}` must be int64 microseconds, not {}", c.data_type())));
+    };
+    let now = chrono::Utc::now().timestamp_micros();
+    h.record(created.iter().flatten().map(|t| now - t));
+    Ok(())
 }
 
 async fn send(tx: &mpsc::Sender<(usize, Message)>, m: (usize, Message)) -> Result<()> {

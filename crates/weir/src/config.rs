@@ -513,6 +513,10 @@ pub struct SinkConfig {
     /// Write to standard output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdout: Option<StdoutSettings>,
+    /// A column holding each row's creation time in µs since the epoch (the generator's
+    /// `created_us`): the sink then records creation-to-write latency (summary and metrics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_column: Option<String>,
 }
 
 /// The sink connectors.
@@ -649,6 +653,7 @@ impl SinkConfig {
             id: id.into(),
             file: None,
             stdout: None,
+            latency_column: None,
         };
         match connector {
             SinkConnector::File(f) => s.file = Some(f),

@@ -492,6 +492,7 @@ impl BuiltPipeline {
                 idle_timeout: src.watermark.idle_timeout,
             },
             channel_capacity: c.runtime.channel_capacity,
+            latency_column: c.sink.latency_column.clone(),
         })
     }
 

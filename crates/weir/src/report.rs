@@ -87,5 +87,8 @@ pub fn summary(s: &RunSummary, workers: usize) -> String {
         human(s.source_records as f64 / secs.max(1e-9)),
         s.sink_rows
     );
+    if let Some((p50, p99, max)) = s.latency_us {
+        let _ = writeln!(out, "latency from creation to sink: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", p50 as f64 / 1e3, p99 as f64 / 1e3, max as f64 / 1e3);
+    }
     out
 }

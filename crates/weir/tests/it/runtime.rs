@@ -54,6 +54,7 @@ fn run(partitions: Vec<Vec<Batch>>, bound: i64, workers: usize) -> (Rows, u64) {
         dead_letters: Arc::new(MemoryDeadLetters::default()),
         watermark: WatermarkSpec { bound: Duration::from_millis(bound as u64), idle_timeout: None },
         channel_capacity: 2,
+        latency_column: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let summary = rt.block_on(Job::new(job).unwrap().run()).unwrap();

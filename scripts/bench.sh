@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Reruns the benchmark workloads W1-W3 (shared/bench/WORKLOADS.md) on the standard input and
+# prints a markdown table: median wall time of 3 runs after a warm-up, events/s, peak RSS, and
+# whether the output equals the reference computation.
+#
+# Usage: scripts/bench.sh [N_EVENTS]   (default 2000000; input cached in /tmp)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n=${1:-2000000}
+input=/tmp/weir-bench-sensors-$n.jsonl
+gen=../shared/bench/gen_sensors.py
+[ -s "$input" ] || python3 "$gen" "$n" > "$input"
+cargo build --release -p weir-cli >&2
+bin=target/release/weir
+out=$(mktemp -d)
+cat "$input" > /dev/null   # page cache
+
+echo "| workload | workers | median wall s | events/s | peak RSS MB | output |"
+echo "|---|---|---|---|---|---|"
+for spec in "w1 1" "w1 2" "w2 1" "w2 2" "w3 1"; do
+  set -- $spec
+  w=$1; workers=$2
+  yaml=$(ls examples/$w-*.yaml)
+  ref=/tmp/weir-bench-$w-ref-$n.jsonl
+  [ -s "$ref" ] || python3 scripts/reference.py "$w" "$input" > "$ref"
+  times=(); mem=0
+  for i in 0 1 2 3; do
+    INPUT=$input OUTPUT=$out/$w.jsonl DEAD_LETTERS=$out/dead.jsonl /usr/bin/time -f "%e %M" -o "$out/time" \
+      "$bin" run "$yaml" --workers "$workers" --quiet --no-progress
+    read -r t m < "$out/time"
+    [ "$i" -gt 0 ] && times+=("$t")
+    [ "$m" -gt "$mem" ] && mem=$m
+  done
+  med=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 2p)
+  ok=$(python3 scripts/compare.py "$ref" "$out/$w.jsonl" | tail -1)
+  rate=$(python3 -c "print(f'{$n/$med/1e6:.2f}M')")
+  echo "| $w | $workers | $med | $rate | $((mem/1024)) | $ok |"
+done
+rm -rf "$out"
