@@ -304,6 +304,7 @@ impl Builders {
 fn build_array(plan: &Plan, cols: &mut [Column], id: usize) -> Result<ArrayRef> {
     let node = &plan.nodes[id];
     let col = std::mem::replace(&mut cols[id], Column::new(&node.kind));
+    let len = col.valid.len();
     let nulls = if col.valid.iter().all(|&v| v) {
         None
     } else {
@@ -343,7 +344,9 @@ fn build_array(plan: &Plan, cols: &mut [Column], id: usize) -> Result<ArrayRef> 
                 .iter()
                 .map(|&c| build_array(plan, cols, c))
                 .collect::<Result<Vec<_>>>()?;
-            Arc::new(StructArray::try_new(fields, children, nulls)?)
+            Arc::new(StructArray::try_new_with_length(
+                fields, children, nulls, len,
+            )?)
         }
     };
     Ok(array)

@@ -1330,6 +1330,22 @@ fields:
     }
 
     #[test]
+    fn empty_structs_and_empty_schemas() {
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "e",
+            DataType::Struct(Fields::empty()),
+            true,
+        )]));
+        let d = decode_with(schema, &[r#"{"e":{"x":1}}"#, r#"{}"#]);
+        assert!(d.errors.is_empty());
+        assert_eq!(d.batch.num_rows(), 2);
+        assert!(d.batch.column(0).is_valid(0) && d.batch.column(0).is_null(1));
+        let d = decode_with(Arc::new(Schema::empty()), &[r#"{"a":1}"#, "{}", "[]"]);
+        assert_eq!(d.batch.num_rows(), 2);
+        assert_eq!(d.errors.len(), 1);
+    }
+
+    #[test]
     fn a_leading_byte_order_mark_is_skipped() {
         let line = format!("\u{feff}{LINE}");
         let d = decode(&[&line]);
