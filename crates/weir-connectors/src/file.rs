@@ -299,25 +299,13 @@ impl FileSource {
             r.end += first;
         }
         StepMetrics::add(&cx.registry.source_bytes, buf.len() as u64);
-        // Line numbers are known when reading in order.
-        let mut lines: Vec<u64> = Vec::new();
+        // Line numbers are known when reading in order. They matter only for dead letters, so
+        // the newline index of the chunk is built on the first failure, not for every chunk.
         let line_based = !matches!(cfg.format, FormatSpec::MsgPack);
+        let line_base = (sequential && line_based).then_some(f.line);
         if sequential {
-            let mut line = f.line;
-            let mut last = first;
-            for r in &ranges {
-                line += bytecount(&buf[last..r.start]);
-                if line_based {
-                    lines.push(line);
-                }
-                last = r.start;
-            }
-            if let Some(r) = ranges.last() {
-                line += bytecount(&buf[last..r.end.min(buf.len())]);
-            }
             let end = first + consumed;
-            line += bytecount(&buf[ranges.last().map_or(first, |r| r.end.min(buf.len()))..end]);
-            f.line = line;
+            f.line += memchr::memchr_iter(b'\n', &buf[first..end]).count() as u64;
             f.offset = read_from + end as u64;
             if consumed == 0 && !f.follow && eof {
                 f.done = true;
@@ -325,11 +313,19 @@ impl FileSource {
         } else {
             f.next_chunk += f.plan.stride;
         }
-        for (bi, group) in ranges.chunks(cfg.batch_size.max(1)).enumerate() {
-            let base = bi * cfg.batch_size.max(1);
-            let pos = |i: usize| Position {
-                offset: read_from + group[i].start as u64,
-                line: lines.get(base + i).copied(),
+        let newlines: std::cell::OnceCell<Vec<usize>> = std::cell::OnceCell::new();
+        for group in ranges.chunks(cfg.batch_size.max(1)) {
+            let pos = |i: usize| {
+                let start = group[i].start;
+                Position {
+                    offset: read_from + start as u64,
+                    line: line_base.map(|l| {
+                        let nl = newlines.get_or_init(|| {
+                            memchr::memchr_iter(b'\n', &buf[first..]).map(|p| p + first).collect()
+                        });
+                        l + nl.partition_point(|&p| p < start) as u64
+                    }),
+                }
             };
             if let Some(b) = decode_records(
                 f.decoder.as_mut(),
@@ -345,10 +341,6 @@ impl FileSource {
         }
         Ok(!ranges.is_empty() || (sequential && consumed > 0))
     }
-}
-
-fn bytecount(b: &[u8]) -> u64 {
-    b.iter().filter(|c| **c == b'\n').count() as u64
 }
 
 fn read_full(f: &File, buf: &mut [u8], mut off: u64) -> std::io::Result<usize> {
