@@ -109,3 +109,36 @@ fn sigint_flushes_open_windows_and_exits_0() {
     let total: i64 = rows.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["n"].as_i64().unwrap()).sum();
     assert!(total > 1000, "{total}");
 }
+
+#[test]
+fn stdin_to_stdout_with_dead_letters() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("pipe.yaml");
+    let dead = dir.path().join("dead.jsonl");
+    std::fs::write(
+        &p,
+        format!(
+            "name: pipe\nsource:\n  id: in\n  stdin: {{format: json}}\n  schema:\n    fields: [{{name: a, type: int64}}, {{name: b, type: string, required: false}}]\nsteps:\n  - filter: {{id: big, where: \"a > 1\"}}\nsink:\n  id: out\n  stdout: {{}}\ndead_letters: {{path: \"{}\"}}\n",
+            dead.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["run", p.to_str().unwrap(), "--quiet"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"{\"a\":1}\n{\"a\":2,\"b\":\"x\"}\nnot json\n{\"a\":\"three\"}\n{\"a\":5}").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "{\"a\":2,\"b\":\"x\"}\n{\"a\":5,\"b\":null}\n");
+    let letters: Vec<serde_json::Value> = std::fs::read_to_string(&dead).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(letters.len(), 2);
+    assert_eq!(letters[0]["kind"], "decode");
+    assert_eq!(letters[0]["position"], "line 3, offset 24");
+    assert_eq!(letters[1]["kind"], "schema");
+    assert_eq!(letters[1]["origin"], "stdin");
+}
