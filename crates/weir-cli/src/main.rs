@@ -83,9 +83,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let sub = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => sub.init(),
         LogFormat::Json => sub.json().init(),
@@ -123,9 +121,7 @@ fn load(path: &PathBuf) -> Result<(BuiltPipeline, String), Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::Config(format!("cannot read pipeline file `{file}`: {e}")))?;
     let cfg = yaml::parse(&file, &text).map_err(|e| Failure::Config(e.to_string()))?;
-    let built = Pipeline::from_config(cfg)
-        .build()
-        .map_err(|e| located(&file, &text, e))?;
+    let built = Pipeline::from_config(cfg).build().map_err(|e| located(&file, &text, e))?;
     Ok((built, text))
 }
 
@@ -138,14 +134,7 @@ fn located(file: &str, text: &str, e: weir_core::CoreError) -> Failure {
     if e.blame() != Blame::User && !matches!(e, weir_core::CoreError::Step { .. }) {
         return Failure::from(e);
     }
-    Failure::Config(
-        ConfigError {
-            file: file.into(),
-            line,
-            message: e.to_string(),
-        }
-        .to_string(),
-    )
+    Failure::Config(ConfigError { file: file.into(), line, message: e.to_string() }.to_string())
 }
 
 fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, Failure> {
@@ -164,25 +153,13 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             built
                 .plan(&RunOptions { workers: Some(1) })
                 .map_err(|e| located(&pipeline.display().to_string(), &text, e))?;
-            eprintln!(
-                "{}: ok ({} steps)",
-                pipeline.display(),
-                built.config().steps.len()
-            );
+            eprintln!("{}: ok ({} steps)", pipeline.display(), built.config().steps.len());
             Ok(())
         }
-        Cmd::Run {
-            pipeline,
-            workers,
-            metrics_addr,
-            no_progress,
-            quiet,
-        } => {
+        Cmd::Run { pipeline, workers, metrics_addr, no_progress, quiet } => {
             let (built, text) = load(&pipeline)?;
             let opts = RunOptions { workers };
-            let spec = built
-                .plan(&opts)
-                .map_err(|e| located(&pipeline.display().to_string(), &text, e))?;
+            let spec = built.plan(&opts).map_err(|e| located(&pipeline.display().to_string(), &text, e))?;
             let workers = spec.workers;
             let name = spec.name.clone();
             let rt = runtime(workers)?;
@@ -190,18 +167,14 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                 let job = Job::new(spec)?;
                 let registry = job.registry();
                 let _server = match &metrics_addr {
-                    Some(a) => {
-                        Some(weir::http::MetricsServer::start(a, name, registry.clone()).await?)
-                    }
+                    Some(a) => Some(weir::http::MetricsServer::start(a, name, registry.clone()).await?),
                     None => None,
                 };
                 let stop = job.shutdown_handle();
                 tokio::spawn(async move {
                     // First signal: stop reading and flush. Second: leave at once.
                     wait_signal().await;
-                    eprintln!(
-                        "\nStopping: flushing open windows and sinks (signal again to abort)."
-                    );
+                    eprintln!("\nStopping: flushing open windows and sinks (signal again to abort).");
                     stop.stop();
                     wait_signal().await;
                     std::process::exit(130);
@@ -215,10 +188,7 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                         tick.tick().await;
                         loop {
                             tick.tick().await;
-                            eprint!(
-                                "\r\x1b[2K{}",
-                                weir::report::progress_line(&reg, &mut last, every)
-                            );
+                            eprint!("\r\x1b[2K{}", weir::report::progress_line(&reg, &mut last, every));
                         }
                     })
                 });
@@ -234,20 +204,9 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Cmd::Gen {
-            count,
-            rate,
-            devices,
-            seed,
-            anomaly_rate,
-            output,
-            format,
-        } => {
-            let format = FormatSpec::from_name(&format).ok_or_else(|| {
-                Failure::Config(format!(
-                    "unknown format `{format}`; use json, csv or msgpack"
-                ))
-            })?;
+        Cmd::Gen { count, rate, devices, seed, anomaly_rate, output, format } => {
+            let format = FormatSpec::from_name(&format)
+                .ok_or_else(|| Failure::Config(format!("unknown format `{format}`; use json, csv or msgpack")))?;
             let mut p = Pipeline::new("gen");
             p.source(SourceConfig::new(
                 "generator",
@@ -261,10 +220,7 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                 }),
             ));
             p.sink(match output {
-                Some(path) => SinkConfig::new(
-                    "out",
-                    SinkConnector::File(FileSinkSettings { path, format }),
-                ),
+                Some(path) => SinkConfig::new("out", SinkConnector::File(FileSinkSettings { path, format })),
                 None => SinkConfig::new("out", SinkConnector::Stdout(StdoutSettings { format })),
             });
             // One worker keeps the output in generation order.
@@ -280,10 +236,7 @@ async fn wait_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) {
+        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
             (Ok(mut i), Ok(mut t)) => {
                 tokio::select! {
                     _ = i.recv() => {}

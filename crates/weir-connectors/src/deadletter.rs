@@ -30,10 +30,7 @@ pub struct FileDeadLetters {
 impl FileDeadLetters {
     /// A dead-letter file at `path`. An existing file is replaced when the first entry comes.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self {
-            path: path.into(),
-            out: Mutex::new(None),
-        }
+        Self { path: path.into(), out: Mutex::new(None) }
     }
 
     /// The file's path.
@@ -47,10 +44,7 @@ pub fn render(l: &DeadLetter) -> String {
     let (payload, enc) = match &l.payload {
         Payload::Raw(bytes) => match std::str::from_utf8(bytes) {
             Ok(s) => (s.to_string(), "utf8"),
-            Err(_) => (
-                base64::engine::general_purpose::STANDARD.encode(bytes),
-                "base64",
-            ),
+            Err(_) => (base64::engine::general_purpose::STANDARD.encode(bytes), "base64"),
         },
         Payload::Row(b) => (weir_formats::row_to_json(b, 0), "json"),
     };
@@ -77,46 +71,30 @@ impl DeadLetterSink for FileDeadLetters {
         if letters.is_empty() {
             return Ok(());
         }
-        let mut slot = self
-            .out
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut slot = self.out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if slot.is_none() {
             if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    CoreError::io(format!("cannot create folder `{}`", dir.display()), e)
-                })?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| CoreError::io(format!("cannot create folder `{}`", dir.display()), e))?;
             }
-            let f = File::create(&self.path).map_err(|e| {
-                CoreError::io(
-                    format!("cannot create dead-letter file `{}`", self.path.display()),
-                    e,
-                )
-            })?;
+            let f = File::create(&self.path)
+                .map_err(|e| CoreError::io(format!("cannot create dead-letter file `{}`", self.path.display()), e))?;
             tracing::warn!(path = %self.path.display(), "Writing dead letters.");
             *slot = Some(BufWriter::new(f));
         }
         if let Some(w) = slot.as_mut() {
             for l in &letters {
-                w.write_all(render(l).as_bytes()).map_err(|e| {
-                    CoreError::io(
-                        format!("writing dead letters to `{}`", self.path.display()),
-                        e,
-                    )
-                })?;
+                w.write_all(render(l).as_bytes())
+                    .map_err(|e| CoreError::io(format!("writing dead letters to `{}`", self.path.display()), e))?;
             }
         }
         Ok(())
     }
 
     fn flush(&self) -> Result<()> {
-        let mut slot = self
-            .out
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut slot = self.out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(w) = slot.as_mut() {
-            w.flush()
-                .map_err(|e| CoreError::io(format!("flushing `{}`", self.path.display()), e))?;
+            w.flush().map_err(|e| CoreError::io(format!("flushing `{}`", self.path.display()), e))?;
         }
         Ok(())
     }
@@ -133,46 +111,28 @@ pub struct FileSideWriter {
 
 impl std::fmt::Debug for FileSideWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileSideWriter")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("FileSideWriter").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
 impl FileSideWriter {
     /// A side output at `path`, created on the first row.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self {
-            path: path.into(),
-            state: Mutex::new(None),
-        }
+        Self { path: path.into(), state: Mutex::new(None) }
     }
 }
 
 impl SideWriter for FileSideWriter {
     fn write(&self, rows: &RecordBatch) -> Result<()> {
-        let mut st = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if st.is_none() {
             if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    CoreError::io(format!("cannot create folder `{}`", dir.display()), e)
-                })?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| CoreError::io(format!("cannot create folder `{}`", dir.display()), e))?;
             }
-            let f = File::create(&self.path).map_err(|e| {
-                CoreError::io(
-                    format!("cannot create side output `{}`", self.path.display()),
-                    e,
-                )
-            })?;
-            *st = Some((
-                BufWriter::new(f),
-                FormatSpec::Json
-                    .encoder(rows.schema())
-                    .map_err(crate::fmt_err)?,
-            ));
+            let f = File::create(&self.path)
+                .map_err(|e| CoreError::io(format!("cannot create side output `{}`", self.path.display()), e))?;
+            *st = Some((BufWriter::new(f), FormatSpec::Json.encoder(rows.schema()).map_err(crate::fmt_err)?));
         }
         if let Some((w, enc)) = st.as_mut() {
             let mut buf = Vec::new();

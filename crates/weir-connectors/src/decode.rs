@@ -76,11 +76,7 @@ pub(crate) fn decode_records(
                 let mut keep = vec![true; rows.num_rows()];
                 for (row, reason) in bad {
                     keep[row] = false;
-                    letters.push(letter(
-                        decoded.record_of_row(row),
-                        ErrorKind::EventTime,
-                        reason,
-                    ));
+                    letters.push(letter(decoded.record_of_row(row), ErrorKind::EventTime, reason));
                 }
                 Batch::new(rows, times)?.filter(&BooleanArray::from(keep))?
             }

@@ -54,13 +54,8 @@ pub fn expand_paths(pattern: &str) -> Result<Vec<PathBuf>> {
         let p = PathBuf::from(pattern);
         return match std::fs::metadata(&p) {
             Ok(m) if m.is_file() => Ok(vec![p]),
-            Ok(_) => Err(CoreError::Config(format!(
-                "input `{pattern}` is not a file"
-            ))),
-            Err(e) => Err(CoreError::io(
-                format!("cannot open input file `{pattern}`"),
-                e,
-            )),
+            Ok(_) => Err(CoreError::Config(format!("input `{pattern}` is not a file"))),
+            Err(e) => Err(CoreError::io(format!("cannot open input file `{pattern}`"), e)),
         };
     }
     let mut files: Vec<PathBuf> = glob::glob(pattern)
@@ -90,10 +85,7 @@ impl FileSourceFactory {
     /// Missing files, bad glob.
     pub fn new(cfg: FileSourceConfig) -> Result<Self> {
         let files = expand_paths(&cfg.path)?;
-        Ok(Self {
-            cfg: Arc::new(cfg),
-            files: Arc::new(files),
-        })
+        Ok(Self { cfg: Arc::new(cfg), files: Arc::new(files) })
     }
 }
 
@@ -108,24 +100,12 @@ impl SourceFactory for FileSourceFactory {
         for (i, f) in self.files.iter().enumerate() {
             if self.cfg.follow {
                 if worker == 0 {
-                    plan.push(FilePlan {
-                        path: f.clone(),
-                        stride: 1,
-                        first: 0,
-                    });
+                    plan.push(FilePlan { path: f.clone(), stride: 1, first: 0 });
                 }
             } else if splittable {
-                plan.push(FilePlan {
-                    path: f.clone(),
-                    stride: workers,
-                    first: worker,
-                });
+                plan.push(FilePlan { path: f.clone(), stride: workers, first: worker });
             } else if i % workers == worker {
-                plan.push(FilePlan {
-                    path: f.clone(),
-                    stride: 1,
-                    first: 0,
-                });
+                plan.push(FilePlan { path: f.clone(), stride: 1, first: 0 });
             }
         }
         Ok(Box::new(FileSource {
@@ -175,24 +155,19 @@ struct FileSource {
 impl FileSource {
     fn open(&self, plan: FilePlan) -> Result<OpenFile> {
         let origin = plan.path.display().to_string();
-        let file = File::open(&plan.path)
-            .map_err(|e| CoreError::io(format!("cannot open input file `{origin}`"), e))?;
+        let file =
+            File::open(&plan.path).map_err(|e| CoreError::io(format!("cannot open input file `{origin}`"), e))?;
         let (header, skip_header) = match &self.cfg.format {
             FormatSpec::Csv(o) if o.header => {
                 let mut buf = vec![0u8; 64 * 1024];
-                let n = file
-                    .read_at(&mut buf, 0)
-                    .map_err(|e| CoreError::io(format!("reading `{origin}`"), e))?;
+                let n = file.read_at(&mut buf, 0).map_err(|e| CoreError::io(format!("reading `{origin}`"), e))?;
                 let end = buf[..n].iter().position(|b| *b == b'\n').unwrap_or(n);
                 (Some(csv_header(&buf[..end], o.delimiter)), true)
             }
             _ => (None, false),
         };
-        let decoder = self
-            .cfg
-            .format
-            .decoder_with_header(self.cfg.schema.clone(), header.as_deref())
-            .map_err(crate::fmt_err)?;
+        let decoder =
+            self.cfg.format.decoder_with_header(self.cfg.schema.clone(), header.as_deref()).map_err(crate::fmt_err)?;
         // Following applies to the last file: earlier ones are complete by the time it starts.
         let follow = self.cfg.follow && self.plan.is_empty();
         Ok(OpenFile {
@@ -219,11 +194,7 @@ impl FileSource {
         if f.done {
             return Ok(false);
         }
-        let len = f
-            .file
-            .metadata()
-            .map_err(|e| CoreError::io(format!("reading `{}`", f.origin), e))?
-            .len();
+        let len = f.file.metadata().map_err(|e| CoreError::io(format!("reading `{}`", f.origin), e))?.len();
         let chunk = cfg.chunk_size as u64;
         let sequential = f.plan.stride == 1;
         // Where this chunk's lines may start, and the end of the range lines must start before.
@@ -240,11 +211,7 @@ impl FileSource {
             return Ok(false);
         }
         // Read from one byte before the chunk so a line starting exactly at `start` is seen.
-        let read_from = if sequential || start == 0 {
-            start
-        } else {
-            start - 1
-        };
+        let read_from = if sequential || start == 0 { start } else { start - 1 };
         let mut buf = Vec::new();
         let mut want = (limit - read_from + 64 * 1024).min(len - read_from);
         loop {
@@ -255,10 +222,7 @@ impl FileSource {
             // Done when the last line starting before `limit` is complete, or at end of file.
             let eof = read_from + n as u64 >= len;
             let tail_start = (limit - read_from).min(n as u64) as usize;
-            if eof
-                || buf[tail_start..].contains(&b'\n')
-                || matches!(cfg.format, FormatSpec::MsgPack)
-            {
+            if eof || buf[tail_start..].contains(&b'\n') || matches!(cfg.format, FormatSpec::MsgPack) {
                 break;
             }
             want = (want * 2).min(len - read_from);
@@ -273,25 +237,18 @@ impl FileSource {
             }
         }
         if f.skip_header && read_from == 0 {
-            first = buf
-                .iter()
-                .position(|b| *b == b'\n')
-                .map_or(buf.len(), |p| p + 1);
+            first = buf.iter().position(|b| *b == b'\n').map_or(buf.len(), |p| p + 1);
             f.line = 2;
         }
         // Records starting before `limit` (in sequential mode: all complete ones).
         let mut ranges = Vec::new();
         let body = &buf[first..];
         let at_end = eof && !f.follow;
-        let consumed =
-            split_records(&cfg.format, body, at_end, &mut ranges).map_err(crate::fmt_err)?;
+        let consumed = split_records(&cfg.format, body, at_end, &mut ranges).map_err(crate::fmt_err)?;
         let mut keep = ranges.len();
         if !sequential {
             let lim = (limit - read_from) as usize;
-            keep = ranges
-                .iter()
-                .position(|r| first + r.start >= lim)
-                .unwrap_or(ranges.len());
+            keep = ranges.iter().position(|r| first + r.start >= lim).unwrap_or(ranges.len());
         }
         ranges.truncate(keep);
         for r in &mut ranges {
@@ -320,22 +277,15 @@ impl FileSource {
                 Position {
                     offset: read_from + start as u64,
                     line: line_base.map(|l| {
-                        let nl = newlines.get_or_init(|| {
-                            memchr::memchr_iter(b'\n', &buf[first..]).map(|p| p + first).collect()
-                        });
+                        let nl = newlines
+                            .get_or_init(|| memchr::memchr_iter(b'\n', &buf[first..]).map(|p| p + first).collect());
                         l + nl.partition_point(|&p| p < start) as u64
                     }),
                 }
             };
-            if let Some(b) = decode_records(
-                f.decoder.as_mut(),
-                cfg.event_time.as_ref(),
-                &buf,
-                group,
-                &f.origin,
-                pos,
-                cx,
-            )? {
+            if let Some(b) =
+                decode_records(f.decoder.as_mut(), cfg.event_time.as_ref(), &buf, group, &f.origin, pos, cx)?
+            {
                 self.ready.push_back(b);
             }
         }
@@ -368,10 +318,7 @@ impl Source for FileSource {
     async fn poll(&mut self, cx: &mut SourceContext) -> Result<SourcePoll> {
         loop {
             if let Some(b) = self.ready.pop_front() {
-                return Ok(SourcePoll::Rows {
-                    partition: 0,
-                    batch: b,
-                });
+                return Ok(SourcePoll::Rows { partition: 0, batch: b });
             }
             if cx.stopping() {
                 return Ok(SourcePoll::End);

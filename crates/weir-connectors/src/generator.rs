@@ -105,14 +105,8 @@ impl GeneratorFactory {
             cfg.rate.is_none_or(|r| r > 0.0 && r.is_finite()),
             "generator: rate must be positive"
         );
-        weir_core::ensure_config!(
-            (0.0..=1.0).contains(&cfg.disorder),
-            "generator: disorder must be in [0, 1]"
-        );
-        weir_core::ensure_config!(
-            (0.0..=1.0).contains(&cfg.anomaly_rate),
-            "generator: anomaly_rate must be in [0, 1]"
-        );
+        weir_core::ensure_config!((0.0..=1.0).contains(&cfg.disorder), "generator: disorder must be in [0, 1]");
+        weir_core::ensure_config!((0.0..=1.0).contains(&cfg.anomaly_rate), "generator: anomaly_rate must be in [0, 1]");
         Ok(Self { cfg: Arc::new(cfg) })
     }
 }
@@ -124,20 +118,12 @@ impl SourceFactory for GeneratorFactory {
 
     fn create(&self, worker: usize, workers: usize) -> Result<Box<dyn Source>> {
         let w = workers as u64;
-        let share = self
-            .cfg
-            .count
-            .map(|c| c / w + u64::from((worker as u64) < c % w));
+        let share = self.cfg.count.map(|c| c / w + u64::from((worker as u64) < c % w));
         let now = now_ms();
         Ok(Box::new(Generator {
             cfg: self.cfg.clone(),
             schema: self.cfg.schema(),
-            rng: SmallRng::seed_from_u64(
-                self.cfg
-                    .seed
-                    .wrapping_mul(0x9e37_79b9)
-                    .wrapping_add(worker as u64),
-            ),
+            rng: SmallRng::seed_from_u64(self.cfg.seed.wrapping_mul(0x9e37_79b9).wrapping_add(worker as u64)),
             worker: worker as u64,
             workers: w,
             share,
@@ -241,11 +227,7 @@ impl Generator {
             None,
         )?;
         let ts = ts.finish();
-        let mut cols: Vec<ArrayRef> = vec![
-            Arc::new(dev.finish()),
-            Arc::new(ts.clone()),
-            Arc::new(readings),
-        ];
+        let mut cols: Vec<ArrayRef> = vec![Arc::new(dev.finish()), Arc::new(ts.clone()), Arc::new(readings)];
         if self.cfg.stamp_created {
             cols.push(Arc::new(created.finish()));
         }
@@ -266,12 +248,7 @@ impl Source for Generator {
 
     async fn poll(&mut self, cx: &mut SourceContext) -> Result<SourcePoll> {
         loop {
-            if cx.stopping()
-                || self.remaining() == 0
-                || self
-                    .cfg
-                    .duration
-                    .is_some_and(|d| self.started.elapsed() >= d)
+            if cx.stopping() || self.remaining() == 0 || self.cfg.duration.is_some_and(|d| self.started.elapsed() >= d)
             {
                 return Ok(SourcePoll::End);
             }
@@ -296,11 +273,7 @@ impl Source for Generator {
                     } else {
                         // Sleep until the next event is due or the batch must go, whichever first.
                         let next_due = self.started + Duration::from_secs_f64((due + 1) as f64 / r);
-                        let cut_at = if pending > 0 {
-                            first_due + self.linger.linger(pending)
-                        } else {
-                            next_due
-                        };
+                        let cut_at = if pending > 0 { first_due + self.linger.linger(pending) } else { next_due };
                         let wake = next_due.min(cut_at).max(now + Duration::from_micros(50));
                         let mut stop = cx.shutdown.clone();
                         tokio::select! {
@@ -314,10 +287,7 @@ impl Source for Generator {
             let batch = self.make(n)?;
             StepMetrics::add(&cx.metrics.rows_in, n as u64);
             StepMetrics::add(&cx.registry.source_records, n as u64);
-            return Ok(SourcePoll::Rows {
-                partition: 0,
-                batch,
-            });
+            return Ok(SourcePoll::Rows { partition: 0, batch });
         }
     }
 }

@@ -38,40 +38,21 @@ pub struct FileSinkFactory {
 impl FileSinkFactory {
     /// A sink to `path` (parent folders are created when the job starts).
     pub fn new(path: impl Into<PathBuf>, format: FormatSpec, schema: SchemaRef) -> Self {
-        Self {
-            path: path.into(),
-            format,
-            schema,
-            writer: Mutex::new(None),
-        }
+        Self { path: path.into(), format, schema, writer: Mutex::new(None) }
     }
 
     fn shared(&self) -> Result<SharedWriter> {
-        let mut slot = self
-            .writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut slot = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(w) = slot.as_ref() {
             return Ok(w.clone());
         }
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                CoreError::io(
-                    format!("cannot create output folder `{}`", dir.display()),
-                    e,
-                )
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| CoreError::io(format!("cannot create output folder `{}`", dir.display()), e))?;
         }
-        let f = File::create(&self.path).map_err(|e| {
-            CoreError::io(
-                format!("cannot create output file `{}`", self.path.display()),
-                e,
-            )
-        })?;
-        let w: SharedWriter = Arc::new(Mutex::new(Out(Box::new(BufWriter::with_capacity(
-            1 << 20,
-            f,
-        )))));
+        let f = File::create(&self.path)
+            .map_err(|e| CoreError::io(format!("cannot create output file `{}`", self.path.display()), e))?;
+        let w: SharedWriter = Arc::new(Mutex::new(Out(Box::new(BufWriter::with_capacity(1 << 20, f)))));
         *slot = Some(w.clone());
         Ok(w)
     }
@@ -100,23 +81,13 @@ pub struct StdoutSinkFactory {
 impl StdoutSinkFactory {
     /// A sink to stdout.
     pub fn new(format: FormatSpec, schema: SchemaRef) -> Self {
-        Self {
-            format,
-            schema,
-            writer: Arc::new(Mutex::new(Out(Box::new(std::io::stdout())))),
-        }
+        Self { format, schema, writer: Arc::new(Mutex::new(Out(Box::new(std::io::stdout())))) }
     }
 }
 
 impl SinkFactory for StdoutSinkFactory {
     fn create(&self, worker: usize, _workers: usize) -> Result<Box<dyn Sink>> {
-        Ok(Box::new(WriterSink::new(
-            self.writer.clone(),
-            &self.format,
-            &self.schema,
-            worker,
-            "stdout".into(),
-        )?))
+        Ok(Box::new(WriterSink::new(self.writer.clone(), &self.format, &self.schema, worker, "stdout".into())?))
     }
 }
 
@@ -132,26 +103,15 @@ struct WriterSink {
 
 impl std::fmt::Debug for WriterSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WriterSink")
-            .field("what", &self.what)
-            .finish_non_exhaustive()
+        f.debug_struct("WriterSink").field("what", &self.what).finish_non_exhaustive()
     }
 }
 
 impl WriterSink {
-    fn new(
-        writer: SharedWriter,
-        format: &FormatSpec,
-        schema: &SchemaRef,
-        worker: usize,
-        what: String,
-    ) -> Result<Self> {
+    fn new(writer: SharedWriter, format: &FormatSpec, schema: &SchemaRef, worker: usize, what: String) -> Result<Self> {
         // CSV writes its header once per encoder: only worker 0's encoder may write it.
         let format = match format {
-            FormatSpec::Csv(o) if worker > 0 => FormatSpec::Csv(weir_formats::CsvOptions {
-                header: false,
-                ..*o
-            }),
+            FormatSpec::Csv(o) if worker > 0 => FormatSpec::Csv(weir_formats::CsvOptions { header: false, ..*o }),
             f => *f,
         };
         Ok(Self {
@@ -168,29 +128,18 @@ impl WriterSink {
 impl Sink for WriterSink {
     async fn write(&mut self, rows: &RecordBatch) -> Result<()> {
         self.buf.clear();
-        self.encoder
-            .encode(rows, &mut self.buf)
-            .map_err(crate::fmt_err)?;
-        let mut w = self
-            .writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        w.0.write_all(&self.buf)
-            .map_err(|e| CoreError::io(format!("writing {}", self.what), e))?;
+        self.encoder.encode(rows, &mut self.buf).map_err(crate::fmt_err)?;
+        let mut w = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        w.0.write_all(&self.buf).map_err(|e| CoreError::io(format!("writing {}", self.what), e))?;
         if self.last_flush.elapsed() >= std::time::Duration::from_millis(100) {
             self.last_flush = std::time::Instant::now();
-            w.0.flush()
-                .map_err(|e| CoreError::io(format!("flushing {}", self.what), e))?;
+            w.0.flush().map_err(|e| CoreError::io(format!("flushing {}", self.what), e))?;
         }
         Ok(())
     }
 
     async fn close(&mut self) -> Result<()> {
-        let mut w = self
-            .writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        w.0.flush()
-            .map_err(|e| CoreError::io(format!("flushing {}", self.what), e))
+        let mut w = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        w.0.flush().map_err(|e| CoreError::io(format!("flushing {}", self.what), e))
     }
 }

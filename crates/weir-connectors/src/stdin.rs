@@ -39,13 +39,7 @@ impl StdinSourceFactory {
             !matches!(format, FormatSpec::MsgPack),
             "stdin reads line-delimited formats (json, csv), not msgpack"
         );
-        Ok(Self {
-            format,
-            schema,
-            event_time,
-            batch_size,
-            max_linger,
-        })
+        Ok(Self { format, schema, event_time, batch_size, max_linger })
     }
 }
 
@@ -55,10 +49,7 @@ impl SourceFactory for StdinSourceFactory {
     }
 
     fn create(&self, worker: usize, _workers: usize) -> Result<Box<dyn Source>> {
-        let decoder = self
-            .format
-            .decoder(self.schema.clone())
-            .map_err(crate::fmt_err)?;
+        let decoder = self.format.decoder(self.schema.clone()).map_err(crate::fmt_err)?;
         Ok(Box::new(StdinSource {
             reader: (worker == 0).then(|| BufReader::with_capacity(1 << 20, tokio::io::stdin())),
             decoder,
@@ -101,22 +92,11 @@ impl StdinSource {
         let base = starts.first().map_or(0, |s| s.1);
         let pos = |i: usize| {
             let abs = base + ranges[i].start as u64;
-            let line = starts
-                .iter()
-                .rev()
-                .find(|(_, o)| *o <= abs)
-                .map(|(l, _)| *l);
+            let line = starts.iter().rev().find(|(_, o)| *o <= abs).map(|(l, _)| *l);
             Position { offset: abs, line }
         };
-        let out = decode_records(
-            self.decoder.as_mut(),
-            self.event_time.as_deref(),
-            &self.buf,
-            &ranges,
-            "stdin",
-            pos,
-            cx,
-        )?;
+        let out =
+            decode_records(self.decoder.as_mut(), self.event_time.as_deref(), &self.buf, &ranges, "stdin", pos, cx)?;
         self.buf.clear();
         self.first_at = None;
         Ok(out)
@@ -137,16 +117,11 @@ impl Source for StdinSource {
             let pending = self.starts.len();
             if self.eof
                 || cx.stopping()
-                || self
-                    .first_at
-                    .is_some_and(|f| self.linger.should_cut(pending, f, Instant::now()))
+                || self.first_at.is_some_and(|f| self.linger.should_cut(pending, f, Instant::now()))
             {
                 if pending > 0 {
                     if let Some(b) = self.cut(cx)? {
-                        break Ok(SourcePoll::Rows {
-                            partition: 0,
-                            batch: b,
-                        });
+                        break Ok(SourcePoll::Rows { partition: 0, batch: b });
                     }
                     continue;
                 }
@@ -169,10 +144,7 @@ impl Source for StdinSource {
                 None => {
                     if !line.is_empty() {
                         // Finish the partial line before cutting.
-                        reader
-                            .read_until(b'\n', &mut line)
-                            .await
-                            .map_err(|e| CoreError::io("reading stdin", e))?;
+                        reader.read_until(b'\n', &mut line).await.map_err(|e| CoreError::io("reading stdin", e))?;
                         self.push_line(line);
                     }
                     if pending == 0 && self.first_at.is_none() {

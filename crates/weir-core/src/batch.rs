@@ -53,28 +53,19 @@ impl Batch {
     pub fn filter(&self, mask: &BooleanArray) -> Result<Self> {
         let rows = arrow_select::filter::filter_record_batch(&self.rows, mask)?;
         let time = filter(&self.time, mask)?;
-        Ok(Self {
-            rows,
-            time: downcast_time(time.as_ref())?,
-        })
+        Ok(Self { rows, time: downcast_time(time.as_ref())? })
     }
 
     /// Picks rows by index, in the given order.
     pub fn take(&self, indices: &UInt32Array) -> Result<Self> {
         let rows = arrow_select::take::take_record_batch(&self.rows, indices)?;
         let time = take(&self.time, indices, None)?;
-        Ok(Self {
-            rows,
-            time: downcast_time(time.as_ref())?,
-        })
+        Ok(Self { rows, time: downcast_time(time.as_ref())? })
     }
 
     /// A zero-copy slice.
     pub fn slice(&self, offset: usize, len: usize) -> Self {
-        Self {
-            rows: self.rows.slice(offset, len),
-            time: self.time.slice(offset, len),
-        }
+        Self { rows: self.rows.slice(offset, len), time: self.time.slice(offset, len) }
     }
 
     /// Replaces the rows, keeping the times (for operators that change columns, not rows).

@@ -99,28 +99,18 @@ impl CoreError {
     pub fn in_step(self, step: &StepId) -> Self {
         match self {
             Self::Step { .. } => self,
-            other => Self::Step {
-                step: step.clone(),
-                source: Box::new(other),
-            },
+            other => Self::Step { step: step.clone(), source: Box::new(other) },
         }
     }
 
     /// An I/O error with a description of what was being done.
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io {
-            what: what.into(),
-            source,
-        }
+        Self::Io { what: what.into(), source }
     }
 
     /// A user error from another crate (config, schema, expression).
     pub fn user(err: impl std::fmt::Display) -> Self {
-        Self::Other {
-            message: err.to_string(),
-            blame: Blame::User,
-            retry: Retry::Never,
-        }
+        Self::Other { message: err.to_string(), blame: Blame::User, retry: Retry::Never }
     }
 }
 

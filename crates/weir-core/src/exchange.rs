@@ -19,12 +19,7 @@ pub struct Partitioner {
 impl Partitioner {
     /// A partitioner on the given key column paths.
     pub fn new(keys: Vec<String>, workers: usize) -> Self {
-        Self {
-            keys,
-            workers,
-            hashes: Vec::new(),
-            indices: vec![Vec::new(); workers],
-        }
+        Self { keys, workers, hashes: Vec::new(), indices: vec![Vec::new(); workers] }
     }
 
     /// Returns one (possibly empty) batch per worker.

@@ -42,13 +42,8 @@ pub fn hash_rows(cols: &[ArrayRef], out: &mut Vec<u64>) -> Result<()> {
     out.resize(n, 0);
     for (ci, col) in cols.iter().enumerate() {
         let seed = ci as u64;
-        let combine = |h: &mut u64, v: u64| {
-            *h = if ci == 0 {
-                v
-            } else {
-                (h.rotate_left(5) ^ v).wrapping_mul(0x100_0000_01b3)
-            }
-        };
+        let combine =
+            |h: &mut u64, v: u64| *h = if ci == 0 { v } else { (h.rotate_left(5) ^ v).wrapping_mul(0x100_0000_01b3) };
         macro_rules! each {
             ($f:expr) => {
                 for (i, h) in out.iter_mut().enumerate() {
@@ -72,10 +67,7 @@ pub fn hash_rows(cols: &[ArrayRef], out: &mut Vec<u64>) -> Result<()> {
             }
             DataType::Int32 => {
                 let a = col.as_primitive::<Int32Type>();
-                each!(|i| xxhash_rust::xxh3::xxh3_64_with_seed(
-                    &i64::from(a.value(i)).to_le_bytes(),
-                    seed
-                ));
+                each!(|i| xxhash_rust::xxh3::xxh3_64_with_seed(&i64::from(a.value(i)).to_le_bytes(), seed));
             }
             DataType::UInt64 => {
                 let a = col.as_primitive::<UInt64Type>();
@@ -83,10 +75,7 @@ pub fn hash_rows(cols: &[ArrayRef], out: &mut Vec<u64>) -> Result<()> {
             }
             DataType::Float64 => {
                 let a = col.as_primitive::<Float64Type>();
-                each!(|i| xxhash_rust::xxh3::xxh3_64_with_seed(
-                    &a.value(i).to_bits().to_le_bytes(),
-                    seed
-                ));
+                each!(|i| xxhash_rust::xxh3::xxh3_64_with_seed(&a.value(i).to_bits().to_le_bytes(), seed));
             }
             _ => {
                 let conv = RowConverter::new(vec![SortField::new(col.data_type().clone())])?;
@@ -112,14 +101,8 @@ pub struct KeyInterner {
 impl KeyInterner {
     /// An interner for keys of the given column types.
     pub fn new(types: &[DataType]) -> Result<Self> {
-        let converter =
-            RowConverter::new(types.iter().map(|t| SortField::new(t.clone())).collect())?;
-        Ok(Self {
-            converter,
-            ids: HashMap::new(),
-            keys: Vec::new(),
-            scratch: Vec::new(),
-        })
+        let converter = RowConverter::new(types.iter().map(|t| SortField::new(t.clone())).collect())?;
+        Ok(Self { converter, ids: HashMap::new(), keys: Vec::new(), scratch: Vec::new() })
     }
 
     /// The id of each row's key, assigning new ids to new keys. The returned slice is valid
@@ -133,9 +116,8 @@ impl KeyInterner {
             let id = match self.ids.get(bytes) {
                 Some(id) => *id,
                 None => {
-                    let id = u32::try_from(self.keys.len()).map_err(|_| {
-                        crate::CoreError::Config("more than 4 billion distinct keys".into())
-                    })?;
+                    let id = u32::try_from(self.keys.len())
+                        .map_err(|_| crate::CoreError::Config("more than 4 billion distinct keys".into()))?;
                     self.ids.insert(bytes.into(), id);
                     self.keys.push(row.owned());
                     id

@@ -32,6 +32,5 @@ pub use deadletter::{DeadLetter, DeadLetterSink, ErrorKind, Payload};
 pub use error::{Blame, CoreError, Result, Retry};
 pub use ids::StepId;
 pub use operator::{
-    OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory,
-    SourcePoll,
+    OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory, SourcePoll,
 };

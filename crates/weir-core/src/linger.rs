@@ -24,12 +24,7 @@ const ALPHA: f64 = 0.05;
 impl Linger {
     /// A cutter for batches of at most `max_rows`, waiting at most `max_linger`.
     pub fn new(max_rows: usize, max_linger: Duration) -> Self {
-        Self {
-            max_rows: max_rows.max(1),
-            max_linger,
-            gap_ns: None,
-            last: None,
-        }
+        Self { max_rows: max_rows.max(1), max_linger, gap_ns: None, last: None }
     }
 
     /// Notes that `n` records arrived together at `now`.
@@ -73,8 +68,7 @@ impl Linger {
     /// Whether a batch of `pending` rows whose first row arrived at `first` should be cut at
     /// `now`.
     pub fn should_cut(&self, pending: usize, first: Instant, now: Instant) -> bool {
-        pending > 0
-            && (pending >= self.max_rows || now.duration_since(first) >= self.linger(pending))
+        pending > 0 && (pending >= self.max_rows || now.duration_since(first) >= self.linger(pending))
     }
 
     /// The row cap.
@@ -107,10 +101,7 @@ mod tests {
         }
         // 1 us per record: filling 900 more takes 0.9 ms, under the 10 ms cap.
         let d = l.linger(100);
-        assert!(
-            d > Duration::from_micros(500) && d < Duration::from_millis(2),
-            "{d:?}"
-        );
+        assert!(d > Duration::from_micros(500) && d < Duration::from_millis(2), "{d:?}");
         assert!(!l.should_cut(100, t0, t0 + Duration::from_micros(100)));
         assert!(l.should_cut(1000, t0, t0));
     }

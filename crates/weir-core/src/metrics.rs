@@ -95,12 +95,7 @@ impl StepSnapshot {
     /// Whether every input row is accounted for.
     pub fn balanced(&self) -> bool {
         self.rows_in
-            == self.rows_out
-                + self.filtered
-                + self.aggregated
-                + self.dead_lettered
-                + self.late_dropped
-                + self.late_side
+            == self.rows_out + self.filtered + self.aggregated + self.dead_lettered + self.late_dropped + self.late_side
     }
 }
 
@@ -124,9 +119,7 @@ pub struct WorkerClock {
 
 impl Default for WorkerClock {
     fn default() -> Self {
-        Self {
-            watermark: AtomicI64::new(i64::MIN),
-        }
+        Self { watermark: AtomicI64::new(i64::MIN) }
     }
 }
 
@@ -153,10 +146,7 @@ impl Registry {
     /// Registers (or returns) the metrics of `step` on `worker`. Steps keep registration order,
     /// which is pipeline order.
     pub fn step(&self, step: &StepId, worker: usize) -> Arc<StepMetrics> {
-        let mut steps = self
-            .steps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut steps = self.steps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((_, _, m)) = steps.iter().find(|(s, w, _)| s == step && *w == worker) {
             return m.clone();
         }
@@ -169,29 +159,20 @@ impl Registry {
     pub fn channel(&self, name: String, capacity: usize) -> Arc<ChannelMetrics> {
         let m = Arc::new(ChannelMetrics::default());
         m.capacity.store(capacity as u64, Ordering::Relaxed);
-        self.channels
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push((name, m.clone()));
+        self.channels.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((name, m.clone()));
         m
     }
 
     /// Registers a worker's watermark cell.
     pub fn clock(&self) -> Arc<WorkerClock> {
         let c = Arc::new(WorkerClock::default());
-        self.clocks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(c.clone());
+        self.clocks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(c.clone());
         c
     }
 
     /// Per-step totals over workers, in pipeline order.
     pub fn steps(&self) -> Vec<(StepId, StepSnapshot)> {
-        let steps = self
-            .steps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let steps = self.steps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut out: Vec<(StepId, StepSnapshot)> = Vec::new();
         for (id, _, m) in steps.iter() {
             let snap = m.snapshot();
@@ -205,23 +186,13 @@ impl Registry {
 
     /// The job's event-time watermark: the minimum over workers that have one.
     pub fn watermark(&self) -> Option<i64> {
-        let clocks = self
-            .clocks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        clocks
-            .iter()
-            .map(|c| c.watermark.load(Ordering::Relaxed))
-            .filter(|w| *w != i64::MIN)
-            .min()
+        let clocks = self.clocks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        clocks.iter().map(|c| c.watermark.load(Ordering::Relaxed)).filter(|w| *w != i64::MIN).min()
     }
 
     /// Fill of each channel, 0..=1, averaged over the snapshot instant.
     pub fn channel_fill(&self) -> Vec<(String, f64)> {
-        let chans = self
-            .channels
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let chans = self.channels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         chans
             .iter()
             .map(|(n, c)| {
@@ -238,93 +209,47 @@ impl Registry {
         let mut s = String::with_capacity(4096);
         let steps = self.steps();
         let counters: [Counter; 10] = [
-            ("weir_step_rows_in_total", "Rows received by a step.", |x| {
-                x.rows_in
-            }),
-            (
-                "weir_step_rows_out_total",
-                "Rows passed on by a step.",
-                |x| x.rows_out,
-            ),
-            (
-                "weir_step_results_out_total",
-                "Rows emitted from a step's state.",
-                |x| x.results_out,
-            ),
-            (
-                "weir_step_rows_filtered_total",
-                "Rows removed by a predicate.",
-                |x| x.filtered,
-            ),
-            (
-                "weir_step_rows_aggregated_total",
-                "Rows folded into state.",
-                |x| x.aggregated,
-            ),
-            (
-                "weir_step_dead_letters_total",
-                "Rows sent to the dead-letter output.",
-                |x| x.dead_lettered,
-            ),
-            ("weir_step_late_dropped_total", "Late rows dropped.", |x| {
-                x.late_dropped
-            }),
-            (
-                "weir_step_late_side_total",
-                "Late rows sent to the side output.",
-                |x| x.late_side,
-            ),
-            (
-                "weir_step_batches_in_total",
-                "Batches received by a step.",
-                |x| x.batches_in,
-            ),
-            (
-                "weir_step_busy_seconds_total",
-                "Time spent in a step, seconds (ns resolution).",
-                |x| x.busy_ns,
-            ),
+            ("weir_step_rows_in_total", "Rows received by a step.", |x| x.rows_in),
+            ("weir_step_rows_out_total", "Rows passed on by a step.", |x| x.rows_out),
+            ("weir_step_results_out_total", "Rows emitted from a step's state.", |x| x.results_out),
+            ("weir_step_rows_filtered_total", "Rows removed by a predicate.", |x| x.filtered),
+            ("weir_step_rows_aggregated_total", "Rows folded into state.", |x| x.aggregated),
+            ("weir_step_dead_letters_total", "Rows sent to the dead-letter output.", |x| x.dead_lettered),
+            ("weir_step_late_dropped_total", "Late rows dropped.", |x| x.late_dropped),
+            ("weir_step_late_side_total", "Late rows sent to the side output.", |x| x.late_side),
+            ("weir_step_batches_in_total", "Batches received by a step.", |x| x.batches_in),
+            ("weir_step_busy_seconds_total", "Time spent in a step, seconds (ns resolution).", |x| x.busy_ns),
         ];
         for (name, help, get) in counters {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
             for (id, snap) in &steps {
                 let v = get(snap);
                 if name.ends_with("busy_seconds_total") {
-                    let _ = writeln!(
-                        s,
-                        "{name}{{job=\"{job}\",step=\"{id}\"}} {}",
-                        v as f64 / 1e9
-                    );
+                    let _ = writeln!(s, "{name}{{job=\"{job}\",step=\"{id}\"}} {}", v as f64 / 1e9);
                 } else {
                     let _ = writeln!(s, "{name}{{job=\"{job}\",step=\"{id}\"}} {v}");
                 }
             }
         }
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let _ = writeln!(s, "# HELP weir_source_records_total Records read by sources.\n# TYPE weir_source_records_total counter");
         let _ = writeln!(
             s,
-            "weir_source_records_total{{job=\"{job}\"}} {}",
-            g(&self.source_records)
+            "# HELP weir_source_records_total Records read by sources.\n# TYPE weir_source_records_total counter"
         );
-        let _ = writeln!(s, "# HELP weir_source_bytes_total Bytes read by sources.\n# TYPE weir_source_bytes_total counter");
+        let _ = writeln!(s, "weir_source_records_total{{job=\"{job}\"}} {}", g(&self.source_records));
         let _ = writeln!(
             s,
-            "weir_source_bytes_total{{job=\"{job}\"}} {}",
-            g(&self.source_bytes)
+            "# HELP weir_source_bytes_total Bytes read by sources.\n# TYPE weir_source_bytes_total counter"
         );
+        let _ = writeln!(s, "weir_source_bytes_total{{job=\"{job}\"}} {}", g(&self.source_bytes));
         let _ = writeln!(s, "# HELP weir_sink_rows_total Rows written by sinks.\n# TYPE weir_sink_rows_total counter");
+        let _ = writeln!(s, "weir_sink_rows_total{{job=\"{job}\"}} {}", g(&self.sink_rows));
         let _ = writeln!(
             s,
-            "weir_sink_rows_total{{job=\"{job}\"}} {}",
-            g(&self.sink_rows)
+            "# HELP weir_channel_fill_ratio Messages queued over capacity.\n# TYPE weir_channel_fill_ratio gauge"
         );
-        let _ = writeln!(s, "# HELP weir_channel_fill_ratio Messages queued over capacity.\n# TYPE weir_channel_fill_ratio gauge");
         for (name, fill) in self.channel_fill() {
-            let _ = writeln!(
-                s,
-                "weir_channel_fill_ratio{{job=\"{job}\",channel=\"{name}\"}} {fill}"
-            );
+            let _ = writeln!(s, "weir_channel_fill_ratio{{job=\"{job}\",channel=\"{name}\"}} {fill}");
         }
         if let Some(p99) = self.latency.quantile_us(0.99) {
             let _ = writeln!(s, "# HELP weir_sink_latency_seconds End-to-end latency at the sink (creation column to write).\n# TYPE weir_sink_latency_seconds summary");
@@ -336,7 +261,10 @@ impl Registry {
         }
         if let Some(wm) = self.watermark() {
             let lag = crate::deadletter::now_ms().saturating_sub(wm) as f64 / 1000.0;
-            let _ = writeln!(s, "# HELP weir_watermark_ms Event-time watermark, ms since epoch.\n# TYPE weir_watermark_ms gauge");
+            let _ = writeln!(
+                s,
+                "# HELP weir_watermark_ms Event-time watermark, ms since epoch.\n# TYPE weir_watermark_ms gauge"
+            );
             let _ = writeln!(s, "weir_watermark_ms{{job=\"{job}\"}} {wm}");
             let _ = writeln!(s, "# HELP weir_watermark_lag_seconds Wall clock minus watermark.\n# TYPE weir_watermark_lag_seconds gauge");
             let _ = writeln!(s, "weir_watermark_lag_seconds{{job=\"{job}\"}} {lag}");
@@ -391,7 +319,11 @@ impl LatencyHistogram {
         for (i, b) in self.buckets.iter().enumerate() {
             seen += b.load(Ordering::Relaxed);
             if seen >= rank {
-                return Some(if i == LAT_BUCKETS { self.max_us.load(Ordering::Relaxed) } else { (i as u64 + 1) * LAT_BUCKET_US });
+                return Some(if i == LAT_BUCKETS {
+                    self.max_us.load(Ordering::Relaxed)
+                } else {
+                    (i as u64 + 1) * LAT_BUCKET_US
+                });
             }
         }
         None
@@ -422,7 +354,14 @@ mod tests {
 
     #[test]
     fn accounting_identity() {
-        let s = StepSnapshot { rows_in: 10, rows_out: 4, filtered: 3, dead_lettered: 2, late_dropped: 1, ..Default::default() };
+        let s = StepSnapshot {
+            rows_in: 10,
+            rows_out: 4,
+            filtered: 3,
+            dead_lettered: 2,
+            late_dropped: 1,
+            ..Default::default()
+        };
         assert!(s.balanced());
         assert!(!StepSnapshot { rows_in: 1, ..Default::default() }.balanced());
     }

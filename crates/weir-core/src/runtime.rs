@@ -33,8 +33,7 @@ use crate::exchange::Partitioner;
 use crate::ids::StepId;
 use crate::metrics::{ChannelMetrics, Registry, StepMetrics, StepSnapshot, WorkerClock};
 use crate::operator::{
-    OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory,
-    SourcePoll,
+    OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory, SourcePoll,
 };
 use crate::time::{PartitionWatermark, WatermarkCombiner};
 
@@ -140,12 +139,7 @@ impl Job {
             registry.step(&spec.sink_step, w);
         }
         let (tx, rx) = watch::channel(false);
-        Ok(Self {
-            spec,
-            registry,
-            shutdown_tx: Arc::new(tx),
-            shutdown_rx: rx,
-        })
+        Ok(Self { spec, registry, shutdown_tx: Arc::new(tx), shutdown_rx: rx })
     }
 
     /// The job's metrics.
@@ -168,10 +162,7 @@ impl Job {
         let w_count = spec.workers;
         // Stages fuse when there is one worker: no exchange is needed.
         let stages: Vec<StageSpec> = if w_count == 1 {
-            vec![StageSpec {
-                key: None,
-                ops: spec.stages.iter().flat_map(|s| s.ops.clone()).collect(),
-            }]
+            vec![StageSpec { key: None, ops: spec.stages.iter().flat_map(|s| s.ops.clone()).collect() }]
         } else {
             spec.stages.clone()
         };
@@ -198,13 +189,7 @@ impl Job {
         let mut tasks: JoinSet<Result<()>> = JoinSet::new();
         for w in 0..w_count {
             for (si, stage) in stages.iter().enumerate() {
-                let chain = Chain::build(
-                    &stage.ops,
-                    w,
-                    w_count,
-                    &self.registry,
-                    spec.dead_letters.clone(),
-                )?;
+                let chain = Chain::build(&stage.ops, w, w_count, &self.registry, spec.dead_letters.clone())?;
                 let downstream = if si + 1 < stages.len() {
                     let next = &stages[si + 1];
                     Downstream::Exchange {
@@ -241,16 +226,10 @@ impl Job {
                     };
                     tasks.spawn(driver.run());
                 } else {
-                    let rx = receivers[si][w]
-                        .take()
-                        .ok_or_else(|| CoreError::Internal("receiver taken twice".into()))?;
-                    let driver = StageDriver {
-                        rx,
-                        inputs: w_count,
-                        chain,
-                        downstream,
-                        metrics: chan_metrics[si][w].clone(),
-                    };
+                    let rx =
+                        receivers[si][w].take().ok_or_else(|| CoreError::Internal("receiver taken twice".into()))?;
+                    let driver =
+                        StageDriver { rx, inputs: w_count, chain, downstream, metrics: chan_metrics[si][w].clone() };
                     tasks.spawn(driver.run());
                 }
             }
@@ -259,9 +238,7 @@ impl Job {
         drop(senders);
 
         while let Some(res) = tasks.join_next().await {
-            let res = res
-                .map_err(|e| CoreError::Task(e.to_string()))
-                .and_then(|r| r);
+            let res = res.map_err(|e| CoreError::Task(e.to_string())).and_then(|r| r);
             if let Err(e) = res {
                 tasks.abort_all();
                 let _ = spec.dead_letters.flush();
@@ -275,7 +252,12 @@ impl Job {
             steps: self.registry.steps(),
             source_records: g(&self.registry.source_records),
             sink_rows: g(&self.registry.sink_rows),
-            latency_us: self.registry.latency.quantile_us(0.5).zip(self.registry.latency.quantile_us(0.99)).map(|(a, b)| (a, b, self.registry.latency.max_us())),
+            latency_us: self
+                .registry
+                .latency
+                .quantile_us(0.5)
+                .zip(self.registry.latency.quantile_us(0.99))
+                .map(|(a, b)| (a, b, self.registry.latency.max_us())),
         })
     }
 }
@@ -320,19 +302,9 @@ impl Chain {
             if let Some(t) = op.tick_interval() {
                 tick = Some(tick.map_or(t, |c| c.min(t)));
             }
-            links.push(Link {
-                id: id.clone(),
-                metrics: reg.step(id, worker),
-                op,
-                watermark: None,
-            });
+            links.push(Link { id: id.clone(), metrics: reg.step(id, worker), op, watermark: None });
         }
-        Ok(Self {
-            links,
-            worker,
-            dead,
-            tick,
-        })
+        Ok(Self { links, worker, dead, tick })
     }
 
     /// Runs a hook on link `i`, then feeds its output through the rest of the chain.
@@ -430,28 +402,15 @@ impl Downstream {
     async fn batches(&mut self, out: &mut Vec<Batch>) -> Result<()> {
         for b in out.drain(..) {
             match self {
-                Self::Exchange {
-                    part,
-                    senders,
-                    metrics,
-                    me,
-                } => {
+                Self::Exchange { part, senders, metrics, me } => {
                     for (w, piece) in part.split(&b)?.into_iter().enumerate() {
                         if let Some(piece) = piece {
-                            metrics[w]
-                                .pushed
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            metrics[w].pushed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             send(&senders[w], (*me, Message::Batch(piece))).await?;
                         }
                     }
                 }
-                Self::Sink {
-                    sink,
-                    metrics,
-                    registry,
-                    step,
-                    latency,
-                } => {
+                Self::Sink { sink, metrics, registry, step, latency } => {
                     let n = b.num_rows() as u64;
                     StepMetrics::add(&metrics.rows_in, n);
                     StepMetrics::add(&metrics.batches_in, 1);
@@ -494,7 +453,10 @@ impl Downstream {
 fn record_latency(h: &crate::metrics::LatencyHistogram, b: &Batch, col: &str) -> Result<()> {
     let c = crate::time::column_by_path(&b.rows, col)?;
     let Some(created) = c.as_any().downcast_ref::<arrow_array::Int64Array>() else {
-        return Err(CoreError::Config(format!("latency column `{col}` must be int64 microseconds, not {}", c.data_type())));
+        return Err(CoreError::Config(format!(
+            "latency column `{col}` must be int64 microseconds, not {}",
+            c.data_type()
+        )));
     };
     let now = chrono::Utc::now().timestamp_micros();
     h.record(created.iter().flatten().map(|t| now - t));
@@ -502,9 +464,7 @@ fn record_latency(h: &crate::metrics::LatencyHistogram, b: &Batch, col: &str) ->
 }
 
 async fn send(tx: &mpsc::Sender<(usize, Message)>, m: (usize, Message)) -> Result<()> {
-    tx.send(m)
-        .await
-        .map_err(|_| CoreError::Task("a downstream task stopped".into()))
+    tx.send(m).await.map_err(|_| CoreError::Task("a downstream task stopped".into()))
 }
 
 fn tick_timer(every: Option<Duration>) -> Option<tokio::time::Interval> {
@@ -539,9 +499,8 @@ impl SourceDriver {
     async fn run(mut self) -> Result<()> {
         let now = Instant::now();
         let n = self.source.partitions();
-        let mut parts: Vec<PartitionWatermark> = (0..n)
-            .map(|_| PartitionWatermark::new(self.wm.bound, self.wm.idle_timeout, now))
-            .collect();
+        let mut parts: Vec<PartitionWatermark> =
+            (0..n).map(|_| PartitionWatermark::new(self.wm.bound, self.wm.idle_timeout, now)).collect();
         let mut comb = WatermarkCombiner::new(n);
         let mut out = Vec::new();
         let mut ticks = tick_timer(self.chain.tick);
@@ -565,9 +524,9 @@ impl SourceDriver {
                     let rows = batch.num_rows() as u64;
                     StepMetrics::add(&self.cx.metrics.rows_out, rows);
                     StepMetrics::add(&self.cx.metrics.batches_in, 1);
-                    let p = parts.get_mut(partition).ok_or_else(|| {
-                        CoreError::Internal(format!("source returned partition {partition} of {n}"))
-                    })?;
+                    let p = parts
+                        .get_mut(partition)
+                        .ok_or_else(|| CoreError::Internal(format!("source returned partition {partition} of {n}")))?;
                     if let Some(t) = batch.max_time() {
                         p.observe(t, Instant::now());
                     }
@@ -599,22 +558,16 @@ impl SourceDriver {
                 }
             }
         }
-        self.clock
-            .watermark
-            .store(END_OF_TIME, std::sync::atomic::Ordering::Relaxed);
+        self.clock.watermark.store(END_OF_TIME, std::sync::atomic::Ordering::Relaxed);
         self.chain.end(&mut out)?;
         self.downstream.batches(&mut out).await?;
-        self.downstream
-            .watermark(Watermark::At(END_OF_TIME))
-            .await?;
+        self.downstream.watermark(Watermark::At(END_OF_TIME)).await?;
         self.downstream.end().await
     }
 
     async fn emit_watermark(&mut self, w: Watermark, out: &mut Vec<Batch>) -> Result<()> {
         if let Watermark::At(t) = w {
-            self.clock
-                .watermark
-                .store(t, std::sync::atomic::Ordering::Relaxed);
+            self.clock.watermark.store(t, std::sync::atomic::Ordering::Relaxed);
             self.chain.watermark(t, out)?;
             self.downstream.batches(out).await?;
         }
@@ -650,15 +603,11 @@ impl StageDriver {
                 }
             };
             let Some((from, msg)) = msg else {
-                return Err(CoreError::Task(
-                    "every upstream task stopped before the end of input".into(),
-                ));
+                return Err(CoreError::Task("every upstream task stopped before the end of input".into()));
             };
             match msg {
                 Message::Batch(b) => {
-                    self.metrics
-                        .popped
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.metrics.popped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.chain.batch(b, &mut out)?;
                     self.downstream.batches(&mut out).await?;
                 }
@@ -678,9 +627,7 @@ impl StageDriver {
                     if ended == self.inputs {
                         self.chain.end(&mut out)?;
                         self.downstream.batches(&mut out).await?;
-                        self.downstream
-                            .watermark(Watermark::At(END_OF_TIME))
-                            .await?;
+                        self.downstream.watermark(Watermark::At(END_OF_TIME)).await?;
                         return self.downstream.end().await;
                     }
                 }

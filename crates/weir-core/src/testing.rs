@@ -17,19 +17,13 @@ pub struct MemoryDeadLetters(Mutex<Vec<DeadLetter>>);
 impl MemoryDeadLetters {
     /// The entries written so far.
     pub fn entries(&self) -> Vec<DeadLetter> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 }
 
 impl DeadLetterSink for MemoryDeadLetters {
     fn write(&self, letters: Vec<DeadLetter>) -> Result<()> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend(letters);
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(letters);
         Ok(())
     }
     fn flush(&self) -> Result<()> {
@@ -59,10 +53,7 @@ impl OpHarness {
         })
     }
 
-    fn call(
-        &mut self,
-        f: impl FnOnce(&mut dyn Operator, &mut OpContext<'_>) -> Result<()>,
-    ) -> Result<Vec<Batch>> {
+    fn call(&mut self, f: impl FnOnce(&mut dyn Operator, &mut OpContext<'_>) -> Result<()>) -> Result<Vec<Batch>> {
         let mut out = Vec::new();
         let mut cx = OpContext {
             step: &self.step,
@@ -133,8 +124,13 @@ impl crate::operator::SourceFactory for VecSourceFactory {
     }
 
     fn create(&self, worker: usize, workers: usize) -> Result<Box<dyn crate::operator::Source>> {
-        let mine: Vec<std::collections::VecDeque<Batch>> =
-            self.partitions.iter().enumerate().filter(|(p, _)| p % workers == worker).map(|(_, b)| b.iter().cloned().collect()).collect();
+        let mine: Vec<std::collections::VecDeque<Batch>> = self
+            .partitions
+            .iter()
+            .enumerate()
+            .filter(|(p, _)| p % workers == worker)
+            .map(|(_, b)| b.iter().cloned().collect())
+            .collect();
         Ok(Box::new(VecSource { parts: mine, next: 0, ended: Vec::new() }))
     }
 }

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
-    Float64Type, Int64Type, TimestampMicrosecondType, TimestampMillisecondType,
-    TimestampNanosecondType, TimestampSecondType,
+    Float64Type, Int64Type, TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
+    TimestampSecondType,
 };
 use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, StructArray};
 use arrow_schema::{DataType, TimeUnit};
@@ -52,23 +52,14 @@ pub fn column_by_path(batch: &RecordBatch, path: &str) -> Result<ArrayRef> {
     let mut parts = path.split('.');
     let first = parts.next().unwrap_or_default();
     let mut col = batch.column_by_name(first).cloned().ok_or_else(|| {
-        let names: Vec<_> = batch
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect();
-        CoreError::Config(format!(
-            "unknown column `{path}`; available: {}",
-            names.join(", ")
-        ))
+        let names: Vec<_> = batch.schema().fields().iter().map(|f| f.name().clone()).collect();
+        CoreError::Config(format!("unknown column `{path}`; available: {}", names.join(", ")))
     })?;
     for p in parts {
-        let s: &StructArray = col.as_any().downcast_ref::<StructArray>().ok_or_else(|| {
-            CoreError::Config(format!(
-                "column path `{path}`: `{p}` is inside a non-struct column"
-            ))
-        })?;
+        let s: &StructArray = col
+            .as_any()
+            .downcast_ref::<StructArray>()
+            .ok_or_else(|| CoreError::Config(format!("column path `{path}`: `{p}` is inside a non-struct column")))?;
         let child = s
             .column_by_name(p)
             .ok_or_else(|| CoreError::Config(format!("unknown column `{path}`: no field `{p}`")))?
@@ -149,9 +140,7 @@ impl EventTimeSpec {
                     }
                     let s = a.value(i);
                     let parsed = if self.format == TimeFormat::Rfc3339 {
-                        chrono::DateTime::parse_from_rfc3339(s)
-                            .map(|d| d.timestamp_millis())
-                            .map_err(|e| e.to_string())
+                        chrono::DateTime::parse_from_rfc3339(s).map(|d| d.timestamp_millis()).map_err(|e| e.to_string())
                     } else {
                         s.trim()
                             .parse::<i64>()
@@ -183,21 +172,14 @@ impl EventTimeSpec {
                         continue;
                     }
                     out.push(match unit {
-                        TimeUnit::Second => col
-                            .as_primitive::<TimestampSecondType>()
-                            .value(i)
-                            .saturating_mul(1000),
-                        TimeUnit::Millisecond => {
-                            col.as_primitive::<TimestampMillisecondType>().value(i)
+                        TimeUnit::Second => col.as_primitive::<TimestampSecondType>().value(i).saturating_mul(1000),
+                        TimeUnit::Millisecond => col.as_primitive::<TimestampMillisecondType>().value(i),
+                        TimeUnit::Microsecond => {
+                            col.as_primitive::<TimestampMicrosecondType>().value(i).div_euclid(1000)
                         }
-                        TimeUnit::Microsecond => col
-                            .as_primitive::<TimestampMicrosecondType>()
-                            .value(i)
-                            .div_euclid(1000),
-                        TimeUnit::Nanosecond => col
-                            .as_primitive::<TimestampNanosecondType>()
-                            .value(i)
-                            .div_euclid(1_000_000),
+                        TimeUnit::Nanosecond => {
+                            col.as_primitive::<TimestampNanosecondType>().value(i).div_euclid(1_000_000)
+                        }
                     });
                 }
             }
@@ -285,8 +267,7 @@ impl PartitionWatermark {
         if self.idle {
             return Some(Watermark::Idle);
         }
-        self.max_seen
-            .map(|m| Watermark::At(m.saturating_sub(self.bound_ms)))
+        self.max_seen.map(|m| Watermark::At(m.saturating_sub(self.bound_ms)))
     }
 }
 
@@ -305,11 +286,7 @@ pub struct WatermarkCombiner {
 impl WatermarkCombiner {
     /// A combiner over `n` inputs.
     pub fn new(n: usize) -> Self {
-        Self {
-            inputs: vec![None; n],
-            emitted: None,
-            emitted_idle: false,
-        }
+        Self { inputs: vec![None; n], emitted: None, emitted_idle: false }
     }
 
     /// Records input `i`'s watermark and returns what to send downstream, if anything changed.
@@ -373,11 +350,7 @@ mod tests {
         p.observe(10_000, t0);
         assert_eq!(p.current(), Some(Watermark::At(8_000)));
         p.observe(9_000, t0);
-        assert_eq!(
-            p.current(),
-            Some(Watermark::At(8_000)),
-            "an older batch must not move it back"
-        );
+        assert_eq!(p.current(), Some(Watermark::At(8_000)), "an older batch must not move it back");
         p.end();
         assert_eq!(p.current(), Some(Watermark::At(END_OF_TIME)));
     }
@@ -401,33 +374,13 @@ mod tests {
     #[test]
     fn combiner_takes_minimum_over_live_inputs() {
         let mut c = WatermarkCombiner::new(2);
-        assert_eq!(
-            c.update(0, Some(Watermark::At(10))),
-            None,
-            "input 1 unknown holds back"
-        );
-        assert_eq!(
-            c.update(1, Some(Watermark::At(20))),
-            Some(Watermark::At(10))
-        );
-        assert_eq!(
-            c.update(0, Some(Watermark::At(30))),
-            Some(Watermark::At(20))
-        );
-        assert_eq!(
-            c.update(1, Some(Watermark::At(40))),
-            Some(Watermark::At(30))
-        );
+        assert_eq!(c.update(0, Some(Watermark::At(10))), None, "input 1 unknown holds back");
+        assert_eq!(c.update(1, Some(Watermark::At(20))), Some(Watermark::At(10)));
+        assert_eq!(c.update(0, Some(Watermark::At(30))), Some(Watermark::At(20)));
+        assert_eq!(c.update(1, Some(Watermark::At(40))), Some(Watermark::At(30)));
         assert_eq!(c.update(0, Some(Watermark::Idle)), Some(Watermark::At(40)));
-        assert_eq!(
-            c.update(0, Some(Watermark::At(50))),
-            None,
-            "min is 40 again: no change"
-        );
-        assert_eq!(
-            c.update(1, Some(Watermark::At(END_OF_TIME))),
-            Some(Watermark::At(50))
-        );
+        assert_eq!(c.update(0, Some(Watermark::At(50))), None, "min is 40 again: no change");
+        assert_eq!(c.update(1, Some(Watermark::At(END_OF_TIME))), Some(Watermark::At(50)));
     }
 
     #[test]
@@ -444,10 +397,7 @@ mod tests {
     #[test]
     fn combiner_never_goes_back() {
         let mut c = WatermarkCombiner::new(1);
-        assert_eq!(
-            c.update(0, Some(Watermark::At(10))),
-            Some(Watermark::At(10))
-        );
+        assert_eq!(c.update(0, Some(Watermark::At(10))), Some(Watermark::At(10)));
         assert_eq!(c.update(0, Some(Watermark::At(5))), None);
         assert_eq!(c.current(), Some(10));
     }
@@ -457,46 +407,20 @@ mod tests {
         use arrow_array::StringArray;
         use std::sync::Arc;
         let b = RecordBatch::try_from_iter([
-            (
-                "s",
-                Arc::new(Int64Array::from(vec![Some(2), None])) as ArrayRef,
-            ),
-            (
-                "r",
-                Arc::new(StringArray::from(vec![
-                    "2026-11-22T00:00:01.5Z",
-                    "yesterday",
-                ])) as ArrayRef,
-            ),
+            ("s", Arc::new(Int64Array::from(vec![Some(2), None])) as ArrayRef),
+            ("r", Arc::new(StringArray::from(vec!["2026-11-22T00:00:01.5Z", "yesterday"])) as ArrayRef),
         ])
         .unwrap();
-        let spec = EventTimeSpec {
-            column: "s".into(),
-            format: TimeFormat::Seconds,
-        };
+        let spec = EventTimeSpec { column: "s".into(), format: TimeFormat::Seconds };
         let (t, bad) = spec.extract(&b).unwrap();
         assert_eq!(t.value(0), 2000);
         assert_eq!(bad, vec![(1, "event time `s` is null".to_string())]);
-        let spec = EventTimeSpec {
-            column: "r".into(),
-            format: TimeFormat::Rfc3339,
-        };
+        let spec = EventTimeSpec { column: "r".into(), format: TimeFormat::Rfc3339 };
         let (t, bad) = spec.extract(&b).unwrap();
         assert_eq!(t.value(0), 1_795_305_601_500);
         assert_eq!(bad.len(), 1);
-        assert!(
-            bad[0].1.contains("cannot parse \"yesterday\""),
-            "{}",
-            bad[0].1
-        );
-        let spec = EventTimeSpec {
-            column: "nope".into(),
-            format: TimeFormat::Millis,
-        };
-        assert!(spec
-            .extract(&b)
-            .unwrap_err()
-            .to_string()
-            .contains("available: s, r"));
+        assert!(bad[0].1.contains("cannot parse \"yesterday\""), "{}", bad[0].1);
+        let spec = EventTimeSpec { column: "nope".into(), format: TimeFormat::Millis };
+        assert!(spec.extract(&b).unwrap_err().to_string().contains("available: s, r"));
     }
 }

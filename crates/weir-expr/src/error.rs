@@ -73,16 +73,10 @@ impl ExprError {
     }
 
     pub(crate) fn plan(expr: &str, message: impl Into<String>) -> Self {
-        Self::Plan {
-            expr: expr.to_string(),
-            message: message.into(),
-        }
+        Self::Plan { expr: expr.to_string(), message: message.into() }
     }
 
     pub(crate) fn eval(expr: &str, message: impl Into<String>) -> Self {
-        Self::Eval {
-            expr: expr.to_string(),
-            message: message.into(),
-        }
+        Self::Eval { expr: expr.to_string(), message: message.into() }
     }
 }

@@ -88,9 +88,7 @@ impl CompiledExpr {
             // Keep `CAST(x AS VARCHAR)` as Utf8, the type the rest of Weir uses.
             .with_map_string_types_to_utf8view(false);
         let planner = SqlToRel::new_with_options(&*REGISTRY, options);
-        let logical = planner
-            .sql_to_expr(ast, &df_schema, &mut PlannerContext::new())
-            .map_err(plan_err)?;
+        let logical = planner.sql_to_expr(ast, &df_schema, &mut PlannerContext::new()).map_err(plan_err)?;
 
         // What DataFusion's analyzer and optimizer would do to a filter or
         // projection expression: type coercion, then simplification (which
@@ -103,54 +101,28 @@ impl CompiledExpr {
         let coerced = simplifier.coerce(logical, &df_schema).map_err(plan_err)?;
         let simplified = simplifier.simplify(coerced).map_err(plan_err)?;
 
-        let physical = create_physical_expr(
-            &simplified,
-            &df_schema,
-            &ExecutionProps::new(),
-            &PhysicalPlanningContext::default(),
-        )
-        .map_err(plan_err)?;
+        let physical =
+            create_physical_expr(&simplified, &df_schema, &ExecutionProps::new(), &PhysicalPlanningContext::default())
+                .map_err(plan_err)?;
         let ret = physical.return_field(schema).map_err(plan_err)?;
 
-        let mut columns: Vec<usize> = collect_columns(&physical)
-            .iter()
-            .map(|c| c.index())
-            .collect();
+        let mut columns: Vec<usize> = collect_columns(&physical).iter().map(|c| c.index()).collect();
         columns.sort_unstable();
-        let struct_columns: Vec<usize> = columns
-            .iter()
-            .copied()
-            .filter(|&i| matches!(schema.field(i).data_type(), DataType::Struct(_)))
-            .collect();
+        let struct_columns: Vec<usize> =
+            columns.iter().copied().filter(|&i| matches!(schema.field(i).data_type(), DataType::Struct(_))).collect();
 
         let field = Field::new(sql, ret.data_type().clone(), ret.is_nullable());
         Ok(Self {
             sql: sql.into(),
             field: Arc::new(field),
             input: Arc::clone(schema),
-            kind: Kind::Physical {
-                expr: physical,
-                columns: columns.into(),
-                struct_columns: struct_columns.into(),
-            },
+            kind: Kind::Physical { expr: physical, columns: columns.into(), struct_columns: struct_columns.into() },
         })
     }
 
     /// A plain column path (`indices` from the top-level column down).
-    pub(crate) fn column_path(
-        sql: &str,
-        indices: Vec<usize>,
-        field: FieldRef,
-        schema: &SchemaRef,
-    ) -> Self {
-        Self {
-            sql: sql.into(),
-            field,
-            input: Arc::clone(schema),
-            kind: Kind::Column {
-                path: indices.into(),
-            },
-        }
+    pub(crate) fn column_path(sql: &str, indices: Vec<usize>, field: FieldRef, schema: &SchemaRef) -> Self {
+        Self { sql: sql.into(), field, input: Arc::clone(schema), kind: Kind::Column { path: indices.into() } }
     }
 
     /// The type of the values [`evaluate`](Self::evaluate) returns.
@@ -199,15 +171,9 @@ impl CompiledExpr {
                 self.check_schema(batch, &path[..1])?;
                 nulls::read_path(batch.columns(), path).map_err(|e| eval_err(e.to_string()))
             }
-            Kind::Physical {
-                expr,
-                columns,
-                struct_columns,
-            } => {
+            Kind::Physical { expr, columns, struct_columns } => {
                 self.check_schema(batch, columns)?;
-                let pushed = self
-                    .push_down_nulls(batch, struct_columns)
-                    .map_err(|e| eval_err(e.to_string()))?;
+                let pushed = self.push_down_nulls(batch, struct_columns).map_err(|e| eval_err(e.to_string()))?;
                 let batch = pushed.as_ref().unwrap_or(batch);
                 let value = expr
                     .evaluate(batch)
@@ -226,9 +192,10 @@ impl CompiledExpr {
         }
         for &i in columns {
             let expected = self.input.field(i);
-            let ok = schema.fields().get(i).is_some_and(|f| {
-                f.name() == expected.name() && f.data_type().equals_datatype(expected.data_type())
-            });
+            let ok = schema
+                .fields()
+                .get(i)
+                .is_some_and(|f| f.name() == expected.name() && f.data_type().equals_datatype(expected.data_type()));
             if !ok {
                 let found = schema
                     .fields()
@@ -285,10 +252,7 @@ impl Predicate {
     pub fn compile(sql: &str, schema: &SchemaRef) -> Result<Self> {
         let expr = CompiledExpr::compile(sql, schema)?;
         if expr.data_type() != &DataType::Boolean {
-            return Err(ExprError::NotBoolean {
-                expr: expr.sql().to_string(),
-                actual: expr.data_type().clone(),
-            });
+            return Err(ExprError::NotBoolean { expr: expr.sql().to_string(), actual: expr.data_type().clone() });
         }
         Ok(Self { expr })
     }
@@ -308,15 +272,10 @@ impl Predicate {
     pub fn evaluate(&self, batch: &RecordBatch) -> Result<BooleanArray> {
         let array = self.expr.evaluate(batch)?;
         let mask = array.as_boolean_opt().ok_or_else(|| {
-            ExprError::eval(
-                self.expr.sql(),
-                format!("expected a boolean result, got {}", array.data_type()),
-            )
+            ExprError::eval(self.expr.sql(), format!("expected a boolean result, got {}", array.data_type()))
         })?;
         Ok(match mask.nulls() {
-            Some(nulls) if nulls.null_count() > 0 => {
-                BooleanArray::new(mask.values() & nulls.inner(), None)
-            }
+            Some(nulls) if nulls.null_count() > 0 => BooleanArray::new(mask.values() & nulls.inner(), None),
             _ => BooleanArray::new(mask.values().clone(), None),
         })
     }

@@ -14,10 +14,7 @@ use arrow_schema::{ArrowError, DataType};
 
 /// Applies `inherited` (the union of the ancestors' null masks) to `array`,
 /// recursively through struct children. Returns `None` when nothing changes.
-pub(crate) fn push_down(
-    array: &ArrayRef,
-    inherited: Option<&NullBuffer>,
-) -> Result<Option<ArrayRef>, ArrowError> {
+pub(crate) fn push_down(array: &ArrayRef, inherited: Option<&NullBuffer>) -> Result<Option<ArrayRef>, ArrowError> {
     let inherited = inherited.filter(|n| n.null_count() > 0);
     if let DataType::Struct(_) = array.data_type() {
         let s = array.as_struct();
@@ -36,19 +33,12 @@ pub(crate) fn push_down(
         if !changed {
             return Ok(None);
         }
-        return Ok(Some(Arc::new(StructArray::try_new(
-            s.fields().clone(),
-            children,
-            merged,
-        )?)));
+        return Ok(Some(Arc::new(StructArray::try_new(s.fields().clone(), children, merged)?)));
     }
     match inherited {
         Some(n) if !covers(array.nulls(), n) => {
             let is_null = BooleanArray::new(!n.inner(), None);
-            Ok(Some(arrow_select::nullif::nullif(
-                array.as_ref(),
-                &is_null,
-            )?))
+            Ok(Some(arrow_select::nullif::nullif(array.as_ref(), &is_null)?))
         }
         _ => Ok(None),
     }
@@ -63,24 +53,20 @@ fn covers(nulls: Option<&NullBuffer>, required: &NullBuffer) -> bool {
 /// from `columns`, with SQL null semantics. A cheap `Arc` clone unless an
 /// ancestor struct has NULL rows its child does not.
 pub(crate) fn read_path(columns: &[ArrayRef], indices: &[usize]) -> Result<ArrayRef, ArrowError> {
-    let (first, rest) = indices
-        .split_first()
-        .ok_or_else(|| ArrowError::InvalidArgumentError("empty column path".into()))?;
-    let mut current = columns
-        .get(*first)
-        .ok_or_else(|| ArrowError::InvalidArgumentError(format!("no column {first}")))?;
+    let (first, rest) =
+        indices.split_first().ok_or_else(|| ArrowError::InvalidArgumentError("empty column path".into()))?;
+    let mut current =
+        columns.get(*first).ok_or_else(|| ArrowError::InvalidArgumentError(format!("no column {first}")))?;
     let mut inherited: Option<NullBuffer> = None;
     for idx in rest {
         let s = current.as_struct_opt().ok_or_else(|| {
-            ArrowError::InvalidArgumentError(format!(
-                "expected a struct, found {}",
-                current.data_type()
-            ))
+            ArrowError::InvalidArgumentError(format!("expected a struct, found {}", current.data_type()))
         })?;
         inherited = NullBuffer::union(inherited.as_ref(), s.nulls());
-        current = s.columns().get(*idx).ok_or_else(|| {
-            ArrowError::InvalidArgumentError(format!("struct has no child {idx}"))
-        })?;
+        current = s
+            .columns()
+            .get(*idx)
+            .ok_or_else(|| ArrowError::InvalidArgumentError(format!("struct has no child {idx}")))?;
     }
     Ok(push_down(current, inherited.as_ref())?.unwrap_or_else(|| Arc::clone(current)))
 }

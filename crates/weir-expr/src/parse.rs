@@ -34,25 +34,19 @@ fn parse_error(sql: &str, e: ParserError) -> ExprError {
         ParserError::TokenizerError(m) | ParserError::ParserError(m) => m,
         other => other.to_string(),
     };
-    ExprError::Parse {
-        expr: sql.to_string(),
-        message,
-    }
+    ExprError::Parse { expr: sql.to_string(), message }
 }
 
 fn parser(sql: &str) -> Result<Parser<'static>> {
     static DIALECT: GenericDialect = GenericDialect {};
-    Parser::new(&DIALECT)
-        .try_with_sql(sql)
-        .map_err(|e| parse_error(sql, e))
+    Parser::new(&DIALECT).try_with_sql(sql).map_err(|e| parse_error(sql, e))
 }
 
 /// Parses a whole string as one expression.
 pub(crate) fn parse_expr(sql: &str) -> Result<Expr> {
     let mut p = parser(sql)?;
     let expr = p.parse_expr().map_err(|e| parse_error(sql, e))?;
-    p.expect_token(&Token::EOF)
-        .map_err(|e| parse_error(sql, e))?;
+    p.expect_token(&Token::EOF).map_err(|e| parse_error(sql, e))?;
     Ok(expr)
 }
 
@@ -70,13 +64,8 @@ pub(crate) fn parse_item(item: &str) -> Result<ParsedItem> {
         // Implicit alias: `expr name`.
         Some(p.parse_identifier().map_err(|e| parse_error(item, e))?)
     };
-    p.expect_token(&Token::EOF)
-        .map_err(|e| parse_error(item, e))?;
-    Ok(ParsedItem {
-        expr,
-        expr_text: item[..expr_end].trim().to_string(),
-        alias: alias.map(|a| a.value),
-    })
+    p.expect_token(&Token::EOF).map_err(|e| parse_error(item, e))?;
+    Ok(ParsedItem { expr, expr_text: item[..expr_end].trim().to_string(), alias: alias.map(|a| a.value) })
 }
 
 /// Converts a tokenizer location (1-based line and character column) to a
@@ -135,9 +124,7 @@ pub(crate) fn resolve(schema: &Schema, names: &[&str]) -> Option<Resolved> {
             DataType::Map(..) => return Some(Resolved::Other),
             DataType::Dictionary(_, value) => {
                 return match value.as_ref() {
-                    DataType::Struct(children) if children.find(name).is_some() => {
-                        Some(Resolved::Other)
-                    }
+                    DataType::Struct(children) if children.find(name).is_some() => Some(Resolved::Other),
                     _ => None,
                 };
             }
@@ -153,9 +140,7 @@ pub(crate) fn resolve(schema: &Schema, names: &[&str]) -> Option<Resolved> {
 pub(crate) fn column_idents(expr: &Expr) -> Option<Vec<&Ident>> {
     match expr {
         Expr::Identifier(id) if !is_variable(id) => Some(vec![id]),
-        Expr::CompoundIdentifier(ids) if !ids.first().is_some_and(is_variable) => {
-            Some(ids.iter().collect())
-        }
+        Expr::CompoundIdentifier(ids) if !ids.first().is_some_and(is_variable) => Some(ids.iter().collect()),
         Expr::CompoundFieldAccess { root, access_chain } => {
             let Expr::Identifier(root) = root.as_ref() else {
                 return None;
@@ -181,10 +166,7 @@ fn is_variable(id: &Ident) -> bool {
 /// error lists the available column paths) and that no function unavailable
 /// on streams is called.
 pub(crate) fn validate_columns(sql: &str, expr: &Expr, schema: &Schema) -> Result<()> {
-    let mut v = ColumnValidator {
-        schema,
-        skip: HashSet::new(),
-    };
+    let mut v = ColumnValidator { schema, skip: HashSet::new() };
     match expr.visit(&mut v) {
         ControlFlow::Continue(()) => Ok(()),
         ControlFlow::Break(message) => Err(ExprError::plan(sql, message)),
@@ -203,15 +185,8 @@ impl ColumnValidator<'_> {
         match resolve(self.schema, &names) {
             Some(_) => ControlFlow::Continue(()),
             None => {
-                let path = ids
-                    .iter()
-                    .map(|id| id.to_string())
-                    .collect::<Vec<_>>()
-                    .join(".");
-                ControlFlow::Break(format!(
-                    "unknown column `{path}`; available: {}",
-                    available_columns(self.schema)
-                ))
+                let path = ids.iter().map(|id| id.to_string()).collect::<Vec<_>>().join(".");
+                ControlFlow::Break(format!("unknown column `{path}`; available: {}", available_columns(self.schema)))
             }
         }
     }
@@ -226,11 +201,7 @@ impl Visitor for ColumnValidator<'_> {
         }
         match expr {
             Expr::Function(f) => match f.name.0.as_slice() {
-                [part]
-                    if part
-                        .as_ident()
-                        .is_some_and(|id| is_excluded_function(&id.value)) =>
-                {
+                [part] if part.as_ident().is_some_and(|id| is_excluded_function(&id.value)) => {
                     ControlFlow::Break(format!(
                         "function `{}` is not available in stream expressions \
                          (its value would be frozen when the expression is compiled)",
@@ -280,10 +251,7 @@ impl Visitor for ColumnValidator<'_> {
 
 /// Renders one path segment, quoting it when it is not a plain identifier.
 pub(crate) fn quote_segment(name: &str) -> String {
-    let plain = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    let plain = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if plain {
         name.to_string()
@@ -321,17 +289,9 @@ fn available_columns(schema: &Schema) -> String {
     if paths.is_empty() {
         return "(none)".to_string();
     }
-    let mut listed = paths
-        .iter()
-        .take(MAX_LISTED_COLUMNS)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(", ");
+    let mut listed = paths.iter().take(MAX_LISTED_COLUMNS).cloned().collect::<Vec<_>>().join(", ");
     if paths.len() > MAX_LISTED_COLUMNS {
-        listed.push_str(&format!(
-            ", ... ({} more)",
-            paths.len() - MAX_LISTED_COLUMNS
-        ));
+        listed.push_str(&format!(", ... ({} more)", paths.len() - MAX_LISTED_COLUMNS));
     }
     listed
 }

@@ -29,19 +29,12 @@ impl Projection {
     /// `*` is not an expression; use [`compile_projections`] for it.
     pub fn compile(item: &str, schema: &SchemaRef) -> Result<Self> {
         if item.trim() == "*" {
-            return Err(ExprError::plan(
-                item.trim(),
-                "`*` expands to several columns; use compile_projections",
-            ));
+            return Err(ExprError::plan(item.trim(), "`*` expands to several columns; use compile_projections"));
         }
         let parsed = parse::parse_item(item)?;
-        let default_name = parse::column_idents(&parsed.expr)
-            .and_then(|ids| ids.last().map(|id| id.value.clone()));
+        let default_name = parse::column_idents(&parsed.expr).and_then(|ids| ids.last().map(|id| id.value.clone()));
         let expr = CompiledExpr::from_ast(&parsed.expr_text, parsed.expr, schema)?;
-        let name = parsed
-            .alias
-            .or(default_name)
-            .unwrap_or_else(|| expr.sql().to_string());
+        let name = parsed.alias.or(default_name).unwrap_or_else(|| expr.sql().to_string());
         Ok(Self { name, expr })
     }
 
@@ -64,20 +57,13 @@ impl Projection {
 /// `["*", "readings.temp * 1.8 + 32 AS temp_f"]` adds a column. Duplicate
 /// output names are an error ([`ExprError::DuplicateName`]) naming both
 /// items. The output schema keeps the input schema's metadata.
-pub fn compile_projections(
-    items: &[String],
-    schema: &SchemaRef,
-) -> Result<(Vec<Projection>, SchemaRef)> {
+pub fn compile_projections(items: &[String], schema: &SchemaRef) -> Result<(Vec<Projection>, SchemaRef)> {
     let mut projections = Vec::new();
     // Output name -> the item that produced it.
     let mut seen: HashMap<String, String> = HashMap::new();
     let mut add = |proj: Projection, item: &str, out: &mut Vec<Projection>| {
         if let Some(first) = seen.get(&proj.name) {
-            return Err(ExprError::DuplicateName {
-                name: proj.name,
-                first: first.clone(),
-                second: item.to_string(),
-            });
+            return Err(ExprError::DuplicateName { name: proj.name, first: first.clone(), second: item.to_string() });
         }
         seen.insert(proj.name.clone(), item.to_string());
         out.push(proj);
@@ -89,18 +75,11 @@ pub fn compile_projections(
             for (i, field) in schema.fields().iter().enumerate() {
                 let sql = parse::quote_segment(field.name());
                 let expr = CompiledExpr::column_path(&sql, vec![i], Arc::clone(field), schema);
-                let proj = Projection {
-                    name: field.name().clone(),
-                    expr,
-                };
+                let proj = Projection { name: field.name().clone(), expr };
                 add(proj, trimmed, &mut projections)?;
             }
         } else {
-            add(
-                Projection::compile(item, schema)?,
-                trimmed,
-                &mut projections,
-            )?;
+            add(Projection::compile(item, schema)?, trimmed, &mut projections)?;
         }
     }
     let fields: Vec<FieldRef> = projections.iter().map(Projection::output_field).collect();
@@ -111,18 +90,10 @@ pub fn compile_projections(
 /// Evaluates projections on a batch into a new batch with `out_schema` (as
 /// returned by [`compile_projections`]). The row count is kept even when
 /// there are no projections.
-pub fn project(
-    batch: &RecordBatch,
-    projs: &[Projection],
-    out_schema: &SchemaRef,
-) -> Result<RecordBatch> {
+pub fn project(batch: &RecordBatch, projs: &[Projection], out_schema: &SchemaRef) -> Result<RecordBatch> {
     if projs.len() != out_schema.fields().len() {
         return Err(ExprError::Eval {
-            expr: projs
-                .iter()
-                .map(|p| p.expr.sql())
-                .collect::<Vec<_>>()
-                .join(", "),
+            expr: projs.iter().map(|p| p.expr.sql()).collect::<Vec<_>>().join(", "),
             message: format!(
                 "{} projections but the output schema has {} fields",
                 projs.len(),
@@ -130,21 +101,14 @@ pub fn project(
             ),
         });
     }
-    let columns = projs
-        .iter()
-        .map(|p| p.expr.evaluate(batch))
-        .collect::<Result<Vec<_>>>()?;
+    let columns = projs.iter().map(|p| p.expr.evaluate(batch)).collect::<Result<Vec<_>>>()?;
     RecordBatch::try_new_with_options(
         Arc::clone(out_schema),
         columns,
         &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
     )
     .map_err(|e| ExprError::Eval {
-        expr: projs
-            .iter()
-            .map(|p| p.expr.sql())
-            .collect::<Vec<_>>()
-            .join(", "),
+        expr: projs.iter().map(|p| p.expr.sql()).collect::<Vec<_>>().join(", "),
         message: e.to_string(),
     })
 }

@@ -12,14 +12,8 @@ use datafusion_expr::{AggregateUDF, HigherOrderUDF, ScalarUDF, TableSource, Wind
 /// Functions from DataFusion's library that make no sense on an unbounded
 /// stream: they depend on a query start time (which the simplifier would
 /// freeze at compile time) or on a source file.
-const EXCLUDED: &[&str] = &[
-    "now",
-    "current_timestamp",
-    "current_date",
-    "current_time",
-    "input_file_name",
-    "file_row_index",
-];
+const EXCLUDED: &[&str] =
+    &["now", "current_timestamp", "current_date", "current_time", "input_file_name", "file_row_index"];
 
 /// Whether `name` is one of the functions deliberately left out.
 pub(crate) fn is_excluded_function(name: &str) -> bool {
@@ -56,8 +50,7 @@ impl Registry {
             }
             names.push(udf.name().to_string());
             for alias in udf.aliases() {
-                udfs.entry(alias.to_ascii_lowercase())
-                    .or_insert_with(|| Arc::clone(&udf));
+                udfs.entry(alias.to_ascii_lowercase()).or_insert_with(|| Arc::clone(&udf));
             }
             udfs.insert(udf.name().to_ascii_lowercase(), udf);
         }
@@ -73,12 +66,7 @@ impl Registry {
             Arc::new(datafusion_functions::unicode::planner::UnicodeFunctionPlanner),
         ];
 
-        Self {
-            udfs,
-            names,
-            planners,
-            options: Arc::new(ConfigOptions::default()),
-        }
+        Self { udfs, names, planners, options: Arc::new(ConfigOptions::default()) }
     }
 
     /// Shared configuration (used by the simplifier too).
@@ -102,10 +90,7 @@ impl ContextProvider for Registry {
     }
 
     fn get_function_meta(&self, name: &str) -> Option<Arc<ScalarUDF>> {
-        self.udfs
-            .get(name)
-            .or_else(|| self.udfs.get(&name.to_ascii_lowercase()))
-            .cloned()
+        self.udfs.get(name).or_else(|| self.udfs.get(&name.to_ascii_lowercase())).cloned()
     }
 
     fn get_higher_order_meta(&self, _name: &str) -> Option<Arc<HigherOrderUDF>> {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use arrow_array::types::TimestampMillisecondType;
 use arrow_array::{
-    ArrayRef, BooleanArray, Float64Array, Int64Array, PrimitiveArray, RecordBatch,
-    RecordBatchOptions, StringArray, StructArray,
+    ArrayRef, BooleanArray, Float64Array, Int64Array, PrimitiveArray, RecordBatch, RecordBatchOptions, StringArray,
+    StructArray,
 };
 use arrow_buffer::{BooleanBuffer, Buffer, NullBuffer, OffsetBuffer, ScalarBuffer};
 use arrow_schema::{DataType, Fields, Schema, SchemaRef, TimeUnit};
@@ -93,10 +93,7 @@ impl Plan {
         for field in fields.iter() {
             let path = join_path(&prefix, field.name());
             if !seen.insert(field.name().as_str()) {
-                return Err(FormatError::InvalidSchema {
-                    field: path,
-                    reason: "the name appears twice".into(),
-                });
+                return Err(FormatError::InvalidSchema { field: path, reason: "the name appears twice".into() });
             }
             let kind = match field.data_type() {
                 DataType::Boolean => Kind::Bool,
@@ -105,13 +102,7 @@ impl Plan {
                 DataType::Utf8 => Kind::Utf8,
                 DataType::Timestamp(TimeUnit::Millisecond, tz) => Kind::Timestamp(tz.clone()),
                 DataType::Struct(f) => Kind::Struct(f.clone()),
-                other => {
-                    return Err(FormatError::UnsupportedType {
-                        field: path,
-                        data_type: other.clone(),
-                        format,
-                    })
-                }
+                other => return Err(FormatError::UnsupportedType { field: path, data_type: other.clone(), format }),
             };
             let id = self.nodes.len();
             children.push(id);
@@ -128,12 +119,8 @@ impl Plan {
                 self.add_children(id, f, format)?;
             }
         }
-        let lookup = (children.len() > LINEAR_LOOKUP_MAX).then(|| {
-            children
-                .iter()
-                .map(|&c| (Box::<[u8]>::from(self.nodes[c].name.as_bytes()), c))
-                .collect()
-        });
+        let lookup = (children.len() > LINEAR_LOOKUP_MAX)
+            .then(|| children.iter().map(|&c| (Box::<[u8]>::from(self.nodes[c].name.as_bytes()), c)).collect());
         let node = &mut self.nodes[parent];
         node.children = children.into_boxed_slice();
         node.lookup = lookup;
@@ -146,19 +133,13 @@ impl Plan {
         let node = &self.nodes[s];
         match &node.lookup {
             Some(map) => map.get(key).copied(),
-            None => node
-                .children
-                .iter()
-                .copied()
-                .find(|&c| self.nodes[c].name.as_bytes() == key),
+            None => node.children.iter().copied().find(|&c| self.nodes[c].name.as_bytes() == key),
         }
     }
 
     /// The leaf (non-struct) nodes in depth-first order.
     pub(crate) fn leaves(&self) -> Vec<usize> {
-        (1..self.nodes.len())
-            .filter(|&i| !matches!(self.nodes[i].kind, Kind::Struct(_)))
-            .collect()
+        (1..self.nodes.len()).filter(|&i| !matches!(self.nodes[i].kind, Kind::Struct(_))).collect()
     }
 }
 
@@ -191,16 +172,10 @@ impl Column {
             Kind::Bool => Data::Bool(Vec::new()),
             Kind::Int64 | Kind::Timestamp(_) => Data::I64(Vec::new()),
             Kind::Float64 => Data::F64(Vec::new()),
-            Kind::Utf8 => Data::Str {
-                offsets: vec![0],
-                bytes: Vec::new(),
-            },
+            Kind::Utf8 => Data::Str { offsets: vec![0], bytes: Vec::new() },
             Kind::Struct(_) => Data::Struct,
         };
-        Column {
-            valid: Vec::new(),
-            data,
-        }
+        Column { valid: Vec::new(), data }
     }
 
     /// Number of values so far.
@@ -263,10 +238,7 @@ pub(crate) struct Builders {
 
 impl Builders {
     pub(crate) fn new(plan: &Plan) -> Builders {
-        Builders {
-            cols: plan.nodes.iter().map(|n| Column::new(&n.kind)).collect(),
-            rows: 0,
-        }
+        Builders { cols: plan.nodes.iter().map(|n| Column::new(&n.kind)).collect(), rows: 0 }
     }
 
     pub(crate) fn reserve(&mut self, additional: usize) {
@@ -293,11 +265,7 @@ impl Builders {
             .map(|&c| build_array(plan, &mut self.cols, c))
             .collect::<Result<Vec<_>>>()?;
         let options = RecordBatchOptions::new().with_row_count(Some(rows));
-        Ok(RecordBatch::try_new_with_options(
-            schema.clone(),
-            arrays,
-            &options,
-        )?)
+        Ok(RecordBatch::try_new_with_options(schema.clone(), arrays, &options)?)
     }
 }
 
@@ -305,16 +273,11 @@ fn build_array(plan: &Plan, cols: &mut [Column], id: usize) -> Result<ArrayRef> 
     let node = &plan.nodes[id];
     let col = std::mem::replace(&mut cols[id], Column::new(&node.kind));
     let len = col.valid.len();
-    let nulls = if col.valid.iter().all(|&v| v) {
-        None
-    } else {
-        Some(NullBuffer::from(col.valid))
-    };
+    let nulls = if col.valid.iter().all(|&v| v) { None } else { Some(NullBuffer::from(col.valid)) };
     let array: ArrayRef = match (col.data, &node.kind) {
         (Data::Bool(v), _) => Arc::new(BooleanArray::new(BooleanBuffer::from(v), nulls)),
         (Data::I64(v), Kind::Timestamp(tz)) => Arc::new(
-            PrimitiveArray::<TimestampMillisecondType>::new(ScalarBuffer::from(v), nulls)
-                .with_timezone_opt(tz.clone()),
+            PrimitiveArray::<TimestampMillisecondType>::new(ScalarBuffer::from(v), nulls).with_timezone_opt(tz.clone()),
         ),
         (Data::I64(v), _) => Arc::new(Int64Array::new(ScalarBuffer::from(v), nulls)),
         (Data::F64(v), _) => Arc::new(Float64Array::new(ScalarBuffer::from(v), nulls)),
@@ -327,11 +290,7 @@ fn build_array(plan: &Plan, cols: &mut [Column], id: usize) -> Result<ArrayRef> 
                 )));
             }
             let offsets = OffsetBuffer::new(ScalarBuffer::from(offsets));
-            Arc::new(StringArray::try_new(
-                offsets,
-                Buffer::from_vec(bytes),
-                nulls,
-            )?)
+            Arc::new(StringArray::try_new(offsets, Buffer::from_vec(bytes), nulls)?)
         }
         (Data::Struct, kind) => {
             // Struct columns belong to struct nodes; an empty field list would fail below.
@@ -339,14 +298,8 @@ fn build_array(plan: &Plan, cols: &mut [Column], id: usize) -> Result<ArrayRef> 
                 Kind::Struct(fields) => fields.clone(),
                 _ => Fields::empty(),
             };
-            let children = node
-                .children
-                .iter()
-                .map(|&c| build_array(plan, cols, c))
-                .collect::<Result<Vec<_>>>()?;
-            Arc::new(StructArray::try_new_with_length(
-                fields, children, nulls, len,
-            )?)
+            let children = node.children.iter().map(|&c| build_array(plan, cols, c)).collect::<Result<Vec<_>>>()?;
+            Arc::new(StructArray::try_new_with_length(fields, children, nulls, len)?)
         }
     };
     Ok(array)
@@ -371,12 +324,7 @@ pub(crate) fn truncate_subtree(plan: &Plan, cols: &mut [Column], id: usize, n: u
 /// Completes row `n` of struct node `s` once its members have been read: a missing optional
 /// child becomes null, a missing required one is an error; the struct itself becomes valid.
 #[inline]
-pub(crate) fn end_struct(
-    plan: &Plan,
-    cols: &mut [Column],
-    s: usize,
-    n: usize,
-) -> Result<(), String> {
+pub(crate) fn end_struct(plan: &Plan, cols: &mut [Column], s: usize, n: usize) -> Result<(), String> {
     for &c in plan.nodes[s].children.iter() {
         if cols[c].len() == n {
             if plan.nodes[c].required {
@@ -393,7 +341,5 @@ pub(crate) fn end_struct(
 
 /// Milliseconds since the epoch of an RFC 3339 timestamp (`2023-11-14T22:13:20.123Z`).
 pub(crate) fn parse_timestamp_ms(s: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(s.trim())
-        .ok()
-        .map(|t| t.timestamp_millis())
+    chrono::DateTime::parse_from_rfc3339(s.trim()).ok().map(|t| t.timestamp_millis())
 }

@@ -14,8 +14,8 @@ use arrow_schema::SchemaRef;
 use crate::columns::{null_subtree, parse_timestamp_ms, Builders, Column, Data, Kind, Plan, ROOT};
 use crate::encode::{check_type, Scalar, Support, View};
 use crate::{
-    record_bytes, truncate_for_message, CsvOptions, Decoded, Decoder, Encoder, FormatError,
-    RecordError, RecordErrorKind, Result,
+    record_bytes, truncate_for_message, CsvOptions, Decoded, Decoder, Encoder, FormatError, RecordError,
+    RecordErrorKind, Result,
 };
 
 /// Longest line text quoted in an error message.
@@ -57,11 +57,7 @@ fn split_cells(
                     break;
                 }
             }
-            cells.push(Cell {
-                start,
-                end: data.len(),
-                quoted: true,
-            });
+            cells.push(Cell { start, end: data.len(), quoted: true });
             match rec.get(p) {
                 None => return Ok(()),
                 Some(&d) if d == delimiter => p += 1,
@@ -70,11 +66,7 @@ fn split_cells(
         } else {
             let end = memchr::memchr(delimiter, &rec[p..]).map_or(rec.len(), |i| p + i);
             data.extend_from_slice(&rec[p..end]);
-            cells.push(Cell {
-                start,
-                end: data.len(),
-                quoted: false,
-            });
+            cells.push(Cell { start, end: data.len(), quoted: false });
             if end == rec.len() {
                 return Ok(());
             }
@@ -92,19 +84,9 @@ pub fn csv_header(line: &[u8], delimiter: u8) -> Vec<String> {
     let mut data = Vec::new();
     if split_cells(line, delimiter, &mut cells, &mut data).is_err() {
         // Malformed quoting: fall back to plain splitting.
-        return line
-            .split(|&b| b == delimiter)
-            .map(|c| String::from_utf8_lossy(c).trim().to_owned())
-            .collect();
+        return line.split(|&b| b == delimiter).map(|c| String::from_utf8_lossy(c).trim().to_owned()).collect();
     }
-    cells
-        .iter()
-        .map(|c| {
-            String::from_utf8_lossy(&data[c.start..c.end])
-                .trim()
-                .to_owned()
-        })
-        .collect()
+    cells.iter().map(|c| String::from_utf8_lossy(&data[c.start..c.end]).trim().to_owned()).collect()
 }
 
 /// Decodes CSV lines into batches of a fixed schema (types: `Boolean`, `Int64`, `Float64`,
@@ -146,9 +128,7 @@ impl CsvDecoder {
                 for (i, name) in names.iter().enumerate() {
                     if let Some(&leaf) = leaves.iter().find(|&&l| *plan.nodes[l].path == **name) {
                         if column_of[leaf].is_some() {
-                            return Err(FormatError::CsvHeader(format!(
-                                "column `{name}` appears twice"
-                            )));
+                            return Err(FormatError::CsvHeader(format!("column `{name}` appears twice")));
                         }
                         column_of[leaf] = Some(i);
                     }
@@ -179,29 +159,16 @@ impl CsvDecoder {
 
     fn record(&mut self, rec: &[u8]) -> std::result::Result<(), (RecordErrorKind, String)> {
         if let Err(e) = std::str::from_utf8(rec) {
-            return Err((
-                RecordErrorKind::Decode,
-                format!("invalid UTF-8 at byte {}", e.valid_up_to()),
-            ));
+            return Err((RecordErrorKind::Decode, format!("invalid UTF-8 at byte {}", e.valid_up_to())));
         }
-        if let Err((pos, reason)) =
-            split_cells(rec, self.delimiter, &mut self.cells, &mut self.data)
-        {
-            return Err((
-                RecordErrorKind::Decode,
-                format!("invalid CSV at byte {pos}: {reason}"),
-            ));
+        if let Err((pos, reason)) = split_cells(rec, self.delimiter, &mut self.cells, &mut self.data) {
+            return Err((RecordErrorKind::Decode, format!("invalid CSV at byte {pos}: {reason}")));
         }
         let line = || truncate_for_message(&String::from_utf8_lossy(rec), LINE_MAX);
         if self.cells.len() > self.width {
             return Err((
                 RecordErrorKind::Schema,
-                format!(
-                    "line has {} columns, expected {} (line: {})",
-                    self.cells.len(),
-                    self.width,
-                    line()
-                ),
+                format!("line has {} columns, expected {} (line: {})", self.cells.len(), self.width, line()),
             ));
         }
         let mut fill = Fill {
@@ -212,8 +179,7 @@ impl CsvDecoder {
             data: &self.data,
         };
         for &c in self.plan.nodes[ROOT].children.iter() {
-            fill.emit(c)
-                .map_err(|m| (RecordErrorKind::Schema, format!("{m} (line: {})", line())))?;
+            fill.emit(c).map_err(|m| (RecordErrorKind::Schema, format!("{m} (line: {})", line())))?;
         }
         Ok(())
     }
@@ -225,10 +191,7 @@ fn always_required(plan: &Plan, leaf: usize) -> bool {
     // Ancestors are the nodes whose path is a dotted prefix of this one.
     plan.nodes[1..]
         .iter()
-        .filter(|n| {
-            path.starts_with(&*n.path)
-                && (n.path.len() == path.len() || path.as_bytes()[n.path.len()] == b'.')
-        })
+        .filter(|n| path.starts_with(&*n.path) && (n.path.len() == path.len() || path.as_bytes()[n.path.len()] == b'.'))
         .all(|n| n.required)
 }
 
@@ -280,10 +243,7 @@ impl<'b> Fill<'b> {
         }
         let Some(raw) = self.text(id) else {
             if node.required {
-                return Err(format!(
-                    "column `{}`: required value is empty or missing",
-                    node.path
-                ));
+                return Err(format!("column `{}`: required value is empty or missing", node.path));
             }
             self.cols[id].push_null();
             return Ok(());
@@ -298,31 +258,23 @@ impl<'b> Fill<'b> {
                 offsets.push(bytes.len() as i32);
                 true
             }
-            (Data::I64(v), Kind::Timestamp(_)) => match trimmed
-                .parse::<i64>()
-                .ok()
-                .or_else(|| parse_timestamp_ms(trimmed))
-            {
-                Some(x) => {
-                    v.push(x);
-                    true
+            (Data::I64(v), Kind::Timestamp(_)) => {
+                match trimmed.parse::<i64>().ok().or_else(|| parse_timestamp_ms(trimmed)) {
+                    Some(x) => {
+                        v.push(x);
+                        true
+                    }
+                    None => false,
                 }
-                None => false,
-            },
+            }
             (Data::I64(v), _) => match trimmed.parse::<i64>() {
                 Ok(x) => {
                     v.push(x);
                     true
                 }
                 Err(e) => {
-                    if matches!(
-                        e.kind(),
-                        std::num::IntErrorKind::PosOverflow | std::num::IntErrorKind::NegOverflow
-                    ) {
-                        return Err(format!(
-                            "column `{}`: integer {trimmed} is out of range for int64",
-                            node.path
-                        ));
+                    if matches!(e.kind(), std::num::IntErrorKind::PosOverflow | std::num::IntErrorKind::NegOverflow) {
+                        return Err(format!("column `{}`: integer {trimmed} is out of range for int64", node.path));
                     }
                     false
                 }
@@ -385,20 +337,12 @@ impl Decoder for CsvDecoder {
                     if row_records.is_none() {
                         row_records = Some((0..n as u32).collect());
                     }
-                    errors.push(RecordError {
-                        index,
-                        kind,
-                        message,
-                    });
+                    errors.push(RecordError { index, kind, message });
                 }
             }
         }
         let batch = self.builders.finish(&self.plan, &self.schema)?;
-        Ok(Decoded {
-            batch,
-            errors,
-            row_records,
-        })
+        Ok(Decoded { batch, errors, row_records })
     }
 
     fn schema(&self) -> &SchemaRef {
@@ -427,11 +371,7 @@ impl CsvEncoder {
         for f in schema.fields().iter() {
             check_type(f.name(), f.data_type(), Support::Flat, "csv")?;
         }
-        Ok(Self {
-            schema,
-            options: *options,
-            names: None,
-        })
+        Ok(Self { schema, options: *options, names: None })
     }
 
     /// The schema given at construction.
@@ -457,20 +397,11 @@ fn flatten<'v, 'a>(
         let mut up = ancestors.to_vec();
         up.push(view);
         for child in children {
-            flatten(
-                &child.view,
-                format!("{path}.{}", child.name),
-                &up,
-                names,
-                out,
-            );
+            flatten(&child.view, format!("{path}.{}", child.name), &up, names, out);
         }
     } else {
         names.push(path);
-        out.push(Leaf {
-            ancestors: ancestors.to_vec(),
-            view,
-        });
+        out.push(Leaf { ancestors: ancestors.to_vec(), view });
     }
 }
 
@@ -520,12 +451,8 @@ impl Encoder for CsvEncoder {
                 match leaf.view.get(row) {
                     Scalar::Null | Scalar::Struct(..) | Scalar::List(..) | Scalar::Other(..) => {}
                     Scalar::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
-                    Scalar::I64(v) => {
-                        out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes())
-                    }
-                    Scalar::U64(v) => {
-                        out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes())
-                    }
+                    Scalar::I64(v) => out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes()),
+                    Scalar::U64(v) => out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes()),
                     Scalar::F64(v) => write_float(out, v),
                     Scalar::F32(v) => {
                         if v.is_finite() {
@@ -558,9 +485,8 @@ fn write_float(out: &mut Vec<u8>, v: f64) {
 /// Writes a text cell, quoted when needed (and when empty, if `quote_empty`, to tell it from a
 /// null).
 fn write_cell(out: &mut Vec<u8>, s: &str, delimiter: u8, quote_empty: bool) {
-    let needs = (s.is_empty() && quote_empty)
-        || s.bytes()
-            .any(|b| b == delimiter || b == b'"' || b == b'\n' || b == b'\r');
+    let needs =
+        (s.is_empty() && quote_empty) || s.bytes().any(|b| b == delimiter || b == b'"' || b == b'\n' || b == b'\r');
     if !needs {
         out.extend_from_slice(s.as_bytes());
         return;
@@ -605,22 +531,13 @@ mod tests {
 
     fn decode(dec: &mut CsvDecoder, text: &str) -> Decoded {
         let mut ranges = Vec::new();
-        split_records(
-            &FormatSpec::Csv(CsvOptions::default()),
-            text.as_bytes(),
-            true,
-            &mut ranges,
-        )
-        .unwrap();
+        split_records(&FormatSpec::Csv(CsvOptions::default()), text.as_bytes(), true, &mut ranges).unwrap();
         dec.decode(text.as_bytes(), &ranges).unwrap()
     }
 
     #[test]
     fn header_parsing() {
-        assert_eq!(
-            csv_header(b"\xEF\xBB\xBFa, b ,\"c,d\",\"e\"\"f\"\r", b','),
-            vec!["a", "b", "c,d", "e\"f"]
-        );
+        assert_eq!(csv_header(b"\xEF\xBB\xBFa, b ,\"c,d\",\"e\"\"f\"\r", b','), vec!["a", "b", "c,d", "e\"f"]);
         assert_eq!(csv_header(b"a;b", b';'), vec!["a", "b"]);
         assert_eq!(csv_header(b"a,\"b", b','), vec!["a", "\"b"]);
     }
@@ -629,52 +546,33 @@ mod tests {
     fn decodes_by_position_and_by_header() {
         let schema = nested_schema();
         let mut dec = CsvDecoder::new(schema.clone(), &CsvOptions::default(), None).unwrap();
-        let d = decode(
-            &mut dec,
-            "a,1,22.5,0.1,true\n\"b,\"\"q\"\"\",2,,,\nc, 3 ,1e2,,FALSE\n\"\",4,5,,\n",
-        );
+        let d = decode(&mut dec, "a,1,22.5,0.1,true\n\"b,\"\"q\"\"\",2,,,\nc, 3 ,1e2,,FALSE\n\"\",4,5,,\n");
         assert!(d.errors.is_empty(), "{:?}", d.errors);
         let b = &d.batch;
         let ids: Vec<_> = b.column(0).as_string::<i32>().iter().collect();
         assert_eq!(ids, vec![Some("a"), Some("b,\"q\""), Some("c"), Some("")]);
-        assert_eq!(
-            b.column(1).as_primitive::<Int64Type>().values().to_vec(),
-            vec![1, 2, 3, 4]
-        );
+        assert_eq!(b.column(1).as_primitive::<Int64Type>().values().to_vec(), vec![1, 2, 3, 4]);
         let r = b.column(2).as_struct();
-        assert_eq!(
-            r.nulls().map(|n| n.iter().collect::<Vec<_>>()),
-            Some(vec![true, false, true, true])
-        );
+        assert_eq!(r.nulls().map(|n| n.iter().collect::<Vec<_>>()), Some(vec![true, false, true, true]));
         assert_eq!(r.column(0).as_primitive::<Float64Type>().value(2), 100.0);
         let ok: Vec<_> = b.column(3).as_boolean().iter().collect();
         assert_eq!(ok, vec![Some(true), None, Some(false), None]);
 
         let header = csv_header(b"ok,readings.temp,extra,ts,device_id", b',');
-        let mut dec =
-            CsvDecoder::new(schema.clone(), &CsvOptions::default(), Some(&header)).unwrap();
+        let mut dec = CsvDecoder::new(schema.clone(), &CsvOptions::default(), Some(&header)).unwrap();
         let d = decode(&mut dec, "1,2.5,ignored,7,x\n,,,8,y\n");
         assert!(d.errors.is_empty(), "{:?}", d.errors);
         let b = &d.batch;
-        assert_eq!(
-            b.column(1).as_primitive::<Int64Type>().values().to_vec(),
-            vec![7, 8]
-        );
+        assert_eq!(b.column(1).as_primitive::<Int64Type>().values().to_vec(), vec![7, 8]);
         assert!(b.column(2).is_valid(0) && b.column(2).is_null(1));
         assert!(b.column(2).as_struct().column(1).is_null(0));
 
-        let err = CsvDecoder::new(
-            schema.clone(),
-            &CsvOptions::default(),
-            Some(&["device_id".to_owned()]),
-        )
-        .unwrap_err()
-        .to_string();
-        assert_eq!(err, "CSV header: no column for required field `ts`");
-        let dup = vec!["ts".to_owned(), "device_id".to_owned(), "ts".to_owned()];
-        let err = CsvDecoder::new(schema, &CsvOptions::default(), Some(&dup))
+        let err = CsvDecoder::new(schema.clone(), &CsvOptions::default(), Some(&["device_id".to_owned()]))
             .unwrap_err()
             .to_string();
+        assert_eq!(err, "CSV header: no column for required field `ts`");
+        let dup = vec!["ts".to_owned(), "device_id".to_owned(), "ts".to_owned()];
+        let err = CsvDecoder::new(schema, &CsvOptions::default(), Some(&dup)).unwrap_err().to_string();
         assert_eq!(err, "CSV header: column `ts` appears twice");
     }
 
@@ -697,19 +595,9 @@ mod tests {
         let mut buf = text.as_bytes().to_vec();
         buf.extend_from_slice(b"a\xff,1,1,,\n");
         let mut ranges = Vec::new();
-        split_records(
-            &FormatSpec::Csv(CsvOptions::default()),
-            &buf,
-            true,
-            &mut ranges,
-        )
-        .unwrap();
+        split_records(&FormatSpec::Csv(CsvOptions::default()), &buf, true, &mut ranges).unwrap();
         let d = dec.decode(&buf, &ranges).unwrap();
-        let errs: Vec<_> = d
-            .errors
-            .iter()
-            .map(|e| (e.index, e.kind.as_str(), e.message.as_str()))
-            .collect();
+        let errs: Vec<_> = d.errors.iter().map(|e| (e.index, e.kind.as_str(), e.message.as_str())).collect();
         assert_eq!(
             errs,
             vec![
@@ -730,13 +618,7 @@ mod tests {
             ]
         );
         assert_eq!(d.row_records, Some(vec![0, 10]));
-        let ids: Vec<_> = d
-            .batch
-            .column(0)
-            .as_string::<i32>()
-            .iter()
-            .flatten()
-            .collect();
+        let ids: Vec<_> = d.batch.column(0).as_string::<i32>().iter().flatten().collect();
         assert_eq!(ids, vec!["good", "good2"]);
     }
 
@@ -744,19 +626,10 @@ mod tests {
     fn round_trip() {
         let schema = nested_schema();
         let mut dec = CsvDecoder::new(schema.clone(), &CsvOptions::default(), None).unwrap();
-        let d = decode(
-            &mut dec,
-            "a,1,22.5,0.1,true\n\"b,\"\"q\"\"\",2,,,\nc,3,1e2,,false\n\"\",-4,NaN,,\n",
-        );
+        let d = decode(&mut dec, "a,1,22.5,0.1,true\n\"b,\"\"q\"\"\",2,,,\nc,3,1e2,,false\n\"\",-4,NaN,,\n");
         assert!(d.errors.is_empty(), "{:?}", d.errors);
         let batch = d.batch;
-        for options in [
-            CsvOptions::default(),
-            CsvOptions {
-                delimiter: b';',
-                header: false,
-            },
-        ] {
+        for options in [CsvOptions::default(), CsvOptions { delimiter: b';', header: false }] {
             let mut out = Vec::new();
             let mut enc = CsvEncoder::new(schema.clone(), &options).unwrap();
             enc.encode(&batch, &mut out).unwrap();
@@ -773,13 +646,7 @@ mod tests {
             let mut dec = CsvDecoder::new(schema.clone(), &options, header.as_deref()).unwrap();
             let body: String = lines.map(|l| format!("{l}\n")).collect();
             let mut ranges = Vec::new();
-            split_records(
-                &FormatSpec::Csv(options),
-                body.as_bytes(),
-                true,
-                &mut ranges,
-            )
-            .unwrap();
+            split_records(&FormatSpec::Csv(options), body.as_bytes(), true, &mut ranges).unwrap();
             let back = dec.decode(body.as_bytes(), &ranges).unwrap();
             assert!(back.errors.is_empty(), "{:?}", back.errors);
             assert_eq!(back.batch.num_rows(), 2 * batch.num_rows());
@@ -789,28 +656,15 @@ mod tests {
                     // NaN != NaN: compare the encoded text instead.
                     continue;
                 }
-                assert_eq!(
-                    again.column(c).as_ref(),
-                    batch.column(c).as_ref(),
-                    "column {c}"
-                );
+                assert_eq!(again.column(c).as_ref(), batch.column(c).as_ref(), "column {c}");
             }
             let mut out2 = Vec::new();
-            CsvEncoder::new(schema.clone(), &options)
-                .unwrap()
-                .encode(&again, &mut out2)
-                .unwrap();
+            CsvEncoder::new(schema.clone(), &options).unwrap().encode(&again, &mut out2).unwrap();
             let first_part = &out[..out2.len()];
-            assert_eq!(
-                String::from_utf8_lossy(&out2),
-                String::from_utf8_lossy(first_part)
-            );
+            assert_eq!(String::from_utf8_lossy(&out2), String::from_utf8_lossy(first_part));
         }
         let mut out = Vec::new();
-        CsvEncoder::new(schema, &CsvOptions::default())
-            .unwrap()
-            .encode(&batch, &mut out)
-            .unwrap();
+        CsvEncoder::new(schema, &CsvOptions::default()).unwrap().encode(&batch, &mut out).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "device_id,ts,readings.temp,readings.vibration,ok\na,1,22.5,0.1,true\n\"b,\"\"q\"\"\",2,,,\nc,3,100.0,,false\n\"\",-4,NaN,,\n"
@@ -828,13 +682,8 @@ mod tests {
             ))),
             true,
         )]));
-        let err = CsvEncoder::new(schema, &CsvOptions::default())
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            err,
-            "field `l`: type List(Int64) is not supported by the csv format"
-        );
+        let err = CsvEncoder::new(schema, &CsvOptions::default()).unwrap_err().to_string();
+        assert_eq!(err, "field `l`: type List(Int64) is not supported by the csv format");
         let batch = RecordBatch::try_from_iter(vec![(
             "a",
             Arc::new(arrow_array::Int64Array::from(vec![1])) as arrow_array::ArrayRef,

@@ -3,12 +3,11 @@
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
     Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, TimestampMicrosecondType,
-    TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType, UInt16Type, UInt32Type,
-    UInt64Type, UInt8Type,
+    TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType, UInt16Type, UInt32Type, UInt64Type,
+    UInt8Type,
 };
 use arrow_array::{
-    Array, BooleanArray, GenericListArray, LargeStringArray, PrimitiveArray, StringArray,
-    StringViewArray, StructArray,
+    Array, BooleanArray, GenericListArray, LargeStringArray, PrimitiveArray, StringArray, StringViewArray, StructArray,
 };
 use arrow_schema::{DataType, TimeUnit};
 
@@ -82,17 +81,8 @@ pub(crate) enum Scalar<'a> {
 }
 
 /// Checks that an encoder of the given support can write `dt` (for encoder construction).
-pub(crate) fn check_type(
-    path: &str,
-    dt: &DataType,
-    support: Support,
-    format: &'static str,
-) -> Result<()> {
-    let unsupported = || FormatError::UnsupportedType {
-        field: path.to_owned(),
-        data_type: dt.clone(),
-        format,
-    };
+pub(crate) fn check_type(path: &str, dt: &DataType, support: Support, format: &'static str) -> Result<()> {
+    let unsupported = || FormatError::UnsupportedType { field: path.to_owned(), data_type: dt.clone(), format };
     match dt {
         DataType::Null
         | DataType::Boolean
@@ -126,12 +116,7 @@ pub(crate) fn check_type(
 
 impl<'a> View<'a> {
     /// The view of `array`, failing on types the encoder cannot write.
-    pub(crate) fn new(
-        path: &str,
-        array: &'a dyn Array,
-        support: Support,
-        format: &'static str,
-    ) -> Result<View<'a>> {
+    pub(crate) fn new(path: &str, array: &'a dyn Array, support: Support, format: &'static str) -> Result<View<'a>> {
         let view = match array.data_type() {
             DataType::Null => View::Null,
             DataType::Boolean => View::Bool(array.as_boolean()),
@@ -158,10 +143,7 @@ impl<'a> View<'a> {
                     .iter()
                     .zip(s.columns())
                     .map(|(f, c)| {
-                        Ok(Child {
-                            name: f.name(),
-                            view: View::new(&join_path(path, f.name()), c, support, format)?,
-                        })
+                        Ok(Child { name: f.name(), view: View::new(&join_path(path, f.name()), c, support, format)? })
                     })
                     .collect::<Result<Vec<_>>>()?;
                 View::Struct(s, children)
@@ -176,11 +158,7 @@ impl<'a> View<'a> {
             }
             _ if support == Support::Lenient => View::Other(array),
             other => {
-                return Err(FormatError::UnsupportedType {
-                    field: path.to_owned(),
-                    data_type: other.clone(),
-                    format,
-                })
+                return Err(FormatError::UnsupportedType { field: path.to_owned(), data_type: other.clone(), format })
             }
         };
         Ok(view)

@@ -57,11 +57,7 @@ impl<'de> Deserialize<'de> for Value {
                 Ok(Value::Int)
             }
             fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
-                Ok(if i64::try_from(v).is_ok() {
-                    Value::Int
-                } else {
-                    Value::Float
-                })
+                Ok(if i64::try_from(v).is_ok() { Value::Int } else { Value::Float })
             }
             fn visit_f64<E>(self, _: f64) -> std::result::Result<Value, E> {
                 Ok(Value::Float)
@@ -69,17 +65,11 @@ impl<'de> Deserialize<'de> for Value {
             fn visit_str<E>(self, _: &str) -> std::result::Result<Value, E> {
                 Ok(Value::String)
             }
-            fn visit_seq<A: SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> std::result::Result<Value, A::Error> {
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Value, A::Error> {
                 while seq.next_element::<IgnoredAny>()?.is_some() {}
                 Ok(Value::Array)
             }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> std::result::Result<Value, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Value, A::Error> {
                 let mut entries: Vec<(String, Value)> = Vec::new();
                 while let Some((k, v)) = map.next_entry::<String, Value>()? {
                     // A duplicate key's last value wins, as in the decoder.
@@ -121,10 +111,7 @@ fn merge_object(fields: &mut Vec<Seen>, obj: &[(String, Value)], prefix: &str) -
         let i = match fields.iter().position(|f| f.name == *key) {
             Some(i) => i,
             None => {
-                fields.push(Seen {
-                    name: key.clone(),
-                    ..Seen::default()
-                });
+                fields.push(Seen { name: key.clone(), ..Seen::default() });
                 fields.len() - 1
             }
         };
@@ -147,11 +134,7 @@ fn merge_object(fields: &mut Vec<Seen>, obj: &[(String, Value)], prefix: &str) -
             (Some(a), b) if a == b => a,
             (Some(Ty::Int), Ty::Float) | (Some(Ty::Float), Ty::Int) => Ty::Float,
             (Some(a), b) => {
-                return Err(FormatError::ConflictingTypes {
-                    field: path,
-                    first: a.name(),
-                    second: b.name(),
-                })
+                return Err(FormatError::ConflictingTypes { field: path, first: a.name(), second: b.name() })
             }
         });
         seen.present += 1;
@@ -176,17 +159,8 @@ fn to_specs(fields: Vec<Seen>, parent_count: usize) -> Vec<FieldSpec> {
                 Some(Ty::String) | None => FieldType::String,
                 Some(Ty::Object) => FieldType::Struct,
             };
-            let fields = if ty == FieldType::Struct {
-                to_specs(f.fields, f.objects)
-            } else {
-                Vec::new()
-            };
-            FieldSpec {
-                name: f.name,
-                ty,
-                required,
-                fields,
-            }
+            let fields = if ty == FieldType::Struct { to_specs(f.fields, f.objects) } else { Vec::new() };
+            FieldSpec { name: f.name, ty, required, fields }
         })
         .filter(|f| f.ty != FieldType::Struct || !f.fields.is_empty())
         .collect()
@@ -209,17 +183,11 @@ pub fn infer_json_schema(samples: &[&[u8]]) -> Result<SchemaSpec> {
         merge_object(&mut fields, &obj, "")?;
     }
     if used == 0 {
-        return Err(FormatError::NoUsableSamples {
-            samples: samples.len(),
-        });
+        return Err(FormatError::NoUsableSamples { samples: samples.len() });
     }
-    let spec = SchemaSpec {
-        fields: to_specs(fields, used),
-    };
+    let spec = SchemaSpec { fields: to_specs(fields, used) };
     if spec.fields.is_empty() {
-        return Err(FormatError::NoUsableSamples {
-            samples: samples.len(),
-        });
+        return Err(FormatError::NoUsableSamples { samples: samples.len() });
     }
     Ok(spec)
 }
@@ -258,16 +226,8 @@ fields:
     #[test]
     fn errors() {
         let err = infer_json_schema(&[b"x", b"[]"]).unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "cannot infer a schema: none of the 2 samples is a JSON object"
-        );
-        let err = infer_json_schema(&[br#"{"a":{"b":1}}"#, br#"{"a":{"b":"x"}}"#])
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            err,
-            "cannot infer a schema: field `a.b` is int64 in one sample and string in another"
-        );
+        assert_eq!(err, "cannot infer a schema: none of the 2 samples is a JSON object");
+        let err = infer_json_schema(&[br#"{"a":{"b":1}}"#, br#"{"a":{"b":"x"}}"#]).unwrap_err().to_string();
+        assert_eq!(err, "cannot infer a schema: field `a.b` is int64 in one sample and string in another");
     }
 }

@@ -102,9 +102,7 @@ pub enum FormatError {
         samples: usize,
     },
     /// Schema inference found one field with incompatible types.
-    #[error(
-        "cannot infer a schema: field `{field}` is {first} in one sample and {second} in another"
-    )]
+    #[error("cannot infer a schema: field `{field}` is {first} in one sample and {second} in another")]
     ConflictingTypes {
         /// Dotted path of the field.
         field: String,
@@ -174,11 +172,7 @@ pub struct RecordError {
 
 impl fmt::Display for RecordError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "record {}: {} error: {}",
-            self.index, self.kind, self.message
-        )
+        write!(f, "record {}: {} error: {}", self.index, self.kind, self.message)
     }
 }
 
@@ -224,12 +218,7 @@ pub trait Encoder: Send + fmt::Debug {
 
 /// Looks up one record's bytes, or says which range is out of bounds.
 pub(crate) fn record_bytes<'a>(buf: &'a [u8], index: usize, r: &Range<usize>) -> Result<&'a [u8]> {
-    buf.get(r.clone()).ok_or(FormatError::RecordOutOfBounds {
-        index,
-        start: r.start,
-        end: r.end,
-        len: buf.len(),
-    })
+    buf.get(r.clone()).ok_or(FormatError::RecordOutOfBounds { index, start: r.start, end: r.end, len: buf.len() })
 }
 
 /// Shortens a rendering of a value for an error message: at most `max` bytes (cut at a char

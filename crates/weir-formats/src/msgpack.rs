@@ -14,14 +14,10 @@ use rmp::encode::{self as enc, ByteBuf, ValueWriteError};
 use rmp::Marker;
 
 use crate::columns::{
-    end_struct, null_subtree, parse_timestamp_ms, truncate_subtree, Builders, Column, Data, Kind,
-    Plan, ROOT,
+    end_struct, null_subtree, parse_timestamp_ms, truncate_subtree, Builders, Column, Data, Kind, Plan, ROOT,
 };
 use crate::encode::{check_type, display_value, Scalar, Support, View};
-use crate::{
-    record_bytes, truncate_for_message, Decoded, Decoder, Encoder, RecordError, RecordErrorKind,
-    Result,
-};
+use crate::{record_bytes, truncate_for_message, Decoded, Decoder, Encoder, RecordError, RecordErrorKind, Result};
 
 const EOF: &str = "unexpected end of input";
 const INVALID_UTF8: &str = "invalid UTF-8";
@@ -67,10 +63,7 @@ impl<'a> Reader<'a> {
                 self.pos = end;
                 Ok(s)
             }
-            None => Err(PErr::Decode {
-                pos: self.buf.len(),
-                reason: EOF,
-            }),
+            None => Err(PErr::Decode { pos: self.buf.len(), reason: EOF }),
         }
     }
 
@@ -148,12 +141,7 @@ impl<'a> Reader<'a> {
             Marker::Array32 => Head::Array(self.u32()? as usize),
             Marker::Map16 => Head::Map(self.u16()?.into()),
             Marker::Map32 => Head::Map(self.u32()? as usize),
-            Marker::Reserved => {
-                return Err(PErr::Decode {
-                    pos: at,
-                    reason: "invalid marker 0xc1",
-                })
-            }
+            Marker::Reserved => return Err(PErr::Decode { pos: at, reason: "invalid marker 0xc1" }),
         })
     }
 
@@ -193,10 +181,7 @@ impl<'a> Reader<'a> {
         let s = self.take(n)?;
         if !s.is_ascii() {
             if let Err(e) = std::str::from_utf8(s) {
-                return Err(PErr::Decode {
-                    pos: start + e.valid_up_to(),
-                    reason: INVALID_UTF8,
-                });
+                return Err(PErr::Decode { pos: start + e.valid_up_to(), reason: INVALID_UTF8 });
             }
         }
         Ok(s)
@@ -242,13 +227,8 @@ fn describe(head: Head, bytes: &[u8]) -> String {
         Head::F32(v) => format!("float {v}"),
         Head::F64(v) => format!("float {v}"),
         Head::Str(n) => {
-            let s = bytes
-                .get(bytes.len().saturating_sub(n)..)
-                .unwrap_or_default();
-            format!(
-                "string {:?}",
-                truncate_for_message(&String::from_utf8_lossy(s), 40)
-            )
+            let s = bytes.get(bytes.len().saturating_sub(n)..).unwrap_or_default();
+            format!("string {:?}", truncate_for_message(&String::from_utf8_lossy(s), 40))
         }
         Head::Bin(n) => format!("binary of {n} bytes"),
         Head::Array(n) => format!("array of {n}"),
@@ -289,11 +269,7 @@ impl MsgPackDecoder {
     pub fn new(schema: SchemaRef) -> Result<Self> {
         let plan = Plan::new(&schema, "msgpack")?;
         let builders = Builders::new(&plan);
-        Ok(Self {
-            schema,
-            plan,
-            builders,
-        })
+        Ok(Self { schema, plan, builders })
     }
 }
 
@@ -305,11 +281,7 @@ impl Decoder for MsgPackDecoder {
         for (index, range) in records.iter().enumerate() {
             let rec = record_bytes(buf, index, range)?;
             let n = self.builders.rows;
-            let mut p = Parser {
-                r: Reader { buf: rec, pos: 0 },
-                plan: &self.plan,
-                cols: &mut self.builders.cols,
-            };
+            let mut p = Parser { r: Reader { buf: rec, pos: 0 }, plan: &self.plan, cols: &mut self.builders.cols };
             match p.record(n) {
                 Ok(()) => {
                     self.builders.rows += 1;
@@ -323,33 +295,20 @@ impl Decoder for MsgPackDecoder {
                         row_records = Some((0..n as u32).collect());
                     }
                     let (kind, message) = match e {
-                        PErr::Decode {
-                            pos,
-                            reason: INVALID_UTF8,
-                        } => (
-                            RecordErrorKind::Decode,
-                            format!("invalid UTF-8 at byte {pos}"),
-                        ),
-                        PErr::Decode { pos, reason } => (
-                            RecordErrorKind::Decode,
-                            format!("invalid MessagePack at byte {pos}: {reason}"),
-                        ),
+                        PErr::Decode { pos, reason: INVALID_UTF8 } => {
+                            (RecordErrorKind::Decode, format!("invalid UTF-8 at byte {pos}"))
+                        }
+                        PErr::Decode { pos, reason } => {
+                            (RecordErrorKind::Decode, format!("invalid MessagePack at byte {pos}: {reason}"))
+                        }
                         PErr::Schema(m) => (RecordErrorKind::Schema, m),
                     };
-                    errors.push(RecordError {
-                        index,
-                        kind,
-                        message,
-                    });
+                    errors.push(RecordError { index, kind, message });
                 }
             }
         }
         let batch = self.builders.finish(&self.plan, &self.schema)?;
-        Ok(Decoded {
-            batch,
-            errors,
-            row_records,
-        })
+        Ok(Decoded { batch, errors, row_records })
     }
 
     fn schema(&self) -> &SchemaRef {
@@ -370,20 +329,14 @@ impl Parser<'_, '_> {
             Head::Map(len) => self.map(ROOT, n, len),
             other => {
                 self.r.skip_after(other, true)?;
-                Err(PErr::Schema(format!(
-                    "expected a map, found {}",
-                    describe(other, &self.r.buf[..self.r.pos])
-                )))
+                Err(PErr::Schema(format!("expected a map, found {}", describe(other, &self.r.buf[..self.r.pos]))))
             }
         };
         match result {
             Ok(()) => {}
             Err(PErr::Schema(m)) => {
                 // A syntax error anywhere in the record takes precedence.
-                let mut again = Reader {
-                    buf: self.r.buf,
-                    pos: 0,
-                };
+                let mut again = Reader { buf: self.r.buf, pos: 0 };
                 again.skip(true)?;
                 self.r.pos = again.pos;
                 self.trailing()?;
@@ -396,10 +349,7 @@ impl Parser<'_, '_> {
 
     fn trailing(&self) -> Result<(), PErr> {
         if self.r.pos < self.r.buf.len() {
-            return Err(PErr::Decode {
-                pos: self.r.pos,
-                reason: "trailing bytes after the value",
-            });
+            return Err(PErr::Decode { pos: self.r.pos, reason: "trailing bytes after the value" });
         }
         Ok(())
     }
@@ -412,9 +362,7 @@ impl Parser<'_, '_> {
                 other => {
                     self.r.skip_after(other, true)?;
                     let what = describe(other, &self.r.buf[key_at..self.r.pos]);
-                    return Err(PErr::Schema(format!(
-                        "map key at byte {key_at} is not a string: found {what}"
-                    )));
+                    return Err(PErr::Schema(format!("map key at byte {key_at} is not a string: found {what}")));
                 }
             };
             match self.plan.find_child(s, key) {
@@ -435,10 +383,7 @@ impl Parser<'_, '_> {
         let head = self.r.head()?;
         if let Head::Nil = head {
             if node.required {
-                return Err(PErr::Schema(format!(
-                    "required field `{}` is null",
-                    node.path
-                )));
+                return Err(PErr::Schema(format!("required field `{}` is null", node.path)));
             }
             null_subtree(plan, self.cols, c);
             return Ok(());
@@ -466,10 +411,7 @@ impl Parser<'_, '_> {
                 true
             }
             (Data::I64(_), Head::UInt(x)) => {
-                return Err(PErr::Schema(format!(
-                    "field `{}`: integer {x} is out of range for int64",
-                    node.path
-                )))
+                return Err(PErr::Schema(format!("field `{}`: integer {x} is out of range for int64", node.path)))
             }
             (Data::I64(v), Head::Str(len)) if matches!(node.kind, Kind::Timestamp(_)) => {
                 let s = self.r.str(len)?;
@@ -555,9 +497,7 @@ impl MsgPackEncoder {
 fn done<T>(r: std::result::Result<T, ValueWriteError<Infallible>>) -> T {
     match r {
         Ok(v) => v,
-        Err(ValueWriteError::InvalidMarkerWrite(e) | ValueWriteError::InvalidDataWrite(e)) => {
-            match e {}
-        }
+        Err(ValueWriteError::InvalidMarkerWrite(e) | ValueWriteError::InvalidDataWrite(e)) => match e {},
     }
 }
 
@@ -609,12 +549,7 @@ impl Encoder for MsgPackEncoder {
             .fields()
             .iter()
             .zip(batch.columns())
-            .map(|(f, c)| {
-                Ok((
-                    f.name().as_str(),
-                    View::new(f.name(), c.as_ref(), Support::Nested, "msgpack")?,
-                ))
-            })
+            .map(|(f, c)| Ok((f.name().as_str(), View::new(f.name(), c.as_ref(), Support::Nested, "msgpack")?)))
             .collect::<Result<Vec<_>>>()?;
         let mut buf = ByteBuf::from(std::mem::take(out));
         for row in 0..batch.num_rows() {
@@ -672,14 +607,8 @@ mod tests {
     fn decode(records: &[Vec<u8>]) -> Decoded {
         let buf: Vec<u8> = records.concat();
         let mut ranges = Vec::new();
-        assert_eq!(
-            split_records(&FormatSpec::MsgPack, &buf, false, &mut ranges).unwrap(),
-            buf.len()
-        );
-        MsgPackDecoder::new(schema())
-            .unwrap()
-            .decode(&buf, &ranges)
-            .unwrap()
+        assert_eq!(split_records(&FormatSpec::MsgPack, &buf, false, &mut ranges).unwrap(), buf.len());
+        MsgPackDecoder::new(schema()).unwrap().decode(&buf, &ranges).unwrap()
     }
 
     #[test]
@@ -718,10 +647,7 @@ mod tests {
         assert!(d.errors.is_empty(), "{:?}", d.errors);
         let b = &d.batch;
         assert_eq!(b.column(0).as_string::<i32>().value(0), "dév");
-        assert_eq!(
-            b.column(1).as_primitive::<Int64Type>().values().to_vec(),
-            vec![1_700_000_000_123, -5]
-        );
+        assert_eq!(b.column(1).as_primitive::<Int64Type>().values().to_vec(), vec![1_700_000_000_123, -5]);
         let r = b.column(2).as_struct();
         assert_eq!(r.column(0).as_primitive::<Float64Type>().value(0), 1.5);
         assert!(r.is_null(1));
@@ -734,21 +660,14 @@ mod tests {
             done(enc::write_sint(b, 1));
         };
         let cases: Vec<(Vec<u8>, &str, &str)> = vec![
-            (
-                map(&[("device_id", &ok)]),
-                "schema",
-                "missing required field `ts`",
-            ),
+            (map(&[("device_id", &ok)]), "schema", "missing required field `ts`"),
             (
                 map(&[("device_id", &ok), ("ts", &|b| write_str(b, "yesterday"))]),
                 "schema",
                 "field `ts`: expected int64, found string \"yesterday\"",
             ),
             (
-                map(&[
-                    ("device_id", &ok),
-                    ("ts", &|b| done(enc::write_f64(b, 1.5))),
-                ]),
+                map(&[("device_id", &ok), ("ts", &|b| done(enc::write_f64(b, 1.5)))]),
                 "schema",
                 "field `ts`: expected int64, found float 1.5",
             ),
@@ -776,10 +695,7 @@ mod tests {
                 "missing required field `readings.temp`",
             ),
             (
-                map(&[
-                    ("device_id", &|b| done_plain(enc::write_nil(b))),
-                    ("ts", &ts),
-                ]),
+                map(&[("device_id", &|b| done_plain(enc::write_nil(b))), ("ts", &ts)]),
                 "schema",
                 "required field `device_id` is null",
             ),
@@ -816,26 +732,11 @@ mod tests {
                 "schema",
                 "map key at byte 1 is not a string: found integer 7",
             ),
+            (vec![0xc1], "decode", "invalid MessagePack at byte 0: invalid marker 0xc1"),
+            (vec![0x82, 0xa1, b'x'], "decode", "invalid MessagePack at byte 3: unexpected end of input"),
+            (vec![0x81, 0xa1, b'x', 0xa2, 0xff, 0xfe], "decode", "invalid UTF-8 at byte 4"),
             (
-                vec![0xc1],
-                "decode",
-                "invalid MessagePack at byte 0: invalid marker 0xc1",
-            ),
-            (
-                vec![0x82, 0xa1, b'x'],
-                "decode",
-                "invalid MessagePack at byte 3: unexpected end of input",
-            ),
-            (
-                vec![0x81, 0xa1, b'x', 0xa2, 0xff, 0xfe],
-                "decode",
-                "invalid UTF-8 at byte 4",
-            ),
-            (
-                vec![
-                    0x81, 0xa9, b'd', b'e', b'v', b'i', b'c', b'e', b'_', b'i', b'd', 0xa2, 0xc3,
-                    0x28,
-                ],
+                vec![0x81, 0xa9, b'd', b'e', b'v', b'i', b'c', b'e', b'_', b'i', b'd', 0xa2, 0xc3, 0x28],
                 "decode",
                 "invalid UTF-8 at byte 12",
             ),
@@ -845,32 +746,19 @@ mod tests {
                 "decode",
                 "invalid MessagePack at byte 7: unexpected end of input",
             ),
-            (
-                vec![0x80, 0x01],
-                "decode",
-                "invalid MessagePack at byte 1: trailing bytes after the value",
-            ),
+            (vec![0x80, 0x01], "decode", "invalid MessagePack at byte 1: trailing bytes after the value"),
         ];
         for (rec, kind, msg) in cases {
-            let d = MsgPackDecoder::new(schema())
-                .unwrap()
-                .decode(&rec, &[0..rec.len()])
-                .unwrap();
+            let d = MsgPackDecoder::new(schema()).unwrap().decode(&rec, &[0..rec.len()]).unwrap();
             assert_eq!(d.errors.len(), 1, "{msg}");
-            assert_eq!(
-                (d.errors[0].kind.as_str(), d.errors[0].message.as_str()),
-                (kind, msg)
-            );
+            assert_eq!((d.errors[0].kind.as_str(), d.errors[0].message.as_str()), (kind, msg));
         }
     }
 
     #[test]
     fn timestamps() {
-        let schema = Arc::new(Schema::new(vec![Field::new(
-            "t",
-            DataType::Timestamp(TimeUnit::Millisecond, None),
-            false,
-        )]));
+        let schema =
+            Arc::new(Schema::new(vec![Field::new("t", DataType::Timestamp(TimeUnit::Millisecond, None), false)]));
         let mut recs = Vec::new();
         let mut b = ByteBuf::new();
         done(enc::write_map_len(&mut b, 1));
@@ -887,16 +775,10 @@ mod tests {
         let buf = recs.concat();
         let mut ranges = Vec::new();
         split_records(&FormatSpec::MsgPack, &buf, true, &mut ranges).unwrap();
-        let d = MsgPackDecoder::new(schema)
-            .unwrap()
-            .decode(&buf, &ranges)
-            .unwrap();
+        let d = MsgPackDecoder::new(schema).unwrap().decode(&buf, &ranges).unwrap();
         assert!(d.errors.is_empty(), "{:?}", d.errors);
         let t = d.batch.column(0).as_primitive::<TimestampMillisecondType>();
-        assert_eq!(
-            t.values().to_vec(),
-            vec![1_700_000_000_123, 1_700_000_000_123]
-        );
+        assert_eq!(t.values().to_vec(), vec![1_700_000_000_123, 1_700_000_000_123]);
     }
 
     #[test]
@@ -918,13 +800,7 @@ mod tests {
         // A huge declared length just waits for more bytes.
         out.clear();
         assert_eq!(
-            split_records(
-                &FormatSpec::MsgPack,
-                &[0xdf, 0xff, 0xff, 0xff, 0xff, 0xa0],
-                false,
-                &mut out
-            )
-            .unwrap(),
+            split_records(&FormatSpec::MsgPack, &[0xdf, 0xff, 0xff, 0xff, 0xff, 0xa0], false, &mut out).unwrap(),
             0
         );
         assert!(out.is_empty());
@@ -958,11 +834,7 @@ mod tests {
         let mut ranges = Vec::new();
         split_records(&FormatSpec::MsgPack, &out, false, &mut ranges).unwrap();
         assert_eq!(ranges.len(), 3);
-        let d = FormatSpec::MsgPack
-            .decoder(schema())
-            .unwrap()
-            .decode(&out, &ranges)
-            .unwrap();
+        let d = FormatSpec::MsgPack.decoder(schema()).unwrap().decode(&out, &ranges).unwrap();
         assert!(d.errors.is_empty(), "{:?}", d.errors);
         assert_eq!(d.batch, batch);
     }

@@ -69,9 +69,8 @@ fn finite() -> impl Strategy<Value = f64> {
 }
 
 fn rec() -> impl Strategy<Value = Rec> {
-    let extra_key = "[a-z]{1,3}|\\PC{0,4}".prop_filter("not a schema key", |k| {
-        !["s", "i", "f", "b", "st"].contains(&k.as_str())
-    });
+    let extra_key =
+        "[a-z]{1,3}|\\PC{0,4}".prop_filter("not a schema key", |k| !["s", "i", "f", "b", "st"].contains(&k.as_str()));
     (
         any::<String>(),
         any::<Option<i64>>(),
@@ -81,15 +80,7 @@ fn rec() -> impl Strategy<Value = Rec> {
         any::<bool>(),
         prop::collection::vec((extra_key, any_json()), 0..3),
     )
-        .prop_map(|(s, i, f, b, st, nulls, extra)| Rec {
-            s,
-            i,
-            f,
-            b,
-            st,
-            nulls,
-            extra,
-        })
+        .prop_map(|(s, i, f, b, st, nulls, extra)| Rec { s, i, f, b, st, nulls, extra })
 }
 
 impl Rec {
@@ -142,10 +133,7 @@ fn check(batch: &RecordBatch, recs: &[Rec]) {
     for (row, r) in recs.iter().enumerate() {
         assert_eq!(s.value(row), r.s);
         assert_eq!(i.is_valid(row).then(|| i.value(row)), r.i);
-        assert_eq!(
-            f.is_valid(row).then(|| f.value(row).to_bits()),
-            r.f.map(f64::to_bits)
-        );
+        assert_eq!(f.is_valid(row).then(|| f.value(row).to_bits()), r.f.map(f64::to_bits));
         assert_eq!(b.is_valid(row).then(|| b.value(row)), r.b);
         match &r.st {
             None => assert!(st.is_null(row)),
@@ -158,20 +146,11 @@ fn check(batch: &RecordBatch, recs: &[Rec]) {
     }
 }
 
-fn decode(
-    format: &FormatSpec,
-    schema: &SchemaRef,
-    buf: &[u8],
-    header: Option<&[String]>,
-) -> crate::Decoded {
+fn decode(format: &FormatSpec, schema: &SchemaRef, buf: &[u8], header: Option<&[String]>) -> crate::Decoded {
     let mut ranges = Vec::new();
     let used = split_records(format, buf, true, &mut ranges).unwrap();
     assert_eq!(used, buf.len());
-    let d = format
-        .decoder_with_header(schema.clone(), header)
-        .unwrap()
-        .decode(buf, &ranges)
-        .unwrap();
+    let d = format.decoder_with_header(schema.clone(), header).unwrap().decode(buf, &ranges).unwrap();
     assert!(d.errors.is_empty(), "{:?}", d.errors);
     d
 }

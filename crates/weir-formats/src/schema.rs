@@ -104,12 +104,7 @@ impl fmt::Display for FieldType {
 impl FieldSpec {
     /// A required field without children.
     pub fn new(name: impl Into<String>, ty: FieldType) -> Self {
-        Self {
-            name: name.into(),
-            ty,
-            required: true,
-            fields: Vec::new(),
-        }
+        Self { name: name.into(), ty, required: true, fields: Vec::new() }
     }
 
     /// Builder-style: sets whether the field is required.
@@ -120,12 +115,7 @@ impl FieldSpec {
 
     /// A required struct field with the given children.
     pub fn new_struct(name: impl Into<String>, fields: Vec<FieldSpec>) -> Self {
-        Self {
-            name: name.into(),
-            ty: FieldType::Struct,
-            required: true,
-            fields,
-        }
+        Self { name: name.into(), ty: FieldType::Struct, required: true, fields }
     }
 
     /// The Arrow field: required fields are non-nullable.
@@ -140,12 +130,7 @@ impl FieldSpec {
             FieldType::Float64 => DataType::Float64,
             FieldType::String => DataType::Utf8,
             FieldType::Timestamp => DataType::Timestamp(TimeUnit::Millisecond, None),
-            FieldType::Struct => DataType::Struct(
-                self.fields
-                    .iter()
-                    .map(FieldSpec::to_arrow)
-                    .collect::<Fields>(),
-            ),
+            FieldType::Struct => DataType::Struct(self.fields.iter().map(FieldSpec::to_arrow).collect::<Fields>()),
         }
     }
 
@@ -158,26 +143,14 @@ impl FieldSpec {
             DataType::Utf8 => (FieldType::String, Vec::new()),
             DataType::Timestamp(TimeUnit::Millisecond, _) => (FieldType::Timestamp, Vec::new()),
             DataType::Struct(children) => {
-                let fields = children
-                    .iter()
-                    .map(|c| FieldSpec::from_arrow(c, &path))
-                    .collect::<Result<Vec<_>>>()?;
+                let fields = children.iter().map(|c| FieldSpec::from_arrow(c, &path)).collect::<Result<Vec<_>>>()?;
                 (FieldType::Struct, fields)
             }
             other => {
-                return Err(FormatError::UnsupportedType {
-                    field: path,
-                    data_type: other.clone(),
-                    format: "schema",
-                })
+                return Err(FormatError::UnsupportedType { field: path, data_type: other.clone(), format: "schema" })
             }
         };
-        Ok(Self {
-            name: field.name().clone(),
-            ty,
-            required: !field.is_nullable(),
-            fields,
-        })
+        Ok(Self { name: field.name().clone(), ty, required: !field.is_nullable(), fields })
     }
 
     fn validate(&self, prefix: &str) -> Result<()> {
@@ -188,10 +161,7 @@ impl FieldSpec {
         match self.ty {
             FieldType::Struct => {
                 if self.fields.is_empty() {
-                    return Err(invalid(
-                        &path,
-                        "a struct needs at least one field in `fields`",
-                    ));
+                    return Err(invalid(&path, "a struct needs at least one field in `fields`"));
                 }
                 validate_fields(&self.fields, &path)
             }
@@ -199,10 +169,7 @@ impl FieldSpec {
                 if self.fields.is_empty() {
                     Ok(())
                 } else {
-                    Err(invalid(
-                        &path,
-                        &format!("only struct fields have `fields`, this one is {ty}"),
-                    ))
+                    Err(invalid(&path, &format!("only struct fields have `fields`, this one is {ty}")))
                 }
             }
         }
@@ -210,10 +177,7 @@ impl FieldSpec {
 }
 
 fn invalid(field: &str, reason: &str) -> FormatError {
-    FormatError::InvalidSchema {
-        field: field.to_owned(),
-        reason: reason.to_owned(),
-    }
+    FormatError::InvalidSchema { field: field.to_owned(), reason: reason.to_owned() }
 }
 
 fn validate_fields(fields: &[FieldSpec], prefix: &str) -> Result<()> {
@@ -221,10 +185,7 @@ fn validate_fields(fields: &[FieldSpec], prefix: &str) -> Result<()> {
     for f in fields {
         f.validate(prefix)?;
         if !seen.insert(f.name.as_str()) {
-            return Err(invalid(
-                &join_path(prefix, &f.name),
-                "the name appears twice",
-            ));
+            return Err(invalid(&join_path(prefix, &f.name), "the name appears twice"));
         }
     }
     Ok(())
@@ -264,23 +225,14 @@ impl SchemaSpec {
     /// The Arrow schema: required fields are non-nullable, optional ones nullable, structs are
     /// `DataType::Struct`, timestamps `Timestamp(Millisecond, None)`.
     pub fn to_arrow(&self) -> SchemaRef {
-        Arc::new(Schema::new(
-            self.fields
-                .iter()
-                .map(FieldSpec::to_arrow)
-                .collect::<Fields>(),
-        ))
+        Arc::new(Schema::new(self.fields.iter().map(FieldSpec::to_arrow).collect::<Fields>()))
     }
 
     /// The spec of an Arrow schema of supported types (`Boolean`, `Int64`, `Float64`, `Utf8`,
     /// `Timestamp(Millisecond, _)`, `Struct` of those). Other types are an error naming the
     /// field.
     pub fn from_arrow(schema: &Schema) -> Result<SchemaSpec> {
-        let fields = schema
-            .fields()
-            .iter()
-            .map(|f| FieldSpec::from_arrow(f, ""))
-            .collect::<Result<Vec<_>>>()?;
+        let fields = schema.fields().iter().map(|f| FieldSpec::from_arrow(f, "")).collect::<Result<Vec<_>>>()?;
         Ok(SchemaSpec { fields })
     }
 }
@@ -316,10 +268,7 @@ fields:
             ])
         );
         let arrow = spec.to_arrow();
-        assert_eq!(
-            arrow.field(0),
-            &Field::new("device_id", DataType::Utf8, false)
-        );
+        assert_eq!(arrow.field(0), &Field::new("device_id", DataType::Utf8, false));
         assert_eq!(
             arrow.field(2).data_type(),
             &DataType::Struct(Fields::from(vec![
@@ -341,62 +290,36 @@ fields:
         .unwrap();
         let types: Vec<_> = spec.fields.iter().map(|f| f.ty).collect();
         use FieldType::*;
-        assert_eq!(
-            types,
-            vec![Bool, Int64, Int64, Int64, Float64, Float64, String, String, Struct, Timestamp]
-        );
-        assert_eq!(
-            spec.to_arrow().field(9),
-            &Field::new("j", DataType::Timestamp(TimeUnit::Millisecond, None), true)
-        );
+        assert_eq!(types, vec![Bool, Int64, Int64, Int64, Float64, Float64, String, String, Struct, Timestamp]);
+        assert_eq!(spec.to_arrow().field(9), &Field::new("j", DataType::Timestamp(TimeUnit::Millisecond, None), true));
     }
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let err = SchemaSpec::from_yaml("fields:\n - {name: a, type: int64, nullable: true}\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("invalid schema YAML: fields[0]: unknown field `nullable`"),
-            "{err}"
-        );
-        let err = SchemaSpec::from_yaml("fields: []\nextra: 1\n")
-            .unwrap_err()
-            .to_string();
+        let err =
+            SchemaSpec::from_yaml("fields:\n - {name: a, type: int64, nullable: true}\n").unwrap_err().to_string();
+        assert!(err.starts_with("invalid schema YAML: fields[0]: unknown field `nullable`"), "{err}");
+        let err = SchemaSpec::from_yaml("fields: []\nextra: 1\n").unwrap_err().to_string();
         assert!(err.contains("unknown field `extra`"), "{err}");
-        let err = SchemaSpec::from_yaml("fields:\n - {name: a, type: decimal}\n")
-            .unwrap_err()
-            .to_string();
+        let err = SchemaSpec::from_yaml("fields:\n - {name: a, type: decimal}\n").unwrap_err().to_string();
         assert!(err.contains("unknown variant `decimal`"), "{err}");
     }
 
     #[test]
     fn validation_errors_name_the_field() {
-        let err = SchemaSpec::from_yaml(
-            "fields:\n - {name: a, type: int64, fields: [{name: b, type: bool}]}\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert_eq!(
-            err,
-            "invalid schema: field `a`: only struct fields have `fields`, this one is int64"
-        );
+        let err = SchemaSpec::from_yaml("fields:\n - {name: a, type: int64, fields: [{name: b, type: bool}]}\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "invalid schema: field `a`: only struct fields have `fields`, this one is int64");
         let err = SchemaSpec::from_yaml(
             "fields:\n - {name: r, type: struct, fields: [{name: b, type: bool}, {name: b, type: bool}]}\n",
         )
         .unwrap_err()
         .to_string();
         assert_eq!(err, "invalid schema: field `r.b`: the name appears twice");
-        let err = SchemaSpec::from_yaml("fields:\n - {name: r, type: struct}\n")
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            err,
-            "invalid schema: field `r`: a struct needs at least one field in `fields`"
-        );
-        let err = SchemaSpec::from_yaml("fields: []\n")
-            .unwrap_err()
-            .to_string();
+        let err = SchemaSpec::from_yaml("fields:\n - {name: r, type: struct}\n").unwrap_err().to_string();
+        assert_eq!(err, "invalid schema: field `r`: a struct needs at least one field in `fields`");
+        let err = SchemaSpec::from_yaml("fields: []\n").unwrap_err().to_string();
         assert_eq!(err, "invalid schema: field ``: the schema has no fields");
     }
 
@@ -408,9 +331,6 @@ fields:
             true,
         )]);
         let err = SchemaSpec::from_arrow(&schema).unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "field `r.x`: type Int32 is not supported by the schema format"
-        );
+        assert_eq!(err, "field `r.x`: type Int32 is not supported by the schema format");
     }
 }

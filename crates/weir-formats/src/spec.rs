@@ -9,8 +9,7 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::{
-    CsvDecoder, CsvEncoder, Decoder, Encoder, JsonDecoder, JsonEncoder, MsgPackDecoder,
-    MsgPackEncoder, Result,
+    CsvDecoder, CsvEncoder, Decoder, Encoder, JsonDecoder, JsonEncoder, MsgPackDecoder, MsgPackEncoder, Result,
 };
 
 /// Which record format. In YAML, a name or a one-key map with the format's options:
@@ -47,10 +46,7 @@ pub struct CsvOptions {
 
 impl Default for CsvOptions {
     fn default() -> Self {
-        Self {
-            delimiter: b',',
-            header: true,
-        }
+        Self { delimiter: b',', header: true }
     }
 }
 
@@ -83,9 +79,9 @@ mod delimiter_serde {
         let mut chars = s.chars();
         match (chars.next(), chars.next()) {
             (Some(c), None) if c.is_ascii() && !matches!(c, '"' | '\n' | '\r') => Ok(c as u8),
-            _ => Err(D::Error::custom(format!(
-                "delimiter {s:?} must be one ASCII character other than '\"', CR and LF"
-            ))),
+            _ => {
+                Err(D::Error::custom(format!("delimiter {s:?} must be one ASCII character other than '\"', CR and LF")))
+            }
         }
     }
 }
@@ -121,11 +117,7 @@ impl FormatSpec {
 
     /// Like [`FormatSpec::decoder`], with the CSV header's column names (from
     /// [`crate::csv_header`]) when there is one; other formats ignore `header`.
-    pub fn decoder_with_header(
-        &self,
-        schema: SchemaRef,
-        header: Option<&[String]>,
-    ) -> Result<Box<dyn Decoder>> {
+    pub fn decoder_with_header(&self, schema: SchemaRef, header: Option<&[String]>) -> Result<Box<dyn Decoder>> {
         Ok(match self {
             Self::Json => Box::new(JsonDecoder::new(schema)?),
             Self::Csv(options) => Box::new(CsvDecoder::new(schema, options, header)?),
@@ -197,9 +189,7 @@ impl<'de> Deserialize<'de> for FormatSpec {
                     None => return Err(de::Error::unknown_variant(&name, NAMES)),
                 };
                 if map.next_key::<IgnoredAny>()?.is_some() {
-                    return Err(de::Error::custom(
-                        "a format map has exactly one key, the format's name",
-                    ));
+                    return Err(de::Error::custom("a format map has exactly one key, the format's name"));
                 }
                 if let FormatSpec::Csv(options) = &spec {
                     options.validate().map_err(de::Error::custom)?;
@@ -221,12 +211,7 @@ impl<'de> Deserialize<'de> for FormatSpec {
 /// complete (for MessagePack, a truncated last value is still handed out, for the decoder to
 /// report). The caller bounds how long a record may grow: this function only waits for more
 /// bytes.
-pub fn split_records(
-    format: &FormatSpec,
-    buf: &[u8],
-    eof: bool,
-    out: &mut Vec<Range<usize>>,
-) -> Result<usize> {
+pub fn split_records(format: &FormatSpec, buf: &[u8], eof: bool, out: &mut Vec<Range<usize>>) -> Result<usize> {
     match format {
         FormatSpec::Json | FormatSpec::Csv(_) => Ok(split_lines(buf, eof, out)),
         FormatSpec::MsgPack => Ok(crate::msgpack::split(buf, eof, out)),
@@ -268,9 +253,7 @@ mod tests {
     }
 
     fn parse(yaml: &str) -> Result<FormatSpec, String> {
-        serde_yaml::from_str::<Step>(yaml)
-            .map(|s| s.format)
-            .map_err(|e| e.to_string())
+        serde_yaml::from_str::<Step>(yaml).map(|s| s.format).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -279,36 +262,19 @@ mod tests {
         assert_eq!(parse("format: ndjson"), Ok(FormatSpec::Json));
         assert_eq!(parse("format: msgpack"), Ok(FormatSpec::MsgPack));
         assert_eq!(parse("format: {msgpack: {}}"), Ok(FormatSpec::MsgPack));
-        assert_eq!(
-            parse("format: csv"),
-            Ok(FormatSpec::Csv(CsvOptions::default()))
-        );
+        assert_eq!(parse("format: csv"), Ok(FormatSpec::Csv(CsvOptions::default())));
         assert_eq!(
             parse("format: {csv: {delimiter: \";\", header: false}}"),
-            Ok(FormatSpec::Csv(CsvOptions {
-                delimiter: b';',
-                header: false
-            }))
+            Ok(FormatSpec::Csv(CsvOptions { delimiter: b';', header: false }))
         );
         assert_eq!(
             parse("format:\n  csv:\n    delimiter: \"\\t\"\n"),
-            Ok(FormatSpec::Csv(CsvOptions {
-                delimiter: b'\t',
-                header: true
-            }))
+            Ok(FormatSpec::Csv(CsvOptions { delimiter: b'\t', header: true }))
         );
-        assert_eq!(
-            parse("format: {csv: }"),
-            Ok(FormatSpec::Csv(CsvOptions::default()))
-        );
-        for spec in [
-            FormatSpec::Json,
-            FormatSpec::MsgPack,
-            FormatSpec::Csv(CsvOptions {
-                delimiter: b'|',
-                header: false,
-            }),
-        ] {
+        assert_eq!(parse("format: {csv: }"), Ok(FormatSpec::Csv(CsvOptions::default())));
+        for spec in
+            [FormatSpec::Json, FormatSpec::MsgPack, FormatSpec::Csv(CsvOptions { delimiter: b'|', header: false })]
+        {
             let text = serde_yaml::to_string(&Step { format: spec }).unwrap();
             assert_eq!(parse(&text), Ok(spec), "{text}");
         }
@@ -317,17 +283,11 @@ mod tests {
     #[test]
     fn yaml_errors() {
         let err = parse("format: xml").unwrap_err();
-        assert!(
-            err.contains("unknown variant `xml`, expected one of `json`, `csv`, `msgpack`"),
-            "{err}"
-        );
+        assert!(err.contains("unknown variant `xml`, expected one of `json`, `csv`, `msgpack`"), "{err}");
         let err = parse("format: {csv: {delimiter: \",\", quote: \"'\"}}").unwrap_err();
         assert!(err.contains("unknown field `quote`"), "{err}");
         let err = parse("format: {csv: {delimiter: \",,\"}}").unwrap_err();
-        assert!(
-            err.contains("delimiter \",,\" must be one ASCII character"),
-            "{err}"
-        );
+        assert!(err.contains("delimiter \",,\" must be one ASCII character"), "{err}");
         let err = parse("format: {csv: {}, json: {}}").unwrap_err();
         assert!(err.contains("exactly one key"), "{err}");
         let err = parse("format: {json: {pretty: true}}").unwrap_err();
@@ -337,24 +297,13 @@ mod tests {
     fn lines(buf: &[u8], eof: bool) -> (Vec<&str>, usize) {
         let mut out = Vec::new();
         let used = split_records(&FormatSpec::Json, buf, eof, &mut out).unwrap();
-        (
-            out.into_iter()
-                .map(|r| std::str::from_utf8(&buf[r]).unwrap())
-                .collect(),
-            used,
-        )
+        (out.into_iter().map(|r| std::str::from_utf8(&buf[r]).unwrap()).collect(), used)
     }
 
     #[test]
     fn splits_lines() {
-        assert_eq!(
-            lines(b"a\nb\r\n\n  \r\n\tc\npartial", false),
-            (vec!["a", "b", "\tc"], 13)
-        );
-        assert_eq!(
-            lines(b"a\nb\r\n\n  \r\n\tc\npartial", true),
-            (vec!["a", "b", "\tc", "partial"], 20)
-        );
+        assert_eq!(lines(b"a\nb\r\n\n  \r\n\tc\npartial", false), (vec!["a", "b", "\tc"], 13));
+        assert_eq!(lines(b"a\nb\r\n\n  \r\n\tc\npartial", true), (vec!["a", "b", "\tc", "partial"], 20));
         assert_eq!(lines(b"last\r", true), (vec!["last"], 5));
         assert_eq!(lines(b"", true), (vec![], 0));
         assert_eq!(lines(b"   ", true), (vec![], 3));

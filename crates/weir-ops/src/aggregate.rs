@@ -174,10 +174,7 @@ impl AggFunc {
 
 impl fmt::Display for AggFunc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = AggFunc::ALL
-            .iter()
-            .find(|(_, g)| g == self)
-            .map_or("?", |(n, _)| n);
+        let name = AggFunc::ALL.iter().find(|(_, g)| g == self).map_or("?", |(n, _)| n);
         f.write_str(name)
     }
 }
@@ -202,38 +199,27 @@ impl AggSpec {
         let t = text.trim();
         let (fname, arg) = match t.find('(') {
             Some(open) => {
-                let close = t
-                    .rfind(')')
-                    .filter(|c| *c > open && t[c + 1..].trim().is_empty())
-                    .ok_or_else(|| {
-                        CoreError::Config(format!(
-                            "aggregate `{name}`: `{t}` is missing its closing parenthesis"
-                        ))
-                    })?;
+                let close = t.rfind(')').filter(|c| *c > open && t[c + 1..].trim().is_empty()).ok_or_else(|| {
+                    CoreError::Config(format!("aggregate `{name}`: `{t}` is missing its closing parenthesis"))
+                })?;
                 (t[..open].trim(), t[open + 1..close].trim())
             }
             None => (t, ""),
         };
         let func = AggFunc::from_str(fname).map_err(|_| {
             let known: Vec<_> = AggFunc::ALL.iter().map(|(n, _)| *n).collect();
-            CoreError::Config(format!(
-                "aggregate `{name}`: unknown function `{fname}`; known: {}",
-                known.join(", ")
-            ))
+            CoreError::Config(format!("aggregate `{name}`: unknown function `{fname}`; known: {}", known.join(", ")))
         })?;
-        let column =
-            match (func, arg) {
-                (AggFunc::Count, "" | "*") => None,
-                (_, "") => return Err(CoreError::Config(format!(
+        let column = match (func, arg) {
+            (AggFunc::Count, "" | "*") => None,
+            (_, "") => {
+                return Err(CoreError::Config(format!(
                     "aggregate `{name}`: `{fname}` needs a column, as in `{fname}(readings.temp)`"
-                ))),
-                (_, a) => Some(a.to_string()),
-            };
-        Ok(Self {
-            name: name.to_string(),
-            func,
-            column,
-        })
+                )))
+            }
+            (_, a) => Some(a.to_string()),
+        };
+        Ok(Self { name: name.to_string(), func, column })
     }
 }
 
@@ -246,11 +232,7 @@ impl FromStr for AggFunc {
             "std" | "stddev_samp" => "stddev",
             other => other,
         };
-        AggFunc::ALL
-            .iter()
-            .find(|(n, _)| *n == s)
-            .map(|(_, f)| *f)
-            .ok_or(())
+        AggFunc::ALL.iter().find(|(n, _)| *n == s).map(|(_, f)| *f).ok_or(())
     }
 }
 
@@ -272,13 +254,7 @@ impl Accumulators {
             offsets.push(stride);
             stride += f.width();
         }
-        Self {
-            funcs: funcs.to_vec(),
-            offsets,
-            stride: stride.max(1),
-            slab: Vec::new(),
-            free: Vec::new(),
-        }
+        Self { funcs: funcs.to_vec(), offsets, stride: stride.max(1), slab: Vec::new(), free: Vec::new() }
     }
 
     /// A fresh accumulator slot.
@@ -304,12 +280,7 @@ impl Accumulators {
 
     /// Folds rows into slots: `slots[i]` is the slot of row `i` (`u32::MAX` skips the row).
     /// `values[a]` is aggregate `a`'s input as f64 (`None` for `count()`).
-    pub(crate) fn update(
-        &mut self,
-        slots: &[u32],
-        values: &[Option<Float64Array>],
-        times: &Int64Array,
-    ) {
+    pub(crate) fn update(&mut self, slots: &[u32], values: &[Option<Float64Array>], times: &Int64Array) {
         let times = times.values();
         for (a, (f, off)) in self.funcs.iter().zip(&self.offsets).enumerate() {
             let (f, off, w, stride) = (*f, *off, f.width(), self.stride);
@@ -339,10 +310,7 @@ impl Accumulators {
         let (i, j) = (into as usize * self.stride, from as usize * self.stride);
         let src: Vec<f64> = self.slab[j..j + self.stride].to_vec();
         for (f, off) in self.funcs.iter().zip(&self.offsets) {
-            f.merge(
-                &mut self.slab[i + off..i + off + f.width()],
-                &src[*off..*off + f.width()],
-            );
+            f.merge(&mut self.slab[i + off..i + off + f.width()], &src[*off..*off + f.width()]);
         }
         self.release(from);
     }
@@ -356,12 +324,7 @@ impl Accumulators {
                 f.finish(&self.slab[base..base + f.width()])
             };
             if *f == AggFunc::Count {
-                cols.push(Arc::new(
-                    slots
-                        .iter()
-                        .map(|s| get(s).map(|v| v as i64))
-                        .collect::<Int64Array>(),
-                ));
+                cols.push(Arc::new(slots.iter().map(|s| get(s).map(|v| v as i64)).collect::<Int64Array>()));
             } else {
                 cols.push(Arc::new(slots.iter().map(get).collect::<Float64Array>()));
             }
@@ -389,49 +352,30 @@ mod tests {
         let mut acc = Accumulators::new(&[f]);
         let s = acc.alloc();
         let col = Float64Array::from(vals.to_vec());
-        acc.update(
-            &vec![s; vals.len()],
-            &[Some(col)],
-            &Int64Array::from(times.to_vec()),
-        );
-        acc.finish(&[s])[0]
-            .as_any()
-            .downcast_ref::<Float64Array>()
-            .map_or_else(
-                || {
-                    let c = acc.finish(&[s]);
-                    let c = c[0].as_any().downcast_ref::<Int64Array>().unwrap();
-                    c.is_valid(0).then(|| c.value(0) as f64)
-                },
-                |c| c.is_valid(0).then(|| c.value(0)),
-            )
+        acc.update(&vec![s; vals.len()], &[Some(col)], &Int64Array::from(times.to_vec()));
+        acc.finish(&[s])[0].as_any().downcast_ref::<Float64Array>().map_or_else(
+            || {
+                let c = acc.finish(&[s]);
+                let c = c[0].as_any().downcast_ref::<Int64Array>().unwrap();
+                c.is_valid(0).then(|| c.value(0) as f64)
+            },
+            |c| c.is_valid(0).then(|| c.value(0)),
+        )
     }
 
     #[test]
     fn every_aggregate_matches_its_definition() {
         let v = [Some(3.0), None, Some(1.0), Some(4.0), Some(1.5)];
         let t = [30, 10, 20, 50, 40];
-        assert_eq!(
-            run(AggFunc::Count, &v, &t),
-            Some(4.0),
-            "count(col) skips nulls"
-        );
+        assert_eq!(run(AggFunc::Count, &v, &t), Some(4.0), "count(col) skips nulls");
         assert_eq!(run(AggFunc::Sum, &v, &t), Some(9.5));
         assert_eq!(run(AggFunc::Mean, &v, &t), Some(9.5 / 4.0));
         assert_eq!(run(AggFunc::Min, &v, &t), Some(1.0));
         assert_eq!(run(AggFunc::Max, &v, &t), Some(4.0));
-        assert_eq!(
-            run(AggFunc::First, &v, &t),
-            Some(1.0),
-            "earliest event time is 20 (10 is null)"
-        );
+        assert_eq!(run(AggFunc::First, &v, &t), Some(1.0), "earliest event time is 20 (10 is null)");
         assert_eq!(run(AggFunc::Last, &v, &t), Some(4.0));
         let mean = 9.5 / 4.0;
-        let var = [3.0f64, 1.0, 4.0, 1.5]
-            .iter()
-            .map(|x| (x - mean) * (x - mean))
-            .sum::<f64>()
-            / 3.0;
+        let var = [3.0f64, 1.0, 4.0, 1.5].iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / 3.0;
         assert!((run(AggFunc::Stddev, &v, &t).unwrap() - var.sqrt()).abs() < 1e-12);
     }
 
@@ -475,22 +419,10 @@ mod tests {
         assert_eq!(AggSpec::parse("n", "count()").unwrap().column, None);
         assert_eq!(AggSpec::parse("n", "count").unwrap().column, None);
         let s = AggSpec::parse("t", " avg( readings.temp ) ").unwrap();
-        assert_eq!(
-            (s.func, s.column.as_deref()),
-            (AggFunc::Mean, Some("readings.temp"))
-        );
+        assert_eq!((s.func, s.column.as_deref()), (AggFunc::Mean, Some("readings.temp")));
         let e = AggSpec::parse("t", "median(x)").unwrap_err().to_string();
-        assert!(
-            e.contains("unknown function `median`; known: count, sum"),
-            "{e}"
-        );
-        assert!(AggSpec::parse("t", "max()")
-            .unwrap_err()
-            .to_string()
-            .contains("needs a column"));
-        assert!(AggSpec::parse("t", "max(x")
-            .unwrap_err()
-            .to_string()
-            .contains("closing parenthesis"));
+        assert!(e.contains("unknown function `median`; known: count, sum"), "{e}");
+        assert!(AggSpec::parse("t", "max()").unwrap_err().to_string().contains("needs a column"));
+        assert!(AggSpec::parse("t", "max(x").unwrap_err().to_string().contains("closing parenthesis"));
     }
 }

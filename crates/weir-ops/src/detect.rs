@@ -53,10 +53,7 @@ impl EwmaZscoreSpec {
             "ewma_zscore: threshold must be positive, got {}",
             self.threshold
         );
-        weir_core::ensure_config!(
-            !self.keys.is_empty(),
-            "ewma_zscore needs at least one key column"
-        );
+        weir_core::ensure_config!(!self.keys.is_empty(), "ewma_zscore needs at least one key column");
         let mut key_types = Vec::new();
         for k in &self.keys {
             key_types.push(field_by_path(input, k)?.data_type().clone());
@@ -77,14 +74,7 @@ impl EwmaZscoreSpec {
             fields.push(Field::new(name, DataType::Float64, true));
         }
         let out = Arc::new(Schema::new(fields));
-        Ok((
-            Arc::new(EwmaFactory {
-                spec: self.clone(),
-                out: out.clone(),
-                key_types,
-            }),
-            out,
-        ))
+        Ok((Arc::new(EwmaFactory { spec: self.clone(), out: out.clone(), key_types }), out))
     }
 }
 
@@ -125,17 +115,13 @@ impl Operator for EwmaOp {
     fn process(&mut self, batch: Batch, cx: &mut OpContext<'_>) -> Result<()> {
         let kc = key_columns(&batch.rows, &self.spec.keys)?;
         let ids = self.keys.intern(&kc)?;
-        let col = arrow_cast::cast(
-            &column_by_path(&batch.rows, &self.spec.value)?,
-            &DataType::Float64,
-        )?;
+        let col = arrow_cast::cast(&column_by_path(&batch.rows, &self.spec.value)?, &DataType::Float64)?;
         let vals = col
             .as_any()
             .downcast_ref::<Float64Array>()
             .ok_or_else(|| CoreError::Internal("cast to f64 gave another type".into()))?;
         let (alpha, thr, warm) = (self.spec.alpha, self.spec.threshold, self.spec.warmup);
-        let (mut idx, mut means, mut stds, mut zs) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut idx, mut means, mut stds, mut zs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut nulls = 0u64;
         for (i, &k) in ids.iter().enumerate() {
             if vals.is_null(i) {
@@ -145,22 +131,11 @@ impl Operator for EwmaOp {
             let x = vals.value(i);
             let k = k as usize;
             if k >= self.state.len() {
-                self.state.resize(
-                    k + 1,
-                    Ewma {
-                        mean: 0.0,
-                        var: 0.0,
-                        n: 0,
-                    },
-                );
+                self.state.resize(k + 1, Ewma { mean: 0.0, var: 0.0, n: 0 });
             }
             let s = &mut self.state[k];
             if s.n == 0 {
-                *s = Ewma {
-                    mean: x,
-                    var: 0.0,
-                    n: 1,
-                };
+                *s = Ewma { mean: x, var: 0.0, n: 1 };
                 continue;
             }
             let std = s.var.sqrt();
@@ -207,13 +182,7 @@ mod tests {
             Field::new("k", DataType::Utf8, false),
             Field::new("x", DataType::Float64, true),
         ]));
-        let spec = EwmaZscoreSpec {
-            keys: vec!["k".into()],
-            value: "x".into(),
-            alpha: 0.1,
-            threshold: 3.0,
-            warmup: 5,
-        };
+        let spec = EwmaZscoreSpec { keys: vec!["k".into()], value: "x".into(), alpha: 0.1, threshold: 3.0, warmup: 5 };
         let (f, out_schema) = spec.plan(&schema).unwrap();
         assert_eq!(out_schema.fields().len(), 5);
         let mut h = OpHarness::new(f.as_ref()).unwrap();
@@ -233,15 +202,10 @@ mod tests {
             .collect();
         let rows = RecordBatch::try_new(
             schema,
-            vec![
-                Arc::new(StringArray::from(keys.clone())),
-                Arc::new(Float64Array::from(xs.clone())),
-            ],
+            vec![Arc::new(StringArray::from(keys.clone())), Arc::new(Float64Array::from(xs.clone()))],
         )
         .unwrap();
-        let out = h
-            .process(Batch::new(rows, Int64Array::from((0..n as i64).collect::<Vec<_>>())).unwrap())
-            .unwrap();
+        let out = h.process(Batch::new(rows, Int64Array::from((0..n as i64).collect::<Vec<_>>())).unwrap()).unwrap();
         // Reference.
         let mut st: std::collections::HashMap<&str, (f64, f64, u64)> = Default::default();
         let mut want = Vec::new();
@@ -265,12 +229,7 @@ mod tests {
         let got: Vec<(i64, f64)> = out
             .iter()
             .flat_map(|b| {
-                (0..b.num_rows()).map(|i| {
-                    (
-                        b.time.value(i),
-                        b.rows.column(4).as_primitive::<Float64Type>().value(i),
-                    )
-                })
+                (0..b.num_rows()).map(|i| (b.time.value(i), b.rows.column(4).as_primitive::<Float64Type>().value(i)))
             })
             .collect();
         assert!(!want.is_empty());
@@ -283,23 +242,9 @@ mod tests {
     #[test]
     fn rejects_bad_settings() {
         let schema: SchemaRef = Arc::new(Schema::new(vec![Field::new("k", DataType::Utf8, false)]));
-        let spec = EwmaZscoreSpec {
-            keys: vec!["k".into()],
-            value: "k".into(),
-            alpha: 0.1,
-            threshold: 3.0,
-            warmup: 5,
-        };
-        assert!(spec
-            .plan(&schema)
-            .unwrap_err()
-            .to_string()
-            .contains("must be numeric"));
+        let spec = EwmaZscoreSpec { keys: vec!["k".into()], value: "k".into(), alpha: 0.1, threshold: 3.0, warmup: 5 };
+        assert!(spec.plan(&schema).unwrap_err().to_string().contains("must be numeric"));
         let spec = EwmaZscoreSpec { alpha: 1.5, ..spec };
-        assert!(spec
-            .plan(&schema)
-            .unwrap_err()
-            .to_string()
-            .contains("alpha must be in (0, 1]"));
+        assert!(spec.plan(&schema).unwrap_err().to_string().contains("alpha must be in (0, 1]"));
     }
 }

@@ -25,23 +25,16 @@ pub fn leaf_name(path: &str) -> &str {
 ///
 /// # Errors
 /// If a segment is missing; the message lists every available path.
-pub fn field_by_path(
-    schema: &arrow_schema::Schema,
-    path: &str,
-) -> weir_core::Result<arrow_schema::FieldRef> {
+pub fn field_by_path(schema: &arrow_schema::Schema, path: &str) -> weir_core::Result<arrow_schema::FieldRef> {
     let mut fields = schema.fields().clone();
     let mut found: Option<arrow_schema::FieldRef> = None;
     for part in path.split('.') {
-        let f = fields
-            .iter()
-            .find(|f| f.name() == part)
-            .cloned()
-            .ok_or_else(|| {
-                weir_core::CoreError::Config(format!(
-                    "unknown column `{path}`; available: {}",
-                    all_paths(schema).join(", ")
-                ))
-            })?;
+        let f = fields.iter().find(|f| f.name() == part).cloned().ok_or_else(|| {
+            weir_core::CoreError::Config(format!(
+                "unknown column `{path}`; available: {}",
+                all_paths(schema).join(", ")
+            ))
+        })?;
         if let arrow_schema::DataType::Struct(children) = f.data_type() {
             fields = children.clone();
         } else {
@@ -56,11 +49,7 @@ pub fn field_by_path(
 pub fn all_paths(schema: &arrow_schema::Schema) -> Vec<String> {
     fn walk(prefix: &str, fields: &arrow_schema::Fields, out: &mut Vec<String>) {
         for f in fields {
-            let p = if prefix.is_empty() {
-                f.name().clone()
-            } else {
-                format!("{prefix}.{}", f.name())
-            };
+            let p = if prefix.is_empty() { f.name().clone() } else { format!("{prefix}.{}", f.name()) };
             out.push(p.clone());
             if let arrow_schema::DataType::Struct(c) = f.data_type() {
                 walk(&p, c, out);

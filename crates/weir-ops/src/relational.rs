@@ -50,9 +50,7 @@ impl Operator for FilterOp {
             Ok(m) => (batch, m),
             Err(_) => {
                 let pred = &self.pred;
-                let good = row_by_row(batch, cx, |b| {
-                    pred.evaluate(b).map(|_| ()).map_err(|e| e.to_string())
-                })?;
+                let good = row_by_row(batch, cx, |b| pred.evaluate(b).map(|_| ()).map_err(|e| e.to_string()))?;
                 let m = self.pred.evaluate(&good.rows).map_err(CoreError::user)?;
                 (good, m)
             }
@@ -85,13 +83,7 @@ impl SelectSpec {
     /// Parse errors, unknown columns, duplicate output names.
     pub fn plan(&self, input: &SchemaRef) -> Result<(Arc<dyn OperatorFactory>, SchemaRef)> {
         let (projs, out) = compile_projections(&self.columns, input).map_err(CoreError::user)?;
-        Ok((
-            Arc::new(SelectOp {
-                projs: Arc::new(projs),
-                out: out.clone(),
-            }),
-            out,
-        ))
+        Ok((Arc::new(SelectOp { projs: Arc::new(projs), out: out.clone() }), out))
     }
 }
 
@@ -113,14 +105,8 @@ impl Operator for SelectOp {
             Ok(r) => batch.with_rows(r)?,
             Err(_) => {
                 let (projs, out) = (&self.projs, &self.out);
-                let good = row_by_row(batch, cx, |b| {
-                    project(b, projs, out)
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                })?;
-                good.with_rows(
-                    project(&good.rows, &self.projs, &self.out).map_err(CoreError::user)?,
-                )?
+                let good = row_by_row(batch, cx, |b| project(b, projs, out).map(|_| ()).map_err(|e| e.to_string()))?;
+                good.with_rows(project(&good.rows, &self.projs, &self.out).map_err(CoreError::user)?)?
             }
         };
         StepMetrics::add(&cx.metrics.rows_out, rows.num_rows() as u64);
@@ -172,12 +158,7 @@ mod tests {
         let schema = Arc::new(Schema::new(vec![Field::new("s", DataType::Utf8, true)]));
         let rows = RecordBatch::try_new(
             schema,
-            vec![Arc::new(StringArray::from(vec![
-                Some("5"),
-                Some("x"),
-                None,
-                Some("1"),
-            ]))],
+            vec![Arc::new(StringArray::from(vec![Some("5"), Some("x"), None, Some("1")]))],
         )
         .unwrap();
         Batch::new(rows, Int64Array::from(vec![1, 2, 3, 4])).unwrap()
@@ -185,11 +166,7 @@ mod tests {
 
     #[test]
     fn filter_dead_letters_rows_the_expression_fails_on() {
-        let (f, _) = FilterSpec {
-            predicate: "CAST(s AS BIGINT) > 2".into(),
-        }
-        .plan(&input().schema())
-        .unwrap();
+        let (f, _) = FilterSpec { predicate: "CAST(s AS BIGINT) > 2".into() }.plan(&input().schema()).unwrap();
         let mut h = OpHarness::new(f.as_ref()).unwrap();
         let out = h.process(input()).unwrap();
         assert_eq!(out[0].rows.column(0).as_string::<i32>().value(0), "5");
@@ -203,21 +180,13 @@ mod tests {
 
     #[test]
     fn select_computes_and_renames() {
-        let (f, out) = SelectSpec {
-            columns: vec!["s AS label".into(), "length(s) * 2 AS twice".into()],
-        }
-        .plan(&input().schema())
-        .unwrap();
+        let (f, out) = SelectSpec { columns: vec!["s AS label".into(), "length(s) * 2 AS twice".into()] }
+            .plan(&input().schema())
+            .unwrap();
         assert_eq!(out.field(0).name(), "label");
         let mut h = OpHarness::new(f.as_ref()).unwrap();
         let b = h.process(input()).unwrap().remove(0);
         assert_eq!(b.num_rows(), 4);
-        assert_eq!(
-            b.rows
-                .column(1)
-                .as_primitive::<arrow_array::types::Int64Type>()
-                .value(0),
-            2
-        );
+        assert_eq!(b.rows.column(1).as_primitive::<arrow_array::types::Int64Type>().value(0), 2);
     }
 }

@@ -103,35 +103,32 @@ impl WindowSpec {
                 return Err(CoreError::Config("window size must be positive".into()))
             }
             WindowKind::Hopping { size_ms, slide_ms } if slide_ms <= 0 || slide_ms > size_ms => {
-                return Err(CoreError::Config(format!("hopping window slide must be in (0, size]; got slide {slide_ms} ms for size {size_ms} ms")))
+                return Err(CoreError::Config(format!(
+                    "hopping window slide must be in (0, size]; got slide {slide_ms} ms for size {size_ms} ms"
+                )))
             }
-            WindowKind::Session { gap_ms } if gap_ms <= 0 => return Err(CoreError::Config("session gap must be positive".into())),
+            WindowKind::Session { gap_ms } if gap_ms <= 0 => {
+                return Err(CoreError::Config("session gap must be positive".into()))
+            }
             _ => {}
         }
         if let LatePolicy::Update { allowed_ms } = self.late {
             weir_core::ensure_config!(allowed_ms >= 0, "allowed lateness must not be negative");
         }
-        weir_core::ensure_config!(
-            !self.aggs.is_empty(),
-            "a window needs at least one aggregate"
-        );
+        weir_core::ensure_config!(!self.aggs.is_empty(), "a window needs at least one aggregate");
         let mut fields = Vec::new();
         let mut key_types = Vec::new();
         for k in &self.keys {
             let f = field_by_path(input, k)?;
             key_types.push(f.data_type().clone());
-            fields.push(Field::new(
-                leaf_name(k),
-                f.data_type().clone(),
-                f.is_nullable(),
-            ));
+            fields.push(Field::new(leaf_name(k), f.data_type().clone(), f.is_nullable()));
         }
         fields.push(Field::new("window_start", DataType::Int64, false));
         fields.push(Field::new("window_end", DataType::Int64, false));
         for a in &self.aggs {
             if let Some(c) = &a.column {
-                let f = field_by_path(input, c)
-                    .map_err(|e| CoreError::Config(format!("aggregate `{}`: {e}", a.name)))?;
+                let f =
+                    field_by_path(input, c).map_err(|e| CoreError::Config(format!("aggregate `{}`: {e}", a.name)))?;
                 if !(f.data_type().is_numeric() || f.data_type() == &DataType::Boolean) {
                     return Err(CoreError::Config(format!(
                         "aggregate `{}`: `{}({c})` needs a numeric column, but `{c}` is {}",
@@ -153,11 +150,7 @@ impl WindowSpec {
             }
         }
         let out = Arc::new(Schema::new(fields));
-        let factory = WindowFactory {
-            spec: Arc::new(self.clone()),
-            out: out.clone(),
-            key_types,
-        };
+        let factory = WindowFactory { spec: Arc::new(self.clone()), out: out.clone(), key_types };
         Ok((Arc::new(factory), out))
     }
 }
@@ -362,10 +355,8 @@ impl WindowOp {
                 None => self.acc.alloc(),
             };
             // Fold the row into the (possibly merged) session.
-            let row_vals: Vec<Option<Float64Array>> = values
-                .iter()
-                .map(|v| v.as_ref().map(|c| c.slice(i, 1)))
-                .collect();
+            let row_vals: Vec<Option<Float64Array>> =
+                values.iter().map(|v| v.as_ref().map(|c| c.slice(i, 1))).collect();
             self.acc.update(&[slot], &row_vals, &one_time(i));
             let list = self.sessions.entry(key).or_default();
             list.push(Session { start, end, slot });
@@ -387,11 +378,8 @@ impl WindowOp {
             return Ok(());
         }
         // Without keys there is one global window per period, and no key columns.
-        let mut cols: Vec<ArrayRef> = if self.spec.keys.is_empty() {
-            Vec::new()
-        } else {
-            self.keys.columns(&key_ids)?
-        };
+        let mut cols: Vec<ArrayRef> =
+            if self.spec.keys.is_empty() { Vec::new() } else { self.keys.columns(&key_ids)? };
         let time = Int64Array::from(ends.iter().map(|e| e - 1).collect::<Vec<_>>());
         cols.push(Arc::new(Int64Array::from(starts)));
         cols.push(Arc::new(Int64Array::from(ends)));
@@ -406,8 +394,7 @@ impl WindowOp {
     fn fire(&mut self, wm: i64, cx: &mut OpContext<'_>) -> Result<()> {
         let (size, _) = self.size_slide();
         let allowed = self.allowed();
-        let (mut keys, mut starts, mut ends, mut slots) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut keys, mut starts, mut ends, mut slots) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         if let WindowKind::Session { .. } = self.spec.kind {
             while let Some(&(end, key, start)) = self.session_ends.first() {
                 if end > wm {
@@ -466,8 +453,7 @@ impl WindowOp {
     /// Re-emits windows updated by late rows (allowed lateness).
     fn emit_updates(&mut self, cx: &mut OpContext<'_>) -> Result<()> {
         let (size, _) = self.size_slide();
-        let (mut keys, mut starts, mut ends, mut slots) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut keys, mut starts, mut ends, mut slots) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (&start, b) in self.buckets.iter_mut() {
             if b.dirty.is_empty() {
                 continue;
@@ -501,17 +487,12 @@ impl Operator for WindowOp {
             TimeDomain::Processing => None,
         };
         let key_cols = key_columns(&batch.rows, &self.spec.keys)?;
-        let key_ids: Vec<u32> = if key_cols.is_empty() {
-            vec![0; batch.num_rows()]
-        } else {
-            self.keys.intern(&key_cols)?.to_vec()
-        };
+        let key_ids: Vec<u32> =
+            if key_cols.is_empty() { vec![0; batch.num_rows()] } else { self.keys.intern(&key_cols)?.to_vec() };
         let values = self.values(&batch.rows)?;
         let mut late = Vec::new();
         let folded = match self.spec.kind {
-            WindowKind::Session { .. } => {
-                self.process_session(&times, &key_ids, &values, wm, &mut late)
-            }
+            WindowKind::Session { .. } => self.process_session(&times, &key_ids, &values, wm, &mut late),
             _ => self.process_fixed(&batch, &times, &key_ids, &values, wm, &mut late),
         };
         StepMetrics::add(&cx.metrics.aggregated, folded);

@@ -225,10 +225,7 @@ fn default_idle() -> Option<Duration> {
 
 impl Default for WatermarkConfig {
     fn default() -> Self {
-        Self {
-            max_out_of_orderness: default_ooo(),
-            idle_timeout: default_idle(),
-        }
+        Self { max_out_of_orderness: default_ooo(), idle_timeout: default_idle() }
     }
 }
 
@@ -286,9 +283,7 @@ impl TryFrom<StepRepr> for StepConfig {
         }
         match found.len() {
             1 => Ok(found.remove(0)),
-            0 => Err(
-                "a step needs one of `filter`, `select`, `key_by`, `window`, `ewma_zscore`".into(),
-            ),
+            0 => Err("a step needs one of `filter`, `select`, `key_by`, `window`, `ewma_zscore`".into()),
             _ => Err("a step has more than one kind; write each as its own list item".into()),
         }
     }
@@ -435,11 +430,7 @@ enum LateRepr {
 struct LateMap {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     side_output: Option<String>,
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "humantime_serde"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "humantime_serde")]
     allowed_lateness: Option<Duration>,
 }
 
@@ -448,7 +439,9 @@ impl TryFrom<LateRepr> for LateConfig {
     fn try_from(r: LateRepr) -> Result<Self, String> {
         match r {
             LateRepr::Name(n) if n == "drop" => Ok(Self::Drop),
-            LateRepr::Name(n) => Err(format!("unknown late policy `{n}`; use `drop`, `{{side_output: path}}` or `{{allowed_lateness: 5s}}`")),
+            LateRepr::Name(n) => Err(format!(
+                "unknown late policy `{n}`; use `drop`, `{{side_output: path}}` or `{{allowed_lateness: 5s}}`"
+            )),
             LateRepr::Map(LateMap { side_output: Some(p), allowed_lateness: None }) => Ok(Self::SideOutput(p)),
             LateRepr::Map(LateMap { side_output: None, allowed_lateness: Some(d) }) => Ok(Self::AllowedLateness(d)),
             LateRepr::Map(_) => Err("late: give exactly one of `side_output`, `allowed_lateness`".into()),
@@ -460,14 +453,10 @@ impl From<LateConfig> for LateRepr {
     fn from(l: LateConfig) -> Self {
         match l {
             LateConfig::Drop => LateRepr::Name("drop".into()),
-            LateConfig::SideOutput(p) => LateRepr::Map(LateMap {
-                side_output: Some(p),
-                ..Default::default()
-            }),
-            LateConfig::AllowedLateness(d) => LateRepr::Map(LateMap {
-                allowed_lateness: Some(d),
-                ..Default::default()
-            }),
+            LateConfig::SideOutput(p) => LateRepr::Map(LateMap { side_output: Some(p), ..Default::default() }),
+            LateConfig::AllowedLateness(d) => {
+                LateRepr::Map(LateMap { allowed_lateness: Some(d), ..Default::default() })
+            }
         }
     }
 }
@@ -563,9 +552,7 @@ fn default_dlq() -> String {
 
 impl Default for DeadLetterConfig {
     fn default() -> Self {
-        Self {
-            path: default_dlq(),
-        }
+        Self { path: default_dlq() }
     }
 }
 
@@ -584,9 +571,7 @@ fn default_channel_capacity() -> usize {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self {
-            channel_capacity: default_channel_capacity(),
-        }
+        Self { channel_capacity: default_channel_capacity() }
     }
 }
 
@@ -621,14 +606,8 @@ impl SourceConfig {
             (Some(f), None, None) => Ok(SourceConnector::File(f.clone())),
             (None, Some(s), None) => Ok(SourceConnector::Stdin(s.clone())),
             (None, None, Some(g)) => Ok(SourceConnector::Generator(g.clone())),
-            (None, None, None) => Err(format!(
-                "source `{}` needs one of `file`, `stdin`, `generator`",
-                self.id
-            )),
-            _ => Err(format!(
-                "source `{}` has more than one of `file`, `stdin`, `generator`",
-                self.id
-            )),
+            (None, None, None) => Err(format!("source `{}` needs one of `file`, `stdin`, `generator`", self.id)),
+            _ => Err(format!("source `{}` has more than one of `file`, `stdin`, `generator`", self.id)),
         }
     }
 }
@@ -636,25 +615,14 @@ impl SourceConfig {
 impl FileSourceSettings {
     /// Settings for a path with defaults otherwise.
     pub fn new(path: impl Into<String>, format: FormatSpec) -> Self {
-        Self {
-            path: path.into(),
-            format,
-            follow: false,
-            poll_interval: default_poll(),
-            chunk_size: default_chunk(),
-        }
+        Self { path: path.into(), format, follow: false, poll_interval: default_poll(), chunk_size: default_chunk() }
     }
 }
 
 impl SinkConfig {
     /// A sink with the given id and connector.
     pub fn new(id: impl Into<String>, connector: SinkConnector) -> Self {
-        let mut s = Self {
-            id: id.into(),
-            file: None,
-            stdout: None,
-            latency_column: None,
-        };
+        let mut s = Self { id: id.into(), file: None, stdout: None, latency_column: None };
         match connector {
             SinkConnector::File(f) => s.file = Some(f),
             SinkConnector::Stdout(f) => s.stdout = Some(f),
@@ -671,10 +639,7 @@ impl SinkConfig {
             (Some(f), None) => Ok(SinkConnector::File(f.clone())),
             (None, Some(s)) => Ok(SinkConnector::Stdout(s.clone())),
             (None, None) => Err(format!("sink `{}` needs one of `file`, `stdout`", self.id)),
-            _ => Err(format!(
-                "sink `{}` has more than one of `file`, `stdout`",
-                self.id
-            )),
+            _ => Err(format!("sink `{}` has more than one of `file`, `stdout`", self.id)),
         }
     }
 }

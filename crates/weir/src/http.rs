@@ -27,9 +27,7 @@ impl MetricsServer {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| CoreError::io(format!("cannot listen on `{addr}` for metrics"), e))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| CoreError::io("metrics listener address", e))?;
+        let addr = listener.local_addr().map_err(|e| CoreError::io("metrics listener address", e))?;
         tracing::info!(%addr, "Serving metrics.");
         let task = tokio::spawn(async move {
             loop {
@@ -46,26 +44,17 @@ impl MetricsServer {
                     let req = String::from_utf8_lossy(&buf[..n]);
                     let path = req.split_whitespace().nth(1).unwrap_or("/");
                     let (status, ctype, body) = match (req.starts_with("GET "), path) {
-                        (true, "/metrics") => (
-                            "200 OK",
-                            "text/plain; version=0.0.4",
-                            registry.render_prometheus(&job),
-                        ),
-                        (true, "/healthz" | "/readyz") => {
-                            ("200 OK", "text/plain", "ok\n".to_string())
+                        (true, "/metrics") => ("200 OK", "text/plain; version=0.0.4", registry.render_prometheus(&job)),
+                        (true, "/healthz" | "/readyz") => ("200 OK", "text/plain", "ok\n".to_string()),
+                        (true, _) => {
+                            ("404 Not Found", "text/plain", "not found; try /metrics, /healthz, /readyz\n".to_string())
                         }
-                        (true, _) => (
-                            "404 Not Found",
-                            "text/plain",
-                            "not found; try /metrics, /healthz, /readyz\n".to_string(),
-                        ),
-                        (false, _) => (
-                            "405 Method Not Allowed",
-                            "text/plain",
-                            "GET only\n".to_string(),
-                        ),
+                        (false, _) => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
                     };
-                    let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
                     let _ = sock.write_all(head.as_bytes()).await;
                     let _ = sock.write_all(body.as_bytes()).await;
                     let _ = sock.shutdown().await;

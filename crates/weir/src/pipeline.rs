@@ -7,18 +7,14 @@ use std::time::Duration;
 
 use arrow_schema::SchemaRef;
 use weir_connectors::{
-    FileDeadLetters, FileSideWriter, FileSinkFactory, FileSourceConfig, FileSourceFactory,
-    GeneratorConfig, GeneratorFactory, StdinSourceFactory, StdoutSinkFactory,
+    FileDeadLetters, FileSideWriter, FileSinkFactory, FileSourceConfig, FileSourceFactory, GeneratorConfig,
+    GeneratorFactory, StdinSourceFactory, StdoutSinkFactory,
 };
 use weir_core::runtime::{Job, JobSpec, RunSummary, StageSpec, WatermarkSpec};
 use weir_core::time::EventTimeSpec;
-use weir_core::{
-    CoreError, DeadLetterSink, OperatorFactory, Result, SinkFactory, SourceFactory, StepId,
-};
+use weir_core::{CoreError, DeadLetterSink, OperatorFactory, Result, SinkFactory, SourceFactory, StepId};
 use weir_formats::{infer_json_schema, split_records, FormatSpec};
-use weir_ops::{
-    AggSpec, EwmaZscoreSpec, FilterSpec, LatePolicy, SelectSpec, TimeDomain, WindowKind, WindowSpec,
-};
+use weir_ops::{AggSpec, EwmaZscoreSpec, FilterSpec, LatePolicy, SelectSpec, TimeDomain, WindowKind, WindowSpec};
 
 use crate::config::*;
 
@@ -46,18 +42,8 @@ pub struct Pipeline {
 impl Pipeline {
     /// A new, empty pipeline.
     pub fn new(name: impl Into<String>) -> Self {
-        let placeholder = SourceConfig::new(
-            "",
-            SourceConnector::Stdin(StdinSettings {
-                format: FormatSpec::Json,
-            }),
-        );
-        let sink = SinkConfig::new(
-            "",
-            SinkConnector::Stdout(StdoutSettings {
-                format: FormatSpec::Json,
-            }),
-        );
+        let placeholder = SourceConfig::new("", SourceConnector::Stdin(StdinSettings { format: FormatSpec::Json }));
+        let sink = SinkConfig::new("", SinkConnector::Stdout(StdoutSettings { format: FormatSpec::Json }));
         Self {
             cfg: PipelineConfig {
                 name: name.into(),
@@ -75,11 +61,7 @@ impl Pipeline {
 
     /// A pipeline from its configuration (the YAML form).
     pub fn from_config(cfg: PipelineConfig) -> Self {
-        Self {
-            cfg,
-            source_set: true,
-            sink_set: true,
-        }
+        Self { cfg, source_set: true, sink_set: true }
     }
 
     /// Sets the source.
@@ -97,18 +79,11 @@ impl Pipeline {
 
     /// Keeps rows matching a SQL predicate.
     pub fn filter(&mut self, id: &str, predicate: &str) -> &mut Self {
-        self.step(StepConfig::Filter(FilterConfig {
-            id: id.into(),
-            predicate: predicate.into(),
-        }))
+        self.step(StepConfig::Filter(FilterConfig { id: id.into(), predicate: predicate.into() }))
     }
 
     /// Chooses, renames and computes columns.
-    pub fn select<I: IntoIterator<Item = S>, S: Into<String>>(
-        &mut self,
-        id: &str,
-        columns: I,
-    ) -> &mut Self {
+    pub fn select<I: IntoIterator<Item = S>, S: Into<String>>(&mut self, id: &str, columns: I) -> &mut Self {
         self.step(StepConfig::Select(SelectConfig {
             id: id.into(),
             columns: columns.into_iter().map(Into::into).collect(),
@@ -116,15 +91,8 @@ impl Pipeline {
     }
 
     /// Partitions by key columns for the keyed steps that follow.
-    pub fn key_by<I: IntoIterator<Item = S>, S: Into<String>>(
-        &mut self,
-        id: &str,
-        keys: I,
-    ) -> &mut Self {
-        self.step(StepConfig::KeyBy(KeyByConfig {
-            id: id.into(),
-            keys: keys.into_iter().map(Into::into).collect(),
-        }))
+    pub fn key_by<I: IntoIterator<Item = S>, S: Into<String>>(&mut self, id: &str, keys: I) -> &mut Self {
+        self.step(StepConfig::KeyBy(KeyByConfig { id: id.into(), keys: keys.into_iter().map(Into::into).collect() }))
     }
 
     /// Aggregates in windows.
@@ -162,11 +130,7 @@ impl Pipeline {
     /// # Errors
     /// The first problem, naming its step.
     pub fn build(&self) -> Result<BuiltPipeline> {
-        weir_core::ensure_config!(
-            self.source_set,
-            "pipeline `{}` has no source",
-            self.cfg.name
-        );
+        weir_core::ensure_config!(self.source_set, "pipeline `{}` has no source", self.cfg.name);
         weir_core::ensure_config!(self.sink_set, "pipeline `{}` has no sink", self.cfg.name);
         let c = &self.cfg;
         let mut ids = HashSet::new();
@@ -175,23 +139,13 @@ impl Pipeline {
             .chain(std::iter::once(c.sink.id.as_str()));
         for id in all_ids {
             weir_core::ensure_config!(!id.is_empty(), "a step has an empty id");
-            weir_core::ensure_config!(
-                ids.insert(id),
-                "step id `{id}` is used twice; ids must be unique"
-            );
+            weir_core::ensure_config!(ids.insert(id), "step id `{id}` is used twice; ids must be unique");
         }
         c.source.connector().map_err(CoreError::Config)?;
         c.sink.connector().map_err(CoreError::Config)?;
-        weir_core::ensure_config!(
-            c.source.batch_size > 0,
-            "source `{}`: batch_size must be positive",
-            c.source.id
-        );
+        weir_core::ensure_config!(c.source.batch_size > 0, "source `{}`: batch_size must be positive", c.source.id);
         weir_core::ensure_config!(c.workers != Some(0), "workers must be at least 1");
-        weir_core::ensure_config!(
-            c.runtime.channel_capacity > 0,
-            "runtime.channel_capacity must be positive"
-        );
+        weir_core::ensure_config!(c.runtime.channel_capacity > 0, "runtime.channel_capacity must be positive");
         for s in &c.steps {
             step_spec(s, &[]).map_err(|e| e.in_step(&StepId::new(s.id())))?;
         }
@@ -237,14 +191,10 @@ fn ms(d: Duration) -> i64 {
 
 fn step_spec(s: &StepConfig, keys: &[String]) -> Result<OpSpec> {
     Ok(match s {
-        StepConfig::Filter(f) => OpSpec::Filter(FilterSpec {
-            predicate: f.predicate.clone(),
-        }),
+        StepConfig::Filter(f) => OpSpec::Filter(FilterSpec { predicate: f.predicate.clone() }),
         StepConfig::Select(f) => {
             weir_core::ensure_config!(!f.columns.is_empty(), "select needs at least one column");
-            OpSpec::Select(SelectSpec {
-                columns: f.columns.clone(),
-            })
+            OpSpec::Select(SelectSpec { columns: f.columns.clone() })
         }
         StepConfig::KeyBy(k) => {
             weir_core::ensure_config!(!k.keys.is_empty(), "key_by needs at least one key column");
@@ -253,10 +203,7 @@ fn step_spec(s: &StepConfig, keys: &[String]) -> Result<OpSpec> {
         StepConfig::Window(w) => {
             let kind = match (w.tumbling, &w.hopping, &w.session) {
                 (Some(size), None, None) => WindowKind::Tumbling { size_ms: ms(size) },
-                (None, Some(h), None) => WindowKind::Hopping {
-                    size_ms: ms(h.size),
-                    slide_ms: ms(h.slide),
-                },
+                (None, Some(h), None) => WindowKind::Hopping { size_ms: ms(h.size), slide_ms: ms(h.slide) },
                 (None, None, Some(s)) => WindowKind::Session { gap_ms: ms(s.gap) },
                 _ => {
                     return Err(CoreError::Config(
@@ -264,11 +211,7 @@ fn step_spec(s: &StepConfig, keys: &[String]) -> Result<OpSpec> {
                     ))
                 }
             };
-            let aggs = w
-                .aggregates
-                .iter()
-                .map(|(name, f)| AggSpec::parse(name, f))
-                .collect::<Result<Vec<_>>>()?;
+            let aggs = w.aggregates.iter().map(|(name, f)| AggSpec::parse(name, f)).collect::<Result<Vec<_>>>()?;
             weir_core::ensure_config!(!aggs.is_empty(), "a window needs at least one aggregate");
             let late = match &w.late {
                 LateConfig::Drop => LatePolicy::Drop,
@@ -279,13 +222,7 @@ fn step_spec(s: &StepConfig, keys: &[String]) -> Result<OpSpec> {
                 TimeDomainConfig::Event => TimeDomain::Event,
                 TimeDomainConfig::Processing => TimeDomain::Processing,
             };
-            OpSpec::Window(WindowSpec {
-                keys: keys.to_vec(),
-                kind,
-                domain,
-                aggs,
-                late,
-            })
+            OpSpec::Window(WindowSpec { keys: keys.to_vec(), kind, domain, aggs, late })
         }
         StepConfig::EwmaZscore(e) => OpSpec::Ewma(EwmaZscoreSpec {
             keys: keys.to_vec(),
@@ -305,15 +242,8 @@ impl BuiltPipeline {
 
     /// Plans the steps on a schema: returns, per stage, its key and operators, and the final
     /// schema.
-    fn plan_steps(
-        &self,
-        schema: &SchemaRef,
-        _workers: usize,
-    ) -> Result<(Vec<StageSpec>, SchemaRef)> {
-        let mut stages = vec![StageSpec {
-            key: None,
-            ops: Vec::new(),
-        }];
+    fn plan_steps(&self, schema: &SchemaRef, _workers: usize) -> Result<(Vec<StageSpec>, SchemaRef)> {
+        let mut stages = vec![StageSpec { key: None, ops: Vec::new() }];
         let mut schema = schema.clone();
         let mut keys: Vec<String> = Vec::new();
         let mut keyed = false;
@@ -355,30 +285,19 @@ impl BuiltPipeline {
                 Planned::Exchange(k) => {
                     keys = k.clone();
                     keyed = true;
-                    stages.push(StageSpec {
-                        key: Some(k),
-                        ops: Vec::new(),
-                    });
+                    stages.push(StageSpec { key: Some(k), ops: Vec::new() });
                 }
                 Planned::Op(f, out) => {
                     // A keyless window is global: route everything to one worker first.
                     if matches!(s, StepConfig::Window(_)) && !keyed {
-                        stages.push(StageSpec {
-                            key: Some(Vec::new()),
-                            ops: Vec::new(),
-                        });
+                        stages.push(StageSpec { key: Some(Vec::new()), ops: Vec::new() });
                         keyed = true;
                     }
                     if matches!(s, StepConfig::Window(_)) {
                         // Window output is keyed by the leaf names of its keys.
-                        keys = keys
-                            .iter()
-                            .map(|k| weir_ops::leaf_name(k).to_string())
-                            .collect();
+                        keys = keys.iter().map(|k| weir_ops::leaf_name(k).to_string()).collect();
                     }
-                    let stage = stages
-                        .last_mut()
-                        .ok_or_else(|| CoreError::Internal("no stage".into()))?;
+                    let stage = stages.last_mut().ok_or_else(|| CoreError::Internal("no stage".into()))?;
                     stage.ops.push((id, f));
                     schema = out;
                 }
@@ -394,27 +313,15 @@ impl BuiltPipeline {
     /// Missing input, schema problems, unknown columns, bad expressions.
     pub fn plan(&self, opts: &RunOptions) -> Result<JobSpec> {
         let c = &self.cfg;
-        let workers = opts
-            .workers
-            .or(c.workers)
-            .unwrap_or_else(default_workers)
-            .max(1);
+        let workers = opts.workers.or(c.workers).unwrap_or_else(default_workers).max(1);
         let src = &c.source;
         let source_step = StepId::new(&src.id);
-        let event_time = src.event_time.as_ref().map(|e| EventTimeSpec {
-            column: e.column.clone(),
-            format: e.format,
-        });
-        let (source, schema): (Arc<dyn SourceFactory>, SchemaRef) = match src
-            .connector()
-            .map_err(CoreError::Config)?
-        {
+        let event_time = src.event_time.as_ref().map(|e| EventTimeSpec { column: e.column.clone(), format: e.format });
+        let (source, schema): (Arc<dyn SourceFactory>, SchemaRef) = match src.connector().map_err(CoreError::Config)? {
             SourceConnector::File(f) => {
                 let schema = match &src.schema {
                     Some(s) => s.to_arrow(),
-                    None => {
-                        infer_from_file(&f.path, &f.format).map_err(|e| e.in_step(&source_step))?
-                    }
+                    None => infer_from_file(&f.path, &f.format).map_err(|e| e.in_step(&source_step))?,
                 };
                 let fac = FileSourceFactory::new(FileSourceConfig {
                     path: f.path.clone(),
@@ -430,11 +337,12 @@ impl BuiltPipeline {
                 (Arc::new(fac), schema)
             }
             SourceConnector::Stdin(s) => {
-                let schema = src
-                    .schema
-                    .as_ref()
-                    .map(weir_formats::SchemaSpec::to_arrow)
-                    .ok_or_else(|| CoreError::Config(format!("source `{}`: stdin needs a declared `schema` (it cannot be read twice to infer one)", src.id)))?;
+                let schema = src.schema.as_ref().map(weir_formats::SchemaSpec::to_arrow).ok_or_else(|| {
+                    CoreError::Config(format!(
+                        "source `{}`: stdin needs a declared `schema` (it cannot be read twice to infer one)",
+                        src.id
+                    ))
+                })?;
                 let fac = StdinSourceFactory::new(
                     s.format,
                     schema.clone(),
@@ -525,14 +433,11 @@ fn infer_from_file(path: &str, format: &FormatSpec) -> Result<SchemaRef> {
     let mut buf = vec![0u8; 1 << 20];
     let n = {
         use std::io::Read as _;
-        let mut f = std::fs::File::open(first).map_err(|e| {
-            CoreError::io(format!("cannot open input file `{}`", first.display()), e)
-        })?;
+        let mut f = std::fs::File::open(first)
+            .map_err(|e| CoreError::io(format!("cannot open input file `{}`", first.display()), e))?;
         let mut n = 0;
         loop {
-            let k = f
-                .read(&mut buf[n..])
-                .map_err(|e| CoreError::io(format!("reading `{}`", first.display()), e))?;
+            let k = f.read(&mut buf[n..]).map_err(|e| CoreError::io(format!("reading `{}`", first.display()), e))?;
             n += k;
             if k == 0 || n == buf.len() {
                 break n;
@@ -543,10 +448,7 @@ fn infer_from_file(path: &str, format: &FormatSpec) -> Result<SchemaRef> {
     split_records(format, &buf[..n], n < buf.len(), &mut ranges).map_err(CoreError::user)?;
     let samples: Vec<&[u8]> = ranges.iter().take(1000).map(|r| &buf[r.clone()]).collect();
     let spec = infer_json_schema(&samples).map_err(|e| {
-        CoreError::Config(format!(
-            "cannot infer a schema from `{}`: {e}; declare one with `schema:`",
-            first.display()
-        ))
+        CoreError::Config(format!("cannot infer a schema from `{}`: {e}; declare one with `schema:`", first.display()))
     })?;
     tracing::info!(file = %first.display(), fields = spec.fields.len(), "Inferred the input schema from the first records.");
     Ok(spec.to_arrow())

@@ -13,18 +13,12 @@ pub fn progress_line(reg: &Registry, last_records: &mut u64, every: Duration) ->
     let rate = (records - *last_records) as f64 / every.as_secs_f64();
     *last_records = records;
     let out = reg.sink_rows.load(Ordering::Relaxed);
-    let wm = reg
-        .watermark()
-        .filter(|w| *w != weir_core::batch::END_OF_TIME);
+    let wm = reg.watermark().filter(|w| *w != weir_core::batch::END_OF_TIME);
     let (wm_s, lag) = match wm.and_then(chrono_ms) {
         Some((s, lag)) => (s, format!("{lag:.1}s")),
         None => ("-".to_string(), "-".to_string()),
     };
-    let fill = reg
-        .channel_fill()
-        .iter()
-        .map(|(_, f)| *f)
-        .fold(0.0, f64::max);
+    let fill = reg.channel_fill().iter().map(|(_, f)| *f).fold(0.0, f64::max);
     format!(
         "{} ev/s | in {} | out {} | watermark {wm_s} | lag {lag} | max queue {:.0}%",
         human(rate),
@@ -88,7 +82,13 @@ pub fn summary(s: &RunSummary, workers: usize) -> String {
         s.sink_rows
     );
     if let Some((p50, p99, max)) = s.latency_us {
-        let _ = writeln!(out, "latency from creation to sink: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", p50 as f64 / 1e3, p99 as f64 / 1e3, max as f64 / 1e3);
+        let _ = writeln!(
+            out,
+            "latency from creation to sink: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            p50 as f64 / 1e3,
+            p99 as f64 / 1e3,
+            max as f64 / 1e3
+        );
     }
     out
 }

@@ -31,10 +31,7 @@ impl std::error::Error for ConfigError {}
 ///
 /// # Errors
 /// An unset variable without default, or an unclosed `${`, naming the line.
-pub fn expand_env(
-    text: &str,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, (usize, String)> {
+pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, (usize, String)> {
     let mut out = String::with_capacity(text.len());
     for (i, line) in text.split_inclusive('\n').enumerate() {
         let mut rest = line;
@@ -57,7 +54,12 @@ pub fn expand_env(
             match (lookup(name), default) {
                 (Some(v), d) if !v.is_empty() || d.is_none() => out.push_str(&v),
                 (_, Some(d)) => out.push_str(d),
-                (_, None) => return Err((i + 1, format!("environment variable `{name}` is not set (give a default with `${{{name}:-value}}`)"))),
+                (_, None) => {
+                    return Err((
+                        i + 1,
+                        format!("environment variable `{name}` is not set (give a default with `${{{name}:-value}}`)"),
+                    ))
+                }
             }
             rest = &rest[p + close + 1..];
         }
@@ -83,12 +85,11 @@ pub fn parse_with(
     text: &str,
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<PipelineConfig, ConfigError> {
-    let expanded =
-        expand_env(text, lookup).map_err(|(line, message)| ConfigError {
-            file: file.into(),
-            line: Some(line),
-            message,
-        })?;
+    let expanded = expand_env(text, lookup).map_err(|(line, message)| ConfigError {
+        file: file.into(),
+        line: Some(line),
+        message,
+    })?;
     serde_yaml::from_str::<PipelineConfig>(&expanded).map_err(|e| {
         let line = e.location().map(|l| l.line());
         // serde_yaml appends " at line L column C"; the line goes in front instead.
@@ -96,11 +97,7 @@ pub fn parse_with(
         if let Some(idx) = message.find(" at line ") {
             message.truncate(idx);
         }
-        ConfigError {
-            file: file.into(),
-            line,
-            message,
-        }
+        ConfigError { file: file.into(), line, message }
     })
 }
 
@@ -108,26 +105,13 @@ pub fn parse_with(
 pub fn step_line(text: &str, step: &str) -> Option<usize> {
     text.lines()
         .position(|l| {
-            let t = l
-                .trim_start()
-                .trim_start_matches("- ")
-                .trim_start_matches('{')
-                .trim();
+            let t = l.trim_start().trim_start_matches("- ").trim_start_matches('{').trim();
             let t = t.strip_prefix("id:").map(str::trim).unwrap_or_default();
-            let t = t
-                .split([',', '}', '#'])
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .trim_matches(['"', '\'']);
+            let t = t.split([',', '}', '#']).next().unwrap_or_default().trim().trim_matches(['"', '\'']);
             t == step
         })
         .map(|i| i + 1)
-        .or_else(|| {
-            text.lines()
-                .position(|l| l.contains(&format!("id: {step}")))
-                .map(|i| i + 1)
-        })
+        .or_else(|| text.lines().position(|l| l.contains(&format!("id: {step}"))).map(|i| i + 1))
 }
 
 #[cfg(test)]

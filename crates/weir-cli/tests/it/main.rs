@@ -27,7 +27,11 @@ fn run_writes_results_and_a_summary() {
     let out = dir.path().join("w1.jsonl");
     let o = weir(
         &["run", "examples/w1-sensor-window.yaml", "--workers", "2"],
-        &[("INPUT", &repo().join("tests/data/sensors-3k.jsonl")), ("OUTPUT", &out), ("DEAD_LETTERS", &dir.path().join("d.jsonl"))],
+        &[
+            ("INPUT", &repo().join("tests/data/sensors-3k.jsonl")),
+            ("OUTPUT", &out),
+            ("DEAD_LETTERS", &dir.path().join("d.jsonl")),
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let rows = std::fs::read_to_string(&out).unwrap().lines().count();
@@ -80,7 +84,10 @@ fn gen_then_run_the_generated_file() {
     let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     assert!(first["readings"]["temp"].is_f64() && first["device_id"].as_str().unwrap().starts_with("dev-"));
     let out = dir.path().join("o.jsonl");
-    let o = weir(&["run", "examples/w2-filter-project.yaml"], &[("INPUT", &f), ("OUTPUT", &out), ("DEAD_LETTERS", &dir.path().join("d"))]);
+    let o = weir(
+        &["run", "examples/w2-filter-project.yaml"],
+        &[("INPUT", &f), ("OUTPUT", &out), ("DEAD_LETTERS", &dir.path().join("d"))],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -97,7 +104,11 @@ fn sigint_flushes_open_windows_and_exits_0() {
         ),
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_weir")).args(["run", p.to_str().unwrap(), "--quiet"]).current_dir(dir.path()).spawn().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["run", p.to_str().unwrap(), "--quiet"])
+        .current_dir(dir.path())
+        .spawn()
+        .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
@@ -106,7 +117,8 @@ fn sigint_flushes_open_windows_and_exits_0() {
     // The hour-long windows were open; a clean stop flushes them.
     let rows = std::fs::read_to_string(&out).unwrap();
     assert!(!rows.is_empty(), "open windows must be flushed on SIGINT");
-    let total: i64 = rows.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["n"].as_i64().unwrap()).sum();
+    let total: i64 =
+        rows.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["n"].as_i64().unwrap()).sum();
     assert!(total > 1000, "{total}");
 }
 
@@ -131,11 +143,17 @@ fn stdin_to_stdout_with_dead_letters() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"{\"a\":1}\n{\"a\":2,\"b\":\"x\"}\nnot json\n{\"a\":\"three\"}\n{\"a\":5}").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"a\":1}\n{\"a\":2,\"b\":\"x\"}\nnot json\n{\"a\":\"three\"}\n{\"a\":5}")
+        .unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "{\"a\":2,\"b\":\"x\"}\n{\"a\":5,\"b\":null}\n");
-    let letters: Vec<serde_json::Value> = std::fs::read_to_string(&dead).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let letters: Vec<serde_json::Value> =
+        std::fs::read_to_string(&dead).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(letters.len(), 2);
     assert_eq!(letters[0]["kind"], "decode");
     assert_eq!(letters[0]["position"], "line 3, offset 24");

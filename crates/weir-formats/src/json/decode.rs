@@ -12,12 +12,9 @@ use std::ops::Range;
 use arrow_schema::SchemaRef;
 
 use crate::columns::{
-    end_struct, null_subtree, parse_timestamp_ms, truncate_subtree, Builders, Column, Data, Kind,
-    Plan, ROOT,
+    end_struct, null_subtree, parse_timestamp_ms, truncate_subtree, Builders, Column, Data, Kind, Plan, ROOT,
 };
-use crate::{
-    record_bytes, truncate_for_message, Decoded, Decoder, RecordError, RecordErrorKind, Result,
-};
+use crate::{record_bytes, truncate_for_message, Decoded, Decoder, RecordError, RecordErrorKind, Result};
 
 /// Deeper nesting than this is refused (it would only come from garbage or an attack).
 const MAX_DEPTH: u32 = 128;
@@ -58,13 +55,7 @@ impl JsonDecoder {
         let plan = Plan::new(&schema, "json")?;
         let builders = Builders::new(&plan);
         let order = vec![Vec::new(); plan.nodes.len()];
-        Ok(Self {
-            schema,
-            plan,
-            builders,
-            order,
-            scratch: Vec::new(),
-        })
+        Ok(Self { schema, plan, builders, order, scratch: Vec::new() })
     }
 }
 
@@ -101,11 +92,7 @@ impl Decoder for JsonDecoder {
             }
         }
         let batch = self.builders.finish(&self.plan, &self.schema)?;
-        Ok(Decoded {
-            batch,
-            errors,
-            row_records,
-        })
+        Ok(Decoded { batch, errors, row_records })
     }
 
     fn schema(&self) -> &SchemaRef {
@@ -138,17 +125,9 @@ impl PErr {
                     Some(at) => format!("invalid UTF-8 at byte {at}"),
                     None => format!("invalid JSON at byte {pos}: {reason}"),
                 };
-                RecordError {
-                    index,
-                    kind: RecordErrorKind::Decode,
-                    message,
-                }
+                RecordError { index, kind: RecordErrorKind::Decode, message }
             }
-            PErr::Schema(message) => RecordError {
-                index,
-                kind: RecordErrorKind::Schema,
-                message,
-            },
+            PErr::Schema(message) => RecordError { index, kind: RecordErrorKind::Schema, message },
         }
     }
 }
@@ -278,13 +257,11 @@ fn escape<S: Sink>(buf: &[u8], p: usize, out: &mut S) -> Result<usize, PErr> {
             let mut end = p + 5;
             let code = if (0xD800..0xDC00).contains(&hi) {
                 if buf.get(end..end + 2) != Some(b"\\u") {
-                    return Err(
-                        if end + 2 > buf.len() && buf[end..].iter().all(|&b| b == b'\\') {
-                            eof(buf)
-                        } else {
-                            decode_err(end, "unpaired surrogate in \\u escape")
-                        },
-                    );
+                    return Err(if end + 2 > buf.len() && buf[end..].iter().all(|&b| b == b'\\') {
+                        eof(buf)
+                    } else {
+                        decode_err(end, "unpaired surrogate in \\u escape")
+                    });
                 }
                 let lo = hex4(buf, end + 2)?;
                 if !(0xDC00..0xE000).contains(&lo) {
@@ -343,8 +320,8 @@ pub(super) struct Num {
 }
 
 const POW10: [f64; 23] = [
-    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
-    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20,
+    1e21, 1e22,
 ];
 
 const MANT_LIMIT: u64 = 1_000_000_000_000_000_000;
@@ -368,11 +345,7 @@ impl Num {
         if !self.overflow && self.mant <= 1 << 53 && (-22..=22).contains(&self.exp10) {
             // Clinger's fast path: both operands are exact, so one rounding gives the nearest.
             let m = self.mant as f64;
-            let v = if self.exp10 < 0 {
-                m / POW10[(-self.exp10) as usize]
-            } else {
-                m * POW10[self.exp10 as usize]
-            };
+            let v = if self.exp10 < 0 { m / POW10[(-self.exp10) as usize] } else { m * POW10[self.exp10 as usize] };
             return if self.neg { -v } else { v };
         }
         slow_f64(&buf[self.start..self.end])
@@ -381,10 +354,7 @@ impl Num {
 
 #[inline(never)]
 fn slow_f64(text: &[u8]) -> f64 {
-    std::str::from_utf8(text)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(f64::NAN)
+    std::str::from_utf8(text).ok().and_then(|s| s.parse().ok()).unwrap_or(f64::NAN)
 }
 
 /// Scans a number starting at `*pos` (a '-' or a digit).
@@ -435,11 +405,7 @@ pub(super) fn scan_number(buf: &[u8], pos: &mut usize) -> Result<Num, PErr> {
             p += 1;
         }
         if p == digits {
-            return Err(if p >= buf.len() {
-                eof(buf)
-            } else {
-                decode_err(p, "invalid number")
-            });
+            return Err(if p >= buf.len() { eof(buf) } else { decode_err(p, "invalid number") });
         }
     }
     let mut exp = 0i32;
@@ -468,26 +434,14 @@ pub(super) fn scan_number(buf: &[u8], pos: &mut usize) -> Result<Num, PErr> {
             p += 1;
         }
         if p == digits {
-            return Err(if p >= buf.len() {
-                eof(buf)
-            } else {
-                decode_err(p, "invalid number")
-            });
+            return Err(if p >= buf.len() { eof(buf) } else { decode_err(p, "invalid number") });
         }
         if eneg {
             exp = -exp;
         }
     }
     *pos = p;
-    Ok(Num {
-        neg,
-        mant,
-        exp10: exp - frac,
-        float,
-        overflow,
-        start,
-        end: p,
-    })
+    Ok(Num { neg, mant, exp10: exp - frac, float, overflow, start, end: p })
 }
 
 /// Byte equality of short slices without a call to `memcmp`.
@@ -617,21 +571,14 @@ impl Parser<'_, '_> {
             if self.pos < self.buf.len() {
                 return Err(decode_err(self.pos, "trailing characters after the value"));
             }
-            Err(PErr::Schema(format!(
-                "expected a JSON object, found {}",
-                describe(&self.buf[start..end])
-            )))
+            Err(PErr::Schema(format!("expected a JSON object, found {}", describe(&self.buf[start..end]))))
         }
     }
 
     /// After a schema error: a syntax error anywhere in the record takes precedence.
     #[cold]
     fn revalidate(&mut self, message: String) -> PErr {
-        self.pos = if self.buf.starts_with(b"\xEF\xBB\xBF") {
-            3
-        } else {
-            0
-        };
+        self.pos = if self.buf.starts_with(b"\xEF\xBB\xBF") { 3 } else { 0 };
         self.skip_ws();
         if let Err(e) = self.skip_value(0) {
             return e;
@@ -691,12 +638,7 @@ impl Parser<'_, '_> {
         let start = self.pos;
         if let Some(guess) = self.order[s].get(k) {
             let end = start + guess.key.len();
-            if self.buf.get(end) == Some(&b'"')
-                && self
-                    .buf
-                    .get(start..end)
-                    .is_some_and(|b| same(b, &guess.key))
-            {
+            if self.buf.get(end) == Some(&b'"') && self.buf.get(start..end).is_some_and(|b| same(b, &guess.key)) {
                 self.pos = end + 1;
                 return Ok((guess.child != UNKNOWN).then_some(guess.child as usize));
             }
@@ -725,10 +667,7 @@ impl Parser<'_, '_> {
                     self.pos = p + 1;
                     let key = &self.buf[start..p];
                     let found = plan.find_child(s, key);
-                    let learned = Learned {
-                        key: key.into(),
-                        child: found.map_or(UNKNOWN, |c| c as u32),
-                    };
+                    let learned = Learned { key: key.into(), child: found.map_or(UNKNOWN, |c| c as u32) };
                     let order = &mut self.order[s];
                     if k < order.len() {
                         order[k] = learned;
@@ -767,10 +706,7 @@ impl Parser<'_, '_> {
         if b == b'n' {
             self.literal(b"null")?;
             if node.required {
-                return Err(PErr::Schema(format!(
-                    "required field `{}` is null",
-                    node.path
-                )));
+                return Err(PErr::Schema(format!("required field `{}` is null", node.path)));
             }
             null_subtree(plan, self.cols, c);
             return Ok(());
@@ -819,9 +755,7 @@ impl Parser<'_, '_> {
                     self.pos += 1;
                     self.scratch.clear();
                     read_string(self.buf, &mut self.pos, self.scratch)?;
-                    let parsed = std::str::from_utf8(self.scratch)
-                        .ok()
-                        .and_then(parse_timestamp_ms);
+                    let parsed = std::str::from_utf8(self.scratch).ok().and_then(parse_timestamp_ms);
                     match parsed {
                         Some(ms) => {
                             values.push(ms);
@@ -897,15 +831,9 @@ impl Parser<'_, '_> {
     #[cold]
     #[inline(never)]
     fn out_of_range(&self, c: usize, num: Num, ty: &str) -> PErr {
-        let text = truncate_for_message(
-            &String::from_utf8_lossy(&self.buf[num.start..num.end]),
-            QUOTE_MAX,
-        );
+        let text = truncate_for_message(&String::from_utf8_lossy(&self.buf[num.start..num.end]), QUOTE_MAX);
         let what = if num.float { "number" } else { "integer" };
-        PErr::Schema(format!(
-            "field `{}`: {what} {text} is out of range for {ty}",
-            self.plan.nodes[c].path
-        ))
+        PErr::Schema(format!("field `{}`: {what} {text} is out of range for {ty}", self.plan.nodes[c].path))
     }
 
     /// Skips any JSON value, checking its syntax.
@@ -1012,10 +940,7 @@ fields:
             ranges.push(start..buf.len());
             buf.push(b'\n');
         }
-        JsonDecoder::new(schema)
-            .unwrap()
-            .decode(&buf, &ranges)
-            .unwrap()
+        JsonDecoder::new(schema).unwrap().decode(&buf, &ranges).unwrap()
     }
 
     fn decode(lines: &[&str]) -> Decoded {
@@ -1047,10 +972,7 @@ fields:
         let b = &d.batch;
         assert_eq!(b.num_rows(), 1);
         assert_eq!(b.column(0).as_string::<i32>().value(0), "dev-00042");
-        assert_eq!(
-            b.column(1).as_primitive::<Int64Type>().value(0),
-            1700000000123
-        );
+        assert_eq!(b.column(1).as_primitive::<Int64Type>().value(0), 1700000000123);
         let r = b.column(2).as_struct();
         assert_eq!(r.column(0).as_primitive::<Float64Type>().value(0), 22.51);
         assert_eq!(r.column(1).as_primitive::<Float64Type>().value(0), 0.021);
@@ -1069,12 +991,7 @@ fields:
         assert!(d.errors.is_empty(), "{:?}", d.errors);
         let b = &d.batch;
         assert_eq!(b.num_rows(), 4);
-        let ids: Vec<_> = b
-            .column(0)
-            .as_string::<i32>()
-            .iter()
-            .map(|s| s.unwrap())
-            .collect();
+        let ids: Vec<_> = b.column(0).as_string::<i32>().iter().map(|s| s.unwrap()).collect();
         assert_eq!(ids, ["dev-00042", "b", "c", "d"]);
         let ts = b.column(1).as_primitive::<Int64Type>();
         assert_eq!(ts.values().to_vec(), vec![1700000000123, -7, 0, 5]);
@@ -1134,10 +1051,7 @@ fields:
                 "field `readings.temp`: number 1e999 is out of range for float64",
             ),
             (r#"{"device_id":42,"ts":1,"readings":{"temp":1}}"#, "field `device_id`: expected string, found number 42"),
-            (
-                r#"{"device_id":"a","ts":1,"readings":[1,2]}"#,
-                "field `readings`: expected struct, found array [1,2]",
-            ),
+            (r#"{"device_id":"a","ts":1,"readings":[1,2]}"#, "field `readings`: expected struct, found array [1,2]"),
             (
                 r#"{"device_id":"a","ts":1,"readings":{"temp":"warm"}}"#,
                 "field `readings.temp`: expected float64, found string \"warm\"",
@@ -1155,10 +1069,7 @@ fields:
         }
         assert_eq!(
             error_with(one_field(FieldType::Bool, true), r#"{"v":"true"}"#),
-            (
-                "schema",
-                "field `v`: expected bool, found string \"true\"".to_owned()
-            )
+            ("schema", "field `v`: expected bool, found string \"true\"".to_owned())
         );
         assert_eq!(
             error_with(one_field(FieldType::Timestamp, true), r#"{"v":"yesterday"}"#),
@@ -1169,89 +1080,41 @@ fields:
         );
         assert_eq!(
             error_with(one_field(FieldType::Timestamp, true), r#"{"v":true}"#),
-            (
-                "schema",
-                "field `v`: expected timestamp, found bool true".to_owned()
-            )
+            ("schema", "field `v`: expected timestamp, found bool true".to_owned())
         );
     }
 
     #[test]
     fn decode_errors_have_exact_messages() {
         let cases: [(&[u8], &str); 22] = [
-            (
-                br#"{"device_id":"a","ts":1,"readings":{"temp":1"#,
-                "invalid JSON at byte 44: unexpected end of input",
-            ),
-            (
-                br#"{"device_id":"a"#,
-                "invalid JSON at byte 15: unexpected end of input",
-            ),
-            (
-                br#"{"device_id""#,
-                "invalid JSON at byte 12: unexpected end of input",
-            ),
+            (br#"{"device_id":"a","ts":1,"readings":{"temp":1"#, "invalid JSON at byte 44: unexpected end of input"),
+            (br#"{"device_id":"a"#, "invalid JSON at byte 15: unexpected end of input"),
+            (br#"{"device_id""#, "invalid JSON at byte 12: unexpected end of input"),
             (b"", "invalid JSON at byte 0: unexpected end of input"),
-            (
-                br#"{"device_id":"a" "ts":1}"#,
-                "invalid JSON at byte 17: expected ',' or '}'",
-            ),
-            (
-                br#"{"device_id" "a"}"#,
-                "invalid JSON at byte 13: expected ':'",
-            ),
-            (
-                br#"{device_id:"a"}"#,
-                "invalid JSON at byte 1: expected a string key",
-            ),
-            (
-                br#"{"a":1,}"#,
-                "invalid JSON at byte 7: expected a string key",
-            ),
+            (br#"{"device_id":"a" "ts":1}"#, "invalid JSON at byte 17: expected ',' or '}'"),
+            (br#"{"device_id" "a"}"#, "invalid JSON at byte 13: expected ':'"),
+            (br#"{device_id:"a"}"#, "invalid JSON at byte 1: expected a string key"),
+            (br#"{"a":1,}"#, "invalid JSON at byte 7: expected a string key"),
             (br#"{"a":tru}"#, "invalid JSON at byte 5: invalid literal"),
             (br#"{"a":-}"#, "invalid JSON at byte 6: invalid number"),
             (br#"{"ts":1.}"#, "invalid JSON at byte 8: invalid number"),
             (br#"{"a":"x\qy"}"#, "invalid JSON at byte 7: invalid escape"),
-            (
-                br#"{"a":"\u12g4"}"#,
-                "invalid JSON at byte 10: invalid \\u escape",
-            ),
-            (
-                br#"{"a":"\ud800x"}"#,
-                "invalid JSON at byte 12: unpaired surrogate in \\u escape",
-            ),
-            (
-                br#"{"a":"\udc00"}"#,
-                "invalid JSON at byte 6: unpaired surrogate in \\u escape",
-            ),
-            (
-                b"{\"a\":\"x\ty\"}",
-                "invalid JSON at byte 7: control character in string",
-            ),
+            (br#"{"a":"\u12g4"}"#, "invalid JSON at byte 10: invalid \\u escape"),
+            (br#"{"a":"\ud800x"}"#, "invalid JSON at byte 12: unpaired surrogate in \\u escape"),
+            (br#"{"a":"\udc00"}"#, "invalid JSON at byte 6: unpaired surrogate in \\u escape"),
+            (b"{\"a\":\"x\ty\"}", "invalid JSON at byte 7: control character in string"),
             (
                 br#"{"device_id":"a","ts":1,"readings":{"temp":1}} x"#,
                 "invalid JSON at byte 47: trailing characters after the object",
             ),
-            (
-                b"{\"device_id\":\"a\xff\xfe\",\"ts\":1}",
-                "invalid UTF-8 at byte 15",
-            ),
+            (b"{\"device_id\":\"a\xff\xfe\",\"ts\":1}", "invalid UTF-8 at byte 15"),
             (b"{\"\xc3\x28\":1}", "invalid UTF-8 at byte 2"),
-            (
-                b"\x00\x01\x02garbage",
-                "invalid JSON at byte 0: expected a JSON value",
-            ),
+            (b"\x00\x01\x02garbage", "invalid JSON at byte 0: expected a JSON value"),
             (b"\xff\xfe\x00binary", "invalid UTF-8 at byte 0"),
-            (
-                br#"{"a":[1,2}"#,
-                "invalid JSON at byte 9: expected ',' or ']'",
-            ),
+            (br#"{"a":[1,2}"#, "invalid JSON at byte 9: expected ',' or ']'"),
         ];
         for (line, msg) in cases {
-            let d = JsonDecoder::new(schema())
-                .unwrap()
-                .decode(line, &[0..line.len()])
-                .unwrap();
+            let d = JsonDecoder::new(schema()).unwrap().decode(line, &[0..line.len()]).unwrap();
             assert_eq!(d.errors.len(), 1, "{}", String::from_utf8_lossy(line));
             assert_eq!(
                 (d.errors[0].kind, d.errors[0].message.as_str()),
@@ -1265,25 +1128,16 @@ fields:
     #[test]
     fn syntax_error_after_schema_error_is_a_decode_error() {
         let (kind, msg) = error_of(r#"{"device_id":1,"ts":1,"readings":{"temp":1}"#);
-        assert_eq!(
-            (kind, msg.as_str()),
-            ("decode", "invalid JSON at byte 43: unexpected end of input")
-        );
+        assert_eq!((kind, msg.as_str()), ("decode", "invalid JSON at byte 43: unexpected end of input"));
         let (kind, msg) = error_of(r#"{"readings":{"vibration":1},"x":[}"#);
-        assert_eq!(
-            (kind, msg.as_str()),
-            ("decode", "invalid JSON at byte 33: expected a JSON value")
-        );
+        assert_eq!((kind, msg.as_str()), ("decode", "invalid JSON at byte 33: expected a JSON value"));
     }
 
     #[test]
     fn deep_nesting_is_refused_not_overflowed() {
         let line = format!("{{\"x\":{}}}", "[".repeat(100_000));
         let (kind, msg) = error_of(&line);
-        assert_eq!(
-            (kind, msg.as_str()),
-            ("decode", "invalid JSON at byte 132: nesting too deep")
-        );
+        assert_eq!((kind, msg.as_str()), ("decode", "invalid JSON at byte 132: nesting too deep"));
     }
 
     #[test]
@@ -1298,31 +1152,16 @@ fields:
             r#"{"ts":6,"readings":{"temp":6.0,"vibration":6.5},"device_id":"d"}"#,
         ];
         let d = decode(&lines);
-        let errs: Vec<_> = d
-            .errors
-            .iter()
-            .map(|e| (e.index, e.kind.as_str()))
-            .collect();
+        let errs: Vec<_> = d.errors.iter().map(|e| (e.index, e.kind.as_str())).collect();
         assert_eq!(errs, vec![(1, "schema"), (3, "decode"), (4, "schema")]);
         assert_eq!(d.row_records, Some(vec![0, 2, 5, 6]));
         assert_eq!(d.record_of_row(2), 5);
         let b = &d.batch;
-        let ids: Vec<_> = b
-            .column(0)
-            .as_string::<i32>()
-            .iter()
-            .map(|s| s.unwrap())
-            .collect();
+        let ids: Vec<_> = b.column(0).as_string::<i32>().iter().map(|s| s.unwrap()).collect();
         assert_eq!(ids, ["a", "b", "c", "d"]);
-        assert_eq!(
-            b.column(1).as_primitive::<Int64Type>().values().to_vec(),
-            vec![1, 3, 5, 6]
-        );
+        assert_eq!(b.column(1).as_primitive::<Int64Type>().values().to_vec(), vec![1, 3, 5, 6]);
         let r = b.column(2).as_struct();
-        assert_eq!(
-            r.column(0).as_primitive::<Float64Type>().values().to_vec(),
-            vec![1.0, 3.0, 5.0, 6.0]
-        );
+        assert_eq!(r.column(0).as_primitive::<Float64Type>().values().to_vec(), vec![1.0, 3.0, 5.0, 6.0]);
         let vib: Vec<_> = r.column(1).as_primitive::<Float64Type>().iter().collect();
         assert_eq!(vib, vec![Some(0.5), None, None, Some(6.5)]);
         b.column(2).to_data().validate_full().unwrap();
@@ -1331,11 +1170,7 @@ fields:
 
     #[test]
     fn empty_structs_and_empty_schemas() {
-        let schema = Arc::new(Schema::new(vec![Field::new(
-            "e",
-            DataType::Struct(Fields::empty()),
-            true,
-        )]));
+        let schema = Arc::new(Schema::new(vec![Field::new("e", DataType::Struct(Fields::empty()), true)]));
         let d = decode_with(schema, &[r#"{"e":{"x":1}}"#, r#"{}"#]);
         assert!(d.errors.is_empty());
         assert_eq!(d.batch.num_rows(), 2);
@@ -1351,10 +1186,7 @@ fields:
         let d = decode(&[&line]);
         assert!(d.errors.is_empty(), "{:?}", d.errors);
         let (kind, msg) = error_of("\u{feff}{\"ts\":1}");
-        assert_eq!(
-            (kind, msg.as_str()),
-            ("schema", "missing required field `device_id`")
-        );
+        assert_eq!((kind, msg.as_str()), ("schema", "missing required field `device_id`"));
     }
 
     #[test]
@@ -1364,9 +1196,7 @@ fields:
         let d = dec.decode(bad, &[0..bad.len()]).unwrap();
         assert_eq!(d.batch.num_rows(), 0);
         assert_eq!(d.row_records, Some(vec![]));
-        let d = dec
-            .decode(LINE.as_bytes(), &[0..LINE.len(), 0..LINE.len()])
-            .unwrap();
+        let d = dec.decode(LINE.as_bytes(), &[0..LINE.len(), 0..LINE.len()]).unwrap();
         assert_eq!(d.batch.num_rows(), 2);
         assert!(d.row_records.is_none());
         let err = dec.decode(b"{}", &[0..3]).unwrap_err().to_string();
@@ -1384,11 +1214,7 @@ fields:
                     Field::new("name", DataType::Utf8, true),
                     Field::new(
                         "inner",
-                        DataType::Struct(Fields::from(vec![Field::new(
-                            "deep",
-                            DataType::Boolean,
-                            false,
-                        )])),
+                        DataType::Struct(Fields::from(vec![Field::new("deep", DataType::Boolean, false)])),
                         true,
                     ),
                 ])),
@@ -1406,25 +1232,12 @@ fields:
                 r#"{"id":6,"loc":{"lat":1,"inner":{}}}"#,
             ],
         );
-        let errs: Vec<_> = d
-            .errors
-            .iter()
-            .map(|e| (e.index, e.message.as_str()))
-            .collect();
-        assert_eq!(
-            errs,
-            vec![
-                (4, "missing required field `loc.lat`"),
-                (5, "missing required field `loc.inner.deep`")
-            ]
-        );
+        let errs: Vec<_> = d.errors.iter().map(|e| (e.index, e.message.as_str())).collect();
+        assert_eq!(errs, vec![(4, "missing required field `loc.lat`"), (5, "missing required field `loc.inner.deep`")]);
         let b = &d.batch;
         assert_eq!(b.num_rows(), 4);
         let loc = b.column(1).as_struct();
-        assert_eq!(
-            loc.nulls().map(|n| n.iter().collect::<Vec<_>>()),
-            Some(vec![false, false, true, true])
-        );
+        assert_eq!(loc.nulls().map(|n| n.iter().collect::<Vec<_>>()), Some(vec![false, false, true, true]));
         let inner = loc.column(2).as_struct();
         assert!(inner.is_null(0) && inner.is_null(1) && inner.is_valid(2) && inner.is_null(3));
         assert!(inner.column(0).as_boolean().value(2));
@@ -1479,43 +1292,23 @@ fields:
             assert_eq!(v.value(i).to_bits(), want.to_bits(), "{t}");
         }
         let schema = one_field(FieldType::Int64, true);
-        let d = decode_with(
-            schema,
-            &[
-                r#"{"v":-9223372036854775808}"#,
-                r#"{"v":9223372036854775807}"#,
-                r#"{"v":-0}"#,
-            ],
-        );
+        let d = decode_with(schema, &[r#"{"v":-9223372036854775808}"#, r#"{"v":9223372036854775807}"#, r#"{"v":-0}"#]);
         assert!(d.errors.is_empty(), "{:?}", d.errors);
         let v = d.batch.column(0).as_primitive::<Int64Type>();
         assert_eq!(v.values().to_vec(), vec![i64::MIN, i64::MAX, 0]);
-        let (kind, msg) = error_with(
-            one_field(FieldType::Int64, true),
-            r#"{"v":-9223372036854775809}"#,
-        );
+        let (kind, msg) = error_with(one_field(FieldType::Int64, true), r#"{"v":-9223372036854775809}"#);
         assert_eq!(
             (kind, msg.as_str()),
-            (
-                "schema",
-                "field `v`: integer -9223372036854775809 is out of range for int64"
-            )
+            ("schema", "field `v`: integer -9223372036854775809 is out of range for int64")
         );
         let (kind, msg) = error_with(one_field(FieldType::Int64, true), r#"{"v":01}"#);
-        assert_eq!(
-            (kind, msg.as_str()),
-            ("decode", "invalid JSON at byte 6: expected ',' or '}'")
-        );
+        assert_eq!((kind, msg.as_str()), ("decode", "invalid JSON at byte 6: expected ',' or '}'"));
     }
 
     #[test]
     fn timestamps_and_bools() {
         let schema = Arc::new(Schema::new(vec![
-            Field::new(
-                "t",
-                DataType::Timestamp(arrow_schema::TimeUnit::Millisecond, Some("UTC".into())),
-                false,
-            ),
+            Field::new("t", DataType::Timestamp(arrow_schema::TimeUnit::Millisecond, Some("UTC".into())), false),
             Field::new("b", DataType::Boolean, true),
         ]));
         let d = decode_with(
@@ -1538,33 +1331,20 @@ fields:
     fn unsupported_schema_types_are_refused() {
         let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int32, false)]));
         let err = JsonDecoder::new(schema).unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "field `x`: type Int32 is not supported by the json format"
-        );
+        assert_eq!(err, "field `x`: type Int32 is not supported by the json format");
     }
 
     #[test]
     fn wide_structs_use_the_hash_lookup() {
-        let fields: Vec<FieldSpec> = (0..40)
-            .map(|i| FieldSpec::new(format!("f{i}"), FieldType::Int64).with_required(false))
-            .collect();
+        let fields: Vec<FieldSpec> =
+            (0..40).map(|i| FieldSpec::new(format!("f{i}"), FieldType::Int64).with_required(false)).collect();
         let schema = SchemaSpec::new(fields).to_arrow();
-        let line: String = format!(
-            "{{{}}}",
-            (0..40)
-                .rev()
-                .map(|i| format!("\"f{i}\":{i}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        );
+        let line: String =
+            format!("{{{}}}", (0..40).rev().map(|i| format!("\"f{i}\":{i}")).collect::<Vec<_>>().join(","));
         let d = decode_with(schema, &[&line, r#"{"f7":7,"zzz":1}"#]);
         assert!(d.errors.is_empty());
         for i in 0..40 {
-            assert_eq!(
-                d.batch.column(i).as_primitive::<Int64Type>().value(0),
-                i as i64
-            );
+            assert_eq!(d.batch.column(i).as_primitive::<Int64Type>().value(0), i as i64);
         }
         assert_eq!(d.batch.column(7).as_primitive::<Int64Type>().value(1), 7);
         assert!(d.batch.column(8).is_null(1));
@@ -1622,9 +1402,6 @@ fields:
             rows += d.batch.num_rows();
         }
         let secs = t.elapsed().as_secs_f64();
-        println!(
-            "json split + decode: {:.2} M lines/s",
-            rows as f64 / secs / 1e6
-        );
+        println!("json split + decode: {:.2} M lines/s", rows as f64 / secs / 1e6);
     }
 }

@@ -154,14 +154,7 @@ pub(crate) fn write_json_str(out: &mut Vec<u8>, s: &str) {
             b'\t' => out.extend_from_slice(b"\\t"),
             0x08 => out.extend_from_slice(b"\\b"),
             0x0c => out.extend_from_slice(b"\\f"),
-            _ => out.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[(b >> 4) as usize],
-                HEX[(b & 0xf) as usize],
-            ]),
+            _ => out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]),
         }
     }
     out.extend_from_slice(&bytes[run..]);
@@ -194,8 +187,8 @@ mod tests {
 
     use arrow_array::builder::{Int32Builder, ListBuilder};
     use arrow_array::{
-        ArrayRef, BooleanArray, Decimal128Array, Float32Array, Float64Array, Int64Array,
-        StringArray, StructArray, TimestampMillisecondArray, TimestampSecondArray, UInt64Array,
+        ArrayRef, BooleanArray, Decimal128Array, Float32Array, Float64Array, Int64Array, StringArray, StructArray,
+        TimestampMillisecondArray, TimestampSecondArray, UInt64Array,
     };
     use arrow_schema::{DataType, Field, Fields, Schema};
 
@@ -210,27 +203,14 @@ mod tests {
             ),
             (
                 Arc::new(Field::new("vibration", DataType::Float64, true)),
-                Arc::new(Float64Array::from(vec![
-                    Some(0.021),
-                    None,
-                    Some(f64::INFINITY),
-                ])) as ArrayRef,
+                Arc::new(Float64Array::from(vec![Some(0.021), None, Some(f64::INFINITY)])) as ArrayRef,
             ),
         ]);
         RecordBatch::try_from_iter(vec![
-            (
-                "device_id",
-                Arc::new(StringArray::from(vec!["a\"b", "line\nbreak\u{1}", "é😀"])) as ArrayRef,
-            ),
-            (
-                "ts",
-                Arc::new(Int64Array::from(vec![1, -2, i64::MAX])) as ArrayRef,
-            ),
+            ("device_id", Arc::new(StringArray::from(vec!["a\"b", "line\nbreak\u{1}", "é😀"])) as ArrayRef),
+            ("ts", Arc::new(Int64Array::from(vec![1, -2, i64::MAX])) as ArrayRef),
             ("readings", Arc::new(readings) as ArrayRef),
-            (
-                "ok",
-                Arc::new(BooleanArray::from(vec![Some(true), None, Some(false)])) as ArrayRef,
-            ),
+            ("ok", Arc::new(BooleanArray::from(vec![Some(true), None, Some(false)])) as ArrayRef),
         ])
         .unwrap()
     }
@@ -262,10 +242,7 @@ mod tests {
     fn round_trips_through_the_decoder() {
         let batch = sample();
         let mut out = Vec::new();
-        JsonEncoder::new(batch.schema())
-            .unwrap()
-            .encode(&batch, &mut out)
-            .unwrap();
+        JsonEncoder::new(batch.schema()).unwrap().encode(&batch, &mut out).unwrap();
         // NaN and inf became null, so the decoding schema has them nullable.
         let schema = Arc::new(Schema::new(vec![
             Field::new("device_id", DataType::Utf8, false),
@@ -282,16 +259,10 @@ mod tests {
         ]));
         let mut ranges = Vec::new();
         crate::split_records(&crate::FormatSpec::Json, &out, true, &mut ranges).unwrap();
-        let d = JsonDecoder::new(schema.clone())
-            .unwrap()
-            .decode(&out, &ranges)
-            .unwrap();
+        let d = JsonDecoder::new(schema.clone()).unwrap().decode(&out, &ranges).unwrap();
         assert!(d.errors.is_empty(), "{:?}", d.errors);
         let mut again = Vec::new();
-        JsonEncoder::new(schema)
-            .unwrap()
-            .encode(&d.batch, &mut again)
-            .unwrap();
+        JsonEncoder::new(schema).unwrap().encode(&d.batch, &mut again).unwrap();
         assert_eq!(again, out);
     }
 
@@ -303,30 +274,15 @@ mod tests {
         list.append(true);
         list.append(false);
         let batch = RecordBatch::try_from_iter(vec![
-            (
-                "u",
-                Arc::new(UInt64Array::from(vec![u64::MAX, 0])) as ArrayRef,
-            ),
-            (
-                "f",
-                Arc::new(Float32Array::from(vec![0.1f32, 1e30])) as ArrayRef,
-            ),
-            (
-                "t",
-                Arc::new(TimestampMillisecondArray::from(vec![1700000000123, -1])) as ArrayRef,
-            ),
-            (
-                "s",
-                Arc::new(TimestampSecondArray::from(vec![1, 2])) as ArrayRef,
-            ),
+            ("u", Arc::new(UInt64Array::from(vec![u64::MAX, 0])) as ArrayRef),
+            ("f", Arc::new(Float32Array::from(vec![0.1f32, 1e30])) as ArrayRef),
+            ("t", Arc::new(TimestampMillisecondArray::from(vec![1700000000123, -1])) as ArrayRef),
+            ("s", Arc::new(TimestampSecondArray::from(vec![1, 2])) as ArrayRef),
             ("l", Arc::new(list.finish()) as ArrayRef),
         ])
         .unwrap();
         let mut out = Vec::new();
-        JsonEncoder::new(batch.schema())
-            .unwrap()
-            .encode(&batch, &mut out)
-            .unwrap();
+        JsonEncoder::new(batch.schema()).unwrap().encode(&batch, &mut out).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "{\"u\":18446744073709551615,\"f\":0.1,\"t\":1700000000123,\"s\":1000,\"l\":[1,null]}\n{\"u\":0,\"f\":1e30,\"t\":-1,\"s\":2000,\"l\":null}\n"
@@ -335,19 +291,14 @@ mod tests {
 
     #[test]
     fn unsupported_types_and_row_to_json() {
-        let dec = Decimal128Array::from(vec![12345])
-            .with_precision_and_scale(10, 2)
-            .unwrap();
+        let dec = Decimal128Array::from(vec![12345]).with_precision_and_scale(10, 2).unwrap();
         let batch = RecordBatch::try_from_iter(vec![
             ("d", Arc::new(dec) as ArrayRef),
             ("x", Arc::new(StringArray::from(vec!["q\""])) as ArrayRef),
         ])
         .unwrap();
         let err = JsonEncoder::new(batch.schema()).unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "field `d`: type Decimal128(10, 2) is not supported by the json format"
-        );
+        assert_eq!(err, "field `d`: type Decimal128(10, 2) is not supported by the json format");
         assert_eq!(row_to_json(&batch, 0), r#"{"d":"123.45","x":"q\""}"#);
         assert_eq!(row_to_json(&batch, 5), "{}");
         assert_eq!(

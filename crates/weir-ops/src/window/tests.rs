@@ -10,21 +10,14 @@ use super::*;
 use crate::aggregate::AggFunc;
 
 fn schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("k", DataType::Utf8, false),
-        Field::new("v", DataType::Float64, true),
-    ]))
+    Arc::new(Schema::new(vec![Field::new("k", DataType::Utf8, false), Field::new("v", DataType::Float64, true)]))
 }
 
 fn batch(rows: &[(&str, f64, i64)]) -> Batch {
     let k = StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>());
     let v = Float64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>());
     let t = Int64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>());
-    Batch::new(
-        RecordBatch::try_new(schema(), vec![Arc::new(k), Arc::new(v)]).unwrap(),
-        t,
-    )
-    .unwrap()
+    Batch::new(RecordBatch::try_new(schema(), vec![Arc::new(k), Arc::new(v)]).unwrap(), t).unwrap()
 }
 
 fn spec(kind: WindowKind, late: LatePolicy) -> WindowSpec {
@@ -33,16 +26,8 @@ fn spec(kind: WindowKind, late: LatePolicy) -> WindowSpec {
         kind,
         domain: TimeDomain::Event,
         aggs: vec![
-            AggSpec {
-                name: "n".into(),
-                func: AggFunc::Count,
-                column: None,
-            },
-            AggSpec {
-                name: "s".into(),
-                func: AggFunc::Sum,
-                column: Some("v".into()),
-            },
+            AggSpec { name: "n".into(), func: AggFunc::Count, column: None },
+            AggSpec { name: "s".into(), func: AggFunc::Sum, column: Some("v".into()) },
         ],
         late,
     }
@@ -74,24 +59,10 @@ fn harness(s: &WindowSpec) -> OpHarness {
 
 #[test]
 fn tumbling_assigns_by_start_and_fires_on_watermark() {
-    let mut h = harness(&spec(
-        WindowKind::Tumbling { size_ms: 10 },
-        LatePolicy::Drop,
-    ));
-    assert!(h
-        .process(batch(&[
-            ("a", 1.0, 0),
-            ("a", 2.0, 9),
-            ("b", 5.0, 10),
-            ("a", 4.0, -1)
-        ]))
-        .unwrap()
-        .is_empty());
+    let mut h = harness(&spec(WindowKind::Tumbling { size_ms: 10 }, LatePolicy::Drop));
+    assert!(h.process(batch(&[("a", 1.0, 0), ("a", 2.0, 9), ("b", 5.0, 10), ("a", 4.0, -1)])).unwrap().is_empty());
     // Window [-10,0) closes at watermark 9; [0,10) only at 10.
-    assert_eq!(
-        rows(&h.watermark(9).unwrap()),
-        vec![("a".into(), -10, 0, 1, 4.0)]
-    );
+    assert_eq!(rows(&h.watermark(9).unwrap()), vec![("a".into(), -10, 0, 1, 4.0)]);
     let out = h.watermark(10).unwrap();
     assert_eq!(rows(&out), vec![("a".into(), 0, 10, 2, 3.0)]);
     assert_eq!(out[0].time.value(0), 9, "result time is end - 1");
@@ -101,19 +72,10 @@ fn tumbling_assigns_by_start_and_fires_on_watermark() {
 
 #[test]
 fn hopping_puts_a_row_in_size_over_slide_windows() {
-    let mut h = harness(&spec(
-        WindowKind::Hopping {
-            size_ms: 10,
-            slide_ms: 5,
-        },
-        LatePolicy::Drop,
-    ));
+    let mut h = harness(&spec(WindowKind::Hopping { size_ms: 10, slide_ms: 5 }, LatePolicy::Drop));
     h.process(batch(&[("a", 1.0, 7)])).unwrap();
     let out = h.end().unwrap();
-    assert_eq!(
-        rows(&out),
-        vec![("a".into(), 0, 10, 1, 1.0), ("a".into(), 5, 15, 1, 1.0)]
-    );
+    assert_eq!(rows(&out), vec![("a".into(), 0, 10, 1, 1.0), ("a".into(), 5, 15, 1, 1.0)]);
     assert_eq!(h.metrics().aggregated, 1, "one row, counted once");
 }
 
@@ -122,27 +84,15 @@ fn hopping_puts_a_row_in_size_over_slide_windows() {
 #[test]
 fn sessions_merge_when_a_row_bridges_them() {
     let mut h = harness(&spec(WindowKind::Session { gap_ms: 5 }, LatePolicy::Drop));
-    h.process(batch(&[
-        ("a", 1.0, 1),
-        ("a", 1.0, 4),
-        ("a", 1.0, 12),
-        ("b", 2.0, 3),
-    ]))
-    .unwrap();
-    assert_eq!(
-        rows(&h.watermark(8).unwrap()),
-        vec![("b".into(), 3, 8, 1, 2.0)]
-    );
+    h.process(batch(&[("a", 1.0, 1), ("a", 1.0, 4), ("a", 1.0, 12), ("b", 2.0, 3)])).unwrap();
+    assert_eq!(rows(&h.watermark(8).unwrap()), vec![("b".into(), 3, 8, 1, 2.0)]);
     h.process(batch(&[("a", 10.0, 8)])).unwrap();
     assert_eq!(rows(&h.end().unwrap()), vec![("a".into(), 1, 17, 4, 13.0)]);
 }
 
 #[test]
 fn late_rows_are_dropped_and_counted() {
-    let mut h = harness(&spec(
-        WindowKind::Tumbling { size_ms: 10 },
-        LatePolicy::Drop,
-    ));
+    let mut h = harness(&spec(WindowKind::Tumbling { size_ms: 10 }, LatePolicy::Drop));
     h.process(batch(&[("a", 1.0, 5)])).unwrap();
     h.watermark(10).unwrap();
     h.process(batch(&[("a", 1.0, 6), ("a", 1.0, 15)])).unwrap();
@@ -163,10 +113,7 @@ impl SideWriter for MemSide {
 #[test]
 fn late_rows_can_go_to_a_side_output() {
     let side = Arc::new(MemSide::default());
-    let mut h = harness(&spec(
-        WindowKind::Tumbling { size_ms: 10 },
-        LatePolicy::Side(side.clone()),
-    ));
+    let mut h = harness(&spec(WindowKind::Tumbling { size_ms: 10 }, LatePolicy::Side(side.clone())));
     h.watermark(100).unwrap();
     h.process(batch(&[("a", 1.0, 5), ("a", 1.0, 6)])).unwrap();
     assert_eq!(*side.0.lock().unwrap(), 2);
@@ -176,20 +123,11 @@ fn late_rows_can_go_to_a_side_output() {
 
 #[test]
 fn allowed_lateness_updates_and_reemits() {
-    let mut h = harness(&spec(
-        WindowKind::Tumbling { size_ms: 10 },
-        LatePolicy::Update { allowed_ms: 5 },
-    ));
+    let mut h = harness(&spec(WindowKind::Tumbling { size_ms: 10 }, LatePolicy::Update { allowed_ms: 5 }));
     h.process(batch(&[("a", 1.0, 5)])).unwrap();
-    assert_eq!(
-        rows(&h.watermark(12).unwrap()),
-        vec![("a".into(), 0, 10, 1, 1.0)]
-    );
+    assert_eq!(rows(&h.watermark(12).unwrap()), vec![("a".into(), 0, 10, 1, 1.0)]);
     // Within lateness: updated result right away.
-    assert_eq!(
-        rows(&h.process(batch(&[("a", 2.0, 6)])).unwrap()),
-        vec![("a".into(), 0, 10, 2, 3.0)]
-    );
+    assert_eq!(rows(&h.process(batch(&[("a", 2.0, 6)])).unwrap()), vec![("a".into(), 0, 10, 2, 3.0)]);
     h.watermark(15).unwrap();
     // Past lateness: dropped.
     assert!(h.process(batch(&[("a", 2.0, 7)])).unwrap().is_empty());
@@ -206,10 +144,7 @@ fn processing_time_windows_fire_on_ticks() {
     assert!(h.tick(now - 2000).unwrap().is_empty());
     let out = h.tick(now + 2000).unwrap();
     assert_eq!(out.len(), 1);
-    assert_eq!(
-        out[0].rows.column(3).as_primitive::<Int64Type>().value(0),
-        1
-    );
+    assert_eq!(out[0].rows.column(3).as_primitive::<Int64Type>().value(0), 1);
 }
 
 #[test]
@@ -217,16 +152,9 @@ fn plan_names_bad_columns() {
     let mut s = spec(WindowKind::Tumbling { size_ms: 10 }, LatePolicy::Drop);
     s.aggs[1].column = Some("nope".into());
     let e = s.plan(&schema()).unwrap_err().to_string();
-    assert!(
-        e.contains("aggregate `s`: unknown column `nope`; available: k, v"),
-        "{e}"
-    );
+    assert!(e.contains("aggregate `s`: unknown column `nope`; available: k, v"), "{e}");
     s.aggs[1].column = Some("k".into());
-    assert!(s
-        .plan(&schema())
-        .unwrap_err()
-        .to_string()
-        .contains("needs a numeric column"));
+    assert!(s.plan(&schema()).unwrap_err().to_string().contains("needs a numeric column"));
 }
 
 proptest! {

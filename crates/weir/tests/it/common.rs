@@ -15,12 +15,20 @@ pub(crate) fn data(name: &str) -> PathBuf {
 pub(crate) fn example(name: &str, vars: &[(&str, &Path)]) -> BuiltPipeline {
     let path = repo().join("examples").join(name);
     let text = std::fs::read_to_string(&path).unwrap();
-    let cfg = weir::yaml::parse_with(name, &text, |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.display().to_string())).unwrap();
+    let cfg = weir::yaml::parse_with(name, &text, |k| {
+        vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.display().to_string())
+    })
+    .unwrap();
     Pipeline::from_config(cfg).build().unwrap()
 }
 
 pub(crate) fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path).unwrap().lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn sort_key(v: &Value) -> String {
@@ -44,7 +52,9 @@ fn close(a: &Value, b: &Value) -> bool {
             let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
             (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1e-12)
         }
-        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| close(v, w))),
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| close(v, w)))
+        }
         _ => a == b,
     }
 }

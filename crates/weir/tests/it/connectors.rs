@@ -24,7 +24,10 @@ fn pipeline(path: &str, format: FormatSpec, out: &std::path::Path, dead: &std::p
     p.source(src)
         .filter("hot", "readings.temp > 25.0")
         .select("cols", ["device_id", "ts", "readings.temp AS temp"])
-        .sink(SinkConfig::new("out", SinkConnector::File(FileSinkSettings { path: out.display().to_string(), format: FormatSpec::Json })))
+        .sink(SinkConfig::new(
+            "out",
+            SinkConnector::File(FileSinkSettings { path: out.display().to_string(), format: FormatSpec::Json }),
+        ))
         .dead_letters(dead.display().to_string());
     p
 }
@@ -39,11 +42,20 @@ fn csv_and_msgpack_round_trip_through_files() {
     let dir = tempfile::tempdir().unwrap();
     for (name, format) in [("csv", FormatSpec::Csv(CsvOptions::default())), ("msgpack", FormatSpec::MsgPack)] {
         let converted = dir.path().join(format!("in.{name}"));
-        let mut conv = SourceConfig::new("in", SourceConnector::File(FileSourceSettings::new(data("sensors-3k.jsonl").display().to_string(), FormatSpec::Json)));
+        let mut conv = SourceConfig::new(
+            "in",
+            SourceConnector::File(FileSourceSettings::new(
+                data("sensors-3k.jsonl").display().to_string(),
+                FormatSpec::Json,
+            )),
+        );
         conv.schema = Some(schema());
         let mut p = Pipeline::new("convert");
         p.source(conv)
-            .sink(SinkConfig::new("out", SinkConnector::File(FileSinkSettings { path: converted.display().to_string(), format })))
+            .sink(SinkConfig::new(
+                "out",
+                SinkConnector::File(FileSinkSettings { path: converted.display().to_string(), format }),
+            ))
             .dead_letters(dir.path().join("d0").display().to_string());
         rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(1) })).unwrap();
 
@@ -51,7 +63,11 @@ fn csv_and_msgpack_round_trip_through_files() {
         let p = pipeline(&converted.display().to_string(), format, &out, &dir.path().join("d1"));
         for workers in [1, 2] {
             rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(workers) })).unwrap();
-            assert_same_rows(read_jsonl(&data("w2-expected.jsonl")), read_jsonl(&out), &format!("{name}, {workers} workers"));
+            assert_same_rows(
+                read_jsonl(&data("w2-expected.jsonl")),
+                read_jsonl(&out),
+                &format!("{name}, {workers} workers"),
+            );
         }
     }
 }
@@ -111,17 +127,28 @@ fn the_generator_is_deterministic_and_counts_exactly() {
     for run in 0..2 {
         let out = dir.path().join(format!("g{run}.jsonl"));
         let mut p = Pipeline::new("g");
-        p.source(SourceConfig::new("gen", SourceConnector::Generator(GeneratorSettings { count: Some(5000), devices: 10, ..Default::default() })))
-            .sink(SinkConfig::new("out", SinkConnector::File(FileSinkSettings { path: out.display().to_string(), format: FormatSpec::Json })));
+        p.source(SourceConfig::new(
+            "gen",
+            SourceConnector::Generator(GeneratorSettings { count: Some(5000), devices: 10, ..Default::default() }),
+        ))
+        .sink(SinkConfig::new(
+            "out",
+            SinkConnector::File(FileSinkSettings { path: out.display().to_string(), format: FormatSpec::Json }),
+        ));
         let s = rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(1) })).unwrap();
         assert_eq!(s.sink_rows, 5000);
         let rows = read_jsonl(&out);
-        let devices: std::collections::HashSet<_> = rows.iter().map(|r| r["device_id"].as_str().unwrap().to_string()).collect();
+        let devices: std::collections::HashSet<_> =
+            rows.iter().map(|r| r["device_id"].as_str().unwrap().to_string()).collect();
         assert_eq!(devices.len(), 10);
-        outs.push(rows.into_iter().map(|mut r| {
-            r.as_object_mut().unwrap().remove("ts");
-            r
-        }).collect::<Vec<_>>());
+        outs.push(
+            rows.into_iter()
+                .map(|mut r| {
+                    r.as_object_mut().unwrap().remove("ts");
+                    r
+                })
+                .collect::<Vec<_>>(),
+        );
     }
     assert_eq!(outs[0], outs[1], "same seed, same events (event times follow the start clock)");
 }
@@ -131,9 +158,16 @@ fn the_rated_generator_keeps_its_rate() {
     let mut p = Pipeline::new("g");
     p.source(SourceConfig::new(
         "gen",
-        SourceConnector::Generator(GeneratorSettings { rate: Some(20_000.0), duration: Some(Duration::from_millis(500)), ..Default::default() }),
+        SourceConnector::Generator(GeneratorSettings {
+            rate: Some(20_000.0),
+            duration: Some(Duration::from_millis(500)),
+            ..Default::default()
+        }),
     ))
-    .sink(SinkConfig::new("out", SinkConnector::File(FileSinkSettings { path: "/dev/null".into(), format: FormatSpec::Json })));
+    .sink(SinkConfig::new(
+        "out",
+        SinkConnector::File(FileSinkSettings { path: "/dev/null".into(), format: FormatSpec::Json }),
+    ));
     let s = rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(2) })).unwrap();
     // 0.5 s at 20k/s: about 10k events (bounded, not a timing benchmark).
     assert!((8_000..=10_100).contains(&s.sink_rows), "{}", s.sink_rows);

@@ -37,7 +37,10 @@ fn malformed_lines_go_to_dead_letters_and_the_rest_goes_on() {
         letters.iter().any(|l| l["kind"] == "decode" && l["payload"].as_str().unwrap().contains("not json at all")),
         "garbage lines are kept with their payload"
     );
-    assert!(letters.iter().any(|l| l["reason"].as_str().unwrap().contains("readings.temp")), "a missing field is named");
+    assert!(
+        letters.iter().any(|l| l["reason"].as_str().unwrap().contains("readings.temp")),
+        "a missing field is named"
+    );
     // rows in = out + filtered + dead-lettered, per step.
     for (id, m) in &summary.steps {
         assert!(m.balanced(), "step {id}: {m:?}");
@@ -68,7 +71,10 @@ fn line_numbers_are_reported_with_one_worker() {
 fn a_missing_input_file_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.jsonl");
-    let p = example("w2-filter-project.yaml", &[("INPUT", &missing), ("OUTPUT", &dir.path().join("o")), ("DEAD_LETTERS", &dir.path().join("d"))]);
+    let p = example(
+        "w2-filter-project.yaml",
+        &[("INPUT", &missing), ("OUTPUT", &dir.path().join("o")), ("DEAD_LETTERS", &dir.path().join("d"))],
+    );
     let err = p.plan(&RunOptions { workers: Some(1) }).unwrap_err().to_string();
     assert!(err.contains("step `events`: cannot open input file") && err.contains("nope.jsonl"), "{err}");
 }

@@ -50,12 +50,18 @@ fn file_split_across_workers_reads_every_line_once() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
     let input = data("sensors-3k.jsonl");
-    let mut cfg = example("w2-filter-project.yaml", &[("INPUT", &input), ("OUTPUT", &out), ("DEAD_LETTERS", &dir.path().join("d"))]).config().clone();
+    let mut cfg = example(
+        "w2-filter-project.yaml",
+        &[("INPUT", &input), ("OUTPUT", &out), ("DEAD_LETTERS", &dir.path().join("d"))],
+    )
+    .config()
+    .clone();
     cfg.source.file.as_mut().unwrap().chunk_size = 4096;
     cfg.steps.clear();
     let rt = tokio::runtime::Runtime::new().unwrap();
     for workers in [1, 2, 3] {
-        rt.block_on(Pipeline::from_config(cfg.clone()).build().unwrap().run(&RunOptions { workers: Some(workers) })).unwrap();
+        rt.block_on(Pipeline::from_config(cfg.clone()).build().unwrap().run(&RunOptions { workers: Some(workers) }))
+            .unwrap();
         let rows = read_jsonl(&out);
         assert_eq!(rows.len(), 3000, "{workers} workers");
         let mut ts: Vec<i64> = rows.iter().map(|r| r["ts"].as_i64().unwrap()).collect();

@@ -38,7 +38,10 @@ fn run(partitions: Vec<Vec<Batch>>, bound: i64, workers: usize) -> (Rows, u64) {
         keys: vec!["k".into()],
         kind: WindowKind::Tumbling { size_ms: 100 },
         domain: TimeDomain::Event,
-        aggs: vec![AggSpec { name: "n".into(), func: AggFunc::Count, column: None }, AggSpec { name: "s".into(), func: AggFunc::Sum, column: Some("v".into()) }],
+        aggs: vec![
+            AggSpec { name: "n".into(), func: AggFunc::Count, column: None },
+            AggSpec { name: "s".into(), func: AggFunc::Sum, column: Some("v".into()) },
+        ],
         late: LatePolicy::Drop,
     };
     let (win, _) = spec.plan(&schema()).unwrap();
@@ -48,7 +51,10 @@ fn run(partitions: Vec<Vec<Batch>>, bound: i64, workers: usize) -> (Rows, u64) {
         workers,
         source_step: StepId::new("src"),
         source: Arc::new(VecSourceFactory::new(schema(), partitions)),
-        stages: vec![StageSpec { key: None, ops: vec![] }, StageSpec { key: Some(vec!["k".into()]), ops: vec![(StepId::new("win"), win)] }],
+        stages: vec![
+            StageSpec { key: None, ops: vec![] },
+            StageSpec { key: Some(vec!["k".into()]), ops: vec![(StepId::new("win"), win)] },
+        ],
         sink_step: StepId::new("sink"),
         sink: Arc::new(sink.clone()),
         dead_letters: Arc::new(MemoryDeadLetters::default()),
