@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
+use tracing::Instrument as _;
 
 use crate::batch::{Batch, Message, Watermark, END_OF_TIME};
 use crate::deadletter::{now_ms, DeadLetterSink};
@@ -224,28 +225,34 @@ impl Job {
                         wm: spec.watermark,
                         clock: self.registry.clock(),
                     };
-                    tasks.spawn(driver.run());
+                    // Every log line of the task carries the job, stage and worker.
+                    let span = tracing::info_span!("task", job = %spec.name, stage = si, worker = w, source = %spec.source_step);
+                    tasks.spawn(driver.run().instrument(span));
                 } else {
                     let rx =
                         receivers[si][w].take().ok_or_else(|| CoreError::Internal("receiver taken twice".into()))?;
                     let driver =
                         StageDriver { rx, inputs: w_count, chain, downstream, metrics: chan_metrics[si][w].clone() };
-                    tasks.spawn(driver.run());
+                    let span = tracing::info_span!("task", job = %spec.name, stage = si, worker = w);
+                    tasks.spawn(driver.run().instrument(span));
                 }
             }
         }
         // The tasks hold their own clones now; dropping ours lets channels close.
         drop(senders);
 
+        tracing::info!(job = %spec.name, workers = w_count, stages = stages.len(), "Job started.");
         while let Some(res) = tasks.join_next().await {
             let res = res.map_err(|e| CoreError::Task(e.to_string())).and_then(|r| r);
             if let Err(e) = res {
+                tracing::error!(job = %spec.name, error = %e, "Job failed.");
                 tasks.abort_all();
                 let _ = spec.dead_letters.flush();
                 return Err(e);
             }
         }
         spec.dead_letters.flush()?;
+        tracing::info!(job = %spec.name, elapsed_ms = started.elapsed().as_millis() as u64, "Job finished.");
         let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         Ok(RunSummary {
             elapsed: started.elapsed(),

@@ -643,3 +643,47 @@ impl SinkConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every example parses, and writing it back as YAML gives the same configuration, so the
+    /// serialised form (and every default) is valid input.
+    #[test]
+    fn examples_round_trip_through_yaml() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "yaml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let cfg = crate::yaml::parse_with("x", &text, |k| Some(format!("/tmp/{k}"))).unwrap();
+            let again: PipelineConfig = serde_yaml::from_str(&serde_yaml::to_string(&cfg).unwrap()).unwrap();
+            assert_eq!(cfg, again, "{}", path.display());
+            crate::Pipeline::from_config(cfg).build().unwrap();
+            seen += 1;
+        }
+        assert!(seen >= 4);
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let cfg: PipelineConfig = serde_yaml::from_str("name: d\nsource: {id: s, generator: {}}\nsink: {id: o, stdout: {}}\n").unwrap();
+        assert_eq!(cfg.source.batch_size, 8192);
+        assert_eq!(cfg.source.watermark, WatermarkConfig::default());
+        assert_eq!(cfg.dead_letters.path, "dead-letters.jsonl");
+        crate::Pipeline::from_config(cfg).build().unwrap();
+    }
+
+    #[test]
+    fn late_policy_forms() {
+        let w = |late: &str| serde_yaml::from_str::<LateConfig>(late);
+        assert_eq!(w("drop").unwrap(), LateConfig::Drop);
+        assert_eq!(w("{side_output: late.jsonl}").unwrap(), LateConfig::SideOutput("late.jsonl".into()));
+        assert_eq!(w("{allowed_lateness: 5s}").unwrap(), LateConfig::AllowedLateness(Duration::from_secs(5)));
+        assert!(w("keep").unwrap_err().to_string().contains("unknown late policy `keep`"));
+    }
+}
