@@ -172,3 +172,21 @@ fn the_rated_generator_keeps_its_rate() {
     // 0.5 s at 20k/s: about 10k events (bounded, not a timing benchmark).
     assert!((8_000..=10_100).contains(&s.sink_rows), "{}", s.sink_rows);
 }
+
+#[test]
+fn a_json_schema_is_inferred_from_the_first_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let mut p =
+        pipeline(&data("sensors-3k.jsonl").display().to_string(), FormatSpec::Json, &out, &dir.path().join("d"));
+    let mut cfg = p.build().unwrap().config().clone();
+    cfg.source.schema = None;
+    p = Pipeline::from_config(cfg);
+    let spec = p.build().unwrap().plan(&RunOptions { workers: Some(1) }).unwrap();
+    let schema = weir_core::SourceFactory::schema(spec.source.as_ref());
+    let names: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    assert_eq!(names, ["device_id", "ts", "readings"]);
+    assert_eq!(schema.field(1).data_type(), &arrow_schema::DataType::Int64);
+    rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(2) })).unwrap();
+    assert_same_rows(read_jsonl(&data("w2-expected.jsonl")), read_jsonl(&out), "inferred schema");
+}

@@ -109,3 +109,65 @@ proptest! {
         }
     }
 }
+
+#[derive(Debug, Clone)]
+struct GateSink(Arc<tokio::sync::Semaphore>, Arc<std::sync::atomic::AtomicU64>);
+
+impl weir_core::SinkFactory for GateSink {
+    fn create(&self, _: usize, _: usize) -> weir_core::Result<Box<dyn weir_core::Sink>> {
+        Ok(Box::new(self.clone()))
+    }
+}
+
+#[async_trait::async_trait]
+impl weir_core::Sink for GateSink {
+    async fn write(&mut self, rows: &RecordBatch) -> weir_core::Result<()> {
+        // Each batch needs a permit: with none, the sink is stuck like a dead server.
+        self.0.acquire().await.unwrap().forget();
+        self.1.fetch_add(rows.num_rows() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+    async fn close(&mut self) -> weir_core::Result<()> {
+        Ok(())
+    }
+}
+
+/// A sink that does not take rows stops the source within the channels' bounds; when it
+/// resumes, everything arrives.
+#[test]
+fn a_blocked_sink_stops_the_source() {
+    use weir_connectors::{GeneratorConfig, GeneratorFactory};
+    let gen =
+        GeneratorFactory::new(GeneratorConfig { count: Some(200_000), batch_size: 1000, ..GeneratorConfig::default() })
+            .unwrap();
+    let gate = GateSink(Arc::new(tokio::sync::Semaphore::new(0)), Arc::default());
+    let job = JobSpec {
+        name: "bp".into(),
+        workers: 2,
+        source_step: StepId::new("gen"),
+        source: Arc::new(gen),
+        stages: vec![
+            StageSpec { key: None, ops: vec![] },
+            StageSpec { key: Some(vec!["device_id".into()]), ops: vec![] },
+        ],
+        sink_step: StepId::new("sink"),
+        sink: Arc::new(gate.clone()),
+        dead_letters: Arc::new(MemoryDeadLetters::default()),
+        watermark: WatermarkSpec { bound: Duration::ZERO, idle_timeout: None },
+        channel_capacity: 2,
+        latency_column: None,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let job = Job::new(job).unwrap();
+    let reg = job.registry();
+    let handle = rt.spawn(job.run());
+    std::thread::sleep(Duration::from_millis(500));
+    let read = reg.source_records.load(std::sync::atomic::Ordering::Relaxed);
+    // Per worker: a batch in the source task, 2 x 2 queued for each receiver, one in the sink.
+    assert!(read <= 16_000, "the source kept reading while the sink was stuck: {read} rows");
+    assert!(read >= 2_000, "the pipeline should have filled its channels: {read}");
+    gate.0.add_permits(1_000_000);
+    let summary = rt.block_on(handle).unwrap().unwrap();
+    assert_eq!(summary.sink_rows, 200_000);
+    assert_eq!(gate.1.load(std::sync::atomic::Ordering::Relaxed), 200_000);
+}
