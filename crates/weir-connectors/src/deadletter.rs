@@ -73,12 +73,7 @@ impl DeadLetterSink for FileDeadLetters {
         }
         let mut slot = self.out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if slot.is_none() {
-            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| CoreError::io(format!("cannot create folder `{}`", dir.display()), e))?;
-            }
-            let f = File::create(&self.path)
-                .map_err(|e| CoreError::io(format!("cannot create dead-letter file `{}`", self.path.display()), e))?;
+            let f = crate::create_output(&self.path, "dead-letter file")?;
             tracing::warn!(path = %self.path.display(), "Writing dead letters.");
             *slot = Some(BufWriter::new(f));
         }
@@ -126,12 +121,7 @@ impl SideWriter for FileSideWriter {
     fn write(&self, rows: &RecordBatch) -> Result<()> {
         let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if st.is_none() {
-            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| CoreError::io(format!("cannot create folder `{}`", dir.display()), e))?;
-            }
-            let f = File::create(&self.path)
-                .map_err(|e| CoreError::io(format!("cannot create side output `{}`", self.path.display()), e))?;
+            let f = crate::create_output(&self.path, "side output")?;
             *st = Some((BufWriter::new(f), FormatSpec::Json.encoder(rows.schema()).map_err(crate::fmt_err)?));
         }
         if let Some((w, enc)) = st.as_mut() {

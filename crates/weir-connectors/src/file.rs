@@ -7,7 +7,9 @@
 //! the files is one partition, whose watermark follows the rows in file order; a subsequence of
 //! a stream keeps the stream's bound on disorder, so the bound holds per worker.
 //! MessagePack files cannot be cut at arbitrary bytes; they are assigned whole, round-robin.
-//! In follow mode, worker 0 reads every file and keeps polling for appended data.
+//! In follow mode, worker 0 reads every file and keeps polling for appended data. Pipelines
+//! whose result depends on arrival order per key (`ewma_zscore`) turn splitting off, so each
+//! file is read in order by one worker and the exchange keeps each key's rows in that order.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -42,6 +44,9 @@ pub struct FileSourceConfig {
     pub follow: bool,
     /// How often to look for new data in follow mode.
     pub poll_interval: Duration,
+    /// Split line-delimited files between workers. Off, each file is read whole by one
+    /// worker, which keeps rows of a key in file order for order-sensitive steps.
+    pub split: bool,
 }
 
 /// Expands a path or glob into a sorted list of files.
@@ -95,7 +100,7 @@ impl SourceFactory for FileSourceFactory {
     }
 
     fn create(&self, worker: usize, workers: usize) -> Result<Box<dyn Source>> {
-        let splittable = !matches!(self.cfg.format, FormatSpec::MsgPack);
+        let splittable = self.cfg.split && !matches!(self.cfg.format, FormatSpec::MsgPack);
         let mut plan = Vec::new();
         for (i, f) in self.files.iter().enumerate() {
             if self.cfg.follow {

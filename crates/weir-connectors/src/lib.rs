@@ -23,3 +23,15 @@ pub use stdin::StdinSourceFactory;
 pub(crate) fn fmt_err(e: weir_formats::FormatError) -> weir_core::CoreError {
     weir_core::CoreError::user(e)
 }
+
+/// Creates (or truncates) an output file, making its folder first. `what` names the file in
+/// errors, e.g. "dead-letter file".
+pub(crate) fn create_output(path: &std::path::Path, what: &str) -> weir_core::Result<std::fs::File> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            weir_core::CoreError::io(format!("cannot create folder `{}` for the {what}", dir.display()), e)
+        })?;
+    }
+    std::fs::File::create(path)
+        .map_err(|e| weir_core::CoreError::io(format!("cannot create {what} `{}`", path.display()), e))
+}

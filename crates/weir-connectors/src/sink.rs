@@ -5,7 +5,6 @@
 //! At-least-once: a crash may leave a partial last batch (exactly-once files come with
 //! checkpoints).
 
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -46,12 +45,7 @@ impl FileSinkFactory {
         if let Some(w) = slot.as_ref() {
             return Ok(w.clone());
         }
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| CoreError::io(format!("cannot create output folder `{}`", dir.display()), e))?;
-        }
-        let f = File::create(&self.path)
-            .map_err(|e| CoreError::io(format!("cannot create output file `{}`", self.path.display()), e))?;
+        let f = crate::create_output(&self.path, "output file")?;
         let w: SharedWriter = Arc::new(Mutex::new(Out(Box::new(BufWriter::with_capacity(1 << 20, f)))));
         *slot = Some(w.clone());
         Ok(w)

@@ -332,6 +332,8 @@ impl BuiltPipeline {
                     chunk_size: f.chunk_size.max(4096),
                     follow: f.follow,
                     poll_interval: f.poll_interval,
+                    // Order-sensitive steps need each key's rows in file order: no splitting.
+                    split: !c.steps.iter().any(|s| matches!(s, StepConfig::EwmaZscore(_))),
                 })
                 .map_err(|e| e.in_step(&source_step))?;
                 (Arc::new(fac), schema)
