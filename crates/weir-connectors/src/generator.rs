@@ -269,6 +269,10 @@ impl Source for Generator {
                     let pending = (due - self.made) as usize;
                     let first_due = self.started + Duration::from_secs_f64(self.made as f64 / r);
                     if self.linger.should_cut(pending, first_due, now) {
+                        let l = self.linger.linger(1).as_micros();
+                        cx.registry
+                            .linger_us
+                            .store(u64::try_from(l).unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
                         pending.min(self.cfg.batch_size)
                     } else {
                         // Sleep until the next event is due or the batch must go, whichever first.

@@ -120,6 +120,10 @@ impl Source for StdinSource {
                 || self.first_at.is_some_and(|f| self.linger.should_cut(pending, f, Instant::now()))
             {
                 if pending > 0 {
+                    let l = self.linger.linger(1).as_micros();
+                    cx.registry
+                        .linger_us
+                        .store(u64::try_from(l).unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
                     if let Some(b) = self.cut(cx)? {
                         break Ok(SourcePoll::Rows { partition: 0, batch: b });
                     }

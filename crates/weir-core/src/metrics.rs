@@ -140,6 +140,9 @@ pub struct Registry {
     pub sink_rows: AtomicU64,
     /// Creation-to-sink latency, when the job names a creation-time column.
     pub latency: LatencyHistogram,
+    /// The adaptive linger of the last batch a streaming source cut, µs (see
+    /// [`crate::linger::Linger`]): near zero for a quiet stream, up to `max_linger` in a burst.
+    pub linger_us: AtomicU64,
 }
 
 impl Registry {
@@ -251,6 +254,8 @@ impl Registry {
         for (name, fill) in self.channel_fill() {
             let _ = writeln!(s, "weir_channel_fill_ratio{{job=\"{job}\",channel=\"{name}\"}} {fill}");
         }
+        let _ = writeln!(s, "# HELP weir_source_linger_seconds Adaptive linger of the last batch cut by a streaming source.\n# TYPE weir_source_linger_seconds gauge");
+        let _ = writeln!(s, "weir_source_linger_seconds{{job=\"{job}\"}} {}", g(&self.linger_us) as f64 / 1e6);
         if let Some(p99) = self.latency.quantile_us(0.99) {
             let _ = writeln!(s, "# HELP weir_sink_latency_seconds End-to-end latency at the sink (creation column to write).\n# TYPE weir_sink_latency_seconds summary");
             for q in [0.5, 0.9, 0.99] {
