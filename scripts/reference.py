@@ -7,6 +7,11 @@ Usage: reference.py w1|w2|w3 INPUT > expected.jsonl
 import json
 import math
 import sys
+import time
+
+
+# Clock sanity: events more than an hour ahead of the wall clock are not good lines.
+MAX_TS = int(time.time() * 1000) + 3_600_000
 
 
 def events(path):
@@ -21,6 +26,8 @@ def events(path):
             except Exception:
                 continue
             if not isinstance(ev.get("ts"), int) or not isinstance(ev["readings"].get("temp"), (int, float)):
+                continue
+            if ev["ts"] > MAX_TS:
                 continue
             yield ev
 

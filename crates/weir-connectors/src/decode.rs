@@ -70,13 +70,18 @@ pub(crate) fn decode_records(
         }
         Some(spec) => {
             let (times, bad) = spec.extract(&rows)?;
-            if bad.is_empty() {
+            let insane = spec.check_clock(&times, now_ms());
+            if bad.is_empty() && insane.is_empty() {
                 Batch::new(rows, times)?
             } else {
                 let mut keep = vec![true; rows.num_rows()];
-                for (row, reason) in bad {
-                    keep[row] = false;
-                    letters.push(letter(decoded.record_of_row(row), ErrorKind::EventTime, reason));
+                let bad = bad.into_iter().map(|(r, m)| (r, ErrorKind::EventTime, m));
+                // A row with an unparseable time has 0 in `times` and may show up in both.
+                for (row, kind, reason) in bad.chain(insane.into_iter().map(|(r, m)| (r, ErrorKind::Clock, m))) {
+                    if !std::mem::replace(&mut keep[row], false) {
+                        continue;
+                    }
+                    letters.push(letter(decoded.record_of_row(row), kind, reason));
                 }
                 Batch::new(rows, times)?.filter(&BooleanArray::from(keep))?
             }

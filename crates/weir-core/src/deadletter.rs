@@ -17,6 +17,8 @@ pub enum ErrorKind {
     Schema,
     /// The event time is missing or unparseable.
     EventTime,
+    /// The event time is implausible: too far ahead of the wall clock, or too old.
+    Clock,
     /// An expression failed on the row.
     Expression,
 }
@@ -28,6 +30,7 @@ impl ErrorKind {
             Self::Decode => "decode",
             Self::Schema => "schema",
             Self::EventTime => "event_time",
+            Self::Clock => "clock",
             Self::Expression => "expression",
         }
     }

@@ -42,6 +42,70 @@ pub struct EventTimeSpec {
     pub column: String,
     /// Encoding of the column.
     pub format: TimeFormat,
+    /// Rows more than this far ahead of the wall clock are implausible (ms); `None` for no
+    /// limit.
+    pub max_future_ms: Option<i64>,
+    /// Rows older than this (ms before the wall clock) are implausible; `None` for no limit.
+    pub max_age_ms: Option<i64>,
+}
+
+impl EventTimeSpec {
+    /// A spec with no clock-sanity limits.
+    pub fn new(column: impl Into<String>, format: TimeFormat) -> Self {
+        Self { column: column.into(), format, max_future_ms: None, max_age_ms: None }
+    }
+
+    /// Rows whose time is implausible against the wall clock `now_ms`, with a reason each.
+    /// Sources dead-letter them before they reach a watermark: one device whose clock says
+    /// 2038 must not close every window.
+    pub fn check_clock(&self, times: &Int64Array, now_ms: i64) -> Vec<(usize, String)> {
+        let hi = self.max_future_ms.map_or(i64::MAX, |m| now_ms.saturating_add(m));
+        let lo = self.max_age_ms.map_or(i64::MIN, |m| now_ms.saturating_sub(m));
+        let mut bad = Vec::new();
+        if self.max_future_ms.is_none() && self.max_age_ms.is_none() {
+            return bad;
+        }
+        for (i, &t) in times.values().iter().enumerate() {
+            if t > hi {
+                bad.push((
+                    i,
+                    format!(
+                        "event time {} is {} ahead of the wall clock (max_future_skew {})",
+                        render_ms(t),
+                        human_ms(t - now_ms),
+                        human_ms(self.max_future_ms.unwrap_or(0))
+                    ),
+                ));
+            } else if t < lo {
+                bad.push((
+                    i,
+                    format!(
+                        "event time {} is {} old (max_age {})",
+                        render_ms(t),
+                        human_ms(now_ms - t),
+                        human_ms(self.max_age_ms.unwrap_or(0))
+                    ),
+                ));
+            }
+        }
+        bad
+    }
+}
+
+fn render_ms(t: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(t)
+        .map_or_else(|| format!("{t} ms"), |d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+fn human_ms(ms: i64) -> String {
+    let s = ms / 1000;
+    match s {
+        s if s >= 86_400 * 365 => format!("{:.1} years", s as f64 / (86_400.0 * 365.25)),
+        s if s >= 86_400 => format!("{:.1} days", s as f64 / 86_400.0),
+        s if s >= 3600 => format!("{:.1} h", s as f64 / 3600.0),
+        s if s >= 60 => format!("{:.1} min", s as f64 / 60.0),
+        _ => format!("{:.3} s", ms as f64 / 1000.0),
+    }
 }
 
 /// Looks a dotted column path up in a batch, descending into struct columns.
@@ -403,6 +467,26 @@ mod tests {
     }
 
     #[test]
+    fn clock_sanity_flags_future_and_stale_times() {
+        let now = 1_800_000_000_000;
+        let spec = EventTimeSpec {
+            max_future_ms: Some(3_600_000),
+            max_age_ms: Some(86_400_000),
+            ..EventTimeSpec::new("t", TimeFormat::Millis)
+        };
+        let times = Int64Array::from(vec![now, now + 3_600_000, now + 3_600_001, 2_147_483_647_000, now - 86_400_001]);
+        let bad = spec.check_clock(&times, now);
+        assert_eq!(bad.iter().map(|b| b.0).collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert!(
+            bad[1].1.starts_with("event time 2038-01-19T03:14:07.000Z is 11.0 years ahead of the wall clock"),
+            "{}",
+            bad[1].1
+        );
+        assert!(bad[2].1.contains("old (max_age 1.0 days)"), "{}", bad[2].1);
+        assert!(EventTimeSpec::new("t", TimeFormat::Millis).check_clock(&times, now).is_empty());
+    }
+
+    #[test]
     fn extracts_units_and_rfc3339() {
         use arrow_array::StringArray;
         use std::sync::Arc;
@@ -411,16 +495,16 @@ mod tests {
             ("r", Arc::new(StringArray::from(vec!["2026-11-22T00:00:01.5Z", "yesterday"])) as ArrayRef),
         ])
         .unwrap();
-        let spec = EventTimeSpec { column: "s".into(), format: TimeFormat::Seconds };
+        let spec = EventTimeSpec::new("s", TimeFormat::Seconds);
         let (t, bad) = spec.extract(&b).unwrap();
         assert_eq!(t.value(0), 2000);
         assert_eq!(bad, vec![(1, "event time `s` is null".to_string())]);
-        let spec = EventTimeSpec { column: "r".into(), format: TimeFormat::Rfc3339 };
+        let spec = EventTimeSpec::new("r", TimeFormat::Rfc3339);
         let (t, bad) = spec.extract(&b).unwrap();
         assert_eq!(t.value(0), 1_795_305_601_500);
         assert_eq!(bad.len(), 1);
         assert!(bad[0].1.contains("cannot parse \"yesterday\""), "{}", bad[0].1);
-        let spec = EventTimeSpec { column: "nope".into(), format: TimeFormat::Millis };
+        let spec = EventTimeSpec::new("nope", TimeFormat::Millis);
         assert!(spec.extract(&b).unwrap_err().to_string().contains("available: s, r"));
     }
 }

@@ -198,6 +198,25 @@ pub struct EventTimeConfig {
     /// `s`, `ms`, `us`, `ns` (epoch) or `rfc3339`.
     #[serde(default = "default_time_format")]
     pub format: TimeFormat,
+    /// Rows whose time is more than this ahead of the wall clock are dead-lettered (kind
+    /// `clock`) before they can move a watermark; `null` for no limit.
+    #[serde(default = "default_future_skew", with = "humantime_serde")]
+    pub max_future_skew: Option<Duration>,
+    /// Rows older than this are dead-lettered (kind `clock`); no limit by default, since
+    /// replaying old files is normal.
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+}
+
+fn default_future_skew() -> Option<Duration> {
+    Some(Duration::from_secs(3600))
+}
+
+impl EventTimeConfig {
+    /// An event-time column with the default clock-sanity limits.
+    pub fn new(column: impl Into<String>, format: TimeFormat) -> Self {
+        Self { column: column.into(), format, max_future_skew: default_future_skew(), max_age: None }
+    }
 }
 
 fn default_time_format() -> TimeFormat {

@@ -316,7 +316,12 @@ impl BuiltPipeline {
         let workers = opts.workers.or(c.workers).unwrap_or_else(default_workers).max(1);
         let src = &c.source;
         let source_step = StepId::new(&src.id);
-        let event_time = src.event_time.as_ref().map(|e| EventTimeSpec { column: e.column.clone(), format: e.format });
+        let event_time = src.event_time.as_ref().map(|e| EventTimeSpec {
+            column: e.column.clone(),
+            format: e.format,
+            max_future_ms: e.max_future_skew.map(ms),
+            max_age_ms: e.max_age.map(ms),
+        });
         let (source, schema): (Arc<dyn SourceFactory>, SchemaRef) = match src.connector().map_err(CoreError::Config)? {
             SourceConnector::File(f) => {
                 let schema = match &src.schema {

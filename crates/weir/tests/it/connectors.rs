@@ -19,7 +19,7 @@ fn schema() -> SchemaSpec {
 fn pipeline(path: &str, format: FormatSpec, out: &std::path::Path, dead: &std::path::Path) -> Pipeline {
     let mut src = SourceConfig::new("in", SourceConnector::File(FileSourceSettings::new(path, format)));
     src.schema = Some(schema());
-    src.event_time = Some(EventTimeConfig { column: "ts".into(), format: TimeFormat::Millis });
+    src.event_time = Some(EventTimeConfig::new("ts", TimeFormat::Millis));
     let mut p = Pipeline::new("t");
     p.source(src)
         .filter("hot", "readings.temp > 25.0")
