@@ -21,6 +21,8 @@ pub enum ErrorKind {
     Clock,
     /// An expression failed on the row.
     Expression,
+    /// The sink kept failing until its retries ran out.
+    Sink,
 }
 
 impl ErrorKind {
@@ -32,6 +34,7 @@ impl ErrorKind {
             Self::EventTime => "event_time",
             Self::Clock => "clock",
             Self::Expression => "expression",
+            Self::Sink => "sink",
         }
     }
 }

@@ -143,6 +143,12 @@ pub struct Registry {
     /// The adaptive linger of the last batch a streaming source cut, µs (see
     /// [`crate::linger::Linger`]): near zero for a quiet stream, up to `max_linger` in a burst.
     pub linger_us: AtomicU64,
+    /// Sink writes retried after a transient failure.
+    pub sink_retries: AtomicU64,
+    /// Times a sink started failing (each outage counts once).
+    pub sink_outages: AtomicU64,
+    /// 1 while a sink is failing and being retried.
+    pub sink_down: AtomicU64,
 }
 
 impl Registry {
@@ -253,6 +259,18 @@ impl Registry {
         );
         for (name, fill) in self.channel_fill() {
             let _ = writeln!(s, "weir_channel_fill_ratio{{job=\"{job}\",channel=\"{name}\"}} {fill}");
+        }
+        for (name, help, kind, v) in [
+            (
+                "weir_sink_retries_total",
+                "Sink writes retried after a transient failure.",
+                "counter",
+                &self.sink_retries,
+            ),
+            ("weir_sink_outages_total", "Times a sink started failing.", "counter", &self.sink_outages),
+            ("weir_sink_down", "1 while a sink is failing and being retried.", "gauge", &self.sink_down),
+        ] {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{job=\"{job}\"}} {}", g(v));
         }
         let _ = writeln!(s, "# HELP weir_source_linger_seconds Adaptive linger of the last batch cut by a streaming source.\n# TYPE weir_source_linger_seconds gauge");
         let _ = writeln!(s, "weir_source_linger_seconds{{job=\"{job}\"}} {}", g(&self.linger_us) as f64 / 1e6);

@@ -86,6 +86,45 @@ pub struct JobSpec {
     /// A column of the sink's input holding each row's creation time in µs since the epoch;
     /// when set, the sink records creation-to-write latency in [`Registry::latency`].
     pub latency_column: Option<String>,
+    /// How the sink is retried when a write fails with a transient error.
+    pub sink_retry: RetryPolicy,
+}
+
+/// Retries with exponential backoff and jitter for transient failures.
+///
+/// A sink that is down blocks its input while it is retried, so backpressure reaches the
+/// source instead of rows piling up or being dropped. After `max_attempts` (if set) the batch
+/// goes to the dead-letter output (kind `sink`) and the job goes on. Permanent errors
+/// ([`crate::Retry::Never`]) are not retried: they fail the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all (the first try included); `None` retries until the sink is back.
+    pub max_attempts: Option<u32>,
+    /// Delay before the first retry.
+    pub initial_backoff: Duration,
+    /// Longest delay between retries.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { max_attempts: None, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(30) }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before retry number `retry` (1 for the first): doubling from the initial
+    /// backoff up to the maximum, with up to 25% random jitter so that many failing tasks do
+    /// not retry in lockstep.
+    pub fn delay(&self, retry: u32) -> Duration {
+        let base = self.initial_backoff.saturating_mul(1u32 << retry.saturating_sub(1).min(20)).min(self.max_backoff);
+        // Cheap jitter from the clock's nanoseconds: no RNG state to carry around.
+        let nanos = u64::from(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()),
+        );
+        let jitter = base.as_nanos() as u64 / 4 * (nanos % 1000) / 1000;
+        base + Duration::from_nanos(jitter)
+    }
 }
 
 /// Stops a running job gracefully: sources end, windows flush, sinks close.
@@ -202,6 +241,8 @@ impl Job {
                 } else {
                     Downstream::Sink {
                         latency: spec.latency_column.clone(),
+                        retry: spec.sink_retry,
+                        dead: spec.dead_letters.clone(),
                         sink: spec.sink.create(w, w_count)?,
                         metrics: self.registry.step(&spec.sink_step, w),
                         registry: self.registry.clone(),
@@ -402,6 +443,8 @@ enum Downstream {
         registry: Arc<Registry>,
         step: StepId,
         latency: Option<String>,
+        retry: RetryPolicy,
+        dead: Arc<dyn DeadLetterSink>,
     },
 }
 
@@ -417,13 +460,17 @@ impl Downstream {
                         }
                     }
                 }
-                Self::Sink { sink, metrics, registry, step, latency } => {
+                Self::Sink { sink, metrics, registry, step, latency, retry, dead } => {
                     let n = b.num_rows() as u64;
                     StepMetrics::add(&metrics.rows_in, n);
                     StepMetrics::add(&metrics.batches_in, 1);
                     let t0 = Instant::now();
-                    sink.write(&b.rows).await.map_err(|e| e.in_step(step))?;
+                    let written = write_with_retry(sink.as_mut(), &b, retry, step, registry).await?;
                     StepMetrics::add(&metrics.busy_ns, t0.elapsed().as_nanos() as u64);
+                    if !written {
+                        dead_letter_batch(dead.as_ref(), &b, step, metrics, retry)?;
+                        continue;
+                    }
                     StepMetrics::add(&metrics.rows_out, n);
                     StepMetrics::add(&registry.sink_rows, n);
                     if let Some(col) = latency {
@@ -455,6 +502,71 @@ impl Downstream {
             Self::Sink { sink, step, .. } => sink.close().await.map_err(|e| e.in_step(step)),
         }
     }
+}
+
+/// Writes a batch, retrying transient failures. Returns false when the retries ran out (the
+/// caller dead-letters the batch); permanent errors fail.
+async fn write_with_retry(
+    sink: &mut dyn Sink,
+    b: &Batch,
+    retry: &RetryPolicy,
+    step: &StepId,
+    reg: &Registry,
+) -> Result<bool> {
+    let mut attempt = 1u32;
+    let mut down_since: Option<Instant> = None;
+    loop {
+        match sink.write(&b.rows).await {
+            Ok(()) => {
+                if let Some(t) = down_since {
+                    reg.sink_down.store(0, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(step = %step, attempts = attempt, outage_ms = t.elapsed().as_millis() as u64, "Sink recovered.");
+                }
+                return Ok(true);
+            }
+            Err(e) if e.retry() == crate::Retry::Backoff => {
+                StepMetrics::add(&reg.sink_retries, 1);
+                if down_since.is_none() {
+                    down_since = Some(Instant::now());
+                    reg.sink_down.store(1, std::sync::atomic::Ordering::Relaxed);
+                    StepMetrics::add(&reg.sink_outages, 1);
+                    tracing::warn!(step = %step, error = %e, "Sink write failed; retrying with backoff while its input waits.");
+                }
+                if retry.max_attempts.is_some_and(|m| attempt >= m) {
+                    reg.sink_down.store(0, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(step = %step, attempts = attempt, error = %e, "Sink retries exhausted; dead-lettering the batch.");
+                    return Ok(false);
+                }
+                tokio::time::sleep(retry.delay(attempt)).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e.in_step(step)),
+        }
+    }
+}
+
+fn dead_letter_batch(
+    dead: &dyn DeadLetterSink,
+    b: &Batch,
+    step: &StepId,
+    metrics: &StepMetrics,
+    retry: &RetryPolicy,
+) -> Result<()> {
+    let now = now_ms();
+    let attempts = retry.max_attempts.unwrap_or(0);
+    let letters = (0..b.num_rows())
+        .map(|i| crate::deadletter::DeadLetter {
+            payload: crate::deadletter::Payload::Row(b.rows.slice(i, 1)),
+            kind: crate::deadletter::ErrorKind::Sink,
+            reason: format!("sink `{step}` failed {attempts} times"),
+            step: step.clone(),
+            origin: "sink".into(),
+            position: None,
+            time_ms: now,
+        })
+        .collect();
+    StepMetrics::add(&metrics.dead_lettered, b.num_rows() as u64);
+    dead.write(letters)
 }
 
 fn record_latency(h: &crate::metrics::LatencyHistogram, b: &Batch, col: &str) -> Result<()> {

@@ -525,6 +525,9 @@ pub struct SinkConfig {
     /// `created_us`): the sink then records creation-to-write latency (summary and metrics).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_column: Option<String>,
+    /// Retries of failed writes.
+    #[serde(default)]
+    pub retry: RetryConfig,
 }
 
 /// The sink connectors.
@@ -554,6 +557,35 @@ pub struct StdoutSettings {
     /// Format.
     #[serde(default = "default_format")]
     pub format: FormatSpec,
+}
+
+/// Retries of transient sink failures (a server that is down, a full disk).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts in all before the batch is dead-lettered; absent: retry until the sink is back
+    /// (its input waits, and backpressure reaches the source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Delay before the first retry; it doubles up to `max_backoff`, with jitter.
+    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Longest delay between retries.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+fn default_initial_backoff() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self { max_attempts: None, initial_backoff: default_initial_backoff(), max_backoff: default_max_backoff() }
+    }
 }
 
 /// Dead-letter output.
@@ -641,7 +673,8 @@ impl FileSourceSettings {
 impl SinkConfig {
     /// A sink with the given id and connector.
     pub fn new(id: impl Into<String>, connector: SinkConnector) -> Self {
-        let mut s = Self { id: id.into(), file: None, stdout: None, latency_column: None };
+        let mut s =
+            Self { id: id.into(), file: None, stdout: None, latency_column: None, retry: RetryConfig::default() };
         match connector {
             SinkConnector::File(f) => s.file = Some(f),
             SinkConnector::Stdout(f) => s.stdout = Some(f),

@@ -143,6 +143,11 @@ impl Pipeline {
         }
         c.source.connector().map_err(CoreError::Config)?;
         c.sink.connector().map_err(CoreError::Config)?;
+        weir_core::ensure_config!(
+            c.sink.retry.max_attempts != Some(0),
+            "sink `{}`: retry.max_attempts must be at least 1",
+            c.sink.id
+        );
         weir_core::ensure_config!(c.source.batch_size > 0, "source `{}`: batch_size must be positive", c.source.id);
         weir_core::ensure_config!(c.workers != Some(0), "workers must be at least 1");
         weir_core::ensure_config!(c.runtime.channel_capacity > 0, "runtime.channel_capacity must be positive");
@@ -408,6 +413,11 @@ impl BuiltPipeline {
             },
             channel_capacity: c.runtime.channel_capacity,
             latency_column: c.sink.latency_column.clone(),
+            sink_retry: weir_core::runtime::RetryPolicy {
+                max_attempts: c.sink.retry.max_attempts,
+                initial_backoff: c.sink.retry.initial_backoff,
+                max_backoff: c.sink.retry.max_backoff,
+            },
         })
     }
 

@@ -61,6 +61,7 @@ fn run(partitions: Vec<Vec<Batch>>, bound: i64, workers: usize) -> (Rows, u64) {
         watermark: WatermarkSpec { bound: Duration::from_millis(bound as u64), idle_timeout: None },
         channel_capacity: 2,
         latency_column: None,
+        sink_retry: weir_core::runtime::RetryPolicy::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let summary = rt.block_on(Job::new(job).unwrap().run()).unwrap();
@@ -156,6 +157,7 @@ fn a_blocked_sink_stops_the_source() {
         watermark: WatermarkSpec { bound: Duration::ZERO, idle_timeout: None },
         channel_capacity: 2,
         latency_column: None,
+        sink_retry: weir_core::runtime::RetryPolicy::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let job = Job::new(job).unwrap();
@@ -170,4 +172,134 @@ fn a_blocked_sink_stops_the_source() {
     let summary = rt.block_on(handle).unwrap().unwrap();
     assert_eq!(summary.sink_rows, 200_000);
     assert_eq!(gate.1.load(std::sync::atomic::Ordering::Relaxed), 200_000);
+}
+
+/// Fails its first `fail_first` writes with a transient I/O error (or every write, if
+/// `always`), then takes rows.
+#[derive(Debug, Clone, Default)]
+struct FlakySink {
+    fail_first: u64,
+    always: bool,
+    permanent: bool,
+    calls: Arc<std::sync::atomic::AtomicU64>,
+    rows: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl weir_core::SinkFactory for FlakySink {
+    fn create(&self, _: usize, _: usize) -> weir_core::Result<Box<dyn weir_core::Sink>> {
+        Ok(Box::new(self.clone()))
+    }
+}
+
+#[async_trait::async_trait]
+impl weir_core::Sink for FlakySink {
+    async fn write(&mut self, rows: &RecordBatch) -> weir_core::Result<()> {
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.permanent {
+            return Err(weir_core::CoreError::Config("table does not exist".into()));
+        }
+        if self.always || call < self.fail_first {
+            return Err(weir_core::CoreError::io(
+                "connecting to the sink",
+                std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            ));
+        }
+        self.rows.fetch_add(rows.num_rows() as u64, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+    async fn close(&mut self) -> weir_core::Result<()> {
+        Ok(())
+    }
+}
+
+fn flaky_job(sink: FlakySink, retry: weir_core::runtime::RetryPolicy, dead: Arc<MemoryDeadLetters>) -> Job {
+    use weir_connectors::{GeneratorConfig, GeneratorFactory};
+    let gen =
+        GeneratorFactory::new(GeneratorConfig { count: Some(20_000), batch_size: 1000, ..GeneratorConfig::default() })
+            .unwrap();
+    Job::new(JobSpec {
+        name: "flaky".into(),
+        workers: 2,
+        source_step: StepId::new("gen"),
+        source: Arc::new(gen),
+        stages: vec![StageSpec { key: None, ops: vec![] }],
+        sink_step: StepId::new("sink"),
+        sink: Arc::new(sink),
+        dead_letters: dead,
+        watermark: WatermarkSpec { bound: Duration::ZERO, idle_timeout: None },
+        channel_capacity: 2,
+        latency_column: None,
+        sink_retry: retry,
+    })
+    .unwrap()
+}
+
+/// A sink that is down for a while: its input waits and is retried, nothing is lost or
+/// duplicated, and the outage shows in the metrics.
+#[test]
+fn a_sink_that_recovers_loses_and_duplicates_nothing() {
+    let sink = FlakySink { fail_first: 6, ..Default::default() };
+    let retry = weir_core::runtime::RetryPolicy {
+        max_attempts: None,
+        initial_backoff: Duration::from_millis(2),
+        max_backoff: Duration::from_millis(20),
+    };
+    let job = flaky_job(sink.clone(), retry, Arc::default());
+    let reg = job.registry();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let summary = rt.block_on(job.run()).unwrap();
+    assert_eq!(sink.rows.load(std::sync::atomic::Ordering::SeqCst), 20_000);
+    assert_eq!(summary.sink_rows, 20_000);
+    assert_eq!(reg.sink_retries.load(std::sync::atomic::Ordering::Relaxed), 6);
+    assert!(reg.sink_outages.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert_eq!(reg.sink_down.load(std::sync::atomic::Ordering::Relaxed), 0, "back up at the end");
+    let text = reg.render_prometheus("flaky");
+    assert!(text.contains("weir_sink_retries_total{job=\"flaky\"} 6"), "{text}");
+}
+
+/// With a bounded number of attempts, a sink that stays down sends its rows to the
+/// dead-letter output (kind `sink`) and the job ends; the counts still add up.
+#[test]
+fn exhausted_retries_dead_letter_the_rows() {
+    let sink = FlakySink { always: true, ..Default::default() };
+    let retry = weir_core::runtime::RetryPolicy {
+        max_attempts: Some(3),
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(2),
+    };
+    let dead = Arc::new(MemoryDeadLetters::default());
+    let summary =
+        tokio::runtime::Runtime::new().unwrap().block_on(flaky_job(sink.clone(), retry, dead.clone()).run()).unwrap();
+    let letters = dead.entries();
+    assert_eq!(letters.len(), 20_000);
+    assert!(letters.iter().all(|l| l.kind == weir_core::ErrorKind::Sink && l.reason.contains("failed 3 times")));
+    assert_eq!(sink.calls.load(std::sync::atomic::Ordering::SeqCst), 20 * 3, "20 batches, 3 attempts each");
+    let m = summary.steps.iter().find(|(s, _)| s.as_str() == "sink").unwrap().1;
+    assert_eq!((m.rows_in, m.dead_lettered, m.rows_out), (20_000, 20_000, 0));
+    assert!(m.balanced());
+}
+
+/// A permanent error is not retried: the job fails and says why.
+#[test]
+fn a_permanent_sink_error_fails_the_job_at_once() {
+    let sink = FlakySink { permanent: true, ..Default::default() };
+    let err = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(flaky_job(sink.clone(), weir_core::runtime::RetryPolicy::default(), Arc::default()).run())
+        .unwrap_err();
+    assert!(err.to_string().contains("step `sink`: table does not exist"), "{err}");
+    assert!(sink.calls.load(std::sync::atomic::Ordering::SeqCst) <= 2, "one try per worker at most");
+}
+
+#[test]
+fn backoff_doubles_up_to_the_cap() {
+    let p = weir_core::runtime::RetryPolicy {
+        max_attempts: None,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(1),
+    };
+    for (retry, base) in [(1, 100), (2, 200), (3, 400), (4, 800), (5, 1000), (30, 1000)] {
+        let d = p.delay(retry).as_millis() as u64;
+        assert!((base..=base + base / 4).contains(&d), "retry {retry}: {d} ms");
+    }
 }
