@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+mod dlq;
 use weir::prelude::*;
 use weir::yaml::{self, ConfigError};
 use weir_core::runtime::Job;
@@ -76,6 +78,26 @@ enum Cmd {
         /// Output format: json, csv or msgpack.
         #[arg(long, default_value = "json")]
         format: String,
+    },
+    /// Look into a dead-letter file.
+    Dlq {
+        #[command(subcommand)]
+        cmd: DlqCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCmd {
+    /// Count dead letters by kind, step and (with --key) key.
+    Stats {
+        /// The dead-letter file.
+        file: PathBuf,
+        /// A column path to group by, read from each JSON payload, e.g. device_id.
+        #[arg(long)]
+        key: Option<String>,
+        /// How many rows per group to show.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
     },
 }
 
@@ -202,6 +224,12 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             if !quiet {
                 eprint!("{}", weir::report::summary(&summary, workers));
             }
+            Ok(())
+        }
+        Cmd::Dlq { cmd: DlqCmd::Stats { file, key, top } } => {
+            let s = dlq::stats(&file, key.as_deref())
+                .map_err(|e| Failure::Config(format!("cannot read dead-letter file `{}`: {e}", file.display())))?;
+            print!("{}", dlq::render(&s, top));
             Ok(())
         }
         Cmd::Gen { count, rate, devices, seed, anomaly_rate, output, format } => {

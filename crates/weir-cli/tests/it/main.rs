@@ -160,3 +160,34 @@ fn stdin_to_stdout_with_dead_letters() {
     assert_eq!(letters[1]["kind"], "schema");
     assert_eq!(letters[1]["origin"], "stdin");
 }
+
+#[test]
+fn dlq_stats_counts_by_kind_step_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join("dead.jsonl");
+    let o = weir(
+        &["run", "examples/w1-sensor-window.yaml", "--workers", "1", "--quiet"],
+        &[
+            ("INPUT", &repo().join("tests/data/sensors-3k-malformed.jsonl")),
+            ("OUTPUT", &dir.path().join("o.jsonl")),
+            ("DEAD_LETTERS", &dead),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let letters: Vec<serde_json::Value> =
+        std::fs::read_to_string(&dead).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let count = |k: &str| letters.iter().filter(|l| l["kind"] == k).count();
+    let o = weir(&["dlq", "stats", dead.to_str().unwrap(), "--key", "device_id"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with(&format!("{} dead letters\n", letters.len())), "{out}");
+    for kind in ["decode", "schema", "clock"] {
+        assert!(count(kind) > 0);
+        assert!(out.contains(&format!("{:>10}  {kind}\n", count(kind))), "{kind}: {out}");
+    }
+    assert!(out.contains(&format!("{:>10}  events\n", letters.len())), "{out}");
+    assert!(out.contains("(unparseable)") && out.contains("dev-"), "{out}");
+    let o = weir(&["dlq", "stats", "/nonexistent.jsonl"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("cannot read dead-letter file `/nonexistent.jsonl`"));
+}
