@@ -261,33 +261,33 @@ impl FileSource {
             r.end += first;
         }
         StepMetrics::add(&cx.registry.source_bytes, buf.len() as u64);
-        // Line numbers are known when reading in order. They matter only for dead letters, so
-        // the newline index of the chunk is built on the first failure, not for every chunk.
+        // Line numbers are known when reading in order. Records of line formats hold no
+        // newline, so only the gaps between records (the line ends, and any empty lines) need
+        // counting: a few bytes per record, not the whole chunk.
         let line_based = !matches!(cfg.format, FormatSpec::MsgPack);
-        let line_base = (sequential && line_based).then_some(f.line);
+        let mut lines: Vec<u64> = Vec::new();
+        if sequential && line_based {
+            let (mut line, mut at) = (f.line, first);
+            lines.reserve(ranges.len());
+            for r in &ranges {
+                line += count_newlines(&buf[at..r.start]);
+                lines.push(line);
+                at = r.end;
+            }
+            f.line = line + count_newlines(&buf[at..first + consumed]);
+        }
         if sequential {
-            let end = first + consumed;
-            f.line += memchr::memchr_iter(b'\n', &buf[first..end]).count() as u64;
-            f.offset = read_from + end as u64;
+            f.offset = read_from + (first + consumed) as u64;
             if consumed == 0 && !f.follow && eof {
                 f.done = true;
             }
         } else {
             f.next_chunk += f.plan.stride;
         }
-        let newlines: std::cell::OnceCell<Vec<usize>> = std::cell::OnceCell::new();
-        for group in ranges.chunks(cfg.batch_size.max(1)) {
-            let pos = |i: usize| {
-                let start = group[i].start;
-                Position {
-                    offset: read_from + start as u64,
-                    line: line_base.map(|l| {
-                        let nl = newlines
-                            .get_or_init(|| memchr::memchr_iter(b'\n', &buf[first..]).map(|p| p + first).collect());
-                        l + nl.partition_point(|&p| p < start) as u64
-                    }),
-                }
-            };
+        for (gi, group) in ranges.chunks(cfg.batch_size.max(1)).enumerate() {
+            let base = gi * cfg.batch_size.max(1);
+            let pos =
+                |i: usize| Position { offset: read_from + group[i].start as u64, line: lines.get(base + i).copied() };
             if let Some(b) =
                 decode_records(f.decoder.as_mut(), cfg.event_time.as_ref(), &buf, group, &f.origin, pos, cx)?
             {
@@ -296,6 +296,10 @@ impl FileSource {
         }
         Ok(!ranges.is_empty() || (sequential && consumed > 0))
     }
+}
+
+fn count_newlines(b: &[u8]) -> u64 {
+    b.iter().filter(|c| **c == b'\n').count() as u64
 }
 
 fn read_full(f: &File, buf: &mut [u8], mut off: u64) -> std::io::Result<usize> {
