@@ -23,6 +23,8 @@ pub enum ErrorKind {
     Expression,
     /// The sink kept failing until its retries ran out.
     Sink,
+    /// Not a failure: the row's key was quarantined, so it was diverted.
+    Quarantined,
 }
 
 impl ErrorKind {
@@ -35,6 +37,7 @@ impl ErrorKind {
             Self::Clock => "clock",
             Self::Expression => "expression",
             Self::Sink => "sink",
+            Self::Quarantined => "quarantined",
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod keys;
 pub mod linger;
 pub mod metrics;
 pub mod operator;
+pub mod quarantine;
 pub mod runtime;
 pub mod testing;
 pub mod time;

@@ -32,6 +32,8 @@ pub struct StepMetrics {
     pub late_dropped: AtomicU64,
     /// Late rows written to the side output.
     pub late_side: AtomicU64,
+    /// Rows diverted because their key is quarantined.
+    pub quarantined: AtomicU64,
     /// Batches received.
     pub batches_in: AtomicU64,
     /// Nanoseconds spent inside the step's hooks.
@@ -56,6 +58,7 @@ impl StepMetrics {
             dead_lettered: g(&self.dead_lettered),
             late_dropped: g(&self.late_dropped),
             late_side: g(&self.late_side),
+            quarantined: g(&self.quarantined),
             batches_in: g(&self.batches_in),
             busy_ns: g(&self.busy_ns),
         }
@@ -74,6 +77,7 @@ pub struct StepSnapshot {
     pub dead_lettered: u64,
     pub late_dropped: u64,
     pub late_side: u64,
+    pub quarantined: u64,
     pub batches_in: u64,
     pub busy_ns: u64,
 }
@@ -88,6 +92,7 @@ impl StepSnapshot {
         self.dead_lettered += o.dead_lettered;
         self.late_dropped += o.late_dropped;
         self.late_side += o.late_side;
+        self.quarantined += o.quarantined;
         self.batches_in += o.batches_in;
         self.busy_ns += o.busy_ns;
     }
@@ -95,7 +100,13 @@ impl StepSnapshot {
     /// Whether every input row is accounted for.
     pub fn balanced(&self) -> bool {
         self.rows_in
-            == self.rows_out + self.filtered + self.aggregated + self.dead_lettered + self.late_dropped + self.late_side
+            == self.rows_out
+                + self.filtered
+                + self.aggregated
+                + self.dead_lettered
+                + self.late_dropped
+                + self.late_side
+                + self.quarantined
     }
 }
 
@@ -217,7 +228,8 @@ impl Registry {
     pub fn render_prometheus(&self, job: &str) -> String {
         let mut s = String::with_capacity(4096);
         let steps = self.steps();
-        let counters: [Counter; 10] = [
+        let counters: [Counter; 11] = [
+            ("weir_step_rows_quarantined_total", "Rows diverted because their key is quarantined.", |x| x.quarantined),
             ("weir_step_rows_in_total", "Rows received by a step.", |x| x.rows_in),
             ("weir_step_rows_out_total", "Rows passed on by a step.", |x| x.rows_out),
             ("weir_step_results_out_total", "Rows emitted from a step's state.", |x| x.results_out),

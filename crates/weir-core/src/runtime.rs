@@ -88,6 +88,10 @@ pub struct JobSpec {
     pub latency_column: Option<String>,
     /// How the sink is retried when a write fails with a transient error.
     pub sink_retry: RetryPolicy,
+    /// Keys that keep failing are diverted by the sources while quarantined. The job's
+    /// `dead_letters` should be a [`crate::quarantine::QuarantiningDeadLetters`] over the same
+    /// quarantine, so that failures are noted.
+    pub quarantine: Option<Arc<crate::quarantine::Quarantine>>,
 }
 
 /// Retries with exponential backoff and jitter for transient failures.
@@ -259,6 +263,7 @@ impl Job {
                         registry: self.registry.clone(),
                     };
                     let driver = SourceDriver {
+                        quarantine: spec.quarantine.clone(),
                         source,
                         cx,
                         chain,
@@ -606,6 +611,7 @@ async fn next_tick(t: &mut Option<tokio::time::Interval>) {
 /// Drives a source and the first stage of one worker.
 #[derive(Debug)]
 struct SourceDriver {
+    quarantine: Option<Arc<crate::quarantine::Quarantine>>,
     source: Box<dyn Source>,
     cx: SourceContext,
     chain: Chain,
@@ -638,6 +644,14 @@ impl SourceDriver {
             };
             let changed: Option<usize> = match polled {
                 SourcePoll::Rows { partition, batch } => {
+                    let batch = match &self.quarantine {
+                        Some(q) if q.active() > 0 => {
+                            let (kept, diverted) = q.divert(batch, &step, "source")?;
+                            StepMetrics::add(&self.cx.metrics.quarantined, diverted);
+                            kept
+                        }
+                        _ => batch,
+                    };
                     // Sources count their own `rows_in` (records read, good or bad) and
                     // dead letters; what reaches here is their output.
                     let rows = batch.num_rows() as u64;

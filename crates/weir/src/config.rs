@@ -33,6 +33,63 @@ pub struct PipelineConfig {
     /// Runtime settings.
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// Taking keys that keep failing out of the pipeline for a while.
+    #[serde(default)]
+    pub quarantine: QuarantineConfig,
+}
+
+/// Quarantine of keys that keep producing dead letters. On by default, keyed by the first
+/// `key_by` (when those columns come from the source), with conservative limits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuarantineConfig {
+    /// Whether quarantine is on.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Key column paths of the source; default: the keys of the first `key_by`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<Vec<String>>,
+    /// Dead letters a key may produce within `within` before it is quarantined.
+    #[serde(default = "default_max_dead_letters")]
+    pub max_dead_letters: u32,
+    /// Window over which dead letters are counted.
+    #[serde(default = "default_within", with = "humantime_serde")]
+    pub within: Duration,
+    /// How long a quarantined key's rows are diverted.
+    #[serde(default = "default_cool_down", with = "humantime_serde")]
+    pub cool_down: Duration,
+    /// JSON Lines file receiving the diverted rows.
+    #[serde(default = "default_quarantine_output")]
+    pub output: String,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_dead_letters() -> u32 {
+    100
+}
+fn default_within() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_cool_down() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_quarantine_output() -> String {
+    "quarantine.jsonl".into()
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            keys: None,
+            max_dead_letters: default_max_dead_letters(),
+            within: default_within(),
+            cool_down: default_cool_down(),
+            output: default_quarantine_output(),
+        }
+    }
 }
 
 /// A source step.

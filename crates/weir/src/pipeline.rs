@@ -10,6 +10,7 @@ use weir_connectors::{
     FileDeadLetters, FileSideWriter, FileSinkFactory, FileSourceConfig, FileSourceFactory, GeneratorConfig,
     GeneratorFactory, StdinSourceFactory, StdoutSinkFactory,
 };
+use weir_core::quarantine::{Quarantine, QuarantineSpec, QuarantiningDeadLetters};
 use weir_core::runtime::{Job, JobSpec, RunSummary, StageSpec, WatermarkSpec};
 use weir_core::time::EventTimeSpec;
 use weir_core::{CoreError, DeadLetterSink, OperatorFactory, Result, SinkFactory, SourceFactory, StepId};
@@ -53,6 +54,7 @@ impl Pipeline {
                 sink,
                 dead_letters: DeadLetterConfig::default(),
                 runtime: RuntimeConfig::default(),
+                quarantine: QuarantineConfig::default(),
             },
             source_set: false,
             sink_set: false,
@@ -397,7 +399,12 @@ impl BuiltPipeline {
             SinkConnector::File(f) => Arc::new(FileSinkFactory::new(&f.path, f.format, out_schema)),
             SinkConnector::Stdout(s) => Arc::new(StdoutSinkFactory::new(s.format, out_schema)),
         };
-        let dead: Arc<dyn DeadLetterSink> = Arc::new(FileDeadLetters::new(&c.dead_letters.path));
+        let mut dead: Arc<dyn DeadLetterSink> = Arc::new(FileDeadLetters::new(&c.dead_letters.path));
+        let quarantine = self.quarantine(&schema)?.map(|spec| {
+            let q = Arc::new(Quarantine::new(spec, Arc::new(FileDeadLetters::new(&c.quarantine.output))));
+            dead = Arc::new(QuarantiningDeadLetters { inner: dead.clone(), quarantine: q.clone() });
+            q
+        });
         Ok(JobSpec {
             name: c.name.clone(),
             workers,
@@ -413,12 +420,46 @@ impl BuiltPipeline {
             },
             channel_capacity: c.runtime.channel_capacity,
             latency_column: c.sink.latency_column.clone(),
+            quarantine,
             sink_retry: weir_core::runtime::RetryPolicy {
                 max_attempts: c.sink.retry.max_attempts,
                 initial_backoff: c.sink.retry.initial_backoff,
                 max_backoff: c.sink.retry.max_backoff,
             },
         })
+    }
+
+    /// The quarantine settings, if quarantine is on and its key columns come from the source.
+    /// Keys named in the config must exist; the default (the first `key_by`) applies only when
+    /// its columns are source columns.
+    fn quarantine(&self, schema: &SchemaRef) -> Result<Option<QuarantineSpec>> {
+        let q = &self.cfg.quarantine;
+        if !q.enabled {
+            return Ok(None);
+        }
+        let keys = match &q.keys {
+            Some(k) => {
+                for key in k {
+                    weir_ops::field_by_path(schema, key)
+                        .map_err(|e| CoreError::Config(format!("quarantine.keys: {e}")))?;
+                }
+                k.clone()
+            }
+            None => {
+                let first = self.cfg.steps.iter().find_map(|s| match s {
+                    StepConfig::KeyBy(k) => Some(k.keys.clone()),
+                    _ => None,
+                });
+                match first {
+                    Some(k) if k.iter().all(|key| weir_ops::field_by_path(schema, key).is_ok()) => k,
+                    _ => return Ok(None),
+                }
+            }
+        };
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(QuarantineSpec { keys, max_failures: q.max_dead_letters, window: q.within, cool_down: q.cool_down }))
     }
 
     /// Plans and runs the pipeline to the end of its input.

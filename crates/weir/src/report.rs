@@ -54,13 +54,13 @@ pub fn summary(s: &RunSummary, workers: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<20} {:>12} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10}",
-        "step", "rows in", "rows out", "filtered", "aggregated", "results", "dead", "late"
+        "{:<20} {:>12} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10} {:>11}",
+        "step", "rows in", "rows out", "filtered", "aggregated", "results", "dead", "late", "quarantined"
     );
     for (id, m) in &s.steps {
         let _ = writeln!(
             out,
-            "{:<20} {:>12} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10}",
+            "{:<20} {:>12} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10} {:>11}",
             id.as_str(),
             m.rows_in,
             m.rows_out,
@@ -68,7 +68,8 @@ pub fn summary(s: &RunSummary, workers: usize) -> String {
             m.aggregated,
             m.results_out,
             m.dead_lettered,
-            m.late_dropped + m.late_side
+            m.late_dropped + m.late_side,
+            m.quarantined
         );
     }
     let secs = s.elapsed.as_secs_f64();

@@ -241,3 +241,66 @@ mod accounting {
         }
     }
 }
+
+/// A device that keeps failing is quarantined: its later rows go to the quarantine output,
+/// nobody else is affected, and the counts add up.
+#[test]
+fn a_key_that_keeps_failing_is_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let mut text = String::new();
+    let (mut broken_good, mut others) = (0, 0);
+    for i in 0..400 {
+        let ts = 1_700_000_000_000i64 + i * 10;
+        if i % 4 == 0 {
+            // The broken device sends bad timestamps half the time.
+            if i % 8 == 0 {
+                text.push_str("{\"device_id\":\"broken\",\"ts\":\"never\",\"readings\":{\"temp\":1.0}}\n");
+            } else {
+                broken_good += 1;
+                text.push_str(&format!("{{\"device_id\":\"broken\",\"ts\":{ts},\"readings\":{{\"temp\":1.0}}}}\n"));
+            }
+        } else {
+            others += 1;
+            text.push_str(&format!("{{\"device_id\":\"ok-{}\",\"ts\":{ts},\"readings\":{{\"temp\":1.0}}}}\n", i % 3));
+        }
+    }
+    std::fs::write(&input, text).unwrap();
+    let (out, dead, quar) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"), dir.path().join("q.jsonl"));
+    let mut cfg = example("w2-filter-project.yaml", &[("INPUT", &input), ("OUTPUT", &out), ("DEAD_LETTERS", &dead)])
+        .config()
+        .clone();
+    cfg.steps.clear();
+    cfg.source.batch_size = 16;
+    cfg.quarantine = QuarantineConfig {
+        keys: Some(vec!["device_id".into()]),
+        max_dead_letters: 3,
+        within: std::time::Duration::from_secs(3600),
+        cool_down: std::time::Duration::from_secs(3600),
+        output: quar.display().to_string(),
+        ..QuarantineConfig::default()
+    };
+    let summary = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(Pipeline::from_config(cfg).build().unwrap().run(&RunOptions { workers: Some(1) }))
+        .unwrap();
+    let rows = read_jsonl(&out);
+    let diverted = read_jsonl(&quar);
+    assert!(!diverted.is_empty(), "the broken device must be quarantined");
+    assert!(diverted
+        .iter()
+        .all(|l| l["kind"] == "quarantined" && l["payload"].as_str().unwrap().contains("\"broken\"")));
+    let broken_out = rows.iter().filter(|r| r["device_id"] == "broken").count();
+    assert_eq!(
+        broken_out + diverted.len(),
+        broken_good,
+        "every good row of the broken device is in the output or the quarantine"
+    );
+    assert_eq!(rows.len() - broken_out, others, "other devices are untouched");
+    // After quarantine, the broken device's bad rows still reach the dead letters, but it
+    // stays quarantined for the whole run (the cool-down is an hour).
+    let source = summary.steps[0].1;
+    assert_eq!(source.quarantined as usize, diverted.len());
+    assert_eq!(source.dead_lettered as usize, read_jsonl(&dead).len());
+    assert!(source.balanced(), "{source:?}");
+}

@@ -1,0 +1,295 @@
+//! Quarantine: a key (say, a device) that keeps producing dead letters is taken out of the
+//! pipeline for a cool-down, so one broken device cannot flood the dead-letter output or
+//! starve the rest.
+//!
+//! Failures are noted as dead letters are written ([`QuarantiningDeadLetters`]); a key with
+//! more than `max_failures` within `window` is quarantined until `cool_down` has passed. While
+//! any key is quarantined, sources divert that key's rows to the quarantine output before they
+//! enter the pipeline (counted as `quarantined`). Keys are read from decoded rows, or from a
+//! failed record's payload when it is a JSON object.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow_array::{Array, BooleanArray, RecordBatch};
+
+use crate::batch::Batch;
+use crate::deadletter::{now_ms, DeadLetter, DeadLetterSink, ErrorKind, Payload};
+use crate::error::Result;
+use crate::ids::StepId;
+use crate::time::column_by_path;
+
+/// Quarantine settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantineSpec {
+    /// Key column paths (e.g. `device_id`).
+    pub keys: Vec<String>,
+    /// Dead letters a key may produce within `window` before it is quarantined.
+    pub max_failures: u32,
+    /// The sliding window over which failures are counted.
+    pub window: Duration,
+    /// How long a quarantined key stays out.
+    pub cool_down: Duration,
+}
+
+#[derive(Debug, Default)]
+struct KeyState {
+    failures: VecDeque<Instant>,
+    until: Option<Instant>,
+}
+
+/// The quarantine of one job, shared by all workers.
+#[derive(Debug)]
+pub struct Quarantine {
+    spec: QuarantineSpec,
+    keys: Mutex<HashMap<String, KeyState>>,
+    active: AtomicUsize,
+    output: Arc<dyn DeadLetterSink>,
+    /// Keys quarantined so far.
+    pub quarantined_keys: AtomicU64,
+    /// Keys released after their cool-down.
+    pub released_keys: AtomicU64,
+}
+
+impl Quarantine {
+    /// A quarantine writing diverted rows to `output`.
+    pub fn new(spec: QuarantineSpec, output: Arc<dyn DeadLetterSink>) -> Self {
+        Self {
+            spec,
+            keys: Mutex::new(HashMap::new()),
+            active: AtomicUsize::new(0),
+            output,
+            quarantined_keys: AtomicU64::new(0),
+            released_keys: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, KeyState>> {
+        self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Notes a failure of `key` at `now`; returns true when this failure quarantines it.
+    pub fn note_failure(&self, key: &str, now: Instant) -> bool {
+        let mut keys = self.lock();
+        let st = keys.entry(key.to_string()).or_default();
+        if st.until.is_some_and(|u| u > now) {
+            return false;
+        }
+        st.failures.push_back(now);
+        while st.failures.front().is_some_and(|t| now.duration_since(*t) > self.spec.window) {
+            st.failures.pop_front();
+        }
+        if st.failures.len() > self.spec.max_failures as usize {
+            st.failures.clear();
+            st.until = Some(now + self.spec.cool_down);
+            self.active.fetch_add(1, Ordering::Relaxed);
+            self.quarantined_keys.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                key,
+                failures = self.spec.max_failures + 1,
+                cool_down_s = self.spec.cool_down.as_secs_f64(),
+                "Key quarantined: its rows go to the quarantine output."
+            );
+            return true;
+        }
+        false
+    }
+
+    /// Whether `key` is quarantined at `now`; releases it when its cool-down has passed.
+    pub fn is_quarantined(&self, key: &str, now: Instant) -> bool {
+        if self.active.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let mut keys = self.lock();
+        self.check(&mut keys, key, now)
+    }
+
+    fn check(&self, keys: &mut HashMap<String, KeyState>, key: &str, now: Instant) -> bool {
+        let Some(st) = keys.get_mut(key) else { return false };
+        match st.until {
+            Some(u) if u > now => true,
+            Some(_) => {
+                st.until = None;
+                self.active.fetch_sub(1, Ordering::Relaxed);
+                self.released_keys.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(key, "Key released from quarantine.");
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Number of keys quarantined right now (released lazily, on their next row).
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Removes the rows of quarantined keys from a batch, writes them to the quarantine output
+    /// and returns the rest with the number diverted.
+    ///
+    /// # Errors
+    /// A key column missing from the batch, or the output failing.
+    pub fn divert(&self, batch: Batch, step: &StepId, origin: &str) -> Result<(Batch, u64)> {
+        if self.active() == 0 {
+            return Ok((batch, 0));
+        }
+        let keys = key_texts(&batch.rows, &self.spec.keys)?;
+        let now = Instant::now();
+        let mask: Vec<bool> = {
+            let mut map = self.lock();
+            keys.iter().map(|k| !k.as_deref().is_some_and(|k| self.check(&mut map, k, now))).collect()
+        };
+        let diverted = mask.iter().filter(|k| !**k).count();
+        if diverted == 0 {
+            return Ok((batch, 0));
+        }
+        let time = now_ms();
+        let letters = mask
+            .iter()
+            .enumerate()
+            .filter(|(_, keep)| !**keep)
+            .map(|(i, _)| DeadLetter {
+                payload: Payload::Row(batch.rows.slice(i, 1)),
+                kind: ErrorKind::Quarantined,
+                reason: format!("key `{}` is quarantined", keys[i].as_deref().unwrap_or_default()),
+                step: step.clone(),
+                origin: origin.to_string(),
+                position: None,
+                time_ms: time,
+            })
+            .collect();
+        self.output.write(letters)?;
+        Ok((batch.filter(&BooleanArray::from(mask))?, diverted as u64))
+    }
+
+    /// The key of a dead letter, if it can be read: from a decoded row, or from a payload that
+    /// is a JSON object.
+    pub fn key_of(&self, letter: &DeadLetter) -> Option<String> {
+        match &letter.payload {
+            Payload::Row(b) => key_texts(b, &self.spec.keys).ok()?.into_iter().next().flatten(),
+            Payload::Raw(bytes) => {
+                let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+                let parts: Vec<String> = self
+                    .spec
+                    .keys
+                    .iter()
+                    .map(|k| {
+                        let f = k.split('.').fold(&v, |acc, p| &acc[p]);
+                        match f {
+                            serde_json::Value::String(s) => Some(s.clone()),
+                            serde_json::Value::Null => None,
+                            other => Some(other.to_string()),
+                        }
+                    })
+                    .collect::<Option<_>>()?;
+                Some(parts.join("\u{1f}"))
+            }
+        }
+    }
+}
+
+/// The key of each row as text (columns joined by a unit separator); `None` where null.
+fn key_texts(rows: &RecordBatch, paths: &[String]) -> Result<Vec<Option<String>>> {
+    let cols = paths.iter().map(|p| column_by_path(rows, p)).collect::<Result<Vec<_>>>()?;
+    let mut out = vec![Some(String::new()); rows.num_rows()];
+    for (ci, c) in cols.iter().enumerate() {
+        let fmt = arrow_cast::display::ArrayFormatter::try_new(c.as_ref(), &Default::default())?;
+        for (i, slot) in out.iter_mut().enumerate() {
+            if c.is_null(i) {
+                *slot = None;
+            } else if let Some(s) = slot.as_mut() {
+                if ci > 0 {
+                    s.push('\u{1f}');
+                }
+                s.push_str(&fmt.value(i).to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes dead letters on, noting each one's key with the quarantine.
+#[derive(Debug)]
+pub struct QuarantiningDeadLetters {
+    /// Where the dead letters go.
+    pub inner: Arc<dyn DeadLetterSink>,
+    /// The quarantine told about them.
+    pub quarantine: Arc<Quarantine>,
+}
+
+impl DeadLetterSink for QuarantiningDeadLetters {
+    fn write(&self, letters: Vec<DeadLetter>) -> Result<()> {
+        let now = Instant::now();
+        for l in &letters {
+            if let Some(k) = self.quarantine.key_of(l) {
+                self.quarantine.note_failure(&k, now);
+            }
+        }
+        self.inner.write(letters)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()?;
+        self.quarantine.output.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::MemoryDeadLetters;
+
+    //  failures of key a (K = 2, window 10 s, cool-down 60 s):
+    //  t=0 x   t=5 x   t=20 x   t=21 x   t=22 x  -> quarantined at 22 (3 within 10 s)
+    //  t=50: still out;  t=83: released
+    #[test]
+    fn quarantines_after_k_failures_in_the_window_and_releases() {
+        let q = Quarantine::new(
+            QuarantineSpec {
+                keys: vec!["k".into()],
+                max_failures: 2,
+                window: Duration::from_secs(10),
+                cool_down: Duration::from_secs(60),
+            },
+            Arc::new(MemoryDeadLetters::default()),
+        );
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(!q.note_failure("a", at(0)));
+        assert!(!q.note_failure("a", at(5)));
+        assert!(!q.note_failure("a", at(20)), "the first two fell out of the window");
+        assert!(!q.note_failure("a", at(21)));
+        assert!(q.note_failure("a", at(22)));
+        assert!(q.is_quarantined("a", at(50)));
+        assert!(!q.is_quarantined("b", at(50)));
+        assert_eq!(q.active(), 1);
+        assert!(!q.is_quarantined("a", at(83)));
+        assert_eq!((q.active(), q.released_keys.load(Ordering::Relaxed)), (0, 1));
+    }
+
+    #[test]
+    fn reads_keys_from_json_payloads() {
+        let q = Quarantine::new(
+            QuarantineSpec {
+                keys: vec!["m.dev".into()],
+                max_failures: 1,
+                window: Duration::from_secs(1),
+                cool_down: Duration::from_secs(1),
+            },
+            Arc::new(MemoryDeadLetters::default()),
+        );
+        let letter = |p: &[u8]| DeadLetter {
+            payload: Payload::Raw(p.to_vec()),
+            kind: ErrorKind::Schema,
+            reason: String::new(),
+            step: StepId::new("s"),
+            origin: String::new(),
+            position: None,
+            time_ms: 0,
+        };
+        assert_eq!(q.key_of(&letter(br#"{"m":{"dev":"d7"},"ts":"x"}"#)).as_deref(), Some("d7"));
+        assert_eq!(q.key_of(&letter(br#"{"m":{"dev":1"#)), None);
+    }
+}
