@@ -85,3 +85,60 @@ pub(crate) fn render(s: &Stats, top: usize) -> String {
     }
     out
 }
+
+/// Dead letters chosen for replay: their raw payloads, ready to be read as records again.
+#[derive(Debug, Default)]
+pub(crate) struct Replay {
+    /// The payloads, one record per line.
+    pub(crate) records: Vec<u8>,
+    /// Entries taken.
+    pub(crate) taken: u64,
+    /// Entries skipped: other kinds or steps, rows that failed after decoding (their payload
+    /// is a rendered row, not a record of the source), payloads holding a line break.
+    pub(crate) skipped: u64,
+}
+
+/// Reads the entries of `path` whose kind is in `kinds` (all when empty).
+pub(crate) fn replay_records(path: &std::path::Path, kinds: &[String]) -> std::io::Result<Replay> {
+    use base64::Engine as _;
+    let f = std::fs::File::open(path)?;
+    let mut r = Replay::default();
+    for line in std::io::BufReader::new(f).lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            r.skipped += 1;
+            continue;
+        };
+        let kind = v["kind"].as_str().unwrap_or_default();
+        if !kinds.is_empty() && !kinds.iter().any(|k| k == kind) {
+            r.skipped += 1;
+            continue;
+        }
+        let payload = v["payload"].as_str().unwrap_or_default();
+        let bytes = match v["payload_encoding"].as_str() {
+            Some("utf8") => payload.as_bytes().to_vec(),
+            Some("base64") => match base64::engine::general_purpose::STANDARD.decode(payload) {
+                Ok(b) => b,
+                Err(_) => {
+                    r.skipped += 1;
+                    continue;
+                }
+            },
+            _ => {
+                r.skipped += 1;
+                continue;
+            }
+        };
+        if bytes.contains(&b'\n') {
+            r.skipped += 1;
+            continue;
+        }
+        r.records.extend_from_slice(&bytes);
+        r.records.push(b'\n');
+        r.taken += 1;
+    }
+    Ok(r)
+}

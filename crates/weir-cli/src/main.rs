@@ -99,6 +99,27 @@ enum DlqCmd {
         #[arg(long, default_value_t = 20)]
         top: usize,
     },
+    /// Feed the records of a dead-letter file back into a (fixed) pipeline. The pipeline's
+    /// source is replaced by the dead letters, read in the source's format.
+    Replay {
+        /// The dead-letter file.
+        file: PathBuf,
+        /// The pipeline to run them through.
+        #[arg(long)]
+        pipeline: PathBuf,
+        /// Only these kinds (decode, schema, event_time, clock); default: all with a record.
+        #[arg(long, value_delimiter = ',')]
+        kind: Vec<String>,
+        /// Where results go when the sink is a file (required then: the sink would replace it).
+        #[arg(long)]
+        output: Option<String>,
+        /// Where the replay's own dead letters go (default: FILE with `.replay.jsonl`).
+        #[arg(long)]
+        dead_letters: Option<String>,
+        /// Worker count.
+        #[arg(long, short)]
+        workers: Option<usize>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -232,6 +253,9 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             print!("{}", dlq::render(&s, top));
             Ok(())
         }
+        Cmd::Dlq { cmd: DlqCmd::Replay { file, pipeline, kind, output, dead_letters, workers } } => {
+            replay(&file, &pipeline, &kind, output, dead_letters, workers)
+        }
         Cmd::Gen { count, rate, devices, seed, anomaly_rate, output, format } => {
             let format = FormatSpec::from_name(&format)
                 .ok_or_else(|| Failure::Config(format!("unknown format `{format}`; use json, csv or msgpack")))?;
@@ -258,6 +282,59 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+fn replay(
+    file: &PathBuf,
+    pipeline: &PathBuf,
+    kinds: &[String],
+    output: Option<String>,
+    dead_letters: Option<String>,
+    workers: Option<usize>,
+) -> Result<(), Failure> {
+    let (built, _) = load(pipeline)?;
+    let mut cfg = built.config().clone();
+    let format = match (&cfg.source.file, &cfg.source.stdin) {
+        (Some(f), _) => f.format,
+        (_, Some(s)) => s.format,
+        _ => return Err(Failure::Config("replay needs a pipeline whose source reads records (file or stdin)".into())),
+    };
+    if matches!(format, FormatSpec::MsgPack) {
+        return Err(Failure::Config(
+            "replay feeds records back one per line; a msgpack source cannot read them".into(),
+        ));
+    }
+    let picked = dlq::replay_records(file, kinds)
+        .map_err(|e| Failure::Config(format!("cannot read dead-letter file `{}`: {e}", file.display())))?;
+    let dir = std::env::temp_dir().join(format!("weir-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| Failure::Run(e.into()))?;
+    let records = dir.join("records");
+    std::fs::write(&records, &picked.records).map_err(|e| Failure::Run(e.into()))?;
+    let mut src = FileSourceSettings::new(records.display().to_string(), format);
+    src.chunk_size = cfg.source.file.as_ref().map_or(src.chunk_size, |f| f.chunk_size);
+    cfg.source.file = Some(src);
+    cfg.source.stdin = None;
+    match (&mut cfg.sink.file, output) {
+        (Some(f), Some(o)) => f.path = o,
+        (Some(f), None) => {
+            return Err(Failure::Config(format!(
+                "the pipeline writes `{}`, which the replay would replace; give --output",
+                f.path
+            )))
+        }
+        (None, _) => {}
+    }
+    cfg.dead_letters.path = dead_letters.unwrap_or_else(|| format!("{}.replay.jsonl", file.display()));
+    eprintln!("replaying {} dead letters ({} skipped) through {}", picked.taken, picked.skipped, pipeline.display());
+    let built = Pipeline::from_config(cfg).build()?;
+    let opts = RunOptions { workers };
+    let spec = built.plan(&opts)?;
+    let workers = spec.workers;
+    let rt = runtime(workers)?;
+    let summary = rt.block_on(async move { Job::new(spec)?.run().await });
+    let _ = std::fs::remove_dir_all(&dir);
+    eprint!("{}", weir::report::summary(&summary?, workers));
+    Ok(())
 }
 
 async fn wait_signal() {

@@ -191,3 +191,64 @@ fn dlq_stats_counts_by_kind_step_and_key() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("cannot read dead-letter file `/nonexistent.jsonl`"));
 }
+
+/// Dead letters go back through a fixed pipeline: the records the fix accepts come out, the
+/// others are dead-lettered again (to a separate file).
+#[test]
+fn dlq_replay_through_a_fixed_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = |required: bool| {
+        format!(
+            "name: p\nsource:\n  id: in\n  file: {{path: \"${{INPUT}}\"}}\n  schema:\n    fields:\n      - {{name: device_id, type: string}}\n      - {{name: ts, type: int64}}\n      - {{name: readings, type: struct, fields: [{{name: temp, type: float64, required: {required}}}]}}\n  event_time: {{column: ts}}\nsteps:\n  - select: {{id: cols, columns: [device_id, ts, readings.temp AS temp]}}\nsink:\n  id: out\n  file: {{path: \"${{OUTPUT}}\"}}\ndead_letters: {{path: \"${{DEAD_LETTERS}}\"}}\n"
+        )
+    };
+    let (v1, v2) = (dir.path().join("v1.yaml"), dir.path().join("v2.yaml"));
+    std::fs::write(&v1, pipeline(true)).unwrap();
+    std::fs::write(&v2, pipeline(false)).unwrap();
+    let dead = dir.path().join("dead.jsonl");
+    let o = weir(
+        &["run", v1.to_str().unwrap(), "--quiet"],
+        &[
+            ("INPUT", &repo().join("tests/data/sensors-malformed.jsonl")),
+            ("OUTPUT", &dir.path().join("o1.jsonl")),
+            ("DEAD_LETTERS", &dead),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let letters: Vec<serde_json::Value> =
+        std::fs::read_to_string(&dead).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let schema: Vec<_> = letters.iter().filter(|l| l["kind"] == "schema").collect();
+    let missing_temp = schema.iter().filter(|l| l["reason"].as_str().unwrap().contains("readings.temp")).count();
+    assert!(missing_temp > 0 && missing_temp < schema.len());
+
+    // Without --output the replay would overwrite the sink's file: refused.
+    let o = weir(
+        &["dlq", "replay", dead.to_str().unwrap(), "--pipeline", v2.to_str().unwrap()],
+        &[("INPUT", Path::new("unused")), ("OUTPUT", &dir.path().join("o1.jsonl")), ("DEAD_LETTERS", &dead)],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+
+    let out = dir.path().join("replayed.jsonl");
+    let o = weir(
+        &[
+            "dlq",
+            "replay",
+            dead.to_str().unwrap(),
+            "--pipeline",
+            v2.to_str().unwrap(),
+            "--kind",
+            "schema",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &[("INPUT", Path::new("unused")), ("OUTPUT", Path::new("unused")), ("DEAD_LETTERS", &dead)],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("replaying {} dead letters", schema.len())), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), missing_temp, "the fix accepts the records without a temperature");
+    assert!(rows.iter().all(|r| r["temp"].is_null()));
+    let again = std::fs::read_to_string(format!("{}.replay.jsonl", dead.display())).unwrap();
+    assert_eq!(again.lines().count(), schema.len() - missing_temp, "the others fail again, into their own file");
+}
