@@ -285,7 +285,7 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
 }
 
 fn replay(
-    file: &PathBuf,
+    file: &std::path::Path,
     pipeline: &PathBuf,
     kinds: &[String],
     output: Option<String>,
