@@ -57,7 +57,8 @@ pub fn render(l: &DeadLetter) -> String {
         "reason": l.reason,
         "origin": l.origin,
         "position": l.position,
-        "attempts": 1,
+        "attempts": l.attempts,
+        "first_failure": l.first_failure_ms.and_then(chrono::DateTime::from_timestamp_millis).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)).or_else(|| time.clone()),
         "payload": payload,
         "payload_encoding": enc,
     });
@@ -153,11 +154,14 @@ mod tests {
             origin: "f".into(),
             position: Some("offset 3".into()),
             time_ms: 0,
+            attempts: 1,
+            first_failure_ms: None,
         };
         let v: serde_json::Value = serde_json::from_str(&render(&l)).unwrap();
         assert_eq!(v["payload"], "/wB4");
         assert_eq!(v["payload_encoding"], "base64");
         assert_eq!(v["time"], "1970-01-01T00:00:00.000Z");
         assert_eq!(v["kind"], "decode");
+        assert_eq!((v["attempts"].as_u64(), v["first_failure"].as_str()), (Some(1), Some("1970-01-01T00:00:00.000Z")));
     }
 }

@@ -54,6 +54,8 @@ pub(crate) fn decode_records(
         origin: origin.to_string(),
         position: Some(pos(idx).render()),
         time_ms: now_ms(),
+        attempts: 1,
+        first_failure_ms: None,
     };
     for e in &decoded.errors {
         let kind = match e.kind {

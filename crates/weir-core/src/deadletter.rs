@@ -66,8 +66,12 @@ pub struct DeadLetter {
     pub origin: String,
     /// Position in the origin: a line number and/or byte offset, rendered.
     pub position: Option<String>,
-    /// When it failed, ms since the epoch.
+    /// When it (last) failed, ms since the epoch.
     pub time_ms: i64,
+    /// How many times processing it was tried.
+    pub attempts: u32,
+    /// When it first failed, if earlier than `time_ms` (retried failures).
+    pub first_failure_ms: Option<i64>,
 }
 
 /// Where dead letters go. Shared by all workers, so implementations synchronise internally;

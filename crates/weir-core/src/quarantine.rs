@@ -158,6 +158,8 @@ impl Quarantine {
                 origin: origin.to_string(),
                 position: None,
                 time_ms: time,
+                attempts: 1,
+                first_failure_ms: None,
             })
             .collect();
         self.output.write(letters)?;
@@ -288,6 +290,8 @@ mod tests {
             origin: String::new(),
             position: None,
             time_ms: 0,
+            attempts: 1,
+            first_failure_ms: None,
         };
         assert_eq!(q.key_of(&letter(br#"{"m":{"dev":"d7"},"ts":"x"}"#)).as_deref(), Some("d7"));
         assert_eq!(q.key_of(&letter(br#"{"m":{"dev":1"#)), None);

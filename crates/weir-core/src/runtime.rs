@@ -470,10 +470,10 @@ impl Downstream {
                     StepMetrics::add(&metrics.rows_in, n);
                     StepMetrics::add(&metrics.batches_in, 1);
                     let t0 = Instant::now();
-                    let written = write_with_retry(sink.as_mut(), &b, retry, step, registry).await?;
+                    let gave_up = write_with_retry(sink.as_mut(), &b, retry, step, registry).await?;
                     StepMetrics::add(&metrics.busy_ns, t0.elapsed().as_nanos() as u64);
-                    if !written {
-                        dead_letter_batch(dead.as_ref(), &b, step, metrics, retry)?;
+                    if let Some(first_failure_ms) = gave_up {
+                        dead_letter_batch(dead.as_ref(), &b, step, metrics, retry, first_failure_ms)?;
                         continue;
                     }
                     StepMetrics::add(&metrics.rows_out, n);
@@ -509,17 +509,19 @@ impl Downstream {
     }
 }
 
-/// Writes a batch, retrying transient failures. Returns false when the retries ran out (the
-/// caller dead-letters the batch); permanent errors fail.
+/// Writes a batch, retrying transient failures. Returns the time of the first failure when the
+/// retries ran out (the caller dead-letters the batch), `None` once written; permanent errors
+/// fail.
 async fn write_with_retry(
     sink: &mut dyn Sink,
     b: &Batch,
     retry: &RetryPolicy,
     step: &StepId,
     reg: &Registry,
-) -> Result<bool> {
+) -> Result<Option<i64>> {
     let mut attempt = 1u32;
     let mut down_since: Option<Instant> = None;
+    let mut first_failure_ms = 0;
     loop {
         match sink.write(&b.rows).await {
             Ok(()) => {
@@ -527,12 +529,13 @@ async fn write_with_retry(
                     reg.sink_down.store(0, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(step = %step, attempts = attempt, outage_ms = t.elapsed().as_millis() as u64, "Sink recovered.");
                 }
-                return Ok(true);
+                return Ok(None);
             }
             Err(e) if e.retry() == crate::Retry::Backoff => {
                 StepMetrics::add(&reg.sink_retries, 1);
                 if down_since.is_none() {
                     down_since = Some(Instant::now());
+                    first_failure_ms = now_ms();
                     reg.sink_down.store(1, std::sync::atomic::Ordering::Relaxed);
                     StepMetrics::add(&reg.sink_outages, 1);
                     tracing::warn!(step = %step, error = %e, "Sink write failed; retrying with backoff while its input waits.");
@@ -540,7 +543,7 @@ async fn write_with_retry(
                 if retry.max_attempts.is_some_and(|m| attempt >= m) {
                     reg.sink_down.store(0, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(step = %step, attempts = attempt, error = %e, "Sink retries exhausted; dead-lettering the batch.");
-                    return Ok(false);
+                    return Ok(Some(first_failure_ms));
                 }
                 tokio::time::sleep(retry.delay(attempt)).await;
                 attempt += 1;
@@ -556,6 +559,7 @@ fn dead_letter_batch(
     step: &StepId,
     metrics: &StepMetrics,
     retry: &RetryPolicy,
+    first_failure_ms: i64,
 ) -> Result<()> {
     let now = now_ms();
     let attempts = retry.max_attempts.unwrap_or(0);
@@ -568,6 +572,8 @@ fn dead_letter_batch(
             origin: "sink".into(),
             position: None,
             time_ms: now,
+            attempts,
+            first_failure_ms: Some(first_failure_ms),
         })
         .collect();
     StepMetrics::add(&metrics.dead_lettered, b.num_rows() as u64);

@@ -137,6 +137,8 @@ fn row_by_row(
                     origin: "row".into(),
                     position: None,
                     time_ms: now_ms(),
+                    attempts: 1,
+                    first_failure_ms: None,
                 });
             }
         }

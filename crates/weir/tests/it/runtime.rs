@@ -276,6 +276,7 @@ fn exhausted_retries_dead_letter_the_rows() {
     let letters = dead.entries();
     assert_eq!(letters.len(), 20_000);
     assert!(letters.iter().all(|l| l.kind == weir_core::ErrorKind::Sink && l.reason.contains("failed 3 times")));
+    assert!(letters.iter().all(|l| l.attempts == 3 && l.first_failure_ms.is_some_and(|f| f <= l.time_ms)));
     assert_eq!(sink.calls.load(std::sync::atomic::Ordering::SeqCst), 20 * 3, "20 batches, 3 attempts each");
     let m = summary.steps.iter().find(|(s, _)| s.as_str() == "sink").unwrap().1;
     assert_eq!((m.rows_in, m.dead_lettered, m.rows_out), (20_000, 20_000, 0));
