@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod operator;
 pub mod quarantine;
 pub mod runtime;
+pub mod shed;
 pub mod testing;
 pub mod time;
 

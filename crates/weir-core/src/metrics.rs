@@ -34,6 +34,8 @@ pub struct StepMetrics {
     pub late_side: AtomicU64,
     /// Rows diverted because their key is quarantined.
     pub quarantined: AtomicU64,
+    /// Rows dropped by load shedding.
+    pub shed: AtomicU64,
     /// Batches received.
     pub batches_in: AtomicU64,
     /// Nanoseconds spent inside the step's hooks.
@@ -59,6 +61,7 @@ impl StepMetrics {
             late_dropped: g(&self.late_dropped),
             late_side: g(&self.late_side),
             quarantined: g(&self.quarantined),
+            shed: g(&self.shed),
             batches_in: g(&self.batches_in),
             busy_ns: g(&self.busy_ns),
         }
@@ -78,6 +81,7 @@ pub struct StepSnapshot {
     pub late_dropped: u64,
     pub late_side: u64,
     pub quarantined: u64,
+    pub shed: u64,
     pub batches_in: u64,
     pub busy_ns: u64,
 }
@@ -93,6 +97,7 @@ impl StepSnapshot {
         self.late_dropped += o.late_dropped;
         self.late_side += o.late_side;
         self.quarantined += o.quarantined;
+        self.shed += o.shed;
         self.batches_in += o.batches_in;
         self.busy_ns += o.busy_ns;
     }
@@ -107,6 +112,7 @@ impl StepSnapshot {
                 + self.late_dropped
                 + self.late_side
                 + self.quarantined
+                + self.shed
     }
 }
 
@@ -228,7 +234,8 @@ impl Registry {
     pub fn render_prometheus(&self, job: &str) -> String {
         let mut s = String::with_capacity(4096);
         let steps = self.steps();
-        let counters: [Counter; 11] = [
+        let counters: [Counter; 12] = [
+            ("weir_step_rows_shed_total", "Rows dropped by load shedding.", |x| x.shed),
             ("weir_step_rows_quarantined_total", "Rows diverted because their key is quarantined.", |x| x.quarantined),
             ("weir_step_rows_in_total", "Rows received by a step.", |x| x.rows_in),
             ("weir_step_rows_out_total", "Rows passed on by a step.", |x| x.rows_out),

@@ -92,6 +92,8 @@ pub struct JobSpec {
     /// `dead_letters` should be a [`crate::quarantine::QuarantiningDeadLetters`] over the same
     /// quarantine, so that failures are noted.
     pub quarantine: Option<Arc<crate::quarantine::Quarantine>>,
+    /// Opt-in load shedding at the sources.
+    pub shedding: Option<(crate::shed::OverloadSpec, Arc<dyn crate::shed::ShedPredicate>)>,
 }
 
 /// Retries with exponential backoff and jitter for transient failures.
@@ -263,6 +265,7 @@ impl Job {
                         registry: self.registry.clone(),
                     };
                     let driver = SourceDriver {
+                        shedder: spec.shedding.clone().map(|(o, p)| crate::shed::Shedder::new(o, p)),
                         quarantine: spec.quarantine.clone(),
                         source,
                         cx,
@@ -617,6 +620,7 @@ async fn next_tick(t: &mut Option<tokio::time::Interval>) {
 /// Drives a source and the first stage of one worker.
 #[derive(Debug)]
 struct SourceDriver {
+    shedder: Option<crate::shed::Shedder>,
     quarantine: Option<Arc<crate::quarantine::Quarantine>>,
     source: Box<dyn Source>,
     cx: SourceContext,
@@ -657,6 +661,18 @@ impl SourceDriver {
                             kept
                         }
                         _ => batch,
+                    };
+                    let batch = match self.shedder.as_mut() {
+                        Some(sh) => {
+                            sh.update(&self.cx.registry, Instant::now());
+                            let (kept, shed) = sh.shed(batch).map_err(|e| e.in_step(&step))?;
+                            StepMetrics::add(&self.cx.metrics.shed, shed);
+                            if let Some(p) = sh.pause() {
+                                tokio::time::sleep(p).await;
+                            }
+                            kept
+                        }
+                        None => batch,
                     };
                     // Sources count their own `rows_in` (records read, good or bad) and
                     // dead letters; what reaches here is their output.

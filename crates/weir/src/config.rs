@@ -36,6 +36,33 @@ pub struct PipelineConfig {
     /// Taking keys that keep failing out of the pipeline for a while.
     #[serde(default)]
     pub quarantine: QuarantineConfig,
+    /// Opt-in load shedding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_shedding: Option<LoadSheddingConfig>,
+}
+
+/// Load shedding: while the job is overloaded, sources drop the rows `drop_where` picks.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadSheddingConfig {
+    /// SQL predicate on source rows: the rows to drop while overloaded, e.g. `NOT critical`.
+    pub drop_where: String,
+    /// Overloaded when wall clock minus watermark stays above this.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub max_lag: Option<Duration>,
+    /// Overloaded when the fullest channel stays fuller than this (0..=1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queue_fill: Option<f64>,
+    /// How long the condition must hold before shedding starts.
+    #[serde(default = "default_sustained", with = "humantime_serde")]
+    pub sustained: Duration,
+    /// Pause sources this long between batches while overloaded.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub pause: Option<Duration>,
+}
+
+fn default_sustained() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// Quarantine of keys that keep producing dead letters. On by default, keyed by the first

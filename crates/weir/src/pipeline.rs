@@ -12,6 +12,7 @@ use weir_connectors::{
 };
 use weir_core::quarantine::{Quarantine, QuarantineSpec, QuarantiningDeadLetters};
 use weir_core::runtime::{Job, JobSpec, RunSummary, StageSpec, WatermarkSpec};
+use weir_core::shed::{OverloadSpec, ShedPredicate};
 use weir_core::time::EventTimeSpec;
 use weir_core::{CoreError, DeadLetterSink, OperatorFactory, Result, SinkFactory, SourceFactory, StepId};
 use weir_formats::{infer_json_schema, split_records, FormatSpec};
@@ -55,6 +56,7 @@ impl Pipeline {
                 dead_letters: DeadLetterConfig::default(),
                 runtime: RuntimeConfig::default(),
                 quarantine: QuarantineConfig::default(),
+                load_shedding: None,
             },
             source_set: false,
             sink_set: false,
@@ -421,6 +423,7 @@ impl BuiltPipeline {
             channel_capacity: c.runtime.channel_capacity,
             latency_column: c.sink.latency_column.clone(),
             quarantine,
+            shedding: self.shedding(&schema)?,
             sink_retry: weir_core::runtime::RetryPolicy {
                 max_attempts: c.sink.retry.max_attempts,
                 initial_backoff: c.sink.retry.initial_backoff,
@@ -462,12 +465,40 @@ impl BuiltPipeline {
         Ok(Some(QuarantineSpec { keys, max_failures: q.max_dead_letters, window: q.within, cool_down: q.cool_down }))
     }
 
+    /// The load-shedding settings, with the predicate compiled against the source schema.
+    fn shedding(&self, schema: &SchemaRef) -> Result<Option<(OverloadSpec, Arc<dyn ShedPredicate>)>> {
+        let Some(l) = &self.cfg.load_shedding else { return Ok(None) };
+        weir_core::ensure_config!(
+            l.max_lag.is_some() || l.max_queue_fill.is_some(),
+            "load_shedding needs `max_lag` or `max_queue_fill` to say when the job is overloaded"
+        );
+        let pred = weir_expr::Predicate::compile(&l.drop_where, schema)
+            .map_err(|e| CoreError::Config(format!("load_shedding.drop_where: {e}")))?;
+        let spec = OverloadSpec {
+            max_lag: l.max_lag,
+            max_queue_fill: l.max_queue_fill,
+            sustained: l.sustained,
+            pause: l.pause,
+        };
+        Ok(Some((spec, Arc::new(ExprShed(pred)))))
+    }
+
     /// Plans and runs the pipeline to the end of its input.
     ///
     /// # Errors
     /// Planning errors, or the first runtime failure.
     pub async fn run(&self, opts: &RunOptions) -> Result<RunSummary> {
         Job::new(self.plan(opts)?)?.run().await
+    }
+}
+
+/// A load-shedding predicate in SQL.
+#[derive(Debug)]
+struct ExprShed(weir_expr::Predicate);
+
+impl ShedPredicate for ExprShed {
+    fn evaluate(&self, batch: &weir_core::Batch) -> Result<arrow_array::BooleanArray> {
+        self.0.evaluate(&batch.rows).map_err(CoreError::user)
     }
 }
 

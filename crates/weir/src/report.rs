@@ -54,13 +54,13 @@ pub fn summary(s: &RunSummary, workers: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<20} {:>12} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10} {:>11}",
-        "step", "rows in", "rows out", "filtered", "aggregated", "results", "dead", "late", "quarantined"
+        "{:<20} {:>12} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10} {:>11} {:>10}",
+        "step", "rows in", "rows out", "filtered", "aggregated", "results", "dead", "late", "quarantined", "shed"
     );
     for (id, m) in &s.steps {
         let _ = writeln!(
             out,
-            "{:<20} {:>12} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10} {:>11}",
+            "{:<20} {:>12} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10} {:>11} {:>10}",
             id.as_str(),
             m.rows_in,
             m.rows_out,
@@ -69,7 +69,8 @@ pub fn summary(s: &RunSummary, workers: usize) -> String {
             m.results_out,
             m.dead_lettered,
             m.late_dropped + m.late_side,
-            m.quarantined
+            m.quarantined,
+            m.shed
         );
     }
     let secs = s.elapsed.as_secs_f64();

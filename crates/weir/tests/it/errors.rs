@@ -304,3 +304,37 @@ fn a_key_that_keeps_failing_is_quarantined() {
     assert_eq!(source.dead_lettered as usize, read_jsonl(&dead).len());
     assert!(source.balanced(), "{source:?}");
 }
+
+/// Opt-in load shedding: while the job lags, the rows the predicate picks are dropped, and
+/// every one of them is counted.
+#[test]
+fn load_shedding_drops_only_picked_rows_and_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
+    let input = data("sensors-3k.jsonl");
+    let mut cfg = example("w2-filter-project.yaml", &[("INPUT", &input), ("OUTPUT", &out), ("DEAD_LETTERS", &dead)])
+        .config()
+        .clone();
+    cfg.steps.clear();
+    cfg.source.batch_size = 100;
+    // The fixture's events are from 2023: the lag is years, so the job counts as overloaded.
+    cfg.load_shedding = Some(LoadSheddingConfig {
+        drop_where: "readings.temp < 25.0".into(),
+        max_lag: Some(std::time::Duration::from_secs(1)),
+        max_queue_fill: None,
+        sustained: std::time::Duration::ZERO,
+        pause: None,
+    });
+    let summary = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(Pipeline::from_config(cfg).build().unwrap().run(&RunOptions { workers: Some(1) }))
+        .unwrap();
+    let rows = read_jsonl(&out);
+    let hot = read_jsonl(&input).iter().filter(|r| r["readings"]["temp"].as_f64().unwrap() >= 25.0).count();
+    let kept_hot = rows.iter().filter(|r| r["readings"]["temp"].as_f64().unwrap() >= 25.0).count();
+    assert_eq!(kept_hot, hot, "rows the predicate does not pick are never shed");
+    let source = summary.steps[0].1;
+    assert!(source.shed > 2000, "{source:?}");
+    assert_eq!(source.shed as usize + rows.len(), 3000);
+    assert!(source.balanced(), "{source:?}");
+}

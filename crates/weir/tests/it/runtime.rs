@@ -63,6 +63,7 @@ fn run(partitions: Vec<Vec<Batch>>, bound: i64, workers: usize) -> (Rows, u64) {
         latency_column: None,
         sink_retry: weir_core::runtime::RetryPolicy::default(),
         quarantine: None,
+        shedding: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let summary = rt.block_on(Job::new(job).unwrap().run()).unwrap();
@@ -160,6 +161,7 @@ fn a_blocked_sink_stops_the_source() {
         latency_column: None,
         sink_retry: weir_core::runtime::RetryPolicy::default(),
         quarantine: None,
+        shedding: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let job = Job::new(job).unwrap();
@@ -233,6 +235,7 @@ fn flaky_job(sink: FlakySink, retry: weir_core::runtime::RetryPolicy, dead: Arc<
         latency_column: None,
         sink_retry: retry,
         quarantine: None,
+        shedding: None,
     })
     .unwrap()
 }
