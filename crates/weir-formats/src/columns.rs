@@ -343,3 +343,35 @@ pub(crate) fn end_struct(plan: &Plan, cols: &mut [Column], s: usize, n: usize) -
 pub(crate) fn parse_timestamp_ms(s: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(s.trim()).ok().map(|t| t.timestamp_millis())
 }
+
+/// What a decode pass tells about its records: the failures, and for each good row its record
+/// (kept only once a record has failed, since until then row `i` is record `i`). Shared by
+/// every decoder so that they report alike.
+#[derive(Debug, Default)]
+pub(crate) struct Outcomes {
+    errors: Vec<crate::RecordError>,
+    row_records: Option<Vec<u32>>,
+}
+
+impl Outcomes {
+    /// Record `index` became a row.
+    pub(crate) fn ok(&mut self, index: usize) {
+        if let Some(map) = &mut self.row_records {
+            map.push(index as u32);
+        }
+    }
+
+    /// A record failed when `rows` good rows had been built (the caller rolls the builders
+    /// back to `rows`).
+    pub(crate) fn failed(&mut self, rows: usize, error: crate::RecordError) {
+        if self.row_records.is_none() {
+            self.row_records = Some((0..rows as u32).collect());
+        }
+        self.errors.push(error);
+    }
+
+    /// The result of the pass.
+    pub(crate) fn into_decoded(self, batch: RecordBatch) -> crate::Decoded {
+        crate::Decoded { batch, errors: self.errors, row_records: self.row_records }
+    }
+}

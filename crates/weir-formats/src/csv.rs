@@ -11,7 +11,7 @@ use std::ops::Range;
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 
-use crate::columns::{null_subtree, parse_timestamp_ms, Builders, Column, Data, Kind, Plan, ROOT};
+use crate::columns::{null_subtree, parse_timestamp_ms, Builders, Column, Data, Kind, Outcomes, Plan, ROOT};
 use crate::encode::{check_type, Scalar, Support, View};
 use crate::{
     record_bytes, truncate_for_message, CsvOptions, Decoded, Decoder, Encoder, FormatError, RecordError,
@@ -320,29 +320,23 @@ impl<'b> Fill<'b> {
 impl Decoder for CsvDecoder {
     fn decode(&mut self, buf: &[u8], records: &[Range<usize>]) -> Result<Decoded> {
         self.builders.reserve(records.len());
-        let mut errors = Vec::new();
-        let mut row_records: Option<Vec<u32>> = None;
+        let mut outcomes = Outcomes::default();
         for (index, range) in records.iter().enumerate() {
             let rec = record_bytes(buf, index, range)?;
             let n = self.builders.rows;
             match self.record(rec) {
                 Ok(()) => {
                     self.builders.rows += 1;
-                    if let Some(map) = &mut row_records {
-                        map.push(index as u32);
-                    }
+                    outcomes.ok(index);
                 }
                 Err((kind, message)) => {
                     self.builders.rollback(n);
-                    if row_records.is_none() {
-                        row_records = Some((0..n as u32).collect());
-                    }
-                    errors.push(RecordError { index, kind, message });
+                    outcomes.failed(n, RecordError { index, kind, message });
                 }
             }
         }
         let batch = self.builders.finish(&self.plan, &self.schema)?;
-        Ok(Decoded { batch, errors, row_records })
+        Ok(outcomes.into_decoded(batch))
     }
 
     fn schema(&self) -> &SchemaRef {

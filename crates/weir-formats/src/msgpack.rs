@@ -14,7 +14,7 @@ use rmp::encode::{self as enc, ByteBuf, ValueWriteError};
 use rmp::Marker;
 
 use crate::columns::{
-    end_struct, null_subtree, parse_timestamp_ms, truncate_subtree, Builders, Column, Data, Kind, Plan, ROOT,
+    end_struct, null_subtree, parse_timestamp_ms, truncate_subtree, Builders, Column, Data, Kind, Outcomes, Plan, ROOT,
 };
 use crate::encode::{check_type, display_value, Scalar, Support, View};
 use crate::{record_bytes, truncate_for_message, Decoded, Decoder, Encoder, RecordError, RecordErrorKind, Result};
@@ -276,8 +276,7 @@ impl MsgPackDecoder {
 impl Decoder for MsgPackDecoder {
     fn decode(&mut self, buf: &[u8], records: &[Range<usize>]) -> Result<Decoded> {
         self.builders.reserve(records.len());
-        let mut errors = Vec::new();
-        let mut row_records: Option<Vec<u32>> = None;
+        let mut outcomes = Outcomes::default();
         for (index, range) in records.iter().enumerate() {
             let rec = record_bytes(buf, index, range)?;
             let n = self.builders.rows;
@@ -285,15 +284,10 @@ impl Decoder for MsgPackDecoder {
             match p.record(n) {
                 Ok(()) => {
                     self.builders.rows += 1;
-                    if let Some(map) = &mut row_records {
-                        map.push(index as u32);
-                    }
+                    outcomes.ok(index);
                 }
                 Err(e) => {
                     self.builders.rollback(n);
-                    if row_records.is_none() {
-                        row_records = Some((0..n as u32).collect());
-                    }
                     let (kind, message) = match e {
                         PErr::Decode { pos, reason: INVALID_UTF8 } => {
                             (RecordErrorKind::Decode, format!("invalid UTF-8 at byte {pos}"))
@@ -303,12 +297,12 @@ impl Decoder for MsgPackDecoder {
                         }
                         PErr::Schema(m) => (RecordErrorKind::Schema, m),
                     };
-                    errors.push(RecordError { index, kind, message });
+                    outcomes.failed(n, RecordError { index, kind, message });
                 }
             }
         }
         let batch = self.builders.finish(&self.plan, &self.schema)?;
-        Ok(Decoded { batch, errors, row_records })
+        Ok(outcomes.into_decoded(batch))
     }
 
     fn schema(&self) -> &SchemaRef {

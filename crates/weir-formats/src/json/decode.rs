@@ -12,7 +12,7 @@ use std::ops::Range;
 use arrow_schema::SchemaRef;
 
 use crate::columns::{
-    end_struct, null_subtree, parse_timestamp_ms, truncate_subtree, Builders, Column, Data, Kind, Plan, ROOT,
+    end_struct, null_subtree, parse_timestamp_ms, truncate_subtree, Builders, Column, Data, Kind, Outcomes, Plan, ROOT,
 };
 use crate::{record_bytes, truncate_for_message, Decoded, Decoder, RecordError, RecordErrorKind, Result};
 
@@ -62,8 +62,7 @@ impl JsonDecoder {
 impl Decoder for JsonDecoder {
     fn decode(&mut self, buf: &[u8], records: &[Range<usize>]) -> Result<Decoded> {
         self.builders.reserve(records.len());
-        let mut errors = Vec::new();
-        let mut row_records: Option<Vec<u32>> = None;
+        let mut outcomes = Outcomes::default();
         for (index, range) in records.iter().enumerate() {
             let rec = record_bytes(buf, index, range)?;
             let n = self.builders.rows;
@@ -78,21 +77,16 @@ impl Decoder for JsonDecoder {
             match parser.record(n) {
                 Ok(()) => {
                     self.builders.rows += 1;
-                    if let Some(map) = &mut row_records {
-                        map.push(index as u32);
-                    }
+                    outcomes.ok(index);
                 }
                 Err(e) => {
                     self.builders.rollback(n);
-                    if row_records.is_none() {
-                        row_records = Some((0..n as u32).collect());
-                    }
-                    errors.push(e.into_record_error(index, rec));
+                    outcomes.failed(n, e.into_record_error(index, rec));
                 }
             }
         }
         let batch = self.builders.finish(&self.plan, &self.schema)?;
-        Ok(Decoded { batch, errors, row_records })
+        Ok(outcomes.into_decoded(batch))
     }
 
     fn schema(&self) -> &SchemaRef {
