@@ -31,6 +31,31 @@ fn batch(rows: &[(String, f64, i64)]) -> Batch {
     Batch::new(rb, Int64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())).unwrap()
 }
 
+/// A job with the tests' defaults: 2 workers, no out-of-orderness, default retries, nothing
+/// extra; callers override what they test.
+fn test_job(
+    source: Arc<dyn weir_core::SourceFactory>,
+    stages: Vec<StageSpec>,
+    sink: Arc<dyn weir_core::SinkFactory>,
+) -> JobSpec {
+    JobSpec {
+        name: "test".into(),
+        workers: 2,
+        source_step: StepId::new("src"),
+        source,
+        stages,
+        sink_step: StepId::new("sink"),
+        sink,
+        dead_letters: Arc::new(MemoryDeadLetters::default()),
+        watermark: WatermarkSpec { bound: Duration::ZERO, idle_timeout: None },
+        channel_capacity: 2,
+        latency_column: None,
+        sink_retry: weir_core::runtime::RetryPolicy::default(),
+        quarantine: None,
+        shedding: None,
+    }
+}
+
 type Rows = BTreeMap<(String, i64), (i64, i64)>;
 
 fn run(partitions: Vec<Vec<Batch>>, bound: i64, workers: usize) -> (Rows, u64) {
@@ -47,23 +72,16 @@ fn run(partitions: Vec<Vec<Batch>>, bound: i64, workers: usize) -> (Rows, u64) {
     let (win, _) = spec.plan(&schema()).unwrap();
     let sink = CollectSink::default();
     let job = JobSpec {
-        name: "prop".into(),
         workers,
-        source_step: StepId::new("src"),
-        source: Arc::new(VecSourceFactory::new(schema(), partitions)),
-        stages: vec![
-            StageSpec { key: None, ops: vec![] },
-            StageSpec { key: Some(vec!["k".into()]), ops: vec![(StepId::new("win"), win)] },
-        ],
-        sink_step: StepId::new("sink"),
-        sink: Arc::new(sink.clone()),
-        dead_letters: Arc::new(MemoryDeadLetters::default()),
         watermark: WatermarkSpec { bound: Duration::from_millis(bound as u64), idle_timeout: None },
-        channel_capacity: 2,
-        latency_column: None,
-        sink_retry: weir_core::runtime::RetryPolicy::default(),
-        quarantine: None,
-        shedding: None,
+        ..test_job(
+            Arc::new(VecSourceFactory::new(schema(), partitions)),
+            vec![
+                StageSpec { key: None, ops: vec![] },
+                StageSpec { key: Some(vec!["k".into()]), ops: vec![(StepId::new("win"), win)] },
+            ],
+            Arc::new(sink.clone()),
+        )
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let summary = rt.block_on(Job::new(job).unwrap().run()).unwrap();
@@ -144,25 +162,11 @@ fn a_blocked_sink_stops_the_source() {
         GeneratorFactory::new(GeneratorConfig { count: Some(200_000), batch_size: 1000, ..GeneratorConfig::default() })
             .unwrap();
     let gate = GateSink(Arc::new(tokio::sync::Semaphore::new(0)), Arc::default());
-    let job = JobSpec {
-        name: "bp".into(),
-        workers: 2,
-        source_step: StepId::new("gen"),
-        source: Arc::new(gen),
-        stages: vec![
-            StageSpec { key: None, ops: vec![] },
-            StageSpec { key: Some(vec!["device_id".into()]), ops: vec![] },
-        ],
-        sink_step: StepId::new("sink"),
-        sink: Arc::new(gate.clone()),
-        dead_letters: Arc::new(MemoryDeadLetters::default()),
-        watermark: WatermarkSpec { bound: Duration::ZERO, idle_timeout: None },
-        channel_capacity: 2,
-        latency_column: None,
-        sink_retry: weir_core::runtime::RetryPolicy::default(),
-        quarantine: None,
-        shedding: None,
-    };
+    let job = test_job(
+        Arc::new(gen),
+        vec![StageSpec { key: None, ops: vec![] }, StageSpec { key: Some(vec!["device_id".into()]), ops: vec![] }],
+        Arc::new(gate.clone()),
+    );
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let job = Job::new(job).unwrap();
     let reg = job.registry();
@@ -222,20 +226,9 @@ fn flaky_job(sink: FlakySink, retry: weir_core::runtime::RetryPolicy, dead: Arc<
         GeneratorFactory::new(GeneratorConfig { count: Some(20_000), batch_size: 1000, ..GeneratorConfig::default() })
             .unwrap();
     Job::new(JobSpec {
-        name: "flaky".into(),
-        workers: 2,
-        source_step: StepId::new("gen"),
-        source: Arc::new(gen),
-        stages: vec![StageSpec { key: None, ops: vec![] }],
-        sink_step: StepId::new("sink"),
-        sink: Arc::new(sink),
         dead_letters: dead,
-        watermark: WatermarkSpec { bound: Duration::ZERO, idle_timeout: None },
-        channel_capacity: 2,
-        latency_column: None,
         sink_retry: retry,
-        quarantine: None,
-        shedding: None,
+        ..test_job(Arc::new(gen), vec![StageSpec { key: None, ops: vec![] }], Arc::new(sink))
     })
     .unwrap()
 }
