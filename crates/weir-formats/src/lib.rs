@@ -45,6 +45,16 @@ mod json;
 mod msgpack;
 #[cfg(test)]
 mod proptests;
+/// The sensor schema of the examples, as documented YAML, shared by the tests.
+#[cfg(test)]
+pub(crate) const SENSOR_SCHEMA_YAML: &str = r#"
+fields:
+  - { name: device_id, type: string }
+  - { name: ts, type: int64 }
+  - name: readings
+    type: struct
+    fields: [ { name: temp, type: float64 }, { name: vibration, type: float64, required: false } ]
+"#;
 mod schema;
 mod spec;
 

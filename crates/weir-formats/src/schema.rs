@@ -241,14 +241,7 @@ impl SchemaSpec {
 mod tests {
     use super::*;
 
-    const YAML: &str = r#"
-fields:
-  - { name: device_id, type: string }
-  - { name: ts, type: int64 }
-  - name: readings
-    type: struct
-    fields: [ { name: temp, type: float64 }, { name: vibration, type: float64, required: false } ]
-"#;
+    const YAML: &str = crate::SENSOR_SCHEMA_YAML;
 
     #[test]
     fn parses_the_documented_yaml() {

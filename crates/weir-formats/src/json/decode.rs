@@ -911,18 +911,7 @@ mod tests {
     const LINE: &str = r#"{"device_id":"dev-00042","ts":1700000000123,"readings":{"temp":22.51,"humidity":45.2,"pressure":1013.1,"vibration":0.021}}"#;
 
     fn schema() -> SchemaRef {
-        SchemaSpec::from_yaml(
-            r#"
-fields:
-  - { name: device_id, type: string }
-  - { name: ts, type: int64 }
-  - name: readings
-    type: struct
-    fields: [ { name: temp, type: float64 }, { name: vibration, type: float64, required: false } ]
-"#,
-        )
-        .unwrap()
-        .to_arrow()
+        SchemaSpec::from_yaml(crate::SENSOR_SCHEMA_YAML).unwrap().to_arrow()
     }
 
     fn decode_with(schema: SchemaRef, lines: &[&str]) -> Decoded {
