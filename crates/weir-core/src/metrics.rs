@@ -216,7 +216,7 @@ impl Registry {
         clocks.iter().map(|c| c.watermark.load(Ordering::Relaxed)).filter(|w| *w != i64::MIN).min()
     }
 
-    /// Fill of each channel, 0..=1, averaged over the snapshot instant.
+    /// Fill of each channel (queued messages over capacity, 0..=1) at this instant.
     pub fn channel_fill(&self) -> Vec<(String, f64)> {
         let chans = self.channels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         chans

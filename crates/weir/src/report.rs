@@ -28,15 +28,11 @@ pub fn progress_line(reg: &Registry, last_records: &mut u64, every: Duration) ->
     )
 }
 
+/// The watermark as an RFC 3339 time and its lag behind the wall clock in seconds.
 fn chrono_ms(ms: i64) -> Option<(String, f64)> {
-    let now = weir_core::deadletter::now_ms();
-    let secs = ms.div_euclid(1000);
-    let t = std::time::UNIX_EPOCH.checked_add(Duration::from_secs(u64::try_from(secs).ok()?))?;
-    let _ = t;
-    let h = (secs / 3600) % 24;
-    let m = (secs / 60) % 60;
-    let s = secs % 60;
-    Some((format!("{h:02}:{m:02}:{s:02}Z"), (now - ms) as f64 / 1000.0))
+    let t = chrono::DateTime::from_timestamp_millis(ms)?;
+    let lag = (weir_core::deadletter::now_ms() - ms) as f64 / 1000.0;
+    Some((t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), lag))
 }
 
 fn human(v: f64) -> String {
