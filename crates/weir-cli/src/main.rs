@@ -194,14 +194,14 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             let (built, text) = load(&pipeline)?;
             // Planning checks columns and expressions; it reads the input only to infer a schema.
             built
-                .plan(&RunOptions { workers: Some(1) })
+                .plan(&RunOptions { workers: Some(1), ..Default::default() })
                 .map_err(|e| located(&pipeline.display().to_string(), &text, e))?;
             eprintln!("{}: ok ({} steps)", pipeline.display(), built.config().steps.len());
             Ok(())
         }
         Cmd::Run { pipeline, workers, metrics_addr, no_progress, quiet } => {
             let (built, text) = load(&pipeline)?;
-            let opts = RunOptions { workers };
+            let opts = RunOptions { workers, ..Default::default() };
             let spec = built.plan(&opts).map_err(|e| located(&pipeline.display().to_string(), &text, e))?;
             let workers = spec.workers;
             let name = spec.name.clone();
@@ -278,7 +278,7 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             // One worker keeps the output in generation order.
             let built = p.build()?;
             let rt = runtime(1)?;
-            rt.block_on(built.run(&RunOptions { workers: Some(1) }))?;
+            rt.block_on(built.run(&RunOptions { workers: Some(1), ..Default::default() }))?;
             Ok(())
         }
     }
@@ -327,7 +327,7 @@ fn replay(
     cfg.dead_letters.path = dead_letters.unwrap_or_else(|| format!("{}.replay.jsonl", file.display()));
     eprintln!("replaying {} dead letters ({} skipped) through {}", picked.taken, picked.skipped, pipeline.display());
     let built = Pipeline::from_config(cfg).build()?;
-    let opts = RunOptions { workers };
+    let opts = RunOptions { workers, ..Default::default() };
     let spec = built.plan(&opts)?;
     let workers = spec.workers;
     let rt = runtime(workers)?;

@@ -120,7 +120,20 @@ pub enum Message {
     Batch(Batch),
     /// Event-time progress.
     Watermark(Watermark),
+    /// Checkpoint `n`: everything before it belongs to the snapshot of epoch `n`.
+    Barrier(crate::checkpoint::Epoch),
     /// The sender will send nothing more. Bounded inputs end with this after a final
-    /// `Watermark::At(END_OF_TIME)`, which is how open windows get flushed.
-    End,
+    /// `Watermark::At(END_OF_TIME)`, which is how open windows get flushed. Under checkpoints
+    /// it carries the final checkpoint, which it also acts as the barrier of.
+    End(Option<Final>),
+}
+
+/// The last checkpoint of a run, carried by [`Message::End`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Final {
+    /// Its epoch.
+    pub epoch: crate::checkpoint::Epoch,
+    /// The input was consumed and windows are flushed (true), or the job was stopped and its
+    /// open state is saved to resume from (false).
+    pub drain: bool,
 }

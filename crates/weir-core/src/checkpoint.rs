@@ -16,22 +16,55 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A checkpoint number; epochs only grow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Epoch(pub u64);
 
+impl std::fmt::Display for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// A task that takes part in checkpoints: a stage of a worker, named for the manifest.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct TaskKey(pub String);
 
-/// Where a task's snapshot of one epoch is, as acknowledged.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotRef {
-    /// Path in the checkpoint store.
+/// What a state file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateRole {
+    /// A source's positions (every new source instance reads all of them).
+    Source,
+    /// An operator's keyed state (split by key group on restore).
+    Operator,
+}
+
+/// One state file of a task's snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StateFile {
+    /// The step whose state it is.
+    pub step: String,
+    /// Source positions or operator state.
+    pub role: StateRole,
+    /// Path in the checkpoint store, relative to the checkpoint.
     pub path: String,
     /// Size in bytes.
     pub bytes: u64,
     /// Checksum of the content (checked on restore).
     pub checksum: u64,
+    /// Rows in the table.
+    pub rows: u64,
+}
+
+/// Where a task's snapshot of one epoch is, as acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotRef {
+    /// The task's state files (none for a task without state).
+    pub files: Vec<StateFile>,
+    /// Each operator's input watermark (ms) when it snapshotted, by step.
+    pub watermarks: BTreeMap<String, i64>,
 }
 
 /// The content of a complete checkpoint.
@@ -84,6 +117,16 @@ impl Coordinator {
     pub fn new(tasks: BTreeSet<TaskKey>, keep: usize, last: Option<Epoch>) -> Self {
         let next = Epoch(last.map_or(1, |e| e.0 + 1));
         Self { tasks, keep: keep.max(1), next, in_flight: None, complete: last.into_iter().collect() }
+    }
+
+    /// The epoch the next checkpoint will have.
+    pub fn next_epoch(&self) -> Epoch {
+        self.next
+    }
+
+    /// The checkpoint in flight, if any.
+    pub fn in_flight(&self) -> Option<Epoch> {
+        self.in_flight.as_ref().map(|(e, _)| *e)
     }
 
     /// Starts the next checkpoint.
@@ -244,7 +287,15 @@ mod tests {
     }
 
     fn snap(i: u64) -> SnapshotRef {
-        SnapshotRef { path: format!("s{i}"), bytes: i, checksum: i }
+        let file = StateFile {
+            step: format!("s{i}"),
+            role: StateRole::Operator,
+            path: format!("s{i}"),
+            bytes: i,
+            checksum: i,
+            rows: i,
+        };
+        SnapshotRef { files: vec![file], watermarks: BTreeMap::new() }
     }
 
     #[test]

@@ -16,6 +16,7 @@
 
 pub mod batch;
 pub mod checkpoint;
+mod checkpointing;
 pub mod deadletter;
 pub mod error;
 pub mod exchange;
@@ -27,6 +28,8 @@ pub mod operator;
 pub mod quarantine;
 pub mod runtime;
 pub mod shed;
+pub mod state;
+pub mod store;
 pub mod testing;
 pub mod time;
 
@@ -35,5 +38,6 @@ pub use deadletter::{DeadLetter, DeadLetterSink, ErrorKind, Payload};
 pub use error::{Blame, CoreError, Result, Retry};
 pub use ids::StepId;
 pub use operator::{
-    OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory, SourcePoll,
+    Committer, OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory,
+    SourcePoll,
 };

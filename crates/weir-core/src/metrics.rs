@@ -166,6 +166,29 @@ pub struct Registry {
     pub sink_outages: AtomicU64,
     /// 1 while a sink is failing and being retried.
     pub sink_down: AtomicU64,
+    /// Checkpoint progress, when the job takes checkpoints.
+    pub checkpoints: CheckpointMetrics,
+}
+
+/// Counters and gauges of checkpointing.
+#[derive(Debug, Default)]
+pub struct CheckpointMetrics {
+    /// 1 when the job takes checkpoints (the other figures are only shown then).
+    pub enabled: AtomicU64,
+    /// Checkpoints completed (manifest written).
+    pub completed: AtomicU64,
+    /// Checkpoints that failed (a store write failed) and were abandoned.
+    pub failed: AtomicU64,
+    /// Epoch of the last complete checkpoint.
+    pub last_epoch: AtomicU64,
+    /// Barrier injection to manifest written, of the last complete checkpoint, µs.
+    pub last_duration_us: AtomicU64,
+    /// Longest time a task waited for barriers to line up in the last checkpoint, µs.
+    pub last_alignment_us: AtomicU64,
+    /// Bytes of state in the last complete checkpoint.
+    pub last_bytes: AtomicU64,
+    /// When the last checkpoint completed, ms since the epoch.
+    pub last_completed_ms: AtomicU64,
 }
 
 impl Registry {
@@ -290,6 +313,45 @@ impl Registry {
             ("weir_sink_down", "1 while a sink is failing and being retried.", "gauge", &self.sink_down),
         ] {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{job=\"{job}\"}} {}", g(v));
+        }
+        let c = &self.checkpoints;
+        if g(&c.enabled) == 1 {
+            let age = if g(&c.last_completed_ms) == 0 {
+                f64::NAN
+            } else {
+                (crate::deadletter::now_ms() as f64 - g(&c.last_completed_ms) as f64) / 1000.0
+            };
+            for (name, help, kind, v) in [
+                ("weir_checkpoints_completed_total", "Checkpoints completed.", "counter", g(&c.completed) as f64),
+                (
+                    "weir_checkpoints_failed_total",
+                    "Checkpoints abandoned after a failure.",
+                    "counter",
+                    g(&c.failed) as f64,
+                ),
+                ("weir_checkpoint_epoch", "Epoch of the last complete checkpoint.", "gauge", g(&c.last_epoch) as f64),
+                (
+                    "weir_checkpoint_duration_seconds",
+                    "Barrier injection to manifest, last complete checkpoint.",
+                    "gauge",
+                    g(&c.last_duration_us) as f64 / 1e6,
+                ),
+                (
+                    "weir_checkpoint_alignment_seconds",
+                    "Longest barrier alignment wait in the last checkpoint.",
+                    "gauge",
+                    g(&c.last_alignment_us) as f64 / 1e6,
+                ),
+                (
+                    "weir_checkpoint_size_bytes",
+                    "State bytes of the last complete checkpoint.",
+                    "gauge",
+                    g(&c.last_bytes) as f64,
+                ),
+                ("weir_checkpoint_age_seconds", "Time since the last checkpoint completed.", "gauge", age),
+            ] {
+                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{job=\"{job}\"}} {v}");
+            }
         }
         let _ = writeln!(s, "# HELP weir_source_linger_seconds Adaptive linger of the last batch cut by a streaming source.\n# TYPE weir_source_linger_seconds gauge");
         let _ = writeln!(s, "weir_source_linger_seconds{{job=\"{job}\"}} {}", g(&self.linger_us) as f64 / 1e6);

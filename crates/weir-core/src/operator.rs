@@ -9,6 +9,7 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 
 use crate::batch::Batch;
+use crate::checkpoint::Epoch;
 use crate::deadletter::{DeadLetter, DeadLetterSink};
 use crate::error::Result;
 use crate::ids::StepId;
@@ -88,6 +89,25 @@ pub trait Operator: Send + fmt::Debug {
         let _ = cx;
         Ok(())
     }
+
+    /// The operator's state for a checkpoint, as a table led by the key-group column (see
+    /// [`crate::state`]); `None` for a stateless operator (the default). Called between
+    /// hooks, when every input before the barrier has been processed.
+    fn snapshot(&mut self) -> Result<Option<RecordBatch>> {
+        Ok(None)
+    }
+
+    /// Restores state from tables that [`Operator::snapshot`] wrote, already narrowed to the
+    /// key groups this worker owns. Called once, before any other hook.
+    ///
+    /// # Errors
+    /// The default refuses: an operator that snapshots state must restore it.
+    fn restore(&mut self, state: RecordBatch) -> Result<()> {
+        Err(crate::CoreError::Config(format!(
+            "this step keeps no state, but the checkpoint holds {} rows for it; was the pipeline changed?",
+            state.num_rows()
+        )))
+    }
 }
 
 /// Builds one [`Operator`] per worker. Made after planning, so the schemas are known.
@@ -149,6 +169,21 @@ pub trait Source: Send + fmt::Debug {
     fn partitions(&self) -> usize;
     /// Produces the next output.
     async fn poll(&mut self, cx: &mut SourceContext) -> Result<SourcePoll>;
+
+    /// This instance's read positions as a table, covering exactly the rows handed out so
+    /// far (not those read ahead), for a checkpoint. `None` (the default) when the source
+    /// cannot resume; [`SourceFactory::resumable`] tells before the job starts.
+    fn snapshot(&mut self) -> Result<Option<RecordBatch>> {
+        Ok(None)
+    }
+
+    /// Resumes from the position tables of every instance of the previous run (they may have
+    /// been more or fewer): the instance picks the positions of what it now reads. Called once
+    /// before the first poll.
+    fn restore(&mut self, positions: &[RecordBatch]) -> Result<()> {
+        let _ = positions;
+        Err(crate::CoreError::Config("this source cannot resume from a checkpoint".into()))
+    }
 }
 
 /// Builds one [`Source`] per worker.
@@ -158,6 +193,11 @@ pub trait SourceFactory: Send + Sync + fmt::Debug {
     /// Makes the instance for `worker` of `workers`. No I/O happens before the first poll
     /// beyond opening files.
     fn create(&self, worker: usize, workers: usize) -> Result<Box<dyn Source>>;
+
+    /// Whether instances record positions and can resume from them (needed for checkpoints).
+    fn resumable(&self) -> bool {
+        false
+    }
 }
 
 /// Where results go. One instance per worker; instances that write to one place (a file)
@@ -168,10 +208,42 @@ pub trait Sink: Send + fmt::Debug {
     async fn write(&mut self, rows: &RecordBatch) -> Result<()>;
     /// Flushes and closes; called once at the end of input.
     async fn close(&mut self) -> Result<()>;
+
+    /// Rows written from now until [`Sink::pre_commit`] of `epoch` belong to checkpoint
+    /// `epoch`. Called before the first write and after each pre-commit.
+    async fn begin(&mut self, epoch: Epoch) -> Result<()> {
+        let _ = epoch;
+        Ok(())
+    }
+
+    /// The barrier of `epoch` arrived: make the epoch's rows durable but not yet visible.
+    /// They become visible when [`Committer::commit`] runs after the checkpoint completes.
+    async fn pre_commit(&mut self, epoch: Epoch) -> Result<()> {
+        let _ = epoch;
+        Ok(())
+    }
+}
+
+/// Makes pre-committed output visible, or discards it, for every instance of a sink at once.
+///
+/// Both calls are idempotent, because recovery repeats them after a crash that may have come
+/// in the middle of one.
+#[async_trait::async_trait]
+pub trait Committer: Send + Sync + fmt::Debug {
+    /// Makes visible everything pre-committed for checkpoints up to `epoch`.
+    async fn commit(&self, epoch: Epoch) -> Result<()>;
+    /// Discards everything pre-committed for checkpoints after `epoch`: they never completed.
+    async fn abort_after(&self, epoch: Epoch) -> Result<()>;
 }
 
 /// Builds one [`Sink`] per worker.
 pub trait SinkFactory: Send + Sync + fmt::Debug {
     /// Makes the instance for `worker` of `workers`.
     fn create(&self, worker: usize, workers: usize) -> Result<Box<dyn Sink>>;
+
+    /// The committer of a sink whose output is exactly-once under checkpoints; `None` (the
+    /// default) for a sink that writes at once (at-least-once after a recovery).
+    fn committer(&self) -> Option<Arc<dyn Committer>> {
+        None
+    }
 }

@@ -19,6 +19,7 @@
 //! end; the end travels as `Watermark::At(END_OF_TIME)` then `End`, so windows flush and sinks
 //! close before [`Job::run`] returns.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,9 @@ use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 use tracing::Instrument as _;
 
-use crate::batch::{Batch, Message, Watermark, END_OF_TIME};
+use crate::batch::{Batch, Final, Message, Watermark, END_OF_TIME};
+use crate::checkpoint::{BarrierAligner, Epoch, StateRole, TaskKey};
+use crate::checkpointing::{next_control, Ack, Control, Coordinating, SourceControl, TaskCheckpoint};
 use crate::deadletter::{now_ms, DeadLetterSink};
 use crate::error::{CoreError, Result};
 use crate::exchange::Partitioner;
@@ -36,6 +39,7 @@ use crate::metrics::{ChannelMetrics, Registry, StepMetrics, StepSnapshot, Worker
 use crate::operator::{
     OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory, SourcePoll,
 };
+use crate::store::Restored;
 use crate::time::{PartitionWatermark, WatermarkCombiner};
 
 /// The receiving end of a stage's channel: messages tagged with the sending worker.
@@ -94,6 +98,22 @@ pub struct JobSpec {
     pub quarantine: Option<Arc<crate::quarantine::Quarantine>>,
     /// Opt-in load shedding at the sources.
     pub shedding: Option<(crate::shed::OverloadSpec, Arc<dyn crate::shed::ShedPredicate>)>,
+    /// Checkpoints: where, how often, and whether to ignore earlier ones.
+    pub checkpoint: Option<CheckpointSpec>,
+}
+
+/// Checkpoint settings of a job.
+#[derive(Debug, Clone)]
+pub struct CheckpointSpec {
+    /// Where checkpoints are kept.
+    pub store: crate::store::CheckpointStore,
+    /// Time between checkpoints; `None` checkpoints only on demand and at the end.
+    pub interval: Option<Duration>,
+    /// Complete checkpoints to keep.
+    pub keep: usize,
+    /// Start over: restore nothing and delete earlier checkpoints (their committed output
+    /// stays, and what they pre-committed is settled first).
+    pub fresh: bool,
 }
 
 /// Retries with exponential backoff and jitter for transient failures.
@@ -166,6 +186,8 @@ pub struct Job {
     registry: Arc<Registry>,
     shutdown_tx: Arc<watch::Sender<bool>>,
     shutdown_rx: watch::Receiver<bool>,
+    on_demand_tx: mpsc::Sender<()>,
+    on_demand_rx: Option<mpsc::Receiver<()>>,
 }
 
 impl Job {
@@ -185,7 +207,16 @@ impl Job {
             registry.step(&spec.sink_step, w);
         }
         let (tx, rx) = watch::channel(false);
-        Ok(Self { spec, registry, shutdown_tx: Arc::new(tx), shutdown_rx: rx })
+        // One pending request is enough: more would only ask for the same checkpoint.
+        let (on_demand_tx, on_demand_rx) = mpsc::channel(1);
+        Ok(Self {
+            spec,
+            registry,
+            shutdown_tx: Arc::new(tx),
+            shutdown_rx: rx,
+            on_demand_tx,
+            on_demand_rx: Some(on_demand_rx),
+        })
     }
 
     /// The job's metrics.
@@ -198,12 +229,54 @@ impl Job {
         ShutdownHandle(self.shutdown_tx.clone())
     }
 
+    /// A handle that asks for a checkpoint now (when the job takes checkpoints).
+    pub fn checkpoint_handle(&self) -> CheckpointHandle {
+        CheckpointHandle(self.on_demand_tx.clone())
+    }
+
+    /// Settles what an earlier run left in the checkpoint store and loads the state to resume
+    /// from: sinks commit what the newest complete checkpoint covers and discard later
+    /// pre-commits; partial or corrupt checkpoints are skipped. `fresh` restores nothing and
+    /// deletes the earlier checkpoints.
+    async fn recover(&self, ck: &CheckpointSpec) -> Result<(Restored, Option<Epoch>)> {
+        let (plan, restored) = ck.store.recover().await?;
+        if let Some(c) = self.spec.sink.committer() {
+            if let Some(e) = plan.commit {
+                c.commit(e).await.map_err(|e| e.in_step(&self.spec.sink_step))?;
+            }
+            if let Some(e) = plan.abort_after {
+                c.abort_after(e).await.map_err(|e| e.in_step(&self.spec.sink_step))?;
+            }
+        }
+        if !ck.fresh {
+            if let Some(e) = restored.epoch {
+                tracing::info!(
+                    checkpoint = e.0,
+                    store = ck.store.location(),
+                    drained = restored.drained,
+                    "Resuming from checkpoint."
+                );
+            }
+            return Ok((restored, plan.restore));
+        }
+        // Starting over: epochs keep growing, so names derived from them never repeat.
+        let epochs = ck.store.epochs().await?;
+        for e in &epochs {
+            ck.store.delete(*e).await?;
+        }
+        if !epochs.is_empty() {
+            tracing::info!(deleted = epochs.len(), "Starting fresh: earlier checkpoints deleted.");
+        }
+        Ok((Restored::default(), epochs.last().copied().max(plan.restore)))
+    }
+
     /// Runs the job to the end of its input (or until stopped).
     ///
     /// # Errors
     /// The first error of any task; the other tasks are then aborted.
-    pub async fn run(self) -> Result<RunSummary> {
+    pub async fn run(mut self) -> Result<RunSummary> {
         let started = Instant::now();
+        let on_demand = self.on_demand_rx.take();
         let spec = &self.spec;
         let w_count = spec.workers;
         // Stages fuse when there is one worker: no exchange is needed.
@@ -212,6 +285,39 @@ impl Job {
         } else {
             spec.stages.clone()
         };
+
+        let mut restored = Restored::default();
+        let mut coord: Option<Coordinating> = None;
+        if let Some(ck) = &spec.checkpoint {
+            crate::ensure_config!(
+                spec.source.resumable(),
+                "checkpoints need a source that can resume from a recorded position (a file); source `{}` cannot",
+                spec.source_step
+            );
+            if spec.sink.committer().is_none() {
+                tracing::warn!(sink = %spec.sink_step, "This sink writes at once: after a recovery, rows since the last checkpoint are written again (at least once).");
+            }
+            let (r, last) = self.recover(ck).await?;
+            restored = r;
+            let tasks = (0..stages.len()).flat_map(|si| (0..w_count).map(move |w| task_key(si, w))).collect();
+            coord = Some(Coordinating::new(
+                tasks,
+                w_count,
+                last,
+                ck,
+                spec.sink.committer(),
+                &spec.name,
+                w_count,
+                self.registry.clone(),
+                on_demand.unwrap_or_else(|| mpsc::channel(1).1),
+            ));
+            let known: std::collections::HashSet<String> =
+                stages.iter().flat_map(|s| s.ops.iter().map(|(id, _)| id.to_string())).collect();
+            for step in restored.operators.keys().filter(|s| !known.contains(*s)) {
+                tracing::warn!(step = %step, "The checkpoint holds state of a step the pipeline no longer has; it is ignored.");
+            }
+        }
+        let restoring = restored.epoch.is_some();
 
         // Channels into every stage but the first: rx[stage][worker].
         let mut senders: Vec<Vec<mpsc::Sender<(usize, Message)>>> = vec![Vec::new()];
@@ -235,7 +341,8 @@ impl Job {
         let mut tasks: JoinSet<Result<()>> = JoinSet::new();
         for w in 0..w_count {
             for (si, stage) in stages.iter().enumerate() {
-                let chain = Chain::build(&stage.ops, w, w_count, &self.registry, spec.dead_letters.clone())?;
+                let ckpt = coord.as_ref().map(|c| c.task(task_key(si, w)));
+                let chain = Chain::build(&stage.ops, w, w_count, &self.registry, spec.dead_letters.clone(), &restored)?;
                 let downstream = if si + 1 < stages.len() {
                     let next = &stages[si + 1];
                     Downstream::Exchange {
@@ -256,7 +363,11 @@ impl Job {
                     }
                 };
                 if si == 0 {
-                    let source = spec.source.create(w, w_count)?;
+                    let mut source = spec.source.create(w, w_count)?;
+                    if restoring {
+                        let positions = restored.sources.get(spec.source_step.as_str()).map_or(&[][..], Vec::as_slice);
+                        source.restore(positions).map_err(|e| e.in_step(&spec.source_step))?;
+                    }
                     let cx = SourceContext {
                         step: spec.source_step.clone(),
                         metrics: self.registry.step(&spec.source_step, w),
@@ -273,6 +384,8 @@ impl Job {
                         downstream,
                         wm: spec.watermark,
                         clock: self.registry.clock(),
+                        control: coord.as_ref().map(Coordinating::source),
+                        ckpt,
                     };
                     // Every log line of the task carries the job, stage and worker.
                     let span = tracing::info_span!("task", job = %spec.name, stage = si, worker = w, source = %spec.source_step);
@@ -280,8 +393,14 @@ impl Job {
                 } else {
                     let rx =
                         receivers[si][w].take().ok_or_else(|| CoreError::Internal("receiver taken twice".into()))?;
-                    let driver =
-                        StageDriver { rx, inputs: w_count, chain, downstream, metrics: chan_metrics[si][w].clone() };
+                    let driver = StageDriver {
+                        rx,
+                        inputs: w_count,
+                        chain,
+                        downstream,
+                        metrics: chan_metrics[si][w].clone(),
+                        ckpt,
+                    };
                     let span = tracing::info_span!("task", job = %spec.name, stage = si, worker = w);
                     tasks.spawn(driver.run().instrument(span));
                 }
@@ -289,15 +408,52 @@ impl Job {
         }
         // The tasks hold their own clones now; dropping ours lets channels close.
         drop(senders);
+        if let Some(c) = coord.as_mut() {
+            c.tasks_started();
+        }
 
         tracing::info!(job = %spec.name, workers = w_count, stages = stages.len(), "Job started.");
-        while let Some(res) = tasks.join_next().await {
-            let res = res.map_err(|e| CoreError::Task(e.to_string())).and_then(|r| r);
+        let mut tasks_done = false;
+        loop {
+            let coordinating = coord.as_ref().is_some_and(|c| !c.closed);
+            if tasks_done && !coordinating {
+                break;
+            }
+            enum Next {
+                Task(Option<std::result::Result<Result<()>, tokio::task::JoinError>>),
+                Coord(crate::checkpointing::Event),
+            }
+            let next = tokio::select! {
+                biased;
+                ev = async {
+                    match coord.as_mut() {
+                        Some(c) => c.next_event().await,
+                        None => std::future::pending().await,
+                    }
+                }, if coordinating => Next::Coord(ev),
+                res = tasks.join_next(), if !tasks_done => Next::Task(res),
+            };
+            let res = match next {
+                Next::Coord(ev) => match coord.as_mut() {
+                    Some(c) => c.handle(ev).await,
+                    None => Ok(()),
+                },
+                Next::Task(None) => {
+                    tasks_done = true;
+                    Ok(())
+                }
+                Next::Task(Some(res)) => res.map_err(|e| CoreError::Task(e.to_string())).and_then(|r| r),
+            };
             if let Err(e) = res {
                 tracing::error!(job = %spec.name, error = %e, "Job failed.");
                 tasks.abort_all();
                 let _ = spec.dead_letters.flush();
                 return Err(e);
+            }
+        }
+        if let Some(c) = &coord {
+            if !c.finished_cleanly() {
+                return Err(CoreError::Internal("the job ended without its final checkpoint".into()));
             }
         }
         spec.dead_letters.flush()?;
@@ -316,6 +472,21 @@ impl Job {
                 .map(|(a, b)| (a, b, self.registry.latency.max_us())),
         })
     }
+}
+
+/// Asks a running job for a checkpoint now.
+#[derive(Debug, Clone)]
+pub struct CheckpointHandle(mpsc::Sender<()>);
+
+impl CheckpointHandle {
+    /// Starts a checkpoint unless one is in flight (ignored when the job takes none).
+    pub fn trigger(&self) {
+        let _ = self.0.try_send(());
+    }
+}
+
+fn task_key(stage: usize, worker: usize) -> TaskKey {
+    TaskKey(format!("s{stage}-w{worker}"))
 }
 
 /// One operator in a chain, with its counters.
@@ -350,17 +521,38 @@ impl Chain {
         workers: usize,
         reg: &Registry,
         dead: Arc<dyn DeadLetterSink>,
+        restored: &Restored,
     ) -> Result<Self> {
         let mut links = Vec::with_capacity(ops.len());
         let mut tick: Option<Duration> = None;
         for (id, f) in ops {
-            let op = f.create(worker, workers).map_err(|e| e.in_step(id))?;
+            let mut op = f.create(worker, workers).map_err(|e| e.in_step(id))?;
+            if let Some(tables) = restored.operators.get(id.as_str()) {
+                if let Some(mine) = crate::state::rows_for_worker(tables, worker, workers).map_err(|e| e.in_step(id))? {
+                    op.restore(mine).map_err(|e| e.in_step(id))?;
+                }
+            }
             if let Some(t) = op.tick_interval() {
                 tick = Some(tick.map_or(t, |c| c.min(t)));
             }
-            links.push(Link { id: id.clone(), metrics: reg.step(id, worker), op, watermark: None });
+            let watermark = restored.watermarks.get(id.as_str()).copied();
+            links.push(Link { id: id.clone(), metrics: reg.step(id, worker), op, watermark });
         }
         Ok(Self { links, worker, dead, tick })
+    }
+
+    /// Every operator's state and watermark, for a checkpoint.
+    fn snapshot(&mut self) -> Result<TaskState> {
+        let (mut tables, mut wms) = (Vec::new(), BTreeMap::new());
+        for l in &mut self.links {
+            if let Some(t) = l.op.snapshot().map_err(|e| e.in_step(&l.id))? {
+                tables.push((l.id.to_string(), StateRole::Operator, t));
+            }
+            if let Some(w) = l.watermark {
+                wms.insert(l.id.to_string(), w);
+            }
+        }
+        Ok((tables, wms))
     }
 
     /// Runs a hook on link `i`, then feeds its output through the rest of the chain.
@@ -389,6 +581,9 @@ impl Chain {
                     StepMetrics::add(&link.metrics.batches_in, 1);
                     link.op.process(b, &mut cx)
                 }
+                // A watermark never goes back: after a restore, sources start below the
+                // watermark the operators had reached.
+                Hook::Watermark(wm) if link.watermark.is_some_and(|w| wm <= w) => Ok(()),
                 Hook::Watermark(wm) => {
                     let r = link.op.on_watermark(wm, &mut cx);
                     link.watermark = Some(wm);
@@ -499,15 +694,44 @@ impl Downstream {
         Ok(())
     }
 
-    async fn end(&mut self) -> Result<()> {
+    /// Rows from now on belong to checkpoint `epoch`.
+    async fn begin(&mut self, epoch: Epoch) -> Result<()> {
+        match self {
+            Self::Exchange { .. } => Ok(()),
+            Self::Sink { sink, step, .. } => sink.begin(epoch).await.map_err(|e| e.in_step(step)),
+        }
+    }
+
+    /// Passes the barrier of `epoch` on; a sink pre-commits.
+    async fn barrier(&mut self, epoch: Epoch) -> Result<()> {
         match self {
             Self::Exchange { senders, me, .. } => {
                 for s in senders.iter() {
-                    send(s, (*me, Message::End)).await?;
+                    send(s, (*me, Message::Barrier(epoch))).await?;
                 }
                 Ok(())
             }
-            Self::Sink { sink, step, .. } => sink.close().await.map_err(|e| e.in_step(step)),
+            Self::Sink { sink, step, .. } => {
+                sink.pre_commit(epoch).await.map_err(|e| e.in_step(step))?;
+                sink.begin(Epoch(epoch.0 + 1)).await.map_err(|e| e.in_step(step))
+            }
+        }
+    }
+
+    async fn end(&mut self, last: Option<Final>) -> Result<()> {
+        match self {
+            Self::Exchange { senders, me, .. } => {
+                for s in senders.iter() {
+                    send(s, (*me, Message::End(last))).await?;
+                }
+                Ok(())
+            }
+            Self::Sink { sink, step, .. } => {
+                if let Some(f) = last {
+                    sink.pre_commit(f.epoch).await.map_err(|e| e.in_step(step))?;
+                }
+                sink.close().await.map_err(|e| e.in_step(step))
+            }
         }
     }
 }
@@ -628,6 +852,8 @@ struct SourceDriver {
     downstream: Downstream,
     wm: WatermarkSpec,
     clock: Arc<WorkerClock>,
+    control: Option<SourceControl>,
+    ckpt: Option<TaskCheckpoint>,
 }
 
 impl SourceDriver {
@@ -640,11 +866,20 @@ impl SourceDriver {
         let mut out = Vec::new();
         let mut ticks = tick_timer(self.chain.tick);
         let step = self.cx.step.clone();
+        if let Some(ck) = &self.ckpt {
+            self.downstream.begin(ck.first_epoch).await?;
+        }
         loop {
-            // Cancel safety: a poll dropped by the tick branch loses nothing, because sources
+            // Cancel safety: a poll dropped by another branch loses nothing, because sources
             // only hand out data they have fully prepared in the returned value.
             let polled = tokio::select! {
                 biased;
+                c = next_control(&mut self.control) => {
+                    if let Control::Barrier(e) = c {
+                        self.barrier(e).await?;
+                    }
+                    continue;
+                }
                 p = self.source.poll(&mut self.cx) => p.map_err(|e| e.in_step(&step))?,
                 () = next_tick(&mut ticks) => {
                     self.chain.tick(now_ms(), &mut out)?;
@@ -713,11 +948,46 @@ impl SourceDriver {
                 }
             }
         }
-        self.clock.watermark.store(END_OF_TIME, std::sync::atomic::Ordering::Relaxed);
-        self.chain.end(&mut out)?;
-        self.downstream.batches(&mut out).await?;
-        self.downstream.watermark(Watermark::At(END_OF_TIME)).await?;
-        self.downstream.end().await
+        // Under checkpoints the end is the final checkpoint: wait until every source has
+        // finished and the coordinator names it, taking part in any checkpoint still running.
+        let last = match self.control.take() {
+            None => None,
+            Some(mut c) => {
+                c.finished();
+                loop {
+                    match c.next().await {
+                        Control::Barrier(e) => self.barrier(e).await?,
+                        Control::Final(e) => break Some(Final { epoch: e, drain: !self.cx.stopping() }),
+                        Control::Idle => {}
+                    }
+                }
+            }
+        };
+        if last.is_none_or(|f| f.drain) {
+            self.clock.watermark.store(END_OF_TIME, std::sync::atomic::Ordering::Relaxed);
+            self.chain.end(&mut out)?;
+            self.downstream.batches(&mut out).await?;
+            self.downstream.watermark(Watermark::At(END_OF_TIME)).await?;
+        }
+        let Some(f) = last else { return self.downstream.end(None).await };
+        let state = self.snapshot()?;
+        self.downstream.end(last).await?;
+        ack(self.ckpt.as_ref(), f.epoch, state, Duration::ZERO, Some(f.drain))
+    }
+
+    fn snapshot(&mut self) -> Result<TaskState> {
+        let (mut tables, wms) = self.chain.snapshot()?;
+        if let Some(t) = self.source.snapshot().map_err(|e| e.in_step(&self.cx.step))? {
+            tables.push((self.cx.step.to_string(), StateRole::Source, t));
+        }
+        Ok((tables, wms))
+    }
+
+    /// Checkpoint `epoch` reached this source: record positions and state, pass the barrier.
+    async fn barrier(&mut self, epoch: Epoch) -> Result<()> {
+        let state = self.snapshot()?;
+        self.downstream.barrier(epoch).await?;
+        ack(self.ckpt.as_ref(), epoch, state, Duration::ZERO, None)
     }
 
     async fn emit_watermark(&mut self, w: Watermark, out: &mut Vec<Batch>) -> Result<()> {
@@ -738,28 +1008,46 @@ struct StageDriver {
     chain: Chain,
     downstream: Downstream,
     metrics: Arc<ChannelMetrics>,
+    ckpt: Option<TaskCheckpoint>,
 }
 
 impl StageDriver {
     async fn run(mut self) -> Result<()> {
         let mut comb = WatermarkCombiner::new(self.inputs);
         let mut ended = 0;
+        let mut last: Option<Final> = None;
         let mut out = Vec::new();
         let mut ticks = tick_timer(self.chain.tick);
+        // Barrier alignment: messages of an input whose barrier came first wait in `held`
+        // until the barrier has come on every input; then they are handled, from `replay`.
+        let mut aligner = BarrierAligner::new(self.inputs);
+        let mut held: VecDeque<(usize, Message)> = VecDeque::new();
+        let mut replay: VecDeque<(usize, Message)> = VecDeque::new();
+        let mut aligning_since: Option<Instant> = None;
+        if let Some(ck) = &self.ckpt {
+            self.downstream.begin(ck.first_epoch).await?;
+        }
         loop {
-            // Cancel safety: `recv` is cancel safe, and a tick only runs between messages.
-            let msg = tokio::select! {
-                biased;
-                m = self.rx.recv() => m,
-                () = next_tick(&mut ticks) => {
-                    self.chain.tick(now_ms(), &mut out)?;
-                    self.downstream.batches(&mut out).await?;
-                    continue;
+            let (from, msg) = match replay.pop_front() {
+                Some(m) => m,
+                None => {
+                    // Cancel safety: `recv` is cancel safe, and a tick only runs between messages.
+                    let msg = tokio::select! {
+                        biased;
+                        m = self.rx.recv() => m,
+                        () = next_tick(&mut ticks) => {
+                            self.chain.tick(now_ms(), &mut out)?;
+                            self.downstream.batches(&mut out).await?;
+                            continue;
+                        }
+                    };
+                    msg.ok_or_else(|| CoreError::Task("every upstream task stopped before the end of input".into()))?
                 }
             };
-            let Some((from, msg)) = msg else {
-                return Err(CoreError::Task("every upstream task stopped before the end of input".into()));
-            };
+            if aligner.is_blocked(from) {
+                held.push_back((from, msg));
+                continue;
+            }
             match msg {
                 Message::Batch(b) => {
                     self.metrics.popped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -777,16 +1065,61 @@ impl StageDriver {
                         self.downstream.watermark(w).await?;
                     }
                 }
-                Message::End => {
+                Message::Barrier(e) => {
+                    let aligned = aligner.on_barrier(from, e).map_err(|p| {
+                        CoreError::Internal(format!("barrier {e} from input {from} out of protocol: {p:?}"))
+                    })?;
+                    match aligned {
+                        crate::checkpoint::Alignment::Block(_) => {
+                            aligning_since.get_or_insert_with(Instant::now);
+                        }
+                        crate::checkpoint::Alignment::Snapshot(e) => {
+                            let waited = aligning_since.take().map(|t| t.elapsed()).unwrap_or_default();
+                            let state = self.chain.snapshot()?;
+                            self.downstream.barrier(e).await?;
+                            ack(self.ckpt.as_ref(), e, state, waited, None)?;
+                            // Held messages came before anything not yet received.
+                            while let Some(m) = held.pop_back() {
+                                replay.push_front(m);
+                            }
+                        }
+                    }
+                }
+                Message::End(f) => {
                     ended += 1;
+                    if f.is_some() {
+                        last = f;
+                    }
                     if ended == self.inputs {
-                        self.chain.end(&mut out)?;
-                        self.downstream.batches(&mut out).await?;
-                        self.downstream.watermark(Watermark::At(END_OF_TIME)).await?;
-                        return self.downstream.end().await;
+                        if last.is_none_or(|f| f.drain) {
+                            self.chain.end(&mut out)?;
+                            self.downstream.batches(&mut out).await?;
+                            self.downstream.watermark(Watermark::At(END_OF_TIME)).await?;
+                        }
+                        let Some(f) = last else { return self.downstream.end(None).await };
+                        let state = self.chain.snapshot()?;
+                        self.downstream.end(last).await?;
+                        return ack(self.ckpt.as_ref(), f.epoch, state, Duration::ZERO, Some(f.drain));
                     }
                 }
             }
         }
+    }
+}
+
+/// A task's state tables (step, role, table) and its operators' watermarks.
+type TaskState = (Vec<(String, StateRole, arrow_array::RecordBatch)>, BTreeMap<String, i64>);
+
+/// Sends a task's snapshot of `epoch` to the coordinator (nothing without checkpoints).
+fn ack(
+    ck: Option<&TaskCheckpoint>,
+    epoch: Epoch,
+    (tables, watermarks): TaskState,
+    alignment: Duration,
+    last: Option<bool>,
+) -> Result<()> {
+    match ck {
+        Some(ck) => ck.ack(Ack { task: ck.task.clone(), epoch, tables, watermarks, alignment, last }),
+        None => Ok(()),
     }
 }

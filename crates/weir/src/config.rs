@@ -39,6 +39,33 @@ pub struct PipelineConfig {
     /// Opt-in load shedding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_shedding: Option<LoadSheddingConfig>,
+    /// Checkpoints, for recovery after a crash and exactly-once output; off by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoints: Option<CheckpointConfig>,
+}
+
+/// Periodic checkpoints: state, source positions and pre-committed output, so that a run
+/// killed at any moment resumes where the last checkpoint left off.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Where checkpoints go: a directory, or a `file://` / `memory://` URL. Each pipeline
+    /// keeps its checkpoints under its name there.
+    pub dir: String,
+    /// Time between checkpoints; `0s` for only the final one.
+    #[serde(default = "default_checkpoint_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Complete checkpoints to keep.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_keep() -> usize {
+    3
 }
 
 /// Load shedding: while the job is overloaded, sources drop the rows `drop_where` picks.

@@ -57,6 +57,7 @@ impl Pipeline {
                 runtime: RuntimeConfig::default(),
                 quarantine: QuarantineConfig::default(),
                 load_shedding: None,
+                checkpoints: None,
             },
             source_set: false,
             sink_set: false,
@@ -122,6 +123,12 @@ impl Pipeline {
         self
     }
 
+    /// Takes a checkpoint every `interval` into `dir` (a directory or URL), keeping three.
+    pub fn checkpoints(&mut self, dir: impl Into<String>, interval: Duration) -> &mut Self {
+        self.cfg.checkpoints = Some(CheckpointConfig { dir: dir.into(), interval, keep: 3 });
+        self
+    }
+
     /// Sets the default worker count.
     pub fn workers(&mut self, n: usize) -> &mut Self {
         self.cfg.workers = Some(n);
@@ -177,6 +184,8 @@ pub struct BuiltPipeline {
 pub struct RunOptions {
     /// Worker count; default: the pipeline's, else the number of cores.
     pub workers: Option<usize>,
+    /// Ignore (and delete) earlier checkpoints instead of resuming from the newest.
+    pub fresh: bool,
 }
 
 /// What planning a step gives: a stage boundary or an operator.
@@ -428,6 +437,19 @@ impl BuiltPipeline {
                 max_attempts: c.sink.retry.max_attempts,
                 initial_backoff: c.sink.retry.initial_backoff,
                 max_backoff: c.sink.retry.max_backoff,
+            },
+            checkpoint: match &c.checkpoints {
+                None => None,
+                Some(k) => {
+                    weir_core::ensure_config!(k.keep >= 1, "checkpoints.keep must be at least 1");
+                    Some(weir_core::runtime::CheckpointSpec {
+                        store: weir_core::store::CheckpointStore::open(&k.dir, &c.name)
+                            .map_err(|e| CoreError::Config(format!("checkpoints.dir: {e}")))?,
+                        interval: (!k.interval.is_zero()).then_some(k.interval),
+                        keep: k.keep,
+                        fresh: opts.fresh,
+                    })
+                }
             },
         })
     }

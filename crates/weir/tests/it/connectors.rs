@@ -57,12 +57,13 @@ fn csv_and_msgpack_round_trip_through_files() {
                 SinkConnector::File(FileSinkSettings { path: converted.display().to_string(), format }),
             ))
             .dead_letters(dir.path().join("d0").display().to_string());
-        rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(1) })).unwrap();
+        rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(1), ..Default::default() })).unwrap();
 
         let out = dir.path().join(format!("out-{name}.jsonl"));
         let p = pipeline(&converted.display().to_string(), format, &out, &dir.path().join("d1"));
         for workers in [1, 2] {
-            rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(workers) })).unwrap();
+            rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(workers), ..Default::default() }))
+                .unwrap();
             assert_same_rows(
                 read_jsonl(&data("w2-expected.jsonl")),
                 read_jsonl(&out),
@@ -82,7 +83,7 @@ fn a_glob_reads_every_matching_file() {
     }
     let out = dir.path().join("out.jsonl");
     let p = pipeline(&format!("{}/part-*.jsonl", dir.path().display()), FormatSpec::Json, &out, &dir.path().join("d"));
-    rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(2) })).unwrap();
+    rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(2), ..Default::default() })).unwrap();
     assert_same_rows(read_jsonl(&data("w2-expected.jsonl")), read_jsonl(&out), "glob");
 }
 
@@ -99,7 +100,10 @@ fn follow_mode_picks_up_appended_lines_until_stopped() {
     cfg.source.file.as_mut().unwrap().follow = true;
     cfg.source.file.as_mut().unwrap().poll_interval = Duration::from_millis(20);
     p = Pipeline::from_config(cfg);
-    let job = weir_core::runtime::Job::new(p.build().unwrap().plan(&RunOptions { workers: Some(2) }).unwrap()).unwrap();
+    let job = weir_core::runtime::Job::new(
+        p.build().unwrap().plan(&RunOptions { workers: Some(2), ..Default::default() }).unwrap(),
+    )
+    .unwrap();
     let stop = job.shutdown_handle();
     let rt = rt();
     let handle = rt.spawn(job.run());
@@ -135,7 +139,7 @@ fn the_generator_is_deterministic_and_counts_exactly() {
             "out",
             SinkConnector::File(FileSinkSettings { path: out.display().to_string(), format: FormatSpec::Json }),
         ));
-        let s = rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(1) })).unwrap();
+        let s = rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(1), ..Default::default() })).unwrap();
         assert_eq!(s.sink_rows, 5000);
         let rows = read_jsonl(&out);
         let devices: std::collections::HashSet<_> =
@@ -168,7 +172,7 @@ fn the_rated_generator_keeps_its_rate() {
         "out",
         SinkConnector::File(FileSinkSettings { path: "/dev/null".into(), format: FormatSpec::Json }),
     ));
-    let s = rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(2) })).unwrap();
+    let s = rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(2), ..Default::default() })).unwrap();
     // 0.5 s at 20k/s: about 10k events (bounded, not a timing benchmark).
     assert!((8_000..=10_100).contains(&s.sink_rows), "{}", s.sink_rows);
 }
@@ -182,11 +186,11 @@ fn a_json_schema_is_inferred_from_the_first_records() {
     let mut cfg = p.build().unwrap().config().clone();
     cfg.source.schema = None;
     p = Pipeline::from_config(cfg);
-    let spec = p.build().unwrap().plan(&RunOptions { workers: Some(1) }).unwrap();
+    let spec = p.build().unwrap().plan(&RunOptions { workers: Some(1), ..Default::default() }).unwrap();
     let schema = weir_core::SourceFactory::schema(spec.source.as_ref());
     let names: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     assert_eq!(names, ["device_id", "ts", "readings"]);
     assert_eq!(schema.field(1).data_type(), &arrow_schema::DataType::Int64);
-    rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(2) })).unwrap();
+    rt().block_on(p.build().unwrap().run(&RunOptions { workers: Some(2), ..Default::default() })).unwrap();
     assert_same_rows(read_jsonl(&data("w2-expected.jsonl")), read_jsonl(&out), "inferred schema");
 }

@@ -11,7 +11,7 @@ fn malformed_lines_go_to_dead_letters_and_the_rest_goes_on() {
     let input = data("sensors-malformed.jsonl");
     let p = example("w2-filter-project.yaml", &[("INPUT", &input), ("OUTPUT", &out), ("DEAD_LETTERS", &dead)]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let summary = rt.block_on(p.run(&RunOptions { workers: Some(2) })).unwrap();
+    let summary = rt.block_on(p.run(&RunOptions { workers: Some(2), ..Default::default() })).unwrap();
 
     // The good lines give exactly the reference result.
     assert_same_rows(read_jsonl(&data("w2-malformed-expected.jsonl")), read_jsonl(&out), "w2 on malformed input");
@@ -54,7 +54,10 @@ fn line_numbers_are_reported_with_one_worker() {
     let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
     let input = data("sensors-malformed.jsonl");
     let p = example("w2-filter-project.yaml", &[("INPUT", &input), ("OUTPUT", &out), ("DEAD_LETTERS", &dead)]);
-    tokio::runtime::Runtime::new().unwrap().block_on(p.run(&RunOptions { workers: Some(1) })).unwrap();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(p.run(&RunOptions { workers: Some(1), ..Default::default() }))
+        .unwrap();
     let text = std::fs::read(&input).unwrap();
     let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
     for l in read_jsonl(&dead) {
@@ -75,7 +78,7 @@ fn a_missing_input_file_is_a_clear_error() {
         "w2-filter-project.yaml",
         &[("INPUT", &missing), ("OUTPUT", &dir.path().join("o")), ("DEAD_LETTERS", &dir.path().join("d"))],
     );
-    let err = p.plan(&RunOptions { workers: Some(1) }).unwrap_err().to_string();
+    let err = p.plan(&RunOptions { workers: Some(1), ..Default::default() }).unwrap_err().to_string();
     assert!(err.contains("step `events`: cannot open input file") && err.contains("nope.jsonl"), "{err}");
 }
 
@@ -159,7 +162,7 @@ fn malformed_input_through_w1_and_w3() {
             let p = Pipeline::from_config(cfg).build().unwrap();
             let summary = tokio::runtime::Runtime::new()
                 .unwrap()
-                .block_on(p.run(&RunOptions { workers: Some(workers) }))
+                .block_on(p.run(&RunOptions { workers: Some(workers), ..Default::default() }))
                 .unwrap();
             let what = format!("{example_file}, {workers} workers");
             assert_same_rows(read_jsonl(&data(expected)), read_jsonl(&out), &what);
@@ -223,7 +226,7 @@ mod accounting {
             // Vibration is optional here so the generated lines need not carry it.
             cfg.source.schema.as_mut().unwrap().fields[2].fields[1].required = false;
             cfg.steps.insert(0, StepConfig::Filter(FilterConfig { id: "warm".into(), predicate: "readings.temp > 0".into() }));
-            let summary = tokio::runtime::Runtime::new().unwrap().block_on(Pipeline::from_config(cfg).build().unwrap().run(&RunOptions { workers: Some(workers) })).unwrap();
+            let summary = tokio::runtime::Runtime::new().unwrap().block_on(Pipeline::from_config(cfg).build().unwrap().run(&RunOptions { workers: Some(workers), ..Default::default() })).unwrap();
             let bad = lines.iter().filter(|(_, ok)| !ok).count() as u64;
             let source = summary.steps[0].1;
             prop_assert_eq!(source.rows_in, lines.len() as u64);
@@ -282,7 +285,9 @@ fn a_key_that_keeps_failing_is_quarantined() {
     };
     let summary = tokio::runtime::Runtime::new()
         .unwrap()
-        .block_on(Pipeline::from_config(cfg).build().unwrap().run(&RunOptions { workers: Some(1) }))
+        .block_on(
+            Pipeline::from_config(cfg).build().unwrap().run(&RunOptions { workers: Some(1), ..Default::default() }),
+        )
         .unwrap();
     let rows = read_jsonl(&out);
     let diverted = read_jsonl(&quar);
@@ -327,7 +332,9 @@ fn load_shedding_drops_only_picked_rows_and_counts_them() {
     });
     let summary = tokio::runtime::Runtime::new()
         .unwrap()
-        .block_on(Pipeline::from_config(cfg).build().unwrap().run(&RunOptions { workers: Some(1) }))
+        .block_on(
+            Pipeline::from_config(cfg).build().unwrap().run(&RunOptions { workers: Some(1), ..Default::default() }),
+        )
         .unwrap();
     let rows = read_jsonl(&out);
     let hot = read_jsonl(&input).iter().filter(|r| r["readings"]["temp"].as_f64().unwrap() >= 25.0).count();

@@ -16,7 +16,7 @@ fn run_example(example_file: &str, input: &str, workers: usize) -> (Vec<serde_js
     cfg.source.file.as_mut().unwrap().chunk_size = 16 * 1024;
     let p = Pipeline::from_config(cfg).build().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let summary = rt.block_on(p.run(&RunOptions { workers: Some(workers) })).unwrap();
+    let summary = rt.block_on(p.run(&RunOptions { workers: Some(workers), ..Default::default() })).unwrap();
     assert!(!dead.exists(), "clean input must leave no dead letters");
     for (id, m) in &summary.steps {
         assert!(m.balanced(), "step {id}: rows do not add up: {m:?}");
@@ -65,8 +65,13 @@ fn file_split_across_workers_reads_every_line_once() {
     cfg.steps.clear();
     let rt = tokio::runtime::Runtime::new().unwrap();
     for workers in [1, 2, 3] {
-        rt.block_on(Pipeline::from_config(cfg.clone()).build().unwrap().run(&RunOptions { workers: Some(workers) }))
-            .unwrap();
+        rt.block_on(
+            Pipeline::from_config(cfg.clone())
+                .build()
+                .unwrap()
+                .run(&RunOptions { workers: Some(workers), ..Default::default() }),
+        )
+        .unwrap();
         let rows = read_jsonl(&out);
         assert_eq!(rows.len(), 3000, "{workers} workers");
         let mut ts: Vec<i64> = rows.iter().map(|r| r["ts"].as_i64().unwrap()).collect();

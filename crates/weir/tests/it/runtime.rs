@@ -53,6 +53,7 @@ fn test_job(
         sink_retry: weir_core::runtime::RetryPolicy::default(),
         quarantine: None,
         shedding: None,
+        checkpoint: None,
     }
 }
 

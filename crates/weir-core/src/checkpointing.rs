@@ -1,0 +1,346 @@
+//! Carrying out the checkpoint protocol in a running job: the coordinator's side (a loop
+//! inside [`crate::runtime::Job::run`] that starts checkpoints, writes what tasks acknowledge
+//! to the store, writes manifests and commits sinks) and the handles tasks use to take part.
+//!
+//! The decisions themselves are [`crate::checkpoint`]'s; this module only does the I/O.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_array::RecordBatch;
+use tokio::sync::{mpsc, watch};
+
+use crate::checkpoint::{Action, Coordinator, Epoch, SnapshotRef, StateRole, TaskKey};
+use crate::error::{CoreError, Result};
+use crate::metrics::Registry;
+use crate::operator::Committer;
+use crate::store::CheckpointStore;
+
+/// What the coordinator asks the sources to do; a watch channel carries the latest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Control {
+    Idle,
+    /// Inject `Barrier(epoch)`.
+    Barrier(Epoch),
+    /// Every source has finished: end with this final checkpoint.
+    Final(Epoch),
+}
+
+/// A task's snapshot of one epoch, sent to the coordinator.
+#[derive(Debug)]
+pub(crate) struct Ack {
+    pub(crate) task: TaskKey,
+    pub(crate) epoch: Epoch,
+    pub(crate) tables: Vec<(String, StateRole, RecordBatch)>,
+    pub(crate) watermarks: BTreeMap<String, i64>,
+    pub(crate) alignment: Duration,
+    /// For the final checkpoint: whether the task drained (flushed) its state.
+    pub(crate) last: Option<bool>,
+}
+
+/// What a task holds to take part in checkpoints.
+#[derive(Debug, Clone)]
+pub(crate) struct TaskCheckpoint {
+    pub(crate) task: TaskKey,
+    pub(crate) first_epoch: Epoch,
+    acks: mpsc::Sender<Ack>,
+}
+
+impl TaskCheckpoint {
+    pub(crate) fn ack(&self, ack: Ack) -> Result<()> {
+        // At most one checkpoint is in flight and each task acknowledges it once, so the
+        // channel (room for two acks per task) never fills.
+        self.acks.try_send(ack).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => CoreError::Internal("checkpoint acknowledgements overflowed".into()),
+            mpsc::error::TrySendError::Closed(_) => CoreError::Task("the checkpoint coordinator stopped".into()),
+        })
+    }
+}
+
+/// What a source task holds besides its [`TaskCheckpoint`].
+#[derive(Debug)]
+pub(crate) struct SourceControl {
+    rx: watch::Receiver<Control>,
+    finished: mpsc::Sender<()>,
+}
+
+impl SourceControl {
+    /// Waits for the next instruction; never returns if the coordinator is gone (the job is
+    /// ending then anyway).
+    pub(crate) async fn next(&mut self) -> Control {
+        if self.rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        *self.rx.borrow_and_update()
+    }
+
+    pub(crate) fn finished(&self) {
+        let _ = self.finished.try_send(());
+    }
+}
+
+/// Waits for the next instruction when there is a control channel, forever otherwise.
+pub(crate) async fn next_control(c: &mut Option<SourceControl>) -> Control {
+    match c {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Something the coordinator reacts to.
+#[derive(Debug)]
+pub(crate) enum Event {
+    Ack(Ack),
+    AcksClosed,
+    SourceFinished,
+    Start,
+}
+
+/// The coordinator's loop state.
+#[derive(Debug)]
+pub(crate) struct Coordinating {
+    proto: Coordinator,
+    store: CheckpointStore,
+    committer: Option<Arc<dyn Committer>>,
+    job: String,
+    workers: usize,
+    reg: Arc<Registry>,
+    ctl: watch::Sender<Control>,
+    acks: mpsc::Receiver<Ack>,
+    acks_tx: Option<mpsc::Sender<Ack>>,
+    finished: mpsc::Receiver<()>,
+    finished_tx: Option<mpsc::Sender<()>>,
+    on_demand: mpsc::Receiver<()>,
+    timer: Option<tokio::time::Interval>,
+    sources: usize,
+    sources_finished: usize,
+    final_epoch: Option<Epoch>,
+    final_done: bool,
+    drained: bool,
+    started: Option<(Epoch, Instant)>,
+    alignment: Duration,
+    bytes: u64,
+    pub(crate) closed: bool,
+}
+
+impl Coordinating {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        tasks: Vec<TaskKey>,
+        sources: usize,
+        last: Option<Epoch>,
+        spec: &crate::runtime::CheckpointSpec,
+        committer: Option<Arc<dyn Committer>>,
+        job: &str,
+        workers: usize,
+        reg: Arc<Registry>,
+        on_demand: mpsc::Receiver<()>,
+    ) -> Self {
+        let (acks_tx, acks) = mpsc::channel(2 * tasks.len() + 2);
+        let (finished_tx, finished) = mpsc::channel(sources.max(1));
+        let (ctl, _) = watch::channel(Control::Idle);
+        let timer = spec.interval.map(|d| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        reg.checkpoints.enabled.store(1, Ordering::Relaxed);
+        Self {
+            proto: Coordinator::new(tasks.into_iter().collect(), spec.keep, last),
+            store: spec.store.clone(),
+            committer,
+            job: job.into(),
+            workers,
+            reg,
+            ctl,
+            acks,
+            acks_tx: Some(acks_tx),
+            finished,
+            finished_tx: Some(finished_tx),
+            on_demand,
+            timer,
+            sources,
+            sources_finished: 0,
+            final_epoch: None,
+            final_done: false,
+            drained: true,
+            started: None,
+            alignment: Duration::ZERO,
+            bytes: 0,
+            closed: false,
+        }
+    }
+
+    /// The first epoch tasks write into.
+    pub(crate) fn first_epoch(&self) -> Epoch {
+        self.proto.next_epoch()
+    }
+
+    pub(crate) fn task(&self, task: TaskKey) -> TaskCheckpoint {
+        let acks = self.acks_tx.clone().unwrap_or_else(|| mpsc::channel(1).0);
+        TaskCheckpoint { task, first_epoch: self.first_epoch(), acks }
+    }
+
+    pub(crate) fn source(&self) -> SourceControl {
+        let finished = self.finished_tx.clone().unwrap_or_else(|| mpsc::channel(1).0);
+        SourceControl { rx: self.ctl.subscribe(), finished }
+    }
+
+    /// Drops the coordinator's own senders once every task has its clones, so the channels
+    /// close when the tasks are gone.
+    pub(crate) fn tasks_started(&mut self) {
+        self.acks_tx = None;
+        self.finished_tx = None;
+    }
+
+    /// Whether the final checkpoint completed.
+    pub(crate) fn finished_cleanly(&self) -> bool {
+        self.final_done
+    }
+
+    /// Waits for the next event. Cancel safe: every branch is.
+    pub(crate) async fn next_event(&mut self) -> Event {
+        let timer = async {
+            match self.timer.as_mut() {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            a = self.acks.recv() => a.map_or(Event::AcksClosed, Event::Ack),
+            Some(()) = self.finished.recv() => Event::SourceFinished,
+            Some(()) = self.on_demand.recv() => Event::Start,
+            () = timer => Event::Start,
+        }
+    }
+
+    /// Handles an event. Not cancel safe: run it outside any `select!`.
+    pub(crate) async fn handle(&mut self, ev: Event) -> Result<()> {
+        match ev {
+            Event::Ack(a) => self.on_ack(a).await?,
+            Event::AcksClosed => self.closed = true,
+            Event::SourceFinished => {
+                self.sources_finished += 1;
+                self.try_final()?;
+            }
+            Event::Start => self.start(),
+        }
+        Ok(())
+    }
+
+    fn start(&mut self) {
+        if self.sources_finished > 0 || self.final_epoch.is_some() {
+            return;
+        }
+        match self.proto.start() {
+            Ok(Action::InjectBarrier(e)) => {
+                self.started = Some((e, Instant::now()));
+                self.alignment = Duration::ZERO;
+                self.bytes = 0;
+                tracing::debug!(checkpoint = e.0, "Checkpoint started.");
+                let _ = self.ctl.send(Control::Barrier(e));
+            }
+            Ok(_) => {}
+            Err(_) => tracing::debug!("A checkpoint is still in flight; skipping this one."),
+        }
+    }
+
+    fn try_final(&mut self) -> Result<()> {
+        if self.sources_finished < self.sources || self.final_epoch.is_some() || self.proto.in_flight().is_some() {
+            return Ok(());
+        }
+        match self.proto.start() {
+            Ok(Action::InjectBarrier(e)) => {
+                self.final_epoch = Some(e);
+                self.started = Some((e, Instant::now()));
+                self.alignment = Duration::ZERO;
+                self.bytes = 0;
+                let _ = self.ctl.send(Control::Final(e));
+                Ok(())
+            }
+            other => Err(CoreError::Internal(format!("final checkpoint could not start: {other:?}"))),
+        }
+    }
+
+    async fn on_ack(&mut self, a: Ack) -> Result<()> {
+        if self.proto.in_flight() != Some(a.epoch) {
+            tracing::debug!(checkpoint = a.epoch.0, task = %a.task.0, "Ignoring an acknowledgement of an abandoned checkpoint.");
+            return Ok(());
+        }
+        let is_final = self.final_epoch == Some(a.epoch);
+        if let Some(drain) = a.last {
+            self.drained &= drain;
+        }
+        self.alignment = self.alignment.max(a.alignment);
+        match self.write_ack(a).await {
+            Ok(()) => {}
+            Err(e) if !is_final => {
+                let epoch = self.proto.abandon();
+                self.reg.checkpoints.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(checkpoint = epoch.map(|e| e.0), error = %e, "Checkpoint failed; it is abandoned and the next one will cover its data.");
+                self.try_final()?;
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    async fn write_ack(&mut self, a: Ack) -> Result<()> {
+        let mut snap = SnapshotRef { files: Vec::new(), watermarks: a.watermarks };
+        for (step, role, table) in &a.tables {
+            let f = self.store.put_state(a.epoch, &a.task, step, *role, table).await?;
+            self.bytes += f.bytes;
+            snap.files.push(f);
+        }
+        let Some(Action::WriteManifest(m)) =
+            self.proto.ack(a.task, a.epoch, snap).map_err(|e| CoreError::Internal(format!("checkpoint ack: {e:?}")))?
+        else {
+            return Ok(());
+        };
+        let is_final = self.final_epoch == Some(m.epoch);
+        self.store.put_manifest(&m, &self.job, self.workers, is_final && self.drained).await?;
+        let actions =
+            self.proto.manifest_written(m.epoch).map_err(|e| CoreError::Internal(format!("checkpoint: {e:?}")))?;
+        let c = &self.reg.checkpoints;
+        c.completed.fetch_add(1, Ordering::Relaxed);
+        c.last_epoch.store(m.epoch.0, Ordering::Relaxed);
+        c.last_bytes.store(self.bytes, Ordering::Relaxed);
+        c.last_alignment_us.store(self.alignment.as_micros() as u64, Ordering::Relaxed);
+        c.last_completed_ms.store(crate::deadletter::now_ms().max(0) as u64, Ordering::Relaxed);
+        let took = self.started.map(|(_, t)| t.elapsed()).unwrap_or_default();
+        c.last_duration_us.store(took.as_micros() as u64, Ordering::Relaxed);
+        tracing::info!(
+            checkpoint = m.epoch.0,
+            bytes = self.bytes,
+            duration_ms = took.as_millis() as u64,
+            alignment_ms = self.alignment.as_millis() as u64,
+            "Checkpoint complete."
+        );
+        for action in actions {
+            match action {
+                Action::CommitSinks(e) => {
+                    if let Some(c) = &self.committer {
+                        c.commit(e).await?;
+                    }
+                }
+                Action::Discard(old) => {
+                    for e in old {
+                        if let Err(err) = self.store.delete(e).await {
+                            tracing::warn!(checkpoint = e.0, error = %err, "Could not delete an old checkpoint.");
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if is_final {
+            self.final_done = true;
+        }
+        self.try_final()
+    }
+}

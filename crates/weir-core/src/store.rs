@@ -1,0 +1,486 @@
+//! The checkpoint store: where snapshots and manifests live, behind [`object_store`], so a
+//! local folder and (later) an object store share one code path.
+//!
+//! Layout (format version 1, documented in `docs/checkpoints.md`):
+//! ```text
+//! <root>/<job>/chk-0000000042/MANIFEST            written last, atomically (temp file + rename)
+//! <root>/<job>/chk-0000000042/<task>/<step>.<role>.arrow   one Arrow IPC file per state table
+//! ```
+//! The manifest is JSON followed by a trailer line `#xxh3=<16 hex digits>` holding the
+//! checksum of the JSON; it lists every state file with its size and checksum. A checkpoint is
+//! complete when its manifest exists and everything checks out; anything else is skipped with
+//! a warning and never loaded.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use futures::TryStreamExt as _;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
+
+use crate::checkpoint::{recover, Epoch, Manifest, Recovery, SnapshotRef, StateFile, StateRole, Stored, TaskKey};
+use crate::error::{Blame, CoreError, Result, Retry};
+use crate::state::{checksum, decode, encode};
+
+/// The format name written in every manifest.
+pub const FORMAT: &str = "weir-checkpoint";
+/// The manifest format version this build writes and reads.
+pub const VERSION: u32 = 1;
+
+const TRAILER: &str = "\n#xxh3=";
+
+/// A manifest as stored: the protocol's [`Manifest`] plus what a reader needs to know.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ManifestFile {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Format version.
+    pub version: u32,
+    /// The job (pipeline name).
+    pub job: String,
+    /// The epoch.
+    pub epoch: Epoch,
+    /// When the manifest was written, ms since the epoch.
+    pub created_ms: i64,
+    /// Workers of the run that wrote it (state can be restored at any count).
+    pub workers: usize,
+    /// The input was consumed and every window flushed: a restart has nothing left to do.
+    pub drained: bool,
+    /// Every task's state files and watermarks.
+    pub tasks: BTreeMap<TaskKey, SnapshotRef>,
+}
+
+impl ManifestFile {
+    /// Total bytes of the state files.
+    pub fn state_bytes(&self) -> u64 {
+        self.files().map(|(_, f)| f.bytes).sum()
+    }
+
+    /// Every state file with its task.
+    pub fn files(&self) -> impl Iterator<Item = (&TaskKey, &StateFile)> {
+        self.tasks.iter().flat_map(|(t, s)| s.files.iter().map(move |f| (t, f)))
+    }
+
+    fn render(&self) -> Result<Vec<u8>> {
+        let body = serde_json::to_string_pretty(self)
+            .map_err(|e| CoreError::Internal(format!("manifest does not serialize: {e}")))?;
+        Ok(format!("{body}{TRAILER}{:016x}\n", checksum(body.as_bytes())).into_bytes())
+    }
+
+    /// Parses a stored manifest, checking its checksum.
+    ///
+    /// # Errors
+    /// A missing or wrong checksum (a torn or edited file), bad JSON, another format or version.
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        let text = std::str::from_utf8(bytes).map_err(|_| corrupt("manifest is not UTF-8"))?;
+        let Some(at) = text.rfind(TRAILER) else { return Err(corrupt("manifest has no checksum trailer")) };
+        let (body, trailer) = (&text[..at], text[at + TRAILER.len()..].trim_end());
+        let want = u64::from_str_radix(trailer, 16).map_err(|_| corrupt("manifest checksum is not hex"))?;
+        if checksum(body.as_bytes()) != want {
+            return Err(corrupt("manifest checksum does not match its content"));
+        }
+        let m: Self = serde_json::from_str(body).map_err(|e| corrupt(&format!("manifest is not valid: {e}")))?;
+        if m.format != FORMAT || m.version != VERSION {
+            return Err(corrupt(&format!(
+                "manifest is format `{}` version {}; this build reads `{FORMAT}` version {VERSION}",
+                m.format, m.version
+            )));
+        }
+        Ok(m)
+    }
+}
+
+fn corrupt(what: &str) -> CoreError {
+    CoreError::Other { message: what.to_string(), blame: Blame::External, retry: Retry::Never }
+}
+
+fn store_err(what: impl std::fmt::Display, e: object_store::Error) -> CoreError {
+    let retry = match e {
+        object_store::Error::NotFound { .. } | object_store::Error::InvalidPath { .. } => Retry::Never,
+        _ => Retry::Backoff,
+    };
+    CoreError::Other { message: format!("{what}: {e}"), blame: Blame::External, retry }
+}
+
+/// State loaded from a complete checkpoint, ready to hand to the tasks of a new run.
+#[derive(Debug, Clone, Default)]
+pub struct Restored {
+    /// The checkpoint restored.
+    pub epoch: Option<Epoch>,
+    /// It was written after the input was consumed.
+    pub drained: bool,
+    /// Operator state tables by step id, from every task of the old run.
+    pub operators: HashMap<String, Vec<RecordBatch>>,
+    /// Source position tables by step id.
+    pub sources: HashMap<String, Vec<RecordBatch>>,
+    /// The lowest watermark any old task had reached, by step id.
+    pub watermarks: HashMap<String, i64>,
+}
+
+/// What is in the store for a job, newest first, as `weir checkpoints list` shows it.
+#[derive(Debug)]
+pub struct Listed {
+    /// The epoch.
+    pub epoch: Epoch,
+    /// The manifest, or why it cannot be used (missing, torn, corrupt, or naming a bad file).
+    pub manifest: Result<ManifestFile>,
+}
+
+/// A job's checkpoints in an object store.
+#[derive(Debug, Clone)]
+pub struct CheckpointStore {
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    location: String,
+}
+
+impl CheckpointStore {
+    /// Opens the store at `location` for `job`: a directory (created if missing) or a
+    /// `file://` / `memory://` URL.
+    ///
+    /// # Errors
+    /// A directory that cannot be created, or a URL this build does not support.
+    pub fn open(location: &str, job: &str) -> Result<Self> {
+        let (store, prefix): (Arc<dyn ObjectStore>, Path) = if location.contains("://") {
+            let url = url::Url::parse(location)
+                .map_err(|e| CoreError::Config(format!("checkpoint store `{location}` is not a valid URL: {e}")))?;
+            let (s, p) = object_store::parse_url(&url).map_err(|e| {
+                CoreError::Config(format!(
+                    "checkpoint store `{location}`: {e} (this build supports a directory, file:// and memory://)"
+                ))
+            })?;
+            (Arc::from(s), p)
+        } else {
+            std::fs::create_dir_all(location)
+                .map_err(|e| CoreError::io(format!("cannot create checkpoint directory `{location}`"), e))?;
+            let fs = object_store::local::LocalFileSystem::new_with_prefix(location)
+                .map_err(|e| store_err(format!("checkpoint directory `{location}`"), e))?;
+            (Arc::new(fs), Path::default())
+        };
+        let root = prefix.clone().join(job);
+        Ok(Self { store, root, location: location.to_string() })
+    }
+
+    /// Where the store is, as configured.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn dir(&self, epoch: Epoch) -> Path {
+        self.root.clone().join(format!("chk-{:010}", epoch.0))
+    }
+
+    /// Writes one state table of a task's snapshot.
+    ///
+    /// # Errors
+    /// Encoding or store failures.
+    pub async fn put_state(
+        &self,
+        epoch: Epoch,
+        task: &TaskKey,
+        step: &str,
+        role: StateRole,
+        table: &RecordBatch,
+    ) -> Result<StateFile> {
+        let bytes = encode(table)?;
+        let suffix = match role {
+            StateRole::Source => "source",
+            StateRole::Operator => "operator",
+        };
+        let rel = format!("{}/{step}.{suffix}.arrow", task.0);
+        let file = StateFile {
+            step: step.to_string(),
+            role,
+            path: rel.clone(),
+            bytes: bytes.len() as u64,
+            checksum: checksum(&bytes),
+            rows: table.num_rows() as u64,
+        };
+        let path = self.dir(epoch).join_parts_of(&rel);
+        self.store
+            .put(&path, PutPayload::from(bytes))
+            .await
+            .map_err(|e| store_err(format!("writing checkpoint state `{path}`"), e))?;
+        Ok(file)
+    }
+
+    /// Writes the manifest, which makes the checkpoint complete.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn put_manifest(&self, m: &Manifest, job: &str, workers: usize, drained: bool) -> Result<ManifestFile> {
+        let file = ManifestFile {
+            format: FORMAT.into(),
+            version: VERSION,
+            job: job.into(),
+            epoch: m.epoch,
+            created_ms: crate::deadletter::now_ms(),
+            workers,
+            drained,
+            tasks: m.tasks.clone(),
+        };
+        let path = self.dir(m.epoch).join("MANIFEST");
+        self.store
+            .put(&path, PutPayload::from(file.render()?))
+            .await
+            .map_err(|e| store_err(format!("writing checkpoint manifest `{path}`"), e))?;
+        Ok(file)
+    }
+
+    /// Epochs that have a folder in the store, oldest first.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn epochs(&self) -> Result<Vec<Epoch>> {
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&self.root))
+            .await
+            .map_err(|e| store_err(format!("listing checkpoints in `{}`", self.location), e))?;
+        let mut out: Vec<Epoch> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename()?.strip_prefix("chk-")?.parse().ok())
+            .map(Epoch)
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Reads and checks the manifest of `epoch`, and every state file it names.
+    ///
+    /// # Errors
+    /// A missing, torn or corrupt manifest or state file, named.
+    pub async fn load(&self, epoch: Epoch) -> Result<(ManifestFile, Vec<(StateFile, RecordBatch)>)> {
+        let dir = self.dir(epoch);
+        let bytes = self.read(&dir.clone().join("MANIFEST")).await?;
+        let m = ManifestFile::parse(&bytes).map_err(|e| corrupt(&format!("checkpoint {epoch}: {e}")))?;
+        if m.epoch != epoch {
+            return Err(corrupt(&format!("checkpoint {epoch}: its manifest says epoch {}", m.epoch)));
+        }
+        let mut tables = Vec::new();
+        for (_, f) in m.files() {
+            let path = dir.clone().join_parts_of(&f.path);
+            let bytes = self.read(&path).await?;
+            if bytes.len() as u64 != f.bytes || checksum(&bytes) != f.checksum {
+                return Err(corrupt(&format!(
+                    "checkpoint {epoch}: state file `{}` is {} bytes with checksum {:016x}; the manifest says {} bytes, {:016x}",
+                    f.path,
+                    bytes.len(),
+                    checksum(&bytes),
+                    f.bytes,
+                    f.checksum
+                )));
+            }
+            let t = decode(&bytes).map_err(|e| corrupt(&format!("checkpoint {epoch}: `{}`: {e}", f.path)))?;
+            tables.push((f.clone(), t));
+        }
+        Ok((m, tables))
+    }
+
+    async fn read(&self, path: &Path) -> Result<bytes::Bytes> {
+        let got = self.store.get(path).await.map_err(|e| store_err(format!("reading `{path}`"), e))?;
+        got.bytes().await.map_err(|e| store_err(format!("reading `{path}`"), e))
+    }
+
+    /// Every checkpoint, newest first, each checked.
+    ///
+    /// # Errors
+    /// Store failures while listing.
+    pub async fn list(&self) -> Result<Vec<Listed>> {
+        let mut out = Vec::new();
+        for e in self.epochs().await?.into_iter().rev() {
+            out.push(Listed { epoch: e, manifest: self.load(e).await.map(|(m, _)| m) });
+        }
+        Ok(out)
+    }
+
+    /// Deletes a checkpoint's files.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn delete(&self, epoch: Epoch) -> Result<()> {
+        let dir = self.dir(epoch);
+        let files: Vec<_> = self
+            .store
+            .list(Some(&dir))
+            .try_collect()
+            .await
+            .map_err(|e| store_err(format!("listing checkpoint {epoch}"), e))?;
+        // The manifest goes first, so a crash half-way leaves an incomplete checkpoint, which
+        // is skipped, rather than a manifest naming missing files.
+        let (manifest, rest): (Vec<_>, Vec<_>) =
+            files.into_iter().partition(|f| f.location.filename() == Some("MANIFEST"));
+        for f in manifest.into_iter().chain(rest) {
+            match self.store.delete(&f.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(store_err(format!("deleting `{}`", f.location), e)),
+            }
+        }
+        // Local folders are left behind by object_store; tidy them (best effort).
+        if let Some(dir) = self.local_dir(epoch) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Ok(())
+    }
+
+    fn local_dir(&self, epoch: Epoch) -> Option<std::path::PathBuf> {
+        if self.location.contains("://") {
+            return None;
+        }
+        Some(std::path::Path::new(&self.location).join(self.dir(epoch).as_ref()))
+    }
+
+    /// Decides what to restore and loads it; deletes checkpoints that are partial or corrupt
+    /// and newer than the one restored, with a warning each.
+    ///
+    /// # Errors
+    /// Store failures (not bad checkpoints: those are skipped).
+    pub async fn recover(&self) -> Result<(Recovery, Restored)> {
+        let epochs = self.epochs().await?;
+        let mut stored = Vec::new();
+        let mut loaded = None;
+        for &e in epochs.iter().rev() {
+            if loaded.is_some() {
+                // Older than the one restored: kept for retention, not checked now.
+                stored.push(Stored { epoch: e, manifest: true, valid: true });
+                continue;
+            }
+            match self.load(e).await {
+                Ok(l) => {
+                    stored.push(Stored { epoch: e, manifest: true, valid: true });
+                    loaded = Some(l);
+                }
+                Err(err) => {
+                    tracing::warn!(checkpoint = e.0, error = %err, "Skipping a checkpoint that is partial or corrupt.");
+                    stored.push(Stored { epoch: e, manifest: false, valid: false });
+                }
+            }
+        }
+        let plan = recover(&stored);
+        for e in &plan.discard {
+            self.delete(*e).await?;
+        }
+        let mut restored = Restored::default();
+        if let Some((m, tables)) = loaded {
+            restored.epoch = Some(m.epoch);
+            restored.drained = m.drained;
+            for snap in m.tasks.values() {
+                for (step, wm) in &snap.watermarks {
+                    let e = restored.watermarks.entry(step.clone()).or_insert(*wm);
+                    *e = (*e).min(*wm);
+                }
+            }
+            for (f, t) in tables {
+                let map = match f.role {
+                    StateRole::Source => &mut restored.sources,
+                    StateRole::Operator => &mut restored.operators,
+                };
+                map.entry(f.step).or_default().push(t);
+            }
+        }
+        Ok((plan, restored))
+    }
+}
+
+/// Joins a relative `a/b/c` path part by part (object_store paths refuse `/` inside a part).
+trait JoinParts {
+    fn join_parts_of(self, rel: &str) -> Path;
+}
+
+impl JoinParts for Path {
+    fn join_parts_of(self, rel: &str) -> Path {
+        rel.split('/').filter(|p| !p.is_empty()).fold(self, |p, part| p.join(part))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::{ArrayRef, Int64Array, UInt32Array};
+    use arrow_schema::{DataType, Field};
+
+    use super::*;
+    use crate::state::state_table;
+
+    fn table(n: i64) -> RecordBatch {
+        let v: ArrayRef = Arc::new(Int64Array::from((0..n).collect::<Vec<_>>()));
+        state_table(UInt32Array::from(vec![0; n as usize]), vec![Field::new("v", DataType::Int64, false)], vec![v])
+            .unwrap()
+    }
+
+    async fn checkpoint(s: &CheckpointStore, e: u64) -> Manifest {
+        let task = TaskKey("s0-w0".into());
+        let f = s.put_state(Epoch(e), &task, "win", StateRole::Operator, &table(e as i64)).await.unwrap();
+        let mut snap = SnapshotRef { files: vec![f], watermarks: BTreeMap::new() };
+        snap.watermarks.insert("win".into(), e as i64 * 1000);
+        let m = Manifest { epoch: Epoch(e), tasks: [(task, snap)].into_iter().collect() };
+        s.put_manifest(&m, "job", 1, false).await.unwrap();
+        m
+    }
+
+    #[tokio::test]
+    async fn restores_the_newest_complete_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = CheckpointStore::open(dir.path().to_str().unwrap(), "job").unwrap();
+        checkpoint(&s, 1).await;
+        checkpoint(&s, 2).await;
+        // Epoch 3 got its state written but crashed before the manifest.
+        let task = TaskKey("s0-w0".into());
+        s.put_state(Epoch(3), &task, "win", StateRole::Operator, &table(3)).await.unwrap();
+        let (plan, restored) = s.recover().await.unwrap();
+        assert_eq!(plan.restore, Some(Epoch(2)));
+        assert_eq!(plan.discard, vec![Epoch(3)]);
+        assert_eq!(restored.operators["win"][0].num_rows(), 2);
+        assert_eq!(restored.watermarks["win"], 2000);
+        assert_eq!(s.epochs().await.unwrap(), vec![Epoch(1), Epoch(2)], "the partial checkpoint is deleted");
+    }
+
+    #[tokio::test]
+    async fn a_truncated_or_corrupted_file_is_refused_and_the_previous_checkpoint_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_str().unwrap();
+        let s = CheckpointStore::open(root, "job").unwrap();
+        checkpoint(&s, 1).await;
+        checkpoint(&s, 2).await;
+        let state = dir.path().join("job/chk-0000000002/s0-w0/win.operator.arrow");
+        let mut bytes = std::fs::read(&state).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&state, &bytes).unwrap();
+        let listed = s.list().await.unwrap();
+        let err = listed[0].manifest.as_ref().unwrap_err().to_string();
+        assert!(err.contains("win.operator.arrow") && err.contains("checksum"), "{err}");
+        let (plan, _) = s.recover().await.unwrap();
+        assert_eq!(plan.restore, Some(Epoch(1)));
+
+        // A torn manifest of a new checkpoint 2.
+        checkpoint(&s, 2).await;
+        let manifest = dir.path().join("job/chk-0000000002/MANIFEST");
+        let text = std::fs::read(&manifest).unwrap();
+        std::fs::write(&manifest, &text[..text.len() / 2]).unwrap();
+        let (plan, restored) = s.recover().await.unwrap();
+        assert_eq!((plan.restore, restored.epoch), (Some(Epoch(1)), Some(Epoch(1))));
+    }
+
+    #[test]
+    fn manifests_round_trip_and_name_their_damage() {
+        let m = ManifestFile {
+            format: FORMAT.into(),
+            version: VERSION,
+            job: "j".into(),
+            epoch: Epoch(4),
+            created_ms: 1,
+            workers: 2,
+            drained: false,
+            tasks: BTreeMap::new(),
+        };
+        let bytes = m.render().unwrap();
+        assert_eq!(ManifestFile::parse(&bytes).unwrap(), m);
+        let edited = String::from_utf8(bytes.clone()).unwrap().replace("\"workers\": 2", "\"workers\": 3");
+        assert!(ManifestFile::parse(edited.as_bytes()).unwrap_err().to_string().contains("does not match"));
+        assert!(ManifestFile::parse(&bytes[..10]).unwrap_err().to_string().contains("trailer"));
+    }
+}
