@@ -93,6 +93,33 @@ impl OpHarness {
         Ok(out)
     }
 
+    /// Snapshots the operator as a checkpoint would, through the stored (Arrow IPC) form.
+    pub fn snapshot(&mut self) -> Result<Option<arrow_array::RecordBatch>> {
+        match self.op.snapshot()? {
+            Some(t) => Ok(Some(crate::state::decode(&crate::state::encode(&t)?)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A fresh instance restored from `state` at watermark `watermark`, as after a recovery.
+    pub fn restored(
+        factory: &dyn OperatorFactory,
+        state: Option<arrow_array::RecordBatch>,
+        watermark: Option<i64>,
+    ) -> Result<Self> {
+        let mut h = Self::new(factory)?;
+        if let Some(t) = state {
+            h.op.restore(t)?;
+        }
+        h.watermark = watermark;
+        Ok(h)
+    }
+
+    /// The current watermark.
+    pub fn current_watermark(&self) -> Option<i64> {
+        self.watermark
+    }
+
     /// The step's counters.
     pub fn metrics(&self) -> StepSnapshot {
         self.metrics.snapshot()

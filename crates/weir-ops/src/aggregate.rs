@@ -274,6 +274,25 @@ impl Accumulators {
         slot
     }
 
+    /// Values per slot: the width of a slot's raw state, for snapshots.
+    pub(crate) fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// A slot's raw state, for snapshots.
+    pub(crate) fn raw(&self, slot: u32) -> &[f64] {
+        let base = slot as usize * self.stride;
+        &self.slab[base..base + self.stride]
+    }
+
+    /// A fresh slot holding `raw` (as [`Accumulators::raw`] gave it), for restores.
+    pub(crate) fn alloc_raw(&mut self, raw: &[f64]) -> u32 {
+        let slot = self.alloc();
+        let base = slot as usize * self.stride;
+        self.slab[base..base + self.stride].copy_from_slice(&raw[..self.stride]);
+        slot
+    }
+
     pub(crate) fn release(&mut self, slot: u32) {
         self.free.push(slot);
     }

@@ -165,6 +165,39 @@ impl Operator for EwmaOp {
         cx.emit(picked.with_rows(rows)?);
         Ok(())
     }
+
+    /// One row per key seen: its mean, variance and count.
+    fn snapshot(&mut self) -> Result<Option<RecordBatch>> {
+        let ids: Vec<u32> = (0..self.state.len() as u32).filter(|k| self.state[*k as usize].n > 0).collect();
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let pick =
+            |f: fn(&Ewma) -> f64| crate::snapshot::floats(ids.iter().map(|k| f(&self.state[*k as usize])).collect());
+        let n: ArrayRef =
+            Arc::new(arrow_array::UInt64Array::from_iter_values(ids.iter().map(|k| self.state[*k as usize].n)));
+        let fields = vec![
+            Field::new("mean", DataType::Float64, false),
+            Field::new("var", DataType::Float64, false),
+            Field::new("n", DataType::UInt64, false),
+        ];
+        crate::snapshot::keyed_table(&self.keys, true, &ids, fields, vec![pick(|e| e.mean), pick(|e| e.var), n])
+            .map(Some)
+    }
+
+    fn restore(&mut self, t: RecordBatch) -> Result<()> {
+        use crate::snapshot::{f64s, read_keys, u64s};
+        let ids = read_keys(&mut self.keys, self.spec.keys.len(), &t)?;
+        let (mean, var, n) = (f64s(&t, "mean")?, f64s(&t, "var")?, u64s(&t, "n")?);
+        for (i, &k) in ids.iter().enumerate() {
+            let k = k as usize;
+            if k >= self.state.len() {
+                self.state.resize(k + 1, Ewma { mean: 0.0, var: 0.0, n: 0 });
+            }
+            self.state[k] = Ewma { mean: mean.value(i), var: var.value(i), n: n.value(i) };
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -205,7 +238,13 @@ mod tests {
             vec![Arc::new(StringArray::from(keys.clone())), Arc::new(Float64Array::from(xs.clone()))],
         )
         .unwrap();
-        let out = h.process(Batch::new(rows, Int64Array::from((0..n as i64).collect::<Vec<_>>())).unwrap()).unwrap();
+        let all = Batch::new(rows, Int64Array::from((0..n as i64).collect::<Vec<_>>())).unwrap();
+        let out = h.process(all.clone()).unwrap();
+        // The same through a snapshot and restore half-way, as a recovery would.
+        let mut first = OpHarness::new(f.as_ref()).unwrap();
+        let mut resumed_out = first.process(all.slice(0, 30)).unwrap();
+        let mut resumed = OpHarness::restored(f.as_ref(), first.snapshot().unwrap(), None).unwrap();
+        resumed_out.extend(resumed.process(all.slice(30, n - 30)).unwrap());
         // Reference.
         let mut st: std::collections::HashMap<&str, (f64, f64, u64)> = Default::default();
         let mut want = Vec::new();
@@ -234,6 +273,8 @@ mod tests {
             .collect();
         assert!(!want.is_empty());
         assert_eq!(got, want);
+        let got_resumed: Vec<i64> = resumed_out.iter().flat_map(|b| b.time.values().to_vec()).collect();
+        assert_eq!(got_resumed, want.iter().map(|w| w.0).collect::<Vec<_>>());
         let m = h.metrics();
         assert_eq!((m.filtered, m.results_out as usize), (1, want.len()));
         assert!(m.balanced());

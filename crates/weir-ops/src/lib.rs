@@ -9,6 +9,7 @@
 pub mod aggregate;
 pub mod detect;
 pub mod relational;
+mod snapshot;
 pub mod window;
 
 pub use aggregate::{AggFunc, AggSpec};

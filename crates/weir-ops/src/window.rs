@@ -187,6 +187,9 @@ struct Bucket {
     order: Vec<u32>,
     fired: bool,
     dirty: Vec<u32>,
+    /// Keys whose window already fired on another worker before a restore merged state from
+    /// workers whose watermarks differed: skipped when this bucket fires.
+    fired_keys: hashbrown::HashSet<u32>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -428,7 +431,7 @@ impl WindowOp {
             }
             if !b.fired {
                 b.fired = true;
-                for k in &b.order {
+                for k in b.order.iter().filter(|k| !b.fired_keys.contains(*k)) {
                     keys.push(*k);
                     starts.push(start);
                     ends.push(end);
@@ -529,6 +532,86 @@ impl Operator for WindowOp {
 
     fn tick_interval(&self) -> Option<std::time::Duration> {
         (self.spec.domain == TimeDomain::Processing).then(|| std::time::Duration::from_millis(50))
+    }
+
+    /// One row per open window and key: start, end, whether it fired, and the raw
+    /// accumulator values `acc0..`.
+    fn snapshot(&mut self) -> Result<Option<RecordBatch>> {
+        let (size, _) = self.size_slide();
+        let (mut ids, mut starts, mut ends, mut fired, mut slots) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (&start, b) in &self.buckets {
+            for k in &b.order {
+                ids.push(*k);
+                starts.push(start);
+                ends.push(start.saturating_add(size));
+                fired.push(b.fired || b.fired_keys.contains(k));
+                slots.push(b.slots[k]);
+            }
+        }
+        let mut keyed: Vec<(&u32, &Vec<Session>)> = self.sessions.iter().collect();
+        keyed.sort_by_key(|(k, _)| **k);
+        for (k, list) in keyed {
+            for sess in list {
+                ids.push(*k);
+                starts.push(sess.start);
+                ends.push(sess.end);
+                fired.push(false);
+                slots.push(sess.slot);
+            }
+        }
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let mut fields = vec![
+            Field::new("start", DataType::Int64, false),
+            Field::new("end", DataType::Int64, false),
+            Field::new("fired", DataType::Boolean, false),
+        ];
+        let mut cols: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(starts)),
+            Arc::new(Int64Array::from(ends)),
+            Arc::new(arrow_array::BooleanArray::from(fired)),
+        ];
+        for j in 0..self.acc.stride() {
+            fields.push(Field::new(format!("acc{j}"), DataType::Float64, false));
+            cols.push(crate::snapshot::floats(slots.iter().map(|s| self.acc.raw(*s)[j]).collect()));
+        }
+        crate::snapshot::keyed_table(&self.keys, !self.spec.keys.is_empty(), &ids, fields, cols).map(Some)
+    }
+
+    fn restore(&mut self, t: RecordBatch) -> Result<()> {
+        use crate::snapshot::{bools, f64s, i64s, read_keys};
+        let ids = read_keys(&mut self.keys, self.spec.keys.len(), &t)?;
+        let (starts, ends, fired) = (i64s(&t, "start")?, i64s(&t, "end")?, bools(&t, "fired")?);
+        let accs = (0..self.acc.stride()).map(|j| f64s(&t, &format!("acc{j}"))).collect::<Result<Vec<_>>>()?;
+        let mut raw = vec![0.0; accs.len()];
+        for (i, &key) in ids.iter().enumerate() {
+            for (j, a) in accs.iter().enumerate() {
+                raw[j] = a.value(i);
+            }
+            let slot = self.acc.alloc_raw(&raw);
+            let (start, end) = (starts.value(i), ends.value(i));
+            if let WindowKind::Session { .. } = self.spec.kind {
+                self.sessions.entry(key).or_default().push(Session { start, end, slot });
+                self.session_ends.insert((end, key, start));
+                continue;
+            }
+            let b = self.buckets.entry(start).or_default();
+            b.slots.insert(key, slot);
+            b.order.push(key);
+            if fired.value(i) {
+                b.fired_keys.insert(key);
+            }
+        }
+        // A bucket is fired when every key in it is.
+        for b in self.buckets.values_mut() {
+            if !b.fired && !b.order.is_empty() && b.order.iter().all(|k| b.fired_keys.contains(k)) {
+                b.fired = true;
+                b.fired_keys.clear();
+            }
+        }
+        Ok(())
     }
 }
 
