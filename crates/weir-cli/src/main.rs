@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod checkpoints;
 mod dlq;
 use weir::prelude::*;
 use weir::yaml::{self, ConfigError};
@@ -49,6 +50,9 @@ enum Cmd {
         /// No end-of-run summary.
         #[arg(long)]
         quiet: bool,
+        /// Start over: ignore and delete the pipeline's checkpoints instead of resuming.
+        #[arg(long)]
+        fresh: bool,
     },
     /// Check a pipeline file: keys, types, references, columns and expressions.
     Validate {
@@ -83,6 +87,28 @@ enum Cmd {
     Dlq {
         #[command(subcommand)]
         cmd: DlqCmd,
+    },
+    /// Look into a checkpoint directory.
+    Checkpoints {
+        #[command(subcommand)]
+        cmd: CheckpointsCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CheckpointsCmd {
+    /// Every checkpoint, newest first: status, time, workers, files and state size.
+    List {
+        /// The `checkpoints.dir` of a pipeline, or one pipeline's folder inside it.
+        dir: PathBuf,
+    },
+    /// One checkpoint in detail: state per step, watermarks, source positions.
+    Inspect {
+        /// The `checkpoints.dir` of a pipeline, or one pipeline's folder inside it.
+        dir: PathBuf,
+        /// The epoch (default: the newest complete one).
+        #[arg(long)]
+        epoch: Option<u64>,
     },
 }
 
@@ -199,9 +225,20 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             eprintln!("{}: ok ({} steps)", pipeline.display(), built.config().steps.len());
             Ok(())
         }
-        Cmd::Run { pipeline, workers, metrics_addr, no_progress, quiet } => {
+        Cmd::Checkpoints { cmd } => {
+            let rt = runtime(1)?;
+            let out = rt.block_on(async {
+                match cmd {
+                    CheckpointsCmd::List { dir } => checkpoints::list(&dir).await,
+                    CheckpointsCmd::Inspect { dir, epoch } => checkpoints::inspect(&dir, epoch).await,
+                }
+            })?;
+            print!("{out}");
+            Ok(())
+        }
+        Cmd::Run { pipeline, workers, metrics_addr, no_progress, quiet, fresh } => {
             let (built, text) = load(&pipeline)?;
-            let opts = RunOptions { workers, ..Default::default() };
+            let opts = RunOptions { workers, fresh };
             let spec = built.plan(&opts).map_err(|e| located(&pipeline.display().to_string(), &text, e))?;
             let workers = spec.workers;
             let name = spec.name.clone();
@@ -217,7 +254,7 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                 tokio::spawn(async move {
                     // First signal: stop reading and flush. Second: leave at once.
                     wait_signal().await;
-                    eprintln!("\nStopping: flushing open windows and sinks (signal again to abort).");
+                    eprintln!("\nStopping: finishing the current batches (signal again to abort).");
                     stop.stop();
                     wait_signal().await;
                     std::process::exit(130);

@@ -24,13 +24,21 @@ use weir_ops::SideWriter;
 #[derive(Debug)]
 pub struct FileDeadLetters {
     path: PathBuf,
+    append: bool,
     out: Mutex<Option<BufWriter<File>>>,
 }
 
 impl FileDeadLetters {
     /// A dead-letter file at `path`. An existing file is replaced when the first entry comes.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), out: Mutex::new(None) }
+        Self { path: path.into(), append: false, out: Mutex::new(None) }
+    }
+
+    /// Appends to an existing file instead of replacing it (a run resuming from a checkpoint).
+    #[must_use]
+    pub fn appending(mut self, append: bool) -> Self {
+        self.append = append;
+        self
     }
 
     /// The file's path.
@@ -74,7 +82,7 @@ impl DeadLetterSink for FileDeadLetters {
         }
         let mut slot = self.out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if slot.is_none() {
-            let f = crate::create_output(&self.path, "dead-letter file")?;
+            let f = crate::open_output(&self.path, "dead-letter file", self.append)?;
             tracing::warn!(path = %self.path.display(), "Writing dead letters.");
             *slot = Some(BufWriter::new(f));
         }
@@ -102,6 +110,7 @@ type OpenSide = (BufWriter<File>, Box<dyn Encoder>);
 /// Writes side-output rows (late rows) to a JSON Lines file.
 pub struct FileSideWriter {
     path: PathBuf,
+    append: bool,
     state: Mutex<Option<OpenSide>>,
 }
 
@@ -114,7 +123,14 @@ impl std::fmt::Debug for FileSideWriter {
 impl FileSideWriter {
     /// A side output at `path`, created on the first row.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), state: Mutex::new(None) }
+        Self { path: path.into(), append: false, state: Mutex::new(None) }
+    }
+
+    /// Appends to an existing file instead of replacing it (a run resuming from a checkpoint).
+    #[must_use]
+    pub fn appending(mut self, append: bool) -> Self {
+        self.append = append;
+        self
     }
 }
 
@@ -122,7 +138,7 @@ impl SideWriter for FileSideWriter {
     fn write(&self, rows: &RecordBatch) -> Result<()> {
         let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if st.is_none() {
-            let f = crate::create_output(&self.path, "side output")?;
+            let f = crate::open_output(&self.path, "side output", self.append)?;
             *st = Some((BufWriter::new(f), FormatSpec::Json.encoder(rows.schema()).map_err(crate::fmt_err)?));
         }
         if let Some((w, enc)) = st.as_mut() {

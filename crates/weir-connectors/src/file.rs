@@ -11,13 +11,15 @@
 //! whose result depends on arrival order per key (`ewma_zscore`) turn splitting off, so each
 //! file is read in order by one worker and the exchange keeps each key's rows in that order.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow_schema::SchemaRef;
+use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray, UInt64Array};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use weir_core::metrics::StepMetrics;
 use weir_core::time::EventTimeSpec;
 use weir_core::{Batch, CoreError, Result, Source, SourceContext, SourceFactory, SourcePoll};
@@ -119,7 +121,12 @@ impl SourceFactory for FileSourceFactory {
             current: None,
             ready: std::collections::VecDeque::new(),
             partitions: usize::from(worker == 0 || !self.cfg.follow),
+            positions: HashMap::new(),
         }))
+    }
+
+    fn resumable(&self) -> bool {
+        true
     }
 }
 
@@ -153,8 +160,33 @@ struct FileSource {
     cfg: Arc<FileSourceConfig>,
     plan: Vec<FilePlan>,
     current: Option<OpenFile>,
-    ready: std::collections::VecDeque<Batch>,
+    /// Decoded batches not yet handed out, each with the position reached once it is.
+    ready: std::collections::VecDeque<(Option<Batch>, Progress)>,
     partitions: usize,
+    /// Position of every chunk (or whole file) handed out so far, plus every position
+    /// restored from a checkpoint: the snapshot. Positions only grow, so merging the
+    /// snapshots of several instances takes the largest.
+    positions: HashMap<(Arc<str>, i64), Progress>,
+}
+
+/// How far a chunk (or a file read in order) has been handed out.
+#[derive(Debug, Clone)]
+struct Progress {
+    file: Arc<str>,
+    /// Offset where the chunk starts; -1 for a whole file read in order.
+    chunk_start: i64,
+    /// Offset where the chunk's lines must start before; -1 for a whole file.
+    chunk_end: i64,
+    /// Offset of the first record not yet handed out.
+    resume: u64,
+    /// Line number at `resume` (0 when unknown, in split chunks).
+    line: u64,
+}
+
+impl Progress {
+    fn done(&self) -> bool {
+        self.chunk_end >= 0 && self.resume >= self.chunk_end as u64
+    }
 }
 
 impl FileSource {
@@ -175,14 +207,18 @@ impl FileSource {
             self.cfg.format.decoder_with_header(self.cfg.schema.clone(), header.as_deref()).map_err(crate::fmt_err)?;
         // Following applies to the last file: earlier ones are complete by the time it starts.
         let follow = self.cfg.follow && self.plan.is_empty();
+        let (offset, line) = match self.positions.get(&(Arc::from(origin.as_str()), -1)) {
+            Some(p) => (p.resume, p.line.max(1)),
+            None => (0, 1),
+        };
         Ok(OpenFile {
             next_chunk: plan.first,
             plan,
             file,
             origin,
             decoder,
-            offset: 0,
-            line: 1,
+            offset,
+            line,
             done: false,
             skip_header,
             follow,
@@ -203,11 +239,25 @@ impl FileSource {
         let chunk = cfg.chunk_size as u64;
         let sequential = f.plan.stride == 1;
         // Where this chunk's lines may start, and the end of the range lines must start before.
+        let file_key: Arc<str> = Arc::from(f.origin.as_str());
+        // A split chunk resumed from a checkpoint starts at a record, not at a chunk boundary.
+        let mut resumed = false;
         let (start, limit) = if sequential {
             (f.offset, f.offset + chunk)
         } else {
             let k = f.next_chunk as u64;
-            (k * chunk, (k + 1) * chunk)
+            let (from, to) = (k * chunk, (k + 1) * chunk);
+            match self.positions.get(&(file_key.clone(), from as i64)) {
+                Some(p) if p.done() && from < len => {
+                    f.next_chunk += f.plan.stride;
+                    return Ok(true);
+                }
+                Some(p) => {
+                    resumed = true;
+                    (p.resume.max(from), to)
+                }
+                None => (from, to),
+            }
         };
         if start >= len {
             if !f.follow {
@@ -216,7 +266,7 @@ impl FileSource {
             return Ok(false);
         }
         // Read from one byte before the chunk so a line starting exactly at `start` is seen.
-        let read_from = if sequential || start == 0 { start } else { start - 1 };
+        let read_from = if sequential || resumed || start == 0 { start } else { start - 1 };
         let mut buf = Vec::new();
         let mut want = (limit - read_from + 64 * 1024).min(len - read_from);
         loop {
@@ -235,7 +285,7 @@ impl FileSource {
         let eof = read_from + buf.len() as u64 >= len;
         // First record start.
         let mut first = 0usize;
-        if !sequential && start > 0 {
+        if !sequential && !resumed && start > 0 {
             match buf.iter().position(|b| *b == b'\n') {
                 Some(p) => first = p + 1,
                 None => first = buf.len(),
@@ -284,15 +334,26 @@ impl FileSource {
         } else {
             f.next_chunk += f.plan.stride;
         }
-        for (gi, group) in ranges.chunks(cfg.batch_size.max(1)).enumerate() {
-            let base = gi * cfg.batch_size.max(1);
+        // Where the chunk stands once all of it read so far is handed out.
+        let (chunk_start, chunk_end) = if sequential { (-1, -1) } else { ((limit - chunk) as i64, limit as i64) };
+        let progress =
+            |resume: u64, line: u64| Progress { file: file_key.clone(), chunk_start, chunk_end, resume, line };
+        let end_progress = if sequential { progress(f.offset, f.line) } else { progress(limit, 0) };
+        let bs = cfg.batch_size.max(1);
+        for (gi, group) in ranges.chunks(bs).enumerate() {
+            let base = gi * bs;
             let pos =
                 |i: usize| Position { offset: read_from + group[i].start as u64, line: lines.get(base + i).copied() };
-            if let Some(b) =
-                decode_records(f.decoder.as_mut(), cfg.event_time.as_ref(), &buf, group, &f.origin, pos, cx)?
-            {
-                self.ready.push_back(b);
-            }
+            let b = decode_records(f.decoder.as_mut(), cfg.event_time.as_ref(), &buf, group, &f.origin, pos, cx)?;
+            let next = base + group.len();
+            let at = match ranges.get(next) {
+                Some(r) => progress(read_from + r.start as u64, lines.get(next).copied().unwrap_or(0)),
+                None => end_progress.clone(),
+            };
+            self.ready.push_back((b, at));
+        }
+        if ranges.is_empty() {
+            self.ready.push_back((None, end_progress));
         }
         Ok(!ranges.is_empty() || (sequential && consumed > 0))
     }
@@ -326,8 +387,12 @@ impl Source for FileSource {
 
     async fn poll(&mut self, cx: &mut SourceContext) -> Result<SourcePoll> {
         loop {
-            if let Some(b) = self.ready.pop_front() {
-                return Ok(SourcePoll::Rows { partition: 0, batch: b });
+            if let Some((b, at)) = self.ready.pop_front() {
+                self.positions.insert((at.file.clone(), at.chunk_start), at);
+                match b {
+                    Some(batch) => return Ok(SourcePoll::Rows { partition: 0, batch }),
+                    None => continue,
+                }
             }
             if cx.stopping() {
                 return Ok(SourcePoll::End);
@@ -356,4 +421,75 @@ impl Source for FileSource {
             return Ok(SourcePoll::Waiting);
         }
     }
+
+    fn snapshot(&mut self) -> Result<Option<RecordBatch>> {
+        let mut rows: Vec<&Progress> = self.positions.values().collect();
+        rows.sort_by(|a, b| (&a.file, a.chunk_start).cmp(&(&b.file, b.chunk_start)));
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|p| &*p.file))),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|p| p.chunk_start))),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|p| p.chunk_end))),
+            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|p| p.resume))),
+            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|p| p.line))),
+        ];
+        Ok(Some(RecordBatch::try_new(position_schema(), cols)?))
+    }
+
+    fn restore(&mut self, tables: &[RecordBatch]) -> Result<()> {
+        let chunk = self.cfg.chunk_size as i64;
+        for t in tables {
+            if t.schema().fields() != position_schema().fields() {
+                return Err(CoreError::Config(format!(
+                    "the checkpoint's file positions have columns {:?}; expected file, chunk_start, chunk_end, resume, line",
+                    t.schema().fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>()
+                )));
+            }
+            let col = |i: usize| t.column(i).clone();
+            let (files, starts, ends, resumes, lines) = (col(0), col(1), col(2), col(3), col(4));
+            let files = files.as_any().downcast_ref::<StringArray>();
+            let starts = starts.as_any().downcast_ref::<Int64Array>();
+            let ends = ends.as_any().downcast_ref::<Int64Array>();
+            let resumes = resumes.as_any().downcast_ref::<UInt64Array>();
+            let lines = lines.as_any().downcast_ref::<UInt64Array>();
+            let (Some(files), Some(starts), Some(ends), Some(resumes), Some(lines)) =
+                (files, starts, ends, resumes, lines)
+            else {
+                return Err(CoreError::Config("the checkpoint's file positions have the wrong column types".into()));
+            };
+            for i in 0..t.num_rows() {
+                let p = Progress {
+                    file: Arc::from(files.value(i)),
+                    chunk_start: starts.value(i),
+                    chunk_end: ends.value(i),
+                    resume: resumes.value(i),
+                    line: lines.value(i),
+                };
+                if p.chunk_start >= 0 && p.chunk_end - p.chunk_start != chunk {
+                    return Err(CoreError::Config(format!(
+                        "the checkpoint read `{}` in chunks of {} bytes, but chunk_size is now {chunk}; set it back to resume, or start with --fresh",
+                        p.file,
+                        p.chunk_end - p.chunk_start
+                    )));
+                }
+                let key = (p.file.clone(), p.chunk_start);
+                match self.positions.get(&key) {
+                    Some(have) if have.resume >= p.resume => {}
+                    _ => {
+                        self.positions.insert(key, p);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn position_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("file", DataType::Utf8, false),
+        Field::new("chunk_start", DataType::Int64, false),
+        Field::new("chunk_end", DataType::Int64, false),
+        Field::new("resume", DataType::UInt64, false),
+        Field::new("line", DataType::UInt64, false),
+    ]))
 }

@@ -12,12 +12,14 @@ pub mod file;
 pub mod generator;
 pub mod sink;
 pub mod stdin;
+pub mod txfile;
 
 pub use deadletter::{FileDeadLetters, FileSideWriter};
 pub use file::{FileSourceConfig, FileSourceFactory};
 pub use generator::{GeneratorConfig, GeneratorFactory};
 pub use sink::{FileSinkFactory, StdoutSinkFactory};
 pub use stdin::StdinSourceFactory;
+pub use txfile::TxFileSinkFactory;
 
 /// Turns a formats error into a core error (it is the user's input or config at fault).
 pub(crate) fn fmt_err(e: weir_formats::FormatError) -> weir_core::CoreError {
@@ -27,11 +29,22 @@ pub(crate) fn fmt_err(e: weir_formats::FormatError) -> weir_core::CoreError {
 /// Creates (or truncates) an output file, making its folder first. `what` names the file in
 /// errors, e.g. "dead-letter file".
 pub(crate) fn create_output(path: &std::path::Path, what: &str) -> weir_core::Result<std::fs::File> {
+    open_output(path, what, false)
+}
+
+/// Opens an output file, creating its folders; `append` keeps what an earlier run wrote
+/// (resuming from a checkpoint), otherwise the file is replaced.
+pub(crate) fn open_output(path: &std::path::Path, what: &str, append: bool) -> weir_core::Result<std::fs::File> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| {
             weir_core::CoreError::io(format!("cannot create folder `{}` for the {what}", dir.display()), e)
         })?;
     }
-    std::fs::File::create(path)
-        .map_err(|e| weir_core::CoreError::io(format!("cannot create {what} `{}`", path.display()), e))
+    let mut opts = std::fs::OpenOptions::new();
+    if append {
+        opts.append(true).create(true);
+    } else {
+        opts.write(true).create(true).truncate(true);
+    }
+    opts.open(path).map_err(|e| weir_core::CoreError::io(format!("cannot create {what} `{}`", path.display()), e))
 }

@@ -104,6 +104,7 @@ pub(crate) struct Coordinating {
     proto: Coordinator,
     store: CheckpointStore,
     committer: Option<Arc<dyn Committer>>,
+    dead_letters: Arc<dyn crate::deadletter::DeadLetterSink>,
     job: String,
     workers: usize,
     reg: Arc<Registry>,
@@ -133,6 +134,7 @@ impl Coordinating {
         last: Option<Epoch>,
         spec: &crate::runtime::CheckpointSpec,
         committer: Option<Arc<dyn Committer>>,
+        dead_letters: Arc<dyn crate::deadletter::DeadLetterSink>,
         job: &str,
         workers: usize,
         reg: Arc<Registry>,
@@ -151,6 +153,7 @@ impl Coordinating {
             proto: Coordinator::new(tasks.into_iter().collect(), spec.keep, last),
             store: spec.store.clone(),
             committer,
+            dead_letters,
             job: job.into(),
             workers,
             reg,
@@ -303,6 +306,9 @@ impl Coordinating {
             return Ok(());
         };
         let is_final = self.final_epoch == Some(m.epoch);
+        // Dead letters of rows before the barrier must be durable before the checkpoint that
+        // will never replay those rows exists.
+        self.dead_letters.flush()?;
         self.store.put_manifest(&m, &self.job, self.workers, is_final && self.drained).await?;
         let actions =
             self.proto.manifest_written(m.epoch).map_err(|e| CoreError::Internal(format!("checkpoint: {e:?}")))?;

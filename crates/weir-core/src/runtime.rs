@@ -306,6 +306,7 @@ impl Job {
                 last,
                 ck,
                 spec.sink.committer(),
+                spec.dead_letters.clone(),
                 &spec.name,
                 w_count,
                 self.registry.clone(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use arrow_schema::SchemaRef;
 use weir_connectors::{
     FileDeadLetters, FileSideWriter, FileSinkFactory, FileSourceConfig, FileSourceFactory, GeneratorConfig,
-    GeneratorFactory, StdinSourceFactory, StdoutSinkFactory,
+    GeneratorFactory, StdinSourceFactory, StdoutSinkFactory, TxFileSinkFactory,
 };
 use weir_core::quarantine::{Quarantine, QuarantineSpec, QuarantiningDeadLetters};
 use weir_core::runtime::{Job, JobSpec, RunSummary, StageSpec, WatermarkSpec};
@@ -163,11 +163,11 @@ impl Pipeline {
         weir_core::ensure_config!(c.workers != Some(0), "workers must be at least 1");
         weir_core::ensure_config!(c.runtime.channel_capacity > 0, "runtime.channel_capacity must be positive");
         for s in &c.steps {
-            step_spec(s, &[]).map_err(|e| e.in_step(&StepId::new(s.id())))?;
+            step_spec(s, &[], false).map_err(|e| e.in_step(&StepId::new(s.id())))?;
         }
         let built = BuiltPipeline { cfg: c.clone() };
         if let Some(schema) = &c.source.schema {
-            built.plan_steps(&schema.to_arrow(), 1)?;
+            built.plan_steps(&schema.to_arrow(), 1, false)?;
         }
         Ok(built)
     }
@@ -207,7 +207,8 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn step_spec(s: &StepConfig, keys: &[String]) -> Result<OpSpec> {
+/// `append`: side outputs keep what an earlier run wrote (resuming from a checkpoint).
+fn step_spec(s: &StepConfig, keys: &[String], append: bool) -> Result<OpSpec> {
     Ok(match s {
         StepConfig::Filter(f) => OpSpec::Filter(FilterSpec { predicate: f.predicate.clone() }),
         StepConfig::Select(f) => {
@@ -233,7 +234,7 @@ fn step_spec(s: &StepConfig, keys: &[String]) -> Result<OpSpec> {
             weir_core::ensure_config!(!aggs.is_empty(), "a window needs at least one aggregate");
             let late = match &w.late {
                 LateConfig::Drop => LatePolicy::Drop,
-                LateConfig::SideOutput(p) => LatePolicy::Side(Arc::new(FileSideWriter::new(p))),
+                LateConfig::SideOutput(p) => LatePolicy::Side(Arc::new(FileSideWriter::new(p).appending(append))),
                 LateConfig::AllowedLateness(d) => LatePolicy::Update { allowed_ms: ms(*d) },
             };
             let domain = match w.time {
@@ -260,7 +261,7 @@ impl BuiltPipeline {
 
     /// Plans the steps on a schema: returns, per stage, its key and operators, and the final
     /// schema.
-    fn plan_steps(&self, schema: &SchemaRef, _workers: usize) -> Result<(Vec<StageSpec>, SchemaRef)> {
+    fn plan_steps(&self, schema: &SchemaRef, _workers: usize, append: bool) -> Result<(Vec<StageSpec>, SchemaRef)> {
         let mut stages = vec![StageSpec { key: None, ops: Vec::new() }];
         let mut schema = schema.clone();
         let mut keys: Vec<String> = Vec::new();
@@ -268,7 +269,7 @@ impl BuiltPipeline {
         for s in &self.cfg.steps {
             let id = StepId::new(s.id());
             let planned = (|| -> Result<Planned> {
-                let spec = step_spec(s, &keys)?;
+                let spec = step_spec(s, &keys, append)?;
                 Ok(match spec {
                     OpSpec::KeyBy(k) => {
                         for key in &k {
@@ -405,14 +406,22 @@ impl BuiltPipeline {
             weir_ops::field_by_path(&schema, &et.column)
                 .map_err(|e| CoreError::Config(format!("event_time: {e}")).in_step(&source_step))?;
         }
-        let (stages, out_schema) = self.plan_steps(&schema, workers)?;
+        let (stages, out_schema) = self.plan_steps(&schema, workers, c.checkpoints.is_some() && !opts.fresh)?;
+        let sink_step = StepId::new(&c.sink.id);
+        // A run resuming from checkpoints keeps what earlier runs wrote to its side files.
+        let resuming = c.checkpoints.is_some() && !opts.fresh;
         let sink: Arc<dyn SinkFactory> = match c.sink.connector().map_err(CoreError::Config)? {
+            SinkConnector::File(f) if c.checkpoints.is_some() => {
+                Arc::new(TxFileSinkFactory::new(&f.path, f.format, out_schema).map_err(|e| e.in_step(&sink_step))?)
+            }
             SinkConnector::File(f) => Arc::new(FileSinkFactory::new(&f.path, f.format, out_schema)),
             SinkConnector::Stdout(s) => Arc::new(StdoutSinkFactory::new(s.format, out_schema)),
         };
-        let mut dead: Arc<dyn DeadLetterSink> = Arc::new(FileDeadLetters::new(&c.dead_letters.path));
+        let mut dead: Arc<dyn DeadLetterSink> =
+            Arc::new(FileDeadLetters::new(&c.dead_letters.path).appending(resuming));
         let quarantine = self.quarantine(&schema)?.map(|spec| {
-            let q = Arc::new(Quarantine::new(spec, Arc::new(FileDeadLetters::new(&c.quarantine.output))));
+            let output = FileDeadLetters::new(&c.quarantine.output).appending(resuming);
+            let q = Arc::new(Quarantine::new(spec, Arc::new(output)));
             dead = Arc::new(QuarantiningDeadLetters { inner: dead.clone(), quarantine: q.clone() });
             q
         });
@@ -422,7 +431,7 @@ impl BuiltPipeline {
             source_step,
             source,
             stages,
-            sink_step: StepId::new(&c.sink.id),
+            sink_step,
             sink,
             dead_letters: dead,
             watermark: WatermarkSpec {
