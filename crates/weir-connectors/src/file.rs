@@ -96,26 +96,35 @@ impl FileSourceFactory {
     }
 }
 
+impl FileSourceFactory {
+    fn splittable(&self) -> bool {
+        self.cfg.split && !self.cfg.follow && !matches!(self.cfg.format, FormatSpec::MsgPack)
+    }
+}
+
 impl SourceFactory for FileSourceFactory {
     fn schema(&self) -> SchemaRef {
         self.cfg.schema.clone()
     }
 
     fn create(&self, worker: usize, workers: usize) -> Result<Box<dyn Source>> {
-        let splittable = self.cfg.split && !matches!(self.cfg.format, FormatSpec::MsgPack);
+        let splittable = self.splittable();
         let mut plan = Vec::new();
         for (i, f) in self.files.iter().enumerate() {
             if self.cfg.follow {
                 if worker == 0 {
-                    plan.push(FilePlan { path: f.clone(), stride: 1, first: 0 });
+                    plan.push(FilePlan { path: f.clone(), stride: 1, first: 0, chunked: false });
                 }
             } else if splittable {
-                plan.push(FilePlan { path: f.clone(), stride: workers, first: worker });
+                // One worker reads in order (which knows line numbers) unless a checkpoint
+                // says the file was being read in chunks.
+                plan.push(FilePlan { path: f.clone(), stride: workers, first: worker, chunked: workers > 1 });
             } else if i % workers == worker {
-                plan.push(FilePlan { path: f.clone(), stride: 1, first: 0 });
+                plan.push(FilePlan { path: f.clone(), stride: 1, first: 0, chunked: false });
             }
         }
         Ok(Box::new(FileSource {
+            splittable,
             cfg: self.cfg.clone(),
             plan,
             current: None,
@@ -133,9 +142,11 @@ impl SourceFactory for FileSourceFactory {
 #[derive(Debug, Clone)]
 struct FilePlan {
     path: PathBuf,
-    /// Read chunks `first, first + stride, ...`; stride 1 reads the whole file in order.
+    /// Read chunks `first, first + stride, ...`.
     stride: usize,
     first: usize,
+    /// Read in chunks at fixed offsets; otherwise the whole file in order.
+    chunked: bool,
 }
 
 #[derive(Debug)]
@@ -157,6 +168,7 @@ struct OpenFile {
 
 #[derive(Debug)]
 struct FileSource {
+    splittable: bool,
     cfg: Arc<FileSourceConfig>,
     plan: Vec<FilePlan>,
     current: Option<OpenFile>,
@@ -237,7 +249,7 @@ impl FileSource {
         }
         let len = f.file.metadata().map_err(|e| CoreError::io(format!("reading `{}`", f.origin), e))?.len();
         let chunk = cfg.chunk_size as u64;
-        let sequential = f.plan.stride == 1;
+        let sequential = !f.plan.chunked;
         // Where this chunk's lines may start, and the end of the range lines must start before.
         let file_key: Arc<str> = Arc::from(f.origin.as_str());
         // A split chunk resumed from a checkpoint starts at a record, not at a chunk boundary.
@@ -471,16 +483,53 @@ impl Source for FileSource {
                         p.chunk_end - p.chunk_start
                     )));
                 }
-                let key = (p.file.clone(), p.chunk_start);
-                match self.positions.get(&key) {
-                    Some(have) if have.resume >= p.resume => {}
-                    _ => {
-                        self.positions.insert(key, p);
-                    }
+                self.merge(p);
+            }
+        }
+        // Positions recorded one way are honoured when reading the other way.
+        let mut synthesized = Vec::new();
+        for plan in &mut self.plan {
+            let file: Arc<str> = Arc::from(plan.path.display().to_string().as_str());
+            let has_chunks = self.positions.keys().any(|(f, start)| *f == file && *start >= 0);
+            if self.splittable && has_chunks {
+                plan.chunked = true;
+            }
+            // Read in order up to `resume`: every chunk before it is done, and the chunk
+            // holding it resumes there (a record start).
+            let in_order = self.positions.get(&(file.clone(), -1)).map(|p| p.resume);
+            if let (true, Some(upto)) = (plan.chunked, in_order) {
+                let chunk = self.cfg.chunk_size as u64;
+                let mut start = 0;
+                while start < upto {
+                    let end = start + chunk;
+                    synthesized.push(Progress {
+                        file: file.clone(),
+                        chunk_start: start as i64,
+                        chunk_end: end as i64,
+                        resume: upto.min(end),
+                        line: 0,
+                    });
+                    start = end;
                 }
             }
         }
+        for p in synthesized {
+            self.merge(p);
+        }
         Ok(())
+    }
+}
+
+impl FileSource {
+    /// Records a position, keeping the furthest of two for one chunk.
+    fn merge(&mut self, p: Progress) {
+        let key = (p.file.clone(), p.chunk_start);
+        match self.positions.get(&key) {
+            Some(have) if have.resume >= p.resume => {}
+            _ => {
+                self.positions.insert(key, p);
+            }
+        }
     }
 }
 

@@ -114,7 +114,7 @@ pub(crate) struct Coordinating {
     finished: mpsc::Receiver<()>,
     finished_tx: Option<mpsc::Sender<()>>,
     on_demand: mpsc::Receiver<()>,
-    timer: Option<tokio::time::Interval>,
+    ticks: mpsc::Receiver<()>,
     sources: usize,
     sources_finished: usize,
     final_epoch: Option<Epoch>,
@@ -143,11 +143,20 @@ impl Coordinating {
         let (acks_tx, acks) = mpsc::channel(2 * tasks.len() + 2);
         let (finished_tx, finished) = mpsc::channel(sources.max(1));
         let (ctl, _) = watch::channel(Control::Idle);
-        let timer = spec.interval.map(|d| {
-            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
-            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            t
-        });
+        // The interval runs on a thread of its own: tokio's timers are driven by worker
+        // threads, which busy tasks can keep from parking for far longer than the interval.
+        let (tick_tx, ticks) = mpsc::channel(1);
+        if let Some(every) = spec.interval {
+            let spawned = std::thread::Builder::new().name("weir-checkpoint-timer".into()).spawn(move || loop {
+                std::thread::sleep(every);
+                if let Err(mpsc::error::TrySendError::Closed(())) = tick_tx.try_send(()) {
+                    return;
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "Cannot start the checkpoint timer; only the final checkpoint will be taken.");
+            }
+        }
         reg.checkpoints.enabled.store(1, Ordering::Relaxed);
         Self {
             proto: Coordinator::new(tasks.into_iter().collect(), spec.keep, last),
@@ -163,7 +172,7 @@ impl Coordinating {
             finished,
             finished_tx: Some(finished_tx),
             on_demand,
-            timer,
+            ticks,
             sources,
             sources_finished: 0,
             final_epoch: None,
@@ -205,20 +214,12 @@ impl Coordinating {
 
     /// Waits for the next event. Cancel safe: every branch is.
     pub(crate) async fn next_event(&mut self) -> Event {
-        let timer = async {
-            match self.timer.as_mut() {
-                Some(t) => {
-                    t.tick().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             biased;
             a = self.acks.recv() => a.map_or(Event::AcksClosed, Event::Ack),
             Some(()) = self.finished.recv() => Event::SourceFinished,
             Some(()) = self.on_demand.recv() => Event::Start,
-            () = timer => Event::Start,
+            Some(()) = self.ticks.recv() => Event::Start,
         }
     }
 
@@ -237,7 +238,9 @@ impl Coordinating {
     }
 
     fn start(&mut self) {
-        if self.sources_finished > 0 || self.final_epoch.is_some() {
+        // Sources that finished early still take part (they wait for the final checkpoint
+        // and answer barriers meanwhile); only once all have is the final one due instead.
+        if self.sources_finished >= self.sources || self.final_epoch.is_some() {
             return;
         }
         match self.proto.start() {

@@ -288,7 +288,9 @@ impl Job {
 
         let mut restored = Restored::default();
         let mut coord: Option<Coordinating> = None;
+        let mut _lock = None;
         if let Some(ck) = &spec.checkpoint {
+            _lock = ck.store.lock()?;
             crate::ensure_config!(
                 spec.source.resumable(),
                 "checkpoints need a source that can resume from a recorded position (a file); source `{}` cannot",

@@ -325,6 +325,37 @@ impl CheckpointStore {
         Ok(())
     }
 
+    /// Takes the job's lock in a local store, so two runs of one pipeline cannot interleave
+    /// their checkpoints; held until the returned file is dropped. Object stores have no
+    /// lock: running one pipeline twice against one is the deployer's mistake to avoid.
+    ///
+    /// # Errors
+    /// Another process holds the lock, or the lock file cannot be created.
+    pub fn lock(&self) -> Result<Option<std::fs::File>> {
+        if self.location.contains("://") {
+            return Ok(None);
+        }
+        let dir = std::path::Path::new(&self.location).join(self.root.as_ref());
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| CoreError::io(format!("cannot create checkpoint directory `{}`", dir.display()), e))?;
+        let path = dir.join("LOCK");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| CoreError::io(format!("cannot open `{}`", path.display()), e))?;
+        match f.try_lock() {
+            Ok(()) => Ok(Some(f)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(CoreError::Config(format!(
+                "another run of this pipeline is using the checkpoints in `{}` (it holds `{}`)",
+                self.location,
+                path.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(CoreError::io(format!("cannot lock `{}`", path.display()), e)),
+        }
+    }
+
     fn local_dir(&self, epoch: Epoch) -> Option<std::path::PathBuf> {
         if self.location.contains("://") {
             return None;
@@ -436,6 +467,12 @@ mod tests {
         assert_eq!(restored.operators["win"][0].num_rows(), 2);
         assert_eq!(restored.watermarks["win"], 2000);
         assert_eq!(s.epochs().await.unwrap(), vec![Epoch(1), Epoch(2)], "the partial checkpoint is deleted");
+        let held = s.lock().unwrap();
+        assert!(held.is_some());
+        let err = s.lock().unwrap_err().to_string();
+        assert!(err.contains("another run"), "{err}");
+        drop(held);
+        assert!(s.lock().unwrap().is_some());
     }
 
     #[tokio::test]

@@ -1,0 +1,205 @@
+//! The crash harness: runs W1 and W3 with checkpoints, kills the process with SIGKILL at
+//! random moments, restarts it (alternating 1 and 2 workers) until the input is consumed, and
+//! checks that the committed output equals an uninterrupted run's, row for row.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{repo, stderr, weir};
+
+/// A small deterministic generator, so a failing run can be repeated from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Rows as a multiset: exact fields (strings, integers) map to the floats of the rows with them.
+type Rows = BTreeMap<String, Vec<Vec<f64>>>;
+
+fn rows(text: &str) -> Rows {
+    let mut out = Rows::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let obj = v.as_object().unwrap();
+        let mut exact = String::new();
+        let mut floats = Vec::new();
+        for (k, x) in obj {
+            match x {
+                serde_json::Value::Number(n) if n.is_f64() => floats.push(n.as_f64().unwrap()),
+                _ => exact.push_str(&format!("{k}={x};")),
+            }
+        }
+        out.entry(exact).or_default().push(floats);
+    }
+    for v in out.values_mut() {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    }
+    out
+}
+
+/// Same rows, floats equal to 1e-9 relative (sums may be added in another order).
+fn assert_same(want: &Rows, got: &Rows, what: &str) {
+    let (nw, ng): (usize, usize) = (want.values().map(Vec::len).sum(), got.values().map(Vec::len).sum());
+    assert_eq!(ng, nw, "{what}: {ng} rows, expected {nw}");
+    for (k, w) in want {
+        let g = got.get(k).unwrap_or_else(|| panic!("{what}: missing row {k}"));
+        assert_eq!(g.len(), w.len(), "{what}: row {k} appears {} times, expected {}", g.len(), w.len());
+        for (a, b) in w.iter().zip(g) {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-9 * x.abs().max(1.0), "{what}: row {k}: {x} vs {y}");
+            }
+        }
+    }
+}
+
+fn committed(dir: &Path) -> String {
+    let mut names: Vec<PathBuf> =
+        std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    names.retain(|p| p.file_name().unwrap().to_string_lossy().starts_with("part-"));
+    names.sort();
+    names.iter().map(|p| std::fs::read_to_string(p).unwrap()).collect()
+}
+
+/// The example pipeline with a checkpoint section appended.
+fn checkpointed(example: &str, dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(repo().join(example)).unwrap();
+    let p = dir.join("pipeline.yaml");
+    std::fs::write(&p, format!("{text}\ncheckpoints:\n  dir: {}\n  interval: 50ms\n", dir.join("ck").display()))
+        .unwrap();
+    p
+}
+
+fn spawn(pipeline: &Path, dir: &Path, input: &Path, workers: usize) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["run", pipeline.to_str().unwrap(), "--workers", &workers.to_string(), "--quiet", "--no-progress"])
+        .env("INPUT", input)
+        .env("OUTPUT", dir.join("out"))
+        .env("DEAD_LETTERS", dir.join("dead.jsonl"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn input(dir: &Path, events: u64) -> PathBuf {
+    let f = dir.join("input.jsonl");
+    let o = weir(&["gen", "-n", &events.to_string(), "--devices", "2000", "--output", f.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    f
+}
+
+/// Kills a run `kills` times at random moments, then lets it finish, and compares.
+fn crash_until_done(example: &str, events: u64, kills: u32, seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = input(dir.path(), events);
+    // The reference: the same pipeline without checkpoints, uninterrupted.
+    let reference = dir.path().join("reference.jsonl");
+    let o = weir(
+        &["run", example, "--workers", "2", "--quiet"],
+        &[("INPUT", &input), ("OUTPUT", &reference), ("DEAD_LETTERS", &dir.path().join("ref-dead.jsonl"))],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = rows(&std::fs::read_to_string(&reference).unwrap());
+    assert!(!want.is_empty());
+
+    let pipeline = checkpointed(example, dir.path());
+    let mut rng = Rng(seed);
+    let (mut killed, mut runs) = (0u32, 0usize);
+    let started = Instant::now();
+    loop {
+        assert!(started.elapsed() < Duration::from_secs(600), "no progress after {runs} runs (seed {seed})");
+        let workers = 1 + runs % 2;
+        runs += 1;
+        if killed >= kills {
+            // The run that finishes must have work left, or the test proves nothing.
+            let list = weir(&["checkpoints", "list", dir.path().join("ck").to_str().unwrap()], &[]);
+            let listing = String::from_utf8_lossy(&list.stdout).into_owned();
+            assert!(
+                !listing.lines().nth(2).is_some_and(|l| l.contains("drained")),
+                "the input was consumed before the last kill; make it larger (seed {seed}):\n{listing}"
+            );
+        }
+        let mut child = spawn(&pipeline, dir.path(), &input, workers);
+        if killed < kills {
+            std::thread::sleep(Duration::from_millis(60 + rng.below(300)));
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                killed += 1;
+                continue;
+            }
+        }
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "run {runs} failed (seed {seed}): {}", stderr(&o));
+        break;
+    }
+    assert!(killed >= kills, "the input was consumed after {killed} kills; make it larger (seed {seed})");
+    let got = rows(&committed(&dir.path().join("out")));
+    assert_same(&want, &got, &format!("{example} after {killed} kills in {runs} runs (seed {seed})"));
+    // Nothing left half-written: only committed part files remain.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("out"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("part-"))
+        .collect();
+    assert!(leftovers.is_empty(), "in-progress files left behind: {leftovers:?}");
+}
+
+fn seed() -> u64 {
+    std::env::var("WEIR_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+    })
+}
+
+#[test]
+fn w1_survives_kill_9_at_random_moments_exactly_once() {
+    crash_until_done("examples/w1-sensor-window.yaml", 1_000_000, 20, seed());
+}
+
+#[test]
+fn w3_survives_kill_9_at_random_moments_exactly_once() {
+    crash_until_done("examples/w3-ewma-anomaly.yaml", 1_000_000, 20, seed());
+}
+
+/// SIGINT under checkpoints saves the open windows instead of flushing them; the next run
+/// resumes them, and the result is that of one uninterrupted run.
+#[test]
+fn sigint_saves_state_and_the_next_run_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = input(dir.path(), 400_000);
+    let reference = dir.path().join("reference.jsonl");
+    let o = weir(
+        &["run", "examples/w1-sensor-window.yaml", "--quiet"],
+        &[("INPUT", &input), ("OUTPUT", &reference), ("DEAD_LETTERS", &dir.path().join("ref-dead.jsonl"))],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let pipeline = checkpointed("examples/w1-sensor-window.yaml", dir.path());
+    let child = spawn(&pipeline, dir.path(), &input, 2);
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let partial = rows(&committed(&dir.path().join("out")));
+    let list = weir(&["checkpoints", "list", dir.path().join("ck").to_str().unwrap()], &[]);
+    let listing = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(listing.contains("complete") && !listing.contains("drained"), "stopped, not drained:\n{listing}");
+    let o = spawn(&pipeline, dir.path(), &input, 1).wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = rows(&std::fs::read_to_string(&reference).unwrap());
+    assert!(partial.values().map(Vec::len).sum::<usize>() < want.values().map(Vec::len).sum::<usize>());
+    assert_same(&want, &rows(&committed(&dir.path().join("out"))), "after SIGINT and a restart");
+    // A third run has nothing left to do, and writes nothing more.
+    let before = committed(&dir.path().join("out"));
+    let o = spawn(&pipeline, dir.path(), &input, 2).wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(committed(&dir.path().join("out")), before);
+}
