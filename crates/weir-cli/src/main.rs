@@ -251,6 +251,19 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                     None => None,
                 };
                 let stop = job.shutdown_handle();
+                #[cfg(unix)]
+                {
+                    // SIGUSR1 asks for a checkpoint now (ignored without checkpoints).
+                    let on_demand = job.checkpoint_handle();
+                    if let Ok(mut usr1) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                    {
+                        tokio::spawn(async move {
+                            while usr1.recv().await.is_some() {
+                                on_demand.trigger();
+                            }
+                        });
+                    }
+                }
                 tokio::spawn(async move {
                     // First signal: stop reading and flush. Second: leave at once.
                     wait_signal().await;
