@@ -3,10 +3,10 @@
 # second against none, the size and duration of checkpoints holding 10,000 keys, and the time
 # a run takes to recover from one.
 #
-# Usage: scripts/bench-checkpoints.sh [N_EVENTS] [DEVICES]   (default 10000000 10000)
+# Usage: scripts/bench-checkpoints.sh [N_EVENTS] [DEVICES]   (default 20000000 10000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-n=${1:-10000000}
+n=${1:-20000000}
 devices=${2:-10000}
 input=/tmp/weir-bench-sensors-$n-d$devices.jsonl
 [ -s "$input" ] || python3 ../shared/bench/gen_sensors.py --devices "$devices" "$n" > "$input"
@@ -40,7 +40,9 @@ import re, sys, statistics
 rows = [dict(re.findall(r"(\w+)=(\d+)", l)) for l in sys.stdin if "Checkpoint complete" in l]
 periodic = rows[:-1] or rows   # the last is the final checkpoint, taken after the input ends
 d = sorted(int(r["duration_ms"]) for r in periodic)
-print(f"{len(rows)} | {statistics.median(int(r[\"bytes\"]) for r in periodic)/2**20:.2f} MiB | {d[len(d)//2]} / {d[-1]} | {max(int(r[\"alignment_ms\"]) for r in periodic)}")')
+size = statistics.median(int(r["bytes"]) for r in periodic) / 2**20
+align = max(int(r["alignment_ms"]) for r in periodic)
+print(f"{len(rows)} | {size:.2f} MiB | {d[len(d)//2]} / {d[-1]} | {align}")')
   echo "| $workers | $ma | $mb | $(python3 -c "print(f'{$ma/$mb:.0%}')") | $stats |"
 done
 # Recovery: kill a run half-way, then time the restart up to its first read (log line
@@ -48,7 +50,7 @@ done
 rm -rf "$work/ck" "$work/out"
 INPUT=$input OUTPUT=$work/out CHECKPOINTS=$work/ck CHECKPOINT_INTERVAL=1s DEAD_LETTERS=$work/d.jsonl \
   "$bin" run "$yaml" --workers 2 --quiet --no-progress & pid=$!
-sleep 2.5; kill -9 $pid; wait $pid 2>/dev/null || true
+sleep 1.5; kill -9 $pid; wait $pid 2>/dev/null || true
 state=$("$bin" checkpoints list "$work/ck" | sed -n 3p)
 start=$(date +%s.%N)
 INPUT=$input OUTPUT=$work/out CHECKPOINTS=$work/ck DEAD_LETTERS=$work/d.jsonl WEIR_LOG=info \

@@ -1,7 +1,6 @@
 //! `weir checkpoints list|inspect`: what a checkpoint store holds.
 
 use std::fmt::Write as _;
-use std::path::Path;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Int64Type, UInt64Type};
@@ -10,35 +9,10 @@ use weir_core::checkpoint::{Epoch, StateRole};
 use weir_core::store::{CheckpointStore, ManifestFile};
 use weir_core::Result;
 
-/// The stores under `dir`: `dir` itself when it is one pipeline's folder (it holds `chk-*`),
-/// else one per pipeline folder inside it.
-pub(crate) fn stores(dir: &Path) -> Result<Vec<CheckpointStore>> {
-    let holds_checkpoints = |d: &Path| {
-        std::fs::read_dir(d)
-            .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().starts_with("chk-")))
-            .unwrap_or(false)
-    };
-    if !dir.is_dir() {
-        return Err(weir_core::CoreError::Config(format!("`{}` is not a directory", dir.display())));
-    }
-    if holds_checkpoints(dir) {
-        let job = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let root = dir.parent().map_or_else(|| Path::new(".").to_path_buf(), Path::to_path_buf);
-        let root = if root.as_os_str().is_empty() { Path::new(".").to_path_buf() } else { root };
-        return Ok(vec![CheckpointStore::open(&root.to_string_lossy(), &job)?]);
-    }
-    let mut out = Vec::new();
-    let mut jobs: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| weir_core::CoreError::io(format!("listing `{}`", dir.display()), e))?
-        .flatten()
-        .filter(|e| holds_checkpoints(&e.path()))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    jobs.sort();
-    for job in jobs {
-        out.push(CheckpointStore::open(&dir.to_string_lossy(), &job)?);
-    }
-    Ok(out)
+/// The stores at `dir` (a directory or an `s3://` URL; S3 settings from the `AWS_*`
+/// environment): `dir` itself when it is one pipeline's folder, else one per pipeline in it.
+async fn stores(dir: &str) -> Result<Vec<CheckpointStore>> {
+    CheckpointStore::discover(dir, &std::collections::BTreeMap::new()).await
 }
 
 fn time(ms: i64) -> String {
@@ -55,11 +29,11 @@ fn bytes(n: u64) -> String {
 }
 
 /// One line per checkpoint, newest first.
-pub(crate) async fn list(dir: &Path) -> Result<String> {
+pub(crate) async fn list(dir: &str) -> Result<String> {
     let mut s = String::new();
-    let stores = stores(dir)?;
+    let stores = stores(dir).await?;
     if stores.is_empty() {
-        let _ = writeln!(s, "no checkpoints under `{}`", dir.display());
+        let _ = writeln!(s, "no checkpoints under `{dir}`");
     }
     for store in stores {
         let listed = store.list().await?;
@@ -95,9 +69,9 @@ pub(crate) async fn list(dir: &Path) -> Result<String> {
 }
 
 /// One checkpoint in detail: state per step, watermarks and source positions.
-pub(crate) async fn inspect(dir: &Path, epoch: Option<u64>) -> Result<String> {
+pub(crate) async fn inspect(dir: &str, epoch: Option<u64>) -> Result<String> {
     let mut s = String::new();
-    for store in stores(dir)? {
+    for store in stores(dir).await? {
         let e = match epoch {
             Some(e) => Epoch(e),
             None => match store.list().await?.into_iter().find(|l| l.manifest.is_ok()) {

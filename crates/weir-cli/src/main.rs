@@ -99,13 +99,13 @@ enum Cmd {
 enum CheckpointsCmd {
     /// Every checkpoint, newest first: status, time, workers, files and state size.
     List {
-        /// The `checkpoints.dir` of a pipeline, or one pipeline's folder inside it.
-        dir: PathBuf,
+        /// The `checkpoints.dir` of a pipeline (a directory or an s3:// URL), or one pipeline's folder inside it.
+        dir: String,
     },
     /// One checkpoint in detail: state per step, watermarks, source positions.
     Inspect {
-        /// The `checkpoints.dir` of a pipeline, or one pipeline's folder inside it.
-        dir: PathBuf,
+        /// The `checkpoints.dir` of a pipeline (a directory or an s3:// URL), or one pipeline's folder inside it.
+        dir: String,
         /// The epoch (default: the newest complete one).
         #[arg(long)]
         epoch: Option<u64>,

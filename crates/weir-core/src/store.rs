@@ -91,6 +91,68 @@ impl ManifestFile {
     }
 }
 
+/// The object store at `location` and the prefix inside it.
+fn connect(location: &str, options: &BTreeMap<String, String>) -> Result<(Arc<dyn ObjectStore>, Path)> {
+    if location.contains("://") {
+        from_url(location, options)
+    } else {
+        if !options.is_empty() {
+            return Err(CoreError::Config(format!(
+                "checkpoint store `{location}` is a directory; `options` apply only to a URL such as s3://bucket/prefix"
+            )));
+        }
+        std::fs::create_dir_all(location)
+            .map_err(|e| CoreError::io(format!("cannot create checkpoint directory `{location}`"), e))?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(location)
+            .map_err(|e| store_err(format!("checkpoint directory `{location}`"), e))?;
+        Ok((Arc::new(fs), Path::default()))
+    }
+}
+
+/// A local job folder `a/b/job` as (`a/b`, `job`); a bare `job` is under `.`.
+fn split_dir(location: &str) -> (&str, &str) {
+    match location.rsplit_once('/') {
+        Some(("", job)) => ("/", job),
+        Some((parent, job)) => (parent, job),
+        None => (".", location),
+    }
+}
+
+/// Opens an object store by URL. Only `s3` needs building by hand: `parse_url_opts` would
+/// ignore the `AWS_*` environment, which is how deployments pass credentials.
+fn from_url(location: &str, options: &BTreeMap<String, String>) -> Result<(Arc<dyn ObjectStore>, Path)> {
+    let url = url::Url::parse(location)
+        .map_err(|e| CoreError::Config(format!("checkpoint store `{location}` is not a valid URL: {e}")))?;
+    match url.scheme() {
+        "s3" | "s3a" => {
+            let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(location);
+            for (k, v) in options {
+                let key = k.to_ascii_lowercase();
+                let key = if key.starts_with("aws_") { key } else { format!("aws_{key}") };
+                let key: object_store::aws::AmazonS3ConfigKey = key.parse().map_err(|_| {
+                    CoreError::Config(format!(
+                        "checkpoint store `{location}`: unknown S3 option `{k}` (e.g. endpoint, region, allow_http, access_key_id)"
+                    ))
+                })?;
+                b = b.with_config(key, v.clone());
+            }
+            let s = b.build().map_err(|e| store_err(format!("checkpoint store `{location}`"), e))?;
+            let prefix = Path::from_url_path(url.path())
+                .map_err(|e| CoreError::Config(format!("checkpoint store `{location}`: bad path: {e}")))?;
+            Ok((Arc::new(s), prefix))
+        }
+        _ => {
+            let opts: Vec<(String, String)> = options.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let (s, p) = object_store::parse_url_opts(&url, opts).map_err(|e| {
+                CoreError::Config(format!(
+                    "checkpoint store `{location}`: {e} (this build supports a directory, file://, memory:// and s3://)"
+                ))
+            })?;
+            Ok((Arc::from(s), p))
+        }
+    }
+}
+
 fn corrupt(what: &str) -> CoreError {
     CoreError::Other { message: what.to_string(), blame: Blame::External, retry: Retry::Never }
 }
@@ -136,30 +198,74 @@ pub struct CheckpointStore {
 }
 
 impl CheckpointStore {
-    /// Opens the store at `location` for `job`: a directory (created if missing) or a
-    /// `file://` / `memory://` URL.
+    /// Opens the store at `location` for `job`: a directory (created if missing), or a
+    /// `file://`, `memory://` or `s3://bucket/prefix` URL (see [`CheckpointStore::open_with`]).
     ///
     /// # Errors
     /// A directory that cannot be created, or a URL this build does not support.
     pub fn open(location: &str, job: &str) -> Result<Self> {
-        let (store, prefix): (Arc<dyn ObjectStore>, Path) = if location.contains("://") {
-            let url = url::Url::parse(location)
-                .map_err(|e| CoreError::Config(format!("checkpoint store `{location}` is not a valid URL: {e}")))?;
-            let (s, p) = object_store::parse_url(&url).map_err(|e| {
-                CoreError::Config(format!(
-                    "checkpoint store `{location}`: {e} (this build supports a directory, file:// and memory://)"
-                ))
-            })?;
-            (Arc::from(s), p)
-        } else {
-            std::fs::create_dir_all(location)
-                .map_err(|e| CoreError::io(format!("cannot create checkpoint directory `{location}`"), e))?;
-            let fs = object_store::local::LocalFileSystem::new_with_prefix(location)
-                .map_err(|e| store_err(format!("checkpoint directory `{location}`"), e))?;
-            (Arc::new(fs), Path::default())
-        };
+        Self::open_with(location, job, &BTreeMap::new())
+    }
+
+    /// Opens the store at `location` for `job` with object-store `options`.
+    ///
+    /// An `s3://` URL reaches any S3-compatible service (AWS, MinIO, Ceph, R2, or GCS through
+    /// its S3 interoperability API). Its settings come from the usual `AWS_*` environment
+    /// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT`,
+    /// `AWS_ALLOW_HTTP`, ...), and `options` (the same names, lower case, with or without the
+    /// `aws_` prefix) win over them. Options are never logged: they may hold secrets.
+    ///
+    /// # Errors
+    /// A directory that cannot be created, an unknown option, or a URL this build does not support.
+    pub fn open_with(location: &str, job: &str, options: &BTreeMap<String, String>) -> Result<Self> {
+        let (store, prefix) = connect(location, options)?;
         let root = prefix.clone().join(job);
         Ok(Self { store, root, location: location.to_string() })
+    }
+
+    /// The jobs that have checkpoints at `location` (the pipeline folders holding `chk-*`),
+    /// sorted; or, when `location` is itself one job's folder, that job, with its parent as
+    /// the location. Directories and URLs alike.
+    ///
+    /// # Errors
+    /// A location that cannot be opened or listed.
+    pub async fn discover(location: &str, options: &BTreeMap<String, String>) -> Result<Vec<Self>> {
+        let location = location.trim_end_matches('/');
+        if !location.contains("://") && !std::path::Path::new(location).is_dir() {
+            return Err(CoreError::Config(format!("`{location}` is not a directory")));
+        }
+        let (store, base) = connect(location, options)?;
+        let holds = |listing: &object_store::ListResult| {
+            listing.common_prefixes.iter().any(|p| p.filename().is_some_and(|f| f.starts_with("chk-")))
+        };
+        let list = |p: Path| {
+            let store = store.clone();
+            async move {
+                store
+                    .list_with_delimiter(Some(&p))
+                    .await
+                    .map_err(|e| store_err(format!("listing checkpoints in `{location}`"), e))
+            }
+        };
+        let top = list(base.clone()).await?;
+        if holds(&top) {
+            let (parent, job) = split_dir(location);
+            return Ok(vec![Self::open_with(parent, job, options)?]);
+        }
+        let mut out = Vec::new();
+        for p in &top.common_prefixes {
+            let Some(job) = p.filename() else { continue };
+            if holds(&list(p.clone()).await?) {
+                out.push(Self::open_with(location, job, options)?);
+            }
+        }
+        out.sort_by(|a, b| a.root.as_ref().cmp(b.root.as_ref()));
+        Ok(out)
+    }
+
+    /// The job (pipeline) this store holds checkpoints of.
+    pub fn job(&self) -> &str {
+        self.root.filename().unwrap_or_default()
     }
 
     /// Where the store is, as configured.
@@ -519,5 +625,41 @@ mod tests {
         let edited = String::from_utf8(bytes.clone()).unwrap().replace("\"workers\": 2", "\"workers\": 3");
         assert!(ManifestFile::parse(edited.as_bytes()).unwrap_err().to_string().contains("does not match"));
         assert!(ManifestFile::parse(&bytes[..10]).unwrap_err().to_string().contains("trailer"));
+    }
+
+    #[tokio::test]
+    async fn discovers_jobs_in_a_folder_or_the_job_folder_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_str().unwrap();
+        for job in ["b", "a"] {
+            checkpoint(&CheckpointStore::open(root, job).unwrap(), 1).await;
+        }
+        std::fs::create_dir(dir.path().join("not-a-job")).unwrap();
+        let none = BTreeMap::new();
+        let jobs: Vec<_> = CheckpointStore::discover(root, &none).await.unwrap();
+        assert_eq!(jobs.iter().map(CheckpointStore::job).collect::<Vec<_>>(), ["a", "b"]);
+        let one = CheckpointStore::discover(&format!("{root}/b/"), &none).await.unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!((one[0].job(), one[0].location()), ("b", root));
+        assert_eq!(one[0].epochs().await.unwrap(), vec![Epoch(1)]);
+        let err = CheckpointStore::discover(&format!("{root}/missing"), &none).await.unwrap_err().to_string();
+        assert!(err.contains("missing") && err.contains("not a directory"), "{err}");
+    }
+
+    #[test]
+    fn store_options_are_checked() {
+        let opts = |k: &str| [(k.to_string(), "x".to_string())].into_iter().collect::<BTreeMap<_, _>>();
+        let dir = tempfile::tempdir().unwrap();
+        let err = CheckpointStore::open_with(dir.path().to_str().unwrap(), "j", &opts("endpoint")).unwrap_err();
+        assert!(err.to_string().contains("apply only to a URL"), "{err}");
+        let err = CheckpointStore::open_with("s3://bucket/ck", "j", &opts("endpont")).unwrap_err().to_string();
+        assert!(err.contains("unknown S3 option `endpont`"), "{err}");
+        // Both spellings of a known option are taken; nothing is contacted until used.
+        for k in ["region", "aws_region", "ENDPOINT"] {
+            let s = CheckpointStore::open_with("s3://bucket/ck", "j", &opts(k)).unwrap();
+            assert_eq!(s.job(), "j");
+        }
+        let err = CheckpointStore::open("ftp://host/ck", "j").unwrap_err().to_string();
+        assert!(err.contains("s3://"), "{err}");
     }
 }

@@ -4,6 +4,7 @@
 //! Durations are humantime strings (`10s`, `250ms`, `1h 30m`). Defaults live in the
 //! `default_*` functions next to each struct, once.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use indexmap::IndexMap;
@@ -46,18 +47,35 @@ pub struct PipelineConfig {
 
 /// Periodic checkpoints: state, source positions and pre-committed output, so that a run
 /// killed at any moment resumes where the last checkpoint left off.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
-    /// Where checkpoints go: a directory, or a `file://` / `memory://` URL. Each pipeline
-    /// keeps its checkpoints under its name there.
+    /// Where checkpoints go: a directory, or a `s3://bucket/prefix`, `file://` or `memory://`
+    /// URL. Each pipeline keeps its checkpoints under its name there.
     pub dir: String,
+    /// Object-store settings for a URL `dir`, e.g. `endpoint`, `region`, `allow_http` for S3;
+    /// they win over the `AWS_*` environment. Values may be `${VAR}` references; they are
+    /// never logged.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
     /// Time between checkpoints; `0s` for only the final one.
     #[serde(default = "default_checkpoint_interval", with = "humantime_serde")]
     pub interval: Duration,
     /// Complete checkpoints to keep.
     #[serde(default = "default_keep")]
     pub keep: usize,
+}
+
+impl std::fmt::Debug for CheckpointConfig {
+    /// Shows option names only: their values may be credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointConfig")
+            .field("dir", &self.dir)
+            .field("options", &self.options.keys().collect::<Vec<_>>())
+            .field("interval", &self.interval)
+            .field("keep", &self.keep)
+            .finish()
+    }
 }
 
 fn default_checkpoint_interval() -> Duration {

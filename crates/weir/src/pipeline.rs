@@ -1,7 +1,7 @@
 //! The pipeline builder: stable step ids, `build()` validates without I/O, `plan()` resolves
 //! schemas and compiles expressions, `run()` executes.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,7 +125,7 @@ impl Pipeline {
 
     /// Takes a checkpoint every `interval` into `dir` (a directory or URL), keeping three.
     pub fn checkpoints(&mut self, dir: impl Into<String>, interval: Duration) -> &mut Self {
-        self.cfg.checkpoints = Some(CheckpointConfig { dir: dir.into(), interval, keep: 3 });
+        self.cfg.checkpoints = Some(CheckpointConfig { dir: dir.into(), options: BTreeMap::new(), interval, keep: 3 });
         self
     }
 
@@ -452,7 +452,7 @@ impl BuiltPipeline {
                 Some(k) => {
                     weir_core::ensure_config!(k.keep >= 1, "checkpoints.keep must be at least 1");
                     Some(weir_core::runtime::CheckpointSpec {
-                        store: weir_core::store::CheckpointStore::open(&k.dir, &c.name)
+                        store: weir_core::store::CheckpointStore::open_with(&k.dir, &c.name, &k.options)
                             .map_err(|e| CoreError::Config(format!("checkpoints.dir: {e}")))?,
                         interval: (!k.interval.is_zero()).then_some(k.interval),
                         keep: k.keep,

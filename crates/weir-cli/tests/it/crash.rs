@@ -68,17 +68,78 @@ fn committed(dir: &Path) -> String {
     names.iter().map(|p| std::fs::read_to_string(p).unwrap()).collect()
 }
 
+/// Where a crash test keeps its checkpoints.
+#[derive(Clone, Copy)]
+enum Store<'a> {
+    /// `dir/ck`.
+    Local,
+    /// An S3 bucket on the test endpoint (`scripts/services.sh`).
+    S3 { bucket: &'a str },
+}
+
+impl Store<'_> {
+    /// How long a run may live before it is killed: `(least, spread)` ms. A remote store
+    /// takes longer per checkpoint, so its runs must live longer to complete some.
+    fn kill_window(self) -> (u64, u64) {
+        match self {
+            Store::Local => (60, 300),
+            Store::S3 { .. } => (300, 1200),
+        }
+    }
+
+    fn location(self, dir: &Path) -> String {
+        match self {
+            Store::Local => dir.join("ck").display().to_string(),
+            Store::S3 { bucket } => format!("s3://{bucket}/checkpoints"),
+        }
+    }
+
+    /// The YAML `checkpoints:` section. For S3 the endpoint goes in `options` (so that path is
+    /// exercised) and the credentials in the environment ([`s3_env`]).
+    fn section(self, dir: &Path) -> String {
+        let mut s = format!("checkpoints:\n  dir: {}\n  interval: 50ms\n", self.location(dir));
+        if let Store::S3 { .. } = self {
+            s.push_str(&format!("  options: {{ endpoint: \"{}\", allow_http: \"true\" }}\n", s3_endpoint()));
+        }
+        s
+    }
+}
+
+fn s3_endpoint() -> String {
+    std::env::var("WEIR_TEST_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5055".into())
+}
+
+/// Credentials for the test S3 server (moto accepts any), as a deployment would pass them.
+fn s3_env(c: &mut Command) -> &mut Command {
+    c.env("AWS_ACCESS_KEY_ID", "weir-test").env("AWS_SECRET_ACCESS_KEY", "weir-test").env("AWS_REGION", "us-east-1")
+}
+
+/// Creates a fresh bucket on the test S3 server with a plain HTTP PUT (the object store API
+/// has no bucket calls). Fails with a hint when the server is not running.
+fn s3_bucket(name: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let endpoint = s3_endpoint();
+    let host = endpoint.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let bucket = format!("{name}-{}", std::process::id());
+    let mut c = std::net::TcpStream::connect(&host)
+        .unwrap_or_else(|e| panic!("no S3 test server at {endpoint} ({e}); `source scripts/services.sh` starts one"));
+    write!(c, "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "creating bucket {bucket}: {reply}");
+    bucket
+}
+
 /// The example pipeline with a checkpoint section appended.
-fn checkpointed(example: &str, dir: &Path) -> PathBuf {
+fn checkpointed(example: &str, dir: &Path, store: Store<'_>) -> PathBuf {
     let text = std::fs::read_to_string(repo().join(example)).unwrap();
     let p = dir.join("pipeline.yaml");
-    std::fs::write(&p, format!("{text}\ncheckpoints:\n  dir: {}\n  interval: 50ms\n", dir.join("ck").display()))
-        .unwrap();
+    std::fs::write(&p, format!("{text}\n{}", store.section(dir))).unwrap();
     p
 }
 
 fn spawn(pipeline: &Path, dir: &Path, input: &Path, workers: usize) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_weir"))
+    s3_env(&mut Command::new(env!("CARGO_BIN_EXE_weir")))
         .args(["run", pipeline.to_str().unwrap(), "--workers", &workers.to_string(), "--quiet", "--no-progress"])
         .env("INPUT", input)
         .env("OUTPUT", dir.join("out"))
@@ -89,6 +150,18 @@ fn spawn(pipeline: &Path, dir: &Path, input: &Path, workers: usize) -> Child {
         .unwrap()
 }
 
+/// `weir checkpoints list` of the store, with S3 settings from the environment.
+fn listing(dir: &Path, store: Store<'_>) -> String {
+    let o = s3_env(&mut Command::new(env!("CARGO_BIN_EXE_weir")))
+        .args(["checkpoints", "list", &store.location(dir)])
+        .env("AWS_ENDPOINT", s3_endpoint())
+        .env("AWS_ALLOW_HTTP", "true")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "checkpoints list: {}", stderr(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 fn input(dir: &Path, events: u64) -> PathBuf {
     let f = dir.join("input.jsonl");
     let o = weir(&["gen", "-n", &events.to_string(), "--devices", "2000", "--output", f.to_str().unwrap()], &[]);
@@ -97,7 +170,7 @@ fn input(dir: &Path, events: u64) -> PathBuf {
 }
 
 /// Kills a run `kills` times at random moments, then lets it finish, and compares.
-fn crash_until_done(example: &str, events: u64, kills: u32, seed: u64) {
+fn crash_until_done(example: &str, events: u64, kills: u32, seed: u64, store: Store<'_>) {
     let dir = tempfile::tempdir().unwrap();
     let input = input(dir.path(), events);
     // The reference: the same pipeline without checkpoints, uninterrupted.
@@ -110,7 +183,7 @@ fn crash_until_done(example: &str, events: u64, kills: u32, seed: u64) {
     let want = rows(&std::fs::read_to_string(&reference).unwrap());
     assert!(!want.is_empty());
 
-    let pipeline = checkpointed(example, dir.path());
+    let pipeline = checkpointed(example, dir.path(), store);
     let mut rng = Rng(seed);
     let (mut killed, mut runs) = (0u32, 0usize);
     let started = Instant::now();
@@ -120,16 +193,18 @@ fn crash_until_done(example: &str, events: u64, kills: u32, seed: u64) {
         runs += 1;
         if killed >= kills {
             // The run that finishes must have work left, or the test proves nothing.
-            let list = weir(&["checkpoints", "list", dir.path().join("ck").to_str().unwrap()], &[]);
-            let listing = String::from_utf8_lossy(&list.stdout).into_owned();
+            let listing = listing(dir.path(), store);
             assert!(
                 !listing.lines().nth(2).is_some_and(|l| l.contains("drained")),
                 "the input was consumed before the last kill; make it larger (seed {seed}):\n{listing}"
             );
+            // ...and must resume from a checkpoint, or the kills tested nothing.
+            assert!(listing.contains("complete"), "no checkpoint completed in {runs} runs (seed {seed}):\n{listing}");
         }
         let mut child = spawn(&pipeline, dir.path(), &input, workers);
         if killed < kills {
-            std::thread::sleep(Duration::from_millis(60 + rng.below(300)));
+            let (least, spread) = store.kill_window();
+            std::thread::sleep(Duration::from_millis(least + rng.below(spread)));
             if child.try_wait().unwrap().is_none() {
                 child.kill().unwrap();
                 child.wait().unwrap();
@@ -162,12 +237,19 @@ fn seed() -> u64 {
 
 #[test]
 fn w1_survives_kill_9_at_random_moments_exactly_once() {
-    crash_until_done("examples/w1-sensor-window.yaml", 1_000_000, 20, seed());
+    crash_until_done("examples/w1-sensor-window.yaml", 1_000_000, 20, seed(), Store::Local);
+}
+
+/// The same on an S3-compatible checkpoint store (moto's server, started by the test command).
+#[test]
+fn w1_on_an_s3_checkpoint_store_survives_kill_9_exactly_once() {
+    let bucket = s3_bucket("weir-crash");
+    crash_until_done("examples/w1-sensor-window.yaml", 4_000_000, 8, seed(), Store::S3 { bucket: &bucket });
 }
 
 #[test]
 fn w3_survives_kill_9_at_random_moments_exactly_once() {
-    crash_until_done("examples/w3-ewma-anomaly.yaml", 1_000_000, 20, seed());
+    crash_until_done("examples/w3-ewma-anomaly.yaml", 1_000_000, 20, seed(), Store::Local);
 }
 
 /// SIGINT under checkpoints saves the open windows instead of flushing them; the next run
@@ -182,15 +264,14 @@ fn sigint_saves_state_and_the_next_run_resumes() {
         &[("INPUT", &input), ("OUTPUT", &reference), ("DEAD_LETTERS", &dir.path().join("ref-dead.jsonl"))],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let pipeline = checkpointed("examples/w1-sensor-window.yaml", dir.path());
+    let pipeline = checkpointed("examples/w1-sensor-window.yaml", dir.path(), Store::Local);
     let child = spawn(&pipeline, dir.path(), &input, 2);
     std::thread::sleep(Duration::from_millis(400));
     assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let partial = rows(&committed(&dir.path().join("out")));
-    let list = weir(&["checkpoints", "list", dir.path().join("ck").to_str().unwrap()], &[]);
-    let listing = String::from_utf8_lossy(&list.stdout).into_owned();
+    let listing = listing(dir.path(), Store::Local);
     assert!(listing.contains("complete") && !listing.contains("drained"), "stopped, not drained:\n{listing}");
     let o = spawn(&pipeline, dir.path(), &input, 1).wait_with_output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));

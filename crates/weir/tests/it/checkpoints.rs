@@ -26,6 +26,7 @@ fn w1(dir: &Path, chunk: usize) -> PipelineConfig {
     cfg.source.file.as_mut().unwrap().chunk_size = chunk;
     cfg.checkpoints = Some(CheckpointConfig {
         dir: dir.join("ck").display().to_string(),
+        options: Default::default(),
         interval: Duration::from_millis(10),
         keep: 2,
     });

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Starts the servers the tests talk to, on loopback only, when they are not running yet, and
+# exports where they are. Safe to run again. Sourced by scripts/test.sh; also usable alone:
+#   source scripts/services.sh && cargo nextest run
+# Logs go to ${WEIR_SERVICES_LOG:-/tmp/weir-services}/<name>.log.
+
+logs=${WEIR_SERVICES_LOG:-/tmp/weir-services}
+mkdir -p "$logs"
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # $1 port, $2 name
+  for _ in $(seq 1 150); do
+    port_open "$1" && return 0
+    sleep 0.2
+  done
+  echo "services: $2 did not start on 127.0.0.1:$1; see $logs/$2.log" >&2
+  return 1
+}
+
+# S3-compatible object store (checkpoint store tests): moto's server, from PyPI.
+export WEIR_TEST_S3_ENDPOINT=${WEIR_TEST_S3_ENDPOINT:-http://127.0.0.1:5055}
+if [ "$WEIR_TEST_S3_ENDPOINT" = http://127.0.0.1:5055 ] && ! port_open 5055; then
+  if ! python3 -c 'import moto.server, flask, werkzeug' 2>/dev/null; then
+    echo "services: installing moto[server] (S3 for the checkpoint store tests)" >&2
+    python3 -m pip install --quiet --disable-pip-version-check 'moto[server]==5.2.1' >&2
+  fi
+  nohup python3 -m moto.server -H 127.0.0.1 -p 5055 > "$logs/moto.log" 2>&1 &
+  wait_port 5055 moto
+fi
