@@ -105,6 +105,7 @@ pub(crate) struct Coordinating {
     store: CheckpointStore,
     committer: Option<Arc<dyn Committer>>,
     dead_letters: Arc<dyn crate::deadletter::DeadLetterSink>,
+    quarantine: Option<Arc<crate::quarantine::Quarantine>>,
     job: String,
     workers: usize,
     reg: Arc<Registry>,
@@ -135,6 +136,7 @@ impl Coordinating {
         spec: &crate::runtime::CheckpointSpec,
         committer: Option<Arc<dyn Committer>>,
         dead_letters: Arc<dyn crate::deadletter::DeadLetterSink>,
+        quarantine: Option<Arc<crate::quarantine::Quarantine>>,
         job: &str,
         workers: usize,
         reg: Arc<Registry>,
@@ -163,6 +165,7 @@ impl Coordinating {
             store: spec.store.clone(),
             committer,
             dead_letters,
+            quarantine,
             job: job.into(),
             workers,
             reg,
@@ -303,11 +306,23 @@ impl Coordinating {
             self.bytes += f.bytes;
             snap.files.push(f);
         }
-        let Some(Action::WriteManifest(m)) =
+        let Some(Action::WriteManifest(mut m)) =
             self.proto.ack(a.task, a.epoch, snap).map_err(|e| CoreError::Internal(format!("checkpoint ack: {e:?}")))?
         else {
             return Ok(());
         };
+        // The quarantine is job-wide and wall-clock driven, so it is taken here rather than at
+        // a barrier: a key's failure count a few milliseconds off does not change any result.
+        if let Some(t) = match &self.quarantine {
+            Some(q) => q.snapshot(Instant::now(), crate::deadletter::now_ms())?,
+            None => None,
+        } {
+            let task = TaskKey("job".into());
+            let step = crate::quarantine::STATE_STEP;
+            let f = self.store.put_state(m.epoch, &task, step, StateRole::Operator, &t).await?;
+            self.bytes += f.bytes;
+            m.tasks.insert(task, SnapshotRef { files: vec![f], watermarks: BTreeMap::new() });
+        }
         let is_final = self.final_epoch == Some(m.epoch);
         // Dead letters of rows before the barrier must be durable before the checkpoint that
         // will never replay those rows exists.

@@ -21,6 +21,9 @@ use crate::error::Result;
 use crate::ids::StepId;
 use crate::time::column_by_path;
 
+/// The step name the quarantine's bookkeeping is stored under in a checkpoint.
+pub const STATE_STEP: &str = "__quarantine";
+
 /// Quarantine settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuarantineSpec {
@@ -166,6 +169,86 @@ impl Quarantine {
         Ok((batch.filter(&BooleanArray::from(mask))?, diverted as u64))
     }
 
+    /// The quarantine's bookkeeping for a checkpoint: per key, the failures still inside the
+    /// window and the end of a running cool-down, as wall-clock ms (instants do not survive
+    /// a restart). Columns `key` (utf8), `kind` (`failure` or `until`), `at_ms` (int64).
+    /// `None` when there is nothing to keep.
+    ///
+    /// # Errors
+    /// Only if the table cannot be built.
+    pub fn snapshot(&self, now: Instant, now_ms: i64) -> Result<Option<RecordBatch>> {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let (mut keys, mut kinds, mut at) = (Vec::new(), Vec::new(), Vec::new());
+        for (k, st) in self.lock().iter() {
+            for f in &st.failures {
+                if now.duration_since(*f) <= self.spec.window {
+                    keys.push(k.clone());
+                    kinds.push("failure");
+                    at.push(now_ms - ms(now.duration_since(*f)));
+                }
+            }
+            if let Some(u) = st.until.filter(|u| *u > now) {
+                keys.push(k.clone());
+                kinds.push("until");
+                at.push(now_ms + ms(u.duration_since(now)));
+            }
+        }
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        let schema = Arc::new(arrow_schema::Schema::new(vec![
+            arrow_schema::Field::new("key", arrow_schema::DataType::Utf8, false),
+            arrow_schema::Field::new("kind", arrow_schema::DataType::Utf8, false),
+            arrow_schema::Field::new("at_ms", arrow_schema::DataType::Int64, false),
+        ]));
+        let cols: Vec<arrow_array::ArrayRef> = vec![
+            Arc::new(arrow_array::StringArray::from(keys)),
+            Arc::new(arrow_array::StringArray::from(kinds)),
+            Arc::new(arrow_array::Int64Array::from(at)),
+        ];
+        Ok(Some(RecordBatch::try_new(schema, cols)?))
+    }
+
+    /// Takes back what [`Quarantine::snapshot`] wrote: failures still inside the window count
+    /// again, and keys whose cool-down has not ended stay quarantined for the rest of it.
+    ///
+    /// # Errors
+    /// A table of another shape.
+    pub fn restore(&self, tables: &[RecordBatch], now: Instant, now_ms: i64) -> Result<()> {
+        use arrow_array::cast::AsArray as _;
+        let bad = || crate::CoreError::Config("the checkpoint's quarantine table has an unexpected shape".into());
+        let mut map = self.lock();
+        for t in tables {
+            let col = |name: &str| t.column_by_name(name).ok_or_else(bad);
+            let (keys, kinds) = (col("key")?.as_string_opt::<i32>().ok_or_else(bad)?, col("kind")?);
+            let kinds = kinds.as_string_opt::<i32>().ok_or_else(bad)?;
+            let at = col("at_ms")?.as_primitive_opt::<arrow_array::types::Int64Type>().ok_or_else(bad)?;
+            for i in 0..t.num_rows() {
+                let offset = at.value(i) - now_ms;
+                let instant = if offset >= 0 {
+                    now + Duration::from_millis(offset.unsigned_abs())
+                } else {
+                    now.checked_sub(Duration::from_millis(offset.unsigned_abs())).unwrap_or(now)
+                };
+                let st = map.entry(keys.value(i).to_string()).or_default();
+                match kinds.value(i) {
+                    "failure" if offset.unsigned_abs() <= self.spec.window.as_millis() as u64 => {
+                        st.failures.push_back(instant);
+                    }
+                    "until" if offset > 0 && st.until.is_none() => {
+                        st.until = Some(instant);
+                        self.active.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for st in map.values_mut() {
+            st.failures.make_contiguous().sort();
+        }
+        Ok(())
+    }
+
     /// The key of a dead letter, if it can be read: from a decoded row, or from a payload that
     /// is a JSON object.
     pub fn key_of(&self, letter: &DeadLetter) -> Option<String> {
@@ -269,6 +352,37 @@ mod tests {
         assert_eq!(q.active(), 1);
         assert!(!q.is_quarantined("a", at(83)));
         assert_eq!((q.active(), q.released_keys.load(Ordering::Relaxed)), (0, 1));
+    }
+
+    #[test]
+    fn bookkeeping_survives_a_snapshot_and_restore() {
+        let spec = QuarantineSpec {
+            keys: vec!["k".into()],
+            max_failures: 2,
+            window: Duration::from_secs(10),
+            cool_down: Duration::from_secs(60),
+        };
+        let q = Quarantine::new(spec.clone(), Arc::new(MemoryDeadLetters::default()));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        for s in [0, 1, 2] {
+            q.note_failure("out", at(s));
+        }
+        q.note_failure("flaky", at(1));
+        q.note_failure("flaky", at(2));
+        // Snapshot at t=3 (wall clock 1,000,000 ms), restore in a new process 1 s later.
+        let table = q.snapshot(at(3), 1_000_000).unwrap().unwrap();
+        let r = Quarantine::new(spec, Arc::new(MemoryDeadLetters::default()));
+        let t1 = Instant::now();
+        r.restore(&[table], t1, 1_001_000).unwrap();
+        assert_eq!(r.active(), 1);
+        assert!(r.is_quarantined("out", t1 + Duration::from_secs(50)), "the cool-down goes on");
+        assert!(!r.is_quarantined("out", t1 + Duration::from_secs(60)), "and ends when it would have");
+        assert!(r.note_failure("flaky", t1), "its two earlier failures still count");
+        assert!(Quarantine::new(q.spec.clone(), Arc::new(MemoryDeadLetters::default()))
+            .snapshot(t0, 0)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

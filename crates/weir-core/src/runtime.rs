@@ -309,11 +309,17 @@ impl Job {
                 ck,
                 spec.sink.committer(),
                 spec.dead_letters.clone(),
+                spec.quarantine.clone(),
                 &spec.name,
                 w_count,
                 self.registry.clone(),
                 on_demand.unwrap_or_else(|| mpsc::channel(1).1),
             ));
+            if let Some(tables) = restored.operators.remove(crate::quarantine::STATE_STEP) {
+                if let Some(q) = &spec.quarantine {
+                    q.restore(&tables, Instant::now(), now_ms())?;
+                }
+            }
             let known: std::collections::HashSet<String> =
                 stages.iter().flat_map(|s| s.ops.iter().map(|(id, _)| id.to_string())).collect();
             for step in restored.operators.keys().filter(|s| !known.contains(*s)) {

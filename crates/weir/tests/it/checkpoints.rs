@@ -146,3 +146,42 @@ fn a_checkpoint_can_be_asked_for_while_the_job_runs() {
     rt.block_on(run).unwrap().unwrap();
     assert_eq!(completed(), 2, "the one asked for, then the final one at shutdown");
 }
+
+/// A key quarantined before a restart is still quarantined after it: the bookkeeping is part
+/// of the checkpoint.
+#[test]
+fn quarantine_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let line =
+        |dev: &str, ts: &str| format!("{{\"device_id\":\"{dev}\",\"ts\":{ts},\"readings\":{{\"temp\":30.0}}}}\n");
+    let first: String =
+        (0..10).map(|i| line("broken", "\"never\"") + &line("ok", &format!("{}", 1_700_000_000_000i64 + i))).collect();
+    std::fs::write(&input, &first).unwrap();
+    let (out, dead, quar) = (dir.path().join("out"), dir.path().join("dead.jsonl"), dir.path().join("q.jsonl"));
+    let mut cfg = example("w2-filter-project.yaml", &[("INPUT", &input), ("OUTPUT", &out), ("DEAD_LETTERS", &dead)])
+        .config()
+        .clone();
+    cfg.quarantine = QuarantineConfig {
+        keys: Some(vec!["device_id".into()]),
+        max_dead_letters: 3,
+        within: Duration::from_secs(3600),
+        cool_down: Duration::from_secs(3600),
+        output: quar.display().to_string(),
+        ..QuarantineConfig::default()
+    };
+    cfg.checkpoints = Some(CheckpointConfig {
+        dir: dir.path().join("ck").display().to_string(),
+        options: Default::default(),
+        interval: Duration::ZERO,
+        keep: 2,
+    });
+    run(&cfg, 1, false).unwrap();
+    // Now the broken device sends good rows; the new run reads only these.
+    let more: String = (0..5).map(|i| line("broken", &format!("{}", 1_700_000_001_000i64 + i))).collect();
+    std::fs::write(&input, first + &more).unwrap();
+    let s = run(&cfg, 1, false).unwrap();
+    let source = s.steps[0].1;
+    assert_eq!((source.rows_in, source.quarantined), (5, 5), "{source:?}");
+    assert_eq!(read_jsonl(&quar).iter().filter(|l| l["kind"] == "quarantined").count(), 5);
+}
