@@ -121,7 +121,9 @@ pub trait OperatorFactory: Send + Sync + fmt::Debug {
 pub enum SourcePoll {
     /// Decoded rows of one partition, with their event times (ms).
     Rows {
-        /// The partition, an index local to this source instance.
+        /// The partition, an index local to this source instance. An index at or past
+        /// [`Source::partitions`] adds partitions (a Kafka consumer is assigned more); each new
+        /// one holds the watermark back until it has data or goes idle, as a new one must.
         partition: usize,
         /// The rows.
         batch: Batch,
@@ -131,6 +133,11 @@ pub enum SourcePoll {
     Waiting,
     /// The partition is finished (bounded input) and sends nothing more.
     PartitionEnd(usize),
+    /// The partition is not read by this instance for now (a Kafka partition revoked, or
+    /// none assigned yet): it stops holding the watermark back until it sends rows again.
+    /// Unlike [`SourcePoll::PartitionEnd`] it does not count as the end of time, so an
+    /// instance left without partitions cannot close every window downstream.
+    PartitionIdle(usize),
     /// Every partition of this instance is finished.
     End,
 }
@@ -165,7 +172,9 @@ impl SourceContext {
 /// nothing is ready (with [`SourcePoll::Waiting`]) keeps idle detection and shutdown working.
 #[async_trait::async_trait]
 pub trait Source: Send + fmt::Debug {
-    /// Number of partitions this instance reads (for watermarks).
+    /// Number of partitions this instance reads (for watermarks). It may grow while the
+    /// source runs (a Kafka consumer is assigned partitions); the runtime asks after every
+    /// poll, and a new partition holds the watermark back until it has data or goes idle.
     fn partitions(&self) -> usize;
     /// Produces the next output.
     async fn poll(&mut self, cx: &mut SourceContext) -> Result<SourcePoll>;

@@ -896,6 +896,12 @@ impl SourceDriver {
                     continue;
                 }
             };
+            // A source that learned of more partitions (a Kafka assignment) reports them
+            // before their first rows, so they hold the watermark back from the start.
+            let known = self.source.partitions();
+            if known > parts.len() {
+                grow(&mut parts, &mut comb, known - 1, &self.wm)?;
+            }
             let changed: Option<usize> = match polled {
                 SourcePoll::Rows { partition, batch } => {
                     let batch = match &self.quarantine {
@@ -923,9 +929,8 @@ impl SourceDriver {
                     let rows = batch.num_rows() as u64;
                     StepMetrics::add(&self.cx.metrics.rows_out, rows);
                     StepMetrics::add(&self.cx.metrics.batches_in, 1);
-                    let p = parts
-                        .get_mut(partition)
-                        .ok_or_else(|| CoreError::Internal(format!("source returned partition {partition} of {n}")))?;
+                    grow(&mut parts, &mut comb, partition, &self.wm)?;
+                    let p = &mut parts[partition];
                     if let Some(t) = batch.max_time() {
                         p.observe(t, Instant::now());
                     }
@@ -944,9 +949,13 @@ impl SourceDriver {
                     None
                 }
                 SourcePoll::PartitionEnd(p) => {
-                    if let Some(x) = parts.get_mut(p) {
-                        x.end();
-                    }
+                    grow(&mut parts, &mut comb, p, &self.wm)?;
+                    parts[p].end();
+                    Some(p)
+                }
+                SourcePoll::PartitionIdle(p) => {
+                    grow(&mut parts, &mut comb, p, &self.wm)?;
+                    parts[p].set_idle();
                     Some(p)
                 }
                 SourcePoll::End => break,
@@ -1007,6 +1016,20 @@ impl SourceDriver {
         }
         self.downstream.watermark(w).await
     }
+}
+
+/// Makes room for source partition `p`: partitions past the ones a source started with
+/// (a Kafka consumer assigned more) join the watermark as inputs that have not reported.
+fn grow(parts: &mut Vec<PartitionWatermark>, comb: &mut WatermarkCombiner, p: usize, wm: &WatermarkSpec) -> Result<()> {
+    // A bound on growth turns a source's bug into an error instead of an allocation spree.
+    if p >= parts.len() + 65_536 {
+        crate::bail_internal!("source returned partition {p} of {}", parts.len());
+    }
+    while parts.len() <= p {
+        parts.push(PartitionWatermark::new(wm.bound, wm.idle_timeout, Instant::now()));
+        comb.add_input();
+    }
+    Ok(())
 }
 
 /// Drives a stage after an exchange on one worker.

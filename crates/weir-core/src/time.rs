@@ -308,6 +308,14 @@ impl PartitionWatermark {
         self.idle = false;
     }
 
+    /// Marks the partition idle now (its reader lost it): it holds nothing back until it
+    /// observes data again.
+    pub fn set_idle(&mut self) {
+        if !self.ended {
+            self.idle = true;
+        }
+    }
+
     /// Marks the partition finished: it no longer holds anything back.
     pub fn end(&mut self) {
         self.ended = true;
@@ -343,6 +351,8 @@ impl PartitionWatermark {
 #[derive(Debug, Clone)]
 pub struct WatermarkCombiner {
     inputs: Vec<Option<Watermark>>,
+    /// Each input's last time before it went idle: what it has promised, idle or not.
+    last_at: Vec<Option<i64>>,
     emitted: Option<i64>,
     emitted_idle: bool,
 }
@@ -350,7 +360,7 @@ pub struct WatermarkCombiner {
 impl WatermarkCombiner {
     /// A combiner over `n` inputs.
     pub fn new(n: usize) -> Self {
-        Self { inputs: vec![None; n], emitted: None, emitted_idle: false }
+        Self { inputs: vec![None; n], last_at: vec![None; n], emitted: None, emitted_idle: false }
     }
 
     /// Records input `i`'s watermark and returns what to send downstream, if anything changed.
@@ -361,8 +371,22 @@ impl WatermarkCombiner {
                 (Some(Watermark::At(new)), Some(Watermark::At(old))) if new < old => {}
                 _ => *slot = wm,
             }
+            if let Some(Watermark::At(t)) = *slot {
+                self.last_at[i] = Some(self.last_at[i].map_or(t, |l| l.max(t)));
+            }
         }
         self.combined()
+    }
+
+    /// Adds an input that has not reported yet (it holds the result back until it does).
+    pub fn add_input(&mut self) {
+        self.inputs.push(None);
+        self.last_at.push(None);
+    }
+
+    /// The number of inputs.
+    pub fn inputs(&self) -> usize {
+        self.inputs.len()
     }
 
     /// The last watermark emitted (ms).
@@ -373,17 +397,36 @@ impl WatermarkCombiner {
     fn combined(&mut self) -> Option<Watermark> {
         let mut min: Option<i64> = None;
         let mut any_live = false;
+        let mut any_idle = false;
         for w in &self.inputs {
             match w {
                 None => return None,
-                Some(Watermark::Idle) => {}
+                Some(Watermark::Idle) => any_idle = true,
                 Some(Watermark::At(t)) => {
                     any_live = true;
                     min = Some(min.map_or(*t, |m| m.min(*t)));
                 }
             }
         }
+        // Only ended inputs reach the end of time. If the others are idle, they may still send
+        // rows: the result is idle, not the end of time, or every window downstream would
+        // close at once and their rows arrive late (a worker whose source has no partitions
+        // next to one whose partitions are quiet).
+        if any_idle && min == Some(END_OF_TIME) {
+            any_live = false;
+        }
         if !any_live {
+            // Going idle all at once must not lose the progress the inputs made before: what
+            // every input that had data has promised is emitted first (the next call says
+            // idle). Inputs that never had data promise nothing and are left out.
+            let promised = self.last_at.iter().zip(&self.inputs).filter(|(_, w)| **w == Some(Watermark::Idle));
+            if let Some(p) = promised.filter_map(|(l, _)| *l).min() {
+                if self.emitted.is_none_or(|e| p > e) && p != END_OF_TIME {
+                    self.emitted = Some(p);
+                    self.emitted_idle = false;
+                    return Some(Watermark::At(p));
+                }
+            }
             if self.emitted_idle {
                 return None;
             }
@@ -405,6 +448,49 @@ impl WatermarkCombiner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    //  input 0: 10 -------------- 30 ---- (revoked: idle) ---------- 50
+    //  input 1 (added):   (nothing) ---- 20 ---------- 40
+    //  output:  10        (held)         20   20 (0 idle)     40       40
+    //  input 0: 50 (held back by input 1) ... idle      input 1: (no data) ... idle
+    //  output:  -                              50, then idle
+    #[test]
+    fn inputs_going_idle_together_keep_the_progress_made() {
+        let mut c = WatermarkCombiner::new(2);
+        assert_eq!(c.update(0, Some(Watermark::At(50))), None);
+        assert_eq!(c.update(0, Some(Watermark::Idle)), None, "input 1 still unknown");
+        assert_eq!(c.update(1, Some(Watermark::Idle)), Some(Watermark::At(50)));
+        assert_eq!(c.update(1, Some(Watermark::Idle)), Some(Watermark::Idle));
+        assert_eq!(c.update(1, Some(Watermark::Idle)), None, "idle is said once");
+    }
+
+    #[test]
+    fn ended_and_idle_inputs_give_idle_not_the_end_of_time() {
+        let mut c = WatermarkCombiner::new(2);
+        assert_eq!(c.update(0, Some(Watermark::At(END_OF_TIME))), None, "input 1 has not reported");
+        assert_eq!(c.update(1, Some(Watermark::Idle)), Some(Watermark::Idle));
+        assert_eq!(c.update(1, Some(Watermark::At(5))), Some(Watermark::At(5)), "rows again: its time counts");
+        assert_eq!(c.update(1, Some(Watermark::At(END_OF_TIME))), Some(Watermark::At(END_OF_TIME)), "both ended");
+    }
+
+    #[test]
+    fn added_inputs_hold_back_and_idle_ones_do_not() {
+        let at = |t| Some(Watermark::At(t));
+        let mut c = WatermarkCombiner::new(1);
+        assert_eq!(c.update(0, at(10)), at(10));
+        c.add_input();
+        assert_eq!(c.inputs(), 2);
+        assert_eq!(c.update(0, at(30)), None, "a new input that has not reported holds the result back");
+        assert_eq!(c.update(1, at(20)), at(20));
+        let mut p = PartitionWatermark::new(Duration::ZERO, None, Instant::now());
+        p.observe(30, Instant::now());
+        p.set_idle();
+        assert_eq!(c.update(0, p.current()), None, "an idle input is left out (20 stays)");
+        assert_eq!(c.update(1, at(40)), at(40));
+        p.observe(50, Instant::now());
+        assert_eq!(p.current(), at(50), "data wakes it");
+        assert_eq!(c.update(0, p.current()), None, "40 stays, the minimum of 50 and 40");
+    }
 
     #[test]
     fn partition_watermark_is_max_minus_bound() {
