@@ -10,6 +10,8 @@ pub mod deadletter;
 mod decode;
 pub mod file;
 pub mod generator;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod sink;
 pub mod stdin;
 pub mod txfile;

@@ -179,6 +179,9 @@ pub struct SourceConfig {
     /// Generate synthetic sensor events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generator: Option<GeneratorSettings>,
+    /// Read Kafka topics through a consumer group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaSourceSettings>,
     /// Declared schema; inferred from the first records when absent (JSON only).
     #[serde(default)]
     pub schema: Option<SchemaSpec>,
@@ -212,6 +215,128 @@ pub enum SourceConnector {
     Stdin(StdinSettings),
     /// Synthetic sensor events.
     Generator(GeneratorSettings),
+    /// Kafka topics.
+    Kafka(KafkaSourceSettings),
+}
+
+/// Kafka source settings. Security (TLS, SASL PLAIN or SCRAM) and anything else librdkafka
+/// knows go in `properties`; values may be `${VAR}` references and are never logged.
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceSettings {
+    /// Bootstrap brokers, `host:port,host:port`.
+    pub brokers: String,
+    /// Topics; a name starting with `^` is a regular expression.
+    pub topics: Vec<String>,
+    /// Consumer group; default `weir-<pipeline name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// Where a partition without a checkpointed position starts: `earliest`, `latest`,
+    /// `committed` or an RFC 3339 time.
+    #[serde(default = "default_kafka_start")]
+    pub start: String,
+    /// Payload format.
+    #[serde(default = "default_format")]
+    pub format: FormatSpec,
+    /// End once every assigned partition is read up to where it ended when assigned.
+    #[serde(default)]
+    pub stop_at_end: bool,
+    /// Metadata columns to add, by the name to give them.
+    #[serde(default)]
+    pub metadata: KafkaMetadataSettings,
+    /// librdkafka properties (ours win on a clash: offsets are never auto-committed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaSourceSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSourceSettings")
+            .field("brokers", &self.brokers)
+            .field("topics", &self.topics)
+            .field("group_id", &self.group_id)
+            .field("start", &self.start)
+            .field("format", &self.format)
+            .field("stop_at_end", &self.stop_at_end)
+            .field("metadata", &self.metadata)
+            .field("properties", &weir_connectors::kafka::redacted(&self.properties))
+            .finish()
+    }
+}
+
+fn default_kafka_start() -> String {
+    "earliest".into()
+}
+
+/// Kafka metadata as columns: each key set names the column.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaMetadataSettings {
+    /// The record key as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// The partition (int32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    /// The offset (int64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<String>,
+    /// The broker timestamp in ms (int64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+    /// The headers as a JSON object text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<String>,
+}
+
+/// Kafka sink settings.
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkSettings {
+    /// Bootstrap brokers.
+    pub brokers: String,
+    /// Topic written to.
+    pub topic: String,
+    /// Value format: `json` or `msgpack`.
+    #[serde(default = "default_format")]
+    pub format: FormatSpec,
+    /// Column whose text is the record key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Integer column naming the partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    /// Header name to column.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// `at_least_once` (default).
+    #[serde(default = "default_kafka_mode")]
+    pub mode: String,
+    /// librdkafka properties (ours win on a clash: the producer is idempotent).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaSinkSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSinkSettings")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("format", &self.format)
+            .field("key", &self.key)
+            .field("partition", &self.partition)
+            .field("headers", &self.headers)
+            .field("mode", &self.mode)
+            .field("properties", &weir_connectors::kafka::redacted(&self.properties))
+            .finish()
+    }
+}
+
+fn default_kafka_mode() -> String {
+    "at_least_once".into()
 }
 
 /// File source settings.
@@ -650,6 +775,9 @@ pub struct SinkConfig {
     /// Write to standard output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdout: Option<StdoutSettings>,
+    /// Produce to a Kafka topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaSinkSettings>,
     /// A column holding each row's creation time in µs since the epoch (the generator's
     /// `created_us`): the sink then records creation-to-write latency (summary and metrics).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -666,6 +794,8 @@ pub enum SinkConnector {
     File(FileSinkSettings),
     /// Standard output.
     Stdout(StdoutSettings),
+    /// A Kafka topic.
+    Kafka(KafkaSinkSettings),
 }
 
 /// File sink settings.
@@ -763,6 +893,7 @@ impl SourceConfig {
             file: None,
             stdin: None,
             generator: None,
+            kafka: None,
             schema: None,
             event_time: None,
             watermark: WatermarkConfig::default(),
@@ -773,6 +904,7 @@ impl SourceConfig {
             SourceConnector::File(f) => s.file = Some(f),
             SourceConnector::Stdin(f) => s.stdin = Some(f),
             SourceConnector::Generator(f) => s.generator = Some(f),
+            SourceConnector::Kafka(k) => s.kafka = Some(k),
         }
         s
     }
@@ -782,12 +914,23 @@ impl SourceConfig {
     /// # Errors
     /// None or several configured.
     pub fn connector(&self) -> Result<SourceConnector, String> {
-        match (&self.file, &self.stdin, &self.generator) {
-            (Some(f), None, None) => Ok(SourceConnector::File(f.clone())),
-            (None, Some(s), None) => Ok(SourceConnector::Stdin(s.clone())),
-            (None, None, Some(g)) => Ok(SourceConnector::Generator(g.clone())),
-            (None, None, None) => Err(format!("source `{}` needs one of `file`, `stdin`, `generator`", self.id)),
-            _ => Err(format!("source `{}` has more than one of `file`, `stdin`, `generator`", self.id)),
+        let mut set = Vec::new();
+        if let Some(f) = &self.file {
+            set.push(SourceConnector::File(f.clone()));
+        }
+        if let Some(s) = &self.stdin {
+            set.push(SourceConnector::Stdin(s.clone()));
+        }
+        if let Some(g) = &self.generator {
+            set.push(SourceConnector::Generator(g.clone()));
+        }
+        if let Some(k) = &self.kafka {
+            set.push(SourceConnector::Kafka(k.clone()));
+        }
+        match set.len() {
+            1 => Ok(set.remove(0)),
+            0 => Err(format!("source `{}` needs one of `file`, `stdin`, `generator`, `kafka`", self.id)),
+            _ => Err(format!("source `{}` has more than one of `file`, `stdin`, `generator`, `kafka`", self.id)),
         }
     }
 }
@@ -802,11 +945,18 @@ impl FileSourceSettings {
 impl SinkConfig {
     /// A sink with the given id and connector.
     pub fn new(id: impl Into<String>, connector: SinkConnector) -> Self {
-        let mut s =
-            Self { id: id.into(), file: None, stdout: None, latency_column: None, retry: RetryConfig::default() };
+        let mut s = Self {
+            id: id.into(),
+            file: None,
+            stdout: None,
+            kafka: None,
+            latency_column: None,
+            retry: RetryConfig::default(),
+        };
         match connector {
             SinkConnector::File(f) => s.file = Some(f),
             SinkConnector::Stdout(f) => s.stdout = Some(f),
+            SinkConnector::Kafka(k) => s.kafka = Some(k),
         }
         s
     }
@@ -816,11 +966,12 @@ impl SinkConfig {
     /// # Errors
     /// None or several configured.
     pub fn connector(&self) -> Result<SinkConnector, String> {
-        match (&self.file, &self.stdout) {
-            (Some(f), None) => Ok(SinkConnector::File(f.clone())),
-            (None, Some(s)) => Ok(SinkConnector::Stdout(s.clone())),
-            (None, None) => Err(format!("sink `{}` needs one of `file`, `stdout`", self.id)),
-            _ => Err(format!("sink `{}` has more than one of `file`, `stdout`", self.id)),
+        match (&self.file, &self.stdout, &self.kafka) {
+            (Some(f), None, None) => Ok(SinkConnector::File(f.clone())),
+            (None, Some(s), None) => Ok(SinkConnector::Stdout(s.clone())),
+            (None, None, Some(k)) => Ok(SinkConnector::Kafka(k.clone())),
+            (None, None, None) => Err(format!("sink `{}` needs one of `file`, `stdout`, `kafka`", self.id)),
+            _ => Err(format!("sink `{}` has more than one of `file`, `stdout`, `kafka`", self.id)),
         }
     }
 }

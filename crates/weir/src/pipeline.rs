@@ -167,7 +167,13 @@ impl Pipeline {
         }
         let built = BuiltPipeline { cfg: c.clone() };
         if let Some(schema) = &c.source.schema {
-            built.plan_steps(&schema.to_arrow(), 1, false)?;
+            let mut schema = schema.to_arrow();
+            if let Some(k) = &c.source.kafka {
+                let mut fields: Vec<_> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+                fields.extend(kafka_metadata(&k.metadata).fields());
+                schema = Arc::new(arrow_schema::Schema::new(fields));
+            }
+            built.plan_steps(&schema, 1, false)?;
         }
         Ok(built)
     }
@@ -401,6 +407,31 @@ impl BuiltPipeline {
                 let schema = fac.schema();
                 (Arc::new(fac), schema)
             }
+            SourceConnector::Kafka(k) => {
+                let payload = src.schema.as_ref().map(weir_formats::SchemaSpec::to_arrow).ok_or_else(|| {
+                    CoreError::Config(format!("source `{}`: kafka needs a declared `schema` for its payloads", src.id))
+                })?;
+                let start = kafka_start(&k.start).map_err(|e| CoreError::Config(e).in_step(&source_step))?;
+                let fac = weir_connectors::kafka::KafkaSourceFactory::new(weir_connectors::kafka::KafkaSourceConfig {
+                    client: weir_connectors::kafka::KafkaClientConfig {
+                        brokers: k.brokers.clone(),
+                        properties: k.properties.clone(),
+                    },
+                    topics: k.topics.clone(),
+                    group_id: k.group_id.clone().unwrap_or_else(|| format!("weir-{}", c.name)),
+                    start,
+                    format: k.format,
+                    payload_schema: payload,
+                    metadata: kafka_metadata(&k.metadata),
+                    event_time: event_time.clone(),
+                    batch_size: src.batch_size,
+                    max_linger: src.max_linger,
+                    stop_at_end: k.stop_at_end,
+                })
+                .map_err(|e| e.in_step(&source_step))?;
+                let schema = fac.schema();
+                (Arc::new(fac), schema)
+            }
         };
         if let Some(et) = &event_time {
             weir_ops::field_by_path(&schema, &et.column)
@@ -416,6 +447,31 @@ impl BuiltPipeline {
             }
             SinkConnector::File(f) => Arc::new(FileSinkFactory::new(&f.path, f.format, out_schema)),
             SinkConnector::Stdout(s) => Arc::new(StdoutSinkFactory::new(s.format, out_schema)),
+            SinkConnector::Kafka(k) => {
+                let mode = match k.mode.as_str() {
+                    "at_least_once" => weir_connectors::kafka::KafkaSinkMode::AtLeastOnce,
+                    other => {
+                        return Err(CoreError::Config(format!("kafka sink `mode: {other}`: expected `at_least_once`"))
+                            .in_step(&sink_step))
+                    }
+                };
+                Arc::new(
+                    weir_connectors::kafka::KafkaSinkFactory::new(weir_connectors::kafka::KafkaSinkConfig {
+                        client: weir_connectors::kafka::KafkaClientConfig {
+                            brokers: k.brokers.clone(),
+                            properties: k.properties.clone(),
+                        },
+                        topic: k.topic.clone(),
+                        format: k.format,
+                        schema: out_schema,
+                        key: k.key.clone(),
+                        partition: k.partition.clone(),
+                        headers: k.headers.clone(),
+                        mode,
+                    })
+                    .map_err(|e| e.in_step(&sink_step))?,
+                )
+            }
         };
         let mut dead: Arc<dyn DeadLetterSink> =
             Arc::new(FileDeadLetters::new(&c.dead_letters.path).appending(resuming));
@@ -572,4 +628,32 @@ fn infer_from_file(path: &str, format: &FormatSpec) -> Result<SchemaRef> {
     })?;
     tracing::info!(file = %first.display(), fields = spec.fields.len(), "Inferred the input schema from the first records.");
     Ok(spec.to_arrow())
+}
+
+/// Parses a Kafka `start`: `earliest`, `latest`, `committed` or an RFC 3339 time.
+fn kafka_start(s: &str) -> std::result::Result<weir_connectors::kafka::KafkaStart, String> {
+    use weir_connectors::kafka::KafkaStart;
+    Ok(match s {
+        "earliest" => KafkaStart::Earliest,
+        "latest" => KafkaStart::Latest,
+        "committed" => KafkaStart::Committed,
+        t => KafkaStart::Timestamp(
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map_err(|_| {
+                    format!("kafka `start: {t}`: expected earliest, latest, committed or an RFC 3339 time such as 2026-12-01T00:00:00Z")
+                })?
+                .timestamp_millis(),
+        ),
+    })
+}
+
+fn kafka_metadata(m: &KafkaMetadataSettings) -> weir_connectors::kafka::KafkaMetadataColumns {
+    weir_connectors::kafka::KafkaMetadataColumns {
+        key: m.key.clone(),
+        topic: m.topic.clone(),
+        partition: m.partition.clone(),
+        offset: m.offset.clone(),
+        timestamp: m.timestamp.clone(),
+        headers: m.headers.clone(),
+    }
 }

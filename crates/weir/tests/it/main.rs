@@ -6,5 +6,6 @@ mod common;
 mod connectors;
 mod errors;
 mod golden;
+mod kafka;
 mod metrics;
 mod runtime;

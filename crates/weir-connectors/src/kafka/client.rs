@@ -1,0 +1,139 @@
+//! What the Kafka source and sink share: connection settings, librdkafka properties, and a
+//! client context that sends librdkafka's logs and errors to `tracing`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::KafkaError;
+use rdkafka::ClientConfig;
+use weir_core::{CoreError, Retry};
+
+/// How to reach the brokers. Security settings (TLS, SASL PLAIN or SCRAM) are librdkafka
+/// properties: `security.protocol`, `sasl.mechanism`, `sasl.username`, `sasl.password`,
+/// `ssl.ca.location`, ...
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KafkaClientConfig {
+    /// `host:port,host:port`.
+    pub brokers: String,
+    /// librdkafka properties passed through (Weir's own settings win on a clash).
+    pub properties: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for KafkaClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaClientConfig")
+            .field("brokers", &self.brokers)
+            .field("properties", &redacted(&self.properties))
+            .finish()
+    }
+}
+
+/// Properties with the values of anything that may be a secret replaced by `***`, for logs
+/// and `Debug`.
+pub fn redacted(props: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
+    props
+        .iter()
+        .map(|(k, v)| {
+            let secret = ["password", "secret", "key", "token", "jaas"].iter().any(|s| k.contains(s));
+            (k.as_str(), if secret { "***" } else { v.as_str() })
+        })
+        .collect()
+}
+
+impl KafkaClientConfig {
+    /// The librdkafka configuration: passed-through properties, then Weir's own `ours`.
+    pub(crate) fn client_config(&self, ours: &[(&str, String)]) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in ours {
+            if self.properties.get(*k).is_some_and(|theirs| theirs != v) {
+                tracing::warn!(property = *k, "A Kafka property set in the pipeline is overridden by Weir.");
+            }
+            c.set(*k, v);
+        }
+        c
+    }
+}
+
+/// Logs librdkafka's own messages and errors through `tracing`, so a broker that is down is
+/// reported (librdkafka reconnects by itself, with backoff).
+#[derive(Debug, Default)]
+pub(crate) struct Logging {
+    pub(crate) what: String,
+}
+
+impl ClientContext for Logging {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        let what = self.what.as_str();
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                tracing::error!(client = what, facility = fac, "librdkafka: {message}");
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(client = what, facility = fac, "librdkafka: {message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(client = what, facility = fac, "librdkafka: {message}");
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(client = what, facility = fac, "librdkafka: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(client = %self.what, error = %error, "Kafka client error (it keeps retrying): {reason}");
+    }
+}
+
+/// A Kafka error as a core error: configuration mistakes are the user's and final; anything
+/// else may pass (a broker down, a leader moving) and is retried with backoff.
+pub(crate) fn kafka_err(what: impl fmt::Display, e: &KafkaError) -> CoreError {
+    let config = matches!(e, KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_));
+    let fatal = e.rdkafka_error_code().is_some_and(|c| {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        matches!(
+            c,
+            C::Fatal
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::TransactionalIdAuthorizationFailed
+                | C::InvalidProducerEpoch
+                | C::ProducerFenced
+                | C::MessageSizeTooLarge
+                | C::UnknownTopicOrPartition
+        )
+    });
+    CoreError::Other {
+        message: format!("{what}: {e}"),
+        blame: if config { weir_core::Blame::User } else { weir_core::Blame::External },
+        retry: if config || fatal { Retry::Never } else { Retry::Backoff },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_and_our_settings_win() {
+        let cfg = KafkaClientConfig {
+            brokers: "b:9092".into(),
+            properties: [
+                ("sasl.password".to_string(), "hunter2".to_string()),
+                ("ssl.key.location".to_string(), "/k".to_string()),
+                ("enable.auto.commit".to_string(), "true".to_string()),
+                ("client.id".to_string(), "me".to_string()),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("hunter2") && shown.contains("***") && shown.contains("client.id"), "{shown}");
+        let c = cfg.client_config(&[("enable.auto.commit", "false".into())]);
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("client.id"), Some("me"));
+        assert_eq!(c.get("bootstrap.servers"), Some("b:9092"));
+    }
+}

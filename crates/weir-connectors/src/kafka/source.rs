@@ -1,0 +1,697 @@
+//! The Kafka source: one consumer per process, in a consumer group, reading the partitions
+//! Kafka assigns to the process.
+//!
+//! Worker 0 owns the consumer and decodes; the other workers get rows through the exchange
+//! after a `key_by`. One consumer per process means a partition never moves between the
+//! workers of one process, so its read position is always the one this process handed out;
+//! several processes split the partitions through the group protocol.
+//!
+//! Positions (the offset of the next record to hand out, per topic and partition) are the
+//! source's checkpoint state; on restore the consumer starts each assigned partition there.
+//! They are also committed to Kafka when the next checkpoint starts, as a progress hint for
+//! lag monitors only: Weir never reads them back unless `start: committed` and there is no
+//! checkpoint.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use arrow_array::cast::AsArray as _;
+use arrow_array::types::{Int32Type, Int64Type};
+use arrow_array::{ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use weir_core::linger::Linger;
+use weir_core::time::EventTimeSpec;
+use weir_core::{CoreError, Result, Source, SourceContext, SourceFactory, SourcePoll};
+use weir_formats::{Decoder, FormatSpec};
+
+use super::client::{kafka_err, KafkaClientConfig, Logging};
+use crate::decode::{decode_records_with, Position};
+
+/// Where a partition starts when no checkpoint names a position for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KafkaStart {
+    /// The oldest record the broker keeps.
+    #[default]
+    Earliest,
+    /// Only records produced from now on.
+    Latest,
+    /// The group's committed offset (earliest where there is none).
+    Committed,
+    /// The first record with a broker timestamp at or after this time (ms since the epoch).
+    Timestamp(i64),
+}
+
+/// Which Kafka metadata to add as columns, and their names; `None` leaves one out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KafkaMetadataColumns {
+    /// The record key, as UTF-8 text (invalid bytes replaced); null without a key.
+    pub key: Option<String>,
+    /// The topic.
+    pub topic: Option<String>,
+    /// The partition (int32).
+    pub partition: Option<String>,
+    /// The offset (int64).
+    pub offset: Option<String>,
+    /// The broker timestamp, ms since the epoch (int64); usable as the event time.
+    pub timestamp: Option<String>,
+    /// The headers as a JSON object of strings (utf8); null without headers.
+    pub headers: Option<String>,
+}
+
+impl KafkaMetadataColumns {
+    /// The columns, in the order they follow the payload's.
+    pub fn fields(&self) -> Vec<Field> {
+        let mut f = Vec::new();
+        let mut add = |name: &Option<String>, t: DataType| {
+            if let Some(n) = name {
+                f.push(Field::new(n, t, true));
+            }
+        };
+        add(&self.key, DataType::Utf8);
+        add(&self.topic, DataType::Utf8);
+        add(&self.partition, DataType::Int32);
+        add(&self.offset, DataType::Int64);
+        add(&self.timestamp, DataType::Int64);
+        add(&self.headers, DataType::Utf8);
+        f
+    }
+}
+
+/// Settings of a Kafka source.
+#[derive(Debug, Clone)]
+pub struct KafkaSourceConfig {
+    /// Brokers and passed-through properties.
+    pub client: KafkaClientConfig,
+    /// Topics to read; a name starting with `^` is a regular expression.
+    pub topics: Vec<String>,
+    /// The consumer group.
+    pub group_id: String,
+    /// Where partitions without a checkpointed position start.
+    pub start: KafkaStart,
+    /// Payload format.
+    pub format: FormatSpec,
+    /// Schema of the decoded payload.
+    pub payload_schema: SchemaRef,
+    /// Metadata columns appended after the payload's.
+    pub metadata: KafkaMetadataColumns,
+    /// Event time.
+    pub event_time: Option<EventTimeSpec>,
+    /// Rows per batch at most.
+    pub batch_size: usize,
+    /// Longest a partial batch waits.
+    pub max_linger: Duration,
+    /// End once every assigned partition has been read up to where it ended when it was
+    /// assigned (bounded runs: tests, backfills, benchmarks).
+    pub stop_at_end: bool,
+}
+
+/// Builds the Kafka source: the consumer on worker 0, nothing on the others.
+#[derive(Debug)]
+pub struct KafkaSourceFactory {
+    cfg: Arc<KafkaSourceConfig>,
+    schema: SchemaRef,
+}
+
+impl KafkaSourceFactory {
+    /// Checks the settings (no I/O).
+    ///
+    /// # Errors
+    /// No topics, a metadata column named like a payload column, or an unknown format.
+    pub fn new(cfg: KafkaSourceConfig) -> Result<Self> {
+        weir_core::ensure_config!(!cfg.topics.is_empty(), "kafka: `topics` is empty");
+        weir_core::ensure_config!(!cfg.client.brokers.is_empty(), "kafka: `brokers` is empty");
+        let mut fields: Vec<Field> = cfg.payload_schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        for m in cfg.metadata.fields() {
+            weir_core::ensure_config!(
+                fields.iter().all(|f| f.name() != m.name()),
+                "kafka: metadata column `{}` has the name of a payload column; rename it",
+                m.name()
+            );
+            fields.push(m);
+        }
+        // Fails early on a format this source cannot decode.
+        cfg.format.decoder(cfg.payload_schema.clone()).map_err(crate::fmt_err)?;
+        Ok(Self { schema: Arc::new(Schema::new(fields)), cfg: Arc::new(cfg) })
+    }
+}
+
+impl SourceFactory for KafkaSourceFactory {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn create(&self, worker: usize, _workers: usize) -> Result<Box<dyn Source>> {
+        let decoder = self.cfg.format.decoder(self.cfg.payload_schema.clone()).map_err(crate::fmt_err)?;
+        Ok(Box::new(KafkaSource {
+            reader: worker == 0,
+            cfg: self.cfg.clone(),
+            schema: self.schema.clone(),
+            decoder,
+            consumer: None,
+            shared: Arc::new(Shared::default()),
+            parts: Vec::new(),
+            index: HashMap::new(),
+            linger: Linger::new(self.cfg.batch_size, self.cfg.max_linger),
+            pending_idle: Vec::new(),
+            last_snapshot: None,
+            warned_at: None,
+        }))
+    }
+
+    fn resumable(&self) -> bool {
+        true
+    }
+}
+
+/// What the rebalance callback and the source share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Where to start a partition when it is assigned: restored positions, and the positions
+    /// of partitions this process handed out before they were revoked.
+    resume: Mutex<HashMap<(String, i32), i64>>,
+    /// Assignment changes, for the source to act on.
+    events: Mutex<Vec<Assignment>>,
+}
+
+#[derive(Debug)]
+enum Assignment {
+    /// Partitions assigned, with the offset where each ended at that moment (for
+    /// `stop_at_end`; `None` when it could not be read).
+    Assigned(Vec<(String, i32, Option<i64>)>),
+    Revoked(Vec<(String, i32)>),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The consumer's context: logs, and the rebalance callback that starts each partition at
+/// the right offset.
+#[derive(Debug)]
+struct SourceCtx {
+    log: Logging,
+    shared: Arc<Shared>,
+    start: KafkaStart,
+    stop_at_end: bool,
+}
+
+impl ClientContext for SourceCtx {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.log.log(level, fac, message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.log.error(error, reason);
+    }
+}
+
+impl ConsumerContext for SourceCtx {
+    // Overridden (not pre_rebalance) because only here is the list mutable: offsets set on it
+    // take effect with the assignment itself, before any fetch, so no record before a
+    // checkpointed position is ever read. The group uses eager assignment (set in
+    // `KafkaSource::consumer`), hence assign/unassign.
+    fn rebalance(&self, base: &BaseConsumer<Self>, err: rdkafka::types::RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        use rdkafka::types::RDKafkaRespErr as E;
+        match err {
+            E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let tps: Vec<(String, i32)> =
+                    tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+                let resume = lock(&self.shared.resume).clone();
+                let mut by_time = TopicPartitionList::new();
+                for (t, p) in &tps {
+                    let offset = match (resume.get(&(t.clone(), *p)), self.start) {
+                        (Some(&o), _) => Offset::Offset(o),
+                        (None, KafkaStart::Earliest) => Offset::Beginning,
+                        (None, KafkaStart::Latest) => Offset::End,
+                        (None, KafkaStart::Committed) => Offset::Stored,
+                        (None, KafkaStart::Timestamp(ms)) => {
+                            let _ = by_time.add_partition_offset(t, *p, Offset::Offset(ms));
+                            Offset::End
+                        }
+                    };
+                    let _ = tpl.set_partition_offset(t, *p, offset);
+                }
+                if by_time.count() > 0 {
+                    match base.offsets_for_times(by_time, Duration::from_secs(10)) {
+                        Ok(found) => {
+                            for e in found.elements() {
+                                let _ = tpl.set_partition_offset(e.topic(), e.partition(), e.offset());
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "Could not look up offsets by time; those partitions start at the end.")
+                        }
+                    }
+                }
+                if let Err(e) = base.assign(tpl) {
+                    tracing::error!(error = %e, "Kafka partition assignment failed.");
+                    return;
+                }
+                let ends = tps
+                    .into_iter()
+                    .map(|(t, p)| {
+                        let end = self
+                            .stop_at_end
+                            .then(|| base.fetch_watermarks(&t, p, Duration::from_secs(10)).ok().map(|(_, h)| h))
+                            .flatten();
+                        (t, p, end)
+                    })
+                    .collect::<Vec<_>>();
+                tracing::info!(partitions = ends.len(), "Kafka partitions assigned.");
+                lock(&self.shared.events).push(Assignment::Assigned(ends));
+            }
+            E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let tps = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>();
+                if let Err(e) = base.unassign() {
+                    tracing::warn!(error = %e, "Kafka unassign failed.");
+                }
+                tracing::info!(partitions = tps.len(), "Kafka partitions revoked.");
+                lock(&self.shared.events).push(Assignment::Revoked(tps));
+            }
+            other => {
+                tracing::warn!(error = ?other, "Kafka rebalance failed; dropping the assignment until the next one.");
+                let _ = base.unassign();
+            }
+        }
+    }
+}
+
+/// One partition's records waiting to be handed out.
+#[derive(Debug, Default)]
+struct Part {
+    topic: String,
+    partition: i32,
+    assigned: bool,
+    /// Offset of the next record to hand out (`None` before the first record).
+    next: Option<i64>,
+    /// With `stop_at_end`: the offset where the partition ended when assigned.
+    end: Option<i64>,
+    buf: Vec<u8>,
+    ranges: Vec<Range<usize>>,
+    offsets: Vec<i64>,
+    keys: Vec<Option<String>>,
+    times: Vec<Option<i64>>,
+    headers: Vec<Option<String>>,
+    first_at: Option<Instant>,
+}
+
+impl Part {
+    fn done(&self) -> bool {
+        match self.end {
+            Some(end) => self.ranges.is_empty() && self.next.unwrap_or(0) >= end,
+            None => false,
+        }
+    }
+}
+
+struct KafkaSource {
+    reader: bool,
+    cfg: Arc<KafkaSourceConfig>,
+    schema: SchemaRef,
+    decoder: Box<dyn Decoder>,
+    consumer: Option<Arc<StreamConsumer<SourceCtx>>>,
+    shared: Arc<Shared>,
+    /// Partitions by local index (the runtime's watermark slot); never removed, so indices
+    /// stay stable across rebalances.
+    parts: Vec<Part>,
+    index: HashMap<(String, i32), usize>,
+    linger: Linger,
+    pending_idle: Vec<usize>,
+    last_snapshot: Option<TopicPartitionList>,
+    warned_at: Option<Instant>,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource")
+            .field("reader", &self.reader)
+            .field("topics", &self.cfg.topics)
+            .field("partitions", &self.parts.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaSource {
+    fn consumer(&mut self) -> Result<Arc<StreamConsumer<SourceCtx>>> {
+        if let Some(c) = &self.consumer {
+            return Ok(c.clone());
+        }
+        let cfg = &self.cfg;
+        let reset = if cfg.start == KafkaStart::Latest { "latest" } else { "earliest" };
+        let ours = [
+            ("group.id", cfg.group_id.clone()),
+            ("enable.auto.commit", "false".into()),
+            ("enable.auto.offset.store", "false".into()),
+            ("auto.offset.reset", reset.into()),
+            ("partition.assignment.strategy", "range,roundrobin".into()),
+            ("enable.partition.eof", "false".into()),
+        ];
+        let ctx = SourceCtx {
+            log: Logging { what: format!("kafka source (group {})", cfg.group_id) },
+            shared: self.shared.clone(),
+            start: cfg.start,
+            stop_at_end: cfg.stop_at_end,
+        };
+        let c: StreamConsumer<SourceCtx> = cfg
+            .client
+            .client_config(&ours)
+            .create_with_context(ctx)
+            .map_err(|e| kafka_err("kafka source: cannot create the consumer", &e))?;
+        let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+        c.subscribe(&topics).map_err(|e| kafka_err(format!("kafka source: cannot subscribe to {topics:?}"), &e))?;
+        tracing::info!(topics = ?topics, group = %cfg.group_id, brokers = %cfg.client.brokers, "Kafka consumer subscribed.");
+        let c = Arc::new(c);
+        self.consumer = Some(c.clone());
+        Ok(c)
+    }
+
+    fn slot(&mut self, topic: &str, partition: i32) -> usize {
+        if let Some(&i) = self.index.get(&(topic.to_string(), partition)) {
+            return i;
+        }
+        let i = self.parts.len();
+        self.parts.push(Part { topic: topic.to_string(), partition, ..Part::default() });
+        self.index.insert((topic.to_string(), partition), i);
+        i
+    }
+
+    fn apply_events(&mut self) {
+        let events = std::mem::take(&mut *lock(&self.shared.events));
+        for ev in events {
+            match ev {
+                Assignment::Assigned(list) => {
+                    for (t, p, end) in list {
+                        let i = self.slot(&t, p);
+                        let part = &mut self.parts[i];
+                        part.assigned = true;
+                        part.end = end;
+                        part.next = lock(&self.shared.resume).get(&(t, p)).copied().or(part.next);
+                    }
+                }
+                Assignment::Revoked(list) => {
+                    for (t, p) in list {
+                        let i = self.slot(&t, p);
+                        let part = &mut self.parts[i];
+                        part.assigned = false;
+                        // Read ahead but never handed out: the partition's next owner reads
+                        // them again from the position.
+                        part.buf.clear();
+                        part.ranges.clear();
+                        part.offsets.clear();
+                        part.keys.clear();
+                        part.times.clear();
+                        part.headers.clear();
+                        part.first_at = None;
+                        if let Some(n) = part.next {
+                            lock(&self.shared.resume).insert((t, p), n);
+                        }
+                        self.pending_idle.push(i);
+                    }
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
+        let i = self.slot(m.topic(), m.partition());
+        let md = &self.cfg.metadata;
+        let part = &mut self.parts[i];
+        let payload = m.payload().unwrap_or_default();
+        let start = part.buf.len();
+        part.buf.extend_from_slice(payload);
+        part.ranges.push(start..part.buf.len());
+        part.offsets.push(m.offset());
+        if md.key.is_some() {
+            part.keys.push(m.key().map(|k| String::from_utf8_lossy(k).into_owned()));
+        }
+        if md.timestamp.is_some() {
+            part.times.push(m.timestamp().to_millis());
+        }
+        if md.headers.is_some() {
+            part.headers.push(m.headers().map(|h| {
+                let obj: serde_json::Map<String, serde_json::Value> = h
+                    .iter()
+                    .map(|x| {
+                        let v = x.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                        (x.key.to_string(), v.map_or(serde_json::Value::Null, serde_json::Value::String))
+                    })
+                    .collect();
+                serde_json::Value::Object(obj).to_string()
+            }));
+        }
+        if part.first_at.is_none() {
+            part.first_at = Some(Instant::now());
+        }
+    }
+
+    /// A partition whose batch is due: full, or lingered long enough, or every batch when
+    /// the source is stopping.
+    fn due(&self, now: Instant, flush: bool) -> Option<usize> {
+        self.parts.iter().position(|p| {
+            !p.ranges.is_empty()
+                && (flush || p.first_at.is_some_and(|f| self.linger.should_cut(p.ranges.len(), f, now)))
+        })
+    }
+
+    fn cut(&mut self, i: usize, cx: &SourceContext) -> Result<Option<weir_core::Batch>> {
+        let part = &mut self.parts[i];
+        let buf = std::mem::take(&mut part.buf);
+        let ranges = std::mem::take(&mut part.ranges);
+        let offsets = std::mem::take(&mut part.offsets);
+        let keys = std::mem::take(&mut part.keys);
+        let times = std::mem::take(&mut part.times);
+        let headers = std::mem::take(&mut part.headers);
+        part.first_at = None;
+        if let Some(last) = offsets.last() {
+            part.next = Some(last + 1);
+        }
+        let (topic, partition) = (part.topic.clone(), part.partition);
+        let md = self.cfg.metadata.clone();
+        let schema = self.schema.clone();
+        let rows = |d: &weir_formats::Decoded| -> Result<RecordBatch> {
+            if md.fields().is_empty() {
+                return Ok(d.batch.clone());
+            }
+            let n = d.batch.num_rows();
+            let rec = |r: usize| d.record_of_row(r);
+            let mut cols: Vec<ArrayRef> = d.batch.columns().to_vec();
+            if md.key.is_some() {
+                cols.push(Arc::new(StringArray::from((0..n).map(|r| keys[rec(r)].clone()).collect::<Vec<_>>())));
+            }
+            if md.topic.is_some() {
+                cols.push(Arc::new(StringArray::from(vec![topic.as_str(); n])));
+            }
+            if md.partition.is_some() {
+                cols.push(Arc::new(Int32Array::from(vec![partition; n])));
+            }
+            if md.offset.is_some() {
+                cols.push(Arc::new(Int64Array::from((0..n).map(|r| offsets[rec(r)]).collect::<Vec<_>>())));
+            }
+            if md.timestamp.is_some() {
+                cols.push(Arc::new(Int64Array::from((0..n).map(|r| times[rec(r)]).collect::<Vec<_>>())));
+            }
+            if md.headers.is_some() {
+                cols.push(Arc::new(StringArray::from((0..n).map(|r| headers[rec(r)].clone()).collect::<Vec<_>>())));
+            }
+            Ok(RecordBatch::try_new(schema.clone(), cols)?)
+        };
+        weir_core::metrics::StepMetrics::add(&cx.registry.source_bytes, buf.len() as u64);
+        decode_records_with(
+            self.decoder.as_mut(),
+            self.cfg.event_time.as_ref(),
+            &buf,
+            &ranges,
+            |_, _| format!("kafka {topic}[{partition}]"),
+            |r| Position { offset: u64::try_from(offsets[r]).unwrap_or(0), line: None },
+            cx,
+            rows,
+        )
+    }
+
+    fn finished(&self) -> bool {
+        self.cfg.stop_at_end
+            && self.parts.iter().any(|p| p.assigned)
+            && self.parts.iter().filter(|p| p.assigned).all(Part::done)
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for KafkaSource {
+    fn partitions(&self) -> usize {
+        // Partitions join as Kafka assigns them; until the first assignment worker 0 has one
+        // placeholder (it becomes the first partition assigned), which holds the watermark
+        // back until then, or until the idle timeout.
+        if self.reader {
+            self.parts.len().max(1)
+        } else {
+            0
+        }
+    }
+
+    async fn poll(&mut self, cx: &mut SourceContext) -> Result<SourcePoll> {
+        if !self.reader {
+            return Ok(SourcePoll::End);
+        }
+        let consumer = self.consumer()?;
+        loop {
+            self.apply_events();
+            if let Some(i) = self.pending_idle.pop() {
+                return Ok(SourcePoll::PartitionIdle(i));
+            }
+            let stopping = cx.stopping();
+            if let Some(i) = self.due(Instant::now(), stopping || self.finished_reading()) {
+                if let Some(batch) = self.cut(i, cx)? {
+                    return Ok(SourcePoll::Rows { partition: i, batch });
+                }
+                continue;
+            }
+            if stopping || self.finished() {
+                return Ok(SourcePoll::End);
+            }
+            // Wait for a record, at most until the oldest partial batch is due.
+            let now = Instant::now();
+            let wait = self
+                .parts
+                .iter()
+                .filter_map(|p| p.first_at.map(|f| self.linger.linger(p.ranges.len()).saturating_sub(now - f)))
+                .min()
+                .unwrap_or(Duration::from_millis(100));
+            let mut shutdown = cx.shutdown.clone();
+            let got = tokio::select! {
+                r = tokio::time::timeout(wait, consumer.recv()) => r,
+                _ = shutdown.changed() => continue,
+            };
+            match got {
+                Err(_) => {
+                    if self.parts.iter().all(|p| p.ranges.is_empty()) {
+                        return Ok(SourcePoll::Waiting);
+                    }
+                }
+                Ok(Ok(m)) => {
+                    // A record below the position was handed out already (a revoked partition
+                    // came back and the fetcher had it buffered): skip it.
+                    let i = self.slot(m.topic(), m.partition());
+                    if self.parts[i].next.is_some_and(|n| m.offset() < n) && self.parts[i].ranges.is_empty() {
+                        continue;
+                    }
+                    self.add(&m);
+                    self.linger.arrived(1, Instant::now());
+                    // Drain what is already fetched without waiting, up to a batch.
+                    let mut n = 1;
+                    while n < self.cfg.batch_size {
+                        match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+                            Ok(Ok(m)) => {
+                                self.add(&m);
+                                n += 1;
+                            }
+                            Ok(Err(e)) => {
+                                self.report(&e);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if n > 1 {
+                        self.linger.arrived(n - 1, Instant::now());
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.report(&e);
+                    if self.parts.iter().all(|p| p.ranges.is_empty()) {
+                        return Ok(SourcePoll::Waiting);
+                    }
+                }
+            }
+        }
+    }
+
+    fn snapshot(&mut self) -> Result<Option<RecordBatch>> {
+        if !self.reader {
+            return Ok(None);
+        }
+        // Positions handed out, plus the remembered ones of partitions not read right now
+        // (restored or revoked), so a checkpoint never forgets a position.
+        let mut pos: HashMap<(String, i32), i64> = lock(&self.shared.resume).clone();
+        for p in &self.parts {
+            if let Some(n) = p.next {
+                pos.insert((p.topic.clone(), p.partition), n);
+            }
+        }
+        let mut rows: Vec<_> = pos.into_iter().collect();
+        rows.sort();
+        // The positions of the previous checkpoint are committed to Kafka now, for lag
+        // monitors: that checkpoint has most likely completed by the time the next starts.
+        // Only partitions this consumer holds: a commit for others is refused by the group.
+        if let (Some(c), Some(tpl)) = (&self.consumer, self.last_snapshot.take()) {
+            if tpl.count() > 0 {
+                if let Err(e) = c.commit(&tpl, CommitMode::Async) {
+                    tracing::debug!(error = %e, "Could not commit progress offsets to Kafka (a hint only).");
+                }
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in self.parts.iter().filter(|p| p.assigned) {
+            if let Some(n) = p.next {
+                let _ = tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(n));
+            }
+        }
+        self.last_snapshot = Some(tpl);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("topic", DataType::Utf8, false),
+            Field::new("partition", DataType::Int32, false),
+            Field::new("offset", DataType::Int64, false),
+        ]));
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(rows.iter().map(|((t, _), _)| t.as_str()).collect::<Vec<_>>())),
+            Arc::new(Int32Array::from(rows.iter().map(|((_, p), _)| *p).collect::<Vec<_>>())),
+            Arc::new(Int64Array::from(rows.iter().map(|(_, o)| *o).collect::<Vec<_>>())),
+        ];
+        Ok(Some(RecordBatch::try_new(schema, cols)?))
+    }
+
+    fn restore(&mut self, positions: &[RecordBatch]) -> Result<()> {
+        if !self.reader {
+            return Ok(());
+        }
+        let bad = || CoreError::Config("the checkpoint's Kafka positions have an unexpected shape".into());
+        let mut resume = lock(&self.shared.resume);
+        for t in positions {
+            let topic = t.column_by_name("topic").and_then(|c| c.as_string_opt::<i32>()).ok_or_else(bad)?;
+            let part = t.column_by_name("partition").and_then(|c| c.as_primitive_opt::<Int32Type>()).ok_or_else(bad)?;
+            let off = t.column_by_name("offset").and_then(|c| c.as_primitive_opt::<Int64Type>()).ok_or_else(bad)?;
+            for i in 0..t.num_rows() {
+                let key = (topic.value(i).to_string(), part.value(i));
+                let e = resume.entry(key).or_insert(off.value(i));
+                *e = (*e).max(off.value(i));
+            }
+        }
+        tracing::info!(partitions = resume.len(), "Kafka positions restored from the checkpoint.");
+        Ok(())
+    }
+}
+
+impl KafkaSource {
+    /// Every assigned partition reached its end: flush what is buffered.
+    fn finished_reading(&self) -> bool {
+        self.cfg.stop_at_end
+            && self.parts.iter().any(|p| p.assigned)
+            && self
+                .parts
+                .iter()
+                .filter(|p| p.assigned)
+                .all(|p| p.end.is_some_and(|e| p.offsets.last().map_or(p.next.unwrap_or(0), |o| o + 1) >= e))
+    }
+
+    /// Logs a consumer error, at most every 10 s: librdkafka retries by itself.
+    fn report(&mut self, e: &KafkaError) {
+        if self.warned_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            self.warned_at = Some(Instant::now());
+            tracing::warn!(error = %e, topics = ?self.cfg.topics, "Kafka consumer error; it keeps retrying.");
+        }
+    }
+}
