@@ -28,3 +28,16 @@ if [ "$WEIR_TEST_S3_ENDPOINT" = http://127.0.0.1:5055 ] && ! port_open 5055; the
   nohup python3 -m moto.server -H 127.0.0.1 -p 5055 > "$logs/moto.log" 2>&1 &
   wait_port 5055 moto
 fi
+
+# Kafka-protocol broker (consumer-group tests): Tansu from crates.io, in memory. Its build takes
+# about ten minutes once; the binary is kept in ~/.cargo/bin.
+export WEIR_TEST_KAFKA=${WEIR_TEST_KAFKA:-127.0.0.1:19092}
+if [ "$WEIR_TEST_KAFKA" = 127.0.0.1:19092 ] && ! port_open 19092; then
+  if ! command -v tansu >/dev/null 2>&1; then
+    echo "services: building tansu 0.6 (Kafka-protocol broker for the tests; about 10 minutes)" >&2
+    cargo install tansu --version 0.6.0 --features dynostore --locked --quiet >&2
+  fi
+  nohup tansu broker --listener-url tcp://127.0.0.1:19092 --advertised-listener-url tcp://127.0.0.1:19092 \
+    --storage-engine memory://tansu/ > "$logs/tansu.log" 2>&1 &
+  wait_port 19092 tansu
+fi

@@ -15,8 +15,9 @@ use weir_core::runtime::Job;
 
 use crate::common::*;
 
+/// A broker to test against: librdkafka's mock cluster, or a real one (`_mock: None`).
 struct Cluster {
-    _mock: MockCluster<'static, DefaultProducerContext>,
+    _mock: Option<MockCluster<'static, DefaultProducerContext>>,
     brokers: String,
 }
 
@@ -27,7 +28,7 @@ impl Cluster {
             mock.create_topic(t, *n, 1).unwrap();
         }
         let brokers = mock.bootstrap_servers();
-        Self { _mock: mock, brokers }
+        Self { _mock: Some(mock), brokers }
     }
 
     /// Produces `lines`, keyed by device id (so a device stays on one partition, as a real
@@ -290,4 +291,72 @@ fn kafka_settings_are_checked() {
     let mut s = kafka_source("b:1", "t");
     s.properties.insert("sasl.password".into(), "hunter2".into());
     assert!(!format!("{s:?}").contains("hunter2"));
+}
+
+/// Against a real Kafka-protocol broker (Tansu, started by `scripts/services.sh`): two jobs in
+/// one consumer group split the topic's partitions between them, and together they read every
+/// record (at least once: there are no checkpoints here).
+#[test]
+fn two_jobs_in_one_group_split_the_partitions_on_a_real_broker() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let brokers = std::env::var("WEIR_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    assert!(
+        std::net::TcpStream::connect(&brokers).is_ok(),
+        "no Kafka broker at {brokers}; `source scripts/services.sh` starts one"
+    );
+    let topic = format!("split-{}", std::process::id());
+    let rt = rt();
+    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let created = rt
+        .block_on(admin.create_topics(&[NewTopic::new(&topic, 4, TopicReplication::Fixed(1))], &AdminOptions::new()))
+        .unwrap();
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    let k = Cluster { _mock: None, brokers: brokers.clone() };
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut jobs = Vec::new();
+    for name in ["a", "b"] {
+        let (out, dead) = (dir.path().join(format!("{name}.jsonl")), dir.path().join(format!("{name}-dead.jsonl")));
+        let mut cfg = from_kafka("w2-filter-project.yaml", &brokers, &topic, &out, &dead);
+        let src = cfg.source.kafka.as_mut().unwrap();
+        src.stop_at_end = false;
+        src.group_id = Some(format!("{topic}-group"));
+        src.properties.insert("session.timeout.ms".into(), "6000".into());
+        src.properties.insert("heartbeat.interval.ms".into(), "500".into());
+        let job = Job::new(
+            Pipeline::from_config(cfg)
+                .build()
+                .unwrap()
+                .plan(&RunOptions { workers: Some(1), ..Default::default() })
+                .unwrap(),
+        )
+        .unwrap();
+        let (reg, stop) = (job.registry(), job.shutdown_handle());
+        jobs.push((rt.spawn(job.run()), reg, stop, out));
+        // The first member settles before the second joins, so a rebalance really happens.
+        std::thread::sleep(Duration::from_secs(4));
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    k.produce(&topic, &lines(&data("sensors-3k.jsonl")), None);
+    let expected = read_jsonl(&data("w2-expected.jsonl"));
+    let sink_rows =
+        |r: &std::sync::Arc<weir_core::metrics::Registry>| r.sink_rows.load(std::sync::atomic::Ordering::Relaxed);
+    let t = Instant::now();
+    while jobs.iter().map(|(_, r, _, _)| sink_rows(r)).sum::<u64>() < expected.len() as u64 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the two members wrote {:?} rows of {}",
+            jobs.iter().map(|(_, r, _, _)| sink_rows(r)).collect::<Vec<_>>(),
+            expected.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut rows = Vec::new();
+    for (handle, reg, stop, out) in jobs {
+        stop.stop();
+        rt.block_on(handle).unwrap().unwrap();
+        assert!(sink_rows(&reg) > 0, "each member must have been given partitions");
+        rows.extend(read_jsonl(&out));
+    }
+    assert_same_rows(expected, rows, "two members of one group");
 }
