@@ -133,6 +133,9 @@ pub struct QuarantineConfig {
     /// JSON Lines file receiving the diverted rows.
     #[serde(default = "default_quarantine_output")]
     pub output: String,
+    /// A Kafka topic instead of the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaTopicSettings>,
 }
 
 fn default_true() -> bool {
@@ -160,6 +163,7 @@ impl Default for QuarantineConfig {
             within: default_within(),
             cool_down: default_cool_down(),
             output: default_quarantine_output(),
+            kafka: None,
         }
     }
 }
@@ -854,6 +858,32 @@ pub struct DeadLetterConfig {
     /// JSON Lines file, created on the first dead letter.
     #[serde(default = "default_dlq")]
     pub path: String,
+    /// A Kafka topic instead of the file: one record per entry (the same JSON), keyed by step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaTopicSettings>,
+}
+
+/// A Kafka topic to write entries to (dead letters, quarantined rows).
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaTopicSettings {
+    /// Bootstrap brokers.
+    pub brokers: String,
+    /// The topic.
+    pub topic: String,
+    /// librdkafka properties; values are never logged.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaTopicSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTopicSettings")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("properties", &weir_connectors::kafka::redacted(&self.properties))
+            .finish()
+    }
 }
 
 fn default_dlq() -> String {
@@ -862,7 +892,7 @@ fn default_dlq() -> String {
 
 impl Default for DeadLetterConfig {
     fn default() -> Self {
-        Self { path: default_dlq() }
+        Self { path: default_dlq(), kafka: None }
     }
 }
 

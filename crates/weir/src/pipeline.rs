@@ -473,14 +473,29 @@ impl BuiltPipeline {
                 )
             }
         };
-        let mut dead: Arc<dyn DeadLetterSink> =
-            Arc::new(FileDeadLetters::new(&c.dead_letters.path).appending(resuming));
-        let quarantine = self.quarantine(&schema)?.map(|spec| {
-            let output = FileDeadLetters::new(&c.quarantine.output).appending(resuming);
-            let q = Arc::new(Quarantine::new(spec, Arc::new(output)));
-            dead = Arc::new(QuarantiningDeadLetters { inner: dead.clone(), quarantine: q.clone() });
-            q
-        });
+        let entries = |path: &str, kafka: &Option<KafkaTopicSettings>, what: &str| -> Result<Arc<dyn DeadLetterSink>> {
+            Ok(match kafka {
+                None => Arc::new(FileDeadLetters::new(path).appending(resuming)),
+                Some(k) => Arc::new(weir_connectors::kafka::KafkaDeadLetters::new(
+                    &weir_connectors::kafka::KafkaClientConfig {
+                        brokers: k.brokers.clone(),
+                        properties: k.properties.clone(),
+                    },
+                    &k.topic,
+                    what,
+                )?),
+            })
+        };
+        let mut dead = entries(&c.dead_letters.path, &c.dead_letters.kafka, "dead letters")?;
+        let quarantine = match self.quarantine(&schema)? {
+            None => None,
+            Some(spec) => {
+                let output = entries(&c.quarantine.output, &c.quarantine.kafka, "quarantine")?;
+                let q = Arc::new(Quarantine::new(spec, output));
+                dead = Arc::new(QuarantiningDeadLetters { inner: dead.clone(), quarantine: q.clone() });
+                Some(q)
+            }
+        };
         Ok(JobSpec {
             name: c.name.clone(),
             workers,

@@ -8,9 +8,11 @@
 //! may hold passwords.
 
 mod client;
+mod deadletter;
 mod sink;
 mod source;
 
 pub use client::{redacted, KafkaClientConfig};
+pub use deadletter::KafkaDeadLetters;
 pub use sink::{KafkaSinkConfig, KafkaSinkFactory, KafkaSinkMode};
 pub use source::{KafkaMetadataColumns, KafkaSourceConfig, KafkaSourceFactory, KafkaStart};

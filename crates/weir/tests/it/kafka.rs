@@ -360,3 +360,28 @@ fn two_jobs_in_one_group_split_the_partitions_on_a_real_broker() {
     }
     assert_same_rows(expected, rows, "two members of one group");
 }
+
+/// Dead letters can go to a Kafka topic instead of a file: the same entries, one record each.
+#[test]
+fn dead_letters_can_go_to_a_kafka_topic() {
+    let k = Cluster::new(&[("in", 1), ("dlq", 1)]);
+    let mut input = lines(&data("sensors-3k.jsonl"))[..50].to_vec();
+    input.insert(5, "{\"device_id\": \"d1\", \"ts\": 1".into());
+    input.insert(20, "{\"device_id\": \"d2\", \"ts\": 2085000000000, \"readings\": {\"temp\": 1.0}}".into());
+    k.produce("in", &input, Some(0));
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
+    let mut cfg = from_kafka("w2-filter-project.yaml", &k.brokers, "in", &out, &dead);
+    cfg.dead_letters.kafka =
+        Some(KafkaTopicSettings { brokers: k.brokers.clone(), topic: "dlq".into(), properties: Default::default() });
+    let s = run(&cfg, 1);
+    assert_eq!(s.steps[0].1.dead_lettered, 2);
+    assert!(!dead.exists(), "nothing goes to the file");
+    let got = k.consume("dlq", 2);
+    let entries: Vec<serde_json::Value> = got.iter().map(|(_, v)| serde_json::from_str(v).unwrap()).collect();
+    let kinds: Vec<&str> = entries.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["decode", "clock"], "{entries:?}");
+    assert_eq!(entries[0]["position"], "offset 5");
+    assert_eq!(entries[1]["payload"].as_str().unwrap(), input[20]);
+    assert!(got.iter().all(|(key, _)| key.as_deref() == Some("events")), "keyed by the failing step");
+}
