@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Kafka -> W1 -> Kafka throughput at 1 and 2 workers, next to what the broker alone does on
+# this machine (a bare librdkafka producer and consumer, confluent-kafka from PyPI), against
+# the Tansu broker that scripts/services.sh starts on 127.0.0.1:19092 (in memory).
+#
+# Usage: scripts/bench-kafka.sh [N_EVENTS]   (default 2000000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n=${1:-2000000}
+source scripts/services.sh
+python3 -c 'import confluent_kafka' 2>/dev/null || python3 -m pip install --quiet confluent-kafka
+input=/tmp/weir-bench-sensors-$n.jsonl
+[ -s "$input" ] || python3 ../shared/bench/gen_sensors.py "$n" > "$input"
+cargo build --release -p weir-cli >&2
+bin=$PWD/target/release/weir
+run=bench-$(date +%s)
+echo "broker alone ($n events, 4 partitions):"
+python3 scripts/bench_kafka_broker.py "$WEIR_TEST_KAFKA" "$run-in" 4 "$input"
+echo "| workers | wall s | events/s | output records |"
+echo "|---|---|---|---|"
+for workers in 1 2; do
+  for i in 1 2 3; do
+    out=$run-out-$workers-$i
+    # Tansu does not create topics on first use.
+    python3 -c "from confluent_kafka.admin import AdminClient, NewTopic
+a = AdminClient({'bootstrap.servers': '$WEIR_TEST_KAFKA'})
+for f in a.create_topics([NewTopic('$out', 4, 1)]).values(): f.result()"
+    start=$(date +%s.%N)
+    BROKERS=$WEIR_TEST_KAFKA IN=$run-in OUT=$out GROUP=$out STOP_AT_END=true DEAD_LETTERS=/tmp/$out-dead.jsonl \
+      "$bin" run examples/w1-kafka.yaml --workers "$workers" --no-progress 2> /tmp/$out.log
+    end=$(date +%s.%N)
+    rows=$(sed 's/\x1b\[[0-9;]*m//g' /tmp/$out.log | grep -o '[0-9]* rows written' | head -1 || true)
+    python3 -c "s=$end-$start; print(f'| $workers | {s:.2f} | {$n/s/1e3:.0f}k | $rows |')"
+  done
+done
