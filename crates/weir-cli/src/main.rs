@@ -179,7 +179,9 @@ impl From<weir_core::CoreError> for Failure {
     fn from(e: weir_core::CoreError) -> Self {
         match e.blame() {
             Blame::User => Failure::Config(e.to_string()),
-            _ => Failure::Run(e.into()),
+            // A core error's text already holds its causes (`step `x`: cause`); the alternate
+            // form would print each cause a second time.
+            _ => Failure::Run(anyhow::anyhow!(e.to_string())),
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::common::*;
 
 /// A broker to test against: librdkafka's mock cluster, or a real one (`_mock: None`).
 struct Cluster {
-    _mock: Option<MockCluster<'static, DefaultProducerContext>>,
+    mock: Option<MockCluster<'static, DefaultProducerContext>>,
     brokers: String,
 }
 
@@ -28,7 +28,7 @@ impl Cluster {
             mock.create_topic(t, *n, 1).unwrap();
         }
         let brokers = mock.bootstrap_servers();
-        Self { _mock: Some(mock), brokers }
+        Self { mock: Some(mock), brokers }
     }
 
     /// Produces `lines`, keyed by device id (so a device stays on one partition, as a real
@@ -311,7 +311,7 @@ fn two_jobs_in_one_group_split_the_partitions_on_a_real_broker() {
         .block_on(admin.create_topics(&[NewTopic::new(&topic, 4, TopicReplication::Fixed(1))], &AdminOptions::new()))
         .unwrap();
     assert!(created.iter().all(Result::is_ok), "{created:?}");
-    let k = Cluster { _mock: None, brokers: brokers.clone() };
+    let k = Cluster { mock: None, brokers: brokers.clone() };
 
     let dir = tempfile::tempdir().unwrap();
     let mut jobs = Vec::new();
@@ -384,4 +384,27 @@ fn dead_letters_can_go_to_a_kafka_topic() {
     assert_eq!(entries[0]["position"], "offset 5");
     assert_eq!(entries[1]["payload"].as_str().unwrap(), input[20]);
     assert!(got.iter().all(|(key, _)| key.as_deref() == Some("events")), "keyed by the failing step");
+}
+
+/// The broker goes down before the job starts and comes back later: the job waits (librdkafka
+/// retries with backoff, the outage is logged), loses nothing and then finishes normally.
+#[test]
+fn a_broker_that_is_down_for_a_while_loses_nothing() {
+    let k = Cluster::new(&[("flaky", 2)]);
+    k.produce("flaky", &lines(&data("sensors-3k.jsonl")), None);
+    let mock = k.mock.as_ref().unwrap();
+    mock.broker_down(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
+    let cfg = from_kafka("w1-sensor-window.yaml", &k.brokers, "flaky", &out, &dead);
+    let job = Job::new(Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap()).unwrap();
+    let reg = job.registry();
+    let rt = rt();
+    let handle = rt.spawn(job.run());
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!handle.is_finished(), "the job must wait for the broker, not fail or end");
+    assert_eq!(reg.source_records.load(std::sync::atomic::Ordering::Relaxed), 0);
+    mock.broker_up(1).unwrap();
+    rt.block_on(handle).unwrap().unwrap();
+    assert_same_rows(read_jsonl(&data("w1-expected.jsonl")), read_jsonl(&out), "after the outage");
 }
