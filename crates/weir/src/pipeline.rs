@@ -413,10 +413,7 @@ impl BuiltPipeline {
                 })?;
                 let start = kafka_start(&k.start).map_err(|e| CoreError::Config(e).in_step(&source_step))?;
                 let fac = weir_connectors::kafka::KafkaSourceFactory::new(weir_connectors::kafka::KafkaSourceConfig {
-                    client: weir_connectors::kafka::KafkaClientConfig {
-                        brokers: k.brokers.clone(),
-                        properties: k.properties.clone(),
-                    },
+                    client: kafka_client(&k.brokers, &k.properties),
                     topics: k.topics.clone(),
                     group_id: k.group_id.clone().unwrap_or_else(|| format!("weir-{}", c.name)),
                     start,
@@ -457,10 +454,7 @@ impl BuiltPipeline {
                 };
                 Arc::new(
                     weir_connectors::kafka::KafkaSinkFactory::new(weir_connectors::kafka::KafkaSinkConfig {
-                        client: weir_connectors::kafka::KafkaClientConfig {
-                            brokers: k.brokers.clone(),
-                            properties: k.properties.clone(),
-                        },
+                        client: kafka_client(&k.brokers, &k.properties),
                         topic: k.topic.clone(),
                         format: k.format,
                         schema: out_schema,
@@ -477,10 +471,7 @@ impl BuiltPipeline {
             Ok(match kafka {
                 None => Arc::new(FileDeadLetters::new(path).appending(resuming)),
                 Some(k) => Arc::new(weir_connectors::kafka::KafkaDeadLetters::new(
-                    &weir_connectors::kafka::KafkaClientConfig {
-                        brokers: k.brokers.clone(),
-                        properties: k.properties.clone(),
-                    },
+                    &kafka_client(&k.brokers, &k.properties),
                     &k.topic,
                     what,
                 )?),
@@ -671,4 +662,8 @@ fn kafka_metadata(m: &KafkaMetadataSettings) -> weir_connectors::kafka::KafkaMet
         timestamp: m.timestamp.clone(),
         headers: m.headers.clone(),
     }
+}
+
+fn kafka_client(brokers: &str, properties: &BTreeMap<String, String>) -> weir_connectors::kafka::KafkaClientConfig {
+    weir_connectors::kafka::KafkaClientConfig { brokers: brokers.to_string(), properties: properties.clone() }
 }
