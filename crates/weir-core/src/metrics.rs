@@ -4,6 +4,7 @@
 //! Counters are plain atomics bumped once per batch (never per row). Queue depth is a
 //! pushed/popped pair, so a reader computes fill without the hot path keeping a gauge.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -168,6 +169,58 @@ pub struct Registry {
     pub sink_down: AtomicU64,
     /// Checkpoint progress, when the job takes checkpoints.
     pub checkpoints: CheckpointMetrics,
+    /// Series that connectors report (Kafka consumer lag per partition, rebalances, ...).
+    pub connectors: ConnectorMetrics,
+}
+
+/// Metric series reported by connectors, by name and label set. Label sets must stay
+/// bounded (a partition number is fine, a key is not). Updated per batch or per statistics
+/// interval, never per row, so a mutex is cheap enough.
+#[derive(Debug, Default)]
+pub struct ConnectorMetrics {
+    series: Mutex<BTreeMap<SeriesKey, Series>>,
+}
+
+/// A series' metric name and rendered labels.
+type SeriesKey = (&'static str, String);
+/// A series' help text, Prometheus type and value.
+type Series = (&'static str, &'static str, f64);
+
+impl ConnectorMetrics {
+    fn labels(labels: &[(&str, &str)]) -> String {
+        labels.iter().map(|(k, v)| format!(",{k}=\"{}\"", v.replace('"', "'"))).collect()
+    }
+
+    /// Sets a gauge.
+    pub fn set(&self, name: &'static str, help: &'static str, labels: &[(&str, &str)], value: f64) {
+        let mut m = self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.insert((name, Self::labels(labels)), (help, "gauge", value));
+    }
+
+    /// Adds to a counter.
+    pub fn add(&self, name: &'static str, help: &'static str, labels: &[(&str, &str)], by: f64) {
+        let mut m = self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.entry((name, Self::labels(labels))).or_insert((help, "counter", 0.0)).2 += by;
+    }
+
+    /// The value of a series, if it was reported.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let m = self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = Self::labels(labels);
+        m.iter().find(|((n, l), _)| *n == name && *l == key).map(|(_, v)| v.2)
+    }
+
+    fn render(&self, job: &str, s: &mut String) {
+        let m = self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = "";
+        for ((name, labels), (help, kind, v)) in m.iter() {
+            if *name != last {
+                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+                last = name;
+            }
+            let _ = writeln!(s, "{name}{{job=\"{job}\"{labels}}} {v}");
+        }
+    }
 }
 
 /// Counters and gauges of checkpointing.
@@ -373,6 +426,7 @@ impl Registry {
             let _ = writeln!(s, "# HELP weir_watermark_lag_seconds Wall clock minus watermark.\n# TYPE weir_watermark_lag_seconds gauge");
             let _ = writeln!(s, "weir_watermark_lag_seconds{{job=\"{job}\"}} {lag}");
         }
+        self.connectors.render(job, &mut s);
         s
     }
 }

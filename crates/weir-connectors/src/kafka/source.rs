@@ -177,6 +177,8 @@ struct Shared {
     resume: Mutex<HashMap<(String, i32), i64>>,
     /// Assignment changes, for the source to act on.
     events: Mutex<Vec<Assignment>>,
+    /// Each partition's end offset, from the client's statistics.
+    ends: Mutex<HashMap<(String, i32), i64>>,
 }
 
 #[derive(Debug)]
@@ -199,6 +201,7 @@ struct SourceCtx {
     shared: Arc<Shared>,
     start: KafkaStart,
     stop_at_end: bool,
+    registry: Arc<weir_core::metrics::Registry>,
 }
 
 impl ClientContext for SourceCtx {
@@ -207,6 +210,24 @@ impl ClientContext for SourceCtx {
     }
     fn error(&self, error: KafkaError, reason: &str) {
         self.log.error(error, reason);
+    }
+    /// librdkafka's statistics (every `statistics.interval.ms`) carry each partition's end
+    /// offset (`hi_offset`); the source turns it into lag against its own position. Read from
+    /// the raw JSON: only that field is needed, and brokers differ in the rest.
+    fn stats_raw(&self, raw: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(raw) else { return };
+        let Some(topics) = v["topics"].as_object() else { return };
+        let mut ends = lock(&self.shared.ends);
+        for (topic, t) in topics {
+            let Some(parts) = t["partitions"].as_object() else { continue };
+            for (p, part) in parts {
+                // Partition -1 is librdkafka's internal "unassigned" one.
+                let (Ok(p), Some(hi)) = (p.parse::<i32>(), part["hi_offset"].as_i64()) else { continue };
+                if p >= 0 && hi >= 0 {
+                    ends.insert((topic.clone(), p), hi);
+                }
+            }
+        }
     }
 }
 
@@ -263,6 +284,12 @@ impl ConsumerContext for SourceCtx {
                     })
                     .collect::<Vec<_>>();
                 tracing::info!(partitions = ends.len(), "Kafka partitions assigned.");
+                self.registry.connectors.add(
+                    "weir_kafka_rebalances_total",
+                    "Partition assignments and revocations seen by the consumer.",
+                    &[("event", "assigned")],
+                    1.0,
+                );
                 lock(&self.shared.events).push(Assignment::Assigned(ends));
             }
             E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -271,6 +298,12 @@ impl ConsumerContext for SourceCtx {
                     tracing::warn!(error = %e, "Kafka unassign failed.");
                 }
                 tracing::info!(partitions = tps.len(), "Kafka partitions revoked.");
+                self.registry.connectors.add(
+                    "weir_kafka_rebalances_total",
+                    "Partition assignments and revocations seen by the consumer.",
+                    &[("event", "revoked")],
+                    1.0,
+                );
                 lock(&self.shared.events).push(Assignment::Revoked(tps));
             }
             other => {
@@ -337,7 +370,7 @@ impl std::fmt::Debug for KafkaSource {
 }
 
 impl KafkaSource {
-    fn consumer(&mut self) -> Result<Arc<StreamConsumer<SourceCtx>>> {
+    fn consumer(&mut self, registry: &Arc<weir_core::metrics::Registry>) -> Result<Arc<StreamConsumer<SourceCtx>>> {
         if let Some(c) = &self.consumer {
             return Ok(c.clone());
         }
@@ -350,12 +383,18 @@ impl KafkaSource {
             ("auto.offset.reset", reset.into()),
             ("partition.assignment.strategy", "range,roundrobin".into()),
             ("enable.partition.eof", "false".into()),
+            // Lag metrics come with the statistics; a pipeline may choose another interval.
+            (
+                "statistics.interval.ms",
+                cfg.client.properties.get("statistics.interval.ms").cloned().unwrap_or_else(|| "5000".into()),
+            ),
         ];
         let ctx = SourceCtx {
             log: Logging { what: format!("kafka source (group {})", cfg.group_id) },
             shared: self.shared.clone(),
             start: cfg.start,
             stop_at_end: cfg.stop_at_end,
+            registry: registry.clone(),
         };
         let c: StreamConsumer<SourceCtx> = cfg
             .client
@@ -471,6 +510,7 @@ impl KafkaSource {
             part.next = Some(last + 1);
         }
         let (topic, partition) = (part.topic.clone(), part.partition);
+        self.publish_lag(cx);
         let md = self.cfg.metadata.clone();
         let schema = self.schema.clone();
         let rows = |d: &weir_formats::Decoded| -> Result<RecordBatch> {
@@ -537,7 +577,7 @@ impl Source for KafkaSource {
         if !self.reader {
             return Ok(SourcePoll::End);
         }
-        let consumer = self.consumer()?;
+        let consumer = self.consumer(&cx.registry)?;
         loop {
             self.apply_events();
             if let Some(i) = self.pending_idle.pop() {
@@ -569,6 +609,7 @@ impl Source for KafkaSource {
             match got {
                 Err(_) => {
                     if self.parts.iter().all(|p| p.ranges.is_empty()) {
+                        self.publish_lag(cx);
                         return Ok(SourcePoll::Waiting);
                     }
                 }
@@ -676,6 +717,22 @@ impl Source for KafkaSource {
 }
 
 impl KafkaSource {
+    /// Exports each assigned partition's lag: its end offset (from the last statistics) minus
+    /// the position handed out. Called per batch and while waiting, never per record.
+    fn publish_lag(&self, cx: &SourceContext) {
+        let ends = lock(&self.shared.ends);
+        for p in self.parts.iter().filter(|p| p.assigned) {
+            let Some(end) = ends.get(&(p.topic.clone(), p.partition)) else { continue };
+            let lag = (end - p.next.unwrap_or(0)).max(0);
+            cx.registry.connectors.set(
+                "weir_kafka_consumer_lag",
+                "Records between the source's position and the partition's end.",
+                &[("topic", &p.topic), ("partition", &p.partition.to_string())],
+                lag as f64,
+            );
+        }
+    }
+
     /// Every assigned partition reached its end: flush what is buffered.
     fn finished_reading(&self) -> bool {
         self.cfg.stop_at_end

@@ -256,6 +256,7 @@ fn an_idle_partition_does_not_stall_windows() {
     let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
     let mut cfg = from_kafka("w1-sensor-window.yaml", &k.brokers, "quiet", &out, &dead);
     cfg.source.kafka.as_mut().unwrap().stop_at_end = false;
+    cfg.source.kafka.as_mut().unwrap().properties.insert("statistics.interval.ms".into(), "200".into());
     cfg.source.watermark.idle_timeout = Some(Duration::from_millis(300));
     let job = Job::new(Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap()).unwrap();
     let (reg, stop) = (job.registry(), job.shutdown_handle());
@@ -270,6 +271,15 @@ fn an_idle_partition_does_not_stall_windows() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The consumer's lag per partition reaches the metrics (from librdkafka's statistics).
+    let lag = |p: &str| reg.connectors.get("weir_kafka_consumer_lag", &[("topic", "quiet"), ("partition", p)]);
+    while lag("0") != Some(0.0) || lag("1") != Some(0.0) {
+        assert!(t.elapsed() < Duration::from_secs(20), "lag not reported: {:?} {:?}", lag("0"), lag("1"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(reg.connectors.get("weir_kafka_rebalances_total", &[("event", "assigned")]), Some(1.0));
+    let text = reg.render_prometheus("j");
+    assert!(text.contains("weir_kafka_consumer_lag{job=\"j\",topic=\"quiet\",partition=\"0\"} 0"), "{text}");
     stop.stop();
     rt.block_on(handle).unwrap().unwrap();
     assert_same_rows(read_jsonl(&data("w1-expected.jsonl")), read_jsonl(&out), "after the stop");
