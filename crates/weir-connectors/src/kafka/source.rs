@@ -602,9 +602,12 @@ impl Source for KafkaSource {
                 .min()
                 .unwrap_or(Duration::from_millis(100));
             let mut shutdown = cx.shutdown.clone();
+            // Cancel safety: a dropped `recv` loses nothing (a record is taken off the queue
+            // only when it is returned). If the job's stop signal is gone, that branch is
+            // disabled rather than spinning.
             let got = tokio::select! {
                 r = tokio::time::timeout(wait, consumer.recv()) => r,
-                _ = shutdown.changed() => continue,
+                Ok(()) = shutdown.changed() => continue,
             };
             match got {
                 Err(_) => {
