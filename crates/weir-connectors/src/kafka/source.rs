@@ -231,6 +231,13 @@ impl ClientContext for SourceCtx {
     }
 }
 
+impl SourceCtx {
+    fn count_rebalance(&self, event: &str) {
+        let help = "Partition assignments and revocations seen by the consumer.";
+        self.registry.connectors.add("weir_kafka_rebalances_total", help, &[("event", event)], 1.0);
+    }
+}
+
 impl ConsumerContext for SourceCtx {
     // Overridden (not pre_rebalance) because only here is the list mutable: offsets set on it
     // take effect with the assignment itself, before any fetch, so no record before a
@@ -284,12 +291,7 @@ impl ConsumerContext for SourceCtx {
                     })
                     .collect::<Vec<_>>();
                 tracing::info!(partitions = ends.len(), "Kafka partitions assigned.");
-                self.registry.connectors.add(
-                    "weir_kafka_rebalances_total",
-                    "Partition assignments and revocations seen by the consumer.",
-                    &[("event", "assigned")],
-                    1.0,
-                );
+                self.count_rebalance("assigned");
                 lock(&self.shared.events).push(Assignment::Assigned(ends));
             }
             E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -298,12 +300,7 @@ impl ConsumerContext for SourceCtx {
                     tracing::warn!(error = %e, "Kafka unassign failed.");
                 }
                 tracing::info!(partitions = tps.len(), "Kafka partitions revoked.");
-                self.registry.connectors.add(
-                    "weir_kafka_rebalances_total",
-                    "Partition assignments and revocations seen by the consumer.",
-                    &[("event", "revoked")],
-                    1.0,
-                );
+                self.count_rebalance("revoked");
                 lock(&self.shared.events).push(Assignment::Revoked(tps));
             }
             other => {
