@@ -39,20 +39,20 @@ pub(crate) fn decode_records(
     pos: impl Fn(usize) -> Position,
     cx: &SourceContext,
 ) -> Result<Option<Batch>> {
-    decode_records_with(decoder, time, buf, records, |_, _| origin.to_string(), pos, cx, |d| Ok(d.batch.clone()))
+    decode_records_with(decoder, time, buf, records, origin, pos, cx, |d| Ok(d.batch.clone()))
 }
 
 /// [`decode_records`] for sources whose rows carry more than the payload: `rows` turns the
 /// decoded payloads into the source's rows (adding, say, Kafka metadata columns by
 /// [`weir_formats::Decoded::record_of_row`]) before event times are read, so an event time can
-/// come from such a column. `origin(i)` names record `i`'s origin.
+/// come from such a column.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decode_records_with(
     decoder: &mut dyn Decoder,
     time: Option<&EventTimeSpec>,
     buf: &[u8],
     records: &[Range<usize>],
-    origin: impl Fn(usize, &SourceContext) -> String,
+    origin: &str,
     pos: impl Fn(usize) -> Position,
     cx: &SourceContext,
     rows: impl FnOnce(&weir_formats::Decoded) -> Result<arrow_array::RecordBatch>,
@@ -69,7 +69,7 @@ pub(crate) fn decode_records_with(
         kind,
         reason,
         step: cx.step.clone(),
-        origin: origin(idx, cx),
+        origin: origin.to_string(),
         position: Some(pos(idx).render()),
         time_ms: now_ms(),
         attempts: 1,

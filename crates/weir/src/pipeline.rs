@@ -169,9 +169,8 @@ impl Pipeline {
         if let Some(schema) = &c.source.schema {
             let mut schema = schema.to_arrow();
             if let Some(k) = &c.source.kafka {
-                let mut fields: Vec<_> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-                fields.extend(kafka_metadata(&k.metadata).fields());
-                schema = Arc::new(arrow_schema::Schema::new(fields));
+                schema =
+                    kafka_metadata(&k.metadata).extend(&schema).map_err(|e| e.in_step(&StepId::new(&c.source.id)))?;
             }
             built.plan_steps(&schema, 1, false)?;
         }

@@ -65,8 +65,24 @@ pub struct KafkaMetadataColumns {
 }
 
 impl KafkaMetadataColumns {
-    /// The columns, in the order they follow the payload's.
-    pub fn fields(&self) -> Vec<Field> {
+    /// The source's schema: the payload's columns, then these.
+    ///
+    /// # Errors
+    /// A metadata column named like a payload column.
+    pub fn extend(&self, payload: &SchemaRef) -> Result<SchemaRef> {
+        let mut fields: Vec<Field> = payload.fields().iter().map(|f| f.as_ref().clone()).collect();
+        for m in self.fields() {
+            weir_core::ensure_config!(
+                fields.iter().all(|f| f.name() != m.name()),
+                "kafka: metadata column `{}` has the name of a payload column; rename it",
+                m.name()
+            );
+            fields.push(m);
+        }
+        Ok(Arc::new(Schema::new(fields)))
+    }
+
+    fn fields(&self) -> Vec<Field> {
         let mut f = Vec::new();
         let mut add = |name: &Option<String>, t: DataType| {
             if let Some(n) = name {
@@ -126,18 +142,10 @@ impl KafkaSourceFactory {
     pub fn new(cfg: KafkaSourceConfig) -> Result<Self> {
         weir_core::ensure_config!(!cfg.topics.is_empty(), "kafka: `topics` is empty");
         weir_core::ensure_config!(!cfg.client.brokers.is_empty(), "kafka: `brokers` is empty");
-        let mut fields: Vec<Field> = cfg.payload_schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-        for m in cfg.metadata.fields() {
-            weir_core::ensure_config!(
-                fields.iter().all(|f| f.name() != m.name()),
-                "kafka: metadata column `{}` has the name of a payload column; rename it",
-                m.name()
-            );
-            fields.push(m);
-        }
+        let schema = cfg.metadata.extend(&cfg.payload_schema)?;
         // Fails early on a format this source cannot decode.
         cfg.format.decoder(cfg.payload_schema.clone()).map_err(crate::fmt_err)?;
-        Ok(Self { schema: Arc::new(Schema::new(fields)), cfg: Arc::new(cfg) })
+        Ok(Self { schema, cfg: Arc::new(cfg) })
     }
 }
 
@@ -543,7 +551,7 @@ impl KafkaSource {
             self.cfg.event_time.as_ref(),
             &buf,
             &ranges,
-            |_, _| format!("kafka {topic}[{partition}]"),
+            &format!("kafka {topic}[{partition}]"),
             |r| Position { offset: u64::try_from(offsets[r]).unwrap_or(0), line: None },
             cx,
             rows,
