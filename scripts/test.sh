@@ -18,3 +18,8 @@ else
 fi
 echo "== doc tests"
 cargo test --workspace --doc --locked
+echo "== python"
+# The package is built from this checkout into the current Python, then tested from the
+# repository root (so `python/weir`, which lacks the native module, is not imported instead).
+scripts/python-dev.sh
+python3 -m pytest -q python/tests

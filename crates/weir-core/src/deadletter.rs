@@ -21,6 +21,8 @@ pub enum ErrorKind {
     Clock,
     /// An expression failed on the row.
     Expression,
+    /// A user function (Rust or Python) failed on the row, or on the batch holding it.
+    Function,
     /// The sink kept failing until its retries ran out.
     Sink,
     /// Not a failure: the row's key was quarantined, so it was diverted.
@@ -36,6 +38,7 @@ impl ErrorKind {
             Self::EventTime => "event_time",
             Self::Clock => "clock",
             Self::Expression => "expression",
+            Self::Function => "function",
             Self::Sink => "sink",
             Self::Quarantined => "quarantined",
         }

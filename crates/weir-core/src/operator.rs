@@ -29,6 +29,9 @@ pub struct OpContext<'a> {
     pub dead_letters: &'a dyn DeadLetterSink,
     /// The current input watermark, ms (`None` before the first).
     pub watermark: Option<i64>,
+    /// The job's metrics, for series of the step's own (labelled with its id) in
+    /// [`crate::metrics::Registry::connectors`].
+    pub registry: &'a crate::metrics::Registry,
     pub(crate) out: &'a mut Vec<Batch>,
 }
 

@@ -514,6 +514,7 @@ struct Chain {
     worker: usize,
     dead: Arc<dyn DeadLetterSink>,
     tick: Option<Duration>,
+    registry: Arc<Registry>,
 }
 
 enum Hook {
@@ -528,7 +529,7 @@ impl Chain {
         ops: &[(StepId, Arc<dyn OperatorFactory>)],
         worker: usize,
         workers: usize,
-        reg: &Registry,
+        reg: &Arc<Registry>,
         dead: Arc<dyn DeadLetterSink>,
         restored: &Restored,
     ) -> Result<Self> {
@@ -547,7 +548,7 @@ impl Chain {
             let watermark = restored.watermarks.get(id.as_str()).copied();
             links.push(Link { id: id.clone(), metrics: reg.step(id, worker), op, watermark });
         }
-        Ok(Self { links, worker, dead, tick })
+        Ok(Self { links, worker, dead, tick, registry: reg.clone() })
     }
 
     /// Every operator's state and watermark, for a checkpoint.
@@ -582,6 +583,7 @@ impl Chain {
                 metrics: &link.metrics,
                 dead_letters: self.dead.as_ref(),
                 watermark: link.watermark,
+                registry: &self.registry,
                 out: &mut emitted,
             };
             let res = match hook {

@@ -39,6 +39,7 @@ pub struct OpHarness {
     metrics: StepMetrics,
     dead: MemoryDeadLetters,
     watermark: Option<i64>,
+    registry: crate::metrics::Registry,
 }
 
 impl OpHarness {
@@ -50,6 +51,7 @@ impl OpHarness {
             metrics: StepMetrics::default(),
             dead: MemoryDeadLetters::default(),
             watermark: None,
+            registry: crate::metrics::Registry::default(),
         })
     }
 
@@ -61,6 +63,7 @@ impl OpHarness {
             metrics: &self.metrics,
             dead_letters: &self.dead,
             watermark: self.watermark,
+            registry: &self.registry,
             out: &mut out,
         };
         f(self.op.as_mut(), &mut cx)?;
@@ -123,6 +126,11 @@ impl OpHarness {
     /// The step's counters.
     pub fn metrics(&self) -> StepSnapshot {
         self.metrics.snapshot()
+    }
+
+    /// The job-wide metrics the operator reported to.
+    pub fn registry(&self) -> &crate::metrics::Registry {
+        &self.registry
     }
 
     /// Dead letters written by the operator.

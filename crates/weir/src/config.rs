@@ -186,6 +186,10 @@ pub struct SourceConfig {
     /// Read Kafka topics through a consumer group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaSourceSettings>,
+    /// A source written in code, registered with the pipeline ([`crate::Pipeline::source_code`];
+    /// the Python package's test source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<CodeSettings>,
     /// Declared schema; inferred from the first records when absent (JSON only).
     #[serde(default)]
     pub schema: Option<SchemaSpec>,
@@ -221,7 +225,14 @@ pub enum SourceConnector {
     Generator(GeneratorSettings),
     /// Kafka topics.
     Kafka(KafkaSourceSettings),
+    /// Registered code.
+    Code,
 }
+
+/// The settings of a source or sink written in code: none, the code has them. In YAML, `code: {}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodeSettings {}
 
 /// Kafka source settings. Security (TLS, SASL PLAIN or SCRAM) and anything else librdkafka
 /// knows go in `properties`; values may be `${VAR}` references and are never logged.
@@ -520,6 +531,8 @@ pub enum StepConfig {
     Window(WindowConfig),
     /// Keyed EWMA z-score anomaly detector.
     EwmaZscore(EwmaConfig),
+    /// A step written in code (Rust or Python), registered with the pipeline under its id.
+    Function(FunctionConfig),
 }
 
 /// The YAML shape of a step: a map with exactly one known key. (serde_yaml reads enums from
@@ -537,6 +550,8 @@ struct StepRepr {
     window: Option<WindowConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ewma_zscore: Option<EwmaConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    function: Option<FunctionConfig>,
 }
 
 impl TryFrom<StepRepr> for StepConfig {
@@ -558,9 +573,12 @@ impl TryFrom<StepRepr> for StepConfig {
         if let Some(c) = r.ewma_zscore {
             found.push(StepConfig::EwmaZscore(c));
         }
+        if let Some(c) = r.function {
+            found.push(StepConfig::Function(c));
+        }
         match found.len() {
             1 => Ok(found.remove(0)),
-            0 => Err("a step needs one of `filter`, `select`, `key_by`, `window`, `ewma_zscore`".into()),
+            0 => Err("a step needs one of `filter`, `select`, `key_by`, `window`, `ewma_zscore`, `function`".into()),
             _ => Err("a step has more than one kind; write each as its own list item".into()),
         }
     }
@@ -575,6 +593,7 @@ impl From<StepConfig> for StepRepr {
             StepConfig::KeyBy(c) => r.key_by = Some(c),
             StepConfig::Window(c) => r.window = Some(c),
             StepConfig::EwmaZscore(c) => r.ewma_zscore = Some(c),
+            StepConfig::Function(c) => r.function = Some(c),
         }
         r
     }
@@ -589,6 +608,7 @@ impl StepConfig {
             Self::KeyBy(c) => &c.id,
             Self::Window(c) => &c.id,
             Self::EwmaZscore(c) => &c.id,
+            Self::Function(c) => &c.id,
         }
     }
 }
@@ -738,6 +758,16 @@ impl From<LateConfig> for LateRepr {
     }
 }
 
+/// `function` settings: a step whose code is registered with the pipeline under `id`
+/// ([`crate::Pipeline::function`], or `map_batches` and friends in Python). A YAML file can
+/// name such a step to place it; the program that runs the file registers the code.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionConfig {
+    /// Step id, which is also the name the code is registered under.
+    pub id: String,
+}
+
 /// `ewma_zscore` settings.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -782,6 +812,10 @@ pub struct SinkConfig {
     /// Produce to a Kafka topic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaSinkSettings>,
+    /// A sink written in code, registered with the pipeline ([`crate::Pipeline::sink_code`];
+    /// the Python package's collecting sink).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<CodeSettings>,
     /// A column holding each row's creation time in µs since the epoch (the generator's
     /// `created_us`): the sink then records creation-to-write latency (summary and metrics).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -800,6 +834,8 @@ pub enum SinkConnector {
     Stdout(StdoutSettings),
     /// A Kafka topic.
     Kafka(KafkaSinkSettings),
+    /// Registered code.
+    Code,
 }
 
 /// File sink settings.
@@ -924,6 +960,7 @@ impl SourceConfig {
             stdin: None,
             generator: None,
             kafka: None,
+            code: None,
             schema: None,
             event_time: None,
             watermark: WatermarkConfig::default(),
@@ -935,6 +972,7 @@ impl SourceConfig {
             SourceConnector::Stdin(f) => s.stdin = Some(f),
             SourceConnector::Generator(f) => s.generator = Some(f),
             SourceConnector::Kafka(k) => s.kafka = Some(k),
+            SourceConnector::Code => s.code = Some(CodeSettings {}),
         }
         s
     }
@@ -957,10 +995,15 @@ impl SourceConfig {
         if let Some(k) = &self.kafka {
             set.push(SourceConnector::Kafka(k.clone()));
         }
+        if self.code.is_some() {
+            set.push(SourceConnector::Code);
+        }
         match set.len() {
             1 => Ok(set.remove(0)),
-            0 => Err(format!("source `{}` needs one of `file`, `stdin`, `generator`, `kafka`", self.id)),
-            _ => Err(format!("source `{}` has more than one of `file`, `stdin`, `generator`, `kafka`", self.id)),
+            0 => Err(format!("source `{}` needs one of `file`, `stdin`, `generator`, `kafka`, `code`", self.id)),
+            _ => {
+                Err(format!("source `{}` has more than one of `file`, `stdin`, `generator`, `kafka`, `code`", self.id))
+            }
         }
     }
 }
@@ -980,6 +1023,7 @@ impl SinkConfig {
             file: None,
             stdout: None,
             kafka: None,
+            code: None,
             latency_column: None,
             retry: RetryConfig::default(),
         };
@@ -987,6 +1031,7 @@ impl SinkConfig {
             SinkConnector::File(f) => s.file = Some(f),
             SinkConnector::Stdout(f) => s.stdout = Some(f),
             SinkConnector::Kafka(k) => s.kafka = Some(k),
+            SinkConnector::Code => s.code = Some(CodeSettings {}),
         }
         s
     }
@@ -996,12 +1041,23 @@ impl SinkConfig {
     /// # Errors
     /// None or several configured.
     pub fn connector(&self) -> Result<SinkConnector, String> {
-        match (&self.file, &self.stdout, &self.kafka) {
-            (Some(f), None, None) => Ok(SinkConnector::File(f.clone())),
-            (None, Some(s), None) => Ok(SinkConnector::Stdout(s.clone())),
-            (None, None, Some(k)) => Ok(SinkConnector::Kafka(k.clone())),
-            (None, None, None) => Err(format!("sink `{}` needs one of `file`, `stdout`, `kafka`", self.id)),
-            _ => Err(format!("sink `{}` has more than one of `file`, `stdout`, `kafka`", self.id)),
+        let mut set = Vec::new();
+        if let Some(f) = &self.file {
+            set.push(SinkConnector::File(f.clone()));
+        }
+        if let Some(s) = &self.stdout {
+            set.push(SinkConnector::Stdout(s.clone()));
+        }
+        if let Some(k) = &self.kafka {
+            set.push(SinkConnector::Kafka(k.clone()));
+        }
+        if self.code.is_some() {
+            set.push(SinkConnector::Code);
+        }
+        match set.len() {
+            1 => Ok(set.remove(0)),
+            0 => Err(format!("sink `{}` needs one of `file`, `stdout`, `kafka`, `code`", self.id)),
+            _ => Err(format!("sink `{}` has more than one of `file`, `stdout`, `kafka`, `code`", self.id)),
         }
     }
 }

@@ -25,13 +25,13 @@ pub mod pipeline;
 pub mod report;
 pub mod yaml;
 
-pub use pipeline::{BuiltPipeline, Pipeline, RunOptions};
+pub use pipeline::{BuiltPipeline, CustomStep, Functions, Pipeline, RunOptions};
 pub use weir_core::{CoreError, Result};
 
 /// The names most pipelines need.
 pub mod prelude {
     pub use crate::config::*;
-    pub use crate::pipeline::{BuiltPipeline, Pipeline, RunOptions};
+    pub use crate::pipeline::{BuiltPipeline, CustomStep, Pipeline, RunOptions};
     pub use weir_core::runtime::RunSummary;
     pub use weir_core::time::TimeFormat;
     pub use weir_formats::{CsvOptions, FieldSpec, FieldType, FormatSpec, SchemaSpec};

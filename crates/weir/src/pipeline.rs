@@ -37,8 +37,37 @@ use crate::config::*;
 #[derive(Debug, Clone)]
 pub struct Pipeline {
     cfg: PipelineConfig,
+    functions: Functions,
+    code: CodeEnds,
     source_set: bool,
     sink_set: bool,
+}
+
+/// The source and sink written in code, for `code: {}` connectors.
+#[derive(Debug, Clone, Default)]
+struct CodeEnds {
+    source: Option<Arc<dyn SourceFactory>>,
+    sink: Option<Arc<dyn SinkFactory>>,
+}
+
+/// The code of `function` steps, by step id.
+pub type Functions = BTreeMap<String, Arc<dyn CustomStep>>;
+
+/// A step written in code (a Rust operator, or a Python function through the `weir` Python
+/// package) rather than configuration. It is placed by a `function` step with its id.
+pub trait CustomStep: Send + Sync + std::fmt::Debug {
+    /// Compiles the step for its input schema. `keys` are the stream's key columns (empty when
+    /// no `key_by` came before), for steps that keep per-key state.
+    ///
+    /// # Errors
+    /// A schema the step cannot work on, or a keyed step on an unkeyed stream.
+    fn plan(&self, input: &SchemaRef, keys: &[String]) -> Result<(Arc<dyn OperatorFactory>, SchemaRef)>;
+
+    /// Whether each key's rows must reach the step in input order, as for a detector. A file
+    /// source is then read by one worker per file rather than in chunks.
+    fn order_sensitive(&self) -> bool {
+        false
+    }
 }
 
 impl Pipeline {
@@ -59,6 +88,8 @@ impl Pipeline {
                 load_shedding: None,
                 checkpoints: None,
             },
+            functions: Functions::new(),
+            code: CodeEnds::default(),
             source_set: false,
             sink_set: false,
         }
@@ -66,7 +97,38 @@ impl Pipeline {
 
     /// A pipeline from its configuration (the YAML form).
     pub fn from_config(cfg: PipelineConfig) -> Self {
-        Self { cfg, source_set: true, sink_set: true }
+        Self { cfg, functions: Functions::new(), code: CodeEnds::default(), source_set: true, sink_set: true }
+    }
+
+    /// Registers the code of the `function` step `id` of a pipeline made from configuration.
+    pub fn register_function(&mut self, id: impl Into<String>, step: Arc<dyn CustomStep>) -> &mut Self {
+        self.functions.insert(id.into(), step);
+        self
+    }
+
+    /// Sets a source written in code: the pipeline's source becomes `id` with `code: {}`, and
+    /// the other source settings (event time, watermark) still apply.
+    pub fn source_code(&mut self, id: &str, factory: Arc<dyn SourceFactory>) -> &mut Self {
+        self.code.source = Some(factory);
+        if self.cfg.source.code.is_none() || self.cfg.source.id != id {
+            self.source(SourceConfig::new(id, SourceConnector::Code));
+        }
+        self
+    }
+
+    /// Sets a sink written in code; the pipeline's sink becomes `id` with `code: {}`.
+    pub fn sink_code(&mut self, id: &str, factory: Arc<dyn SinkFactory>) -> &mut Self {
+        self.code.sink = Some(factory);
+        if self.cfg.sink.code.is_none() || self.cfg.sink.id != id {
+            self.sink(SinkConfig::new(id, SinkConnector::Code));
+        }
+        self
+    }
+
+    /// Adds a step written in code.
+    pub fn function(&mut self, id: &str, step: Arc<dyn CustomStep>) -> &mut Self {
+        self.register_function(id, step);
+        self.step(StepConfig::Function(FunctionConfig { id: id.into() }))
     }
 
     /// Sets the source.
@@ -163,9 +225,24 @@ impl Pipeline {
         weir_core::ensure_config!(c.workers != Some(0), "workers must be at least 1");
         weir_core::ensure_config!(c.runtime.channel_capacity > 0, "runtime.channel_capacity must be positive");
         for s in &c.steps {
-            step_spec(s, &[], false).map_err(|e| e.in_step(&StepId::new(s.id())))?;
+            step_spec(s, &[], false, &self.functions).map_err(|e| e.in_step(&StepId::new(s.id())))?;
         }
-        let built = BuiltPipeline { cfg: c.clone() };
+        if let Some(unused) = self.functions.keys().find(|id| !c.steps.iter().any(|s| s.id() == id.as_str())) {
+            return Err(CoreError::Config(format!(
+                "function `{unused}` is registered but no `function` step with that id places it"
+            )));
+        }
+        weir_core::ensure_config!(
+            c.source.code.is_none() || self.code.source.is_some(),
+            "source `{}` is `code`, but no source was registered from code",
+            c.source.id
+        );
+        weir_core::ensure_config!(
+            c.sink.code.is_none() || self.code.sink.is_some(),
+            "sink `{}` is `code`, but no sink was registered from code",
+            c.sink.id
+        );
+        let built = BuiltPipeline { cfg: c.clone(), functions: self.functions.clone(), code: self.code.clone() };
         if let Some(schema) = &c.source.schema {
             let mut schema = schema.to_arrow();
             if let Some(k) = &c.source.kafka {
@@ -173,6 +250,8 @@ impl Pipeline {
                     kafka_metadata(&k.metadata).extend(&schema).map_err(|e| e.in_step(&StepId::new(&c.source.id)))?;
             }
             built.plan_steps(&schema, 1, false)?;
+        } else if let Some(f) = &self.code.source {
+            built.plan_steps(&f.schema(), 1, false)?;
         }
         Ok(built)
     }
@@ -182,6 +261,8 @@ impl Pipeline {
 #[derive(Debug, Clone)]
 pub struct BuiltPipeline {
     cfg: PipelineConfig,
+    functions: Functions,
+    code: CodeEnds,
 }
 
 /// How to run a pipeline.
@@ -206,6 +287,7 @@ enum OpSpec {
     Select(SelectSpec),
     Window(WindowSpec),
     Ewma(EwmaZscoreSpec),
+    Custom(Arc<dyn CustomStep>),
 }
 
 fn ms(d: Duration) -> i64 {
@@ -213,7 +295,7 @@ fn ms(d: Duration) -> i64 {
 }
 
 /// `append`: side outputs keep what an earlier run wrote (resuming from a checkpoint).
-fn step_spec(s: &StepConfig, keys: &[String], append: bool) -> Result<OpSpec> {
+fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Functions) -> Result<OpSpec> {
     Ok(match s {
         StepConfig::Filter(f) => OpSpec::Filter(FilterSpec { predicate: f.predicate.clone() }),
         StepConfig::Select(f) => {
@@ -255,6 +337,17 @@ fn step_spec(s: &StepConfig, keys: &[String], append: bool) -> Result<OpSpec> {
             threshold: e.threshold,
             warmup: e.warmup,
         }),
+        StepConfig::Function(f) => OpSpec::Custom(
+            functions
+                .get(&f.id)
+                .ok_or_else(|| {
+                    CoreError::Config(format!(
+                        "no code is registered for function `{}` (register it from Rust with `Pipeline::register_function`, or from Python)",
+                        f.id
+                    ))
+                })?
+                .clone(),
+        ),
     })
 }
 
@@ -274,7 +367,7 @@ impl BuiltPipeline {
         for s in &self.cfg.steps {
             let id = StepId::new(s.id());
             let planned = (|| -> Result<Planned> {
-                let spec = step_spec(s, &keys, append)?;
+                let spec = step_spec(s, &keys, append, &self.functions)?;
                 Ok(match spec {
                     OpSpec::KeyBy(k) => {
                         for key in &k {
@@ -300,6 +393,10 @@ impl BuiltPipeline {
                             "ewma_zscore is keyed: put a `key_by` step before it"
                         );
                         let (f, o) = e.plan(&schema)?;
+                        Planned::Op(f, o)
+                    }
+                    OpSpec::Custom(c) => {
+                        let (f, o) = c.plan(&schema, &keys)?;
                         Planned::Op(f, o)
                     }
                 })
@@ -336,6 +433,14 @@ impl BuiltPipeline {
     /// # Errors
     /// Missing input, schema problems, unknown columns, bad expressions.
     pub fn plan(&self, opts: &RunOptions) -> Result<JobSpec> {
+        Ok(self.plan_with_schema(opts)?.0)
+    }
+
+    /// [`BuiltPipeline::plan`], also returning the schema of the rows that reach the sink.
+    ///
+    /// # Errors
+    /// As [`BuiltPipeline::plan`].
+    pub fn plan_with_schema(&self, opts: &RunOptions) -> Result<(JobSpec, SchemaRef)> {
         let c = &self.cfg;
         let workers = opts.workers.or(c.workers).unwrap_or_else(default_workers).max(1);
         let src = &c.source;
@@ -362,7 +467,11 @@ impl BuiltPipeline {
                     follow: f.follow,
                     poll_interval: f.poll_interval,
                     // Order-sensitive steps need each key's rows in file order: no splitting.
-                    split: !c.steps.iter().any(|s| matches!(s, StepConfig::EwmaZscore(_))),
+                    split: !c.steps.iter().any(|s| match s {
+                        StepConfig::EwmaZscore(_) => true,
+                        StepConfig::Function(f) => self.functions.get(&f.id).is_some_and(|c| c.order_sensitive()),
+                        _ => false,
+                    }),
                 })
                 .map_err(|e| e.in_step(&source_step))?;
                 (Arc::new(fac), schema)
@@ -406,6 +515,19 @@ impl BuiltPipeline {
                 let schema = fac.schema();
                 (Arc::new(fac), schema)
             }
+            SourceConnector::Code => {
+                let fac = self.code.source.clone().ok_or_else(|| {
+                    CoreError::Config("the source is `code`, but no source was registered from code".into())
+                        .in_step(&source_step)
+                })?;
+                weir_core::ensure_config!(
+                    src.schema.is_none(),
+                    "source `{}`: a source written in code brings its schema; remove `schema`",
+                    src.id
+                );
+                let schema = fac.schema();
+                (fac, schema)
+            }
             SourceConnector::Kafka(k) => {
                 let payload = src.schema.as_ref().map(weir_formats::SchemaSpec::to_arrow).ok_or_else(|| {
                     CoreError::Config(format!("source `{}`: kafka needs a declared `schema` for its payloads", src.id))
@@ -437,12 +559,16 @@ impl BuiltPipeline {
         let sink_step = StepId::new(&c.sink.id);
         // A run resuming from checkpoints keeps what earlier runs wrote to its side files.
         let resuming = c.checkpoints.is_some() && !opts.fresh;
+        let sink_schema = out_schema.clone();
         let sink: Arc<dyn SinkFactory> = match c.sink.connector().map_err(CoreError::Config)? {
             SinkConnector::File(f) if c.checkpoints.is_some() => {
                 Arc::new(TxFileSinkFactory::new(&f.path, f.format, out_schema).map_err(|e| e.in_step(&sink_step))?)
             }
             SinkConnector::File(f) => Arc::new(FileSinkFactory::new(&f.path, f.format, out_schema)),
             SinkConnector::Stdout(s) => Arc::new(StdoutSinkFactory::new(s.format, out_schema)),
+            SinkConnector::Code => self.code.sink.clone().ok_or_else(|| {
+                CoreError::Config("the sink is `code`, but no sink was registered from code".into()).in_step(&sink_step)
+            })?,
             SinkConnector::Kafka(k) => {
                 let mode = match k.mode.as_str() {
                     "at_least_once" => weir_connectors::kafka::KafkaSinkMode::AtLeastOnce,
@@ -486,7 +612,7 @@ impl BuiltPipeline {
                 Some(q)
             }
         };
-        Ok(JobSpec {
+        let spec = JobSpec {
             name: c.name.clone(),
             workers,
             source_step,
@@ -521,7 +647,8 @@ impl BuiltPipeline {
                     })
                 }
             },
-        })
+        };
+        Ok((spec, sink_schema))
     }
 
     /// The quarantine settings, if quarantine is on and its key columns come from the source.

@@ -5,6 +5,7 @@ mod checkpoints;
 mod common;
 mod connectors;
 mod errors;
+mod functions;
 mod golden;
 mod kafka;
 mod metrics;

@@ -1,0 +1,146 @@
+"""The builder's configured steps (the YAML kinds) run from Python."""
+
+import json
+import os
+import subprocess
+
+import pyarrow as pa
+import pytest
+
+import weir
+import weir.testing as wt
+from conftest import ROOT, read_jsonl, sorted_rows
+
+W1_SCHEMA = pa.schema(
+    [
+        pa.field("device_id", pa.string(), nullable=False),
+        pa.field("ts", pa.int64(), nullable=False),
+        pa.field("readings", pa.struct([pa.field("temp", pa.float64(), nullable=False), pa.field("vibration", pa.float64(), nullable=False)]), nullable=False),
+    ]
+)
+
+
+def w1(path, out, dead):
+    p = weir.Pipeline("w1-sensor-window")
+    p.source("events", weir.file(path), schema=W1_SCHEMA, event_time="ts", max_out_of_orderness="2s")
+    p.key_by("by-device", ["device_id"])
+    p.window("per-device-10s", tumbling="10s", aggregates={"count": "count()", "avg_temp": "mean(readings.temp)", "max_vibration": "max(readings.vibration)"})
+    p.select("columns", ["device_id", "window_start", "count", "avg_temp", "max_vibration"])
+    p.sink("out", weir.file_sink(out))
+    p.dead_letters(dead)
+    return p
+
+
+def test_w1_in_python_equals_the_yaml_pipeline(events_file, tmp_path):
+    py_out = tmp_path / "py.jsonl"
+    summary = w1(events_file, py_out, tmp_path / "dl1.jsonl").run(workers=2)
+    assert summary.source_records == 20_000
+    assert summary.steps["per-device-10s"]["aggregated"] == 20_000
+
+    yaml_out = tmp_path / "yaml.jsonl"
+    env = dict(os.environ, INPUT=str(events_file), OUTPUT=str(yaml_out), DEAD_LETTERS=str(tmp_path / "dl2.jsonl"))
+    # Same file through the YAML form, loaded and run from Python.
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yaml_summary = weir.run_yaml(ROOT / "examples" / "w1-sensor-window.yaml", workers=1)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert yaml_summary.sink_rows == summary.sink_rows
+    assert sorted_rows(read_jsonl(py_out)) == sorted_rows(read_jsonl(yaml_out))
+    assert summary.sink_rows > 0
+
+
+def test_the_builder_writes_the_yaml_form():
+    p = w1("in.jsonl", "out.jsonl", "dl.jsonl")
+    cfg = p.config()
+    assert [list(s)[0] for s in cfg["steps"]] == ["key_by", "window", "select"]
+    assert cfg["source"]["event_time"] == {"column": "ts", "format": "ms"}
+    assert cfg["source"]["schema"]["fields"][2]["fields"][0] == {"name": "temp", "type": "float64"}
+    p.validate()
+
+
+def test_filter_select_and_ewma_on_a_test_source():
+    rows = [{"device": "d1", "temp": float(20 + (i % 3))} for i in range(60)] + [{"device": "d1", "temp": 90.0}]
+    src = wt.source(rows, times=list(range(0, 61_000, 1000)))
+    p = weir.Pipeline("ewma").source("in", src)
+    p.filter("warm", "temp >= 20")
+    p.select("cols", ["device", "temp", "temp * 1.8 + 32 AS temp_f"])
+    p.key_by("by-device", "device")
+    p.ewma_zscore("z", "temp", threshold=4.0, warmup=20)
+    out = wt.run(p.sink("out", wt.collect()))
+    anomalies = out.to_pylist()
+    assert len(anomalies) == 1
+    assert anomalies[0]["temp"] == 90.0
+    assert anomalies[0]["temp_f"] == pytest.approx(194.0)
+
+
+def test_hopping_and_session_windows():
+    rows = [{"k": "a", "v": 1.0}] * 3 + [{"k": "a", "v": 5.0}]
+    times = [0, 1000, 2000, 60_000]
+    src = wt.source(rows, times=times)
+    p = weir.Pipeline("session").source("in", src).key_by("k", "k")
+    p.window("s", session={"gap": "10s"}, aggregates={"n": "count()", "total": "sum(v)"})
+    out = sorted(wt.run(p.sink("out", wt.collect())).to_pylist(), key=lambda r: r["window_start"])
+    assert [(r["n"], r["total"]) for r in out] == [(3, 3.0), (1, 5.0)]
+
+    src = wt.source(rows, times=times)
+    p = weir.Pipeline("hop").source("in", src).key_by("k", "k")
+    p.window("h", hopping={"size": "4s", "slide": "2s"}, aggregates={"n": "count()"})
+    out = wt.run(p.sink("out", wt.collect())).to_pylist()
+    assert sum(r["n"] for r in out) == 3 * 2 + 1 * 2
+
+
+def test_errors_name_the_key_and_the_step(tmp_path):
+    p = weir.Pipeline("bad").source("in", weir.file(tmp_path / "x.jsonl"), schema=W1_SCHEMA)
+    p._cfg["steps"].append({"filter": {"id": "f", "wher": "x > 1"}})
+    p.sink("out", weir.stdout())
+    with pytest.raises(weir.errors.ConfigError, match="unknown field `wher`"):
+        p.validate()
+
+    p = weir.Pipeline("bad").source("in", weir.file(tmp_path / "x.jsonl"), schema=W1_SCHEMA)
+    p.filter("hot", "readings.pressure > 1").sink("out", weir.stdout())
+    with pytest.raises(weir.errors.ConfigError) as e:
+        p.validate()
+    assert e.value.step == "hot"
+    assert "pressure" in str(e.value)
+    assert isinstance(e.value.__cause__, weir.errors.EngineCause)
+
+    p = weir.Pipeline("dup").source("in", weir.generator(count=1)).filter("x", "true").filter("x", "true").sink("out", weir.stdout())
+    with pytest.raises(weir.errors.ConfigError, match="used twice"):
+        p.validate()
+
+
+def test_a_yaml_pipeline_with_a_python_step(tmp_path, events_file):
+    yaml = tmp_path / "p.yaml"
+    yaml.write_text(
+        f"""
+name: yaml-with-python
+source:
+  id: events
+  file: {{ path: "{events_file}", format: json }}
+steps:
+  - function: {{ id: tag }}
+  - select: {{ id: cols, columns: [device_id, hot] }}
+sink:
+  id: out
+  file: {{ path: "{tmp_path / 'out.jsonl'}", format: json }}
+dead_letters: {{ path: "{tmp_path / 'dl.jsonl'}" }}
+"""
+    )
+    p = weir.Pipeline.from_yaml(yaml)
+    with pytest.raises(weir.errors.ConfigError, match="no code is registered for function `tag`"):
+        p.validate()
+    import pyarrow.compute as pc
+
+    def tag(b):
+        return b.append_column("hot", pc.greater(pc.struct_field(b.column("readings"), "temp"), 25.0))
+
+    p.register("tag", "map_batches", tag)
+    s = p.run(workers=1)
+    assert s.sink_rows == 20_000
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert set(rows[0]) == {"device_id", "hot"}
+    with pytest.raises(weir.errors.ConfigError, match="no `function` step with id `nope`"):
+        p.register("nope", "map", lambda r: r)

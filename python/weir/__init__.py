@@ -1,0 +1,517 @@
+"""Weir: real-time stream processing on Arrow micro-batches, built and run from Python.
+
+A :class:`Pipeline` here is the Rust builder mirrored one to one: the same step kinds, the same
+step ids and the same setting names as the YAML form (``docs/pipelines.md``). Python functions
+join it as steps that run in-process on whole ``pyarrow.RecordBatch`` es:
+
+>>> import weir
+>>> p = weir.Pipeline("hot")
+>>> _ = p.source("events", weir.generator(count=1000, seed=1))
+>>> _ = p.filter("hot", "readings.temp > 25.0")
+>>> _ = p.map_batches("fahrenheit", lambda b: b)
+>>> _ = p.sink("out", weir.stdout())
+>>> sorted(p.config()["steps"][1])
+['function']
+
+The engine runs with the GIL released and takes it once per batch for a Python step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import pyarrow as pa
+
+from . import errors
+from ._steps import RetrySettings
+from .errors import ConfigError, Retryable, WeirError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Pipeline",
+    "RunSummary",
+    "Retry",
+    "Retryable",
+    "WeirError",
+    "ConfigError",
+    "errors",
+    "run_yaml",
+    "load_yaml",
+    "file",
+    "stdin",
+    "generator",
+    "kafka",
+    "file_sink",
+    "stdout",
+    "kafka_sink",
+    "schema_spec",
+]
+
+Json = Dict[str, Any]
+Duration = Union[str, float, int]
+
+
+def _duration(d: Duration) -> str:
+    """Durations are strings like ``"10s"`` or ``"250ms"`` (as in YAML); numbers are seconds."""
+    if isinstance(d, str):
+        return d
+    return f"{int(round(float(d) * 1000))}ms"
+
+
+def _clean(d: Mapping[str, Any]) -> Json:
+    out: Json = {}
+    for k, v in d.items():
+        if v is None:
+            continue
+        out[k] = v
+    return out
+
+
+# --- sources -------------------------------------------------------------------------------
+
+
+def file(path: str, format: Union[str, Json] = "json", *, follow: bool = False, poll_interval: Optional[Duration] = None, chunk_size: Optional[int] = None) -> Json:
+    """Reads JSON Lines, CSV or MessagePack files (a path or a glob)."""
+    return {"file": _clean({"path": str(path), "format": format, "follow": follow or None,
+                            "poll_interval": None if poll_interval is None else _duration(poll_interval),
+                            "chunk_size": chunk_size})}
+
+
+def stdin(format: Union[str, Json] = "json") -> Json:
+    """Reads standard input (needs a declared schema)."""
+    return {"stdin": {"format": format}}
+
+
+def generator(**settings: Any) -> Json:
+    """Synthetic sensor events: ``devices``, ``rate``, ``count``, ``duration``, ``disorder``,
+    ``max_delay``, ``anomaly_rate``, ``seed``, ``stamp_created``, as in YAML."""
+    for k in ("duration", "max_delay"):
+        if k in settings and settings[k] is not None:
+            settings[k] = _duration(settings[k])
+    return {"generator": _clean(settings)}
+
+
+def kafka(brokers: str, topics: Sequence[str], *, format: Union[str, Json] = "json", **settings: Any) -> Json:
+    """Reads Kafka topics through a consumer group (``group_id``, ``start``, ``metadata``,
+    ``properties``, ``stop_at_end``, as in YAML)."""
+    return {"kafka": _clean({"brokers": brokers, "topics": list(topics), "format": format, **settings})}
+
+
+# --- sinks ---------------------------------------------------------------------------------
+
+
+def file_sink(path: str, format: Union[str, Json] = "json") -> Json:
+    """Writes a file (a directory of part files when checkpoints are on)."""
+    return {"file": {"path": str(path), "format": format}}
+
+
+def stdout(format: Union[str, Json] = "json") -> Json:
+    """Writes standard output."""
+    return {"stdout": {"format": format}}
+
+
+def kafka_sink(brokers: str, topic: str, *, format: Union[str, Json] = "json", **settings: Any) -> Json:
+    """Produces to a Kafka topic (``key``, ``partition``, ``headers``, ``mode``,
+    ``properties``, as in YAML)."""
+    return {"kafka": _clean({"brokers": brokers, "topic": topic, "format": format, **settings})}
+
+
+# --- schemas -------------------------------------------------------------------------------
+
+_ARROW_TO_SPEC = {
+    pa.bool_(): "bool",
+    pa.int64(): "int64",
+    pa.float64(): "float64",
+    pa.string(): "string",
+    pa.timestamp("ms"): "timestamp",
+}
+
+
+def schema_spec(schema: Union[pa.Schema, Sequence[Any], Json]) -> Json:
+    """A source schema in the YAML form, from a ``pyarrow.Schema`` (types bool, int64, float64,
+    string, timestamp[ms] and structs of them), a list of field dicts, or the YAML dict."""
+    if isinstance(schema, dict):
+        return schema
+    if isinstance(schema, pa.Schema):
+        return {"fields": [_field_spec(f) for f in schema]}
+    return {"fields": list(schema)}
+
+
+def _field_spec(f: pa.Field) -> Json:
+    spec: Json = {"name": f.name}
+    if pa.types.is_struct(f.type):
+        spec["type"] = "struct"
+        spec["fields"] = [_field_spec(f.type.field(i)) for i in range(f.type.num_fields)]
+    else:
+        name = _ARROW_TO_SPEC.get(f.type)
+        if name is None:
+            raise ConfigError(f"field `{f.name}`: source schemas take bool, int64, float64, string, timestamp[ms] or struct, not {f.type}")
+        spec["type"] = name
+    if f.nullable:
+        spec["required"] = False
+    return spec
+
+
+# --- Python steps --------------------------------------------------------------------------
+
+
+@dataclass
+class Retry:
+    """How a Python step retries a :class:`weir.errors.Retryable` failure before it
+    dead-letters the rows."""
+
+    max_attempts: int = 3
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+
+    def _settings(self) -> RetrySettings:
+        return RetrySettings(self.max_attempts, self.initial_backoff, self.max_backoff)
+
+
+@dataclass
+class _Function:
+    """A Python step as the engine sees it (read by the native module)."""
+
+    kind: str
+    fn: Callable[..., Any]
+    schema: Optional[pa.Schema] = None
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    on_error: str = "dead_letter"
+    features: Optional[List[str]] = None
+    output: str = "score"
+    max_batch: int = 1024
+    max_latency_ms: float = 10.0
+
+
+def _schema_arg(schema: Any) -> Optional[pa.Schema]:
+    if schema is None or isinstance(schema, pa.Schema):
+        return schema
+    if isinstance(schema, dict):
+        return pa.schema([(k, v) for k, v in schema.items()])
+    return pa.schema(schema)
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports (the CLI's end-of-run summary)."""
+
+    elapsed_s: float
+    source_records: int
+    sink_rows: int
+    #: Per step, in pipeline order: rows in, rows out, filtered, dead-lettered, ...
+    steps: Dict[str, Dict[str, int]]
+    #: Creation-to-sink latency (p50, p99, max) in µs, when the sink measured it.
+    latency_us: Optional[tuple] = None
+    #: What a sink written in code collected (see :mod:`weir.testing`).
+    output: Optional[pa.Table] = None
+
+
+class Pipeline:
+    """A pipeline under construction. Step ids must be unique and stable: they name steps in
+    metrics, logs and dead letters, and key their state in checkpoints."""
+
+    def __init__(self, name: str, *, workers: Optional[int] = None):
+        self._cfg: Json = {"name": name, "steps": []}
+        if workers is not None:
+            self._cfg["workers"] = workers
+        self._functions: Dict[str, _Function] = {}
+        self._code_source: Any = None
+        self._code_sink: Any = None
+
+    # -- construction from YAML -----------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, os.PathLike]) -> "Pipeline":
+        """Loads a YAML pipeline (with ``${VAR}`` expansion). Its ``function`` steps are placed
+        by id; give their code with :meth:`register`."""
+        from . import _weir
+
+        p = cls("")
+        p._cfg = json.loads(_weir.load_yaml(os.fspath(path)))
+        return p
+
+    def register(self, step_id: str, kind: str, fn: Callable[..., Any], **options: Any) -> "Pipeline":
+        """Gives the code of a ``function`` step placed in YAML: ``kind`` is ``map_batches``,
+        ``map``, ``filter``, ``stateful_map`` or ``infer``; options as for those methods."""
+        if not any(s.get("function", {}).get("id") == step_id for s in self._cfg["steps"]):
+            raise ConfigError(f"no `function` step with id `{step_id}` in pipeline `{self.name}`", step=step_id)
+        self._functions[step_id] = _make_function(kind, fn, **options)
+        return self
+
+    @property
+    def name(self) -> str:
+        return self._cfg["name"]
+
+    def config(self) -> Json:
+        """The pipeline in its YAML form, as a dict."""
+        return json.loads(json.dumps(self._cfg))
+
+    # -- ends -----------------------------------------------------------------------------
+
+    def source(self, id: str, connector: Json, *, schema: Any = None, event_time: Optional[Union[str, Json]] = None,
+               time_format: str = "ms", max_out_of_orderness: Optional[Duration] = None, idle_timeout: Optional[Duration] = None,
+               batch_size: Optional[int] = None, max_linger: Optional[Duration] = None,
+               max_future_skew: Optional[Duration] = None, max_age: Optional[Duration] = None) -> "Pipeline":
+        """Sets the source. ``connector`` is :func:`file`, :func:`generator`, :func:`kafka`,
+        :func:`stdin` or a :mod:`weir.testing` source; ``event_time`` names the event-time
+        column (its ``time_format``: ``ms``, ``s``, ``us``, ``rfc3339``)."""
+        if isinstance(connector, _CodeSource):
+            self._code_source = connector
+            src: Json = {"id": id, "code": {}}
+        else:
+            src = {"id": id, **connector}
+        if schema is not None:
+            src["schema"] = schema_spec(schema)
+        if event_time is not None:
+            et = {"column": event_time, "format": time_format} if isinstance(event_time, str) else dict(event_time)
+            if max_future_skew is not None:
+                et["max_future_skew"] = _duration(max_future_skew)
+            if max_age is not None:
+                et["max_age"] = _duration(max_age)
+            src["event_time"] = et
+        wm = _clean({"max_out_of_orderness": None if max_out_of_orderness is None else _duration(max_out_of_orderness),
+                     "idle_timeout": None if idle_timeout is None else _duration(idle_timeout)})
+        if wm:
+            src["watermark"] = wm
+        if batch_size is not None:
+            src["batch_size"] = batch_size
+        if max_linger is not None:
+            src["max_linger"] = _duration(max_linger)
+        self._cfg["source"] = src
+        return self
+
+    def sink(self, id: str, connector: Json, *, latency_column: Optional[str] = None, retry: Optional[Json] = None) -> "Pipeline":
+        """Sets the sink: :func:`file_sink`, :func:`stdout`, :func:`kafka_sink` or a
+        :mod:`weir.testing` sink."""
+        if isinstance(connector, _CodeSink):
+            self._code_sink = connector
+            snk: Json = {"id": id, "code": {}}
+        else:
+            snk = {"id": id, **connector}
+        if latency_column is not None:
+            snk["latency_column"] = latency_column
+        if retry is not None:
+            snk["retry"] = retry
+        self._cfg["sink"] = snk
+        return self
+
+    def dead_letters(self, path: str) -> "Pipeline":
+        """Sets the dead-letter file."""
+        self._cfg.setdefault("dead_letters", {})["path"] = str(path)
+        return self
+
+    def quarantine(self, **settings: Any) -> "Pipeline":
+        """Quarantine settings (``enabled``, ``keys``, ``max_dead_letters``, ``within``,
+        ``cool_down``, ``output``), as in YAML."""
+        self._cfg["quarantine"] = {k: (_duration(v) if k in ("within", "cool_down") else v) for k, v in settings.items()}
+        return self
+
+    def checkpoints(self, dir: str, interval: Duration = "10s", *, keep: int = 3, options: Optional[Dict[str, str]] = None) -> "Pipeline":
+        """Takes a checkpoint every ``interval`` into ``dir`` (a directory or URL)."""
+        self._cfg["checkpoints"] = _clean({"dir": str(dir), "interval": _duration(interval), "keep": keep, "options": options})
+        return self
+
+    def workers(self, n: int) -> "Pipeline":
+        """Sets the default worker count."""
+        self._cfg["workers"] = n
+        return self
+
+    # -- configured steps -----------------------------------------------------------------
+
+    def _step(self, kind: str, settings: Json) -> "Pipeline":
+        self._cfg["steps"].append({kind: settings})
+        return self
+
+    def filter(self, id: str, predicate: Union[str, Callable[[Dict[str, Any]], bool]], *, retry: Optional[Retry] = None) -> "Pipeline":
+        """Keeps rows matching a SQL predicate (a string), or for which a Python function of
+        the row (a dict) returns true."""
+        if isinstance(predicate, str):
+            return self._step("filter", {"id": id, "where": predicate})
+        return self._function(id, _make_function("filter", predicate, retry=retry))
+
+    def select(self, id: str, columns: Sequence[str]) -> "Pipeline":
+        """Chooses, renames and computes columns (``"a.b * 2 AS c"``)."""
+        return self._step("select", {"id": id, "columns": list(columns)})
+
+    def key_by(self, id: str, keys: Union[str, Sequence[str]]) -> "Pipeline":
+        """Partitions by key columns for the keyed steps that follow."""
+        return self._step("key_by", {"id": id, "keys": [keys] if isinstance(keys, str) else list(keys)})
+
+    def window(self, id: str, *, aggregates: Mapping[str, str], tumbling: Optional[Duration] = None,
+               hopping: Optional[Mapping[str, Duration]] = None, session: Optional[Mapping[str, Duration]] = None,
+               time: Optional[str] = None, late: Optional[Union[str, Json]] = None) -> "Pipeline":
+        """Aggregates in windows: ``tumbling="10s"``, ``hopping={"size": "1m", "slide": "10s"}``
+        or ``session={"gap": "30s"}``; ``aggregates={"avg_temp": "mean(readings.temp)"}``."""
+        w: Json = {"id": id, "aggregates": dict(aggregates)}
+        if tumbling is not None:
+            w["tumbling"] = _duration(tumbling)
+        if hopping is not None:
+            w["hopping"] = {k: _duration(v) for k, v in hopping.items()}
+        if session is not None:
+            w["session"] = {k: _duration(v) for k, v in session.items()}
+        if time is not None:
+            w["time"] = time
+        if late is not None:
+            w["late"] = late
+        return self._step("window", w)
+
+    def ewma_zscore(self, id: str, value: str, *, alpha: Optional[float] = None, threshold: Optional[float] = None,
+                    warmup: Optional[int] = None) -> "Pipeline":
+        """Keyed EWMA z-score anomaly detector on a numeric column."""
+        return self._step("ewma_zscore", _clean({"id": id, "value": value, "alpha": alpha, "threshold": threshold, "warmup": warmup}))
+
+    # -- Python steps ---------------------------------------------------------------------
+
+    def _function(self, id: str, f: _Function) -> "Pipeline":
+        if id in self._functions:
+            raise ConfigError(f"step id `{id}` is used twice; ids must be unique", step=id)
+        self._functions[id] = f
+        return self._step("function", {"id": id})
+
+    def map_batches(self, id: str, fn: Callable[[pa.RecordBatch], Any], *, schema: Any = None,
+                    on_error: str = "dead_letter", retry: Optional[Retry] = None) -> "Pipeline":
+        """Applies ``fn`` to each whole batch: it gets a ``pyarrow.RecordBatch`` (zero-copy) and
+        returns a RecordBatch, a Table or a dict of arrays with the same number of rows.
+
+        ``schema`` is the output schema; when omitted, Weir learns it by calling ``fn`` once on
+        an empty batch. ``on_error``: ``"dead_letter"`` (the batch's rows, with the
+        traceback) or ``"fail"`` (stop the job). A :class:`Retryable` is retried first."""
+        return self._function(id, _make_function("map_batches", fn, schema=schema, on_error=on_error, retry=retry))
+
+    def map(self, id: str, fn: Callable[[Dict[str, Any]], Optional[Dict[str, Any]]], *, schema: Any = None,
+            retry: Optional[Retry] = None) -> "Pipeline":
+        """Applies ``fn`` to each row as a dict; it returns a dict (``None`` drops the row). The
+        output has the input's schema unless ``schema`` says otherwise. An exception
+        dead-letters that row with its traceback."""
+        return self._function(id, _make_function("map", fn, schema=schema, retry=retry))
+
+    def stateful_map(self, id: str, fn: Callable[[Any, Dict[str, Any]], Any], *, schema: Any = None,
+                     retry: Optional[Retry] = None) -> "Pipeline":
+        """Per-key state after a :meth:`key_by`: ``fn(state, row) -> (state, out_row)``. The
+        state starts as ``None``; returning ``None`` as state forgets the key; an ``out_row`` of
+        ``None`` emits nothing. States must be picklable: they go into checkpoints."""
+        return self._function(id, _make_function("stateful_map", fn, schema=schema, retry=retry))
+
+    def infer(self, id: str, fn: Callable[[Any], Any], *, features: Optional[Sequence[str]] = None, output: str = "score",
+              max_batch: int = 1024, max_latency_ms: float = 10.0, on_error: str = "dead_letter",
+              retry: Optional[Retry] = None) -> "Pipeline":
+        """Scores rows with a model in batches whose size follows the arrival rate: a quiet
+        stream is scored at once, a burst in batches of up to ``max_batch`` rows, and no row
+        waits more than ``max_latency_ms``. ``fn`` gets a float64 matrix of the ``features``
+        columns (or the RecordBatch when ``features`` is omitted) and returns one score per row,
+        added as the float64 column ``output``."""
+        return self._function(id, _make_function("infer", fn, features=features, output=output, max_batch=max_batch,
+                                                 max_latency_ms=max_latency_ms, on_error=on_error, retry=retry))
+
+    # -- running --------------------------------------------------------------------------
+
+    def _native(self):
+        from . import _weir
+
+        return _weir.NativePipeline(json.dumps(self._cfg), self._functions, self._code_source, self._code_sink)
+
+    def validate(self) -> None:
+        """Checks structure, settings and (with a declared schema) columns and expressions,
+        without reading input. Raises :class:`weir.errors.ConfigError`."""
+        self._native().validate()
+
+    def output_schema(self, *, workers: Optional[int] = None) -> pa.Schema:
+        """The schema of the rows reaching the sink (plans the pipeline, which may read the input
+        to infer its schema)."""
+        return self._native().output_schema(workers)
+
+    def run(self, *, workers: Optional[int] = None, fresh: bool = False, metrics_addr: Optional[str] = None) -> RunSummary:
+        """Runs to the end of the input (or until Ctrl-C, which stops it cleanly: the current
+        batches are finished and, with checkpoints, a final checkpoint is taken; then
+        ``KeyboardInterrupt`` is raised). ``metrics_addr`` (``"127.0.0.1:9100"``) serves
+        Prometheus metrics while it runs."""
+        raw = self._native().run(workers, fresh, metrics_addr)
+        return _summary(raw, self._code_sink)
+
+    def run_in_thread(self, **kwargs: Any) -> "RunningPipeline":
+        """Starts :meth:`run` in a thread; :meth:`RunningPipeline.stop` stops it cleanly."""
+        return RunningPipeline(self, kwargs)
+
+
+class RunningPipeline:
+    """A pipeline running in a background thread."""
+
+    def __init__(self, p: Pipeline, kwargs: Dict[str, Any]):
+        self._native = p._native()
+        self._sink = p._code_sink
+        self._result: Any = None
+        self._error: Optional[BaseException] = None
+
+        def body() -> None:
+            try:
+                self._result = self._native.run(kwargs.get("workers"), kwargs.get("fresh", False), kwargs.get("metrics_addr"))
+            except BaseException as e:  # noqa: BLE001 - handed to join()
+                self._error = e
+
+        self._thread = threading.Thread(target=body, name=f"weir-{p.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Asks the pipeline to stop reading and finish; returns at once."""
+        self._native.stop()
+
+    def join(self, timeout: Optional[float] = None) -> RunSummary:
+        """Waits for the run to end and returns its summary (or raises its error)."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError("the pipeline is still running")
+        if self._error is not None:
+            raise self._error
+        return _summary(self._result, self._sink)
+
+
+def _summary(raw: Dict[str, Any], sink: Any) -> RunSummary:
+    out = None
+    if sink is not None and hasattr(sink, "_table"):
+        out = sink._table()
+    return RunSummary(elapsed_s=raw["elapsed_s"], source_records=raw["source_records"], sink_rows=raw["sink_rows"],
+                      steps=raw["steps"], latency_us=raw.get("latency_us"), output=out)
+
+
+_KINDS = ("map_batches", "map", "filter", "stateful_map", "infer")
+
+
+def _make_function(kind: str, fn: Callable[..., Any], *, schema: Any = None, on_error: str = "dead_letter",
+                   retry: Optional[Retry] = None, features: Optional[Sequence[str]] = None, output: str = "score",
+                   max_batch: int = 1024, max_latency_ms: float = 10.0) -> _Function:
+    if kind not in _KINDS:
+        raise ConfigError(f"unknown function kind `{kind}`; expected one of {', '.join(_KINDS)}")
+    if not callable(fn):
+        raise ConfigError(f"{kind}: expected a callable, got {type(fn).__name__}")
+    if on_error not in ("dead_letter", "fail"):
+        raise ConfigError(f"{kind}: on_error must be `dead_letter` or `fail`, not `{on_error}`")
+    if max_batch < 1:
+        raise ConfigError(f"{kind}: max_batch must be at least 1")
+    if max_latency_ms < 0:
+        raise ConfigError(f"{kind}: max_latency_ms must not be negative")
+    return _Function(kind=kind, fn=fn, schema=_schema_arg(schema), retry=(retry or Retry())._settings(), on_error=on_error,
+                     features=None if features is None else list(features), output=output, max_batch=max_batch,
+                     max_latency_ms=float(max_latency_ms))
+
+
+class _CodeSource:
+    """Marker base of sources implemented by the native module (see :mod:`weir.testing`)."""
+
+
+class _CodeSink:
+    """Marker base of sinks implemented by the native module (see :mod:`weir.testing`)."""
+
+
+def load_yaml(path: Union[str, os.PathLike]) -> Pipeline:
+    """Loads a YAML pipeline file; same as :meth:`Pipeline.from_yaml`."""
+    return Pipeline.from_yaml(path)
+
+
+def run_yaml(path: Union[str, os.PathLike], *, workers: Optional[int] = None, fresh: bool = False) -> RunSummary:
+    """Runs a YAML pipeline file, as ``weir run`` does."""
+    return Pipeline.from_yaml(path).run(workers=workers, fresh=fresh)

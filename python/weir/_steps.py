@@ -1,0 +1,218 @@
+"""What the engine calls, once per batch, to run a Python step.
+
+Rust hands over a ``pyarrow.RecordBatch`` (zero-copy, through the Arrow C data interface) and
+gets back a batch plus which input rows it came from and which rows failed, so that it can keep
+event times aligned and dead-letter the failures with their tracebacks. Nothing here is public.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import pyarrow as pa
+
+from .errors import Retryable
+
+# (row index, attempts, traceback)
+Failure = Tuple[int, int, str]
+
+
+def _call_with_retry(fn: Callable[..., Any], args: tuple, retry: "RetrySettings") -> Tuple[bool, Any, int]:
+    """Calls ``fn(*args)``; retries a :class:`Retryable` with backoff. Returns ``(ok, result or
+    traceback, attempts)``."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return True, fn(*args), attempt
+        except Retryable:
+            if attempt >= retry.max_attempts:
+                return False, traceback.format_exc(), attempt
+            time.sleep(retry.delay(attempt))
+        except Exception:  # noqa: BLE001 - any user error dead-letters the row
+            return False, traceback.format_exc(), attempt
+
+
+class RetrySettings:
+    """Backoff for :class:`Retryable` failures: ``initial * 2**(n-1)``, capped, with full jitter."""
+
+    def __init__(self, max_attempts: int = 3, initial_backoff_s: float = 0.1, max_backoff_s: float = 5.0):
+        if max_attempts < 1:
+            raise ValueError("retry max_attempts must be at least 1")
+        self.max_attempts = max_attempts
+        self.initial = initial_backoff_s
+        self.max = max_backoff_s
+
+    def delay(self, attempt: int) -> float:
+        cap = min(self.max, self.initial * (2 ** (attempt - 1)))
+        return random.uniform(cap / 2, cap)
+
+
+def to_batch(result: Any, schema: Optional[pa.Schema]) -> pa.RecordBatch:
+    """Normalises what a batch function returned: a RecordBatch, a Table or a dict of arrays."""
+    if isinstance(result, pa.Table):
+        result = result.combine_chunks()
+        batches = result.to_batches()
+        result = batches[0] if batches else pa.RecordBatch.from_pylist([], schema=result.schema)
+    elif isinstance(result, dict):
+        result = pa.RecordBatch.from_pydict(result, schema=schema)
+    elif not isinstance(result, pa.RecordBatch):
+        raise TypeError(
+            f"a batch function must return a pyarrow.RecordBatch, a pyarrow.Table or a dict of arrays, not {type(result).__name__}"
+        )
+    if schema is not None and not result.schema.equals(schema):
+        try:
+            result = result.select(schema.names).cast(schema)
+        except (KeyError, ValueError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise TypeError(f"the function returned columns {result.schema} but the step's schema is {schema}: {e}") from e
+    return result
+
+
+def _rows_to_batch(rows: List[Dict[str, Any]], kept: List[int], schema: pa.Schema, failures: List[Failure]) -> Tuple[pa.RecordBatch, List[int]]:
+    """Builds the output batch; a row that does not fit the schema fails alone."""
+    try:
+        return pa.RecordBatch.from_pylist(rows, schema=schema), kept
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+        good_rows, good_kept = [], []
+        for r, i in zip(rows, kept):
+            try:
+                pa.RecordBatch.from_pylist([r], schema=schema)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as e:
+                failures.append((i, 1, f"the function returned {r!r}, which does not fit the step's schema {schema}: {e}"))
+                continue
+            good_rows.append(r)
+            good_kept.append(i)
+        return pa.RecordBatch.from_pylist(good_rows, schema=schema), good_kept
+
+
+def apply_map(fn: Callable, batch: pa.RecordBatch, schema: pa.Schema, retry: RetrySettings):
+    """``map``: one call per row (a dict); a ``None`` result drops the row."""
+    out: List[Dict[str, Any]] = []
+    kept: List[int] = []
+    failures: List[Failure] = []
+    for i, row in enumerate(batch.to_pylist()):
+        ok, r, attempts = _call_with_retry(fn, (row,), retry)
+        if not ok:
+            failures.append((i, attempts, r))
+        elif r is not None:
+            if not isinstance(r, dict):
+                failures.append((i, attempts, f"map functions return a dict (or None to drop the row), not {type(r).__name__}"))
+                continue
+            out.append(r)
+            kept.append(i)
+    result, kept = _rows_to_batch(out, kept, schema, failures)
+    return result, kept, failures
+
+
+def apply_filter(fn: Callable, batch: pa.RecordBatch, retry: RetrySettings):
+    """``filter``: keeps the rows for which ``fn(row)`` is true."""
+    kept: List[int] = []
+    failures: List[Failure] = []
+    for i, row in enumerate(batch.to_pylist()):
+        ok, r, attempts = _call_with_retry(fn, (row,), retry)
+        if not ok:
+            failures.append((i, attempts, r))
+        elif r:
+            kept.append(i)
+    return kept, failures
+
+
+def _key_of(row: Dict[str, Any], keys: Sequence[str]) -> Any:
+    vals = []
+    for path in keys:
+        v: Any = row
+        for part in path.split("."):
+            v = v.get(part) if isinstance(v, dict) else None
+        vals.append(v)
+    return vals[0] if len(vals) == 1 else tuple(vals)
+
+
+class StatefulMap:
+    """``stateful_map``: ``fn(state, row) -> (state, out)`` per key; the state starts as
+    ``None``, a returned state of ``None`` forgets the key, an ``out`` of ``None`` emits
+    nothing. States are pickled into checkpoints."""
+
+    def __init__(self, fn: Callable, keys: Sequence[str], schema: pa.Schema, retry: RetrySettings):
+        self.fn = fn
+        self.keys = list(keys)
+        self.schema = schema
+        self.retry = retry
+        # key -> (key group, state)
+        self.states: Dict[Any, Tuple[int, Any]] = {}
+
+    def apply(self, batch: pa.RecordBatch, groups: List[int]):
+        out: List[Dict[str, Any]] = []
+        kept: List[int] = []
+        failures: List[Failure] = []
+        states = self.states
+        for i, row in enumerate(batch.to_pylist()):
+            key = _key_of(row, self.keys)
+            old = states.get(key)
+            ok, r, attempts = _call_with_retry(self.fn, (None if old is None else old[1], row), self.retry)
+            if not ok:
+                failures.append((i, attempts, r))
+                continue
+            if not (isinstance(r, tuple) and len(r) == 2):
+                failures.append((i, attempts, f"stateful_map functions return (state, row), not {type(r).__name__}"))
+                continue
+            new_state, emitted = r
+            if new_state is None:
+                states.pop(key, None)
+            else:
+                states[key] = (groups[i], new_state)
+            if emitted is not None:
+                if not isinstance(emitted, dict):
+                    failures.append((i, attempts, f"stateful_map functions emit a dict (or None), not {type(emitted).__name__}"))
+                    continue
+                out.append(emitted)
+                kept.append(i)
+        result, kept = _rows_to_batch(out, kept, self.schema, failures)
+        return result, kept, failures
+
+    def snapshot(self):
+        groups, keys, states = [], [], []
+        for key, (group, state) in self.states.items():
+            groups.append(group)
+            keys.append(pickle.dumps(key))
+            try:
+                states.append(pickle.dumps(state))
+            except Exception as e:  # noqa: BLE001
+                raise TypeError(f"the state of key {key!r} cannot be pickled for the checkpoint: {e}") from e
+        return groups, keys, states
+
+    def restore(self, groups: List[int], keys: List[bytes], states: List[bytes]) -> None:
+        for g, k, s in zip(groups, keys, states):
+            self.states[pickle.loads(k)] = (g, pickle.loads(s))
+
+
+def apply_infer(fn: Callable, batch: pa.RecordBatch, features: Optional[Sequence[str]], output: str) -> pa.RecordBatch:
+    """``infer``: ``fn`` scores a whole batch (a float64 matrix of ``features``, or the
+    RecordBatch itself) and returns one score per row, appended as column ``output``."""
+    import numpy as np
+
+    if features:
+        cols = [batch.column(batch.schema.get_field_index(f)) if "." not in f else _nested(batch, f) for f in features]
+        x = np.column_stack([c.to_numpy(zero_copy_only=False).astype(np.float64, copy=False) for c in cols]) if cols else np.empty((batch.num_rows, 0))
+        scores = fn(x)
+    else:
+        scores = fn(batch)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(scores) != batch.num_rows:
+        raise ValueError(f"the model returned {len(scores)} scores for {batch.num_rows} rows")
+    names = [n for n in batch.schema.names if n != output]
+    arrays = [batch.column(batch.schema.get_field_index(n)) for n in names]
+    return pa.RecordBatch.from_arrays(arrays + [pa.array(scores, type=pa.float64())], names=names + [output])
+
+
+def _nested(batch: pa.RecordBatch, path: str):
+    import pyarrow.compute as pc
+
+    head, *rest = path.split(".")
+    col = batch.column(batch.schema.get_field_index(head))
+    for part in rest:
+        col = pc.struct_field(col, part)
+    return col
