@@ -210,6 +210,12 @@ class RunSummary:
     #: What a sink written in code collected (see :mod:`weir.testing`).
     output: Optional[pa.Table] = None
 
+    def __str__(self) -> str:
+        rate = self.source_records / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        dead = sum(s.get("dead_lettered", 0) for s in self.steps.values())
+        return (f"{self.source_records} records in, {self.sink_rows} rows out, {dead} dead-lettered, "
+                f"in {self.elapsed_s:.2f} s ({rate:,.0f} records/s)")
+
 
 class Pipeline:
     """A pipeline under construction. Step ids must be unique and stable: they name steps in

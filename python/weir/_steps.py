@@ -89,35 +89,38 @@ def _rows_to_batch(rows: List[Dict[str, Any]], kept: List[int], schema: pa.Schem
         return pa.RecordBatch.from_pylist(good_rows, schema=schema), good_kept
 
 
+def _results(fn: Callable, batch: pa.RecordBatch, retry: RetrySettings, failures: List[Failure]):
+    """Calls ``fn`` on each row; yields ``(index, attempts, result)`` of the calls that
+    succeeded and records the others in ``failures``."""
+    for i, row in enumerate(batch.to_pylist()):
+        ok, r, attempts = _call_with_retry(fn, (row,), retry)
+        if ok:
+            yield i, attempts, r
+        else:
+            failures.append((i, attempts, r))
+
+
 def apply_map(fn: Callable, batch: pa.RecordBatch, schema: pa.Schema, retry: RetrySettings):
     """``map``: one call per row (a dict); a ``None`` result drops the row."""
     out: List[Dict[str, Any]] = []
     kept: List[int] = []
     failures: List[Failure] = []
-    for i, row in enumerate(batch.to_pylist()):
-        ok, r, attempts = _call_with_retry(fn, (row,), retry)
-        if not ok:
-            failures.append((i, attempts, r))
-        elif r is not None:
-            if not isinstance(r, dict):
-                failures.append((i, attempts, f"map functions return a dict (or None to drop the row), not {type(r).__name__}"))
-                continue
-            out.append(r)
-            kept.append(i)
+    for i, attempts, r in _results(fn, batch, retry, failures):
+        if r is None:
+            continue
+        if not isinstance(r, dict):
+            failures.append((i, attempts, f"map functions return a dict (or None to drop the row), not {type(r).__name__}"))
+            continue
+        out.append(r)
+        kept.append(i)
     result, kept = _rows_to_batch(out, kept, schema, failures)
     return result, kept, failures
 
 
 def apply_filter(fn: Callable, batch: pa.RecordBatch, retry: RetrySettings):
     """``filter``: keeps the rows for which ``fn(row)`` is true."""
-    kept: List[int] = []
     failures: List[Failure] = []
-    for i, row in enumerate(batch.to_pylist()):
-        ok, r, attempts = _call_with_retry(fn, (row,), retry)
-        if not ok:
-            failures.append((i, attempts, r))
-        elif r:
-            kept.append(i)
+    kept = [i for i, _, r in _results(fn, batch, retry, failures) if r]
     return kept, failures
 
 

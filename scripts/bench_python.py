@@ -1,0 +1,118 @@
+"""Timings for scripts/bench-python.sh; prints Markdown tables for docs/benchmarks.md."""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples" / "python"))
+
+
+def timed(fn, runs):
+    fn()  # warm-up
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def cli_w1(a, workers):
+    env = dict(os.environ, INPUT=a.input, OUTPUT=f"{a.work}/cli.jsonl", DEAD_LETTERS=f"{a.work}/cli-dl.jsonl")
+    subprocess.run([a.weir, "run", str(ROOT / "examples" / "w1-sensor-window.yaml"), "--workers", str(workers), "--quiet", "--no-progress"], env=env, check=True)
+
+
+def py_w1(a, workers):
+    # A fresh interpreter, as the command gets: start-up and import are part of the time.
+    subprocess.run([sys.executable, str(ROOT / "examples" / "python" / "workloads.py"), "w1", a.input, f"{a.work}/py.jsonl", "--workers", str(workers)], check=True, stderr=subprocess.DEVNULL)
+
+
+# -- the per-row cost of a Python step -----------------------------------------------------
+
+WEIR_STEP = r'''
+import sys, numpy as np, pyarrow as pa, pyarrow.compute as pc, weir
+variant, path, out = sys.argv[1:4]
+schema = pa.schema([pa.field("device_id", pa.string(), nullable=False), pa.field("ts", pa.int64(), nullable=False),
+                    pa.field("readings", pa.struct([pa.field("temp", pa.float64(), nullable=False)]), nullable=False)])
+p = weir.Pipeline("step-cost").source("events", weir.file(path), schema=schema, event_time="ts")
+p.select("flat", ["device_id", "ts", "readings.temp AS temp"])
+out_schema = pa.schema([("device_id", pa.string()), ("ts", pa.int64()), ("temp", pa.float64()), ("temp_f", pa.float64())])
+if variant == "none":
+    p.select("same", ["device_id", "ts", "temp", "temp AS temp_f"])
+elif variant == "map":
+    p.map("to-f", lambda r: {**r, "temp_f": r["temp"] * 1.8 + 32.0}, schema=out_schema)
+elif variant == "map_batches":
+    p.map_batches("to-f", lambda b: b.append_column("temp_f", pa.array(b.column(2).to_numpy() * 1.8 + 32.0)), schema=out_schema)
+p.sink("out", weir.file_sink(out)).dead_letters(out + ".dl")
+p.run(workers=1)
+'''
+
+BYTEWAX_STEP = r'''
+import sys, orjson
+from bytewax.dataflow import Dataflow
+import bytewax.operators as op
+from bytewax.connectors.files import FileSource, FileSink
+from bytewax.testing import run_main
+variant, path, out = sys.argv[1:4]
+flow = Dataflow("step-cost")
+lines = op.input("in", flow, FileSource(path))
+def parse(line):
+    e = orjson.loads(line)
+    return {"device_id": e["device_id"], "ts": e["ts"], "temp": e["readings"]["temp"]}
+rows = op.map("parse", lines, parse)
+if variant == "map":
+    rows = op.map("to-f", rows, lambda r: {**r, "temp_f": r["temp"] * 1.8 + 32.0})
+text = op.map("dump", rows, lambda r: orjson.dumps(r).decode())
+op.output("out", text, FileSink(out))
+run_main(flow)
+'''
+
+
+def script_run(code, variant, a, name):
+    out = f"{a.work}/{name}-{variant}.jsonl"
+    subprocess.run([sys.executable, "-c", code, variant, a.input, out], check=True, stderr=subprocess.DEVNULL)
+
+
+def count(path):
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--weir", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--runs", type=int, default=3)
+    a = ap.parse_args()
+    n = count(a.input)
+
+    print("W1, whole process, median of", a.runs)
+    print("| workers | `weir run` (YAML), s | Python builder, s | Python / command | Python builder, events/s |")
+    print("|---|---|---|---|---|")
+    for w in (1, 2):
+        c = timed(lambda: cli_w1(a, w), a.runs)
+        p = timed(lambda: py_w1(a, w), a.runs)
+        print(f"| {w} | {c:.2f} | {p:.2f} | {p / c - 1:+.1%} | {n / p:,.0f} |")
+    same = sorted(open(f"{a.work}/cli.jsonl").read().splitlines()) == sorted(open(f"{a.work}/py.jsonl").read().splitlines())
+    print(f"\nSame output rows from both: {same}\n")
+
+    print("Cost of one Python step computing temp_f = temp * 1.8 + 32, 1 worker, median of", a.runs)
+    print("| engine | pipeline without the step, s | with it, s | step cost per row |")
+    print("|---|---|---|---|")
+    base = timed(lambda: script_run(WEIR_STEP, "none", a, "weir"), a.runs)
+    for v in ("map", "map_batches"):
+        t = timed(lambda: script_run(WEIR_STEP, v, a, "weir"), a.runs)
+        print(f"| Weir `{v}` | {base:.2f} | {t:.2f} | {(t - base) / n * 1e9:,.0f} ns |")
+    bbase = timed(lambda: script_run(BYTEWAX_STEP, "none", a, "bytewax"), a.runs)
+    bt = timed(lambda: script_run(BYTEWAX_STEP, "map", a, "bytewax"), a.runs)
+    print(f"| Bytewax 0.21.1 `map` | {bbase:.2f} | {bt:.2f} | {(bt - bbase) / n * 1e9:,.0f} ns |")
+
+
+if __name__ == "__main__":
+    main()
