@@ -144,3 +144,16 @@ dead_letters: {{ path: "{tmp_path / 'dl.jsonl'}" }}
     assert set(rows[0]) == {"device_id", "hot"}
     with pytest.raises(weir.errors.ConfigError, match="no `function` step with id `nope`"):
         p.register("nope", "map", lambda r: r)
+
+
+def test_detect_rules_from_python():
+    rows = [{"k": "a", "v": v} for v in (70.0, 81.0, 79.0, 76.0, 74.0, 81.0)]
+    src = wt.source(rows, times=list(range(0, 6000, 1000)))
+    p = weir.Pipeline("detect").source("in", src).key_by("by-k", "k")
+    p.detect("rules", [{"name": "hot", "severity": "critical", "threshold": {"value": "v", "above": 80, "clear_below": 75}},
+                       {"name": "quiet", "silence": {"timeout": 30}}], emit="all")
+    out = wt.run(p.sink("out", wt.collect())).to_pylist()
+    hot = [r["anomaly"] for r in out if r["rule"] == "hot"]
+    assert hot == [False, True, True, True, False, True]
+    assert {r["severity"] for r in out if r["rule"] == "hot"} == {"critical"}
+    assert all(not r["anomaly"] for r in out if r["rule"] == "quiet")

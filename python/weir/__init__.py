@@ -371,6 +371,18 @@ class Pipeline:
         """Keyed EWMA z-score anomaly detector on a numeric column."""
         return self._step("ewma_zscore", _clean({"id": id, "value": value, "alpha": alpha, "threshold": threshold, "warmup": warmup}))
 
+    def detect(self, id: str, rules: Sequence[Json], *, emit: str = "anomalies") -> "Pipeline":
+        """Keyed detection rules (after :meth:`key_by`), in the YAML form, e.g.
+        ``{"name": "hot", "severity": "critical", "threshold": {"value": "readings.temp", "above": 35}}``;
+        kinds: ``threshold``, ``ewma``, ``mad``, ``rate_of_change``, ``silence``."""
+        out = []
+        for r in rules:
+            r = dict(r)
+            if "silence" in r and "timeout" in r["silence"]:
+                r["silence"] = {**r["silence"], "timeout": _duration(r["silence"]["timeout"])}
+            out.append(r)
+        return self._step("detect", {"id": id, "emit": emit, "rules": out})
+
     # -- Python steps ---------------------------------------------------------------------
 
     def _function(self, id: str, f: _Function) -> "Pipeline":

@@ -9,12 +9,14 @@
 pub mod aggregate;
 pub mod detect;
 pub mod relational;
+pub mod rules;
 mod snapshot;
 pub mod window;
 
 pub use aggregate::{AggFunc, AggSpec};
 pub use detect::EwmaZscoreSpec;
 pub use relational::{FilterSpec, SelectSpec};
+pub use rules::{DetectSpec, RuleKind, RuleSpec, DETECTION_COLUMNS};
 pub use window::{LatePolicy, SideWriter, TimeDomain, WindowKind, WindowSpec};
 
 /// The last segment of a dotted column path: the name a key or value column gets in output.

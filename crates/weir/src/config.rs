@@ -531,6 +531,8 @@ pub enum StepConfig {
     Window(WindowConfig),
     /// Keyed EWMA z-score anomaly detector.
     EwmaZscore(EwmaConfig),
+    /// Keyed detection rules (thresholds, z-scores, MAD, rate of change, silence).
+    Detect(DetectConfig),
     /// A step written in code (Rust or Python), registered with the pipeline under its id.
     Function(FunctionConfig),
 }
@@ -550,6 +552,8 @@ struct StepRepr {
     window: Option<WindowConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ewma_zscore: Option<EwmaConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    detect: Option<DetectConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     function: Option<FunctionConfig>,
 }
@@ -573,12 +577,16 @@ impl TryFrom<StepRepr> for StepConfig {
         if let Some(c) = r.ewma_zscore {
             found.push(StepConfig::EwmaZscore(c));
         }
+        if let Some(c) = r.detect {
+            found.push(StepConfig::Detect(c));
+        }
         if let Some(c) = r.function {
             found.push(StepConfig::Function(c));
         }
         match found.len() {
             1 => Ok(found.remove(0)),
-            0 => Err("a step needs one of `filter`, `select`, `key_by`, `window`, `ewma_zscore`, `function`".into()),
+            0 => Err("a step needs one of `filter`, `select`, `key_by`, `window`, `ewma_zscore`, `detect`, `function`"
+                .into()),
             _ => Err("a step has more than one kind; write each as its own list item".into()),
         }
     }
@@ -593,6 +601,7 @@ impl From<StepConfig> for StepRepr {
             StepConfig::KeyBy(c) => r.key_by = Some(c),
             StepConfig::Window(c) => r.window = Some(c),
             StepConfig::EwmaZscore(c) => r.ewma_zscore = Some(c),
+            StepConfig::Detect(c) => r.detect = Some(c),
             StepConfig::Function(c) => r.function = Some(c),
         }
         r
@@ -608,6 +617,7 @@ impl StepConfig {
             Self::KeyBy(c) => &c.id,
             Self::Window(c) => &c.id,
             Self::EwmaZscore(c) => &c.id,
+            Self::Detect(c) => &c.id,
             Self::Function(c) => &c.id,
         }
     }
@@ -766,6 +776,145 @@ impl From<LateConfig> for LateRepr {
 pub struct FunctionConfig {
     /// Step id, which is also the name the code is registered under.
     pub id: String,
+}
+
+/// `detect` settings: rules checked on every row of a keyed stream, giving one stream of
+/// detections (see `weir_ops::DetectSpec` for its columns).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectConfig {
+    /// Step id.
+    pub id: String,
+    /// `anomalies` (default): only rows a rule flags; `all`: every evaluation, normal ones
+    /// with `anomaly: false`.
+    #[serde(default)]
+    pub emit: DetectEmit,
+    /// The rules, each with a unique name.
+    pub rules: Vec<RuleConfig>,
+}
+
+/// Which evaluations `detect` emits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DetectEmit {
+    /// Only anomalies (and the end of a silence).
+    #[default]
+    Anomalies,
+    /// Every evaluation.
+    All,
+}
+
+/// One detection rule: a name, a severity and exactly one of the rule kinds.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Name written in each detection.
+    pub name: String,
+    /// Severity written in each detection; default `warning`.
+    #[serde(default = "default_severity")]
+    pub severity: String,
+    /// Static limits with hysteresis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<ThresholdRule>,
+    /// Exponentially weighted z-score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ewma: Option<EwmaRule>,
+    /// Rolling median/MAD score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mad: Option<MadRule>,
+    /// Change per second between consecutive events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_of_change: Option<RateRule>,
+    /// No event from a key for a while (wall clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silence: Option<SilenceRule>,
+}
+
+fn default_severity() -> String {
+    "warning".into()
+}
+
+/// `threshold` rule settings.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdRule {
+    /// Watched numeric column path.
+    pub value: String,
+    /// Fires above this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub above: Option<f64>,
+    /// Clears below this once fired from above (default: `above`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clear_below: Option<f64>,
+    /// Fires below this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub below: Option<f64>,
+    /// Clears above this once fired from below (default: `below`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clear_above: Option<f64>,
+}
+
+/// `ewma` rule settings (as the `ewma_zscore` step).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EwmaRule {
+    /// Watched numeric column path.
+    pub value: String,
+    /// Smoothing factor.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// |z| above this is an anomaly.
+    #[serde(default = "default_threshold")]
+    pub threshold: f64,
+    /// Rows per key before it can fire.
+    #[serde(default = "default_warmup")]
+    pub warmup: u64,
+}
+
+/// `mad` rule settings.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MadRule {
+    /// Watched numeric column path.
+    pub value: String,
+    /// Values kept per key.
+    #[serde(default = "default_mad_window")]
+    pub window: usize,
+    /// |score| above this is an anomaly (3.5 is the usual choice).
+    #[serde(default = "default_mad_threshold")]
+    pub threshold: f64,
+    /// Values per key before it is scored.
+    #[serde(default = "default_mad_warmup")]
+    pub warmup: usize,
+}
+
+fn default_mad_window() -> usize {
+    100
+}
+fn default_mad_threshold() -> f64 {
+    3.5
+}
+fn default_mad_warmup() -> usize {
+    20
+}
+
+/// `rate_of_change` rule settings.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateRule {
+    /// Watched numeric column path.
+    pub value: String,
+    /// Fires above this many units per second of event time.
+    pub max_per_second: f64,
+}
+
+/// `silence` rule settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SilenceRule {
+    /// How long a key may send nothing.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 /// `ewma_zscore` settings.

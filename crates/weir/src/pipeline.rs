@@ -287,6 +287,7 @@ enum OpSpec {
     Select(SelectSpec),
     Window(WindowSpec),
     Ewma(EwmaZscoreSpec),
+    Detect(weir_ops::DetectSpec),
     Custom(Arc<dyn CustomStep>),
 }
 
@@ -337,6 +338,11 @@ fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Function
             threshold: e.threshold,
             warmup: e.warmup,
         }),
+        StepConfig::Detect(d) => OpSpec::Detect(weir_ops::DetectSpec {
+            keys: keys.to_vec(),
+            rules: d.rules.iter().map(rule_spec).collect::<Result<Vec<_>>>()?,
+            emit_all: d.emit == DetectEmit::All,
+        }),
         StepConfig::Function(f) => OpSpec::Custom(
             functions
                 .get(&f.id)
@@ -349,6 +355,44 @@ fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Function
                 .clone(),
         ),
     })
+}
+
+/// A rule's settings as the operator's.
+fn rule_spec(r: &RuleConfig) -> Result<weir_ops::RuleSpec> {
+    use weir_ops::RuleKind;
+    let mut kinds = Vec::new();
+    if let Some(t) = &r.threshold {
+        kinds.push(RuleKind::Threshold {
+            value: t.value.clone(),
+            above: t.above,
+            clear_below: t.clear_below,
+            below: t.below,
+            clear_above: t.clear_above,
+        });
+    }
+    if let Some(e) = &r.ewma {
+        kinds.push(RuleKind::Ewma { value: e.value.clone(), alpha: e.alpha, threshold: e.threshold, warmup: e.warmup });
+    }
+    if let Some(m) = &r.mad {
+        kinds.push(RuleKind::Mad {
+            value: m.value.clone(),
+            window: m.window,
+            threshold: m.threshold,
+            warmup: m.warmup,
+        });
+    }
+    if let Some(c) = &r.rate_of_change {
+        kinds.push(RuleKind::RateOfChange { value: c.value.clone(), max_per_second: c.max_per_second });
+    }
+    if let Some(s) = &r.silence {
+        kinds.push(RuleKind::Silence { timeout_ms: ms(s.timeout) });
+    }
+    weir_core::ensure_config!(
+        kinds.len() == 1,
+        "detect rule `{}` needs exactly one of `threshold`, `ewma`, `mad`, `rate_of_change`, `silence`",
+        r.name
+    );
+    Ok(weir_ops::RuleSpec { name: r.name.clone(), severity: r.severity.clone(), kind: kinds.remove(0) })
 }
 
 impl BuiltPipeline {
@@ -393,6 +437,10 @@ impl BuiltPipeline {
                             "ewma_zscore is keyed: put a `key_by` step before it"
                         );
                         let (f, o) = e.plan(&schema)?;
+                        Planned::Op(f, o)
+                    }
+                    OpSpec::Detect(d) => {
+                        let (f, o) = d.plan(&schema)?;
                         Planned::Op(f, o)
                     }
                     OpSpec::Custom(c) => {
@@ -468,7 +516,7 @@ impl BuiltPipeline {
                     poll_interval: f.poll_interval,
                     // Order-sensitive steps need each key's rows in file order: no splitting.
                     split: !c.steps.iter().any(|s| match s {
-                        StepConfig::EwmaZscore(_) => true,
+                        StepConfig::EwmaZscore(_) | StepConfig::Detect(_) => true,
                         StepConfig::Function(f) => self.functions.get(&f.id).is_some_and(|c| c.order_sensitive()),
                         _ => false,
                     }),

@@ -4,6 +4,7 @@
 mod checkpoints;
 mod common;
 mod connectors;
+mod detect;
 mod errors;
 mod functions;
 mod golden;
