@@ -275,8 +275,12 @@ impl Quarantine {
     }
 }
 
-/// The key of each row as text (columns joined by a unit separator); `None` where null.
-fn key_texts(rows: &RecordBatch, paths: &[String]) -> Result<Vec<Option<String>>> {
+/// The key of each row as text (columns joined by a unit separator, U+001F); `None` where
+/// null.
+///
+/// # Errors
+/// Unknown columns, or types without a text form.
+pub fn key_texts(rows: &RecordBatch, paths: &[String]) -> Result<Vec<Option<String>>> {
     let cols = paths.iter().map(|p| column_by_path(rows, p)).collect::<Result<Vec<_>>>()?;
     let mut out = vec![Some(String::new()); rows.num_rows()];
     for (ci, c) in cols.iter().enumerate() {

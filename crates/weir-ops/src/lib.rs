@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod aggregate;
+pub mod alerts;
 pub mod detect;
 pub mod relational;
 pub mod rules;
@@ -14,6 +15,7 @@ mod snapshot;
 pub mod window;
 
 pub use aggregate::{AggFunc, AggSpec};
+pub use alerts::{AlertBoard, AlertPolicy, AlertSpec};
 pub use detect::EwmaZscoreSpec;
 pub use relational::{FilterSpec, SelectSpec};
 pub use rules::{DetectSpec, RuleKind, RuleSpec, DETECTION_COLUMNS};

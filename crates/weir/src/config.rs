@@ -533,6 +533,8 @@ pub enum StepConfig {
     EwmaZscore(EwmaConfig),
     /// Keyed detection rules (thresholds, z-scores, MAD, rate of change, silence).
     Detect(DetectConfig),
+    /// The alert lifecycle over detections: deduplicate, throttle, escalate, resolve.
+    Alert(AlertConfig),
     /// A step written in code (Rust or Python), registered with the pipeline under its id.
     Function(FunctionConfig),
 }
@@ -554,6 +556,8 @@ struct StepRepr {
     ewma_zscore: Option<EwmaConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     detect: Option<DetectConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    alert: Option<AlertConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     function: Option<FunctionConfig>,
 }
@@ -580,6 +584,9 @@ impl TryFrom<StepRepr> for StepConfig {
         if let Some(c) = r.detect {
             found.push(StepConfig::Detect(c));
         }
+        if let Some(c) = r.alert {
+            found.push(StepConfig::Alert(c));
+        }
         if let Some(c) = r.function {
             found.push(StepConfig::Function(c));
         }
@@ -602,6 +609,7 @@ impl From<StepConfig> for StepRepr {
             StepConfig::Window(c) => r.window = Some(c),
             StepConfig::EwmaZscore(c) => r.ewma_zscore = Some(c),
             StepConfig::Detect(c) => r.detect = Some(c),
+            StepConfig::Alert(c) => r.alert = Some(c),
             StepConfig::Function(c) => r.function = Some(c),
         }
         r
@@ -618,6 +626,7 @@ impl StepConfig {
             Self::Window(c) => &c.id,
             Self::EwmaZscore(c) => &c.id,
             Self::Detect(c) => &c.id,
+            Self::Alert(c) => &c.id,
             Self::Function(c) => &c.id,
         }
     }
@@ -791,6 +800,49 @@ pub struct DetectConfig {
     pub emit: DetectEmit,
     /// The rules, each with a unique name.
     pub rules: Vec<RuleConfig>,
+}
+
+/// `alert` settings: how alerts built from detections live and die.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertConfig {
+    /// Step id.
+    pub id: String,
+    /// A live alert resolves after this long without an anomaly.
+    #[serde(default = "default_resolve_after", with = "humantime_serde")]
+    pub resolve_after: Duration,
+    /// Or after this many normal observations in a row (needs `detect` with `emit: all`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolve_after_count: Option<u64>,
+    /// A flap within this long after resolving re-opens the same alert instead of a new one.
+    #[serde(default = "default_alert_cool_down", with = "humantime_serde")]
+    pub cool_down: Duration,
+    /// Unacknowledged this long after firing: escalate (once).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub escalate_after: Option<Duration>,
+    /// The severity of an escalated alert.
+    #[serde(default = "default_escalate_to")]
+    pub escalate_to: String,
+    /// Resolved alerts stay listed in the API this long.
+    #[serde(default = "default_retain", with = "humantime_serde")]
+    pub retain: Duration,
+    /// Which events to emit: `fired`, `updated`, `escalated`, `acknowledged`, `resolved`;
+    /// default all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<String>,
+}
+
+fn default_resolve_after() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_alert_cool_down() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_escalate_to() -> String {
+    "critical".into()
+}
+fn default_retain() -> Duration {
+    Duration::from_secs(3600)
 }
 
 /// Which evaluations `detect` emits.

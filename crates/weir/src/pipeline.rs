@@ -225,7 +225,7 @@ impl Pipeline {
         weir_core::ensure_config!(c.workers != Some(0), "workers must be at least 1");
         weir_core::ensure_config!(c.runtime.channel_capacity > 0, "runtime.channel_capacity must be positive");
         for s in &c.steps {
-            step_spec(s, &[], false, &self.functions).map_err(|e| e.in_step(&StepId::new(s.id())))?;
+            step_spec(s, &[], false, &self.functions, &Arc::default()).map_err(|e| e.in_step(&StepId::new(s.id())))?;
         }
         if let Some(unused) = self.functions.keys().find(|id| !c.steps.iter().any(|s| s.id() == id.as_str())) {
             return Err(CoreError::Config(format!(
@@ -242,7 +242,12 @@ impl Pipeline {
             "sink `{}` is `code`, but no sink was registered from code",
             c.sink.id
         );
-        let built = BuiltPipeline { cfg: c.clone(), functions: self.functions.clone(), code: self.code.clone() };
+        let built = BuiltPipeline {
+            cfg: c.clone(),
+            functions: self.functions.clone(),
+            code: self.code.clone(),
+            alerts: Arc::default(),
+        };
         if let Some(schema) = &c.source.schema {
             let mut schema = schema.to_arrow();
             if let Some(k) = &c.source.kafka {
@@ -263,6 +268,7 @@ pub struct BuiltPipeline {
     cfg: PipelineConfig,
     functions: Functions,
     code: CodeEnds,
+    alerts: Arc<weir_ops::AlertBoard>,
 }
 
 /// How to run a pipeline.
@@ -288,6 +294,7 @@ enum OpSpec {
     Window(WindowSpec),
     Ewma(EwmaZscoreSpec),
     Detect(weir_ops::DetectSpec),
+    Alert(weir_ops::AlertSpec),
     Custom(Arc<dyn CustomStep>),
 }
 
@@ -296,7 +303,13 @@ fn ms(d: Duration) -> i64 {
 }
 
 /// `append`: side outputs keep what an earlier run wrote (resuming from a checkpoint).
-fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Functions) -> Result<OpSpec> {
+fn step_spec(
+    s: &StepConfig,
+    keys: &[String],
+    append: bool,
+    functions: &Functions,
+    board: &Arc<weir_ops::AlertBoard>,
+) -> Result<OpSpec> {
     Ok(match s {
         StepConfig::Filter(f) => OpSpec::Filter(FilterSpec { predicate: f.predicate.clone() }),
         StepConfig::Select(f) => {
@@ -342,6 +355,29 @@ fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Function
             keys: keys.to_vec(),
             rules: d.rules.iter().map(rule_spec).collect::<Result<Vec<_>>>()?,
             emit_all: d.emit == DetectEmit::All,
+        }),
+        StepConfig::Alert(a) => OpSpec::Alert(weir_ops::AlertSpec {
+            policy: weir_ops::AlertPolicy {
+                resolve_after_ms: ms(a.resolve_after),
+                resolve_after_count: a.resolve_after_count,
+                cool_down_ms: ms(a.cool_down),
+                escalate_after_ms: a.escalate_after.map(ms),
+                escalate_to: a.escalate_to.clone(),
+                retain_ms: ms(a.retain),
+            },
+            events: a
+                .events
+                .iter()
+                .map(|e| {
+                    weir_ops::alerts::AlertEvent::parse(e).ok_or_else(|| {
+                        CoreError::Config(format!(
+                            "alert: unknown event `{e}`; expected fired, updated, escalated, acknowledged or resolved"
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?,
+            clock: weir_ops::alerts::Clock::Wall,
+            board: board.clone(),
         }),
         StepConfig::Function(f) => OpSpec::Custom(
             functions
@@ -401,6 +437,11 @@ impl BuiltPipeline {
         &self.cfg
     }
 
+    /// The alerts of the pipeline's `alert` steps, for the HTTP API, once it runs.
+    pub fn alert_board(&self) -> Arc<weir_ops::AlertBoard> {
+        self.alerts.clone()
+    }
+
     /// Plans the steps on a schema: returns, per stage, its key and operators, and the final
     /// schema.
     fn plan_steps(&self, schema: &SchemaRef, _workers: usize, append: bool) -> Result<(Vec<StageSpec>, SchemaRef)> {
@@ -411,7 +452,7 @@ impl BuiltPipeline {
         for s in &self.cfg.steps {
             let id = StepId::new(s.id());
             let planned = (|| -> Result<Planned> {
-                let spec = step_spec(s, &keys, append, &self.functions)?;
+                let spec = step_spec(s, &keys, append, &self.functions, &self.alerts)?;
                 Ok(match spec {
                     OpSpec::KeyBy(k) => {
                         for key in &k {
@@ -441,6 +482,10 @@ impl BuiltPipeline {
                     }
                     OpSpec::Detect(d) => {
                         let (f, o) = d.plan(&schema)?;
+                        Planned::Op(f, o)
+                    }
+                    OpSpec::Alert(a) => {
+                        let (f, o) = a.plan(&schema)?;
                         Planned::Op(f, o)
                     }
                     OpSpec::Custom(c) => {
