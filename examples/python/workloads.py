@@ -9,21 +9,17 @@ Make input with ``weir gen --count 2000000 --devices 10000 --output events.jsonl
 import argparse
 import sys
 
-import pyarrow as pa
-
 import weir
 
-READINGS = pa.struct([pa.field("temp", pa.float64(), nullable=False), pa.field("vibration", pa.float64(), nullable=False)])
-SCHEMA = pa.schema(
-    [
-        pa.field("device_id", pa.string(), nullable=False),
-        pa.field("ts", pa.int64(), nullable=False),
-        pa.field("readings", READINGS, nullable=False),
-    ]
-)
+# The schema in its YAML form (a pyarrow.Schema works too; this way pyarrow is not imported).
+SCHEMA = [
+    {"name": "device_id", "type": "string"},
+    {"name": "ts", "type": "int64"},
+    {"name": "readings", "type": "struct", "fields": [{"name": "temp", "type": "float64"}, {"name": "vibration", "type": "float64"}]},
+]
 
 
-def source(p: weir.Pipeline, path: str, schema: pa.Schema = SCHEMA) -> weir.Pipeline:
+def source(p: weir.Pipeline, path: str, schema=SCHEMA) -> weir.Pipeline:
     return p.source("events", weir.file(path), schema=schema, event_time="ts", max_out_of_orderness="2s")
 
 
@@ -42,7 +38,7 @@ def w1(path: str, out: str) -> weir.Pipeline:
 
 def w2(path: str, out: str) -> weir.Pipeline:
     """Stateless filter and projection."""
-    schema = pa.schema([SCHEMA.field("device_id"), SCHEMA.field("ts"), pa.field("readings", pa.struct([pa.field("temp", pa.float64(), nullable=False)]), nullable=False)])
+    schema = SCHEMA[:2] + [{"name": "readings", "type": "struct", "fields": [{"name": "temp", "type": "float64"}]}]
     p = source(weir.Pipeline("w2-filter-project"), path, schema)
     p.filter("hot", "readings.temp > 25.0")
     p.select("columns", ["device_id", "ts", "readings.temp AS temp"])

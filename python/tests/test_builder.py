@@ -157,3 +157,47 @@ def test_detect_rules_from_python():
     assert hot == [False, True, True, True, False, True]
     assert {r["severity"] for r in out if r["rule"] == "hot"} == {"critical"}
     assert all(not r["anomaly"] for r in out if r["rule"] == "quiet")
+
+
+def test_every_connector_and_setting_builds_its_yaml_form(tmp_path):
+    schema = [{"name": "device_id", "type": "string"}, {"name": "ts", "type": "int64"}]
+    p = weir.Pipeline("kafka", workers=2)
+    p.source("in", weir.kafka("127.0.0.1:9092", ["sensors"], group_id="g", start="earliest", properties={"security.protocol": "PLAINTEXT"}),
+             schema=schema, event_time="ts", idle_timeout="30s", max_future_skew="1h")
+    p.key_by("k", "device_id").window("w", tumbling=10, aggregates={"n": "count()"}, late={"allowed_lateness": "5s"})
+    p.sink("out", weir.kafka_sink("127.0.0.1:9092", "out", key="device_id"))
+    p.quarantine(enabled=True, max_dead_letters=5, within="1m", cool_down="10m")
+    p.checkpoints(tmp_path / "ckpt", "5s", keep=2)
+    p.validate()
+    cfg = p.config()
+    assert cfg["source"]["kafka"]["topics"] == ["sensors"]
+    assert cfg["source"]["watermark"] == {"idle_timeout": "30s"}
+    assert cfg["steps"][1]["window"]["tumbling"] == "10000ms"
+    assert cfg["sink"]["kafka"]["key"] == "device_id"
+    assert cfg["checkpoints"] == {"dir": str(tmp_path / "ckpt"), "interval": "5s", "keep": 2}
+
+    p = weir.Pipeline("stdin").source("in", weir.stdin("csv"), schema=schema).sink("out", weir.stdout("msgpack"))
+    p.validate()
+    with pytest.raises(weir.errors.ConfigError, match="unknown field `colour`"):
+        weir.Pipeline("bad").source("in", weir.kafka("b", ["t"], colour="red"), schema=schema).sink("o", weir.stdout()).validate()
+
+
+def test_import_weir_does_not_import_pyarrow():
+    import subprocess
+    import sys
+
+    code = "import sys, weir; p = weir.Pipeline('x'); p.source('s', weir.generator(count=1)); print('pyarrow' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_detections_become_alerts():
+    rows = [{"k": "a", "v": v} for v in (90.0, 91.0, 92.0)] + [{"k": "b", "v": 95.0}]
+    src = wt.source(rows, times=[0, 1000, 2000, 3000])
+    p = weir.Pipeline("alerts").source("in", src).key_by("by-k", "k")
+    p.detect("rules", [{"name": "hot", "threshold": {"value": "v", "above": 80}}])
+    p.alert("alerts", resolve_after="1h", events=["fired", "updated"])
+    out = wt.run(p.sink("out", wt.collect())).to_pylist()
+    assert [(r["key"], r["event"], r["count"]) for r in out] == [("a", "fired", 1), ("a", "updated", 2), ("a", "updated", 3), ("b", "fired", 1)]
+    assert out[0]["alert_id"] == "hot/a/0" and out[0]["state"] == "firing"
+    with pytest.raises(weir.errors.ConfigError, match="alert takes detections"):
+        weir.Pipeline("x").source("in", wt.source(rows, times=[0, 1, 2, 3])).alert("a").sink("o", wt.collect()).validate()

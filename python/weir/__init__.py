@@ -22,13 +22,17 @@ import json
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import errors
-from ._steps import RetrySettings
+from ._retry import RetrySettings
 from .errors import ConfigError, Retryable, WeirError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# pyarrow is imported where it is needed, not here: a pipeline without Python steps and with
+# a YAML-form schema starts without it, as fast as the command.
 
 __version__ = "0.1.0"
 
@@ -123,32 +127,26 @@ def kafka_sink(brokers: str, topic: str, *, format: Union[str, Json] = "json", *
 
 # --- schemas -------------------------------------------------------------------------------
 
-_ARROW_TO_SPEC = {
-    pa.bool_(): "bool",
-    pa.int64(): "int64",
-    pa.float64(): "float64",
-    pa.string(): "string",
-    pa.timestamp("ms"): "timestamp",
-}
-
-
-def schema_spec(schema: Union[pa.Schema, Sequence[Any], Json]) -> Json:
+def schema_spec(schema: Union["pa.Schema", Sequence[Any], Json]) -> Json:
     """A source schema in the YAML form, from a ``pyarrow.Schema`` (types bool, int64, float64,
     string, timestamp[ms] and structs of them), a list of field dicts, or the YAML dict."""
     if isinstance(schema, dict):
         return schema
-    if isinstance(schema, pa.Schema):
+    if type(schema).__module__.startswith("pyarrow"):
         return {"fields": [_field_spec(f) for f in schema]}
     return {"fields": list(schema)}
 
 
-def _field_spec(f: pa.Field) -> Json:
+def _field_spec(f: "pa.Field") -> Json:
+    import pyarrow as pa
+
+    to_spec = {pa.bool_(): "bool", pa.int64(): "int64", pa.float64(): "float64", pa.string(): "string", pa.timestamp("ms"): "timestamp"}
     spec: Json = {"name": f.name}
     if pa.types.is_struct(f.type):
         spec["type"] = "struct"
         spec["fields"] = [_field_spec(f.type.field(i)) for i in range(f.type.num_fields)]
     else:
-        name = _ARROW_TO_SPEC.get(f.type)
+        name = to_spec.get(f.type)
         if name is None:
             raise ConfigError(f"field `{f.name}`: source schemas take bool, int64, float64, string, timestamp[ms] or struct, not {f.type}")
         spec["type"] = name
@@ -179,7 +177,7 @@ class _Function:
 
     kind: str
     fn: Callable[..., Any]
-    schema: Optional[pa.Schema] = None
+    schema: Optional["pa.Schema"] = None
     retry: RetrySettings = field(default_factory=RetrySettings)
     on_error: str = "dead_letter"
     features: Optional[List[str]] = None
@@ -188,8 +186,12 @@ class _Function:
     max_latency_ms: float = 10.0
 
 
-def _schema_arg(schema: Any) -> Optional[pa.Schema]:
-    if schema is None or isinstance(schema, pa.Schema):
+def _schema_arg(schema: Any) -> Optional["pa.Schema"]:
+    if schema is None:
+        return None
+    import pyarrow as pa
+
+    if isinstance(schema, pa.Schema):
         return schema
     if isinstance(schema, dict):
         return pa.schema([(k, v) for k, v in schema.items()])
@@ -208,7 +210,7 @@ class RunSummary:
     #: Creation-to-sink latency (p50, p99, max) in µs, when the sink measured it.
     latency_us: Optional[tuple] = None
     #: What a sink written in code collected (see :mod:`weir.testing`).
-    output: Optional[pa.Table] = None
+    output: Optional["pa.Table"] = None
 
     def __str__(self) -> str:
         rate = self.source_records / self.elapsed_s if self.elapsed_s > 0 else 0.0
@@ -383,6 +385,22 @@ class Pipeline:
             out.append(r)
         return self._step("detect", {"id": id, "emit": emit, "rules": out})
 
+    def alert(self, id: str, *, resolve_after: Duration = "60s", resolve_after_count: Optional[int] = None,
+              cool_down: Duration = "5m", escalate_after: Optional[Duration] = None, escalate_to: str = "critical",
+              retain: Duration = "1h", events: Optional[Sequence[str]] = None) -> "Pipeline":
+        """The alert lifecycle over :meth:`detect`'s detections: one alert per rule and key,
+        repeats update it, flaps within ``cool_down`` re-open it, unacknowledged alerts escalate
+        after ``escalate_after``, and alerts resolve after ``resolve_after`` without an anomaly."""
+        a: Json = {"id": id, "resolve_after": _duration(resolve_after), "cool_down": _duration(cool_down),
+                   "escalate_to": escalate_to, "retain": _duration(retain)}
+        if resolve_after_count is not None:
+            a["resolve_after_count"] = resolve_after_count
+        if escalate_after is not None:
+            a["escalate_after"] = _duration(escalate_after)
+        if events is not None:
+            a["events"] = list(events)
+        return self._step("alert", a)
+
     # -- Python steps ---------------------------------------------------------------------
 
     def _function(self, id: str, f: _Function) -> "Pipeline":
@@ -391,7 +409,7 @@ class Pipeline:
         self._functions[id] = f
         return self._step("function", {"id": id})
 
-    def map_batches(self, id: str, fn: Callable[[pa.RecordBatch], Any], *, schema: Any = None,
+    def map_batches(self, id: str, fn: Callable[["pa.RecordBatch"], Any], *, schema: Any = None,
                     on_error: str = "dead_letter", retry: Optional[Retry] = None) -> "Pipeline":
         """Applies ``fn`` to each whole batch: it gets a ``pyarrow.RecordBatch`` (zero-copy) and
         returns a RecordBatch, a Table or a dict of arrays with the same number of rows.
@@ -438,7 +456,7 @@ class Pipeline:
         without reading input. Raises :class:`weir.errors.ConfigError`."""
         self._native().validate()
 
-    def output_schema(self, *, workers: Optional[int] = None) -> pa.Schema:
+    def output_schema(self, *, workers: Optional[int] = None) -> "pa.Schema":
         """The schema of the rows reaching the sink (plans the pipeline, which may read the input
         to infer its schema)."""
         return self._native().output_schema(workers)

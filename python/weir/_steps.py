@@ -7,14 +7,15 @@ event times aligned and dead-letter the failures with their tracebacks. Nothing 
 
 from __future__ import annotations
 
+import gc
 import pickle
-import random
 import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 
+from ._retry import RetrySettings
 from .errors import Retryable
 
 # (row index, attempts, traceback)
@@ -24,32 +25,28 @@ Failure = Tuple[int, int, str]
 def _call_with_retry(fn: Callable[..., Any], args: tuple, retry: "RetrySettings") -> Tuple[bool, Any, int]:
     """Calls ``fn(*args)``; retries a :class:`Retryable` with backoff. Returns ``(ok, result or
     traceback, attempts)``."""
-    attempt = 0
+    try:
+        return True, fn(*args), 1
+    except Exception:  # noqa: BLE001 - any user error dead-letters the row
+        return _after_failure(fn, args, retry)
+
+
+def _after_failure(fn: Callable[..., Any], args: tuple, retry: "RetrySettings") -> Tuple[bool, Any, int]:
+    """Called in the ``except`` block of a first failed call: retries a :class:`Retryable`,
+    else reports the traceback."""
+    attempt = 1
     while True:
+        import sys
+
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, Retryable) or attempt >= retry.max_attempts:
+            return False, traceback.format_exc(), attempt
+        time.sleep(retry.delay(attempt))
         attempt += 1
         try:
             return True, fn(*args), attempt
-        except Retryable:
-            if attempt >= retry.max_attempts:
-                return False, traceback.format_exc(), attempt
-            time.sleep(retry.delay(attempt))
-        except Exception:  # noqa: BLE001 - any user error dead-letters the row
-            return False, traceback.format_exc(), attempt
-
-
-class RetrySettings:
-    """Backoff for :class:`Retryable` failures: ``initial * 2**(n-1)``, capped, with full jitter."""
-
-    def __init__(self, max_attempts: int = 3, initial_backoff_s: float = 0.1, max_backoff_s: float = 5.0):
-        if max_attempts < 1:
-            raise ValueError("retry max_attempts must be at least 1")
-        self.max_attempts = max_attempts
-        self.initial = initial_backoff_s
-        self.max = max_backoff_s
-
-    def delay(self, attempt: int) -> float:
-        cap = min(self.max, self.initial * (2 ** (attempt - 1)))
-        return random.uniform(cap / 2, cap)
+        except Exception:  # noqa: BLE001
+            continue
 
 
 def to_batch(result: Any, schema: Optional[pa.Schema]) -> pa.RecordBatch:
@@ -89,38 +86,80 @@ def _rows_to_batch(rows: List[Dict[str, Any]], kept: List[int], schema: pa.Schem
         return pa.RecordBatch.from_pylist(good_rows, schema=schema), good_kept
 
 
-def _results(fn: Callable, batch: pa.RecordBatch, retry: RetrySettings, failures: List[Failure]):
-    """Calls ``fn`` on each row; yields ``(index, attempts, result)`` of the calls that
-    succeeded and records the others in ``failures``."""
-    for i, row in enumerate(batch.to_pylist()):
-        ok, r, attempts = _call_with_retry(fn, (row,), retry)
-        if ok:
-            yield i, attempts, r
-        else:
-            failures.append((i, attempts, r))
+class _GcPaused:
+    """Pauses the cyclic garbage collector for one batch's row loop: building thousands of
+    dicts otherwise sets off collections that scan every live object, which costs more than
+    the loop itself. Reference counting still frees everything at once."""
+
+    def __enter__(self) -> None:
+        self.was = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.was:
+            gc.enable()
 
 
 def apply_map(fn: Callable, batch: pa.RecordBatch, schema: pa.Schema, retry: RetrySettings):
-    """``map``: one call per row (a dict); a ``None`` result drops the row."""
+    with _GcPaused():
+        return _apply_map(fn, batch, schema, retry)
+
+
+def _apply_map(fn: Callable, batch: pa.RecordBatch, schema: pa.Schema, retry: RetrySettings):
+    """``map``: one call per row (a dict); a ``None`` result drops the row. ``kept`` is
+    ``None`` when every row made it, so the engine need not pick event times."""
+    # This loop is the per-row cost of `map`: the common case (a dict back) does nothing else.
     out: List[Dict[str, Any]] = []
-    kept: List[int] = []
+    dropped: List[int] = []
     failures: List[Failure] = []
-    for i, attempts, r in _results(fn, batch, retry, failures):
-        if r is None:
-            continue
-        if not isinstance(r, dict):
-            failures.append((i, attempts, f"map functions return a dict (or None to drop the row), not {type(r).__name__}"))
-            continue
-        out.append(r)
-        kept.append(i)
+    push = out.append
+    for i, row in enumerate(batch.to_pylist()):
+        try:
+            r = fn(row)
+        except Exception:  # noqa: BLE001 - any user error dead-letters the row
+            ok, r, attempts = _after_failure(fn, (row,), retry)
+            if not ok:
+                failures.append((i, attempts, r))
+                dropped.append(i)
+                continue
+        if type(r) is dict:
+            push(r)
+        elif r is None:
+            dropped.append(i)
+        elif isinstance(r, dict):
+            push(r)
+        else:
+            failures.append((i, 1, f"map functions return a dict (or None to drop the row), not {type(r).__name__}"))
+            dropped.append(i)
+    if not dropped:
+        kept: List[int] = list(range(batch.num_rows))
+    else:
+        gone = set(dropped)
+        kept = [i for i in range(batch.num_rows) if i not in gone]
     result, kept = _rows_to_batch(out, kept, schema, failures)
-    return result, kept, failures
+    return result, (None if len(kept) == batch.num_rows else kept), failures
 
 
 def apply_filter(fn: Callable, batch: pa.RecordBatch, retry: RetrySettings):
     """``filter``: keeps the rows for which ``fn(row)`` is true."""
+    with _GcPaused():
+        return _apply_filter(fn, batch, retry)
+
+
+def _apply_filter(fn: Callable, batch: pa.RecordBatch, retry: RetrySettings):
+    kept: List[int] = []
     failures: List[Failure] = []
-    kept = [i for i, _, r in _results(fn, batch, retry, failures) if r]
+    keep = kept.append
+    for i, row in enumerate(batch.to_pylist()):
+        try:
+            r = fn(row)
+        except Exception:  # noqa: BLE001
+            ok, r, attempts = _after_failure(fn, (row,), retry)
+            if not ok:
+                failures.append((i, attempts, r))
+                continue
+        if r:
+            keep(i)
     return kept, failures
 
 
@@ -148,6 +187,10 @@ class StatefulMap:
         self.states: Dict[Any, Tuple[int, Any]] = {}
 
     def apply(self, batch: pa.RecordBatch, groups: List[int]):
+        with _GcPaused():
+            return self._apply(batch, groups)
+
+    def _apply(self, batch: pa.RecordBatch, groups: List[int]):
         out: List[Dict[str, Any]] = []
         kept: List[int] = []
         failures: List[Failure] = []

@@ -220,7 +220,7 @@ impl fmt::Debug for PyOp {
 type RowFailures = Vec<(usize, u32, String)>;
 /// What a row helper returns: the output rows (none for `filter`), the input rows they came
 /// from, and the failures.
-type RowResult = (Option<RecordBatch>, Vec<usize>, RowFailures);
+type RowResult = (Option<RecordBatch>, Option<Vec<usize>>, RowFailures);
 /// A `stateful_map` snapshot from Python: key groups, pickled keys, pickled states.
 type PickledStates = (Vec<u32>, Vec<Vec<u8>>, Vec<Vec<u8>>);
 
@@ -344,7 +344,7 @@ impl PyOp {
                 Kind::Filter => {
                     let r = h.getattr("apply_filter")?.call1((s.func.bind(py), input, retry))?;
                     let (kept, failures): (Vec<usize>, RowFailures) = r.extract()?;
-                    (None, kept, failures)
+                    (None, Some(kept), failures)
                 }
                 Kind::Map => {
                     let schema = self.out.as_ref().clone().to_pyarrow(py)?;
@@ -373,18 +373,25 @@ impl PyOp {
         .map_err(|e| py_err(e).in_step(cx.step))?;
         let failed = failures.len();
         self.dead_letter_rows(cx, &batch, failures.into_iter().map(|(i, a, r)| (i, a, r, Some(first))))?;
-        let idx = UInt32Array::from(kept.iter().map(|&i| i as u32).collect::<Vec<_>>());
-        let kept_n = kept.len();
-        let out = match rows {
-            None => batch.take(&idx)?,
-            Some(rows) => {
-                let time = arrow_select::take::take(&batch.time, &idx, None)?;
-                let time = time
-                    .as_any()
-                    .downcast_ref::<Int64Array>()
-                    .cloned()
-                    .ok_or_else(|| CoreError::Internal("event times are not int64".into()))?;
-                Batch::new(rows, time)?
+        let (out, kept_n) = match (rows, kept) {
+            // Every row made it: the times are the input's.
+            (Some(rows), None) => (Batch::new(rows, batch.time.clone())?, n),
+            (None, None) => (batch, n),
+            (rows, Some(kept)) => {
+                let idx = UInt32Array::from(kept.iter().map(|&i| i as u32).collect::<Vec<_>>());
+                let out = match rows {
+                    None => batch.take(&idx)?,
+                    Some(rows) => {
+                        let time = arrow_select::take::take(&batch.time, &idx, None)?;
+                        let time = time
+                            .as_any()
+                            .downcast_ref::<Int64Array>()
+                            .cloned()
+                            .ok_or_else(|| CoreError::Internal("event times are not int64".into()))?;
+                        Batch::new(rows, time)?
+                    }
+                };
+                (out, kept.len())
             }
         };
         StepMetrics::add(&cx.metrics.rows_out, kept_n as u64);
