@@ -185,6 +185,7 @@ impl OperatorFactory for PyOpFactory {
             out: self.out.clone(),
             keys: self.keys.clone(),
             state,
+            out_py: None,
             buffer: Vec::new(),
             buffered: 0,
             first_buffered: None,
@@ -201,6 +202,9 @@ struct PyOp {
     keys: Vec<String>,
     /// `stateful_map`: the `weir._steps.StatefulMap` holding this worker's states.
     state: Option<Py<PyAny>>,
+    /// The output schema as a `pyarrow.Schema`, made once: converting it per batch costs
+    /// more than the rest of a cheap batch function.
+    out_py: Option<Py<PyAny>>,
     /// `infer`: rows waiting to be scored.
     buffer: Vec<Batch>,
     buffered: usize,
@@ -232,6 +236,13 @@ enum Outcome<T> {
 }
 
 impl PyOp {
+    fn out_schema<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        if self.out_py.is_none() {
+            self.out_py = Some(self.out.as_ref().clone().to_pyarrow(py)?.unbind());
+        }
+        Ok(self.out_py.as_ref().map(|s| s.bind(py).clone()).unwrap_or_else(|| py.None().into_bound(py)))
+    }
+
     /// Calls a batch function, retrying a `Retryable` with the step's backoff.
     fn call_batch<T>(
         &self,
@@ -299,7 +310,7 @@ impl PyOp {
         let n = batch.num_rows();
         let outcome = Python::attach(|py| {
             let input = batch.rows.to_pyarrow(py).map_err(py_err)?;
-            let schema = self.out.as_ref().clone().to_pyarrow(py).map_err(py_err)?;
+            let schema = self.out_schema(py).map_err(py_err)?;
             self.call_batch(py, |py| {
                 let result = s.func.bind(py).call1((input.clone(),))?;
                 let out = s.helpers.bind(py).getattr("to_batch")?.call1((result, schema.clone()))?;
@@ -347,7 +358,7 @@ impl PyOp {
                     (None, Some(kept), failures)
                 }
                 Kind::Map => {
-                    let schema = self.out.as_ref().clone().to_pyarrow(py)?;
+                    let schema = self.out_schema(py)?;
                     let r = h.getattr("apply_map")?.call1((s.func.bind(py), input, schema, retry))?;
                     let t = r.cast::<PyTuple>()?;
                     (
