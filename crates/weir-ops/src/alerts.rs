@@ -531,11 +531,16 @@ struct AlertOp {
     book: Arc<Mutex<WorkerBook>>,
 }
 
-fn strings(batch: &RecordBatch, name: &str) -> Result<StringArray> {
+/// A column of a known type (planning checked it), by name.
+fn typed<A: Array + Clone + 'static>(batch: &RecordBatch, name: &str) -> Result<A> {
     batch
         .column_by_name(name)
-        .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
-        .ok_or_else(|| CoreError::Internal(format!("detections lack a string `{name}`")))
+        .and_then(|c| c.as_any().downcast_ref::<A>().cloned())
+        .ok_or_else(|| CoreError::Internal(format!("column `{name}` is missing or of another type")))
+}
+
+fn strings(batch: &RecordBatch, name: &str) -> Result<StringArray> {
+    typed(batch, name)
 }
 
 impl AlertOp {
@@ -598,25 +603,9 @@ impl Operator for AlertOp {
         let keys = weir_core::quarantine::key_texts(rows, &self.keys)?;
         let groups = weir_core::state::key_groups(&weir_core::keys::key_columns(rows, &self.keys)?, rows.num_rows())?;
         let (rule, sev) = (strings(rows, "rule")?, strings(rows, "severity")?);
-        let col = |n: &str| rows.column_by_name(n).cloned().ok_or_else(|| CoreError::Internal(format!("no `{n}`")));
-        let value = col("value")?;
-        let value = value
-            .as_any()
-            .downcast_ref::<Float64Array>()
-            .cloned()
-            .ok_or_else(|| CoreError::Internal("value".into()))?;
-        let score = col("score")?;
-        let score = score
-            .as_any()
-            .downcast_ref::<Float64Array>()
-            .cloned()
-            .ok_or_else(|| CoreError::Internal("score".into()))?;
-        let anomaly = col("anomaly")?;
-        let anomaly = anomaly
-            .as_any()
-            .downcast_ref::<BooleanArray>()
-            .cloned()
-            .ok_or_else(|| CoreError::Internal("anomaly".into()))?;
+        let value: Float64Array = typed(rows, "value")?;
+        let score: Float64Array = typed(rows, "score")?;
+        let anomaly: BooleanArray = typed(rows, "anomaly")?;
         let now = self.spec.clock.now();
         let mut events = Vec::new();
         let book = self.book.clone();
