@@ -41,3 +41,14 @@ if [ "$WEIR_TEST_KAFKA" = 127.0.0.1:19092 ] && ! port_open 19092; then
     --storage-engine memory://tansu/ > "$logs/tansu.log" 2>&1 &
   wait_port 19092 tansu
 fi
+
+# Redis (alert routes to pub/sub): the Debian package, in memory, loopback only.
+export WEIR_TEST_REDIS=${WEIR_TEST_REDIS:-redis://127.0.0.1:6379}
+if [ "$WEIR_TEST_REDIS" = redis://127.0.0.1:6379 ] && ! port_open 6379; then
+  if ! command -v redis-server >/dev/null 2>&1; then
+    echo "services: installing redis-server (Debian package)" >&2
+    apt-get install -y -qq redis-server >&2 || { apt-get update -qq >&2 && apt-get install -y -qq redis-server >&2; }
+  fi
+  nohup redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no > "$logs/redis.log" 2>&1 &
+  wait_port 6379 redis
+fi

@@ -41,7 +41,8 @@ enum Cmd {
         /// Worker count (default: the pipeline's `workers`, else the number of cores).
         #[arg(long, short)]
         workers: Option<usize>,
-        /// Serve /metrics and /healthz on this address, e.g. 127.0.0.1:9464.
+        /// Serve /metrics, /healthz and the alert API here (a bare port means loopback, e.g.
+        /// 9464); wins over the pipeline's `api.addr`.
         #[arg(long)]
         metrics_addr: Option<String>,
         /// No live progress line, even on a terminal.
@@ -243,13 +244,12 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             let opts = RunOptions { workers, fresh };
             let spec = built.plan(&opts).map_err(|e| located(&pipeline.display().to_string(), &text, e))?;
             let workers = spec.workers;
-            let name = spec.name.clone();
             let rt = runtime(workers)?;
             let summary = rt.block_on(async move {
                 let job = Job::new(spec)?;
                 let registry = job.registry();
-                let _server = match &metrics_addr {
-                    Some(a) => Some(weir::http::MetricsServer::start(a, name, registry.clone()).await?),
+                let _server = match built.http_addr(metrics_addr.as_deref()) {
+                    Some(a) => Some(weir::http::MetricsServer::start(&a, built.http_state(registry.clone())).await?),
                     None => None,
                 };
                 let stop = job.shutdown_handle();

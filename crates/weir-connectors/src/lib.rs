@@ -6,6 +6,7 @@
 //! partial file); sources read each record once per run.
 #![warn(missing_docs)]
 
+pub mod alerting;
 pub mod deadletter;
 mod decode;
 pub mod file;

@@ -197,6 +197,12 @@ impl ConnectorMetrics {
         m.insert((name, Self::labels(labels)), (help, "gauge", value));
     }
 
+    /// Sets a counter to a total kept elsewhere (a connector's own atomics).
+    pub fn set_total(&self, name: &'static str, help: &'static str, labels: &[(&str, &str)], value: f64) {
+        let mut m = self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.insert((name, Self::labels(labels)), (help, "counter", value));
+    }
+
     /// Adds to a counter.
     pub fn add(&self, name: &'static str, help: &'static str, labels: &[(&str, &str)], by: f64) {
         let mut m = self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -442,6 +442,48 @@ pub struct AlertSpec {
     pub clock: Clock,
     /// Where the HTTP API finds the books.
     pub board: Arc<AlertBoard>,
+    /// Who hears of every event (routes to webhooks and the like, the live stream), whatever
+    /// `events` lets through to the output.
+    pub notify: Vec<Arc<dyn AlertNotify>>,
+}
+
+/// One alert event, as notifiers receive it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertNotice {
+    /// The `alert` step that made it.
+    pub step: String,
+    /// What happened.
+    pub event: AlertEvent,
+    /// The alert after the event.
+    pub alert: Alert,
+    /// The manager's clock at the event, ms.
+    pub at: i64,
+}
+
+impl AlertNotice {
+    /// The notice as a JSON object with the columns of the step's output (plus `step`): what
+    /// webhooks, Redis and the live stream carry.
+    pub fn to_json(&self) -> serde_json::Value {
+        let a = &self.alert;
+        serde_json::json!({
+            "alert_id": a.id, "event": self.event.as_str(), "state": a.state.as_str(), "key": a.key,
+            "rule": a.rule, "severity": a.severity, "value": a.value, "score": a.score,
+            "first_seen": a.first_seen, "last_seen": a.last_seen, "count": a.count,
+            "escalated": a.escalated, "at": self.at, "step": self.step,
+        })
+    }
+}
+
+/// Something told of alert events as they happen: the routes to webhooks, Redis, Kafka and
+/// files, and the HTTP live stream. Called on the worker's thread, so it must only queue.
+pub trait AlertNotify: Send + Sync + std::fmt::Debug {
+    /// Queues one event for delivery; never blocks.
+    fn notify(&self, notice: &AlertNotice);
+    /// Reports delivery counters (called on the worker's timer).
+    fn report(&self, _metrics: &weir_core::metrics::ConnectorMetrics) {}
+    /// Waits, within its own time limit, until what was queued has been delivered or given
+    /// up on: called when the input ends, so that a finite run does not exit with alerts unsent.
+    fn drain(&self) {}
 }
 
 /// The alert event columns.
@@ -545,6 +587,14 @@ fn strings(batch: &RecordBatch, name: &str) -> Result<StringArray> {
 
 impl AlertOp {
     fn emit(&self, events: Vec<(AlertEvent, Alert)>, now: i64, cx: &mut OpContext<'_>) -> Result<()> {
+        if !self.spec.notify.is_empty() {
+            for (event, alert) in &events {
+                let notice = AlertNotice { step: cx.step.to_string(), event: *event, alert: alert.clone(), at: now };
+                for n in &self.spec.notify {
+                    n.notify(&notice);
+                }
+            }
+        }
         let events: Vec<(AlertEvent, Alert)> =
             events.into_iter().filter(|(e, _)| self.spec.events.is_empty() || self.spec.events.contains(e)).collect();
         if events.is_empty() {
@@ -645,7 +695,20 @@ impl Operator for AlertOp {
         });
         self.report_live(&wb, cx);
         drop(wb);
+        for n in &self.spec.notify {
+            n.report(&cx.registry.connectors);
+        }
         self.emit(events, now, cx)
+    }
+
+    fn on_end(&mut self, cx: &mut OpContext<'_>) -> Result<()> {
+        // Events an API call made since the last tick, then everything queued delivered.
+        self.on_tick(0, cx)?;
+        for n in &self.spec.notify {
+            n.drain();
+            n.report(&cx.registry.connectors);
+        }
+        Ok(())
     }
 
     fn tick_interval(&self) -> Option<std::time::Duration> {
@@ -892,6 +955,7 @@ mod tests {
                 events: Vec::new(),
                 clock: Clock::Manual(clock.clone()),
                 board: Arc::default(),
+                notify: Vec::new(),
             }
         }
 

@@ -153,7 +153,6 @@ impl NativePipeline {
         let (spec, out_schema) =
             built.plan_with_schema(&RunOptions { workers, fresh }).map_err(|e| raise(py, &e, self.take_failure()))?;
         let workers = spec.workers;
-        let name = spec.name.clone();
         let job = Job::new(spec).map_err(|e| raise(py, &e, None))?;
         let stop = job.shutdown_handle();
         *self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(stop.clone());
@@ -166,8 +165,8 @@ impl NativePipeline {
         let (result, interrupted) = py
             .detach(|| {
                 rt.block_on(async move {
-                    let _server = match &metrics_addr {
-                        Some(a) => Some(weir::http::MetricsServer::start(a, name, registry).await?),
+                    let _server = match built.http_addr(metrics_addr.as_deref()) {
+                        Some(a) => Some(weir::http::MetricsServer::start(&a, built.http_state(registry)).await?),
                         None => None,
                     };
                     let mut run = std::pin::pin!(job.run());

@@ -43,6 +43,38 @@ pub struct PipelineConfig {
     /// Checkpoints, for recovery after a crash and exactly-once output; off by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoints: Option<CheckpointConfig>,
+    /// The HTTP port: metrics, health, and the alert API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<ApiConfig>,
+}
+
+/// The HTTP port: `/metrics`, `/healthz`, `/readyz`, and `/alerts` (list, acknowledge,
+/// resolve, live stream). The command's `--metrics-addr` wins over `addr`.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `host:port`, or a bare port for loopback; default `127.0.0.1:9464`. Anything but a
+    /// loopback address exposes the API to the network: set a token.
+    #[serde(default = "default_api_addr")]
+    pub addr: String,
+    /// The bearer token that acknowledging and resolving need (`Authorization: Bearer ...`);
+    /// absent, the `WEIR_API_TOKEN` environment variable; neither, those calls are refused.
+    /// Use a `${VAR}` reference rather than the secret itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+fn default_api_addr() -> String {
+    "127.0.0.1:9464".into()
 }
 
 /// Periodic checkpoints: state, source positions and pre-committed output, so that a run
@@ -830,6 +862,127 @@ pub struct AlertConfig {
     /// default all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<String>,
+    /// Where events go besides the step's output, chosen by severity, rule, key and event.
+    /// Every matching route gets the event.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
+    /// At the end of input, how long to wait for routes to deliver what they hold.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// One alert route: a name, a `match`, and exactly one of `webhook`, `redis`, `kafka`,
+/// `file`, `stdout`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Name, for metrics and logs.
+    pub name: String,
+    /// Which events it takes; absent: all.
+    #[serde(default, rename = "match")]
+    pub matcher: RouteMatchConfig,
+    /// HTTP POST of each event as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookConfig>,
+    /// Redis pub/sub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisRouteConfig>,
+    /// A Kafka topic, keyed by alert id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaTopicSettings>,
+    /// JSON Lines appended to a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<RouteFileConfig>,
+    /// JSON Lines on standard output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<CodeSettings>,
+    /// Retries of a failed delivery (absent `max_attempts`: until the receiver is back).
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Events waiting for delivery at most; beyond, new ones are dropped and counted.
+    #[serde(default = "default_route_queue")]
+    pub queue: usize,
+}
+
+fn default_route_queue() -> usize {
+    10_000
+}
+
+/// Which alert events a route takes: each list, when given, must contain the event's value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatchConfig {
+    /// Severities.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub severity: Vec<String>,
+    /// Rule names; `*` and `?` are wildcards.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rule: Vec<String>,
+    /// Keys; wildcards allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key: Vec<String>,
+    /// Events: `fired`, `updated`, `escalated`, `acknowledged`, `resolved`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub event: Vec<String>,
+}
+
+/// A webhook route.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http://` or `https://` URL; may be a `${VAR}` reference (Slack URLs are secrets).
+    pub url: String,
+    /// Extra request headers; values may be `${VAR}` references and are never logged.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Post a Slack-style `{"text": ...}` message instead of the event's fields.
+    #[serde(default)]
+    pub slack: bool,
+    /// Per-request time limit.
+    #[serde(default = "default_webhook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &"***")
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("slack", &self.slack)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+fn default_webhook_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// A Redis pub/sub route.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisRouteConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    #[serde(default = "default_redis_url")]
+    pub url: String,
+    /// The channel to publish to.
+    pub channel: String,
+}
+
+fn default_redis_url() -> String {
+    "redis://127.0.0.1:6379".into()
+}
+
+/// A file route.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFileConfig {
+    /// JSON Lines file, appended to.
+    pub path: String,
 }
 
 fn default_resolve_after() -> Duration {

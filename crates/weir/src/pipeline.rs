@@ -87,6 +87,7 @@ impl Pipeline {
                 quarantine: QuarantineConfig::default(),
                 load_shedding: None,
                 checkpoints: None,
+                api: None,
             },
             functions: Functions::new(),
             code: CodeEnds::default(),
@@ -246,7 +247,7 @@ impl Pipeline {
             cfg: c.clone(),
             functions: self.functions.clone(),
             code: self.code.clone(),
-            alerts: Arc::default(),
+            alerts: AlertHub::default(),
         };
         if let Some(schema) = &c.source.schema {
             let mut schema = schema.to_arrow();
@@ -268,7 +269,14 @@ pub struct BuiltPipeline {
     cfg: PipelineConfig,
     functions: Functions,
     code: CodeEnds,
-    alerts: Arc<weir_ops::AlertBoard>,
+    alerts: AlertHub,
+}
+
+/// What the HTTP port needs from the `alert` steps: their books and their live events.
+#[derive(Debug, Clone, Default)]
+struct AlertHub {
+    board: Arc<weir_ops::AlertBoard>,
+    live: Arc<weir_connectors::alerting::LiveAlerts>,
 }
 
 /// How to run a pipeline.
@@ -303,13 +311,7 @@ fn ms(d: Duration) -> i64 {
 }
 
 /// `append`: side outputs keep what an earlier run wrote (resuming from a checkpoint).
-fn step_spec(
-    s: &StepConfig,
-    keys: &[String],
-    append: bool,
-    functions: &Functions,
-    board: &Arc<weir_ops::AlertBoard>,
-) -> Result<OpSpec> {
+fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Functions, hub: &AlertHub) -> Result<OpSpec> {
     Ok(match s {
         StepConfig::Filter(f) => OpSpec::Filter(FilterSpec { predicate: f.predicate.clone() }),
         StepConfig::Select(f) => {
@@ -365,19 +367,17 @@ fn step_spec(
                 escalate_to: a.escalate_to.clone(),
                 retain_ms: ms(a.retain),
             },
-            events: a
-                .events
-                .iter()
-                .map(|e| {
-                    weir_ops::alerts::AlertEvent::parse(e).ok_or_else(|| {
-                        CoreError::Config(format!(
-                            "alert: unknown event `{e}`; expected fired, updated, escalated, acknowledged or resolved"
-                        ))
-                    })
-                })
-                .collect::<Result<_>>()?,
+            events: a.events.iter().map(|e| alert_event(e)).collect::<Result<_>>()?,
             clock: weir_ops::alerts::Clock::Wall,
-            board: board.clone(),
+            board: hub.board.clone(),
+            notify: {
+                let routes = a.routes.iter().map(route_spec).collect::<Result<Vec<_>>>()?;
+                let mut n: Vec<Arc<dyn weir_ops::alerts::AlertNotify>> = vec![hub.live.clone()];
+                if !routes.is_empty() {
+                    n.push(Arc::new(weir_connectors::alerting::AlertRouter::new(routes, a.drain_timeout)?));
+                }
+                n
+            },
         }),
         StepConfig::Function(f) => OpSpec::Custom(
             functions
@@ -390,6 +390,68 @@ fn step_spec(
                 })?
                 .clone(),
         ),
+    })
+}
+
+fn alert_event(e: &str) -> Result<weir_ops::alerts::AlertEvent> {
+    weir_ops::alerts::AlertEvent::parse(e).ok_or_else(|| {
+        CoreError::Config(format!(
+            "alert: unknown event `{e}`; expected fired, updated, escalated, acknowledged or resolved"
+        ))
+    })
+}
+
+/// A route's settings as the router's.
+fn route_spec(r: &RouteConfig) -> Result<weir_connectors::alerting::RouteSpec> {
+    use weir_connectors::alerting::{AlertMatch, RouteSpec, RouteTarget, WebhookTarget};
+    let mut targets = Vec::new();
+    if let Some(w) = &r.webhook {
+        targets.push(RouteTarget::Webhook(WebhookTarget {
+            url: w.url.clone(),
+            headers: w.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            slack: w.slack,
+            timeout: w.timeout,
+        }));
+    }
+    if let Some(x) = &r.redis {
+        targets.push(RouteTarget::Redis { url: x.url.clone(), channel: x.channel.clone() });
+    }
+    if let Some(k) = &r.kafka {
+        targets.push(RouteTarget::Kafka {
+            client: weir_connectors::kafka::KafkaClientConfig {
+                brokers: k.brokers.clone(),
+                properties: k.properties.clone(),
+            },
+            topic: k.topic.clone(),
+        });
+    }
+    if let Some(f) = &r.file {
+        targets.push(RouteTarget::File(f.path.clone().into()));
+    }
+    if r.stdout.is_some() {
+        targets.push(RouteTarget::Stdout);
+    }
+    weir_core::ensure_config!(
+        targets.len() == 1,
+        "alert route `{}` needs exactly one of `webhook`, `redis`, `kafka`, `file`, `stdout`",
+        r.name
+    );
+    let m = &r.matcher;
+    Ok(RouteSpec {
+        name: r.name.clone(),
+        matcher: AlertMatch {
+            severity: m.severity.clone(),
+            rule: m.rule.clone(),
+            key: m.key.clone(),
+            event: m.event.iter().map(|e| alert_event(e)).collect::<Result<_>>()?,
+        },
+        target: targets.remove(0),
+        retry: weir_core::runtime::RetryPolicy {
+            max_attempts: r.retry.max_attempts,
+            initial_backoff: r.retry.initial_backoff,
+            max_backoff: r.retry.max_backoff,
+        },
+        queue: r.queue,
     })
 }
 
@@ -439,7 +501,36 @@ impl BuiltPipeline {
 
     /// The alerts of the pipeline's `alert` steps, for the HTTP API, once it runs.
     pub fn alert_board(&self) -> Arc<weir_ops::AlertBoard> {
-        self.alerts.clone()
+        self.alerts.board.clone()
+    }
+
+    /// The live stream of the pipeline's alert events, for the HTTP port.
+    pub fn alert_stream(&self) -> Arc<weir_connectors::alerting::LiveAlerts> {
+        self.alerts.live.clone()
+    }
+
+    /// What the HTTP port serves for this pipeline once `registry` is the running job's.
+    pub fn http_state(&self, registry: Arc<weir_core::metrics::Registry>) -> crate::http::HttpState {
+        let token = self
+            .cfg
+            .api
+            .as_ref()
+            .and_then(|a| a.token.clone())
+            .or_else(|| std::env::var("WEIR_API_TOKEN").ok())
+            .filter(|t| !t.is_empty());
+        crate::http::HttpState {
+            job: self.cfg.name.clone(),
+            registry,
+            alerts: self.alert_board(),
+            live: self.alert_stream(),
+            token,
+        }
+    }
+
+    /// Where the HTTP port listens: `flag` (the command's `--metrics-addr`), else the `api`
+    /// section's address, else nowhere.
+    pub fn http_addr(&self, flag: Option<&str>) -> Option<String> {
+        flag.map(str::to_string).or_else(|| self.cfg.api.as_ref().map(|a| a.addr.clone()))
     }
 
     /// Plans the steps on a schema: returns, per stage, its key and operators, and the final

@@ -1,6 +1,7 @@
 //! Integration tests of the engine through its public API: one binary, a module per area.
 #![allow(clippy::unwrap_used)]
 
+mod alerting;
 mod checkpoints;
 mod common;
 mod connectors;

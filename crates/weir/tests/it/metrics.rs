@@ -21,7 +21,10 @@ async fn serves_prometheus_text_and_health() {
     StepMetrics::add(&m.rows_in, 10);
     StepMetrics::add(&m.filtered, 7);
     reg.step(&StepId::new("hot"), 1).rows_in.fetch_add(5, std::sync::atomic::Ordering::Relaxed);
-    let server = weir::http::MetricsServer::start("127.0.0.1:0", "job1".into(), reg).await.unwrap();
+    let server =
+        weir::http::MetricsServer::start("127.0.0.1:0", weir::http::HttpState::metrics_only("job1".into(), reg))
+            .await
+            .unwrap();
     let body = get(server.addr(), "/metrics").await;
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     assert!(body.contains("weir_step_rows_in_total{job=\"job1\",step=\"hot\"} 15"), "summed over workers: {body}");

@@ -1,0 +1,421 @@
+//! Alert routes against real receivers on loopback (an HTTP server that fails and recovers,
+//! the local Redis), and the alert API over HTTP.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use weir::prelude::*;
+use weir_core::runtime::Job;
+
+use crate::common::read_jsonl;
+
+/// A webhook receiver: answers 503 to the first `fail_first` requests, then 200, and keeps
+/// the bodies it accepted.
+struct Receiver {
+    addr: SocketAddr,
+    bodies: Arc<Mutex<Vec<Value>>>,
+    requests: Arc<AtomicUsize>,
+}
+
+impl Receiver {
+    /// On a thread and runtime of its own, as a receiver elsewhere would be: the job's
+    /// busy workers do not slow it down.
+    async fn start(fail_first: usize) -> Self {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (b, r) = (bodies.clone(), requests.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(std_listener).unwrap();
+                loop {
+                    let (sock, _) = listener.accept().await.unwrap();
+                    let (b, r) = (b.clone(), r.clone());
+                    tokio::spawn(async move { serve_hook(sock, b, r, fail_first).await });
+                }
+            });
+        });
+        Self { addr, bodies, requests }
+    }
+
+    fn bodies(&self) -> Vec<Value> {
+        self.bodies.lock().unwrap().clone()
+    }
+}
+
+/// Keep-alive HTTP/1.1: one request after another on a connection, as reqwest sends them.
+async fn serve_hook(mut sock: TcpStream, bodies: Arc<Mutex<Vec<Value>>>, requests: Arc<AtomicUsize>, fail: usize) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let head_end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+        let len: usize =
+            head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse().unwrap());
+        while buf.len() < head_end + len {
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body: Vec<u8> = buf.drain(..head_end + len).skip(head_end).collect();
+        let n = requests.fetch_add(1, Ordering::SeqCst);
+        let status = if n < fail {
+            "503 Service Unavailable"
+        } else {
+            bodies.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
+            "200 OK"
+        };
+        let resp = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+        if sock.write_all(resp.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Generated sensors with injected anomalies, two threshold rules, and an alert step with
+/// the given routes (YAML, indented for the `routes:` list).
+fn pipeline(routes: &str, out: &std::path::Path, count: u64) -> BuiltPipeline {
+    let yaml = format!(
+        r#"
+name: alerting
+source:
+  id: sensors
+  generator: {{ devices: 40, count: {count}, anomaly_rate: 0.01, disorder: 0, seed: 3 }}
+  event_time: {{ column: ts, format: ms }}
+steps:
+  - key_by: {{ id: by-device, keys: [device_id] }}
+  - detect:
+      id: rules
+      rules:
+        - {{ name: hot, severity: critical, threshold: {{ value: readings.temp, above: 35.0 }} }}
+        - {{ name: warm, severity: warning, threshold: {{ value: readings.temp, above: 33.0 }} }}
+  - alert:
+      id: alerts
+      routes:
+{routes}
+sink: {{ id: out, file: {{ path: "{}", format: json }} }}
+dead_letters: {{ path: "{}" }}
+"#,
+        out.display(),
+        out.with_extension("dl.jsonl").display()
+    );
+    let cfg = weir::yaml::parse("alerting.yaml", &yaml).unwrap();
+    Pipeline::from_config(cfg).build().unwrap()
+}
+
+/// (alert_id, event, count) of each row, sorted: what identifies an event.
+fn events(rows: &[Value]) -> Vec<(String, String, u64)> {
+    let mut v: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["alert_id"].as_str().unwrap().to_string(),
+                r["event"].as_str().unwrap().to_string(),
+                r["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+async fn run_with_registry(built: &BuiltPipeline) -> Arc<weir_core::metrics::Registry> {
+    let job = Job::new(built.plan(&RunOptions { workers: Some(2), fresh: true }).unwrap()).unwrap();
+    let reg = job.registry();
+    job.run().await.unwrap();
+    reg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_fails_then_recovers_gets_every_event_and_routes_filter() {
+    let hook = Receiver::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("alerts.jsonl");
+    let pages = dir.path().join("pages.jsonl");
+    let routes = format!(
+        r#"        - name: hook
+          webhook: {{ url: "http://{}/hook" }}
+          retry: {{ initial_backoff: 10ms, max_backoff: 50ms }}
+        - name: pager
+          match: {{ severity: [critical], event: [fired] }}
+          file: {{ path: "{}" }}"#,
+        hook.addr,
+        pages.display()
+    );
+    let reg = run_with_registry(&pipeline(&routes, &out, 20_000)).await;
+    let rows = read_jsonl(&out);
+    assert!(rows.len() > 20, "few alert events: {}", rows.len());
+    assert!(rows.iter().any(|r| r["event"] == "updated"), "repeats update the alert");
+    // The receiver refused the first three posts; they were retried, so it holds every event.
+    assert_eq!(hook.requests.load(Ordering::SeqCst), rows.len() + 3);
+    assert_eq!(events(&hook.bodies()), events(&rows));
+    let first = &hook.bodies()[0];
+    for col in ["alert_id", "event", "state", "key", "rule", "severity", "value", "score", "count", "at", "step"] {
+        assert!(first.get(col).is_some(), "webhook body lacks `{col}`: {first}");
+    }
+    assert_eq!(first["step"], "alerts");
+    // The pager route took only critical alerts firing.
+    let fired_critical: Vec<Value> =
+        rows.iter().filter(|r| r["event"] == "fired" && r["severity"] == "critical").cloned().collect();
+    assert!(!fired_critical.is_empty());
+    assert_eq!(events(&read_jsonl(&pages)), events(&fired_critical));
+    let m = &reg.connectors;
+    assert_eq!(m.get("weir_alert_notification_retries_total", &[("route", "hook")]), Some(3.0));
+    let delivered = m.get("weir_alert_notifications_total", &[("route", "hook"), ("outcome", "delivered")]);
+    assert_eq!(delivered, Some(rows.len() as f64));
+    assert_eq!(m.get("weir_alert_notifications_total", &[("route", "hook"), ("outcome", "failed")]), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_webhook_is_given_up_on_after_its_attempts_and_the_run_ends() {
+    // A port nobody listens on: connections are refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("alerts.jsonl");
+    let routes = format!(
+        r#"        - name: dead
+          match: {{ event: [fired] }}
+          webhook: {{ url: "http://127.0.0.1:{port}/", timeout: 1s }}
+          retry: {{ max_attempts: 2, initial_backoff: 5ms, max_backoff: 10ms }}"#
+    );
+    let reg = tokio::time::timeout(Duration::from_secs(60), run_with_registry(&pipeline(&routes, &out, 5_000)))
+        .await
+        .expect("the run ends although the receiver is down");
+    let fired = read_jsonl(&out).iter().filter(|r| r["event"] == "fired").count();
+    assert!(fired > 0);
+    let m = &reg.connectors;
+    assert_eq!(
+        m.get("weir_alert_notifications_total", &[("route", "dead"), ("outcome", "failed")]),
+        Some(fired as f64)
+    );
+    assert_eq!(m.get("weir_alert_notification_retries_total", &[("route", "dead")]), Some(fired as f64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_style_messages_are_one_line_of_text() {
+    let hook = Receiver::start(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("alerts.jsonl");
+    let routes = format!(
+        r#"        - name: chat
+          match: {{ event: [fired], rule: ["h*"] }}
+          webhook: {{ url: "http://{}/services/T/B/X", slack: true }}"#,
+        hook.addr
+    );
+    run_with_registry(&pipeline(&routes, &out, 5_000)).await;
+    let bodies = hook.bodies();
+    let fired_hot = read_jsonl(&out).iter().filter(|r| r["event"] == "fired" && r["rule"] == "hot").count();
+    assert_eq!(bodies.len(), fired_hot);
+    for b in &bodies {
+        let obj = b.as_object().unwrap();
+        assert_eq!(obj.keys().collect::<Vec<_>>(), ["text"]);
+        let text = b["text"].as_str().unwrap();
+        assert!(text.starts_with("[critical] fired: hot on dev-"), "{text}");
+        assert!(text.contains("1 time)"), "{text}");
+    }
+}
+
+fn redis_url() -> String {
+    std::env::var("WEIR_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_are_published_to_redis() {
+    let channel = format!("weir-test-alerts-{}", std::process::id());
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut con = client.get_connection().expect("redis is running (scripts/services.sh starts it)");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let ch = channel.clone();
+    let listener = std::thread::spawn(move || {
+        let mut ps = con.as_pubsub();
+        ps.subscribe(&ch).unwrap();
+        ps.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        ready_tx.send(()).unwrap();
+        while let Ok(msg) = ps.get_message() {
+            let payload: String = msg.get_payload().unwrap();
+            if payload == "end" {
+                break;
+            }
+            tx.send(payload).unwrap();
+        }
+    });
+    ready_rx.recv().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("alerts.jsonl");
+    let routes = format!(
+        r#"        - name: bus
+          match: {{ event: [fired, escalated] }}
+          redis: {{ url: "{}", channel: "{channel}" }}"#,
+        redis_url()
+    );
+    run_with_registry(&pipeline(&routes, &out, 5_000)).await;
+    let mut pubc = client.get_connection().unwrap();
+    let _: i64 = redis::cmd("PUBLISH").arg(&channel).arg("end").query(&mut pubc).unwrap();
+    listener.join().unwrap();
+    let got: Vec<Value> = rx.try_iter().map(|s| serde_json::from_str(&s).unwrap()).collect();
+    let fired: Vec<Value> = read_jsonl(&out).into_iter().filter(|r| r["event"] == "fired").collect();
+    assert!(!fired.is_empty());
+    assert_eq!(events(&got), events(&fired));
+}
+
+async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+fn encode(id: &str) -> String {
+    id.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A generator at a steady rate, so that alerts are live while the API is called.
+fn live_pipeline(token: Option<&str>) -> BuiltPipeline {
+    let api = token.map(|t| format!("api: {{ token: \"{t}\" }}")).unwrap_or_default();
+    let yaml = format!(
+        r#"
+name: api
+source:
+  id: sensors
+  generator: {{ devices: 10, rate: 2000, duration: 60s, anomaly_rate: 0.05, disorder: 0, seed: 5 }}
+  event_time: {{ column: ts, format: ms }}
+steps:
+  - key_by: {{ id: by-device, keys: [device_id] }}
+  - detect:
+      id: rules
+      rules:
+        - {{ name: hot, severity: critical, threshold: {{ value: readings.temp, above: 35.0 }} }}
+  - alert: {{ id: alerts, resolve_after: 1h }}
+sink: {{ id: out, file: {{ path: "/dev/null", format: json }} }}
+{api}
+"#
+    );
+    Pipeline::from_config(weir::yaml::parse("api.yaml", &yaml).unwrap()).build().unwrap()
+}
+
+async fn wait_for_alerts(addr: SocketAddr, n: usize) -> Vec<Value> {
+    for _ in 0..200 {
+        let (status, body) = http(addr, "GET", "/alerts?state=firing", None).await;
+        assert_eq!(status, 200, "{body}");
+        let v: Vec<Value> = serde_json::from_str(&body).unwrap();
+        if v.len() >= n {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no alerts fired within 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_lists_alerts_and_changes_them_only_with_the_token() {
+    let built = live_pipeline(Some("s3cret"));
+    let job = Job::new(built.plan(&RunOptions { workers: Some(1), fresh: true }).unwrap()).unwrap();
+    let server = weir::http::MetricsServer::start("127.0.0.1:0", built.http_state(job.registry())).await.unwrap();
+    let stop = job.shutdown_handle();
+    let running = tokio::spawn(job.run());
+    let addr = server.addr();
+
+    // The live stream hears the events as they happen.
+    let mut sse = TcpStream::connect(addr).await.unwrap();
+    sse.write_all(b"GET /alerts/stream?event=fired,acknowledged HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+
+    let alerts = wait_for_alerts(addr, 2).await;
+    let id = alerts[0]["id"].as_str().unwrap().to_string();
+    let path = format!("/alerts/{}", encode(&id));
+    assert_eq!(alerts[0]["state"], "firing");
+
+    let (status, body) = http(addr, "POST", &format!("{path}/ack"), None).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = http(addr, "POST", &format!("{path}/ack"), Some("wrong")).await;
+    assert_eq!(status, 401);
+    let (status, body) = http(addr, "POST", &format!("{path}/ack"), Some("s3cret")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["state"], "acknowledged");
+    let (status, body) = http(addr, "GET", &path, None).await;
+    assert_eq!((status, serde_json::from_str::<Value>(&body).unwrap()["state"].clone()), (200, "acknowledged".into()));
+    let (status, body) = http(addr, "GET", "/alerts?state=acknowledged", None).await;
+    assert_eq!(status, 200);
+    let acked: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(acked.iter().map(|a| a["id"].clone()).collect::<Vec<_>>(), [Value::from(id.clone())]);
+
+    let (status, _) = http(addr, "POST", &format!("{path}/resolve"), Some("s3cret")).await;
+    assert_eq!(status, 200);
+    let (status, body) = http(addr, "POST", &format!("{path}/resolve"), Some("s3cret")).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, _) = http(addr, "POST", "/alerts/no-such-alert/ack", Some("s3cret")).await;
+    assert_eq!(status, 404);
+    let (status, body) = http(addr, "GET", "/alerts?state=sleeping", None).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("unknown state `sleeping`"), "{body}");
+    let (status, _) = http(addr, "GET", &format!("{path}/ack"), Some("s3cret")).await;
+    assert_eq!(status, 405);
+
+    // The stream carried fired events and the acknowledgement, and nothing else.
+    let mut seen = String::new();
+    let mut buf = [0u8; 8192];
+    while !seen.contains("event: acknowledged") {
+        let n = tokio::time::timeout(Duration::from_secs(10), sse.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "stream closed: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream"), "{seen}");
+    assert!(seen.contains("event: fired\ndata: {"), "{seen}");
+    assert!(!seen.contains("event: updated"), "filtered out: {seen}");
+    assert!(seen.contains(&format!("\"alert_id\":\"{id}\"")), "{seen}");
+
+    stop.stop();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_the_api_is_read_only() {
+    let built = live_pipeline(None);
+    let job = Job::new(built.plan(&RunOptions { workers: Some(1), fresh: true }).unwrap()).unwrap();
+    let mut state = built.http_state(job.registry());
+    state.token = None; // whatever WEIR_API_TOKEN the environment has
+    let server = weir::http::MetricsServer::start("127.0.0.1:0", state).await.unwrap();
+    let stop = job.shutdown_handle();
+    let running = tokio::spawn(job.run());
+    let alerts = wait_for_alerts(server.addr(), 1).await;
+    let path = format!("/alerts/{}/ack", encode(alerts[0]["id"].as_str().unwrap()));
+    let (status, body) = http(server.addr(), "POST", &path, Some("anything")).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("WEIR_API_TOKEN"), "{body}");
+    let (status, body) = http(server.addr(), "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("weir_alert_events_total"), "{body}");
+    stop.stop();
+    running.await.unwrap().unwrap();
+}
