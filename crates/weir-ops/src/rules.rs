@@ -74,6 +74,20 @@ pub enum RuleKind {
         /// How long a key may be quiet.
         timeout_ms: i64,
     },
+    /// An ONNX model's score of each row's `inputs` (in the model's feature order), scored a
+    /// batch at a time; above `threshold` is anomalous.
+    Model {
+        /// The loaded model.
+        model: crate::model::OnnxModel,
+        /// Numeric columns, one per model feature.
+        inputs: Vec<String>,
+        /// Score above this is anomalous.
+        threshold: f64,
+        /// Rows per inference call at most.
+        max_batch: usize,
+        /// A column to report as the detection's `value` (else null).
+        value: Option<String>,
+    },
 }
 
 /// One named rule.
@@ -186,6 +200,22 @@ fn check_rule(r: &RuleSpec, input: &SchemaRef) -> Result<()> {
         RuleKind::Silence { timeout_ms } => {
             weir_core::ensure_config!(*timeout_ms > 0, "silence timeout must be positive");
         }
+        RuleKind::Model { model, inputs, threshold, max_batch, value } => {
+            weir_core::ensure_config!(
+                inputs.len() == model.features(),
+                "the model takes {} features but `inputs` lists {}",
+                model.features(),
+                inputs.len()
+            );
+            for i in inputs {
+                numeric(i)?;
+            }
+            if let Some(v) = value {
+                numeric(v)?;
+            }
+            weir_core::ensure_config!(threshold.is_finite(), "threshold must be a number, got {threshold}");
+            weir_core::ensure_config!(*max_batch >= 1, "max_batch must be at least 1");
+        }
     }
     Ok(())
 }
@@ -197,6 +227,7 @@ fn value_of(kind: &RuleKind) -> Option<&str> {
         | RuleKind::Ewma { value, .. }
         | RuleKind::Mad { value, .. }
         | RuleKind::RateOfChange { value, .. } => Some(value),
+        RuleKind::Model { value, .. } => value.as_deref(),
         RuleKind::Silence { .. } => None,
     }
 }
@@ -228,11 +259,26 @@ impl OperatorFactory for DetectFactory {
 /// Per key and rule.
 #[derive(Debug, Clone, PartialEq)]
 enum RuleState {
-    Threshold { firing: Option<bool> },
-    Ewma { mean: f64, var: f64, n: u64 },
-    Mad { values: VecDeque<f64> },
-    Rate { last: Option<(f64, i64)> },
-    Silence { last_seen_ms: i64, fired: bool },
+    Threshold {
+        firing: Option<bool>,
+    },
+    Ewma {
+        mean: f64,
+        var: f64,
+        n: u64,
+    },
+    Mad {
+        values: VecDeque<f64>,
+    },
+    Rate {
+        last: Option<(f64, i64)>,
+    },
+    Silence {
+        last_seen_ms: i64,
+        fired: bool,
+    },
+    /// A model keeps no per-key state.
+    Model,
 }
 
 impl RuleState {
@@ -243,6 +289,7 @@ impl RuleState {
             RuleKind::Mad { .. } => Self::Mad { values: VecDeque::new() },
             RuleKind::RateOfChange { .. } => Self::Rate { last: None },
             RuleKind::Silence { .. } => Self::Silence { last_seen_ms: now, fired: false },
+            RuleKind::Model { .. } => Self::Model,
         }
     }
 
@@ -258,6 +305,7 @@ impl RuleState {
             Self::Mad { values } => values.iter().copied().collect(),
             Self::Rate { last } => last.map_or_else(Vec::new, |(x, t)| vec![x, t as f64]),
             Self::Silence { last_seen_ms, fired } => vec![*last_seen_ms as f64, f64::from(u8::from(*fired))],
+            Self::Model => Vec::new(),
         }
     }
 
@@ -285,6 +333,7 @@ impl RuleState {
                 [t, f] => Self::Silence { last_seen_ms: *t as i64, fired: *f != 0.0 },
                 _ => return Err(bad()),
             },
+            RuleKind::Model { .. } => Self::Model,
         })
     }
 }
@@ -377,6 +426,54 @@ fn judge(kind: &RuleKind, state: &mut RuleState, x: f64, t: i64) -> Option<Verdi
     }
 }
 
+/// A numeric column (by path) as f64.
+fn f64_column(rows: &RecordBatch, path: &str) -> Result<Float64Array> {
+    let col = arrow_cast::cast(&column_by_path(rows, path)?, &DataType::Float64)?;
+    col.as_any()
+        .downcast_ref::<Float64Array>()
+        .cloned()
+        .ok_or_else(|| CoreError::Internal("cast to f64 gave another type".into()))
+}
+
+/// The model's score of every row (`None` where an input is null), `max_batch` rows per call.
+fn score_batch(
+    model: &crate::model::OnnxModel,
+    inputs: &[String],
+    max_batch: usize,
+    rows: &RecordBatch,
+    rule: &str,
+    cx: &OpContext<'_>,
+) -> Result<Vec<Option<f32>>> {
+    let cols = inputs.iter().map(|p| f64_column(rows, p)).collect::<Result<Vec<_>>>()?;
+    let n = rows.num_rows();
+    let k = cols.len();
+    let valid: Vec<bool> = (0..n).map(|i| cols.iter().all(|c| !c.is_null(i))).collect();
+    let mut matrix = vec![0f32; n * k];
+    for (j, c) in cols.iter().enumerate() {
+        for (i, v) in c.values().iter().enumerate() {
+            matrix[i * k + j] = *v as f32;
+        }
+    }
+    let started = std::time::Instant::now();
+    let mut scores = Vec::with_capacity(n);
+    let mut calls = 0u32;
+    for chunk in matrix.chunks(max_batch * k) {
+        scores.extend(model.score(chunk)?);
+        calls += 1;
+    }
+    let m = &cx.registry.connectors;
+    let labels = [("step", cx.step.as_str()), ("rule", rule)];
+    m.add("weir_model_rows_total", "Rows scored by ONNX models.", &labels, n as f64);
+    m.add("weir_model_calls_total", "ONNX inference calls (each up to max_batch rows).", &labels, f64::from(calls));
+    m.add(
+        "weir_model_inference_seconds_total",
+        "Time spent in ONNX inference.",
+        &labels,
+        started.elapsed().as_secs_f64(),
+    );
+    Ok(scores.into_iter().zip(valid).map(|(s, ok)| ok.then_some(s)).collect())
+}
+
 #[derive(Debug)]
 struct DetectOp {
     spec: DetectSpec,
@@ -446,18 +543,14 @@ impl Operator for DetectOp {
             self.ensure_key(max as usize, now);
         }
         let mut values: Vec<Option<Float64Array>> = Vec::with_capacity(self.spec.rules.len());
+        let mut scores: Vec<Option<Vec<Option<f32>>>> = Vec::with_capacity(self.spec.rules.len());
         for r in &self.spec.rules {
-            values.push(match value_of(&r.kind) {
-                None => None,
-                Some(v) => {
-                    let col = arrow_cast::cast(&column_by_path(&batch.rows, v)?, &DataType::Float64)?;
-                    Some(
-                        col.as_any()
-                            .downcast_ref::<Float64Array>()
-                            .cloned()
-                            .ok_or_else(|| CoreError::Internal("cast to f64 gave another type".into()))?,
-                    )
+            values.push(value_of(&r.kind).map(|v| f64_column(&batch.rows, v)).transpose()?);
+            scores.push(match &r.kind {
+                RuleKind::Model { model, inputs, max_batch, .. } => {
+                    Some(score_batch(model, inputs, *max_batch, &batch.rows, &r.name, cx)?)
                 }
+                _ => None,
             });
         }
         let mut out = Detections::default();
@@ -473,6 +566,17 @@ impl Operator for DetectOp {
                     *fired = false;
                     if was || self.spec.emit_all {
                         out.push(k, r, None, Verdict { anomaly: false, score: 0.0 }, t);
+                    }
+                    continue;
+                }
+                if let Some(model_scores) = &scores[r] {
+                    let (Some(score), RuleKind::Model { threshold, .. }) = (model_scores[i], &rule.kind) else {
+                        continue;
+                    };
+                    let value = values[r].as_ref().and_then(|v| (!v.is_null(i)).then(|| v.value(i)));
+                    let score = f64::from(score);
+                    if score > *threshold || self.spec.emit_all {
+                        out.push(k, r, value, Verdict { anomaly: score > *threshold, score }, t);
                     }
                     continue;
                 }

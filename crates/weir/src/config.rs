@@ -1033,6 +1033,36 @@ pub struct RuleConfig {
     /// No event from a key for a while (wall clock).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub silence: Option<SilenceRule>,
+    /// An ONNX model's score (tract, in process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelRule>,
+}
+
+/// `model` rule settings: an ONNX model taking `[N, inputs]` float32 and giving one score per
+/// row.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRule {
+    /// The `.onnx` file (relative to the working directory).
+    pub path: String,
+    /// Numeric columns, in the model's feature order.
+    pub inputs: Vec<String>,
+    /// Score above this is anomalous.
+    #[serde(default = "default_model_threshold")]
+    pub threshold: f64,
+    /// Rows per inference call at most.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// A column to report as each detection's `value`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+fn default_model_threshold() -> f64 {
+    0.5
+}
+fn default_max_batch() -> usize {
+    1024
 }
 
 fn default_severity() -> String {

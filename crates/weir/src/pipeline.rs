@@ -485,9 +485,19 @@ fn rule_spec(r: &RuleConfig) -> Result<weir_ops::RuleSpec> {
     if let Some(s) = &r.silence {
         kinds.push(RuleKind::Silence { timeout_ms: ms(s.timeout) });
     }
+    if let Some(m) = &r.model {
+        kinds.push(RuleKind::Model {
+            model: weir_ops::model::OnnxModel::load(&m.path, m.inputs.len())
+                .map_err(|e| CoreError::Config(format!("detect rule `{}`: {e}", r.name)))?,
+            inputs: m.inputs.clone(),
+            threshold: m.threshold,
+            max_batch: m.max_batch,
+            value: m.value.clone(),
+        });
+    }
     weir_core::ensure_config!(
         kinds.len() == 1,
-        "detect rule `{}` needs exactly one of `threshold`, `ewma`, `mad`, `rate_of_change`, `silence`",
+        "detect rule `{}` needs exactly one of `threshold`, `ewma`, `mad`, `rate_of_change`, `silence`, `model`",
         r.name
     );
     Ok(weir_ops::RuleSpec { name: r.name.clone(), severity: r.severity.clone(), kind: kinds.remove(0) })
