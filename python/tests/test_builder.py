@@ -201,3 +201,26 @@ def test_detections_become_alerts():
     assert out[0]["alert_id"] == "hot/a/0" and out[0]["state"] == "firing"
     with pytest.raises(weir.errors.ConfigError, match="alert takes detections"):
         weir.Pipeline("x").source("in", wt.source(rows, times=[0, 1, 2, 3])).alert("a").sink("o", wt.collect()).validate()
+
+
+def test_alert_routes_and_the_model_rule_from_python(tmp_path):
+    # The repository's ONNX model: about 0.02 for a normal reading, near 1 for an anomaly.
+    normal = {"temp": 23.0, "humidity": 45.0, "pressure": 1013.0, "vibration": 0.02}
+    hot = {"temp": 38.0, "humidity": 45.0, "pressure": 1013.0, "vibration": 0.4}
+    rows = [{"k": k, "r": r} for k, r in [("a", normal), ("a", hot), ("b", normal), ("b", hot), ("a", hot)]]
+    src = wt.source(rows, times=[0, 1000, 2000, 3000, 4000])
+    p = weir.Pipeline("routes").source("in", src).key_by("by-k", "k")
+    p.detect("rules", [{"name": "model", "severity": "critical",
+                        "model": {"path": str(ROOT / "models" / "sensor_anomaly.onnx"),
+                                  "inputs": ["r.temp", "r.humidity", "r.pressure", "r.vibration"], "threshold": 0.9}}])
+    log = tmp_path / "pages.jsonl"
+    p.alert("alerts", resolve_after="1h", routes=[{"name": "pager", "match": {"event": ["fired"]}, "file": {"path": str(log)},
+                                                   "retry": {"initial_backoff": 0.01, "max_backoff": 0.1}}])
+    p.api("0", token="t")
+    assert p.config()["api"] == {"addr": "0", "token": "t"}
+    del p._cfg["api"]  # no port needed to run
+    out = wt.run(p.sink("out", wt.collect())).to_pylist()
+    assert [(r["key"], r["event"]) for r in out] == [("a", "fired"), ("b", "fired"), ("a", "updated")]
+    assert all(r["score"] > 0.99 for r in out)
+    pages = read_jsonl(log)
+    assert sorted((r["key"], r["event"], r["alert_id"]) for r in pages) == [("a", "fired", "model/a/1000"), ("b", "fired", "model/b/3000")]

@@ -376,7 +376,8 @@ class Pipeline:
     def detect(self, id: str, rules: Sequence[Json], *, emit: str = "anomalies") -> "Pipeline":
         """Keyed detection rules (after :meth:`key_by`), in the YAML form, e.g.
         ``{"name": "hot", "severity": "critical", "threshold": {"value": "readings.temp", "above": 35}}``;
-        kinds: ``threshold``, ``ewma``, ``mad``, ``rate_of_change``, ``silence``."""
+        kinds: ``threshold``, ``ewma``, ``mad``, ``rate_of_change``, ``silence``, and ``model``
+        (an ONNX file scored in Rust: ``{"path": "m.onnx", "inputs": [...], "threshold": 0.9}``)."""
         out = []
         for r in rules:
             r = dict(r)
@@ -387,10 +388,15 @@ class Pipeline:
 
     def alert(self, id: str, *, resolve_after: Duration = "60s", resolve_after_count: Optional[int] = None,
               cool_down: Duration = "5m", escalate_after: Optional[Duration] = None, escalate_to: str = "critical",
-              retain: Duration = "1h", events: Optional[Sequence[str]] = None) -> "Pipeline":
+              retain: Duration = "1h", events: Optional[Sequence[str]] = None,
+              routes: Optional[Sequence[Json]] = None, drain_timeout: Duration = "30s") -> "Pipeline":
         """The alert lifecycle over :meth:`detect`'s detections: one alert per rule and key,
         repeats update it, flaps within ``cool_down`` re-open it, unacknowledged alerts escalate
-        after ``escalate_after``, and alerts resolve after ``resolve_after`` without an anomaly."""
+        after ``escalate_after``, and alerts resolve after ``resolve_after`` without an anomaly.
+
+        ``routes`` send events elsewhere as they happen, in the YAML form, e.g.
+        ``{"name": "pager", "match": {"severity": ["critical"]}, "webhook": {"url": "https://..."}}``;
+        targets: ``webhook`` (``slack: True`` for chat), ``redis``, ``kafka``, ``file``, ``stdout``."""
         a: Json = {"id": id, "resolve_after": _duration(resolve_after), "cool_down": _duration(cool_down),
                    "escalate_to": escalate_to, "retain": _duration(retain)}
         if resolve_after_count is not None:
@@ -399,7 +405,28 @@ class Pipeline:
             a["escalate_after"] = _duration(escalate_after)
         if events is not None:
             a["events"] = list(events)
+        if routes:
+            out = []
+            for r in routes:
+                r = dict(r)
+                if "webhook" in r and "timeout" in r["webhook"]:
+                    r["webhook"] = {**r["webhook"], "timeout": _duration(r["webhook"]["timeout"])}
+                if "retry" in r:
+                    r["retry"] = {k: (_duration(v) if k.endswith("backoff") else v) for k, v in r["retry"].items()}
+                out.append(r)
+            a["routes"] = out
+            a["drain_timeout"] = _duration(drain_timeout)
         return self._step("alert", a)
+
+    def api(self, addr: str = "127.0.0.1:9464", *, token: Optional[str] = None) -> "Pipeline":
+        """Serves metrics, health and the alert API on ``addr`` while the pipeline runs (a bare
+        port means loopback). Acknowledging and resolving alerts need ``token`` (or the
+        ``WEIR_API_TOKEN`` environment variable) as a bearer token."""
+        cfg: Json = {"addr": addr}
+        if token is not None:
+            cfg["token"] = token
+        self._cfg["api"] = cfg
+        return self
 
     # -- Python steps ---------------------------------------------------------------------
 

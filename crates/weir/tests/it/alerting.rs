@@ -91,7 +91,7 @@ async fn serve_hook(mut sock: TcpStream, bodies: Arc<Mutex<Vec<Value>>>, request
 
 /// Generated sensors with injected anomalies, two threshold rules, and an alert step with
 /// the given routes (YAML, indented for the `routes:` list).
-fn pipeline(routes: &str, out: &std::path::Path, count: u64) -> BuiltPipeline {
+pub(crate) fn pipeline(routes: &str, out: &std::path::Path, count: u64) -> BuiltPipeline {
     let yaml = format!(
         r#"
 name: alerting

@@ -418,3 +418,31 @@ fn a_broker_that_is_down_for_a_while_loses_nothing() {
     rt.block_on(handle).unwrap().unwrap();
     assert_same_rows(read_jsonl(&data("w1-expected.jsonl")), read_jsonl(&out), "after the outage");
 }
+
+#[test]
+fn alert_events_can_go_to_a_kafka_topic() {
+    let k = Cluster::new(&[("alerts", 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("alerts.jsonl");
+    let routes = format!(
+        r#"        - name: topic
+          match: {{ event: [fired] }}
+          kafka: {{ brokers: "{}", topic: alerts }}"#,
+        k.brokers
+    );
+    let built = crate::alerting::pipeline(&routes, &out, 5_000);
+    rt().block_on(built.run(&RunOptions { workers: Some(2), fresh: true })).unwrap();
+    let fired: Vec<serde_json::Value> = read_jsonl(&out).into_iter().filter(|r| r["event"] == "fired").collect();
+    assert!(!fired.is_empty());
+    let got = k.consume("alerts", fired.len());
+    let mut want: Vec<String> = fired.iter().map(|r| r["alert_id"].as_str().unwrap().to_string()).collect();
+    let mut keys: Vec<String> = got.iter().map(|(key, _)| key.clone().unwrap()).collect();
+    want.sort();
+    keys.sort();
+    assert_eq!(keys, want, "one record per fired alert, keyed by alert id");
+    for (key, v) in &got {
+        let v: serde_json::Value = serde_json::from_str(v).unwrap();
+        assert_eq!(v["alert_id"].as_str(), key.as_deref());
+        assert_eq!(v["event"], "fired");
+    }
+}
