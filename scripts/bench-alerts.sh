@@ -11,15 +11,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-30}
-cargo build --release -p weir-cli -p weir-ops --example onnx_rate >&2
+cargo build --release -p weir-cli --bin weir -p weir-ops --example onnx_rate >&2
 bin=target/release/weir
 port=18080
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
 
 echo "## latency: ${secs}s at 50,000 events/s, 10,000 devices"
 for workers in 1 2; do
-  python3 scripts/bench_alert_receiver.py $port > "$tmp/lat.json" &
+  python3 scripts/bench_alert_receiver.py $port > "$tmp/lat.json" 2>/dev/null &
   rpid=$!
   sleep 0.5
   RATE=50000 DURATION=${secs}s OUTPUT=$tmp/alerts.jsonl "$bin" run examples/bench-alerts.yaml \
@@ -31,7 +31,7 @@ done
 
 echo "## throughput: 5,000,000 events as fast as they go"
 for workers in 1 2; do
-  python3 scripts/bench_alert_receiver.py $port > "$tmp/lat.json" &
+  python3 scripts/bench_alert_receiver.py $port > "$tmp/lat.json" 2>/dev/null &
   rpid=$!
   sleep 0.5
   start=$(date +%s.%N)

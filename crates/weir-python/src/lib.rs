@@ -19,6 +19,7 @@ use weir_core::runtime::{Job, RunSummary, ShutdownHandle};
 use weir_core::testing::{CollectSink, VecSourceFactory};
 use weir_core::{Batch, Blame, CoreError};
 
+mod bridge;
 mod steps;
 
 /// When an error happened: a user's mistake found while planning is in the pipeline, one

@@ -11,6 +11,8 @@ use arrow_pyarrow::{FromPyArrow, ToPyArrow};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
+
+use crate::bridge::Bridge;
 use weir_core::deadletter::{now_ms, DeadLetter, ErrorKind, Payload};
 use weir_core::error::{Blame, Retry};
 use weir_core::metrics::StepMetrics;
@@ -130,7 +132,7 @@ impl weir::CustomStep for PyStep {
                 None => probe(s, input)?,
             },
         };
-        let factory = PyOpFactory { step: self.clone(), out: out.clone(), keys: keys.to_vec() };
+        let factory = PyOpFactory { step: self.clone(), input: input.clone(), out: out.clone(), keys: keys.to_vec() };
         Ok((Arc::new(factory), out))
     }
 
@@ -158,6 +160,7 @@ fn probe(s: &Spec, input: &SchemaRef) -> Result<SchemaRef> {
 #[derive(Debug)]
 struct PyOpFactory {
     step: PyStep,
+    input: SchemaRef,
     out: SchemaRef,
     keys: Vec<String>,
 }
@@ -185,7 +188,7 @@ impl OperatorFactory for PyOpFactory {
             out: self.out.clone(),
             keys: self.keys.clone(),
             state,
-            out_py: None,
+            bridge: Bridge::new(self.input.clone(), self.out.clone()),
             buffer: Vec::new(),
             buffered: 0,
             first_buffered: None,
@@ -202,9 +205,9 @@ struct PyOp {
     keys: Vec<String>,
     /// `stateful_map`: the `weir._steps.StatefulMap` holding this worker's states.
     state: Option<Py<PyAny>>,
-    /// The output schema as a `pyarrow.Schema`, made once: converting it per batch costs
-    /// more than the rest of a cheap batch function.
-    out_py: Option<Py<PyAny>>,
+    /// Batches in and out of Python, with the schemas converted once: converting them per
+    /// batch costs more than the rest of a cheap batch function.
+    bridge: Bridge,
     /// `infer`: rows waiting to be scored.
     buffer: Vec<Batch>,
     buffered: usize,
@@ -236,11 +239,8 @@ enum Outcome<T> {
 }
 
 impl PyOp {
-    fn out_schema<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        if self.out_py.is_none() {
-            self.out_py = Some(self.out.as_ref().clone().to_pyarrow(py)?.unbind());
-        }
-        Ok(self.out_py.as_ref().map(|s| s.bind(py).clone()).unwrap_or_else(|| py.None().into_bound(py)))
+    fn out_schema<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.bridge.out_schema(py)
     }
 
     /// Calls a batch function, retrying a `Retryable` with the step's backoff.
@@ -309,12 +309,12 @@ impl PyOp {
         let s = self.step.0.clone();
         let n = batch.num_rows();
         let outcome = Python::attach(|py| {
-            let input = batch.rows.to_pyarrow(py).map_err(py_err)?;
+            let input = self.bridge.to_python(py, &batch.rows).map_err(py_err)?;
             let schema = self.out_schema(py).map_err(py_err)?;
             self.call_batch(py, |py| {
                 let result = s.func.bind(py).call1((input.clone(),))?;
                 let out = s.helpers.bind(py).getattr("to_batch")?.call1((result, schema.clone()))?;
-                let rows = RecordBatch::from_pyarrow_bound(&out)?;
+                let rows = self.bridge.from_python(&out)?;
                 if rows.num_rows() != n {
                     return Err(pyo3::exceptions::PyValueError::new_err(format!(
                         "map_batches functions return as many rows as they get (to keep event times): got {n}, returned {}; drop rows with `filter`",
@@ -348,7 +348,7 @@ impl PyOp {
         };
         let first = now_ms();
         let (rows, kept, failures) = Python::attach(|py| -> PyResult<RowResult> {
-            let input = batch.rows.to_pyarrow(py)?;
+            let input = self.bridge.to_python(py, &batch.rows)?;
             let h = s.helpers.bind(py);
             let retry = s.retry.bind(py);
             let res = match s.kind {
@@ -362,7 +362,7 @@ impl PyOp {
                     let r = h.getattr("apply_map")?.call1((s.func.bind(py), input, schema, retry))?;
                     let t = r.cast::<PyTuple>()?;
                     (
-                        Some(RecordBatch::from_pyarrow_bound(&t.get_item(0)?)?),
+                        Some(self.bridge.from_python(&t.get_item(0)?)?),
                         t.get_item(1)?.extract()?,
                         t.get_item(2)?.extract()?,
                     )
@@ -373,7 +373,7 @@ impl PyOp {
                     let r = state.bind(py).call_method1("apply", (input, PyList::new(py, &groups)?))?;
                     let t = r.cast::<PyTuple>()?;
                     (
-                        Some(RecordBatch::from_pyarrow_bound(&t.get_item(0)?)?),
+                        Some(self.bridge.from_python(&t.get_item(0)?)?),
                         t.get_item(1)?.extract()?,
                         t.get_item(2)?.extract()?,
                     )
@@ -458,7 +458,7 @@ impl PyOp {
         let n = batch.num_rows();
         let t0 = Instant::now();
         let outcome = Python::attach(|py| {
-            let input = batch.rows.to_pyarrow(py).map_err(py_err)?;
+            let input = self.bridge.to_python(py, &batch.rows).map_err(py_err)?;
             self.call_batch(py, |py| {
                 let r = s.helpers.bind(py).getattr("apply_infer")?.call1((
                     s.func.bind(py),
