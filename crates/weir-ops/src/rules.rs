@@ -267,8 +267,10 @@ enum RuleState {
         var: f64,
         n: u64,
     },
+    /// The window in arrival order (what expires next) and sorted (for the median).
     Mad {
         values: VecDeque<f64>,
+        sorted: Vec<f64>,
     },
     Rate {
         last: Option<(f64, i64)>,
@@ -286,7 +288,7 @@ impl RuleState {
         match kind {
             RuleKind::Threshold { .. } => Self::Threshold { firing: None },
             RuleKind::Ewma { .. } => Self::Ewma { mean: 0.0, var: 0.0, n: 0 },
-            RuleKind::Mad { .. } => Self::Mad { values: VecDeque::new() },
+            RuleKind::Mad { .. } => Self::Mad { values: VecDeque::new(), sorted: Vec::new() },
             RuleKind::RateOfChange { .. } => Self::Rate { last: None },
             RuleKind::Silence { .. } => Self::Silence { last_seen_ms: now, fired: false },
             RuleKind::Model { .. } => Self::Model,
@@ -302,7 +304,7 @@ impl RuleState {
                 Some(true) => 2.0,
             }],
             Self::Ewma { mean, var, n } => vec![*mean, *var, *n as f64],
-            Self::Mad { values } => values.iter().copied().collect(),
+            Self::Mad { values, .. } => values.iter().copied().collect(),
             Self::Rate { last } => last.map_or_else(Vec::new, |(x, t)| vec![x, t as f64]),
             Self::Silence { last_seen_ms, fired } => vec![*last_seen_ms as f64, f64::from(u8::from(*fired))],
             Self::Model => Vec::new(),
@@ -323,7 +325,11 @@ impl RuleState {
                 [mean, var, n] => Self::Ewma { mean: *mean, var: *var, n: *n as u64 },
                 _ => return Err(bad()),
             },
-            RuleKind::Mad { .. } => Self::Mad { values: v.iter().copied().collect() },
+            RuleKind::Mad { .. } => {
+                let mut sorted = v.to_vec();
+                sorted.sort_by(f64::total_cmp);
+                Self::Mad { values: v.iter().copied().collect(), sorted }
+            }
             RuleKind::RateOfChange { .. } => match v {
                 [] => Self::Rate { last: None },
                 [x, t] => Self::Rate { last: Some((*x, *t as i64)) },
@@ -351,6 +357,44 @@ fn median(sorted: &[f64]) -> f64 {
         sorted[n / 2]
     } else {
         (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+/// The median of `|v - med|` over sorted values, without sorting the deviations: those below
+/// the median grow leftwards and those above it rightwards, so merging the two runs outwards
+/// from the median meets them in order.
+fn median_abs_deviation(sorted: &[f64], med: f64) -> f64 {
+    let n = sorted.len();
+    let split = sorted.partition_point(|v| *v < med);
+    let (mut l, mut r) = (split, split);
+    let mut next = || {
+        let left = (l > 0).then(|| med - sorted[l - 1]);
+        let right = (r < n).then(|| sorted[r] - med);
+        match (left, right) {
+            (Some(a), Some(b)) if a < b => {
+                l -= 1;
+                a
+            }
+            (_, Some(b)) => {
+                r += 1;
+                b
+            }
+            (Some(a), None) => {
+                l -= 1;
+                a
+            }
+            (None, None) => f64::NAN,
+        }
+    };
+    let mut prev = f64::NAN;
+    for _ in 0..n / 2 {
+        prev = next();
+    }
+    let mid = next();
+    if n % 2 == 1 {
+        mid
+    } else {
+        (prev + mid) / 2.0
     }
 }
 
@@ -385,14 +429,10 @@ fn judge(kind: &RuleKind, state: &mut RuleState, x: f64, t: i64) -> Option<Verdi
             *n += 1;
             verdict
         }
-        (RuleKind::Mad { window, threshold, warmup, .. }, RuleState::Mad { values }) => {
+        (RuleKind::Mad { window, threshold, warmup, .. }, RuleState::Mad { values, sorted }) => {
             let verdict = (values.len() >= *warmup.max(&3)).then(|| {
-                let mut sorted: Vec<f64> = values.iter().copied().collect();
-                sorted.sort_by(f64::total_cmp);
-                let med = median(&sorted);
-                let mut dev: Vec<f64> = sorted.iter().map(|v| (v - med).abs()).collect();
-                dev.sort_by(f64::total_cmp);
-                let mad = median(&dev);
+                let med = median(sorted);
+                let mad = median_abs_deviation(sorted, med);
                 let score = if mad > 0.0 {
                     0.6745 * (x - med) / mad
                 } else if x == med {
@@ -402,9 +442,14 @@ fn judge(kind: &RuleKind, state: &mut RuleState, x: f64, t: i64) -> Option<Verdi
                 };
                 Verdict { anomaly: score.abs() > *threshold, score }
             });
+            // Keep the window sorted as it slides: O(window) moves, no sort, no allocation.
             values.push_back(x);
+            sorted.insert(sorted.partition_point(|v| v.total_cmp(&x).is_lt()), x);
             while values.len() > *window {
-                values.pop_front();
+                if let Some(old) = values.pop_front() {
+                    let at = sorted.partition_point(|v| v.total_cmp(&old).is_lt());
+                    sorted.remove(at);
+                }
             }
             verdict
         }
@@ -720,6 +765,36 @@ mod tests {
         // warm-up for five values, then the outlier fires, and the next values do not,
         // though the outlier is in their window (a mean/std score would be thrown off).
         assert_eq!(got, [None, None, None, None, None, Some(true), Some(false), Some(false), Some(false)]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_sliding_mad_equals_sorting_the_deviations(
+            xs in proptest::collection::vec(-50i32..50, 1..60), window in 3usize..12,
+        ) {
+            let k = RuleKind::Mad { value: "v".into(), window, threshold: 3.0, warmup: 3 };
+            let mut s = RuleState::new(&k, 0);
+            let mut plain: VecDeque<f64> = VecDeque::new();
+            for x in xs.iter().map(|x| f64::from(*x) / 4.0) {
+                let want = (plain.len() >= 3).then(|| {
+                    let mut v: Vec<f64> = plain.iter().copied().collect();
+                    v.sort_by(f64::total_cmp);
+                    let med = median(&v);
+                    let mut dev: Vec<f64> = v.iter().map(|y| (y - med).abs()).collect();
+                    dev.sort_by(f64::total_cmp);
+                    (med, median(&dev))
+                });
+                if let (Some((med, mad)), RuleState::Mad { sorted, .. }) = (want, &s) {
+                    proptest::prop_assert_eq!(median(sorted), med);
+                    proptest::prop_assert_eq!(median_abs_deviation(sorted, med), mad);
+                }
+                judge(&k, &mut s, x, 0);
+                plain.push_back(x);
+                while plain.len() > window {
+                    plain.pop_front();
+                }
+            }
+        }
     }
 
     #[test]
