@@ -55,7 +55,7 @@ impl Bridge {
     }
 
     /// `batch` as a `pyarrow.RecordBatch` sharing its buffers.
-    pub(crate) fn to_python<'py>(&self, py: Python<'py>, batch: &RecordBatch) -> PyResult<Bound<'py, PyAny>> {
+    pub(crate) fn export<'py>(&self, py: Python<'py>, batch: &RecordBatch) -> PyResult<Bound<'py, PyAny>> {
         if !Arc::ptr_eq(batch.schema_ref(), &self.input.schema) && batch.schema_ref() != &self.input.schema {
             // Not the planned schema (it should not happen): convert it fully, once.
             return batch.to_pyarrow(py);
@@ -74,7 +74,7 @@ impl Bridge {
 
     /// A `pyarrow.RecordBatch` whose schema equals the output schema (the `to_batch` helper
     /// made sure), back as a Rust batch sharing its buffers.
-    pub(crate) fn from_python(&self, obj: &Bound<'_, PyAny>) -> PyResult<RecordBatch> {
+    pub(crate) fn import(&self, obj: &Bound<'_, PyAny>) -> PyResult<RecordBatch> {
         let mut ffi = FFI_ArrowArray::empty();
         let addr = std::ptr::addr_of_mut!(ffi) as usize;
         obj.call_method1(pyo3::intern!(obj.py(), "_export_to_c"), (addr,))?;

@@ -309,12 +309,12 @@ impl PyOp {
         let s = self.step.0.clone();
         let n = batch.num_rows();
         let outcome = Python::attach(|py| {
-            let input = self.bridge.to_python(py, &batch.rows).map_err(py_err)?;
+            let input = self.bridge.export(py, &batch.rows).map_err(py_err)?;
             let schema = self.out_schema(py).map_err(py_err)?;
             self.call_batch(py, |py| {
                 let result = s.func.bind(py).call1((input.clone(),))?;
                 let out = s.helpers.bind(py).getattr("to_batch")?.call1((result, schema.clone()))?;
-                let rows = self.bridge.from_python(&out)?;
+                let rows = self.bridge.import(&out)?;
                 if rows.num_rows() != n {
                     return Err(pyo3::exceptions::PyValueError::new_err(format!(
                         "map_batches functions return as many rows as they get (to keep event times): got {n}, returned {}; drop rows with `filter`",
@@ -348,7 +348,7 @@ impl PyOp {
         };
         let first = now_ms();
         let (rows, kept, failures) = Python::attach(|py| -> PyResult<RowResult> {
-            let input = self.bridge.to_python(py, &batch.rows)?;
+            let input = self.bridge.export(py, &batch.rows)?;
             let h = s.helpers.bind(py);
             let retry = s.retry.bind(py);
             let res = match s.kind {
@@ -362,7 +362,7 @@ impl PyOp {
                     let r = h.getattr("apply_map")?.call1((s.func.bind(py), input, schema, retry))?;
                     let t = r.cast::<PyTuple>()?;
                     (
-                        Some(self.bridge.from_python(&t.get_item(0)?)?),
+                        Some(self.bridge.import(&t.get_item(0)?)?),
                         t.get_item(1)?.extract()?,
                         t.get_item(2)?.extract()?,
                     )
@@ -373,7 +373,7 @@ impl PyOp {
                     let r = state.bind(py).call_method1("apply", (input, PyList::new(py, &groups)?))?;
                     let t = r.cast::<PyTuple>()?;
                     (
-                        Some(self.bridge.from_python(&t.get_item(0)?)?),
+                        Some(self.bridge.import(&t.get_item(0)?)?),
                         t.get_item(1)?.extract()?,
                         t.get_item(2)?.extract()?,
                     )
@@ -458,7 +458,7 @@ impl PyOp {
         let n = batch.num_rows();
         let t0 = Instant::now();
         let outcome = Python::attach(|py| {
-            let input = self.bridge.to_python(py, &batch.rows).map_err(py_err)?;
+            let input = self.bridge.export(py, &batch.rows).map_err(py_err)?;
             self.call_batch(py, |py| {
                 let r = s.helpers.bind(py).getattr("apply_infer")?.call1((
                     s.func.bind(py),
