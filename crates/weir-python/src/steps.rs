@@ -361,22 +361,14 @@ impl PyOp {
                     let schema = self.out_schema(py)?;
                     let r = h.getattr("apply_map")?.call1((s.func.bind(py), input, schema, retry))?;
                     let t = r.cast::<PyTuple>()?;
-                    (
-                        Some(self.bridge.import(&t.get_item(0)?)?),
-                        t.get_item(1)?.extract()?,
-                        t.get_item(2)?.extract()?,
-                    )
+                    (Some(self.bridge.import(&t.get_item(0)?)?), t.get_item(1)?.extract()?, t.get_item(2)?.extract()?)
                 }
                 _ => {
                     let state =
                         self.state.as_ref().ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("no state"))?;
                     let r = state.bind(py).call_method1("apply", (input, PyList::new(py, &groups)?))?;
                     let t = r.cast::<PyTuple>()?;
-                    (
-                        Some(self.bridge.import(&t.get_item(0)?)?),
-                        t.get_item(1)?.extract()?,
-                        t.get_item(2)?.extract()?,
-                    )
+                    (Some(self.bridge.import(&t.get_item(0)?)?), t.get_item(1)?.extract()?, t.get_item(2)?.extract()?)
                 }
             };
             Ok(res)
