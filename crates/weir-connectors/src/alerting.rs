@@ -33,6 +33,8 @@ pub struct AlertMatch {
     pub key: Vec<String>,
     /// Events.
     pub event: Vec<AlertEvent>,
+    /// Labels of the alert's rule: each must be present with a matching value (wildcards).
+    pub labels: Vec<(String, String)>,
 }
 
 impl AlertMatch {
@@ -43,6 +45,7 @@ impl AlertMatch {
             && any(&self.rule, &n.alert.rule)
             && any(&self.key, &n.alert.key)
             && (self.event.is_empty() || self.event.contains(&n.event))
+            && self.labels.iter().all(|(k, p)| n.alert.labels.get(k).is_some_and(|v| wildcard(p, v)))
     }
 }
 

@@ -158,6 +158,8 @@ pub struct Alert {
     pub resolved_at: Option<i64>,
     /// Normal observations in a row since the last anomaly.
     pub clear_count: u64,
+    /// The labels of the rule that raised it.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A detection as the manager sees it.
@@ -177,6 +179,8 @@ pub struct Observation<'a> {
     pub anomaly: bool,
     /// Event time, ms.
     pub event_time: i64,
+    /// The rule's labels as a JSON object, when the detections carry them.
+    pub labels: Option<&'a str>,
 }
 
 /// Why an API call on an alert failed.
@@ -279,6 +283,7 @@ impl AlertBook {
                     last_anomaly_at: now,
                     resolved_at: None,
                     clear_count: 0,
+                    labels: o.labels.and_then(|l| serde_json::from_str(l).ok()).unwrap_or_default(),
                 };
                 self.alerts.insert(slot, a.clone());
                 Some((AlertEvent::Fired, a))
@@ -469,7 +474,7 @@ impl AlertNotice {
             "alert_id": a.id, "event": self.event.as_str(), "state": a.state.as_str(), "key": a.key,
             "rule": a.rule, "severity": a.severity, "value": a.value, "score": a.score,
             "first_seen": a.first_seen, "last_seen": a.last_seen, "count": a.count,
-            "escalated": a.escalated, "at": self.at, "step": self.step,
+            "escalated": a.escalated, "at": self.at, "step": self.step, "labels": a.labels,
         })
     }
 }
@@ -502,6 +507,7 @@ pub fn alert_schema() -> SchemaRef {
         Field::new("count", DataType::UInt64, false),
         Field::new("escalated", DataType::Boolean, false),
         Field::new("at", DataType::Int64, false),
+        Field::new("labels", DataType::Utf8, false),
     ]))
 }
 
@@ -536,7 +542,7 @@ impl AlertSpec {
             .fields()
             .iter()
             .map(|f| f.name().clone())
-            .filter(|n| !DETECTION_COLUMNS.contains(&n.as_str()))
+            .filter(|n| !DETECTION_COLUMNS.contains(&n.as_str()) && n != crate::rules::LABELS_COLUMN)
             .collect();
         weir_core::ensure_config!(!keys.is_empty(), "alert: the detections carry no key columns");
         let p = &self.policy;
@@ -620,6 +626,7 @@ impl AlertOp {
             Arc::new(UInt64Array::from(events.iter().map(|e| e.1.count).collect::<Vec<_>>())),
             Arc::new(BooleanArray::from(events.iter().map(|e| e.1.escalated).collect::<Vec<_>>())),
             Arc::new(Int64Array::from(vec![now; events.len()])),
+            s(&|e| serde_json::to_string(&e.1.labels).unwrap_or_default()),
         ];
         let rows = RecordBatch::try_new(self.out.clone(), cols)?;
         StepMetrics::add(&cx.metrics.results_out, rows.num_rows() as u64);
@@ -656,6 +663,8 @@ impl Operator for AlertOp {
         let value: Float64Array = typed(rows, "value")?;
         let score: Float64Array = typed(rows, "score")?;
         let anomaly: BooleanArray = typed(rows, "anomaly")?;
+        let labels: Option<StringArray> =
+            rows.schema().column_with_name(crate::rules::LABELS_COLUMN).map(|_| strings(rows, "labels")).transpose()?;
         let now = self.spec.clock.now();
         let mut events = Vec::new();
         let book = self.book.clone();
@@ -670,6 +679,7 @@ impl Operator for AlertOp {
                 score: score.value(i),
                 anomaly: anomaly.value(i),
                 event_time: batch.time.value(i),
+                labels: labels.as_ref().map(|l| l.value(i)),
             };
             if let Some(ev) = wb.book.observe(&o, now) {
                 wb.groups.insert((o.rule.to_string(), key.clone()), groups.value(i));
@@ -757,7 +767,7 @@ pub fn alert_json(a: &Alert) -> serde_json::Value {
         "id": a.id, "key": a.key, "rule": a.rule, "severity": a.severity, "value": a.value, "score": a.score,
         "first_seen": a.first_seen, "last_seen": a.last_seen, "count": a.count, "state": a.state.as_str(),
         "escalated": a.escalated, "fired_at": a.fired_at, "last_anomaly_at": a.last_anomaly_at,
-        "resolved_at": a.resolved_at, "clear_count": a.clear_count,
+        "resolved_at": a.resolved_at, "clear_count": a.clear_count, "labels": a.labels,
     })
 }
 
@@ -788,6 +798,7 @@ fn decode_alert(s: &str) -> Result<Alert> {
         last_anomaly_at: int("last_anomaly_at")?,
         resolved_at: v["resolved_at"].as_i64(),
         clear_count: v["clear_count"].as_u64().unwrap_or(0),
+        labels: serde_json::from_value(v["labels"].clone()).unwrap_or_default(),
     })
 }
 
@@ -821,6 +832,7 @@ mod tests {
                 score: 2.0,
                 anomaly,
                 event_time: t * 1000,
+                labels: None,
             };
             let mut events = Vec::new();
             match c {

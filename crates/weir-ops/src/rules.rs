@@ -99,6 +99,8 @@ pub struct RuleSpec {
     pub severity: String,
     /// What it checks.
     pub kind: RuleKind,
+    /// Labels carried by its detections to the alerts they raise (`team: pumps`), for routing.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// The `detect` step: keys (from the `key_by` before it) and rules.
@@ -122,6 +124,9 @@ pub struct DetectSpec {
 /// The detection columns after the keys.
 pub const DETECTION_COLUMNS: [&str; 6] = ["rule", "severity", "value", "score", "anomaly", "event_time"];
 
+/// The last detection column when any rule has labels: the rule's labels as a JSON object.
+pub const LABELS_COLUMN: &str = "labels";
+
 impl DetectSpec {
     /// Validates against the input schema; returns the factory and the detection schema.
     ///
@@ -137,7 +142,7 @@ impl DetectSpec {
             key_types.push(f.data_type().clone());
             let name = leaf_name(k);
             weir_core::ensure_config!(
-                !DETECTION_COLUMNS.contains(&name),
+                !DETECTION_COLUMNS.contains(&name) && name != LABELS_COLUMN,
                 "detect: key `{k}` is named like a detection column; rename it first"
             );
             fields.push(Field::new(name, f.data_type().clone(), true));
@@ -156,6 +161,9 @@ impl DetectSpec {
             Field::new("anomaly", DataType::Boolean, false),
             Field::new("event_time", DataType::Int64, false),
         ]);
+        if self.rules.iter().any(|r| !r.labels.is_empty()) {
+            fields.push(Field::new(LABELS_COLUMN, DataType::Utf8, false));
+        }
         let out = Arc::new(Schema::new(fields));
         Ok((Arc::new(DetectFactory { spec: self.clone(), out: out.clone(), key_types }), out))
     }
@@ -572,6 +580,14 @@ impl DetectOp {
         cols.push(Arc::new(BooleanArray::from(d.anomaly)));
         let times = Int64Array::from(d.times);
         cols.push(Arc::new(times.clone()));
+        if self.out.column_with_name(LABELS_COLUMN).is_some() {
+            let labels: Vec<String> = d
+                .rules
+                .iter()
+                .map(|&r| serde_json::to_string(&self.spec.rules[r].labels).unwrap_or_default())
+                .collect();
+            cols.push(Arc::new(StringArray::from(labels)));
+        }
         let rows = RecordBatch::try_new(self.out.clone(), cols)?;
         StepMetrics::add(&cx.metrics.results_out, rows.num_rows() as u64);
         cx.emit(Batch::new(rows, times)?);
@@ -852,7 +868,7 @@ mod tests {
     }
 
     fn rule(name: &str, kind: RuleKind) -> RuleSpec {
-        RuleSpec { name: name.into(), severity: "warning".into(), kind }
+        RuleSpec { name: name.into(), severity: "warning".into(), kind, labels: Default::default() }
     }
 
     fn detections(out: &[Batch]) -> Vec<(String, String, bool)> {

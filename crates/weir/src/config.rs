@@ -928,6 +928,9 @@ pub struct RouteMatchConfig {
     /// Events: `fired`, `updated`, `escalated`, `acknowledged`, `resolved`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub event: Vec<String>,
+    /// Rule labels that must be present with these values (wildcards allowed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A webhook route.
@@ -1036,6 +1039,9 @@ pub struct RuleConfig {
     /// An ONNX model's score (tract, in process).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelRule>,
+    /// Labels carried to the alerts this rule raises (`team: pumps`), which routes can match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// `model` rule settings: an ONNX model taking `[N, inputs]` float32 and giving one score per

@@ -293,6 +293,15 @@ fn route(state: &HttpState, req: &Request) -> Reply {
     }
 }
 
+/// `?label=team:pumps&label=site:north`: labels an alert must carry.
+fn labels(req: &Request) -> Vec<(String, String)> {
+    req.query
+        .iter()
+        .filter(|(k, _)| k == "label")
+        .filter_map(|(_, v)| v.split_once(':').map(|(a, b)| (a.to_string(), b.to_string())))
+        .collect()
+}
+
 fn list(state: &HttpState, req: &Request) -> Reply {
     let st = match req.param("state").filter(|s| !s.is_empty()) {
         None => None,
@@ -307,7 +316,9 @@ fn list(state: &HttpState, req: &Request) -> Reply {
         },
     };
     let nonempty = |k| req.param(k).filter(|v| !v.is_empty());
-    let alerts = state.alerts.list(st, nonempty("key"), nonempty("severity"));
+    let wanted = labels(req);
+    let mut alerts = state.alerts.list(st, nonempty("key"), nonempty("severity"));
+    alerts.retain(|a| wanted.iter().all(|(k, v)| a.labels.get(k) == Some(v)));
     let body: Vec<serde_json::Value> = alerts.iter().map(alert_json).collect();
     reply("200 OK", "application/json", format!("{}\n", serde_json::Value::Array(body)))
 }
@@ -350,6 +361,7 @@ async fn stream(mut sock: TcpStream, state: &HttpState, req: &Request) -> std::i
         rule: req.params("rule"),
         key: req.params("key"),
         event: events,
+        labels: labels(req),
     };
     let mut rx = state.live.subscribe();
     sock.write_all(

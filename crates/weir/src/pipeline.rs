@@ -444,6 +444,7 @@ fn route_spec(r: &RouteConfig) -> Result<weir_connectors::alerting::RouteSpec> {
             rule: m.rule.clone(),
             key: m.key.clone(),
             event: m.event.iter().map(|e| alert_event(e)).collect::<Result<_>>()?,
+            labels: m.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         },
         target: targets.remove(0),
         retry: weir_core::runtime::RetryPolicy {
@@ -500,7 +501,12 @@ fn rule_spec(r: &RuleConfig) -> Result<weir_ops::RuleSpec> {
         "detect rule `{}` needs exactly one of `threshold`, `ewma`, `mad`, `rate_of_change`, `silence`, `model`",
         r.name
     );
-    Ok(weir_ops::RuleSpec { name: r.name.clone(), severity: r.severity.clone(), kind: kinds.remove(0) })
+    Ok(weir_ops::RuleSpec {
+        name: r.name.clone(),
+        severity: r.severity.clone(),
+        kind: kinds.remove(0),
+        labels: r.labels.clone(),
+    })
 }
 
 impl BuiltPipeline {

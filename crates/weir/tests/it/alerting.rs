@@ -92,6 +92,12 @@ async fn serve_hook(mut sock: TcpStream, bodies: Arc<Mutex<Vec<Value>>>, request
 /// Generated sensors with injected anomalies, two threshold rules, and an alert step with
 /// the given routes (YAML, indented for the `routes:` list).
 pub(crate) fn pipeline(routes: &str, out: &std::path::Path, count: u64) -> BuiltPipeline {
+    let rules = "        - { name: hot, severity: critical, threshold: { value: readings.temp, above: 35.0 } }
+        - { name: warm, severity: warning, threshold: { value: readings.temp, above: 33.0 } }";
+    pipeline_with_rules(rules, routes, out, count)
+}
+
+fn pipeline_with_rules(rules: &str, routes: &str, out: &std::path::Path, count: u64) -> BuiltPipeline {
     let yaml = format!(
         r#"
 name: alerting
@@ -104,8 +110,7 @@ steps:
   - detect:
       id: rules
       rules:
-        - {{ name: hot, severity: critical, threshold: {{ value: readings.temp, above: 35.0 }} }}
-        - {{ name: warm, severity: warning, threshold: {{ value: readings.temp, above: 33.0 }} }}
+{rules}
   - alert:
       id: alerts
       routes:
@@ -181,6 +186,38 @@ async fn a_webhook_that_fails_then_recovers_gets_every_event_and_routes_filter()
     let delivered = m.get("weir_alert_notifications_total", &[("route", "hook"), ("outcome", "delivered")]);
     assert_eq!(delivered, Some(rows.len() as f64));
     assert_eq!(m.get("weir_alert_notifications_total", &[("route", "hook"), ("outcome", "failed")]), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_the_labels_rules_give_their_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("alerts.jsonl");
+    let pumps = dir.path().join("pumps.jsonl");
+    let rules = "        - { name: hot, severity: critical, threshold: { value: readings.temp, above: 35.0 }, labels: { team: pumps, site: north } }
+        - { name: warm, threshold: { value: readings.temp, above: 33.0 }, labels: { team: hvac } }
+        - { name: shaky, threshold: { value: readings.vibration, above: 0.2 } }";
+    let routes = format!(
+        r#"        - name: pumps
+          match: {{ labels: {{ team: "pu*" }}, event: [fired] }}
+          file: {{ path: "{}" }}"#,
+        pumps.display()
+    );
+    run_with_registry(&pipeline_with_rules(rules, &routes, &out, 5_000)).await;
+    let rows = read_jsonl(&out);
+    let labels_of = |rule: &str| -> Vec<String> {
+        let mut v: Vec<String> =
+            rows.iter().filter(|r| r["rule"] == rule).map(|r| r["labels"].as_str().unwrap().to_string()).collect();
+        v.dedup();
+        v
+    };
+    assert_eq!(labels_of("hot"), [r#"{"site":"north","team":"pumps"}"#]);
+    assert_eq!(labels_of("warm"), [r#"{"team":"hvac"}"#]);
+    assert_eq!(labels_of("shaky"), ["{}"]);
+    let want: Vec<Value> = rows.iter().filter(|r| r["rule"] == "hot" && r["event"] == "fired").cloned().collect();
+    let got = read_jsonl(&pumps);
+    assert!(!want.is_empty());
+    assert_eq!(events(&got), events(&want));
+    assert_eq!(got[0]["labels"], serde_json::json!({"team": "pumps", "site": "north"}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
