@@ -413,6 +413,11 @@ async fn the_api_lists_alerts_and_changes_them_only_with_the_token() {
     assert_eq!(status, 409, "{body}");
     let (status, _) = http(addr, "POST", "/alerts/no-such-alert/ack", Some("s3cret")).await;
     assert_eq!(status, 404);
+    // No rule here has labels: a label filter matches nothing, its absence everything.
+    let (status, body) = http(addr, "GET", "/alerts?label=team:pumps", None).await;
+    assert_eq!((status, body.trim()), (200, "[]"));
+    let (_, body) = http(addr, "GET", "/alerts", None).await;
+    assert!(!serde_json::from_str::<Vec<Value>>(&body).unwrap().is_empty());
     let (status, body) = http(addr, "GET", "/alerts?state=sleeping", None).await;
     assert_eq!(status, 400);
     assert!(body.contains("unknown state `sleeping`"), "{body}");
