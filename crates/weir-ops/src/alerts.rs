@@ -925,15 +925,9 @@ mod tests {
         use weir_core::testing::OpHarness;
 
         fn detections(rows: &[(&str, bool, i64)]) -> Batch {
-            let schema = Arc::new(Schema::new(vec![
-                Field::new("device_id", DataType::Utf8, true),
-                Field::new("rule", DataType::Utf8, false),
-                Field::new("severity", DataType::Utf8, false),
-                Field::new("value", DataType::Float64, true),
-                Field::new("score", DataType::Float64, false),
-                Field::new("anomaly", DataType::Boolean, false),
-                Field::new("event_time", DataType::Int64, false),
-            ]));
+            let mut fields = vec![Field::new("device_id", DataType::Utf8, true)];
+            fields.extend(crate::rules::detection_fields());
+            let schema = Arc::new(Schema::new(fields));
             let n = rows.len();
             let rb = RecordBatch::try_new(
                 schema,

@@ -124,6 +124,18 @@ pub struct DetectSpec {
 /// The detection columns after the keys.
 pub const DETECTION_COLUMNS: [&str; 6] = ["rule", "severity", "value", "score", "anomaly", "event_time"];
 
+/// The detection fields after the keys (the [`DETECTION_COLUMNS`], typed).
+pub(crate) fn detection_fields() -> [Field; 6] {
+    [
+        Field::new("rule", DataType::Utf8, false),
+        Field::new("severity", DataType::Utf8, false),
+        Field::new("value", DataType::Float64, true),
+        Field::new("score", DataType::Float64, false),
+        Field::new("anomaly", DataType::Boolean, false),
+        Field::new("event_time", DataType::Int64, false),
+    ]
+}
+
 /// The last detection column when any rule has labels: the rule's labels as a JSON object.
 pub const LABELS_COLUMN: &str = "labels";
 
@@ -153,14 +165,7 @@ impl DetectSpec {
             weir_core::ensure_config!(names.insert(r.name.as_str()), "detect: rule `{}` is defined twice", r.name);
             check_rule(r, input).map_err(|e| CoreError::Config(format!("detect rule `{}`: {e}", r.name)))?;
         }
-        fields.extend([
-            Field::new("rule", DataType::Utf8, false),
-            Field::new("severity", DataType::Utf8, false),
-            Field::new("value", DataType::Float64, true),
-            Field::new("score", DataType::Float64, false),
-            Field::new("anomaly", DataType::Boolean, false),
-            Field::new("event_time", DataType::Int64, false),
-        ]);
+        fields.extend(detection_fields());
         if self.rules.iter().any(|r| !r.labels.is_empty()) {
             fields.push(Field::new(LABELS_COLUMN, DataType::Utf8, false));
         }
