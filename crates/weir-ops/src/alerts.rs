@@ -518,15 +518,8 @@ impl AlertSpec {
     /// # Errors
     /// A detection column missing or of the wrong type, or no key columns.
     pub fn plan(&self, input: &SchemaRef) -> Result<(Arc<dyn OperatorFactory>, SchemaRef)> {
-        let want = [
-            ("rule", DataType::Utf8),
-            ("severity", DataType::Utf8),
-            ("value", DataType::Float64),
-            ("score", DataType::Float64),
-            ("anomaly", DataType::Boolean),
-            ("event_time", DataType::Int64),
-        ];
-        for (name, ty) in &want {
+        for want in crate::rules::detection_fields() {
+            let (name, ty) = (want.name(), want.data_type());
             let f = input.field_with_name(name).map_err(|_| {
                 CoreError::Config(format!(
                     "alert takes detections (a `detect` step's output), but its input has no `{name}` column"
