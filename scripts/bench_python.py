@@ -35,12 +35,14 @@ def py_w1(a, workers):
 # -- the per-row cost of a Python step -----------------------------------------------------
 
 # The step is chained STEPS times, so that its cost stands out of the run-to-run noise of the
-# rest of the pipeline (reading, parsing, writing), which is large for Bytewax.
+# rest of the pipeline (reading, parsing, writing), which is large for Bytewax; `map_batches`
+# is so cheap that it takes BATCH_STEPS chained steps to rise above that noise.
 STEPS = 4
+BATCH_STEPS = 64
 
-WEIR_STEP = f"STEPS = {STEPS}\n" + r'''
+WEIR_STEP = r'''
 import sys, numpy as np, pyarrow as pa, pyarrow.compute as pc, weir
-variant, path, out = sys.argv[1:4]
+variant, path, out, STEPS = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 schema = pa.schema([pa.field("device_id", pa.string(), nullable=False), pa.field("ts", pa.int64(), nullable=False),
                     pa.field("readings", pa.struct([pa.field("temp", pa.float64(), nullable=False)]), nullable=False)])
 p = weir.Pipeline("step-cost").source("events", weir.file(path), schema=schema, event_time="ts")
@@ -60,13 +62,13 @@ p.sink("out", weir.file_sink(out)).dead_letters(out + ".dl")
 p.run(workers=1)
 '''
 
-BYTEWAX_STEP = f"STEPS = {STEPS}\n" + r'''
+BYTEWAX_STEP = r'''
 import sys, orjson
 from bytewax.dataflow import Dataflow
 import bytewax.operators as op
 from bytewax.connectors.files import FileSource, FileSink
 from bytewax.testing import run_main
-variant, path, out = sys.argv[1:4]
+variant, path, out, STEPS = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 flow = Dataflow("step-cost")
 lines = op.input("in", flow, FileSource(path))
 def parse(line):
@@ -82,9 +84,9 @@ run_main(flow)
 '''
 
 
-def script_run(code, variant, a, name):
+def script_run(code, variant, a, name, steps=STEPS):
     out = f"{a.work}/{name}-{variant}.jsonl"
-    subprocess.run([sys.executable, "-c", code, variant, a.input, out], check=True, stderr=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-c", code, variant, a.input, out, str(steps)], check=True, stderr=subprocess.DEVNULL)
 
 
 def rows_of(path):
@@ -118,30 +120,51 @@ def main():
         steps_table(a, n)
 
 
+def child_cpu():
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def interleaved(fns, runs):
+    """Median wall and CPU seconds of each function, run in turn (A B A B ...) after a warm-up,
+    so that a drift in the machine's speed touches both alike."""
+    for f in fns:
+        f()
+    walls, cpus = [[] for _ in fns], [[] for _ in fns]
+    for _ in range(runs):
+        for i, f in enumerate(fns):
+            c0, t0 = child_cpu(), time.perf_counter()
+            f()
+            walls[i].append(time.perf_counter() - t0)
+            cpus[i].append(child_cpu() - c0)
+    return [(statistics.median(w), statistics.median(c)) for w, c in zip(walls, cpus)]
+
+
 def w1_table(a, n):
-    print("W1, whole process, median of", a.runs)
-    print("| workers | `weir run` (YAML), s | Python builder, s | Python / command | Python builder, events/s |")
+    print("W1, whole process, runs interleaved, median of", a.runs)
+    print("| workers | `weir run` (YAML): wall / CPU, s | Python builder: wall / CPU, s | Python vs command: wall / CPU | Python builder, events/s |")
     print("|---|---|---|---|---|")
     for w in (1, 2):
-        c = timed(lambda: cli_w1(a, w), a.runs)
-        p = timed(lambda: py_w1(a, w), a.runs)
-        print(f"| {w} | {c:.2f} | {p:.2f} | {p / c - 1:+.1%} | {n / p:,.0f} |")
+        (c, cc), (p, pc) = interleaved([lambda: cli_w1(a, w), lambda: py_w1(a, w)], a.runs)
+        print(f"| {w} | {c:.2f} / {cc:.2f} | {p:.2f} / {pc:.2f} | {p / c - 1:+.1%} / {pc / cc - 1:+.1%} | {n / p:,.0f} |")
     same = rows_of(f"{a.work}/cli.jsonl") == rows_of(f"{a.work}/py.jsonl")
     print(f"\nSame output rows from both (floats to 12 significant digits): {same}\n")
 
 
 
 def steps_table(a, n):
-    print(f"Cost of a Python step computing temp_f = temp * 1.8 + 32, chained {STEPS} times, 1 worker, median of", a.runs)
-    print(f"| engine | pipeline without the steps, s | with {STEPS} steps, s | cost per row of one step |")
-    print("|---|---|---|---|")
+    print("Cost of a Python step computing temp_f = temp * 1.8 + 32, 1 worker, median of", a.runs)
+    print("| engine | pipeline without the steps, s | steps chained | with the steps, s | cost per row of one step |")
+    print("|---|---|---|---|---|")
     base = timed(lambda: script_run(WEIR_STEP, "none", a, "weir"), a.runs)
-    for v in ("map", "map_batches"):
-        t = timed(lambda: script_run(WEIR_STEP, v, a, "weir"), a.runs)
-        print(f"| Weir `{v}` | {base:.2f} | {t:.2f} | {(t - base) / n / STEPS * 1e9:,.0f} ns |")
+    for v, k in (("map", STEPS), ("map_batches", BATCH_STEPS)):
+        t = timed(lambda: script_run(WEIR_STEP, v, a, "weir", k), a.runs)
+        print(f"| Weir `{v}` | {base:.2f} | {k} | {t:.2f} | {(t - base) / n / k * 1e9:,.1f} ns |")
     bbase = timed(lambda: script_run(BYTEWAX_STEP, "none", a, "bytewax"), a.runs)
     bt = timed(lambda: script_run(BYTEWAX_STEP, "map", a, "bytewax"), a.runs)
-    print(f"| Bytewax 0.21.1 `map` | {bbase:.2f} | {bt:.2f} | {(bt - bbase) / n / STEPS * 1e9:,.0f} ns |")
+    print(f"| Bytewax 0.21.1 `map` | {bbase:.2f} | {STEPS} | {bt:.2f} | {(bt - bbase) / n / STEPS * 1e9:,.1f} ns |")
 
 
 if __name__ == "__main__":

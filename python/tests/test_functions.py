@@ -168,6 +168,59 @@ def test_a_row_that_does_not_fit_the_schema_fails_alone(tmp_path):
     assert "does not fit" in entry["reason"]
 
 
+def test_rows_look_the_same_as_pyarrow_makes_them_and_come_back_checked(tmp_path):
+    """Plain columns are converted in Rust, others through pyarrow: a function sees exactly
+    what ``to_pylist`` gives, and every value it returns is checked against the schema."""
+    import datetime
+
+    schema = pa.schema([
+        ("s", pa.string()), ("i8", pa.int8()), ("i", pa.int64()), ("u", pa.uint32()), ("f", pa.float32()),
+        ("d", pa.float64()), ("b", pa.bool_()), ("ls", pa.large_string()),
+        ("nested", pa.struct([("x", pa.int64())])), ("when", pa.timestamp("ms")), ("tags", pa.list_(pa.string())),
+    ])
+    rows = [
+        {"s": "a", "i8": -5, "i": 2**40, "u": 7, "f": 1.5, "d": 0.25, "b": True, "ls": "é", "nested": {"x": 1},
+         "when": datetime.datetime(2026, 1, 2, 3, 4, 5), "tags": ["p", "q"]},
+        {"s": None, "i8": None, "i": None, "u": None, "f": None, "d": None, "b": None, "ls": None, "nested": None,
+         "when": None, "tags": None},
+    ]
+    table = pa.Table.from_pylist(rows, schema=schema)
+    seen = []
+
+    def same(r):
+        seen.append(dict(r))
+        return r
+
+    p = weir.Pipeline("types").source("in", wt.source(rows, schema=schema, times=[0, 1])).map("same", same)
+    out = wt.run(p.sink("out", wt.collect()))
+    assert seen == table.to_pylist()
+    assert out.to_pylist() == table.to_pylist()
+    assert out.schema == table.schema
+
+    # Back into the schema: ints widen into floats, a missing key is null, anything else that
+    # does not fit fails its row alone, naming the column.
+    out_schema = pa.schema([("k", pa.string()), ("v", pa.float64()), ("n", pa.int8()), ("ok", pa.bool_())])
+    cases = [
+        {"k": "int-as-float", "v": 3, "n": 1, "ok": True},
+        {"k": "missing-is-null", "v": 1.0},
+        {"k": "str-as-float", "v": "x", "n": 1, "ok": True},
+        {"k": "too-big", "v": 1.0, "n": 300, "ok": True},
+        {"k": "bool-as-int", "v": 1.0, "n": True, "ok": True},
+        {"k": "int-as-bool", "v": 1.0, "n": 1, "ok": 1},
+        {"k": 5, "v": 1.0},
+    ]
+    feed, ftimes = [{"i": i} for i in range(len(cases))], list(range(len(cases)))
+    dead = tmp_path / "dl.jsonl"
+    p = weir.Pipeline("back").source("in", wt.source(feed, times=ftimes)).map("back", lambda r: cases[r["i"]], schema=out_schema)
+    got = p.dead_letters(dead).sink("out", wt.collect()).run(workers=1).output.to_pylist()
+    assert got == [{"k": "int-as-float", "v": 3.0, "n": 1, "ok": True}, {"k": "missing-is-null", "v": 1.0, "n": None, "ok": None}]
+    reasons = sorted(e["reason"] for e in read_jsonl(dead))
+    assert len(reasons) == 5, reasons
+    for needle in ("`v` is a str, not a number", "`n` = 300 does not fit in Int8", "`n` is a bool, not an int",
+                   "`ok` is an int, not a bool", "`k` is an int, not a str"):
+        assert any(needle in r for r in reasons), (needle, reasons)
+
+
 def test_stateful_map_keeps_state_per_key():
     rows = [{"k": k, "v": 1.0} for k in "aabab"]
     times = [0, 1, 2, 3, 4]

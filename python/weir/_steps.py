@@ -27,26 +27,23 @@ def _call_with_retry(fn: Callable[..., Any], args: tuple, retry: "RetrySettings"
     traceback, attempts)``."""
     try:
         return True, fn(*args), 1
-    except Exception:  # noqa: BLE001 - any user error dead-letters the row
-        return _after_failure(fn, args, retry)
+    except Exception as e:  # noqa: BLE001 - any user error dead-letters the row
+        return retry_row(fn, args, retry, e)
 
 
-def _after_failure(fn: Callable[..., Any], args: tuple, retry: "RetrySettings") -> Tuple[bool, Any, int]:
-    """Called in the ``except`` block of a first failed call: retries a :class:`Retryable`,
-    else reports the traceback."""
+def retry_row(fn: Callable[..., Any], args: tuple, retry: "RetrySettings", exc: BaseException) -> Tuple[bool, Any, int]:
+    """The first call of ``fn(*args)`` raised ``exc`` (here or in the engine's row loop):
+    retries a :class:`Retryable` with backoff, else reports the traceback."""
     attempt = 1
     while True:
-        import sys
-
-        exc = sys.exc_info()[1]
         if not isinstance(exc, Retryable) or attempt >= retry.max_attempts:
-            return False, traceback.format_exc(), attempt
+            return False, "".join(traceback.format_exception(exc)), attempt
         time.sleep(retry.delay(attempt))
         attempt += 1
         try:
             return True, fn(*args), attempt
-        except Exception:  # noqa: BLE001
-            continue
+        except Exception as e:  # noqa: BLE001
+            exc = e
 
 
 def to_batch(result: Any, schema: Optional[pa.Schema]) -> pa.RecordBatch:
@@ -69,7 +66,7 @@ def to_batch(result: Any, schema: Optional[pa.Schema]) -> pa.RecordBatch:
     return result
 
 
-def _rows_to_batch(rows: List[Dict[str, Any]], kept: List[int], schema: pa.Schema, failures: List[Failure]) -> Tuple[pa.RecordBatch, List[int]]:
+def rows_to_batch(rows: List[Dict[str, Any]], kept: List[int], schema: pa.Schema, failures: List[Failure]) -> Tuple[pa.RecordBatch, List[int]]:
     """Builds the output batch; a row that does not fit the schema fails alone."""
     try:
         return pa.RecordBatch.from_pylist(rows, schema=schema), kept
@@ -100,69 +97,6 @@ class _GcPaused:
             gc.enable()
 
 
-def apply_map(fn: Callable, batch: pa.RecordBatch, schema: pa.Schema, retry: RetrySettings):
-    with _GcPaused():
-        return _apply_map(fn, batch, schema, retry)
-
-
-def _apply_map(fn: Callable, batch: pa.RecordBatch, schema: pa.Schema, retry: RetrySettings):
-    """``map``: one call per row (a dict); a ``None`` result drops the row. ``kept`` is
-    ``None`` when every row made it, so the engine need not pick event times."""
-    # This loop is the per-row cost of `map`: the common case (a dict back) does nothing else.
-    out: List[Dict[str, Any]] = []
-    dropped: List[int] = []
-    failures: List[Failure] = []
-    push = out.append
-    for i, row in enumerate(batch.to_pylist()):
-        try:
-            r = fn(row)
-        except Exception:  # noqa: BLE001 - any user error dead-letters the row
-            ok, r, attempts = _after_failure(fn, (row,), retry)
-            if not ok:
-                failures.append((i, attempts, r))
-                dropped.append(i)
-                continue
-        if type(r) is dict:
-            push(r)
-        elif r is None:
-            dropped.append(i)
-        elif isinstance(r, dict):
-            push(r)
-        else:
-            failures.append((i, 1, f"map functions return a dict (or None to drop the row), not {type(r).__name__}"))
-            dropped.append(i)
-    if not dropped:
-        kept: List[int] = list(range(batch.num_rows))
-    else:
-        gone = set(dropped)
-        kept = [i for i in range(batch.num_rows) if i not in gone]
-    result, kept = _rows_to_batch(out, kept, schema, failures)
-    return result, (None if len(kept) == batch.num_rows else kept), failures
-
-
-def apply_filter(fn: Callable, batch: pa.RecordBatch, retry: RetrySettings):
-    """``filter``: keeps the rows for which ``fn(row)`` is true."""
-    with _GcPaused():
-        return _apply_filter(fn, batch, retry)
-
-
-def _apply_filter(fn: Callable, batch: pa.RecordBatch, retry: RetrySettings):
-    kept: List[int] = []
-    failures: List[Failure] = []
-    keep = kept.append
-    for i, row in enumerate(batch.to_pylist()):
-        try:
-            r = fn(row)
-        except Exception:  # noqa: BLE001
-            ok, r, attempts = _after_failure(fn, (row,), retry)
-            if not ok:
-                failures.append((i, attempts, r))
-                continue
-        if r:
-            keep(i)
-    return kept, failures
-
-
 def _key_of(row: Dict[str, Any], keys: Sequence[str]) -> Any:
     vals = []
     for path in keys:
@@ -178,24 +112,25 @@ class StatefulMap:
     ``None``, a returned state of ``None`` forgets the key, an ``out`` of ``None`` emits
     nothing. States are pickled into checkpoints."""
 
-    def __init__(self, fn: Callable, keys: Sequence[str], schema: pa.Schema, retry: RetrySettings):
+    def __init__(self, fn: Callable, keys: Sequence[str], retry: RetrySettings):
         self.fn = fn
         self.keys = list(keys)
-        self.schema = schema
         self.retry = retry
         # key -> (key group, state)
         self.states: Dict[Any, Tuple[int, Any]] = {}
 
-    def apply(self, batch: pa.RecordBatch, groups: List[int]):
+    def apply(self, rows: List[Dict[str, Any]], groups: List[int]):
+        """Runs ``fn`` over one batch's rows (dicts, made by the engine); returns the emitted
+        dicts, the input rows they came from, and the failures. The engine builds the batch."""
         with _GcPaused():
-            return self._apply(batch, groups)
+            return self._apply(rows, groups)
 
-    def _apply(self, batch: pa.RecordBatch, groups: List[int]):
+    def _apply(self, rows: List[Dict[str, Any]], groups: List[int]):
         out: List[Dict[str, Any]] = []
         kept: List[int] = []
         failures: List[Failure] = []
         states = self.states
-        for i, row in enumerate(batch.to_pylist()):
+        for i, row in enumerate(rows):
             key = _key_of(row, self.keys)
             old = states.get(key)
             ok, r, attempts = _call_with_retry(self.fn, (None if old is None else old[1], row), self.retry)
@@ -216,8 +151,7 @@ class StatefulMap:
                     continue
                 out.append(emitted)
                 kept.append(i)
-        result, kept = _rows_to_batch(out, kept, self.schema, failures)
-        return result, kept, failures
+        return out, kept, failures
 
     def snapshot(self):
         groups, keys, states = [], [], []

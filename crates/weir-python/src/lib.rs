@@ -20,6 +20,7 @@ use weir_core::testing::{CollectSink, VecSourceFactory};
 use weir_core::{Batch, Blame, CoreError};
 
 mod bridge;
+mod rows;
 mod steps;
 
 /// When an error happened: a user's mistake found while planning is in the pipeline, one

@@ -10,9 +10,10 @@ use arrow_array::{Array, ArrayRef, BinaryArray, Int64Array, RecordBatch, UInt32A
 use arrow_pyarrow::{FromPyArrow, ToPyArrow};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyTuple};
+use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::bridge::Bridge;
+use crate::rows;
 use weir_core::deadletter::{now_ms, DeadLetter, ErrorKind, Payload};
 use weir_core::error::{Blame, Retry};
 use weir_core::metrics::StepMetrics;
@@ -171,11 +172,10 @@ impl OperatorFactory for PyOpFactory {
             let s = &self.step.0;
             Some(
                 Python::attach(|py| -> PyResult<Py<PyAny>> {
-                    let out = self.out.as_ref().clone().to_pyarrow(py)?;
                     Ok(s.helpers
                         .bind(py)
                         .getattr("StatefulMap")?
-                        .call1((s.func.bind(py), self.keys.clone(), out, s.retry.bind(py)))?
+                        .call1((s.func.bind(py), self.keys.clone(), s.retry.bind(py)))?
                         .unbind())
                 })
                 .map_err(py_err)?,
@@ -230,6 +230,33 @@ type RowFailures = Vec<(usize, u32, String)>;
 type RowResult = (Option<RecordBatch>, Option<Vec<usize>>, RowFailures);
 /// A `stateful_map` snapshot from Python: key groups, pickled keys, pickled states.
 type PickledStates = (Vec<u32>, Vec<Vec<u8>>, Vec<Vec<u8>>);
+
+/// The cyclic garbage collector, paused for one batch's row loop: building thousands of dicts
+/// otherwise sets off collections that scan every live object, which costs more than the loop
+/// itself. Reference counting still frees everything at once.
+struct GcPaused<'py> {
+    gc: Bound<'py, PyModule>,
+    was: bool,
+}
+
+impl<'py> GcPaused<'py> {
+    fn new(py: Python<'py>) -> PyResult<Self> {
+        let gc = py.import(pyo3::intern!(py, "gc"))?;
+        let was = gc.call_method0(pyo3::intern!(py, "isenabled"))?.is_truthy()?;
+        if was {
+            gc.call_method0(pyo3::intern!(py, "disable"))?;
+        }
+        Ok(Self { gc, was })
+    }
+}
+
+impl Drop for GcPaused<'_> {
+    fn drop(&mut self) {
+        if self.was {
+            let _ = self.gc.call_method0(pyo3::intern!(self.gc.py(), "enable"));
+        }
+    }
+}
 
 /// How a batch function ended.
 enum Outcome<T> {
@@ -348,30 +375,27 @@ impl PyOp {
         };
         let first = now_ms();
         let (rows, kept, failures) = Python::attach(|py| -> PyResult<RowResult> {
-            let input = self.bridge.export(py, &batch.rows)?;
-            let h = s.helpers.bind(py);
-            let retry = s.retry.bind(py);
-            let res = match s.kind {
-                Kind::Filter => {
-                    let r = h.getattr("apply_filter")?.call1((s.func.bind(py), input, retry))?;
-                    let (kept, failures): (Vec<usize>, RowFailures) = r.extract()?;
-                    (None, Some(kept), failures)
-                }
+            let input = rows::to_dicts(py, &batch.rows, || self.bridge.export(py, &batch.rows))?;
+            let _gc = GcPaused::new(py)?;
+            match s.kind {
+                Kind::Filter => self.filter_rows(py, input),
                 Kind::Map => {
-                    let schema = self.out_schema(py)?;
-                    let r = h.getattr("apply_map")?.call1((s.func.bind(py), input, schema, retry))?;
-                    let t = r.cast::<PyTuple>()?;
-                    (Some(self.bridge.import(&t.get_item(0)?)?), t.get_item(1)?.extract()?, t.get_item(2)?.extract()?)
+                    let (out, kept, failures) = self.map_rows(py, input)?;
+                    self.build_rows(py, &out, kept, failures, n)
                 }
                 _ => {
                     let state =
                         self.state.as_ref().ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("no state"))?;
-                    let r = state.bind(py).call_method1("apply", (input, PyList::new(py, &groups)?))?;
+                    let r =
+                        state.bind(py).call_method1("apply", (PyList::new(py, input)?, PyList::new(py, &groups)?))?;
                     let t = r.cast::<PyTuple>()?;
-                    (Some(self.bridge.import(&t.get_item(0)?)?), t.get_item(1)?.extract()?, t.get_item(2)?.extract()?)
+                    let out: Vec<Bound<'_, PyDict>> = t.get_item(0)?.extract()?;
+                    // Emitted rows are never the input's one for one: the times are picked.
+                    let (rows, kept, failures) =
+                        self.build_rows(py, &out, t.get_item(1)?.extract()?, t.get_item(2)?.extract()?, n)?;
+                    Ok((rows, Some(kept.unwrap_or_else(|| (0..n).collect())), failures))
                 }
-            };
-            Ok(res)
+            }
         })
         .map_err(|e| py_err(e).in_step(cx.step))?;
         let failed = failures.len();
@@ -401,6 +425,127 @@ impl PyOp {
         StepMetrics::add(&cx.metrics.filtered, (n - kept_n - failed) as u64);
         cx.emit(out);
         Ok(())
+    }
+
+    /// Calls the row function on one row; a first failure goes to `weir._steps.retry_row`,
+    /// which retries a `Retryable` with backoff. `Err` holds the attempts and the traceback.
+    fn call_row<'py>(
+        &self,
+        py: Python<'py>,
+        row: &Bound<'py, PyDict>,
+    ) -> PyResult<std::result::Result<Bound<'py, PyAny>, (u32, String)>> {
+        let s = &self.step.0;
+        let f = s.func.bind(py);
+        match f.call1((row,)) {
+            Ok(r) => Ok(Ok(r)),
+            // KeyboardInterrupt, SystemExit: not the row's fault; they stop the step.
+            Err(e) if !e.is_instance_of::<pyo3::exceptions::PyException>(py) => Err(e),
+            Err(e) => {
+                let args = PyTuple::new(py, [row])?;
+                let helper = s.helpers.bind(py).getattr(pyo3::intern!(py, "retry_row"))?;
+                // Before Python 3.12 a fetched exception does not carry its traceback itself.
+                let exc = e.value(py).clone();
+                if let Some(tb) = e.traceback(py) {
+                    exc.setattr(pyo3::intern!(py, "__traceback__"), tb)?;
+                }
+                let (ok, r, attempts): (bool, Bound<'py, PyAny>, u32) =
+                    helper.call1((f, args, s.retry.bind(py), exc))?.extract()?;
+                Ok(if ok { Ok(r) } else { Err((attempts, r.extract()?)) })
+            }
+        }
+    }
+
+    /// `map`: one call per row; a `None` result drops the row. Returns the output dicts, the
+    /// input rows they came from, and the failures.
+    #[allow(clippy::type_complexity)]
+    fn map_rows<'py>(
+        &self,
+        py: Python<'py>,
+        input: Vec<Bound<'py, PyDict>>,
+    ) -> PyResult<(Vec<Bound<'py, PyDict>>, Vec<usize>, RowFailures)> {
+        let mut out = Vec::with_capacity(input.len());
+        let mut kept = Vec::with_capacity(input.len());
+        let mut failures = Vec::new();
+        for (i, row) in input.iter().enumerate() {
+            let r = match self.call_row(py, row)? {
+                Ok(r) => r,
+                Err((attempts, tb)) => {
+                    failures.push((i, attempts, tb));
+                    continue;
+                }
+            };
+            if r.is_none() {
+                continue;
+            }
+            match r.cast_into::<PyDict>() {
+                Ok(d) => {
+                    out.push(d);
+                    kept.push(i);
+                }
+                Err(e) => failures.push((
+                    i,
+                    1,
+                    format!(
+                        "map functions return a dict (or None to drop the row), not {}",
+                        e.into_inner().get_type().name().map(|n| n.to_string()).unwrap_or_default()
+                    ),
+                )),
+            }
+        }
+        Ok((out, kept, failures))
+    }
+
+    /// `filter`: keeps the rows for which the function returns something true.
+    fn filter_rows<'py>(&self, py: Python<'py>, input: Vec<Bound<'py, PyDict>>) -> PyResult<RowResult> {
+        let mut kept = Vec::with_capacity(input.len());
+        let mut failures = Vec::new();
+        for (i, row) in input.iter().enumerate() {
+            match self.call_row(py, row)? {
+                Ok(r) => match r.is_truthy() {
+                    Ok(true) => kept.push(i),
+                    Ok(false) => {}
+                    Err(e) => failures.push((i, 1, describe(py, &e))),
+                },
+                Err((attempts, tb)) => failures.push((i, attempts, tb)),
+            }
+        }
+        Ok((None, Some(kept), failures))
+    }
+
+    /// The batch of the dicts a row function returned (`kept[j]` is the input row of
+    /// `out[j]`); a dict that does not fit the schema fails alone. `kept` comes back `None`
+    /// when it is every one of the `n` input rows in order.
+    fn build_rows(
+        &self,
+        py: Python<'_>,
+        out: &[Bound<'_, PyDict>],
+        mut kept: Vec<usize>,
+        mut failures: RowFailures,
+        n: usize,
+    ) -> PyResult<RowResult> {
+        let batch = if rows::plain_schema(&self.out) {
+            let (batch, bad) = rows::from_dicts(py, out, &self.out)?;
+            if !bad.is_empty() {
+                let mut gone = vec![false; kept.len()];
+                for (j, reason) in bad {
+                    gone[j] = true;
+                    failures.push((kept[j], 1, reason));
+                }
+                let mut g = gone.into_iter();
+                kept.retain(|_| !g.next().unwrap_or(false));
+            }
+            batch
+        } else {
+            let helper = self.step.0.helpers.bind(py).getattr(pyo3::intern!(py, "rows_to_batch"))?;
+            let failed = PyList::empty(py);
+            let r = helper.call1((PyList::new(py, out)?, kept, self.out_schema(py)?, &failed))?;
+            let t = r.cast::<PyTuple>()?;
+            kept = t.get_item(1)?.extract()?;
+            failures.extend(failed.extract::<RowFailures>()?);
+            self.bridge.import(&t.get_item(0)?)?
+        };
+        let all = kept.len() == n;
+        Ok((Some(batch), (!all).then_some(kept), failures))
     }
 
     /// `infer`: the number of rows worth gathering, from the arrival rate: as many as arrive
