@@ -33,3 +33,19 @@ for f in a.create_topics([NewTopic('$out', 4, 1)]).values(): f.result()"
     python3 -c "s=$end-$start; print(f'| $workers | {s:.2f} | {$n/s/1e3:.0f}k | $rows |')"
   done
 done
+
+# End-to-end latency at a steady rate: Tansu for at-least-once; librdkafka's mock cluster (in
+# the measuring process) for both modes, since only it serves transactions here.
+rate=${RATE:-50000}
+echo
+echo "latency at $rate events/s (ms):"
+echo "| broker | pipeline | mode | workers | produced/s | results measured | p50 | p99 | max |"
+echo "|---|---|---|---|---|---|---|---|---|"
+for pl in passthrough w1; do
+  echo -n "| Tansu "
+  python3 scripts/bench_kafka_latency.py --weir "$bin" --brokers "$WEIR_TEST_KAFKA" --mode at_least_once --pipeline $pl --rate "$rate"
+  for mode in at_least_once exactly_once; do
+    echo -n "| mock "
+    python3 scripts/bench_kafka_latency.py --weir "$bin" --brokers mock --mode $mode --pipeline $pl --rate "$rate"
+  done
+done

@@ -39,5 +39,5 @@ pub use error::{Blame, CoreError, Result, Retry};
 pub use ids::StepId;
 pub use operator::{
     Committer, OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory,
-    SourcePoll,
+    SourcePoll, Visible,
 };

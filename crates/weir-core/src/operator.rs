@@ -234,6 +234,12 @@ pub trait Sink: Send + fmt::Debug {
         let _ = epoch;
         Ok(())
     }
+
+    /// Puts the sink's own figures (produce latency, transactions, ...) into the job's
+    /// metrics; called after writes, so it must be cheap.
+    fn report(&self, metrics: &crate::metrics::ConnectorMetrics) {
+        let _ = metrics;
+    }
 }
 
 /// Makes pre-committed output visible, or discards it, for every instance of a sink at once.
@@ -246,6 +252,37 @@ pub trait Committer: Send + Sync + fmt::Debug {
     async fn commit(&self, epoch: Epoch) -> Result<()>;
     /// Discards everything pre-committed for checkpoints after `epoch`: they never completed.
     async fn abort_after(&self, epoch: Epoch) -> Result<()>;
+
+    /// Asked once at recovery, before anything is restored: the newest checkpoint whose
+    /// output the sink has made visible. A sink that cannot commit again after a crash (a
+    /// Kafka transaction dies with its producer) says how far it got, and recovery restores
+    /// from there, so a checkpoint that completed but whose output never became visible is
+    /// produced again. The default, [`Visible::Unknown`], leaves recovery to the store.
+    async fn visible(&self) -> Result<Visible> {
+        Ok(Visible::Unknown)
+    }
+}
+
+/// What a sink has made visible, as far as it can tell (see [`Committer::visible`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visible {
+    /// The sink does not know; [`Committer::commit`] can always be repeated.
+    Unknown,
+    /// Nothing yet: restore no checkpoint.
+    Nothing,
+    /// Output up to and including this checkpoint.
+    Through(Epoch),
+}
+
+impl Visible {
+    /// The newest checkpoint recovery may restore; `None` for no limit.
+    pub fn limit(self) -> Option<Epoch> {
+        match self {
+            Self::Unknown => None,
+            Self::Nothing => Some(Epoch(0)),
+            Self::Through(e) => Some(e),
+        }
+    }
 }
 
 /// Builds one [`Sink`] per worker.

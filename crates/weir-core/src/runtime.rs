@@ -239,7 +239,14 @@ impl Job {
     /// pre-commits; partial or corrupt checkpoints are skipped. `fresh` restores nothing and
     /// deletes the earlier checkpoints.
     async fn recover(&self, ck: &CheckpointSpec) -> Result<(Restored, Option<Epoch>)> {
-        let (plan, restored) = ck.store.recover().await?;
+        let visible = match self.spec.sink.committer() {
+            Some(c) => c.visible().await.map_err(|e| e.in_step(&self.spec.sink_step))?,
+            None => crate::Visible::Unknown,
+        };
+        let (plan, restored) = ck.store.recover(visible.limit()).await?;
+        // New epochs must come after any the sink has made visible, even if the store was
+        // emptied by hand, or the sink would take a new checkpoint for an old one.
+        let floor = visible.limit().filter(|e| e.0 > 0);
         if let Some(c) = self.spec.sink.committer() {
             if let Some(e) = plan.commit {
                 c.commit(e).await.map_err(|e| e.in_step(&self.spec.sink_step))?;
@@ -257,7 +264,7 @@ impl Job {
                     "Resuming from checkpoint."
                 );
             }
-            return Ok((restored, plan.restore));
+            return Ok((restored, plan.restore.max(floor)));
         }
         // Starting over: epochs keep growing, so names derived from them never repeat.
         let epochs = ck.store.epochs().await?;
@@ -267,7 +274,7 @@ impl Job {
         if !epochs.is_empty() {
             tracing::info!(deleted = epochs.len(), "Starting fresh: earlier checkpoints deleted.");
         }
-        Ok((Restored::default(), epochs.last().copied().max(plan.restore)))
+        Ok((Restored::default(), epochs.last().copied().max(plan.restore).max(floor)))
     }
 
     /// Runs the job to the end of its input (or until stopped).
@@ -763,6 +770,7 @@ async fn write_with_retry(
     loop {
         match sink.write(&b.rows).await {
             Ok(()) => {
+                sink.report(&reg.connectors);
                 if let Some(t) = down_since {
                     reg.sink_down.store(0, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(step = %step, attempts = attempt, outage_ms = t.elapsed().as_millis() as u64, "Sink recovered.");

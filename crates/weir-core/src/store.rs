@@ -470,12 +470,25 @@ impl CheckpointStore {
     }
 
     /// Decides what to restore and loads it; deletes checkpoints that are partial or corrupt
-    /// and newer than the one restored, with a warning each.
+    /// and newer than the one restored, with a warning each. With `through`, checkpoints
+    /// after it are deleted too, complete or not: the sink never made their output visible
+    /// (see [`crate::Committer::visible`]), so their input must be processed again.
     ///
     /// # Errors
     /// Store failures (not bad checkpoints: those are skipped).
-    pub async fn recover(&self) -> Result<(Recovery, Restored)> {
-        let epochs = self.epochs().await?;
+    pub async fn recover(&self, through: Option<Epoch>) -> Result<(Recovery, Restored)> {
+        let mut epochs = self.epochs().await?;
+        if let Some(limit) = through {
+            for &e in epochs.iter().filter(|e| **e > limit) {
+                tracing::warn!(
+                    checkpoint = e.0,
+                    visible_through = limit.0,
+                    "A checkpoint completed, but the sink never made its output visible (a crash came between the two); it is dropped and its input processed again."
+                );
+                self.delete(e).await?;
+            }
+            epochs.retain(|e| *e <= limit);
+        }
         let mut stored = Vec::new();
         let mut loaded = None;
         for &e in epochs.iter().rev() {
@@ -567,7 +580,7 @@ mod tests {
         // Epoch 3 got its state written but crashed before the manifest.
         let task = TaskKey("s0-w0".into());
         s.put_state(Epoch(3), &task, "win", StateRole::Operator, &table(3)).await.unwrap();
-        let (plan, restored) = s.recover().await.unwrap();
+        let (plan, restored) = s.recover(None).await.unwrap();
         assert_eq!(plan.restore, Some(Epoch(2)));
         assert_eq!(plan.discard, vec![Epoch(3)]);
         assert_eq!(restored.operators["win"][0].num_rows(), 2);
@@ -579,6 +592,24 @@ mod tests {
         assert!(err.contains("another run"), "{err}");
         drop(held);
         assert!(s.lock().unwrap().is_some());
+    }
+
+    /// A sink that made output visible only through checkpoint 1 (its commit of 2 died with
+    /// the process): checkpoint 2 is complete, but recovery restores 1 and drops 2.
+    #[tokio::test]
+    async fn a_complete_checkpoint_beyond_what_the_sink_made_visible_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = CheckpointStore::open(dir.path().to_str().unwrap(), "job").unwrap();
+        checkpoint(&s, 1).await;
+        checkpoint(&s, 2).await;
+        let (plan, restored) = s.recover(Some(Epoch(1))).await.unwrap();
+        assert_eq!((plan.restore, plan.commit, restored.epoch), (Some(Epoch(1)), Some(Epoch(1)), Some(Epoch(1))));
+        assert_eq!(restored.operators["win"][0].num_rows(), 1);
+        assert_eq!(s.epochs().await.unwrap(), vec![Epoch(1)], "checkpoint 2 is deleted");
+        // Nothing visible yet: nothing is restored.
+        let (plan, restored) = s.recover(Some(Epoch(0))).await.unwrap();
+        assert_eq!((plan.restore, restored.epoch), (None, None));
+        assert!(s.epochs().await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -596,7 +627,7 @@ mod tests {
         let listed = s.list().await.unwrap();
         let err = listed[0].manifest.as_ref().unwrap_err().to_string();
         assert!(err.contains("win.operator.arrow") && err.contains("checksum"), "{err}");
-        let (plan, _) = s.recover().await.unwrap();
+        let (plan, _) = s.recover(None).await.unwrap();
         assert_eq!(plan.restore, Some(Epoch(1)));
 
         // A torn manifest of a new checkpoint 2.
@@ -604,7 +635,7 @@ mod tests {
         let manifest = dir.path().join("job/chk-0000000002/MANIFEST");
         let text = std::fs::read(&manifest).unwrap();
         std::fs::write(&manifest, &text[..text.len() / 2]).unwrap();
-        let (plan, restored) = s.recover().await.unwrap();
+        let (plan, restored) = s.recover(None).await.unwrap();
         assert_eq!((plan.restore, restored.epoch), (Some(Epoch(1)), Some(Epoch(1))));
     }
 

@@ -359,9 +359,27 @@ pub struct KafkaSinkSettings {
     /// Header name to column.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
-    /// `at_least_once` (default).
+    /// `at_least_once` (default) or `exactly_once` (a transaction per checkpoint; needs
+    /// `checkpoints`).
     #[serde(default = "default_kafka_mode")]
     pub mode: String,
+    /// `exactly_once`: prefix of the producers' transactional ids; default
+    /// `weir-<pipeline>-<sink id>`. Keep it across restarts; give each process its own
+    /// (`weir-w1-${HOSTNAME}` in a StatefulSet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transactional_id: Option<String>,
+    /// `exactly_once`: the topic recording committed checkpoints; default
+    /// `<transactional_id>.commits`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_topic: Option<String>,
+    /// `exactly_once`: the producer's `transaction.timeout.ms`; default 4 checkpoint intervals,
+    /// at least 1 minute and at most 15 (the broker's default `transaction.max.timeout.ms`).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub transaction_timeout: Option<Duration>,
+    /// `exactly_once`: a header to put on every record naming its transaction,
+    /// `<run>:<checkpoint>`, as the commit topic's records name committed ones (audits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_header: Option<String>,
     /// librdkafka properties (ours win on a clash: the producer is idempotent).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub properties: BTreeMap<String, String>,
@@ -377,6 +395,10 @@ impl std::fmt::Debug for KafkaSinkSettings {
             .field("partition", &self.partition)
             .field("headers", &self.headers)
             .field("mode", &self.mode)
+            .field("transactional_id", &self.transactional_id)
+            .field("commit_topic", &self.commit_topic)
+            .field("transaction_timeout", &self.transaction_timeout)
+            .field("checkpoint_header", &self.checkpoint_header)
             .field("properties", &weir_connectors::kafka::redacted(&self.properties))
             .finish()
     }
@@ -1216,6 +1238,8 @@ pub struct SinkConfig {
 }
 
 /// The sink connectors.
+// Built once per pipeline, so the size of the Kafka variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum SinkConnector {
     /// A file.

@@ -772,9 +772,25 @@ impl BuiltPipeline {
             SinkConnector::Kafka(k) => {
                 let mode = match k.mode.as_str() {
                     "at_least_once" => weir_connectors::kafka::KafkaSinkMode::AtLeastOnce,
+                    "exactly_once" => {
+                        let Some(ck) = &c.checkpoints else {
+                            return Err(CoreError::Config(
+                                "kafka sink `mode: exactly_once` commits a transaction per checkpoint: add a `checkpoints` section".into(),
+                            )
+                            .in_step(&sink_step));
+                        };
+                        weir_connectors::kafka::KafkaSinkMode::ExactlyOnce(kafka_transactions(
+                            &k,
+                            &c.name,
+                            &c.sink.id,
+                            ck.interval,
+                        )?)
+                    }
                     other => {
-                        return Err(CoreError::Config(format!("kafka sink `mode: {other}`: expected `at_least_once`"))
-                            .in_step(&sink_step))
+                        return Err(CoreError::Config(format!(
+                            "kafka sink `mode: {other}`: expected `at_least_once` or `exactly_once`"
+                        ))
+                        .in_step(&sink_step))
                     }
                 };
                 Arc::new(
@@ -988,6 +1004,39 @@ fn kafka_metadata(m: &KafkaMetadataSettings) -> weir_connectors::kafka::KafkaMet
         timestamp: m.timestamp.clone(),
         headers: m.headers.clone(),
     }
+}
+
+/// The exactly-once settings of a Kafka sink, with the transaction timeout checked against
+/// the checkpoint interval: a transaction stays open for an interval plus the checkpoint.
+fn kafka_transactions(
+    k: &KafkaSinkSettings,
+    pipeline: &str,
+    sink: &str,
+    interval: Duration,
+) -> Result<weir_connectors::kafka::KafkaTransactionSettings> {
+    let broker_max = Duration::from_secs(15 * 60);
+    let timeout = k.transaction_timeout.unwrap_or_else(|| (interval * 4).clamp(Duration::from_secs(60), broker_max));
+    if timeout <= interval * 2 {
+        return Err(CoreError::Config(format!(
+            "kafka sink `transaction_timeout: {}` is too short for a checkpoint every {}: a transaction stays open for an interval plus the checkpoint, and the broker aborts it after the timeout; use at least {}",
+            humantime_serde::re::humantime::format_duration(timeout),
+            humantime_serde::re::humantime::format_duration(interval),
+            humantime_serde::re::humantime::format_duration(interval * 3)
+        )));
+    }
+    if timeout > broker_max && k.transaction_timeout.is_some() {
+        tracing::warn!(
+            timeout_s = timeout.as_secs(),
+            "The Kafka sink's transaction_timeout is above 15 minutes, the brokers' default transaction.max.timeout.ms; the brokers refuse it unless raised there."
+        );
+    }
+    let id = k.transactional_id.clone().unwrap_or_else(|| format!("weir-{pipeline}-{sink}"));
+    Ok(weir_connectors::kafka::KafkaTransactionSettings {
+        commit_topic: k.commit_topic.clone().unwrap_or_else(|| format!("{id}.commits")),
+        transactional_id: id,
+        timeout,
+        checkpoint_header: k.checkpoint_header.clone(),
+    })
 }
 
 fn kafka_client(brokers: &str, properties: &BTreeMap<String, String>) -> weir_connectors::kafka::KafkaClientConfig {

@@ -87,6 +87,9 @@ impl ClientContext for Logging {
     }
 }
 
+/// Plain consumers (the exactly-once sink's commit topic reader) log the same way.
+impl rdkafka::consumer::ConsumerContext for Logging {}
+
 /// A Kafka error as a core error: configuration mistakes are the user's and final; anything
 /// else may pass (a broker down, a leader moving) and is retried with backoff.
 pub(crate) fn kafka_err(what: impl fmt::Display, e: &KafkaError) -> CoreError {

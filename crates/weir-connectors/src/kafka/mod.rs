@@ -11,8 +11,9 @@ mod client;
 mod deadletter;
 mod sink;
 mod source;
+mod txn;
 
 pub use client::{redacted, KafkaClientConfig};
 pub use deadletter::KafkaDeadLetters;
-pub use sink::{KafkaSinkConfig, KafkaSinkFactory, KafkaSinkMode};
+pub use sink::{KafkaSinkConfig, KafkaSinkFactory, KafkaSinkMode, KafkaTransactionSettings};
 pub use source::{KafkaMetadataColumns, KafkaSourceConfig, KafkaSourceFactory, KafkaStart};

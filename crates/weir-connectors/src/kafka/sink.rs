@@ -1,10 +1,11 @@
 //! The Kafka sink: one record per row, keyed and partitioned from columns, with headers from
-//! columns, produced by an idempotent producer (no duplicates from the producer's own
-//! retries; at least once across a crash).
+//! columns. At least once, with an idempotent producer (no duplicates from the producer's own
+//! retries; rows since the last checkpoint again after a crash), or exactly once, with a
+//! Kafka transaction per checkpoint (see [`super::txn`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::SchemaRef;
@@ -12,19 +13,48 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
+use weir_core::checkpoint::Epoch;
+use weir_core::metrics::ConnectorMetrics;
 use weir_core::time::column_by_path;
-use weir_core::{CoreError, Result, Sink, SinkFactory};
+use weir_core::{Committer, CoreError, Result, Sink, SinkFactory};
 use weir_formats::{Encoder, FormatSpec};
 
 use super::client::{kafka_err, KafkaClientConfig, Logging};
+use super::txn::{ProduceStats, Transactions};
 
 /// Delivery guarantee of the Kafka sink.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum KafkaSinkMode {
     /// Idempotent producer: every row is delivered; after a crash, rows since the last
     /// checkpoint (or since the start, without checkpoints) are delivered again.
     #[default]
     AtLeastOnce,
+    /// A transaction per checkpoint: rows are produced inside it as they come, and become
+    /// readable (to `read_committed` consumers) when the checkpoint completes. Needs
+    /// checkpoints.
+    ExactlyOnce(KafkaTransactionSettings),
+}
+
+/// Settings of the exactly-once mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaTransactionSettings {
+    /// Prefix of the producers' `transactional.id`s. It must be the same each time the
+    /// pipeline restarts (so a restarted process fences off its earlier self) and differ
+    /// between processes running side by side.
+    pub transactional_id: String,
+    /// Topic where each committed transaction records its checkpoint (created, with one
+    /// partition and compaction, when missing). Recovery reads it to learn how far the
+    /// output got.
+    pub commit_topic: String,
+    /// `transaction.timeout.ms`: the broker aborts a transaction open longer than this. A
+    /// transaction stays open for a checkpoint interval plus the checkpoint itself, and the
+    /// broker refuses a timeout above its `transaction.max.timeout.ms` (15 minutes by
+    /// default).
+    pub timeout: Duration,
+    /// A header naming each record's transaction, `<run>:<checkpoint>`, as the commit topic
+    /// names committed ones: lets an audit match records to commits (and the tests check
+    /// exactly-once output on a broker that does not hide aborted transactions).
+    pub checkpoint_header: Option<String>,
 }
 
 /// Settings of a Kafka sink.
@@ -49,10 +79,13 @@ pub struct KafkaSinkConfig {
     pub mode: KafkaSinkMode,
 }
 
-/// Builds one producer per worker.
+/// Builds one producer per worker (at least once), or the transactional producers all
+/// workers share and their committer (exactly once).
 #[derive(Debug)]
 pub struct KafkaSinkFactory {
     cfg: Arc<KafkaSinkConfig>,
+    txn: Option<Arc<Transactions>>,
+    stats: Arc<ProduceStats>,
 }
 
 impl KafkaSinkFactory {
@@ -77,33 +110,64 @@ impl KafkaSinkFactory {
             column_by_path(&empty, col).map_err(|e| CoreError::Config(format!("kafka sink {what}: {e}")))?;
         }
         cfg.format.encoder(cfg.schema.clone()).map_err(crate::fmt_err)?;
-        Ok(Self { cfg: Arc::new(cfg) })
+        let stats = Arc::new(ProduceStats::default());
+        let txn = match &cfg.mode {
+            KafkaSinkMode::AtLeastOnce => None,
+            KafkaSinkMode::ExactlyOnce(t) => {
+                Some(Arc::new(Transactions::new(&cfg.client, &cfg.topic, t.clone(), stats.clone())?))
+            }
+        };
+        Ok(Self { cfg: Arc::new(cfg), txn, stats })
     }
 }
 
 impl SinkFactory for KafkaSinkFactory {
     fn create(&self, worker: usize, _workers: usize) -> Result<Box<dyn Sink>> {
-        let ours = [
-            ("enable.idempotence", "true".to_string()),
-            ("acks", "all".to_string()),
-            ("partitioner", "murmur2_random".to_string()),
-        ];
-        let producer: FutureProducer<Logging> = self
-            .cfg
-            .client
-            .client_config(&ours)
-            .create_with_context(Logging { what: format!("kafka sink {} (worker {worker})", self.cfg.topic) })
-            .map_err(|e| kafka_err("kafka sink: cannot create the producer", &e))?;
+        let producer = match &self.txn {
+            Some(_) => None,
+            None => {
+                let ours = [
+                    ("enable.idempotence", "true".to_string()),
+                    ("acks", "all".to_string()),
+                    ("partitioner", "murmur2_random".to_string()),
+                ];
+                let p: FutureProducer<Logging> = self
+                    .cfg
+                    .client
+                    .client_config(&ours)
+                    .create_with_context(Logging { what: format!("kafka sink {} (worker {worker})", self.cfg.topic) })
+                    .map_err(|e| kafka_err("kafka sink: cannot create the producer", &e))?;
+                Some(p)
+            }
+        };
         let encoder = self.cfg.format.encoder(self.cfg.schema.clone()).map_err(crate::fmt_err)?;
-        Ok(Box::new(KafkaSink { cfg: self.cfg.clone(), producer, encoder, buf: Vec::new() }))
+        Ok(Box::new(KafkaSink {
+            cfg: self.cfg.clone(),
+            producer,
+            txn: self.txn.clone(),
+            epoch: None,
+            encoder,
+            buf: Vec::new(),
+            stats: self.stats.clone(),
+        }))
+    }
+
+    fn committer(&self) -> Option<Arc<dyn Committer>> {
+        self.txn.clone().map(|t| t as Arc<dyn Committer>)
     }
 }
 
 struct KafkaSink {
     cfg: Arc<KafkaSinkConfig>,
-    producer: FutureProducer<Logging>,
+    /// At least once: this worker's producer.
+    producer: Option<FutureProducer<Logging>>,
+    /// Exactly once: the shared transactional producers.
+    txn: Option<Arc<Transactions>>,
+    /// The checkpoint the rows written now belong to.
+    epoch: Option<Epoch>,
     encoder: Box<dyn Encoder>,
     buf: Vec<u8>,
+    stats: Arc<ProduceStats>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -153,23 +217,28 @@ fn memchr_newlines(buf: &[u8]) -> impl Iterator<Item = usize> + '_ {
     buf.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i)
 }
 
-/// Waits for one record's delivery report.
-async fn delivered(f: rdkafka::producer::DeliveryFuture, topic: &str) -> Result<()> {
-    match f.await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((e, _))) => Err(kafka_err(format!("kafka sink: delivery to `{topic}`"), &e)),
-        Err(_) => Err(CoreError::Task("kafka sink: the producer dropped a delivery".into())),
-    }
-}
-
 #[async_trait::async_trait]
 impl Sink for KafkaSink {
     async fn write(&mut self, rows: &RecordBatch) -> Result<()> {
+        let producer = match (&self.producer, &self.txn) {
+            (Some(p), _) => p.clone(),
+            (None, Some(t)) => {
+                let e = self.epoch.ok_or_else(|| CoreError::Internal("kafka sink: a write before begin".into()))?;
+                t.producer_for(e).await?
+            }
+            (None, None) => weir_core::bail_internal!("kafka sink without a producer"),
+        };
+        let txn = self.txn.is_some();
         let spans = encode_rows(self.encoder.as_mut(), &self.cfg.format, rows, &mut self.buf)?;
         let keys = self.cfg.key.as_deref().map(|k| texts(rows, k)).transpose()?;
         let parts = self.cfg.partition.as_deref().map(|p| texts(rows, p)).transpose()?;
         let headers: Vec<(&str, Vec<Option<String>>)> =
             self.cfg.headers.iter().map(|(h, c)| Ok((h.as_str(), texts(rows, c)?))).collect::<Result<_>>()?;
+        let audit = match (&self.txn, self.epoch) {
+            (Some(t), Some(e)) => t.checkpoint_header().map(|h| (h.to_string(), format!("{}:{}", t.run(), e.0))),
+            _ => None,
+        };
+        let started = Instant::now();
         let mut pending = Vec::with_capacity(spans.len());
         for (i, (s, e)) in spans.iter().enumerate() {
             let mut rec = FutureRecord::<str, [u8]>::to(&self.cfg.topic).payload(&self.buf[*s..*e]);
@@ -182,16 +251,19 @@ impl Sink for KafkaSink {
                 })?;
                 rec = rec.partition(p);
             }
-            if !headers.is_empty() {
-                let mut h = OwnedHeaders::new_with_capacity(headers.len());
+            if !headers.is_empty() || audit.is_some() {
+                let mut h = OwnedHeaders::new_with_capacity(headers.len() + 1);
                 for (name, vals) in &headers {
                     h = h.insert(Header { key: name, value: vals[i].as_deref() });
+                }
+                if let Some((name, value)) = &audit {
+                    h = h.insert(Header { key: name, value: Some(value.as_str()) });
                 }
                 rec = rec.headers(h);
             }
             // A full local queue is backpressure: wait for deliveries, then try again.
             loop {
-                match self.producer.send_result(rec) {
+                match producer.send_result(rec) {
                     Ok(f) => {
                         pending.push(f);
                         break;
@@ -201,24 +273,72 @@ impl Sink for KafkaSink {
                         if pending.is_empty() {
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         } else {
-                            delivered(pending.remove(0), &self.cfg.topic).await?;
+                            delivered(pending.remove(0), &self.cfg.topic, txn).await?;
                         }
                     }
-                    Err((e, _)) => return Err(kafka_err(format!("kafka sink: producing to `{}`", self.cfg.topic), &e)),
+                    Err((e, _)) => {
+                        return Err(in_txn(
+                            kafka_err(format!("kafka sink: producing to `{}`", self.cfg.topic), &e),
+                            txn,
+                        ))
+                    }
                 }
             }
         }
         for f in pending {
-            delivered(f, &self.cfg.topic).await?;
+            delivered(f, &self.cfg.topic, txn).await?;
         }
+        self.stats.batch(spans.len(), self.buf.len(), started.elapsed());
+        Ok(())
+    }
+
+    async fn begin(&mut self, epoch: Epoch) -> Result<()> {
+        self.epoch = Some(epoch);
+        match &self.txn {
+            // Opened now rather than at the first write, so the committer finds every epoch
+            // open, also one in which this worker wrote nothing.
+            Some(t) => t.producer_for(epoch).await.map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    async fn pre_commit(&mut self, _epoch: Epoch) -> Result<()> {
+        // Every write waited for its deliveries: the epoch's rows are on the brokers, inside
+        // the open transaction, which the committer commits once the checkpoint completes.
         Ok(())
     }
 
     async fn close(&mut self) -> Result<()> {
-        let p = self.producer.clone();
+        let Some(p) = self.producer.clone() else { return Ok(()) };
         tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(30)))
             .await
             .map_err(|e| CoreError::Task(e.to_string()))?
             .map_err(|e| kafka_err("kafka sink: flushing at the end", &e))
+    }
+
+    fn report(&self, m: &ConnectorMetrics) {
+        self.stats.report(&self.cfg.topic, m);
+    }
+}
+
+/// Waits for one record's delivery report.
+async fn delivered(f: rdkafka::producer::DeliveryFuture, topic: &str, txn: bool) -> Result<()> {
+    match f.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(in_txn(kafka_err(format!("kafka sink: delivery to `{topic}`"), &e), txn)),
+        Err(_) => Err(CoreError::Task("kafka sink: the producer dropped a delivery".into())),
+    }
+}
+
+/// In a transaction, a failed record cannot be sent again (the retry could land twice): the
+/// job fails, and recovery aborts the transaction and replays from the checkpoint.
+fn in_txn(e: CoreError, txn: bool) -> CoreError {
+    match e {
+        CoreError::Other { message, blame, .. } if txn => CoreError::Other {
+            message: format!("{message} (inside a transaction: the job restarts from its last checkpoint)"),
+            blame,
+            retry: weir_core::Retry::Never,
+        },
+        e => e,
     }
 }

@@ -53,6 +53,28 @@ impl Cluster {
         p.flush(Duration::from_secs(10)).unwrap();
     }
 
+    /// Whatever else `topic` holds (read_committed), after a `consume`: waits 1 s for more.
+    fn consume_all(&self, topic: &str) -> Vec<String> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", format!("all-{}-{topic}", std::process::id()))
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .create()
+            .unwrap();
+        c.subscribe(&[topic]).unwrap();
+        let mut out = Vec::new();
+        let mut quiet = Instant::now();
+        // Joining the group takes a while; after the first record, a second of quiet ends it.
+        while quiet.elapsed() < Duration::from_secs(if out.is_empty() { 15 } else { 1 }) {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                out.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
+                quiet = Instant::now();
+            }
+        }
+        out
+    }
+
     /// Reads `n` records of `topic` (read_committed), failing after 20 s.
     fn consume(&self, topic: &str, n: usize) -> Vec<(Option<String>, String)> {
         let c: BaseConsumer = ClientConfig::new()
@@ -169,6 +191,10 @@ fn kafka_to_kafka_with_keys_and_metadata_columns() {
             partition: None,
             headers: [("source-partition".to_string(), "p".to_string())].into_iter().collect(),
             mode: "at_least_once".into(),
+            transactional_id: None,
+            commit_topic: None,
+            transaction_timeout: None,
+            checkpoint_header: None,
             properties: Default::default(),
         }),
     );
@@ -301,6 +327,76 @@ fn kafka_settings_are_checked() {
     let mut s = kafka_source("b:1", "t");
     s.properties.insert("sasl.password".into(), "hunter2".into());
     assert!(!format!("{s:?}").contains("hunter2"));
+}
+
+fn exactly_once_sink(brokers: &str, id: &str) -> SinkConfig {
+    SinkConfig::new(
+        "to-kafka",
+        SinkConnector::Kafka(KafkaSinkSettings {
+            brokers: brokers.into(),
+            topic: "out".into(),
+            format: FormatSpec::Json,
+            key: Some("device_id".into()),
+            partition: None,
+            headers: Default::default(),
+            mode: "exactly_once".into(),
+            transactional_id: Some(id.into()),
+            commit_topic: None,
+            transaction_timeout: None,
+            checkpoint_header: None,
+            properties: Default::default(),
+        }),
+    )
+}
+
+/// W1 to Kafka in transactions, one per checkpoint, at 2 workers: a `read_committed` reader
+/// sees every result once, and the commit topic records the checkpoints committed.
+#[test]
+fn exactly_once_output_is_committed_per_checkpoint() {
+    // The mock cluster does not serve CreateTopics, so the commit topic is made here.
+    let k = Cluster::new(&[("sensors", 3), ("out", 2), ("w1-eo.commits", 1)]);
+    k.produce("sensors", &lines(&data("sensors-3k.jsonl")), None);
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("unused"), dir.path().join("dead.jsonl"));
+    let mut cfg = from_kafka("w1-sensor-window.yaml", &k.brokers, "sensors", &out, &dead);
+    cfg.sink = exactly_once_sink(&k.brokers, "w1-eo");
+    cfg.checkpoints = Some(CheckpointConfig {
+        dir: dir.path().join("ck").display().to_string(),
+        options: Default::default(),
+        interval: Duration::from_millis(50),
+        keep: 2,
+    });
+    let s = run(&cfg, 2);
+    let expected = read_jsonl(&data("w1-expected.jsonl"));
+    assert_eq!(s.sink_rows as usize, expected.len());
+    let got = k.consume("out", expected.len());
+    let rows: Vec<serde_json::Value> = got.iter().map(|(_, v)| serde_json::from_str(v).unwrap()).collect();
+    assert_same_rows(expected, rows, "exactly-once kafka sink");
+    let commits = k.consume_all("w1-eo.commits");
+    assert!(!commits.is_empty(), "the commit topic records the committed checkpoints");
+    assert!(commits.iter().all(|c| c.contains("\"checkpoint\":")), "{commits:?}");
+}
+
+#[test]
+fn exactly_once_needs_checkpoints_and_a_long_enough_transaction_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("o"), dir.path().join("d"));
+    let mut cfg = from_kafka("w1-sensor-window.yaml", "127.0.0.1:1", "t", &out, &dead);
+    cfg.sink = exactly_once_sink("127.0.0.1:1", "x");
+    let plan = |cfg: &PipelineConfig| {
+        Pipeline::from_config(cfg.clone()).build().unwrap().plan(&RunOptions::default()).unwrap_err().to_string()
+    };
+    let err = plan(&cfg);
+    assert!(err.contains("exactly_once") && err.contains("checkpoints"), "{err}");
+    cfg.checkpoints = Some(CheckpointConfig {
+        dir: dir.path().join("ck").display().to_string(),
+        options: Default::default(),
+        interval: Duration::from_secs(60),
+        keep: 2,
+    });
+    cfg.sink.kafka.as_mut().unwrap().transaction_timeout = Some(Duration::from_secs(90));
+    let err = plan(&cfg);
+    assert!(err.contains("transaction_timeout") && err.contains("3m"), "{err}");
 }
 
 /// Against a real Kafka-protocol broker (Tansu, started by `scripts/services.sh`): two jobs in
