@@ -53,16 +53,23 @@ impl Cluster {
         p.flush(Duration::from_secs(10)).unwrap();
     }
 
-    /// Whatever else `topic` holds (read_committed), after a `consume`: waits 1 s for more.
-    fn consume_all(&self, topic: &str) -> Vec<String> {
+    /// A `read_committed` consumer of `topic` from its start, in its own group.
+    fn reader(&self, group: String, topic: &str) -> BaseConsumer {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
-            .set("group.id", format!("all-{}-{topic}", std::process::id()))
+            .set("group.id", group)
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
             .create()
             .unwrap();
         c.subscribe(&[topic]).unwrap();
+        c
+    }
+
+    /// Everything `topic` holds (read_committed): waits for the first record, then until a
+    /// second passes without one.
+    fn consume_all(&self, topic: &str) -> Vec<String> {
+        let c = self.reader(format!("all-{}-{topic}", std::process::id()), topic);
         let mut out = Vec::new();
         let mut quiet = Instant::now();
         // Joining the group takes a while; after the first record, a second of quiet ends it.
@@ -77,14 +84,7 @@ impl Cluster {
 
     /// Reads `n` records of `topic` (read_committed), failing after 20 s.
     fn consume(&self, topic: &str, n: usize) -> Vec<(Option<String>, String)> {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .set("group.id", format!("reader-{}", std::process::id()))
-            .set("auto.offset.reset", "earliest")
-            .set("isolation.level", "read_committed")
-            .create()
-            .unwrap();
-        c.subscribe(&[topic]).unwrap();
+        let c = self.reader(format!("reader-{}", std::process::id()), topic);
         let mut out = Vec::new();
         let t = Instant::now();
         while out.len() < n {
