@@ -7,7 +7,6 @@ event times aligned and dead-letter the failures with their tracebacks. Nothing 
 
 from __future__ import annotations
 
-import gc
 import pickle
 import time
 import traceback
@@ -83,20 +82,6 @@ def rows_to_batch(rows: List[Dict[str, Any]], kept: List[int], schema: pa.Schema
         return pa.RecordBatch.from_pylist(good_rows, schema=schema), good_kept
 
 
-class _GcPaused:
-    """Pauses the cyclic garbage collector for one batch's row loop: building thousands of
-    dicts otherwise sets off collections that scan every live object, which costs more than
-    the loop itself. Reference counting still frees everything at once."""
-
-    def __enter__(self) -> None:
-        self.was = gc.isenabled()
-        gc.disable()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.was:
-            gc.enable()
-
-
 def _key_of(row: Dict[str, Any], keys: Sequence[str]) -> Any:
     vals = []
     for path in keys:
@@ -120,12 +105,9 @@ class StatefulMap:
         self.states: Dict[Any, Tuple[int, Any]] = {}
 
     def apply(self, rows: List[Dict[str, Any]], groups: List[int]):
-        """Runs ``fn`` over one batch's rows (dicts, made by the engine); returns the emitted
-        dicts, the input rows they came from, and the failures. The engine builds the batch."""
-        with _GcPaused():
-            return self._apply(rows, groups)
-
-    def _apply(self, rows: List[Dict[str, Any]], groups: List[int]):
+        """Runs ``fn`` over one batch's rows (dicts, made by the engine, which also pauses the
+        garbage collector around the call); returns the emitted dicts, the input rows they
+        came from, and the failures. The engine builds the batch."""
         out: List[Dict[str, Any]] = []
         kept: List[int] = []
         failures: List[Failure] = []

@@ -159,7 +159,8 @@ impl SinkFactory for KafkaSinkFactory {
 
 struct KafkaSink {
     cfg: Arc<KafkaSinkConfig>,
-    /// At least once: this worker's producer.
+    /// At least once: this worker's producer. Exactly once: the shared producer of the
+    /// current checkpoint's transaction, set by `begin`.
     producer: Option<FutureProducer<Logging>>,
     /// Exactly once: the shared transactional producers.
     txn: Option<Arc<Transactions>>,
@@ -220,13 +221,8 @@ fn memchr_newlines(buf: &[u8]) -> impl Iterator<Item = usize> + '_ {
 #[async_trait::async_trait]
 impl Sink for KafkaSink {
     async fn write(&mut self, rows: &RecordBatch) -> Result<()> {
-        let producer = match (&self.producer, &self.txn) {
-            (Some(p), _) => p.clone(),
-            (None, Some(t)) => {
-                let e = self.epoch.ok_or_else(|| CoreError::Internal("kafka sink: a write before begin".into()))?;
-                t.producer_for(e).await?
-            }
-            (None, None) => weir_core::bail_internal!("kafka sink without a producer"),
+        let Some(producer) = self.producer.clone() else {
+            weir_core::bail_internal!("kafka sink: a transactional write before begin")
         };
         let txn = self.txn.is_some();
         let spans = encode_rows(self.encoder.as_mut(), &self.cfg.format, rows, &mut self.buf)?;
@@ -294,12 +290,12 @@ impl Sink for KafkaSink {
 
     async fn begin(&mut self, epoch: Epoch) -> Result<()> {
         self.epoch = Some(epoch);
-        match &self.txn {
+        if let Some(t) = &self.txn {
             // Opened now rather than at the first write, so the committer finds every epoch
             // open, also one in which this worker wrote nothing.
-            Some(t) => t.producer_for(epoch).await.map(|_| ()),
-            None => Ok(()),
+            self.producer = Some(t.producer_for(epoch).await?);
         }
+        Ok(())
     }
 
     async fn pre_commit(&mut self, _epoch: Epoch) -> Result<()> {
@@ -309,7 +305,9 @@ impl Sink for KafkaSink {
     }
 
     async fn close(&mut self) -> Result<()> {
-        let Some(p) = self.producer.clone() else { return Ok(()) };
+        // A transactional producer's rows were all acknowledged by their writes; the
+        // committer, not the sink, ends its transaction.
+        let (Some(p), None) = (self.producer.clone(), &self.txn) else { return Ok(()) };
         tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(30)))
             .await
             .map_err(|e| CoreError::Task(e.to_string()))?

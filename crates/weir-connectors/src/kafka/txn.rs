@@ -16,7 +16,6 @@
 //! newer one: the input after it is processed again, and its output committed once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -134,8 +133,6 @@ pub(crate) struct Transactions {
     settings: KafkaTransactionSettings,
     slots: [Slot; 2],
     stats: std::sync::Arc<ProduceStats>,
-    /// The newest checkpoint seen committed, for the log.
-    last_commit: Mutex<Option<Epoch>>,
     /// Tells this process's transactions from an earlier one's of the same checkpoint
     /// number (a checkpoint whose commit was lost is taken again after recovery).
     run: String,
@@ -193,7 +190,6 @@ impl Transactions {
             slots: [slot(0), slot(1)],
             settings,
             stats,
-            last_commit: Mutex::new(None),
             run: run_id(),
         })
     }
@@ -430,7 +426,6 @@ impl Committer for Transactions {
         slot.freed.notify_waiters();
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.commit_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        *self.last_commit.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(epoch);
         tracing::debug!(checkpoint = epoch.0, transactional_id = %slot.id, "Kafka transaction committed.");
         Ok(())
     }
