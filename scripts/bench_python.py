@@ -12,16 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "python"))
 
 
-def timed(fn, runs):
-    fn()  # warm-up
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
-
-
 def cli_w1(a, workers):
     env = dict(os.environ, INPUT=a.input, OUTPUT=f"{a.work}/cli.jsonl", DEAD_LETTERS=f"{a.work}/cli-dl.jsonl")
     subprocess.run([a.weir, "run", str(ROOT / "examples" / "w1-sensor-window.yaml"), "--workers", str(workers), "--quiet", "--no-progress"], env=env, check=True)
@@ -155,16 +145,28 @@ def w1_table(a, n):
 
 
 def steps_table(a, n):
-    print("Cost of a Python step computing temp_f = temp * 1.8 + 32, 1 worker, median of", a.runs)
-    print("| engine | pipeline without the steps, s | steps chained | with the steps, s | cost per row of one step |")
+    print("Cost of a Python step computing temp_f = temp * 1.8 + 32, 1 worker, runs interleaved, median of", a.runs)
+    print("| engine and step | without the steps: wall / CPU, s | steps chained | with the steps: wall / CPU, s | cost per row of one step: wall / CPU |")
     print("|---|---|---|---|---|")
-    base = timed(lambda: script_run(WEIR_STEP, "none", a, "weir"), a.runs)
-    for v, k in (("map", STEPS), ("map_batches", BATCH_STEPS)):
-        t = timed(lambda: script_run(WEIR_STEP, v, a, "weir", k), a.runs)
-        print(f"| Weir `{v}` | {base:.2f} | {k} | {t:.2f} | {(t - base) / n / k * 1e9:,.1f} ns |")
-    bbase = timed(lambda: script_run(BYTEWAX_STEP, "none", a, "bytewax"), a.runs)
-    bt = timed(lambda: script_run(BYTEWAX_STEP, "map", a, "bytewax"), a.runs)
-    print(f"| Bytewax 0.21.1 `map` | {bbase:.2f} | {STEPS} | {bt:.2f} | {(bt - bbase) / n / STEPS * 1e9:,.1f} ns |")
+    weir = interleaved(
+        [lambda: script_run(WEIR_STEP, "none", a, "weir"),
+         lambda: script_run(WEIR_STEP, "map", a, "weir", STEPS),
+         lambda: script_run(WEIR_STEP, "map_batches", a, "weir", BATCH_STEPS)],
+        a.runs,
+    )
+    bytewax = interleaved(
+        [lambda: script_run(BYTEWAX_STEP, "none", a, "bytewax"), lambda: script_run(BYTEWAX_STEP, "map", a, "bytewax")],
+        a.runs,
+    )
+
+    def row(name, base, with_steps, k):
+        (b, bc), (t, tc) = base, with_steps
+        per = lambda x, y: f"{(y - x) / n / k * 1e9:,.1f} ns"
+        print(f"| {name} | {b:.2f} / {bc:.2f} | {k} | {t:.2f} / {tc:.2f} | {per(b, t)} / {per(bc, tc)} |")
+
+    row("Weir `map` (a dict per row)", weir[0], weir[1], STEPS)
+    row("Weir `map_batches` (numpy on the batch)", weir[0], weir[2], BATCH_STEPS)
+    row("Bytewax 0.21.1 `map` (a dict per row)", bytewax[0], bytewax[1], STEPS)
 
 
 if __name__ == "__main__":

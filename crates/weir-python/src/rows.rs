@@ -8,13 +8,14 @@
 
 use std::sync::Arc;
 
+use arrow_array::builder::{LargeStringBuilder, StringBuilder};
 use arrow_array::cast::AsArray as _;
 use arrow_array::types::{
     Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type, UInt32Type, UInt64Type, UInt8Type,
 };
 use arrow_array::{
     Array, ArrayRef, BooleanArray, Float32Array, Float64Array, Int16Array, Int32Array, Int64Array, Int8Array,
-    LargeStringArray, RecordBatch, StringArray, UInt16Array, UInt32Array, UInt64Array, UInt8Array,
+    RecordBatch, UInt16Array, UInt32Array, UInt64Array, UInt8Array,
 };
 use arrow_schema::{DataType, Field, SchemaRef};
 use pyo3::prelude::*;
@@ -148,7 +149,9 @@ enum Column {
     Int(Vec<Option<i64>>),
     UInt(Vec<Option<u64>>),
     Float(Vec<Option<f64>>),
-    Text(Vec<Option<String>>),
+    // Straight into the array's buffers: no `String` per value.
+    Text(StringBuilder),
+    LargeText(LargeStringBuilder),
 }
 
 /// Builds a batch of `schema` (plain fields only, see [`plain_schema`]) from the dicts a row
@@ -168,12 +171,16 @@ pub(crate) fn from_dicts(
     let keys: Vec<Bound<'_, PyString>> = fields.iter().map(|f| PyString::intern(py, f.name())).collect();
     let mut columns: Vec<Column> = kinds
         .iter()
-        .map(|k| match k {
+        .zip(fields.iter())
+        .map(|(k, f)| match k {
             ColumnKind::Bool => Column::Bool(Vec::with_capacity(rows.len())),
             ColumnKind::Int => Column::Int(Vec::with_capacity(rows.len())),
             ColumnKind::UInt => Column::UInt(Vec::with_capacity(rows.len())),
             ColumnKind::Float => Column::Float(Vec::with_capacity(rows.len())),
-            ColumnKind::Text => Column::Text(Vec::with_capacity(rows.len())),
+            ColumnKind::Text if *f.data_type() == DataType::LargeUtf8 => {
+                Column::LargeText(LargeStringBuilder::with_capacity(rows.len(), rows.len() * 16))
+            }
+            ColumnKind::Text => Column::Text(StringBuilder::with_capacity(rows.len(), rows.len() * 16)),
         })
         .collect();
     let mut bad = Vec::new();
@@ -198,12 +205,14 @@ pub(crate) fn from_dicts(
                 (Column::Int(c), Value::Int(i)) => c.push(Some(i)),
                 (Column::UInt(c), Value::UInt(u)) => c.push(Some(u)),
                 (Column::Float(c), Value::Float(f)) => c.push(Some(f)),
-                (Column::Text(c), Value::Text(s)) => c.push(Some(s.to_str()?.to_owned())),
+                (Column::Text(c), Value::Text(s)) => c.append_value(s.to_str()?),
+                (Column::LargeText(c), Value::Text(s)) => c.append_value(s.to_str()?),
                 (Column::Bool(c), _) => c.push(None),
                 (Column::Int(c), _) => c.push(None),
                 (Column::UInt(c), _) => c.push(None),
                 (Column::Float(c), _) => c.push(None),
-                (Column::Text(c), _) => c.push(None),
+                (Column::Text(c), _) => c.append_null(),
+                (Column::LargeText(c), _) => c.append_null(),
             }
         }
     }
@@ -264,6 +273,10 @@ fn value<'py>(v: Option<Bound<'py, PyAny>>, field: &Field, kind: ColumnKind) -> 
                 Err(format!("`{name}` = {u} does not fit in {}", field.data_type()))
             }
         }
+        // The common case first: exactly a float, read without a conversion call.
+        ColumnKind::Float if v.is_exact_instance_of::<PyFloat>() => {
+            Ok(Value::Float(v.cast::<PyFloat>().map_err(|_| wrong("a number"))?.value()))
+        }
         ColumnKind::Float => {
             if v.is_instance_of::<PyString>() || v.is_instance_of::<PyBool>() {
                 return Err(wrong("a number"));
@@ -311,9 +324,7 @@ fn finish(c: Column, t: &DataType) -> ArrayRef {
             DataType::Float32 => Arc::new(v.into_iter().map(|x| x.map(|x| x as f32)).collect::<Float32Array>()),
             _ => Arc::new(Float64Array::from(v)),
         },
-        Column::Text(v) => match t {
-            DataType::LargeUtf8 => Arc::new(LargeStringArray::from(v)),
-            _ => Arc::new(StringArray::from(v)),
-        },
+        Column::Text(mut b) => Arc::new(b.finish()),
+        Column::LargeText(mut b) => Arc::new(b.finish()),
     }
 }

@@ -341,7 +341,7 @@ impl PyOp {
             self.call_batch(py, |py| {
                 let result = s.func.bind(py).call1((input.clone(),))?;
                 let out = s.helpers.bind(py).getattr("to_batch")?.call1((result, schema.clone()))?;
-                let rows = self.bridge.import(&out)?;
+                let rows = self.bridge.import(&out, Some(&batch.rows))?;
                 if rows.num_rows() != n {
                     return Err(pyo3::exceptions::PyValueError::new_err(format!(
                         "map_batches functions return as many rows as they get (to keep event times): got {n}, returned {}; drop rows with `filter`",
@@ -542,7 +542,7 @@ impl PyOp {
             let t = r.cast::<PyTuple>()?;
             kept = t.get_item(1)?.extract()?;
             failures.extend(failed.extract::<RowFailures>()?);
-            self.bridge.import(&t.get_item(0)?)?
+            self.bridge.import(&t.get_item(0)?, None)?
         };
         let all = kept.len() == n;
         Ok((Some(batch), (!all).then_some(kept), failures))
