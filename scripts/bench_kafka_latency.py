@@ -110,9 +110,15 @@ def main():
     if brokers == "mock":
         holder, brokers = start_mock()
     run = f"lat{int(time.time() * 1000) % 10**9}"
-    admin = AdminClient({"bootstrap.servers": brokers})
-    for f in admin.create_topics([NewTopic(f"{run}-in", a.partitions, 1), NewTopic(f"{run}-out", a.partitions, 1)]).values():
-        f.result()
+    if holder is None:
+        admin = AdminClient({"bootstrap.servers": brokers})
+        for f in admin.create_topics([NewTopic(f"{run}-in", a.partitions, 1), NewTopic(f"{run}-out", a.partitions, 1)]).values():
+            f.result()
+    else:
+        # The mock cluster does not serve CreateTopics; it makes a topic (4 partitions) the first
+        # time a producer asks for its metadata. The sink's commit topic is made the same way.
+        for t in (f"{run}-in", f"{run}-out", f"{run}.commits"):
+            holder.list_topics(t, timeout=10)
     path = f"{a.work}/pipeline.yaml"
     with open(path, "w") as f:
         f.write(pipeline(a, brokers, run))
