@@ -26,6 +26,39 @@ pub fn worker_for_group(group: u32, workers: usize) -> usize {
     (group as usize * workers) / KEY_GROUPS as usize
 }
 
+/// Kafka's default partitioner hash: 32-bit MurmurHash2 with Kafka's seed, as the Java
+/// client's `Utils.murmur2` and librdkafka's `murmur2_random` compute it for a non-null key.
+/// Weir needs it to tell, without asking a broker, which partition a key's records are in.
+pub fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ (data.len() as u32);
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]).wrapping_mul(M);
+        k ^= k >> 24;
+        h = h.wrapping_mul(M) ^ k.wrapping_mul(M);
+    }
+    let tail = chunks.remainder();
+    if !tail.is_empty() {
+        for (i, b) in tail.iter().enumerate() {
+            h ^= u32::from(*b) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^ (h >> 15)
+}
+
+/// The partition, of `partitions`, that Kafka's default partitioner gives a record with
+/// this (non-null) key.
+///
+/// # Panics
+/// `partitions` is zero.
+pub fn kafka_partition(key: &[u8], partitions: u32) -> u32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions
+}
+
 /// Reads the key columns named by dotted paths.
 pub fn key_columns(batch: &RecordBatch, paths: &[String]) -> Result<Vec<ArrayRef>> {
     paths.iter().map(|p| column_by_path(batch, p)).collect()

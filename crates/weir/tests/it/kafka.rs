@@ -101,6 +101,30 @@ impl Cluster {
     }
 }
 
+/// `weir_core::keys::kafka_partition` agrees with librdkafka's `murmur2_random` (the Java
+/// client's partitioner) for keys of every tail length, so Weir can know without a broker
+/// which partition holds a key.
+#[test]
+fn kafka_partition_matches_the_murmur2_partitioner() {
+    let topic = "placement";
+    let k = Cluster::new(&[(topic, 7)]);
+    let keys: Vec<String> =
+        (0..300).map(|i| "dev-0123456789".chars().take(i % 15).collect::<String>() + &i.to_string()).collect();
+    let lines: Vec<String> = keys.iter().map(|d| format!("{{\"device_id\":\"{d}\"}}")).collect();
+    k.produce(topic, &lines, None);
+    let c = k.reader(format!("placement-{}", std::process::id()), topic);
+    let mut seen = 0;
+    let t = Instant::now();
+    while seen < keys.len() {
+        assert!(t.elapsed() < Duration::from_secs(20), "read {seen} of {} records", keys.len());
+        let Some(Ok(m)) = c.poll(Duration::from_millis(100)) else { continue };
+        let key = m.key().unwrap();
+        let ours = weir_core::keys::kafka_partition(key, 7);
+        assert_eq!(ours as i32, m.partition(), "key {:?}", String::from_utf8_lossy(key));
+        seen += 1;
+    }
+}
+
 fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path).unwrap().lines().map(str::to_string).collect()
 }
