@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::SchemaRef;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::message::{Header, Message as _, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
 use weir_core::checkpoint::Epoch;
 use weir_core::metrics::ConnectorMetrics;
@@ -149,6 +149,9 @@ impl SinkFactory for KafkaSinkFactory {
             encoder,
             buf: Vec::new(),
             stats: self.stats.clone(),
+            in_flight: Default::default(),
+            failed: Vec::new(),
+            last_failure: None,
         }))
     }
 
@@ -169,6 +172,12 @@ struct KafkaSink {
     encoder: Box<dyn Encoder>,
     buf: Vec<u8>,
     stats: Arc<ProduceStats>,
+    /// Written batches whose deliveries are not all reported yet, oldest first.
+    in_flight: std::collections::VecDeque<InFlight>,
+    /// Records whose delivery failed for a reason that may pass, to be sent again.
+    failed: Vec<OwnedMessage>,
+    /// The error of the latest such failure, not yet reported.
+    last_failure: Option<CoreError>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -218,6 +227,128 @@ fn memchr_newlines(buf: &[u8]) -> impl Iterator<Item = usize> + '_ {
     buf.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i)
 }
 
+/// The delivery reports of one written batch, awaited by a task of their own so that the
+/// next batch is produced meanwhile; the task records the batch's produce latency when its
+/// last report arrives, and hands back the records that failed and how many reports the
+/// producer dropped.
+type InFlight = tokio::task::JoinHandle<(Vec<(KafkaError, OwnedMessage)>, usize)>;
+
+fn await_deliveries(futures: Vec<DeliveryFuture>, records: usize, bytes: usize, stats: Arc<ProduceStats>) -> InFlight {
+    let started = Instant::now();
+    tokio::spawn(async move {
+        let (mut failed, mut dropped) = (Vec::new(), 0);
+        for f in futures {
+            match f.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => failed.push(e),
+                Err(_) => dropped += 1,
+            }
+        }
+        stats.batch(records, bytes, started.elapsed());
+        (failed, dropped)
+    })
+}
+
+/// A failed record made sendable again.
+fn record_of(m: &OwnedMessage) -> FutureRecord<'_, [u8], [u8]> {
+    let mut rec = FutureRecord::<[u8], [u8]>::to(m.topic());
+    if let Some(p) = m.payload() {
+        rec = rec.payload(p);
+    }
+    if let Some(k) = m.key() {
+        rec = rec.key(k);
+    }
+    if m.partition() >= 0 {
+        rec = rec.partition(m.partition());
+    }
+    if let Some(h) = m.headers() {
+        rec = rec.headers(h.clone());
+    }
+    rec
+}
+
+impl KafkaSink {
+    /// Hands a record to the producer; a full local queue is backpressure: wait for the brokers
+    /// to take some, then try again.
+    async fn send<'a, K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
+        producer: &FutureProducer<Logging>,
+        mut rec: FutureRecord<'a, K, P>,
+        topic: &str,
+        txn: bool,
+    ) -> Result<DeliveryFuture> {
+        loop {
+            match producer.send_result(rec) {
+                Ok(f) => return Ok(f),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    rec = r;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((e, _)) => return Err(in_txn(kafka_err(format!("kafka sink: producing to `{topic}`"), &e), txn)),
+            }
+        }
+    }
+
+    /// Takes in the reports of the batches already acknowledged (`wait`: of all of them).
+    /// Records that failed for a reason that may pass are kept to be sent again; a failure
+    /// that will not pass, or any failure inside a transaction, is the error.
+    async fn settle(&mut self, wait: bool) -> Result<()> {
+        let txn = self.txn.is_some();
+        while let Some(h) = self.in_flight.front() {
+            if !wait && !h.is_finished() {
+                break;
+            }
+            let h = self.in_flight.pop_front().expect("front exists");
+            let (failed, dropped) =
+                h.await.map_err(|e| CoreError::Task(format!("kafka sink: delivery reports: {e}")))?;
+            if dropped > 0 {
+                return Err(CoreError::Task(format!("kafka sink: the producer dropped {dropped} delivery reports")));
+            }
+            for (e, m) in failed {
+                let err = in_txn(kafka_err(format!("kafka sink: delivery to `{}`", self.cfg.topic), &e), txn);
+                if err.retry() != weir_core::Retry::Backoff {
+                    return Err(err);
+                }
+                self.failed.push(m);
+                self.last_failure = Some(err);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the records whose delivery failed again, ahead of anything newer.
+    async fn resend(&mut self) -> Result<()> {
+        if self.failed.is_empty() {
+            return Ok(());
+        }
+        let Some(producer) = self.producer.clone() else { return Ok(()) };
+        let failed = std::mem::take(&mut self.failed);
+        let mut futures = Vec::with_capacity(failed.len());
+        let mut bytes = 0;
+        for m in &failed {
+            bytes += m.payload().map_or(0, <[u8]>::len);
+            futures.push(Self::send(&producer, record_of(m), &self.cfg.topic, false).await?);
+        }
+        tracing::info!(topic = %self.cfg.topic, records = failed.len(), "Kafka sink: sending records again after a failed delivery.");
+        self.in_flight.push_back(await_deliveries(futures, failed.len(), bytes, self.stats.clone()));
+        Ok(())
+    }
+
+    /// Waits until every record written so far is acknowledged, sending failed ones again
+    /// with backoff: a checkpoint (or the end) must not count rows the brokers do not have.
+    async fn drain(&mut self) -> Result<()> {
+        let mut attempt = 0u32;
+        loop {
+            self.settle(true).await?;
+            let Some(err) = self.last_failure.take() else { return Ok(()) };
+            attempt += 1;
+            let delay = Duration::from_millis(100 * 2u64.pow(attempt.min(8))).min(Duration::from_secs(30));
+            tracing::warn!(topic = %self.cfg.topic, attempt, error = %err, "Kafka sink: deliveries failed; sending them again before the checkpoint.");
+            tokio::time::sleep(delay).await;
+            self.resend().await?;
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl Sink for KafkaSink {
     async fn write(&mut self, rows: &RecordBatch) -> Result<()> {
@@ -225,6 +356,13 @@ impl Sink for KafkaSink {
             weir_core::bail_internal!("kafka sink: a transactional write before begin")
         };
         let txn = self.txn.is_some();
+        // A failure of an earlier batch is reported here, before this batch is sent: the
+        // runtime backs off and calls again with this batch, and the failed records go first.
+        self.settle(false).await?;
+        if let Some(err) = self.last_failure.take() {
+            return Err(err);
+        }
+        self.resend().await?;
         let spans = encode_rows(self.encoder.as_mut(), &self.cfg.format, rows, &mut self.buf)?;
         let keys = self.cfg.key.as_deref().map(|k| texts(rows, k)).transpose()?;
         let parts = self.cfg.partition.as_deref().map(|p| texts(rows, p)).transpose()?;
@@ -234,8 +372,7 @@ impl Sink for KafkaSink {
             (Some(t), Some(e)) => t.checkpoint_header().map(|h| (h.to_string(), format!("{}:{}", t.run(), e.0))),
             _ => None,
         };
-        let started = Instant::now();
-        let mut pending = Vec::with_capacity(spans.len());
+        let mut futures = Vec::with_capacity(spans.len());
         for (i, (s, e)) in spans.iter().enumerate() {
             let mut rec = FutureRecord::<str, [u8]>::to(&self.cfg.topic).payload(&self.buf[*s..*e]);
             if let Some(k) = keys.as_ref().and_then(|k| k[i].as_deref()) {
@@ -257,34 +394,9 @@ impl Sink for KafkaSink {
                 }
                 rec = rec.headers(h);
             }
-            // A full local queue is backpressure: wait for deliveries, then try again.
-            loop {
-                match producer.send_result(rec) {
-                    Ok(f) => {
-                        pending.push(f);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        rec = r;
-                        if pending.is_empty() {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        } else {
-                            delivered(pending.remove(0), &self.cfg.topic, txn).await?;
-                        }
-                    }
-                    Err((e, _)) => {
-                        return Err(in_txn(
-                            kafka_err(format!("kafka sink: producing to `{}`", self.cfg.topic), &e),
-                            txn,
-                        ))
-                    }
-                }
-            }
+            futures.push(Self::send(&producer, rec, &self.cfg.topic, txn).await?);
         }
-        for f in pending {
-            delivered(f, &self.cfg.topic, txn).await?;
-        }
-        self.stats.batch(spans.len(), self.buf.len(), started.elapsed());
+        self.in_flight.push_back(await_deliveries(futures, spans.len(), self.buf.len(), self.stats.clone()));
         Ok(())
     }
 
@@ -299,14 +411,16 @@ impl Sink for KafkaSink {
     }
 
     async fn pre_commit(&mut self, _epoch: Epoch) -> Result<()> {
-        // Every write waited for its deliveries: the epoch's rows are on the brokers, inside
-        // the open transaction, which the committer commits once the checkpoint completes.
-        Ok(())
+        // Writes do not wait for their deliveries; the checkpoint does. Then the epoch's rows
+        // are on the brokers (inside the open transaction, in exactly-once mode, which the
+        // committer commits once the checkpoint completes).
+        self.drain().await
     }
 
     async fn close(&mut self) -> Result<()> {
-        // A transactional producer's rows were all acknowledged by their writes; the
-        // committer, not the sink, ends its transaction.
+        self.drain().await?;
+        // A transactional producer's rows are all acknowledged now; the committer, not the
+        // sink, ends its transaction.
         let (Some(p), None) = (self.producer.clone(), &self.txn) else { return Ok(()) };
         tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(30)))
             .await
@@ -316,15 +430,6 @@ impl Sink for KafkaSink {
 
     fn report(&self, m: &ConnectorMetrics) {
         self.stats.report(&self.cfg.topic, m);
-    }
-}
-
-/// Waits for one record's delivery report.
-async fn delivered(f: rdkafka::producer::DeliveryFuture, topic: &str, txn: bool) -> Result<()> {
-    match f.await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((e, _))) => Err(in_txn(kafka_err(format!("kafka sink: delivery to `{topic}`"), &e), txn)),
-        Err(_) => Err(CoreError::Task("kafka sink: the producer dropped a delivery".into())),
     }
 }
 

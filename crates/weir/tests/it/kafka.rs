@@ -539,6 +539,55 @@ fn a_broker_that_is_down_for_a_while_loses_nothing() {
     assert_same_rows(read_jsonl(&data("w1-expected.jsonl")), read_jsonl(&out), "after the outage");
 }
 
+/// Deliveries that fail (the broker is down longer than `message.timeout.ms`) are sent again
+/// until the broker takes them: the sink keeps records in flight across batches, so a failure
+/// can surface after its batch was written, and it must still lose nothing.
+#[test]
+fn failed_deliveries_are_sent_again() {
+    let k = Cluster::new(&[("out", 2)]);
+    let mock = k.mock.as_ref().unwrap();
+    mock.broker_down(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("unused.jsonl"), dir.path().join("dead.jsonl"));
+    let mut cfg = example(
+        "w2-filter-project.yaml",
+        &[("INPUT", &data("sensors-3k.jsonl")), ("OUTPUT", &out), ("DEAD_LETTERS", &dead)],
+    )
+    .config()
+    .clone();
+    cfg.sink = SinkConfig::new(
+        "to-kafka",
+        SinkConnector::Kafka(KafkaSinkSettings {
+            brokers: k.brokers.clone(),
+            topic: "out".into(),
+            format: FormatSpec::Json,
+            key: Some("device_id".into()),
+            partition: None,
+            headers: Default::default(),
+            mode: "at_least_once".into(),
+            transactional_id: None,
+            commit_topic: None,
+            transaction_timeout: None,
+            checkpoint_header: None,
+            properties: [("message.timeout.ms".to_string(), "300".to_string())].into_iter().collect(),
+        }),
+    );
+    let job = Job::new(Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap()).unwrap();
+    let rt = rt();
+    let handle = rt.spawn(job.run());
+    // Ten times the delivery timeout: every record has failed at least once by now.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!handle.is_finished(), "the job must wait for the broker, not end or fail");
+    mock.broker_up(1).unwrap();
+    rt.block_on(handle).unwrap().unwrap();
+    let expected = read_jsonl(&data("w2-expected.jsonl"));
+    let mut got: Vec<String> = k.consume_all("out");
+    got.sort();
+    got.dedup();
+    let got: Vec<serde_json::Value> = got.iter().map(|v| serde_json::from_str(v).unwrap()).collect();
+    assert_same_rows(expected, got, "after failed deliveries");
+}
+
 #[test]
 fn alert_events_can_go_to_a_kafka_topic() {
     let k = Cluster::new(&[("alerts", 1)]);
