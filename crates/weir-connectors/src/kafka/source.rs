@@ -210,6 +210,8 @@ struct SourceCtx {
     start: KafkaStart,
     stop_at_end: bool,
     registry: Arc<weir_core::metrics::Registry>,
+    /// The consumer group, labelling the consumer's own metrics.
+    group: String,
 }
 
 impl ClientContext for SourceCtx {
@@ -221,20 +223,50 @@ impl ClientContext for SourceCtx {
     }
     /// librdkafka's statistics (every `statistics.interval.ms`) carry each partition's end
     /// offset (`hi_offset`); the source turns it into lag against its own position. Read from
-    /// the raw JSON: only that field is needed, and brokers differ in the rest.
+    /// the raw JSON: only the fields used are read, and brokers differ in the rest.
+    ///
+    /// They also carry what is fetched ahead (`fetchq_size`: the partitions' queues feed the
+    /// consumer's one queue, so each reports that queue's bytes). The statistics are taken
+    /// every interval but handed over only when the source polls, so a stall shows once it
+    /// ends: hence the peak next to the latest figure.
     fn stats_raw(&self, raw: &[u8]) {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(raw) else { return };
         let Some(topics) = v["topics"].as_object() else { return };
         let mut ends = lock(&self.shared.ends);
+        let mut queued: Option<i64> = None;
         for (topic, t) in topics {
             let Some(parts) = t["partitions"].as_object() else { continue };
             for (p, part) in parts {
                 // Partition -1 is librdkafka's internal "unassigned" one.
-                let (Ok(p), Some(hi)) = (p.parse::<i32>(), part["hi_offset"].as_i64()) else { continue };
-                if p >= 0 && hi >= 0 {
+                let Ok(p) = p.parse::<i32>() else { continue };
+                if p < 0 {
+                    continue;
+                }
+                if let Some(hi) = part["hi_offset"].as_i64().filter(|&hi| hi >= 0) {
                     ends.insert((topic.clone(), p), hi);
                 }
+                if let Some(q) = part["fetchq_size"].as_i64() {
+                    queued = Some(queued.unwrap_or(0).max(q));
+                }
             }
+        }
+        drop(ends);
+        if let Some(q) = queued {
+            let group = [("group", self.group.as_str())];
+            let m = &self.registry.connectors;
+            let peak = m.get("weir_kafka_fetch_queue_peak_bytes", &group).unwrap_or(0.0).max(q as f64);
+            m.set(
+                "weir_kafka_fetch_queue_bytes",
+                "Bytes fetched ahead of the source and waiting in the client, at the latest statistics.",
+                &group,
+                q as f64,
+            );
+            m.set(
+                "weir_kafka_fetch_queue_peak_bytes",
+                "The most bytes fetched ahead of the source at once since the start (bounded by queued.max.messages.kbytes plus a fetch).",
+                &group,
+                peak,
+            );
         }
     }
 }
@@ -393,6 +425,12 @@ impl KafkaSource {
                 "statistics.interval.ms",
                 cfg.client.properties.get("statistics.interval.ms").cloned().unwrap_or_else(|| "5000".into()),
             ),
+            // Backpressure: when the job stops taking records, librdkafka stops fetching once
+            // this much is read ahead (its default, 64 MiB, is a lot to hold for a stalled job).
+            (
+                "queued.max.messages.kbytes",
+                cfg.client.properties.get("queued.max.messages.kbytes").cloned().unwrap_or_else(|| "16384".into()),
+            ),
         ];
         let ctx = SourceCtx {
             log: Logging { what: format!("kafka source (group {})", cfg.group_id) },
@@ -400,6 +438,7 @@ impl KafkaSource {
             start: cfg.start,
             stop_at_end: cfg.stop_at_end,
             registry: registry.clone(),
+            group: cfg.group_id.clone(),
         };
         let c: StreamConsumer<SourceCtx> = cfg
             .client

@@ -588,6 +588,74 @@ fn failed_deliveries_are_sent_again() {
     assert_same_rows(expected, got, "after failed deliveries");
 }
 
+/// Backpressure reaches the brokers, not memory: when the job stalls (its sink's broker is
+/// down and the producer's queue is full), the source stops taking records and the consumer
+/// stops fetching once `queued.max.messages.kbytes` is read ahead, though the topic holds far
+/// more. Set low here (the mock cluster's fetches stop by themselves at about 3.4 MB, below
+/// Weir's default of 16 MiB), so a setting that did not reach librdkafka would show. When the
+/// sink's broker returns, everything arrives.
+#[test]
+fn a_stalled_job_stops_fetching() {
+    const COPIES: usize = 60; // 23 MB of records
+                              // Spread over partitions: the mock cluster keeps only about 5 MB per partition.
+    let k = Cluster::new(&[("big", 12)]);
+    let one = lines(&data("sensors-3k.jsonl"));
+    let many: Vec<String> = (0..COPIES).flat_map(|_| one.iter().cloned()).collect();
+    let bytes: usize = many.iter().map(String::len).sum();
+    k.produce("big", &many, None);
+    let sink_side = Cluster::new(&[("out", 1)]);
+    let down = sink_side.mock.as_ref().unwrap();
+    down.broker_down(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("unused.jsonl"), dir.path().join("dead.jsonl"));
+    let mut cfg = from_kafka("w2-filter-project.yaml", &k.brokers, "big", &out, &dead);
+    let src = cfg.source.kafka.as_mut().unwrap();
+    src.group_id = Some("stall".into());
+    src.properties = [("statistics.interval.ms", "200"), ("queued.max.messages.kbytes", "512")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    cfg.sink = SinkConfig::new(
+        "to-kafka",
+        SinkConnector::Kafka(KafkaSinkSettings {
+            brokers: sink_side.brokers.clone(),
+            topic: "out".into(),
+            format: FormatSpec::Json,
+            key: None,
+            partition: None,
+            headers: Default::default(),
+            mode: "at_least_once".into(),
+            transactional_id: None,
+            commit_topic: None,
+            transaction_timeout: None,
+            checkpoint_header: None,
+            properties: [("queue.buffering.max.messages".to_string(), "500".to_string())].into_iter().collect(),
+        }),
+    );
+    let job = Job::new(Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap()).unwrap();
+    let reg = job.registry();
+    let rt = rt();
+    let handle = rt.spawn(job.run());
+    // Long enough for the group join, the stall, and the fetcher to fill up to its bound.
+    std::thread::sleep(Duration::from_secs(12));
+    assert!(!handle.is_finished(), "the job cannot finish while its sink's broker is down");
+    let taken = reg.source_records.load(std::sync::atomic::Ordering::Relaxed) as usize;
+    // The bound, plus one fetch response (`max.partition.fetch.bytes`, 1 MiB) in flight.
+    let bound = (512.0 + 1024.0) * 1024.0;
+    let left = (bytes * (many.len() - taken) / many.len()) as f64;
+    assert!(left > bound, "the job took {taken} records: too few are left to show the bound");
+    down.broker_up(1).unwrap();
+    rt.block_on(handle).unwrap().unwrap();
+    // The statistics taken during the stall reach the source when it polls again.
+    let peak = reg
+        .connectors
+        .get("weir_kafka_fetch_queue_peak_bytes", &[("group", "stall")])
+        .unwrap_or_else(|| panic!("no peak published: {}", reg.render_prometheus("j")));
+    assert!(peak > 0.0 && peak <= bound, "{peak} bytes read ahead of {left} left; bound {bound}");
+    let got = sink_side.consume_all("out");
+    assert_eq!(got.len(), COPIES * read_jsonl(&data("w2-expected.jsonl")).len(), "every row, once");
+}
+
 #[test]
 fn alert_events_can_go_to_a_kafka_topic() {
     let k = Cluster::new(&[("alerts", 1)]);
