@@ -4,7 +4,9 @@
 #     command, at 1 and 2 workers;
 #  2. the cost per row of a Python step alone: a pipeline's time with the step minus its time
 #     without it, for Weir's per-row `map`, Weir's `map_batches` doing the same work in numpy,
-#     and Bytewax's per-row `map` (installed from PyPI for this comparison only).
+#     and Bytewax's per-row `map` (installed from PyPI for this comparison only);
+#  3. the same three steps in instructions per row, counted by callgrind (valgrind, a Debian
+#     package), which unlike time does not drift with the machine's speed.
 #
 # Usage: scripts/bench-python.sh [N_EVENTS] [RUNS]   (default 2000000 3)
 set -euo pipefail
@@ -20,5 +22,6 @@ python3 -m pip install --quiet --disable-pip-version-check --force-reinstall --n
 bin=$PWD/target/release/weir
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 cat "$input" > /dev/null
+command -v valgrind >/dev/null || apt-get install -y -qq valgrind >&2
 python3 scripts/bench_python.py --input "$input" --weir "$bin" --work "$work" --runs "$runs"
 echo "(scripts/test.sh reinstalls the debug build of the package for the tests.)" >&2

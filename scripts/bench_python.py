@@ -100,14 +100,18 @@ def main():
     ap.add_argument("--weir", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", choices=["w1", "steps"], default=None)
+    ap.add_argument("--only", choices=["w1", "steps", "instructions"], default=None)
+    ap.add_argument("--instruction-rows", type=int, default=50_000,
+                    help="rows of the input the instruction counts run over (callgrind is ~50x slower)")
     a = ap.parse_args()
     n = count(a.input)
 
-    if a.only != "steps":
+    if a.only in (None, "w1"):
         w1_table(a, n)
-    if a.only != "w1":
+    if a.only in (None, "steps"):
         steps_table(a, n)
+    if a.only in (None, "instructions"):
+        instructions_table(a)
 
 
 def child_cpu():
@@ -167,6 +171,43 @@ def steps_table(a, n):
     row("Weir `map` (a dict per row)", weir[0], weir[1], STEPS)
     row("Weir `map_batches` (numpy on the batch)", weir[0], weir[2], BATCH_STEPS)
     row("Bytewax 0.21.1 `map` (a dict per row)", bytewax[0], bytewax[1], STEPS)
+
+
+def instructions(code, variant, path, a, name, steps):
+    """Instructions the whole process executes (every thread), counted by callgrind: unlike
+    time, the count does not move with the machine's speed."""
+    import re
+
+    out = f"{a.work}/{name}-{variant}-instr.jsonl"
+    r = subprocess.run(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={a.work}/callgrind.out", sys.executable,
+         "-c", code, variant, path, out, str(steps)],
+        check=True, capture_output=True, text=True,
+    )
+    return int(re.search(r"Collected : (\d+)", r.stderr).group(1))
+
+
+def instructions_table(a):
+    k = a.instruction_rows
+    path = f"{a.work}/first-{k}.jsonl"
+    with open(a.input, "rb") as f, open(path, "wb") as out:
+        for _, line in zip(range(k), f):
+            out.write(line)
+    print(f"Instructions per row of one step (callgrind, whole process, first {k:,} events), 1 worker")
+    print("| engine and step | without the steps | steps chained | with the steps | per row of one step |")
+    print("|---|---|---|---|---|")
+    cases = [
+        ("Weir `map` (a dict per row)", WEIR_STEP, "weir", "map", STEPS),
+        ("Weir `map_batches` (numpy on the batch)", WEIR_STEP, "weir", "map_batches", BATCH_STEPS),
+        ("Bytewax 0.21.1 `map` (a dict per row)", BYTEWAX_STEP, "bytewax", "map", STEPS),
+    ]
+    base = {}
+    for label, code, name, variant, steps in cases:
+        if name not in base:
+            base[name] = instructions(code, "none", path, a, name, steps)
+        with_steps = instructions(code, variant, path, a, name, steps)
+        per = (with_steps - base[name]) / k / steps
+        print(f"| {label} | {base[name]:,} | {steps} | {with_steps:,} | {per:,.0f} |")
 
 
 if __name__ == "__main__":
