@@ -981,6 +981,12 @@ impl SourceDriver {
         let last = match self.control.take() {
             None => None,
             Some(mut c) => {
+                // Meanwhile this source sends nothing more: it counts as idle downstream, or a
+                // source that had nothing to read (a Kafka worker without partitions) would
+                // hold back every window after an exchange until the job ends.
+                if !self.cx.stopping() {
+                    self.downstream.watermark(Watermark::Idle).await?;
+                }
                 c.finished();
                 loop {
                     match c.next().await {

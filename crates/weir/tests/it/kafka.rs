@@ -335,6 +335,41 @@ fn an_idle_partition_does_not_stall_windows() {
     assert_same_rows(read_jsonl(&data("w1-expected.jsonl")), read_jsonl(&out), "after the stop");
 }
 
+/// With checkpoints and two workers only worker 0 reads Kafka; worker 1's source has nothing
+/// to read and waits for the final checkpoint. Meanwhile it must count as idle, not hold back
+/// every window after the exchange until the job ends.
+#[test]
+fn windows_close_while_running_with_checkpoints_at_2_workers() {
+    let k = Cluster::new(&[("ck2", 2)]);
+    k.produce("ck2", &lines(&data("sensors-3k.jsonl")), None);
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("out"), dir.path().join("dead.jsonl"));
+    let mut cfg = from_kafka("w1-sensor-window.yaml", &k.brokers, "ck2", &out, &dead);
+    cfg.source.kafka.as_mut().unwrap().stop_at_end = false;
+    cfg.checkpoints = Some(CheckpointConfig {
+        dir: dir.path().join("ck").display().to_string(),
+        options: Default::default(),
+        interval: Duration::from_millis(200),
+        keep: 2,
+    });
+    let plan = Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions { workers: Some(2), ..Default::default() });
+    let job = Job::new(plan.unwrap()).unwrap();
+    let (reg, stop) = (job.registry(), job.shutdown_handle());
+    let rt = rt();
+    let handle = rt.spawn(job.run());
+    let t = Instant::now();
+    while reg.sink_rows.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no window closed while running:\n{}",
+            reg.render_prometheus("x")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.stop();
+    rt.block_on(handle).unwrap().unwrap();
+}
+
 #[test]
 fn kafka_settings_are_checked() {
     let dir = tempfile::tempdir().unwrap();
