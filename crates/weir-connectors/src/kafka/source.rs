@@ -425,6 +425,14 @@ impl KafkaSource {
                 "statistics.interval.ms",
                 cfg.client.properties.get("statistics.interval.ms").cloned().unwrap_or_else(|| "5000".into()),
             ),
+            // How long a broker may hold a fetch when it has nothing new. Kafka answers as soon
+            // as data arrives, but some brokers (Tansu, librdkafka's mock) wait out the whole
+            // time, and librdkafka's 500 ms then becomes the latency. 10 ms costs an idle
+            // consumer about a hundred small requests a second per broker.
+            (
+                "fetch.wait.max.ms",
+                cfg.client.properties.get("fetch.wait.max.ms").cloned().unwrap_or_else(|| "10".into()),
+            ),
             // Backpressure: when the job stops taking records, librdkafka stops fetching once
             // this much is read ahead (its default, 64 MiB, is a lot to hold for a stalled job).
             (
