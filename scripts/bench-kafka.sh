@@ -41,11 +41,15 @@ echo
 echo "latency at $rate events/s (ms):"
 echo "| broker | pipeline | mode | workers | produced/s | results measured | p50 | p99 | max |"
 echo "|---|---|---|---|---|---|---|---|---|"
+lat() { python3 scripts/bench_kafka_latency.py --weir "$bin" --rate "$rate" "$@" 2>/dev/null; }
+# `none`: no job, the brokers alone (production to readable through one topic).
+echo -n "| Tansu "; lat --brokers "$WEIR_TEST_KAFKA" --pipeline none
+echo -n "| mock "; lat --brokers mock --pipeline none
 for pl in passthrough w1; do
-  echo -n "| Tansu "
-  python3 scripts/bench_kafka_latency.py --weir "$bin" --brokers "$WEIR_TEST_KAFKA" --mode at_least_once --pipeline $pl --rate "$rate"
+  echo -n "| Tansu "; lat --brokers "$WEIR_TEST_KAFKA" --mode at_least_once --pipeline $pl
   for mode in at_least_once exactly_once; do
-    echo -n "| mock "
-    python3 scripts/bench_kafka_latency.py --weir "$bin" --brokers mock --mode $mode --pipeline $pl --rate "$rate"
+    for workers in 1 2; do
+      echo -n "| mock "; lat --brokers mock --mode $mode --pipeline $pl --workers $workers
+    done
   done
 done

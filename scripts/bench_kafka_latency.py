@@ -10,6 +10,11 @@ output and measures, per output record:
   could first close (its end plus the 2 s allowance, in event time, which here is wall time)
   to its result being readable, i.e. what the engine and the brokers add to the window.
 
+`--pipeline none` runs no job: the consumer reads the input topic itself, which is what the
+brokers alone add (production to readable, through one topic instead of two).
+
+`--source-property KEY=VALUE` passes a librdkafka property to the job's Kafka source.
+
 `--brokers mock` runs librdkafka's mock cluster inside this process (the only broker here
 that serves transactions); otherwise a real broker address (Tansu from scripts/services.sh).
 
@@ -46,10 +51,13 @@ STEPS = {
 
 def pipeline(a, brokers, run):
     ck = f"checkpoints: {{ dir: {a.work}/ck-{run}, interval: {a.checkpoint_interval} }}\n" if a.mode == "exactly_once" else ""
+    header = ", checkpoint_header: weir-checkpoint" if a.mode == "exactly_once" else ""
+    props = dict(kv.split("=", 1) for kv in a.source_property)
+    props_yaml = ", properties: {" + ", ".join(f'"{k}": "{v}"' for k, v in props.items()) + "}" if props else ""
     return f"""name: latency-{a.pipeline}
 source:
   id: events
-  kafka: {{ brokers: "{brokers}", topics: [{run}-in], group_id: {run}, start: latest, format: json }}
+  kafka: {{ brokers: "{brokers}", topics: [{run}-in], group_id: {run}, start: latest, format: json{props_yaml} }}
   schema:
     fields:
       - {{ name: device_id, type: string }}
@@ -61,7 +69,7 @@ source:
 steps:
 {STEPS[a.pipeline]}sink:
   id: out
-  kafka: {{ brokers: "{brokers}", topic: {run}-out, key: device_id, mode: {a.mode}, transactional_id: {run} }}
+  kafka: {{ brokers: "{brokers}", topic: {run}-out, key: device_id, mode: {a.mode}, transactional_id: {run}{header} }}
 dead_letters: {{ path: {a.work}/{run}-dead.jsonl }}
 {ck}"""
 
@@ -95,7 +103,8 @@ def main():
     ap.add_argument("--weir", required=True)
     ap.add_argument("--brokers", default="mock")
     ap.add_argument("--mode", choices=["at_least_once", "exactly_once"], default="at_least_once")
-    ap.add_argument("--pipeline", choices=sorted(STEPS), default="passthrough")
+    ap.add_argument("--pipeline", choices=sorted(STEPS) + ["none"], default="passthrough")
+    ap.add_argument("--source-property", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--rate", type=int, default=50000)
     ap.add_argument("--seconds", type=float, default=20.0)
@@ -119,11 +128,15 @@ def main():
         # time a producer asks for its metadata. The sink's commit topic is made the same way.
         for t in (f"{run}-in", f"{run}-out", f"{run}.commits"):
             holder.list_topics(t, timeout=10)
-    path = f"{a.work}/pipeline.yaml"
-    with open(path, "w") as f:
-        f.write(pipeline(a, brokers, run))
-    job = subprocess.Popen([a.weir, "run", path, "--workers", str(a.workers), "--no-progress", "--quiet"],
-                           stderr=open(f"{a.work}/weir.log", "w"))
+    job = None
+    if a.pipeline != "none":
+        path = f"{a.work}/pipeline.yaml"
+        with open(path, "w") as f:
+            f.write(pipeline(a, brokers, run))
+        quiet = [] if os.environ.get("WEIR_BENCH_LOG") else ["--quiet"]
+        job = subprocess.Popen([a.weir, "run", path, "--workers", str(a.workers), "--no-progress", *quiet],
+                               stderr=open(f"{a.work}/weir.log", "w"))
+    read_topic = f"{run}-in" if job is None else f"{run}-out"
 
     lat, got, stop = [], [0], threading.Event()
     measure_from = [float("inf")]
@@ -131,19 +144,36 @@ def main():
     def consume():
         c = Consumer({"bootstrap.servers": brokers, "group.id": f"{run}-reader", "auto.offset.reset": "earliest",
                       "isolation.level": "read_committed", "fetch.wait.max.ms": 5})
-        c.subscribe([f"{run}-out"])
+        # Exactly once, a result counts as readable when its transaction's record reaches the
+        # commit topic (the same transaction): the mock cluster shows uncommitted records to
+        # read_committed consumers, so their own arrival says nothing about the commit.
+        commits = f"{run}.commits"
+        eo = job is not None and a.mode == "exactly_once"
+        c.subscribe([read_topic, commits] if eo else [read_topic])
         import json
 
+        committed, waiting = set(), {}
         while not stop.is_set():
             for m in c.consume(1000, 0.05):
                 if m.error():
                     continue
                 now = time.time() * 1000
                 r = json.loads(m.value())
+                if m.topic() == commits:
+                    txn = f"{r['run']}:{r['checkpoint']}"
+                    committed.add(txn)
+                    lat.extend(now - due for due in waiting.pop(txn, []))
+                    continue
                 due = r["window_start"] + 12000 if "window_start" in r else r["ts"]
                 got[0] += 1
-                if due >= measure_from[0]:
-                    lat.append(now - due)
+                if due < measure_from[0]:
+                    continue
+                if eo:
+                    txn = dict(m.headers() or [])["weir-checkpoint"].decode()
+                    if txn not in committed:
+                        waiting.setdefault(txn, []).append(due)
+                        continue
+                lat.append(now - due)
         c.close()
 
     reader = threading.Thread(target=consume, daemon=True)
@@ -177,11 +207,12 @@ def main():
     time.sleep(3 if a.pipeline == "passthrough" else 14)
     stop.set()
     reader.join(10)
-    job.send_signal(signal.SIGINT)
-    try:
-        job.wait(30)
-    except subprocess.TimeoutExpired:
-        job.kill()
+    if job is not None:
+        job.send_signal(signal.SIGINT)
+        try:
+            job.wait(30)
+        except subprocess.TimeoutExpired:
+            job.kill()
     if not lat:
         sys.exit(f"no output measured; see {a.work}/weir.log")
     lat.sort()
