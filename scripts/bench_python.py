@@ -19,7 +19,14 @@ def cli_w1(a, workers):
 
 def py_w1(a, workers):
     # A fresh interpreter, as the command gets: start-up and import are part of the time.
-    subprocess.run([sys.executable, str(ROOT / "examples" / "python" / "workloads.py"), "w1", a.input, f"{a.work}/py.jsonl", "--workers", str(workers)], check=True, stderr=subprocess.DEVNULL)
+    # `--no-site` starts it without `site` (`-S`, the packages' directories on PYTHONPATH
+    # instead), which leaves out the machine's `.pth` start-up hooks.
+    flags, env = [], None
+    if a.no_site:
+        import site
+
+        flags, env = ["-S"], dict(os.environ, PYTHONPATH=os.pathsep.join(site.getsitepackages()))
+    subprocess.run([sys.executable, *flags, str(ROOT / "examples" / "python" / "workloads.py"), "w1", a.input, f"{a.work}/py.jsonl", "--workers", str(workers)], check=True, stderr=subprocess.DEVNULL, env=env)
 
 
 # -- the per-row cost of a Python step -----------------------------------------------------
@@ -101,6 +108,7 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", choices=["w1", "steps", "instructions"], default=None)
+    ap.add_argument("--no-site", action="store_true", help="start the Python W1 with -S (no .pth start-up hooks)")
     ap.add_argument("--instruction-rows", type=int, default=50_000,
                     help="rows of the input the instruction counts run over (callgrind is ~50x slower)")
     a = ap.parse_args()
