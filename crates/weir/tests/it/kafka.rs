@@ -718,3 +718,23 @@ fn alert_events_can_go_to_a_kafka_topic() {
         assert_eq!(v["event"], "fired");
     }
 }
+
+/// The pipeline of the StatefulSet example in `docs/deployment.md` stays a valid pipeline.
+#[test]
+fn the_deployment_guide_pipeline_builds() {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/deployment.md")).unwrap();
+    let marker = "  pipeline.yaml: |\n";
+    let start = doc.find(marker).expect("the ConfigMap's pipeline") + marker.len();
+    let end = start + doc[start..].find("---\n").expect("the end of the ConfigMap");
+    let text: Vec<&str> = doc[start..end].lines().map(|l| l.strip_prefix("    ").unwrap_or(l)).collect();
+    let vars = |k: &str| match k {
+        "BROKERS" => Some("127.0.0.1:9092".to_string()),
+        "HOSTNAME" => Some("weir-0".to_string()),
+        _ => None,
+    };
+    let cfg = weir::yaml::parse_with("deployment.md", &text.join("\n"), vars).unwrap();
+    let sink = cfg.sink.kafka.as_ref().expect("a Kafka sink");
+    assert_eq!(sink.transactional_id.as_deref(), Some("weir-w1-weir-0"));
+    assert_eq!(cfg.source.kafka.as_ref().unwrap().properties["group.instance.id"], "weir-0");
+    Pipeline::from_config(cfg).build().unwrap();
+}
