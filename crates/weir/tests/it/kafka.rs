@@ -296,6 +296,31 @@ fn a_restart_resumes_at_the_checkpointed_offsets() {
     assert_same_rows(read_jsonl(&data("w2-expected.jsonl")), rows, "two runs over a growing topic");
 }
 
+/// Starts a job that does not end by itself and waits (at most 20 s) until its sink has rows,
+/// i.e. a window closed while it runs.
+fn run_until_a_window_closes(
+    cfg: &PipelineConfig,
+    workers: Option<usize>,
+    what: &str,
+) -> (
+    tokio::runtime::Runtime,
+    tokio::task::JoinHandle<weir_core::Result<RunSummary>>,
+    std::sync::Arc<weir_core::metrics::Registry>,
+    weir_core::runtime::ShutdownHandle,
+) {
+    let plan = Pipeline::from_config(cfg.clone()).build().unwrap().plan(&RunOptions { workers, ..Default::default() });
+    let job = Job::new(plan.unwrap()).unwrap();
+    let (reg, stop) = (job.registry(), job.shutdown_handle());
+    let rt = rt();
+    let handle = rt.spawn(job.run());
+    let t = Instant::now();
+    while reg.sink_rows.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(20), "no window closed {what}:\n{}", reg.render_prometheus("x"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (rt, handle, reg, stop)
+}
+
 /// One partition gets data, the other none: with an idle timeout, windows still close while
 /// the job runs (without it, the silent partition would hold the watermark back forever).
 #[test]
@@ -308,19 +333,8 @@ fn an_idle_partition_does_not_stall_windows() {
     cfg.source.kafka.as_mut().unwrap().stop_at_end = false;
     cfg.source.kafka.as_mut().unwrap().properties.insert("statistics.interval.ms".into(), "200".into());
     cfg.source.watermark.idle_timeout = Some(Duration::from_millis(300));
-    let job = Job::new(Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap()).unwrap();
-    let (reg, stop) = (job.registry(), job.shutdown_handle());
-    let rt = rt();
-    let handle = rt.spawn(job.run());
+    let (rt, handle, reg, stop) = run_until_a_window_closes(&cfg, None, "while partition 1 stayed silent");
     let t = Instant::now();
-    while reg.sink_rows.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "no window closed while partition 1 stayed silent:\n{}",
-            reg.render_prometheus("x")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     // The consumer's lag per partition reaches the metrics (from librdkafka's statistics).
     let lag = |p: &str| reg.connectors.get("weir_kafka_consumer_lag", &[("topic", "quiet"), ("partition", p)]);
     while lag("0") != Some(0.0) || lag("1") != Some(0.0) {
@@ -352,20 +366,7 @@ fn windows_close_while_running_with_checkpoints_at_2_workers() {
         interval: Duration::from_millis(200),
         keep: 2,
     });
-    let plan = Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions { workers: Some(2), ..Default::default() });
-    let job = Job::new(plan.unwrap()).unwrap();
-    let (reg, stop) = (job.registry(), job.shutdown_handle());
-    let rt = rt();
-    let handle = rt.spawn(job.run());
-    let t = Instant::now();
-    while reg.sink_rows.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "no window closed while running:\n{}",
-            reg.render_prometheus("x")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (rt, handle, _reg, stop) = run_until_a_window_closes(&cfg, Some(2), "while running");
     stop.stop();
     rt.block_on(handle).unwrap().unwrap();
 }
