@@ -729,8 +729,10 @@ impl Downstream {
                 }
                 Ok(())
             }
-            Self::Sink { sink, step, .. } => {
+            Self::Sink { sink, step, registry, .. } => {
                 sink.pre_commit(epoch).await.map_err(|e| e.in_step(step))?;
+                // A sink may settle deliveries at the barrier: its figures move here too.
+                sink.report(&registry.connectors);
                 sink.begin(Epoch(epoch.0 + 1)).await.map_err(|e| e.in_step(step))
             }
         }
@@ -744,11 +746,13 @@ impl Downstream {
                 }
                 Ok(())
             }
-            Self::Sink { sink, step, .. } => {
+            Self::Sink { sink, step, registry, .. } => {
                 if let Some(f) = last {
                     sink.pre_commit(f.epoch).await.map_err(|e| e.in_step(step))?;
                 }
-                sink.close().await.map_err(|e| e.in_step(step))
+                sink.close().await.map_err(|e| e.in_step(step))?;
+                sink.report(&registry.connectors);
+                Ok(())
             }
         }
     }

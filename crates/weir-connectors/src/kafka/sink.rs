@@ -244,7 +244,10 @@ fn await_deliveries(futures: Vec<DeliveryFuture>, records: usize, bytes: usize, 
                 Err(_) => dropped += 1,
             }
         }
-        stats.batch(records, bytes, started.elapsed());
+        // Only what the brokers acknowledged counts as produced; a failed record counts when
+        // it is sent again and acknowledged.
+        let failed_bytes: usize = failed.iter().map(|(_, m)| m.payload().map_or(0, <[u8]>::len)).sum();
+        stats.batch(records - failed.len() - dropped, bytes.saturating_sub(failed_bytes), started.elapsed());
         (failed, dropped)
     })
 }
