@@ -189,6 +189,14 @@ pub trait Source: Send + fmt::Debug {
         Ok(None)
     }
 
+    /// [`Source::snapshot`] for checkpoint `epoch`, which is what the runtime calls: a source
+    /// whose positions also go elsewhere with the checkpoint (a Kafka consumer's, into the
+    /// output's transaction) needs to know which checkpoint they belong to.
+    fn snapshot_for(&mut self, epoch: Epoch) -> Result<Option<RecordBatch>> {
+        let _ = epoch;
+        self.snapshot()
+    }
+
     /// Resumes from the position tables of every instance of the previous run (they may have
     /// been more or fewer): the instance picks the positions of what it now reads. Called once
     /// before the first poll.

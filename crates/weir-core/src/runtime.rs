@@ -1008,14 +1008,14 @@ impl SourceDriver {
             self.downstream.watermark(Watermark::At(END_OF_TIME)).await?;
         }
         let Some(f) = last else { return self.downstream.end(None).await };
-        let state = self.snapshot()?;
+        let state = self.snapshot(f.epoch)?;
         self.downstream.end(last).await?;
         ack(self.ckpt.as_ref(), f.epoch, state, Duration::ZERO, Some(f.drain))
     }
 
-    fn snapshot(&mut self) -> Result<TaskState> {
+    fn snapshot(&mut self, epoch: Epoch) -> Result<TaskState> {
         let (mut tables, wms) = self.chain.snapshot()?;
-        if let Some(t) = self.source.snapshot().map_err(|e| e.in_step(&self.cx.step))? {
+        if let Some(t) = self.source.snapshot_for(epoch).map_err(|e| e.in_step(&self.cx.step))? {
             tables.push((self.cx.step.to_string(), StateRole::Source, t));
         }
         Ok((tables, wms))
@@ -1023,7 +1023,7 @@ impl SourceDriver {
 
     /// Checkpoint `epoch` reached this source: record positions and state, pass the barrier.
     async fn barrier(&mut self, epoch: Epoch) -> Result<()> {
-        let state = self.snapshot()?;
+        let state = self.snapshot(epoch)?;
         self.downstream.barrier(epoch).await?;
         ack(self.ckpt.as_ref(), epoch, state, Duration::ZERO, None)
     }

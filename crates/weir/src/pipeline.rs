@@ -651,6 +651,15 @@ impl BuiltPipeline {
             max_future_ms: e.max_future_skew.map(ms),
             max_age_ms: e.max_age.map(ms),
         });
+        // Kafka in and exactly once out, on one cluster: the source's positions are committed to
+        // its group inside the output's transactions (a transaction cannot commit offsets of
+        // another cluster).
+        let transactional_offsets = match (&src.kafka, &c.sink.kafka) {
+            (Some(s), Some(k)) if k.mode == "exactly_once" && s.brokers == k.brokers && c.checkpoints.is_some() => {
+                Some(Arc::new(weir_connectors::kafka::TransactionalOffsets::default()))
+            }
+            _ => None,
+        };
         let (source, schema): (Arc<dyn SourceFactory>, SchemaRef) = match src.connector().map_err(CoreError::Config)? {
             SourceConnector::File(f) => {
                 let schema = match &src.schema {
@@ -745,6 +754,7 @@ impl BuiltPipeline {
                     batch_size: src.batch_size,
                     max_linger: src.max_linger,
                     stop_at_end: k.stop_at_end,
+                    transactional_offsets: transactional_offsets.clone(),
                 })
                 .map_err(|e| e.in_step(&source_step))?;
                 let schema = fac.schema();
@@ -803,6 +813,7 @@ impl BuiltPipeline {
                         partition: k.partition.clone(),
                         headers: k.headers.clone(),
                         mode,
+                        source_offsets: transactional_offsets.clone(),
                     })
                     .map_err(|e| e.in_step(&sink_step))?,
                 )

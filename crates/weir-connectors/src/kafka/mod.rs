@@ -17,3 +17,4 @@ pub use client::{redacted, KafkaClientConfig};
 pub use deadletter::KafkaDeadLetters;
 pub use sink::{KafkaSinkConfig, KafkaSinkFactory, KafkaSinkMode, KafkaTransactionSettings};
 pub use source::{KafkaMetadataColumns, KafkaSourceConfig, KafkaSourceFactory, KafkaStart};
+pub use txn::TransactionalOffsets;

@@ -77,6 +77,9 @@ pub struct KafkaSinkConfig {
     pub headers: BTreeMap<String, String>,
     /// Delivery guarantee.
     pub mode: KafkaSinkMode,
+    /// Exactly once, with a Kafka source on the same cluster: the source's positions, which
+    /// each transaction commits to the source's consumer group.
+    pub source_offsets: Option<Arc<super::txn::TransactionalOffsets>>,
 }
 
 /// Builds one producer per worker (at least once), or the transactional producers all
@@ -113,9 +116,13 @@ impl KafkaSinkFactory {
         let stats = Arc::new(ProduceStats::default());
         let txn = match &cfg.mode {
             KafkaSinkMode::AtLeastOnce => None,
-            KafkaSinkMode::ExactlyOnce(t) => {
-                Some(Arc::new(Transactions::new(&cfg.client, &cfg.topic, t.clone(), stats.clone())?))
-            }
+            KafkaSinkMode::ExactlyOnce(t) => Some(Arc::new(Transactions::new(
+                &cfg.client,
+                &cfg.topic,
+                t.clone(),
+                stats.clone(),
+                cfg.source_offsets.clone(),
+            )?)),
         };
         Ok(Self { cfg: Arc::new(cfg), txn, stats })
     }

@@ -25,6 +25,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Str
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use weir_core::checkpoint::Epoch;
 use weir_core::linger::Linger;
 use weir_core::time::EventTimeSpec;
 use weir_core::{CoreError, Result, Source, SourceContext, SourceFactory, SourcePoll};
@@ -125,6 +126,9 @@ pub struct KafkaSourceConfig {
     /// End once every assigned partition has been read up to where it ended when it was
     /// assigned (bounded runs: tests, backfills, benchmarks).
     pub stop_at_end: bool,
+    /// Set when an exactly-once Kafka sink on the same cluster commits this source's positions
+    /// inside its transactions; the source then commits no progress hint of its own.
+    pub transactional_offsets: Option<Arc<super::txn::TransactionalOffsets>>,
 }
 
 /// Builds the Kafka source: the consumer on worker 0, nothing on the others.
@@ -706,6 +710,20 @@ impl Source for KafkaSource {
         }
     }
 
+    fn snapshot_for(&mut self, epoch: Epoch) -> Result<Option<RecordBatch>> {
+        let table = self.snapshot()?;
+        if let (Some(o), Some(c), Some(tpl)) =
+            (&self.cfg.transactional_offsets, &self.consumer, self.last_snapshot.as_ref())
+        {
+            // The membership as of now: the brokers fence a commit from a member that has
+            // since lost the partitions.
+            if let Some(group) = c.group_metadata() {
+                o.record(epoch, tpl.clone(), group);
+            }
+        }
+        Ok(table)
+    }
+
     fn snapshot(&mut self) -> Result<Option<RecordBatch>> {
         if !self.reader {
             return Ok(None);
@@ -723,7 +741,9 @@ impl Source for KafkaSource {
         // The positions of the previous checkpoint are committed to Kafka now, for lag
         // monitors: that checkpoint has most likely completed by the time the next starts.
         // Only partitions this consumer holds: a commit for others is refused by the group.
-        if let (Some(c), Some(tpl)) = (&self.consumer, self.last_snapshot.take()) {
+        // With the positions in the output's transactions, those commits are the only ones.
+        let hint = self.cfg.transactional_offsets.is_none();
+        if let (Some(c), Some(tpl), true) = (&self.consumer, self.last_snapshot.take(), hint) {
             if tpl.count() > 0 {
                 if let Err(e) = c.commit(&tpl, CommitMode::Async) {
                     tracing::debug!(error = %e, "Could not commit progress offsets to Kafka (a hint only).");

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
@@ -50,6 +50,8 @@ pub(crate) struct ProduceStats {
     aborts: AtomicU64,
     /// Sum of commit durations, µs.
     commit_us: AtomicU64,
+    /// Transactions that carried the Kafka source's positions.
+    offset_commits: AtomicU64,
 }
 
 impl ProduceStats {
@@ -104,11 +106,48 @@ impl ProduceStats {
             get(&self.aborts),
         );
         m.set_total(
+            "weir_kafka_transaction_offset_commits_total",
+            "Transactions that committed the Kafka source's positions to its consumer group.",
+            &l,
+            get(&self.offset_commits),
+        );
+        m.set_total(
             "weir_kafka_transaction_commit_seconds_total",
             "Time spent committing transactions; over the committed count, the mean commit time.",
             &l,
             get(&self.commit_us) / 1e6,
         );
+    }
+}
+
+/// The Kafka source's positions at each checkpoint, handed to the exactly-once sink of the same
+/// cluster, which commits them to the consumer group inside the checkpoint's transaction
+/// (`send_offsets_to_transaction`). The group's committed offsets then say exactly how far the
+/// committed output got, instead of being a progress hint committed afterwards.
+#[derive(Default)]
+pub struct TransactionalOffsets {
+    by_epoch: std::sync::Mutex<std::collections::BTreeMap<u64, (TopicPartitionList, ConsumerGroupMetadata)>>,
+}
+
+impl std::fmt::Debug for TransactionalOffsets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransactionalOffsets").finish_non_exhaustive()
+    }
+}
+
+impl TransactionalOffsets {
+    /// The source's positions for checkpoint `epoch`, with its group membership now.
+    pub(crate) fn record(&self, epoch: Epoch, positions: TopicPartitionList, group: ConsumerGroupMetadata) {
+        self.by_epoch.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(epoch.0, (positions, group));
+    }
+
+    /// The positions of `epoch`, forgetting those of older checkpoints (never committed now).
+    fn take(&self, epoch: Epoch) -> Option<(TopicPartitionList, ConsumerGroupMetadata)> {
+        let mut m = self.by_epoch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let newer = m.split_off(&(epoch.0 + 1));
+        let mine = m.remove(&epoch.0);
+        *m = newer;
+        mine
     }
 }
 
@@ -136,6 +175,8 @@ pub(crate) struct Transactions {
     /// Tells this process's transactions from an earlier one's of the same checkpoint
     /// number (a checkpoint whose commit was lost is taken again after recovery).
     run: String,
+    /// The Kafka source's positions, committed inside each transaction (same cluster only).
+    offsets: Option<std::sync::Arc<TransactionalOffsets>>,
 }
 
 impl std::fmt::Debug for Transactions {
@@ -172,6 +213,7 @@ impl Transactions {
         topic: &str,
         settings: KafkaTransactionSettings,
         stats: std::sync::Arc<ProduceStats>,
+        offsets: Option<std::sync::Arc<TransactionalOffsets>>,
     ) -> Result<Self> {
         weir_core::ensure_config!(!settings.transactional_id.is_empty(), "kafka sink: `transactional_id` is empty");
         weir_core::ensure_config!(!settings.commit_topic.is_empty(), "kafka sink: `commit_topic` is empty");
@@ -191,6 +233,7 @@ impl Transactions {
             settings,
             stats,
             run: run_id(),
+            offsets,
         })
     }
 
@@ -398,6 +441,14 @@ impl Committer for Transactions {
             weir_core::bail_internal!("kafka sink: open transaction without producer")
         };
         let started = Instant::now();
+        let taken = self.offsets.as_ref().and_then(|o| o.take(epoch));
+        let sent_offsets = taken.is_some();
+        if let Some((positions, group)) = taken {
+            let q = p.clone();
+            blocking(move || q.send_offsets_to_transaction(&positions, &group, CALL_TIMEOUT)).await?.map_err(|e| {
+                txn_err(format!("kafka sink: committing the source's positions with checkpoint {epoch}"), &e)
+            })?;
+        }
         let value = serde_json::json!({ "checkpoint": epoch.0, "run": self.run, "topic": self.topic }).to_string();
         let rec = FutureRecord::<str, str>::to(&self.settings.commit_topic)
             .key(&self.settings.transactional_id)
@@ -425,6 +476,9 @@ impl Committer for Transactions {
         drop(st);
         slot.freed.notify_waiters();
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        if sent_offsets {
+            self.stats.offset_commits.fetch_add(1, Ordering::Relaxed);
+        }
         self.stats.commit_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         tracing::debug!(checkpoint = epoch.0, transactional_id = %slot.id, "Kafka transaction committed.");
         Ok(())
@@ -491,7 +545,7 @@ mod tests {
 
     fn txns(brokers: &str) -> Transactions {
         let client = KafkaClientConfig { brokers: brokers.into(), properties: Default::default() };
-        Transactions::new(&client, "out", settings(), Default::default()).unwrap()
+        Transactions::new(&client, "out", settings(), Default::default(), None).unwrap()
     }
 
     async fn send(p: &FutureProducer<Logging>, v: &str) {

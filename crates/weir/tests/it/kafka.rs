@@ -437,6 +437,47 @@ fn exactly_once_output_is_committed_per_checkpoint() {
     assert!(commits.iter().all(|c| c.contains("\"checkpoint\":")), "{commits:?}");
 }
 
+/// Exactly once from Kafka to Kafka on one cluster: the source's positions go into each
+/// checkpoint's transaction (`send_offsets_to_transaction`), not into a hint after it. The mock
+/// cluster answers TxnOffsetCommit without storing the offsets (`rdkafka_mock_handlers.c`), so
+/// what is checked is that every committed transaction carried the positions, and that no
+/// hint went to the group meanwhile.
+#[test]
+fn exactly_once_commits_the_source_positions_in_its_transactions() {
+    let k = Cluster::new(&[("in", 3), ("out", 2), ("txn-offsets.commits", 1)]);
+    k.produce("in", &lines(&data("sensors-3k.jsonl")), None);
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("unused"), dir.path().join("dead.jsonl"));
+    let mut cfg = from_kafka("w2-filter-project.yaml", &k.brokers, "in", &out, &dead);
+    cfg.source.kafka.as_mut().unwrap().group_id = Some("txn-offsets".into());
+    cfg.sink = exactly_once_sink(&k.brokers, "txn-offsets");
+    cfg.checkpoints = Some(CheckpointConfig {
+        dir: dir.path().join("ck").display().to_string(),
+        options: Default::default(),
+        interval: Duration::from_millis(30),
+        keep: 2,
+    });
+    let job = Job::new(Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap()).unwrap();
+    let reg = job.registry();
+    let s = rt().block_on(job.run()).unwrap();
+    assert_eq!(s.steps[0].1.rows_in, 3000);
+    let get = |name: &str, labels: &[(&str, &str)]| reg.connectors.get(name, labels).unwrap_or(0.0);
+    let committed = get("weir_kafka_transactions_total", &[("topic", "out"), ("result", "committed")]);
+    let with_offsets = get("weir_kafka_transaction_offset_commits_total", &[("topic", "out")]);
+    assert!(committed >= 1.0 && with_offsets == committed, "{}", reg.render_prometheus("j"));
+    let c: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", &k.brokers).set("group.id", "txn-offsets").create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition("in", p);
+    }
+    let hinted = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    assert!(
+        hinted.elements().iter().all(|e| !matches!(e.offset(), rdkafka::Offset::Offset(_))),
+        "no progress hint outside the transactions: {hinted:?}"
+    );
+}
+
 #[test]
 fn exactly_once_needs_checkpoints_and_a_long_enough_transaction_timeout() {
     let dir = tempfile::tempdir().unwrap();
