@@ -156,6 +156,11 @@ fn from_kafka(example_name: &str, brokers: &str, topic: &str, out: &Path, dead: 
     cfg
 }
 
+/// Checkpoints in `dir/ck` every `interval`, keeping two.
+fn checkpoints_in(dir: &Path, interval: Duration) -> Option<CheckpointConfig> {
+    Some(CheckpointConfig { dir: dir.join("ck").display().to_string(), options: Default::default(), interval, keep: 2 })
+}
+
 fn run(cfg: &PipelineConfig, workers: usize) -> RunSummary {
     rt().block_on(
         Pipeline::from_config(cfg.clone())
@@ -276,12 +281,7 @@ fn a_restart_resumes_at_the_checkpointed_offsets() {
     let dir = tempfile::tempdir().unwrap();
     let (out, dead) = (dir.path().join("out"), dir.path().join("dead.jsonl"));
     let mut cfg = from_kafka("w2-filter-project.yaml", &k.brokers, "w2", &out, &dead);
-    cfg.checkpoints = Some(CheckpointConfig {
-        dir: dir.path().join("ck").display().to_string(),
-        options: Default::default(),
-        interval: Duration::from_millis(20),
-        keep: 2,
-    });
+    cfg.checkpoints = checkpoints_in(dir.path(), Duration::from_millis(20));
     let first = run(&cfg, 2);
     assert_eq!(first.steps[0].1.rows_in, 1500);
     k.produce("w2", &all[1500..], None);
@@ -360,12 +360,7 @@ fn windows_close_while_running_with_checkpoints_at_2_workers() {
     let (out, dead) = (dir.path().join("out"), dir.path().join("dead.jsonl"));
     let mut cfg = from_kafka("w1-sensor-window.yaml", &k.brokers, "ck2", &out, &dead);
     cfg.source.kafka.as_mut().unwrap().stop_at_end = false;
-    cfg.checkpoints = Some(CheckpointConfig {
-        dir: dir.path().join("ck").display().to_string(),
-        options: Default::default(),
-        interval: Duration::from_millis(200),
-        keep: 2,
-    });
+    cfg.checkpoints = checkpoints_in(dir.path(), Duration::from_millis(200));
     let (rt, handle, _reg, stop) = run_until_a_window_closes(&cfg, Some(2), "while running");
     stop.stop();
     rt.block_on(handle).unwrap().unwrap();
@@ -420,12 +415,7 @@ fn exactly_once_output_is_committed_per_checkpoint() {
     let (out, dead) = (dir.path().join("unused"), dir.path().join("dead.jsonl"));
     let mut cfg = from_kafka("w1-sensor-window.yaml", &k.brokers, "sensors", &out, &dead);
     cfg.sink = exactly_once_sink(&k.brokers, "w1-eo");
-    cfg.checkpoints = Some(CheckpointConfig {
-        dir: dir.path().join("ck").display().to_string(),
-        options: Default::default(),
-        interval: Duration::from_millis(50),
-        keep: 2,
-    });
+    cfg.checkpoints = checkpoints_in(dir.path(), Duration::from_millis(50));
     let s = run(&cfg, 2);
     let expected = read_jsonl(&data("w1-expected.jsonl"));
     assert_eq!(s.sink_rows as usize, expected.len());
@@ -451,12 +441,7 @@ fn exactly_once_commits_the_source_positions_in_its_transactions() {
     let mut cfg = from_kafka("w2-filter-project.yaml", &k.brokers, "in", &out, &dead);
     cfg.source.kafka.as_mut().unwrap().group_id = Some("txn-offsets".into());
     cfg.sink = exactly_once_sink(&k.brokers, "txn-offsets");
-    cfg.checkpoints = Some(CheckpointConfig {
-        dir: dir.path().join("ck").display().to_string(),
-        options: Default::default(),
-        interval: Duration::from_millis(30),
-        keep: 2,
-    });
+    cfg.checkpoints = checkpoints_in(dir.path(), Duration::from_millis(30));
     let job = Job::new(Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap()).unwrap();
     let reg = job.registry();
     let s = rt().block_on(job.run()).unwrap();
@@ -489,12 +474,7 @@ fn exactly_once_needs_checkpoints_and_a_long_enough_transaction_timeout() {
     };
     let err = plan(&cfg);
     assert!(err.contains("exactly_once") && err.contains("checkpoints"), "{err}");
-    cfg.checkpoints = Some(CheckpointConfig {
-        dir: dir.path().join("ck").display().to_string(),
-        options: Default::default(),
-        interval: Duration::from_secs(60),
-        keep: 2,
-    });
+    cfg.checkpoints = checkpoints_in(dir.path(), Duration::from_secs(60));
     cfg.sink.kafka.as_mut().unwrap().transaction_timeout = Some(Duration::from_secs(90));
     let err = plan(&cfg);
     assert!(err.contains("transaction_timeout") && err.contains("3m"), "{err}");
