@@ -303,11 +303,11 @@ impl KafkaSink {
     /// that will not pass, or any failure inside a transaction, is the error.
     async fn settle(&mut self, wait: bool) -> Result<()> {
         let txn = self.txn.is_some();
-        while let Some(h) = self.in_flight.front() {
+        while let Some(h) = self.in_flight.pop_front() {
             if !wait && !h.is_finished() {
+                self.in_flight.push_front(h);
                 break;
             }
-            let h = self.in_flight.pop_front().expect("front exists");
             let (failed, dropped) =
                 h.await.map_err(|e| CoreError::Task(format!("kafka sink: delivery reports: {e}")))?;
             if dropped > 0 {
