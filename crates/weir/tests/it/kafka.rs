@@ -210,23 +210,10 @@ fn kafka_to_kafka_with_keys_and_metadata_columns() {
         "o".into(),
         "bt > 0 AS stamped".into(),
     ]);
-    cfg.sink = SinkConfig::new(
-        "to-kafka",
-        SinkConnector::Kafka(KafkaSinkSettings {
-            brokers: k.brokers.clone(),
-            topic: "out".into(),
-            format: FormatSpec::Json,
-            key: Some("device_id".into()),
-            partition: None,
-            headers: [("source-partition".to_string(), "p".to_string())].into_iter().collect(),
-            mode: "at_least_once".into(),
-            transactional_id: None,
-            commit_topic: None,
-            transaction_timeout: None,
-            checkpoint_header: None,
-            properties: Default::default(),
-        }),
-    );
+    let mut sink = sink_settings(&k.brokers);
+    sink.key = Some("device_id".into());
+    sink.headers = [("source-partition".to_string(), "p".to_string())].into_iter().collect();
+    cfg.sink = SinkConfig::new("to-kafka", SinkConnector::Kafka(sink));
     let s = run(&cfg, 2);
     let expected = read_jsonl(&data("w2-expected.jsonl"));
     assert_eq!(s.sink_rows as usize, expected.len());
@@ -384,24 +371,39 @@ fn kafka_settings_are_checked() {
     assert!(!format!("{s:?}").contains("hunter2"));
 }
 
+/// A Kafka sink to topic `out`: at least once, no key, no properties.
+fn sink_settings(brokers: &str) -> KafkaSinkSettings {
+    KafkaSinkSettings {
+        brokers: brokers.into(),
+        topic: "out".into(),
+        format: FormatSpec::Json,
+        key: None,
+        partition: None,
+        headers: Default::default(),
+        mode: "at_least_once".into(),
+        transactional_id: None,
+        commit_topic: None,
+        transaction_timeout: None,
+        checkpoint_header: None,
+        properties: Default::default(),
+    }
+}
+
+/// An at-least-once Kafka sink to topic `out`, with one librdkafka property.
+fn at_least_once_sink(brokers: &str, key: Option<&str>, property: (&str, &str)) -> SinkConfig {
+    let mut k = sink_settings(brokers);
+    k.key = key.map(str::to_string);
+    k.properties.insert(property.0.to_string(), property.1.to_string());
+    SinkConfig::new("to-kafka", SinkConnector::Kafka(k))
+}
+
+/// An exactly-once Kafka sink to topic `out`, keyed by device.
 fn exactly_once_sink(brokers: &str, id: &str) -> SinkConfig {
-    SinkConfig::new(
-        "to-kafka",
-        SinkConnector::Kafka(KafkaSinkSettings {
-            brokers: brokers.into(),
-            topic: "out".into(),
-            format: FormatSpec::Json,
-            key: Some("device_id".into()),
-            partition: None,
-            headers: Default::default(),
-            mode: "exactly_once".into(),
-            transactional_id: Some(id.into()),
-            commit_topic: None,
-            transaction_timeout: None,
-            checkpoint_header: None,
-            properties: Default::default(),
-        }),
-    )
+    let mut k = sink_settings(brokers);
+    k.key = Some("device_id".into());
+    k.mode = "exactly_once".into();
+    k.transactional_id = Some(id.into());
+    SinkConfig::new("to-kafka", SinkConnector::Kafka(k))
 }
 
 /// W1 to Kafka in transactions, one per checkpoint, at 2 workers: a `read_committed` reader
@@ -612,23 +614,7 @@ fn failed_deliveries_are_sent_again() {
     )
     .config()
     .clone();
-    cfg.sink = SinkConfig::new(
-        "to-kafka",
-        SinkConnector::Kafka(KafkaSinkSettings {
-            brokers: k.brokers.clone(),
-            topic: "out".into(),
-            format: FormatSpec::Json,
-            key: Some("device_id".into()),
-            partition: None,
-            headers: Default::default(),
-            mode: "at_least_once".into(),
-            transactional_id: None,
-            commit_topic: None,
-            transaction_timeout: None,
-            checkpoint_header: None,
-            properties: [("message.timeout.ms".to_string(), "300".to_string())].into_iter().collect(),
-        }),
-    );
+    cfg.sink = at_least_once_sink(&k.brokers, Some("device_id"), ("message.timeout.ms", "300"));
     let job = Job::new(Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap()).unwrap();
     let reg = job.registry();
     let rt = rt();
@@ -673,23 +659,7 @@ fn a_stalled_job_stops_fetching() {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    cfg.sink = SinkConfig::new(
-        "to-kafka",
-        SinkConnector::Kafka(KafkaSinkSettings {
-            brokers: sink_side.brokers.clone(),
-            topic: "out".into(),
-            format: FormatSpec::Json,
-            key: None,
-            partition: None,
-            headers: Default::default(),
-            mode: "at_least_once".into(),
-            transactional_id: None,
-            commit_topic: None,
-            transaction_timeout: None,
-            checkpoint_header: None,
-            properties: [("queue.buffering.max.messages".to_string(), "500".to_string())].into_iter().collect(),
-        }),
-    );
+    cfg.sink = at_least_once_sink(&sink_side.brokers, None, ("queue.buffering.max.messages", "500"));
     let job = Job::new(Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap()).unwrap();
     let reg = job.registry();
     let rt = rt();
