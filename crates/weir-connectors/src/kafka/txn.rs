@@ -144,9 +144,8 @@ impl TransactionalOffsets {
     /// The positions of `epoch`, forgetting those of older checkpoints (never committed now).
     fn take(&self, epoch: Epoch) -> Option<(TopicPartitionList, ConsumerGroupMetadata)> {
         let mut m = self.by_epoch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let newer = m.split_off(&(epoch.0 + 1));
         let mine = m.remove(&epoch.0);
-        *m = newer;
+        m.retain(|&e, _| e > epoch.0);
         mine
     }
 }
