@@ -319,9 +319,23 @@ class Pipeline:
         self._cfg["quarantine"] = {k: (_duration(v) if k in ("within", "cool_down") else v) for k, v in settings.items()}
         return self
 
-    def checkpoints(self, dir: str, interval: Duration = "10s", *, keep: int = 3, options: Optional[Dict[str, str]] = None) -> "Pipeline":
-        """Takes a checkpoint every ``interval`` into ``dir`` (a directory or URL)."""
-        self._cfg["checkpoints"] = _clean({"dir": str(dir), "interval": _duration(interval), "keep": keep, "options": options})
+    def checkpoints(
+        self,
+        dir: str,
+        interval: Duration = "10s",
+        *,
+        keep: int = 3,
+        options: Optional[Dict[str, str]] = None,
+        member: Optional[str] = None,
+    ) -> "Pipeline":
+        """Takes a checkpoint every ``interval`` into ``dir`` (a directory or URL).
+
+        ``member`` names this process among several that run the pipeline over one Kafka
+        consumer group and share ``dir``: keyed state then follows partitions between them
+        (``docs/deployment.md``)."""
+        self._cfg["checkpoints"] = _clean(
+            {"dir": str(dir), "interval": _duration(interval), "keep": keep, "options": options, "member": member}
+        )
         return self
 
     def workers(self, n: int) -> "Pipeline":

@@ -114,7 +114,7 @@ pub(crate) struct Coordinating {
     acks_tx: Option<mpsc::Sender<Ack>>,
     finished: mpsc::Receiver<()>,
     finished_tx: Option<mpsc::Sender<()>>,
-    on_demand: mpsc::Receiver<()>,
+    on_demand: Arc<tokio::sync::Mutex<mpsc::Receiver<()>>>,
     ticks: mpsc::Receiver<()>,
     sources: usize,
     sources_finished: usize,
@@ -125,6 +125,8 @@ pub(crate) struct Coordinating {
     alignment: Duration,
     bytes: u64,
     pub(crate) closed: bool,
+    /// State of partitions handed on, written into every checkpoint (see [`crate::handoff`]).
+    parked: crate::store::Parked,
 }
 
 impl Coordinating {
@@ -140,7 +142,7 @@ impl Coordinating {
         job: &str,
         workers: usize,
         reg: Arc<Registry>,
-        on_demand: mpsc::Receiver<()>,
+        on_demand: Arc<tokio::sync::Mutex<mpsc::Receiver<()>>>,
     ) -> Self {
         let (acks_tx, acks) = mpsc::channel(2 * tasks.len() + 2);
         let (finished_tx, finished) = mpsc::channel(sources.max(1));
@@ -185,7 +187,22 @@ impl Coordinating {
             alignment: Duration::ZERO,
             bytes: 0,
             closed: false,
+            parked: crate::store::Parked::default(),
         }
+    }
+
+    /// Carries `parked` in every checkpoint of this run (one table per step and role).
+    pub(crate) fn park(&mut self, mut parked: crate::store::Parked) -> Result<()> {
+        for map in [&mut parked.sources, &mut parked.operators] {
+            for tables in map.values_mut() {
+                if tables.len() > 1 {
+                    let one = arrow_select::concat::concat_batches(&tables[0].schema(), tables.iter())?;
+                    *tables = vec![one];
+                }
+            }
+        }
+        self.parked = parked;
+        Ok(())
     }
 
     /// The first epoch tasks write into.
@@ -217,11 +234,12 @@ impl Coordinating {
 
     /// Waits for the next event. Cancel safe: every branch is.
     pub(crate) async fn next_event(&mut self) -> Event {
+        let on_demand = self.on_demand.clone();
         tokio::select! {
             biased;
             a = self.acks.recv() => a.map_or(Event::AcksClosed, Event::Ack),
             Some(()) = self.finished.recv() => Event::SourceFinished,
-            Some(()) = self.on_demand.recv() => Event::Start,
+            Some(()) = async { on_demand.lock().await.recv().await } => Event::Start,
             Some(()) = self.ticks.recv() => Event::Start,
         }
     }
@@ -322,6 +340,21 @@ impl Coordinating {
             let f = self.store.put_state(m.epoch, &task, step, StateRole::Operator, &t).await?;
             self.bytes += f.bytes;
             m.tasks.insert(task, SnapshotRef { files: vec![f], watermarks: BTreeMap::new() });
+        }
+        if !self.parked.is_empty() {
+            let task = TaskKey(crate::store::PARKED_TASK.into());
+            let mut snap = SnapshotRef { files: Vec::new(), watermarks: self.parked.watermarks.clone() };
+            let roles = [(StateRole::Source, &self.parked.sources), (StateRole::Operator, &self.parked.operators)];
+            for (role, map) in roles {
+                for (step, tables) in map {
+                    for t in tables {
+                        let f = self.store.put_state(m.epoch, &task, step, role, t).await?;
+                        self.bytes += f.bytes;
+                        snap.files.push(f);
+                    }
+                }
+            }
+            m.tasks.insert(task, snap);
         }
         let is_final = self.final_epoch == Some(m.epoch);
         // Dead letters of rows before the barrier must be durable before the checkpoint that

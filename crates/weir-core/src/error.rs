@@ -69,6 +69,11 @@ pub enum CoreError {
     /// An invariant did not hold.
     #[error("internal invariant violated: {0} (this is a bug, please report it)")]
     Internal(String),
+    /// The source's partitions moved to or from another process (a consumer group
+    /// rebalanced): the run stops where it is and the job starts again from its last
+    /// checkpoint with the new assignment's state (see [`crate::handoff`]).
+    #[error("partitions moved: {0}")]
+    Rebalanced(String),
 }
 
 impl CoreError {
@@ -76,7 +81,7 @@ impl CoreError {
     pub fn blame(&self) -> Blame {
         match self {
             Self::Config(_) => Blame::User,
-            Self::Io { .. } => Blame::External,
+            Self::Io { .. } | Self::Rebalanced(_) => Blame::External,
             Self::Arrow(_) | Self::Internal(_) | Self::Task(_) => Blame::Internal,
             Self::Step { source, .. } => source.blame(),
             Self::Other { blame, .. } => *blame,
@@ -100,6 +105,16 @@ impl CoreError {
         match self {
             Self::Step { .. } => self,
             other => Self::Step { step: step.clone(), source: Box::new(other) },
+        }
+    }
+
+    /// The run stopped because the source's partitions moved ([`CoreError::Rebalanced`]),
+    /// wherever in the chain of steps it was raised.
+    pub fn is_rebalance(&self) -> bool {
+        match self {
+            Self::Rebalanced(_) => true,
+            Self::Step { source, .. } => source.is_rebalance(),
+            _ => false,
         }
     }
 

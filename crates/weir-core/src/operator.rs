@@ -218,6 +218,13 @@ pub trait SourceFactory: Send + Sync + fmt::Debug {
     fn resumable(&self) -> bool {
         false
     }
+
+    /// The group this process shares its input with, when its keyed state must follow
+    /// partitions between processes (see [`crate::handoff`]); `None` (the default) when the
+    /// process reads all of its input.
+    fn group(&self) -> Option<Arc<dyn crate::handoff::GroupMember>> {
+        None
+    }
 }
 
 /// Where results go. One instance per worker; instances that write to one place (a file)
@@ -302,5 +309,24 @@ pub trait SinkFactory: Send + Sync + fmt::Debug {
     /// default) for a sink that writes at once (at-least-once after a recovery).
     fn committer(&self) -> Option<Arc<dyn Committer>> {
         None
+    }
+
+    /// What another process of the same pipeline needs to settle this process's output when
+    /// it takes some of its input over (see [`crate::handoff`]); written next to this
+    /// process's checkpoints. `None` (the default): nothing beyond the checkpoints.
+    fn member_record(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// The committer of another process's output, from the record it wrote
+    /// ([`SinkFactory::member_record`]), to ask how far that output is visible and to stop
+    /// that process from committing more. `None` (the default): its checkpoints count as
+    /// they are.
+    ///
+    /// # Errors
+    /// A record this sink cannot read.
+    fn peer_committer(&self, record: &serde_json::Value) -> Result<Option<Arc<dyn Committer>>> {
+        let _ = record;
+        Ok(None)
     }
 }

@@ -34,6 +34,7 @@ use crate::checkpointing::{next_control, Ack, Control, Coordinating, SourceContr
 use crate::deadletter::{now_ms, DeadLetterSink};
 use crate::error::{CoreError, Result};
 use crate::exchange::Partitioner;
+use crate::handoff::{self, Candidate, GroupMember};
 use crate::ids::StepId;
 use crate::metrics::{ChannelMetrics, Registry, StepMetrics, StepSnapshot, WorkerClock};
 use crate::operator::{
@@ -187,7 +188,8 @@ pub struct Job {
     shutdown_tx: Arc<watch::Sender<bool>>,
     shutdown_rx: watch::Receiver<bool>,
     on_demand_tx: mpsc::Sender<()>,
-    on_demand_rx: Option<mpsc::Receiver<()>>,
+    /// Shared by the coordinators of successive runs (a job runs again after a rebalance).
+    on_demand_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<()>>>,
 }
 
 impl Job {
@@ -215,7 +217,7 @@ impl Job {
             shutdown_tx: Arc::new(tx),
             shutdown_rx: rx,
             on_demand_tx,
-            on_demand_rx: Some(on_demand_rx),
+            on_demand_rx: Arc::new(tokio::sync::Mutex::new(on_demand_rx)),
         })
     }
 
@@ -281,9 +283,99 @@ impl Job {
     ///
     /// # Errors
     /// The first error of any task; the other tasks are then aborted.
-    pub async fn run(mut self) -> Result<RunSummary> {
+    pub async fn run(self) -> Result<RunSummary> {
+        loop {
+            match self.attempt().await {
+                Err(e) if e.is_rebalance() && !*self.shutdown_rx.borrow() => {
+                    tracing::info!(job = %self.spec.name, reason = %e, "Starting again from the last checkpoint with the new assignment.");
+                    self.registry.connectors.add(
+                        "weir_job_restarts_total",
+                        "Times the job started again from its last checkpoint because its partitions moved.",
+                        &[("reason", "rebalance")],
+                        1.0,
+                    );
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// With several processes sharing the input (a checkpoint member and a source in a
+    /// group): waits for this process's partitions and takes each from the checkpoint that
+    /// read furthest into it, its own or another member's (see [`crate::handoff`]).
+    async fn take_over(
+        &self,
+        ck: &CheckpointSpec,
+        group: &dyn GroupMember,
+        own: Restored,
+    ) -> Result<(Restored, crate::store::Parked)> {
+        let spec = &self.spec;
+        let src = spec.source_step.as_str();
+        let assigned = group
+            .assignment(self.shutdown_rx.clone(), &self.registry)
+            .await
+            .map_err(|e| e.in_step(&spec.source_step))?;
+        let me = ck.store.member_name().unwrap_or_default().to_string();
+        ck.store.put_member_record(&serde_json::json!({ "member": me, "sink": spec.sink.member_record() })).await?;
+        let own_parked = handoff::parked_candidate(&me, true, &own);
+        let mut candidates = vec![handoff::live_candidate(&me, true, own), own_parked];
+        if !ck.fresh {
+            for peer in ck.store.peers().await? {
+                let name = peer.member_name().unwrap_or_default().to_string();
+                let Some(r) = peer.newest(None).await? else { continue };
+                // What a member parked was visible when it parked it: it needs no settling.
+                candidates.push(handoff::parked_candidate(&name, false, &r));
+                let live = handoff::live_candidate(&name, false, r);
+                if !handoff::wanted(group, src, &assigned.partitions, &candidates, &live)? {
+                    continue;
+                }
+                // Its live state counts only as far as the member made its output visible,
+                // and settling it stops the member from committing more, so what is read
+                // here cannot change afterwards.
+                let record = peer.member_record().await?.unwrap_or_default();
+                let live = match spec.sink.peer_committer(&record["sink"]).map_err(|e| e.in_step(&spec.sink_step))? {
+                    Some(committer) => {
+                        let limit = committer.visible().await.map_err(|e| e.in_step(&spec.sink_step))?.limit();
+                        let Some(r) = peer.newest(limit).await? else { continue };
+                        handoff::live_candidate(&name, false, r)
+                    }
+                    None => live,
+                };
+                candidates.push(live);
+            }
+        }
+        let own: Vec<&Candidate> = candidates.iter().filter(|c| c.own).collect();
+        let parked = handoff::to_park(group, src, &assigned.partitions, &own)?;
+        let (restored, plan) = handoff::merge(group, src, &assigned.partitions, candidates)?;
+        let moved: Vec<String> = plan
+            .taken
+            .iter()
+            .filter(|(_, (m, _))| *m != me)
+            .map(|(p, (m, o))| format!("{p} from {m} at {o}"))
+            .collect();
+        if !moved.is_empty() {
+            self.registry.connectors.add(
+                "weir_partitions_taken_over_total",
+                "Partitions whose state and position came from another member's checkpoint.",
+                &[],
+                moved.len() as f64,
+            );
+        }
+        let parked_partitions = group.positions(parked.sources.get(src).map_or(&[][..], Vec::as_slice))?.len();
+        tracing::info!(
+            member = %me,
+            partitions = ?assigned.partitions,
+            taken_over = ?moved,
+            carried_for_others = parked_partitions,
+            "Partitions assigned; their state restored from the members' checkpoints."
+        );
+        Ok((restored, parked))
+    }
+
+    /// One run: until the input ends, the job is stopped, a task fails, or the source's
+    /// partitions move ([`CoreError::Rebalanced`], after which [`Job::run`] starts again).
+    async fn attempt(&self) -> Result<RunSummary> {
         let started = Instant::now();
-        let on_demand = self.on_demand_rx.take();
         let spec = &self.spec;
         let w_count = spec.workers;
         // Stages fuse when there is one worker: no exchange is needed.
@@ -308,6 +400,12 @@ impl Job {
             }
             let (r, last) = self.recover(ck).await?;
             restored = r;
+            let mut parked = None;
+            if let (Some(group), Some(_)) = (spec.source.group(), ck.store.member_name()) {
+                let (r, p) = self.take_over(ck, group.as_ref(), restored).await?;
+                restored = r;
+                parked = Some(p);
+            }
             let tasks = (0..stages.len()).flat_map(|si| (0..w_count).map(move |w| task_key(si, w))).collect();
             coord = Some(Coordinating::new(
                 tasks,
@@ -320,8 +418,11 @@ impl Job {
                 &spec.name,
                 w_count,
                 self.registry.clone(),
-                on_demand.unwrap_or_else(|| mpsc::channel(1).1),
+                self.on_demand_rx.clone(),
             ));
+            if let (Some(c), Some(p)) = (coord.as_mut(), parked) {
+                c.park(p)?;
+            }
             if let Some(tables) = restored.operators.remove(crate::quarantine::STATE_STEP) {
                 if let Some(q) = &spec.quarantine {
                     q.restore(&tables, Instant::now(), now_ms())?;
@@ -461,8 +562,14 @@ impl Job {
                 Next::Task(Some(res)) => res.map_err(|e| CoreError::Task(e.to_string())).and_then(|r| r),
             };
             if let Err(e) = res {
-                tracing::error!(job = %spec.name, error = %e, "Job failed.");
+                if e.is_rebalance() {
+                    tracing::info!(job = %spec.name, reason = %e, "Run stopped: the partitions moved.");
+                } else {
+                    tracing::error!(job = %spec.name, error = %e, "Job failed.");
+                }
                 tasks.abort_all();
+                // Gone before anything starts again: a next run shares the source's consumer.
+                while tasks.join_next().await.is_some() {}
                 let _ = spec.dead_letters.flush();
                 return Err(e);
             }

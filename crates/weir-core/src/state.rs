@@ -19,6 +19,10 @@ use crate::keys::{hash_rows, key_group, worker_for_group};
 /// Name of the key-group column that leads every operator state table.
 pub const KEY_GROUP_COLUMN: &str = "__key_group";
 
+/// Name of the first key column of a keyed state table, right after the key group: the key
+/// a handoff between processes tells each row's partition by (see [`crate::handoff`]).
+pub const FIRST_KEY_COLUMN: &str = "key0";
+
 /// The key group of each row of `keys` (the same groups the exchange routes by).
 ///
 /// # Errors

@@ -178,6 +178,70 @@ pub struct Restored {
     pub sources: HashMap<String, Vec<RecordBatch>>,
     /// The lowest watermark any old task had reached, by step id.
     pub watermarks: HashMap<String, i64>,
+    /// When the checkpoint's manifest was written, ms since the epoch.
+    pub created_ms: Option<i64>,
+    /// State of partitions this member no longer holds, carried in its checkpoints until
+    /// another member takes them (see [`crate::handoff`]): source positions and operator
+    /// tables by step, and the watermarks as of when they were held.
+    pub parked: Parked,
+}
+
+/// The task key under which a checkpoint carries parked partitions (see [`Restored::parked`]).
+pub const PARKED_TASK: &str = "parked";
+
+/// State of partitions a member handed on, as its checkpoints carry it.
+#[derive(Debug, Clone, Default)]
+pub struct Parked {
+    /// Source position tables by step id.
+    pub sources: HashMap<String, Vec<RecordBatch>>,
+    /// Operator state tables by step id.
+    pub operators: HashMap<String, Vec<RecordBatch>>,
+    /// Watermarks by step id, as of the checkpoint the state comes from.
+    pub watermarks: BTreeMap<String, i64>,
+}
+
+impl Parked {
+    /// Nothing is parked.
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty() && self.operators.is_empty()
+    }
+}
+
+impl Restored {
+    fn from_checkpoint(m: ManifestFile, tables: Vec<(StateFile, RecordBatch)>) -> Self {
+        let mut restored = Restored {
+            epoch: Some(m.epoch),
+            drained: m.drained,
+            created_ms: Some(m.created_ms),
+            ..Restored::default()
+        };
+        let parked_files: std::collections::HashSet<String> = m
+            .tasks
+            .get(&TaskKey(PARKED_TASK.into()))
+            .map(|s| s.files.iter().map(|f| f.path.clone()).collect())
+            .unwrap_or_default();
+        for (task, snap) in &m.tasks {
+            if task.0 == PARKED_TASK {
+                restored.parked.watermarks.clone_from(&snap.watermarks);
+                continue;
+            }
+            for (step, wm) in &snap.watermarks {
+                let e = restored.watermarks.entry(step.clone()).or_insert(*wm);
+                *e = (*e).min(*wm);
+            }
+        }
+        for (f, t) in tables {
+            let parked = parked_files.contains(&f.path);
+            let map = match (f.role, parked) {
+                (StateRole::Source, false) => &mut restored.sources,
+                (StateRole::Operator, false) => &mut restored.operators,
+                (StateRole::Source, true) => &mut restored.parked.sources,
+                (StateRole::Operator, true) => &mut restored.parked.operators,
+            };
+            map.entry(f.step).or_default().push(t);
+        }
+        restored
+    }
 }
 
 /// What is in the store for a job, newest first, as `weir checkpoints list` shows it.
@@ -195,6 +259,9 @@ pub struct CheckpointStore {
     store: Arc<dyn ObjectStore>,
     root: Path,
     location: String,
+    /// With several processes sharing the store: this one's name, and the job folder that
+    /// holds every member's folder.
+    member: Option<(String, Path)>,
 }
 
 impl CheckpointStore {
@@ -220,7 +287,7 @@ impl CheckpointStore {
     pub fn open_with(location: &str, job: &str, options: &BTreeMap<String, String>) -> Result<Self> {
         let (store, prefix) = connect(location, options)?;
         let root = prefix.clone().join(job);
-        Ok(Self { store, root, location: location.to_string() })
+        Ok(Self { store, root, location: location.to_string(), member: None })
     }
 
     /// The jobs that have checkpoints at `location` (the pipeline folders holding `chk-*`),
@@ -263,9 +330,112 @@ impl CheckpointStore {
         Ok(out)
     }
 
+    /// The folder of one member of several processes that share `location` and split their
+    /// input (see [`crate::handoff`]): `<location>/<job>/<name>`.
+    ///
+    /// # Errors
+    /// A name that is empty or holds `/`.
+    pub fn member(mut self, name: &str) -> Result<Self> {
+        crate::ensure_config!(
+            !name.is_empty() && !name.contains('/') && name != "." && name != "..",
+            "checkpoints: `member` must be a plain name (got `{name}`)"
+        );
+        let job_root = self.root.clone();
+        self.root = job_root.clone().join(name);
+        self.member = Some((name.to_string(), job_root));
+        Ok(self)
+    }
+
+    /// This process's member name, when it is one of several (see [`CheckpointStore::member`]).
+    pub fn member_name(&self) -> Option<&str> {
+        self.member.as_ref().map(|(n, _)| n.as_str())
+    }
+
+    /// The other members' stores next to this one (folders with a member record), sorted.
+    ///
+    /// # Errors
+    /// Store failures while listing.
+    pub async fn peers(&self) -> Result<Vec<Self>> {
+        let Some((me, job_root)) = &self.member else { return Ok(Vec::new()) };
+        let listing = self
+            .store
+            .list_with_delimiter(Some(job_root))
+            .await
+            .map_err(|e| store_err(format!("listing the members in `{}`", self.location), e))?;
+        let mut out = Vec::new();
+        for p in &listing.common_prefixes {
+            let Some(name) = p.filename() else { continue };
+            if name == me {
+                continue;
+            }
+            let mut peer = self.clone();
+            peer.root = job_root.clone().join(name);
+            peer.member = Some((name.to_string(), job_root.clone()));
+            if peer.member_record().await?.is_some() {
+                out.push(peer);
+            }
+        }
+        out.sort_by(|a, b| a.root.as_ref().cmp(b.root.as_ref()));
+        Ok(out)
+    }
+
+    /// Records what other members need to settle this member's output (the sink's
+    /// [`crate::SinkFactory::member_record`]), in `<member>/MEMBER`.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn put_member_record(&self, record: &serde_json::Value) -> Result<()> {
+        let path = self.root.clone().join("MEMBER");
+        let body = serde_json::to_vec_pretty(record).map_err(|e| CoreError::Internal(format!("member record: {e}")))?;
+        self.store
+            .put(&path, PutPayload::from(body))
+            .await
+            .map_err(|e| store_err(format!("writing member record `{path}`"), e))?;
+        Ok(())
+    }
+
+    /// The member record, if this member has written one.
+    ///
+    /// # Errors
+    /// Store failures, or a record that is not JSON.
+    pub async fn member_record(&self) -> Result<Option<serde_json::Value>> {
+        let path = self.root.clone().join("MEMBER");
+        match self.store.get(&path).await {
+            Ok(got) => {
+                let bytes = got.bytes().await.map_err(|e| store_err(format!("reading `{path}`"), e))?;
+                serde_json::from_slice(&bytes).map(Some).map_err(|e| corrupt(&format!("member record `{path}`: {e}")))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(store_err(format!("reading `{path}`"), e)),
+        }
+    }
+
+    /// The newest complete checkpoint at or before `through` (any, without it), loaded,
+    /// changing nothing: how another member reads this one's checkpoints.
+    ///
+    /// # Errors
+    /// Store failures (not bad checkpoints: those are skipped).
+    pub async fn newest(&self, through: Option<Epoch>) -> Result<Option<Restored>> {
+        for e in self.epochs().await?.into_iter().rev() {
+            if through.is_some_and(|t| e > t) {
+                continue;
+            }
+            match self.load(e).await {
+                Ok((m, tables)) => return Ok(Some(Restored::from_checkpoint(m, tables))),
+                Err(err) => {
+                    tracing::debug!(checkpoint = e.0, store = %self.root, error = %err, "Skipping a checkpoint that is partial or corrupt.")
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// The job (pipeline) this store holds checkpoints of.
     pub fn job(&self) -> &str {
-        self.root.filename().unwrap_or_default()
+        match &self.member {
+            Some((_, job_root)) => job_root.filename().unwrap_or_default(),
+            None => self.root.filename().unwrap_or_default(),
+        }
     }
 
     /// Where the store is, as configured.
@@ -512,24 +682,7 @@ impl CheckpointStore {
         for e in &plan.discard {
             self.delete(*e).await?;
         }
-        let mut restored = Restored::default();
-        if let Some((m, tables)) = loaded {
-            restored.epoch = Some(m.epoch);
-            restored.drained = m.drained;
-            for snap in m.tasks.values() {
-                for (step, wm) in &snap.watermarks {
-                    let e = restored.watermarks.entry(step.clone()).or_insert(*wm);
-                    *e = (*e).min(*wm);
-                }
-            }
-            for (f, t) in tables {
-                let map = match f.role {
-                    StateRole::Source => &mut restored.sources,
-                    StateRole::Operator => &mut restored.operators,
-                };
-                map.entry(f.step).or_default().push(t);
-            }
-        }
+        let restored = loaded.map(|(m, t)| Restored::from_checkpoint(m, t)).unwrap_or_default();
         Ok((plan, restored))
     }
 }
@@ -675,6 +828,37 @@ mod tests {
         assert_eq!(one[0].epochs().await.unwrap(), vec![Epoch(1)]);
         let err = CheckpointStore::discover(&format!("{root}/missing"), &none).await.unwrap_err().to_string();
         assert!(err.contains("missing") && err.contains("not a directory"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn members_share_a_job_folder_and_read_each_other_without_changing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_str().unwrap();
+        let a = CheckpointStore::open(root, "w1").unwrap().member("a").unwrap();
+        let b = CheckpointStore::open(root, "w1").unwrap().member("b").unwrap();
+        let c = CheckpointStore::open(root, "w1").unwrap().member("c").unwrap();
+        for e in [1, 2, 3] {
+            checkpoint(&b, e).await;
+        }
+        checkpoint(&c, 1).await;
+        b.put_member_record(&serde_json::json!({ "member": "b", "sink": { "transactional_id": "t-b" } }))
+            .await
+            .unwrap();
+        // `c` wrote no record: it is not (yet) a member others read.
+        let peers = a.peers().await.unwrap();
+        assert_eq!(peers.iter().map(|p| p.member_name().unwrap()).collect::<Vec<_>>(), ["b"]);
+        assert_eq!((peers[0].job(), a.job()), ("w1", "w1"));
+        assert_eq!(peers[0].member_record().await.unwrap().unwrap()["sink"]["transactional_id"], "t-b");
+        assert_eq!(a.member_record().await.unwrap(), None);
+        let newest = peers[0].newest(None).await.unwrap().unwrap();
+        assert_eq!((newest.epoch, newest.watermarks["win"]), (Some(Epoch(3)), 3000));
+        assert!(newest.created_ms.is_some());
+        let visible = peers[0].newest(Some(Epoch(2))).await.unwrap().unwrap();
+        assert_eq!(visible.epoch, Some(Epoch(2)));
+        assert!(peers[0].newest(Some(Epoch(0))).await.unwrap().is_none());
+        // Reading changed nothing: the newer checkpoint is still there for `b` itself.
+        assert_eq!(b.epochs().await.unwrap(), vec![Epoch(1), Epoch(2), Epoch(3)]);
+        assert!(CheckpointStore::open(root, "w1").unwrap().member("x/y").is_err());
     }
 
     #[test]

@@ -22,8 +22,14 @@ pub(crate) fn keyed_table(
 ) -> Result<RecordBatch> {
     let key_cols = if keyed { interner.columns(ids)? } else { Vec::new() };
     let groups = key_groups(&key_cols, ids.len())?;
-    let mut all_fields: Vec<Field> =
-        key_cols.iter().enumerate().map(|(i, c)| Field::new(format!("key{i}"), c.data_type().clone(), true)).collect();
+    let mut all_fields: Vec<Field> = key_cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            // The first is `weir_core::state::FIRST_KEY_COLUMN`; the handoff finds keys by it.
+            Field::new(format!("key{i}"), c.data_type().clone(), true)
+        })
+        .collect();
     all_fields.extend(fields);
     let mut all = key_cols;
     all.extend(columns);

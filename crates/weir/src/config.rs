@@ -96,6 +96,12 @@ pub struct CheckpointConfig {
     /// Complete checkpoints to keep.
     #[serde(default = "default_keep")]
     pub keep: usize,
+    /// This process's name among several that run the pipeline over one Kafka consumer
+    /// group and share `dir`: its checkpoints go to `<dir>/<pipeline>/<member>`, and when
+    /// partitions move, their keyed state moves with them through these folders. Stable
+    /// across restarts of one process (a StatefulSet pod name: `${HOSTNAME}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
 }
 
 impl std::fmt::Debug for CheckpointConfig {

@@ -188,7 +188,8 @@ impl Pipeline {
 
     /// Takes a checkpoint every `interval` into `dir` (a directory or URL), keeping three.
     pub fn checkpoints(&mut self, dir: impl Into<String>, interval: Duration) -> &mut Self {
-        self.cfg.checkpoints = Some(CheckpointConfig { dir: dir.into(), options: BTreeMap::new(), interval, keep: 3 });
+        self.cfg.checkpoints =
+            Some(CheckpointConfig { dir: dir.into(), options: BTreeMap::new(), interval, keep: 3, member: None });
         self
     }
 
@@ -755,6 +756,7 @@ impl BuiltPipeline {
                     max_linger: src.max_linger,
                     stop_at_end: k.stop_at_end,
                     transactional_offsets: transactional_offsets.clone(),
+                    handoff: c.checkpoints.as_ref().is_some_and(|k| k.member.is_some()),
                 })
                 .map_err(|e| e.in_step(&source_step))?;
                 let schema = fac.schema();
@@ -789,12 +791,9 @@ impl BuiltPipeline {
                             )
                             .in_step(&sink_step));
                         };
-                        weir_connectors::kafka::KafkaSinkMode::ExactlyOnce(kafka_transactions(
-                            &k,
-                            &c.name,
-                            &c.sink.id,
-                            ck.interval,
-                        )?)
+                        let mut t = kafka_transactions(&k, &c.name, &c.sink.id, ck.interval)?;
+                        t.handoff = ck.member.is_some();
+                        weir_connectors::kafka::KafkaSinkMode::ExactlyOnce(t)
                     }
                     other => {
                         return Err(CoreError::Config(format!(
@@ -865,9 +864,18 @@ impl BuiltPipeline {
                 None => None,
                 Some(k) => {
                     weir_core::ensure_config!(k.keep >= 1, "checkpoints.keep must be at least 1");
+                    let mut store = weir_core::store::CheckpointStore::open_with(&k.dir, &c.name, &k.options)
+                        .map_err(|e| CoreError::Config(format!("checkpoints.dir: {e}")))?;
+                    if let Some(m) = &k.member {
+                        weir_core::ensure_config!(
+                            src.kafka.is_some(),
+                            "checkpoints.member: state follows partitions of a Kafka source between processes; source `{}` is not Kafka",
+                            src.id
+                        );
+                        store = store.member(m)?;
+                    }
                     Some(weir_core::runtime::CheckpointSpec {
-                        store: weir_core::store::CheckpointStore::open_with(&k.dir, &c.name, &k.options)
-                            .map_err(|e| CoreError::Config(format!("checkpoints.dir: {e}")))?,
+                        store,
                         interval: (!k.interval.is_zero()).then_some(k.interval),
                         keep: k.keep,
                         fresh: opts.fresh,
@@ -1047,6 +1055,7 @@ fn kafka_transactions(
         transactional_id: id,
         timeout,
         checkpoint_header: k.checkpoint_header.clone(),
+        handoff: false,
     })
 }
 

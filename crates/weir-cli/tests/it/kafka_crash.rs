@@ -46,7 +46,7 @@ fn pipeline(dir: &Path, brokers: &str) -> std::path::PathBuf {
     p
 }
 
-fn produce(brokers: &str, topic: &str, input: &Path) {
+pub(crate) fn produce(brokers: &str, topic: &str, input: &Path) {
     let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("partitioner", "murmur2_random")
@@ -68,7 +68,7 @@ fn produce(brokers: &str, topic: &str, input: &Path) {
 
 /// Every record of the `partitions` of `topic`, with the value of header `header`: read from
 /// the start until the position reaches the end of each.
-fn records(brokers: &str, topic: &str, partitions: i32, header: &str) -> Vec<(Option<String>, String)> {
+pub(crate) fn records(brokers: &str, topic: &str, partitions: i32, header: &str) -> Vec<(Option<String>, String)> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("reader-{}", std::process::id()))
@@ -133,7 +133,7 @@ fn committed(brokers: &str) -> (String, usize) {
 
 /// Events in event-time order, 20 devices, 2 ms apart: W1's windows close all through the
 /// run, so output is produced (and killed) in many transactions, not only at the end.
-fn input(path: &Path, events: u64) {
+pub(crate) fn input(path: &Path, events: u64) {
     use std::io::Write as _;
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     for i in 0..events {

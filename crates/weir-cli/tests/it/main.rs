@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 
 mod crash;
 mod kafka_crash;
+mod kafka_handoff;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()

@@ -55,6 +55,10 @@ pub struct KafkaTransactionSettings {
     /// names committed ones: lets an audit match records to commits (and the tests check
     /// exactly-once output on a broker that does not hide aborted transactions).
     pub checkpoint_header: Option<String>,
+    /// Several processes share the input (`checkpoints.member`): being fenced means another
+    /// member took partitions over from this one, so the run starts again from its last
+    /// checkpoint ([`weir_core::CoreError::Rebalanced`]) instead of failing.
+    pub handoff: bool,
 }
 
 /// Settings of a Kafka sink.
@@ -164,6 +168,39 @@ impl SinkFactory for KafkaSinkFactory {
 
     fn committer(&self) -> Option<Arc<dyn Committer>> {
         self.txn.clone().map(|t| t as Arc<dyn Committer>)
+    }
+
+    /// Exactly once, another member taking partitions over needs this process's
+    /// transactional id (to fence it) and commit topic (to read how far it committed).
+    fn member_record(&self) -> Option<serde_json::Value> {
+        let KafkaSinkMode::ExactlyOnce(t) = &self.cfg.mode else { return None };
+        Some(serde_json::json!({ "transactional_id": t.transactional_id, "commit_topic": t.commit_topic }))
+    }
+
+    fn peer_committer(&self, record: &serde_json::Value) -> Result<Option<Arc<dyn Committer>>> {
+        let KafkaSinkMode::ExactlyOnce(mine) = &self.cfg.mode else { return Ok(None) };
+        if record.is_null() {
+            // The member wrote at least once: its checkpoints count as they are.
+            return Ok(None);
+        }
+        let field = |k: &str| {
+            record[k].as_str().map(str::to_string).ok_or_else(|| {
+                CoreError::Config(format!("kafka sink: another member's record has no `{k}` (it is {record})"))
+            })
+        };
+        let theirs = KafkaTransactionSettings {
+            transactional_id: field("transactional_id")?,
+            commit_topic: field("commit_topic")?,
+            ..mine.clone()
+        };
+        weir_core::ensure_config!(
+            theirs.transactional_id != mine.transactional_id,
+            "kafka sink: another member uses this process's `transactional_id` `{}`; each process needs its own (e.g. `w1-${{HOSTNAME}}`)",
+            mine.transactional_id
+        );
+        let peer =
+            Transactions::new(&self.cfg.client, &self.cfg.topic, theirs, Arc::new(ProduceStats::default()), None)?;
+        Ok(Some(Arc::new(peer)))
     }
 }
 
@@ -284,7 +321,7 @@ impl KafkaSink {
         producer: &FutureProducer<Logging>,
         mut rec: FutureRecord<'a, K, P>,
         topic: &str,
-        txn: bool,
+        txn: Option<&Transactions>,
     ) -> Result<DeliveryFuture> {
         loop {
             match producer.send_result(rec) {
@@ -293,7 +330,7 @@ impl KafkaSink {
                     rec = r;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                Err((e, _)) => return Err(in_txn(kafka_err(format!("kafka sink: producing to `{topic}`"), &e), txn)),
+                Err((e, _)) => return Err(in_txn(format!("kafka sink: producing to `{topic}`"), &e, txn)),
             }
         }
     }
@@ -302,7 +339,7 @@ impl KafkaSink {
     /// Records that failed for a reason that may pass are kept to be sent again; a failure
     /// that will not pass, or any failure inside a transaction, is the error.
     async fn settle(&mut self, wait: bool) -> Result<()> {
-        let txn = self.txn.is_some();
+        let txn = self.txn.clone();
         while let Some(h) = self.in_flight.pop_front() {
             if !wait && !h.is_finished() {
                 self.in_flight.push_front(h);
@@ -314,7 +351,7 @@ impl KafkaSink {
                 return Err(CoreError::Task(format!("kafka sink: the producer dropped {dropped} delivery reports")));
             }
             for (e, m) in failed {
-                let err = in_txn(kafka_err(format!("kafka sink: delivery to `{}`", self.cfg.topic), &e), txn);
+                let err = in_txn(format!("kafka sink: delivery to `{}`", self.cfg.topic), &e, txn.as_deref());
                 if err.retry() != weir_core::Retry::Backoff {
                     return Err(err);
                 }
@@ -336,7 +373,7 @@ impl KafkaSink {
         let mut bytes = 0;
         for m in &failed {
             bytes += m.payload().map_or(0, <[u8]>::len);
-            futures.push(Self::send(&producer, record_of(m), &self.cfg.topic, false).await?);
+            futures.push(Self::send(&producer, record_of(m), &self.cfg.topic, None).await?);
         }
         tracing::info!(topic = %self.cfg.topic, records = failed.len(), "Kafka sink: sending records again after a failed delivery.");
         self.in_flight.push_back(await_deliveries(futures, failed.len(), bytes, self.stats.clone()));
@@ -365,7 +402,7 @@ impl Sink for KafkaSink {
         let Some(producer) = self.producer.clone() else {
             weir_core::bail_internal!("kafka sink: a transactional write before begin")
         };
-        let txn = self.txn.is_some();
+        let txn = self.txn.clone();
         // A failure of an earlier batch is reported here, before this batch is sent: the
         // runtime backs off and calls again with this batch, and the failed records go first.
         self.settle(false).await?;
@@ -404,7 +441,7 @@ impl Sink for KafkaSink {
                 }
                 rec = rec.headers(h);
             }
-            futures.push(Self::send(&producer, rec, &self.cfg.topic, txn).await?);
+            futures.push(Self::send(&producer, rec, &self.cfg.topic, txn.as_deref()).await?);
         }
         self.in_flight.push_back(await_deliveries(futures, spans.len(), self.buf.len(), self.stats.clone()));
         Ok(())
@@ -445,13 +482,15 @@ impl Sink for KafkaSink {
 
 /// In a transaction, a failed record cannot be sent again (the retry could land twice): the
 /// job fails, and recovery aborts the transaction and replays from the checkpoint.
-fn in_txn(e: CoreError, txn: bool) -> CoreError {
-    match e {
-        CoreError::Other { message, blame, .. } if txn => CoreError::Other {
+/// A producer error; inside a transaction it cannot be retried (see [`Transactions::error`]).
+fn in_txn(what: String, e: &KafkaError, txn: Option<&Transactions>) -> CoreError {
+    match txn.map(|t| t.error(what.clone(), e)) {
+        Some(CoreError::Other { message, blame, .. }) => CoreError::Other {
             message: format!("{message} (inside a transaction: the job restarts from its last checkpoint)"),
             blame,
             retry: weir_core::Retry::Never,
         },
-        e => e,
+        Some(other) => other,
+        None => kafka_err(what, e),
     }
 }

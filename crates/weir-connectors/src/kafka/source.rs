@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use arrow_array::cast::AsArray as _;
 use arrow_array::types::{Int32Type, Int64Type};
-use arrow_array::{ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray};
+use arrow_array::{Array as _, ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -129,6 +129,10 @@ pub struct KafkaSourceConfig {
     /// Set when an exactly-once Kafka sink on the same cluster commits this source's positions
     /// inside its transactions; the source then commits no progress hint of its own.
     pub transactional_offsets: Option<Arc<super::txn::TransactionalOffsets>>,
+    /// Several processes share the topic and keyed state follows its partitions between
+    /// them ([`weir_core::handoff`]): the job starts only once the group has assigned this
+    /// process its partitions, and starts again whenever they move. One topic only.
+    pub handoff: bool,
 }
 
 /// Builds the Kafka source: the consumer on worker 0, nothing on the others.
@@ -136,6 +140,9 @@ pub struct KafkaSourceConfig {
 pub struct KafkaSourceFactory {
     cfg: Arc<KafkaSourceConfig>,
     schema: SchemaRef,
+    /// With `handoff`: the consumer, kept across the job's runs so that starting again after
+    /// a rebalance does not make the process join the group anew (and rebalance again).
+    group: Arc<KafkaGroup>,
 }
 
 impl KafkaSourceFactory {
@@ -149,7 +156,19 @@ impl KafkaSourceFactory {
         let schema = cfg.metadata.extend(&cfg.payload_schema)?;
         // Fails early on a format this source cannot decode.
         cfg.format.decoder(cfg.payload_schema.clone()).map_err(crate::fmt_err)?;
-        Ok(Self { schema, cfg: Arc::new(cfg) })
+        weir_core::ensure_config!(
+            !cfg.handoff || (cfg.topics.len() == 1 && !cfg.topics[0].starts_with('^')),
+            "kafka: state can follow partitions between processes for one topic only (`topics` is {:?})",
+            cfg.topics
+        );
+        let cfg = Arc::new(cfg);
+        let group = Arc::new(KafkaGroup {
+            cfg: cfg.clone(),
+            shared: Arc::new(Shared::default()),
+            consumer: Mutex::new(None),
+            partition_count: Mutex::new(None),
+        });
+        Ok(Self { schema, cfg, group })
     }
 }
 
@@ -166,7 +185,9 @@ impl SourceFactory for KafkaSourceFactory {
             schema: self.schema.clone(),
             decoder,
             consumer: None,
-            shared: Arc::new(Shared::default()),
+            shared: if self.cfg.handoff { self.group.shared.clone() } else { Arc::new(Shared::default()) },
+            group: self.cfg.handoff.then(|| self.group.clone()),
+            started: false,
             parts: Vec::new(),
             index: HashMap::new(),
             linger: Linger::new(self.cfg.batch_size, self.cfg.max_linger),
@@ -178,6 +199,165 @@ impl SourceFactory for KafkaSourceFactory {
 
     fn resumable(&self) -> bool {
         true
+    }
+
+    fn group(&self) -> Option<Arc<dyn weir_core::handoff::GroupMember>> {
+        self.cfg.handoff.then(|| self.group.clone() as Arc<dyn weir_core::handoff::GroupMember>)
+    }
+}
+
+/// The consumer of a source whose state follows partitions between processes, shared by
+/// the job's successive runs.
+struct KafkaGroup {
+    cfg: Arc<KafkaSourceConfig>,
+    shared: Arc<Shared>,
+    consumer: Mutex<Option<Arc<StreamConsumer<SourceCtx>>>>,
+    /// The topic's partition count when the assignment was last read: which partition a key
+    /// is in depends on it.
+    partition_count: Mutex<Option<u32>>,
+}
+
+impl std::fmt::Debug for KafkaGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaGroup").field("group", &self.cfg.group_id).field("topics", &self.cfg.topics).finish()
+    }
+}
+
+impl KafkaGroup {
+    fn consumer(&self, registry: &Arc<weir_core::metrics::Registry>) -> Result<Arc<StreamConsumer<SourceCtx>>> {
+        let mut slot = lock(&self.consumer);
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(new_consumer(&self.cfg, &self.shared, registry)?);
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    fn topic(&self) -> &str {
+        &self.cfg.topics[0]
+    }
+}
+
+#[async_trait::async_trait]
+impl weir_core::handoff::GroupMember for KafkaGroup {
+    async fn assignment(
+        &self,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+        registry: &Arc<weir_core::metrics::Registry>,
+    ) -> Result<weir_core::handoff::Assignment> {
+        let consumer = self.consumer(registry)?;
+        let waited = Instant::now();
+        let mut warned = Instant::now();
+        // The assignment as of the latest event; `None` until the group has made one.
+        let mut current: Option<Vec<(String, i32)>> = None;
+        loop {
+            let events = std::mem::take(&mut *lock(&self.shared.events));
+            for ev in events {
+                current = match ev {
+                    Assignment::Assigned(list) => Some(list.into_iter().map(|(t, p, _)| (t, p)).collect()),
+                    Assignment::Revoked(_) => None,
+                };
+            }
+            // A run starts on an assignment no newer event has replaced (every run after the
+            // first starts because an event came, and a fresh consumer always gets one).
+            if let Some(list) = current.take() {
+                if lock(&self.shared.events).is_empty() {
+                    return self.settle(&consumer, list).await;
+                }
+                current = Some(list);
+            }
+            if *stop.borrow() {
+                return self.settle(&consumer, Vec::new()).await;
+            }
+            if warned.elapsed() >= Duration::from_secs(10) {
+                warned = Instant::now();
+                tracing::warn!(group = %self.cfg.group_id, waited_s = waited.elapsed().as_secs(), "Waiting for the consumer group to assign this process its partitions.");
+            }
+            // Polling serves the group protocol's callbacks. A record read here is dropped:
+            // the run assigns every partition again at its restored position.
+            tokio::select! {
+                _ = tokio::time::timeout(Duration::from_millis(100), consumer.recv()) => {}
+                Ok(()) = stop.changed() => {}
+            }
+        }
+    }
+
+    fn positions(&self, tables: &[RecordBatch]) -> Result<HashMap<i32, i64>> {
+        let mut out = HashMap::new();
+        for ((t, p), o) in read_positions(tables)? {
+            if t == self.topic() {
+                out.insert(p, o);
+            }
+        }
+        Ok(out)
+    }
+
+    fn position_table(&self, positions: &std::collections::BTreeMap<i32, i64>) -> Result<RecordBatch> {
+        let rows: Vec<((String, i32), i64)> =
+            positions.iter().map(|(p, o)| ((self.topic().to_string(), *p), *o)).collect();
+        position_table(&rows)
+    }
+
+    fn partitions_of(&self, key: &ArrayRef) -> Result<Vec<Option<i32>>> {
+        let Some(n) = *lock(&self.partition_count) else {
+            weir_core::bail_internal!("kafka: partitions of keys asked before the assignment")
+        };
+        let part = |b: &[u8]| Some(weir_core::keys::kafka_partition(b, n) as i32);
+        let rows = 0..key.len();
+        Ok(match key.data_type() {
+            DataType::Utf8 => {
+                let a = key.as_string::<i32>();
+                rows.map(|i| if a.is_null(i) { None } else { part(a.value(i).as_bytes()) }).collect()
+            }
+            DataType::LargeUtf8 => {
+                let a = key.as_string::<i64>();
+                rows.map(|i| if a.is_null(i) { None } else { part(a.value(i).as_bytes()) }).collect()
+            }
+            DataType::Int64 => {
+                let a = key.as_primitive::<Int64Type>();
+                rows.map(|i| if a.is_null(i) { None } else { part(a.value(i).to_string().as_bytes()) }).collect()
+            }
+            DataType::Int32 => {
+                let a = key.as_primitive::<Int32Type>();
+                rows.map(|i| if a.is_null(i) { None } else { part(a.value(i).to_string().as_bytes()) }).collect()
+            }
+            other => {
+                return Err(CoreError::Config(format!(
+                    "kafka: state follows partitions by the record key, so the first key must be text or an integer (it is {other})"
+                )))
+            }
+        })
+    }
+}
+
+impl KafkaGroup {
+    /// Records the assignment the run starts with, and the topic's partition count.
+    async fn settle(
+        &self,
+        consumer: &Arc<StreamConsumer<SourceCtx>>,
+        mut list: Vec<(String, i32)>,
+    ) -> Result<weir_core::handoff::Assignment> {
+        list.sort();
+        let c = consumer.clone();
+        let topic = self.topic().to_string();
+        let meta = tokio::task::spawn_blocking(move || c.fetch_metadata(Some(&topic), Duration::from_secs(30)))
+            .await
+            .map_err(|e| CoreError::Task(e.to_string()))?
+            .map_err(|e| kafka_err(format!("kafka source: reading the partitions of `{}`", self.topic()), &e))?;
+        let count = meta.topics().iter().find(|t| t.name() == self.topic()).map_or(0, |t| t.partitions().len()) as u32;
+        weir_core::ensure_config!(count > 0, "kafka source: topic `{}` has no partitions", self.topic());
+        let mut known = lock(&self.partition_count);
+        if known.is_some_and(|k| k != count) {
+            tracing::warn!(topic = %self.topic(), was = known.unwrap_or(0), now = count,
+                "The topic's partition count changed: keys now map to other partitions, and state moved between processes follows the new mapping.");
+        }
+        *known = Some(count);
+        drop(known);
+        *lock(&self.shared.current) = list.clone();
+        // Positions come from the restored checkpoint of each run, not from an earlier one.
+        lock(&self.shared.resume).clear();
+        Ok(weir_core::handoff::Assignment { partitions: list.into_iter().map(|(_, p)| p).collect() })
     }
 }
 
@@ -191,6 +371,8 @@ struct Shared {
     events: Mutex<Vec<Assignment>>,
     /// Each partition's end offset, from the client's statistics.
     ends: Mutex<HashMap<(String, i32), i64>>,
+    /// With `handoff`: the partitions the group assigned, as the job's run starts.
+    current: Mutex<Vec<(String, i32)>>,
 }
 
 #[derive(Debug)]
@@ -216,6 +398,8 @@ struct SourceCtx {
     registry: Arc<weir_core::metrics::Registry>,
     /// The consumer group, labelling the consumer's own metrics.
     group: String,
+    /// Partitions moving end the job's run (see [`KafkaSourceConfig::handoff`]).
+    handoff: bool,
 }
 
 impl ClientContext for SourceCtx {
@@ -293,33 +477,7 @@ impl ConsumerContext for SourceCtx {
             E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let tps: Vec<(String, i32)> =
                     tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
-                let resume = lock(&self.shared.resume).clone();
-                let mut by_time = TopicPartitionList::new();
-                for (t, p) in &tps {
-                    let offset = match (resume.get(&(t.clone(), *p)), self.start) {
-                        (Some(&o), _) => Offset::Offset(o),
-                        (None, KafkaStart::Earliest) => Offset::Beginning,
-                        (None, KafkaStart::Latest) => Offset::End,
-                        (None, KafkaStart::Committed) => Offset::Stored,
-                        (None, KafkaStart::Timestamp(ms)) => {
-                            let _ = by_time.add_partition_offset(t, *p, Offset::Offset(ms));
-                            Offset::End
-                        }
-                    };
-                    let _ = tpl.set_partition_offset(t, *p, offset);
-                }
-                if by_time.count() > 0 {
-                    match base.offsets_for_times(by_time, Duration::from_secs(10)) {
-                        Ok(found) => {
-                            for e in found.elements() {
-                                let _ = tpl.set_partition_offset(e.topic(), e.partition(), e.offset());
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "Could not look up offsets by time; those partitions start at the end.")
-                        }
-                    }
-                }
+                start_offsets(base, tpl, &lock(&self.shared.resume), self.start);
                 if let Err(e) = base.assign(tpl) {
                     tracing::error!(error = %e, "Kafka partition assignment failed.");
                     return;
@@ -327,8 +485,8 @@ impl ConsumerContext for SourceCtx {
                 let ends = tps
                     .into_iter()
                     .map(|(t, p)| {
-                        let end = self
-                            .stop_at_end
+                        // With a handoff the run that reads them asks again.
+                        let end = (self.stop_at_end && !self.handoff)
                             .then(|| base.fetch_watermarks(&t, p, Duration::from_secs(10)).ok().map(|(_, h)| h))
                             .flatten();
                         (t, p, end)
@@ -350,6 +508,43 @@ impl ConsumerContext for SourceCtx {
             other => {
                 tracing::warn!(error = ?other, "Kafka rebalance failed; dropping the assignment until the next one.");
                 let _ = base.unassign();
+            }
+        }
+    }
+}
+
+/// Sets where each partition of `tpl` starts: its position in `resume`, or where `start`
+/// says (a timestamp is looked up; a partition it cannot be found for starts at the end).
+fn start_offsets<C: Consumer<SourceCtx>>(
+    c: &C,
+    tpl: &mut TopicPartitionList,
+    resume: &HashMap<(String, i32), i64>,
+    start: KafkaStart,
+) {
+    let tps: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+    let mut by_time = TopicPartitionList::new();
+    for (t, p) in &tps {
+        let offset = match (resume.get(&(t.clone(), *p)), start) {
+            (Some(&o), _) => Offset::Offset(o),
+            (None, KafkaStart::Earliest) => Offset::Beginning,
+            (None, KafkaStart::Latest) => Offset::End,
+            (None, KafkaStart::Committed) => Offset::Stored,
+            (None, KafkaStart::Timestamp(ms)) => {
+                let _ = by_time.add_partition_offset(t, *p, Offset::Offset(ms));
+                Offset::End
+            }
+        };
+        let _ = tpl.set_partition_offset(t, *p, offset);
+    }
+    if by_time.count() > 0 {
+        match c.offsets_for_times(by_time, Duration::from_secs(10)) {
+            Ok(found) => {
+                for e in found.elements() {
+                    let _ = tpl.set_partition_offset(e.topic(), e.partition(), e.offset());
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not look up offsets by time; those partitions start at the end.")
             }
         }
     }
@@ -390,6 +585,10 @@ struct KafkaSource {
     decoder: Box<dyn Decoder>,
     consumer: Option<Arc<StreamConsumer<SourceCtx>>>,
     shared: Arc<Shared>,
+    /// With `handoff`: the consumer kept across runs.
+    group: Option<Arc<KafkaGroup>>,
+    /// With `handoff`: the assignment was applied at the restored positions.
+    started: bool,
     /// Partitions by local index (the runtime's watermark slot); never removed, so indices
     /// stay stable across rebalances.
     parts: Vec<Part>,
@@ -410,57 +609,106 @@ impl std::fmt::Debug for KafkaSource {
     }
 }
 
+/// Creates the consumer and subscribes it.
+fn new_consumer(
+    cfg: &KafkaSourceConfig,
+    shared: &Arc<Shared>,
+    registry: &Arc<weir_core::metrics::Registry>,
+) -> Result<StreamConsumer<SourceCtx>> {
+    let reset = if cfg.start == KafkaStart::Latest { "latest" } else { "earliest" };
+    let ours = [
+        ("group.id", cfg.group_id.clone()),
+        ("enable.auto.commit", "false".into()),
+        ("enable.auto.offset.store", "false".into()),
+        ("auto.offset.reset", reset.into()),
+        ("partition.assignment.strategy", "range,roundrobin".into()),
+        ("enable.partition.eof", "false".into()),
+        // Lag metrics come with the statistics; a pipeline may choose another interval.
+        (
+            "statistics.interval.ms",
+            cfg.client.properties.get("statistics.interval.ms").cloned().unwrap_or_else(|| "5000".into()),
+        ),
+        // How long a broker may hold a fetch when it has nothing new. Kafka answers as soon
+        // as data arrives, but some brokers (Tansu, librdkafka's mock) wait out the whole
+        // time, and librdkafka's 500 ms then becomes the latency. 10 ms costs an idle
+        // consumer about a hundred small requests a second per broker.
+        ("fetch.wait.max.ms", cfg.client.properties.get("fetch.wait.max.ms").cloned().unwrap_or_else(|| "10".into())),
+        // Backpressure: when the job stops taking records, librdkafka stops fetching once
+        // this much is read ahead (its default, 64 MiB, is a lot to hold for a stalled job).
+        (
+            "queued.max.messages.kbytes",
+            cfg.client.properties.get("queued.max.messages.kbytes").cloned().unwrap_or_else(|| "16384".into()),
+        ),
+    ];
+    let ctx = SourceCtx {
+        log: Logging { what: format!("kafka source (group {})", cfg.group_id) },
+        shared: shared.clone(),
+        start: cfg.start,
+        stop_at_end: cfg.stop_at_end,
+        registry: registry.clone(),
+        group: cfg.group_id.clone(),
+        handoff: cfg.handoff,
+    };
+    let c: StreamConsumer<SourceCtx> = cfg
+        .client
+        .client_config(&ours)
+        .create_with_context(ctx)
+        .map_err(|e| kafka_err("kafka source: cannot create the consumer", &e))?;
+    let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+    c.subscribe(&topics).map_err(|e| kafka_err(format!("kafka source: cannot subscribe to {topics:?}"), &e))?;
+    tracing::info!(topics = ?topics, group = %cfg.group_id, brokers = %cfg.client.brokers, "Kafka consumer subscribed.");
+    Ok(c)
+}
+
 impl KafkaSource {
+    /// With a handoff: assigns the partitions the group gave this process at the positions
+    /// the run restored (what the consumer fetched before is dropped by the assignment).
+    async fn start_assigned(&mut self, consumer: &Arc<StreamConsumer<SourceCtx>>) -> Result<()> {
+        let current = lock(&self.shared.current).clone();
+        let resume = lock(&self.shared.resume).clone();
+        let (start, stop_at_end) = (self.cfg.start, self.cfg.stop_at_end);
+        let c = consumer.clone();
+        let at = resume.clone();
+        let ends = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32, Option<i64>)>> {
+            let mut tpl = TopicPartitionList::new();
+            for (t, p) in &current {
+                tpl.add_partition(t, *p);
+            }
+            start_offsets(c.as_ref(), &mut tpl, &at, start);
+            c.assign(&tpl).map_err(|e| kafka_err("kafka source: assigning the partitions", &e))?;
+            Ok(current
+                .into_iter()
+                .map(|(t, p)| {
+                    let end = stop_at_end
+                        .then(|| c.fetch_watermarks(&t, p, Duration::from_secs(10)).ok().map(|(_, h)| h))
+                        .flatten();
+                    (t, p, end)
+                })
+                .collect())
+        })
+        .await
+        .map_err(|e| CoreError::Task(e.to_string()))??;
+        let n = ends.len();
+        for (t, p, end) in ends {
+            let next = resume.get(&(t.clone(), p)).copied();
+            let i = self.slot(&t, p);
+            let part = &mut self.parts[i];
+            part.assigned = true;
+            part.end = end;
+            part.next = next;
+        }
+        tracing::info!(partitions = n, "Kafka partitions read from their restored positions.");
+        Ok(())
+    }
+
     fn consumer(&mut self, registry: &Arc<weir_core::metrics::Registry>) -> Result<Arc<StreamConsumer<SourceCtx>>> {
         if let Some(c) = &self.consumer {
             return Ok(c.clone());
         }
-        let cfg = &self.cfg;
-        let reset = if cfg.start == KafkaStart::Latest { "latest" } else { "earliest" };
-        let ours = [
-            ("group.id", cfg.group_id.clone()),
-            ("enable.auto.commit", "false".into()),
-            ("enable.auto.offset.store", "false".into()),
-            ("auto.offset.reset", reset.into()),
-            ("partition.assignment.strategy", "range,roundrobin".into()),
-            ("enable.partition.eof", "false".into()),
-            // Lag metrics come with the statistics; a pipeline may choose another interval.
-            (
-                "statistics.interval.ms",
-                cfg.client.properties.get("statistics.interval.ms").cloned().unwrap_or_else(|| "5000".into()),
-            ),
-            // How long a broker may hold a fetch when it has nothing new. Kafka answers as soon
-            // as data arrives, but some brokers (Tansu, librdkafka's mock) wait out the whole
-            // time, and librdkafka's 500 ms then becomes the latency. 10 ms costs an idle
-            // consumer about a hundred small requests a second per broker.
-            (
-                "fetch.wait.max.ms",
-                cfg.client.properties.get("fetch.wait.max.ms").cloned().unwrap_or_else(|| "10".into()),
-            ),
-            // Backpressure: when the job stops taking records, librdkafka stops fetching once
-            // this much is read ahead (its default, 64 MiB, is a lot to hold for a stalled job).
-            (
-                "queued.max.messages.kbytes",
-                cfg.client.properties.get("queued.max.messages.kbytes").cloned().unwrap_or_else(|| "16384".into()),
-            ),
-        ];
-        let ctx = SourceCtx {
-            log: Logging { what: format!("kafka source (group {})", cfg.group_id) },
-            shared: self.shared.clone(),
-            start: cfg.start,
-            stop_at_end: cfg.stop_at_end,
-            registry: registry.clone(),
-            group: cfg.group_id.clone(),
+        let c = match &self.group {
+            Some(g) => g.consumer(registry)?,
+            None => Arc::new(new_consumer(&self.cfg, &self.shared, registry)?),
         };
-        let c: StreamConsumer<SourceCtx> = cfg
-            .client
-            .client_config(&ours)
-            .create_with_context(ctx)
-            .map_err(|e| kafka_err("kafka source: cannot create the consumer", &e))?;
-        let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
-        c.subscribe(&topics).map_err(|e| kafka_err(format!("kafka source: cannot subscribe to {topics:?}"), &e))?;
-        tracing::info!(topics = ?topics, group = %cfg.group_id, brokers = %cfg.client.brokers, "Kafka consumer subscribed.");
-        let c = Arc::new(c);
         self.consumer = Some(c.clone());
         Ok(c)
     }
@@ -510,6 +758,20 @@ impl KafkaSource {
                 }
             }
         }
+    }
+
+    /// Whether a record is new to this source: one below the partition's next position was
+    /// handed out or buffered already (a partition came back, or was assigned again at its
+    /// restored position, while the fetcher still held older records), and with a handoff
+    /// one of a partition this run does not hold was fetched before the run began.
+    fn accept(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) -> bool {
+        let i = self.slot(m.topic(), m.partition());
+        let p = &self.parts[i];
+        if self.group.is_some() && !p.assigned {
+            return false;
+        }
+        let expected = p.offsets.last().map(|o| o + 1).or(p.next);
+        expected.is_none_or(|e| m.offset() >= e)
     }
 
     fn add(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
@@ -634,8 +896,20 @@ impl Source for KafkaSource {
             return Ok(SourcePoll::End);
         }
         let consumer = self.consumer(&cx.registry)?;
+        if self.group.is_some() && !self.started {
+            self.start_assigned(&consumer).await?;
+            self.started = true;
+        }
         loop {
-            self.apply_events();
+            if self.group.is_none() {
+                self.apply_events();
+            } else if !cx.stopping() && !lock(&self.shared.events).is_empty() {
+                // The events stay for the next run's `assignment`.
+                return Err(CoreError::Rebalanced(format!(
+                    "consumer group `{}` moved partitions of {:?}",
+                    self.cfg.group_id, self.cfg.topics
+                )));
+            }
             if let Some(i) = self.pending_idle.pop() {
                 return Ok(SourcePoll::PartitionIdle(i));
             }
@@ -673,10 +947,7 @@ impl Source for KafkaSource {
                     }
                 }
                 Ok(Ok(m)) => {
-                    // A record below the position was handed out already (a revoked partition
-                    // came back and the fetcher had it buffered): skip it.
-                    let i = self.slot(m.topic(), m.partition());
-                    if self.parts[i].next.is_some_and(|n| m.offset() < n) && self.parts[i].ranges.is_empty() {
+                    if !self.accept(&m) {
                         continue;
                     }
                     self.add(&m);
@@ -686,8 +957,10 @@ impl Source for KafkaSource {
                     while n < self.cfg.batch_size {
                         match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
                             Ok(Ok(m)) => {
-                                self.add(&m);
-                                n += 1;
+                                if self.accept(&m) {
+                                    self.add(&m);
+                                    n += 1;
+                                }
                             }
                             Ok(Err(e)) => {
                                 self.report(&e);
@@ -757,38 +1030,49 @@ impl Source for KafkaSource {
             }
         }
         self.last_snapshot = Some(tpl);
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("topic", DataType::Utf8, false),
-            Field::new("partition", DataType::Int32, false),
-            Field::new("offset", DataType::Int64, false),
-        ]));
-        let cols: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from(rows.iter().map(|((t, _), _)| t.as_str()).collect::<Vec<_>>())),
-            Arc::new(Int32Array::from(rows.iter().map(|((_, p), _)| *p).collect::<Vec<_>>())),
-            Arc::new(Int64Array::from(rows.iter().map(|(_, o)| *o).collect::<Vec<_>>())),
-        ];
-        Ok(Some(RecordBatch::try_new(schema, cols)?))
+        Ok(Some(position_table(&rows)?))
     }
 
     fn restore(&mut self, positions: &[RecordBatch]) -> Result<()> {
         if !self.reader {
             return Ok(());
         }
-        let bad = || CoreError::Config("the checkpoint's Kafka positions have an unexpected shape".into());
         let mut resume = lock(&self.shared.resume);
-        for t in positions {
-            let topic = t.column_by_name("topic").and_then(|c| c.as_string_opt::<i32>()).ok_or_else(bad)?;
-            let part = t.column_by_name("partition").and_then(|c| c.as_primitive_opt::<Int32Type>()).ok_or_else(bad)?;
-            let off = t.column_by_name("offset").and_then(|c| c.as_primitive_opt::<Int64Type>()).ok_or_else(bad)?;
-            for i in 0..t.num_rows() {
-                let key = (topic.value(i).to_string(), part.value(i));
-                let e = resume.entry(key).or_insert(off.value(i));
-                *e = (*e).max(off.value(i));
-            }
+        for (key, o) in read_positions(positions)? {
+            let e = resume.entry(key).or_insert(o);
+            *e = (*e).max(o);
         }
         tracing::info!(partitions = resume.len(), "Kafka positions restored from the checkpoint.");
         Ok(())
     }
+}
+
+/// The source's position table: topic, partition, offset of the next record to hand out.
+fn position_table(rows: &[((String, i32), i64)]) -> Result<RecordBatch> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("topic", DataType::Utf8, false),
+        Field::new("partition", DataType::Int32, false),
+        Field::new("offset", DataType::Int64, false),
+    ]));
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(rows.iter().map(|((t, _), _)| t.as_str()).collect::<Vec<_>>())),
+        Arc::new(Int32Array::from(rows.iter().map(|((_, p), _)| *p).collect::<Vec<_>>())),
+        Arc::new(Int64Array::from(rows.iter().map(|(_, o)| *o).collect::<Vec<_>>())),
+    ];
+    Ok(RecordBatch::try_new(schema, cols)?)
+}
+
+/// The rows of position tables written by [`position_table`].
+fn read_positions(tables: &[RecordBatch]) -> Result<Vec<((String, i32), i64)>> {
+    let bad = || CoreError::Config("the checkpoint's Kafka positions have an unexpected shape".into());
+    let mut out = Vec::new();
+    for t in tables {
+        let topic = t.column_by_name("topic").and_then(|c| c.as_string_opt::<i32>()).ok_or_else(bad)?;
+        let part = t.column_by_name("partition").and_then(|c| c.as_primitive_opt::<Int32Type>()).ok_or_else(bad)?;
+        let off = t.column_by_name("offset").and_then(|c| c.as_primitive_opt::<Int64Type>()).ok_or_else(bad)?;
+        out.extend((0..t.num_rows()).map(|i| ((topic.value(i).to_string(), part.value(i)), off.value(i))));
+    }
+    Ok(out)
 }
 
 impl KafkaSource {

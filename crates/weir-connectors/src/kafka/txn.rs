@@ -171,9 +171,10 @@ pub(crate) struct Transactions {
     settings: KafkaTransactionSettings,
     slots: [Slot; 2],
     stats: std::sync::Arc<ProduceStats>,
-    /// Tells this process's transactions from an earlier one's of the same checkpoint
-    /// number (a checkpoint whose commit was lost is taken again after recovery).
-    run: String,
+    /// Tells this run's transactions from an earlier one's of the same checkpoint number (a
+    /// checkpoint whose commit was lost is taken again after recovery); new at each
+    /// recovery, as a job starts again in the same process after partitions move.
+    run: std::sync::Mutex<String>,
     /// The Kafka source's positions, committed inside each transaction (same cluster only).
     offsets: Option<std::sync::Arc<TransactionalOffsets>>,
 }
@@ -197,9 +198,37 @@ fn txn_err(what: impl std::fmt::Display, e: &KafkaError) -> CoreError {
     }
 }
 
+/// Whether the producer was fenced (another producer with its transactional id started), or
+/// its offsets commit came from an older generation of the consumer group: partitions moved.
+fn fenced(e: &KafkaError) -> bool {
+    let code = match e {
+        KafkaError::Transaction(t) => {
+            if t.is_fatal() && t.code() == RDKafkaErrorCode::Fatal {
+                return true;
+            }
+            Some(t.code())
+        }
+        other => other.rdkafka_error_code(),
+    };
+    matches!(
+        code,
+        Some(
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::IllegalGeneration
+                | RDKafkaErrorCode::UnknownMemberId
+                | RDKafkaErrorCode::RebalanceInProgress
+                | RDKafkaErrorCode::FencedInstanceId
+        )
+    )
+}
+
 fn run_id() -> String {
+    static RUNS: AtomicU64 = AtomicU64::new(0);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    format!("{:x}{:04x}", now.as_millis(), std::process::id() & 0xffff)
+    let n = RUNS.fetch_add(1, Ordering::Relaxed);
+    format!("{:x}{:04x}{n:x}", now.as_millis(), std::process::id() & 0xffff)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
@@ -231,14 +260,26 @@ impl Transactions {
             slots: [slot(0), slot(1)],
             settings,
             stats,
-            run: run_id(),
+            run: std::sync::Mutex::new(run_id()),
             offsets,
         })
     }
 
+    /// A producer error inside a transaction. Fenced while several members share the input,
+    /// it means another member took partitions over: the run starts again.
+    pub(crate) fn error(&self, what: impl std::fmt::Display, e: &KafkaError) -> CoreError {
+        if self.settings.handoff && fenced(e) {
+            return CoreError::Rebalanced(format!(
+                "{what}: {e}; another member fenced transactional id `{}` (it took partitions over)",
+                self.settings.transactional_id
+            ));
+        }
+        txn_err(what, e)
+    }
+
     /// This process's run id, as the commit records and the checkpoint header name it.
-    pub(crate) fn run(&self) -> &str {
-        &self.run
+    pub(crate) fn run(&self) -> String {
+        self.run.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// The header naming each record's transaction, if configured.
@@ -270,7 +311,7 @@ impl Transactions {
             .map_err(|e| kafka_err("kafka sink: cannot create the transactional producer", &e))?;
         let q = p.clone();
         blocking(move || q.init_transactions(CALL_TIMEOUT)).await?.map_err(|e| {
-            txn_err(
+            self.error(
                 format!(
                     "kafka sink: initialising transactions for `{}` (is `transaction_timeout` above the broker's `transaction.max.timeout.ms`?)",
                     slot.id
@@ -302,7 +343,7 @@ impl Transactions {
                     }
                     None => {
                         let p = self.ensure_producer(slot, &mut st).await?;
-                        p.begin_transaction().map_err(|e| txn_err("kafka sink: beginning a transaction", &e))?;
+                        p.begin_transaction().map_err(|e| self.error("kafka sink: beginning a transaction", &e))?;
                         st.open = Some(epoch);
                         return Ok(p);
                     }
@@ -445,26 +486,26 @@ impl Committer for Transactions {
         if let Some((positions, group)) = taken {
             let q = p.clone();
             blocking(move || q.send_offsets_to_transaction(&positions, &group, CALL_TIMEOUT)).await?.map_err(|e| {
-                txn_err(format!("kafka sink: committing the source's positions with checkpoint {epoch}"), &e)
+                self.error(format!("kafka sink: committing the source's positions with checkpoint {epoch}"), &e)
             })?;
         }
-        let value = serde_json::json!({ "checkpoint": epoch.0, "run": self.run, "topic": self.topic }).to_string();
+        let value = serde_json::json!({ "checkpoint": epoch.0, "run": self.run(), "topic": self.topic }).to_string();
         let rec = FutureRecord::<str, str>::to(&self.settings.commit_topic)
             .key(&self.settings.transactional_id)
             .payload(&value);
-        let f = p
-            .send_result(rec)
-            .map_err(|(e, _)| txn_err(format!("kafka sink: recording checkpoint {epoch} in the commit topic"), &e))?;
+        let f = p.send_result(rec).map_err(|(e, _)| {
+            self.error(format!("kafka sink: recording checkpoint {epoch} in the commit topic"), &e)
+        })?;
         match f.await {
             Ok(Ok(_)) => {}
             Ok(Err((e, _))) => {
-                return Err(txn_err(format!("kafka sink: recording checkpoint {epoch} in the commit topic"), &e))
+                return Err(self.error(format!("kafka sink: recording checkpoint {epoch} in the commit topic"), &e))
             }
             Err(_) => return Err(CoreError::Task("kafka sink: the producer dropped a delivery".into())),
         }
         let q = p.clone();
         blocking(move || q.commit_transaction(CALL_TIMEOUT)).await?.map_err(|e| {
-            txn_err(
+            self.error(
                 format!(
                     "kafka sink: committing the transaction of checkpoint {epoch} (if it timed out on the broker, raise `transaction_timeout`)"
                 ),
@@ -492,7 +533,7 @@ impl Committer for Transactions {
             }
             blocking(move || p.abort_transaction(CALL_TIMEOUT))
                 .await?
-                .map_err(|e| txn_err(format!("kafka sink: aborting the transaction of checkpoint {open}"), &e))?;
+                .map_err(|e| self.error(format!("kafka sink: aborting the transaction of checkpoint {open}"), &e))?;
             st.open = None;
             drop(st);
             slot.freed.notify_waiters();
@@ -502,6 +543,7 @@ impl Committer for Transactions {
     }
 
     async fn visible(&self) -> Result<Visible> {
+        *self.run.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = run_id();
         let mut any = None;
         for slot in &self.slots {
             let mut st = slot.state.lock().await;
@@ -539,6 +581,7 @@ mod tests {
             commit_topic: "t.commits".into(),
             timeout: Duration::from_secs(60),
             checkpoint_header: None,
+            handoff: false,
         }
     }
 

@@ -29,6 +29,7 @@ fn w1(dir: &Path, chunk: usize) -> PipelineConfig {
         options: Default::default(),
         interval: Duration::from_millis(10),
         keep: 2,
+        member: None,
     });
     cfg
 }
@@ -175,6 +176,7 @@ fn quarantine_survives_a_restart() {
         options: Default::default(),
         interval: Duration::ZERO,
         keep: 2,
+        member: None,
     });
     run(&cfg, 1, false).unwrap();
     // Now the broken device sends good rows; the new run reads only these.

@@ -68,3 +68,14 @@ pub(crate) fn assert_same_rows(mut expected: Vec<Value>, mut actual: Vec<Value>,
         assert!(close(e, a), "{what}: expected {e}, got {a}");
     }
 }
+
+/// Sends the job's logs to the test's output when `WEIR_TEST_LOG` is set (an `EnvFilter`,
+/// e.g. `info`), for a test that fails where only the logs can tell why.
+pub(crate) fn logs() {
+    if let Ok(filter) = std::env::var("WEIR_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}

@@ -158,7 +158,13 @@ fn from_kafka(example_name: &str, brokers: &str, topic: &str, out: &Path, dead: 
 
 /// Checkpoints in `dir/ck` every `interval`, keeping two.
 fn checkpoints_in(dir: &Path, interval: Duration) -> Option<CheckpointConfig> {
-    Some(CheckpointConfig { dir: dir.join("ck").display().to_string(), options: Default::default(), interval, keep: 2 })
+    Some(CheckpointConfig {
+        dir: dir.join("ck").display().to_string(),
+        options: Default::default(),
+        interval,
+        keep: 2,
+        member: None,
+    })
 }
 
 fn run(cfg: &PipelineConfig, workers: usize) -> RunSummary {
@@ -548,6 +554,119 @@ fn two_jobs_in_one_group_split_the_partitions_on_a_real_broker() {
         rows.extend(read_jsonl(&out));
     }
     assert_same_rows(expected, rows, "two members of one group");
+}
+
+/// The committed rows of a file sink writing part files into `dir`.
+fn part_rows(dir: &Path) -> Vec<serde_json::Value> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut parts: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+    parts.retain(|p| p.file_name().unwrap().to_string_lossy().starts_with("part-"));
+    parts.iter().flat_map(|p| read_jsonl(p)).collect()
+}
+
+/// Keyed state follows its partitions between two members of a group on a real broker
+/// (Tansu): `a` reads the first half alone; `b` joins, takes half the partitions over with
+/// their open windows from `a`'s checkpoint, and `a` goes on with the rest. Together they
+/// write W1's output exactly: a window open at the move is completed by its new owner with
+/// the counts it had (started afresh it would come out short).
+#[test]
+fn keyed_state_moves_with_its_partitions_on_a_real_broker() {
+    logs();
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let brokers = std::env::var("WEIR_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    assert!(
+        std::net::TcpStream::connect(&brokers).is_ok(),
+        "no Kafka broker at {brokers}; `source scripts/services.sh` starts one"
+    );
+    let topic = format!("handoff-{}", std::process::id());
+    let rt = rt();
+    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let created = rt
+        .block_on(admin.create_topics(&[NewTopic::new(&topic, 4, TopicReplication::Fixed(1))], &AdminOptions::new()))
+        .unwrap();
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    let k = Cluster { mock: None, brokers: brokers.clone() };
+    let all = lines(&data("sensors-3k.jsonl"));
+    // After the data, one record per partition an hour later: every real window then
+    // closes by the watermark while the members run.
+    let mut flush = Vec::new();
+    let mut covered = std::collections::HashSet::new();
+    for i in 0.. {
+        let key = format!("flush-{i}");
+        if covered.insert(weir_core::keys::kafka_partition(key.as_bytes(), 4)) {
+            flush.push(format!(
+                "{{\"device_id\":\"{key}\",\"ts\":1700003600000,\"readings\":{{\"temp\":1.0,\"humidity\":1.0,\"pressure\":1.0,\"vibration\":0.0}}}}"
+            ));
+        }
+        if covered.len() == 4 {
+            break;
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let start = |name: &str| {
+        let (out, dead) = (dir.path().join(format!("out-{name}")), dir.path().join(format!("{name}-dead.jsonl")));
+        let mut cfg = from_kafka("w1-sensor-window.yaml", &brokers, &topic, &out, &dead);
+        let src = cfg.source.kafka.as_mut().unwrap();
+        src.stop_at_end = false;
+        src.group_id = Some(format!("{topic}-group"));
+        src.properties.insert("session.timeout.ms".into(), "6000".into());
+        src.properties.insert("heartbeat.interval.ms".into(), "500".into());
+        cfg.checkpoints = Some(CheckpointConfig {
+            dir: dir.path().join("ck").display().to_string(),
+            options: Default::default(),
+            interval: Duration::from_millis(100),
+            keep: 2,
+            member: Some(name.into()),
+        });
+        let job = Job::new(
+            Pipeline::from_config(cfg)
+                .build()
+                .unwrap()
+                .plan(&RunOptions { workers: Some(2), ..Default::default() })
+                .unwrap(),
+        )
+        .unwrap();
+        let (reg, stop) = (job.registry(), job.shutdown_handle());
+        (rt.spawn(job.run()), reg, stop, out)
+    };
+    let wait = |what: &str, secs: u64, done: &dyn Fn() -> bool| {
+        let t = Instant::now();
+        while !done() {
+            assert!(t.elapsed() < Duration::from_secs(secs), "{what} took over {secs} s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let read = |r: &std::sync::Arc<weir_core::metrics::Registry>| r.steps()[0].1.rows_in;
+
+    let a = start("a");
+    k.produce(&topic, &all[..1500], None);
+    wait("a reading the first half", 60, &|| read(&a.1) >= 1500);
+    // A few checkpoints after it: `a`'s newest holds the first half's open windows.
+    std::thread::sleep(Duration::from_millis(500));
+    let b = start("b");
+    let taken = |r: &std::sync::Arc<weir_core::metrics::Registry>| {
+        r.connectors.get("weir_partitions_taken_over_total", &[]).unwrap_or(0.0)
+    };
+    wait("b taking partitions over from a", 60, &|| taken(&b.1) > 0.0);
+    k.produce(&topic, &all[1500..], None);
+    k.produce(&topic, &flush, None);
+    let expected = read_jsonl(&data("w1-expected.jsonl"));
+    let real = |rows: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+        rows.into_iter().filter(|r| !r["device_id"].as_str().unwrap_or_default().starts_with("flush-")).collect()
+    };
+    wait("the committed output", 60, &|| real([part_rows(&a.3), part_rows(&b.3)].concat()).len() >= expected.len());
+    let restarts = a.1.connectors.get("weir_job_restarts_total", &[("reason", "rebalance")]).unwrap_or(0.0);
+    assert!(restarts >= 1.0, "a must have started again when b joined");
+    a.2.stop();
+    b.2.stop();
+    let mut outs = Vec::new();
+    for (handle, _, _, out) in [a, b] {
+        rt.block_on(handle).unwrap().unwrap();
+        outs.push(out);
+    }
+    let rows = real(outs.iter().flat_map(|o| part_rows(o)).collect());
+    assert_same_rows(expected, rows, "W1 over two members, half the partitions moved mid-window");
 }
 
 /// Dead letters can go to a Kafka topic instead of a file: the same entries, one record each.
