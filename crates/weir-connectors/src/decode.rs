@@ -60,8 +60,7 @@ pub(crate) fn decode_records_with(
     if records.is_empty() {
         return Ok(None);
     }
-    StepMetrics::add(&cx.metrics.rows_in, records.len() as u64);
-    StepMetrics::add(&cx.registry.source_records, records.len() as u64);
+    cx.count_records(records.len() as u64);
     let decoded = decoder.decode(buf, records).map_err(crate::fmt_err)?;
     let mut letters = Vec::new();
     let letter = |idx: usize, kind: ErrorKind, reason: String| DeadLetter {

@@ -21,7 +21,6 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use weir_core::deadletter::now_ms;
 use weir_core::linger::Linger;
-use weir_core::metrics::StepMetrics;
 use weir_core::{Batch, Result, Source, SourceContext, SourceFactory, SourcePoll};
 
 /// Settings of the generator.
@@ -289,8 +288,7 @@ impl Source for Generator {
                 }
             };
             let batch = self.make(n)?;
-            StepMetrics::add(&cx.metrics.rows_in, n as u64);
-            StepMetrics::add(&cx.registry.source_records, n as u64);
+            cx.count_records(n as u64);
             return Ok(SourcePoll::Rows { partition: 0, batch });
         }
     }

@@ -159,9 +159,21 @@ pub struct SourceContext {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Job-wide counters of records and bytes read.
     pub registry: Arc<crate::metrics::Registry>,
+    /// Whether records read count as the job's input ([`SourceContext::count_records`]): not
+    /// for the source reading a repartition topic, whose records were counted once already.
+    pub counts_input: bool,
 }
 
 impl SourceContext {
+    /// Counts `n` records read in the source step and, unless the source reads what another
+    /// part of the job wrote, in the job's input.
+    pub fn count_records(&self, n: u64) {
+        StepMetrics::add(&self.metrics.rows_in, n);
+        if self.counts_input {
+            StepMetrics::add(&self.registry.source_records, n);
+        }
+    }
+
     /// Whether shutdown was requested.
     pub fn stopping(&self) -> bool {
         *self.shutdown.borrow()
@@ -309,6 +321,15 @@ pub trait SinkFactory: Send + Sync + fmt::Debug {
     /// default) for a sink that writes at once (at-least-once after a recovery).
     fn committer(&self) -> Option<Arc<dyn Committer>> {
         None
+    }
+
+    /// Called once before each run, before any sink is created: makes sure what the sink
+    /// writes to exists (a repartition topic is created here).
+    ///
+    /// # Errors
+    /// What it needs cannot be made.
+    fn prepare(&self) -> futures::future::BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
     }
 
     /// What another process of the same pipeline needs to settle this process's output when

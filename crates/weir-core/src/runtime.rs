@@ -101,6 +101,23 @@ pub struct JobSpec {
     pub shedding: Option<(crate::shed::OverloadSpec, Arc<dyn crate::shed::ShedPredicate>)>,
     /// Checkpoints: where, how often, and whether to ignore earlier ones.
     pub checkpoint: Option<CheckpointSpec>,
+    /// The part of the pipeline before a repartition topic: a job of its own that writes the
+    /// topic this one reads, run alongside it with the same metrics and stop signal.
+    pub upstream: Option<Upstream>,
+    /// Records read count as the job's input (not when the source reads a repartition topic).
+    pub counts_input: bool,
+    /// Rows written count as the job's output (not when the sink writes a repartition topic).
+    pub counts_output: bool,
+}
+
+/// The job feeding a repartition topic (see [`JobSpec::upstream`]).
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// The feeding job.
+    pub spec: Box<JobSpec>,
+    /// Set once it has finished (its input ended and its output is in the topic): the
+    /// reading side may then end at the topic's ends.
+    pub done: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Checkpoint settings of a job.
@@ -199,15 +216,16 @@ impl Job {
         crate::ensure_config!(!spec.stages.is_empty(), "a job needs at least one stage");
         let registry = Arc::new(Registry::default());
         // Register steps in pipeline order so summaries list them that way.
-        for w in 0..spec.workers {
-            registry.step(&spec.source_step, w);
-            for st in &spec.stages {
-                for (id, _) in &st.ops {
-                    registry.step(id, w);
-                }
-            }
-            registry.step(&spec.sink_step, w);
+        let mut feeders = Vec::new();
+        let mut up = spec.upstream.as_ref();
+        while let Some(u) = up {
+            feeders.push(u.spec.as_ref());
+            up = u.spec.upstream.as_ref();
         }
+        for f in feeders.iter().rev() {
+            Self::register(&registry, f);
+        }
+        Self::register(&registry, &spec);
         let (tx, rx) = watch::channel(false);
         // One pending request is enough: more would only ask for the same checkpoint.
         let (on_demand_tx, on_demand_rx) = mpsc::channel(1);
@@ -219,6 +237,31 @@ impl Job {
             on_demand_tx,
             on_demand_rx: Arc::new(tokio::sync::Mutex::new(on_demand_rx)),
         })
+    }
+
+    fn register(registry: &Registry, spec: &JobSpec) {
+        for w in 0..spec.workers {
+            registry.step(&spec.source_step, w);
+            for st in &spec.stages {
+                for (id, _) in &st.ops {
+                    registry.step(id, w);
+                }
+            }
+            registry.step(&spec.sink_step, w);
+        }
+    }
+
+    /// A job sharing `other`'s metrics and stop signal (the feeding side of a repartition).
+    fn alongside(spec: JobSpec, other: &Job) -> Self {
+        let (on_demand_tx, on_demand_rx) = mpsc::channel(1);
+        Self {
+            spec,
+            registry: other.registry.clone(),
+            shutdown_tx: other.shutdown_tx.clone(),
+            shutdown_rx: other.shutdown_rx.clone(),
+            on_demand_tx,
+            on_demand_rx: Arc::new(tokio::sync::Mutex::new(on_demand_rx)),
+        }
     }
 
     /// The job's metrics.
@@ -283,7 +326,49 @@ impl Job {
     ///
     /// # Errors
     /// The first error of any task; the other tasks are then aborted.
-    pub async fn run(self) -> Result<RunSummary> {
+    pub async fn run(mut self) -> Result<RunSummary> {
+        let Some(up) = self.spec.upstream.take() else { return self.run_alone().await };
+        // The repartition topic exists before either side starts.
+        up.spec.sink.prepare().await.map_err(|e| e.in_step(&up.spec.sink_step))?;
+        let feeder = Job::alongside(*up.spec, &self);
+        let done = up.done.clone();
+        let mut feeding = tokio::spawn(async move {
+            // One level: the feeding side is the part before the (single) repartition.
+            let r = feeder.run_alone().await;
+            if r.is_ok() {
+                done.store(true, std::sync::atomic::Ordering::Release);
+            }
+            r
+        });
+        let reading = self.run_alone();
+        tokio::pin!(reading);
+        tokio::select! {
+            r = &mut reading => {
+                // The reading side ended first (stopped, or failed): the feeder stops too.
+                let _ = self.shutdown_tx.send(true);
+                let fed = feeding.await.map_err(|e| CoreError::Task(e.to_string()))?;
+                let mut summary = r?;
+                fed?;
+                summary.steps = self.registry.steps();
+                Ok(summary)
+            }
+            fed = &mut feeding => {
+                match fed.map_err(|e| CoreError::Task(e.to_string()))? {
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = self.shutdown_tx.send(true);
+                        let _ = reading.await;
+                        return Err(e);
+                    }
+                }
+                let mut summary = reading.await?;
+                summary.steps = self.registry.steps();
+                Ok(summary)
+            }
+        }
+    }
+
+    async fn run_alone(&self) -> Result<RunSummary> {
         loop {
             match self.attempt().await {
                 Err(e) if e.is_rebalance() && !*self.shutdown_rx.borrow() => {
@@ -477,6 +562,7 @@ impl Job {
                         metrics: self.registry.step(&spec.sink_step, w),
                         registry: self.registry.clone(),
                         step: spec.sink_step.clone(),
+                        counts: spec.counts_output,
                     }
                 };
                 if si == 0 {
@@ -491,6 +577,7 @@ impl Job {
                         dead_letters: spec.dead_letters.clone(),
                         shutdown: self.shutdown_rx.clone(),
                         registry: self.registry.clone(),
+                        counts_input: spec.counts_input,
                     };
                     let driver = SourceDriver {
                         shedder: spec.shedding.clone().map(|(o, p)| crate::shed::Shedder::new(o, p)),
@@ -773,6 +860,8 @@ enum Downstream {
         latency: Option<String>,
         retry: RetryPolicy,
         dead: Arc<dyn DeadLetterSink>,
+        /// Rows written count as the job's output.
+        counts: bool,
     },
 }
 
@@ -788,7 +877,7 @@ impl Downstream {
                         }
                     }
                 }
-                Self::Sink { sink, metrics, registry, step, latency, retry, dead } => {
+                Self::Sink { sink, metrics, registry, step, latency, retry, dead, counts } => {
                     let n = b.num_rows() as u64;
                     StepMetrics::add(&metrics.rows_in, n);
                     StepMetrics::add(&metrics.batches_in, 1);
@@ -800,7 +889,9 @@ impl Downstream {
                         continue;
                     }
                     StepMetrics::add(&metrics.rows_out, n);
-                    StepMetrics::add(&registry.sink_rows, n);
+                    if *counts {
+                        StepMetrics::add(&registry.sink_rows, n);
+                    }
                     if let Some(col) = latency {
                         record_latency(&registry.latency, &b, col)?;
                     }

@@ -190,8 +190,7 @@ impl crate::operator::Source for VecSource {
             let p = self.next % self.parts.len();
             self.next += 1;
             if let Some(b) = self.parts[p].pop_front() {
-                StepMetrics::add(&cx.metrics.rows_in, b.num_rows() as u64);
-                StepMetrics::add(&cx.registry.source_records, b.num_rows() as u64);
+                cx.count_records(b.num_rows() as u64);
                 return Ok(SourcePoll::Rows { partition: p, batch: b });
             }
             if !self.ended.contains(&p) {

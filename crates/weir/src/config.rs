@@ -721,6 +721,34 @@ pub struct KeyByConfig {
     pub id: String,
     /// Key column paths.
     pub keys: Vec<String>,
+    /// Re-key through a Kafka topic: the steps before run as a job of their own that writes
+    /// every row to the topic keyed by the first key, and the rest of the pipeline reads it,
+    /// so each key's rows are in one partition of it (and state can follow partitions
+    /// between processes). Needs a Kafka source, whose brokers hold the topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repartition: Option<RepartitionConfig>,
+}
+
+/// `key_by.repartition` settings; `repartition: {}` takes every default.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepartitionConfig {
+    /// The topic; default `<pipeline>.<key_by id>`. Created when missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// Its partitions when Weir creates it; default: as many as the source topic has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<i32>,
+    /// `at_least_once` (default) or `exactly_once` (a transaction per checkpoint of the
+    /// writing side; needs `checkpoints`).
+    #[serde(default = "default_kafka_mode")]
+    pub mode: String,
+}
+
+impl Default for RepartitionConfig {
+    fn default() -> Self {
+        Self { topic: None, partitions: None, mode: default_kafka_mode() }
+    }
 }
 
 /// `window` settings: exactly one of `tumbling`, `hopping`, `session`.

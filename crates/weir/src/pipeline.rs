@@ -160,7 +160,11 @@ impl Pipeline {
 
     /// Partitions by key columns for the keyed steps that follow.
     pub fn key_by<I: IntoIterator<Item = S>, S: Into<String>>(&mut self, id: &str, keys: I) -> &mut Self {
-        self.step(StepConfig::KeyBy(KeyByConfig { id: id.into(), keys: keys.into_iter().map(Into::into).collect() }))
+        self.step(StepConfig::KeyBy(KeyByConfig {
+            id: id.into(),
+            keys: keys.into_iter().map(Into::into).collect(),
+            repartition: None,
+        }))
     }
 
     /// Aggregates in windows.
@@ -249,6 +253,7 @@ impl Pipeline {
             functions: self.functions.clone(),
             code: self.code.clone(),
             alerts: AlertHub::default(),
+            link: Link::default(),
         };
         if let Some(schema) = &c.source.schema {
             let mut schema = schema.to_arrow();
@@ -271,6 +276,16 @@ pub struct BuiltPipeline {
     functions: Functions,
     code: CodeEnds,
     alerts: AlertHub,
+    link: Link,
+}
+
+/// Where a half of a repartitioned pipeline meets the topic (see [`RepartitionConfig`]).
+#[derive(Debug, Clone, Default)]
+struct Link {
+    /// The reading half: set when the writing half finished.
+    done: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The writing half: the topic to create.
+    topic: Option<weir_connectors::kafka::KafkaTopicSpec>,
 }
 
 /// What the HTTP port needs from the `alert` steps: their books and their live events.
@@ -642,6 +657,11 @@ impl BuiltPipeline {
     /// # Errors
     /// As [`BuiltPipeline::plan`].
     pub fn plan_with_schema(&self, opts: &RunOptions) -> Result<(JobSpec, SchemaRef)> {
+        if let Some(at) =
+            self.cfg.steps.iter().position(|s| matches!(s, StepConfig::KeyBy(k) if k.repartition.is_some()))
+        {
+            return self.plan_repartitioned(opts, at);
+        }
         let c = &self.cfg;
         let workers = opts.workers.or(c.workers).unwrap_or_else(default_workers).max(1);
         let src = &c.source;
@@ -757,6 +777,7 @@ impl BuiltPipeline {
                     stop_at_end: k.stop_at_end,
                     transactional_offsets: transactional_offsets.clone(),
                     handoff: c.checkpoints.as_ref().is_some_and(|k| k.member.is_some()),
+                    until: self.link.done.clone(),
                 })
                 .map_err(|e| e.in_step(&source_step))?;
                 let schema = fac.schema();
@@ -813,6 +834,7 @@ impl BuiltPipeline {
                         headers: k.headers.clone(),
                         mode,
                         source_offsets: transactional_offsets.clone(),
+                        create: self.link.topic.clone(),
                     })
                     .map_err(|e| e.in_step(&sink_step))?,
                 )
@@ -839,6 +861,9 @@ impl BuiltPipeline {
             }
         };
         let spec = JobSpec {
+            upstream: None,
+            counts_input: self.link.done.is_none(),
+            counts_output: self.link.topic.is_none(),
             name: c.name.clone(),
             workers,
             source_step,
@@ -884,6 +909,129 @@ impl BuiltPipeline {
             },
         };
         Ok((spec, sink_schema))
+    }
+
+    /// Plans a pipeline whose `key_by` at step `at` goes through a repartition topic: the
+    /// steps before it become a job writing the topic (keyed by the first key, so Kafka's
+    /// partitioner puts each key in one partition), run alongside the job that reads it and
+    /// does the rest.
+    fn plan_repartitioned(&self, opts: &RunOptions, at: usize) -> Result<(JobSpec, SchemaRef)> {
+        let c = &self.cfg;
+        let StepConfig::KeyBy(k) = &c.steps[at] else { weir_core::bail_internal!("repartition without key_by") };
+        let step = StepId::new(&k.id);
+        let r = k.repartition.clone().unwrap_or_default();
+        let Some(src) = &c.source.kafka else {
+            return Err(CoreError::Config(
+                "`repartition` goes through a Kafka topic on the source's brokers: it needs a Kafka source".into(),
+            )
+            .in_step(&step));
+        };
+        weir_core::ensure_config!(
+            !c.steps[at + 1..].iter().any(|s| matches!(s, StepConfig::KeyBy(k) if k.repartition.is_some())),
+            "only one `key_by` of a pipeline can `repartition`"
+        );
+        let Some(first_key) = k.keys.first() else {
+            return Err(CoreError::Config("`repartition` needs a key".into()).in_step(&step));
+        };
+        let topic = r.topic.clone().unwrap_or_else(|| format!("{}.{}", c.name, k.id));
+        let member = c.checkpoints.as_ref().and_then(|k| k.member.clone());
+        fn json<T: serde::de::DeserializeOwned>(v: serde_json::Value, what: &str) -> Result<T> {
+            serde_json::from_value(v).map_err(|e| CoreError::Internal(format!("repartition {what}: {e}")))
+        }
+        let group = src.group_id.clone().unwrap_or_else(|| format!("weir-{}", c.name));
+        // The writing half: the source and the steps before the key_by, into the topic.
+        let mut up = c.clone();
+        up.name = format!("{}.{}", c.name, k.id);
+        if let Some(s) = up.source.kafka.as_mut() {
+            // The source's group stays the pipeline's (its name is the half's).
+            s.group_id = Some(group.clone());
+        }
+        up.steps = c.steps[..at].to_vec();
+        up.api = None;
+        let txn_id = (r.mode == "exactly_once").then(|| match &member {
+            Some(m) => format!("{}.{}.{m}", c.name, k.id),
+            None => format!("{}.{}", c.name, k.id),
+        });
+        up.sink = SinkConfig {
+            id: format!("{}.out", k.id),
+            file: None,
+            stdout: None,
+            code: None,
+            latency_column: None,
+            kafka: Some(json(
+                serde_json::json!({
+                    "brokers": src.brokers, "topic": topic, "format": "json", "key": first_key,
+                    "mode": r.mode, "transactional_id": txn_id, "properties": src.properties,
+                }),
+                "sink",
+            )?),
+            retry: c.sink.retry.clone(),
+        };
+        let like = (src.topics.len() == 1 && !src.topics[0].starts_with('^')).then(|| src.topics[0].clone());
+        let writing = BuiltPipeline {
+            cfg: up,
+            functions: self.functions.clone(),
+            code: self.code.clone(),
+            alerts: self.alerts.clone(),
+            link: Link {
+                done: None,
+                topic: Some(weir_connectors::kafka::KafkaTopicSpec { partitions: r.partitions, like }),
+            },
+        };
+        let (up_spec, link_schema) = writing.plan_with_schema(opts)?;
+        if let Some(e) = &c.source.event_time {
+            weir_ops::field_by_path(&link_schema, &e.column).map_err(|_| {
+                CoreError::Config(format!(
+                    "`repartition`: the event-time column `{}` must reach the key_by (a step before it drops it)",
+                    e.column
+                ))
+                .in_step(&step)
+            })?;
+        }
+        // The reading half: the topic, then the key_by and everything after it.
+        let mut down = c.clone();
+        down.source = SourceConfig {
+            id: format!("{}.in", k.id),
+            file: None,
+            stdin: None,
+            generator: None,
+            code: None,
+            kafka: Some(json(
+                serde_json::json!({
+                    "brokers": src.brokers, "topics": [topic], "group_id": format!("{group}.{}", k.id),
+                    "start": "earliest", "format": "json", "properties": src.properties,
+                }),
+                "source",
+            )?),
+            schema: Some(weir_formats::SchemaSpec::from_arrow(&link_schema).map_err(|e| {
+                CoreError::Config(format!("`repartition`: the rows reaching it cannot go through JSON: {e}"))
+                    .in_step(&step)
+            })?),
+            ..c.source.clone()
+        };
+        let mut steps = c.steps[at..].to_vec();
+        if let Some(StepConfig::KeyBy(k)) = steps.first_mut() {
+            k.repartition = None;
+        }
+        down.steps = steps;
+        // Shedding and quarantine act where the input enters, in the writing half.
+        down.load_shedding = None;
+        down.quarantine = QuarantineConfig::default();
+        if down.dead_letters.kafka.is_none() {
+            // Each half has its own dead-letter file: two writers must not share one.
+            down.dead_letters.path = format!("{}.{}", down.dead_letters.path, k.id);
+        }
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reading = BuiltPipeline {
+            cfg: down,
+            functions: self.functions.clone(),
+            code: self.code.clone(),
+            alerts: self.alerts.clone(),
+            link: Link { done: Some(done.clone()), topic: None },
+        };
+        let (mut spec, schema) = reading.plan_with_schema(opts)?;
+        spec.upstream = Some(weir_core::runtime::Upstream { spec: Box::new(up_spec), done });
+        Ok((spec, schema))
     }
 
     /// The quarantine settings, if quarantine is on and its key columns come from the source.

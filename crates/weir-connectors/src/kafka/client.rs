@@ -115,6 +115,79 @@ pub(crate) fn kafka_err(what: impl fmt::Display, e: &KafkaError) -> CoreError {
     }
 }
 
+/// The partition count of `topic`, or `None` when it does not exist.
+///
+/// # Errors
+/// The admin client cannot be made.
+pub(crate) async fn partition_count(client: &KafkaClientConfig, topic: &str) -> weir_core::Result<Option<usize>> {
+    use rdkafka::admin::AdminClient;
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        client.client_config(&[]).create().map_err(|e| kafka_err("kafka: cannot create the admin client", &e))?;
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        admin.inner().fetch_metadata(Some(&topic), std::time::Duration::from_secs(10)).ok().and_then(|m| {
+            m.topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+                .map(|t| t.partitions().len())
+        })
+    })
+    .await
+    .map_err(|e| CoreError::Task(e.to_string()))
+}
+
+/// Makes sure `topic` exists: creates it with `partitions` (the brokers' default when
+/// `None`) and topic `config` when it does not. Returns its partition count.
+///
+/// # Errors
+/// The brokers cannot be reached, or refuse to create it.
+pub(crate) async fn ensure_topic(
+    client: &KafkaClientConfig,
+    topic: &str,
+    partitions: Option<i32>,
+    config: &[(&str, &str)],
+) -> weir_core::Result<usize> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::types::RDKafkaErrorCode;
+    use std::time::Duration;
+    if let Some(n) = partition_count(client, topic).await? {
+        return Ok(n);
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        client.client_config(&[]).create().map_err(|e| kafka_err("kafka: cannot create the admin client", &e))?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    // -1 asks for the broker's defaults; brokers before 2.4 need numbers.
+    for (np, rf) in [(partitions.unwrap_or(-1), -1), (partitions.unwrap_or(1), 1)] {
+        let mut new = NewTopic::new(topic, np, TopicReplication::Fixed(rf));
+        for (k, v) in config {
+            new = new.set(k, v);
+        }
+        let res = admin
+            .create_topics(&[new], &opts)
+            .await
+            .map_err(|e| kafka_err(format!("kafka: creating topic `{topic}`"), &e))?;
+        match res.into_iter().next() {
+            Some(Ok(_)) | Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | None => break,
+            Some(Err((_, RDKafkaErrorCode::InvalidReplicationFactor | RDKafkaErrorCode::InvalidPartitions)))
+                if rf == -1 =>
+            {
+                continue
+            }
+            Some(Err((_, code))) => {
+                return Err(CoreError::Other {
+                    message: format!("kafka: creating topic `{topic}`: {code}"),
+                    blame: weir_core::Blame::External,
+                    retry: Retry::Backoff,
+                })
+            }
+        }
+    }
+    tracing::info!(topic, partitions = ?partitions, "Kafka topic created.");
+    Ok(partition_count(client, topic).await?.unwrap_or(partitions.unwrap_or(1).max(1) as usize))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

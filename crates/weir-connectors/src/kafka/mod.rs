@@ -15,6 +15,6 @@ mod txn;
 
 pub use client::{redacted, KafkaClientConfig};
 pub use deadletter::KafkaDeadLetters;
-pub use sink::{KafkaSinkConfig, KafkaSinkFactory, KafkaSinkMode, KafkaTransactionSettings};
+pub use sink::{KafkaSinkConfig, KafkaSinkFactory, KafkaSinkMode, KafkaTopicSpec, KafkaTransactionSettings};
 pub use source::{KafkaMetadataColumns, KafkaSourceConfig, KafkaSourceFactory, KafkaStart};
 pub use txn::TransactionalOffsets;

@@ -84,6 +84,17 @@ pub struct KafkaSinkConfig {
     /// Exactly once, with a Kafka source on the same cluster: the source's positions, which
     /// each transaction commits to the source's consumer group.
     pub source_offsets: Option<Arc<super::txn::TransactionalOffsets>>,
+    /// Create the topic before the run when it does not exist (a repartition topic).
+    pub create: Option<KafkaTopicSpec>,
+}
+
+/// How to create a topic the sink writes (see [`KafkaSinkConfig::create`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KafkaTopicSpec {
+    /// Partitions; without it, as many as `like` has, else the brokers' default.
+    pub partitions: Option<i32>,
+    /// A topic whose partition count to copy (the pipeline's source topic).
+    pub like: Option<String>,
 }
 
 /// Builds one producer per worker (at least once), or the transactional producers all
@@ -168,6 +179,20 @@ impl SinkFactory for KafkaSinkFactory {
 
     fn committer(&self) -> Option<Arc<dyn Committer>> {
         self.txn.clone().map(|t| t as Arc<dyn Committer>)
+    }
+
+    fn prepare(&self) -> futures::future::BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let Some(c) = &self.cfg.create else { return Ok(()) };
+            let partitions = match (c.partitions, &c.like) {
+                (Some(n), _) => Some(n),
+                (None, Some(like)) => super::client::partition_count(&self.cfg.client, like).await?.map(|n| n as i32),
+                (None, None) => None,
+            };
+            let n = super::client::ensure_topic(&self.cfg.client, &self.cfg.topic, partitions, &[]).await?;
+            tracing::info!(topic = %self.cfg.topic, partitions = n, "Kafka sink topic ready.");
+            Ok(())
+        })
     }
 
     /// Exactly once, another member taking partitions over needs this process's

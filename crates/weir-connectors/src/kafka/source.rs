@@ -133,6 +133,9 @@ pub struct KafkaSourceConfig {
     /// them ([`weir_core::handoff`]): the job starts only once the group has assigned this
     /// process its partitions, and starts again whenever they move. One topic only.
     pub handoff: bool,
+    /// Reading a repartition topic: once this is set (the side writing the topic finished),
+    /// end at where each partition ends then, as `stop_at_end` does.
+    pub until: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Builds the Kafka source: the consumer on worker 0, nothing on the others.
@@ -188,6 +191,7 @@ impl SourceFactory for KafkaSourceFactory {
             shared: if self.cfg.handoff { self.group.shared.clone() } else { Arc::new(Shared::default()) },
             group: self.cfg.handoff.then(|| self.group.clone()),
             started: false,
+            until_armed: false,
             parts: Vec::new(),
             index: HashMap::new(),
             linger: Linger::new(self.cfg.batch_size, self.cfg.max_linger),
@@ -589,6 +593,8 @@ struct KafkaSource {
     group: Option<Arc<KafkaGroup>>,
     /// With `handoff`: the assignment was applied at the restored positions.
     started: bool,
+    /// `until` was seen set and each assigned partition's end read.
+    until_armed: bool,
     /// Partitions by local index (the runtime's watermark slot); never removed, so indices
     /// stay stable across rebalances.
     parts: Vec<Part>,
@@ -872,9 +878,40 @@ impl KafkaSource {
     }
 
     fn finished(&self) -> bool {
-        self.cfg.stop_at_end
-            && self.parts.iter().any(|p| p.assigned)
-            && self.parts.iter().filter(|p| p.assigned).all(Part::done)
+        let held = self.parts.iter().any(|p| p.assigned);
+        (self.cfg.stop_at_end && held && self.parts.iter().filter(|p| p.assigned).all(Part::done))
+            || (self.until_armed && self.parts.iter().filter(|p| p.assigned).all(Part::done))
+    }
+
+    /// Once the writer of a repartition topic has finished: reads where each assigned
+    /// partition ends now, so the source ends there.
+    async fn arm_until(&mut self, consumer: &Arc<StreamConsumer<SourceCtx>>) -> Result<()> {
+        let held: Vec<(usize, String, i32)> = self
+            .parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.assigned)
+            .map(|(i, p)| (i, p.topic.clone(), p.partition))
+            .collect();
+        let c = consumer.clone();
+        let ends = tokio::task::spawn_blocking(move || -> Result<Vec<(usize, i64)>> {
+            held.into_iter()
+                .map(|(i, t, p)| {
+                    let (_, hi) = c
+                        .fetch_watermarks(&t, p, Duration::from_secs(30))
+                        .map_err(|e| kafka_err(format!("kafka source: reading where `{t}`[{p}] ends"), &e))?;
+                    Ok((i, hi))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| CoreError::Task(e.to_string()))??;
+        for (i, hi) in ends {
+            self.parts[i].end = Some(hi);
+        }
+        self.until_armed = true;
+        tracing::info!(topics = ?self.cfg.topics, "The repartition topic's writer finished; reading to its end.");
+        Ok(())
     }
 }
 
@@ -901,6 +938,14 @@ impl Source for KafkaSource {
             self.started = true;
         }
         loop {
+            // Armed only with partitions to read: before the group assigns any, there is no
+            // end to reach yet.
+            if !self.until_armed
+                && self.parts.iter().any(|p| p.assigned)
+                && self.cfg.until.as_ref().is_some_and(|u| u.load(std::sync::atomic::Ordering::Acquire))
+            {
+                self.arm_until(&consumer).await?;
+            }
             if self.group.is_none() {
                 self.apply_events();
             } else if !cx.stopping() && !lock(&self.shared.events).is_empty() {
@@ -1094,7 +1139,7 @@ impl KafkaSource {
 
     /// Every assigned partition reached its end: flush what is buffered.
     fn finished_reading(&self) -> bool {
-        self.cfg.stop_at_end
+        (self.cfg.stop_at_end || self.until_armed)
             && self.parts.iter().any(|p| p.assigned)
             && self
                 .parts

@@ -18,8 +18,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
@@ -364,47 +362,15 @@ impl Transactions {
     }
 
     /// Makes sure the commit topic exists (one partition, compacted).
-    async fn create_commit_topic(&self, p: &FutureProducer<Logging>) -> Result<()> {
-        let topic = self.settings.commit_topic.clone();
-        let q = p.clone();
-        let exists = blocking(move || {
-            q.client().fetch_metadata(Some(&topic), Duration::from_secs(10)).is_ok_and(|m| {
-                m.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-            })
-        })
-        .await?;
-        if exists {
-            return Ok(());
-        }
-        let admin: AdminClient<DefaultClientContext> = self
-            .client
-            .client_config(&[])
-            .create()
-            .map_err(|e| kafka_err("kafka sink: cannot create the admin client", &e))?;
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        // -1 asks for the broker's default replication; brokers before 2.4 need a number.
-        for rf in [-1, 1] {
-            let topic = NewTopic::new(&self.settings.commit_topic, 1, TopicReplication::Fixed(rf))
-                .set("cleanup.policy", "compact");
-            let res = admin.create_topics(&[topic], &opts).await.map_err(|e| {
-                kafka_err(format!("kafka sink: creating the commit topic `{}`", self.settings.commit_topic), &e)
-            })?;
-            match res.into_iter().next() {
-                Some(Ok(_)) | Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | None => return Ok(()),
-                Some(Err((_, RDKafkaErrorCode::InvalidReplicationFactor))) if rf == -1 => continue,
-                Some(Err((_, code))) => {
-                    return Err(CoreError::Other {
-                        message: format!(
-                            "kafka sink: creating the commit topic `{}`: {code}",
-                            self.settings.commit_topic
-                        ),
-                        blame: weir_core::Blame::External,
-                        retry: Retry::Backoff,
-                    })
-                }
-            }
-        }
-        Ok(())
+    async fn create_commit_topic(&self) -> Result<()> {
+        super::client::ensure_topic(
+            &self.client,
+            &self.settings.commit_topic,
+            Some(1),
+            &[("cleanup.policy", "compact")],
+        )
+        .await
+        .map(|_| ())
     }
 
     /// The newest checkpoint recorded in the commit topic by this transactional id.
@@ -554,8 +520,8 @@ impl Committer for Transactions {
             st.producer = None;
             any = Some(self.ensure_producer(slot, &mut st).await?);
         }
-        if let Some(p) = any {
-            self.create_commit_topic(&p).await?;
+        if any.is_some() {
+            self.create_commit_topic().await?;
         }
         let newest = self.read_commits().await?;
         tracing::info!(

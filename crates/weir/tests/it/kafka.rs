@@ -371,6 +371,26 @@ fn kafka_settings_are_checked() {
     cfg.source.schema = None;
     let err = Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap_err().to_string();
     assert!(err.contains("declared `schema`"), "{err}");
+    // A repartition goes through Kafka, once per pipeline, and the event time must reach it.
+    let plan = |cfg: &PipelineConfig| {
+        Pipeline::from_config(cfg.clone()).build().unwrap().plan(&RunOptions::default()).unwrap_err().to_string()
+    };
+    let yaml = "name: r\nsource:\n  id: in\n  file: { path: x.jsonl, format: json }\n  schema: { fields: [ { name: k, type: string }, { name: ts, type: int64 } ] }\n  event_time: { column: ts, format: ms }\nsteps:\n  - key_by: { id: by-k, keys: [k], repartition: {} }\nsink:\n  id: out\n  stdout: {}\n";
+    let mut r: PipelineConfig = weir::yaml::parse("r.yaml", yaml).unwrap();
+    assert!(plan(&r).contains("needs a Kafka source"), "{}", plan(&r));
+    r.source.file = None;
+    r.source.kafka = Some(kafka_source("127.0.0.1:1", "t"));
+    r.steps.insert(
+        0,
+        StepConfig::Select(serde_json::from_value(serde_json::json!({"id": "drop-ts", "columns": ["k"]})).unwrap()),
+    );
+    assert!(plan(&r).contains("event-time column `ts` must reach the key_by"), "{}", plan(&r));
+    r.steps.remove(0);
+    r.steps.push(r.steps[0].clone());
+    if let StepConfig::KeyBy(k) = &mut r.steps[1] {
+        k.id = "again".into();
+    }
+    assert!(plan(&r).contains("only one `key_by` of a pipeline can `repartition`"), "{}", plan(&r));
     // Secrets never show in Debug output (which is what logs would print).
     let mut s = kafka_source("b:1", "t");
     s.properties.insert("sasl.password".into(), "hunter2".into());
@@ -667,6 +687,183 @@ fn keyed_state_moves_with_its_partitions_on_a_real_broker() {
     }
     let rows = real(outs.iter().flat_map(|o| part_rows(o)).collect());
     assert_same_rows(expected, rows, "W1 over two members, half the partitions moved mid-window");
+}
+
+/// A topic not partitioned by the key (records spread round-robin): `key_by` with
+/// `repartition` re-keys through a topic Weir creates, and W1 comes out as from the file.
+#[test]
+fn a_repartition_topic_rekeys_a_topic_not_partitioned_by_the_key() {
+    logs();
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let brokers = std::env::var("WEIR_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    assert!(
+        std::net::TcpStream::connect(&brokers).is_ok(),
+        "no Kafka broker at {brokers}; `source scripts/services.sh` starts one"
+    );
+    let topic = format!("spread-{}", std::process::id());
+    let rt = rt();
+    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let created = rt
+        .block_on(admin.create_topics(&[NewTopic::new(&topic, 4, TopicReplication::Fixed(1))], &AdminOptions::new()))
+        .unwrap();
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    let p: ThreadedProducer<DefaultProducerContext> =
+        ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    for (i, l) in lines(&data("sensors-3k.jsonl")).iter().enumerate() {
+        p.send(BaseRecord::<str, str>::to(&topic).payload(l).partition((i % 4) as i32)).map_err(|(e, _)| e).unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("w1.jsonl"), dir.path().join("dead.jsonl"));
+    let mut cfg = from_kafka("w1-sensor-window.yaml", &brokers, &topic, &out, &dead);
+    cfg.source.kafka.as_mut().unwrap().group_id = Some(format!("{topic}-group"));
+    // The writing half reads four partitions side by side, so rows meet in the topic out of
+    // event-time order by up to a batch or so.
+    cfg.source.watermark.max_out_of_orderness = Duration::from_secs(3600);
+    let by = format!("{topic}.by-device");
+    for s in &mut cfg.steps {
+        if let StepConfig::KeyBy(k) = s {
+            k.repartition =
+                Some(RepartitionConfig { topic: Some(by.clone()), partitions: Some(3), ..Default::default() });
+        }
+    }
+    let summary = run(&cfg, 2);
+    assert_same_rows(read_jsonl(&data("w1-expected.jsonl")), read_jsonl(&out), "W1 through a repartition topic");
+    // Both halves take checkpoints, each in its own store, as one member of a group.
+    let mut again = cfg.clone();
+    again.source.kafka.as_mut().unwrap().group_id = Some(format!("{topic}-again"));
+    for s in &mut again.steps {
+        if let StepConfig::KeyBy(k) = s {
+            k.repartition.as_mut().unwrap().topic = Some(format!("{by}.again"));
+        }
+    }
+    let parts = dir.path().join("parts");
+    if let Some(f) = again.sink.file.as_mut() {
+        f.path = parts.display().to_string();
+    }
+    again.checkpoints = Some(CheckpointConfig {
+        dir: dir.path().join("ck").display().to_string(),
+        options: Default::default(),
+        interval: Duration::from_millis(100),
+        keep: 2,
+        member: Some("a".into()),
+    });
+    run(&again, 2);
+    assert_same_rows(
+        read_jsonl(&data("w1-expected.jsonl")),
+        part_rows(&parts),
+        "W1 through a repartition topic, checkpointed",
+    );
+    for half in ["w1-sensor-window", "w1-sensor-window.by-device"] {
+        assert!(dir.path().join("ck").join(half).join("a").join("MEMBER").exists(), "{half} has its own store");
+    }
+    assert_eq!(summary.source_records, 3000, "input counted once, not again when read back from the topic");
+    let step = |id: &str| summary.steps.iter().find(|(s, _)| s.as_str() == id).map(|(_, m)| *m).unwrap();
+    assert_eq!(step("by-device.out").rows_out, 3000);
+    assert_eq!(step("by-device.in").rows_in, 3000);
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let md = c.fetch_metadata(Some(&by), Duration::from_secs(10)).unwrap();
+    assert_eq!(md.topics()[0].partitions().len(), 3, "Weir created the topic with the partitions asked for");
+    // Each device's rows are in one partition of it.
+    let keyed = k_reader(&brokers, &by);
+    let mut home = std::collections::HashMap::new();
+    for (key, partition) in keyed {
+        assert_eq!(*home.entry(key.clone()).or_insert(partition), partition, "device {key} is in two partitions");
+    }
+}
+
+/// (record key, partition) of every record of `topic`.
+fn k_reader(brokers: &str, topic: &str) -> Vec<(String, i32)> {
+    let c = Cluster { mock: None, brokers: brokers.into() }.reader(format!("keys-{}", std::process::id()), topic);
+    let mut out = Vec::new();
+    let mut quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_secs(if out.is_empty() { 15 } else { 2 }) {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            out.push((String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(), m.partition()));
+            quiet = Instant::now();
+        }
+    }
+    out
+}
+
+/// The record partitions of a topic spread round-robin, not by key.
+fn produce_spread(brokers: &str, topic: &str, partitions: usize) {
+    let p: ThreadedProducer<DefaultProducerContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    for (i, l) in lines(&data("sensors-3k.jsonl")).iter().enumerate() {
+        p.send(BaseRecord::<str, str>::to(topic).payload(l).partition((i % partitions) as i32))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+}
+
+/// `repartition` with `mode: exactly_once`: the writing half writes the topic in a
+/// transaction per checkpoint (on the mock cluster, which serves transactions; the topics
+/// exist beforehand, as it does not create topics), and W1 comes out whole.
+#[test]
+fn an_exactly_once_repartition_writes_its_topic_in_transactions() {
+    let k = Cluster::new(&[("ev", 4), ("ev.by-device", 3), ("w1-sensor-window.by-device.commits", 1)]);
+    produce_spread(&k.brokers, "ev", 4);
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("parts"), dir.path().join("dead.jsonl"));
+    let mut cfg = from_kafka("w1-sensor-window.yaml", &k.brokers, "ev", &out, &dead);
+    cfg.source.watermark.max_out_of_orderness = Duration::from_secs(3600);
+    for s in &mut cfg.steps {
+        if let StepConfig::KeyBy(key) = s {
+            key.repartition = Some(RepartitionConfig {
+                topic: Some("ev.by-device".into()),
+                partitions: None,
+                mode: "exactly_once".into(),
+            });
+        }
+    }
+    cfg.checkpoints = checkpoints_in(dir.path(), Duration::from_millis(100));
+    let summary = run(&cfg, 2);
+    assert_same_rows(read_jsonl(&data("w1-expected.jsonl")), part_rows(&out), "W1 through an exactly-once topic");
+    assert_eq!(summary.source_records, 3000);
+    let commits = k.consume_all("w1-sensor-window.by-device.commits");
+    assert!(!commits.is_empty(), "the writing half committed its checkpoints' transactions");
+}
+
+/// Errors the clients retry by themselves (a leader that moved, a request that timed out,
+/// too few replicas) and partition leaders moving during the run: nothing is lost, and the
+/// idempotent producer writes nothing twice.
+#[test]
+fn request_errors_and_moving_leaders_lose_and_repeat_nothing() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr as E};
+    let mock = MockCluster::new(3).unwrap();
+    mock.create_topic("moving", 2, 3).unwrap();
+    mock.create_topic("out", 2, 3).unwrap();
+    let k = Cluster { brokers: mock.bootstrap_servers(), mock: Some(mock) };
+    k.produce("moving", &lines(&data("sensors-3k.jsonl")), None);
+    let mock = k.mock.as_ref().unwrap();
+    let transient = [
+        E::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        E::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+        E::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+    ];
+    mock.request_errors(RDKafkaApiKey::Fetch, &transient[..2]);
+    mock.request_errors(RDKafkaApiKey::Produce, &transient);
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("unused"), dir.path().join("dead.jsonl"));
+    let mut cfg = from_kafka("w1-sensor-window.yaml", &k.brokers, "moving", &out, &dead);
+    cfg.sink = at_least_once_sink(&k.brokers, Some("device_id"), ("linger.ms", "5"));
+    let job = Job::new(Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap()).unwrap();
+    let rt = rt();
+    let handle = rt.spawn(job.run());
+    for (i, broker) in [2, 3, 1].into_iter().enumerate() {
+        std::thread::sleep(Duration::from_millis(300));
+        mock.partition_leader("moving", (i % 2) as i32, Some(broker)).unwrap();
+        mock.partition_leader("out", ((i + 1) % 2) as i32, Some(broker)).unwrap();
+    }
+    let summary = rt.block_on(handle).unwrap().unwrap();
+    assert_eq!(summary.source_records, 3000);
+    let expected = read_jsonl(&data("w1-expected.jsonl"));
+    let got: Vec<serde_json::Value> =
+        k.consume("out", expected.len()).into_iter().map(|(_, v)| serde_json::from_str(&v).unwrap()).collect();
+    assert_same_rows(expected, got, "through request errors and leader changes");
 }
 
 /// Dead letters can go to a Kafka topic instead of a file: the same entries, one record each.

@@ -39,6 +39,9 @@ fn test_job(
     sink: Arc<dyn weir_core::SinkFactory>,
 ) -> JobSpec {
     JobSpec {
+        upstream: None,
+        counts_input: true,
+        counts_output: true,
         name: "test".into(),
         workers: 2,
         source_step: StepId::new("src"),
