@@ -256,6 +256,13 @@ def test_stateful_map_state_survives_a_restart_through_checkpoints(tmp_path):
         return p.checkpoints(tmp_path / "ckpt", "1h")
 
     pipeline().run(workers=1, fresh=True)
+    # Each key's state is stored with the key as text first, as the engine's keyed state is,
+    # so it can follow its Kafka partition to another process.
+    import pyarrow.ipc as ipc
+
+    tables = [ipc.open_file(str(f)).read_all() for f in (tmp_path / "ckpt").glob("sm-ckpt/chk-*/*/count.operator.arrow")]
+    assert tables and all(t.column_names[:2] == ["__key_group", "key0"] for t in tables)
+    assert sorted(v for t in tables for v in t.column("key0").to_pylist()) == ["a", "b"]
     with src.open("a") as f:
         f.write(json.dumps({"k": "a", "ts": 5000}) + "\n")
     pipeline().run(workers=2)

@@ -136,15 +136,19 @@ class StatefulMap:
         return out, kept, failures
 
     def snapshot(self):
-        groups, keys, states = [], [], []
+        """Each key's group, pickled key and pickled state, and the first key's text: what
+        a handoff between processes places the key's partition by (the Kafka record key)."""
+        groups, keys, states, firsts = [], [], [], []
         for key, (group, state) in self.states.items():
             groups.append(group)
             keys.append(pickle.dumps(key))
+            first = key[0] if len(self.keys) > 1 else key
+            firsts.append(None if first is None else str(first))
             try:
                 states.append(pickle.dumps(state))
             except Exception as e:  # noqa: BLE001
                 raise TypeError(f"the state of key {key!r} cannot be pickled for the checkpoint: {e}") from e
-        return groups, keys, states
+        return groups, keys, states, firsts
 
     def restore(self, groups: List[int], keys: List[bytes], states: List[bytes]) -> None:
         for g, k, s in zip(groups, keys, states):

@@ -229,7 +229,7 @@ type RowFailures = Vec<(usize, u32, String)>;
 /// from, and the failures.
 type RowResult = (Option<RecordBatch>, Option<Vec<usize>>, RowFailures);
 /// A `stateful_map` snapshot from Python: key groups, pickled keys, pickled states.
-type PickledStates = (Vec<u32>, Vec<Vec<u8>>, Vec<Vec<u8>>);
+type PickledStates = (Vec<u32>, Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Option<String>>);
 
 /// The cyclic garbage collector, paused for one batch's row loop: building thousands of dicts
 /// otherwise sets off collections that scan every live object, which costs more than the loop
@@ -697,13 +697,19 @@ impl Operator for PyOp {
         match self.step.0.kind {
             Kind::StatefulMap => {
                 let Some(state) = &self.state else { return Ok(None) };
-                let (groups, keys, states) = Python::attach(|py| -> PyResult<PickledStates> {
+                let (groups, keys, states, firsts) = Python::attach(|py| -> PyResult<PickledStates> {
                     state.bind(py).call_method0("snapshot")?.extract()
                 })
                 .map_err(py_err)?;
-                let fields =
-                    vec![Field::new("key", DataType::Binary, false), Field::new("state", DataType::Binary, false)];
+                // The first key as text leads, as in the engine's keyed tables: a handoff
+                // between processes tells each key's partition by it.
+                let fields = vec![
+                    Field::new(weir_core::state::FIRST_KEY_COLUMN, DataType::Utf8, true),
+                    Field::new("key", DataType::Binary, false),
+                    Field::new("state", DataType::Binary, false),
+                ];
                 let cols: Vec<ArrayRef> = vec![
+                    Arc::new(arrow_array::StringArray::from(firsts)),
                     Arc::new(BinaryArray::from_iter_values(keys.iter())),
                     Arc::new(BinaryArray::from_iter_values(states.iter())),
                 ];
