@@ -30,19 +30,38 @@ const W1: &str = "examples/w1-sensor-window.yaml";
 /// positions come from the checkpoint, and a killed member would otherwise hold its
 /// partitions until its session times out.
 fn pipeline(dir: &Path, brokers: &str) -> std::path::PathBuf {
+    let ck = dir.join("ck");
+    w1_kafka(
+        dir,
+        brokers,
+        "group_id: \"${GROUP}\"\n    stop_at_end: true",
+        "w1-test",
+        &format!("dir: {}\n  interval: 100ms", ck.display()),
+    )
+}
+
+/// W1 reading topic `events` (with `source` settings added under `kafka:`) and writing topic
+/// `out` exactly once with `transactional_id` (naming each record's transaction in header
+/// `weir-txn`), with the `checkpoints` settings given; written to `dir/pipeline.yaml`.
+pub(crate) fn w1_kafka(
+    dir: &Path,
+    brokers: &str,
+    source: &str,
+    transactional_id: &str,
+    checkpoints: &str,
+) -> std::path::PathBuf {
     let text = std::fs::read_to_string(super::repo().join(W1)).unwrap();
     let source = format!(
-        "  kafka:\n    brokers: \"{brokers}\"\n    topics: [events]\n    group_id: \"${{GROUP}}\"\n    start: earliest\n    stop_at_end: true\n    format: json\n"
+        "  kafka:\n    brokers: \"{brokers}\"\n    topics: [events]\n    {source}\n    start: earliest\n    format: json\n"
     );
     let text = text.replace("  file:\n    path: ${INPUT}\n    format: json\n", &source);
     let text = text.replace(
         "  file: { path: \"${OUTPUT}\", format: json }",
-        &format!("  kafka: {{ brokers: \"{brokers}\", topic: out, key: device_id, mode: exactly_once, transactional_id: w1-test, checkpoint_header: weir-txn }}"),
+        &format!("  kafka: {{ brokers: \"{brokers}\", topic: out, key: device_id, mode: exactly_once, transactional_id: \"{transactional_id}\", checkpoint_header: weir-txn }}"),
     );
     assert!(text.contains("mode: exactly_once") && text.contains("topics: [events]"), "{text}");
     let p = dir.join("pipeline.yaml");
-    std::fs::write(&p, format!("{text}\ncheckpoints:\n  dir: {}\n  interval: 100ms\n", dir.join("ck").display()))
-        .unwrap();
+    std::fs::write(&p, format!("{text}\ncheckpoints:\n  {checkpoints}\n")).unwrap();
     p
 }
 

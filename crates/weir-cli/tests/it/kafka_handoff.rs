@@ -14,32 +14,22 @@ use std::time::{Duration, Instant};
 use rdkafka::mocking::MockCluster;
 
 use super::crash::{assert_same, rows, seed, Rng, Rows};
-use super::kafka_crash::{input, records};
+use super::kafka_crash::{input, records, w1_kafka};
 use super::{stderr, weir};
 
 const W1: &str = "examples/w1-sensor-window.yaml";
 
 /// W1 from Kafka to Kafka exactly once, as member `${MEMBER}` of group `w1-shared`.
 fn pipeline(dir: &Path, brokers: &str) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(super::repo().join(W1)).unwrap();
-    // A short session: the group notices the killed member after 6 s.
-    let source = format!(
-        "  kafka:\n    brokers: \"{brokers}\"\n    topics: [events]\n    group_id: w1-shared\n    start: earliest\n    format: json\n    properties: {{ session.timeout.ms: \"6000\", heartbeat.interval.ms: \"500\" }}\n"
-    );
-    let text = text.replace("  file:\n    path: ${INPUT}\n    format: json\n", &source);
-    let text = text.replace(
-        "  file: { path: \"${OUTPUT}\", format: json }",
-        &format!("  kafka: {{ brokers: \"{brokers}\", topic: out, key: device_id, mode: exactly_once, transactional_id: \"w1-${{MEMBER}}\", checkpoint_header: weir-txn }}"),
-    );
-    assert!(text.contains("mode: exactly_once") && text.contains("topics: [events]"), "{text}");
-    let p = dir.join("pipeline.yaml");
     let ck = dir.join("ck");
-    std::fs::write(
-        &p,
-        format!("{text}\ncheckpoints:\n  dir: {}\n  member: ${{MEMBER}}\n  interval: 200ms\n", ck.display()),
+    // A short session: the group notices the killed member after 6 s.
+    w1_kafka(
+        dir,
+        brokers,
+        "group_id: w1-shared\n    properties: { session.timeout.ms: \"6000\", heartbeat.interval.ms: \"500\" }",
+        "w1-${MEMBER}",
+        &format!("dir: {}\n  member: ${{MEMBER}}\n  interval: 200ms", ck.display()),
     )
-    .unwrap();
-    p
 }
 
 fn spawn(pipeline: &Path, dir: &Path, member: &str) -> Child {

@@ -511,21 +511,30 @@ fn exactly_once_needs_checkpoints_and_a_long_enough_transaction_timeout() {
 /// Against a real Kafka-protocol broker (Tansu, started by `scripts/services.sh`): two jobs in
 /// one consumer group split the topic's partitions between them, and together they read every
 /// record (at least once: there are no checkpoints here).
-#[test]
-fn two_jobs_in_one_group_split_the_partitions_on_a_real_broker() {
+/// The Tansu broker the test command starts (`WEIR_TEST_KAFKA` to use another), a new topic
+/// `<prefix>-<pid>` of `partitions` on it, and a runtime for the test.
+fn tansu_topic(prefix: &str, partitions: i32) -> (String, String, tokio::runtime::Runtime) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let brokers = std::env::var("WEIR_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
     assert!(
         std::net::TcpStream::connect(&brokers).is_ok(),
         "no Kafka broker at {brokers}; `source scripts/services.sh` starts one"
     );
-    let topic = format!("split-{}", std::process::id());
+    let topic = format!("{prefix}-{}", std::process::id());
     let rt = rt();
     let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
     let created = rt
-        .block_on(admin.create_topics(&[NewTopic::new(&topic, 4, TopicReplication::Fixed(1))], &AdminOptions::new()))
+        .block_on(
+            admin.create_topics(&[NewTopic::new(&topic, partitions, TopicReplication::Fixed(1))], &AdminOptions::new()),
+        )
         .unwrap();
     assert!(created.iter().all(Result::is_ok), "{created:?}");
+    (brokers, topic, rt)
+}
+
+#[test]
+fn two_jobs_in_one_group_split_the_partitions_on_a_real_broker() {
+    let (brokers, topic, rt) = tansu_topic("split", 4);
     let k = Cluster { mock: None, brokers: brokers.clone() };
 
     let dir = tempfile::tempdir().unwrap();
@@ -592,19 +601,7 @@ fn part_rows(dir: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn keyed_state_moves_with_its_partitions_on_a_real_broker() {
     logs();
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let brokers = std::env::var("WEIR_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    assert!(
-        std::net::TcpStream::connect(&brokers).is_ok(),
-        "no Kafka broker at {brokers}; `source scripts/services.sh` starts one"
-    );
-    let topic = format!("handoff-{}", std::process::id());
-    let rt = rt();
-    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
-    let created = rt
-        .block_on(admin.create_topics(&[NewTopic::new(&topic, 4, TopicReplication::Fixed(1))], &AdminOptions::new()))
-        .unwrap();
-    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    let (brokers, topic, rt) = tansu_topic("handoff", 4);
     let k = Cluster { mock: None, brokers: brokers.clone() };
     let all = lines(&data("sensors-3k.jsonl"));
     // After the data, one record per partition an hour later: every real window then
@@ -694,19 +691,7 @@ fn keyed_state_moves_with_its_partitions_on_a_real_broker() {
 #[test]
 fn a_repartition_topic_rekeys_a_topic_not_partitioned_by_the_key() {
     logs();
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let brokers = std::env::var("WEIR_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    assert!(
-        std::net::TcpStream::connect(&brokers).is_ok(),
-        "no Kafka broker at {brokers}; `source scripts/services.sh` starts one"
-    );
-    let topic = format!("spread-{}", std::process::id());
-    let rt = rt();
-    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
-    let created = rt
-        .block_on(admin.create_topics(&[NewTopic::new(&topic, 4, TopicReplication::Fixed(1))], &AdminOptions::new()))
-        .unwrap();
-    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    let (brokers, topic, _rt) = tansu_topic("spread", 4);
     let p: ThreadedProducer<DefaultProducerContext> =
         ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
     for (i, l) in lines(&data("sensors-3k.jsonl")).iter().enumerate() {
