@@ -968,16 +968,10 @@ impl BuiltPipeline {
             retry: c.sink.retry.clone(),
         };
         let like = (src.topics.len() == 1 && !src.topics[0].starts_with('^')).then(|| src.topics[0].clone());
-        let writing = BuiltPipeline {
-            cfg: up,
-            functions: self.functions.clone(),
-            code: self.code.clone(),
-            alerts: self.alerts.clone(),
-            link: Link {
-                done: None,
-                topic: Some(weir_connectors::kafka::KafkaTopicSpec { partitions: r.partitions, like }),
-            },
-        };
+        let writing = self.half(
+            up,
+            Link { done: None, topic: Some(weir_connectors::kafka::KafkaTopicSpec { partitions: r.partitions, like }) },
+        );
         let (up_spec, link_schema) = writing.plan_with_schema(opts)?;
         if let Some(e) = &c.source.event_time {
             weir_ops::field_by_path(&link_schema, &e.column).map_err(|_| {
@@ -1022,16 +1016,22 @@ impl BuiltPipeline {
             down.dead_letters.path = format!("{}.{}", down.dead_letters.path, k.id);
         }
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let reading = BuiltPipeline {
-            cfg: down,
-            functions: self.functions.clone(),
-            code: self.code.clone(),
-            alerts: self.alerts.clone(),
-            link: Link { done: Some(done.clone()), topic: None },
-        };
+        let reading = self.half(down, Link { done: Some(done.clone()), topic: None });
         let (mut spec, schema) = reading.plan_with_schema(opts)?;
         spec.upstream = Some(weir_core::runtime::Upstream { spec: Box::new(up_spec), done });
         Ok((spec, schema))
+    }
+
+    /// One half of a repartitioned pipeline: `cfg`, with this pipeline's functions, code
+    /// ends and alert books.
+    fn half(&self, cfg: PipelineConfig, link: Link) -> BuiltPipeline {
+        BuiltPipeline {
+            cfg,
+            functions: self.functions.clone(),
+            code: self.code.clone(),
+            alerts: self.alerts.clone(),
+            link,
+        }
     }
 
     /// The quarantine settings, if quarantine is on and its key columns come from the source.
