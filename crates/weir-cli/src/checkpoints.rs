@@ -38,6 +38,10 @@ pub(crate) async fn list(dir: &str) -> Result<String> {
     for store in stores {
         let listed = store.list().await?;
         let job = listed.iter().find_map(|l| l.manifest.as_ref().ok().map(|m| m.job.clone())).unwrap_or_default();
+        let job = match store.member_name() {
+            Some(m) => format!("{job}, member {m}"),
+            None => job,
+        };
         let _ = writeln!(s, "{job} ({} checkpoints)", listed.len());
         let _ = writeln!(
             s,

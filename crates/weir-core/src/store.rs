@@ -290,8 +290,8 @@ impl CheckpointStore {
         Ok(Self { store, root, location: location.to_string(), member: None })
     }
 
-    /// The jobs that have checkpoints at `location` (the pipeline folders holding `chk-*`),
-    /// sorted; or, when `location` is itself one job's folder, that job, with its parent as
+    /// The jobs that have checkpoints at `location` (the pipeline folders holding `chk-*`, or
+    /// their members' folders holding them), sorted; or, when `location` is itself one job's folder, that job, with its parent as
     /// the location. Directories and URLs alike.
     ///
     /// # Errors
@@ -322,8 +322,17 @@ impl CheckpointStore {
         let mut out = Vec::new();
         for p in &top.common_prefixes {
             let Some(job) = p.filename() else { continue };
-            if holds(&list(p.clone()).await?) {
+            let inside = list(p.clone()).await?;
+            if holds(&inside) {
                 out.push(Self::open_with(location, job, options)?);
+                continue;
+            }
+            // Several processes' folders (`checkpoints.member`), one level down.
+            for m in &inside.common_prefixes {
+                let Some(member) = m.filename() else { continue };
+                if holds(&list(m.clone()).await?) {
+                    out.push(Self::open_with(location, job, options)?.member(member)?);
+                }
             }
         }
         out.sort_by(|a, b| a.root.as_ref().cmp(b.root.as_ref()));
@@ -826,6 +835,12 @@ mod tests {
         assert_eq!(one.len(), 1);
         assert_eq!((one[0].job(), one[0].location()), ("b", root));
         assert_eq!(one[0].epochs().await.unwrap(), vec![Epoch(1)]);
+        let m = CheckpointStore::open(root, "shared").unwrap().member("pod-1").unwrap();
+        checkpoint(&m, 4).await;
+        let all = CheckpointStore::discover(root, &none).await.unwrap();
+        let named: Vec<_> = all.iter().map(|s| (s.job(), s.member_name())).collect();
+        assert_eq!(named, [("a", None), ("b", None), ("shared", Some("pod-1"))]);
+        assert_eq!(all[2].epochs().await.unwrap(), vec![Epoch(4)]);
         let err = CheckpointStore::discover(&format!("{root}/missing"), &none).await.unwrap_err().to_string();
         assert!(err.contains("missing") && err.contains("not a directory"), "{err}");
     }

@@ -213,4 +213,10 @@ fn a_killed_members_partitions_move_to_the_survivor_with_their_state() {
         eprintln!("b: {l}");
     }
     assert_same(&want, &got, &format!("W1 over two members, one killed (seed {seed})"));
+    // Both members' stores show up under the shared folder.
+    let ck = dir.path().join("ck");
+    let o = weir(&["checkpoints", "list", ck.to_str().unwrap()], &[]);
+    let listing = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(listing.contains("w1-sensor-window, member a") && listing.contains("w1-sensor-window, member b"), "{listing}");
 }
