@@ -87,6 +87,9 @@ pub(crate) async fn inspect(dir: &str, epoch: Option<u64>) -> Result<String> {
             },
         };
         let (m, tables) = store.load(e).await?;
+        if let Some(member) = store.member_name() {
+            let _ = writeln!(s, "member {member}:");
+        }
         render(&mut s, &m, &tables);
     }
     Ok(s)

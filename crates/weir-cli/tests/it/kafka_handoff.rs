@@ -218,5 +218,11 @@ fn a_killed_members_partitions_move_to_the_survivor_with_their_state() {
     let o = weir(&["checkpoints", "list", ck.to_str().unwrap()], &[]);
     let listing = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(listing.contains("w1-sensor-window, member a") && listing.contains("w1-sensor-window, member b"), "{listing}");
+    assert!(
+        listing.contains("w1-sensor-window, member a") && listing.contains("w1-sensor-window, member b"),
+        "{listing}"
+    );
+    let o = weir(&["checkpoints", "inspect", ck.to_str().unwrap()], &[]);
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && shown.contains("member b:") && shown.contains("per-device-10s"), "{shown}");
 }
