@@ -766,22 +766,18 @@ impl KafkaSource {
         }
     }
 
-    /// Whether a record is new to this source: one below the partition's next position was
-    /// handed out or buffered already (a partition came back, or was assigned again at its
-    /// restored position, while the fetcher still held older records), and with a handoff
-    /// one of a partition this run does not hold was fetched before the run began.
-    fn accept(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) -> bool {
+    /// Buffers a record unless it is not new to this source: one below the partition's next
+    /// position was handed out or buffered already (a partition came back, or was assigned
+    /// again at its restored position, while the fetcher still held older records), and with
+    /// a handoff one of a partition this run does not hold was fetched before the run began.
+    /// Returns whether it was kept.
+    fn add(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) -> bool {
         let i = self.slot(m.topic(), m.partition());
         let p = &self.parts[i];
-        if self.group.is_some() && !p.assigned {
+        let expected = p.offsets.last().map(|o| o + 1).or(p.next);
+        if (self.group.is_some() && !p.assigned) || expected.is_some_and(|e| m.offset() < e) {
             return false;
         }
-        let expected = p.offsets.last().map(|o| o + 1).or(p.next);
-        expected.is_none_or(|e| m.offset() >= e)
-    }
-
-    fn add(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
-        let i = self.slot(m.topic(), m.partition());
         let md = &self.cfg.metadata;
         let part = &mut self.parts[i];
         let payload = m.payload().unwrap_or_default();
@@ -810,6 +806,7 @@ impl KafkaSource {
         if part.first_at.is_none() {
             part.first_at = Some(Instant::now());
         }
+        true
     }
 
     /// A partition whose batch is due: full, or lingered long enough, or every batch when
@@ -992,18 +989,16 @@ impl Source for KafkaSource {
                     }
                 }
                 Ok(Ok(m)) => {
-                    if !self.accept(&m) {
+                    if !self.add(&m) {
                         continue;
                     }
-                    self.add(&m);
                     self.linger.arrived(1, Instant::now());
                     // Drain what is already fetched without waiting, up to a batch.
                     let mut n = 1;
                     while n < self.cfg.batch_size {
                         match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
                             Ok(Ok(m)) => {
-                                if self.accept(&m) {
-                                    self.add(&m);
+                                if self.add(&m) {
                                     n += 1;
                                 }
                             }
