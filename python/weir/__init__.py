@@ -20,19 +20,23 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import errors
 from ._retry import RetrySettings
 from .errors import ConfigError, Retryable, WeirError
 
+# `import weir` is part of every run's start-up, so it loads only what building a pipeline
+# needs: pyarrow where a Python step or schema needs it, threading for `run_in_thread`, and
+# `typing` (like dataclasses, several milliseconds of imports) only for type checkers; the
+# annotations are strings (`from __future__ import annotations`).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
     import pyarrow as pa
 
-# pyarrow is imported where it is needed, not here: a pipeline without Python steps and with
-# a YAML-form schema starts without it, as fast as the command.
+    Json = Dict[str, Any]
+    Duration = Union[str, float, int]
 
 __version__ = "0.1.0"
 
@@ -56,8 +60,6 @@ __all__ = [
     "schema_spec",
 ]
 
-Json = Dict[str, Any]
-Duration = Union[str, float, int]
 
 
 def _duration(d: Duration) -> str:
@@ -158,32 +160,45 @@ def _field_spec(f: "pa.Field") -> Json:
 # --- Python steps --------------------------------------------------------------------------
 
 
-@dataclass
 class Retry:
     """How a Python step retries a :class:`weir.errors.Retryable` failure before it
     dead-letters the rows."""
 
-    max_attempts: int = 3
-    initial_backoff: float = 0.1
-    max_backoff: float = 5.0
+    __slots__ = ("max_attempts", "initial_backoff", "max_backoff")
+
+    def __init__(self, max_attempts: int = 3, initial_backoff: float = 0.1, max_backoff: float = 5.0):
+        self.max_attempts = max_attempts
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+
+    def __repr__(self) -> str:
+        return f"Retry(max_attempts={self.max_attempts!r}, initial_backoff={self.initial_backoff!r}, max_backoff={self.max_backoff!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Retry):
+            return NotImplemented
+        return (self.max_attempts, self.initial_backoff, self.max_backoff) == (other.max_attempts, other.initial_backoff, other.max_backoff)
 
     def _settings(self) -> RetrySettings:
         return RetrySettings(self.max_attempts, self.initial_backoff, self.max_backoff)
 
 
-@dataclass
 class _Function:
     """A Python step as the engine sees it (read by the native module)."""
 
-    kind: str
-    fn: Callable[..., Any]
-    schema: Optional["pa.Schema"] = None
-    retry: RetrySettings = field(default_factory=RetrySettings)
-    on_error: str = "dead_letter"
-    features: Optional[List[str]] = None
-    output: str = "score"
-    max_batch: int = 1024
-    max_latency_ms: float = 10.0
+    def __init__(self, kind: str, fn: Callable[..., Any], schema: Optional[pa.Schema] = None,
+                 retry: Optional[RetrySettings] = None, on_error: str = "dead_letter",
+                 features: Optional[List[str]] = None, output: str = "score", max_batch: int = 1024,
+                 max_latency_ms: float = 10.0):
+        self.kind = kind
+        self.fn = fn
+        self.schema = schema
+        self.retry = retry if retry is not None else RetrySettings()
+        self.on_error = on_error
+        self.features = features
+        self.output = output
+        self.max_batch = max_batch
+        self.max_latency_ms = max_latency_ms
 
 
 def _schema_arg(schema: Any) -> Optional["pa.Schema"]:
@@ -198,19 +213,28 @@ def _schema_arg(schema: Any) -> Optional["pa.Schema"]:
     return pa.schema(schema)
 
 
-@dataclass
 class RunSummary:
-    """What a finished run reports (the CLI's end-of-run summary)."""
+    """What a finished run reports (the CLI's end-of-run summary).
 
-    elapsed_s: float
-    source_records: int
-    sink_rows: int
-    #: Per step, in pipeline order: rows in, rows out, filtered, dead-lettered, ...
-    steps: Dict[str, Dict[str, int]]
-    #: Creation-to-sink latency (p50, p99, max) in µs, when the sink measured it.
-    latency_us: Optional[tuple] = None
-    #: What a sink written in code collected (see :mod:`weir.testing`).
-    output: Optional["pa.Table"] = None
+    ``steps`` holds, per step in pipeline order, its counters (rows in, rows out, filtered,
+    dead-lettered, ...); ``latency_us`` the creation-to-sink latency (p50, p99, max) in µs when
+    the sink measured it; ``output`` what a sink written in code collected (see
+    :mod:`weir.testing`)."""
+
+    __slots__ = ("elapsed_s", "source_records", "sink_rows", "steps", "latency_us", "output")
+
+    def __init__(self, elapsed_s: float, source_records: int, sink_rows: int, steps: Dict[str, Dict[str, int]],
+                 latency_us: Optional[tuple] = None, output: Optional[pa.Table] = None):
+        self.elapsed_s = elapsed_s
+        self.source_records = source_records
+        self.sink_rows = sink_rows
+        self.steps = steps
+        self.latency_us = latency_us
+        self.output = output
+
+    def __repr__(self) -> str:
+        return (f"RunSummary(elapsed_s={self.elapsed_s!r}, source_records={self.source_records!r}, "
+                f"sink_rows={self.sink_rows!r}, steps={self.steps!r}, latency_us={self.latency_us!r})")
 
     def __str__(self) -> str:
         rate = self.source_records / self.elapsed_s if self.elapsed_s > 0 else 0.0
@@ -529,6 +553,8 @@ class RunningPipeline:
                 self._result = self._native.run(kwargs.get("workers"), kwargs.get("fresh", False), kwargs.get("metrics_addr"))
             except BaseException as e:  # noqa: BLE001 - handed to join()
                 self._error = e
+
+        import threading
 
         self._thread = threading.Thread(target=body, name=f"weir-{p.name}", daemon=True)
         self._thread.start()

@@ -1,7 +1,5 @@
 """Backoff settings of Python steps (kept apart from pyarrow, so `import weir` stays light)."""
 
-import random
-
 
 class RetrySettings:
     """Backoff for :class:`Retryable` failures: ``initial * 2**(n-1)``, capped, with full jitter."""
@@ -14,5 +12,7 @@ class RetrySettings:
         self.max = max_backoff_s
 
     def delay(self, attempt: int) -> float:
+        import random  # here, not at import: it costs `import weir` several milliseconds
+
         cap = min(self.max, self.initial * (2 ** (attempt - 1)))
         return random.uniform(cap / 2, cap)

@@ -11,7 +11,9 @@ that the failure may pass, and Weir retries the call with backoff before dead-le
 
 from __future__ import annotations
 
-from typing import List, Optional
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the annotations are strings; see weir/__init__.py
+    from typing import List, Optional
 
 __all__ = [
     "WeirError",
