@@ -221,6 +221,39 @@ def test_rows_look_the_same_as_pyarrow_makes_them_and_come_back_checked(tmp_path
         assert any(needle in r for r in reasons), (needle, reasons)
 
 
+def test_a_row_function_may_return_its_row_changed_reordered_or_not_at_all(tmp_path):
+    """Rows a function returns as given, partly changed, reordered, with extra keys, dropped
+    or broken: each comes back as it should, and a broken one fails alone."""
+    schema = pa.schema([("k", pa.string()), ("v", pa.float64()), ("n", pa.int64())])
+    rows = [{"k": f"row-{i}", "v": float(i), "n": None if i == 5 else i * 10} for i in range(9)]
+
+    def fn(r):
+        i = int(r["v"])
+        if i == 1:
+            return {**r, "v": r["v"] + 0.5}  # one column changed
+        if i == 2:
+            return None  # dropped
+        if i == 3:
+            return {"n": r["n"], "v": r["v"], "k": r["k"]}  # keys in another order
+        if i == 4:
+            return {**r, "extra": 1}  # a key the schema lacks
+        if i == 6:
+            return {**r, "k": "new"}
+        if i == 7:
+            return {**r, "n": "bad"}  # does not fit: dead-lettered alone
+        return r  # 0, 5 (a null), 8: untouched
+
+    dead = tmp_path / "dl.jsonl"
+    p = weir.Pipeline("pass").source("in", wt.source(rows, schema=schema, times=list(range(9)))).map("fn", fn)
+    got = p.dead_letters(dead).sink("out", wt.collect()).run(workers=1).output.to_pylist()
+    want = [dict(r) for r in rows]
+    want[1]["v"] = 1.5
+    want[6]["k"] = "new"
+    assert got == [w for i, w in enumerate(want) if i not in (2, 7)]
+    (entry,) = read_jsonl(dead)
+    assert "`n` is a str" in entry["reason"]
+
+
 def test_stateful_map_keeps_state_per_key():
     rows = [{"k": k, "v": 1.0} for k in "aabab"]
     times = [0, 1, 2, 3, 4]
