@@ -182,6 +182,19 @@ def test_every_connector_and_setting_builds_its_yaml_form(tmp_path):
         weir.Pipeline("bad").source("in", weir.kafka("b", ["t"], colour="red"), schema=schema).sink("o", weir.stdout()).validate()
 
 
+def test_validate_and_output_schema_need_no_input_when_the_schema_is_declared(tmp_path):
+    schema = [{"name": "device_id", "type": "string"}, {"name": "ts", "type": "int64"}]
+    p = weir.Pipeline("no-input").source("in", weir.file(str(tmp_path / "missing.jsonl")), schema=schema, event_time="ts")
+    p.select("cols", ["device_id", "ts * 2 AS t2"]).sink("out", weir.stdout())
+    p.validate()
+    assert p.output_schema().names == ["device_id", "t2"]
+    with pytest.raises(weir.errors.WeirError, match="missing.jsonl"):
+        p.run(workers=1)
+    bad = weir.Pipeline("bad").source("in", weir.file(str(tmp_path / "missing.jsonl")), schema=schema)
+    with pytest.raises(weir.errors.ConfigError, match="unknown column `nope`"):
+        bad.select("cols", ["nope"]).sink("out", weir.stdout()).validate()
+
+
 def test_import_weir_loads_only_what_building_a_pipeline_needs():
     """`import weir` is part of every run's start-up (W1 from Python is held to within 10% of
     the command), so pyarrow, dataclasses (which brings `inspect`), typing, random and

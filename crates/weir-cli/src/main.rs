@@ -221,9 +221,9 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
     match cmd {
         Cmd::Validate { pipeline } => {
             let (built, text) = load(&pipeline)?;
-            // Planning checks columns and expressions; it reads the input only to infer a schema.
+            // Checks columns, expressions and settings; reads the input only to infer a schema.
             built
-                .plan(&RunOptions { workers: Some(1), ..Default::default() })
+                .check(&RunOptions { workers: Some(1), ..Default::default() })
                 .map_err(|e| located(&pipeline.display().to_string(), &text, e))?;
             eprintln!("{}: ok ({} steps)", pipeline.display(), built.config().steps.len());
             Ok(())

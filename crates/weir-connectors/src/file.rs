@@ -94,6 +94,13 @@ impl FileSourceFactory {
         let files = expand_paths(&cfg.path)?;
         Ok(Self { cfg: Arc::new(cfg), files: Arc::new(files) })
     }
+
+    /// A factory that has not looked for its files, for checking a pipeline where its input
+    /// is not; its sources read nothing.
+    #[must_use]
+    pub fn unresolved(cfg: FileSourceConfig) -> Self {
+        Self { cfg: Arc::new(cfg), files: Arc::new(Vec::new()) }
+    }
 }
 
 impl FileSourceFactory {

@@ -130,15 +130,15 @@ impl NativePipeline {
 
     /// Checks the pipeline without reading input.
     fn validate(&self, py: Python<'_>) -> PyResult<()> {
-        self.pipeline.build().map(|_| ()).map_err(|e| raise(py, &e, None))
+        let built = self.pipeline.build().map_err(|e| raise(py, &e, None))?;
+        built.check(&RunOptions { workers: Some(1), fresh: false }).map(|_| ()).map_err(|e| raise(py, &e, None))
     }
 
     /// The schema of the rows reaching the sink.
     #[pyo3(signature = (workers=None))]
     fn output_schema<'py>(&self, py: Python<'py>, workers: Option<usize>) -> PyResult<Bound<'py, PyAny>> {
         let built = self.pipeline.build().map_err(|e| raise(py, &e, None))?;
-        let (_, schema) =
-            built.plan_with_schema(&RunOptions { workers, fresh: true }).map_err(|e| raise(py, &e, None))?;
+        let schema = built.check(&RunOptions { workers, fresh: false }).map_err(|e| raise(py, &e, None))?;
         schema.as_ref().clone().to_pyarrow(py)
     }
 

@@ -304,6 +304,14 @@ pub struct RunOptions {
     pub fresh: bool,
 }
 
+/// What a plan is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Planning {
+    Run,
+    /// Only to check the pipeline ([`BuiltPipeline::check`]): the plan is never run.
+    Check,
+}
+
 /// What planning a step gives: a stage boundary or an operator.
 enum Planned {
     Exchange(Vec<String>),
@@ -657,10 +665,25 @@ impl BuiltPipeline {
     /// # Errors
     /// As [`BuiltPipeline::plan`].
     pub fn plan_with_schema(&self, opts: &RunOptions) -> Result<(JobSpec, SchemaRef)> {
+        self.plan_for(opts, Planning::Run)
+    }
+
+    /// Checks the pipeline as planning it for a run does (schemas, columns, expressions,
+    /// settings), without needing its input: a file source with a declared schema does not
+    /// look for its files, so a pipeline can be checked where its data is not (`weir
+    /// validate`, `Pipeline.validate()`). Returns the schema of the rows that reach the sink.
+    ///
+    /// # Errors
+    /// As [`BuiltPipeline::plan`], but for missing input files when the schema is declared.
+    pub fn check(&self, opts: &RunOptions) -> Result<SchemaRef> {
+        Ok(self.plan_for(opts, Planning::Check)?.1)
+    }
+
+    fn plan_for(&self, opts: &RunOptions, planning: Planning) -> Result<(JobSpec, SchemaRef)> {
         if let Some(at) =
             self.cfg.steps.iter().position(|s| matches!(s, StepConfig::KeyBy(k) if k.repartition.is_some()))
         {
-            return self.plan_repartitioned(opts, at);
+            return self.plan_repartitioned(opts, at, planning);
         }
         let c = &self.cfg;
         let workers = opts.workers.or(c.workers).unwrap_or_else(default_workers).max(1);
@@ -687,7 +710,7 @@ impl BuiltPipeline {
                     Some(s) => s.to_arrow(),
                     None => infer_from_file(&f.path, &f.format).map_err(|e| e.in_step(&source_step))?,
                 };
-                let fac = FileSourceFactory::new(FileSourceConfig {
+                let cfg = FileSourceConfig {
                     path: f.path.clone(),
                     format: f.format,
                     schema: schema.clone(),
@@ -702,8 +725,11 @@ impl BuiltPipeline {
                         StepConfig::Function(f) => self.functions.get(&f.id).is_some_and(|c| c.order_sensitive()),
                         _ => false,
                     }),
-                })
-                .map_err(|e| e.in_step(&source_step))?;
+                };
+                let fac = match planning {
+                    Planning::Check if src.schema.is_some() => FileSourceFactory::unresolved(cfg),
+                    _ => FileSourceFactory::new(cfg).map_err(|e| e.in_step(&source_step))?,
+                };
                 (Arc::new(fac), schema)
             }
             SourceConnector::Stdin(s) => {
@@ -915,7 +941,7 @@ impl BuiltPipeline {
     /// steps before it become a job writing the topic (keyed by the first key, so Kafka's
     /// partitioner puts each key in one partition), run alongside the job that reads it and
     /// does the rest.
-    fn plan_repartitioned(&self, opts: &RunOptions, at: usize) -> Result<(JobSpec, SchemaRef)> {
+    fn plan_repartitioned(&self, opts: &RunOptions, at: usize, planning: Planning) -> Result<(JobSpec, SchemaRef)> {
         let c = &self.cfg;
         let StepConfig::KeyBy(k) = &c.steps[at] else { weir_core::bail_internal!("repartition without key_by") };
         let step = StepId::new(&k.id);
@@ -972,7 +998,7 @@ impl BuiltPipeline {
             up,
             Link { done: None, topic: Some(weir_connectors::kafka::KafkaTopicSpec { partitions: r.partitions, like }) },
         );
-        let (up_spec, link_schema) = writing.plan_with_schema(opts)?;
+        let (up_spec, link_schema) = writing.plan_for(opts, planning)?;
         if let Some(e) = &c.source.event_time {
             weir_ops::field_by_path(&link_schema, &e.column).map_err(|_| {
                 CoreError::Config(format!(
@@ -1017,7 +1043,7 @@ impl BuiltPipeline {
         }
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let reading = self.half(down, Link { done: Some(done.clone()), topic: None });
-        let (mut spec, schema) = reading.plan_with_schema(opts)?;
+        let (mut spec, schema) = reading.plan_for(opts, planning)?;
         spec.upstream = Some(weir_core::runtime::Upstream { spec: Box::new(up_spec), done });
         Ok((spec, schema))
     }

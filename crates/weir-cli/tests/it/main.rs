@@ -67,6 +67,23 @@ fn validate_points_at_the_step_with_a_bad_expression() {
 }
 
 #[test]
+fn validate_needs_no_input_when_the_schema_is_declared() {
+    // W1 declares its schema: it checks out with no input file, and a bad column would still
+    // be caught (the test above); `run` on it reports the missing file.
+    let missing = [("INPUT", Path::new("/nonexistent/in.jsonl")), ("OUTPUT", Path::new("/tmp/never.jsonl"))];
+    let o = weir(&["validate", "examples/w1-sensor-window.yaml"], &missing);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("ok ("), "{}", stderr(&o));
+    // Without a declared schema the input is needed to infer one, and validate says so.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("inferred.yaml");
+    std::fs::write(&p, "name: x\nsource:\n  id: in\n  file: {path: /nonexistent/in.jsonl, format: json}\nsink:\n  id: out\n  stdout: {}\n").unwrap();
+    let o = weir(&["validate", p.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("/nonexistent/in.jsonl"), "{}", stderr(&o));
+}
+
+#[test]
 fn a_missing_input_exits_2_with_the_path() {
     let o = weir(
         &["run", "examples/w2-filter-project.yaml"],
