@@ -1,7 +1,8 @@
 //! The HTTP port: `/metrics` (Prometheus text), `/healthz`, `/readyz`, and the alert API.
 //!
 //! ```text
-//! GET  /alerts?state=firing&key=dev-1&severity=critical   alerts, newest first (JSON array)
+//! GET  /alerts?state=firing&key=dev-1&severity=critical   alerts, newest first (JSON array),
+//!      &limit=100&offset=200                               a page of them (X-Total-Count: all)
 //! GET  /alerts/{id}                                       one alert
 //! GET  /alerts/stream?severity=critical&event=fired       Server-Sent Events, one per alert event
 //! POST /alerts/{id}/ack                                   acknowledge   (Authorization: Bearer <token>)
@@ -216,12 +217,17 @@ struct Reply {
     status: &'static str,
     ctype: &'static str,
     body: String,
-    extra: &'static str,
+    /// Further header lines, each ending in CRLF.
+    extra: std::borrow::Cow<'static, str>,
 }
 
 fn reply(status: &'static str, ctype: &'static str, body: String) -> Reply {
-    Reply { status, ctype, body, extra: "" }
+    Reply { status, ctype, body, extra: "".into() }
 }
+
+/// At most this many alerts in one `GET /alerts` reply unless `limit` says otherwise: a
+/// dashboard polling a flood of alerts gets a page, not the whole book.
+pub const DEFAULT_ALERT_PAGE: usize = 1000;
 
 fn json_error(status: &'static str, message: impl std::fmt::Display) -> Reply {
     reply(status, "application/json", format!("{}\n", serde_json::json!({ "error": message.to_string() })))
@@ -278,13 +284,13 @@ fn route(state: &HttpState, req: &Request) -> Reply {
                     }
                 }
                 _ => Reply {
-                    extra: if action.is_some() { "Allow: POST\r\n" } else { "Allow: GET\r\n" },
+                    extra: if action.is_some() { "Allow: POST\r\n".into() } else { "Allow: GET\r\n".into() },
                     ..json_error("405 Method Not Allowed", "use POST for /ack and /resolve, GET otherwise")
                 },
             }
         }
         "/metrics" | "/healthz" | "/readyz" | "/alerts" => {
-            Reply { extra: "Allow: GET\r\n", ..json_error("405 Method Not Allowed", "GET only") }
+            Reply { extra: "Allow: GET\r\n".into(), ..json_error("405 Method Not Allowed", "GET only") }
         }
         _ => json_error(
             "404 Not Found",
@@ -316,11 +322,27 @@ fn list(state: &HttpState, req: &Request) -> Reply {
         },
     };
     let nonempty = |k| req.param(k).filter(|v| !v.is_empty());
+    let number = |k: &'static str, default: usize, min: usize| -> std::result::Result<usize, Reply> {
+        match nonempty(k) {
+            None => Ok(default),
+            Some(v) => v.parse::<usize>().ok().filter(|n| *n >= min).ok_or_else(|| {
+                json_error("400 Bad Request", format!("`{k}` must be a whole number of at least {min}, not `{v}`"))
+            }),
+        }
+    };
+    let (limit, offset) = match (number("limit", DEFAULT_ALERT_PAGE, 1), number("offset", 0, 0)) {
+        (Ok(l), Ok(o)) => (l, o),
+        (Err(e), _) | (_, Err(e)) => return e,
+    };
     let wanted = labels(req);
     let mut alerts = state.alerts.list(st, nonempty("key"), nonempty("severity"));
     alerts.retain(|a| wanted.iter().all(|(k, v)| a.labels.get(k) == Some(v)));
-    let body: Vec<serde_json::Value> = alerts.iter().map(alert_json).collect();
-    reply("200 OK", "application/json", format!("{}\n", serde_json::Value::Array(body)))
+    let total = alerts.len();
+    let body: Vec<serde_json::Value> = alerts.iter().skip(offset).take(limit).map(alert_json).collect();
+    Reply {
+        extra: format!("X-Total-Count: {total}\r\n").into(),
+        ..reply("200 OK", "application/json", format!("{}\n", serde_json::Value::Array(body)))
+    }
 }
 
 fn act(state: &HttpState, req: &Request, id: &str, resolve: bool) -> Reply {
@@ -332,7 +354,7 @@ fn act(state: &HttpState, req: &Request, id: &str, resolve: bool) -> Reply {
     };
     if !req.bearer.as_deref().is_some_and(|b| same_token(b, token)) {
         return Reply {
-            extra: "WWW-Authenticate: Bearer\r\n",
+            extra: "WWW-Authenticate: Bearer\r\n".into(),
             ..json_error("401 Unauthorized", "a valid `Authorization: Bearer <token>` header is required")
         };
     }

@@ -314,6 +314,12 @@ async fn alerts_are_published_to_redis() {
 }
 
 async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let (status, _, body) = http_with_head(addr, method, path, token).await;
+    (status, body)
+}
+
+/// The status, the header lines and the body.
+async fn http_with_head(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\n\r\n").as_bytes())
@@ -322,8 +328,8 @@ async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     let status = out[9..12].parse().unwrap();
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    let (head, body) = out.split_once("\r\n\r\n").map(|(h, b)| (h.to_string(), b.to_string())).unwrap_or_default();
+    (status, head, body)
 }
 
 fn encode(id: &str) -> String {
@@ -402,10 +408,23 @@ async fn the_api_lists_alerts_and_changes_them_only_with_the_token() {
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["state"], "acknowledged");
     let (status, body) = http(addr, "GET", &path, None).await;
     assert_eq!((status, serde_json::from_str::<Value>(&body).unwrap()["state"].clone()), (200, "acknowledged".into()));
-    let (status, body) = http(addr, "GET", "/alerts?state=acknowledged", None).await;
+    let (status, head, body) = http_with_head(addr, "GET", "/alerts?state=acknowledged", None).await;
     assert_eq!(status, 200);
+    assert!(head.contains("X-Total-Count: 1\r\n"), "{head}");
     let acked: Vec<Value> = serde_json::from_str(&body).unwrap();
     assert_eq!(acked.iter().map(|a| a["id"].clone()).collect::<Vec<_>>(), [Value::from(id.clone())]);
+    // Pages: `limit` and `offset` cut the list; the header still counts every match.
+    let (_, head, body) = http_with_head(addr, "GET", "/alerts?state=acknowledged&limit=1&offset=1", None).await;
+    assert_eq!(body.trim(), "[]");
+    assert!(head.contains("X-Total-Count: 1\r\n"), "{head}");
+    let (_, head, page) = http_with_head(addr, "GET", "/alerts?limit=1", None).await;
+    assert_eq!(serde_json::from_str::<Vec<Value>>(&page).unwrap().len(), 1, "{page}");
+    assert!(!head.contains("X-Total-Count: 1\r\n") && head.contains("X-Total-Count: "), "two alerts at least: {head}");
+    for bad in ["limit=0", "limit=many", "offset=-1"] {
+        let (status, body) = http(addr, "GET", &format!("/alerts?{bad}"), None).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.contains(&format!("`{}`", bad.split('=').next().unwrap())), "{bad}: {body}");
+    }
 
     let (status, _) = http(addr, "POST", &format!("{path}/resolve"), Some("s3cret")).await;
     assert_eq!(status, 200);
