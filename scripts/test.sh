@@ -23,3 +23,6 @@ echo "== python"
 # repository root (so `python/weir`, which lacks the native module, is not imported instead).
 scripts/python-dev.sh
 python3 -m pytest -q python/tests
+# The annotations and stubs that ship with the package (py.typed) are checked against the
+# package itself, its examples and its tests.
+python3 -m mypy --ignore-missing-imports python/weir examples/python python/tests

@@ -285,7 +285,7 @@ class Pipeline:
 
     # -- ends -----------------------------------------------------------------------------
 
-    def source(self, id: str, connector: Json, *, schema: Any = None, event_time: Optional[Union[str, Json]] = None,
+    def source(self, id: str, connector: Union[Json, _CodeSource], *, schema: Any = None, event_time: Optional[Union[str, Json]] = None,
                time_format: str = "ms", max_out_of_orderness: Optional[Duration] = None, idle_timeout: Optional[Duration] = None,
                batch_size: Optional[int] = None, max_linger: Optional[Duration] = None,
                max_future_skew: Optional[Duration] = None, max_age: Optional[Duration] = None) -> "Pipeline":
@@ -317,7 +317,7 @@ class Pipeline:
         self._cfg["source"] = src
         return self
 
-    def sink(self, id: str, connector: Json, *, latency_column: Optional[str] = None, retry: Optional[Json] = None) -> "Pipeline":
+    def sink(self, id: str, connector: Union[Json, _CodeSink], *, latency_column: Optional[str] = None, retry: Optional[Json] = None) -> "Pipeline":
         """Sets the sink: :func:`file_sink`, :func:`stdout`, :func:`kafka_sink` or a
         :mod:`weir.testing` sink."""
         if isinstance(connector, _CodeSink):
