@@ -92,6 +92,50 @@ def test_infer_reports_metrics_while_running():
     assert s.sink_rows == s.source_records > 0
 
 
+def test_a_running_pipeline_reports_its_progress():
+    p = weir.Pipeline("live").source("gen", weir.generator(rate=2000.0, seed=4))
+    p.filter("hot", "readings.temp > 0.0").sink("out", wt.collect())
+    run = p.run_in_thread(workers=1)
+    try:
+        seen = None
+        for _ in range(100):
+            time.sleep(0.05)
+            seen = run.progress()
+            if seen and seen["source_records"] > 0 and seen["steps"].get("hot", {}).get("rows_in", 0) > 0:
+                break
+        assert seen and seen["source_records"] > 0, seen
+        assert seen["steps"]["hot"]["rows_in"] > 0 and "dead_lettered" in seen["steps"]["hot"]
+        assert seen["watermark_ms"] is None or seen["watermark_ms"] > 1_500_000_000_000
+    finally:
+        run.stop()
+    s = run.join(timeout=30)
+    assert s.source_records >= seen["source_records"]
+    assert run.progress() is None  # over
+
+
+PROGRESS = textwrap.dedent(
+    """
+    import sys, weir
+    p = weir.Pipeline("progress").source("gen", weir.generator(rate=2000.0, count=1600, seed=1))
+    p.sink("out", weir.file_sink(sys.argv[1]))
+    p.run(workers=1, progress=float(sys.argv[2]) if sys.argv[2] != "off" else False)
+    """
+)
+
+
+def test_run_prints_progress_lines_when_asked(tmp_path):
+    out = tmp_path / "out.jsonl"
+    r = subprocess.run([sys.executable, "-c", PROGRESS, str(out), "0.2"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stderr.splitlines() if "ev/s" in l]
+    assert len(lines) >= 2, r.stderr  # about 0.8 s of work, a line each 0.2 s
+    assert "| in " in lines[-1] and "| out " in lines[-1] and "watermark" in lines[-1]
+    quiet = subprocess.run([sys.executable, "-c", PROGRESS, str(out), "off"], capture_output=True, text=True, timeout=60)
+    assert quiet.returncode == 0 and "ev/s" not in quiet.stderr, quiet.stderr
+    with pytest.raises(weir.errors.ConfigError, match="progress must be"):
+        weir.Pipeline("x").source("gen", weir.generator(count=1)).sink("o", weir.stdout()).run(progress=-1)
+
+
 CTRL_C = textwrap.dedent(
     """
     import sys, weir

@@ -526,12 +526,18 @@ class Pipeline:
         to infer its schema)."""
         return self._native().output_schema(workers)
 
-    def run(self, *, workers: Optional[int] = None, fresh: bool = False, metrics_addr: Optional[str] = None) -> RunSummary:
+    def run(self, *, workers: Optional[int] = None, fresh: bool = False, metrics_addr: Optional[str] = None,
+            progress: Union[bool, float, None] = None) -> RunSummary:
         """Runs to the end of the input (or until Ctrl-C, which stops it cleanly: the current
         batches are finished and, with checkpoints, a final checkpoint is taken; then
         ``KeyboardInterrupt`` is raised). ``metrics_addr`` (``"127.0.0.1:9100"``) serves
-        Prometheus metrics while it runs."""
-        raw = self._native().run(workers, fresh, metrics_addr)
+        Prometheus metrics while it runs.
+
+        ``progress`` prints the command's progress line (events/s, records in, rows out,
+        watermark, lag) on stderr: every second, rewritten in place, when stderr is a
+        terminal (the default, ``None``, does only that); ``True`` also off a terminal, a line
+        every 10 s; a number, every that many seconds; ``False``, never."""
+        raw = self._native().run(workers, fresh, metrics_addr, _progress_every(progress))
         return _summary(raw, self._code_sink)
 
     def run_in_thread(self, **kwargs: Any) -> "RunningPipeline":
@@ -550,7 +556,8 @@ class RunningPipeline:
 
         def body() -> None:
             try:
-                self._result = self._native.run(kwargs.get("workers"), kwargs.get("fresh", False), kwargs.get("metrics_addr"))
+                self._result = self._native.run(kwargs.get("workers"), kwargs.get("fresh", False), kwargs.get("metrics_addr"),
+                                                _progress_every(kwargs.get("progress", False)))
             except BaseException as e:  # noqa: BLE001 - handed to join()
                 self._error = e
 
@@ -563,6 +570,13 @@ class RunningPipeline:
         """Asks the pipeline to stop reading and finish; returns at once."""
         self._native.stop()
 
+    def progress(self) -> Optional[Dict[str, Any]]:
+        """The run's live counters, ``None`` before it starts and after it ends:
+        ``source_records``, ``sink_rows``, ``watermark_ms`` (``None`` until there is one) and
+        ``steps`` (per step, the counters of :attr:`RunSummary.steps`)."""
+        p: Optional[Dict[str, Any]] = self._native.progress()
+        return p
+
     def join(self, timeout: Optional[float] = None) -> RunSummary:
         """Waits for the run to end and returns its summary (or raises its error)."""
         self._thread.join(timeout)
@@ -571,6 +585,21 @@ class RunningPipeline:
         if self._error is not None:
             raise self._error
         return _summary(self._result, self._sink)
+
+
+def _progress_every(progress: Union[bool, float, None]) -> Optional[float]:
+    """Seconds between progress lines, or ``None`` for none (see :meth:`Pipeline.run`)."""
+    import sys
+
+    if progress is None:
+        return 1.0 if sys.stderr is not None and sys.stderr.isatty() else None
+    if progress is True:
+        return 1.0 if sys.stderr is not None and sys.stderr.isatty() else 10.0
+    if progress is False:
+        return None
+    if isinstance(progress, (int, float)) and progress > 0:
+        return float(progress)
+    raise ConfigError(f"progress must be True, False, None or a number of seconds above 0, not {progress!r}")
 
 
 def _summary(raw: Dict[str, Any], sink: Any) -> RunSummary:

@@ -85,7 +85,18 @@ struct NativePipeline {
     pipeline: Pipeline,
     sink: Option<(CollectSink, Py<PyAny>)>,
     failure: steps::Failure,
-    running: Arc<Mutex<Option<ShutdownHandle>>>,
+    running: Arc<Mutex<Option<Running>>>,
+}
+
+/// A run in progress: how to stop it and where its live counters are.
+struct Running {
+    stop: ShutdownHandle,
+    registry: Arc<weir_core::metrics::Registry>,
+}
+
+/// How often `run(progress=...)` prints: `None` never.
+fn progress_every(progress: Option<f64>) -> Option<Duration> {
+    progress.filter(|s| *s > 0.0).map(Duration::from_secs_f64)
 }
 
 #[pymethods]
@@ -143,13 +154,15 @@ impl NativePipeline {
     }
 
     /// Runs to the end; Ctrl-C on the main thread stops the run cleanly, then raises.
-    #[pyo3(signature = (workers=None, fresh=false, metrics_addr=None))]
+    /// `progress`: seconds between progress lines on stderr (the command's line), or `None`.
+    #[pyo3(signature = (workers=None, fresh=false, metrics_addr=None, progress=None))]
     fn run<'py>(
         &self,
         py: Python<'py>,
         workers: Option<usize>,
         fresh: bool,
         metrics_addr: Option<String>,
+        progress: Option<f64>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let built = self.pipeline.build().map_err(|e| raise(py, &e, None))?;
         let (spec, out_schema) =
@@ -157,8 +170,12 @@ impl NativePipeline {
         let workers = spec.workers;
         let job = Job::new(spec).map_err(|e| raise(py, &e, None))?;
         let stop = job.shutdown_handle();
-        *self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(stop.clone());
         let registry = job.registry();
+        *self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(Running { stop: stop.clone(), registry: registry.clone() });
+        let progress = progress_every(progress);
+        let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let live = registry.clone();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers.max(1))
             .enable_all()
@@ -174,9 +191,24 @@ impl NativePipeline {
                     let mut run = std::pin::pin!(job.run());
                     let mut interrupted: Option<PyErr> = None;
                     let mut every = tokio::time::interval(Duration::from_millis(50));
+                    let mut report = tokio::time::interval(progress.unwrap_or(Duration::from_secs(3600)));
+                    report.tick().await;
+                    let mut last = 0;
                     loop {
                         tokio::select! {
-                            r = &mut run => return Ok::<_, CoreError>((r, interrupted)),
+                            r = &mut run => {
+                                if progress.is_some() && terminal {
+                                    eprint!("\r\x1b[2K");
+                                }
+                                return Ok::<_, CoreError>((r, interrupted));
+                            }
+                            _ = report.tick(), if progress.is_some() => {
+                                let every = progress.unwrap_or_default();
+                                let line = weir::report::progress_line(&live, &mut last, every);
+                                // On a terminal the line is rewritten in place; elsewhere (a
+                                // log) each one is kept.
+                                if terminal { eprint!("\r\x1b[2K{line}") } else { eprintln!("{line}") }
+                            }
                             _ = every.tick(), if interrupted.is_none() => {
                                 // Python's handler only sets a flag; ask it whether Ctrl-C came.
                                 if let Err(e) = Python::attach(|py| py.check_signals()) {
@@ -206,9 +238,24 @@ impl NativePipeline {
 
     /// Asks a running pipeline to stop reading and finish.
     fn stop(&self) {
-        if let Some(h) = self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
-            h.stop();
+        if let Some(r) = self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+            r.stop.stop();
         }
+    }
+
+    /// The live counters of a run in progress (`None` when not running): records read, rows
+    /// written, the watermark (ms) and each step's counters.
+    fn progress<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let registry = match self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+            Some(r) => r.registry.clone(),
+            None => return Ok(None),
+        };
+        let d = PyDict::new(py);
+        d.set_item("source_records", registry.source_records.load(std::sync::atomic::Ordering::Relaxed))?;
+        d.set_item("sink_rows", registry.sink_rows.load(std::sync::atomic::Ordering::Relaxed))?;
+        d.set_item("watermark_ms", registry.watermark().filter(|w| *w != weir_core::batch::END_OF_TIME))?;
+        d.set_item("steps", steps_dict(py, registry.steps().iter().map(|(id, s)| (id, s)))?)?;
+        Ok(Some(d))
     }
 }
 
@@ -223,8 +270,20 @@ fn summary_dict<'py>(py: Python<'py>, s: &RunSummary) -> PyResult<Bound<'py, PyD
     d.set_item("elapsed_s", s.elapsed.as_secs_f64())?;
     d.set_item("source_records", s.source_records)?;
     d.set_item("sink_rows", s.sink_rows)?;
-    let steps = PyDict::new(py);
-    for (id, snap) in &s.steps {
+    d.set_item("steps", steps_dict(py, s.steps.iter().map(|(id, s)| (id, s)))?)?;
+    if let Some(l) = s.latency_us {
+        d.set_item("latency_us", l)?;
+    }
+    Ok(d)
+}
+
+/// Per step, its counters, in pipeline order.
+fn steps_dict<'a, 'py>(
+    py: Python<'py>,
+    steps: impl Iterator<Item = (&'a weir_core::StepId, &'a weir_core::metrics::StepSnapshot)>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let out = PyDict::new(py);
+    for (id, snap) in steps {
         let c = PyDict::new(py);
         c.set_item("rows_in", snap.rows_in)?;
         c.set_item("rows_out", snap.rows_out)?;
@@ -236,13 +295,9 @@ fn summary_dict<'py>(py: Python<'py>, s: &RunSummary) -> PyResult<Bound<'py, PyD
         c.set_item("late_side", snap.late_side)?;
         c.set_item("quarantined", snap.quarantined)?;
         c.set_item("shed", snap.shed)?;
-        steps.set_item(id.as_str(), c)?;
+        out.set_item(id.as_str(), c)?;
     }
-    d.set_item("steps", steps)?;
-    if let Some(l) = s.latency_us {
-        d.set_item("latency_us", l)?;
-    }
-    Ok(d)
+    Ok(out)
 }
 
 /// The test source: `weir.testing.MemorySource`'s partitions of (batch, times).
