@@ -254,7 +254,7 @@ impl NativePipeline {
         d.set_item("source_records", registry.source_records.load(std::sync::atomic::Ordering::Relaxed))?;
         d.set_item("sink_rows", registry.sink_rows.load(std::sync::atomic::Ordering::Relaxed))?;
         d.set_item("watermark_ms", registry.watermark().filter(|w| *w != weir_core::batch::END_OF_TIME))?;
-        d.set_item("steps", steps_dict(py, registry.steps().iter().map(|(id, s)| (id, s)))?)?;
+        d.set_item("steps", steps_dict(py, &registry.steps())?)?;
         Ok(Some(d))
     }
 }
@@ -270,7 +270,7 @@ fn summary_dict<'py>(py: Python<'py>, s: &RunSummary) -> PyResult<Bound<'py, PyD
     d.set_item("elapsed_s", s.elapsed.as_secs_f64())?;
     d.set_item("source_records", s.source_records)?;
     d.set_item("sink_rows", s.sink_rows)?;
-    d.set_item("steps", steps_dict(py, s.steps.iter().map(|(id, s)| (id, s)))?)?;
+    d.set_item("steps", steps_dict(py, &s.steps)?)?;
     if let Some(l) = s.latency_us {
         d.set_item("latency_us", l)?;
     }
@@ -278,9 +278,9 @@ fn summary_dict<'py>(py: Python<'py>, s: &RunSummary) -> PyResult<Bound<'py, PyD
 }
 
 /// Per step, its counters, in pipeline order.
-fn steps_dict<'a, 'py>(
+fn steps_dict<'py>(
     py: Python<'py>,
-    steps: impl Iterator<Item = (&'a weir_core::StepId, &'a weir_core::metrics::StepSnapshot)>,
+    steps: &[(weir_core::StepId, weir_core::metrics::StepSnapshot)],
 ) -> PyResult<Bound<'py, PyDict>> {
     let out = PyDict::new(py);
     for (id, snap) in steps {
