@@ -167,6 +167,16 @@ fn checkpoints_in(dir: &Path, interval: Duration) -> Option<CheckpointConfig> {
     })
 }
 
+/// The job of `cfg`, planned for `workers`, not started: for tests that run jobs side by side.
+fn job(cfg: PipelineConfig, workers: usize) -> Job {
+    let spec = Pipeline::from_config(cfg)
+        .build()
+        .unwrap()
+        .plan(&RunOptions { workers: Some(workers), ..Default::default() })
+        .unwrap();
+    Job::new(spec).unwrap()
+}
+
 fn run(cfg: &PipelineConfig, workers: usize) -> RunSummary {
     rt().block_on(
         Pipeline::from_config(cfg.clone())
@@ -547,14 +557,7 @@ fn two_jobs_in_one_group_split_the_partitions_on_a_real_broker() {
         src.group_id = Some(format!("{topic}-group"));
         src.properties.insert("session.timeout.ms".into(), "6000".into());
         src.properties.insert("heartbeat.interval.ms".into(), "500".into());
-        let job = Job::new(
-            Pipeline::from_config(cfg)
-                .build()
-                .unwrap()
-                .plan(&RunOptions { workers: Some(1), ..Default::default() })
-                .unwrap(),
-        )
-        .unwrap();
+        let job = job(cfg, 1);
         let (reg, stop) = (job.registry(), job.shutdown_handle());
         jobs.push((rt.spawn(job.run()), reg, stop, out));
         // The first member settles before the second joins, so a rebalance really happens.
@@ -636,14 +639,7 @@ fn keyed_state_moves_with_its_partitions_on_a_real_broker() {
             keep: 2,
             member: Some(name.into()),
         });
-        let job = Job::new(
-            Pipeline::from_config(cfg)
-                .build()
-                .unwrap()
-                .plan(&RunOptions { workers: Some(2), ..Default::default() })
-                .unwrap(),
-        )
-        .unwrap();
+        let job = job(cfg, 2);
         let (reg, stop) = (job.registry(), job.shutdown_handle());
         (rt.spawn(job.run()), reg, stop, out)
     };
