@@ -248,3 +248,19 @@ def test_alert_routes_and_the_model_rule_from_python(tmp_path):
     assert all(r["score"] > 0.99 for r in out)
     pages = read_jsonl(log)
     assert sorted((r["key"], r["event"], r["alert_id"]) for r in pages) == [("a", "fired", "model/a/1000"), ("b", "fired", "model/b/3000")]
+
+
+def test_a_state_ttl_forgets_keys_without_changing_results():
+    # A new key every second of event time, each seen three times within 2 s.
+    rows = [{"k": f"dev-{i // 3}", "v": 1.0} for i in range(60)]
+    times = [i * 700 for i in range(60)]
+
+    def run(**ttl):
+        p = weir.Pipeline("ttl").source("in", wt.source(rows, times=times)).key_by("k", "k")
+        p.window("w", tumbling="1s", aggregates={"n": "count()", "total": "sum(v)"}, **ttl)
+        assert p.config()["steps"][1]["window"].get("state_ttl") == ttl.get("state_ttl")
+        return sorted(wt.run(p.sink("out", wt.collect())).to_pylist(), key=lambda r: (r["k"], r["window_start"]))
+
+    assert run(state_ttl="5s") == run()
+    with pytest.raises(weir.errors.ConfigError, match="state_ttl"):
+        run(state_ttl="100ms")

@@ -390,10 +390,14 @@ class Pipeline:
 
     def window(self, id: str, *, aggregates: Mapping[str, str], tumbling: Optional[Duration] = None,
                hopping: Optional[Mapping[str, Duration]] = None, session: Optional[Mapping[str, Duration]] = None,
-               time: Optional[str] = None, late: Optional[Union[str, Json]] = None) -> "Pipeline":
+               time: Optional[str] = None, late: Optional[Union[str, Json]] = None,
+               state_ttl: Optional[Duration] = None) -> "Pipeline":
         """Aggregates in windows: ``tumbling="10s"``, ``hopping={"size": "1m", "slide": "10s"}``
-        or ``session={"gap": "30s"}``; ``aggregates={"avg_temp": "mean(readings.temp)"}``."""
+        or ``session={"gap": "30s"}``; ``aggregates={"avg_temp": "mean(readings.temp)"}``.
+        ``state_ttl="1h"`` forgets keys not seen for that long (event time)."""
         w: Json = {"id": id, "aggregates": dict(aggregates)}
+        if state_ttl is not None:
+            w["state_ttl"] = _duration(state_ttl)
         if tumbling is not None:
             w["tumbling"] = _duration(tumbling)
         if hopping is not None:
@@ -407,9 +411,12 @@ class Pipeline:
         return self._step("window", w)
 
     def ewma_zscore(self, id: str, value: str, *, alpha: Optional[float] = None, threshold: Optional[float] = None,
-                    warmup: Optional[int] = None) -> "Pipeline":
-        """Keyed EWMA z-score anomaly detector on a numeric column."""
-        return self._step("ewma_zscore", _clean({"id": id, "value": value, "alpha": alpha, "threshold": threshold, "warmup": warmup}))
+                    warmup: Optional[int] = None, state_ttl: Optional[Duration] = None) -> "Pipeline":
+        """Keyed EWMA z-score anomaly detector on a numeric column; ``state_ttl="1h"`` forgets
+        keys not seen for that long (event time)."""
+        ttl = None if state_ttl is None else _duration(state_ttl)
+        return self._step("ewma_zscore", _clean({"id": id, "value": value, "alpha": alpha, "threshold": threshold,
+                                                  "warmup": warmup, "state_ttl": ttl}))
 
     def detect(self, id: str, rules: Sequence[Json], *, emit: str = "anomalies") -> "Pipeline":
         """Keyed detection rules (after :meth:`key_by`), in the YAML form, e.g.

@@ -13,13 +13,16 @@ mod dlq;
 use weir::prelude::*;
 use weir::yaml::{self, ConfigError};
 use weir_core::runtime::Job;
+use weir_core::task::SpawnedTask;
 use weir_core::Blame;
 
 /// Weir: real-time stream processing on Arrow micro-batches.
 #[derive(Debug, Parser)]
 #[command(name = "weir", version, about)]
 struct Cli {
-    /// Log format on stderr.
+    /// Log format on stderr: `text`, or `json` (one object per line, with the job, stage,
+    /// worker and source of the task that logged it). The level comes from WEIR_LOG, else
+    /// RUST_LOG (e.g. `info`, `weir_core=debug`); warnings by default.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -151,7 +154,9 @@ enum DlqCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // WEIR_LOG first, then RUST_LOG as Rust users expect, else warnings and errors only.
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {
@@ -192,7 +197,9 @@ fn load(path: &PathBuf) -> Result<(BuiltPipeline, String), Failure> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::Config(format!("cannot read pipeline file `{file}`: {e}")))?;
-    let cfg = yaml::parse(&file, &text).map_err(|e| Failure::Config(e.to_string()))?;
+    let mut cfg = yaml::parse(&file, &text).map_err(|e| Failure::Config(e.to_string()))?;
+    let base = path.parent().unwrap_or_else(|| std::path::Path::new(""));
+    yaml::resolve_paths(&mut cfg, &text, base, |k| std::env::var(k).ok());
     let built = Pipeline::from_config(cfg).build().map_err(|e| located(&file, &text, e))?;
     Ok((built, text))
 }
@@ -249,24 +256,26 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                 let job = Job::new(spec)?;
                 let registry = job.registry();
                 let _server = match built.http_addr(metrics_addr.as_deref()) {
-                    Some(a) => Some(weir::http::MetricsServer::start(&a, built.http_state(registry.clone())).await?),
+                    Some(a) => Some(weir::http::MetricsServer::start(&a, built.http_state(&job)).await?),
                     None => None,
                 };
                 let stop = job.shutdown_handle();
+                // The helpers below live as long as the run: dropping them stops them.
                 #[cfg(unix)]
-                {
+                let _usr1 = {
                     // SIGUSR1 asks for a checkpoint now (ignored without checkpoints).
                     let on_demand = job.checkpoint_handle();
-                    if let Ok(mut usr1) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
-                    {
-                        tokio::spawn(async move {
-                            while usr1.recv().await.is_some() {
-                                on_demand.trigger();
-                            }
-                        });
-                    }
-                }
-                tokio::spawn(async move {
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok().map(
+                        |mut usr1| {
+                            SpawnedTask::spawn(async move {
+                                while usr1.recv().await.is_some() {
+                                    on_demand.trigger();
+                                }
+                            })
+                        },
+                    )
+                };
+                let _signals = SpawnedTask::spawn(async move {
                     // First signal: stop reading and flush. Second: leave at once.
                     wait_signal().await;
                     eprintln!("\nStopping: finishing the current batches (signal again to abort).");
@@ -276,7 +285,7 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                 });
                 let progress = (!no_progress && std::io::stderr().is_terminal()).then(|| {
                     let reg = registry.clone();
-                    tokio::spawn(async move {
+                    SpawnedTask::spawn(async move {
                         let every = Duration::from_secs(1);
                         let mut last = 0;
                         let mut tick = tokio::time::interval(every);

@@ -233,7 +233,9 @@ impl AlertRouter {
                 rt.block_on(async move {
                     let tasks: Vec<_> = jobs
                         .into_iter()
-                        .map(|(spec, counters, rx)| tokio::spawn(deliver_route(spec, counters, rx)))
+                        .map(|(spec, counters, rx)| {
+                            weir_core::task::SpawnedTask::spawn(deliver_route(spec, counters, rx))
+                        })
                         .collect();
                     for t in tasks {
                         let _ = t.await;
@@ -313,12 +315,7 @@ impl AlertNotify for AlertRouter {
         }
         // Workers run on the job's runtime: let it move its other tasks off this thread
         // while it waits (the HTTP port, other workers' channels).
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| self.wait_delivered());
-            }
-            _ => self.wait_delivered(),
-        }
+        weir_core::runtime::blocking(|| self.wait_delivered());
     }
 }
 

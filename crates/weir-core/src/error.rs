@@ -74,6 +74,21 @@ pub enum CoreError {
     /// checkpoint with the new assignment's state (see [`crate::handoff`]).
     #[error("partitions moved: {0}")]
     Rebalanced(String),
+    /// A sink wrote a batch but for these rows, which it refuses for reasons of their own (too
+    /// large, a key or partition value that is not valid, a value it cannot encode). The
+    /// runtime sends them to the dead-letter output (kind `sink`) and the job goes on; an
+    /// error about the sink as a whole (bad settings, authentication) is another variant.
+    #[error("{} row(s) refused by the sink, the first: {}", .0.len(), .0.first().map_or("", |r| r.reason.as_str()))]
+    Refused(Vec<RefusedRow>),
+}
+
+/// A row a sink refused: its index in the batch given to `Sink::write`, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedRow {
+    /// Index of the row in the batch being written.
+    pub row: usize,
+    /// The sink's reason, as the dead letter gives it.
+    pub reason: String,
 }
 
 impl CoreError {
@@ -81,7 +96,7 @@ impl CoreError {
     pub fn blame(&self) -> Blame {
         match self {
             Self::Config(_) => Blame::User,
-            Self::Io { .. } | Self::Rebalanced(_) => Blame::External,
+            Self::Io { .. } | Self::Rebalanced(_) | Self::Refused(_) => Blame::External,
             Self::Arrow(_) | Self::Internal(_) | Self::Task(_) => Blame::Internal,
             Self::Step { source, .. } => source.blame(),
             Self::Other { blame, .. } => *blame,
@@ -91,7 +106,7 @@ impl CoreError {
     /// Whether a retry may help.
     pub fn retry(&self) -> Retry {
         match self {
-            Self::Io { .. } => Retry::Backoff,
+            Self::Io { source, .. } => io_retry(source.kind()),
             Self::Step { source, .. } => source.retry(),
             Self::Other { retry, .. } => *retry,
             _ => Retry::Never,
@@ -129,6 +144,33 @@ impl CoreError {
     }
 }
 
+/// Whether an I/O failure of this kind can pass by itself. A missing file, a refused
+/// permission or a read-only file system stay until someone acts: retrying them forever would
+/// hide the fault, so they fail at once (with the path, which [`CoreError::Io`] names). A
+/// refused, reset or timed-out connection, an interruption or a full disk can pass. A kind not
+/// known to be permanent is retried: giving up on a transient fault loses more than waiting on
+/// a permanent one that is reported at every retry.
+pub fn io_retry(kind: std::io::ErrorKind) -> Retry {
+    use std::io::ErrorKind as K;
+    match kind {
+        K::NotFound
+        | K::PermissionDenied
+        | K::ReadOnlyFilesystem
+        | K::IsADirectory
+        | K::NotADirectory
+        | K::InvalidInput
+        | K::InvalidData
+        | K::InvalidFilename
+        | K::Unsupported
+        | K::AlreadyExists
+        | K::FileTooLarge
+        | K::DirectoryNotEmpty
+        | K::CrossesDevices
+        | K::AddrNotAvailable => Retry::Never,
+        _ => Retry::Backoff,
+    }
+}
+
 /// Returns early with [`CoreError::Internal`].
 #[macro_export]
 macro_rules! bail_internal {
@@ -139,4 +181,28 @@ macro_rules! bail_internal {
 #[macro_export]
 macro_rules! ensure_config {
     ($cond:expr, $($arg:tt)*) => { if !$cond { return Err($crate::CoreError::Config(format!($($arg)*))); } };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn io_errors_are_retried_only_when_they_can_pass() {
+        for k in [ErrorKind::PermissionDenied, ErrorKind::NotFound, ErrorKind::ReadOnlyFilesystem] {
+            let e = CoreError::io("writing `/out/x.jsonl`", Error::from(k)).in_step(&StepId::new("out"));
+            assert_eq!(e.retry(), Retry::Never, "{k:?}");
+            assert!(e.to_string().contains("/out/x.jsonl"), "{e}");
+        }
+        for k in [
+            ErrorKind::ConnectionRefused,
+            ErrorKind::ConnectionReset,
+            ErrorKind::TimedOut,
+            ErrorKind::Interrupted,
+            ErrorKind::StorageFull,
+        ] {
+            assert_eq!(CoreError::io("x", Error::from(k)).retry(), Retry::Backoff, "{k:?}");
+        }
+    }
 }

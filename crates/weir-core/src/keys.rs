@@ -123,42 +123,134 @@ pub fn hash_rows(cols: &[ArrayRef], out: &mut Vec<u64>) -> Result<()> {
 /// Maps keys to dense `u32` ids and back, so keyed state can live in vectors and maps of
 /// small integers. Keys are kept in Arrow's row format, which covers every key type and
 /// converts back to columns for output.
+///
+/// With a time-to-live, the interner also remembers when (in event time) each key was last
+/// seen, and [`KeyInterner::expire`] forgets keys older than that: their ids are handed to new
+/// keys, so memory follows the keys alive within the TTL, not every key ever seen. The
+/// operator owning the interner drops its state of the ids `expire` returns.
 #[derive(Debug)]
 pub struct KeyInterner {
     converter: RowConverter,
     ids: HashMap<Box<[u8]>, u32>,
     keys: Vec<OwnedRow>,
     scratch: Vec<u32>,
+    /// Per id, the newest event time it was seen at (`UNKNOWN` after a restore); only kept
+    /// with a TTL.
+    last_seen: Vec<i64>,
+    /// Ids of forgotten keys, for new keys to take.
+    free: Vec<u32>,
+    ttl_ms: Option<i64>,
+    /// The watermark of the last sweep: sweeps cost a pass over every key, so they happen
+    /// once per eighth of the TTL of event time.
+    swept_at: i64,
 }
+
+/// When a key restored from a checkpoint was last seen is not recorded: it counts as seen at
+/// the first expiry check after the restore.
+const UNKNOWN: i64 = i64::MIN;
 
 impl KeyInterner {
     /// An interner for keys of the given column types.
     pub fn new(types: &[DataType]) -> Result<Self> {
         let converter = RowConverter::new(types.iter().map(|t| SortField::new(t.clone())).collect())?;
-        Ok(Self { converter, ids: HashMap::new(), keys: Vec::new(), scratch: Vec::new() })
+        Ok(Self {
+            converter,
+            ids: HashMap::new(),
+            keys: Vec::new(),
+            scratch: Vec::new(),
+            last_seen: Vec::new(),
+            free: Vec::new(),
+            ttl_ms: None,
+            swept_at: i64::MIN,
+        })
+    }
+
+    /// Keys not seen for `ttl` of event time may be forgotten (see [`KeyInterner::expire`]).
+    #[must_use]
+    pub fn with_ttl(mut self, ttl: Option<std::time::Duration>) -> Self {
+        self.ttl_ms = ttl.map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX));
+        self
     }
 
     /// The id of each row's key, assigning new ids to new keys. The returned slice is valid
-    /// until the next call.
-    pub fn intern(&mut self, cols: &[ArrayRef]) -> Result<&[u32]> {
+    /// until the next call. With a TTL, `times` (the rows' event times) mark the keys seen.
+    pub fn intern_at(&mut self, cols: &[ArrayRef], times: Option<&arrow_array::Int64Array>) -> Result<&[u32]> {
         let rows = self.converter.convert_columns(cols)?;
         self.scratch.clear();
         self.scratch.reserve(rows.num_rows());
-        for row in rows.iter() {
+        let tracking = self.ttl_ms.is_some();
+        for (i, row) in rows.iter().enumerate() {
             let bytes = row.as_ref();
             let id = match self.ids.get(bytes) {
                 Some(id) => *id,
                 None => {
-                    let id = u32::try_from(self.keys.len())
-                        .map_err(|_| crate::CoreError::Config("more than 4 billion distinct keys".into()))?;
+                    let id = match self.free.pop() {
+                        Some(id) => {
+                            self.keys[id as usize] = row.owned();
+                            id
+                        }
+                        None => {
+                            let id = u32::try_from(self.keys.len())
+                                .map_err(|_| crate::CoreError::Config("more than 4 billion distinct keys".into()))?;
+                            self.keys.push(row.owned());
+                            id
+                        }
+                    };
                     self.ids.insert(bytes.into(), id);
-                    self.keys.push(row.owned());
+                    if tracking && self.last_seen.len() <= id as usize {
+                        self.last_seen.resize(id as usize + 1, UNKNOWN);
+                    }
+                    if tracking {
+                        self.last_seen[id as usize] = UNKNOWN;
+                    }
                     id
                 }
             };
+            if tracking {
+                if let Some(t) = times.filter(|t| !t.is_null(i)) {
+                    let seen = &mut self.last_seen[id as usize];
+                    *seen = (*seen).max(t.value(i));
+                }
+            }
             self.scratch.push(id);
         }
         Ok(&self.scratch)
+    }
+
+    /// [`KeyInterner::intern_at`] without times (keys restored from a checkpoint, or no TTL).
+    pub fn intern(&mut self, cols: &[ArrayRef]) -> Result<&[u32]> {
+        self.intern_at(cols, None)
+    }
+
+    /// With a TTL, forgets the keys last seen more than the TTL before `watermark` and returns
+    /// their ids (now free for new keys); the caller drops its state of them. `keep` vetoes an
+    /// id (a key with an open window). Keys restored from a checkpoint count as seen now.
+    pub fn expire(&mut self, watermark: i64, mut keep: impl FnMut(u32) -> bool) -> Vec<u32> {
+        let Some(ttl) = self.ttl_ms else { return Vec::new() };
+        if watermark < self.swept_at.saturating_add((ttl / 8).max(1)) {
+            return Vec::new();
+        }
+        self.swept_at = watermark;
+        let cutoff = watermark.saturating_sub(ttl);
+        let mut gone = Vec::new();
+        for (id, seen) in self.last_seen.iter_mut().enumerate() {
+            let id = id as u32;
+            if *seen == UNKNOWN {
+                // Unused slot, or a restored key: restored keys start their TTL now.
+                let held = self.keys.get(id as usize).is_some_and(|k| self.ids.get(k.row().as_ref()) == Some(&id));
+                if held {
+                    *seen = watermark;
+                }
+                continue;
+            }
+            if *seen < cutoff && !keep(id) {
+                self.ids.remove(self.keys[id as usize].row().as_ref());
+                *seen = UNKNOWN;
+                gone.push(id);
+            }
+        }
+        self.free.extend_from_slice(&gone);
+        gone
     }
 
     /// Rebuilds key columns for the given ids, in order.
@@ -167,14 +259,19 @@ impl KeyInterner {
         Ok(self.converter.convert_rows(rows)?)
     }
 
-    /// Number of distinct keys seen.
+    /// Number of keys known now (seen, and not forgotten).
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.ids.len()
     }
 
-    /// Whether no key was seen.
+    /// Whether no key is known.
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.ids.is_empty()
+    }
+
+    /// One past the largest id handed out: the size of vectors indexed by id.
+    pub fn capacity(&self) -> usize {
+        self.keys.len()
     }
 }
 
@@ -213,5 +310,26 @@ mod tests {
         assert_eq!(cols[0].as_string::<i32>().value(0), "y");
         assert_eq!(cols[1].as_primitive::<Int64Type>().value(1), 1);
         assert_eq!(k.len(), 2);
+    }
+
+    //  event time:  k0@0  k1@5  k2@50   watermark 60, TTL 20: k0 and k1 are forgotten.
+    #[test]
+    fn keys_older_than_the_ttl_are_forgotten_and_their_ids_reused() {
+        let mut k = KeyInterner::new(&[DataType::Utf8]).unwrap().with_ttl(Some(std::time::Duration::from_millis(20)));
+        let keys: ArrayRef = Arc::new(StringArray::from(vec!["k0", "k1", "k2"]));
+        let ids = k.intern_at(&[keys], Some(&Int64Array::from(vec![0, 5, 50]))).unwrap().to_vec();
+        assert_eq!(ids, [0, 1, 2]);
+        let mut gone = k.expire(60, |id| id == 1);
+        assert_eq!(gone, [0], "the caller kept k1");
+        assert!(k.expire(61, |_| false).is_empty(), "swept at 60, next sweep after 60 + 20/8");
+        gone = k.expire(63, |_| false);
+        assert_eq!(gone, [1]);
+        assert_eq!(k.len(), 1);
+        // New keys take the freed ids; the survivor keeps its id.
+        let more: ArrayRef = Arc::new(StringArray::from(vec!["k3", "k2", "k4", "k5"]));
+        let ids = k.intern_at(&[more], Some(&Int64Array::from(vec![61, 61, 61, 61]))).unwrap().to_vec();
+        assert_eq!(ids, [1, 2, 0, 3]);
+        assert_eq!(k.columns(&[1, 0]).unwrap()[0].as_string::<i32>().value(1), "k4");
+        assert_eq!((k.len(), k.capacity()), (4, 4));
     }
 }

@@ -31,12 +31,13 @@ pub mod runtime;
 pub mod shed;
 pub mod state;
 pub mod store;
+pub mod task;
 pub mod testing;
 pub mod time;
 
 pub use batch::{Batch, Message, Watermark};
 pub use deadletter::{DeadLetter, DeadLetterSink, ErrorKind, Payload};
-pub use error::{Blame, CoreError, Result, Retry};
+pub use error::{Blame, CoreError, RefusedRow, Result, Retry};
 pub use ids::StepId;
 pub use operator::{
     Committer, OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory,

@@ -5,7 +5,6 @@
 //! pushed/popped pair, so a reader computes fill without the hot path keeping a gauge.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -41,6 +40,12 @@ pub struct StepMetrics {
     pub batches_in: AtomicU64,
     /// Nanoseconds spent inside the step's hooks.
     pub busy_ns: AtomicU64,
+    /// How long each batch took.
+    pub batch_time: BatchTimes,
+    /// Keys the step holds state for, at its last check (steps with `state_ttl`).
+    pub state_keys: AtomicU64,
+    /// Keys the step forgot because they were not seen within `state_ttl`.
+    pub state_evicted: AtomicU64,
 }
 
 impl StepMetrics {
@@ -171,6 +176,85 @@ pub struct Registry {
     pub checkpoints: CheckpointMetrics,
     /// Series that connectors report (Kafka consumer lag per partition, rebalances, ...).
     pub connectors: ConnectorMetrics,
+    /// Where the job is in its life: what `/readyz` answers.
+    pub phase: Phase,
+    /// Inputs of stage tasks not read right now because their checkpoint barrier came before
+    /// the others' (barrier alignment); their senders wait meanwhile.
+    pub inputs_held: AtomicU64,
+}
+
+/// Where a job is in its life, for readiness probes. A job is ready only while it is
+/// [`JobPhase::Running`] and its sink is not failing: before that it recovers from a
+/// checkpoint or waits for its partitions, and after a rebalance it does both again.
+#[derive(Debug, Default)]
+pub struct Phase(std::sync::atomic::AtomicU8);
+
+/// The phases of [`Phase`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JobPhase {
+    /// Built, not started.
+    Starting,
+    /// Settling the sink and loading the newest checkpoint.
+    Recovering,
+    /// Waiting for the consumer group to assign partitions.
+    Assigning,
+    /// Every task runs.
+    Running,
+    /// The partitions moved; the job starts again from its last checkpoint.
+    Rebalancing,
+    /// The input ended, or the job was stopped or failed.
+    Finished,
+}
+
+impl JobPhase {
+    const ALL: [JobPhase; 6] = [
+        JobPhase::Starting,
+        JobPhase::Recovering,
+        JobPhase::Assigning,
+        JobPhase::Running,
+        JobPhase::Rebalancing,
+        JobPhase::Finished,
+    ];
+
+    /// The phase's name, as `/readyz` reports it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobPhase::Starting => "starting",
+            JobPhase::Recovering => "recovering",
+            JobPhase::Assigning => "waiting for partitions",
+            JobPhase::Running => "running",
+            JobPhase::Rebalancing => "rebalancing",
+            JobPhase::Finished => "finished",
+        }
+    }
+}
+
+impl Phase {
+    /// Moves the job to `p`.
+    pub fn set(&self, p: JobPhase) {
+        let i = JobPhase::ALL.iter().position(|x| *x == p).unwrap_or(0);
+        self.0.store(u8::try_from(i).unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// The current phase.
+    pub fn get(&self) -> JobPhase {
+        JobPhase::ALL.get(usize::from(self.0.load(Ordering::Relaxed))).copied().unwrap_or(JobPhase::Starting)
+    }
+}
+
+impl Registry {
+    /// Whether the job can take traffic, and if not, why: it must be running (recovered, its
+    /// partitions assigned) with its sink answering.
+    pub fn readiness(&self) -> Result<(), String> {
+        match self.phase.get() {
+            JobPhase::Running if self.sink_down.load(Ordering::Relaxed) == 1 => {
+                Err("the sink is failing; writes are being retried".into())
+            }
+            JobPhase::Running => Ok(()),
+            p => Err(format!("the job is {}", p.as_str())),
+        }
+    }
 }
 
 /// Metric series reported by connectors, by name and label set. Label sets must stay
@@ -181,14 +265,14 @@ pub struct ConnectorMetrics {
     series: Mutex<BTreeMap<SeriesKey, Series>>,
 }
 
-/// A series' metric name and rendered labels.
-type SeriesKey = (&'static str, String);
+/// A series' metric name and labels.
+type SeriesKey = (&'static str, Vec<(String, String)>);
 /// A series' help text, Prometheus type and value.
 type Series = (&'static str, &'static str, f64);
 
 impl ConnectorMetrics {
-    fn labels(labels: &[(&str, &str)]) -> String {
-        labels.iter().map(|(k, v)| format!(",{k}=\"{}\"", v.replace('"', "'"))).collect()
+    fn labels(labels: &[(&str, &str)]) -> Vec<(String, String)> {
+        labels.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect()
     }
 
     /// Sets a gauge.
@@ -216,15 +300,11 @@ impl ConnectorMetrics {
         m.iter().find(|((n, l), _)| *n == name && *l == key).map(|(_, v)| v.2)
     }
 
-    fn render(&self, job: &str, s: &mut String) {
+    fn collect(&self, fams: &mut Families) {
         let m = self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut last = "";
         for ((name, labels), (help, kind, v)) in m.iter() {
-            if *name != last {
-                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
-                last = name;
-            }
-            let _ = writeln!(s, "{name}{{job=\"{job}\"{labels}}} {v}");
+            let kind = if *kind == "counter" { Kind::Counter } else { Kind::Gauge };
+            fams.push(name, help, kind, vec![(labels.clone(), Value::Number(*v))]);
         }
     }
 }
@@ -312,128 +392,346 @@ impl Registry {
             .collect()
     }
 
-    /// Renders every metric in the Prometheus text exposition format.
+    /// Per step, keys held and keys forgotten, summed over workers, for the steps that
+    /// forget keys (`state_ttl`).
+    pub fn step_state(&self) -> Vec<(StepId, (u64, u64))> {
+        let steps = self.steps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<(StepId, (u64, u64))> = Vec::new();
+        for (id, _, m) in steps.iter() {
+            let v = (m.state_keys.load(Ordering::Relaxed), m.state_evicted.load(Ordering::Relaxed));
+            match out.iter_mut().find(|(s, _)| s == id) {
+                Some((_, t)) => {
+                    t.0 += v.0;
+                    t.1 += v.1;
+                }
+                None => out.push((id.clone(), v)),
+            }
+        }
+        out
+    }
+
+    /// Per-step batch-time histograms summed over workers, in pipeline order.
+    pub fn step_times(&self) -> Vec<(StepId, HistogramSnapshot)> {
+        let steps = self.steps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<(StepId, HistogramSnapshot)> = Vec::new();
+        for (id, _, m) in steps.iter() {
+            let snap = m.batch_time.snapshot();
+            match out.iter_mut().find(|(s, _)| s == id) {
+                Some((_, total)) => total.add(&snap),
+                None => out.push((id.clone(), snap)),
+            }
+        }
+        out
+    }
+
+    /// Renders every metric in the Prometheus text exposition format (version 0.0.4), through
+    /// `prometheus-client`'s encoder: names, label escaping and histogram series are its job.
     pub fn render_prometheus(&self, job: &str) -> String {
-        let mut s = String::with_capacity(4096);
+        let mut fams = Families { job: job.to_string(), list: Vec::new() };
         let steps = self.steps();
         let counters: [Counter; 12] = [
-            ("weir_step_rows_shed_total", "Rows dropped by load shedding.", |x| x.shed),
-            ("weir_step_rows_quarantined_total", "Rows diverted because their key is quarantined.", |x| x.quarantined),
-            ("weir_step_rows_in_total", "Rows received by a step.", |x| x.rows_in),
-            ("weir_step_rows_out_total", "Rows passed on by a step.", |x| x.rows_out),
-            ("weir_step_results_out_total", "Rows emitted from a step's state.", |x| x.results_out),
-            ("weir_step_rows_filtered_total", "Rows removed by a predicate.", |x| x.filtered),
-            ("weir_step_rows_aggregated_total", "Rows folded into state.", |x| x.aggregated),
-            ("weir_step_dead_letters_total", "Rows sent to the dead-letter output.", |x| x.dead_lettered),
-            ("weir_step_late_dropped_total", "Late rows dropped.", |x| x.late_dropped),
-            ("weir_step_late_side_total", "Late rows sent to the side output.", |x| x.late_side),
-            ("weir_step_batches_in_total", "Batches received by a step.", |x| x.batches_in),
-            ("weir_step_busy_seconds_total", "Time spent in a step, seconds (ns resolution).", |x| x.busy_ns),
+            ("weir_step_rows_shed", "Rows dropped by load shedding.", |x| x.shed),
+            ("weir_step_rows_quarantined", "Rows diverted because their key is quarantined.", |x| x.quarantined),
+            ("weir_step_rows_in", "Rows received by a step.", |x| x.rows_in),
+            ("weir_step_rows_out", "Rows passed on by a step.", |x| x.rows_out),
+            ("weir_step_results_out", "Rows emitted from a step's state.", |x| x.results_out),
+            ("weir_step_rows_filtered", "Rows removed by a predicate.", |x| x.filtered),
+            ("weir_step_rows_aggregated", "Rows folded into state.", |x| x.aggregated),
+            ("weir_step_dead_letters", "Rows sent to the dead-letter output.", |x| x.dead_lettered),
+            ("weir_step_late_dropped", "Late rows dropped.", |x| x.late_dropped),
+            ("weir_step_late_side", "Late rows sent to the side output.", |x| x.late_side),
+            ("weir_step_batches_in", "Batches received by a step.", |x| x.batches_in),
+            ("weir_step_busy_seconds", "Time spent in a step, seconds (ns resolution).", |x| x.busy_ns),
         ];
         for (name, help, get) in counters {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (id, snap) in &steps {
-                let v = get(snap);
-                if name.ends_with("busy_seconds_total") {
-                    let _ = writeln!(s, "{name}{{job=\"{job}\",step=\"{id}\"}} {}", v as f64 / 1e9);
-                } else {
-                    let _ = writeln!(s, "{name}{{job=\"{job}\",step=\"{id}\"}} {v}");
-                }
-            }
+            let samples = steps
+                .iter()
+                .map(|(id, snap)| {
+                    let v = get(snap);
+                    let v = if name == "weir_step_busy_seconds" { v as f64 / 1e9 } else { v as f64 };
+                    (vec![("step".to_string(), id.to_string())], Value::Number(v))
+                })
+                .collect();
+            fams.push(name, help, Kind::Counter, samples);
         }
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let _ = writeln!(
-            s,
-            "# HELP weir_source_records_total Records read by sources.\n# TYPE weir_source_records_total counter"
+        let times = self
+            .step_times()
+            .into_iter()
+            .map(|(id, h)| (vec![("step".to_string(), id.to_string())], Value::Histogram(h.seconds())))
+            .collect();
+        fams.push(
+            "weir_step_batch_duration_seconds",
+            "Time a step (or the sink) took for one batch.",
+            Kind::Histogram,
+            times,
         );
-        let _ = writeln!(s, "weir_source_records_total{{job=\"{job}\"}} {}", g(&self.source_records));
-        let _ = writeln!(
-            s,
-            "# HELP weir_source_bytes_total Bytes read by sources.\n# TYPE weir_source_bytes_total counter"
-        );
-        let _ = writeln!(s, "weir_source_bytes_total{{job=\"{job}\"}} {}", g(&self.source_bytes));
-        let _ = writeln!(s, "# HELP weir_sink_rows_total Rows written by sinks.\n# TYPE weir_sink_rows_total counter");
-        let _ = writeln!(s, "weir_sink_rows_total{{job=\"{job}\"}} {}", g(&self.sink_rows));
-        let _ = writeln!(
-            s,
-            "# HELP weir_channel_fill_ratio Messages queued over capacity.\n# TYPE weir_channel_fill_ratio gauge"
-        );
-        for (name, fill) in self.channel_fill() {
-            let _ = writeln!(s, "weir_channel_fill_ratio{{job=\"{job}\",channel=\"{name}\"}} {fill}");
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+        let (mut keys, mut evicted) = (Vec::new(), Vec::new());
+        for (id, m) in self.step_state() {
+            let label = vec![("step".to_string(), id.to_string())];
+            keys.push((label.clone(), Value::Number(m.0 as f64)));
+            evicted.push((label, Value::Number(m.1 as f64)));
         }
-        for (name, help, kind, v) in [
-            (
-                "weir_sink_retries_total",
-                "Sink writes retried after a transient failure.",
-                "counter",
-                &self.sink_retries,
-            ),
-            ("weir_sink_outages_total", "Times a sink started failing.", "counter", &self.sink_outages),
-            ("weir_sink_down", "1 while a sink is failing and being retried.", "gauge", &self.sink_down),
-        ] {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{job=\"{job}\"}} {}", g(v));
-        }
+        fams.push("weir_state_keys", "Keys a step holds state for (steps with state_ttl).", Kind::Gauge, keys);
+        fams.push(
+            "weir_state_evicted_total",
+            "Keys a step forgot because they were not seen within state_ttl.",
+            Kind::Counter,
+            evicted,
+        );
+        fams.one("weir_source_records", "Records read by sources.", Kind::Counter, g(&self.source_records));
+        fams.one("weir_source_bytes", "Bytes read by sources.", Kind::Counter, g(&self.source_bytes));
+        fams.one("weir_sink_rows", "Rows written by sinks.", Kind::Counter, g(&self.sink_rows));
+        let fill = self
+            .channel_fill()
+            .into_iter()
+            .map(|(name, fill)| (vec![("channel".to_string(), name)], Value::Number(fill)))
+            .collect();
+        fams.push("weir_channel_fill_ratio", "Messages queued over capacity.", Kind::Gauge, fill);
+        fams.one(
+            "weir_sink_retries",
+            "Sink writes retried after a transient failure.",
+            Kind::Counter,
+            g(&self.sink_retries),
+        );
+        fams.one("weir_sink_outages", "Times a sink started failing.", Kind::Counter, g(&self.sink_outages));
+        fams.one("weir_sink_down", "1 while a sink is failing and being retried.", Kind::Gauge, g(&self.sink_down));
+        fams.one(
+            "weir_ready",
+            "1 while the job is running with its sink answering (what /readyz says).",
+            Kind::Gauge,
+            if self.readiness().is_ok() { 1.0 } else { 0.0 },
+        );
         let c = &self.checkpoints;
-        if g(&c.enabled) == 1 {
-            let age = if g(&c.last_completed_ms) == 0 {
+        if c.enabled.load(Ordering::Relaxed) == 1 {
+            let age = if c.last_completed_ms.load(Ordering::Relaxed) == 0 {
                 f64::NAN
             } else {
-                (crate::deadletter::now_ms() as f64 - g(&c.last_completed_ms) as f64) / 1000.0
+                (crate::deadletter::now_ms() as f64 - g(&c.last_completed_ms)) / 1000.0
             };
-            for (name, help, kind, v) in [
-                ("weir_checkpoints_completed_total", "Checkpoints completed.", "counter", g(&c.completed) as f64),
-                (
-                    "weir_checkpoints_failed_total",
-                    "Checkpoints abandoned after a failure.",
-                    "counter",
-                    g(&c.failed) as f64,
-                ),
-                ("weir_checkpoint_epoch", "Epoch of the last complete checkpoint.", "gauge", g(&c.last_epoch) as f64),
-                (
-                    "weir_checkpoint_duration_seconds",
-                    "Barrier injection to manifest, last complete checkpoint.",
-                    "gauge",
-                    g(&c.last_duration_us) as f64 / 1e6,
-                ),
-                (
-                    "weir_checkpoint_alignment_seconds",
-                    "Longest barrier alignment wait in the last checkpoint.",
-                    "gauge",
-                    g(&c.last_alignment_us) as f64 / 1e6,
-                ),
-                (
-                    "weir_checkpoint_size_bytes",
-                    "State bytes of the last complete checkpoint.",
-                    "gauge",
-                    g(&c.last_bytes) as f64,
-                ),
-                ("weir_checkpoint_age_seconds", "Time since the last checkpoint completed.", "gauge", age),
-            ] {
-                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{job=\"{job}\"}} {v}");
-            }
+            fams.one("weir_checkpoints_completed", "Checkpoints completed.", Kind::Counter, g(&c.completed));
+            fams.one("weir_checkpoints_failed", "Checkpoints abandoned after a failure.", Kind::Counter, g(&c.failed));
+            fams.one("weir_checkpoint_epoch", "Epoch of the last complete checkpoint.", Kind::Gauge, g(&c.last_epoch));
+            fams.one(
+                "weir_checkpoint_duration_seconds",
+                "Barrier injection to manifest, last complete checkpoint.",
+                Kind::Gauge,
+                g(&c.last_duration_us) / 1e6,
+            );
+            fams.one(
+                "weir_checkpoint_alignment_seconds",
+                "Longest barrier alignment wait in the last checkpoint.",
+                Kind::Gauge,
+                g(&c.last_alignment_us) / 1e6,
+            );
+            fams.one(
+                "weir_checkpoint_inputs_held",
+                "Stage inputs held back right now until every input's checkpoint barrier has come.",
+                Kind::Gauge,
+                g(&self.inputs_held),
+            );
+            fams.one(
+                "weir_checkpoint_size_bytes",
+                "State bytes of the last complete checkpoint.",
+                Kind::Gauge,
+                g(&c.last_bytes),
+            );
+            fams.one("weir_checkpoint_age_seconds", "Time since the last checkpoint completed.", Kind::Gauge, age);
         }
-        let _ = writeln!(s, "# HELP weir_source_linger_seconds Adaptive linger of the last batch cut by a streaming source.\n# TYPE weir_source_linger_seconds gauge");
-        let _ = writeln!(s, "weir_source_linger_seconds{{job=\"{job}\"}} {}", g(&self.linger_us) as f64 / 1e6);
-        if let Some(p99) = self.latency.quantile_us(0.99) {
-            let _ = writeln!(s, "# HELP weir_sink_latency_seconds End-to-end latency at the sink (creation column to write).\n# TYPE weir_sink_latency_seconds summary");
-            for q in [0.5, 0.9, 0.99] {
-                let v = self.latency.quantile_us(q).unwrap_or(p99);
-                let _ = writeln!(s, "weir_sink_latency_seconds{{job=\"{job}\",quantile=\"{q}\"}} {}", v as f64 / 1e6);
-            }
-            let _ = writeln!(s, "weir_sink_latency_seconds_count{{job=\"{job}\"}} {}", self.latency.count());
+        fams.one(
+            "weir_source_linger_seconds",
+            "Adaptive linger of the last batch cut by a streaming source.",
+            Kind::Gauge,
+            g(&self.linger_us) / 1e6,
+        );
+        if self.latency.count() > 0 {
+            fams.push(
+                "weir_sink_latency_seconds",
+                "End-to-end latency at the sink (creation column to write).",
+                Kind::Histogram,
+                vec![(Vec::new(), Value::Histogram(self.latency.histogram()))],
+            );
         }
         if let Some(wm) = self.watermark() {
             let lag = crate::deadletter::now_ms().saturating_sub(wm) as f64 / 1000.0;
-            let _ = writeln!(
-                s,
-                "# HELP weir_watermark_ms Event-time watermark, ms since epoch.\n# TYPE weir_watermark_ms gauge"
-            );
-            let _ = writeln!(s, "weir_watermark_ms{{job=\"{job}\"}} {wm}");
-            let _ = writeln!(s, "# HELP weir_watermark_lag_seconds Wall clock minus watermark.\n# TYPE weir_watermark_lag_seconds gauge");
-            let _ = writeln!(s, "weir_watermark_lag_seconds{{job=\"{job}\"}} {lag}");
+            fams.one("weir_watermark_ms", "Event-time watermark, ms since epoch.", Kind::Gauge, wm as f64);
+            fams.one("weir_watermark_lag_seconds", "Wall clock minus watermark.", Kind::Gauge, lag);
         }
-        self.connectors.render(job, &mut s);
+        self.connectors.collect(&mut fams);
+        fams.encode()
+    }
+}
+
+/// The content type of [`Registry::render_prometheus`]'s text.
+pub const OPENMETRICS_CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// The kind of a metric family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// A sample's value.
+#[derive(Debug, Clone)]
+enum Value {
+    Number(f64),
+    /// Sum, count and per-bucket (not cumulative) counts by upper bound.
+    Histogram((f64, u64, Vec<(f64, u64)>)),
+}
+
+/// Label pairs of one series.
+type Labels = Vec<(String, String)>;
+
+/// One metric family: the name as Prometheus shows it, less `_total` for counters.
+#[derive(Debug)]
+struct Family {
+    name: String,
+    help: &'static str,
+    kind: Kind,
+    samples: Vec<(Labels, Value)>,
+}
+
+/// One scrape's families, read from the atomics, then handed to the encoder.
+#[derive(Debug)]
+struct Families {
+    job: String,
+    list: Vec<Family>,
+}
+
+impl Families {
+    fn push(&mut self, name: &str, help: &'static str, kind: Kind, samples: Vec<(Labels, Value)>) {
+        let name = match kind {
+            Kind::Counter => name.strip_suffix("_total").unwrap_or(name),
+            _ => name,
+        };
+        match self.list.iter_mut().find(|f| f.name == name) {
+            Some(f) => f.samples.extend(samples),
+            None => self.list.push(Family { name: name.to_string(), help, kind, samples }),
+        }
+    }
+
+    fn one(&mut self, name: &str, help: &'static str, kind: Kind, v: f64) {
+        self.push(name, help, kind, vec![(Vec::new(), Value::Number(v))]);
+    }
+
+    fn encode(self) -> String {
+        let mut reg = prometheus_client::registry::Registry::default();
+        reg.register_collector(Box::new(self));
+        let mut s = String::with_capacity(8192);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut s, &reg);
         s
+    }
+}
+
+impl prometheus_client::collector::Collector for Families {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder<'_>) -> std::fmt::Result {
+        use prometheus_client::metrics::MetricType;
+        for f in &self.list {
+            let t = match f.kind {
+                Kind::Counter => MetricType::Counter,
+                Kind::Gauge => MetricType::Gauge,
+                Kind::Histogram => MetricType::Histogram,
+            };
+            let mut m = enc.encode_descriptor(&f.name, f.help, None, t)?;
+            for (labels, v) in &f.samples {
+                let mut all: Vec<(&str, &str)> = vec![("job", self.job.as_str())];
+                all.extend(labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                let mut e = m.encode_family(&all)?;
+                // Whole numbers print as such (`15`, not `15.0`): most of ours are counts.
+                let whole = |x: f64| (x.fract() == 0.0 && x.abs() < 9.0e15).then_some(x as i64);
+                match (f.kind, v) {
+                    (Kind::Counter, Value::Number(x)) => match whole(*x).and_then(|n| u64::try_from(n).ok()) {
+                        Some(n) => e.encode_counter::<prometheus_client::encoding::NoLabelSet, u64, f64>(&n, None)?,
+                        None => e.encode_counter::<prometheus_client::encoding::NoLabelSet, f64, f64>(x, None)?,
+                    },
+                    (_, Value::Number(x)) => match whole(*x) {
+                        Some(n) => e.encode_gauge(&n)?,
+                        None => e.encode_gauge(x)?,
+                    },
+                    (_, Value::Histogram((sum, count, buckets))) => {
+                        e.encode_histogram::<prometheus_client::encoding::NoLabelSet>(*sum, *count, buckets, None)?
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Upper bounds of [`BatchTimes`] buckets, ns: 10 µs to 10 s.
+const BATCH_BOUNDS_NS: [u64; 16] = [
+    10_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    10_000_000_000,
+];
+
+/// How long one batch took in a step: fixed buckets, one atomic add per batch.
+#[derive(Debug, Default)]
+pub struct BatchTimes {
+    buckets: [AtomicU64; BATCH_BOUNDS_NS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+/// A copy of [`BatchTimes`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    /// Counts per bucket of [`BATCH_BOUNDS_NS`], the last one past the largest bound.
+    pub buckets: [u64; BATCH_BOUNDS_NS.len() + 1],
+    /// Sum of the recorded durations, ns.
+    pub sum_ns: u64,
+}
+
+impl BatchTimes {
+    /// Records one batch.
+    pub fn record(&self, ns: u64) {
+        let i = BATCH_BOUNDS_NS.partition_point(|b| *b < ns);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// A plain copy.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            buckets: std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+            sum_ns: self.sum_ns.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl HistogramSnapshot {
+    fn add(&mut self, o: &HistogramSnapshot) {
+        for (a, b) in self.buckets.iter_mut().zip(o.buckets) {
+            *a += b;
+        }
+        self.sum_ns += o.sum_ns;
+    }
+
+    /// Batches recorded.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    fn seconds(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut b: Vec<(f64, u64)> =
+            BATCH_BOUNDS_NS.iter().zip(self.buckets).map(|(ub, n)| (*ub as f64 / 1e9, n)).collect();
+        b.push((f64::INFINITY, self.buckets[BATCH_BOUNDS_NS.len()]));
+        (self.sum_ns as f64 / 1e9, self.count(), b)
     }
 }
 
@@ -443,28 +741,58 @@ impl Registry {
 pub struct LatencyHistogram {
     buckets: Vec<AtomicU64>,
     max_us: AtomicU64,
+    sum_us: AtomicU64,
 }
+
+/// Upper bounds, seconds, of the buckets `/metrics` shows for [`LatencyHistogram`].
+const LATENCY_BOUNDS_S: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
 const LAT_BUCKET_US: u64 = 10;
 const LAT_BUCKETS: usize = 100_000;
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
-        Self { buckets: (0..=LAT_BUCKETS).map(|_| AtomicU64::new(0)).collect(), max_us: AtomicU64::new(0) }
+        Self {
+            buckets: (0..=LAT_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            max_us: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
     }
 }
 
 impl LatencyHistogram {
     /// Records latencies in microseconds (negative values, from clock skew, count as 0).
     pub fn record(&self, latencies_us: impl Iterator<Item = i64>) {
-        let mut max = 0u64;
+        let (mut max, mut sum) = (0u64, 0u64);
         for l in latencies_us {
             let l = u64::try_from(l).unwrap_or(0);
             max = max.max(l);
+            sum = sum.saturating_add(l);
             let b = usize::try_from(l / LAT_BUCKET_US).unwrap_or(LAT_BUCKETS).min(LAT_BUCKETS);
             self.buckets[b].fetch_add(1, Ordering::Relaxed);
         }
         self.max_us.fetch_max(max, Ordering::Relaxed);
+        self.sum_us.fetch_add(sum, Ordering::Relaxed);
+    }
+
+    /// Sum, count and per-bucket counts over [`LATENCY_BOUNDS_S`] (the 10 µs buckets folded
+    /// into coarser ones), for `/metrics`.
+    fn histogram(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut out: Vec<(f64, u64)> = LATENCY_BOUNDS_S.iter().map(|b| (*b, 0)).collect();
+        out.push((f64::INFINITY, 0));
+        let mut count = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            let n = b.load(Ordering::Relaxed);
+            if n == 0 {
+                continue;
+            }
+            count += n;
+            // The fine bucket's upper edge decides where it falls; the overflow bucket is +Inf.
+            let upper_s = if i == LAT_BUCKETS { f64::INFINITY } else { ((i as u64 + 1) * LAT_BUCKET_US) as f64 / 1e6 };
+            let slot = LATENCY_BOUNDS_S.partition_point(|b| *b < upper_s);
+            out[slot].1 += n;
+        }
+        (self.sum_us.load(Ordering::Relaxed) as f64 / 1e6, count, out)
     }
 
     /// Number of rows recorded.

@@ -43,11 +43,31 @@ struct KeyState {
     until: Option<Instant>,
 }
 
+/// The keys the quarantine knows, and when it last swept them.
+#[derive(Debug, Default)]
+struct Book {
+    keys: HashMap<String, KeyState>,
+    swept: Option<Instant>,
+}
+
+/// How often the book is swept: released keys leave the quarantine at most this late, and
+/// keys with no failure left inside the window are forgotten at most this late.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// A quarantined key, as the HTTP API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantinedKey {
+    /// The key (several key columns joined by U+001F).
+    pub key: String,
+    /// When the cool-down ends, ms since the epoch.
+    pub until_ms: i64,
+}
+
 /// The quarantine of one job, shared by all workers.
 #[derive(Debug)]
 pub struct Quarantine {
     spec: QuarantineSpec,
-    keys: Mutex<HashMap<String, KeyState>>,
+    book: Mutex<Book>,
     active: AtomicUsize,
     output: Arc<dyn DeadLetterSink>,
     /// Keys quarantined so far.
@@ -61,7 +81,7 @@ impl Quarantine {
     pub fn new(spec: QuarantineSpec, output: Arc<dyn DeadLetterSink>) -> Self {
         Self {
             spec,
-            keys: Mutex::new(HashMap::new()),
+            book: Mutex::new(Book::default()),
             active: AtomicUsize::new(0),
             output,
             quarantined_keys: AtomicU64::new(0),
@@ -69,14 +89,76 @@ impl Quarantine {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, KeyState>> {
-        self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Releases keys whose cool-down has ended and forgets keys with nothing left to remember,
+    /// at most once per [`SWEEP_EVERY`]: without it a stream of ever-new failing keys would
+    /// grow the book without end, and a released key that never shows up again would keep
+    /// every batch paying for the key lookup.
+    fn sweep(&self, book: &mut Book, now: Instant) {
+        if book.swept.is_some_and(|t| now.saturating_duration_since(t) < SWEEP_EVERY) {
+            return;
+        }
+        book.swept = Some(now);
+        let window = self.spec.window;
+        book.keys.retain(|key, st| {
+            if st.until.is_some_and(|u| u <= now) {
+                st.until = None;
+                self.active.fetch_sub(1, Ordering::Relaxed);
+                self.released_keys.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(key, "Key released from quarantine.");
+            }
+            while st.failures.front().is_some_and(|t| now.saturating_duration_since(*t) > window) {
+                st.failures.pop_front();
+            }
+            st.until.is_some() || !st.failures.is_empty()
+        });
+    }
+
+    /// Keys the quarantine remembers (quarantined, or with failures inside the window).
+    pub fn tracked_keys(&self) -> usize {
+        self.lock().keys.len()
+    }
+
+    /// The keys quarantined at `now`, with the end of their cool-down, by key.
+    pub fn list(&self, now: Instant, now_ms: i64) -> Vec<QuarantinedKey> {
+        let mut book = self.lock();
+        self.sweep(&mut book, now);
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let mut out: Vec<QuarantinedKey> = book
+            .keys
+            .iter()
+            .filter_map(|(k, st)| {
+                let u = st.until.filter(|u| *u > now)?;
+                Some(QuarantinedKey { key: k.clone(), until_ms: now_ms.saturating_add(ms(u.duration_since(now))) })
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
+
+    /// Ends `key`'s cool-down now (an operator fixed the device); its earlier failures are
+    /// forgotten. Returns false when the key was not quarantined.
+    pub fn release(&self, key: &str, now: Instant) -> bool {
+        let mut book = self.lock();
+        let Some(st) = book.keys.get_mut(key) else { return false };
+        if st.until.is_none_or(|u| u <= now) {
+            return false;
+        }
+        book.keys.remove(key);
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.released_keys.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(key, "Key released from quarantine early, through the API.");
+        true
     }
 
     /// Notes a failure of `key` at `now`; returns true when this failure quarantines it.
     pub fn note_failure(&self, key: &str, now: Instant) -> bool {
-        let mut keys = self.lock();
-        let st = keys.entry(key.to_string()).or_default();
+        let mut book = self.lock();
+        self.sweep(&mut book, now);
+        let st = book.keys.entry(key.to_string()).or_default();
         if st.until.is_some_and(|u| u > now) {
             return false;
         }
@@ -105,8 +187,8 @@ impl Quarantine {
         if self.active.load(Ordering::Relaxed) == 0 {
             return false;
         }
-        let mut keys = self.lock();
-        self.check(&mut keys, key, now)
+        let mut book = self.lock();
+        self.check(&mut book.keys, key, now)
     }
 
     fn check(&self, keys: &mut HashMap<String, KeyState>, key: &str, now: Instant) -> bool {
@@ -124,7 +206,8 @@ impl Quarantine {
         }
     }
 
-    /// Number of keys quarantined right now (released lazily, on their next row).
+    /// Number of keys quarantined right now (a key whose cool-down ended is released on its
+    /// next row, or by the next sweep, at most [`SWEEP_EVERY`] later).
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
@@ -138,11 +221,18 @@ impl Quarantine {
         if self.active() == 0 {
             return Ok((batch, 0));
         }
-        let keys = key_texts(&batch.rows, &self.spec.keys)?;
         let now = Instant::now();
+        {
+            let mut book = self.lock();
+            self.sweep(&mut book, now);
+        }
+        if self.active() == 0 {
+            return Ok((batch, 0));
+        }
+        let keys = key_texts(&batch.rows, &self.spec.keys)?;
         let mask: Vec<bool> = {
-            let mut map = self.lock();
-            keys.iter().map(|k| !k.as_deref().is_some_and(|k| self.check(&mut map, k, now))).collect()
+            let mut book = self.lock();
+            keys.iter().map(|k| !k.as_deref().is_some_and(|k| self.check(&mut book.keys, k, now))).collect()
         };
         let diverted = mask.iter().filter(|k| !**k).count();
         if diverted == 0 {
@@ -179,7 +269,7 @@ impl Quarantine {
     pub fn snapshot(&self, now: Instant, now_ms: i64) -> Result<Option<RecordBatch>> {
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         let (mut keys, mut kinds, mut at) = (Vec::new(), Vec::new(), Vec::new());
-        for (k, st) in self.lock().iter() {
+        for (k, st) in &self.lock().keys {
             for f in &st.failures {
                 if now.duration_since(*f) <= self.spec.window {
                     keys.push(k.clone());
@@ -217,7 +307,8 @@ impl Quarantine {
     pub fn restore(&self, tables: &[RecordBatch], now: Instant, now_ms: i64) -> Result<()> {
         use arrow_array::cast::AsArray as _;
         let bad = || crate::CoreError::Config("the checkpoint's quarantine table has an unexpected shape".into());
-        let mut map = self.lock();
+        let mut book = self.lock();
+        let map = &mut book.keys;
         for t in tables {
             let col = |name: &str| t.column_by_name(name).ok_or_else(bad);
             let (keys, kinds) = (col("key")?.as_string_opt::<i32>().ok_or_else(bad)?, col("kind")?);
@@ -356,6 +447,65 @@ mod tests {
         assert_eq!(q.active(), 1);
         assert!(!q.is_quarantined("a", at(83)));
         assert_eq!((q.active(), q.released_keys.load(Ordering::Relaxed)), (0, 1));
+    }
+
+    fn spec(max_failures: u32) -> QuarantineSpec {
+        QuarantineSpec {
+            keys: vec!["k".into()],
+            max_failures,
+            window: Duration::from_secs(10),
+            cool_down: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn keys_without_failures_in_the_window_are_forgotten() {
+        let q = Quarantine::new(spec(5), Arc::new(MemoryDeadLetters::default()));
+        let t0 = Instant::now();
+        // Ever-new keys failing once each: the book holds only those of the last window.
+        for s in 0..100u64 {
+            for k in 0..100u64 {
+                q.note_failure(&format!("dev-{s}-{k}"), t0 + Duration::from_secs(s));
+            }
+        }
+        assert!(q.tracked_keys() <= 1200, "{} keys remembered", q.tracked_keys());
+        q.note_failure("late", t0 + Duration::from_secs(200));
+        assert_eq!(q.tracked_keys(), 1);
+    }
+
+    #[test]
+    fn a_released_key_stops_costing_work_without_another_row() {
+        let q = Quarantine::new(spec(0), Arc::new(MemoryDeadLetters::default()));
+        let t0 = Instant::now();
+        assert!(q.note_failure("a", t0));
+        assert_eq!(q.active(), 1);
+        assert_eq!(q.list(t0, 1_000).len(), 1);
+        // Key `a` never shows up again; the next sweep after its cool-down releases it.
+        assert!(q.list(t0 + Duration::from_secs(61), 61_000).is_empty());
+        assert_eq!(q.active(), 0, "divert skips every batch again");
+        assert_eq!(q.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn keys_are_listed_and_released_early() {
+        let q = Quarantine::new(spec(0), Arc::new(MemoryDeadLetters::default()));
+        let t0 = Instant::now();
+        q.note_failure("b", t0);
+        q.note_failure("a", t0);
+        let listed = q.list(t0 + Duration::from_secs(1), 1_000_000);
+        assert_eq!(
+            listed,
+            vec![
+                QuarantinedKey { key: "a".into(), until_ms: 1_059_000 },
+                QuarantinedKey { key: "b".into(), until_ms: 1_059_000 }
+            ]
+        );
+        assert!(q.release("a", t0 + Duration::from_secs(2)));
+        assert!(!q.release("a", t0 + Duration::from_secs(2)), "not quarantined any more");
+        assert!(!q.release("zzz", t0));
+        assert!(!q.is_quarantined("a", t0 + Duration::from_secs(3)));
+        assert!(q.is_quarantined("b", t0 + Duration::from_secs(3)));
+        assert_eq!(q.active(), 1);
     }
 
     #[test]

@@ -19,7 +19,7 @@
 //! end; the end travels as `Watermark::At(END_OF_TIME)` then `End`, so windows flush and sinks
 //! close before [`Job::run`] returns.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,15 +36,17 @@ use crate::error::{CoreError, Result};
 use crate::exchange::Partitioner;
 use crate::handoff::{self, Candidate, GroupMember};
 use crate::ids::StepId;
-use crate::metrics::{ChannelMetrics, Registry, StepMetrics, StepSnapshot, WorkerClock};
+use crate::metrics::{ChannelMetrics, JobPhase, Registry, StepMetrics, StepSnapshot, WorkerClock};
 use crate::operator::{
     OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory, SourcePoll,
 };
 use crate::store::Restored;
 use crate::time::{PartitionWatermark, WatermarkCombiner};
 
-/// The receiving end of a stage's channel: messages tagged with the sending worker.
+/// The receiving end of one input of a stage task: messages tagged with the sending worker.
 type Inbox = mpsc::Receiver<(usize, Message)>;
+/// The sending end of an [`Inbox`].
+type Outbox = mpsc::Sender<(usize, Message)>;
 
 /// Watermark settings of the job's sources.
 #[derive(Debug, Clone, Copy)]
@@ -171,6 +173,17 @@ impl RetryPolicy {
     }
 }
 
+/// Runs `f`, which may wait (a retry's back-off, a queue draining), from synchronous code on a
+/// runtime worker (an operator's hook): on a multi-threaded runtime the worker first hands its
+/// other tasks to another thread, so they do not stall while this one waits. Elsewhere `f`
+/// just runs.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Stops a running job gracefully: sources end, windows flush, sinks close.
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
@@ -269,6 +282,11 @@ impl Job {
         self.registry.clone()
     }
 
+    /// The job's quarantine, when it has one (listed and released through the HTTP API).
+    pub fn quarantine(&self) -> Option<Arc<crate::quarantine::Quarantine>> {
+        self.spec.quarantine.clone()
+    }
+
     /// A handle that stops the job gracefully.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle(self.shutdown_tx.clone())
@@ -332,7 +350,7 @@ impl Job {
         up.spec.sink.prepare().await.map_err(|e| e.in_step(&up.spec.sink_step))?;
         let feeder = Job::alongside(*up.spec, &self);
         let done = up.done.clone();
-        let mut feeding = tokio::spawn(async move {
+        let mut feeding = crate::task::SpawnedTask::spawn(async move {
             // One level: the feeding side is the part before the (single) repartition.
             let r = feeder.run_alone().await;
             if r.is_ok() {
@@ -368,10 +386,19 @@ impl Job {
         }
     }
 
+    /// Moves the job to phase `p` for readiness probes; the feeding half of a repartitioned
+    /// pipeline (which shares the registry) leaves that to the half that writes the output.
+    fn phase(&self, p: JobPhase) {
+        if self.spec.counts_output {
+            self.registry.phase.set(p);
+        }
+    }
+
     async fn run_alone(&self) -> Result<RunSummary> {
         loop {
             match self.attempt().await {
                 Err(e) if e.is_rebalance() && !*self.shutdown_rx.borrow() => {
+                    self.phase(JobPhase::Rebalancing);
                     tracing::info!(job = %self.spec.name, reason = %e, "Starting again from the last checkpoint with the new assignment.");
                     self.registry.connectors.add(
                         "weir_job_restarts_total",
@@ -380,7 +407,10 @@ impl Job {
                         1.0,
                     );
                 }
-                r => return r,
+                r => {
+                    self.phase(JobPhase::Finished);
+                    return r;
+                }
             }
         }
     }
@@ -474,6 +504,7 @@ impl Job {
         let mut coord: Option<Coordinating> = None;
         let mut _lock = None;
         if let Some(ck) = &spec.checkpoint {
+            self.phase(JobPhase::Recovering);
             _lock = ck.store.lock()?;
             crate::ensure_config!(
                 spec.source.resumable(),
@@ -487,6 +518,7 @@ impl Job {
             restored = r;
             let mut parked = None;
             if let (Some(group), Some(_)) = (spec.source.group(), ck.store.member_name()) {
+                self.phase(JobPhase::Assigning);
                 let (r, p) = self.take_over(ck, group.as_ref(), restored).await?;
                 restored = r;
                 parked = Some(p);
@@ -521,19 +553,25 @@ impl Job {
         }
         let restoring = restored.epoch.is_some();
 
-        // Channels into every stage but the first: rx[stage][worker].
-        let mut senders: Vec<Vec<mpsc::Sender<(usize, Message)>>> = vec![Vec::new()];
-        let mut receivers: Vec<Vec<Option<Inbox>>> = vec![Vec::new()];
+        // Channels into every stage but the first, one per pair of upstream and downstream
+        // worker, so a task lining up barriers can stop reading just the inputs whose barrier
+        // came (their senders then wait: memory stays bounded by the channels' capacity).
+        // senders[stage][upstream][downstream], receivers[stage][downstream][upstream].
+        let mut senders: Vec<Vec<Vec<Outbox>>> = vec![Vec::new()];
+        let mut receivers: Vec<Vec<Option<Vec<Inbox>>>> = vec![Vec::new()];
         let mut chan_metrics: Vec<Vec<Arc<ChannelMetrics>>> = vec![Vec::new()];
         for (si, _) in stages.iter().enumerate().skip(1) {
-            let (mut s, mut r, mut m) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut s, mut r, mut m) = (vec![Vec::new(); w_count], Vec::new(), Vec::new());
+            let cap = spec.channel_capacity.max(1);
             for w in 0..w_count {
-                // Every upstream task shares the channel: give it room for each of them.
-                let cap = spec.channel_capacity.max(1) * w_count;
-                let (tx, rx) = mpsc::channel(cap);
-                s.push(tx);
-                r.push(Some(rx));
-                m.push(self.registry.channel(format!("stage{si}-w{w}"), cap));
+                let mut inputs = Vec::with_capacity(w_count);
+                for from in s.iter_mut() {
+                    let (tx, rx) = mpsc::channel(cap);
+                    from.push(tx);
+                    inputs.push(rx);
+                }
+                r.push(Some(inputs));
+                m.push(self.registry.channel(format!("stage{si}-w{w}"), cap * w_count));
             }
             senders.push(s);
             receivers.push(r);
@@ -549,7 +587,7 @@ impl Job {
                     let next = &stages[si + 1];
                     Downstream::Exchange {
                         part: Partitioner::new(next.key.clone().unwrap_or_default(), w_count),
-                        senders: senders[si + 1].clone(),
+                        senders: senders[si + 1][w].clone(),
                         metrics: chan_metrics[si + 1].clone(),
                         me: w,
                     }
@@ -599,7 +637,7 @@ impl Job {
                         receivers[si][w].take().ok_or_else(|| CoreError::Internal("receiver taken twice".into()))?;
                     let driver = StageDriver {
                         rx,
-                        inputs: w_count,
+                        blocked: self.registry.clone(),
                         chain,
                         downstream,
                         metrics: chan_metrics[si][w].clone(),
@@ -615,6 +653,7 @@ impl Job {
         if let Some(c) = coord.as_mut() {
             c.tasks_started();
         }
+        self.phase(JobPhase::Running);
 
         tracing::info!(job = %spec.name, workers = w_count, stages = stages.len(), "Job started.");
         let mut tasks_done = false;
@@ -777,6 +816,7 @@ impl Chain {
         };
         let mut emitted = Vec::new();
         let t0 = Instant::now();
+        let is_batch = matches!(hook, Hook::Batch(_));
         {
             let mut cx = OpContext {
                 step: &link.id,
@@ -806,7 +846,11 @@ impl Chain {
             };
             res.map_err(|e| e.in_step(&link.id))?;
         }
-        StepMetrics::add(&link.metrics.busy_ns, t0.elapsed().as_nanos() as u64);
+        let ns = t0.elapsed().as_nanos() as u64;
+        StepMetrics::add(&link.metrics.busy_ns, ns);
+        if is_batch {
+            link.metrics.batch_time.record(ns);
+        }
         pending.append(&mut emitted);
         for b in pending {
             self.run(start + 1, Hook::Batch(b), out)?;
@@ -882,15 +926,25 @@ impl Downstream {
                     StepMetrics::add(&metrics.rows_in, n);
                     StepMetrics::add(&metrics.batches_in, 1);
                     let t0 = Instant::now();
-                    let gave_up = write_with_retry(sink.as_mut(), &b, retry, step, registry).await?;
-                    StepMetrics::add(&metrics.busy_ns, t0.elapsed().as_nanos() as u64);
-                    if let Some(first_failure_ms) = gave_up {
-                        dead_letter_batch(dead.as_ref(), &b, step, metrics, retry, first_failure_ms)?;
-                        continue;
-                    }
-                    StepMetrics::add(&metrics.rows_out, n);
+                    let outcome = write_with_retry(sink.as_mut(), &b, retry, step, registry).await?;
+                    let ns = t0.elapsed().as_nanos() as u64;
+                    StepMetrics::add(&metrics.busy_ns, ns);
+                    metrics.batch_time.record(ns);
+                    let written = match outcome {
+                        Written::All => n,
+                        Written::GaveUp { first_failure_ms } => {
+                            dead_letter_batch(dead.as_ref(), &b, step, metrics, retry, first_failure_ms)?;
+                            continue;
+                        }
+                        Written::AllBut(refused) => {
+                            let k = refused.len() as u64;
+                            dead_letter_refused(dead.as_ref(), &b, step, metrics, refused)?;
+                            n - k
+                        }
+                    };
+                    StepMetrics::add(&metrics.rows_out, written);
                     if *counts {
-                        StepMetrics::add(&registry.sink_rows, n);
+                        StepMetrics::add(&registry.sink_rows, written);
                     }
                     if let Some(col) = latency {
                         record_latency(&registry.latency, &b, col)?;
@@ -956,28 +1010,45 @@ impl Downstream {
     }
 }
 
-/// Writes a batch, retrying transient failures. Returns the time of the first failure when the
-/// retries ran out (the caller dead-letters the batch), `None` once written; permanent errors
-/// fail.
+/// What became of a batch handed to a sink.
+enum Written {
+    /// Every row.
+    All,
+    /// Every row but these, which the sink refused (each for a reason of its own).
+    AllBut(Vec<crate::error::RefusedRow>),
+    /// None: the retries ran out; the first failure was at this time.
+    GaveUp { first_failure_ms: i64 },
+}
+
+/// Writes a batch, retrying transient failures. Rows the sink refuses come back to be
+/// dead-lettered, and so does the whole batch when the retries run out; permanent errors fail.
 async fn write_with_retry(
     sink: &mut dyn Sink,
     b: &Batch,
     retry: &RetryPolicy,
     step: &StepId,
     reg: &Registry,
-) -> Result<Option<i64>> {
+) -> Result<Written> {
     let mut attempt = 1u32;
     let mut down_since: Option<Instant> = None;
     let mut first_failure_ms = 0;
     loop {
-        match sink.write(&b.rows).await {
-            Ok(()) => {
-                sink.report(&reg.connectors);
-                if let Some(t) = down_since {
-                    reg.sink_down.store(0, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(step = %step, attempts = attempt, outage_ms = t.elapsed().as_millis() as u64, "Sink recovered.");
+        let res = sink.write(&b.rows).await;
+        if matches!(res, Ok(()) | Err(CoreError::Refused(_))) {
+            sink.report(&reg.connectors);
+            if let Some(t) = down_since {
+                reg.sink_down.store(0, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(step = %step, attempts = attempt, outage_ms = t.elapsed().as_millis() as u64, "Sink recovered.");
+            }
+        }
+        match res {
+            Ok(()) => return Ok(Written::All),
+            Err(CoreError::Refused(rows)) => {
+                if rows.iter().any(|r| r.row >= b.num_rows()) {
+                    crate::bail_internal!("sink `{step}` refused a row past the end of its batch");
                 }
-                return Ok(None);
+                tracing::warn!(step = %step, rows = rows.len(), reason = %rows[0].reason, "Sink refused rows; they go to the dead-letter output.");
+                return Ok(Written::AllBut(rows));
             }
             Err(e) if e.retry() == crate::Retry::Backoff => {
                 StepMetrics::add(&reg.sink_retries, 1);
@@ -991,7 +1062,7 @@ async fn write_with_retry(
                 if retry.max_attempts.is_some_and(|m| attempt >= m) {
                     reg.sink_down.store(0, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(step = %step, attempts = attempt, error = %e, "Sink retries exhausted; dead-lettering the batch.");
-                    return Ok(Some(first_failure_ms));
+                    return Ok(Written::GaveUp { first_failure_ms });
                 }
                 tokio::time::sleep(retry.delay(attempt)).await;
                 attempt += 1;
@@ -1025,6 +1096,32 @@ fn dead_letter_batch(
         })
         .collect();
     StepMetrics::add(&metrics.dead_lettered, b.num_rows() as u64);
+    dead.write(letters)
+}
+
+fn dead_letter_refused(
+    dead: &dyn DeadLetterSink,
+    b: &Batch,
+    step: &StepId,
+    metrics: &StepMetrics,
+    refused: Vec<crate::error::RefusedRow>,
+) -> Result<()> {
+    let now = now_ms();
+    StepMetrics::add(&metrics.dead_lettered, refused.len() as u64);
+    let letters = refused
+        .into_iter()
+        .map(|r| crate::deadletter::DeadLetter {
+            payload: crate::deadletter::Payload::Row(b.rows.slice(r.row, 1)),
+            kind: crate::deadletter::ErrorKind::Sink,
+            reason: r.reason,
+            step: step.clone(),
+            origin: "sink".into(),
+            position: None,
+            time_ms: now,
+            attempts: 1,
+            first_failure_ms: Some(now),
+        })
+        .collect();
     dead.write(letters)
 }
 
@@ -1253,8 +1350,10 @@ fn grow(parts: &mut Vec<PartitionWatermark>, comb: &mut WatermarkCombiner, p: us
 /// Drives a stage after an exchange on one worker.
 #[derive(Debug)]
 struct StageDriver {
-    rx: mpsc::Receiver<(usize, Message)>,
-    inputs: usize,
+    /// One channel per upstream worker, indexed by it.
+    rx: Vec<Inbox>,
+    /// Where the count of inputs held back for barrier alignment goes.
+    blocked: Arc<Registry>,
     chain: Chain,
     downstream: Downstream,
     metrics: Arc<ChannelMetrics>,
@@ -1263,41 +1362,32 @@ struct StageDriver {
 
 impl StageDriver {
     async fn run(mut self) -> Result<()> {
-        let mut comb = WatermarkCombiner::new(self.inputs);
-        let mut ended = 0;
+        let inputs = self.rx.len();
+        let mut comb = WatermarkCombiner::new(inputs);
+        let mut ended = vec![false; inputs];
         let mut last: Option<Final> = None;
         let mut out = Vec::new();
         let mut ticks = tick_timer(self.chain.tick);
-        // Barrier alignment: messages of an input whose barrier came first wait in `held`
-        // until the barrier has come on every input; then they are handled, from `replay`.
-        let mut aligner = BarrierAligner::new(self.inputs);
-        let mut held: VecDeque<(usize, Message)> = VecDeque::new();
-        let mut replay: VecDeque<(usize, Message)> = VecDeque::new();
+        // Barrier alignment: an input whose barrier came first is not read until the barrier
+        // has come on every input; its sender waits on the full channel meanwhile.
+        let mut aligner = BarrierAligner::new(inputs);
         let mut aligning_since: Option<Instant> = None;
+        let mut next_input = 0;
         if let Some(ck) = &self.ckpt {
             self.downstream.begin(ck.first_epoch).await?;
         }
         loop {
-            let (from, msg) = match replay.pop_front() {
-                Some(m) => m,
-                None => {
-                    // Cancel safety: `recv` is cancel safe, and a tick only runs between messages.
-                    let msg = tokio::select! {
-                        biased;
-                        m = self.rx.recv() => m,
-                        () = next_tick(&mut ticks) => {
-                            self.chain.tick(now_ms(), &mut out)?;
-                            self.downstream.batches(&mut out).await?;
-                            continue;
-                        }
-                    };
-                    msg.ok_or_else(|| CoreError::Task("every upstream task stopped before the end of input".into()))?
+            // Cancel safety: `poll_recv` takes nothing it does not return, and a tick only
+            // runs between messages.
+            let (from, msg) = tokio::select! {
+                biased;
+                m = std::future::poll_fn(|cx| poll_inputs(&mut self.rx, &ended, &aligner, &mut next_input, cx)) => m?,
+                () = next_tick(&mut ticks) => {
+                    self.chain.tick(now_ms(), &mut out)?;
+                    self.downstream.batches(&mut out).await?;
+                    continue;
                 }
             };
-            if aligner.is_blocked(from) {
-                held.push_back((from, msg));
-                continue;
-            }
             match msg {
                 Message::Batch(b) => {
                     self.metrics.popped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1322,25 +1412,24 @@ impl StageDriver {
                     match aligned {
                         crate::checkpoint::Alignment::Block(_) => {
                             aligning_since.get_or_insert_with(Instant::now);
+                            StepMetrics::add(&self.blocked.inputs_held, 1);
                         }
                         crate::checkpoint::Alignment::Snapshot(e) => {
                             let waited = aligning_since.take().map(|t| t.elapsed()).unwrap_or_default();
+                            // Every other input was held; none is now.
+                            self.blocked.inputs_held.fetch_sub(inputs as u64 - 1, std::sync::atomic::Ordering::Relaxed);
                             let state = self.chain.snapshot()?;
                             self.downstream.barrier(e).await?;
                             ack(self.ckpt.as_ref(), e, state, waited, None)?;
-                            // Held messages came before anything not yet received.
-                            while let Some(m) = held.pop_back() {
-                                replay.push_front(m);
-                            }
                         }
                     }
                 }
                 Message::End(f) => {
-                    ended += 1;
+                    ended[from] = true;
                     if f.is_some() {
                         last = f;
                     }
-                    if ended == self.inputs {
+                    if ended.iter().all(|e| *e) {
                         if last.is_none_or(|f| f.drain) {
                             self.chain.end(&mut out)?;
                             self.downstream.batches(&mut out).await?;
@@ -1357,6 +1446,38 @@ impl StageDriver {
     }
 }
 
+/// Takes the next message from the inputs that are neither ended nor held back for barrier
+/// alignment, starting after the input read last so that a busy input cannot starve the
+/// others.
+fn poll_inputs(
+    rx: &mut [Inbox],
+    ended: &[bool],
+    aligner: &BarrierAligner,
+    next: &mut usize,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<Result<(usize, Message)>> {
+    let n = rx.len();
+    for k in 0..n {
+        let i = (*next + k) % n;
+        if ended[i] || aligner.is_blocked(i) {
+            continue;
+        }
+        match rx[i].poll_recv(cx) {
+            std::task::Poll::Ready(Some((_, m))) => {
+                *next = (i + 1) % n;
+                return std::task::Poll::Ready(Ok((i, m)));
+            }
+            std::task::Poll::Ready(None) => {
+                return std::task::Poll::Ready(Err(CoreError::Task(format!(
+                    "upstream worker {i} stopped before the end of input"
+                ))))
+            }
+            std::task::Poll::Pending => {}
+        }
+    }
+    std::task::Poll::Pending
+}
+
 /// A task's state tables (step, role, table) and its operators' watermarks.
 type TaskState = (Vec<(String, StateRole, arrow_array::RecordBatch)>, BTreeMap<String, i64>);
 
@@ -1371,5 +1492,87 @@ fn ack(
     match ck {
         Some(ck) => ck.ack(Ack { task: ck.task.clone(), epoch, tables, watermarks, alignment, last }),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{CollectSink, MemoryDeadLetters};
+
+    fn rows(n: usize) -> Batch {
+        let schema = Arc::new(arrow_schema::Schema::new(vec![arrow_schema::Field::new(
+            "v",
+            arrow_schema::DataType::Int64,
+            false,
+        )]));
+        let v = arrow_array::Int64Array::from((0..n as i64).collect::<Vec<_>>());
+        let rb = arrow_array::RecordBatch::try_new(schema, vec![Arc::new(v)]).unwrap();
+        Batch::new(rb, arrow_array::Int64Array::from(vec![0; n])).unwrap()
+    }
+
+    /// Polls `f` (yielding to the runtime in between) until it holds; fails after 10 s.
+    async fn until(mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "condition not met within 10 s");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    //  input 0: B1 b b b b ...       (its barrier came first: not read any more, sender waits)
+    //  input 1: b b b ... B1         (read on; once its barrier comes, input 0 drains)
+    /// While a stage task lines up a barrier, the input whose barrier came first is not read:
+    /// its channel fills and its sender waits, instead of the task queueing its messages
+    /// without limit, and the other input is still read.
+    #[tokio::test]
+    async fn barrier_alignment_holds_back_the_early_input_with_bounded_memory() {
+        let reg = Arc::new(Registry::default());
+        let sink = CollectSink::default();
+        let chain =
+            Chain::build(&[], 0, 1, &reg, Arc::new(MemoryDeadLetters::default()), &Restored::default()).unwrap();
+        let (tx0, rx0) = mpsc::channel(2);
+        let (tx1, rx1) = mpsc::channel(2);
+        let driver = StageDriver {
+            rx: vec![rx0, rx1],
+            blocked: reg.clone(),
+            chain,
+            downstream: Downstream::Sink {
+                sink: SinkFactory::create(&sink, 0, 1).unwrap(),
+                metrics: reg.step(&StepId::new("out"), 0),
+                registry: reg.clone(),
+                step: StepId::new("out"),
+                latency: None,
+                retry: RetryPolicy::default(),
+                dead: Arc::new(MemoryDeadLetters::default()),
+                counts: true,
+            },
+            metrics: reg.channel("test".into(), 4),
+            ckpt: None,
+        };
+        let task = crate::task::SpawnedTask::spawn(driver.run());
+        tx0.send((0, Message::Barrier(Epoch(1)))).await.unwrap();
+        until(|| reg.inputs_held.load(std::sync::atomic::Ordering::Relaxed) == 1).await;
+        // Input 0 is held: two messages fill its channel, the third cannot be queued.
+        tx0.try_send((0, Message::Batch(rows(10)))).unwrap();
+        tx0.try_send((0, Message::Batch(rows(10)))).unwrap();
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        assert!(tx0.try_send((0, Message::Batch(rows(10)))).is_err(), "a held input's channel stays full");
+        // Input 1 is still read.
+        for _ in 0..5 {
+            tx1.send((1, Message::Batch(rows(1)))).await.unwrap();
+        }
+        until(|| sink.batches().len() == 5).await;
+        // Its barrier releases input 0.
+        tx1.send((1, Message::Barrier(Epoch(1)))).await.unwrap();
+        until(|| sink.batches().len() == 7).await;
+        assert_eq!(reg.inputs_held.load(std::sync::atomic::Ordering::Relaxed), 0);
+        for (i, tx) in [tx0, tx1].into_iter().enumerate() {
+            tx.send((i, Message::End(None))).await.unwrap();
+        }
+        task.await.unwrap().unwrap();
+        assert_eq!(sink.batches().iter().map(|b| b.num_rows()).sum::<usize>(), 25);
     }
 }

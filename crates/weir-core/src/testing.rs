@@ -123,7 +123,15 @@ impl OpHarness {
         self.watermark
     }
 
-    /// The step's counters.
+    /// Keys the operator holds and keys it forgot (`state_ttl`).
+    pub fn metrics_state(&self) -> (u64, u64) {
+        (
+            self.metrics.state_keys.load(std::sync::atomic::Ordering::Relaxed),
+            self.metrics.state_evicted.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// The operator's counters.
     pub fn metrics(&self) -> StepSnapshot {
         self.metrics.snapshot()
     }
@@ -227,5 +235,21 @@ impl crate::operator::Sink for CollectSink {
     }
     async fn close(&mut self) -> Result<()> {
         Ok(())
+    }
+}
+
+/// Polls `f` every 20 ms until it gives a value, for tests that wait on another thread or
+/// process: a condition with a deadline instead of a fixed sleep.
+///
+/// # Panics
+/// When 20 s pass first.
+pub fn poll<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "the condition did not hold within 20 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

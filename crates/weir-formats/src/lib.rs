@@ -40,6 +40,8 @@ use arrow_schema::{ArrowError, DataType, SchemaRef};
 mod columns;
 mod csv;
 mod encode;
+#[doc(hidden)]
+pub mod fuzzing;
 mod infer;
 mod json;
 mod msgpack;

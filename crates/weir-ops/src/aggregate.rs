@@ -40,6 +40,21 @@ pub enum AggFunc {
 }
 
 impl AggFunc {
+    /// The type of the aggregate's result over a column of type `input`.
+    pub fn output_type(self, input: Option<&DataType>) -> DataType {
+        let integral = |t: &DataType| t.is_integer() || *t == DataType::Boolean;
+        match (self, input) {
+            (AggFunc::Count, _) => DataType::Int64,
+            (AggFunc::Sum, Some(t)) if integral(t) => DataType::Int64,
+            (AggFunc::Min | AggFunc::Max | AggFunc::First | AggFunc::Last, Some(t))
+                if t.is_numeric() || *t == DataType::Boolean =>
+            {
+                t.clone()
+            }
+            _ => DataType::Float64,
+        }
+    }
+
     /// All functions, with their names.
     pub const ALL: [(&'static str, AggFunc); 8] = [
         ("count", AggFunc::Count),
@@ -351,13 +366,17 @@ impl Accumulators {
         cols
     }
 
-    /// Output fields, one per aggregate.
-    pub(crate) fn fields(specs: &[AggSpec]) -> Vec<Field> {
+    /// Output fields, one per aggregate, given the type of each aggregate's input column
+    /// (`None` for `count()`). An aggregate keeps its input's type where that means something:
+    /// a sum of integers (or booleans) is an integer, and `min`, `max`, `first` and `last` are
+    /// values of the column; `mean` and `stddev` are floats, `count` an integer.
+    pub(crate) fn fields(specs: &[AggSpec], inputs: &[Option<DataType>]) -> Vec<Field> {
         specs
             .iter()
-            .map(|s| match s.func {
+            .zip(inputs.iter().chain(std::iter::repeat(&None)))
+            .map(|(s, input)| match s.func {
                 AggFunc::Count => Field::new(&s.name, DataType::Int64, false),
-                _ => Field::new(&s.name, DataType::Float64, true),
+                f => Field::new(&s.name, f.output_type(input.as_ref()), true),
             })
             .collect()
     }

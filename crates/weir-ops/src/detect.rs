@@ -34,6 +34,8 @@ pub struct EwmaZscoreSpec {
     pub threshold: f64,
     /// Rows a key must have seen before it can alert.
     pub warmup: u64,
+    /// Keys not seen for this long (event time) are forgotten; one that comes back starts over.
+    pub state_ttl: Option<std::time::Duration>,
 }
 
 impl EwmaZscoreSpec {
@@ -90,7 +92,7 @@ impl OperatorFactory for EwmaFactory {
         Ok(Box::new(EwmaOp {
             spec: self.spec.clone(),
             out: self.out.clone(),
-            keys: KeyInterner::new(&self.key_types)?,
+            keys: KeyInterner::new(&self.key_types)?.with_ttl(self.spec.state_ttl),
             state: Vec::new(),
         }))
     }
@@ -112,9 +114,22 @@ struct EwmaOp {
 }
 
 impl Operator for EwmaOp {
+    fn on_watermark(&mut self, wm: i64, cx: &mut OpContext<'_>) -> Result<()> {
+        if wm != weir_core::batch::END_OF_TIME {
+            let gone = self.keys.expire(wm, |_| false);
+            for id in &gone {
+                if let Some(s) = self.state.get_mut(*id as usize) {
+                    *s = Ewma { mean: 0.0, var: 0.0, n: 0 };
+                }
+            }
+            crate::note_expired(cx, gone.len(), self.keys.len());
+        }
+        Ok(())
+    }
+
     fn process(&mut self, batch: Batch, cx: &mut OpContext<'_>) -> Result<()> {
         let kc = key_columns(&batch.rows, &self.spec.keys)?;
-        let ids = self.keys.intern(&kc)?;
+        let ids = self.keys.intern_at(&kc, Some(&batch.time))?;
         let col = arrow_cast::cast(&column_by_path(&batch.rows, &self.spec.value)?, &DataType::Float64)?;
         let vals = col
             .as_any()
@@ -209,13 +224,24 @@ mod tests {
 
     use super::*;
 
+    fn spec(value: &str) -> EwmaZscoreSpec {
+        EwmaZscoreSpec {
+            keys: vec!["k".into()],
+            value: value.into(),
+            alpha: 0.1,
+            threshold: 3.0,
+            warmup: 5,
+            state_ttl: None,
+        }
+    }
+
     #[test]
     fn matches_the_reference_definition() {
         let schema: SchemaRef = Arc::new(Schema::new(vec![
             Field::new("k", DataType::Utf8, false),
             Field::new("x", DataType::Float64, true),
         ]));
-        let spec = EwmaZscoreSpec { keys: vec!["k".into()], value: "x".into(), alpha: 0.1, threshold: 3.0, warmup: 5 };
+        let spec = spec("x");
         let (f, out_schema) = spec.plan(&schema).unwrap();
         assert_eq!(out_schema.fields().len(), 5);
         let mut h = OpHarness::new(f.as_ref()).unwrap();
@@ -283,7 +309,7 @@ mod tests {
     #[test]
     fn rejects_bad_settings() {
         let schema: SchemaRef = Arc::new(Schema::new(vec![Field::new("k", DataType::Utf8, false)]));
-        let spec = EwmaZscoreSpec { keys: vec!["k".into()], value: "k".into(), alpha: 0.1, threshold: 3.0, warmup: 5 };
+        let spec = spec("k");
         assert!(spec.plan(&schema).unwrap_err().to_string().contains("must be numeric"));
         let spec = EwmaZscoreSpec { alpha: 1.5, ..spec };
         assert!(spec.plan(&schema).unwrap_err().to_string().contains("alpha must be in (0, 1]"));

@@ -66,3 +66,9 @@ pub fn all_paths(schema: &arrow_schema::Schema) -> Vec<String> {
     walk("", schema.fields(), &mut out);
     out
 }
+
+/// Counts keys a step forgot (`state_ttl`) and how many it holds now.
+pub(crate) fn note_expired(cx: &mut weir_core::OpContext<'_>, gone: usize, live: usize) {
+    weir_core::metrics::StepMetrics::add(&cx.metrics.state_evicted, gone as u64);
+    cx.metrics.state_keys.store(live as u64, std::sync::atomic::Ordering::Relaxed);
+}

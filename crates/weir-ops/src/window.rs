@@ -90,6 +90,9 @@ pub struct WindowSpec {
     pub aggs: Vec<AggSpec>,
     /// Late-row handling.
     pub late: LatePolicy,
+    /// Keys not seen for this long (event time) are forgotten; must cover the window size and
+    /// allowed lateness, so only keys without an open window go.
+    pub state_ttl: Option<std::time::Duration>,
 }
 
 impl WindowSpec {
@@ -116,6 +119,20 @@ impl WindowSpec {
             weir_core::ensure_config!(allowed_ms >= 0, "allowed lateness must not be negative");
         }
         weir_core::ensure_config!(!self.aggs.is_empty(), "a window needs at least one aggregate");
+        if let Some(ttl) = self.state_ttl {
+            let (size, _) = match self.kind {
+                WindowKind::Tumbling { size_ms } => (size_ms, size_ms),
+                WindowKind::Hopping { size_ms, slide_ms } => (size_ms, slide_ms),
+                WindowKind::Session { gap_ms } => (gap_ms, gap_ms),
+            };
+            let allowed = if let LatePolicy::Update { allowed_ms } = self.late { allowed_ms } else { 0 };
+            weir_core::ensure_config!(
+                i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX) >= size + allowed,
+                "state_ttl ({} ms) must be at least the window's size (or session gap) plus its allowed lateness ({} ms)",
+                ttl.as_millis(),
+                size + allowed
+            );
+        }
         let mut fields = Vec::new();
         let mut key_types = Vec::new();
         for k in &self.keys {
@@ -125,10 +142,15 @@ impl WindowSpec {
         }
         fields.push(Field::new("window_start", DataType::Int64, false));
         fields.push(Field::new("window_end", DataType::Int64, false));
+        let mut agg_inputs = Vec::with_capacity(self.aggs.len());
         for a in &self.aggs {
+            agg_inputs.push(None);
             if let Some(c) = &a.column {
                 let f =
                     field_by_path(input, c).map_err(|e| CoreError::Config(format!("aggregate `{}`: {e}", a.name)))?;
+                if let Some(slot) = agg_inputs.last_mut() {
+                    *slot = Some(f.data_type().clone());
+                }
                 if !(f.data_type().is_numeric() || f.data_type() == &DataType::Boolean) {
                     return Err(CoreError::Config(format!(
                         "aggregate `{}`: `{}({c})` needs a numeric column, but `{c}` is {}",
@@ -139,7 +161,7 @@ impl WindowSpec {
                 }
             }
         }
-        fields.extend(Accumulators::fields(&self.aggs));
+        fields.extend(Accumulators::fields(&self.aggs, &agg_inputs));
         let mut seen = std::collections::HashSet::new();
         for f in &fields {
             if !seen.insert(f.name().clone()) {
@@ -168,7 +190,7 @@ impl OperatorFactory for WindowFactory {
         Ok(Box::new(WindowOp {
             spec: self.spec.clone(),
             out: self.out.clone(),
-            keys: KeyInterner::new(&self.key_types)?,
+            keys: KeyInterner::new(&self.key_types)?.with_ttl(self.spec.state_ttl),
             acc: Accumulators::new(&funcs),
             buckets: BTreeMap::new(),
             sessions: HashMap::new(),
@@ -386,7 +408,13 @@ impl WindowOp {
         let time = Int64Array::from(ends.iter().map(|e| e - 1).collect::<Vec<_>>());
         cols.push(Arc::new(Int64Array::from(starts)));
         cols.push(Arc::new(Int64Array::from(ends)));
-        cols.extend(self.acc.finish(slots));
+        // Accumulators are f64; results whose type follows their column go back to it (a sum
+        // of integers is exact in f64 up to 2^53).
+        let first_agg = cols.len();
+        for (i, c) in self.acc.finish(slots).into_iter().enumerate() {
+            let want = self.out.field(first_agg + i).data_type();
+            cols.push(if c.data_type() == want { c } else { arrow_cast::cast(&c, want)? });
+        }
         let rows = RecordBatch::try_new(self.out.clone(), cols)?;
         StepMetrics::add(&cx.metrics.results_out, rows.num_rows() as u64);
         cx.emit(Batch::new(rows, time)?);
@@ -490,8 +518,11 @@ impl Operator for WindowOp {
             TimeDomain::Processing => None,
         };
         let key_cols = key_columns(&batch.rows, &self.spec.keys)?;
-        let key_ids: Vec<u32> =
-            if key_cols.is_empty() { vec![0; batch.num_rows()] } else { self.keys.intern(&key_cols)?.to_vec() };
+        let key_ids: Vec<u32> = if key_cols.is_empty() {
+            vec![0; batch.num_rows()]
+        } else {
+            self.keys.intern_at(&key_cols, Some(&times))?.to_vec()
+        };
         let values = self.values(&batch.rows)?;
         let mut late = Vec::new();
         let folded = match self.spec.kind {
@@ -519,6 +550,14 @@ impl Operator for WindowOp {
     fn on_watermark(&mut self, wm: i64, cx: &mut OpContext<'_>) -> Result<()> {
         if self.spec.domain == TimeDomain::Event || wm == weir_core::batch::END_OF_TIME {
             self.fire(wm, cx)?;
+        }
+        if self.spec.state_ttl.is_some() && wm != weir_core::batch::END_OF_TIME {
+            // A key with a window still open (or kept for allowed lateness) stays.
+            let (buckets, sessions) = (&self.buckets, &self.sessions);
+            let gone = self
+                .keys
+                .expire(wm, |id| sessions.contains_key(&id) || buckets.values().any(|b| b.slots.contains_key(&id)));
+            crate::note_expired(cx, gone.len(), self.keys.len());
         }
         Ok(())
     }

@@ -185,7 +185,7 @@ impl NativePipeline {
             .detach(|| {
                 rt.block_on(async move {
                     let _server = match built.http_addr(metrics_addr.as_deref()) {
-                        Some(a) => Some(weir::http::MetricsServer::start(&a, built.http_state(registry)).await?),
+                        Some(a) => Some(weir::http::MetricsServer::start(&a, built.http_state(&job)).await?),
                         None => None,
                     };
                     let mut run = std::pin::pin!(job.run());

@@ -290,7 +290,10 @@ impl PyOp {
                     if retryable && attempt < max {
                         let delay: f64 =
                             retry.call_method1("delay", (attempt,)).and_then(|d| d.extract()).unwrap_or(0.1);
-                        py.detach(|| std::thread::sleep(Duration::from_secs_f64(delay.max(0.0))));
+                        // Without the GIL, and with the worker's other tasks moved off
+                        // this thread while it sleeps.
+                        let pause = Duration::from_secs_f64(delay.max(0.0));
+                        py.detach(|| weir_core::runtime::blocking(|| std::thread::sleep(pause)));
                         continue;
                     }
                     if s.fail_job {

@@ -599,6 +599,10 @@ pub enum StepConfig {
     Function(FunctionConfig),
 }
 
+/// The keys of [`StepRepr`]: every kind of step, as the error for a step without one lists
+/// them. (A test checks the list against the struct.)
+const STEP_KINDS: [&str; 8] = ["filter", "select", "key_by", "window", "ewma_zscore", "detect", "alert", "function"];
+
 /// The YAML shape of a step: a map with exactly one known key. (serde_yaml reads enums from
 /// YAML tags only, and a one-key map reads better.)
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -652,8 +656,10 @@ impl TryFrom<StepRepr> for StepConfig {
         }
         match found.len() {
             1 => Ok(found.remove(0)),
-            0 => Err("a step needs one of `filter`, `select`, `key_by`, `window`, `ewma_zscore`, `detect`, `function`"
-                .into()),
+            0 => Err(format!(
+                "a step needs one of {}",
+                STEP_KINDS.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+            )),
             _ => Err("a step has more than one kind; write each as its own list item".into()),
         }
     }
@@ -775,6 +781,11 @@ pub struct WindowConfig {
     /// Late rows: `drop` (default), `{side_output: path}` or `{allowed_lateness: 5s}`.
     #[serde(default)]
     pub late: LateConfig,
+    /// Forget a key not seen for this long (event time), once it has no open window: memory
+    /// follows the keys alive now, not every key ever seen. At least the window's size (or
+    /// session gap) plus its allowed lateness. None: keys are kept for the whole run.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub state_ttl: Option<Duration>,
 }
 
 /// Hopping window.
@@ -1105,7 +1116,7 @@ pub struct RuleConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelRule {
-    /// The `.onnx` file (relative to the working directory).
+    /// The `.onnx` file (relative to the pipeline file's folder when run by `weir run`).
     pub path: String,
     /// Numeric columns, in the model's feature order.
     pub inputs: Vec<String>,
@@ -1231,6 +1242,10 @@ pub struct EwmaConfig {
     /// Rows per key before alerts.
     #[serde(default = "default_warmup")]
     pub warmup: u64,
+    /// Forget a key not seen for this long (event time); a key that comes back starts its
+    /// warm-up again. None: keys are kept for the whole run.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub state_ttl: Option<Duration>,
 }
 
 fn default_alpha() -> f64 {
@@ -1513,6 +1528,19 @@ impl SinkConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A step without a kind is told every kind there is: the list is the struct's keys.
+    #[test]
+    fn a_step_without_a_kind_is_told_every_kind() {
+        // serde lists a struct's fields when it meets an unknown one.
+        let unknown = serde_yaml::from_str::<StepRepr>("nope: 1").unwrap_err().to_string();
+        let expected = STEP_KINDS.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
+        assert!(unknown.contains(&expected), "{unknown} vs {expected}");
+        let err = StepConfig::try_from(StepRepr::default()).unwrap_err();
+        for k in STEP_KINDS {
+            assert!(err.contains(&format!("`{k}`")), "{err}");
+        }
+    }
 
     /// Every example parses, and writing it back as YAML gives the same configuration, so the
     /// serialised form (and every default) is valid input.

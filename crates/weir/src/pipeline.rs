@@ -216,8 +216,10 @@ impl Pipeline {
         let all_ids = std::iter::once(c.source.id.as_str())
             .chain(c.steps.iter().map(StepConfig::id))
             .chain(std::iter::once(c.sink.id.as_str()));
+        check_name("pipeline name", &c.name)?;
         for id in all_ids {
             weir_core::ensure_config!(!id.is_empty(), "a step has an empty id");
+            check_name("step id", id)?;
             weir_core::ensure_config!(ids.insert(id), "step id `{id}` is used twice; ids must be unique");
         }
         c.source.connector().map_err(CoreError::Config)?;
@@ -368,7 +370,7 @@ fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Function
                 TimeDomainConfig::Event => TimeDomain::Event,
                 TimeDomainConfig::Processing => TimeDomain::Processing,
             };
-            OpSpec::Window(WindowSpec { keys: keys.to_vec(), kind, domain, aggs, late })
+            OpSpec::Window(WindowSpec { keys: keys.to_vec(), kind, domain, aggs, late, state_ttl: w.state_ttl })
         }
         StepConfig::EwmaZscore(e) => OpSpec::Ewma(EwmaZscoreSpec {
             keys: keys.to_vec(),
@@ -376,6 +378,7 @@ fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Function
             alpha: e.alpha,
             threshold: e.threshold,
             warmup: e.warmup,
+            state_ttl: e.state_ttl,
         }),
         StepConfig::Detect(d) => OpSpec::Detect(weir_ops::DetectSpec {
             keys: keys.to_vec(),
@@ -533,6 +536,25 @@ fn rule_spec(r: &RuleConfig) -> Result<weir_ops::RuleSpec> {
     })
 }
 
+/// Step ids and the pipeline's name label metrics, name checkpoint folders and appear in logs
+/// and URLs: they keep to letters, digits, `_`, `-`, `.` and `:`, at most 128 of them, so that
+/// none of those places needs escaping and none can be confused.
+fn check_name(what: &str, name: &str) -> Result<()> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':');
+    if let Some(bad) = name.chars().find(|c| !ok(*c)) {
+        return Err(CoreError::Config(format!(
+            "{what} `{}` has the character {bad:?}; use letters, digits, `_`, `-`, `.` and `:`",
+            name.escape_debug()
+        )));
+    }
+    weir_core::ensure_config!(
+        name.len() <= 128,
+        "{what} `{name}` is {} characters long; at most 128 are allowed",
+        name.len()
+    );
+    Ok(())
+}
+
 impl BuiltPipeline {
     /// The pipeline's configuration.
     pub fn config(&self) -> &PipelineConfig {
@@ -549,8 +571,8 @@ impl BuiltPipeline {
         self.alerts.live.clone()
     }
 
-    /// What the HTTP port serves for this pipeline once `registry` is the running job's.
-    pub fn http_state(&self, registry: Arc<weir_core::metrics::Registry>) -> crate::http::HttpState {
+    /// What the HTTP port serves for this pipeline while `job` (planned from it) runs.
+    pub fn http_state(&self, job: &Job) -> crate::http::HttpState {
         let token = self
             .cfg
             .api
@@ -560,9 +582,10 @@ impl BuiltPipeline {
             .filter(|t| !t.is_empty());
         crate::http::HttpState {
             job: self.cfg.name.clone(),
-            registry,
+            registry: job.registry(),
             alerts: self.alert_board(),
             live: self.alert_stream(),
+            quarantine: job.quarantine(),
             token,
         }
     }

@@ -101,6 +101,74 @@ pub fn parse_with(
     })
 }
 
+/// Makes the relative paths of a pipeline file relative to `base`, the file's folder, so a
+/// pipeline finds its model, input and outputs wherever it is run from. A path written in the
+/// file counts, and so does a `${VAR:-default}`'s default and a default of the code (the
+/// dead-letter file); a path that an environment variable gave (`OUTPUT=out.jsonl weir run
+/// dir/p.yaml`) stays relative to the working directory, where the person who typed it is.
+/// URLs (`s3://...`), absolute paths and `-` are left alone.
+///
+/// `text` is the file before expansion and `lookup` the variables it was expanded with.
+pub fn resolve_paths(
+    cfg: &mut PipelineConfig,
+    text: &str,
+    base: &std::path::Path,
+    lookup: impl Fn(&str) -> Option<String>,
+) {
+    // The raw file says where each value came from; if it does not parse as plain YAML (it
+    // did once expanded), paths are left as they are.
+    let Ok(raw) = serde_yaml::from_str::<serde_yaml::Value>(text) else { return };
+    let from_env = |raw: &serde_yaml::Value| -> bool {
+        let Some(s) = raw.as_str().and_then(|s| s.strip_prefix("${")) else { return false };
+        let name = s.split([':', '}']).next().unwrap_or_default();
+        lookup(name).is_some_and(|v| !v.is_empty())
+    };
+    let fix = |path: &mut String, raw: &serde_yaml::Value| {
+        let p = std::path::Path::new(path.as_str());
+        if path.is_empty() || path == "-" || path.contains("://") || p.is_absolute() || from_env(raw) {
+            return;
+        }
+        *path = base.join(p).to_string_lossy().into_owned();
+    };
+    let at = |keys: &[&str]| keys.iter().fold(&raw, |v, k| &v[*k]);
+    if let Some(f) = cfg.source.file.as_mut() {
+        fix(&mut f.path, at(&["source", "file", "path"]));
+    }
+    if let Some(f) = cfg.sink.file.as_mut() {
+        fix(&mut f.path, at(&["sink", "file", "path"]));
+    }
+    fix(&mut cfg.dead_letters.path, at(&["dead_letters", "path"]));
+    fix(&mut cfg.quarantine.output, at(&["quarantine", "output"]));
+    if let Some(c) = cfg.checkpoints.as_mut() {
+        fix(&mut c.dir, at(&["checkpoints", "dir"]));
+    }
+    for (i, step) in cfg.steps.iter_mut().enumerate() {
+        let raw_step = &raw["steps"][i];
+        match step {
+            crate::config::StepConfig::Detect(d) => {
+                for (j, rule) in d.rules.iter_mut().enumerate() {
+                    if let Some(m) = rule.model.as_mut() {
+                        fix(&mut m.path, &raw_step["detect"]["rules"][j]["model"]["path"]);
+                    }
+                }
+            }
+            crate::config::StepConfig::Window(w) => {
+                if let crate::config::LateConfig::SideOutput(path) = &mut w.late {
+                    fix(path, &raw_step["window"]["late"]["side_output"]);
+                }
+            }
+            crate::config::StepConfig::Alert(a) => {
+                for (j, route) in a.routes.iter_mut().enumerate() {
+                    if let Some(f) = route.file.as_mut() {
+                        fix(&mut f.path, &raw_step["alert"]["routes"][j]["file"]["path"]);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Finds the line of the step with id `step` (`id: step`), for errors found after parsing.
 pub fn step_line(text: &str, step: &str) -> Option<usize> {
     text.lines()
@@ -114,9 +182,41 @@ pub fn step_line(text: &str, step: &str) -> Option<usize> {
         .or_else(|| text.lines().position(|l| l.contains(&format!("id: {step}"))).map(|i| i + 1))
 }
 
+/// The pipeline-file fuzz target (`fuzz/`): any text is loaded as `weir run` loads it, and a
+/// file that loads must survive writing back out, reading again, and `build()`.
+///
+/// # Panics
+/// When that breaks (what the fuzzer looks for).
+#[doc(hidden)]
+pub fn fuzz(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let lookup = |k: &str| (k == "SET").then(|| "value".to_string());
+    let Ok(mut cfg) = parse_with("fuzz.yaml", text, lookup) else { return };
+    resolve_paths(&mut cfg, text, std::path::Path::new("/pipes"), lookup);
+    let again = serde_yaml::to_string(&cfg).expect("a loaded config writes back");
+    let back: PipelineConfig = serde_yaml::from_str(&again).expect("what was written reads again");
+    // Compared as text: a NaN threshold is a fine config that is not equal to itself.
+    assert_eq!(serde_yaml::to_string(&back).ok(), Some(again), "a config survives writing and reading");
+    let _ = crate::Pipeline::from_config(cfg).build();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Replays the inputs kept under `fuzz-regressions/pipeline_yaml/`.
+    #[test]
+    fn pipeline_files_fuzzing_found_stay_fixed() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz-regressions/pipeline_yaml");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            assert!(std::panic::catch_unwind(|| fuzz(&data)).is_ok(), "{} panics again", path.display());
+            seen += 1;
+        }
+        assert!(seen >= 1);
+    }
 
     #[test]
     fn expands_variables_and_defaults() {
@@ -129,6 +229,29 @@ mod tests {
         let (line, msg) = expand_env("a: 1\nb: ${NOPE}\n", env).unwrap_err();
         assert_eq!(line, 2);
         assert!(msg.contains("`NOPE` is not set"));
+    }
+
+    #[test]
+    fn relative_paths_follow_the_file_unless_the_environment_gave_them() {
+        let text = r#"
+name: p
+source: { id: in, file: { path: "data/in.jsonl" } }
+steps:
+  - detect: { id: d, rules: [ { name: m, model: { path: "${MODEL:-../models/m.onnx}", inputs: [a] } } ] }
+sink: { id: out, file: { path: "${OUTPUT}" } }
+dead_letters: { path: "${DEAD:-dead.jsonl}" }
+checkpoints: { dir: "s3://bucket/ck" }
+"#;
+        let env = |k: &str| (k == "OUTPUT").then(|| "out.jsonl".to_string());
+        let mut cfg = parse_with("p.yaml", text, env).unwrap();
+        resolve_paths(&mut cfg, text, std::path::Path::new("/srv/pipes"), env);
+        assert_eq!(cfg.source.file.as_ref().unwrap().path, "/srv/pipes/data/in.jsonl");
+        assert_eq!(cfg.sink.file.as_ref().unwrap().path, "out.jsonl", "given by the environment");
+        assert_eq!(cfg.dead_letters.path, "/srv/pipes/dead.jsonl", "the file's default");
+        assert_eq!(cfg.quarantine.output, "/srv/pipes/quarantine.jsonl", "the code's default");
+        assert_eq!(cfg.checkpoints.as_ref().unwrap().dir, "s3://bucket/ck");
+        let crate::config::StepConfig::Detect(d) = &cfg.steps[0] else { panic!() };
+        assert_eq!(d.rules[0].model.as_ref().unwrap().path, "/srv/pipes/../models/m.onnx");
     }
 
     #[test]

@@ -25,6 +25,59 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Starts a command whose stderr is read line by line on a thread (so the child never blocks
+/// on a full pipe); the lines arrive on the receiver.
+fn spawn_logged(c: &mut Command) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = c.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Waits (20 s at most) for a JSON log line that `pick` accepts; returns what it picked and
+/// the line.
+fn wait_for_log<T>(
+    logs: &std::sync::mpsc::Receiver<String>,
+    mut pick: impl FnMut(&serde_json::Value) -> Option<T>,
+) -> (T, serde_json::Value) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        let Ok(line) = logs.recv_timeout(left) else { break };
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("not a JSON log line: {line}"));
+        if let Some(t) = pick(&v) {
+            return (t, v);
+        }
+        seen.push(line);
+    }
+    panic!("no such log line within 20 s; saw:\n{}", seen.join("\n"));
+}
+
+use weir_core::testing::poll;
+
+/// The value of an unlabelled-but-for-`job` series on a running `weir`'s `/metrics` (0 when
+/// absent).
+fn metric(addr: &str, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[test]
 fn run_writes_results_and_a_summary() {
     let dir = tempfile::tempdir().unwrap();
@@ -125,16 +178,27 @@ fn sigint_flushes_open_windows_and_exits_0() {
         ),
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["run", p.to_str().unwrap(), "--quiet"])
-        .current_dir(dir.path())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // JSON logs at the level RUST_LOG asks for: the line announcing the HTTP port names it.
+    let (mut child, logs) = spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["--log-format", "json", "run", p.to_str().unwrap(), "--quiet", "--metrics-addr", "127.0.0.1:0"])
+            .env_remove("WEIR_LOG")
+            .env("RUST_LOG", "info")
+            .current_dir(dir.path()),
+    );
+    let addr = wait_for_log(&logs, |v| v["fields"]["message"].as_str()?.starts_with("Serving metrics").then_some(())).1
+        ["fields"]["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let started = wait_for_log(&logs, |v| (v["fields"]["message"] == "Job started.").then_some(())).1;
+    assert_eq!(started["fields"]["job"], "endless", "{started}");
+    // Rows are in the open windows before the signal comes.
+    poll(|| (metric(&addr, "weir_source_records_total") >= 2000.0).then_some(()));
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
-    let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(0));
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
     // The hour-long windows were open; a clean stop flushes them.
     let rows = std::fs::read_to_string(&out).unwrap();
     assert!(!rows.is_empty(), "open windows must be flushed on SIGINT");
@@ -272,4 +336,40 @@ fn dlq_replay_through_a_fixed_pipeline() {
     assert!(rows.iter().all(|r| r["temp"].is_null()));
     let again = std::fs::read_to_string(format!("{}.replay.jsonl", dead.display())).unwrap();
     assert_eq!(again.lines().count(), schema.len() - missing_temp, "the others fail again, into their own file");
+}
+
+/// Paths written in a pipeline file are found from its folder wherever `weir` runs; a path an
+/// environment variable gives stays relative to the working directory.
+#[test]
+fn relative_paths_are_resolved_against_the_pipeline_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("pipes");
+    std::fs::create_dir(&sub).unwrap();
+    // One malformed line, so the dead-letter file is written too.
+    let mut input = std::fs::read_to_string(repo().join("tests/data/sensors-3k.jsonl")).unwrap();
+    input.push_str("{not json\n");
+    std::fs::write(sub.join("in.jsonl"), input).unwrap();
+    std::fs::create_dir(sub.join("models")).unwrap();
+    std::fs::copy(repo().join("models/sensor_anomaly.onnx"), sub.join("models/m.onnx")).unwrap();
+    let p = sub.join("p.yaml");
+    std::fs::write(
+        &p,
+        "name: rel\nsource:\n  id: in\n  file: { path: in.jsonl }\n  event_time: { column: ts, format: ms }\nsteps:\n  - key_by: { id: k, keys: [device_id] }\n  - detect:\n      id: d\n      rules:\n        - { name: m, model: { path: models/m.onnx, inputs: [readings.temp, readings.humidity, readings.pressure, readings.vibration] } }\nsink:\n  id: out\n  file: { path: \"${OUTPUT:-out.jsonl}\" }\ndead_letters: { path: dead.jsonl }\n",
+    )
+    .unwrap();
+    let run = |env: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_weir"));
+        c.args(["run", "pipes/p.yaml", "--quiet"]).current_dir(dir.path()).env_remove("OUTPUT");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(sub.join("out.jsonl").exists() && sub.join("dead.jsonl").exists(), "written beside the pipeline");
+    assert!(!dir.path().join("out.jsonl").exists());
+    let o = run(&[("OUTPUT", "mine.jsonl")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(dir.path().join("mine.jsonl").exists(), "a path from the environment is the caller's");
 }

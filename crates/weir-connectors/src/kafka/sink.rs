@@ -300,11 +300,11 @@ fn memchr_newlines(buf: &[u8]) -> impl Iterator<Item = usize> + '_ {
 /// next batch is produced meanwhile; the task records the batch's produce latency when its
 /// last report arrives, and hands back the records that failed and how many reports the
 /// producer dropped.
-type InFlight = tokio::task::JoinHandle<(Vec<(KafkaError, OwnedMessage)>, usize)>;
+type InFlight = weir_core::task::SpawnedTask<(Vec<(KafkaError, OwnedMessage)>, usize)>;
 
 fn await_deliveries(futures: Vec<DeliveryFuture>, records: usize, bytes: usize, stats: Arc<ProduceStats>) -> InFlight {
     let started = Instant::now();
-    tokio::spawn(async move {
+    weir_core::task::SpawnedTask::spawn(async move {
         let (mut failed, mut dropped) = (Vec::new(), 0);
         for f in futures {
             match f.await {
@@ -339,6 +339,14 @@ fn record_of(m: &OwnedMessage) -> FutureRecord<'_, [u8], [u8]> {
     rec
 }
 
+/// What became of one record handed to the producer.
+enum Sent {
+    /// Queued; its delivery report comes later.
+    Queued(DeliveryFuture),
+    /// Refused at once for a reason of its own (too large, no such partition).
+    Refused(String),
+}
+
 impl KafkaSink {
     /// Hands a record to the producer; a full local queue is backpressure: wait for the brokers
     /// to take some, then try again.
@@ -347,14 +355,26 @@ impl KafkaSink {
         mut rec: FutureRecord<'a, K, P>,
         topic: &str,
         txn: Option<&Transactions>,
-    ) -> Result<DeliveryFuture> {
+    ) -> Result<Sent> {
         loop {
             match producer.send_result(rec) {
-                Ok(f) => return Ok(f),
+                Ok(f) => return Ok(Sent::Queued(f)),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     rec = r;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
+                // The record itself is wrong (too large, a partition the topic does not have):
+                // it never entered the producer, so the rest of the batch (and any open
+                // transaction) is unaffected.
+                Err((
+                    e @ KafkaError::MessageProduction(
+                        RDKafkaErrorCode::MessageSizeTooLarge
+                        | RDKafkaErrorCode::UnknownPartition
+                        | RDKafkaErrorCode::InvalidMessage
+                        | RDKafkaErrorCode::InvalidRecord,
+                    ),
+                    _,
+                )) => return Ok(Sent::Refused(format!("kafka sink: producing to `{topic}`: {e}"))),
                 Err((e, _)) => return Err(in_txn(format!("kafka sink: producing to `{topic}`"), &e, txn)),
             }
         }
@@ -398,7 +418,18 @@ impl KafkaSink {
         let mut bytes = 0;
         for m in &failed {
             bytes += m.payload().map_or(0, <[u8]>::len);
-            futures.push(Self::send(&producer, record_of(m), &self.cfg.topic, None).await?);
+            match Self::send(&producer, record_of(m), &self.cfg.topic, None).await? {
+                Sent::Queued(f) => futures.push(f),
+                // It was accepted once; refused now, it has no row to go to the dead letters
+                // with, so the run fails rather than lose it.
+                Sent::Refused(reason) => {
+                    return Err(CoreError::Other {
+                        message: reason,
+                        blame: weir_core::Blame::External,
+                        retry: weir_core::Retry::Never,
+                    })
+                }
+            }
         }
         tracing::info!(topic = %self.cfg.topic, records = failed.len(), "Kafka sink: sending records again after a failed delivery.");
         self.in_flight.push_back(await_deliveries(futures, failed.len(), bytes, self.stats.clone()));
@@ -445,16 +476,21 @@ impl Sink for KafkaSink {
             _ => None,
         };
         let mut futures = Vec::with_capacity(spans.len());
+        let mut refused = Vec::new();
         for (i, (s, e)) in spans.iter().enumerate() {
             let mut rec = FutureRecord::<str, [u8]>::to(&self.cfg.topic).payload(&self.buf[*s..*e]);
             if let Some(k) = keys.as_ref().and_then(|k| k[i].as_deref()) {
                 rec = rec.key(k);
             }
             if let Some(p) = parts.as_ref().and_then(|p| p[i].as_deref()) {
-                let p: i32 = p.parse().map_err(|_| {
-                    CoreError::user(format!("kafka sink: partition column value `{p}` is not a partition number"))
-                })?;
-                rec = rec.partition(p);
+                match p.parse::<i32>() {
+                    Ok(p) if p >= 0 => rec = rec.partition(p),
+                    _ => {
+                        let reason = format!("kafka sink: partition column value `{p}` is not a partition number");
+                        refused.push(weir_core::RefusedRow { row: i, reason });
+                        continue;
+                    }
+                }
             }
             if !headers.is_empty() || audit.is_some() {
                 let mut h = OwnedHeaders::new_with_capacity(headers.len() + 1);
@@ -466,10 +502,18 @@ impl Sink for KafkaSink {
                 }
                 rec = rec.headers(h);
             }
-            futures.push(Self::send(&producer, rec, &self.cfg.topic, txn.as_deref()).await?);
+            match Self::send(&producer, rec, &self.cfg.topic, txn.as_deref()).await? {
+                Sent::Queued(f) => futures.push(f),
+                Sent::Refused(reason) => refused.push(weir_core::RefusedRow { row: i, reason }),
+            }
         }
-        self.in_flight.push_back(await_deliveries(futures, spans.len(), self.buf.len(), self.stats.clone()));
-        Ok(())
+        let n = futures.len();
+        self.in_flight.push_back(await_deliveries(futures, n, self.buf.len(), self.stats.clone()));
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(CoreError::Refused(refused))
+        }
     }
 
     async fn begin(&mut self, epoch: Epoch) -> Result<()> {

@@ -261,6 +261,7 @@ impl weir_core::handoff::GroupMember for KafkaGroup {
                 current = match ev {
                     Assignment::Assigned(list) => Some(list.into_iter().map(|(t, p, _)| (t, p)).collect()),
                     Assignment::Revoked(_) => None,
+                    Assignment::Failed(why) => return Err(assignment_failed(why)),
                 };
             }
             // A run starts on an assignment no newer event has replaced (every run after the
@@ -385,6 +386,12 @@ enum Assignment {
     /// `stop_at_end`; `None` when it could not be read).
     Assigned(Vec<(String, i32, Option<i64>)>),
     Revoked(Vec<(String, i32)>),
+    /// The assignment could not be carried out (see `retried`): the run fails with this.
+    Failed(String),
+}
+
+fn assignment_failed(message: String) -> CoreError {
+    CoreError::Other { message, blame: weir_core::Blame::External, retry: weir_core::Retry::Never }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -481,9 +488,20 @@ impl ConsumerContext for SourceCtx {
             E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let tps: Vec<(String, i32)> =
                     tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
-                start_offsets(base, tpl, &lock(&self.shared.resume), self.start);
-                if let Err(e) = base.assign(tpl) {
-                    tracing::error!(error = %e, "Kafka partition assignment failed.");
+                // A partition must never start somewhere else than asked, nor go unread: the
+                // lookups and the assignment are tried a few times, then the run fails.
+                let resume = lock(&self.shared.resume).clone();
+                let started =
+                    retried("looking up the start offsets by time", || start_offsets(base, tpl, &resume, self.start))
+                        .and_then(|()| {
+                            retried("assigning the partitions", || base.assign(tpl).map_err(|e| e.to_string()))
+                        });
+                if let Err(e) = started {
+                    tracing::error!(error = %e, partitions = ?tps, "Kafka partition assignment failed; the run stops.");
+                    lock(&self.shared.events).push(Assignment::Failed(format!(
+                        "kafka source: {e} (partitions {})",
+                        tps.iter().map(|(t, p)| format!("{t}/{p}")).collect::<Vec<_>>().join(", ")
+                    )));
                     return;
                 }
                 let ends = tps
@@ -517,14 +535,38 @@ impl ConsumerContext for SourceCtx {
     }
 }
 
+/// How often a rebalance step is tried before the run fails, and the pause between tries.
+const REBALANCE_TRIES: u32 = 3;
+const REBALANCE_PAUSE: Duration = Duration::from_millis(500);
+
+/// Runs `f` up to [`REBALANCE_TRIES`] times (it runs in the consumer's rebalance callback, so
+/// it may block); the last error, naming `what`, when every try failed.
+fn retried(what: &str, mut f: impl FnMut() -> std::result::Result<(), String>) -> std::result::Result<(), String> {
+    let mut last = String::new();
+    for attempt in 1..=REBALANCE_TRIES {
+        match f() {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "Kafka source: {what} failed.");
+                last = e;
+            }
+        }
+        if attempt < REBALANCE_TRIES {
+            std::thread::sleep(REBALANCE_PAUSE);
+        }
+    }
+    Err(format!("{what} failed {REBALANCE_TRIES} times: {last}"))
+}
+
 /// Sets where each partition of `tpl` starts: its position in `resume`, or where `start`
-/// says (a timestamp is looked up; a partition it cannot be found for starts at the end).
+/// says (a timestamp is looked up: a partition with no record at or after it starts at its
+/// end, as the broker answers). A lookup that fails is the error.
 fn start_offsets<C: Consumer<SourceCtx>>(
     c: &C,
     tpl: &mut TopicPartitionList,
     resume: &HashMap<(String, i32), i64>,
     start: KafkaStart,
-) {
+) -> std::result::Result<(), String> {
     let tps: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
     let mut by_time = TopicPartitionList::new();
     for (t, p) in &tps {
@@ -541,17 +583,15 @@ fn start_offsets<C: Consumer<SourceCtx>>(
         let _ = tpl.set_partition_offset(t, *p, offset);
     }
     if by_time.count() > 0 {
-        match c.offsets_for_times(by_time, Duration::from_secs(10)) {
-            Ok(found) => {
-                for e in found.elements() {
-                    let _ = tpl.set_partition_offset(e.topic(), e.partition(), e.offset());
-                }
+        let found = c.offsets_for_times(by_time, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        for e in found.elements() {
+            if let Err(err) = e.error() {
+                return Err(format!("{}/{}: {err}", e.topic(), e.partition()));
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "Could not look up offsets by time; those partitions start at the end.")
-            }
+            let _ = tpl.set_partition_offset(e.topic(), e.partition(), e.offset());
         }
     }
+    Ok(())
 }
 
 /// One partition's records waiting to be handed out.
@@ -680,8 +720,9 @@ impl KafkaSource {
             for (t, p) in &current {
                 tpl.add_partition(t, *p);
             }
-            start_offsets(c.as_ref(), &mut tpl, &at, start);
-            c.assign(&tpl).map_err(|e| kafka_err("kafka source: assigning the partitions", &e))?;
+            retried("looking up the start offsets by time", || start_offsets(c.as_ref(), &mut tpl, &at, start))
+                .and_then(|()| retried("assigning the partitions", || c.assign(&tpl).map_err(|e| e.to_string())))
+                .map_err(|e| assignment_failed(format!("kafka source: {e}")))?;
             Ok(current
                 .into_iter()
                 .map(|(t, p)| {
@@ -729,10 +770,11 @@ impl KafkaSource {
         i
     }
 
-    fn apply_events(&mut self) {
+    fn apply_events(&mut self) -> Result<()> {
         let events = std::mem::take(&mut *lock(&self.shared.events));
         for ev in events {
             match ev {
+                Assignment::Failed(why) => return Err(assignment_failed(why)),
                 Assignment::Assigned(list) => {
                     for (t, p, end) in list {
                         let i = self.slot(&t, p);
@@ -764,6 +806,7 @@ impl KafkaSource {
                 }
             }
         }
+        Ok(())
     }
 
     /// Buffers a record unless it is not new to this source: one below the partition's next
@@ -944,7 +987,7 @@ impl Source for KafkaSource {
                 self.arm_until(&consumer).await?;
             }
             if self.group.is_none() {
-                self.apply_events();
+                self.apply_events()?;
             } else if !cx.stopping() && !lock(&self.shared.events).is_empty() {
                 // The events stay for the next run's `assignment`.
                 return Err(CoreError::Rebalanced(format!(

@@ -637,7 +637,7 @@ mod tests {
         send(&p2, "b").await;
         let waiting = {
             let t = t.clone();
-            tokio::spawn(async move { t.producer_for(Epoch(3)).await.map(|_| ()) })
+            weir_core::task::SpawnedTask::spawn(async move { t.producer_for(Epoch(3)).await.map(|_| ()) })
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!waiting.is_finished(), "checkpoint 3 must wait for checkpoint 1's commit");

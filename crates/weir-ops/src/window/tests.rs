@@ -30,6 +30,7 @@ fn spec(kind: WindowKind, late: LatePolicy) -> WindowSpec {
             AggSpec { name: "s".into(), func: AggFunc::Sum, column: Some("v".into()) },
         ],
         late,
+        state_ttl: None,
     }
 }
 
@@ -245,4 +246,88 @@ proptest! {
         let got = run_with_restart(&s, &evs, cut, bound, Some(restart));
         prop_assert_eq!(got, want);
     }
+}
+
+/// Aggregates keep their input's type: a sum of integers is an integer, `min`/`max`/`first`/
+/// `last` are values of the column, `mean` is a float.
+#[test]
+fn aggregates_keep_their_input_types() {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Utf8, false),
+        Field::new("n", DataType::Int32, false),
+        Field::new("hot", DataType::Boolean, false),
+    ]));
+    let agg = |name: &str, func, column: &str| AggSpec { name: name.into(), func, column: Some(column.into()) };
+    let s = WindowSpec {
+        aggs: vec![
+            agg("total", AggFunc::Sum, "n"),
+            agg("lo", AggFunc::Min, "n"),
+            agg("last", AggFunc::Last, "n"),
+            agg("mean", AggFunc::Mean, "n"),
+            agg("hot_count", AggFunc::Sum, "hot"),
+        ],
+        ..spec(WindowKind::Tumbling { size_ms: 10 }, LatePolicy::Drop)
+    };
+    let (f, out) = s.plan(&schema).unwrap();
+    let types: Vec<DataType> = out.fields().iter().skip(3).map(|f| f.data_type().clone()).collect();
+    assert_eq!(types, [DataType::Int64, DataType::Int32, DataType::Int32, DataType::Float64, DataType::Int64]);
+    let rb = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from(vec!["a", "a", "a"])),
+            Arc::new(arrow_array::Int32Array::from(vec![3, 1, 7])),
+            Arc::new(arrow_array::BooleanArray::from(vec![true, false, true])),
+        ],
+    )
+    .unwrap();
+    let mut h = OpHarness::new(f.as_ref()).unwrap();
+    h.process(Batch::new(rb, Int64Array::from(vec![1, 2, 3])).unwrap()).unwrap();
+    let out = h.end().unwrap();
+    let r = &out[0].rows;
+    assert_eq!(r.column(3).as_primitive::<Int64Type>().value(0), 11);
+    assert_eq!(r.column(4).as_primitive::<arrow_array::types::Int32Type>().value(0), 1);
+    assert_eq!(r.column(5).as_primitive::<arrow_array::types::Int32Type>().value(0), 7);
+    assert!((r.column(6).as_primitive::<Float64Type>().value(0) - 11.0 / 3.0).abs() < 1e-12);
+    assert_eq!(r.column(7).as_primitive::<Int64Type>().value(0), 2);
+}
+
+/// A stream of ever-new keys (each seen for 10 ms of event time) through a window with a
+/// `state_ttl`: the keys held stay flat at those of the last TTL, every other key is forgotten,
+/// and the results are those of the same window without a TTL.
+#[test]
+fn a_state_ttl_keeps_keys_flat_over_ten_million_events() {
+    let ttl = spec(WindowKind::Tumbling { size_ms: 100 }, LatePolicy::Drop);
+    let with_ttl = WindowSpec { state_ttl: Some(std::time::Duration::from_secs(1)), ..ttl.clone() };
+    let (mut plain, mut expiring) = (harness(&ttl), harness(&with_ttl));
+    const EVENTS: i64 = 10_000_000;
+    const BATCH: i64 = 50_000;
+    let (mut most_keys, mut checks) = (0u64, 0);
+    let mut t0 = 0;
+    while t0 < EVENTS {
+        // Event i at i ms, key i / 10: a new key every 10 ms, never seen again.
+        let keys = StringArray::from((t0..t0 + BATCH).map(|i| format!("k{}", i / 10)).collect::<Vec<_>>());
+        let v = Float64Array::from(vec![1.0; BATCH as usize]);
+        let rb = RecordBatch::try_new(schema(), vec![Arc::new(keys), Arc::new(v)]).unwrap();
+        let b = Batch::new(rb, Int64Array::from((t0..t0 + BATCH).collect::<Vec<_>>())).unwrap();
+        t0 += BATCH;
+        // Only the keys matter for memory: the plain run is checked on the first million.
+        if t0 <= 1_000_000 {
+            let a = rows(&plain.process(b.clone()).unwrap());
+            let a2 = rows(&plain.watermark(t0).unwrap());
+            let e = rows(&expiring.process(b).unwrap());
+            let e2 = rows(&expiring.watermark(t0).unwrap());
+            assert_eq!((a, a2), (e, e2), "a TTL over the window's size changes no result");
+        } else {
+            expiring.process(b).unwrap();
+            expiring.watermark(t0).unwrap();
+        }
+        let held = expiring.metrics_state().0;
+        most_keys = most_keys.max(held);
+        checks += 1;
+    }
+    // The last TTL (1 s = 100 keys) plus a sweep interval and one batch of keys.
+    assert!(most_keys <= 6_000, "{most_keys} keys held at most");
+    let (held, evicted) = expiring.metrics_state();
+    assert_eq!(held + evicted, (EVENTS / 10) as u64, "every key is held or was forgotten");
+    assert!(checks >= 200);
 }

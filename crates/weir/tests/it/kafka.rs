@@ -442,6 +442,50 @@ fn exactly_once_sink(brokers: &str, id: &str) -> SinkConfig {
     SinkConfig::new("to-kafka", SinkConnector::Kafka(k))
 }
 
+/// A row the Kafka sink refuses for a reason of its own (too large for `message.max.bytes`,
+/// a partition value that is not a number) goes to the dead-letter output, kind `sink`, with
+/// the reason; the rest of its batch is written and the job goes on.
+#[test]
+fn rows_the_kafka_sink_refuses_are_dead_lettered_alone() {
+    let k = Cluster::new(&[("out", 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let (input, dead) = (dir.path().join("in.jsonl"), dir.path().join("dead.jsonl"));
+    let rows: Vec<String> = (0..50)
+        .map(|i| {
+            let blob = if i == 7 { "x".repeat(5000) } else { "small".into() };
+            let part = if i == 13 { "north" } else { "0" };
+            format!("{{\"id\":{i},\"part\":\"{part}\",\"blob\":\"{blob}\"}}")
+        })
+        .collect();
+    std::fs::write(&input, rows.join("\n")).unwrap();
+    let yaml = format!(
+        "name: refuse\nsource:\n  id: in\n  file: {{ path: \"{}\" }}\nsink:\n  id: to-kafka\n  kafka: {{ brokers: \"{}\", topic: out, partition: part, properties: {{ message.max.bytes: \"1000\" }} }}\ndead_letters: {{ path: \"{}\" }}\n",
+        input.display(),
+        k.brokers,
+        dead.display()
+    );
+    let cfg = weir::yaml::parse("refuse.yaml", &yaml).unwrap();
+    let s = run(&cfg, 1);
+    assert_eq!(s.sink_rows, 48);
+    let sink = s.steps.iter().find(|(id, _)| id.as_str() == "to-kafka").unwrap().1;
+    assert_eq!((sink.rows_in, sink.rows_out, sink.dead_lettered), (50, 48, 2));
+    assert!(sink.balanced());
+    let id = |l: &serde_json::Value| {
+        serde_json::from_str::<serde_json::Value>(l["payload"].as_str().unwrap()).unwrap()["id"].clone()
+    };
+    let mut letters = read_jsonl(&dead);
+    letters.sort_by_key(|l| id(l).as_i64());
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(letters.iter().all(|l| l["kind"] == "sink" && l["step"] == "to-kafka"), "{letters:?}");
+    assert_eq!(id(&letters[0]), 7);
+    assert!(letters[0]["reason"].as_str().unwrap().to_lowercase().contains("too large"), "{}", letters[0]);
+    assert_eq!(id(&letters[1]), 13);
+    assert!(letters[1]["reason"].as_str().unwrap().contains("`north` is not a partition number"), "{}", letters[1]);
+    let got = k.consume_all("out");
+    assert_eq!(got.len(), 48);
+    assert!(!got.iter().any(|r| r.contains("\"id\":7,") || r.contains("\"id\":13,")));
+}
+
 /// W1 to Kafka in transactions, one per checkpoint, at 2 workers: a `read_committed` reader
 /// sees every result once, and the commit topic records the checkpoints committed.
 #[test]
@@ -845,6 +889,39 @@ fn request_errors_and_moving_leaders_lose_and_repeat_nothing() {
     let got: Vec<serde_json::Value> =
         k.consume("out", expected.len()).into_iter().map(|(_, v)| serde_json::from_str(&v).unwrap()).collect();
     assert_same_rows(expected, got, "through request errors and leader changes");
+}
+
+/// A start time that cannot be looked up (the broker keeps refusing the offsets-for-times
+/// request) fails the run with an error naming the partitions, instead of silently starting
+/// them at their end.
+#[test]
+fn a_start_time_that_cannot_be_looked_up_fails_the_run() {
+    use rdkafka::types::RDKafkaApiKey;
+    use rdkafka::types::RDKafkaRespErr as E;
+    let k = Cluster::new(&[("timed", 2)]);
+    k.produce("timed", &lines(&data("sensors-3k.jsonl"))[..100], None);
+    k.mock
+        .as_ref()
+        .unwrap()
+        .request_errors(RDKafkaApiKey::ListOffsets, &[E::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 64]);
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
+    let mut cfg = from_kafka("w2-filter-project.yaml", &k.brokers, "timed", &out, &dead);
+    cfg.source.kafka.as_mut().unwrap().start = "2026-01-01T00:00:00Z".into();
+    let err = rt()
+        .block_on(async {
+            let built = Pipeline::from_config(cfg).build().unwrap();
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                built.run(&RunOptions { workers: Some(1), ..Default::default() }),
+            )
+            .await
+        })
+        .expect("the run ends")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("looking up the start offsets by time failed 3 times"), "{err}");
+    assert!(err.contains("timed/0") && err.contains("timed/1"), "{err}");
 }
 
 /// Dead letters can go to a Kafka topic instead of a file: the same entries, one record each.

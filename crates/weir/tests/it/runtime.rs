@@ -72,6 +72,7 @@ fn run(partitions: Vec<Vec<Batch>>, bound: i64, workers: usize) -> (Rows, u64) {
             AggSpec { name: "s".into(), func: AggFunc::Sum, column: Some("v".into()) },
         ],
         late: LatePolicy::Drop,
+        state_ttl: None,
     };
     let (win, _) = spec.plan(&schema()).unwrap();
     let sink = CollectSink::default();
@@ -192,6 +193,10 @@ fn a_blocked_sink_stops_the_source() {
 struct FlakySink {
     fail_first: u64,
     always: bool,
+    /// Fails with a permission error on the output file.
+    denied: bool,
+    /// Fails every write while set.
+    down: Arc<std::sync::atomic::AtomicBool>,
     permanent: bool,
     calls: Arc<std::sync::atomic::AtomicU64>,
     rows: Arc<std::sync::atomic::AtomicU64>,
@@ -210,7 +215,13 @@ impl weir_core::Sink for FlakySink {
         if self.permanent {
             return Err(weir_core::CoreError::Config("table does not exist".into()));
         }
-        if self.always || call < self.fail_first {
+        if self.denied {
+            return Err(weir_core::CoreError::io(
+                "writing `/srv/out/part-0.jsonl`",
+                std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+            ));
+        }
+        if self.always || call < self.fail_first || self.down.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(weir_core::CoreError::io(
                 "connecting to the sink",
                 std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
@@ -295,6 +306,19 @@ fn a_permanent_sink_error_fails_the_job_at_once() {
     assert!(sink.calls.load(std::sync::atomic::Ordering::SeqCst) <= 2, "one try per worker at most");
 }
 
+/// A permission error is permanent: the job fails at once and names the path, instead of
+/// retrying (by default, forever) a write that cannot succeed.
+#[test]
+fn a_permission_error_fails_the_job_at_once_with_the_path() {
+    let sink = FlakySink { denied: true, ..Default::default() };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let job = flaky_job(sink.clone(), weir_core::runtime::RetryPolicy::default(), Arc::default());
+    let err =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), job.run()).await }).unwrap().unwrap_err();
+    assert!(err.to_string().contains("step `sink`: writing `/srv/out/part-0.jsonl`: permission denied"), "{err}");
+    assert!(sink.calls.load(std::sync::atomic::Ordering::SeqCst) <= 2, "one try per worker at most");
+}
+
 #[test]
 fn backoff_doubles_up_to_the_cap() {
     let p = weir_core::runtime::RetryPolicy {
@@ -306,4 +330,42 @@ fn backoff_doubles_up_to_the_cap() {
         let d = p.delay(retry).as_millis() as u64;
         assert!((base..=base + base / 4).contains(&d), "retry {retry}: {d} ms");
     }
+}
+
+/// `/readyz` answers 503 with the reason until the job runs, while its sink fails, and once it
+/// has finished; 200 only while it runs with its sink answering.
+#[test]
+fn readiness_follows_the_job_and_its_sink() {
+    use weir_connectors::{GeneratorConfig, GeneratorFactory};
+    let sink = FlakySink::default();
+    sink.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let gen =
+        GeneratorFactory::new(GeneratorConfig { rate: Some(2000.0), batch_size: 50, ..GeneratorConfig::default() })
+            .unwrap();
+    let retry = weir_core::runtime::RetryPolicy {
+        max_attempts: None,
+        initial_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(20),
+    };
+    let job = Job::new(JobSpec {
+        sink_retry: retry,
+        ..test_job(Arc::new(gen), vec![StageSpec { key: None, ops: vec![] }], Arc::new(sink.clone()))
+    })
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let state = weir::http::HttpState::metrics_only("ready".into(), job.registry());
+    let server = rt.block_on(weir::http::MetricsServer::start("127.0.0.1:0", state)).unwrap();
+    let readyz = || crate::common::http_get(server.addr(), "/readyz");
+    let (status, body) = readyz();
+    assert_eq!((status, body.contains("the job is starting")), (503, true), "{body}");
+    let stop = job.shutdown_handle();
+    let running = rt.spawn(job.run());
+    let (_, body) = crate::common::poll(|| Some(readyz()).filter(|(s, b)| *s == 503 && b.contains("sink is failing")));
+    assert!(body.contains("\"ready\":false"), "{body}");
+    sink.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    crate::common::poll(|| Some(readyz()).filter(|(s, _)| *s == 200));
+    stop.stop();
+    rt.block_on(running).unwrap().unwrap();
+    let (status, body) = readyz();
+    assert_eq!((status, body.contains("the job is finished")), (503, true), "{body}");
 }
