@@ -10,6 +10,10 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== services"
 source scripts/services.sh
+# The metrics tests check /metrics with the reference parser (scripts/check_metrics.py).
+if ! python3 -c 'import prometheus_client' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check 'prometheus_client>=0.20,<1' >&2
+fi
 echo "== tests"
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
