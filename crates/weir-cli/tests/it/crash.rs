@@ -291,8 +291,14 @@ fn sigint_saves_state_and_the_next_run_resumes() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let pipeline = checkpointed("examples/w1-sensor-window.yaml", dir.path(), Store::Local);
-    let child = spawn(&pipeline, dir.path(), &input, 2);
-    std::thread::sleep(Duration::from_millis(400));
+    let mut child = spawn(&pipeline, dir.path(), &input, 2);
+    // Mid-run: a first checkpoint has completed, and the run goes on.
+    let waited = Instant::now();
+    while !(dir.path().join("ck").is_dir() && listing(dir.path(), Store::Local).contains("complete")) {
+        assert!(waited.elapsed() < Duration::from_secs(120), "no checkpoint completed");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));

@@ -134,7 +134,8 @@ fn a_checkpoint_can_be_asked_for_while_the_job_runs() {
     let rt = rt();
     let run = rt.spawn(job.run());
     let completed = || reg.checkpoints.completed.load(std::sync::atomic::Ordering::Relaxed);
-    std::thread::sleep(Duration::from_millis(500));
+    // The whole input is read (the job now only follows the file): still no checkpoint.
+    poll(|| (reg.source_records.load(std::sync::atomic::Ordering::Relaxed) >= 3000).then_some(()));
     assert_eq!(completed(), 0, "no checkpoint before one is asked for");
     ask.trigger();
     let t = std::time::Instant::now();

@@ -104,20 +104,22 @@ fn follow_mode_picks_up_appended_lines_until_stopped() {
         p.build().unwrap().plan(&RunOptions { workers: Some(2), ..Default::default() }).unwrap(),
     )
     .unwrap();
-    let stop = job.shutdown_handle();
+    let (stop, reg) = (job.shutdown_handle(), job.registry());
     let rt = rt();
     let handle = rt.spawn(job.run());
-    std::thread::sleep(Duration::from_millis(300));
-    // Append the rest in two writes, the first ending mid-line.
+    let read = || reg.source_records.load(std::sync::atomic::Ordering::Relaxed);
+    poll(|| (read() == 1500).then_some(()));
+    // Append the rest in two writes, the first ending mid-line: only its whole lines are read.
     let rest = lines[1500..].join("\n") + "\n";
     let (a, b) = rest.split_at(rest.len() / 2);
     let mut f = std::fs::OpenOptions::new().append(true).open(&input).unwrap();
     f.write_all(a.as_bytes()).unwrap();
     f.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    let whole = 1500 + a.matches('\n').count() as u64;
+    poll(|| (read() == whole).then_some(()));
     f.write_all(b.as_bytes()).unwrap();
     f.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    poll(|| (read() == 3000).then_some(()));
     stop.stop();
     let summary = rt.block_on(handle).unwrap().unwrap();
     assert_eq!(summary.source_records, 3000);

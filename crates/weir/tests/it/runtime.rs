@@ -176,7 +176,15 @@ fn a_blocked_sink_stops_the_source() {
     let job = Job::new(job).unwrap();
     let reg = job.registry();
     let handle = rt.spawn(job.run());
-    std::thread::sleep(Duration::from_millis(500));
+    // Stuck: the source has read and then stopped (no new record for 200 ms).
+    let records = || reg.source_records.load(std::sync::atomic::Ordering::Relaxed);
+    let mut last = (records(), std::time::Instant::now());
+    crate::common::poll(|| {
+        if records() != last.0 {
+            last = (records(), std::time::Instant::now());
+        }
+        (last.0 > 0 && last.1.elapsed() >= Duration::from_millis(200)).then_some(())
+    });
     let read = reg.source_records.load(std::sync::atomic::Ordering::Relaxed);
     // Per worker: a batch in the source task, 2 x 2 queued for each receiver, one in the sink.
     assert!(read <= 16_000, "the source kept reading while the sink was stuck: {read} rows");
