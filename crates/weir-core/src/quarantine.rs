@@ -63,10 +63,36 @@ pub struct QuarantinedKey {
     pub until_ms: i64,
 }
 
+/// A change the quarantine tells its listener of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuarantineChange {
+    /// The key was taken out until `until_ms` (wall clock) after `failures` dead letters.
+    Quarantined {
+        /// The key.
+        key: String,
+        /// Dead letters within the window that tipped it over.
+        failures: u32,
+        /// End of the cool-down, ms since the epoch.
+        until_ms: i64,
+    },
+    /// The key is back in: its cool-down ended, or someone released it early.
+    Released {
+        /// The key.
+        key: String,
+        /// Released through the API rather than by its cool-down.
+        early: bool,
+    },
+}
+
+/// Hears of keys going in and out of quarantine (the pipeline turns them into alert events,
+/// so someone learns of a broken device without reading logs). Called outside the
+/// quarantine's lock; it must not block.
+pub type QuarantineListener = Arc<dyn Fn(&QuarantineChange) + Send + Sync>;
+
 /// The quarantine of one job, shared by all workers.
-#[derive(Debug)]
 pub struct Quarantine {
     spec: QuarantineSpec,
+    listener: std::sync::OnceLock<QuarantineListener>,
     book: Mutex<Book>,
     active: AtomicUsize,
     output: Arc<dyn DeadLetterSink>,
@@ -76,11 +102,29 @@ pub struct Quarantine {
     pub released_keys: AtomicU64,
 }
 
+impl std::fmt::Debug for Quarantine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quarantine").field("spec", &self.spec).finish_non_exhaustive()
+    }
+}
+
 impl Quarantine {
+    /// Sets who hears of keys going in and out (once; later calls are ignored).
+    pub fn listen(&self, listener: QuarantineListener) {
+        let _ = self.listener.set(listener);
+    }
+
+    fn tell(&self, change: &QuarantineChange) {
+        if let Some(l) = self.listener.get() {
+            l(change);
+        }
+    }
+
     /// A quarantine writing diverted rows to `output`.
     pub fn new(spec: QuarantineSpec, output: Arc<dyn DeadLetterSink>) -> Self {
         Self {
             spec,
+            listener: std::sync::OnceLock::new(),
             book: Mutex::new(Book::default()),
             active: AtomicUsize::new(0),
             output,
@@ -97,9 +141,10 @@ impl Quarantine {
     /// at most once per [`SWEEP_EVERY`]: without it a stream of ever-new failing keys would
     /// grow the book without end, and a released key that never shows up again would keep
     /// every batch paying for the key lookup.
-    fn sweep(&self, book: &mut Book, now: Instant) {
+    fn sweep(&self, book: &mut Book, now: Instant) -> Vec<QuarantineChange> {
+        let mut released = Vec::new();
         if book.swept.is_some_and(|t| now.saturating_duration_since(t) < SWEEP_EVERY) {
-            return;
+            return released;
         }
         book.swept = Some(now);
         let window = self.spec.window;
@@ -109,12 +154,14 @@ impl Quarantine {
                 self.active.fetch_sub(1, Ordering::Relaxed);
                 self.released_keys.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(key, "Key released from quarantine.");
+                released.push(QuarantineChange::Released { key: key.clone(), early: false });
             }
             while st.failures.front().is_some_and(|t| now.saturating_duration_since(*t) > window) {
                 st.failures.pop_front();
             }
             st.until.is_some() || !st.failures.is_empty()
         });
+        released
     }
 
     /// Keys the quarantine remembers (quarantined, or with failures inside the window).
@@ -125,7 +172,7 @@ impl Quarantine {
     /// The keys quarantined at `now`, with the end of their cool-down, by key.
     pub fn list(&self, now: Instant, now_ms: i64) -> Vec<QuarantinedKey> {
         let mut book = self.lock();
-        self.sweep(&mut book, now);
+        let released = self.sweep(&mut book, now);
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         let mut out: Vec<QuarantinedKey> = book
             .keys
@@ -136,6 +183,8 @@ impl Quarantine {
             })
             .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
+        drop(book);
+        released.iter().for_each(|c| self.tell(c));
         out
     }
 
@@ -148,38 +197,48 @@ impl Quarantine {
             return false;
         }
         book.keys.remove(key);
+        drop(book);
         self.active.fetch_sub(1, Ordering::Relaxed);
         self.released_keys.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(key, "Key released from quarantine early, through the API.");
+        self.tell(&QuarantineChange::Released { key: key.to_string(), early: true });
         true
     }
 
     /// Notes a failure of `key` at `now`; returns true when this failure quarantines it.
     pub fn note_failure(&self, key: &str, now: Instant) -> bool {
         let mut book = self.lock();
-        self.sweep(&mut book, now);
+        let mut changes = self.sweep(&mut book, now);
         let st = book.keys.entry(key.to_string()).or_default();
-        if st.until.is_some_and(|u| u > now) {
-            return false;
+        let mut quarantined = false;
+        if st.until.is_none_or(|u| u <= now) {
+            st.failures.push_back(now);
+            while st.failures.front().is_some_and(|t| now.duration_since(*t) > self.spec.window) {
+                st.failures.pop_front();
+            }
+            if st.failures.len() > self.spec.max_failures as usize {
+                st.failures.clear();
+                st.until = Some(now + self.spec.cool_down);
+                self.active.fetch_add(1, Ordering::Relaxed);
+                self.quarantined_keys.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    key,
+                    failures = self.spec.max_failures + 1,
+                    cool_down_s = self.spec.cool_down.as_secs_f64(),
+                    "Key quarantined: its rows go to the quarantine output."
+                );
+                let cool = i64::try_from(self.spec.cool_down.as_millis()).unwrap_or(i64::MAX);
+                changes.push(QuarantineChange::Quarantined {
+                    key: key.to_string(),
+                    failures: self.spec.max_failures + 1,
+                    until_ms: now_ms().saturating_add(cool),
+                });
+                quarantined = true;
+            }
         }
-        st.failures.push_back(now);
-        while st.failures.front().is_some_and(|t| now.duration_since(*t) > self.spec.window) {
-            st.failures.pop_front();
-        }
-        if st.failures.len() > self.spec.max_failures as usize {
-            st.failures.clear();
-            st.until = Some(now + self.spec.cool_down);
-            self.active.fetch_add(1, Ordering::Relaxed);
-            self.quarantined_keys.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                key,
-                failures = self.spec.max_failures + 1,
-                cool_down_s = self.spec.cool_down.as_secs_f64(),
-                "Key quarantined: its rows go to the quarantine output."
-            );
-            return true;
-        }
-        false
+        drop(book);
+        changes.iter().for_each(|c| self.tell(c));
+        quarantined
     }
 
     /// Whether `key` is quarantined at `now`; releases it when its cool-down has passed.
@@ -187,11 +246,21 @@ impl Quarantine {
         if self.active.load(Ordering::Relaxed) == 0 {
             return false;
         }
-        let mut book = self.lock();
-        self.check(&mut book.keys, key, now)
+        let mut told = Vec::new();
+        let out = self.check(&mut self.lock().keys, key, now, &mut told);
+        told.iter().for_each(|c| self.tell(c));
+        out
     }
 
-    fn check(&self, keys: &mut HashMap<String, KeyState>, key: &str, now: Instant) -> bool {
+    /// Whether `key` is out at `now`; a key whose cool-down ended is released here, and the
+    /// release noted in `told` for the listener.
+    fn check(
+        &self,
+        keys: &mut HashMap<String, KeyState>,
+        key: &str,
+        now: Instant,
+        told: &mut Vec<QuarantineChange>,
+    ) -> bool {
         let Some(st) = keys.get_mut(key) else { return false };
         match st.until {
             Some(u) if u > now => true,
@@ -200,6 +269,7 @@ impl Quarantine {
                 self.active.fetch_sub(1, Ordering::Relaxed);
                 self.released_keys.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(key, "Key released from quarantine.");
+                told.push(QuarantineChange::Released { key: key.to_string(), early: false });
                 false
             }
             None => false,
@@ -222,18 +292,21 @@ impl Quarantine {
             return Ok((batch, 0));
         }
         let now = Instant::now();
-        {
+        let released = {
             let mut book = self.lock();
-            self.sweep(&mut book, now);
-        }
+            self.sweep(&mut book, now)
+        };
+        released.iter().for_each(|c| self.tell(c));
         if self.active() == 0 {
             return Ok((batch, 0));
         }
         let keys = key_texts(&batch.rows, &self.spec.keys)?;
+        let mut told = Vec::new();
         let mask: Vec<bool> = {
             let mut book = self.lock();
-            keys.iter().map(|k| !k.as_deref().is_some_and(|k| self.check(&mut book.keys, k, now))).collect()
+            keys.iter().map(|k| !k.as_deref().is_some_and(|k| self.check(&mut book.keys, k, now, &mut told))).collect()
         };
+        told.iter().for_each(|c| self.tell(c));
         let diverted = mask.iter().filter(|k| !**k).count();
         if diverted == 0 {
             return Ok((batch, 0));
@@ -484,6 +557,25 @@ mod tests {
         assert!(q.list(t0 + Duration::from_secs(61), 61_000).is_empty());
         assert_eq!(q.active(), 0, "divert skips every batch again");
         assert_eq!(q.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn the_listener_hears_keys_go_out_and_come_back() {
+        let q = Quarantine::new(spec(0), Arc::new(MemoryDeadLetters::default()));
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let h = heard.clone();
+        q.listen(Arc::new(move |c: &QuarantineChange| h.lock().unwrap().push(c.clone())));
+        let t0 = Instant::now();
+        q.note_failure("a", t0);
+        q.note_failure("b", t0);
+        assert!(q.release("b", t0 + Duration::from_secs(1)));
+        assert!(!q.is_quarantined("a", t0 + Duration::from_secs(61)));
+        let heard = heard.lock().unwrap().clone();
+        assert!(matches!(&heard[0], QuarantineChange::Quarantined { key, failures: 1, .. } if key == "a"), "{heard:?}");
+        assert!(matches!(&heard[1], QuarantineChange::Quarantined { key, .. } if key == "b"));
+        assert_eq!(heard[2], QuarantineChange::Released { key: "b".into(), early: true });
+        assert_eq!(heard[3], QuarantineChange::Released { key: "a".into(), early: false });
+        assert_eq!(heard.len(), 4);
     }
 
     #[test]

@@ -1,7 +1,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int32Type, Int64Type};
@@ -425,82 +424,6 @@ fn function_list_and_paths() {
     }
     assert!(!f.iter().any(|n| n == "now"));
     assert_eq!(column_paths(&schema()).len(), 8);
-}
-
-/// Throughput on 8192-row batches. Run with
-/// `cargo test -p weir-expr --release -- --ignored --nocapture bench_throughput`.
-///
-/// `readings` is NULL in 1 row of 97; in the "raw" batch its children still
-/// hold values there (worst case: the nulls are folded in on every call), in
-/// the "clean" batch they are NULL too (what arrow-json produces).
-#[test]
-#[ignore]
-fn bench_throughput() {
-    const ROWS: usize = 8192;
-    const ITERS: usize = 2000;
-    let make_batch = |clean: bool| {
-        let parent = NullBuffer::from_iter((0..ROWS).map(|i| !i.is_multiple_of(97)));
-        let valid = |i: usize| !clean || !i.is_multiple_of(97);
-        let temps: Float64Array =
-            (0..ROWS).map(|i| (!i.is_multiple_of(10) && valid(i)).then_some((i % 50) as f64)).collect();
-        let hums: Float64Array = (0..ROWS).map(|i| valid(i).then_some((i % 100) as f64 / 100.0)).collect();
-        let cs: Int32Array = (0..ROWS).map(|i| valid(i).then_some(i as i32)).collect();
-        let readings =
-            StructArray::new(readings_fields(), vec![Arc::new(temps), Arc::new(hums), Arc::new(cs)], Some(parent));
-        RecordBatch::try_new(
-            schema(),
-            vec![
-                Arc::new(StringArray::from_iter_values((0..ROWS).map(|i| format!("dev-{}", i % 64)))),
-                Arc::new(Int64Array::from_iter_values(0..ROWS as i64)),
-                Arc::new(readings),
-                Arc::new(StringArray::from_iter((0..ROWS).map(|i| (!i.is_multiple_of(3)).then_some("on")))),
-                Arc::new(Int32Array::from_iter_values(0..ROWS as i32)),
-                Arc::new(BooleanArray::from_iter((0..ROWS).map(|i| Some(i.is_multiple_of(2))))),
-            ],
-        )
-        .unwrap()
-    };
-    let s = schema();
-
-    let rate = |label: &str, f: &dyn Fn() -> usize| {
-        let mut sink = 0;
-        for _ in 0..50 {
-            sink += f();
-        }
-        let start = Instant::now();
-        for _ in 0..ITERS {
-            sink += f();
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let rows = (ROWS * ITERS) as f64;
-        eprintln!(
-            "{label:<72} {:>8.1} M rows/s  ({:>6.1} us/batch) [{sink}]",
-            rows / secs / 1e6,
-            secs / ITERS as f64 * 1e6
-        );
-    };
-
-    for (kind, b) in [("raw", make_batch(false)), ("clean", make_batch(true))] {
-        for sql in [
-            "readings.temp > 25.0",
-            "readings.temp > 25.0 AND status = 'on'",
-            "device_id IN ('dev-1', 'dev-2', 'dev-3')",
-        ] {
-            let p = Predicate::compile(sql, &s).unwrap();
-            rate(&format!("{kind:<5} filter {sql}"), &|| p.evaluate(&b).unwrap().true_count());
-        }
-        for items in [
-            vec!["device_id", "ts", "readings.temp"],
-            vec!["*", "readings.temp * 1.8 + 32 AS temp_f"],
-            vec!["device_id", "readings.temp * 1.8 + 32 AS temp_f", "upper(status) AS s"],
-        ] {
-            let items: Vec<String> = items.iter().map(|s| s.to_string()).collect();
-            let (projs, out) = compile_projections(&items, &s).unwrap();
-            rate(&format!("{kind:<5} project {}", items.join(", ")), &|| {
-                project(&b, &projs, &out).unwrap().num_columns()
-            });
-        }
-    }
 }
 
 #[test]

@@ -297,6 +297,68 @@ struct AlertHub {
     live: Arc<weir_connectors::alerting::LiveAlerts>,
 }
 
+/// Planned steps: the stages, the schema reaching the sink, and each `alert` step's notifiers.
+type PlannedSteps = (Vec<StageSpec>, SchemaRef, Vec<(String, Vec<Arc<dyn weir_ops::alerts::AlertNotify>>)>);
+
+/// Turns keys going in and out of quarantine into alert events of rule `quarantine`, sent
+/// through the first `alert` step's routes and live stream: someone learns of a device that
+/// keeps failing without reading logs. The events go around the step's book (they are about
+/// the pipeline's input, not a detection), so they are not acknowledged through the API; the
+/// quarantine API lists and releases the keys.
+fn quarantine_alerts(
+    step: String,
+    notify: Vec<Arc<dyn weir_ops::alerts::AlertNotify>>,
+) -> weir_core::quarantine::QuarantineListener {
+    use weir_core::quarantine::QuarantineChange;
+    use weir_ops::alerts::{Alert, AlertEvent, AlertNotice, AlertState};
+    Arc::new(move |change: &QuarantineChange| {
+        let now = weir_core::deadletter::now_ms();
+        let (key, event, count, labels) = match change {
+            QuarantineChange::Quarantined { key, failures, until_ms } => (
+                key,
+                AlertEvent::Fired,
+                u64::from(*failures),
+                [("until_ms".to_string(), until_ms.to_string())].into_iter().collect(),
+            ),
+            QuarantineChange::Released { key, early } => (
+                key,
+                AlertEvent::Resolved,
+                0,
+                [("released".to_string(), if *early { "early" } else { "cool_down" }.to_string())]
+                    .into_iter()
+                    .collect(),
+            ),
+        };
+        let resolved = event == AlertEvent::Resolved;
+        let notice = AlertNotice {
+            step: step.clone(),
+            event,
+            alert: Alert {
+                id: format!("quarantine/{key}"),
+                key: key.clone(),
+                rule: "quarantine".into(),
+                severity: "warning".into(),
+                value: None,
+                score: count as f64,
+                first_seen: now,
+                last_seen: now,
+                count,
+                state: if resolved { AlertState::Resolved } else { AlertState::Firing },
+                escalated: false,
+                fired_at: now,
+                last_anomaly_at: now,
+                resolved_at: resolved.then_some(now),
+                clear_count: 0,
+                labels,
+            },
+            at: now,
+        };
+        for n in &notify {
+            n.notify(&notice);
+        }
+    })
+}
+
 /// How to run a pipeline.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -598,8 +660,9 @@ impl BuiltPipeline {
 
     /// Plans the steps on a schema: returns, per stage, its key and operators, and the final
     /// schema.
-    fn plan_steps(&self, schema: &SchemaRef, _workers: usize, append: bool) -> Result<(Vec<StageSpec>, SchemaRef)> {
+    fn plan_steps(&self, schema: &SchemaRef, _workers: usize, append: bool) -> Result<PlannedSteps> {
         let mut stages = vec![StageSpec { key: None, ops: Vec::new() }];
+        let mut notifiers: Vec<(String, Vec<Arc<dyn weir_ops::alerts::AlertNotify>>)> = Vec::new();
         let mut schema = schema.clone();
         let mut keys: Vec<String> = Vec::new();
         let mut keyed = false;
@@ -639,6 +702,7 @@ impl BuiltPipeline {
                         Planned::Op(f, o)
                     }
                     OpSpec::Alert(a) => {
+                        notifiers.push((s.id().to_string(), a.notify.clone()));
                         let (f, o) = a.plan(&schema)?;
                         Planned::Op(f, o)
                     }
@@ -671,7 +735,7 @@ impl BuiltPipeline {
                 }
             }
         }
-        Ok((stages, schema))
+        Ok((stages, schema, notifiers))
     }
 
     /// Resolves the source schema (inferring it when needed, which reads the input), compiles
@@ -837,7 +901,8 @@ impl BuiltPipeline {
             weir_ops::field_by_path(&schema, &et.column)
                 .map_err(|e| CoreError::Config(format!("event_time: {e}")).in_step(&source_step))?;
         }
-        let (stages, out_schema) = self.plan_steps(&schema, workers, c.checkpoints.is_some() && !opts.fresh)?;
+        let (stages, out_schema, notifiers) =
+            self.plan_steps(&schema, workers, c.checkpoints.is_some() && !opts.fresh)?;
         let sink_step = StepId::new(&c.sink.id);
         // A run resuming from checkpoints keeps what earlier runs wrote to its side files.
         let resuming = c.checkpoints.is_some() && !opts.fresh;
@@ -905,6 +970,9 @@ impl BuiltPipeline {
             Some(spec) => {
                 let output = entries(&c.quarantine.output, &c.quarantine.kafka, "quarantine")?;
                 let q = Arc::new(Quarantine::new(spec, output));
+                if let Some((step, notify)) = notifiers.first().cloned() {
+                    q.listen(quarantine_alerts(step, notify));
+                }
                 dead = Arc::new(QuarantiningDeadLetters { inner: dead.clone(), quarantine: q.clone() });
                 Some(q)
             }

@@ -345,3 +345,64 @@ fn load_shedding_drops_only_picked_rows_and_counts_them() {
     assert_eq!(source.shed as usize + rows.len(), 3000);
     assert!(source.balanced(), "{source:?}");
 }
+
+/// A quarantined key raises an alert event (rule `quarantine`) through the pipeline's alert
+/// routes, so someone hears of the broken device without reading logs.
+#[test]
+fn a_quarantined_key_raises_an_alert_through_the_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let mut text = String::new();
+    for i in 0..200i64 {
+        let ts = 1_700_000_000_000 + i * 10;
+        if i % 4 == 0 {
+            text.push_str("{\"device_id\":\"broken\",\"ts\":\"never\",\"readings\":{\"temp\":1.0}}\n");
+        } else {
+            text.push_str(&format!("{{\"device_id\":\"ok-{}\",\"ts\":{ts},\"readings\":{{\"temp\":1.0}}}}\n", i % 3));
+        }
+    }
+    std::fs::write(&input, text).unwrap();
+    let events = dir.path().join("events.jsonl");
+    let yaml = format!(
+        r#"
+name: quarantine-alerts
+source:
+  id: in
+  file: {{ path: "{input}" }}
+  schema:
+    fields:
+      - {{ name: device_id, type: string }}
+      - {{ name: ts, type: int64 }}
+      - {{ name: readings, type: struct, fields: [ {{ name: temp, type: float64 }} ] }}
+  event_time: {{ column: ts, format: ms }}
+  batch_size: 16
+steps:
+  - key_by: {{ id: by-device, keys: [device_id] }}
+  - detect: {{ id: rules, rules: [ {{ name: hot, threshold: {{ value: readings.temp, above: 1000.0 }} }} ] }}
+  - alert:
+      id: alerts
+      routes:
+        - {{ name: log, file: {{ path: "{events}" }} }}
+sink: {{ id: out, file: {{ path: "{out}" }} }}
+dead_letters: {{ path: "{dead}" }}
+quarantine: {{ max_dead_letters: 3, within: 1h, cool_down: 1h, output: "{quar}" }}
+"#,
+        input = input.display(),
+        events = events.display(),
+        out = dir.path().join("out.jsonl").display(),
+        dead = dir.path().join("dead.jsonl").display(),
+        quar = dir.path().join("q.jsonl").display(),
+    );
+    let cfg = weir::yaml::parse("q.yaml", &yaml).unwrap();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(
+            Pipeline::from_config(cfg).build().unwrap().run(&RunOptions { workers: Some(1), ..Default::default() }),
+        )
+        .unwrap();
+    let got = read_jsonl(&events);
+    let q: Vec<_> = got.iter().filter(|e| e["rule"] == "quarantine").collect();
+    assert_eq!(q.len(), 1, "{got:?}");
+    assert_eq!((q[0]["event"].as_str(), q[0]["key"].as_str()), (Some("fired"), Some("broken")), "{}", q[0]);
+    assert_eq!(q[0]["alert_id"], "quarantine/broken");
+}
