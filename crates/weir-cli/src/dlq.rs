@@ -86,29 +86,50 @@ pub(crate) fn render(s: &Stats, top: usize) -> String {
     out
 }
 
-/// Dead letters chosen for replay: their raw payloads, ready to be read as records again.
+/// Dead letters chosen for replay.
 #[derive(Debug, Default)]
 pub(crate) struct Replay {
-    /// The payloads, one record per line.
+    /// The raw payloads of records that failed before decoding (kinds `decode`, `schema`,
+    /// `event_time`, `clock`), one record per line: they go through the whole pipeline again.
     pub(crate) records: Vec<u8>,
+    /// Rows that failed after decoding (kinds `sink`, `function`, `expression`,
+    /// `quarantined`), as JSON objects, by the step that failed them: they go back in at that
+    /// step (the source's id for quarantined rows, the sink's for rows it refused).
+    pub(crate) rows: BTreeMap<String, Vec<String>>,
     /// Entries taken.
     pub(crate) taken: u64,
-    /// Entries skipped: other kinds or steps, rows that failed after decoding (their payload
-    /// is a rendered row, not a record of the source), payloads holding a line break.
+    /// Entries skipped: other kinds, unreadable lines, payloads holding a line break.
     pub(crate) skipped: u64,
 }
 
-/// Reads the entries of `path` whose kind is in `kinds` (all when empty).
-pub(crate) fn replay_records(path: &std::path::Path, kinds: &[String]) -> std::io::Result<Replay> {
+/// The dead-letter entries of a file, or of a Kafka topic (`kafka://host:port[,host:port]/topic`,
+/// read from its start to its end as of now).
+pub(crate) fn read_entries(from: &str) -> Result<Vec<String>, String> {
+    if let Some(rest) = from.strip_prefix("kafka://") {
+        let (brokers, topic) =
+            rest.rsplit_once('/').ok_or_else(|| format!("`{from}`: expected kafka://host:port/topic"))?;
+        let client =
+            weir::connectors::kafka::KafkaClientConfig { brokers: brokers.into(), properties: Default::default() };
+        let records = weir::connectors::kafka::read_topic(&client, topic, std::time::Duration::from_secs(30))
+            .map_err(|e| e.to_string())?;
+        return Ok(records.into_iter().map(|r| String::from_utf8_lossy(&r).into_owned()).collect());
+    }
+    let f = std::fs::File::open(from).map_err(|e| format!("cannot read dead-letter file `{from}`: {e}"))?;
+    std::io::BufReader::new(f)
+        .lines()
+        .collect::<std::io::Result<Vec<String>>>()
+        .map_err(|e| format!("cannot read dead-letter file `{from}`: {e}"))
+}
+
+/// Picks the entries whose kind is in `kinds` (all when empty) for replay.
+pub(crate) fn replay_records(entries: &[String], kinds: &[String]) -> Replay {
     use base64::Engine as _;
-    let f = std::fs::File::open(path)?;
     let mut r = Replay::default();
-    for line in std::io::BufReader::new(f).lines() {
-        let line = line?;
+    for line in entries {
         if line.trim().is_empty() {
             continue;
         }
-        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
             r.skipped += 1;
             continue;
         };
@@ -127,6 +148,12 @@ pub(crate) fn replay_records(path: &std::path::Path, kinds: &[String]) -> std::i
                     continue;
                 }
             },
+            Some("json") if !payload.contains('\n') => {
+                let step = v["step"].as_str().unwrap_or_default().to_string();
+                r.rows.entry(step).or_default().push(payload.to_string());
+                r.taken += 1;
+                continue;
+            }
             _ => {
                 r.skipped += 1;
                 continue;
@@ -140,5 +167,5 @@ pub(crate) fn replay_records(path: &std::path::Path, kinds: &[String]) -> std::i
         r.records.push(b'\n');
         r.taken += 1;
     }
-    Ok(r)
+    r
 }

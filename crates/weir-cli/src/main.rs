@@ -132,15 +132,18 @@ enum DlqCmd {
     /// Feed the records of a dead-letter file back into a (fixed) pipeline. The pipeline's
     /// source is replaced by the dead letters, read in the source's format.
     Replay {
-        /// The dead-letter file.
-        file: PathBuf,
+        /// The dead-letter file, or a dead-letter topic: kafka://host:port[,host:port]/topic.
+        file: String,
         /// The pipeline to run them through.
         #[arg(long)]
         pipeline: PathBuf,
-        /// Only these kinds (decode, schema, event_time, clock); default: all with a record.
+        /// Only these kinds (decode, schema, event_time, clock: records, through the whole
+        /// pipeline; expression, function, sink, quarantined: rows, back in at the step that
+        /// failed them); default: all.
         #[arg(long, value_delimiter = ',')]
         kind: Vec<String>,
-        /// Where results go when the sink is a file (required then: the sink would replace it).
+        /// Where results go when the sink is a file (required then: the sink would replace it;
+        /// with several groups of dead letters, one file each: OUTPUT.0, OUTPUT.1, ...).
         #[arg(long)]
         output: Option<String>,
         /// Where the replay's own dead letters go (default: FILE with `.replay.jsonl`).
@@ -346,7 +349,7 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
 }
 
 fn replay(
-    file: &std::path::Path,
+    from: &str,
     pipeline: &PathBuf,
     kinds: &[String],
     output: Option<String>,
@@ -354,48 +357,152 @@ fn replay(
     workers: Option<usize>,
 ) -> Result<(), Failure> {
     let (built, _) = load(pipeline)?;
-    let mut cfg = built.config().clone();
-    let format = match (&cfg.source.file, &cfg.source.stdin) {
-        (Some(f), _) => f.format,
-        (_, Some(s)) => s.format,
-        _ => return Err(Failure::Config("replay needs a pipeline whose source reads records (file or stdin)".into())),
-    };
-    if matches!(format, FormatSpec::MsgPack) {
-        return Err(Failure::Config(
-            "replay feeds records back one per line; a msgpack source cannot read them".into(),
-        ));
-    }
-    let picked = dlq::replay_records(file, kinds)
-        .map_err(|e| Failure::Config(format!("cannot read dead-letter file `{}`: {e}", file.display())))?;
+    let base = built.config().clone();
+    let entries = dlq::read_entries(from).map_err(Failure::Config)?;
+    let picked = dlq::replay_records(&entries, kinds);
+    eprintln!("replaying {} dead letters ({} skipped) through {}", picked.taken, picked.skipped, pipeline.display());
     let dir = std::env::temp_dir().join(format!("weir-replay-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| Failure::Run(e.into()))?;
-    let records = dir.join("records");
-    std::fs::write(&records, &picked.records).map_err(|e| Failure::Run(e.into()))?;
-    let mut src = FileSourceSettings::new(records.display().to_string(), format);
-    src.chunk_size = cfg.source.file.as_ref().map_or(src.chunk_size, |f| f.chunk_size);
-    cfg.source.file = Some(src);
-    cfg.source.stdin = None;
-    match (&mut cfg.sink.file, output) {
-        (Some(f), Some(o)) => f.path = o,
-        (Some(f), None) => {
-            return Err(Failure::Config(format!(
-                "the pipeline writes `{}`, which the replay would replace; give --output",
-                f.path
-            )))
-        }
-        (None, _) => {}
-    }
-    cfg.dead_letters.path = dead_letters.unwrap_or_else(|| format!("{}.replay.jsonl", file.display()));
-    eprintln!("replaying {} dead letters ({} skipped) through {}", picked.taken, picked.skipped, pipeline.display());
-    let built = Pipeline::from_config(cfg).build()?;
-    let opts = RunOptions { workers, ..Default::default() };
-    let spec = built.plan(&opts)?;
-    let workers = spec.workers;
-    let rt = runtime(workers)?;
-    let summary = rt.block_on(async move { Job::new(spec)?.run().await });
+    let result = replay_groups(&base, &picked, &dir, from, output, dead_letters, workers);
     let _ = std::fs::remove_dir_all(&dir);
-    eprint!("{}", weir::report::summary(&summary?, workers));
+    let (summaries, workers) = result?;
+    for (label, s) in summaries {
+        eprintln!("-- {label}");
+        eprint!("{}", weir::report::summary(&s, workers));
+    }
     Ok(())
+}
+
+/// Runs each group of picked dead letters: records through the whole pipeline, and the rows of
+/// each step from that step on (after the `key_by` before it), with the rows' schema taken from
+/// planning the steps before. Replays take no checkpoints (they would resume the pipeline's).
+fn replay_groups(
+    base: &PipelineConfig,
+    picked: &dlq::Replay,
+    dir: &std::path::Path,
+    from: &str,
+    output: Option<String>,
+    dead_letters: Option<String>,
+    workers: Option<usize>,
+) -> Result<(Vec<(String, RunSummary)>, usize), Failure> {
+    let mut groups: Vec<(String, PipelineConfig)> = Vec::new();
+    if !picked.records.is_empty() {
+        let format = match (&base.source.file, &base.source.stdin) {
+            (Some(f), _) => f.format,
+            (_, Some(s)) => s.format,
+            _ => {
+                return Err(Failure::Config(
+                    "replaying records needs a pipeline whose source reads records (file or stdin); rows that failed after decoding replay through any source".into(),
+                ))
+            }
+        };
+        if matches!(format, FormatSpec::MsgPack) {
+            return Err(Failure::Config(
+                "replay feeds records back one per line; a msgpack source cannot read them".into(),
+            ));
+        }
+        let records = dir.join("records");
+        std::fs::write(&records, &picked.records).map_err(|e| Failure::Run(e.into()))?;
+        let mut cfg = base.clone();
+        let mut src = FileSourceSettings::new(records.display().to_string(), format);
+        src.chunk_size = base.source.file.as_ref().map_or(src.chunk_size, |f| f.chunk_size);
+        cfg.source.file = Some(src);
+        cfg.source.stdin = None;
+        groups.push(("records, through the whole pipeline".into(), cfg));
+    }
+    for (i, (step, rows)) in picked.rows.iter().enumerate() {
+        let path = dir.join(format!("rows-{i}.jsonl"));
+        std::fs::write(&path, rows.join("\n") + "\n").map_err(|e| Failure::Run(e.into()))?;
+        groups.push((format!("rows, back in at step `{step}`"), rows_config(base, step, &path)?));
+    }
+    let n = groups.len();
+    let sink_file = base.sink.file.as_ref().map(|f| f.path.clone());
+    let mut out = Vec::new();
+    let mut used_workers = 1;
+    for (g, (label, mut cfg)) in groups.into_iter().enumerate() {
+        cfg.checkpoints = None;
+        match (&mut cfg.sink.file, &output) {
+            // Several groups: one output file each (a file sink replaces its file).
+            (Some(f), Some(o)) => f.path = if n > 1 { format!("{o}.{g}") } else { o.clone() },
+            (Some(_), None) => {
+                return Err(Failure::Config(format!(
+                    "the pipeline writes `{}`, which the replay would replace; give --output",
+                    sink_file.clone().unwrap_or_default()
+                )))
+            }
+            (None, _) => {}
+        }
+        cfg.dead_letters.path = match (&dead_letters, n) {
+            (Some(d), 1) => d.clone(),
+            (Some(d), _) => format!("{d}.{g}"),
+            (None, _) => {
+                let stem = match from.strip_prefix("kafka://").and_then(|r| r.rsplit_once('/')) {
+                    Some((_, topic)) => format!("{topic}-dead-letters"),
+                    None => from.to_string(),
+                };
+                format!("{stem}.replay{}.jsonl", if n > 1 { format!(".{g}") } else { String::new() })
+            }
+        };
+        if let Some(f) = &cfg.sink.file {
+            eprintln!("{label}: results to {}", f.path);
+        }
+        let built = Pipeline::from_config(cfg).build()?;
+        let spec = built.plan(&RunOptions { workers, ..Default::default() })?;
+        used_workers = spec.workers;
+        let rt = runtime(spec.workers)?;
+        out.push((label, rt.block_on(async move { Job::new(spec)?.run().await })?));
+    }
+    Ok((out, used_workers))
+}
+
+/// A pipeline that takes rows that failed at `step` back in there: its source reads them
+/// (JSON, with the schema the steps before `step` produce), followed by the `key_by` before
+/// `step` (so keyed steps stay keyed) and the steps from `step` on.
+fn rows_config(base: &PipelineConfig, step: &str, rows: &std::path::Path) -> Result<PipelineConfig, Failure> {
+    let at = if step == base.sink.id {
+        base.steps.len()
+    } else if step == base.source.id {
+        0
+    } else {
+        base.steps.iter().position(|s| s.id() == step).ok_or_else(|| {
+            Failure::Config(format!("the dead letters name step `{step}`, which the pipeline does not have"))
+        })?
+    };
+    let mut probe = base.clone();
+    probe.steps.truncate(at);
+    probe.sink = SinkConfig::new("replay-probe", SinkConnector::Stdout(StdoutSettings { format: FormatSpec::Json }));
+    probe.checkpoints = None;
+    let schema = Pipeline::from_config(probe)
+        .build()
+        .and_then(|b| b.check(&RunOptions { workers: Some(1), ..Default::default() }))
+        .map_err(|e| {
+            Failure::Config(format!(
+                "cannot tell the schema of the rows that failed at `{step}` ({e}); declare the source's schema"
+            ))
+        })?;
+    let spec = SchemaSpec::from_arrow(&schema)
+        .map_err(|e| Failure::Config(format!("the rows that failed at `{step}` cannot be read back: {e}")))?;
+    let mut cfg = base.clone();
+    let key_by = base.steps[..at].iter().rev().find(|s| matches!(s, StepConfig::KeyBy(_))).cloned().map(|mut k| {
+        if let StepConfig::KeyBy(k) = &mut k {
+            k.repartition = None;
+        }
+        k
+    });
+    cfg.steps = key_by.into_iter().chain(base.steps[at..].iter().cloned()).collect();
+    let mut source = SourceConfig::new(
+        base.source.id.clone(),
+        SourceConnector::File(FileSourceSettings::new(rows.display().to_string(), FormatSpec::Json)),
+    );
+    source.schema = Some(spec);
+    source.event_time = base
+        .source
+        .event_time
+        .clone()
+        .filter(|et| schema.field_with_name(et.column.split('.').next().unwrap_or_default()).is_ok());
+    source.watermark = base.source.watermark.clone();
+    cfg.source = source;
+    Ok(cfg)
 }
 
 async fn wait_signal() {

@@ -26,6 +26,8 @@ pub mod report;
 pub mod yaml;
 
 pub use pipeline::{BuiltPipeline, CustomStep, Functions, Pipeline, RunOptions};
+/// The connectors, for tools built on the engine (`weir dlq replay` reads dead-letter topics).
+pub use weir_connectors as connectors;
 pub use weir_core::{CoreError, Result};
 
 /// The names most pipelines need.

@@ -373,3 +373,65 @@ fn relative_paths_are_resolved_against_the_pipeline_folder() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(dir.path().join("mine.jsonl").exists(), "a path from the environment is the caller's");
 }
+
+/// Rows diverted by the quarantine (or refused by a sink, or failed by a step) are replayed
+/// as rows, back in at the step that failed them, from a dead-letter file or topic.
+#[test]
+fn dlq_replay_feeds_rows_back_in_from_a_file_or_a_kafka_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let mut text = String::new();
+    for i in 0..400i64 {
+        let ts = 1_700_000_000_000 + i * 10;
+        match i % 8 {
+            0 => text.push_str("{\"device_id\":\"broken\",\"ts\":\"never\",\"readings\":{\"temp\":1.0}}\n"),
+            4 => text.push_str(&format!("{{\"device_id\":\"broken\",\"ts\":{ts},\"readings\":{{\"temp\":2.5}}}}\n")),
+            _ => text.push_str(&format!("{{\"device_id\":\"ok-{}\",\"ts\":{ts},\"readings\":{{\"temp\":1.0}}}}\n", i % 3)),
+        }
+    }
+    std::fs::write(&input, text).unwrap();
+    let quar = dir.path().join("q.jsonl");
+    let p = dir.path().join("p.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "name: p\nsource:\n  id: in\n  file: {{path: \"{}\"}}\n  batch_size: 16\n  schema:\n    fields:\n      - {{name: device_id, type: string}}\n      - {{name: ts, type: int64}}\n      - {{name: readings, type: struct, fields: [{{name: temp, type: float64}}]}}\n  event_time: {{column: ts}}\nsteps:\n  - key_by: {{id: by-device, keys: [device_id]}}\n  - select: {{id: cols, columns: [device_id, ts, readings.temp AS temp]}}\nsink:\n  id: out\n  file: {{path: \"{}\"}}\ndead_letters: {{path: \"{}\"}}\nquarantine: {{max_dead_letters: 3, within: 1h, cool_down: 1h, output: \"{}\"}}\n",
+            input.display(),
+            dir.path().join("out.jsonl").display(),
+            dir.path().join("dead.jsonl").display(),
+            quar.display()
+        ),
+    )
+    .unwrap();
+    let o = weir(&["run", p.to_str().unwrap(), "--quiet"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let diverted = std::fs::read_to_string(&quar).unwrap();
+    let n = diverted.lines().count();
+    assert!(n > 10 && diverted.lines().all(|l| l.contains("\"kind\":\"quarantined\"")), "{diverted}");
+
+    let check = |out: &Path| {
+        let rows: Vec<serde_json::Value> =
+            std::fs::read_to_string(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(rows.len(), n, "every diverted row comes out of the replay");
+        assert!(rows.iter().all(|r| r["device_id"] == "broken" && r["temp"] == 2.5), "{rows:?}");
+    };
+    let out = dir.path().join("replayed.jsonl");
+    let o = weir(
+        &["dlq", "replay", quar.to_str().unwrap(), "--pipeline", p.to_str().unwrap(), "--output", out.to_str().unwrap()],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("rows, back in at step `in`"), "{}", stderr(&o));
+    check(&out);
+
+    // The same entries in a dead-letter topic.
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    mock.create_topic("dlq", 2, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    kafka_crash::produce(&brokers, "dlq", &quar);
+    let out = dir.path().join("from-kafka.jsonl");
+    let from = format!("kafka://{brokers}/dlq");
+    let o = weir(&["dlq", "replay", &from, "--pipeline", p.to_str().unwrap(), "--output", out.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    check(&out);
+}

@@ -108,3 +108,73 @@ impl DeadLetterSink for KafkaDeadLetters {
         Ok(())
     }
 }
+
+/// Every record of `topic` from its start to its end as of now, in partition then offset
+/// order (what `weir dlq replay` reads from a dead-letter topic). Reads with a consumer of its
+/// own that joins no group and commits nothing.
+///
+/// # Errors
+/// A topic that does not exist, or brokers that do not answer within `timeout`.
+pub fn read_topic(
+    client: &KafkaClientConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<Vec<u8>>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::{Message as _, Offset, TopicPartitionList};
+    let c: BaseConsumer<Logging> = client
+        .client_config(&[
+            ("group.id", format!("weir-dlq-replay-{}", std::process::id())),
+            ("enable.auto.commit", "false".into()),
+            ("enable.partition.eof", "false".into()),
+        ])
+        .create_with_context(Logging { what: "dlq replay".into() })
+        .map_err(|e| kafka_err("kafka: cannot create the dead-letter reader", &e))?;
+    let meta = c.fetch_metadata(Some(topic), timeout).map_err(|e| kafka_err(format!("kafka: topic `{topic}`"), &e))?;
+    let parts: Vec<i32> = meta
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    if parts.is_empty() {
+        return Err(CoreError::Config(format!(
+            "kafka: topic `{topic}` does not exist or has no partitions"
+        )));
+    }
+    let mut ends = std::collections::BTreeMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in &parts {
+        let (low, high) = c
+            .fetch_watermarks(topic, *p, timeout)
+            .map_err(|e| kafka_err(format!("kafka: the ends of `{topic}`/{p}"), &e))?;
+        if high > low {
+            ends.insert(*p, high);
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)
+                .map_err(|e| kafka_err("kafka: assigning the dead-letter topic", &e))?;
+        }
+    }
+    let mut by_part: std::collections::BTreeMap<i32, Vec<Vec<u8>>> = std::collections::BTreeMap::new();
+    if ends.is_empty() {
+        return Ok(Vec::new());
+    }
+    c.assign(&tpl).map_err(|e| kafka_err("kafka: assigning the dead-letter topic", &e))?;
+    let deadline = std::time::Instant::now() + timeout;
+    while !ends.is_empty() {
+        if std::time::Instant::now() > deadline {
+            return Err(CoreError::Other {
+                message: format!("kafka: reading `{topic}` to its end took over {timeout:?}"),
+                blame: weir_core::Blame::External,
+                retry: weir_core::Retry::Backoff,
+            });
+        }
+        let Some(m) = c.poll(Duration::from_millis(200)) else { continue };
+        let m = m.map_err(|e| kafka_err(format!("kafka: reading `{topic}`"), &e))?;
+        let p = m.partition();
+        by_part.entry(p).or_default().push(m.payload().unwrap_or_default().to_vec());
+        if ends.get(&p).is_some_and(|end| m.offset() + 1 >= *end) {
+            ends.remove(&p);
+        }
+    }
+    Ok(by_part.into_values().flatten().collect())
+}

@@ -14,7 +14,7 @@ mod source;
 mod txn;
 
 pub use client::{redacted, KafkaClientConfig};
-pub use deadletter::KafkaDeadLetters;
+pub use deadletter::{read_topic, KafkaDeadLetters};
 pub use sink::{KafkaSinkConfig, KafkaSinkFactory, KafkaSinkMode, KafkaTopicSpec, KafkaTransactionSettings};
 pub use source::{KafkaMetadataColumns, KafkaSourceConfig, KafkaSourceFactory, KafkaStart};
 pub use txn::TransactionalOffsets;
