@@ -418,7 +418,8 @@ class Pipeline:
         return self._step("ewma_zscore", _clean({"id": id, "value": value, "alpha": alpha, "threshold": threshold,
                                                   "warmup": warmup, "state_ttl": ttl}))
 
-    def detect(self, id: str, rules: Sequence[Json], *, emit: str = "anomalies") -> "Pipeline":
+    def detect(self, id: str, rules: Sequence[Json], *, emit: str = "anomalies",
+               state_ttl: Optional[Duration] = None) -> "Pipeline":
         """Keyed detection rules (after :meth:`key_by`), in the YAML form, e.g.
         ``{"name": "hot", "severity": "critical", "threshold": {"value": "readings.temp", "above": 35}}``;
         kinds: ``threshold``, ``ewma``, ``mad``, ``rate_of_change``, ``silence``, and ``model``
@@ -429,7 +430,10 @@ class Pipeline:
             if "silence" in r and "timeout" in r["silence"]:
                 r["silence"] = {**r["silence"], "timeout": _duration(r["silence"]["timeout"])}
             out.append(r)
-        return self._step("detect", {"id": id, "emit": emit, "rules": out})
+        d: Json = {"id": id, "emit": emit, "rules": out}
+        if state_ttl is not None:
+            d["state_ttl"] = _duration(state_ttl)
+        return self._step("detect", d)
 
     def alert(self, id: str, *, resolve_after: Duration = "60s", resolve_after_count: Optional[int] = None,
               cool_down: Duration = "5m", escalate_after: Optional[Duration] = None, escalate_to: str = "critical",

@@ -119,6 +119,9 @@ pub struct DetectSpec {
     pub rules: Vec<RuleSpec>,
     /// Emit normal evaluations too.
     pub emit_all: bool,
+    /// Keys not seen for this long (event time) are forgotten; a key still awaited by a
+    /// `silence` rule stays until that rule has fired.
+    pub state_ttl: Option<std::time::Duration>,
 }
 
 /// The detection columns after the keys.
@@ -262,8 +265,9 @@ impl OperatorFactory for DetectFactory {
         Ok(Box::new(DetectOp {
             spec: self.spec.clone(),
             out: self.out.clone(),
-            keys: KeyInterner::new(&self.key_types)?,
+            keys: KeyInterner::new(&self.key_types)?.with_ttl(self.spec.state_ttl),
             state: Vec::new(),
+            vacant: std::collections::HashSet::new(),
             tick,
         }))
     }
@@ -539,6 +543,9 @@ struct DetectOp {
     keys: KeyInterner,
     /// Per key id, per rule.
     state: Vec<Vec<RuleState>>,
+    /// Ids of forgotten keys (`state_ttl`) no new key has taken yet: their state is not
+    /// snapshotted, nor watched by `silence` rules.
+    vacant: std::collections::HashSet<u32>,
     tick: Option<std::time::Duration>,
 }
 
@@ -603,10 +610,18 @@ impl DetectOp {
 impl Operator for DetectOp {
     fn process(&mut self, batch: Batch, cx: &mut OpContext<'_>) -> Result<()> {
         let kc = key_columns(&batch.rows, &self.spec.keys)?;
-        let ids = self.keys.intern(&kc)?.to_vec();
+        let ids = self.keys.intern_at(&kc, Some(&batch.time))?.to_vec();
         let now = now_ms();
         if let Some(&max) = ids.iter().max() {
             self.ensure_key(max as usize, now);
+        }
+        if !self.vacant.is_empty() {
+            // A new key took a forgotten key's id: it starts afresh.
+            for id in &ids {
+                if self.vacant.remove(id) {
+                    self.state[*id as usize] = self.spec.rules.iter().map(|r| RuleState::new(&r.kind, now)).collect();
+                }
+            }
         }
         let mut values: Vec<Option<Float64Array>> = Vec::with_capacity(self.spec.rules.len());
         let mut scores: Vec<Option<Vec<Option<f32>>>> = Vec::with_capacity(self.spec.rules.len());
@@ -662,9 +677,27 @@ impl Operator for DetectOp {
         self.emit(out, cx)
     }
 
+    fn on_watermark(&mut self, wm: i64, cx: &mut OpContext<'_>) -> Result<()> {
+        if self.spec.state_ttl.is_some() && wm != weir_core::batch::END_OF_TIME {
+            // A key a silence rule still waits on stays until the rule has fired.
+            let state = &self.state;
+            let gone = self.keys.expire(wm, |id| {
+                state
+                    .get(id as usize)
+                    .is_some_and(|rules| rules.iter().any(|s| matches!(s, RuleState::Silence { fired: false, .. })))
+            });
+            crate::note_expired(cx, gone.len(), self.keys.len());
+            self.vacant.extend(gone);
+        }
+        Ok(())
+    }
+
     fn on_tick(&mut self, now_ms: i64, cx: &mut OpContext<'_>) -> Result<()> {
         let mut out = Detections::default();
         for (k, rules) in self.state.iter_mut().enumerate() {
+            if self.vacant.contains(&(k as u32)) {
+                continue;
+            }
             for (r, state) in rules.iter_mut().enumerate() {
                 let (RuleState::Silence { last_seen_ms, fired }, RuleKind::Silence { timeout_ms }) =
                     (state, &self.spec.rules[r].kind)
@@ -689,6 +722,9 @@ impl Operator for DetectOp {
     fn snapshot(&mut self) -> Result<Option<RecordBatch>> {
         let (mut ids, mut rules, mut blobs) = (Vec::new(), Vec::new(), Vec::new());
         for (k, states) in self.state.iter().enumerate() {
+            if self.vacant.contains(&(k as u32)) {
+                continue;
+            }
             for (r, s) in states.iter().enumerate() {
                 ids.push(k as u32);
                 rules.push(r as u32);
@@ -851,7 +887,7 @@ mod tests {
             Field::new("k", DataType::Utf8, false),
             Field::new("v", DataType::Float64, true),
         ]));
-        let spec = DetectSpec { keys: vec!["k".into()], rules, emit_all: false };
+        let spec = DetectSpec { keys: vec!["k".into()], rules, emit_all: false, state_ttl: None };
         let (f, _) = spec.plan(&input).unwrap();
         weir_core::testing::OpHarness::new(f.as_ref()).unwrap()
     }
@@ -918,6 +954,52 @@ mod tests {
         assert_eq!(cleared, vec![("b".into(), "dead-man".into(), false)]);
     }
 
+    /// With a `state_ttl`, keys not seen for that long are forgotten: a key that comes back
+    /// starts afresh (its threshold is judged anew), a forgotten key is not watched for silence,
+    /// and a key a silence rule still waits on is kept until the rule fires.
+    #[test]
+    fn a_state_ttl_forgets_keys_and_new_keys_start_afresh() {
+        let input = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("v", DataType::Float64, true),
+        ]));
+        let spec = DetectSpec {
+            keys: vec!["k".into()],
+            rules: vec![rule("hot", th(80.0, 75.0))],
+            emit_all: false,
+            state_ttl: Some(std::time::Duration::from_secs(10)),
+        };
+        let (f, _) = spec.plan(&input).unwrap();
+        let mut h = weir_core::testing::OpHarness::new(f.as_ref()).unwrap();
+        // `a` goes hot (fires), then is not seen for a minute of event time.
+        assert_eq!(detections(&h.process(batch(&[("a", 90.0, 0)])).unwrap()).len(), 1);
+        h.process(batch(&[("b", 1.0, 60_000)])).unwrap();
+        h.watermark(60_000).unwrap();
+        assert_eq!(h.metrics_state(), (1, 1), "a forgotten, b held");
+        // `a` again, still hot: without its old state it fires anew.
+        let again = detections(&h.process(batch(&[("a", 91.0, 60_001)])).unwrap());
+        assert_eq!(again, vec![("a".into(), "hot".into(), true)]);
+        assert!(h.snapshot().unwrap().unwrap().num_rows() == 2, "only the keys held are saved");
+
+        // A silence rule keeps its key until it fired.
+        let spec = DetectSpec {
+            keys: vec!["k".into()],
+            rules: vec![rule("dead-man", RuleKind::Silence { timeout_ms: 1000 })],
+            emit_all: false,
+            state_ttl: Some(std::time::Duration::from_secs(10)),
+        };
+        let (f, _) = spec.plan(&input).unwrap();
+        let mut h = weir_core::testing::OpHarness::new(f.as_ref()).unwrap();
+        h.process(batch(&[("quiet", 1.0, 0)])).unwrap();
+        h.watermark(60_000).unwrap();
+        assert_eq!(h.metrics_state(), (1, 0), "waited on by the silence rule");
+        let fired = detections(&h.tick(now_ms() + 5_000).unwrap());
+        assert_eq!(fired, vec![("quiet".into(), "dead-man".into(), true)]);
+        h.watermark(120_000).unwrap();
+        assert_eq!(h.metrics_state(), (0, 1));
+        assert!(h.tick(now_ms() + 10_000).unwrap().is_empty(), "a forgotten key is not watched");
+    }
+
     #[test]
     fn state_is_restored_from_a_snapshot() {
         let rules = || vec![rule("hot", th(80.0, 75.0))];
@@ -928,7 +1010,9 @@ mod tests {
             Field::new("k", DataType::Utf8, false),
             Field::new("v", DataType::Float64, true),
         ]));
-        let (f, _) = DetectSpec { keys: vec!["k".into()], rules: rules(), emit_all: false }.plan(&input).unwrap();
+        let (f, _) = DetectSpec { keys: vec!["k".into()], rules: rules(), emit_all: false, state_ttl: None }
+            .plan(&input)
+            .unwrap();
         let mut again = weir_core::testing::OpHarness::restored(f.as_ref(), snap, None).unwrap();
         // 78 is under the trigger but over the clear level: still firing after the restore.
         let got = detections(&again.process(batch(&[("a", 78.0, 1)])).unwrap());
@@ -939,7 +1023,12 @@ mod tests {
     fn plans_reject_bad_rules() {
         let input =
             Arc::new(Schema::new(vec![Field::new("k", DataType::Utf8, false), Field::new("s", DataType::Utf8, true)]));
-        let spec = |kind| DetectSpec { keys: vec!["k".into()], rules: vec![rule("r", kind)], emit_all: false };
+        let spec = |kind| DetectSpec {
+            keys: vec!["k".into()],
+            rules: vec![rule("r", kind)],
+            emit_all: false,
+            state_ttl: None,
+        };
         let err = spec(th(1.0, 2.0)).plan(&input).unwrap_err().to_string();
         assert!(err.contains("unknown column `v`") || err.contains("`v`"), "{err}");
         let k = RuleKind::Threshold {

@@ -899,6 +899,10 @@ pub struct DetectConfig {
     pub emit: DetectEmit,
     /// The rules, each with a unique name.
     pub rules: Vec<RuleConfig>,
+    /// Forget a key not seen for this long (event time); a key a `silence` rule still waits
+    /// on stays until that rule fired. None: keys are kept for the whole run.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub state_ttl: Option<Duration>,
 }
 
 /// `alert` settings: how alerts built from detections live and die.

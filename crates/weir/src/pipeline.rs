@@ -446,6 +446,7 @@ fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Function
             keys: keys.to_vec(),
             rules: d.rules.iter().map(rule_spec).collect::<Result<Vec<_>>>()?,
             emit_all: d.emit == DetectEmit::All,
+            state_ttl: d.state_ttl,
         }),
         StepConfig::Alert(a) => OpSpec::Alert(weir_ops::AlertSpec {
             policy: weir_ops::AlertPolicy {

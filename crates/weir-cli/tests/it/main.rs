@@ -386,7 +386,8 @@ fn dlq_replay_feeds_rows_back_in_from_a_file_or_a_kafka_topic() {
         match i % 8 {
             0 => text.push_str("{\"device_id\":\"broken\",\"ts\":\"never\",\"readings\":{\"temp\":1.0}}\n"),
             4 => text.push_str(&format!("{{\"device_id\":\"broken\",\"ts\":{ts},\"readings\":{{\"temp\":2.5}}}}\n")),
-            _ => text.push_str(&format!("{{\"device_id\":\"ok-{}\",\"ts\":{ts},\"readings\":{{\"temp\":1.0}}}}\n", i % 3)),
+            _ => text
+                .push_str(&format!("{{\"device_id\":\"ok-{}\",\"ts\":{ts},\"readings\":{{\"temp\":1.0}}}}\n", i % 3)),
         }
     }
     std::fs::write(&input, text).unwrap();
@@ -417,7 +418,15 @@ fn dlq_replay_feeds_rows_back_in_from_a_file_or_a_kafka_topic() {
     };
     let out = dir.path().join("replayed.jsonl");
     let o = weir(
-        &["dlq", "replay", quar.to_str().unwrap(), "--pipeline", p.to_str().unwrap(), "--output", out.to_str().unwrap()],
+        &[
+            "dlq",
+            "replay",
+            quar.to_str().unwrap(),
+            "--pipeline",
+            p.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));

@@ -115,11 +115,7 @@ impl DeadLetterSink for KafkaDeadLetters {
 ///
 /// # Errors
 /// A topic that does not exist, or brokers that do not answer within `timeout`.
-pub fn read_topic(
-    client: &KafkaClientConfig,
-    topic: &str,
-    timeout: Duration,
-) -> Result<Vec<Vec<u8>>> {
+pub fn read_topic(client: &KafkaClientConfig, topic: &str, timeout: Duration) -> Result<Vec<Vec<u8>>> {
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
     use rdkafka::{Message as _, Offset, TopicPartitionList};
     let c: BaseConsumer<Logging> = client
@@ -138,9 +134,7 @@ pub fn read_topic(
         .map(|t| t.partitions().iter().map(|p| p.id()).collect())
         .unwrap_or_default();
     if parts.is_empty() {
-        return Err(CoreError::Config(format!(
-            "kafka: topic `{topic}` does not exist or has no partitions"
-        )));
+        return Err(CoreError::Config(format!("kafka: topic `{topic}` does not exist or has no partitions")));
     }
     let mut ends = std::collections::BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
