@@ -311,3 +311,24 @@ def test_a_state_that_cannot_be_pickled_is_reported(tmp_path):
     p.sink("out", weir.file_sink(tmp_path / "out")).dead_letters(tmp_path / "dl.jsonl").checkpoints(tmp_path / "ckpt", "1h")
     with pytest.raises(weir.errors.WeirError, match="cannot be pickled"):
         p.run(workers=1)
+
+
+def test_stateful_map_state_ttl_forgets_keys_not_seen():
+    # `a` at 0 s, `b` at 30 s (the watermark moves past a's TTL), `a` again at 60 s.
+    rows = [{"k": "a", "v": 1.0}, {"k": "b", "v": 1.0}, {"k": "b", "v": 1.0}, {"k": "a", "v": 1.0}]
+    times = [0, 30_000, 31_000, 60_000]
+
+    def running(state, row):
+        total = (state or 0.0) + row["v"]
+        return total, {**row, "v": total}
+
+    def run(**ttl):
+        p = weir.Pipeline("ttl").source("in", wt.source(rows, times=times, batch_size=1)).key_by("by-k", "k")
+        p.stateful_map("sum", running, **ttl)
+        return [(r["k"], r["v"]) for r in wt.run(p.sink("out", wt.collect()), workers=1).to_pylist()]
+
+    assert run() == [("a", 1.0), ("b", 1.0), ("b", 2.0), ("a", 2.0)]
+    assert run(state_ttl="10s") == [("a", 1.0), ("b", 1.0), ("b", 2.0), ("a", 1.0)], "a was forgotten"
+    assert weir._duration_ms("1h 30m") == 5_400_000 and weir._duration_ms(0.25) == 250
+    with pytest.raises(weir.errors.ConfigError, match="not a duration"):
+        weir._duration_ms("soon")

@@ -69,6 +69,19 @@ def _duration(d: Duration) -> str:
     return f"{int(round(float(d) * 1000))}ms"
 
 
+def _duration_ms(d: Duration) -> int:
+    """A duration (``"1h 30m"``, ``"250ms"``, or seconds as a number) in milliseconds."""
+    if not isinstance(d, str):
+        return int(round(float(d) * 1000))
+    import re
+
+    units = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", d)
+    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)|\s", "", d):
+        raise ConfigError(f"`{d}` is not a duration; write it like 10s, 250ms or 1h 30m")
+    return int(sum(float(n) * units[u] for n, u in parts))
+
+
 def _clean(d: Mapping[str, Any]) -> Json:
     out: Json = {}
     for k, v in d.items():
@@ -189,7 +202,7 @@ class _Function:
     def __init__(self, kind: str, fn: Callable[..., Any], schema: Optional[pa.Schema] = None,
                  retry: Optional[RetrySettings] = None, on_error: str = "dead_letter",
                  features: Optional[List[str]] = None, output: str = "score", max_batch: int = 1024,
-                 max_latency_ms: float = 10.0):
+                 max_latency_ms: float = 10.0, state_ttl_ms: Optional[int] = None):
         self.kind = kind
         self.fn = fn
         self.schema = schema
@@ -199,6 +212,7 @@ class _Function:
         self.output = output
         self.max_batch = max_batch
         self.max_latency_ms = max_latency_ms
+        self.state_ttl_ms = state_ttl_ms
 
 
 def _schema_arg(schema: Any) -> Optional["pa.Schema"]:
@@ -503,11 +517,15 @@ class Pipeline:
         return self._function(id, _make_function("map", fn, schema=schema, retry=retry))
 
     def stateful_map(self, id: str, fn: Callable[[Any, Dict[str, Any]], Any], *, schema: Any = None,
-                     retry: Optional[Retry] = None) -> "Pipeline":
+                     retry: Optional[Retry] = None, state_ttl: Optional[Duration] = None) -> "Pipeline":
         """Per-key state after a :meth:`key_by`: ``fn(state, row) -> (state, out_row)``. The
         state starts as ``None``; returning ``None`` as state forgets the key; an ``out_row`` of
-        ``None`` emits nothing. States must be picklable: they go into checkpoints."""
-        return self._function(id, _make_function("stateful_map", fn, schema=schema, retry=retry))
+        ``None`` emits nothing. States must be picklable: they go into checkpoints.
+        ``state_ttl="1h"`` forgets keys not seen for that long (event time)."""
+        f = _make_function("stateful_map", fn, schema=schema, retry=retry)
+        if state_ttl is not None:
+            f.state_ttl_ms = _duration_ms(state_ttl)
+        return self._function(id, f)
 
     def infer(self, id: str, fn: Callable[[Any], Any], *, features: Optional[Sequence[str]] = None, output: str = "score",
               max_batch: int = 1024, max_latency_ms: float = 10.0, on_error: str = "dead_letter",

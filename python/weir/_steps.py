@@ -97,14 +97,34 @@ class StatefulMap:
     ``None``, a returned state of ``None`` forgets the key, an ``out`` of ``None`` emits
     nothing. States are pickled into checkpoints."""
 
-    def __init__(self, fn: Callable, keys: Sequence[str], retry: RetrySettings):
+    def __init__(self, fn: Callable, keys: Sequence[str], retry: RetrySettings, ttl_ms: Optional[int] = None):
         self.fn = fn
         self.keys = list(keys)
         self.retry = retry
         # key -> (key group, state)
         self.states: Dict[Any, Tuple[int, Any]] = {}
+        # With a TTL: key -> newest event time seen (keys restored from a checkpoint start
+        # their TTL at the first expiry check).
+        self.ttl_ms = ttl_ms
+        self.seen: Dict[Any, int] = {}
+        self.swept_at: Optional[int] = None
 
-    def apply(self, rows: List[Dict[str, Any]], groups: List[int]):
+    def expire(self, watermark: int) -> Tuple[int, int]:
+        """Forgets the keys not seen for the TTL before ``watermark``; at most one pass per
+        eighth of the TTL. Returns how many went and how many are held."""
+        ttl = self.ttl_ms
+        if ttl is None or (self.swept_at is not None and watermark < self.swept_at + max(ttl // 8, 1)):
+            return 0, len(self.states)
+        self.swept_at = watermark
+        cutoff = watermark - ttl
+        seen = self.seen
+        gone = [k for k in self.states if seen.setdefault(k, watermark) < cutoff]
+        for k in gone:
+            del self.states[k]
+            del seen[k]
+        return len(gone), len(self.states)
+
+    def apply(self, rows: List[Dict[str, Any]], groups: List[int], times: Optional[List[int]] = None):
         """Runs ``fn`` over one batch's rows (dicts, made by the engine, which also pauses the
         garbage collector around the call); returns the emitted dicts, the input rows they
         came from, and the failures. The engine builds the batch."""
@@ -125,8 +145,13 @@ class StatefulMap:
             new_state, emitted = r
             if new_state is None:
                 states.pop(key, None)
+                self.seen.pop(key, None)
             else:
                 states[key] = (groups[i], new_state)
+                if self.ttl_ms is not None and times is not None:
+                    t = times[i]
+                    if self.seen.get(key, t) <= t:
+                        self.seen[key] = t
             if emitted is not None:
                 if not isinstance(emitted, dict):
                     failures.append((i, attempts, f"stateful_map functions emit a dict (or None), not {type(emitted).__name__}"))

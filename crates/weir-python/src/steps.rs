@@ -43,6 +43,8 @@ struct Spec {
     output: String,
     max_batch: usize,
     max_latency: Duration,
+    /// `stateful_map`: keys not seen for this long (event time, ms) are forgotten.
+    state_ttl_ms: Option<i64>,
     /// `weir._steps`, imported once.
     helpers: Py<PyModule>,
     retryable: Py<PyAny>,
@@ -95,6 +97,7 @@ impl PyStep {
             output: f.getattr("output")?.extract()?,
             max_batch: f.getattr("max_batch")?.extract()?,
             max_latency: Duration::from_secs_f64(max_latency_ms.max(0.0) / 1000.0),
+            state_ttl_ms: f.getattr("state_ttl_ms")?.extract()?,
             helpers: py.import("weir._steps")?.unbind(),
             retryable: py.import("weir.errors")?.getattr("Retryable")?.unbind(),
             failure,
@@ -175,7 +178,7 @@ impl OperatorFactory for PyOpFactory {
                     Ok(s.helpers
                         .bind(py)
                         .getattr("StatefulMap")?
-                        .call1((s.func.bind(py), self.keys.clone(), s.retry.bind(py)))?
+                        .call1((s.func.bind(py), self.keys.clone(), s.retry.bind(py), s.state_ttl_ms))?
                         .unbind())
                 })
                 .map_err(py_err)?,
@@ -389,8 +392,10 @@ impl PyOp {
                 _ => {
                     let state =
                         self.state.as_ref().ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("no state"))?;
-                    let r =
-                        state.bind(py).call_method1("apply", (PyList::new(py, input)?, PyList::new(py, &groups)?))?;
+                    let times = PyList::new(py, batch.time.values().iter())?;
+                    let r = state
+                        .bind(py)
+                        .call_method1("apply", (PyList::new(py, input)?, PyList::new(py, &groups)?, times))?;
                     let t = r.cast::<PyTuple>()?;
                     let out: Vec<Bound<'_, PyDict>> = t.get_item(0)?.extract()?;
                     // Emitted rows are never the input's one for one: the times are picked.
@@ -672,6 +677,15 @@ impl Operator for PyOp {
     }
 
     fn on_watermark(&mut self, wm: i64, cx: &mut OpContext<'_>) -> Result<()> {
+        if let (Some(_), Some(state)) = (self.step.0.state_ttl_ms, &self.state) {
+            if wm != weir_core::batch::END_OF_TIME {
+                let (gone, live): (u64, u64) =
+                    Python::attach(|py| state.bind(py).call_method1("expire", (wm,))?.extract()).map_err(py_err)?;
+                StepMetrics::add(&cx.metrics.state_evicted, gone);
+                cx.metrics.state_keys.store(live, std::sync::atomic::Ordering::Relaxed);
+            }
+            return Ok(());
+        }
         // Rows at or below the watermark must leave before it does, or they would be late
         // downstream; younger rows may wait for their batch.
         let oldest = self.buffer.iter().filter_map(|b| arrow_arith::aggregate::min(&b.time)).min();

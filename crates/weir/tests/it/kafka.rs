@@ -727,6 +727,9 @@ fn keyed_state_moves_with_its_partitions_on_a_real_broker() {
     // checkpoint with the partitions it keeps.
     let restarts = || a.1.connectors.get("weir_job_restarts_total", &[("reason", "rebalance")]).unwrap_or(0.0);
     wait("a starting again after b joined", 60, &|| restarts() >= 1.0);
+    // Not ready while it rebalanced; ready again once it runs with its new partitions.
+    wait("a ready again", 60, &|| a.1.readiness().is_ok());
+    assert!(b.1.readiness().is_ok(), "{:?}", b.1.readiness());
     a.2.stop();
     b.2.stop();
     let mut outs = Vec::new();
