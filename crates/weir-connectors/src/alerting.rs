@@ -150,7 +150,24 @@ pub struct RouteSpec {
     pub retry: RetryPolicy,
     /// Events waiting for delivery at most.
     pub queue: usize,
+    /// What happens to an event when the queue is full.
+    pub when_full: WhenFull,
 }
+
+/// What a route does with an event its full queue cannot take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Write it to the job's dead-letter output (kind `alert`, naming the route): nothing
+    /// vanishes, and `weir dlq` shows what was not delivered.
+    #[default]
+    DeadLetter,
+    /// Drop it, counted (`outcome="dropped"`): for routes whose events are worth nothing late.
+    Drop,
+}
+
+/// Where the routes of a job send events their full queues cannot take: the job's dead-letter
+/// output, set when the job is planned (after the `alert` steps are).
+pub type DeadLetterSlot = Arc<Mutex<Option<Arc<dyn weir_core::DeadLetterSink>>>>;
 
 #[derive(Debug, Default)]
 struct RouteCounters {
@@ -158,6 +175,7 @@ struct RouteCounters {
     failed: AtomicU64,
     retries: AtomicU64,
     dropped: AtomicU64,
+    dead_lettered: AtomicU64,
     queued: AtomicU64,
     /// Sum and count of the time from queueing to delivery, µs.
     latency_us: AtomicU64,
@@ -178,6 +196,8 @@ pub struct AlertRouter {
     started: OnceLock<()>,
     /// How long [`AlertNotify::drain`] waits for queues to empty at the end of input.
     drain_timeout: Duration,
+    /// The job's dead-letter output, for events a full queue cannot take.
+    dead_letters: DeadLetterSlot,
 }
 
 impl AlertRouter {
@@ -186,7 +206,7 @@ impl AlertRouter {
     /// # Errors
     /// Duplicate or empty names, a webhook URL that is not http(s), a Redis URL it cannot
     /// parse, a zero queue.
-    pub fn new(routes: Vec<RouteSpec>, drain_timeout: Duration) -> Result<Self> {
+    pub fn new(routes: Vec<RouteSpec>, drain_timeout: Duration, dead_letters: DeadLetterSlot) -> Result<Self> {
         let mut seen = std::collections::BTreeSet::new();
         let mut out = Vec::with_capacity(routes.len());
         let mut waiting = Vec::with_capacity(routes.len());
@@ -214,7 +234,7 @@ impl AlertRouter {
             waiting.push(rx);
             out.push(Route { spec, tx, counters: Arc::default() });
         }
-        Ok(Self { routes: out, waiting: Mutex::new(waiting), started: OnceLock::new(), drain_timeout })
+        Ok(Self { routes: out, waiting: Mutex::new(waiting), started: OnceLock::new(), drain_timeout, dead_letters })
     }
 
     fn start(&self) {
@@ -263,11 +283,40 @@ impl AlertNotify for AlertRouter {
             r.counters.queued.fetch_add(1, Ordering::Relaxed);
             if r.tx.try_send(notice.clone()).is_err() {
                 r.counters.queued.fetch_sub(1, Ordering::Relaxed);
-                let n = r.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                let sink = self.dead_letters.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                let kept = match (r.spec.when_full, sink) {
+                    (WhenFull::DeadLetter, Some(sink)) => {
+                        let letter = weir_core::DeadLetter {
+                            payload: weir_core::Payload::Raw(notice.to_json().to_string().into_bytes()),
+                            kind: weir_core::ErrorKind::Alert,
+                            reason: format!(
+                                "alert route `{}`: its queue of {} events is full (the receiver is down or slow)",
+                                r.spec.name, r.spec.queue
+                            ),
+                            step: weir_core::StepId::new(&notice.step),
+                            origin: format!("route {}", r.spec.name),
+                            position: None,
+                            time_ms: weir_core::deadletter::now_ms(),
+                            attempts: 0,
+                            first_failure_ms: None,
+                        };
+                        match sink.write(vec![letter]) {
+                            Ok(()) => true,
+                            Err(e) => {
+                                tracing::error!(route = %r.spec.name, error = %e, "Cannot dead-letter an alert event.");
+                                false
+                            }
+                        }
+                    }
+                    _ => false,
+                };
+                let (counter, what) =
+                    if kept { (&r.counters.dead_lettered, "dead-lettered") } else { (&r.counters.dropped, "dropped") };
+                let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
                 // Once per power of two, so a dead receiver does not flood the log.
                 if n.is_power_of_two() {
-                    tracing::error!(route = %r.spec.name, alert = %notice.alert.id, dropped = n,
-                        "Alert route queue is full (its receiver is down or slow); events are being dropped.");
+                    tracing::error!(route = %r.spec.name, alert = %notice.alert.id, count = n,
+                        "Alert route queue is full (its receiver is down or slow); events are being {what}.");
                 }
             }
         }
@@ -277,10 +326,15 @@ impl AlertNotify for AlertRouter {
         for r in &self.routes {
             let c = &r.counters;
             let name = r.spec.name.as_str();
-            for (outcome, v) in [("delivered", &c.delivered), ("failed", &c.failed), ("dropped", &c.dropped)] {
+            for (outcome, v) in [
+                ("delivered", &c.delivered),
+                ("failed", &c.failed),
+                ("dropped", &c.dropped),
+                ("dead_lettered", &c.dead_lettered),
+            ] {
                 m.set_total(
                     "weir_alert_notifications_total",
-                    "Alert events a route delivered, gave up on after its retries, or dropped on a full queue.",
+                    "Alert events a route delivered, gave up on after its retries, or dropped or dead-lettered on a full queue.",
                     &[("route", name), ("outcome", outcome)],
                     v.load(Ordering::Relaxed) as f64,
                 );

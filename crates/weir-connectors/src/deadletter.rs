@@ -80,6 +80,24 @@ impl DeadLetterSink for FileDeadLetters {
         if letters.is_empty() {
             return Ok(());
         }
+        // Called from a worker's hooks: a file that stalls (a full disk, a pipe nobody
+        // reads) must not stall the other tasks of that runtime thread.
+        weir_core::runtime::blocking(|| self.write_now(&letters))
+    }
+
+    fn flush(&self) -> Result<()> {
+        weir_core::runtime::blocking(|| {
+            let mut slot = self.out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(w) = slot.as_mut() {
+                w.flush().map_err(|e| CoreError::io(format!("flushing `{}`", self.path.display()), e))?;
+            }
+            Ok(())
+        })
+    }
+}
+
+impl FileDeadLetters {
+    fn write_now(&self, letters: &[DeadLetter]) -> Result<()> {
         let mut slot = self.out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if slot.is_none() {
             let f = crate::open_output(&self.path, "dead-letter file", self.append)?;
@@ -87,18 +105,10 @@ impl DeadLetterSink for FileDeadLetters {
             *slot = Some(BufWriter::new(f));
         }
         if let Some(w) = slot.as_mut() {
-            for l in &letters {
+            for l in letters {
                 w.write_all(render(l).as_bytes())
                     .map_err(|e| CoreError::io(format!("writing dead letters to `{}`", self.path.display()), e))?;
             }
-        }
-        Ok(())
-    }
-
-    fn flush(&self) -> Result<()> {
-        let mut slot = self.out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(w) = slot.as_mut() {
-            w.flush().map_err(|e| CoreError::io(format!("flushing `{}`", self.path.display()), e))?;
         }
         Ok(())
     }
@@ -136,6 +146,12 @@ impl FileSideWriter {
 
 impl SideWriter for FileSideWriter {
     fn write(&self, rows: &RecordBatch) -> Result<()> {
+        weir_core::runtime::blocking(|| self.write_now(rows))
+    }
+}
+
+impl FileSideWriter {
+    fn write_now(&self, rows: &RecordBatch) -> Result<()> {
         let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if st.is_none() {
             let f = crate::open_output(&self.path, "side output", self.append)?;
@@ -179,5 +195,54 @@ mod tests {
         assert_eq!(v["time"], "1970-01-01T00:00:00.000Z");
         assert_eq!(v["kind"], "decode");
         assert_eq!((v["attempts"].as_u64(), v["first_failure"].as_str()), (Some(1), Some("1970-01-01T00:00:00.000Z")));
+    }
+
+    /// A dead-letter file that stalls (here a FIFO nobody reads yet) holds up the task that
+    /// writes to it, not the other tasks of the runtime: on a runtime with a single worker
+    /// thread, a ticker goes on while the write waits, and the entry arrives once read.
+    #[test]
+    fn a_stalled_dead_letter_file_does_not_block_the_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("dead.fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let t = ticks.clone();
+        let _ticker = rt.spawn(async move {
+            loop {
+                t.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        });
+        let dead = std::sync::Arc::new(FileDeadLetters::new(&fifo).appending(true));
+        let d = dead.clone();
+        let writing = rt.spawn(async move {
+            let l = DeadLetter {
+                payload: Payload::Raw(b"x".to_vec()),
+                kind: ErrorKind::Decode,
+                reason: "bad".into(),
+                step: StepId::new("in"),
+                origin: "f".into(),
+                position: None,
+                time_ms: 0,
+                attempts: 1,
+                first_failure_ms: None,
+            };
+            d.write(vec![l]).unwrap();
+            d.flush().unwrap();
+        });
+        // The write is stuck opening the FIFO; the ticker still runs.
+        let before = ticks.load(std::sync::atomic::Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ticks.load(std::sync::atomic::Ordering::Relaxed) < before + 20 {
+            assert!(std::time::Instant::now() < deadline, "the runtime's only worker is blocked");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!writing.is_finished());
+        // Reading lets the write through: one line, the entry (the file stays open).
+        let mut read = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(File::open(&fifo).unwrap()), &mut read).unwrap();
+        rt.block_on(writing).unwrap();
+        assert!(read.contains("\"reason\":\"bad\""), "{read}");
     }
 }

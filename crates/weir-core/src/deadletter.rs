@@ -27,6 +27,9 @@ pub enum ErrorKind {
     Sink,
     /// Not a failure: the row's key was quarantined, so it was diverted.
     Quarantined,
+    /// An alert event an alert route could not queue (its queue was full: the receiver is
+    /// down or slow); the payload is the event as the route would have sent it.
+    Alert,
 }
 
 impl ErrorKind {
@@ -41,6 +44,7 @@ impl ErrorKind {
             Self::Function => "function",
             Self::Sink => "sink",
             Self::Quarantined => "quarantined",
+            Self::Alert => "alert",
         }
     }
 }

@@ -974,9 +974,24 @@ pub struct RouteConfig {
     /// Retries of a failed delivery (absent `max_attempts`: until the receiver is back).
     #[serde(default)]
     pub retry: RetryConfig,
-    /// Events waiting for delivery at most; beyond, new ones are dropped and counted.
+    /// Events waiting for delivery at most; beyond, `when_full` decides.
     #[serde(default = "default_route_queue")]
     pub queue: usize,
+    /// An event the full queue cannot take: `dead_letter` (default: to the dead-letter output,
+    /// kind `alert`) or `drop` (counted).
+    #[serde(default)]
+    pub when_full: WhenFullConfig,
+}
+
+/// What a route does with an event its full queue cannot take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFullConfig {
+    /// To the dead-letter output, kind `alert`.
+    #[default]
+    DeadLetter,
+    /// Dropped and counted.
+    Drop,
 }
 
 fn default_route_queue() -> usize {

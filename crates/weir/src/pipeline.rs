@@ -295,6 +295,8 @@ struct Link {
 struct AlertHub {
     board: Arc<weir_ops::AlertBoard>,
     live: Arc<weir_connectors::alerting::LiveAlerts>,
+    /// The planned job's dead-letter output, for events the routes' full queues cannot take.
+    dead_letters: weir_connectors::alerting::DeadLetterSlot,
 }
 
 /// Planned steps: the stages, the schema reaching the sink, and each `alert` step's notifiers.
@@ -464,7 +466,11 @@ fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Function
                 let routes = a.routes.iter().map(route_spec).collect::<Result<Vec<_>>>()?;
                 let mut n: Vec<Arc<dyn weir_ops::alerts::AlertNotify>> = vec![hub.live.clone()];
                 if !routes.is_empty() {
-                    n.push(Arc::new(weir_connectors::alerting::AlertRouter::new(routes, a.drain_timeout)?));
+                    n.push(Arc::new(weir_connectors::alerting::AlertRouter::new(
+                        routes,
+                        a.drain_timeout,
+                        hub.dead_letters.clone(),
+                    )?));
                 }
                 n
             },
@@ -543,6 +549,10 @@ fn route_spec(r: &RouteConfig) -> Result<weir_connectors::alerting::RouteSpec> {
             max_backoff: r.retry.max_backoff,
         },
         queue: r.queue,
+        when_full: match r.when_full {
+            WhenFullConfig::DeadLetter => weir_connectors::alerting::WhenFull::DeadLetter,
+            WhenFullConfig::Drop => weir_connectors::alerting::WhenFull::Drop,
+        },
     })
 }
 
@@ -966,6 +976,7 @@ impl BuiltPipeline {
             })
         };
         let mut dead = entries(&c.dead_letters.path, &c.dead_letters.kafka, "dead letters")?;
+        *self.alerts.dead_letters.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(dead.clone());
         let quarantine = match self.quarantine(&schema)? {
             None => None,
             Some(spec) => {

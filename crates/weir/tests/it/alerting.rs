@@ -494,3 +494,51 @@ async fn without_a_token_the_api_is_read_only() {
     stop.stop();
     running.await.unwrap().unwrap();
 }
+
+/// An event a route's full queue cannot take goes to the dead-letter output (kind `alert`,
+/// naming the route), unless the route chose `when_full: drop`; either way it is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_a_full_route_queue_cannot_take_are_dead_lettered_or_dropped_as_chosen() {
+    // Nothing listens on port 9 of loopback: every delivery is refused and retried with a
+    // long backoff, so each route's single-event queue stays full.
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("alerts.jsonl"), dir.path().join("dead.jsonl"));
+    let yaml = format!(
+        r#"
+name: full-queues
+source:
+  id: sensors
+  generator: {{ devices: 40, count: 20000, anomaly_rate: 0.01, disorder: 0, seed: 3 }}
+  event_time: {{ column: ts, format: ms }}
+steps:
+  - key_by: {{ id: by-device, keys: [device_id] }}
+  - detect: {{ id: rules, rules: [ {{ name: hot, threshold: {{ value: readings.temp, above: 33.0 }} }} ] }}
+  - alert:
+      id: alerts
+      drain_timeout: 200ms
+      routes:
+        - {{ name: keep, webhook: {{ url: "http://127.0.0.1:9/hook" }}, queue: 1, retry: {{ initial_backoff: 10s, max_backoff: 10s }} }}
+        - {{ name: lossy, webhook: {{ url: "http://127.0.0.1:9/hook" }}, queue: 1, when_full: drop, retry: {{ initial_backoff: 10s, max_backoff: 10s }} }}
+sink: {{ id: out, file: {{ path: "{}", format: json }} }}
+dead_letters: {{ path: "{}" }}
+"#,
+        out.display(),
+        dead.display()
+    );
+    let built = Pipeline::from_config(weir::yaml::parse("full.yaml", &yaml).unwrap()).build().unwrap();
+    let reg = run_with_registry(&built).await;
+    let events = read_jsonl(&out).len();
+    assert!(events > 20, "{events} events");
+    let letters = read_jsonl(&dead);
+    assert!(!letters.is_empty());
+    assert!(letters.iter().all(|l| l["kind"] == "alert" && l["origin"] == "route keep"), "{letters:?}");
+    assert!(letters[0]["reason"].as_str().unwrap().contains("alert route `keep`"), "{}", letters[0]);
+    let event: Value = serde_json::from_str(letters[0]["payload"].as_str().unwrap()).unwrap();
+    assert!(event["alert_id"].as_str().unwrap().starts_with("hot/"), "the event as the route would send it: {event}");
+    let count = |route: &str, outcome: &str| {
+        reg.connectors.get("weir_alert_notifications_total", &[("route", route), ("outcome", outcome)]).unwrap_or(0.0)
+    };
+    assert_eq!(count("keep", "dead_lettered") as usize, letters.len());
+    assert_eq!(count("keep", "dropped"), 0.0);
+    assert!(count("lossy", "dropped") > 0.0 && count("lossy", "dead_lettered") == 0.0);
+}
