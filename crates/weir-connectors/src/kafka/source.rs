@@ -491,11 +491,15 @@ impl ConsumerContext for SourceCtx {
                 // A partition must never start somewhere else than asked, nor go unread: the
                 // lookups and the assignment are tried a few times, then the run fails.
                 let resume = lock(&self.shared.resume).clone();
-                let started =
+                // The callback runs inside the consumer's poll, on a runtime worker: the lookups
+                // below wait on the brokers, so the worker's other tasks move off this thread
+                // while they do.
+                let started = weir_core::runtime::blocking(|| {
                     retried("looking up the start offsets by time", || start_offsets(base, tpl, &resume, self.start))
                         .and_then(|()| {
                             retried("assigning the partitions", || base.assign(tpl).map_err(|e| e.to_string()))
-                        });
+                        })
+                });
                 if let Err(e) = started {
                     tracing::error!(error = %e, partitions = ?tps, "Kafka partition assignment failed; the run stops.");
                     lock(&self.shared.events).push(Assignment::Failed(format!(
@@ -504,16 +508,17 @@ impl ConsumerContext for SourceCtx {
                     )));
                     return;
                 }
-                let ends = tps
-                    .into_iter()
-                    .map(|(t, p)| {
-                        // With a handoff the run that reads them asks again.
-                        let end = (self.stop_at_end && !self.handoff)
-                            .then(|| base.fetch_watermarks(&t, p, Duration::from_secs(10)).ok().map(|(_, h)| h))
-                            .flatten();
-                        (t, p, end)
-                    })
-                    .collect::<Vec<_>>();
+                let ends = weir_core::runtime::blocking(|| {
+                    tps.into_iter()
+                        .map(|(t, p)| {
+                            // With a handoff the run that reads them asks again.
+                            let end = (self.stop_at_end && !self.handoff)
+                                .then(|| base.fetch_watermarks(&t, p, Duration::from_secs(10)).ok().map(|(_, h)| h))
+                                .flatten();
+                            (t, p, end)
+                        })
+                        .collect::<Vec<_>>()
+                });
                 tracing::info!(partitions = ends.len(), "Kafka partitions assigned.");
                 self.count_rebalance("assigned");
                 lock(&self.shared.events).push(Assignment::Assigned(ends));

@@ -923,7 +923,20 @@ fn a_start_time_that_cannot_be_looked_up_fails_the_run() {
     let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
     let mut cfg = from_kafka("w2-filter-project.yaml", &k.brokers, "timed", &out, &dead);
     cfg.source.kafka.as_mut().unwrap().start = "2026-01-01T00:00:00Z".into();
-    let err = rt()
+    // One runtime thread: the lookups (and the pauses between tries) happen in the consumer's
+    // rebalance callback, which must not hold that thread; a ticker on it measures the gaps.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let gaps = std::sync::Arc::new(std::sync::Mutex::new((Instant::now(), Duration::ZERO)));
+    let g = gaps.clone();
+    let ticker = rt.spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let mut g = g.lock().unwrap();
+            g.1 = g.1.max(g.0.elapsed());
+            g.0 = Instant::now();
+        }
+    });
+    let err = rt
         .block_on(async {
             let built = Pipeline::from_config(cfg).build().unwrap();
             tokio::time::timeout(
@@ -935,8 +948,11 @@ fn a_start_time_that_cannot_be_looked_up_fails_the_run() {
         .expect("the run ends")
         .unwrap_err()
         .to_string();
+    ticker.abort();
     assert!(err.contains("looking up the start offsets by time failed 3 times"), "{err}");
     assert!(err.contains("timed/0") && err.contains("timed/1"), "{err}");
+    let longest = gaps.lock().unwrap().1;
+    assert!(longest < Duration::from_millis(400), "the runtime's thread was held for {longest:?}");
 }
 
 /// Dead letters can go to a Kafka topic instead of a file: the same entries, one record each.
