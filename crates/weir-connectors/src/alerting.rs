@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc};
 use weir_core::metrics::ConnectorMetrics;
+use weir_core::notify::{AlertEvent, AlertNotice, AlertNotify};
 use weir_core::runtime::RetryPolicy;
 use weir_core::{CoreError, Result};
-use weir_ops::alerts::{AlertEvent, AlertNotice, AlertNotify};
 
 /// Which events a route (or a live-stream client) takes. An empty list matches anything;
 /// within a list any entry may match; all lists must match.

@@ -15,9 +15,9 @@ use std::sync::Mutex;
 use arrow_array::RecordBatch;
 use base64::Engine as _;
 use weir_core::deadletter::{DeadLetter, DeadLetterSink, Payload};
+use weir_core::notify::SideWriter;
 use weir_core::{CoreError, Result};
 use weir_formats::{Encoder, FormatSpec};
-use weir_ops::SideWriter;
 
 /// Appends dead letters to a JSON Lines file, created on the first entry (a clean run leaves
 /// no empty file behind).

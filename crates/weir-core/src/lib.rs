@@ -25,6 +25,7 @@ pub mod ids;
 pub mod keys;
 pub mod linger;
 pub mod metrics;
+pub mod notify;
 pub mod operator;
 pub mod quarantine;
 pub mod runtime;

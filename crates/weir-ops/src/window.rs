@@ -10,7 +10,6 @@
 //! `end - 1`. A row whose window has closed is late and follows the [`LatePolicy`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::sync::Arc;
 
 use arrow_array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch, UInt32Array};
@@ -56,11 +55,7 @@ pub enum TimeDomain {
     Processing,
 }
 
-/// Somewhere late rows (or other side outputs) can be written. Shared by all workers.
-pub trait SideWriter: Send + Sync + fmt::Debug {
-    /// Writes rows.
-    fn write(&self, rows: &RecordBatch) -> Result<()>;
-}
+pub use weir_core::notify::SideWriter;
 
 /// What happens to a row whose window has already closed.
 #[derive(Debug, Clone)]

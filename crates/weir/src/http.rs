@@ -217,7 +217,7 @@ fn refusal(state: &HttpState, headers: &HeaderMap) -> Option<Response> {
 
 async fn metrics(State(s): State<Shared>) -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static(weir_core::metrics::OPENMETRICS_CONTENT_TYPE))],
+        [(header::CONTENT_TYPE, HeaderValue::from_static(weir_core::metrics::PROMETHEUS_CONTENT_TYPE))],
         s.registry.render_prometheus(&s.job),
     )
         .into_response()
