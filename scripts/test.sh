@@ -14,6 +14,10 @@ source scripts/services.sh
 if ! python3 -c 'import prometheus_client' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check 'prometheus_client>=0.20,<1' >&2
 fi
+# ...and the shipped alert rules with promtool (Debian's prometheus package; its server is not started).
+if ! command -v promtool >/dev/null 2>&1; then
+  apt-get install -y -qq prometheus >&2 || { apt-get update -qq >&2 && apt-get install -y -qq prometheus >&2; }
+fi
 echo "== tests"
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast

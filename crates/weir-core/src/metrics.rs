@@ -181,6 +181,8 @@ pub struct Registry {
     /// Inputs of stage tasks not read right now because their checkpoint barrier came before
     /// the others' (barrier alignment); their senders wait meanwhile.
     pub inputs_held: AtomicU64,
+    /// The job's quarantine, for its figures.
+    pub quarantine: std::sync::OnceLock<Arc<crate::quarantine::Quarantine>>,
 }
 
 /// Where a job is in its life, for readiness probes. A job is ready only while it is
@@ -550,6 +552,21 @@ impl Registry {
                 "End-to-end latency at the sink (creation column to write).",
                 Kind::Histogram,
                 vec![(Vec::new(), Value::Histogram(self.latency.histogram()))],
+            );
+        }
+        if let Some(q) = self.quarantine.get() {
+            fams.one("weir_quarantine_keys", "Keys quarantined right now.", Kind::Gauge, q.active() as f64);
+            fams.one(
+                "weir_quarantine_keys_quarantined_total",
+                "Keys taken out of the pipeline for failing too often.",
+                Kind::Counter,
+                g(&q.quarantined_keys),
+            );
+            fams.one(
+                "weir_quarantine_keys_released_total",
+                "Keys let back in (cool-down over, or released through the API).",
+                Kind::Counter,
+                g(&q.released_keys),
             );
         }
         if let Some(wm) = self.watermark() {

@@ -239,6 +239,9 @@ impl Job {
             Self::register(&registry, f);
         }
         Self::register(&registry, &spec);
+        if let Some(q) = &spec.quarantine {
+            let _ = registry.quarantine.set(q.clone());
+        }
         let (tx, rx) = watch::channel(false);
         // One pending request is enough: more would only ask for the same checkpoint.
         let (on_demand_tx, on_demand_rx) = mpsc::channel(1);

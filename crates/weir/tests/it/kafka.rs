@@ -16,13 +16,13 @@ use weir_core::runtime::Job;
 use crate::common::*;
 
 /// A broker to test against: librdkafka's mock cluster, or a real one (`_mock: None`).
-struct Cluster {
+pub(crate) struct Cluster {
     mock: Option<MockCluster<'static, DefaultProducerContext>>,
-    brokers: String,
+    pub(crate) brokers: String,
 }
 
 impl Cluster {
-    fn new(topics: &[(&str, i32)]) -> Self {
+    pub(crate) fn new(topics: &[(&str, i32)]) -> Self {
         let mock = MockCluster::new(1).unwrap();
         for (t, n) in topics {
             mock.create_topic(t, *n, 1).unwrap();
@@ -33,7 +33,7 @@ impl Cluster {
 
     /// Produces `lines`, keyed by device id (so a device stays on one partition, as a real
     /// producer keyed by device would place it), or to `partition` when given.
-    fn produce(&self, topic: &str, lines: &[String], partition: Option<i32>) {
+    pub(crate) fn produce(&self, topic: &str, lines: &[String], partition: Option<i32>) {
         let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("partitioner", "murmur2_random")
@@ -125,7 +125,7 @@ fn kafka_partition_matches_the_murmur2_partitioner() {
     }
 }
 
-fn lines(path: &Path) -> Vec<String> {
+pub(crate) fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path).unwrap().lines().map(str::to_string).collect()
 }
 

@@ -145,10 +145,12 @@ fn quarantined_keys_are_listed_and_released_with_the_token() {
     let now = std::time::Instant::now();
     q.note_failure("dev/7", now);
     q.note_failure("dev-8", now);
+    let reg = Arc::new(Registry::default());
+    reg.quarantine.set(q.clone()).unwrap();
     let state = weir::http::HttpState {
         quarantine: Some(q.clone()),
         token: Some("s3cret".into()),
-        ..weir::http::HttpState::metrics_only("q".into(), Arc::new(Registry::default()))
+        ..weir::http::HttpState::metrics_only("q".into(), reg)
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let server = rt.block_on(weir::http::MetricsServer::start("127.0.0.1:0", state)).unwrap();
@@ -166,6 +168,10 @@ fn quarantined_keys_are_listed_and_released_with_the_token() {
     assert_eq!(q.active(), 1);
     let (_, body) = crate::common::http_get(server.addr(), "/quarantine");
     assert!(body.contains("dev-8") && !body.contains("dev/7"), "{body}");
+    let (_, text) = crate::common::http_get(server.addr(), "/metrics");
+    assert!(text.contains("weir_quarantine_keys{job=\"q\"} 1\n"), "{text}");
+    assert!(text.contains("weir_quarantine_keys_quarantined_total{job=\"q\"} 2\n"), "{text}");
+    assert!(text.contains("weir_quarantine_keys_released_total{job=\"q\"} 1\n"), "{text}");
 }
 
 /// The HTTP port runs where busy workers cannot starve it: with a pipeline keeping both
@@ -208,4 +214,98 @@ sink:
     let p99 = took[197];
     eprintln!("/healthz while saturated: p50 {:?}, p99 {p99:?}, max {:?}", took[100], took[199]);
     assert!(p99 < std::time::Duration::from_millis(100), "p99 {p99:?}, max {:?}", took[199]);
+}
+
+/// The shipped alert rules pass `promtool check rules`, and every metric the Grafana dashboard
+/// and the rules ask for is one a job exports (scraped from a run with Kafka, two workers,
+/// checkpoints, alerts and the quarantine).
+#[test]
+fn the_dashboard_and_the_alert_rules_use_metrics_weir_exports() {
+    let repo = crate::common::repo();
+    let rules = repo.join("deploy/prometheus/weir-rules.yml");
+    let o = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("promtool runs (Debian's prometheus package; scripts/test.sh installs it)");
+    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+
+    let k = crate::kafka::Cluster::new(&[("in", 2)]);
+    k.produce("in", &crate::kafka::lines(&crate::common::data("sensors-3k.jsonl")), None);
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        r#"
+name: dash
+source:
+  id: in
+  kafka: {{ brokers: "{brokers}", topics: [in], group_id: dash-{pid}, start: earliest }}
+  schema:
+    fields:
+      - {{ name: device_id, type: string }}
+      - {{ name: ts, type: int64 }}
+      - {{ name: readings, type: struct, fields: [ {{ name: temp, type: float64 }} ] }}
+  event_time: {{ column: ts, format: ms }}
+steps:
+  - key_by: {{ id: by-device, keys: [device_id] }}
+  - detect: {{ id: rules, rules: [ {{ name: hot, threshold: {{ value: readings.temp, above: 25.0 }} }} ] }}
+  - alert: {{ id: alerts }}
+sink: {{ id: out, file: {{ path: "{out}" }} }}
+dead_letters: {{ path: "{dead}" }}
+checkpoints: {{ dir: "{ck}", interval: 100ms }}
+"#,
+        brokers = k.brokers,
+        pid = std::process::id(),
+        out = dir.path().join("out").display(),
+        dead = dir.path().join("dead.jsonl").display(),
+        ck = dir.path().join("ck").display(),
+    );
+    let built = Pipeline::from_config(weir::yaml::parse("dash.yaml", &yaml).unwrap()).build().unwrap();
+    let job = weir_core::runtime::Job::new(built.plan(&RunOptions { workers: Some(2), fresh: true }).unwrap()).unwrap();
+    let (reg, stop) = (job.registry(), job.shutdown_handle());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let running = rt.spawn(job.run());
+    // Everything read, the lag reported (from librdkafka's statistics) and a checkpoint done.
+    crate::common::poll(|| {
+        let lag = reg.connectors.get("weir_kafka_consumer_lag", &[("topic", "in"), ("partition", "0")]);
+        let done = reg.checkpoints.completed.load(std::sync::atomic::Ordering::Relaxed) > 0;
+        (reg.source_records.load(std::sync::atomic::Ordering::Relaxed) == 3000 && lag.is_some() && done).then_some(())
+    });
+    stop.stop();
+    rt.block_on(running).unwrap().unwrap();
+    let text = reg.render_prometheus("dash");
+    let exported: std::collections::HashSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let dashboard = std::fs::read_to_string(repo.join("deploy/grafana/weir.json")).unwrap();
+    let d: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let mut exprs: Vec<String> = d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_string()))
+        .collect();
+    let rules_text = std::fs::read_to_string(&rules).unwrap();
+    let r: serde_yaml::Value = serde_yaml::from_str(&rules_text).unwrap();
+    for g in r["groups"].as_sequence().unwrap() {
+        for rule in g["rules"].as_sequence().unwrap() {
+            exprs.push(rule["expr"].as_str().unwrap().to_string());
+        }
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for e in &exprs {
+        let bytes = e.as_bytes();
+        let mut i = 0;
+        while let Some(at) = e[i..].find("weir_") {
+            let start = i + at;
+            let end =
+                start + e[start..].find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(e.len() - start);
+            used.insert(&e[start..end]);
+            i = end.min(bytes.len());
+        }
+    }
+    assert!(used.len() >= 12, "{used:?}");
+    let missing: Vec<_> = used.iter().filter(|m| !exported.contains(**m)).collect();
+    assert!(missing.is_empty(), "asked for but not exported: {missing:?}\n{text}");
 }
