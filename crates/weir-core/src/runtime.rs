@@ -1368,6 +1368,9 @@ impl StageDriver {
         let inputs = self.rx.len();
         let mut comb = WatermarkCombiner::new(inputs);
         let mut ended = vec![false; inputs];
+        // Inputs whose sender went away without `End`: their task failed, and the job hears
+        // of that from the task itself (with its real cause), so this one only stops reading.
+        let mut closed = vec![false; inputs];
         let mut last: Option<Final> = None;
         let mut out = Vec::new();
         let mut ticks = tick_timer(self.chain.tick);
@@ -1384,7 +1387,7 @@ impl StageDriver {
             // runs between messages.
             let (from, msg) = tokio::select! {
                 biased;
-                m = std::future::poll_fn(|cx| poll_inputs(&mut self.rx, &ended, &aligner, &mut next_input, cx)) => m?,
+                m = std::future::poll_fn(|cx| poll_inputs(&mut self.rx, &ended, &mut closed, &aligner, &mut next_input, cx)) => m?,
                 () = next_tick(&mut ticks) => {
                     self.chain.tick(now_ms(), &mut out)?;
                     self.downstream.batches(&mut out).await?;
@@ -1455,6 +1458,7 @@ impl StageDriver {
 fn poll_inputs(
     rx: &mut [Inbox],
     ended: &[bool],
+    closed: &mut [bool],
     aligner: &BarrierAligner,
     next: &mut usize,
     cx: &mut std::task::Context<'_>,
@@ -1462,7 +1466,7 @@ fn poll_inputs(
     let n = rx.len();
     for k in 0..n {
         let i = (*next + k) % n;
-        if ended[i] || aligner.is_blocked(i) {
+        if ended[i] || closed[i] || aligner.is_blocked(i) {
             continue;
         }
         match rx[i].poll_recv(cx) {
@@ -1470,13 +1474,14 @@ fn poll_inputs(
                 *next = (i + 1) % n;
                 return std::task::Poll::Ready(Ok((i, m)));
             }
-            std::task::Poll::Ready(None) => {
-                return std::task::Poll::Ready(Err(CoreError::Task(format!(
-                    "upstream worker {i} stopped before the end of input"
-                ))))
-            }
+            std::task::Poll::Ready(None) => closed[i] = true,
             std::task::Poll::Pending => {}
         }
+    }
+    if (0..n).all(|i| ended[i] || closed[i]) {
+        return std::task::Poll::Ready(Err(CoreError::Task(
+            "every upstream task stopped before the end of input".into(),
+        )));
     }
     std::task::Poll::Pending
 }
@@ -1577,5 +1582,46 @@ mod tests {
         }
         task.await.unwrap().unwrap();
         assert_eq!(sink.batches().iter().map(|b| b.num_rows()).sum::<usize>(), 25);
+    }
+
+    fn stage(inputs: Vec<Inbox>, sink: &CollectSink, reg: &Arc<Registry>) -> StageDriver {
+        let chain = Chain::build(&[], 0, 1, reg, Arc::new(MemoryDeadLetters::default()), &Restored::default()).unwrap();
+        StageDriver {
+            rx: inputs,
+            blocked: reg.clone(),
+            chain,
+            downstream: Downstream::Sink {
+                sink: SinkFactory::create(sink, 0, 1).unwrap(),
+                metrics: reg.step(&StepId::new("out"), 0),
+                registry: reg.clone(),
+                step: StepId::new("out"),
+                latency: None,
+                retry: RetryPolicy::default(),
+                dead: Arc::new(MemoryDeadLetters::default()),
+                counts: true,
+            },
+            metrics: reg.channel("test".into(), 4),
+            ckpt: None,
+        }
+    }
+
+    /// An upstream task that goes away (it failed, or its run stopped because partitions
+    /// moved) does not fail the stage on its own: the job hears of the real cause from that
+    /// task; meanwhile the other inputs are read. Only when every input is gone without its
+    /// end does the stage fail.
+    #[tokio::test]
+    async fn an_input_that_goes_away_leaves_the_cause_to_its_task() {
+        let reg = Arc::new(Registry::default());
+        let sink = CollectSink::default();
+        let (tx0, rx0) = mpsc::channel(2);
+        let (tx1, rx1) = mpsc::channel(2);
+        let task = crate::task::SpawnedTask::spawn(stage(vec![rx0, rx1], &sink, &reg).run());
+        drop(tx0);
+        tx1.send((1, Message::Batch(rows(3)))).await.unwrap();
+        until(|| sink.batches().len() == 1).await;
+        assert!(!task.is_finished(), "one input gone is not the stage's failure");
+        drop(tx1);
+        let err = task.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("every upstream task stopped"), "{err}");
     }
 }
