@@ -294,6 +294,11 @@ pub struct KafkaSourceSettings {
     /// End once every assigned partition is read up to where it ended when assigned.
     #[serde(default)]
     pub stop_at_end: bool,
+    /// A checkpointed position the broker no longer has (retention deleted its records while
+    /// Weir was down): `earliest` (default) goes on from the earliest record kept, `fail`
+    /// fails the run. Either way it is logged as an error and the records skipped counted.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub on_missing_position: MissingPositionConfig,
     /// Metadata columns to add, by the name to give them.
     #[serde(default)]
     pub metadata: KafkaMetadataSettings,
@@ -981,6 +986,21 @@ pub struct RouteConfig {
     /// kind `alert`) or `drop` (counted).
     #[serde(default)]
     pub when_full: WhenFullConfig,
+}
+
+/// See [`KafkaSourceSettings::on_missing_position`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingPositionConfig {
+    /// Go on from the earliest record the broker still has.
+    #[default]
+    Earliest,
+    /// Fail the run.
+    Fail,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// What a route does with an event its full queue cannot take.

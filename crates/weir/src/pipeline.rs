@@ -902,6 +902,10 @@ impl BuiltPipeline {
                     transactional_offsets: transactional_offsets.clone(),
                     handoff: c.checkpoints.as_ref().is_some_and(|k| k.member.is_some()),
                     until: self.link.done.clone(),
+                    on_missing_position: match k.on_missing_position {
+                        MissingPositionConfig::Earliest => weir_connectors::kafka::MissingPosition::Earliest,
+                        MissingPositionConfig::Fail => weir_connectors::kafka::MissingPosition::Fail,
+                    },
                 })
                 .map_err(|e| e.in_step(&source_step))?;
                 let schema = fac.schema();

@@ -16,5 +16,5 @@ mod txn;
 pub use client::{redacted, KafkaClientConfig};
 pub use deadletter::{read_topic, KafkaDeadLetters};
 pub use sink::{KafkaSinkConfig, KafkaSinkFactory, KafkaSinkMode, KafkaTopicSpec, KafkaTransactionSettings};
-pub use source::{KafkaMetadataColumns, KafkaSourceConfig, KafkaSourceFactory, KafkaStart};
+pub use source::{KafkaMetadataColumns, KafkaSourceConfig, KafkaSourceFactory, KafkaStart, MissingPosition};
 pub use txn::TransactionalOffsets;

@@ -136,6 +136,50 @@ pub struct KafkaSourceConfig {
     /// Reading a repartition topic: once this is set (the side writing the topic finished),
     /// end at where each partition ends then, as `stop_at_end` does.
     pub until: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// What to do when a restored position is no longer on the broker.
+    pub on_missing_position: MissingPosition,
+}
+
+/// What a source does when a position restored from a checkpoint is no longer on the broker
+/// (retention deleted the records while Weir was down). Either
+/// way it is logged as an error with the topic, partition and the records skipped, and
+/// counted (`weir_kafka_records_skipped_total`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MissingPosition {
+    /// Go on from the earliest record the broker still has.
+    #[default]
+    Earliest,
+    /// Fail the run.
+    Fail,
+}
+
+/// A restored position the broker no longer has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Missing {
+    topic: String,
+    partition: i32,
+    position: i64,
+    low: i64,
+    high: i64,
+}
+
+impl Missing {
+    /// Records lost: those between the position and the earliest one kept.
+    fn skipped(&self) -> i64 {
+        (self.low - self.position).max(0)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}/{}: the checkpointed position {} is no longer on the broker (it holds {}..{}); {} records were skipped",
+            self.topic,
+            self.partition,
+            self.position,
+            self.low,
+            self.high,
+            self.skipped()
+        )
+    }
 }
 
 /// Builds the Kafka source: the consumer on worker 0, nothing on the others.
@@ -411,6 +455,38 @@ struct SourceCtx {
     group: String,
     /// Partitions moving end the job's run (see [`KafkaSourceConfig::handoff`]).
     handoff: bool,
+    on_missing: MissingPosition,
+}
+
+/// Logs and counts restored positions the broker no longer has; with
+/// [`MissingPosition::Fail`], the error that fails the run.
+fn report_missing(
+    missing: &[Missing],
+    policy: MissingPosition,
+    registry: &weir_core::metrics::Registry,
+) -> std::result::Result<(), String> {
+    for m in missing {
+        tracing::error!(
+            topic = %m.topic,
+            partition = m.partition,
+            position = m.position,
+            earliest = m.low,
+            end = m.high,
+            skipped = m.skipped(),
+            "Kafka source: a checkpointed position is no longer on the broker; records were skipped."
+        );
+        let partition = m.partition.to_string();
+        registry.connectors.add(
+            "weir_kafka_records_skipped_total",
+            "Records skipped because a checkpointed position was no longer on the broker.",
+            &[("topic", m.topic.as_str()), ("partition", partition.as_str())],
+            m.skipped() as f64,
+        );
+    }
+    match (policy, missing.first()) {
+        (MissingPosition::Fail, Some(m)) => Err(format!("{} (on_missing_position: fail)", m.describe())),
+        _ => Ok(()),
+    }
 }
 
 impl ClientContext for SourceCtx {
@@ -495,10 +571,13 @@ impl ConsumerContext for SourceCtx {
                 // below wait on the brokers, so the worker's other tasks move off this thread
                 // while they do.
                 let started = weir_core::runtime::blocking(|| {
-                    retried("looking up the start offsets by time", || start_offsets(base, tpl, &resume, self.start))
-                        .and_then(|()| {
-                            retried("assigning the partitions", || base.assign(tpl).map_err(|e| e.to_string()))
-                        })
+                    let mut missing = Vec::new();
+                    retried("looking up the start offsets", || {
+                        missing = start_offsets(base, tpl, &resume, self.start)?;
+                        Ok(())
+                    })
+                    .and_then(|()| report_missing(&missing, self.on_missing, &self.registry))
+                    .and_then(|()| retried("assigning the partitions", || base.assign(tpl).map_err(|e| e.to_string())))
                 });
                 if let Err(e) = started {
                     tracing::error!(error = %e, partitions = ?tps, "Kafka partition assignment failed; the run stops.");
@@ -565,18 +644,34 @@ fn retried(what: &str, mut f: impl FnMut() -> std::result::Result<(), String>) -
 
 /// Sets where each partition of `tpl` starts: its position in `resume`, or where `start`
 /// says (a timestamp is looked up: a partition with no record at or after it starts at its
-/// end, as the broker answers). A lookup that fails is the error.
+/// end, as the broker answers). A restored position the broker no longer has (before its
+/// earliest record: retention deleted them) starts at the earliest record and is returned. A lookup
+/// that fails is the error.
 fn start_offsets<C: Consumer<SourceCtx>>(
     c: &C,
     tpl: &mut TopicPartitionList,
     resume: &HashMap<(String, i32), i64>,
     start: KafkaStart,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<Vec<Missing>, String> {
     let tps: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
     let mut by_time = TopicPartitionList::new();
+    let mut missing = Vec::new();
     for (t, p) in &tps {
         let offset = match (resume.get(&(t.clone(), *p)), start) {
-            (Some(&o), _) => Offset::Offset(o),
+            (Some(&o), _) => {
+                // librdkafka would reset such a position quietly (a warning at most).
+                let (low, high) = c
+                    .fetch_watermarks(t, *p, Duration::from_secs(10))
+                    .map_err(|e| format!("the offsets {t}/{p} holds: {e}"))?;
+                // Only records gone from the start count: a position past the end may just be
+                // ahead of a stale answer, and resetting it would read records twice.
+                if o < low {
+                    missing.push(Missing { topic: t.clone(), partition: *p, position: o, low, high });
+                    Offset::Offset(low)
+                } else {
+                    Offset::Offset(o)
+                }
+            }
             (None, KafkaStart::Earliest) => Offset::Beginning,
             (None, KafkaStart::Latest) => Offset::End,
             (None, KafkaStart::Committed) => Offset::Stored,
@@ -596,7 +691,7 @@ fn start_offsets<C: Consumer<SourceCtx>>(
             let _ = tpl.set_partition_offset(e.topic(), e.partition(), e.offset());
         }
     }
-    Ok(())
+    Ok(missing)
 }
 
 /// One partition's records waiting to be handed out.
@@ -699,6 +794,7 @@ fn new_consumer(
         registry: registry.clone(),
         group: cfg.group_id.clone(),
         handoff: cfg.handoff,
+        on_missing: cfg.on_missing_position,
     };
     let c: StreamConsumer<SourceCtx> = cfg
         .client
@@ -717,17 +813,23 @@ impl KafkaSource {
     async fn start_assigned(&mut self, consumer: &Arc<StreamConsumer<SourceCtx>>) -> Result<()> {
         let current = lock(&self.shared.current).clone();
         let resume = lock(&self.shared.resume).clone();
-        let (start, stop_at_end) = (self.cfg.start, self.cfg.stop_at_end);
+        let (start, stop_at_end, on_missing) = (self.cfg.start, self.cfg.stop_at_end, self.cfg.on_missing_position);
         let c = consumer.clone();
+        let registry = c.context().registry.clone();
         let at = resume.clone();
         let ends = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32, Option<i64>)>> {
             let mut tpl = TopicPartitionList::new();
             for (t, p) in &current {
                 tpl.add_partition(t, *p);
             }
-            retried("looking up the start offsets by time", || start_offsets(c.as_ref(), &mut tpl, &at, start))
-                .and_then(|()| retried("assigning the partitions", || c.assign(&tpl).map_err(|e| e.to_string())))
-                .map_err(|e| assignment_failed(format!("kafka source: {e}")))?;
+            let mut missing = Vec::new();
+            retried("looking up the start offsets", || {
+                missing = start_offsets(c.as_ref(), &mut tpl, &at, start)?;
+                Ok(())
+            })
+            .and_then(|()| report_missing(&missing, on_missing, &registry))
+            .and_then(|()| retried("assigning the partitions", || c.assign(&tpl).map_err(|e| e.to_string())))
+            .map_err(|e| assignment_failed(format!("kafka source: {e}")))?;
             Ok(current
                 .into_iter()
                 .map(|(t, p)| {

@@ -141,6 +141,7 @@ fn kafka_source(brokers: &str, topic: &str) -> KafkaSourceSettings {
         start: "earliest".into(),
         format: FormatSpec::Json,
         stop_at_end: true,
+        on_missing_position: Default::default(),
         metadata: KafkaMetadataSettings::default(),
         properties: Default::default(),
     }
@@ -949,7 +950,7 @@ fn a_start_time_that_cannot_be_looked_up_fails_the_run() {
         .unwrap_err()
         .to_string();
     ticker.abort();
-    assert!(err.contains("looking up the start offsets by time failed 3 times"), "{err}");
+    assert!(err.contains("looking up the start offsets failed 3 times"), "{err}");
     assert!(err.contains("timed/0") && err.contains("timed/1"), "{err}");
     let longest = gaps.lock().unwrap().1;
     assert!(longest < Duration::from_millis(400), "the runtime's thread was held for {longest:?}");
@@ -1135,4 +1136,77 @@ fn the_deployment_guide_pipeline_builds() {
     assert_eq!(sink.transactional_id.as_deref(), Some("weir-w1-weir-0"));
     assert_eq!(cfg.source.kafka.as_ref().unwrap().properties["group.instance.id"], "weir-0");
     Pipeline::from_config(cfg).build().unwrap();
+}
+
+/// A checkpointed position the broker no longer has (here: the mock cluster dropped the
+/// partition's oldest records while the job was down) is said loudly: an error-level log,
+/// `weir_kafka_records_skipped_total` with how many, and with `on_missing_position: fail` the
+/// run fails instead of going on from the earliest record kept.
+#[test]
+fn a_position_the_broker_no_longer_has_is_counted_or_fails_the_run() {
+    let k = Cluster::new(&[("old", 1)]);
+    k.produce("old", &lines(&data("sensors-3k.jsonl")), Some(0));
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("out"), dir.path().join("dead.jsonl"));
+    let mut cfg = from_kafka("w2-filter-project.yaml", &k.brokers, "old", &out, &dead);
+    cfg.checkpoints = checkpoints_in(dir.path(), Duration::from_millis(100));
+    cfg.source.kafka.as_mut().unwrap().stop_at_end = false;
+    // First run: reads the 3,000 records, checkpoints, stops.
+    let first = job(cfg.clone(), 1);
+    let (reg, stop) = (first.registry(), first.shutdown_handle());
+    let rt = rt();
+    let running = rt.spawn(first.run());
+    poll(|| (reg.source_records.load(std::sync::atomic::Ordering::Relaxed) == 3000).then_some(()));
+    stop.stop();
+    rt.block_on(running).unwrap().unwrap();
+    // While it is down, far more data comes than the mock broker keeps: the oldest goes.
+    let filler: Vec<String> = (0..50_000)
+        .map(|i| format!("{{\"device_id\":\"fill-{}\",\"ts\":{},\"readings\":{{\"temp\":1.0,\"humidity\":1.0,\"pressure\":1.0,\"vibration\":0.0}},\"pad\":\"{}\"}}", i % 50, 1_700_000_100_000i64 + i, "x".repeat(150)))
+        .collect();
+    k.produce("old", &filler, Some(0));
+    let probe: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &k.brokers).create().unwrap();
+    let (low, _) = probe.fetch_watermarks("old", 0, Duration::from_secs(10)).unwrap();
+    assert!(
+        low > 3000,
+        "the mock cluster kept every record (low watermark {low}); the test needs it to drop the oldest"
+    );
+    let saved = dir.path().join("ck-copy");
+    copy_dir(&dir.path().join("ck"), &saved);
+
+    // Fail: the run stops and says where and how much.
+    // Each run in a group of its own: positions come from the checkpoint, and no run waits
+    // for the one before to leave its group.
+    let mut failing = cfg.clone();
+    failing.source.kafka.as_mut().unwrap().on_missing_position = MissingPositionConfig::Fail;
+    failing.source.kafka.as_mut().unwrap().group_id = Some("failing".into());
+    let err = rt.block_on(job(failing, 1).run()).unwrap_err().to_string();
+    assert!(err.contains("old/0: the checkpointed position 3000 is no longer on the broker"), "{err}");
+    assert!(err.contains(&format!("{} records were skipped", low - 3000)), "{err}");
+
+    // Earliest (the default): goes on from the earliest record kept, and counts what is gone.
+    copy_dir(&saved, &dir.path().join("ck"));
+    cfg.source.kafka.as_mut().unwrap().stop_at_end = true;
+    cfg.source.kafka.as_mut().unwrap().group_id = Some("earliest".into());
+    let second = job(cfg, 1);
+    let reg = second.registry();
+    rt.block_on(second.run()).unwrap();
+    let skipped = reg.connectors.get("weir_kafka_records_skipped_total", &[("topic", "old"), ("partition", "0")]);
+    assert_eq!(skipped, Some((low - 3000) as f64));
+    let high = 3000 + filler.len() as u64;
+    assert_eq!(reg.source_records.load(std::sync::atomic::Ordering::Relaxed), high - low as u64);
+}
+
+/// Copies a directory tree (a checkpoint store) over another.
+fn copy_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
 }
