@@ -444,3 +444,43 @@ fn dlq_replay_feeds_rows_back_in_from_a_file_or_a_kafka_topic() {
     assert!(o.status.success(), "{}", stderr(&o));
     check(&out);
 }
+
+/// The container image runs what `cargo build --release -p weir-cli` makes, and its default
+/// command's arguments are ones `weir run` takes; the compose file mounts a pipeline that
+/// exists and points Weir at its broker.
+#[test]
+fn the_container_image_runs_the_built_command_with_arguments_it_takes() {
+    let docker = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let manifest = std::fs::read_to_string(repo().join("crates/weir-cli/Cargo.toml")).unwrap();
+    assert!(manifest.contains("[[bin]]\nname = \"weir\""), "the binary is called weir");
+    assert!(docker.contains("RUN cargo build --release --locked -p weir-cli"), "{docker}");
+    assert!(docker.contains("COPY --from=build /src/target/release/weir /usr/local/bin/weir"), "{docker}");
+    assert!(docker.contains("USER 10001"), "the image runs as a user, not root");
+    let array = |key: &str| -> Vec<String> {
+        let line = docker.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key}"));
+        serde_json::from_str(line[key.len()..].trim()).unwrap()
+    };
+    assert_eq!(array("ENTRYPOINT"), ["weir"]);
+    let cmd = array("CMD");
+    assert_eq!(&cmd[..2], ["run", "/etc/weir/pipeline.yaml"]);
+    // Every argument after the pipeline is one `weir run` takes (clap stops at `--help` only
+    // when what came before it parsed).
+    let mut args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    args[1] = "examples/demo.yaml";
+    args.push("--help");
+    let o = weir(&args, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("--metrics-addr"));
+    assert!(docker.contains("EXPOSE 9464") && docker.contains("/healthz"), "{docker}");
+
+    let compose: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo().join("deploy/compose.yaml")).unwrap()).unwrap();
+    let volume = compose["services"]["weir"]["volumes"][0].as_str().unwrap();
+    let host = volume.split(':').next().unwrap();
+    assert!(repo().join("deploy").join(host).exists(), "{volume}");
+    assert_eq!(compose["services"]["weir"]["environment"]["BROKERS"], "kafka:29092");
+    assert!(compose["services"]["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+        .as_str()
+        .unwrap()
+        .contains("INTERNAL://kafka:29092"));
+}
