@@ -1537,27 +1537,9 @@ mod tests {
     async fn barrier_alignment_holds_back_the_early_input_with_bounded_memory() {
         let reg = Arc::new(Registry::default());
         let sink = CollectSink::default();
-        let chain =
-            Chain::build(&[], 0, 1, &reg, Arc::new(MemoryDeadLetters::default()), &Restored::default()).unwrap();
         let (tx0, rx0) = mpsc::channel(2);
         let (tx1, rx1) = mpsc::channel(2);
-        let driver = StageDriver {
-            rx: vec![rx0, rx1],
-            blocked: reg.clone(),
-            chain,
-            downstream: Downstream::Sink {
-                sink: SinkFactory::create(&sink, 0, 1).unwrap(),
-                metrics: reg.step(&StepId::new("out"), 0),
-                registry: reg.clone(),
-                step: StepId::new("out"),
-                latency: None,
-                retry: RetryPolicy::default(),
-                dead: Arc::new(MemoryDeadLetters::default()),
-                counts: true,
-            },
-            metrics: reg.channel("test".into(), 4),
-            ckpt: None,
-        };
+        let driver = stage(vec![rx0, rx1], &sink, &reg);
         let task = crate::task::SpawnedTask::spawn(driver.run());
         tx0.send((0, Message::Barrier(Epoch(1)))).await.unwrap();
         until(|| reg.inputs_held.load(std::sync::atomic::Ordering::Relaxed) == 1).await;
