@@ -632,8 +632,10 @@ impl Job {
                         control: coord.as_ref().map(Coordinating::source),
                         ckpt,
                     };
-                    // Every log line of the task carries the job, stage and worker.
-                    let span = tracing::info_span!("task", job = %spec.name, stage = si, worker = w, source = %spec.source_step);
+                    // Every log line of the task carries the job, stage and worker: the span is at
+                    // error level so that it is on at any log level (an info span would vanish
+                    // from the warnings a default run prints).
+                    let span = tracing::error_span!("task", job = %spec.name, stage = si, worker = w, source = %spec.source_step);
                     tasks.spawn(driver.run().instrument(span));
                 } else {
                     let rx =
@@ -646,7 +648,7 @@ impl Job {
                         metrics: chan_metrics[si][w].clone(),
                         ckpt,
                     };
-                    let span = tracing::info_span!("task", job = %spec.name, stage = si, worker = w);
+                    let span = tracing::error_span!("task", job = %spec.name, stage = si, worker = w);
                     tasks.spawn(driver.run().instrument(span));
                 }
             }

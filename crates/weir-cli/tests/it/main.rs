@@ -484,3 +484,34 @@ fn the_container_image_runs_the_built_command_with_arguments_it_takes() {
         .unwrap()
         .contains("INTERNAL://kafka:29092"));
 }
+
+/// JSON log lines carry the job, stage and worker of the task that logged them, at the
+/// default level too (the task span is on at every level).
+#[test]
+fn json_logs_name_the_job_and_worker_at_the_default_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let mut text = std::fs::read_to_string(repo().join("tests/data/sensors-3k.jsonl")).unwrap();
+    text.push_str("{not json\n");
+    std::fs::write(&input, text).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["--log-format", "json", "run", "examples/w2-filter-project.yaml", "--quiet", "--workers", "2"])
+        .env_remove("WEIR_LOG")
+        .env_remove("RUST_LOG")
+        .env("INPUT", &input)
+        .env("OUTPUT", dir.path().join("out.jsonl"))
+        .env("DEAD_LETTERS", dir.path().join("dead.jsonl"))
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> =
+        stderr(&o).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"))).collect();
+    let warn = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "Writing dead letters.")
+        .unwrap_or_else(|| panic!("no warning about dead letters: {lines:?}"));
+    assert_eq!(warn["level"], "WARN");
+    assert_eq!(warn["span"]["job"], "w2-filter-project", "{warn}");
+    assert!(warn["span"]["worker"].is_number() && warn["span"]["stage"] == 0, "{warn}");
+}
