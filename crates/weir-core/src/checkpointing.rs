@@ -63,17 +63,15 @@ impl TaskCheckpoint {
 #[derive(Debug)]
 pub(crate) struct SourceControl {
     rx: watch::Receiver<Control>,
+    completed: watch::Receiver<Option<Epoch>>,
     finished: mpsc::Sender<()>,
 }
 
 impl SourceControl {
-    /// Waits for the next instruction; never returns if the coordinator is gone (the job is
-    /// ending then anyway).
-    pub(crate) async fn next(&mut self) -> Control {
-        if self.rx.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-        *self.rx.borrow_and_update()
+    /// Waits until checkpoint `epoch` has completed; `None` when the coordinator went away
+    /// first (the job failed, and the checkpoint will not complete).
+    pub(crate) async fn completion_of(&mut self, epoch: Epoch) -> Option<Epoch> {
+        self.completed.wait_for(|c| c.is_some_and(|c| c >= epoch)).await.ok().and(Some(epoch))
     }
 
     pub(crate) fn finished(&self) {
@@ -81,10 +79,35 @@ impl SourceControl {
     }
 }
 
-/// Waits for the next instruction when there is a control channel, forever otherwise.
-pub(crate) async fn next_control(c: &mut Option<SourceControl>) -> Control {
+/// What a source task hears from the coordinator.
+#[derive(Debug)]
+pub(crate) enum Heard {
+    /// An instruction.
+    Control(Control),
+    /// A checkpoint completed.
+    Completed(Epoch),
+}
+
+impl SourceControl {
+    /// Waits for an instruction or a completed checkpoint, instructions first. Cancel safe.
+    pub(crate) async fn hear(&mut self) -> Heard {
+        let Self { rx, completed, .. } = self;
+        tokio::select! {
+            biased;
+            Ok(()) = rx.changed() => Heard::Control(*rx.borrow_and_update()),
+            Ok(()) = completed.changed() => match *completed.borrow_and_update() {
+                Some(e) => Heard::Completed(e),
+                None => Heard::Control(Control::Idle),
+            },
+            else => std::future::pending().await,
+        }
+    }
+}
+
+/// Waits for what the coordinator says when there is a control channel, forever otherwise.
+pub(crate) async fn hear(c: &mut Option<SourceControl>) -> Heard {
     match c {
-        Some(c) => c.next().await,
+        Some(c) => c.hear().await,
         None => std::future::pending().await,
     }
 }
@@ -110,6 +133,9 @@ pub(crate) struct Coordinating {
     workers: usize,
     reg: Arc<Registry>,
     ctl: watch::Sender<Control>,
+    /// The last checkpoint that completed (manifest written, sinks committed), for sources
+    /// that acknowledge what they read to their server only then.
+    completed: watch::Sender<Option<Epoch>>,
     acks: mpsc::Receiver<Ack>,
     acks_tx: Option<mpsc::Sender<Ack>>,
     finished: mpsc::Receiver<()>,
@@ -172,6 +198,7 @@ impl Coordinating {
             workers,
             reg,
             ctl,
+            completed: watch::channel(None).0,
             acks,
             acks_tx: Some(acks_tx),
             finished,
@@ -217,7 +244,7 @@ impl Coordinating {
 
     pub(crate) fn source(&self) -> SourceControl {
         let finished = self.finished_tx.clone().unwrap_or_else(|| mpsc::channel(1).0);
-        SourceControl { rx: self.ctl.subscribe(), finished }
+        SourceControl { rx: self.ctl.subscribe(), completed: self.completed.subscribe(), finished }
     }
 
     /// Drops the coordinator's own senders once every task has its clones, so the channels
@@ -395,6 +422,7 @@ impl Coordinating {
                 _ => {}
             }
         }
+        self.completed.send_replace(Some(m.epoch));
         if is_final {
             self.final_done = true;
         }

@@ -209,6 +209,16 @@ pub trait Source: Send + fmt::Debug {
         self.snapshot()
     }
 
+    /// Checkpoint `epoch` completed: its state is durable and the sinks committed its output.
+    /// A source whose server forgets what is acknowledged (MQTT, AMQP, Redis Streams, NATS)
+    /// acknowledges here what it handed out before that checkpoint's barrier, so a crash
+    /// before this point re-delivers instead of losing. Called on the source's task between
+    /// polls, and once after the final checkpoint; the default does nothing.
+    async fn checkpoint_complete(&mut self, epoch: Epoch) -> Result<()> {
+        let _ = epoch;
+        Ok(())
+    }
+
     /// Resumes from the position tables of every instance of the previous run (they may have
     /// been more or fewer): the instance picks the positions of what it now reads. Called once
     /// before the first poll.

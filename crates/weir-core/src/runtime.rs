@@ -30,7 +30,7 @@ use tracing::Instrument as _;
 
 use crate::batch::{Batch, Final, Message, Watermark, END_OF_TIME};
 use crate::checkpoint::{BarrierAligner, Epoch, StateRole, TaskKey};
-use crate::checkpointing::{next_control, Ack, Control, Coordinating, SourceControl, TaskCheckpoint};
+use crate::checkpointing::{hear, Ack, Control, Coordinating, Heard, SourceControl, TaskCheckpoint};
 use crate::deadletter::{now_ms, DeadLetterSink};
 use crate::error::{CoreError, Result};
 use crate::exchange::Partitioner;
@@ -1197,9 +1197,11 @@ impl SourceDriver {
             // only hand out data they have fully prepared in the returned value.
             let polled = tokio::select! {
                 biased;
-                c = next_control(&mut self.control) => {
-                    if let Control::Barrier(e) = c {
-                        self.barrier(e).await?;
+                h = hear(&mut self.control) => {
+                    match h {
+                        Heard::Control(Control::Barrier(e)) => self.barrier(e).await?,
+                        Heard::Completed(e) => self.source.checkpoint_complete(e).await.map_err(|e| e.in_step(&step))?,
+                        Heard::Control(_) => {}
                     }
                     continue;
                 }
@@ -1292,13 +1294,20 @@ impl SourceDriver {
                     self.downstream.watermark(Watermark::Idle).await?;
                 }
                 c.finished();
-                loop {
-                    match c.next().await {
-                        Control::Barrier(e) => self.barrier(e).await?,
-                        Control::Final(e) => break Some(Final { epoch: e, drain: !self.cx.stopping() }),
-                        Control::Idle => {}
+                let last = loop {
+                    match c.hear().await {
+                        Heard::Control(Control::Barrier(e)) => self.barrier(e).await?,
+                        Heard::Control(Control::Final(e)) => {
+                            break Some(Final { epoch: e, drain: !self.cx.stopping() })
+                        }
+                        Heard::Control(Control::Idle) => {}
+                        Heard::Completed(e) => {
+                            self.source.checkpoint_complete(e).await.map_err(|e| e.in_step(&step))?;
+                        }
                     }
-                }
+                };
+                self.control = Some(c);
+                last
             }
         };
         if last.is_none_or(|f| f.drain) {
@@ -1310,7 +1319,15 @@ impl SourceDriver {
         let Some(f) = last else { return self.downstream.end(None).await };
         let state = self.snapshot(f.epoch)?;
         self.downstream.end(last).await?;
-        ack(self.ckpt.as_ref(), f.epoch, state, Duration::ZERO, Some(f.drain))
+        ack(self.ckpt.as_ref(), f.epoch, state, Duration::ZERO, Some(f.drain))?;
+        // What the final checkpoint covers is acknowledged to the source's server once it
+        // completes; the coordinator goes on meanwhile, as this task still holds its sender.
+        if let Some(mut c) = self.control.take() {
+            if let Some(e) = c.completion_of(f.epoch).await {
+                self.source.checkpoint_complete(e).await.map_err(|e| e.in_step(&step))?;
+            }
+        }
+        Ok(())
     }
 
     fn snapshot(&mut self, epoch: Epoch) -> Result<TaskState> {
