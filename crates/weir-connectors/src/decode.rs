@@ -20,7 +20,8 @@ pub(crate) struct Position {
 }
 
 impl Position {
-    fn render(self) -> String {
+    /// How a dead-letter entry names the position.
+    pub(crate) fn render(self) -> String {
         match self.line {
             Some(l) => format!("line {l}, offset {}", self.offset),
             None => format!("offset {}", self.offset),
@@ -39,13 +40,13 @@ pub(crate) fn decode_records(
     pos: impl Fn(usize) -> Position,
     cx: &SourceContext,
 ) -> Result<Option<Batch>> {
-    decode_records_with(decoder, time, buf, records, origin, pos, cx, |d| Ok(d.batch.clone()))
+    decode_records_with(decoder, time, buf, records, origin, |i| pos(i).render(), cx, |d| Ok(d.batch.clone()))
 }
 
 /// [`decode_records`] for sources whose rows carry more than the payload: `rows` turns the
 /// decoded payloads into the source's rows (adding, say, Kafka metadata columns by
 /// [`weir_formats::Decoded::record_of_row`]) before event times are read, so an event time can
-/// come from such a column.
+/// come from such a column. `pos(i)` names record `i`'s position in dead letters.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decode_records_with(
     decoder: &mut dyn Decoder,
@@ -53,7 +54,7 @@ pub(crate) fn decode_records_with(
     buf: &[u8],
     records: &[Range<usize>],
     origin: &str,
-    pos: impl Fn(usize) -> Position,
+    pos: impl Fn(usize) -> String,
     cx: &SourceContext,
     rows: impl FnOnce(&weir_formats::Decoded) -> Result<arrow_array::RecordBatch>,
 ) -> Result<Option<Batch>> {
@@ -69,7 +70,7 @@ pub(crate) fn decode_records_with(
         reason,
         step: cx.step.clone(),
         origin: origin.to_string(),
-        position: Some(pos(idx).render()),
+        position: Some(pos(idx)),
         time_ms: now_ms(),
         attempts: 1,
         first_failure_ms: None,

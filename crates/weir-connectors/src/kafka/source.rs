@@ -242,6 +242,7 @@ impl SourceFactory for KafkaSourceFactory {
             pending_idle: Vec::new(),
             last_snapshot: None,
             warned_at: None,
+            idle_since: None,
         }))
     }
 
@@ -743,6 +744,10 @@ struct KafkaSource {
     pending_idle: Vec<usize>,
     last_snapshot: Option<TopicPartitionList>,
     warned_at: Option<Instant>,
+    /// Since when nothing has arrived: kept across polls, because the runtime drops a poll
+    /// for every barrier and completed checkpoint, and a wait restarted each time would never
+    /// reach its end (and the source never report itself waiting) under frequent checkpoints.
+    idle_since: Option<Instant>,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -1018,7 +1023,7 @@ impl KafkaSource {
             &buf,
             &ranges,
             &format!("kafka {topic}[{partition}]"),
-            |r| Position { offset: u64::try_from(offsets[r]).unwrap_or(0), line: None },
+            |r| Position { offset: u64::try_from(offsets[r]).unwrap_or(0), line: None }.render(),
             cx,
             rows,
         )
@@ -1122,7 +1127,7 @@ impl Source for KafkaSource {
                 .iter()
                 .filter_map(|p| p.first_at.map(|f| self.linger.linger(p.ranges.len()).saturating_sub(now - f)))
                 .min()
-                .unwrap_or(Duration::from_millis(100));
+                .unwrap_or_else(|| IDLE_POLL.saturating_sub(now - *self.idle_since.get_or_insert(now)));
             let mut shutdown = cx.shutdown.clone();
             // Cancel safety: a dropped `recv` loses nothing (a record is taken off the queue
             // only when it is returned). If the job's stop signal is gone, that branch is
@@ -1134,11 +1139,13 @@ impl Source for KafkaSource {
             match got {
                 Err(_) => {
                     if self.parts.iter().all(|p| p.ranges.is_empty()) {
+                        self.idle_since = None;
                         self.publish_lag(cx);
                         return Ok(SourcePoll::Waiting);
                     }
                 }
                 Ok(Ok(m)) => {
+                    self.idle_since = None;
                     if !self.add(&m) {
                         continue;
                     }
@@ -1264,6 +1271,9 @@ fn read_positions(tables: &[RecordBatch]) -> Result<Vec<((String, i32), i64)>> {
     }
     Ok(out)
 }
+
+/// How long a poll waits for a record before it reports the source waiting.
+const IDLE_POLL: Duration = Duration::from_millis(100);
 
 impl KafkaSource {
     /// Exports each assigned partition's lag: its end offset (from the last statistics) minus

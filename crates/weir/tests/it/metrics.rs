@@ -265,11 +265,17 @@ checkpoints: {{ dir: "{ck}", interval: 100ms }}
     let rt = tokio::runtime::Runtime::new().unwrap();
     let running = rt.spawn(job.run());
     // Everything read, the lag reported (from librdkafka's statistics) and a checkpoint done.
-    crate::common::poll(|| {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
         let lag = reg.connectors.get("weir_kafka_consumer_lag", &[("topic", "in"), ("partition", "0")]);
-        let done = reg.checkpoints.completed.load(std::sync::atomic::Ordering::Relaxed) > 0;
-        (reg.source_records.load(std::sync::atomic::Ordering::Relaxed) == 3000 && lag.is_some() && done).then_some(())
-    });
+        let done = reg.checkpoints.completed.load(std::sync::atomic::Ordering::Relaxed);
+        let read = reg.source_records.load(std::sync::atomic::Ordering::Relaxed);
+        if read == 3000 && lag.is_some() && done > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "after 30 s: {read} read, lag {lag:?}, {done} checkpoints");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     stop.stop();
     rt.block_on(running).unwrap().unwrap();
     let text = reg.render_prometheus("dash");
