@@ -8,6 +8,8 @@ echo "== cargo fmt"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== lean build (no Kafka, no MQTT)"
+cargo check -p weir-cli --no-default-features --locked
 echo "== services"
 source scripts/services.sh
 # The metrics tests check /metrics with the reference parser (scripts/check_metrics.py).

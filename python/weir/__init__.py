@@ -54,6 +54,8 @@ __all__ = [
     "stdin",
     "generator",
     "kafka",
+    "mqtt",
+    "connector",
     "file_sink",
     "stdout",
     "kafka_sink",
@@ -119,6 +121,33 @@ def kafka(brokers: str, topics: Sequence[str], *, format: Union[str, Json] = "js
     """Reads Kafka topics through a consumer group (``group_id``, ``start``, ``metadata``,
     ``properties``, ``stop_at_end``, as in YAML)."""
     return {"kafka": _clean({"brokers": brokers, "topics": list(topics), "format": format, **settings})}
+
+
+def mqtt(url: str, topics: Sequence[str], *, format: Union[str, Json] = "json", **settings: Any) -> Json:
+    """Reads MQTT topic filters (``qos``, ``client_id``, ``clean_session``, ``protocol``,
+    ``topic_column``, ``topic_fields``, ``username``, ``password``, ``end_when_idle``, ... as in
+    YAML); QoS 1 messages are acknowledged once the checkpoint covering them completes."""
+    return connector("mqtt", url=url, topics=list(topics), format=format, **settings)
+
+
+def connector(kind: str, **settings: Any) -> Json:
+    """Any source or sink connector by its YAML key, with its YAML settings as keyword
+    arguments: ``weir.connector("mqtt", url="mqtt://127.0.0.1:1883", topics=["sensors/#"])``.
+    Durations are strings as in YAML (``"10s"``) or ``datetime.timedelta``; ``None`` leaves a
+    setting at its default. The engine checks the settings when the pipeline is built: an
+    unknown key or connector is an error that names it."""
+    import datetime
+
+    def value(v: Any) -> Any:
+        if isinstance(v, datetime.timedelta):
+            return f"{int(round(v.total_seconds() * 1000))}ms"
+        if isinstance(v, dict):
+            return {k: value(x) for k, x in v.items() if x is not None}
+        if isinstance(v, (list, tuple)):
+            return [value(x) for x in v]
+        return v
+
+    return {kind: value(_clean(settings))}
 
 
 # --- sinks ---------------------------------------------------------------------------------
@@ -304,7 +333,7 @@ class Pipeline:
                batch_size: Optional[int] = None, max_linger: Optional[Duration] = None,
                max_future_skew: Optional[Duration] = None, max_age: Optional[Duration] = None) -> "Pipeline":
         """Sets the source. ``connector`` is :func:`file`, :func:`generator`, :func:`kafka`,
-        :func:`stdin` or a :mod:`weir.testing` source; ``event_time`` names the event-time
+        :func:`mqtt`, :func:`stdin`, any connector by :func:`connector`, or a :mod:`weir.testing` source; ``event_time`` names the event-time
         column (its ``time_format``: ``ms``, ``s``, ``us``, ``rfc3339``)."""
         if isinstance(connector, _CodeSource):
             self._code_source = connector
@@ -332,8 +361,8 @@ class Pipeline:
         return self
 
     def sink(self, id: str, connector: Union[Json, _CodeSink], *, latency_column: Optional[str] = None, retry: Optional[Json] = None) -> "Pipeline":
-        """Sets the sink: :func:`file_sink`, :func:`stdout`, :func:`kafka_sink` or a
-        :mod:`weir.testing` sink."""
+        """Sets the sink: :func:`file_sink`, :func:`stdout`, :func:`kafka_sink`, any connector
+        by :func:`connector`, or a :mod:`weir.testing` sink."""
         if isinstance(connector, _CodeSink):
             self._code_sink = connector
             snk: Json = {"id": id, "code": {}}

@@ -105,6 +105,11 @@ pub(crate) struct Replay {
 /// The dead-letter entries of a file, or of a Kafka topic (`kafka://host:port[,host:port]/topic`,
 /// read from its start to its end as of now).
 pub(crate) fn read_entries(from: &str) -> Result<Vec<String>, String> {
+    #[cfg(not(feature = "kafka"))]
+    if from.starts_with("kafka://") {
+        return Err(format!("`{from}`: this build of weir leaves Kafka out (cargo feature `kafka`)"));
+    }
+    #[cfg(feature = "kafka")]
     if let Some(rest) = from.strip_prefix("kafka://") {
         let (brokers, topic) =
             rest.rsplit_once('/').ok_or_else(|| format!("`{from}`: expected kafka://host:port/topic"))?;

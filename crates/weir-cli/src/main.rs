@@ -387,9 +387,9 @@ fn replay_groups(
 ) -> Result<(Vec<(String, RunSummary)>, usize), Failure> {
     let mut groups: Vec<(String, PipelineConfig)> = Vec::new();
     if !picked.records.is_empty() {
-        let format = match (&base.source.file, &base.source.stdin) {
-            (Some(f), _) => f.format,
-            (_, Some(s)) => s.format,
+        let format = match &base.source.connector {
+            SourceConnector::File(f) => f.format,
+            SourceConnector::Stdin(s) => s.format,
             _ => {
                 return Err(Failure::Config(
                     "replaying records needs a pipeline whose source reads records (file or stdin); rows that failed after decoding replay through any source".into(),
@@ -405,9 +405,10 @@ fn replay_groups(
         std::fs::write(&records, &picked.records).map_err(|e| Failure::Run(e.into()))?;
         let mut cfg = base.clone();
         let mut src = FileSourceSettings::new(records.display().to_string(), format);
-        src.chunk_size = base.source.file.as_ref().map_or(src.chunk_size, |f| f.chunk_size);
-        cfg.source.file = Some(src);
-        cfg.source.stdin = None;
+        if let SourceConnector::File(f) = &base.source.connector {
+            src.chunk_size = f.chunk_size;
+        }
+        cfg.source.connector = SourceConnector::File(src);
         groups.push(("records, through the whole pipeline".into(), cfg));
     }
     for (i, (step, rows)) in picked.rows.iter().enumerate() {
@@ -416,21 +417,24 @@ fn replay_groups(
         groups.push((format!("rows, back in at step `{step}`"), rows_config(base, step, &path)?));
     }
     let n = groups.len();
-    let sink_file = base.sink.file.as_ref().map(|f| f.path.clone());
+    let sink_file = match &base.sink.connector {
+        SinkConnector::File(f) => Some(f.path.clone()),
+        _ => None,
+    };
     let mut out = Vec::new();
     let mut used_workers = 1;
     for (g, (label, mut cfg)) in groups.into_iter().enumerate() {
         cfg.checkpoints = None;
-        match (&mut cfg.sink.file, &output) {
+        match (&mut cfg.sink.connector, &output) {
             // Several groups: one output file each (a file sink replaces its file).
-            (Some(f), Some(o)) => f.path = if n > 1 { format!("{o}.{g}") } else { o.clone() },
-            (Some(_), None) => {
+            (SinkConnector::File(f), Some(o)) => f.path = if n > 1 { format!("{o}.{g}") } else { o.clone() },
+            (SinkConnector::File(_), None) => {
                 return Err(Failure::Config(format!(
                     "the pipeline writes `{}`, which the replay would replace; give --output",
                     sink_file.clone().unwrap_or_default()
                 )))
             }
-            (None, _) => {}
+            _ => {}
         }
         cfg.dead_letters.path = match (&dead_letters, n) {
             (Some(d), 1) => d.clone(),
@@ -443,7 +447,7 @@ fn replay_groups(
                 format!("{stem}.replay{}.jsonl", if n > 1 { format!(".{g}") } else { String::new() })
             }
         };
-        if let Some(f) = &cfg.sink.file {
+        if let SinkConnector::File(f) = &cfg.sink.connector {
             eprintln!("{label}: results to {}", f.path);
         }
         let built = Pipeline::from_config(cfg).build()?;

@@ -13,8 +13,12 @@ pub mod file;
 pub mod generator;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 pub mod sink;
 pub mod stdin;
+#[doc(hidden)]
+pub mod testing;
 pub mod txfile;
 
 pub use deadletter::{FileDeadLetters, FileSideWriter};
@@ -23,6 +27,18 @@ pub use generator::{GeneratorConfig, GeneratorFactory};
 pub use sink::{FileSinkFactory, StdoutSinkFactory};
 pub use stdin::StdinSourceFactory;
 pub use txfile::TxFileSinkFactory;
+
+/// Properties with the values of anything that may be a secret replaced by `***`, for logs
+/// and `Debug`.
+pub fn redacted(props: &std::collections::BTreeMap<String, String>) -> std::collections::BTreeMap<&str, &str> {
+    props
+        .iter()
+        .map(|(k, v)| {
+            let secret = ["password", "secret", "key", "token", "jaas"].iter().any(|s| k.contains(s));
+            (k.as_str(), if secret { "***" } else { v.as_str() })
+        })
+        .collect()
+}
 
 /// Turns a formats error into a core error (it is the user's input or config at fault).
 pub(crate) fn fmt_err(e: weir_formats::FormatError) -> weir_core::CoreError {

@@ -206,42 +206,23 @@ impl Default for QuarantineConfig {
     }
 }
 
-/// A source step.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// A source step. In YAML its connector is a key beside `id` and the common settings:
+/// `source: {id: events, kafka: {...}, schema: ...}` (see [`crate::connector`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct SourceConfig {
     /// Step id.
     pub id: String,
-    /// Read files (exactly one of `file`, `stdin`, `generator`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file: Option<FileSourceSettings>,
-    /// Read standard input.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stdin: Option<StdinSettings>,
-    /// Generate synthetic sensor events.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub generator: Option<GeneratorSettings>,
-    /// Read Kafka topics through a consumer group.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kafka: Option<KafkaSourceSettings>,
-    /// A source written in code, registered with the pipeline ([`crate::Pipeline::source_code`];
-    /// the Python package's test source).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub code: Option<CodeSettings>,
-    /// Declared schema; inferred from the first records when absent (JSON only).
-    #[serde(default)]
+    /// Where rows come from, with the connector's settings.
+    pub connector: SourceConnector,
+    /// Declared schema; inferred from the first records when absent (JSON files only).
     pub schema: Option<SchemaSpec>,
     /// Event-time column; without it, rows get processing time.
-    #[serde(default)]
     pub event_time: Option<EventTimeConfig>,
     /// Watermark settings.
-    #[serde(default)]
     pub watermark: WatermarkConfig,
     /// Rows per batch at most.
-    #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// Longest a partial batch may wait for more rows (the linger adapts below this).
-    #[serde(default = "default_max_linger", with = "humantime_serde")]
     pub max_linger: Duration,
 }
 
@@ -252,275 +233,21 @@ fn default_max_linger() -> Duration {
     Duration::from_millis(1)
 }
 
-/// The source connectors.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SourceConnector {
-    /// Files.
-    File(FileSourceSettings),
-    /// Standard input.
-    Stdin(StdinSettings),
-    /// Synthetic sensor events.
-    Generator(GeneratorSettings),
-    /// Kafka topics.
-    Kafka(KafkaSourceSettings),
-    /// Registered code.
-    Code,
-}
+pub use crate::connector::code::CodeSettings;
+pub use crate::connector::file::{FileSinkSettings, FileSourceSettings};
+pub use crate::connector::generator::GeneratorSettings;
+#[cfg(feature = "kafka")]
+pub use crate::connector::kafka::{
+    KafkaMetadataSettings, KafkaSinkSettings, KafkaSourceSettings, MissingPositionConfig,
+};
+#[cfg(feature = "mqtt")]
+pub use crate::connector::mqtt::MqttSourceSettings;
+pub use crate::connector::stdio::{StdinSettings, StdoutSettings};
+pub use crate::connector::{SinkConnector, SourceConnector};
 
-/// The settings of a source or sink written in code: none, the code has them. In YAML, `code: {}`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CodeSettings {}
-
-/// Kafka source settings. Security (TLS, SASL PLAIN or SCRAM) and anything else librdkafka
-/// knows go in `properties`; values may be `${VAR}` references and are never logged.
-#[derive(Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaSourceSettings {
-    /// Bootstrap brokers, `host:port,host:port`.
-    pub brokers: String,
-    /// Topics; a name starting with `^` is a regular expression.
-    pub topics: Vec<String>,
-    /// Consumer group; default `weir-<pipeline name>`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group_id: Option<String>,
-    /// Where a partition without a checkpointed position starts: `earliest`, `latest`,
-    /// `committed` or an RFC 3339 time.
-    #[serde(default = "default_kafka_start")]
-    pub start: String,
-    /// Payload format.
-    #[serde(default = "default_format")]
-    pub format: FormatSpec,
-    /// End once every assigned partition is read up to where it ended when assigned.
-    #[serde(default)]
-    pub stop_at_end: bool,
-    /// A checkpointed position the broker no longer has (retention deleted its records while
-    /// Weir was down): `earliest` (default) goes on from the earliest record kept, `fail`
-    /// fails the run. Either way it is logged as an error and the records skipped counted.
-    #[serde(default, skip_serializing_if = "is_default")]
-    pub on_missing_position: MissingPositionConfig,
-    /// Metadata columns to add, by the name to give them.
-    #[serde(default)]
-    pub metadata: KafkaMetadataSettings,
-    /// librdkafka properties (ours win on a clash: offsets are never auto-committed).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub properties: BTreeMap<String, String>,
-}
-
-impl std::fmt::Debug for KafkaSourceSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaSourceSettings")
-            .field("brokers", &self.brokers)
-            .field("topics", &self.topics)
-            .field("group_id", &self.group_id)
-            .field("start", &self.start)
-            .field("format", &self.format)
-            .field("stop_at_end", &self.stop_at_end)
-            .field("metadata", &self.metadata)
-            .field("properties", &weir_connectors::kafka::redacted(&self.properties))
-            .finish()
-    }
-}
-
-fn default_kafka_start() -> String {
-    "earliest".into()
-}
-
-/// Kafka metadata as columns: each key set names the column.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaMetadataSettings {
-    /// The record key as text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    /// The topic.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub topic: Option<String>,
-    /// The partition (int32).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partition: Option<String>,
-    /// The offset (int64).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub offset: Option<String>,
-    /// The broker timestamp in ms (int64).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timestamp: Option<String>,
-    /// The headers as a JSON object text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub headers: Option<String>,
-}
-
-/// Kafka sink settings.
-#[derive(Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaSinkSettings {
-    /// Bootstrap brokers.
-    pub brokers: String,
-    /// Topic written to.
-    pub topic: String,
-    /// Value format: `json` or `msgpack`.
-    #[serde(default = "default_format")]
-    pub format: FormatSpec,
-    /// Column whose text is the record key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    /// Integer column naming the partition.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partition: Option<String>,
-    /// Header name to column.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub headers: BTreeMap<String, String>,
-    /// `at_least_once` (default) or `exactly_once` (a transaction per checkpoint; needs
-    /// `checkpoints`).
-    #[serde(default = "default_kafka_mode")]
-    pub mode: String,
-    /// `exactly_once`: prefix of the producers' transactional ids; default
-    /// `weir-<pipeline>-<sink id>`. Keep it across restarts; give each process its own
-    /// (`weir-w1-${HOSTNAME}` in a StatefulSet).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub transactional_id: Option<String>,
-    /// `exactly_once`: the topic recording committed checkpoints; default
-    /// `<transactional_id>.commits`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub commit_topic: Option<String>,
-    /// `exactly_once`: the producer's `transaction.timeout.ms`; default 4 checkpoint intervals,
-    /// at least 1 minute and at most 15 (the broker's default `transaction.max.timeout.ms`).
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
-    pub transaction_timeout: Option<Duration>,
-    /// `exactly_once`: a header to put on every record naming its transaction,
-    /// `<run>:<checkpoint>`, as the commit topic's records name committed ones (audits).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checkpoint_header: Option<String>,
-    /// librdkafka properties (ours win on a clash: the producer is idempotent).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub properties: BTreeMap<String, String>,
-}
-
-impl std::fmt::Debug for KafkaSinkSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaSinkSettings")
-            .field("brokers", &self.brokers)
-            .field("topic", &self.topic)
-            .field("format", &self.format)
-            .field("key", &self.key)
-            .field("partition", &self.partition)
-            .field("headers", &self.headers)
-            .field("mode", &self.mode)
-            .field("transactional_id", &self.transactional_id)
-            .field("commit_topic", &self.commit_topic)
-            .field("transaction_timeout", &self.transaction_timeout)
-            .field("checkpoint_header", &self.checkpoint_header)
-            .field("properties", &weir_connectors::kafka::redacted(&self.properties))
-            .finish()
-    }
-}
-
-fn default_kafka_mode() -> String {
-    "at_least_once".into()
-}
-
-/// File source settings.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileSourceSettings {
-    /// Path or glob.
-    pub path: String,
-    /// Record format.
-    #[serde(default = "default_format")]
-    pub format: FormatSpec,
-    /// Keep reading the last file as it grows.
-    #[serde(default)]
-    pub follow: bool,
-    /// How often to look for new data when following.
-    #[serde(default = "default_poll", with = "humantime_serde")]
-    pub poll_interval: Duration,
-    /// Bytes per chunk when splitting files between workers.
-    #[serde(default = "default_chunk")]
-    pub chunk_size: usize,
-}
-
-fn default_format() -> FormatSpec {
+/// The format connectors read and write unless told otherwise.
+pub(crate) fn default_format() -> FormatSpec {
     FormatSpec::Json
-}
-fn default_poll() -> Duration {
-    Duration::from_millis(200)
-}
-fn default_chunk() -> usize {
-    4 << 20
-}
-
-/// Stdin settings.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct StdinSettings {
-    /// Record format (line-delimited).
-    #[serde(default = "default_format")]
-    pub format: FormatSpec,
-}
-
-/// Generator settings.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct GeneratorSettings {
-    /// Number of devices.
-    #[serde(default = "default_devices")]
-    pub devices: u32,
-    /// Events per second; absent for unlimited.
-    #[serde(default)]
-    pub rate: Option<f64>,
-    /// Total events; absent for no limit.
-    #[serde(default)]
-    pub count: Option<u64>,
-    /// Run time; absent for no limit.
-    #[serde(default, with = "humantime_serde")]
-    pub duration: Option<Duration>,
-    /// Fraction of events that arrive out of order.
-    #[serde(default = "default_disorder")]
-    pub disorder: f64,
-    /// How late an out-of-order event is at most.
-    #[serde(default = "default_max_delay", with = "humantime_serde")]
-    pub max_delay: Duration,
-    /// Fraction of events with an injected anomaly.
-    #[serde(default = "default_anomaly_rate")]
-    pub anomaly_rate: f64,
-    /// Random seed.
-    #[serde(default = "default_seed")]
-    pub seed: u64,
-    /// Add a `created_us` column (wall clock at creation) for latency measurement.
-    #[serde(default)]
-    pub stamp_created: bool,
-}
-
-fn default_devices() -> u32 {
-    1000
-}
-fn default_disorder() -> f64 {
-    0.05
-}
-fn default_max_delay() -> Duration {
-    Duration::from_millis(2000)
-}
-fn default_anomaly_rate() -> f64 {
-    0.0005
-}
-fn default_seed() -> u64 {
-    7
-}
-
-impl Default for GeneratorSettings {
-    fn default() -> Self {
-        Self {
-            devices: default_devices(),
-            rate: None,
-            count: None,
-            duration: None,
-            disorder: default_disorder(),
-            max_delay: default_max_delay(),
-            anomaly_rate: default_anomaly_rate(),
-            seed: default_seed(),
-            stamp_created: false,
-        }
-    }
 }
 
 /// Event-time column.
@@ -988,18 +715,12 @@ pub struct RouteConfig {
     pub when_full: WhenFullConfig,
 }
 
-/// See [`KafkaSourceSettings::on_missing_position`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MissingPositionConfig {
-    /// Go on from the earliest record the broker still has.
-    #[default]
-    Earliest,
-    /// Fail the run.
-    Fail,
+/// A Kafka writer's default delivery mode (sinks, repartition topics).
+pub(crate) fn default_kafka_mode() -> String {
+    "at_least_once".into()
 }
 
-fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+pub(crate) fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
 
@@ -1297,67 +1018,18 @@ fn default_warmup() -> u64 {
     20
 }
 
-/// A sink step.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// A sink step. In YAML its connector is a key beside `id`: `sink: {id: out, file: {...}}`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct SinkConfig {
     /// Step id.
     pub id: String,
-    /// Write a file (exactly one of `file`, `stdout`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file: Option<FileSinkSettings>,
-    /// Write to standard output.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stdout: Option<StdoutSettings>,
-    /// Produce to a Kafka topic.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kafka: Option<KafkaSinkSettings>,
-    /// A sink written in code, registered with the pipeline ([`crate::Pipeline::sink_code`];
-    /// the Python package's collecting sink).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub code: Option<CodeSettings>,
+    /// Where rows go, with the connector's settings.
+    pub connector: SinkConnector,
     /// A column holding each row's creation time in µs since the epoch (the generator's
     /// `created_us`): the sink then records creation-to-write latency (summary and metrics).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_column: Option<String>,
     /// Retries of failed writes.
-    #[serde(default)]
     pub retry: RetryConfig,
-}
-
-/// The sink connectors.
-// Built once per pipeline, so the size of the Kafka variant does not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, PartialEq)]
-pub enum SinkConnector {
-    /// A file.
-    File(FileSinkSettings),
-    /// Standard output.
-    Stdout(StdoutSettings),
-    /// A Kafka topic.
-    Kafka(KafkaSinkSettings),
-    /// Registered code.
-    Code,
-}
-
-/// File sink settings.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileSinkSettings {
-    /// Output path (replaced).
-    pub path: String,
-    /// Format.
-    #[serde(default = "default_format")]
-    pub format: FormatSpec,
-}
-
-/// Stdout settings.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct StdoutSettings {
-    /// Format.
-    #[serde(default = "default_format")]
-    pub format: FormatSpec,
 }
 
 /// Retries of transient sink failures (a server that is down, a full disk).
@@ -1419,7 +1091,7 @@ impl std::fmt::Debug for KafkaTopicSettings {
         f.debug_struct("KafkaTopicSettings")
             .field("brokers", &self.brokers)
             .field("topic", &self.topic)
-            .field("properties", &weir_connectors::kafka::redacted(&self.properties))
+            .field("properties", &weir_connectors::redacted(&self.properties))
             .finish()
     }
 }
@@ -1456,111 +1128,22 @@ impl Default for RuntimeConfig {
 impl SourceConfig {
     /// A source with the given id and connector, and default settings.
     pub fn new(id: impl Into<String>, connector: SourceConnector) -> Self {
-        let mut s = Self {
+        Self {
             id: id.into(),
-            file: None,
-            stdin: None,
-            generator: None,
-            kafka: None,
-            code: None,
+            connector,
             schema: None,
             event_time: None,
             watermark: WatermarkConfig::default(),
             batch_size: default_batch_size(),
             max_linger: default_max_linger(),
-        };
-        match connector {
-            SourceConnector::File(f) => s.file = Some(f),
-            SourceConnector::Stdin(f) => s.stdin = Some(f),
-            SourceConnector::Generator(f) => s.generator = Some(f),
-            SourceConnector::Kafka(k) => s.kafka = Some(k),
-            SourceConnector::Code => s.code = Some(CodeSettings {}),
         }
-        s
-    }
-
-    /// The one connector configured.
-    ///
-    /// # Errors
-    /// None or several configured.
-    pub fn connector(&self) -> Result<SourceConnector, String> {
-        let mut set = Vec::new();
-        if let Some(f) = &self.file {
-            set.push(SourceConnector::File(f.clone()));
-        }
-        if let Some(s) = &self.stdin {
-            set.push(SourceConnector::Stdin(s.clone()));
-        }
-        if let Some(g) = &self.generator {
-            set.push(SourceConnector::Generator(g.clone()));
-        }
-        if let Some(k) = &self.kafka {
-            set.push(SourceConnector::Kafka(k.clone()));
-        }
-        if self.code.is_some() {
-            set.push(SourceConnector::Code);
-        }
-        match set.len() {
-            1 => Ok(set.remove(0)),
-            0 => Err(format!("source `{}` needs one of `file`, `stdin`, `generator`, `kafka`, `code`", self.id)),
-            _ => {
-                Err(format!("source `{}` has more than one of `file`, `stdin`, `generator`, `kafka`, `code`", self.id))
-            }
-        }
-    }
-}
-
-impl FileSourceSettings {
-    /// Settings for a path with defaults otherwise.
-    pub fn new(path: impl Into<String>, format: FormatSpec) -> Self {
-        Self { path: path.into(), format, follow: false, poll_interval: default_poll(), chunk_size: default_chunk() }
     }
 }
 
 impl SinkConfig {
     /// A sink with the given id and connector.
     pub fn new(id: impl Into<String>, connector: SinkConnector) -> Self {
-        let mut s = Self {
-            id: id.into(),
-            file: None,
-            stdout: None,
-            kafka: None,
-            code: None,
-            latency_column: None,
-            retry: RetryConfig::default(),
-        };
-        match connector {
-            SinkConnector::File(f) => s.file = Some(f),
-            SinkConnector::Stdout(f) => s.stdout = Some(f),
-            SinkConnector::Kafka(k) => s.kafka = Some(k),
-            SinkConnector::Code => s.code = Some(CodeSettings {}),
-        }
-        s
-    }
-
-    /// The one connector configured.
-    ///
-    /// # Errors
-    /// None or several configured.
-    pub fn connector(&self) -> Result<SinkConnector, String> {
-        let mut set = Vec::new();
-        if let Some(f) = &self.file {
-            set.push(SinkConnector::File(f.clone()));
-        }
-        if let Some(s) = &self.stdout {
-            set.push(SinkConnector::Stdout(s.clone()));
-        }
-        if let Some(k) = &self.kafka {
-            set.push(SinkConnector::Kafka(k.clone()));
-        }
-        if self.code.is_some() {
-            set.push(SinkConnector::Code);
-        }
-        match set.len() {
-            1 => Ok(set.remove(0)),
-            0 => Err(format!("sink `{}` needs one of `file`, `stdout`, `kafka`, `code`", self.id)),
-            _ => Err(format!("sink `{}` has more than one of `file`, `stdout`, `kafka`, `code`", self.id)),
-        }
+        Self { id: id.into(), connector, latency_column: None, retry: RetryConfig::default() }
     }
 }
 

@@ -18,8 +18,11 @@
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs)]
+// Without some connectors, parts of the planning that only they use are unused.
+#![cfg_attr(not(all(feature = "kafka", feature = "mqtt")), allow(dead_code, unused_imports))]
 
 pub mod config;
+pub mod connector;
 pub mod http;
 pub mod pipeline;
 pub mod report;

@@ -6,10 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow_schema::SchemaRef;
-use weir_connectors::{
-    FileDeadLetters, FileSideWriter, FileSinkFactory, FileSourceConfig, FileSourceFactory, GeneratorConfig,
-    GeneratorFactory, StdinSourceFactory, StdoutSinkFactory, TxFileSinkFactory,
-};
+use weir_connectors::{FileDeadLetters, FileSideWriter};
 use weir_core::quarantine::{Quarantine, QuarantineSpec, QuarantiningDeadLetters};
 use weir_core::runtime::{Job, JobSpec, RunSummary, StageSpec, WatermarkSpec};
 use weir_core::shed::{OverloadSpec, ShedPredicate};
@@ -111,8 +108,8 @@ impl Pipeline {
     /// the other source settings (event time, watermark) still apply.
     pub fn source_code(&mut self, id: &str, factory: Arc<dyn SourceFactory>) -> &mut Self {
         self.code.source = Some(factory);
-        if self.cfg.source.code.is_none() || self.cfg.source.id != id {
-            self.source(SourceConfig::new(id, SourceConnector::Code));
+        if !matches!(self.cfg.source.connector, SourceConnector::Code(_)) || self.cfg.source.id != id {
+            self.source(SourceConfig::new(id, SourceConnector::Code(CodeSettings {})));
         }
         self
     }
@@ -120,8 +117,8 @@ impl Pipeline {
     /// Sets a sink written in code; the pipeline's sink becomes `id` with `code: {}`.
     pub fn sink_code(&mut self, id: &str, factory: Arc<dyn SinkFactory>) -> &mut Self {
         self.code.sink = Some(factory);
-        if self.cfg.sink.code.is_none() || self.cfg.sink.id != id {
-            self.sink(SinkConfig::new(id, SinkConnector::Code));
+        if !matches!(self.cfg.sink.connector, SinkConnector::Code(_)) || self.cfg.sink.id != id {
+            self.sink(SinkConfig::new(id, SinkConnector::Code(CodeSettings {})));
         }
         self
     }
@@ -222,8 +219,6 @@ impl Pipeline {
             check_name("step id", id)?;
             weir_core::ensure_config!(ids.insert(id), "step id `{id}` is used twice; ids must be unique");
         }
-        c.source.connector().map_err(CoreError::Config)?;
-        c.sink.connector().map_err(CoreError::Config)?;
         weir_core::ensure_config!(
             c.sink.retry.max_attempts != Some(0),
             "sink `{}`: retry.max_attempts must be at least 1",
@@ -241,12 +236,12 @@ impl Pipeline {
             )));
         }
         weir_core::ensure_config!(
-            c.source.code.is_none() || self.code.source.is_some(),
+            !matches!(c.source.connector, SourceConnector::Code(_)) || self.code.source.is_some(),
             "source `{}` is `code`, but no source was registered from code",
             c.source.id
         );
         weir_core::ensure_config!(
-            c.sink.code.is_none() || self.code.sink.is_some(),
+            !matches!(c.sink.connector, SinkConnector::Code(_)) || self.code.sink.is_some(),
             "sink `{}` is `code`, but no sink was registered from code",
             c.sink.id
         );
@@ -258,11 +253,8 @@ impl Pipeline {
             link: Link::default(),
         };
         if let Some(schema) = &c.source.schema {
-            let mut schema = schema.to_arrow();
-            if let Some(k) = &c.source.kafka {
-                schema =
-                    kafka_metadata(&k.metadata).extend(&schema).map_err(|e| e.in_step(&StepId::new(&c.source.id)))?;
-            }
+            let schema =
+                c.source.connector.row_schema(schema.to_arrow()).map_err(|e| e.in_step(&StepId::new(&c.source.id)))?;
             built.plan_steps(&schema, 1, false)?;
         } else if let Some(f) = &self.code.source {
             built.plan_steps(&f.schema(), 1, false)?;
@@ -281,13 +273,30 @@ pub struct BuiltPipeline {
     link: Link,
 }
 
+/// The error for a Kafka feature used in a build without the `kafka` cargo feature.
+#[cfg(not(feature = "kafka"))]
+fn without_kafka(what: &str) -> CoreError {
+    CoreError::Config(format!("{what} needs Kafka, which this build of Weir leaves out (cargo feature `kafka`)"))
+}
+
 /// Where a half of a repartitioned pipeline meets the topic (see [`RepartitionConfig`]).
 #[derive(Debug, Clone, Default)]
 struct Link {
     /// The reading half: set when the writing half finished.
     done: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// The writing half: the topic to create.
+    #[cfg(feature = "kafka")]
     topic: Option<weir_connectors::kafka::KafkaTopicSpec>,
+}
+
+impl Link {
+    /// Whether this is the writing half, whose output is not the job's.
+    fn writes_topic(&self) -> bool {
+        #[cfg(feature = "kafka")]
+        return self.topic.is_some();
+        #[cfg(not(feature = "kafka"))]
+        false
+    }
 }
 
 /// What the HTTP port needs from the `alert` steps: their books and their live events.
@@ -513,6 +522,7 @@ fn route_spec(r: &RouteConfig) -> Result<weir_connectors::alerting::RouteSpec> {
         targets.push(RouteTarget::Redis { url: x.url.clone(), channel: x.channel.clone() });
     }
     if let Some(k) = &r.kafka {
+        #[cfg(feature = "kafka")]
         targets.push(RouteTarget::Kafka {
             client: weir_connectors::kafka::KafkaClientConfig {
                 brokers: k.brokers.clone(),
@@ -520,6 +530,8 @@ fn route_spec(r: &RouteConfig) -> Result<weir_connectors::alerting::RouteSpec> {
             },
             topic: k.topic.clone(),
         });
+        #[cfg(not(feature = "kafka"))]
+        return Err(without_kafka(&format!("route `{}` to Kafka topic `{}`", r.name, k.topic)));
     }
     if let Some(f) = &r.file {
         targets.push(RouteTarget::File(f.path.clone().into()));
@@ -796,122 +808,33 @@ impl BuiltPipeline {
         // Kafka in and exactly once out, on one cluster: the source's positions are committed to
         // its group inside the output's transactions (a transaction cannot commit offsets of
         // another cluster).
-        let transactional_offsets = match (&src.kafka, &c.sink.kafka) {
-            (Some(s), Some(k)) if k.mode == "exactly_once" && s.brokers == k.brokers && c.checkpoints.is_some() => {
+        #[cfg(feature = "kafka")]
+        let transactional_offsets = match (&src.connector, &c.sink.connector) {
+            (SourceConnector::Kafka(s), SinkConnector::Kafka(k))
+                if k.mode == "exactly_once" && s.brokers == k.brokers && c.checkpoints.is_some() =>
+            {
                 Some(Arc::new(weir_connectors::kafka::TransactionalOffsets::default()))
             }
             _ => None,
         };
-        let (source, schema): (Arc<dyn SourceFactory>, SchemaRef) = match src.connector().map_err(CoreError::Config)? {
-            SourceConnector::File(f) => {
-                let schema = match &src.schema {
-                    Some(s) => s.to_arrow(),
-                    None => infer_from_file(&f.path, &f.format).map_err(|e| e.in_step(&source_step))?,
-                };
-                let cfg = FileSourceConfig {
-                    path: f.path.clone(),
-                    format: f.format,
-                    schema: schema.clone(),
-                    event_time: event_time.clone(),
-                    batch_size: src.batch_size,
-                    chunk_size: f.chunk_size.max(4096),
-                    follow: f.follow,
-                    poll_interval: f.poll_interval,
-                    // Order-sensitive steps need each key's rows in file order: no splitting.
-                    split: !c.steps.iter().any(|s| match s {
-                        StepConfig::EwmaZscore(_) | StepConfig::Detect(_) => true,
-                        StepConfig::Function(f) => self.functions.get(&f.id).is_some_and(|c| c.order_sensitive()),
-                        _ => false,
-                    }),
-                };
-                let fac = match planning {
-                    Planning::Check if src.schema.is_some() => FileSourceFactory::unresolved(cfg),
-                    _ => FileSourceFactory::new(cfg).map_err(|e| e.in_step(&source_step))?,
-                };
-                (Arc::new(fac), schema)
-            }
-            SourceConnector::Stdin(s) => {
-                let schema = src.schema.as_ref().map(weir_formats::SchemaSpec::to_arrow).ok_or_else(|| {
-                    CoreError::Config(format!(
-                        "source `{}`: stdin needs a declared `schema` (it cannot be read twice to infer one)",
-                        src.id
-                    ))
-                })?;
-                let fac = StdinSourceFactory::new(
-                    s.format,
-                    schema.clone(),
-                    event_time.clone(),
-                    src.batch_size,
-                    src.max_linger,
-                )?;
-                (Arc::new(fac), schema)
-            }
-            SourceConnector::Generator(g) => {
-                weir_core::ensure_config!(
-                    src.schema.is_none(),
-                    "source `{}`: the generator's schema is fixed; remove `schema`",
-                    src.id
-                );
-                let fac = GeneratorFactory::new(GeneratorConfig {
-                    devices: g.devices,
-                    rate: g.rate,
-                    count: g.count,
-                    duration: g.duration,
-                    disorder: g.disorder,
-                    max_delay_ms: u32::try_from(g.max_delay.as_millis()).unwrap_or(u32::MAX),
-                    anomaly_rate: g.anomaly_rate,
-                    seed: g.seed,
-                    batch_size: src.batch_size,
-                    max_linger: src.max_linger,
-                    stamp_created: g.stamp_created,
-                })
-                .map_err(|e| e.in_step(&source_step))?;
-                let schema = fac.schema();
-                (Arc::new(fac), schema)
-            }
-            SourceConnector::Code => {
-                let fac = self.code.source.clone().ok_or_else(|| {
-                    CoreError::Config("the source is `code`, but no source was registered from code".into())
-                        .in_step(&source_step)
-                })?;
-                weir_core::ensure_config!(
-                    src.schema.is_none(),
-                    "source `{}`: a source written in code brings its schema; remove `schema`",
-                    src.id
-                );
-                let schema = fac.schema();
-                (fac, schema)
-            }
-            SourceConnector::Kafka(k) => {
-                let payload = src.schema.as_ref().map(weir_formats::SchemaSpec::to_arrow).ok_or_else(|| {
-                    CoreError::Config(format!("source `{}`: kafka needs a declared `schema` for its payloads", src.id))
-                })?;
-                let start = kafka_start(&k.start).map_err(|e| CoreError::Config(e).in_step(&source_step))?;
-                let fac = weir_connectors::kafka::KafkaSourceFactory::new(weir_connectors::kafka::KafkaSourceConfig {
-                    client: kafka_client(&k.brokers, &k.properties),
-                    topics: k.topics.clone(),
-                    group_id: k.group_id.clone().unwrap_or_else(|| format!("weir-{}", c.name)),
-                    start,
-                    format: k.format,
-                    payload_schema: payload,
-                    metadata: kafka_metadata(&k.metadata),
-                    event_time: event_time.clone(),
-                    batch_size: src.batch_size,
-                    max_linger: src.max_linger,
-                    stop_at_end: k.stop_at_end,
-                    transactional_offsets: transactional_offsets.clone(),
-                    handoff: c.checkpoints.as_ref().is_some_and(|k| k.member.is_some()),
-                    until: self.link.done.clone(),
-                    on_missing_position: match k.on_missing_position {
-                        MissingPositionConfig::Earliest => weir_connectors::kafka::MissingPosition::Earliest,
-                        MissingPositionConfig::Fail => weir_connectors::kafka::MissingPosition::Fail,
-                    },
-                })
-                .map_err(|e| e.in_step(&source_step))?;
-                let schema = fac.schema();
-                (Arc::new(fac), schema)
-            }
-        };
+        let keep_order = c.steps.iter().any(|s| match s {
+            StepConfig::EwmaZscore(_) | StepConfig::Detect(_) => true,
+            StepConfig::Function(f) => self.functions.get(&f.id).is_some_and(|c| c.order_sensitive()),
+            _ => false,
+        });
+        let (source, schema) = src.connector.build(&crate::connector::SourceCx {
+            src,
+            step: source_step.clone(),
+            pipeline: &c.name,
+            event_time: event_time.clone(),
+            checking: matches!(planning, Planning::Check),
+            keep_order,
+            checkpoints: c.checkpoints.as_ref(),
+            code: self.code.source.clone(),
+            until: self.link.done.clone(),
+            #[cfg(feature = "kafka")]
+            transactional_offsets: transactional_offsets.clone(),
+        })?;
         if let Some(et) = &event_time {
             weir_ops::field_by_path(&schema, &et.column)
                 .map_err(|e| CoreError::Config(format!("event_time: {e}")).in_step(&source_step))?;
@@ -922,61 +845,29 @@ impl BuiltPipeline {
         // A run resuming from checkpoints keeps what earlier runs wrote to its side files.
         let resuming = c.checkpoints.is_some() && !opts.fresh;
         let sink_schema = out_schema.clone();
-        let sink: Arc<dyn SinkFactory> = match c.sink.connector().map_err(CoreError::Config)? {
-            SinkConnector::File(f) if c.checkpoints.is_some() => {
-                Arc::new(TxFileSinkFactory::new(&f.path, f.format, out_schema).map_err(|e| e.in_step(&sink_step))?)
-            }
-            SinkConnector::File(f) => Arc::new(FileSinkFactory::new(&f.path, f.format, out_schema)),
-            SinkConnector::Stdout(s) => Arc::new(StdoutSinkFactory::new(s.format, out_schema)),
-            SinkConnector::Code => self.code.sink.clone().ok_or_else(|| {
-                CoreError::Config("the sink is `code`, but no sink was registered from code".into()).in_step(&sink_step)
-            })?,
-            SinkConnector::Kafka(k) => {
-                let mode = match k.mode.as_str() {
-                    "at_least_once" => weir_connectors::kafka::KafkaSinkMode::AtLeastOnce,
-                    "exactly_once" => {
-                        let Some(ck) = &c.checkpoints else {
-                            return Err(CoreError::Config(
-                                "kafka sink `mode: exactly_once` commits a transaction per checkpoint: add a `checkpoints` section".into(),
-                            )
-                            .in_step(&sink_step));
-                        };
-                        let mut t = kafka_transactions(&k, &c.name, &c.sink.id, ck.interval)?;
-                        t.handoff = ck.member.is_some();
-                        weir_connectors::kafka::KafkaSinkMode::ExactlyOnce(t)
-                    }
-                    other => {
-                        return Err(CoreError::Config(format!(
-                            "kafka sink `mode: {other}`: expected `at_least_once` or `exactly_once`"
-                        ))
-                        .in_step(&sink_step))
-                    }
-                };
-                Arc::new(
-                    weir_connectors::kafka::KafkaSinkFactory::new(weir_connectors::kafka::KafkaSinkConfig {
-                        client: kafka_client(&k.brokers, &k.properties),
-                        topic: k.topic.clone(),
-                        format: k.format,
-                        schema: out_schema,
-                        key: k.key.clone(),
-                        partition: k.partition.clone(),
-                        headers: k.headers.clone(),
-                        mode,
-                        source_offsets: transactional_offsets.clone(),
-                        create: self.link.topic.clone(),
-                    })
-                    .map_err(|e| e.in_step(&sink_step))?,
-                )
-            }
-        };
+        let sink = c.sink.connector.build(&crate::connector::SinkCx {
+            sink: &c.sink,
+            step: sink_step.clone(),
+            pipeline: &c.name,
+            schema: out_schema,
+            checkpoints: c.checkpoints.as_ref(),
+            code: self.code.sink.clone(),
+            #[cfg(feature = "kafka")]
+            source_offsets: transactional_offsets.clone(),
+            #[cfg(feature = "kafka")]
+            create_topic: self.link.topic.clone(),
+        })?;
         let entries = |path: &str, kafka: &Option<KafkaTopicSettings>, what: &str| -> Result<Arc<dyn DeadLetterSink>> {
             Ok(match kafka {
                 None => Arc::new(FileDeadLetters::new(path).appending(resuming)),
+                #[cfg(feature = "kafka")]
                 Some(k) => Arc::new(weir_connectors::kafka::KafkaDeadLetters::new(
-                    &kafka_client(&k.brokers, &k.properties),
+                    &crate::connector::kafka::client(&k.brokers, &k.properties),
                     &k.topic,
                     what,
                 )?),
+                #[cfg(not(feature = "kafka"))]
+                Some(k) => return Err(without_kafka(&format!("{what} to Kafka topic `{}`", k.topic))),
             })
         };
         let mut dead = entries(&c.dead_letters.path, &c.dead_letters.kafka, "dead letters")?;
@@ -996,7 +887,7 @@ impl BuiltPipeline {
         let spec = JobSpec {
             upstream: None,
             counts_input: self.link.done.is_none(),
-            counts_output: self.link.topic.is_none(),
+            counts_output: !self.link.writes_topic(),
             name: c.name.clone(),
             workers,
             source_step,
@@ -1026,7 +917,7 @@ impl BuiltPipeline {
                         .map_err(|e| CoreError::Config(format!("checkpoints.dir: {e}")))?;
                     if let Some(m) = &k.member {
                         weir_core::ensure_config!(
-                            src.kafka.is_some(),
+                            src.connector.name() == "kafka",
                             "checkpoints.member: state follows partitions of a Kafka source between processes; source `{}` is not Kafka",
                             src.id
                         );
@@ -1048,12 +939,18 @@ impl BuiltPipeline {
     /// steps before it become a job writing the topic (keyed by the first key, so Kafka's
     /// partitioner puts each key in one partition), run alongside the job that reads it and
     /// does the rest.
+    #[cfg(not(feature = "kafka"))]
+    fn plan_repartitioned(&self, _: &RunOptions, _: usize, _: Planning) -> Result<(JobSpec, SchemaRef)> {
+        Err(without_kafka("`repartition` through a Kafka topic"))
+    }
+
+    #[cfg(feature = "kafka")]
     fn plan_repartitioned(&self, opts: &RunOptions, at: usize, planning: Planning) -> Result<(JobSpec, SchemaRef)> {
         let c = &self.cfg;
         let StepConfig::KeyBy(k) = &c.steps[at] else { weir_core::bail_internal!("repartition without key_by") };
         let step = StepId::new(&k.id);
         let r = k.repartition.clone().unwrap_or_default();
-        let Some(src) = &c.source.kafka else {
+        let SourceConnector::Kafka(src) = &c.source.connector else {
             return Err(CoreError::Config(
                 "`repartition` goes through a Kafka topic on the source's brokers: it needs a Kafka source".into(),
             )
@@ -1075,7 +972,7 @@ impl BuiltPipeline {
         // The writing half: the source and the steps before the key_by, into the topic.
         let mut up = c.clone();
         up.name = format!("{}.{}", c.name, k.id);
-        if let Some(s) = up.source.kafka.as_mut() {
+        if let SourceConnector::Kafka(s) = &mut up.source.connector {
             // The source's group stays the pipeline's (its name is the half's).
             s.group_id = Some(group.clone());
         }
@@ -1087,11 +984,8 @@ impl BuiltPipeline {
         });
         up.sink = SinkConfig {
             id: format!("{}.out", k.id),
-            file: None,
-            stdout: None,
-            code: None,
             latency_column: None,
-            kafka: Some(json(
+            connector: SinkConnector::Kafka(json(
                 serde_json::json!({
                     "brokers": src.brokers, "topic": topic, "format": "json", "key": first_key,
                     "mode": r.mode, "transactional_id": txn_id, "properties": src.properties,
@@ -1119,11 +1013,7 @@ impl BuiltPipeline {
         let mut down = c.clone();
         down.source = SourceConfig {
             id: format!("{}.in", k.id),
-            file: None,
-            stdin: None,
-            generator: None,
-            code: None,
-            kafka: Some(json(
+            connector: SourceConnector::Kafka(json(
                 serde_json::json!({
                     "brokers": src.brokers, "topics": [topic], "group_id": format!("{group}.{}", k.id),
                     "start": "earliest", "format": "json", "properties": src.properties,
@@ -1243,7 +1133,7 @@ pub fn default_workers() -> usize {
 }
 
 /// Infers a schema from the first records of the first file (JSON only).
-fn infer_from_file(path: &str, format: &FormatSpec) -> Result<SchemaRef> {
+pub(crate) fn infer_from_file(path: &str, format: &FormatSpec) -> Result<SchemaRef> {
     weir_core::ensure_config!(
         matches!(format, FormatSpec::Json),
         "a {} source needs a declared `schema`; only JSON schemas can be inferred",
@@ -1276,70 +1166,4 @@ fn infer_from_file(path: &str, format: &FormatSpec) -> Result<SchemaRef> {
     })?;
     tracing::info!(file = %first.display(), fields = spec.fields.len(), "Inferred the input schema from the first records.");
     Ok(spec.to_arrow())
-}
-
-/// Parses a Kafka `start`: `earliest`, `latest`, `committed` or an RFC 3339 time.
-fn kafka_start(s: &str) -> std::result::Result<weir_connectors::kafka::KafkaStart, String> {
-    use weir_connectors::kafka::KafkaStart;
-    Ok(match s {
-        "earliest" => KafkaStart::Earliest,
-        "latest" => KafkaStart::Latest,
-        "committed" => KafkaStart::Committed,
-        t => KafkaStart::Timestamp(
-            chrono::DateTime::parse_from_rfc3339(t)
-                .map_err(|_| {
-                    format!("kafka `start: {t}`: expected earliest, latest, committed or an RFC 3339 time such as 2026-12-01T00:00:00Z")
-                })?
-                .timestamp_millis(),
-        ),
-    })
-}
-
-fn kafka_metadata(m: &KafkaMetadataSettings) -> weir_connectors::kafka::KafkaMetadataColumns {
-    weir_connectors::kafka::KafkaMetadataColumns {
-        key: m.key.clone(),
-        topic: m.topic.clone(),
-        partition: m.partition.clone(),
-        offset: m.offset.clone(),
-        timestamp: m.timestamp.clone(),
-        headers: m.headers.clone(),
-    }
-}
-
-/// The exactly-once settings of a Kafka sink, with the transaction timeout checked against
-/// the checkpoint interval: a transaction stays open for an interval plus the checkpoint.
-fn kafka_transactions(
-    k: &KafkaSinkSettings,
-    pipeline: &str,
-    sink: &str,
-    interval: Duration,
-) -> Result<weir_connectors::kafka::KafkaTransactionSettings> {
-    let broker_max = Duration::from_secs(15 * 60);
-    let timeout = k.transaction_timeout.unwrap_or_else(|| (interval * 4).clamp(Duration::from_secs(60), broker_max));
-    if timeout <= interval * 2 {
-        return Err(CoreError::Config(format!(
-            "kafka sink `transaction_timeout: {}` is too short for a checkpoint every {}: a transaction stays open for an interval plus the checkpoint, and the broker aborts it after the timeout; use at least {}",
-            humantime_serde::re::humantime::format_duration(timeout),
-            humantime_serde::re::humantime::format_duration(interval),
-            humantime_serde::re::humantime::format_duration(interval * 3)
-        )));
-    }
-    if timeout > broker_max && k.transaction_timeout.is_some() {
-        tracing::warn!(
-            timeout_s = timeout.as_secs(),
-            "The Kafka sink's transaction_timeout is above 15 minutes, the brokers' default transaction.max.timeout.ms; the brokers refuse it unless raised there."
-        );
-    }
-    let id = k.transactional_id.clone().unwrap_or_else(|| format!("weir-{pipeline}-{sink}"));
-    Ok(weir_connectors::kafka::KafkaTransactionSettings {
-        commit_topic: k.commit_topic.clone().unwrap_or_else(|| format!("{id}.commits")),
-        transactional_id: id,
-        timeout,
-        checkpoint_header: k.checkpoint_header.clone(),
-        handoff: false,
-    })
-}
-
-fn kafka_client(brokers: &str, properties: &BTreeMap<String, String>) -> weir_connectors::kafka::KafkaClientConfig {
-    weir_connectors::kafka::KafkaClientConfig { brokers: brokers.to_string(), properties: properties.clone() }
 }

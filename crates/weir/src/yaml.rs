@@ -131,10 +131,10 @@ pub fn resolve_paths(
         *path = base.join(p).to_string_lossy().into_owned();
     };
     let at = |keys: &[&str]| keys.iter().fold(&raw, |v, k| &v[*k]);
-    if let Some(f) = cfg.source.file.as_mut() {
+    if let crate::config::SourceConnector::File(f) = &mut cfg.source.connector {
         fix(&mut f.path, at(&["source", "file", "path"]));
     }
-    if let Some(f) = cfg.sink.file.as_mut() {
+    if let crate::config::SinkConnector::File(f) = &mut cfg.sink.connector {
         fix(&mut f.path, at(&["sink", "file", "path"]));
     }
     fix(&mut cfg.dead_letters.path, at(&["dead_letters", "path"]));
@@ -203,6 +203,7 @@ pub fn fuzz(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{SinkConnector, SourceConnector};
 
     /// Replays the inputs kept under `fuzz-regressions/pipeline_yaml/`.
     #[test]
@@ -245,8 +246,11 @@ checkpoints: { dir: "s3://bucket/ck" }
         let env = |k: &str| (k == "OUTPUT").then(|| "out.jsonl".to_string());
         let mut cfg = parse_with("p.yaml", text, env).unwrap();
         resolve_paths(&mut cfg, text, std::path::Path::new("/srv/pipes"), env);
-        assert_eq!(cfg.source.file.as_ref().unwrap().path, "/srv/pipes/data/in.jsonl");
-        assert_eq!(cfg.sink.file.as_ref().unwrap().path, "out.jsonl", "given by the environment");
+        let (SourceConnector::File(i), SinkConnector::File(o)) = (&cfg.source.connector, &cfg.sink.connector) else {
+            panic!("file in, file out")
+        };
+        assert_eq!(i.path, "/srv/pipes/data/in.jsonl");
+        assert_eq!(o.path, "out.jsonl", "given by the environment");
         assert_eq!(cfg.dead_letters.path, "/srv/pipes/dead.jsonl", "the file's default");
         assert_eq!(cfg.quarantine.output, "/srv/pipes/quarantine.jsonl", "the code's default");
         assert_eq!(cfg.checkpoints.as_ref().unwrap().dir, "s3://bucket/ck");

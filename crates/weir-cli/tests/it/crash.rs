@@ -60,7 +60,7 @@ pub(crate) fn assert_same(want: &Rows, got: &Rows, what: &str) {
     }
 }
 
-fn committed(dir: &Path) -> String {
+pub(crate) fn committed(dir: &Path) -> String {
     let mut names: Vec<PathBuf> =
         std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     names.retain(|p| p.file_name().unwrap().to_string_lossy().starts_with("part-"));

@@ -1,5 +1,7 @@
 //! The `weir` command, run as a user would.
 #![allow(clippy::unwrap_used)]
+// The tests use every connector the command has by default.
+#![cfg(all(feature = "kafka", feature = "mqtt"))]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -7,6 +9,7 @@ use std::process::{Command, Output};
 mod crash;
 mod kafka_crash;
 mod kafka_handoff;
+mod mqtt_crash;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()

@@ -25,21 +25,9 @@ impl fmt::Debug for KafkaClientConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KafkaClientConfig")
             .field("brokers", &self.brokers)
-            .field("properties", &redacted(&self.properties))
+            .field("properties", &crate::redacted(&self.properties))
             .finish()
     }
-}
-
-/// Properties with the values of anything that may be a secret replaced by `***`, for logs
-/// and `Debug`.
-pub fn redacted(props: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
-    props
-        .iter()
-        .map(|(k, v)| {
-            let secret = ["password", "secret", "key", "token", "jaas"].iter().any(|s| k.contains(s));
-            (k.as_str(), if secret { "***" } else { v.as_str() })
-        })
-        .collect()
 }
 
 impl KafkaClientConfig {

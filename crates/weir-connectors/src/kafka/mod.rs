@@ -13,7 +13,8 @@ mod sink;
 mod source;
 mod txn;
 
-pub use client::{redacted, KafkaClientConfig};
+pub use crate::redacted;
+pub use client::KafkaClientConfig;
 pub use deadletter::{read_topic, KafkaDeadLetters};
 pub use sink::{KafkaSinkConfig, KafkaSinkFactory, KafkaSinkMode, KafkaTopicSpec, KafkaTransactionSettings};
 pub use source::{KafkaMetadataColumns, KafkaSourceConfig, KafkaSourceFactory, KafkaStart, MissingPosition};

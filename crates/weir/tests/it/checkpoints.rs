@@ -9,10 +9,6 @@ use weir_core::runtime::Job;
 
 use crate::common::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
 /// W1 on the 3k-event fixture with checkpoints every 10 ms into `dir`.
 fn w1(dir: &Path, chunk: usize) -> PipelineConfig {
     let out = dir.join("out");
@@ -23,7 +19,7 @@ fn w1(dir: &Path, chunk: usize) -> PipelineConfig {
     )
     .config()
     .clone();
-    cfg.source.file.as_mut().unwrap().chunk_size = chunk;
+    cfg.file_source().chunk_size = chunk;
     cfg.checkpoints = Some(CheckpointConfig {
         dir: dir.join("ck").display().to_string(),
         options: Default::default(),
@@ -127,7 +123,7 @@ fn a_checkpoint_can_be_asked_for_while_the_job_runs() {
     let mut cfg = w1(dir.path(), 4096);
     // Only on-demand and final checkpoints, on a source that never ends by itself.
     cfg.checkpoints.as_mut().unwrap().interval = Duration::ZERO;
-    cfg.source.file.as_mut().unwrap().follow = true;
+    cfg.file_source().follow = true;
     let spec = Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions { workers: Some(2), ..Default::default() });
     let job = Job::new(spec.unwrap()).unwrap();
     let (reg, stop, ask) = (job.registry(), job.shutdown_handle(), job.checkpoint_handle());

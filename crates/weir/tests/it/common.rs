@@ -3,6 +3,34 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use weir::prelude::*;
 
+/// The settings of a pipeline's connectors, for tests that adjust a loaded example.
+pub(crate) trait Ends {
+    fn file_source(&mut self) -> &mut FileSourceSettings;
+    fn kafka_source(&mut self) -> &mut KafkaSourceSettings;
+    fn kafka_sink(&mut self) -> &mut KafkaSinkSettings;
+}
+
+impl Ends for PipelineConfig {
+    fn file_source(&mut self) -> &mut FileSourceSettings {
+        match &mut self.source.connector {
+            SourceConnector::File(f) => f,
+            other => panic!("the source is {}, not a file", other.name()),
+        }
+    }
+    fn kafka_source(&mut self) -> &mut KafkaSourceSettings {
+        match &mut self.source.connector {
+            SourceConnector::Kafka(k) => k,
+            other => panic!("the source is {}, not Kafka", other.name()),
+        }
+    }
+    fn kafka_sink(&mut self) -> &mut KafkaSinkSettings {
+        match &mut self.sink.connector {
+            SinkConnector::Kafka(k) => k,
+            other => panic!("the sink is {}, not Kafka", other.name()),
+        }
+    }
+}
+
 pub(crate) fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
@@ -100,3 +128,8 @@ pub(crate) fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) 
 }
 
 pub(crate) use weir_core::testing::poll;
+
+/// The runtime a test runs a job on: two workers, as on the CI machine.
+pub(crate) fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}

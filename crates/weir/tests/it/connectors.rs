@@ -32,10 +32,6 @@ fn pipeline(path: &str, format: FormatSpec, out: &std::path::Path, dead: &std::p
     p
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
 /// Writes the 3k fixture in another format through a Weir pipeline, then reads it back.
 #[test]
 fn csv_and_msgpack_round_trip_through_files() {
@@ -97,8 +93,8 @@ fn follow_mode_picks_up_appended_lines_until_stopped() {
     let out = dir.path().join("out.jsonl");
     let mut p = pipeline(&input.display().to_string(), FormatSpec::Json, &out, &dir.path().join("d"));
     let mut cfg = p.build().unwrap().config().clone();
-    cfg.source.file.as_mut().unwrap().follow = true;
-    cfg.source.file.as_mut().unwrap().poll_interval = Duration::from_millis(20);
+    cfg.file_source().follow = true;
+    cfg.file_source().poll_interval = Duration::from_millis(20);
     p = Pipeline::from_config(cfg);
     let job = weir_core::runtime::Job::new(
         p.build().unwrap().plan(&RunOptions { workers: Some(2), ..Default::default() }).unwrap(),

@@ -158,7 +158,7 @@ fn malformed_input_through_w1_and_w3() {
             let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
             let mut cfg =
                 example(example_file, &[("INPUT", &input), ("OUTPUT", &out), ("DEAD_LETTERS", &dead)]).config().clone();
-            cfg.source.file.as_mut().unwrap().chunk_size = 16 * 1024;
+            cfg.file_source().chunk_size = 16 * 1024;
             let p = Pipeline::from_config(cfg).build().unwrap();
             let summary = tokio::runtime::Runtime::new()
                 .unwrap()
@@ -222,7 +222,7 @@ mod accounting {
             std::fs::write(&input, text).unwrap();
             let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
             let mut cfg = example("w1-sensor-window.yaml", &[("INPUT", &input), ("OUTPUT", &out), ("DEAD_LETTERS", &dead)]).config().clone();
-            cfg.source.file.as_mut().unwrap().chunk_size = 4096;
+            cfg.file_source().chunk_size = 4096;
             // Vibration is optional here so the generated lines need not carry it.
             cfg.source.schema.as_mut().unwrap().fields[2].fields[1].required = false;
             cfg.steps.insert(0, StepConfig::Filter(FilterConfig { id: "warm".into(), predicate: "readings.temp > 0".into() }));

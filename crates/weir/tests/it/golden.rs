@@ -13,7 +13,7 @@ fn run_example(example_file: &str, input: &str, workers: usize) -> (Vec<serde_js
     let mut cfg =
         example(example_file, &[("INPUT", &input), ("OUTPUT", &out), ("DEAD_LETTERS", &dead)]).config().clone();
     // Small chunks, so that with two workers a split file really is read by both.
-    cfg.source.file.as_mut().unwrap().chunk_size = 16 * 1024;
+    cfg.file_source().chunk_size = 16 * 1024;
     let p = Pipeline::from_config(cfg).build().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let summary = rt.block_on(p.run(&RunOptions { workers: Some(workers), ..Default::default() })).unwrap();
@@ -61,7 +61,7 @@ fn file_split_across_workers_reads_every_line_once() {
     )
     .config()
     .clone();
-    cfg.source.file.as_mut().unwrap().chunk_size = 4096;
+    cfg.file_source().chunk_size = 4096;
     cfg.steps.clear();
     let rt = tokio::runtime::Runtime::new().unwrap();
     for workers in [1, 2, 3] {

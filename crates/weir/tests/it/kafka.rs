@@ -129,10 +129,6 @@ pub(crate) fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path).unwrap().lines().map(str::to_string).collect()
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
 fn kafka_source(brokers: &str, topic: &str) -> KafkaSourceSettings {
     KafkaSourceSettings {
         brokers: brokers.into(),
@@ -152,8 +148,7 @@ fn from_kafka(example_name: &str, brokers: &str, topic: &str, out: &Path, dead: 
     let mut cfg = example(example_name, &[("INPUT", Path::new("/unused")), ("OUTPUT", out), ("DEAD_LETTERS", dead)])
         .config()
         .clone();
-    cfg.source.file = None;
-    cfg.source.kafka = Some(kafka_source(brokers, topic));
+    cfg.source.connector = SourceConnector::Kafka(kafka_source(brokers, topic));
     cfg
 }
 
@@ -197,7 +192,7 @@ fn w1_from_kafka_equals_the_file_run_at_1_and_2_workers() {
         let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
         let mut cfg = from_kafka("w1-sensor-window.yaml", &k.brokers, "sensors", &out, &dead);
         // A fresh group each time: offsets must come from `start`, not an earlier run.
-        cfg.source.kafka.as_mut().unwrap().group_id = Some(format!("w1-{workers}"));
+        cfg.kafka_source().group_id = Some(format!("w1-{workers}"));
         let s = run(&cfg, workers);
         assert_eq!(s.steps[0].1.rows_in, 3000);
         assert_same_rows(read_jsonl(&data("w1-expected.jsonl")), read_jsonl(&out), &format!("{workers} workers"));
@@ -211,7 +206,7 @@ fn kafka_to_kafka_with_keys_and_metadata_columns() {
     let dir = tempfile::tempdir().unwrap();
     let (out, dead) = (dir.path().join("unused.jsonl"), dir.path().join("dead.jsonl"));
     let mut cfg = from_kafka("w2-filter-project.yaml", &k.brokers, "in", &out, &dead);
-    let src = cfg.source.kafka.as_mut().unwrap();
+    let src = cfg.kafka_source();
     src.metadata = KafkaMetadataSettings {
         key: Some("k".into()),
         partition: Some("p".into()),
@@ -291,7 +286,7 @@ fn a_restart_resumes_at_the_checkpointed_offsets() {
     k.produce("w2", &all[1500..], None);
     // Another group: positions come from the checkpoint, never from the group's offsets.
     // (It also spares the mock broker's wait for the first member's rebalance timeout.)
-    cfg.source.kafka.as_mut().unwrap().group_id = Some("second".into());
+    cfg.kafka_source().group_id = Some("second".into());
     let second = run(&cfg, 1);
     assert_eq!(second.steps[0].1.rows_in, 1500, "the second run reads only the new records");
     let mut parts: Vec<_> = std::fs::read_dir(&out).unwrap().flatten().map(|e| e.path()).collect();
@@ -334,8 +329,8 @@ fn an_idle_partition_does_not_stall_windows() {
     let dir = tempfile::tempdir().unwrap();
     let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
     let mut cfg = from_kafka("w1-sensor-window.yaml", &k.brokers, "quiet", &out, &dead);
-    cfg.source.kafka.as_mut().unwrap().stop_at_end = false;
-    cfg.source.kafka.as_mut().unwrap().properties.insert("statistics.interval.ms".into(), "200".into());
+    cfg.kafka_source().stop_at_end = false;
+    cfg.kafka_source().properties.insert("statistics.interval.ms".into(), "200".into());
     cfg.source.watermark.idle_timeout = Some(Duration::from_millis(300));
     let (rt, handle, reg, stop) = run_until_a_window_closes(&cfg, None, "while partition 1 stayed silent");
     let t = Instant::now();
@@ -363,7 +358,7 @@ fn windows_close_while_running_with_checkpoints_at_2_workers() {
     let dir = tempfile::tempdir().unwrap();
     let (out, dead) = (dir.path().join("out"), dir.path().join("dead.jsonl"));
     let mut cfg = from_kafka("w1-sensor-window.yaml", &k.brokers, "ck2", &out, &dead);
-    cfg.source.kafka.as_mut().unwrap().stop_at_end = false;
+    cfg.kafka_source().stop_at_end = false;
     cfg.checkpoints = checkpoints_in(dir.path(), Duration::from_millis(200));
     let (rt, handle, _reg, stop) = run_until_a_window_closes(&cfg, Some(2), "while running");
     stop.stop();
@@ -375,10 +370,10 @@ fn kafka_settings_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let (out, dead) = (dir.path().join("o"), dir.path().join("d"));
     let mut cfg = from_kafka("w2-filter-project.yaml", "127.0.0.1:1", "t", &out, &dead);
-    cfg.source.kafka.as_mut().unwrap().start = "yesterday".into();
+    cfg.kafka_source().start = "yesterday".into();
     let err = Pipeline::from_config(cfg.clone()).build().unwrap().plan(&RunOptions::default()).unwrap_err().to_string();
     assert!(err.contains("yesterday") && err.contains("RFC 3339"), "{err}");
-    cfg.source.kafka.as_mut().unwrap().start = "latest".into();
+    cfg.kafka_source().start = "latest".into();
     cfg.source.schema = None;
     let err = Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap_err().to_string();
     assert!(err.contains("declared `schema`"), "{err}");
@@ -389,8 +384,7 @@ fn kafka_settings_are_checked() {
     let yaml = "name: r\nsource:\n  id: in\n  file: { path: x.jsonl, format: json }\n  schema: { fields: [ { name: k, type: string }, { name: ts, type: int64 } ] }\n  event_time: { column: ts, format: ms }\nsteps:\n  - key_by: { id: by-k, keys: [k], repartition: {} }\nsink:\n  id: out\n  stdout: {}\n";
     let mut r: PipelineConfig = weir::yaml::parse("r.yaml", yaml).unwrap();
     assert!(plan(&r).contains("needs a Kafka source"), "{}", plan(&r));
-    r.source.file = None;
-    r.source.kafka = Some(kafka_source("127.0.0.1:1", "t"));
+    r.source.connector = SourceConnector::Kafka(kafka_source("127.0.0.1:1", "t"));
     r.steps.insert(
         0,
         StepConfig::Select(serde_json::from_value(serde_json::json!({"id": "drop-ts", "columns": ["k"]})).unwrap()),
@@ -522,7 +516,7 @@ fn exactly_once_commits_the_source_positions_in_its_transactions() {
     let dir = tempfile::tempdir().unwrap();
     let (out, dead) = (dir.path().join("unused"), dir.path().join("dead.jsonl"));
     let mut cfg = from_kafka("w2-filter-project.yaml", &k.brokers, "in", &out, &dead);
-    cfg.source.kafka.as_mut().unwrap().group_id = Some("txn-offsets".into());
+    cfg.kafka_source().group_id = Some("txn-offsets".into());
     cfg.sink = exactly_once_sink(&k.brokers, "txn-offsets");
     cfg.checkpoints = checkpoints_in(dir.path(), Duration::from_millis(30));
     let job = Job::new(Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap()).unwrap();
@@ -558,7 +552,7 @@ fn exactly_once_needs_checkpoints_and_a_long_enough_transaction_timeout() {
     let err = plan(&cfg);
     assert!(err.contains("exactly_once") && err.contains("checkpoints"), "{err}");
     cfg.checkpoints = checkpoints_in(dir.path(), Duration::from_secs(60));
-    cfg.sink.kafka.as_mut().unwrap().transaction_timeout = Some(Duration::from_secs(90));
+    cfg.kafka_sink().transaction_timeout = Some(Duration::from_secs(90));
     let err = plan(&cfg);
     assert!(err.contains("transaction_timeout") && err.contains("3m"), "{err}");
 }
@@ -597,7 +591,7 @@ fn two_jobs_in_one_group_split_the_partitions_on_a_real_broker() {
     for name in ["a", "b"] {
         let (out, dead) = (dir.path().join(format!("{name}.jsonl")), dir.path().join(format!("{name}-dead.jsonl")));
         let mut cfg = from_kafka("w2-filter-project.yaml", &brokers, &topic, &out, &dead);
-        let src = cfg.source.kafka.as_mut().unwrap();
+        let src = cfg.kafka_source();
         src.stop_at_end = false;
         src.group_id = Some(format!("{topic}-group"));
         src.properties.insert("session.timeout.ms".into(), "6000".into());
@@ -678,7 +672,7 @@ fn keyed_state_moves_with_its_partitions_on_a_real_broker() {
     let start = |name: &str| {
         let (out, dead) = (dir.path().join(format!("out-{name}")), dir.path().join(format!("{name}-dead.jsonl")));
         let mut cfg = from_kafka("w1-sensor-window.yaml", &brokers, &topic, &out, &dead);
-        let src = cfg.source.kafka.as_mut().unwrap();
+        let src = cfg.kafka_source();
         src.stop_at_end = false;
         src.group_id = Some(format!("{topic}-group"));
         src.properties.insert("session.timeout.ms".into(), "6000".into());
@@ -758,7 +752,7 @@ fn a_repartition_topic_rekeys_a_topic_not_partitioned_by_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let (out, dead) = (dir.path().join("w1.jsonl"), dir.path().join("dead.jsonl"));
     let mut cfg = from_kafka("w1-sensor-window.yaml", &brokers, &topic, &out, &dead);
-    cfg.source.kafka.as_mut().unwrap().group_id = Some(format!("{topic}-group"));
+    cfg.kafka_source().group_id = Some(format!("{topic}-group"));
     // The writing half reads four partitions side by side, so rows meet in the topic out of
     // event-time order by up to a batch or so.
     cfg.source.watermark.max_out_of_orderness = Duration::from_secs(3600);
@@ -773,14 +767,14 @@ fn a_repartition_topic_rekeys_a_topic_not_partitioned_by_the_key() {
     assert_same_rows(read_jsonl(&data("w1-expected.jsonl")), read_jsonl(&out), "W1 through a repartition topic");
     // Both halves take checkpoints, each in its own store, as one member of a group.
     let mut again = cfg.clone();
-    again.source.kafka.as_mut().unwrap().group_id = Some(format!("{topic}-again"));
+    again.kafka_source().group_id = Some(format!("{topic}-again"));
     for s in &mut again.steps {
         if let StepConfig::KeyBy(k) = s {
             k.repartition.as_mut().unwrap().topic = Some(format!("{by}.again"));
         }
     }
     let parts = dir.path().join("parts");
-    if let Some(f) = again.sink.file.as_mut() {
+    if let SinkConnector::File(f) = &mut again.sink.connector {
         f.path = parts.display().to_string();
     }
     again.checkpoints = Some(CheckpointConfig {
@@ -923,7 +917,7 @@ fn a_start_time_that_cannot_be_looked_up_fails_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
     let mut cfg = from_kafka("w2-filter-project.yaml", &k.brokers, "timed", &out, &dead);
-    cfg.source.kafka.as_mut().unwrap().start = "2026-01-01T00:00:00Z".into();
+    cfg.kafka_source().start = "2026-01-01T00:00:00Z".into();
     // One runtime thread: the lookups (and the pauses between tries) happen in the consumer's
     // rebalance callback, which must not hold that thread; a ticker on it measures the gaps.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
@@ -1059,7 +1053,7 @@ fn a_stalled_job_stops_fetching() {
     let dir = tempfile::tempdir().unwrap();
     let (out, dead) = (dir.path().join("unused.jsonl"), dir.path().join("dead.jsonl"));
     let mut cfg = from_kafka("w2-filter-project.yaml", &k.brokers, "big", &out, &dead);
-    let src = cfg.source.kafka.as_mut().unwrap();
+    let src = cfg.kafka_source();
     src.group_id = Some("stall".into());
     src.properties = [("statistics.interval.ms", "200"), ("queued.max.messages.kbytes", "512")]
         .into_iter()
@@ -1131,10 +1125,10 @@ fn the_deployment_guide_pipeline_builds() {
         "HOSTNAME" => Some("weir-0".to_string()),
         _ => None,
     };
-    let cfg = weir::yaml::parse_with("deployment.md", &text.join("\n"), vars).unwrap();
-    let sink = cfg.sink.kafka.as_ref().expect("a Kafka sink");
+    let mut cfg = weir::yaml::parse_with("deployment.md", &text.join("\n"), vars).unwrap();
+    let sink = cfg.kafka_sink().clone();
     assert_eq!(sink.transactional_id.as_deref(), Some("weir-w1-weir-0"));
-    assert_eq!(cfg.source.kafka.as_ref().unwrap().properties["group.instance.id"], "weir-0");
+    assert_eq!(cfg.kafka_source().properties["group.instance.id"], "weir-0");
     Pipeline::from_config(cfg).build().unwrap();
 }
 
@@ -1150,7 +1144,7 @@ fn a_position_the_broker_no_longer_has_is_counted_or_fails_the_run() {
     let (out, dead) = (dir.path().join("out"), dir.path().join("dead.jsonl"));
     let mut cfg = from_kafka("w2-filter-project.yaml", &k.brokers, "old", &out, &dead);
     cfg.checkpoints = checkpoints_in(dir.path(), Duration::from_millis(100));
-    cfg.source.kafka.as_mut().unwrap().stop_at_end = false;
+    cfg.kafka_source().stop_at_end = false;
     // First run: reads the 3,000 records, checkpoints, stops.
     let first = job(cfg.clone(), 1);
     let (reg, stop) = (first.registry(), first.shutdown_handle());
@@ -1177,16 +1171,16 @@ fn a_position_the_broker_no_longer_has_is_counted_or_fails_the_run() {
     // Each run in a group of its own: positions come from the checkpoint, and no run waits
     // for the one before to leave its group.
     let mut failing = cfg.clone();
-    failing.source.kafka.as_mut().unwrap().on_missing_position = MissingPositionConfig::Fail;
-    failing.source.kafka.as_mut().unwrap().group_id = Some("failing".into());
+    failing.kafka_source().on_missing_position = MissingPositionConfig::Fail;
+    failing.kafka_source().group_id = Some("failing".into());
     let err = rt.block_on(job(failing, 1).run()).unwrap_err().to_string();
     assert!(err.contains("old/0: the checkpointed position 3000 is no longer on the broker"), "{err}");
     assert!(err.contains(&format!("{} records were skipped", low - 3000)), "{err}");
 
     // Earliest (the default): goes on from the earliest record kept, and counts what is gone.
     copy_dir(&saved, &dir.path().join("ck"));
-    cfg.source.kafka.as_mut().unwrap().stop_at_end = true;
-    cfg.source.kafka.as_mut().unwrap().group_id = Some("earliest".into());
+    cfg.kafka_source().stop_at_end = true;
+    cfg.kafka_source().group_id = Some("earliest".into());
     let second = job(cfg, 1);
     let reg = second.registry();
     rt.block_on(second.run()).unwrap();

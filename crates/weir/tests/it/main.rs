@@ -1,5 +1,7 @@
 //! Integration tests of the engine through its public API: one binary, a module per area.
 #![allow(clippy::unwrap_used)]
+// The tests use every connector.
+#![cfg(all(feature = "kafka", feature = "mqtt"))]
 
 mod alerting;
 mod checkpoints;
@@ -11,4 +13,5 @@ mod functions;
 mod golden;
 mod kafka;
 mod metrics;
+mod mqtt;
 mod runtime;

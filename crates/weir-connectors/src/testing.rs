@@ -1,0 +1,170 @@
+//! Servers the tests of the connectors start for themselves: each on a free loopback port with
+//! its own data folder, so a test can stop, restart or kill its server without disturbing
+//! another test or the machine's own. Not part of the stable API.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on loopback (the OS picks it; a race with another process taking it in the
+/// meantime is possible but rare).
+///
+/// # Panics
+/// When no port can be bound.
+pub fn free_port() -> u16 {
+    #[allow(clippy::unwrap_used)]
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until `port` on loopback takes connections.
+///
+/// # Panics
+/// After `within` without it, naming `what` and its log.
+pub fn wait_for_port(port: u16, within: Duration, what: &str, log: &Path) {
+    let until = Instant::now() + within;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < until,
+            "{what} did not listen on 127.0.0.1:{port} within {within:?}; its log {}:\n{}",
+            log.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A Mosquitto broker of the test's own (Debian package `mosquitto`; `scripts/services.sh`
+/// installs it), persisting to its folder, queueing without limit for offline sessions.
+#[derive(Debug)]
+pub struct Mosquitto {
+    child: Option<Child>,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+    /// A password file: only its users may connect.
+    passwords: Option<PathBuf>,
+}
+
+impl Mosquitto {
+    /// Starts a broker keeping its data in `dir`.
+    ///
+    /// # Panics
+    /// When `mosquitto` is not installed or does not start.
+    pub fn start(dir: &Path) -> Self {
+        let mut m = Self { child: None, port: free_port(), dir: dir.to_path_buf(), passwords: None };
+        m.launch();
+        m
+    }
+
+    /// Starts a broker that lets in only `user` with `password`.
+    ///
+    /// # Panics
+    /// As [`Mosquitto::start`], or when `mosquitto_passwd` fails.
+    pub fn start_with_user(dir: &Path, user: &str, password: &str) -> Self {
+        let file = dir.join("passwords");
+        let out = Command::new(binary("mosquitto_passwd", "/usr/bin/mosquitto_passwd"))
+            .arg("-c")
+            .arg("-b")
+            .arg(&file)
+            .args([user, password])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run mosquitto_passwd: {e}"));
+        assert!(out.status.success(), "mosquitto_passwd: {}", String::from_utf8_lossy(&out.stderr));
+        let mut m = Self { child: None, port: free_port(), dir: dir.to_path_buf(), passwords: Some(file) };
+        m.launch();
+        m
+    }
+
+    fn launch(&mut self) {
+        let conf = self.dir.join("mosquitto.conf");
+        let access = match &self.passwords {
+            None => "allow_anonymous true\n".to_string(),
+            Some(f) => format!("allow_anonymous false\npassword_file {}\n", f.display()),
+        };
+        let text = format!(
+            "listener {port} 127.0.0.1\n{access}persistence true\npersistence_location {dir}/\nmax_queued_messages 0\nuser root\nlog_dest file {dir}/mosquitto.log\n",
+            port = self.port,
+            dir = self.dir.display()
+        );
+        #[allow(clippy::unwrap_used)]
+        std::fs::write(&conf, text).unwrap();
+        let child = Command::new(binary("mosquitto", "/usr/sbin/mosquitto"))
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start mosquitto ({e}); `apt-get install mosquitto` or run scripts/services.sh")
+            });
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(10), "mosquitto", &self.dir.join("mosquitto.log"));
+    }
+
+    /// `mqtt://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker as an administrator would (SIGTERM: it saves its sessions and queues).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// Makes a persistent MQTT 5 session for `client_id` subscribed to `topic` with QoS 1, so
+    /// the broker keeps what is published from now on for that client.
+    ///
+    /// # Panics
+    /// When `mosquitto_sub` fails.
+    pub fn open_session(&self, client_id: &str, topic: &str) {
+        let out = Command::new(binary("mosquitto_sub", "/usr/bin/mosquitto_sub"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", topic, "-q", "1", "-c", "-i", client_id])
+            .args(["-V", "mqttv5", "-x", "604800", "-E"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run mosquitto_sub: {e}"));
+        assert!(out.status.success(), "mosquitto_sub: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Publishes each line of `file` as one message on `topic` with QoS 1, waiting for the
+    /// broker to take them all.
+    ///
+    /// # Panics
+    /// When `mosquitto_pub` fails.
+    pub fn publish_lines(&self, topic: &str, file: &Path) {
+        #[allow(clippy::unwrap_used)]
+        let input = std::fs::File::open(file).unwrap();
+        let out = Command::new(binary("mosquitto_pub", "/usr/bin/mosquitto_pub"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", topic, "-q", "1", "-l", "-V", "mqttv5"])
+            .stdin(input)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run mosquitto_pub: {e}"));
+        assert!(out.status.success(), "mosquitto_pub: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A server binary: on the PATH, or where Debian puts it (`/usr/sbin` is not on every PATH).
+fn binary(name: &str, debian: &str) -> String {
+    if Path::new(debian).exists() {
+        debian.to_string()
+    } else {
+        name.to_string()
+    }
+}

@@ -1,0 +1,309 @@
+//! Kafka: the source reads topics through a consumer group with its positions in checkpoints
+//! (and, exactly once out to the same cluster, in the output's transactions); the sink
+//! produces at least once or in a transaction per checkpoint.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_schema::SchemaRef;
+use serde::{Deserialize, Serialize};
+use weir_connectors::kafka as k;
+use weir_core::{CoreError, Result, SinkFactory, SourceFactory};
+use weir_formats::FormatSpec;
+
+use super::{SinkCx, SinkSettings, SourceCx, SourceSettings};
+use crate::config::{default_format, default_kafka_mode, is_default};
+
+/// Kafka source settings. Security (TLS, SASL PLAIN or SCRAM) and anything else librdkafka
+/// knows go in `properties`; values may be `${VAR}` references and are never logged.
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceSettings {
+    /// Bootstrap brokers, `host:port,host:port`.
+    pub brokers: String,
+    /// Topics; a name starting with `^` is a regular expression.
+    pub topics: Vec<String>,
+    /// Consumer group; default `weir-<pipeline name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// Where a partition without a checkpointed position starts: `earliest`, `latest`,
+    /// `committed` or an RFC 3339 time.
+    #[serde(default = "default_kafka_start")]
+    pub start: String,
+    /// Payload format.
+    #[serde(default = "default_format")]
+    pub format: FormatSpec,
+    /// End once every assigned partition is read up to where it ended when assigned.
+    #[serde(default)]
+    pub stop_at_end: bool,
+    /// A checkpointed position the broker no longer has (retention deleted its records while
+    /// Weir was down): `earliest` (default) goes on from the earliest record kept, `fail`
+    /// fails the run. Either way it is logged as an error and the records skipped counted.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub on_missing_position: MissingPositionConfig,
+    /// Metadata columns to add, by the name to give them.
+    #[serde(default)]
+    pub metadata: KafkaMetadataSettings,
+    /// librdkafka properties (ours win on a clash: offsets are never auto-committed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaSourceSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSourceSettings")
+            .field("brokers", &self.brokers)
+            .field("topics", &self.topics)
+            .field("group_id", &self.group_id)
+            .field("start", &self.start)
+            .field("format", &self.format)
+            .field("stop_at_end", &self.stop_at_end)
+            .field("metadata", &self.metadata)
+            .field("properties", &k::redacted(&self.properties))
+            .finish()
+    }
+}
+
+fn default_kafka_start() -> String {
+    "earliest".into()
+}
+
+/// Kafka metadata as columns: each key set names the column.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaMetadataSettings {
+    /// The record key as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// The partition (int32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    /// The offset (int64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<String>,
+    /// The broker timestamp in ms (int64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+    /// The headers as a JSON object text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<String>,
+}
+
+/// Kafka sink settings.
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkSettings {
+    /// Bootstrap brokers.
+    pub brokers: String,
+    /// Topic written to.
+    pub topic: String,
+    /// Value format: `json` or `msgpack`.
+    #[serde(default = "default_format")]
+    pub format: FormatSpec,
+    /// Column whose text is the record key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Integer column naming the partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    /// Header name to column.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// `at_least_once` (default) or `exactly_once` (a transaction per checkpoint; needs
+    /// `checkpoints`).
+    #[serde(default = "default_kafka_mode")]
+    pub mode: String,
+    /// `exactly_once`: prefix of the producers' transactional ids; default
+    /// `weir-<pipeline>-<sink id>`. Keep it across restarts; give each process its own
+    /// (`weir-w1-${HOSTNAME}` in a StatefulSet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transactional_id: Option<String>,
+    /// `exactly_once`: the topic recording committed checkpoints; default
+    /// `<transactional_id>.commits`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_topic: Option<String>,
+    /// `exactly_once`: the producer's `transaction.timeout.ms`; default 4 checkpoint intervals,
+    /// at least 1 minute and at most 15 (the broker's default `transaction.max.timeout.ms`).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub transaction_timeout: Option<Duration>,
+    /// `exactly_once`: a header to put on every record naming its transaction,
+    /// `<run>:<checkpoint>`, as the commit topic's records name committed ones (audits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_header: Option<String>,
+    /// librdkafka properties (ours win on a clash: the producer is idempotent).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaSinkSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSinkSettings")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("format", &self.format)
+            .field("key", &self.key)
+            .field("partition", &self.partition)
+            .field("headers", &self.headers)
+            .field("mode", &self.mode)
+            .field("transactional_id", &self.transactional_id)
+            .field("commit_topic", &self.commit_topic)
+            .field("transaction_timeout", &self.transaction_timeout)
+            .field("checkpoint_header", &self.checkpoint_header)
+            .field("properties", &k::redacted(&self.properties))
+            .finish()
+    }
+}
+
+/// See [`KafkaSourceSettings::on_missing_position`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingPositionConfig {
+    /// Go on from the earliest record the broker still has.
+    #[default]
+    Earliest,
+    /// Fail the run.
+    Fail,
+}
+
+impl KafkaSourceSettings {
+    /// The metadata columns asked for.
+    pub(crate) fn metadata_columns(&self) -> k::KafkaMetadataColumns {
+        let m = &self.metadata;
+        k::KafkaMetadataColumns {
+            key: m.key.clone(),
+            topic: m.topic.clone(),
+            partition: m.partition.clone(),
+            offset: m.offset.clone(),
+            timestamp: m.timestamp.clone(),
+            headers: m.headers.clone(),
+        }
+    }
+}
+
+impl SourceSettings for KafkaSourceSettings {
+    fn build(&self, cx: &SourceCx<'_>) -> Result<(Arc<dyn SourceFactory>, SchemaRef)> {
+        let payload = cx.payload_schema("kafka")?;
+        let start = start(&self.start).map_err(|e| cx.error(e))?;
+        let fac = k::KafkaSourceFactory::new(k::KafkaSourceConfig {
+            client: client(&self.brokers, &self.properties),
+            topics: self.topics.clone(),
+            group_id: self.group_id.clone().unwrap_or_else(|| format!("weir-{}", cx.pipeline)),
+            start,
+            format: self.format,
+            payload_schema: payload,
+            metadata: self.metadata_columns(),
+            event_time: cx.event_time.clone(),
+            batch_size: cx.src.batch_size,
+            max_linger: cx.src.max_linger,
+            stop_at_end: self.stop_at_end,
+            transactional_offsets: cx.transactional_offsets.clone(),
+            handoff: cx.checkpoints.is_some_and(|k| k.member.is_some()),
+            until: cx.until.clone(),
+            on_missing_position: match self.on_missing_position {
+                MissingPositionConfig::Earliest => k::MissingPosition::Earliest,
+                MissingPositionConfig::Fail => k::MissingPosition::Fail,
+            },
+        })
+        .map_err(|e| e.in_step(&cx.step))?;
+        let schema = fac.schema();
+        Ok((Arc::new(fac), schema))
+    }
+
+    fn row_schema(&self, payload: SchemaRef) -> Result<SchemaRef> {
+        self.metadata_columns().extend(&payload)
+    }
+}
+
+impl SinkSettings for KafkaSinkSettings {
+    fn build(&self, cx: &SinkCx<'_>) -> Result<Arc<dyn SinkFactory>> {
+        let mode = match self.mode.as_str() {
+            "at_least_once" => k::KafkaSinkMode::AtLeastOnce,
+            "exactly_once" => {
+                let Some(ck) = cx.checkpoints else {
+                    return Err(cx.error(
+                        "kafka sink `mode: exactly_once` commits a transaction per checkpoint: add a `checkpoints` section",
+                    ));
+                };
+                let mut t = transactions(self, cx.pipeline, &cx.sink.id, ck.interval)?;
+                t.handoff = ck.member.is_some();
+                k::KafkaSinkMode::ExactlyOnce(t)
+            }
+            other => {
+                return Err(cx.error(format!("kafka sink `mode: {other}`: expected `at_least_once` or `exactly_once`")))
+            }
+        };
+        let fac = k::KafkaSinkFactory::new(k::KafkaSinkConfig {
+            client: client(&self.brokers, &self.properties),
+            topic: self.topic.clone(),
+            format: self.format,
+            schema: cx.schema.clone(),
+            key: self.key.clone(),
+            partition: self.partition.clone(),
+            headers: self.headers.clone(),
+            mode,
+            source_offsets: cx.source_offsets.clone(),
+            create: cx.create_topic.clone(),
+        })
+        .map_err(|e| e.in_step(&cx.step))?;
+        Ok(Arc::new(fac))
+    }
+}
+
+/// Parses a Kafka `start`: `earliest`, `latest`, `committed` or an RFC 3339 time.
+fn start(s: &str) -> std::result::Result<k::KafkaStart, String> {
+    Ok(match s {
+        "earliest" => k::KafkaStart::Earliest,
+        "latest" => k::KafkaStart::Latest,
+        "committed" => k::KafkaStart::Committed,
+        t => k::KafkaStart::Timestamp(
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map_err(|_| {
+                    format!("kafka `start: {t}`: expected earliest, latest, committed or an RFC 3339 time such as 2026-12-01T00:00:00Z")
+                })?
+                .timestamp_millis(),
+        ),
+    })
+}
+
+/// The exactly-once settings of a Kafka sink, with the transaction timeout checked against
+/// the checkpoint interval: a transaction stays open for an interval plus the checkpoint.
+fn transactions(
+    s: &KafkaSinkSettings,
+    pipeline: &str,
+    sink: &str,
+    interval: Duration,
+) -> Result<k::KafkaTransactionSettings> {
+    let broker_max = Duration::from_secs(15 * 60);
+    let timeout = s.transaction_timeout.unwrap_or_else(|| (interval * 4).clamp(Duration::from_secs(60), broker_max));
+    if timeout <= interval * 2 {
+        return Err(CoreError::Config(format!(
+            "kafka sink `transaction_timeout: {}` is too short for a checkpoint every {}: a transaction stays open for an interval plus the checkpoint, and the broker aborts it after the timeout; use at least {}",
+            humantime_serde::re::humantime::format_duration(timeout),
+            humantime_serde::re::humantime::format_duration(interval),
+            humantime_serde::re::humantime::format_duration(interval * 3)
+        )));
+    }
+    if timeout > broker_max && s.transaction_timeout.is_some() {
+        tracing::warn!(
+            timeout_s = timeout.as_secs(),
+            "The Kafka sink's transaction_timeout is above 15 minutes, the brokers' default transaction.max.timeout.ms; the brokers refuse it unless raised there."
+        );
+    }
+    let id = s.transactional_id.clone().unwrap_or_else(|| format!("weir-{pipeline}-{sink}"));
+    Ok(k::KafkaTransactionSettings {
+        commit_topic: s.commit_topic.clone().unwrap_or_else(|| format!("{id}.commits")),
+        transactional_id: id,
+        timeout,
+        checkpoint_header: s.checkpoint_header.clone(),
+        handoff: false,
+    })
+}
+
+/// A Kafka client's settings.
+pub(crate) fn client(brokers: &str, properties: &BTreeMap<String, String>) -> k::KafkaClientConfig {
+    k::KafkaClientConfig { brokers: brokers.to_string(), properties: properties.clone() }
+}

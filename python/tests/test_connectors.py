@@ -1,0 +1,73 @@
+"""Connectors reached from Python: typed helpers and the generic one, against real servers."""
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import weir
+import weir.testing as wt
+
+SCHEMA = [{"name": "seq", "type": "int64"}, {"name": "temp", "type": "float64"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture()
+def mosquitto(tmp_path: Path):
+    """A Mosquitto of the test's own (Debian package `mosquitto`; scripts/services.sh installs it)."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = _free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nuser root\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "mosquitto did not start"
+            time.sleep(0.02)
+    yield port
+    proc.kill()
+    proc.wait()
+
+
+def test_an_mqtt_source_from_python_reads_what_was_published(mosquitto, tmp_path):
+    port = mosquitto
+    # The session the source resumes: the broker keeps what is published for it.
+    subprocess.run(["mosquitto_sub", "-p", str(port), "-t", "sensors/#", "-q", "1", "-c", "-i", "py-0",
+                    "-V", "mqttv5", "-x", "600", "-E"], check=True)
+    lines = "".join(f'{{"seq": {i}, "temp": {20 + i % 5}.5}}\n' for i in range(500))
+    subprocess.run(["mosquitto_pub", "-p", str(port), "-t", "sensors/lab/d-1", "-q", "1", "-l", "-V", "mqttv5"],
+                   input=lines.encode(), check=True)
+    p = weir.Pipeline("py-mqtt", workers=1)
+    p.source("in", weir.mqtt(f"mqtt://127.0.0.1:{port}", ["sensors/#"], client_id="py", end_when_idle="1s",
+                             topic_fields="sensors/{room}/{device_id}"), schema=SCHEMA)
+    out = wt.run(p.sink("out", wt.collect())).to_pylist()
+    assert sorted(r["seq"] for r in out) == list(range(500))
+    assert {(r["room"], r["device_id"]) for r in out} == {("lab", "d-1")}
+
+
+def test_any_connector_is_reached_by_its_yaml_key():
+    import datetime
+
+    src = weir.connector("mqtt", url="mqtt://127.0.0.1:1883", topics=["a/#"], keep_alive=datetime.timedelta(seconds=5),
+                         username=None)
+    assert src == {"mqtt": {"url": "mqtt://127.0.0.1:1883", "topics": ["a/#"], "keep_alive": "5000ms"}}
+    p = weir.Pipeline("c").source("in", src, schema=SCHEMA).sink("out", weir.connector("stdout", format="json"))
+    p.validate()
+    assert p.config()["source"]["mqtt"]["topics"] == ["a/#"]
+    with pytest.raises(weir.errors.ConfigError, match="unknown source key `mqqt`"):
+        weir.Pipeline("c").source("in", weir.connector("mqqt", url="x"), schema=SCHEMA).sink("o", weir.stdout()).validate()
+    with pytest.raises(weir.errors.ConfigError, match="unknown field `topic`"):
+        weir.Pipeline("c").source("in", weir.connector("mqtt", url="mqtt://h", topic="a"), schema=SCHEMA) \
+            .sink("o", weir.stdout()).validate()
