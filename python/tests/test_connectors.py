@@ -1,5 +1,6 @@
 """Connectors reached from Python: typed helpers and the generic one, against real servers."""
 
+import os
 import shutil
 import socket
 import subprocess
@@ -71,3 +72,29 @@ def test_any_connector_is_reached_by_its_yaml_key():
     with pytest.raises(weir.errors.ConfigError, match="unknown field `topic`"):
         weir.Pipeline("c").source("in", weir.connector("mqtt", url="mqtt://h", topic="a"), schema=SCHEMA) \
             .sink("o", weir.stdout()).validate()
+
+
+def _redis(url: str, *commands: list) -> str:
+    """Runs commands through redis-cli (Debian's redis-tools), in its pipe mode when many."""
+    def resp(args: list) -> bytes:
+        parts = [str(a).encode() for a in args]
+        return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+    if len(commands) == 1:
+        return subprocess.run(["redis-cli", "-u", url, *map(str, commands[0])], check=True, capture_output=True,
+                              text=True).stdout
+    data = b"".join(resp(c) for c in commands)
+    return subprocess.run(["redis-cli", "-u", url, "--pipe"], input=data, check=True, capture_output=True).stdout.decode()
+
+
+def test_a_redis_streams_source_from_python():
+    url = os.environ.get("WEIR_TEST_REDIS", "redis://127.0.0.1:6379")
+    stream = f"py-{os.getpid()}"
+    _redis(url, ["DEL", stream])
+    _redis(url, *[["XADD", stream, "*", "data", f'{{"seq": {i}, "temp": 20.5}}'] for i in range(300)])
+    p = weir.Pipeline("py-redis", workers=1)
+    p.source("in", weir.redis_streams(url, [stream], group="g", end_when_idle="1s", id_column="entry_id"), schema=SCHEMA)
+    out = wt.run(p.sink("out", wt.collect())).to_pylist()
+    assert sorted(r["seq"] for r in out) == list(range(300))
+    assert all("-" in r["entry_id"] for r in out)
+    assert _redis(url, ["XPENDING", stream, "g"]).splitlines()[0] == "0"
+    _redis(url, ["DEL", stream])

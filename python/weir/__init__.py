@@ -55,6 +55,7 @@ __all__ = [
     "generator",
     "kafka",
     "mqtt",
+    "redis_streams",
     "connector",
     "file_sink",
     "stdout",
@@ -128,6 +129,15 @@ def mqtt(url: str, topics: Sequence[str], *, format: Union[str, Json] = "json", 
     ``topic_column``, ``topic_fields``, ``username``, ``password``, ``end_when_idle``, ... as in
     YAML); QoS 1 messages are acknowledged once the checkpoint covering them completes."""
     return connector("mqtt", url=url, topics=list(topics), format=format, **settings)
+
+
+def redis_streams(url: str, streams: Sequence[str], *, group: Optional[str] = None, format: Union[str, Json] = "json",
+                  **settings: Any) -> Json:
+    """Reads Redis Streams, through a consumer ``group`` (acknowledged once the checkpoint
+    covering an entry completes) or, without one, from the ids in the checkpoint
+    (``consumer``, ``start``, ``field``, ``id_column``, ``stream_column``, ``claim_after``,
+    ``end_when_idle``, as in YAML)."""
+    return connector("redis_streams", url=url, streams=list(streams), group=group, format=format, **settings)
 
 
 def connector(kind: str, **settings: Any) -> Json:

@@ -15,6 +15,7 @@ pub mod generator;
 pub mod kafka;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
+pub mod redis_streams;
 pub mod sink;
 pub mod stdin;
 #[doc(hidden)]

@@ -168,3 +168,87 @@ fn binary(name: &str, debian: &str) -> String {
         name.to_string()
     }
 }
+
+/// A Redis server of the test's own, keeping its data in an append-only file in its folder so
+/// a restart keeps the streams and their groups.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: Option<Child>,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    /// Starts a server keeping its data in `dir`.
+    ///
+    /// # Panics
+    /// When `redis-server` is not installed or does not start.
+    pub fn start(dir: &Path) -> Self {
+        let mut r = Self { child: None, port: free_port(), dir: dir.to_path_buf() };
+        r.launch();
+        r
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new(binary("redis-server", "/usr/bin/redis-server"))
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(self.dir.join("redis.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server ({e}); `apt-get install redis-server` or run scripts/services.sh")
+            });
+        self.child = Some(child);
+        let log = self.dir.join("redis.log");
+        wait_for_port(self.port, Duration::from_secs(10), "redis-server", &log);
+        // Listening is not serving: it answers `-LOADING` while it reads its data back.
+        let until = Instant::now() + Duration::from_secs(30);
+        while !ping(self.port) {
+            assert!(Instant::now() < until, "redis-server did not load its data within 30 s; see {}", log.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server as an administrator would (SIGTERM; the append-only file is kept).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+/// Whether the Redis server on `port` answers `PING` with `PONG`.
+fn ping(port: u16) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut buf = [0u8; 64];
+    c.write_all(b"PING\r\n").is_ok() && c.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

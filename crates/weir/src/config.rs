@@ -242,6 +242,7 @@ pub use crate::connector::kafka::{
 };
 #[cfg(feature = "mqtt")]
 pub use crate::connector::mqtt::MqttSourceSettings;
+pub use crate::connector::redis_streams::RedisStreamsSettings;
 pub use crate::connector::stdio::{StdinSettings, StdoutSettings};
 pub use crate::connector::{SinkConnector, SourceConnector};
 

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 mod crash;
 mod kafka_crash;
 mod kafka_handoff;
-mod mqtt_crash;
+mod server_crash;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()

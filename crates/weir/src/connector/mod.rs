@@ -26,6 +26,7 @@ pub mod generator;
 pub mod kafka;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
+pub mod redis_streams;
 pub mod stdio;
 
 /// What a source connector is built with: the source's common settings and what the rest of
@@ -177,6 +178,8 @@ connectors! {
         Kafka(kafka::KafkaSourceSettings) = "kafka", feature = "kafka";
         /// MQTT topic filters.
         Mqtt(mqtt::MqttSourceSettings) = "mqtt", feature = "mqtt";
+        /// Redis Streams, through a consumer group or from stored ids.
+        RedisStreams(redis_streams::RedisStreamsSettings) = "redis_streams";
         /// A source written in code ([`crate::Pipeline::source_code`]).
         Code(code::CodeSettings) = "code";
     }

@@ -133,3 +133,47 @@ pub(crate) use weir_core::testing::poll;
 pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
+
+/// Events with a unique `seq`, one JSON object per line.
+pub(crate) fn events(path: &Path, from: u64, n: u64) {
+    let text: String = (from..from + n)
+        .map(|i| format!("{{\"seq\":{i},\"ts\":{},\"temp\":{}.5}}\n", 1_796_000_000_000 + i, 20 + i % 9))
+        .collect();
+    std::fs::write(path, text).unwrap();
+}
+
+pub(crate) fn committed_rows(out: &Path) -> Vec<Value> {
+    let mut parts: Vec<_> = std::fs::read_dir(out).unwrap().flatten().map(|e| e.path()).collect();
+    parts.retain(|p| p.file_name().unwrap().to_string_lossy().starts_with("part-"));
+    parts.sort();
+    parts.iter().flat_map(|p| read_jsonl(p)).collect()
+}
+
+/// Checks that `rows` hold each `seq` of `want` exactly once, naming what is missing or
+/// repeated (not the whole list).
+pub(crate) fn assert_seqs(rows: &[Value], want: impl Iterator<Item = i64>, what: &str) {
+    let mut count = std::collections::BTreeMap::new();
+    for r in rows {
+        *count.entry(r["seq"].as_i64().unwrap()).or_insert(0) += 1;
+    }
+    let want: Vec<i64> = want.collect();
+    let missing: Vec<i64> = want.iter().copied().filter(|s| !count.contains_key(s)).collect();
+    let twice: Vec<i64> = count.iter().filter(|(_, n)| **n > 1).map(|(s, _)| *s).collect();
+    let extra = count.len() - (want.len() - missing.len());
+    let head = |v: &[i64]| v.iter().take(10).map(|s| s.to_string()).collect::<Vec<_>>().join(", ");
+    assert!(
+        missing.is_empty() && twice.is_empty() && extra == 0,
+        "{what}: {} rows; {} missing (first: {}), {} repeated (first: {}), {extra} unexpected",
+        rows.len(),
+        missing.len(),
+        head(&missing),
+        twice.len(),
+        head(&twice)
+    );
+}
+
+/// The schema of [`events`].
+pub(crate) fn seq_schema() -> SchemaSpec {
+    serde_yaml::from_str("fields: [{name: seq, type: int64}, {name: ts, type: int64}, {name: temp, type: float64}]")
+        .unwrap()
+}

@@ -14,4 +14,5 @@ mod golden;
 mod kafka;
 mod metrics;
 mod mqtt;
+mod redis_streams;
 mod runtime;

@@ -10,19 +10,6 @@ use weir_core::runtime::Job;
 
 use crate::common::*;
 
-/// Events with a unique `seq`, one JSON object per line.
-fn events(path: &Path, from: u64, n: u64) {
-    let text: String = (from..from + n)
-        .map(|i| format!("{{\"seq\":{i},\"ts\":{},\"temp\":{}.5}}\n", 1_796_000_000_000 + i, 20 + i % 9))
-        .collect();
-    std::fs::write(path, text).unwrap();
-}
-
-fn schema() -> SchemaSpec {
-    serde_yaml::from_str("fields: [{name: seq, type: int64}, {name: ts, type: int64}, {name: temp, type: float64}]")
-        .unwrap()
-}
-
 /// An MQTT source reading `topics` from `broker`, into `out` (a JSON Lines file, or a folder
 /// of committed parts with `checkpoints`).
 fn pipeline(
@@ -38,7 +25,7 @@ fn pipeline(
     m.topic_column = Some("topic".into());
     m.topic_fields = Some("sensors/{site}/{device_id}/telemetry".into());
     let mut src = SourceConfig::new("mqtt", SourceConnector::Mqtt(m));
-    src.schema = Some(schema());
+    src.schema = Some(seq_schema());
     src.event_time = Some(EventTimeConfig::new("ts", TimeFormat::Millis));
     let mut p = Pipeline::new("mqtt-test");
     p.source(src).sink(SinkConfig::new(
@@ -51,36 +38,6 @@ fn pipeline(
         cfg.checkpoints = Some(serde_yaml::from_str(&format!("dir: {}\ninterval: 100ms", ck.display())).unwrap());
     }
     cfg
-}
-
-fn committed_rows(out: &Path) -> Vec<serde_json::Value> {
-    let mut parts: Vec<_> = std::fs::read_dir(out).unwrap().flatten().map(|e| e.path()).collect();
-    parts.retain(|p| p.file_name().unwrap().to_string_lossy().starts_with("part-"));
-    parts.sort();
-    parts.iter().flat_map(|p| read_jsonl(p)).collect()
-}
-
-/// Checks that `rows` hold each `seq` of `want` exactly once, naming what is missing or
-/// repeated (not the whole list).
-fn assert_seqs(rows: &[serde_json::Value], want: impl Iterator<Item = i64>, what: &str) {
-    let mut count = std::collections::BTreeMap::new();
-    for r in rows {
-        *count.entry(r["seq"].as_i64().unwrap()).or_insert(0) += 1;
-    }
-    let want: Vec<i64> = want.collect();
-    let missing: Vec<i64> = want.iter().copied().filter(|s| !count.contains_key(s)).collect();
-    let twice: Vec<i64> = count.iter().filter(|(_, n)| **n > 1).map(|(s, _)| *s).collect();
-    let extra = count.len() - (want.len() - missing.len());
-    let head = |v: &[i64]| v.iter().take(10).map(|s| s.to_string()).collect::<Vec<_>>().join(", ");
-    assert!(
-        missing.is_empty() && twice.is_empty() && extra == 0,
-        "{what}: {} rows; {} missing (first: {}), {} repeated (first: {}), {extra} unexpected",
-        rows.len(),
-        missing.len(),
-        head(&missing),
-        twice.len(),
-        head(&twice)
-    );
 }
 
 #[test]

@@ -1,0 +1,129 @@
+//! W1 from a server (MQTT, Redis Streams) into the exactly-once file sink, as the shipped
+//! examples configure it, killed with SIGKILL at random moments and restarted until the
+//! server has nothing left for it: the committed output must equal an uninterrupted run's over
+//! the same events, row for row. Each server is one of the test's own, holding the events
+//! while Weir is down.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weir::connectors::testing::{Mosquitto, RedisServer};
+
+use super::crash::{assert_same, committed, rows, seed, Rng};
+use super::{stderr, weir};
+
+const W1: &str = "examples/w1-sensor-window.yaml";
+
+/// `example` made to end once nothing arrives for 3 s (so the last run finishes): the line
+/// `    format: json` of its source gets `end_when_idle` after it.
+fn bounded(example: &str, dir: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(super::repo().join(example)).unwrap();
+    let bounded = text.replacen("    format: json\n", "    format: json\n    end_when_idle: 3s\n", 1);
+    assert_ne!(bounded, text, "{example}: the source section changed shape");
+    let p = dir.join("pipeline.yaml");
+    std::fs::write(&p, bounded).unwrap();
+    p
+}
+
+fn spawn(pipeline: &Path, dir: &Path, server: &(&str, String), workers: usize, run: usize) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["run", pipeline.to_str().unwrap(), "--workers", &workers.to_string(), "--no-progress"])
+        .env(server.0, &server.1)
+        .env("OUTPUT", dir.join("out"))
+        .env("CHECKPOINTS", dir.join("ck"))
+        .env("CHECKPOINT_INTERVAL", "100ms")
+        .env("DEAD_LETTERS", dir.join("dead.jsonl"))
+        .env("WEIR_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("run-{run}.log"))).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// The harness: `fill` puts the input's events on the server (`server` is the variable and
+/// value that point the example at it); the log line `connecting` says a run has started
+/// reading, and the kill comes at a random moment within 0.1-0.7 s after it.
+fn survives_kill_9(example: &str, server: (&str, String), connecting: &str, fill: impl FnOnce(&Path)) {
+    let seed = seed();
+    let mut rng = Rng(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.jsonl");
+    super::kafka_crash::input(&input, 40_000);
+    let reference = dir.path().join("reference.jsonl");
+    let o = weir(
+        &["run", W1, "--workers", "2", "--quiet"],
+        &[("INPUT", &input), ("OUTPUT", &reference), ("DEAD_LETTERS", &dir.path().join("ref-dead.jsonl"))],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = rows(&std::fs::read_to_string(&reference).unwrap());
+    fill(&input);
+    let p = bounded(example, dir.path());
+    let kills: u32 = std::env::var("KILLS").ok().and_then(|k| k.parse().ok()).unwrap_or(5);
+    let (mut killed, mut runs) = (0u32, 0usize);
+    let started = Instant::now();
+    let log = |r: usize| std::fs::read_to_string(dir.path().join(format!("run-{r}.log"))).unwrap_or_default();
+    loop {
+        assert!(started.elapsed() < Duration::from_secs(300), "no progress after {runs} runs (seed {seed})");
+        let workers = 1 + runs % 2;
+        runs += 1;
+        let mut child = spawn(&p, dir.path(), &server, workers, runs);
+        if killed < kills {
+            let waited = Instant::now();
+            while !log(runs).contains(connecting) && child.try_wait().unwrap().is_none() {
+                assert!(waited.elapsed() < Duration::from_secs(30), "run {runs} never connected: {}", log(runs));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::thread::sleep(Duration::from_millis(100 + rng.below(600)));
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                killed += 1;
+                continue;
+            }
+        }
+        let status = child.wait().unwrap();
+        assert!(status.success(), "run {runs} failed (seed {seed}): {}", log(runs));
+        break;
+    }
+    assert!(killed >= 1.min(kills), "the input was consumed before any kill; make it larger (seed {seed})");
+    eprintln!("{killed} kills in {runs} runs");
+    let got = rows(&committed(&dir.path().join("out")));
+    assert_same(&want, &got, &format!("{example} after {killed} kills in {runs} runs (seed {seed})"));
+}
+
+/// `examples/w1-mqtt.yaml`: QoS 1, persistent session, acknowledgements after checkpoints.
+#[test]
+fn mqtt_w1_survives_kill_9_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    survives_kill_9("examples/w1-mqtt.yaml", ("MQTT_URL", broker.url()), "MQTT source connecting", |input| {
+        // The session Weir's worker 0 resumes (client id `weir-w1-mqtt-0`), holding every event.
+        broker.open_session("weir-w1-mqtt-0", "sensors");
+        broker.publish_lines("sensors", input);
+    });
+}
+
+/// `examples/w1-redis-streams.yaml`: a consumer group, XACK after checkpoints.
+#[test]
+fn redis_streams_w1_survives_kill_9_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RedisServer::start(dir.path());
+    let url = server.url();
+    survives_kill_9(
+        "examples/w1-redis-streams.yaml",
+        ("REDIS_URL", url.clone()),
+        "Redis Streams source connecting",
+        |input| {
+            let mut c = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+            let text = std::fs::read_to_string(input).unwrap();
+            for chunk in text.lines().collect::<Vec<_>>().chunks(1000) {
+                let mut p = redis::pipe();
+                for l in chunk {
+                    p.cmd("XADD").arg("sensors").arg("*").arg("data").arg(*l).ignore();
+                }
+                p.query::<()>(&mut c).unwrap();
+            }
+        },
+    );
+}
