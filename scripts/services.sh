@@ -9,6 +9,11 @@ mkdir -p "$logs"
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+apt_install() { # Debian packages, refreshing the package lists only when needed
+  echo "services: installing $* (Debian packages)" >&2
+  apt-get install -y -qq "$@" >&2 || { apt-get update -qq >&2 && apt-get install -y -qq "$@" >&2; }
+}
+
 wait_port() { # $1 port, $2 name
   for _ in $(seq 1 150); do
     port_open "$1" && return 0
@@ -45,10 +50,36 @@ fi
 # Redis (alert routes to pub/sub): the Debian package, in memory, loopback only.
 export WEIR_TEST_REDIS=${WEIR_TEST_REDIS:-redis://127.0.0.1:6379}
 if [ "$WEIR_TEST_REDIS" = redis://127.0.0.1:6379 ] && ! port_open 6379; then
-  if ! command -v redis-server >/dev/null 2>&1; then
-    echo "services: installing redis-server (Debian package)" >&2
-    apt-get install -y -qq redis-server >&2 || { apt-get update -qq >&2 && apt-get install -y -qq redis-server >&2; }
-  fi
+  command -v redis-server >/dev/null 2>&1 || apt_install redis-server
   nohup redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no > "$logs/redis.log" 2>&1 &
   wait_port 6379 redis
+fi
+
+# MQTT: Mosquitto and its clients. The tests start brokers of their own (on free ports, so they
+# can restart them) from these binaries; the examples use the one on 1883.
+if ! [ -x /usr/sbin/mosquitto ] && ! command -v mosquitto >/dev/null 2>&1; then
+  apt_install mosquitto mosquitto-clients
+fi
+command -v mosquitto_pub >/dev/null 2>&1 || apt_install mosquitto-clients
+if ! port_open 1883; then
+  mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+  printf 'listener 1883 127.0.0.1\nallow_anonymous true\n' > "$logs/mosquitto.conf"
+  nohup "$mosquitto" -c "$logs/mosquitto.conf" > "$logs/mosquitto.log" 2>&1 &
+  wait_port 1883 mosquitto
+fi
+
+# NATS with JetStream, loopback only.
+if ! port_open 4222; then
+  [ -x /usr/sbin/nats-server ] || command -v nats-server >/dev/null 2>&1 || apt_install nats-server
+  nats=$(command -v nats-server || echo /usr/sbin/nats-server)
+  mkdir -p "$logs/nats"
+  nohup "$nats" -a 127.0.0.1 -p 4222 -js -sd "$logs/nats" > "$logs/nats.log" 2>&1 &
+  wait_port 4222 nats
+fi
+
+# RabbitMQ (AMQP 0-9-1), guest/guest on loopback.
+if ! port_open 5672; then
+  command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/sbin/rabbitmq-server ] || apt_install rabbitmq-server
+  RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 nohup rabbitmq-server > "$logs/rabbitmq.log" 2>&1 &
+  wait_port 5672 rabbitmq
 fi
