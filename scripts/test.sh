@@ -9,7 +9,9 @@ cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== lean build (no Kafka, no MQTT)"
-cargo check -p weir-cli --no-default-features --locked
+# Warnings fail it too (RUSTFLAGS=-D warnings would rebuild every dependency).
+lean=$(cargo check -p weir-cli --no-default-features --locked --message-format short 2>&1) || { echo "$lean"; exit 1; }
+if grep -q '^warning\|: warning' <<<"$lean"; then echo "$lean"; exit 1; fi
 echo "== services"
 source scripts/services.sh
 # The metrics tests check /metrics with the reference parser (scripts/check_metrics.py).

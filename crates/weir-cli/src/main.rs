@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod checkpoints;
 mod dlq;
+mod publish;
 use weir::prelude::*;
 use weir::yaml::{self, ConfigError};
 use weir_core::runtime::Job;
@@ -86,6 +87,14 @@ enum Cmd {
         /// Output format: json, csv or msgpack.
         #[arg(long, default_value = "json")]
         format: String,
+        /// Publish the events (JSON) to this MQTT broker, `mqtt://host:port`, with QoS 1,
+        /// instead of writing them; `--rate` paces the publishing.
+        #[arg(long)]
+        mqtt: Option<String>,
+        /// With `--mqtt`: the topic of each event; `{device_id}` and `{site}` (one of four
+        /// sites, by device) are filled in.
+        #[arg(long, default_value = "sensors/{site}/{device_id}/telemetry")]
+        topic: String,
     },
     /// Look into a dead-letter file.
     Dlq {
@@ -320,32 +329,69 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
         Cmd::Dlq { cmd: DlqCmd::Replay { file, pipeline, kind, output, dead_letters, workers } } => {
             replay(&file, &pipeline, &kind, output, dead_letters, workers)
         }
-        Cmd::Gen { count, rate, devices, seed, anomaly_rate, output, format } => {
+        Cmd::Gen { count, rate, devices, seed, anomaly_rate, output, format, mqtt, topic } => {
             let format = FormatSpec::from_name(&format)
                 .ok_or_else(|| Failure::Config(format!("unknown format `{format}`; use json, csv or msgpack")))?;
-            let mut p = Pipeline::new("gen");
-            p.source(SourceConfig::new(
-                "generator",
-                SourceConnector::Generator(GeneratorSettings {
-                    count: Some(count),
-                    rate,
+            if let Some(url) = mqtt {
+                let dir = tempfile_dir()?;
+                let events = dir.join("events.jsonl");
+                generate(
+                    count,
+                    None,
                     devices,
                     seed,
                     anomaly_rate,
-                    ..Default::default()
-                }),
-            ));
-            p.sink(match output {
-                Some(path) => SinkConfig::new("out", SinkConnector::File(FileSinkSettings { path, format })),
-                None => SinkConfig::new("out", SinkConnector::Stdout(StdoutSettings { format })),
-            });
-            // One worker keeps the output in generation order.
-            let built = p.build()?;
-            let rt = runtime(1)?;
-            rt.block_on(built.run(&RunOptions { workers: Some(1), ..Default::default() }))?;
-            Ok(())
+                    Some(events.display().to_string()),
+                    FormatSpec::Json,
+                )?;
+                let published = publish::mqtt(&url, &topic, &events, rate)?;
+                let _ = std::fs::remove_dir_all(&dir);
+                eprintln!("published {published} events to {url}");
+                return Ok(());
+            }
+            generate(count, rate, devices, seed, anomaly_rate, output, format)
         }
     }
+}
+
+/// A fresh folder for the command's own temporary files.
+fn tempfile_dir() -> Result<PathBuf, Failure> {
+    let dir = std::env::temp_dir().join(format!("weir-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| Failure::Run(e.into()))?;
+    Ok(dir)
+}
+
+/// `weir gen` into a file or stdout.
+fn generate(
+    count: u64,
+    rate: Option<f64>,
+    devices: u32,
+    seed: u64,
+    anomaly_rate: f64,
+    output: Option<String>,
+    format: FormatSpec,
+) -> Result<(), Failure> {
+    let mut p = Pipeline::new("gen");
+    p.source(SourceConfig::new(
+        "generator",
+        SourceConnector::Generator(GeneratorSettings {
+            count: Some(count),
+            rate,
+            devices,
+            seed,
+            anomaly_rate,
+            ..Default::default()
+        }),
+    ));
+    p.sink(match output {
+        Some(path) => SinkConfig::new("out", SinkConnector::File(FileSinkSettings { path, format })),
+        None => SinkConfig::new("out", SinkConnector::Stdout(StdoutSettings { format })),
+    });
+    // One worker keeps the output in generation order.
+    let built = p.build()?;
+    let rt = runtime(1)?;
+    rt.block_on(built.run(&RunOptions { workers: Some(1), ..Default::default() }))?;
+    Ok(())
 }
 
 fn replay(

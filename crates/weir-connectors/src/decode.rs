@@ -58,6 +58,23 @@ pub(crate) fn decode_records_with(
     cx: &SourceContext,
     rows: impl FnOnce(&weir_formats::Decoded) -> Result<arrow_array::RecordBatch>,
 ) -> Result<Option<Batch>> {
+    decode_records_noting(decoder, time, buf, records, origin, pos, cx, rows, &mut Vec::new())
+}
+
+/// [`decode_records_with`] that also notes each dead-lettered record's index and reason in
+/// `noted`, for a source that answers its sender record by record (HTTP ingest).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decode_records_noting(
+    decoder: &mut dyn Decoder,
+    time: Option<&EventTimeSpec>,
+    buf: &[u8],
+    records: &[Range<usize>],
+    origin: &str,
+    pos: impl Fn(usize) -> String,
+    cx: &SourceContext,
+    rows: impl FnOnce(&weir_formats::Decoded) -> Result<arrow_array::RecordBatch>,
+    noted: &mut Vec<(usize, String)>,
+) -> Result<Option<Batch>> {
     if records.is_empty() {
         return Ok(None);
     }
@@ -80,6 +97,7 @@ pub(crate) fn decode_records_with(
             RecordErrorKind::Decode => ErrorKind::Decode,
             RecordErrorKind::Schema => ErrorKind::Schema,
         };
+        noted.push((e.index, e.message.clone()));
         letters.push(letter(e.index, kind, e.message.clone()));
     }
     let rows = rows(&decoded)?;
@@ -101,6 +119,7 @@ pub(crate) fn decode_records_with(
                     if !std::mem::replace(&mut keep[row], false) {
                         continue;
                     }
+                    noted.push((decoded.record_of_row(row), reason.clone()));
                     letters.push(letter(decoded.record_of_row(row), kind, reason));
                 }
                 Batch::new(rows, times)?.filter(&BooleanArray::from(keep))?

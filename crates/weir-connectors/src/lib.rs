@@ -11,6 +11,7 @@ pub mod deadletter;
 mod decode;
 pub mod file;
 pub mod generator;
+pub mod http_ingest;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg(feature = "mqtt")]

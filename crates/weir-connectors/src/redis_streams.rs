@@ -295,6 +295,8 @@ struct RedisStreamsSource {
 const IDLE_POLL: Duration = Duration::from_millis(100);
 /// How long one blocking read waits at the server.
 const BLOCK: Duration = Duration::from_millis(500);
+/// How often the group's lag and pending count are read.
+const LAG_EVERY: Duration = Duration::from_secs(5);
 /// Reads the connection task may hold for the source before it waits.
 const INBOX: usize = 8;
 
@@ -322,6 +324,41 @@ impl Reader {
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(BLOCK + Duration::from_secs(10)));
         self.client.get_multiplexed_async_connection_with_config(&config).await
+    }
+
+    /// Exports each stream's group lag (entries not yet delivered to the group) and pending
+    /// count (delivered, not acknowledged), from `XINFO GROUPS`.
+    async fn report_lag(&self, c: &mut redis::aio::MultiplexedConnection, group: &str) -> redis::RedisResult<()> {
+        for k in &self.keys {
+            let v: Value = redis::cmd("XINFO").arg("GROUPS").arg(k).query_async(c).await?;
+            for g in items(&v) {
+                let fields = items(g);
+                let get = |name: &str| {
+                    fields.chunks(2).find(|p| p.first().and_then(bulk) == Some(name.as_bytes())).and_then(|p| p.get(1))
+                };
+                if get("name").and_then(bulk) != Some(group.as_bytes()) {
+                    continue;
+                }
+                let m = &self.registry.connectors;
+                if let Some(Value::Int(p)) = get("pending") {
+                    m.set(
+                        "weir_redis_stream_pending",
+                        "Entries delivered to the group and not yet acknowledged.",
+                        &[("stream", k.as_str()), ("group", group)],
+                        *p as f64,
+                    );
+                }
+                if let Some(Value::Int(l)) = get("lag") {
+                    m.set(
+                        "weir_redis_stream_lag",
+                        "Entries in the stream not yet delivered to the group.",
+                        &[("stream", k.as_str()), ("group", group)],
+                        *l as f64,
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Hands entries to the source; false when it is gone.
@@ -417,8 +454,13 @@ impl Reader {
         // Own pending entries first: from id 0 on, until a read returns none for a stream.
         let mut own: Vec<Option<String>> = vec![Some("0".into()); self.keys.len()];
         let mut last_claim = Instant::now();
+        let mut last_lag: Option<Instant> = None;
         let mut cursors: Vec<String> = vec!["0-0".into(); self.keys.len()];
         loop {
+            if last_lag.is_none_or(|t| t.elapsed() >= LAG_EVERY) {
+                last_lag = Some(Instant::now());
+                self.report_lag(&mut c, &group).await?;
+            }
             let reading_own = own.iter().any(Option::is_some);
             let mut cmd = redis::cmd("XREADGROUP");
             cmd.arg("GROUP").arg(&group).arg(&self.consumer).arg("COUNT").arg(count);

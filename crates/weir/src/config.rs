@@ -236,6 +236,7 @@ fn default_max_linger() -> Duration {
 pub use crate::connector::code::CodeSettings;
 pub use crate::connector::file::{FileSinkSettings, FileSourceSettings};
 pub use crate::connector::generator::GeneratorSettings;
+pub use crate::connector::http::HttpIngestSettings;
 #[cfg(feature = "kafka")]
 pub use crate::connector::kafka::{
     KafkaMetadataSettings, KafkaSinkSettings, KafkaSourceSettings, MissingPositionConfig,

@@ -13,6 +13,7 @@
 //! POST /alerts/{id}/resolve                               resolve       (Authorization: Bearer <token>)
 //! GET  /quarantine                                        quarantined keys and when they come back
 //! POST /quarantine/{key}/release                          release a key now (Authorization: Bearer <token>)
+//! POST /ingest/{source}                                   records into an HTTP ingest source (Authorization: Bearer <token>)
 //! ```
 //!
 //! The server is axum on a thread of its own with a single-threaded runtime: however busy the
@@ -53,6 +54,8 @@ pub struct HttpState {
     pub quarantine: Option<Arc<Quarantine>>,
     /// The bearer token mutating calls need; `None` refuses them.
     pub token: Option<String>,
+    /// The HTTP ingest sources, by source id (`POST /ingest/<id>`).
+    pub ingest: Arc<crate::connector::IngestHubs>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -67,7 +70,15 @@ impl std::fmt::Debug for HttpState {
 impl HttpState {
     /// Metrics and health only: no alerts, no quarantine, no token.
     pub fn metrics_only(job: String, registry: Arc<Registry>) -> Self {
-        Self { job, registry, alerts: Arc::default(), live: Arc::default(), quarantine: None, token: None }
+        Self {
+            job,
+            registry,
+            alerts: Arc::default(),
+            live: Arc::default(),
+            quarantine: None,
+            token: None,
+            ingest: Arc::default(),
+        }
     }
 }
 
@@ -167,6 +178,8 @@ fn router(state: HttpState) -> Router {
         .route("/alerts/{id}/resolve", post(|s, h, p| act(s, h, p, true)))
         .route("/quarantine", get(quarantined))
         .route("/quarantine/{key}/release", post(release))
+        // Each source checks its own `max_body`.
+        .route("/ingest/{source}", post(ingest).layer(axum::extract::DefaultBodyLimit::disable()))
         .fallback(|| async {
             json_error(
                 StatusCode::NOT_FOUND,
@@ -202,6 +215,11 @@ fn refusal(state: &HttpState, headers: &HeaderMap) -> Option<Response> {
             "changes through the API are disabled: set `api.token` in the pipeline or WEIR_API_TOKEN in the environment",
         ));
     };
+    token_refusal(token, headers)
+}
+
+/// The refusal of a request without `Authorization: Bearer <token>`, if any.
+fn token_refusal(token: &str, headers: &HeaderMap) -> Option<Response> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -213,6 +231,62 @@ fn refusal(state: &HttpState, headers: &HeaderMap) -> Option<Response> {
     let mut r = json_error(StatusCode::UNAUTHORIZED, "a valid `Authorization: Bearer <token>` header is required");
     r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     Some(r)
+}
+
+/// `POST /ingest/<source>`: the body's records into that HTTP ingest source.
+async fn ingest(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(source): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    use weir_connectors::http_ingest::{BodyFormat, IngestRefusal};
+    let hub = s.ingest.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&source).cloned();
+    let Some(hub) = hub else {
+        return json_error(StatusCode::NOT_FOUND, format!("no HTTP ingest source `{source}` in this pipeline"));
+    };
+    if let Some(r) = token_refusal(hub.token(), &headers) {
+        return r;
+    }
+    let kind = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
+    let format = match kind.split(';').next().unwrap_or("").trim() {
+        "application/json" | "application/x-ndjson" | "application/jsonl" | "application/json-lines" | "text/plain" => {
+            BodyFormat::Json
+        }
+        "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => BodyFormat::MsgPack,
+        other => {
+            return json_error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "content type `{other}`: send application/json (an array or JSON Lines) or application/msgpack"
+                ),
+            )
+        }
+    };
+    if body.len() > hub.max_body() {
+        return json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body has {} bytes; this source takes at most {} (`max_body`)", body.len(), hub.max_body()),
+        );
+    }
+    match hub.submit(body.to_vec(), format).await {
+        Ok(a) => {
+            let rejected: Vec<serde_json::Value> =
+                a.rejected.iter().map(|(i, r)| serde_json::json!({ "index": i, "reason": r })).collect();
+            json_body(&serde_json::json!({ "accepted": a.accepted, "rejected": rejected })).into_response()
+        }
+        Err(IngestRefusal::Busy) => {
+            let mut r = json_error(StatusCode::SERVICE_UNAVAILABLE, "the pipeline is behind; send it again shortly");
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+        Err(IngestRefusal::Closed) => {
+            let mut r = json_error(StatusCode::SERVICE_UNAVAILABLE, "no pipeline is reading this source now");
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        }
+        Err(IngestRefusal::BadBody(e)) => json_error(StatusCode::BAD_REQUEST, e),
+    }
 }
 
 async fn metrics(State(s): State<Shared>) -> Response {

@@ -251,6 +251,7 @@ impl Pipeline {
             code: self.code.clone(),
             alerts: AlertHub::default(),
             link: Link::default(),
+            ingest: Arc::default(),
         };
         if let Some(schema) = &c.source.schema {
             let schema =
@@ -271,6 +272,8 @@ pub struct BuiltPipeline {
     code: CodeEnds,
     alerts: AlertHub,
     link: Link,
+    /// The HTTP ingest sources' hubs, by source id, filled when the pipeline is planned.
+    ingest: Arc<crate::connector::IngestHubs>,
 }
 
 /// The error for a Kafka feature used in a build without the `kafka` cargo feature.
@@ -658,13 +661,7 @@ impl BuiltPipeline {
 
     /// What the HTTP port serves for this pipeline while `job` (planned from it) runs.
     pub fn http_state(&self, job: &Job) -> crate::http::HttpState {
-        let token = self
-            .cfg
-            .api
-            .as_ref()
-            .and_then(|a| a.token.clone())
-            .or_else(|| std::env::var("WEIR_API_TOKEN").ok())
-            .filter(|t| !t.is_empty());
+        let token = self.api_token();
         crate::http::HttpState {
             job: self.cfg.name.clone(),
             registry: job.registry(),
@@ -672,7 +669,18 @@ impl BuiltPipeline {
             live: self.alert_stream(),
             quarantine: job.quarantine(),
             token,
+            ingest: self.ingest.clone(),
         }
+    }
+
+    /// The API's bearer token: `api.token`, else `WEIR_API_TOKEN`.
+    fn api_token(&self) -> Option<String> {
+        self.cfg
+            .api
+            .as_ref()
+            .and_then(|a| a.token.clone())
+            .or_else(|| std::env::var("WEIR_API_TOKEN").ok())
+            .filter(|t| !t.is_empty())
     }
 
     /// Where the HTTP port listens: `flag` (the command's `--metrics-addr`), else the `api`
@@ -832,6 +840,8 @@ impl BuiltPipeline {
             checkpoints: c.checkpoints.as_ref(),
             code: self.code.source.clone(),
             until: self.link.done.clone(),
+            api_token: self.api_token(),
+            ingest: &self.ingest,
             #[cfg(feature = "kafka")]
             transactional_offsets: transactional_offsets.clone(),
         })?;
@@ -1054,6 +1064,7 @@ impl BuiltPipeline {
             code: self.code.clone(),
             alerts: self.alerts.clone(),
             link,
+            ingest: self.ingest.clone(),
         }
     }
 

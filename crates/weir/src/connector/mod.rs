@@ -22,12 +22,17 @@ use crate::config::{CheckpointConfig, EventTimeConfig, RetryConfig, SinkConfig, 
 pub mod code;
 pub mod file;
 pub mod generator;
+pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod redis_streams;
 pub mod stdio;
+
+/// The HTTP ingest sources' hubs, by source id: the API port's `POST /ingest/<id>` finds them here.
+pub type IngestHubs =
+    std::sync::Mutex<std::collections::BTreeMap<String, Arc<weir_connectors::http_ingest::IngestHub>>>;
 
 /// What a source connector is built with: the source's common settings and what the rest of
 /// the pipeline asks of it.
@@ -45,6 +50,10 @@ pub(crate) struct SourceCx<'a> {
     pub(crate) code: Option<Arc<dyn SourceFactory>>,
     /// The half of a repartitioned pipeline that reads the topic ends when this is set.
     pub(crate) until: Option<Arc<AtomicBool>>,
+    /// The API's bearer token, which HTTP ingest takes unless it has its own.
+    pub(crate) api_token: Option<String>,
+    /// Where HTTP ingest sources put their hubs for the API port.
+    pub(crate) ingest: &'a IngestHubs,
     /// Kafka in and exactly once out on one cluster: positions go into the output's
     /// transactions.
     #[cfg(feature = "kafka")]
@@ -180,6 +189,8 @@ connectors! {
         Mqtt(mqtt::MqttSourceSettings) = "mqtt", feature = "mqtt";
         /// Redis Streams, through a consumer group or from stored ids.
         RedisStreams(redis_streams::RedisStreamsSettings) = "redis_streams";
+        /// Records posted to the API port (`POST /ingest/<source id>`).
+        Http(http::HttpIngestSettings) = "http";
         /// A source written in code ([`crate::Pipeline::source_code`]).
         Code(code::CodeSettings) = "code";
     }

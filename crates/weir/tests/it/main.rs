@@ -11,6 +11,7 @@ mod detect;
 mod errors;
 mod functions;
 mod golden;
+mod http_ingest;
 mod kafka;
 mod metrics;
 mod mqtt;

@@ -160,6 +160,9 @@ fn a_server_restarted_mid_run_loses_and_repeats_nothing() {
     events(&f, 20_000, 5000);
     xadd_lines(&server.url(), "sensors", "data", &f);
     rt.block_on(handle).unwrap().unwrap();
+    // Read when the connection opened again: the group had not had everything yet.
+    let lag = reg.connectors.get("weir_redis_stream_lag", &[("stream", "sensors"), ("group", "g")]);
+    assert!(lag.is_some(), "the group's lag is reported");
     let reconnects = reg.connectors.get("weir_redis_reconnects_total", &[("server", &server.url())]).unwrap_or(0.0);
     assert!(reconnects >= 1.0, "the lost connection was counted: {reconnects}");
     assert_seqs(&committed_rows(&out), 0..25_000, "after the server's restart");

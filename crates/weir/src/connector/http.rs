@@ -1,0 +1,92 @@
+//! HTTP ingest: `POST /ingest/<source id>` on the API port (see
+//! [`weir_connectors::http_ingest`]).
+
+use std::sync::Arc;
+
+use arrow_schema::SchemaRef;
+use serde::{Deserialize, Serialize};
+use weir_connectors::http_ingest::{HttpIngestFactory, IngestHub, Respond};
+use weir_core::{Result, SourceFactory};
+
+use super::{SourceCx, SourceSettings};
+
+/// HTTP ingest settings. The token may be a `${VAR}` reference and is never logged.
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpIngestSettings {
+    /// The bearer token requests must carry; default the API's (`api.token`, `WEIR_API_TOKEN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Requests waiting for the pipeline at most; beyond, the answer is 503 with `Retry-After`.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// The largest body taken, in bytes (413 beyond).
+    #[serde(default = "default_max_body")]
+    pub max_body: usize,
+    /// `accepted` (default): answer once the rows are in the pipeline; `checkpointed`: once the
+    /// checkpoint covering them has completed (needs `checkpoints`).
+    #[serde(default = "default_respond")]
+    pub respond: String,
+}
+
+impl std::fmt::Debug for HttpIngestSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpIngestSettings")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("queue", &self.queue)
+            .field("max_body", &self.max_body)
+            .field("respond", &self.respond)
+            .finish()
+    }
+}
+
+fn default_queue() -> usize {
+    16
+}
+fn default_max_body() -> usize {
+    16 << 20
+}
+fn default_respond() -> String {
+    "accepted".into()
+}
+
+impl Default for HttpIngestSettings {
+    fn default() -> Self {
+        Self { token: None, queue: default_queue(), max_body: default_max_body(), respond: default_respond() }
+    }
+}
+
+impl SourceSettings for HttpIngestSettings {
+    fn build(&self, cx: &SourceCx<'_>) -> Result<(Arc<dyn SourceFactory>, SchemaRef)> {
+        let schema = cx.src.schema.as_ref().map(weir_formats::SchemaSpec::to_arrow).ok_or_else(|| {
+            cx.error(format!("source `{}`: http ingest needs a declared `schema` for its records", cx.src.id))
+        })?;
+        let respond = match self.respond.as_str() {
+            "accepted" => Respond::Accepted,
+            "checkpointed" if cx.checkpoints.is_some() => Respond::Checkpointed,
+            "checkpointed" => {
+                return Err(
+                    cx.error("http `respond: checkpointed` answers when a checkpoint completes: add `checkpoints`")
+                )
+            }
+            other => return Err(cx.error(format!("http `respond: {other}`: expected accepted or checkpointed"))),
+        };
+        let token = self.token.clone().or_else(|| cx.api_token.clone()).filter(|t| !t.is_empty()).ok_or_else(|| {
+            cx.error(format!(
+                "source `{}`: http ingest needs a bearer token: set `token`, `api.token` or WEIR_API_TOKEN",
+                cx.src.id
+            ))
+        })?;
+        let hub = IngestHub::new(self.queue, token, self.max_body);
+        cx.ingest.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(cx.src.id.clone(), hub.clone());
+        let fac = HttpIngestFactory::new(
+            hub,
+            schema.clone(),
+            cx.event_time.clone(),
+            cx.src.batch_size,
+            cx.src.max_linger,
+            respond,
+        );
+        Ok((Arc::new(fac), schema))
+    }
+}

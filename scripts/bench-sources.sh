@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The MQTT and Redis Streams sources next to a plain client of the same protocol on this
+# machine, each consuming the same N queued events:
+#   MQTT:  mosquitto_sub (the C client; QoS 1, persistent MQTT 5 session) vs W1 from
+#          examples/w1-mqtt.yaml (QoS 1, acknowledged after checkpoints every 200 ms);
+#   Redis: a plain redis-rs XREADGROUP/XACK loop (crates/weir-bench/src/bin) vs W1 from
+#          examples/w1-redis-streams.yaml (XACK after checkpoints every 200 ms).
+# Both Weir runs end once nothing arrives for 1 s; that second is taken off their time.
+# Brokers of the script's own on free ports: Mosquitto with an unlimited queue for offline
+# sessions, Redis without persistence.
+#
+# Usage: scripts/bench-sources.sh [N_EVENTS]   (default 500000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n=${1:-500000}
+source scripts/services.sh
+input=/tmp/weir-bench-sensors-$n.jsonl
+[ -s "$input" ] || python3 ../shared/bench/gen_sensors.py "$n" > "$input"
+cargo build --release -p weir-cli -p weir-bench --bins >&2
+bin=$PWD/target/release/weir
+dir=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
+now() { date +%s.%N; }
+rate() { python3 -c "print(f'{$1 / ($3 - $2):,.0f}')"; }
+
+mport=18883
+printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nuser root\n' $mport > "$dir/m.conf"
+mosquitto -c "$dir/m.conf" > /dev/null 2>&1 &
+rport=16390
+redis-server --bind 127.0.0.1 --port $rport --save '' --appendonly no > /dev/null 2>&1 &
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$mport && exec 3<>/dev/tcp/127.0.0.1/$rport) 2>/dev/null && break; sleep 0.1; done
+
+bounded() { sed 's/^    format: json$/    format: json\n    end_when_idle: 1s/' "$1" > "$2"; }
+bounded examples/w1-mqtt.yaml "$dir/w1-mqtt.yaml"
+bounded examples/w1-redis-streams.yaml "$dir/w1-redis.yaml"
+
+echo "| source | client | events | seconds | events/s |"
+echo "|---|---|---|---|---|"
+for i in 1 2 3; do
+  # MQTT, plain client: a persistent session gets every event queued, then drains it.
+  mosquitto_sub -p $mport -t sensors -q 1 -c -i plain -V mqttv5 -x 600 -E
+  mosquitto_pub -p $mport -t sensors -q 1 -l -V mqttv5 < "$input"
+  t0=$(now); mosquitto_sub -p $mport -t sensors -q 1 -c -i plain -V mqttv5 -x 600 -C "$n" > /dev/null; t1=$(now)
+  echo "| mqtt | mosquitto_sub | $n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$n" "$t0" "$t1") |"
+  # MQTT, Weir (its worker 0 is client weir-bench-0).
+  mosquitto_sub -p $mport -t sensors -q 1 -c -i weir-bench-0 -V mqttv5 -x 600 -E
+  mosquitto_pub -p $mport -t sensors -q 1 -l -V mqttv5 < "$input"
+  t0=$(now)
+  MQTT_URL=mqtt://127.0.0.1:$mport MQTT_CLIENT_ID=weir-bench OUTPUT="$dir/out-m$i" CHECKPOINTS="$dir/ck-m$i" \
+    CHECKPOINT_INTERVAL=200ms DEAD_LETTERS="$dir/dead.jsonl" "$bin" run "$dir/w1-mqtt.yaml" --workers 2 --quiet
+  t1=$(python3 -c "print($(now) - 1.0)")
+  echo "| mqtt | weir W1 | $n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$n" "$t0" "$t1") |"
+
+  # Redis Streams.
+  redis-cli -p $rport DEL sensors > /dev/null
+  python3 - "$input" <<'PY' | redis-cli -p $rport --pipe > /dev/null
+import sys
+out = sys.stdout.buffer
+for line in open(sys.argv[1], "rb"):
+    line = line.rstrip(b"\n")
+    parts = [b"XADD", b"sensors", b"*", b"data", line]
+    out.write(b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts))
+PY
+  t0=$(now); target/release/redis_plain_consumer redis://127.0.0.1:$rport sensors plain "$n" > /dev/null; t1=$(now)
+  echo "| redis streams | redis-rs loop | $n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$n" "$t0" "$t1") |"
+  t0=$(now)
+  REDIS_URL=redis://127.0.0.1:$rport GROUP=weir-$i OUTPUT="$dir/out-r$i" CHECKPOINTS="$dir/ck-r$i" \
+    CHECKPOINT_INTERVAL=200ms DEAD_LETTERS="$dir/dead.jsonl" "$bin" run "$dir/w1-redis.yaml" --workers 2 --quiet
+  t1=$(python3 -c "print($(now) - 1.0)")
+  echo "| redis streams | weir W1 | $n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$n" "$t0" "$t1") |"
+done
