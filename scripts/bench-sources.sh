@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The MQTT and Redis Streams sources next to a plain client of the same protocol on this
-# machine, each consuming the same N queued events:
+# machine, each draining the same N events queued for it while it was away:
 #   MQTT:  mosquitto_sub (the C client; QoS 1, persistent MQTT 5 session) vs W1 from
-#          examples/w1-mqtt.yaml (QoS 1, acknowledged after checkpoints every 200 ms);
+#          examples/w1-mqtt.yaml (QoS 1, acknowledged after checkpoints every 200 ms); the
+#          events are published by `weir gen --mqtt` (`mosquitto_pub -l` at full speed is
+#          disconnected by Mosquitto 2.0 after some 30,000 messages);
 #   Redis: a plain redis-rs XREADGROUP/XACK loop (crates/weir-bench/src/bin) vs W1 from
 #          examples/w1-redis-streams.yaml (XACK after checkpoints every 200 ms).
 # Both Weir runs end once nothing arrives for 1 s; that second is taken off their time.
@@ -37,19 +39,22 @@ bounded examples/w1-redis-streams.yaml "$dir/w1-redis.yaml"
 echo "| source | client | events | seconds | events/s |"
 echo "|---|---|---|---|---|"
 for i in 1 2 3; do
-  # MQTT, plain client: a persistent session gets every event queued, then drains it.
-  mosquitto_sub -p $mport -t sensors -q 1 -c -i plain -V mqttv5 -x 600 -E
-  mosquitto_pub -p $mport -t sensors -q 1 -l -V mqttv5 < "$input"
-  t0=$(now); mosquitto_sub -p $mport -t sensors -q 1 -c -i plain -V mqttv5 -x 600 -C "$n" > /dev/null; t1=$(now)
+  # MQTT, plain client: a persistent session of its own, on a topic of its own, gets every
+  # event queued, then drains it.
+  mosquitto_sub -p $mport -t "plain-$i" -q 1 -c -i "plain-$i" -V mqttv5 -x 600 -E > /dev/null
+  "$bin" gen --mqtt mqtt://127.0.0.1:$mport --topic "plain-$i" -n "$n" 2> /dev/null
+  t0=$(now); mosquitto_sub -p $mport -t "plain-$i" -q 1 -c -i "plain-$i" -V mqttv5 -x 600 -C "$n" > /dev/null; t1=$(now)
   echo "| mqtt | mosquitto_sub | $n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$n" "$t0" "$t1") |"
-  # MQTT, Weir (its worker 0 is client weir-bench-0).
-  mosquitto_sub -p $mport -t sensors -q 1 -c -i weir-bench-0 -V mqttv5 -x 600 -E
-  mosquitto_pub -p $mport -t sensors -q 1 -l -V mqttv5 < "$input"
+  # MQTT, Weir: its worker 0 is client weir-bench-$i-0; the run's summary says how many it read.
+  mosquitto_sub -p $mport -t "weir-$i" -q 1 -c -i "weir-bench-$i-0" -V mqttv5 -x 600 -E > /dev/null
+  "$bin" gen --mqtt mqtt://127.0.0.1:$mport --topic "weir-$i" -n "$n" 2> /dev/null
   t0=$(now)
-  MQTT_URL=mqtt://127.0.0.1:$mport MQTT_CLIENT_ID=weir-bench OUTPUT="$dir/out-m$i" CHECKPOINTS="$dir/ck-m$i" \
-    CHECKPOINT_INTERVAL=200ms DEAD_LETTERS="$dir/dead.jsonl" "$bin" run "$dir/w1-mqtt.yaml" --workers 2 --quiet
+  MQTT_URL=mqtt://127.0.0.1:$mport TOPIC="weir-$i" MQTT_CLIENT_ID="weir-bench-$i" OUTPUT="$dir/out-m$i" \
+    CHECKPOINTS="$dir/ck-m$i" CHECKPOINT_INTERVAL=200ms DEAD_LETTERS="$dir/dead.jsonl" \
+    "$bin" run "$dir/w1-mqtt.yaml" --workers 2 --no-progress 2> "$dir/run.log"
   t1=$(python3 -c "print($(now) - 1.0)")
-  echo "| mqtt | weir W1 | $n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$n" "$t0" "$t1") |"
+  read_n=$(grep -o '^[0-9]* events in' "$dir/run.log" | cut -d' ' -f1)
+  echo "| mqtt | weir W1 | $read_n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$read_n" "$t0" "$t1") |"
 
   # Redis Streams.
   redis-cli -p $rport DEL sensors > /dev/null
@@ -65,7 +70,8 @@ PY
   echo "| redis streams | redis-rs loop | $n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$n" "$t0" "$t1") |"
   t0=$(now)
   REDIS_URL=redis://127.0.0.1:$rport GROUP=weir-$i OUTPUT="$dir/out-r$i" CHECKPOINTS="$dir/ck-r$i" \
-    CHECKPOINT_INTERVAL=200ms DEAD_LETTERS="$dir/dead.jsonl" "$bin" run "$dir/w1-redis.yaml" --workers 2 --quiet
+    CHECKPOINT_INTERVAL=200ms DEAD_LETTERS="$dir/dead.jsonl" "$bin" run "$dir/w1-redis.yaml" --workers 2 --no-progress 2> "$dir/run.log"
   t1=$(python3 -c "print($(now) - 1.0)")
-  echo "| redis streams | weir W1 | $n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$n" "$t0" "$t1") |"
+  read_n=$(grep -o '^[0-9]* events in' "$dir/run.log" | cut -d' ' -f1)
+  echo "| redis streams | weir W1 | $read_n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$read_n" "$t0" "$t1") |"
 done

@@ -18,68 +18,14 @@ fn topic(template: &str, device_id: &str) -> String {
 /// many were published.
 #[cfg(feature = "mqtt")]
 pub(crate) fn mqtt(url: &str, template: &str, events: &Path, rate: Option<f64>) -> Result<u64, Failure> {
-    use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-    use std::time::{Duration, Instant};
-
-    let parsed = url::Url::parse(url).map_err(|e| Failure::Config(format!("--mqtt `{url}`: {e}")))?;
-    if parsed.scheme() != "mqtt" {
-        return Err(Failure::Config(format!("--mqtt `{url}`: write it like mqtt://127.0.0.1:1883")));
-    }
-    let host = parsed.host_str().unwrap_or("127.0.0.1").to_string();
-    let port = parsed.port().unwrap_or(1883);
     let text = std::fs::read_to_string(events).map_err(|e| Failure::Run(e.into()))?;
+    let mut messages = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Failure::Run(e.into()))?;
+        messages.push((topic(template, v["device_id"].as_str().unwrap_or("unknown")), line.as_bytes().to_vec()));
+    }
     let rt = crate::runtime(1)?;
-    rt.block_on(async move {
-        let mut o = MqttOptions::new(format!("weir-gen-{}", std::process::id()), host, port);
-        o.set_keep_alive(Duration::from_secs(30));
-        let (client, mut el) = AsyncClient::new(o, 10_000);
-        let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
-        let total = lines.len() as u64;
-        // The event loop runs beside the publishing; it counts the broker's acknowledgements.
-        let acks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counted = acks.clone();
-        let driver = weir_core::task::SpawnedTask::spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_))) => {
-                        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Ok(_) => {}
-                    Err(e) => return Err::<(), String>(e.to_string()),
-                }
-            }
-        });
-        let started = Instant::now();
-        for (i, line) in lines.iter().enumerate() {
-            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Failure::Run(e.into()))?;
-            let device = v["device_id"].as_str().unwrap_or("unknown");
-            client
-                .publish(topic(template, device), QoS::AtLeastOnce, false, line.as_bytes().to_vec())
-                .await
-                .map_err(|e| Failure::Run(anyhow::anyhow!("publishing to {url}: {e}")))?;
-            if let Some(r) = rate.filter(|r| *r > 0.0) {
-                let due = started + Duration::from_secs_f64((i + 1) as f64 / r);
-                tokio::time::sleep_until(due.into()).await;
-            }
-            if driver.is_finished() {
-                break;
-            }
-        }
-        let until = Instant::now() + Duration::from_secs(60);
-        while acks.load(std::sync::atomic::Ordering::Relaxed) < total {
-            if driver.is_finished() || Instant::now() > until {
-                let err = match driver.await {
-                    Ok(Err(e)) => e,
-                    _ => "no acknowledgement within 60 s".into(),
-                };
-                return Err(Failure::Run(anyhow::anyhow!("MQTT broker at {url}: {err}")));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let _ = client.disconnect().await;
-        Ok(total)
-    })
+    Ok(rt.block_on(weir::connectors::mqtt::publish(url, messages, rate))?)
 }
 
 /// Without the `mqtt` feature there is no client to publish with.

@@ -135,19 +135,21 @@ impl Mosquitto {
     }
 
     /// Publishes each line of `file` as one message on `topic` with QoS 1, waiting for the
-    /// broker to take them all.
+    /// broker to take them all (with Weir's own publisher: `mosquitto_pub -l` at full speed
+    /// gets itself disconnected by Mosquitto 2.0 after some 30,000 messages).
     ///
     /// # Panics
-    /// When `mosquitto_pub` fails.
+    /// When the broker does not take them.
+    #[cfg(feature = "mqtt")]
     pub fn publish_lines(&self, topic: &str, file: &Path) {
         #[allow(clippy::unwrap_used)]
-        let input = std::fs::File::open(file).unwrap();
-        let out = Command::new(binary("mosquitto_pub", "/usr/bin/mosquitto_pub"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", topic, "-q", "1", "-l", "-V", "mqttv5"])
-            .stdin(input)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run mosquitto_pub: {e}"));
-        assert!(out.status.success(), "mosquitto_pub: {}", String::from_utf8_lossy(&out.stderr));
+        let text = std::fs::read_to_string(file).unwrap();
+        let messages =
+            text.lines().filter(|l| !l.is_empty()).map(|l| (topic.to_string(), l.as_bytes().to_vec())).collect();
+        #[allow(clippy::unwrap_used)]
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let url = self.url();
+        rt.block_on(crate::mqtt::publish(&url, messages, None)).unwrap_or_else(|e| panic!("publishing to {url}: {e}"));
     }
 }
 
