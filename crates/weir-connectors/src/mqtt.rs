@@ -74,6 +74,9 @@ pub struct MqttSourceConfig {
     pub topic_column: Option<String>,
     /// Columns taken from topic levels: `sensors/{site}/{device_id}/telemetry`.
     pub topic_fields: Option<TopicPattern>,
+    /// MQTT 5: a column holding each message's user properties as a JSON object text (null
+    /// without any; of a key given twice, the last value).
+    pub properties_column: Option<String>,
     /// Event time.
     pub event_time: Option<EventTimeSpec>,
     /// Rows per batch at most.
@@ -237,13 +240,18 @@ impl MqttSourceFactory {
         let endpoint = Endpoint::parse(&cfg.url)?;
         let mut fields: Vec<Field> = cfg.payload_schema.fields().iter().map(|f| f.as_ref().clone()).collect();
         let extra = cfg.topic_column.iter().map(String::as_str).chain(cfg.topic_fields.iter().flat_map(|p| p.names()));
+        let extra = extra.chain(cfg.properties_column.iter().map(String::as_str));
         for name in extra {
             weir_core::ensure_config!(
                 fields.iter().all(|f| f.name() != name),
-                "mqtt: column `{name}` (from the topic) has the name of another column; rename it"
+                "mqtt: column `{name}` has the name of another column; rename it"
             );
             fields.push(Field::new(name, DataType::Utf8, true));
         }
+        weir_core::ensure_config!(
+            cfg.properties_column.is_none() || cfg.protocol == MqttProtocol::V5,
+            "mqtt `properties_column`: user properties are MQTT 5; remove it or use `protocol: 5`"
+        );
         Ok(Self { schema: Arc::new(Schema::new(fields)), cfg: Arc::new(cfg), endpoint })
     }
 
@@ -342,6 +350,8 @@ struct Message {
     dup: bool,
     /// QoS 1: it needs an acknowledgement.
     qos1: bool,
+    /// MQTT 5 user properties as a JSON object text, when it has any.
+    properties: Option<String>,
 }
 
 /// The client of either protocol, for acknowledgements.
@@ -391,6 +401,7 @@ struct Pending {
     buf: Vec<u8>,
     ranges: Vec<Range<usize>>,
     topics: Vec<String>,
+    properties: Vec<Option<String>>,
     ids: Vec<Delivery>,
     first_at: Option<Instant>,
 }
@@ -554,6 +565,7 @@ async fn drive_v311(
                 payload: p.payload,
                 pkid: p.pkid,
                 dup: p.dup,
+                properties: None,
             })),
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 retry.connected();
@@ -606,6 +618,14 @@ async fn drive_v5(
             Ok(Event::Incoming(p5::Packet::Publish(p))) => Some(Incoming::Message(Message {
                 qos1: p.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce,
                 topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                properties: p.properties.as_ref().filter(|pp| !pp.user_properties.is_empty()).map(|pp| {
+                    let m: serde_json::Map<String, serde_json::Value> = pp
+                        .user_properties
+                        .iter()
+                        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                        .collect();
+                    serde_json::Value::Object(m).to_string()
+                }),
                 payload: p.payload,
                 pkid: p.pkid,
                 dup: p.dup,
@@ -734,6 +754,9 @@ impl MqttSource {
         }
         self.pending.ranges.push(start..self.pending.buf.len());
         self.pending.topics.push(p.topic);
+        if self.cfg.properties_column.is_some() {
+            self.pending.properties.push(p.properties);
+        }
         if qos1 {
             self.pending.ids.push(d);
         }
@@ -750,11 +773,12 @@ impl MqttSource {
         weir_core::metrics::StepMetrics::add(&cx.registry.source_bytes, p.buf.len() as u64);
         let schema = self.schema.clone();
         let topic_column = self.cfg.topic_column.is_some();
+        let properties_column = self.cfg.properties_column.is_some();
         let pattern = self.cfg.topic_fields.clone();
-        let topics = &p.topics;
+        let (topics, properties) = (&p.topics, &p.properties);
         let rows = |d: &weir_formats::Decoded| -> Result<RecordBatch> {
             let n = d.batch.num_rows();
-            if !topic_column && pattern.is_none() {
+            if !topic_column && !properties_column && pattern.is_none() {
                 return Ok(d.batch.clone());
             }
             let topic = |r: usize| topics[d.record_of_row(r)].as_str();
@@ -767,6 +791,9 @@ impl MqttSource {
                 for i in 0..p.names().len() {
                     cols.push(Arc::new(StringArray::from_iter(levels.iter().map(|l| l.as_ref().map(|v| v[i])))));
                 }
+            }
+            if properties_column {
+                cols.push(Arc::new(StringArray::from_iter((0..n).map(|r| properties[d.record_of_row(r)].as_deref()))));
             }
             Ok(RecordBatch::try_new(schema.clone(), cols)?)
         };

@@ -56,6 +56,9 @@ pub struct MqttSourceSettings {
     /// `device_id` (text; null for a topic of another shape).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic_fields: Option<String>,
+    /// MQTT 5: a column holding each message's user properties as a JSON object text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties_column: Option<String>,
     /// MQTT keep-alive.
     #[serde(default = "default_keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
@@ -152,6 +155,7 @@ impl MqttSourceSettings {
             format: default_format(),
             topic_column: None,
             topic_fields: None,
+            properties_column: None,
             keep_alive: default_keep_alive(),
             max_message_size: default_max_message_size(),
             end_when_idle: None,
@@ -176,6 +180,7 @@ impl MqttSourceSettings {
             payload_schema: payload,
             topic_column: self.topic_column.clone(),
             topic_fields: self.topic_fields.as_deref().map(TopicPattern::parse).transpose()?,
+            properties_column: self.properties_column.clone(),
             event_time: cx.and_then(|c| c.event_time.clone()),
             batch_size: cx.map_or(8192, |c| c.src.batch_size),
             max_linger: cx.map_or(Duration::from_millis(1), |c| c.src.max_linger),
