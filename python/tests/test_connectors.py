@@ -67,6 +67,8 @@ def test_any_connector_is_reached_by_its_yaml_key():
     p = weir.Pipeline("c").source("in", src, schema=SCHEMA).sink("out", weir.connector("stdout", format="json"))
     p.validate()
     assert p.config()["source"]["mqtt"]["topics"] == ["a/#"]
+    assert weir.http_ingest(token="t", respond="accepted") == {"http": {"token": "t", "respond": "accepted"}}
+    weir.Pipeline("h").source("in", weir.http_ingest(token="t"), schema=SCHEMA).sink("out", weir.stdout()).validate()
     with pytest.raises(weir.errors.ConfigError, match="unknown source key `mqqt`"):
         weir.Pipeline("c").source("in", weir.connector("mqqt", url="x"), schema=SCHEMA).sink("o", weir.stdout()).validate()
     with pytest.raises(weir.errors.ConfigError, match="unknown field `topic`"):

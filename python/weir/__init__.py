@@ -56,6 +56,7 @@ __all__ = [
     "kafka",
     "mqtt",
     "redis_streams",
+    "http_ingest",
     "connector",
     "file_sink",
     "stdout",
@@ -138,6 +139,13 @@ def redis_streams(url: str, streams: Sequence[str], *, group: Optional[str] = No
     (``consumer``, ``start``, ``field``, ``id_column``, ``stream_column``, ``claim_after``,
     ``end_when_idle``, as in YAML)."""
     return connector("redis_streams", url=url, streams=list(streams), group=group, format=format, **settings)
+
+
+def http_ingest(*, token: Optional[str] = None, queue: Optional[int] = None, max_body: Optional[int] = None,
+                respond: Optional[str] = None) -> Json:
+    """Records posted to the API port, ``POST /ingest/<source id>`` with a bearer ``token``
+    (default the API's); ``respond="checkpointed"`` answers once the rows are committed."""
+    return connector("http", token=token, queue=queue, max_body=max_body, respond=respond)
 
 
 def connector(kind: str, **settings: Any) -> Json:
