@@ -16,6 +16,7 @@ pub mod http_ingest;
 pub mod kafka;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
+mod reconnect;
 pub mod redis_streams;
 pub mod sink;
 pub mod stdin;

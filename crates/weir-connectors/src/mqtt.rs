@@ -33,13 +33,13 @@ use rumqttc::v5::mqttbytes::v5 as p5;
 use tokio::sync::mpsc;
 use weir_core::checkpoint::Epoch;
 use weir_core::linger::Linger;
-use weir_core::metrics::Registry;
 use weir_core::task::SpawnedTask;
 use weir_core::time::EventTimeSpec;
 use weir_core::{CoreError, Result, Source, SourceContext, SourceFactory, SourcePoll};
 use weir_formats::{Decoder, FormatSpec};
 
 use crate::decode::decode_records_with;
+use crate::reconnect::Reconnect;
 
 /// Settings of an MQTT source.
 #[derive(Clone)]
@@ -496,43 +496,6 @@ struct MqttSource {
     ended: bool,
 }
 
-/// The connection task's retry bookkeeping: backoff with jitter, counted and logged.
-struct Retry {
-    server: String,
-    registry: Arc<Registry>,
-    backoff: Duration,
-    failures: u32,
-}
-
-impl Retry {
-    fn new(server: &str, registry: Arc<Registry>) -> Self {
-        Self { server: server.to_string(), registry, backoff: Duration::from_millis(100), failures: 0 }
-    }
-
-    fn connected(&mut self) {
-        if self.failures > 0 {
-            tracing::info!(server = %self.server, failures = self.failures, "MQTT connection back.");
-        }
-        self.failures = 0;
-        self.backoff = Duration::from_millis(100);
-    }
-
-    async fn failed(&mut self, error: String) {
-        self.failures += 1;
-        self.registry.connectors.add(
-            "weir_mqtt_reconnects_total",
-            "Times the MQTT source lost or could not open its connection and tried again.",
-            &[("server", &self.server)],
-            1.0,
-        );
-        if self.failures == 1 || self.failures.is_power_of_two() {
-            tracing::warn!(server = %self.server, error = %error, failures = self.failures, retry_in_ms = self.backoff.as_millis() as u64, "MQTT connection failed; retrying.");
-        }
-        tokio::time::sleep(self.backoff.mul_f64(rand::random_range(0.5..1.0))).await;
-        self.backoff = (self.backoff * 2).min(Duration::from_secs(10));
-    }
-}
-
 fn refused(server: &str, why: &dyn std::fmt::Debug) -> Incoming {
     Incoming::Failed(CoreError::Config(format!(
         "mqtt: the broker at {server} refused the connection: {why:?}; check the credentials and client id"
@@ -553,7 +516,7 @@ async fn drive_v311(
     client: rumqttc::AsyncClient,
     cfg: Arc<MqttSourceConfig>,
     tx: mpsc::Sender<Incoming>,
-    mut retry: Retry,
+    mut retry: Reconnect,
 ) {
     use rumqttc::{ConnectReturnCode as C, Event, Packet};
     let qos = if cfg.qos == 0 { rumqttc::QoS::AtMostOnce } else { rumqttc::QoS::AtLeastOnce };
@@ -607,7 +570,7 @@ async fn drive_v5(
     client: rumqttc::v5::AsyncClient,
     cfg: Arc<MqttSourceConfig>,
     tx: mpsc::Sender<Incoming>,
-    mut retry: Retry,
+    mut retry: Reconnect,
 ) {
     use p5::ConnectReturnCode as C;
     use rumqttc::v5::Event;
@@ -674,7 +637,13 @@ impl MqttSource {
             let ep = self.endpoint.clone()?;
             let cfg = self.cfg.clone();
             let (tx, rx) = mpsc::channel(INBOX);
-            let retry = Retry::new(&cfg.url, cx.registry.clone());
+            let retry = Reconnect::new(
+                "MQTT",
+                "weir_mqtt_reconnects_total",
+                "Times the MQTT source lost or could not open its connection and tried again.",
+                &cfg.url,
+                cx.registry.clone(),
+            );
             let keep_alive = cfg.keep_alive.max(Duration::from_secs(1));
             let (client, task) = match cfg.protocol {
                 MqttProtocol::V311 => {

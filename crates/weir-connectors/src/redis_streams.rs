@@ -30,6 +30,7 @@ use weir_core::{CoreError, Result, Source, SourceContext, SourceFactory, SourceP
 use weir_formats::{Decoder, FormatSpec};
 
 use crate::decode::decode_records_with;
+use crate::reconnect::Reconnect;
 
 /// Where a stream without a stored position starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -397,11 +398,16 @@ impl Reader {
     /// entries (delivered before a crash or a lost connection), then new ones, claiming
     /// those of dead consumers now and then.
     async fn run(mut self) {
-        let mut backoff = Duration::from_millis(100);
-        let mut failures = 0u32;
         let server = redact_url(&self.cfg.url);
+        let mut retry = Reconnect::new(
+            "Redis",
+            "weir_redis_reconnects_total",
+            "Times the Redis Streams source lost or could not open its connection and tried again.",
+            &server,
+            self.registry.clone(),
+        );
         loop {
-            let r = self.session().await;
+            let r = self.session(&mut retry).await;
             let e = match r {
                 Ok(()) => return,
                 Err(e) => e,
@@ -416,24 +422,14 @@ impl Reader {
                 let _ = self.tx.send(Incoming::Failed(CoreError::Config(msg))).await;
                 return;
             }
-            failures += 1;
-            self.registry.connectors.add(
-                "weir_redis_reconnects_total",
-                "Times the Redis Streams source lost or could not open its connection and tried again.",
-                &[("server", &server)],
-                1.0,
-            );
-            if failures == 1 || failures.is_power_of_two() {
-                tracing::warn!(server = %server, error = %e, failures, retry_in_ms = backoff.as_millis() as u64, "Redis connection failed; retrying.");
-            }
-            tokio::time::sleep(backoff.mul_f64(rand::random_range(0.5..1.0))).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            retry.failed(e.to_string()).await;
         }
     }
 
     /// One connection's life; `Ok` when the source is gone.
-    async fn session(&mut self) -> redis::RedisResult<()> {
+    async fn session(&mut self, retry: &mut Reconnect) -> redis::RedisResult<()> {
         let mut c = self.connect().await?;
+        retry.connected();
         let count = self.cfg.batch_size.max(1);
         let Some(group) = self.cfg.group.clone() else {
             loop {
