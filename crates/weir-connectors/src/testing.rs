@@ -37,7 +37,7 @@ pub fn wait_for_port(port: u16, within: Duration, what: &str, log: &Path) {
 /// installs it), persisting to its folder, queueing without limit for offline sessions.
 #[derive(Debug)]
 pub struct Mosquitto {
-    child: Option<Child>,
+    child: Process,
     /// Its port on 127.0.0.1.
     pub port: u16,
     dir: PathBuf,
@@ -51,7 +51,7 @@ impl Mosquitto {
     /// # Panics
     /// When `mosquitto` is not installed or does not start.
     pub fn start(dir: &Path) -> Self {
-        let mut m = Self { child: None, port: free_port(), dir: dir.to_path_buf(), passwords: None };
+        let mut m = Self { child: Process(None), port: free_port(), dir: dir.to_path_buf(), passwords: None };
         m.launch();
         m
     }
@@ -70,7 +70,7 @@ impl Mosquitto {
             .output()
             .unwrap_or_else(|e| panic!("cannot run mosquitto_passwd: {e}"));
         assert!(out.status.success(), "mosquitto_passwd: {}", String::from_utf8_lossy(&out.stderr));
-        let mut m = Self { child: None, port: free_port(), dir: dir.to_path_buf(), passwords: Some(file) };
+        let mut m = Self { child: Process(None), port: free_port(), dir: dir.to_path_buf(), passwords: Some(file) };
         m.launch();
         m
     }
@@ -97,7 +97,7 @@ impl Mosquitto {
             .unwrap_or_else(|e| {
                 panic!("cannot start mosquitto ({e}); `apt-get install mosquitto` or run scripts/services.sh")
             });
-        self.child = Some(child);
+        self.child = Process(Some(child));
         wait_for_port(self.port, Duration::from_secs(10), "mosquitto", &self.dir.join("mosquitto.log"));
     }
 
@@ -108,10 +108,7 @@ impl Mosquitto {
 
     /// Stops the broker as an administrator would (SIGTERM: it saves its sessions and queues).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-            let _ = c.wait();
-        }
+        self.child.stop();
     }
 
     /// Starts the broker again on the same port with the same data.
@@ -153,9 +150,23 @@ impl Mosquitto {
     }
 }
 
-impl Drop for Mosquitto {
+/// A server process a test owns: stopped as an administrator would (SIGTERM, so it keeps its
+/// data), killed when dropped.
+#[derive(Debug)]
+struct Process(Option<Child>);
+
+impl Process {
+    fn stop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Process {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Some(mut c) = self.0.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -175,7 +186,7 @@ fn binary(name: &str, debian: &str) -> String {
 /// a restart keeps the streams and their groups.
 #[derive(Debug)]
 pub struct RedisServer {
-    child: Option<Child>,
+    child: Process,
     /// Its port on 127.0.0.1.
     pub port: u16,
     dir: PathBuf,
@@ -187,7 +198,7 @@ impl RedisServer {
     /// # Panics
     /// When `redis-server` is not installed or does not start.
     pub fn start(dir: &Path) -> Self {
-        let mut r = Self { child: None, port: free_port(), dir: dir.to_path_buf() };
+        let mut r = Self { child: Process(None), port: free_port(), dir: dir.to_path_buf() };
         r.launch();
         r
     }
@@ -206,7 +217,7 @@ impl RedisServer {
             .unwrap_or_else(|e| {
                 panic!("cannot start redis-server ({e}); `apt-get install redis-server` or run scripts/services.sh")
             });
-        self.child = Some(child);
+        self.child = Process(Some(child));
         let log = self.dir.join("redis.log");
         wait_for_port(self.port, Duration::from_secs(10), "redis-server", &log);
         // Listening is not serving: it answers `-LOADING` while it reads its data back.
@@ -224,10 +235,7 @@ impl RedisServer {
 
     /// Stops the server as an administrator would (SIGTERM; the append-only file is kept).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-            let _ = c.wait();
-        }
+        self.child.stop();
     }
 
     /// Starts the server again on the same port with the same data.
@@ -244,13 +252,4 @@ fn ping(port: u16) -> bool {
     let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
     let mut buf = [0u8; 64];
     c.write_all(b"PING\r\n").is_ok() && c.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
