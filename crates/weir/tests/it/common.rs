@@ -198,3 +198,49 @@ pub(crate) fn seq_schema() -> SchemaSpec {
     serde_yaml::from_str("fields: [{name: seq, type: int64}, {name: ts, type: int64}, {name: temp, type: float64}]")
         .unwrap()
 }
+
+/// A pipeline reading rows of [`seq_schema`] from source `id`, `connector` (`ts` its event time when
+/// `event_time`) into the file sink at `out`, dead letters beside it, with a checkpoint in
+/// `dir` every `interval` when `checkpoints` is `Some((dir, interval))`.
+pub(crate) fn seq_pipeline(
+    id: &str,
+    connector: SourceConnector,
+    event_time: bool,
+    out: &Path,
+    checkpoints: Option<(&Path, &str)>,
+) -> PipelineConfig {
+    let mut src = SourceConfig::new(id, connector);
+    src.schema = Some(seq_schema());
+    if event_time {
+        src.event_time = Some(EventTimeConfig::new("ts", TimeFormat::Millis));
+    }
+    let mut p = Pipeline::new("server-source");
+    p.source(src).sink(SinkConfig::new(
+        "out",
+        SinkConnector::File(FileSinkSettings { path: out.display().to_string(), format: FormatSpec::Json }),
+    ));
+    let mut cfg = p.build().unwrap().config().clone();
+    cfg.dead_letters.path = out.with_extension("dead.jsonl").display().to_string();
+    if let Some((ck, interval)) = checkpoints {
+        cfg.checkpoints = Some(serde_yaml::from_str(&format!("dir: {}\ninterval: {interval}", ck.display())).unwrap());
+    }
+    cfg
+}
+
+/// What loading and checking a one-source pipeline says of the source settings `source` (its
+/// connector key and settings, as in YAML) and the pipeline's `extra` top-level keys: the
+/// error's text, or empty when there is none.
+pub(crate) fn source_settings_error(source: &str, extra: &str) -> String {
+    let text = format!(
+        "name: m\nsource:\n  id: s\n  {source}\n  schema: {{ fields: [ {{ name: a, type: int64 }} ] }}\nsink: {{ id: o, stdout: {{}} }}\n{extra}"
+    );
+    match weir::yaml::parse("m.yaml", &text) {
+        Err(e) => e.to_string(),
+        Ok(cfg) => Pipeline::from_config(cfg)
+            .build()
+            .and_then(|b| b.check(&RunOptions::default()).map(|_| ()))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default(),
+    }
+}

@@ -8,18 +8,7 @@ use weir_core::runtime::Job;
 use crate::common::*;
 
 fn pipeline(http: HttpIngestSettings, out: &std::path::Path, checkpoints: Option<&std::path::Path>) -> BuiltPipeline {
-    let mut src = SourceConfig::new("readings", SourceConnector::Http(http));
-    src.schema = Some(seq_schema());
-    let mut p = Pipeline::new("ingest");
-    p.source(src).sink(SinkConfig::new(
-        "out",
-        SinkConnector::File(FileSinkSettings { path: out.display().to_string(), format: FormatSpec::Json }),
-    ));
-    let mut cfg = p.build().unwrap().config().clone();
-    cfg.dead_letters.path = out.with_extension("dead.jsonl").display().to_string();
-    if let Some(ck) = checkpoints {
-        cfg.checkpoints = Some(serde_yaml::from_str(&format!("dir: {}\ninterval: 300ms", ck.display())).unwrap());
-    }
+    let cfg = seq_pipeline("readings", SourceConnector::Http(http), false, out, checkpoints.map(|ck| (ck, "300ms")));
     Pipeline::from_config(cfg).build().unwrap()
 }
 
@@ -134,20 +123,7 @@ fn a_checkpointed_answer_means_the_rows_are_committed() {
 
 #[test]
 fn settings_are_checked() {
-    let plan = |http: &str, extra: &str| -> String {
-        let text = format!(
-            "name: m\nsource:\n  id: s\n  http: {http}\n  schema: {{ fields: [ {{ name: a, type: int64 }} ] }}\nsink: {{ id: o, stdout: {{}} }}\n{extra}"
-        );
-        match weir::yaml::parse("m.yaml", &text) {
-            Err(e) => e.to_string(),
-            Ok(cfg) => Pipeline::from_config(cfg)
-                .build()
-                .and_then(|b| b.check(&RunOptions::default()).map(|_| ()))
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default(),
-        }
-    };
+    let plan = |http: &str, extra: &str| source_settings_error(&format!("http: {http}"), extra);
     assert!(plan("{ token: t, respond: checkpointed }", "").contains("add `checkpoints`"));
     assert!(plan("{ token: t, respond: later }", "").contains("expected accepted or checkpointed"));
     assert!(plan("{ token: t }", "").is_empty(), "{}", plan("{ token: t }", ""));

@@ -24,20 +24,7 @@ fn pipeline(
     m.end_when_idle = Some(Duration::from_secs(2));
     m.topic_column = Some("topic".into());
     m.topic_fields = Some("sensors/{site}/{device_id}/telemetry".into());
-    let mut src = SourceConfig::new("mqtt", SourceConnector::Mqtt(m));
-    src.schema = Some(seq_schema());
-    src.event_time = Some(EventTimeConfig::new("ts", TimeFormat::Millis));
-    let mut p = Pipeline::new("mqtt-test");
-    p.source(src).sink(SinkConfig::new(
-        "out",
-        SinkConnector::File(FileSinkSettings { path: out.display().to_string(), format: FormatSpec::Json }),
-    ));
-    let mut cfg = p.build().unwrap().config().clone();
-    cfg.dead_letters.path = out.with_extension("dead.jsonl").display().to_string();
-    if let Some(ck) = checkpoints {
-        cfg.checkpoints = Some(serde_yaml::from_str(&format!("dir: {}\ninterval: 100ms", ck.display())).unwrap());
-    }
-    cfg
+    seq_pipeline("mqtt", SourceConnector::Mqtt(m), true, out, checkpoints.map(|ck| (ck, "100ms")))
 }
 
 #[test]
@@ -203,15 +190,7 @@ fn credentials_are_sent_and_a_refusal_fails_the_run_with_the_reason() {
 
 #[test]
 fn settings_are_checked_before_connecting() {
-    let plan = |yaml: &str| -> String {
-        let text = format!(
-            "name: m\nsource:\n  id: s\n  mqtt: {yaml}\n  schema: {{ fields: [ {{ name: a, type: int64 }} ] }}\nsink: {{ id: o, stdout: {{}} }}\n"
-        );
-        match weir::yaml::parse("m.yaml", &text) {
-            Err(e) => e.to_string(),
-            Ok(cfg) => Pipeline::from_config(cfg).build().err().map(|e| e.to_string()).unwrap_or_default(),
-        }
-    };
+    let plan = |yaml: &str| source_settings_error(&format!("mqtt: {yaml}"), "");
     assert!(plan("{ url: \"http://x\", topics: [a] }").contains("scheme `http` is not mqtt://"));
     assert!(plan("{ url: \"mqtt://x\", topics: [\"a/#/b\"] }").contains("`#` must be last"));
     assert!(plan("{ url: \"mqtt://x\", topics: [a], qos: 2 }").contains("QoS 0 or 1"));

@@ -33,20 +33,7 @@ fn source(url: &str, streams: &[&str], group: Option<&str>) -> RedisStreamsSetti
 }
 
 fn pipeline(r: RedisStreamsSettings, out: &Path, checkpoints: Option<&Path>) -> PipelineConfig {
-    let mut src = SourceConfig::new("redis", SourceConnector::RedisStreams(r));
-    src.schema = Some(seq_schema());
-    src.event_time = Some(EventTimeConfig::new("ts", TimeFormat::Millis));
-    let mut p = Pipeline::new("redis-test");
-    p.source(src).sink(SinkConfig::new(
-        "out",
-        SinkConnector::File(FileSinkSettings { path: out.display().to_string(), format: FormatSpec::Json }),
-    ));
-    let mut cfg = p.build().unwrap().config().clone();
-    cfg.dead_letters.path = out.with_extension("dead.jsonl").display().to_string();
-    if let Some(ck) = checkpoints {
-        cfg.checkpoints = Some(serde_yaml::from_str(&format!("dir: {}\ninterval: 100ms", ck.display())).unwrap());
-    }
-    cfg
+    seq_pipeline("redis", SourceConnector::RedisStreams(r), true, out, checkpoints.map(|ck| (ck, "100ms")))
 }
 
 fn run(cfg: PipelineConfig) -> RunSummary {
@@ -204,15 +191,7 @@ fn pending_entries_of_a_consumer_that_is_gone_are_claimed() {
 
 #[test]
 fn settings_are_checked_before_connecting() {
-    let plan = |yaml: &str| -> String {
-        let text = format!(
-            "name: m\nsource:\n  id: s\n  redis_streams: {yaml}\n  schema: {{ fields: [ {{ name: a, type: int64 }} ] }}\nsink: {{ id: o, stdout: {{}} }}\n"
-        );
-        match weir::yaml::parse("m.yaml", &text) {
-            Err(e) => e.to_string(),
-            Ok(cfg) => Pipeline::from_config(cfg).build().err().map(|e| e.to_string()).unwrap_or_default(),
-        }
-    };
+    let plan = |yaml: &str| source_settings_error(&format!("redis_streams: {yaml}"), "");
     assert!(plan("{ url: \"http://x\", streams: [a] }").contains("redis_streams `url"));
     assert!(plan("{ url: \"redis://x\", streams: [] }").contains("at least one stream"));
     assert!(plan("{ url: \"redis://x\", streams: [a], start: middle }").contains("expected earliest or latest"));
