@@ -174,6 +174,7 @@ impl SourceFactory for RedisStreamsFactory {
         Ok(Box::new(RedisStreamsSource {
             decoder: self.cfg.format.decoder(self.cfg.payload_schema.clone()).map_err(crate::fmt_err)?,
             consumer: format!("{}-{worker}", self.cfg.consumer),
+            adopts: (worker == 0).then_some(workers),
             cfg: self.cfg.clone(),
             schema: self.schema.clone(),
             client: self.client.clone(),
@@ -274,6 +275,9 @@ struct RedisStreamsSource {
     decoder: Box<dyn Decoder>,
     client: redis::Client,
     consumer: String,
+    /// Worker 0 of `n` workers: takes over the pending entries of this job's consumers
+    /// `-<n>` and above, which this run does not have.
+    adopts: Option<usize>,
     /// Indexes into `cfg.streams` this instance reads; its partitions, in this order.
     streams: Vec<usize>,
     /// Without a group: the last id handed on per stream (restored or read).
@@ -306,6 +310,8 @@ struct Reader {
     cfg: Arc<RedisStreamsConfig>,
     client: redis::Client,
     consumer: String,
+    /// See [`RedisStreamsSource::adopts`].
+    adopts: Option<usize>,
     /// Stream keys, by the instance's index.
     keys: Vec<String>,
     /// Without a group: the id to read after, per stream.
@@ -394,6 +400,65 @@ impl Reader {
         Ok(())
     }
 
+    /// Moves the pending entries of this job's consumers that this run does not have (a
+    /// previous run had more workers) to this consumer, and removes those consumers. Their
+    /// entries were read before the ones still in the stream, so they must be read now, in
+    /// id order with this consumer's own: left for `claim_after`, they would come after the
+    /// watermark passed them, and windows would close without them.
+    async fn adopt_orphans(
+        &self,
+        c: &mut redis::aio::MultiplexedConnection,
+        group: &str,
+        workers: usize,
+    ) -> redis::RedisResult<()> {
+        let prefix = format!("{}-", self.cfg.consumer);
+        for k in &self.keys {
+            let v: Value = redis::cmd("XINFO").arg("CONSUMERS").arg(k).arg(group).query_async(c).await?;
+            let orphans: Vec<String> = items(&v)
+                .iter()
+                .filter_map(|info| {
+                    let fields = items(info);
+                    let name = fields.chunks(2).find(|p| p.first().and_then(bulk) == Some(b"name"))?.get(1)?;
+                    let name = std::str::from_utf8(bulk(name)?).ok()?;
+                    let n: usize = name.strip_prefix(&prefix)?.parse().ok()?;
+                    (n >= workers).then(|| name.to_string())
+                })
+                .collect();
+            for name in orphans {
+                let mut moved = 0usize;
+                loop {
+                    let v: Value = redis::cmd("XPENDING")
+                        .arg(k)
+                        .arg(group)
+                        .arg("-")
+                        .arg("+")
+                        .arg(1000)
+                        .arg(&name)
+                        .query_async(c)
+                        .await?;
+                    let ids: Vec<&[u8]> = items(&v).iter().filter_map(|e| items(e).first().and_then(bulk)).collect();
+                    if ids.is_empty() {
+                        break;
+                    }
+                    moved += ids.len();
+                    let mut claim = redis::cmd("XCLAIM");
+                    claim.arg(k).arg(group).arg(&self.consumer).arg(0).arg(&ids).arg("JUSTID");
+                    let claimed: Value = claim.query_async(c).await?;
+                    if items(&claimed).is_empty() {
+                        // Nothing moved (entries deleted meanwhile): do not ask again forever.
+                        break;
+                    }
+                }
+                let _: Value =
+                    redis::cmd("XGROUP").arg("DELCONSUMER").arg(k).arg(group).arg(&name).query_async(c).await?;
+                if moved > 0 {
+                    tracing::info!(stream = %k, from = %name, to = %self.consumer, entries = moved, "Took over the pending entries of a consumer this run has no worker for.");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads until the source goes away: in a group, first this consumer's own pending
     /// entries (delivered before a crash or a lost connection), then new ones, claiming
     /// those of dead consumers now and then.
@@ -447,6 +512,9 @@ impl Reader {
             }
         };
         self.create_groups(&mut c, &group).await?;
+        if let Some(workers) = self.adopts {
+            self.adopt_orphans(&mut c, &group, workers).await?;
+        }
         // Own pending entries first: from id 0 on, until a read returns none for a stream.
         let mut own: Vec<Option<String>> = vec![Some("0".into()); self.keys.len()];
         let mut last_claim = Instant::now();
@@ -617,6 +685,7 @@ impl RedisStreamsSource {
             cfg: self.cfg.clone(),
             client: self.client.clone(),
             consumer: self.consumer.clone(),
+            adopts: self.adopts,
             keys: self.keys(),
             after: self.positions.iter().map(|p| p.map_or_else(|| start.clone(), |id| id.to_string())).collect(),
             sent_max: vec![None; self.streams.len()],

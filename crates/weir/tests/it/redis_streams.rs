@@ -189,6 +189,44 @@ fn pending_entries_of_a_consumer_that_is_gone_are_claimed() {
     assert_seqs(&read_jsonl(&out), 0..500, "with the claimed entries");
 }
 
+/// A run with more workers left entries pending under its consumer `t-3`; this run has two
+/// workers: worker 0 takes them over at once (not after `claim_after`, when the watermark
+/// would have passed them) and the consumer is removed from the group.
+#[test]
+fn pending_entries_of_a_worker_this_run_does_not_have_are_taken_over_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RedisServer::start(dir.path());
+    let f = dir.path().join("a.jsonl");
+    events(&f, 0, 500);
+    xadd_lines(&server.url(), "s", "data", &f);
+    let mut c = redis::Client::open(server.url()).unwrap().get_connection().unwrap();
+    redis::cmd("XGROUP").arg("CREATE").arg("s").arg("g").arg("0").exec(&mut c).unwrap();
+    for (consumer, count) in [("t-3", 150), ("t-other", 50)] {
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("STREAMS")
+            .arg("s")
+            .arg(">")
+            .query(&mut c)
+            .unwrap();
+    }
+    let out = dir.path().join("out.jsonl");
+    let r = source(&server.url(), &["s"], Some("g"));
+    assert_eq!(r.claim_after, Duration::from_secs(60));
+    run(pipeline(r, &out, None));
+    // t-3 read 0..150, t-other 150..200; `t-other` is not one of this job's workers, so its
+    // entries stay with it until `claim_after`.
+    assert_seqs(&read_jsonl(&out), (0..150).chain(200..500), "with the entries of t-3");
+    let consumers: Vec<redis::Value> = redis::cmd("XINFO").arg("CONSUMERS").arg("s").arg("g").query(&mut c).unwrap();
+    let names = format!("{consumers:?}");
+    assert!(!names.contains("t-3"), "t-3 is still in the group: {names}");
+    assert!(names.contains("t-other"), "{names}");
+}
+
 #[test]
 fn settings_are_checked_before_connecting() {
     let plan = |yaml: &str| source_settings_error(&format!("redis_streams: {yaml}"), "");
