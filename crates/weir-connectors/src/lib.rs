@@ -16,12 +16,15 @@ pub mod http_ingest;
 pub mod kafka;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
+#[cfg(feature = "nats")]
+pub mod nats;
 mod reconnect;
 pub mod redis_streams;
 pub mod sink;
 pub mod stdin;
 #[doc(hidden)]
 pub mod testing;
+pub mod topic;
 pub mod txfile;
 
 pub use deadletter::{FileDeadLetters, FileSideWriter};

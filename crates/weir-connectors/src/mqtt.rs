@@ -40,6 +40,7 @@ use weir_formats::{Decoder, FormatSpec};
 
 use crate::decode::decode_records_with;
 use crate::reconnect::Reconnect;
+use crate::topic::MetaColumns;
 
 /// Settings of an MQTT source.
 #[derive(Clone)]
@@ -70,13 +71,10 @@ pub struct MqttSourceConfig {
     pub format: FormatSpec,
     /// Schema of the decoded payload.
     pub payload_schema: SchemaRef,
-    /// A column to hold each message's topic.
-    pub topic_column: Option<String>,
-    /// Columns taken from topic levels: `sensors/{site}/{device_id}/telemetry`.
-    pub topic_fields: Option<TopicPattern>,
-    /// MQTT 5: a column holding each message's user properties as a JSON object text (null
-    /// without any; of a key given twice, the last value).
-    pub properties_column: Option<String>,
+    /// Columns of each message's topic, of fields from its levels
+    /// (`sensors/{site}/{device_id}/telemetry`), and (MQTT 5) of its user properties as a JSON
+    /// object text (null without any; of a key given twice, the last value).
+    pub meta: MetaColumns,
     /// Event time.
     pub event_time: Option<EventTimeSpec>,
     /// Rows per batch at most.
@@ -117,106 +115,6 @@ pub enum MqttProtocol {
     V5,
 }
 
-/// A topic pattern naming levels: `sensors/{site}/{device_id}/telemetry`. A `{name}` level
-/// becomes a text column; other levels must match as written (`+` matches any one level, a
-/// final `#` any rest), or the columns are null for that message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicPattern {
-    levels: Vec<Level>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Level {
-    Literal(String),
-    Field(String),
-    Any,
-    Rest,
-}
-
-impl TopicPattern {
-    /// Parses a pattern.
-    ///
-    /// # Errors
-    /// An empty field name, a field name used twice, `#` before the last level, or no field.
-    pub fn parse(pattern: &str) -> Result<Self> {
-        let parts: Vec<&str> = pattern.split('/').collect();
-        let mut levels = Vec::new();
-        for (i, p) in parts.iter().enumerate() {
-            let level = if let Some(name) = p.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
-                weir_core::ensure_config!(
-                    !name.is_empty(),
-                    "mqtt `topic_fields: {pattern}`: a `{{}}` level needs a name"
-                );
-                weir_core::ensure_config!(
-                    !levels.iter().any(|l| l == &Level::Field(name.to_string())),
-                    "mqtt `topic_fields: {pattern}`: field `{name}` is named twice"
-                );
-                Level::Field(name.to_string())
-            } else if *p == "+" {
-                Level::Any
-            } else if *p == "#" {
-                weir_core::ensure_config!(
-                    i + 1 == parts.len(),
-                    "mqtt `topic_fields: {pattern}`: `#` can only be the last level"
-                );
-                Level::Rest
-            } else {
-                Level::Literal((*p).to_string())
-            };
-            levels.push(level);
-        }
-        let p = Self { levels };
-        weir_core::ensure_config!(
-            !p.names().is_empty(),
-            "mqtt `topic_fields: {pattern}`: name at least one level, like `sensors/{{device_id}}/telemetry`"
-        );
-        Ok(p)
-    }
-
-    /// The column names, in order.
-    pub fn names(&self) -> Vec<&str> {
-        self.levels
-            .iter()
-            .filter_map(|l| match l {
-                Level::Field(n) => Some(n.as_str()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// The named levels of `topic`, or `None` when it does not fit the pattern.
-    fn extract<'t>(&self, topic: &'t str) -> Option<Vec<&'t str>> {
-        let parts: Vec<&str> = topic.split('/').collect();
-        let mut out = Vec::new();
-        for (i, l) in self.levels.iter().enumerate() {
-            match l {
-                Level::Rest => return Some(out),
-                _ if i >= parts.len() => return None,
-                Level::Literal(s) if s != parts[i] => return None,
-                Level::Field(_) => out.push(parts[i]),
-                _ => {}
-            }
-        }
-        (parts.len() == self.levels.len()).then_some(out)
-    }
-}
-
-impl std::fmt::Display for TopicPattern {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s: Vec<String> = self
-            .levels
-            .iter()
-            .map(|l| match l {
-                Level::Literal(s) => s.clone(),
-                Level::Field(n) => format!("{{{n}}}"),
-                Level::Any => "+".into(),
-                Level::Rest => "#".into(),
-            })
-            .collect();
-        f.write_str(&s.join("/"))
-    }
-}
-
 /// Builds the MQTT source.
 #[derive(Debug)]
 pub struct MqttSourceFactory {
@@ -239,17 +137,9 @@ impl MqttSourceFactory {
         weir_core::ensure_config!(!cfg.client_id.is_empty(), "mqtt: `client_id` is empty");
         let endpoint = Endpoint::parse(&cfg.url)?;
         let mut fields: Vec<Field> = cfg.payload_schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-        let extra = cfg.topic_column.iter().map(String::as_str).chain(cfg.topic_fields.iter().flat_map(|p| p.names()));
-        let extra = extra.chain(cfg.properties_column.iter().map(String::as_str));
-        for name in extra {
-            weir_core::ensure_config!(
-                fields.iter().all(|f| f.name() != name),
-                "mqtt: column `{name}` has the name of another column; rename it"
-            );
-            fields.push(Field::new(name, DataType::Utf8, true));
-        }
+        cfg.meta.extend_schema(&mut fields, "mqtt")?;
         weir_core::ensure_config!(
-            cfg.properties_column.is_none() || cfg.protocol == MqttProtocol::V5,
+            cfg.meta.headers.is_none() || cfg.protocol == MqttProtocol::V5,
             "mqtt `properties_column`: user properties are MQTT 5; remove it or use `protocol: 5`"
         );
         Ok(Self { schema: Arc::new(Schema::new(fields)), cfg: Arc::new(cfg), endpoint })
@@ -723,7 +613,7 @@ impl MqttSource {
         }
         self.pending.ranges.push(start..self.pending.buf.len());
         self.pending.topics.push(p.topic);
-        if self.cfg.properties_column.is_some() {
+        if self.cfg.meta.headers.is_some() {
             self.pending.properties.push(p.properties);
         }
         if qos1 {
@@ -741,29 +631,19 @@ impl MqttSource {
         }
         weir_core::metrics::StepMetrics::add(&cx.registry.source_bytes, p.buf.len() as u64);
         let schema = self.schema.clone();
-        let topic_column = self.cfg.topic_column.is_some();
-        let properties_column = self.cfg.properties_column.is_some();
-        let pattern = self.cfg.topic_fields.clone();
+        let meta = &self.cfg.meta;
         let (topics, properties) = (&p.topics, &p.properties);
         let rows = |d: &weir_formats::Decoded| -> Result<RecordBatch> {
-            let n = d.batch.num_rows();
-            if !topic_column && !properties_column && pattern.is_none() {
+            if meta.is_empty() {
                 return Ok(d.batch.clone());
             }
-            let topic = |r: usize| topics[d.record_of_row(r)].as_str();
             let mut cols: Vec<ArrayRef> = d.batch.columns().to_vec();
-            if topic_column {
-                cols.push(Arc::new(StringArray::from_iter_values((0..n).map(topic))));
-            }
-            if let Some(p) = &pattern {
-                let levels: Vec<Option<Vec<&str>>> = (0..n).map(|r| p.extract(topic(r))).collect();
-                for i in 0..p.names().len() {
-                    cols.push(Arc::new(StringArray::from_iter(levels.iter().map(|l| l.as_ref().map(|v| v[i])))));
-                }
-            }
-            if properties_column {
-                cols.push(Arc::new(StringArray::from_iter((0..n).map(|r| properties[d.record_of_row(r)].as_deref()))));
-            }
+            meta.append(
+                &mut cols,
+                d.batch.num_rows(),
+                |r| topics[d.record_of_row(r)].as_str(),
+                |r| properties[d.record_of_row(r)].as_deref(),
+            );
             Ok(RecordBatch::try_new(schema.clone(), cols)?)
         };
         let origin = format!("mqtt {}", self.cfg.url);
@@ -1014,22 +894,6 @@ pub async fn publish(url: &str, messages: Vec<(String, Vec<u8>)>, rate: Option<f
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn topic_patterns_name_levels() {
-        let p = TopicPattern::parse("sensors/{site}/{device_id}/telemetry").unwrap();
-        assert_eq!(p.names(), ["site", "device_id"]);
-        assert_eq!(p.extract("sensors/berlin/d-7/telemetry"), Some(vec!["berlin", "d-7"]));
-        assert_eq!(p.extract("sensors/berlin/d-7/status"), None);
-        assert_eq!(p.extract("sensors/berlin/d-7"), None);
-        assert_eq!(p.extract("sensors/berlin/d-7/telemetry/x"), None);
-        let rest = TopicPattern::parse("+/{device}/#").unwrap();
-        assert_eq!(rest.extract("a/d1/b/c"), Some(vec!["d1"]));
-        assert_eq!(rest.to_string(), "+/{device}/#");
-        for bad in ["a/b", "a/{}/c", "{x}/{x}", "#/{x}"] {
-            assert!(TopicPattern::parse(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn topic_filters_follow_the_protocol() {

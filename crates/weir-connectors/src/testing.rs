@@ -245,6 +245,192 @@ impl RedisServer {
     }
 }
 
+/// A NATS server with JetStream of the test's own, keeping its streams in its folder so a
+/// restart keeps them.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Process,
+    /// Its client port on 127.0.0.1.
+    pub port: u16,
+    monitor: u16,
+    dir: PathBuf,
+}
+
+impl NatsServer {
+    /// Starts a server keeping its JetStream data in `dir`.
+    ///
+    /// # Panics
+    /// When `nats-server` is not installed or JetStream does not come up.
+    pub fn start(dir: &Path) -> Self {
+        let mut n = Self { child: Process(None), port: free_port(), monitor: free_port(), dir: dir.to_path_buf() };
+        n.launch();
+        n
+    }
+
+    fn launch(&mut self) {
+        let log = self.dir.join("nats.log");
+        let child = Command::new(binary("nats-server", "/usr/sbin/nats-server"))
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-m", &self.monitor.to_string()])
+            .arg("-sd")
+            .arg(self.dir.join("js"))
+            .arg("-l")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start nats-server ({e}); `apt-get install nats-server` or run scripts/services.sh")
+            });
+        self.child = Process(Some(child));
+        wait_for_port(self.port, Duration::from_secs(10), "nats-server", &log);
+        // JetStream recovers its streams after the port opens; `/healthz` says when it serves.
+        let until = Instant::now() + Duration::from_secs(30);
+        while !http_ok(self.monitor, "/healthz") {
+            assert!(
+                Instant::now() < until,
+                "nats-server's JetStream did not come up within 30 s; see {}",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server as an administrator would (SIGTERM; its streams are kept).
+    pub fn stop(&mut self) {
+        self.child.stop();
+    }
+
+    /// Starts the server again on the same port with the same streams.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// Client subscriptions to exactly `subject` (core NATS tests wait for the source's
+    /// before publishing).
+    pub fn subscriptions(&self, subject: &str) -> usize {
+        let body = http_get(self.monitor, "/connz?subs=1").unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let conns = v["connections"].as_array().cloned().unwrap_or_default();
+        conns
+            .iter()
+            .flat_map(|c| c["subscriptions_list"].as_array().cloned().unwrap_or_default())
+            .filter(|s| s.as_str() == Some(subject))
+            .count()
+    }
+
+    /// Makes JetStream stream `name` over `subjects` (file storage).
+    #[cfg(feature = "nats")]
+    pub fn create_stream(&self, name: &str, subjects: &[&str]) {
+        use async_nats::jetstream::stream;
+        let url = self.url();
+        block_on(async move {
+            let js = async_nats::jetstream::new(
+                async_nats::connect(url).await.expect("connecting to the test's nats-server"),
+            );
+            js.get_or_create_stream(stream::Config {
+                name: name.into(),
+                subjects: subjects.iter().map(|s| s.to_string()).collect(),
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .expect("a JetStream request to the test's nats-server");
+        });
+    }
+
+    /// Publishes each line of `file` on `subject`, confirmed by JetStream (`jetstream`) or not.
+    #[cfg(feature = "nats")]
+    pub fn publish_lines(&self, subject: &str, file: &Path, jetstream: bool) {
+        let text = std::fs::read_to_string(file).expect("reading the lines to publish");
+        let msgs = text.lines().map(|l| (subject.to_string(), l.as_bytes().to_vec())).collect();
+        block_on(crate::nats::publish(&self.url(), msgs, jetstream, None))
+            .expect("a JetStream request to the test's nats-server");
+    }
+
+    /// Makes durable consumer `consumer` on `stream` as Weir does (`AckAll`, 10 min
+    /// `ack_wait`) and takes `n` messages through it without acknowledging them: what a
+    /// reader killed before its checkpoint leaves behind.
+    #[cfg(feature = "nats")]
+    pub fn pull_without_acks(&self, stream: &str, consumer: &str, n: usize) {
+        use async_nats::jetstream::consumer::{pull, AckPolicy};
+        use futures::StreamExt;
+        let url = self.url();
+        block_on(async move {
+            let js = async_nats::jetstream::new(
+                async_nats::connect(url).await.expect("connecting to the test's nats-server"),
+            );
+            let s = js.get_stream(stream).await.expect("a JetStream request to the test's nats-server");
+            let c = s
+                .create_consumer(pull::Config {
+                    durable_name: Some(consumer.into()),
+                    ack_policy: AckPolicy::All,
+                    ack_wait: Duration::from_secs(600),
+                    max_ack_pending: 1_000_000,
+                    ..Default::default()
+                })
+                .await
+                .expect("a JetStream request to the test's nats-server");
+            let mut got = 0;
+            while got < n {
+                let mut batch = c
+                    .fetch()
+                    .max_messages(n - got)
+                    .expires(Duration::from_secs(1))
+                    .messages()
+                    .await
+                    .expect("a JetStream request to the test's nats-server");
+                while let Some(m) = batch.next().await {
+                    m.expect("a JetStream request to the test's nats-server");
+                    got += 1;
+                }
+            }
+        });
+    }
+
+    /// The durable consumer's (delivered and unacknowledged, not yet delivered) counts.
+    #[cfg(feature = "nats")]
+    pub fn consumer_pending(&self, stream: &str, consumer: &str) -> (usize, u64) {
+        let url = self.url();
+        block_on(async move {
+            let js = async_nats::jetstream::new(
+                async_nats::connect(url).await.expect("connecting to the test's nats-server"),
+            );
+            let s = js.get_stream(stream).await.expect("a JetStream request to the test's nats-server");
+            let i = s.consumer_info(consumer).await.expect("a JetStream request to the test's nats-server");
+            (i.num_ack_pending, i.num_pending)
+        })
+    }
+}
+
+/// Runs `f` on a runtime of its own (the helpers are called from plain test threads).
+#[cfg(feature = "nats")]
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime for a test helper").block_on(f)
+}
+
+/// Whether `GET path` on 127.0.0.1:`port` answers 200.
+fn http_ok(port: u16, path: &str) -> bool {
+    http_get(port, path).is_some()
+}
+
+/// The body of `GET path` on 127.0.0.1:`port` when it answers 200.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    c.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).ok()?;
+    let mut text = String::new();
+    c.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.split(' ').nth(1).filter(|code| *code == "200").map(|_| body.to_string())
+}
+
 /// Whether the Redis server on `port` answers `PING` with `PONG`.
 fn ping(port: u16) -> bool {
     use std::io::{Read as _, Write as _};

@@ -243,6 +243,8 @@ pub use crate::connector::kafka::{
 };
 #[cfg(feature = "mqtt")]
 pub use crate::connector::mqtt::MqttSourceSettings;
+#[cfg(feature = "nats")]
+pub use crate::connector::nats::NatsSourceSettings;
 pub use crate::connector::redis_streams::RedisStreamsSettings;
 pub use crate::connector::stdio::{StdinSettings, StdoutSettings};
 pub use crate::connector::{SinkConnector, SourceConnector};

@@ -27,6 +27,8 @@ pub mod http;
 pub mod kafka;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod redis_streams;
 pub mod stdio;
 
@@ -187,6 +189,8 @@ connectors! {
         Kafka(kafka::KafkaSourceSettings) = "kafka", feature = "kafka";
         /// MQTT topic filters.
         Mqtt(mqtt::MqttSourceSettings) = "mqtt", feature = "mqtt";
+        /// NATS: a JetStream durable consumer, or core NATS subjects.
+        Nats(nats::NatsSourceSettings) = "nats", feature = "nats";
         /// Redis Streams, through a consumer group or from stored ids.
         RedisStreams(redis_streams::RedisStreamsSettings) = "redis_streams";
         /// Records posted to the API port (`POST /ingest/<source id>`).

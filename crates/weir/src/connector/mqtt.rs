@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use arrow_schema::SchemaRef;
 use serde::{Deserialize, Serialize};
-use weir_connectors::mqtt::{MqttProtocol, MqttSourceConfig, MqttSourceFactory, TopicPattern};
+use weir_connectors::mqtt::{MqttProtocol, MqttSourceConfig, MqttSourceFactory};
+use weir_connectors::topic::{MetaColumns, TopicPattern, MQTT};
 use weir_core::{Result, SourceFactory};
 use weir_formats::FormatSpec;
 
@@ -178,9 +179,11 @@ impl MqttSourceSettings {
             password: self.password.clone(),
             format: self.format,
             payload_schema: payload,
-            topic_column: self.topic_column.clone(),
-            topic_fields: self.topic_fields.as_deref().map(TopicPattern::parse).transpose()?,
-            properties_column: self.properties_column.clone(),
+            meta: MetaColumns {
+                topic: self.topic_column.clone(),
+                fields: self.topic_fields.as_deref().map(|p| TopicPattern::parse(p, &MQTT)).transpose()?,
+                headers: self.properties_column.clone(),
+            },
             event_time: cx.and_then(|c| c.event_time.clone()),
             batch_size: cx.map_or(8192, |c| c.src.batch_size),
             max_linger: cx.map_or(Duration::from_millis(1), |c| c.src.max_linger),

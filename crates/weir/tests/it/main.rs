@@ -1,7 +1,7 @@
 //! Integration tests of the engine through its public API: one binary, a module per area.
 #![allow(clippy::unwrap_used)]
 // The tests use every connector.
-#![cfg(all(feature = "kafka", feature = "mqtt"))]
+#![cfg(all(feature = "kafka", feature = "mqtt", feature = "nats"))]
 
 mod alerting;
 mod checkpoints;
@@ -15,5 +15,6 @@ mod http_ingest;
 mod kafka;
 mod metrics;
 mod mqtt;
+mod nats;
 mod redis_streams;
 mod runtime;
