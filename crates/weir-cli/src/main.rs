@@ -2,7 +2,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -89,12 +89,17 @@ enum Cmd {
         format: String,
         /// Publish the events (JSON) to this MQTT broker, `mqtt://host:port`, with QoS 1,
         /// instead of writing them; `--rate` paces the publishing.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "nats")]
         mqtt: Option<String>,
-        /// With `--mqtt`: the topic of each event; `{device_id}` and `{site}` (one of four
-        /// sites, by device) are filled in.
-        #[arg(long, default_value = "sensors/{site}/{device_id}/telemetry")]
-        topic: String,
+        /// Publish the events (JSON) to this NATS server, `nats://host:port`, through
+        /// JetStream (a stream must take the subjects), instead of writing them.
+        #[arg(long)]
+        nats: Option<String>,
+        /// With `--mqtt` or `--nats`: the topic (subject) of each event; `{device_id}` and
+        /// `{site}` (one of four sites, by device) are filled in. Default
+        /// `sensors/{site}/{device_id}/telemetry`, or `sensors.{site}.{device_id}` for NATS.
+        #[arg(long)]
+        topic: Option<String>,
     },
     /// Look into a dead-letter file.
     Dlq {
@@ -210,7 +215,7 @@ fn load(path: &PathBuf) -> Result<(BuiltPipeline, String), Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::Config(format!("cannot read pipeline file `{file}`: {e}")))?;
     let mut cfg = yaml::parse(&file, &text).map_err(|e| Failure::Config(e.to_string()))?;
-    let base = path.parent().unwrap_or_else(|| std::path::Path::new(""));
+    let base = path.parent().unwrap_or_else(|| Path::new(""));
     yaml::resolve_paths(&mut cfg, &text, base, |k| std::env::var(k).ok());
     let built = Pipeline::from_config(cfg).build().map_err(|e| located(&file, &text, e))?;
     Ok((built, text))
@@ -329,10 +334,15 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
         Cmd::Dlq { cmd: DlqCmd::Replay { file, pipeline, kind, output, dead_letters, workers } } => {
             replay(&file, &pipeline, &kind, output, dead_letters, workers)
         }
-        Cmd::Gen { count, rate, devices, seed, anomaly_rate, output, format, mqtt, topic } => {
+        Cmd::Gen { count, rate, devices, seed, anomaly_rate, output, format, mqtt, nats, topic } => {
             let format = FormatSpec::from_name(&format)
                 .ok_or_else(|| Failure::Config(format!("unknown format `{format}`; use json, csv or msgpack")))?;
-            if let Some(url) = mqtt {
+            let target = match (mqtt, nats) {
+                (Some(url), _) => Some((url, "sensors/{site}/{device_id}/telemetry", publish::mqtt as Publish)),
+                (_, Some(url)) => Some((url, "sensors.{site}.{device_id}", publish::nats as Publish)),
+                _ => None,
+            };
+            if let Some((url, default_topic, publish)) = target {
                 let dir = tempfile_dir()?;
                 let events = dir.join("events.jsonl");
                 generate(
@@ -344,7 +354,7 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                     Some(events.display().to_string()),
                     FormatSpec::Json,
                 )?;
-                let published = publish::mqtt(&url, &topic, &events, rate)?;
+                let published = publish(&url, topic.as_deref().unwrap_or(default_topic), &events, rate)?;
                 let _ = std::fs::remove_dir_all(&dir);
                 eprintln!("published {published} events to {url}");
                 return Ok(());
@@ -353,6 +363,9 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
         }
     }
 }
+
+/// Publishes a file of events to a server: `(url, topic template, events, rate)`.
+type Publish = fn(&str, &str, &Path, Option<f64>) -> Result<u64, Failure>;
 
 /// A fresh folder for the command's own temporary files.
 fn tempfile_dir() -> Result<PathBuf, Failure> {
@@ -425,7 +438,7 @@ fn replay(
 fn replay_groups(
     base: &PipelineConfig,
     picked: &dlq::Replay,
-    dir: &std::path::Path,
+    dir: &Path,
     from: &str,
     output: Option<String>,
     dead_letters: Option<String>,
@@ -508,7 +521,7 @@ fn replay_groups(
 /// A pipeline that takes rows that failed at `step` back in there: its source reads them
 /// (JSON, with the schema the steps before `step` produce), followed by the `key_by` before
 /// `step` (so keyed steps stay keyed) and the steps from `step` on.
-fn rows_config(base: &PipelineConfig, step: &str, rows: &std::path::Path) -> Result<PipelineConfig, Failure> {
+fn rows_config(base: &PipelineConfig, step: &str, rows: &Path) -> Result<PipelineConfig, Failure> {
     let at = if step == base.sink.id {
         base.steps.len()
     } else if step == base.source.id {

@@ -1,4 +1,4 @@
-//! W1 from a server (MQTT, Redis Streams) into the exactly-once file sink, as the shipped
+//! W1 from a server (MQTT, Redis Streams, NATS) into the exactly-once file sink, as the shipped
 //! examples configure it, killed with SIGKILL at random moments and restarted until the
 //! server has nothing left for it: the committed output must equal an uninterrupted run's over
 //! the same events, row for row. Each server is one of the test's own, holding the events
@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use weir::connectors::testing::{Mosquitto, RedisServer};
+use weir::connectors::testing::{Mosquitto, NatsServer, RedisServer};
 
 use super::crash::{assert_same, committed, rows, seed, Rng};
 use super::{stderr, weir};
@@ -126,6 +126,19 @@ fn redis_streams_w1_survives_kill_9_exactly_once() {
             }
         },
     );
+}
+
+/// `examples/w1-nats.yaml`: a JetStream durable consumer, acknowledged after checkpoints; what
+/// a killed run had delivered and not acknowledged is read again at once (its `ack_wait` is a
+/// minute, longer than this test).
+#[test]
+fn nats_w1_survives_kill_9_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path());
+    survives_kill_9("examples/w1-nats.yaml", ("NATS_URL", server.url()), "NATS source connecting", |input| {
+        server.create_stream("SENSORS", &["sensors.>"]);
+        server.publish_lines("sensors.fleet", input, true);
+    });
 }
 
 /// `examples/iot-mqtt.yaml` fed by `weir gen --mqtt`: telemetry on per-device topics becomes
