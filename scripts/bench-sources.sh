@@ -6,7 +6,10 @@
 #          events are published by `weir gen --mqtt` (`mosquitto_pub -l` at full speed is
 #          disconnected by Mosquitto 2.0 after some 30,000 messages);
 #   Redis: a plain redis-rs XREADGROUP/XACK loop (crates/weir-bench/src/bin) vs W1 from
-#          examples/w1-redis-streams.yaml (XACK after checkpoints every 200 ms).
+#          examples/w1-redis-streams.yaml (XACK after checkpoints every 200 ms);
+#   NATS:  a plain async-nats durable pull consumer with AckAll (crates/weir-bench/src/bin) vs
+#          W1 from examples/w1-nats.yaml (AckAll after checkpoints every 200 ms), each its own
+#          durable consumer of the same JetStream stream, filled by `weir gen --nats`.
 # Both Weir runs end once nothing arrives for 1 s; that second is taken off their time.
 # Brokers of the script's own on free ports: Mosquitto with an unlimited queue for offline
 # sessions, Redis without persistence.
@@ -30,11 +33,28 @@ printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nuser
 mosquitto -c "$dir/m.conf" > /dev/null 2>&1 &
 rport=16390
 redis-server --bind 127.0.0.1 --port $rport --save '' --appendonly no > /dev/null 2>&1 &
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$mport && exec 3<>/dev/tcp/127.0.0.1/$rport) 2>/dev/null && break; sleep 0.1; done
+nport=14222
+nats-server -js -a 127.0.0.1 -p $nport -sd "$dir/js" > /dev/null 2>&1 &
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$mport && exec 3<>/dev/tcp/127.0.0.1/$rport && exec 3<>/dev/tcp/127.0.0.1/$nport) 2>/dev/null && break; sleep 0.1; done
+# A JetStream request over the NATS text protocol: `nats_stream NAME SUBJECT` makes a stream.
+nats_stream() {
+  python3 - "$nport" "$1" "$2" <<'PY'
+import socket, sys
+port, name, subject = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+c = socket.create_connection(("127.0.0.1", port)); f = c.makefile("rb"); f.readline()
+body = ('{"name":"%s","subjects":["%s"]}' % (name, subject)).encode()
+c.sendall(b"CONNECT {}\r\nSUB _INBOX.b 1\r\nPUB $JS.API.STREAM.CREATE.%s _INBOX.b %d\r\n%s\r\n" % (name.encode(), len(body), body))
+while not (line := f.readline()).startswith(b"MSG"):
+    pass
+reply = f.read(int(line.split()[-1]))
+assert b'"error"' not in reply, reply
+PY
+}
 
 bounded() { sed 's/^    format: json$/    format: json\n    end_when_idle: 1s/' "$1" > "$2"; }
 bounded examples/w1-mqtt.yaml "$dir/w1-mqtt.yaml"
 bounded examples/w1-redis-streams.yaml "$dir/w1-redis.yaml"
+bounded examples/w1-nats.yaml "$dir/w1-nats.yaml"
 
 echo "| source | client | events | seconds | events/s |"
 echo "|---|---|---|---|---|"
@@ -74,4 +94,17 @@ PY
   t1=$(python3 -c "print($(now) - 1.0)")
   read_n=$(grep -o '^[0-9]* events in' "$dir/run.log" | cut -d' ' -f1)
   echo "| redis streams | weir W1 | $read_n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$read_n" "$t0" "$t1") |"
+
+  # NATS JetStream: one stream, read in full by each client's own durable consumer.
+  nats_stream "B$i" "b$i.>"
+  "$bin" gen --nats nats://127.0.0.1:$nport --topic "b$i.{device_id}" -n "$n" 2> /dev/null
+  t0=$(now); target/release/nats_plain_consumer nats://127.0.0.1:$nport "B$i" plain "$n" > /dev/null; t1=$(now)
+  echo "| nats jetstream | async-nats loop | $n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$n" "$t0" "$t1") |"
+  t0=$(now)
+  NATS_URL=nats://127.0.0.1:$nport STREAM="B$i" SUBJECTS="b$i.>" CONSUMER=weir OUTPUT="$dir/out-n$i" \
+    CHECKPOINTS="$dir/ck-n$i" CHECKPOINT_INTERVAL=200ms DEAD_LETTERS="$dir/dead.jsonl" \
+    "$bin" run "$dir/w1-nats.yaml" --workers 2 --no-progress 2> "$dir/run.log"
+  t1=$(python3 -c "print($(now) - 1.0)")
+  read_n=$(grep -o '^[0-9]* events in' "$dir/run.log" | cut -d' ' -f1)
+  echo "| nats jetstream | weir W1 | $read_n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$read_n" "$t0" "$t1") |"
 done

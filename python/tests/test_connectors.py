@@ -100,3 +100,37 @@ def test_a_redis_streams_source_from_python():
     assert all("-" in r["entry_id"] for r in out)
     assert _redis(url, ["XPENDING", stream, "g"]).splitlines()[0] == "0"
     _redis(url, ["DEL", stream])
+
+
+def _nats_request(port: int, subject: str, payload: bytes) -> bytes:
+    """One request over the NATS text protocol (no client library needed): the reply's payload."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        f = c.makefile("rb")
+        f.readline()  # INFO
+        c.sendall(b"CONNECT {\"verbose\":false}\r\nSUB _INBOX.py 1\r\n")
+        c.sendall(b"PUB %s _INBOX.py %d\r\n%s\r\n" % (subject.encode(), len(payload), payload))
+        while True:
+            line = f.readline()
+            if line.startswith(b"PING"):
+                c.sendall(b"PONG\r\n")
+            elif line.startswith(b"MSG"):
+                return f.read(int(line.split()[-1]) + 2)[:-2]
+
+
+def test_a_nats_jetstream_source_from_python():
+    port = int(os.environ.get("WEIR_TEST_NATS_PORT", "4222"))
+    name = f"PY{os.getpid()}"
+    _nats_request(port, f"$JS.API.STREAM.DELETE.{name}", b"")
+    made = _nats_request(port, f"$JS.API.STREAM.CREATE.{name}", b'{"name":"%s","subjects":["%s.>"]}' % (name.encode(), name.encode()))
+    assert b"error" not in made, made
+    for i in range(300):
+        acked = _nats_request(port, f"{name}.d{i % 3}", b'{"seq": %d, "temp": 20.5}' % i)
+        assert b'"seq"' in acked, acked
+    p = weir.Pipeline("py-nats", workers=1)
+    source = weir.nats(f"nats://127.0.0.1:{port}", [f"{name}.>"], stream=name, consumer="py", end_when_idle="1s",
+                       subject_fields=f"{name}.{{device}}")
+    p.source("in", source, schema=SCHEMA)
+    out = wt.run(p.sink("out", wt.collect())).to_pylist()
+    assert sorted(r["seq"] for r in out) == list(range(300))
+    assert {r["device"] for r in out} == {"d0", "d1", "d2"}
+    _nats_request(port, f"$JS.API.STREAM.DELETE.{name}", b"")

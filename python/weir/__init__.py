@@ -55,6 +55,7 @@ __all__ = [
     "generator",
     "kafka",
     "mqtt",
+    "nats",
     "redis_streams",
     "http_ingest",
     "connector",
@@ -139,6 +140,15 @@ def redis_streams(url: str, streams: Sequence[str], *, group: Optional[str] = No
     (``consumer``, ``start``, ``field``, ``id_column``, ``stream_column``, ``claim_after``,
     ``end_when_idle``, as in YAML)."""
     return connector("redis_streams", url=url, streams=list(streams), group=group, format=format, **settings)
+
+
+def nats(url: str, subjects: Sequence[str], *, stream: Optional[str] = None, format: Union[str, Json] = "json",
+         **settings: Any) -> Json:
+    """Reads NATS subjects: through a JetStream ``stream``'s durable ``consumer`` (acknowledged
+    once the checkpoint covering a message completes), or core NATS without one (at most once;
+    ``queue``, ``create_stream``, ``deliver``, ``ack_wait``, ``subject_fields``, ``headers_column``,
+    ``end_when_idle``, ... as in YAML)."""
+    return connector("nats", url=url, subjects=list(subjects), stream=stream, format=format, **settings)
 
 
 def http_ingest(*, token: Optional[str] = None, queue: Optional[int] = None, max_body: Optional[int] = None,
