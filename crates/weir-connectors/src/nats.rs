@@ -378,17 +378,23 @@ impl Reader {
         crate::redis_streams::redact_url(&self.cfg.url)
     }
 
-    async fn connect(&self) -> std::result::Result<async_nats::Client, SessionError> {
+    /// A client, and a channel that changes when its connection is lost.
+    async fn connect(
+        &self,
+    ) -> std::result::Result<(async_nats::Client, tokio::sync::watch::Receiver<u64>), SessionError> {
         let registry = self.registry.clone();
         let server = self.server();
+        let (lost_tx, lost) = tokio::sync::watch::channel(0u64);
+        let lost_tx = Arc::new(lost_tx);
         let mut opts = async_nats::ConnectOptions::new()
             .name(format!("weir-{}", self.worker))
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |ev| {
-                let (registry, server) = (registry.clone(), server.clone());
+                let (registry, server, lost_tx) = (registry.clone(), server.clone(), lost_tx.clone());
                 async move {
                     match ev {
                         async_nats::Event::Disconnected => {
+                            lost_tx.send_modify(|n| *n += 1);
                             registry.connectors.add(
                                 "weir_nats_reconnects_total",
                                 "Times the NATS source lost its connection (the client reconnects by itself).",
@@ -409,7 +415,7 @@ impl Reader {
             opts = opts.token(t.clone());
         }
         match opts.connect(self.cfg.url.as_str()).await {
-            Ok(c) => Ok(c),
+            Ok(c) => Ok((c, lost)),
             Err(e) => match e.kind() {
                 async_nats::ConnectErrorKind::Authentication | async_nats::ConnectErrorKind::AuthorizationViolation => {
                     Err(SessionError::Fatal(CoreError::Config(format!(
@@ -475,7 +481,10 @@ impl Reader {
 
     /// One connection's life; `Ok` when the source is gone.
     async fn session(&mut self, retry: &mut Reconnect) -> std::result::Result<(), SessionError> {
-        let client = self.connect().await?;
+        // A lost connection ends the session: the client would reconnect by itself, but what
+        // the server had sent and the client never read would then come only after `ack_wait`,
+        // behind the watermark; a new session reads it again first.
+        let (client, mut lost) = self.connect().await?;
         retry.connected();
         let Some(js_cfg) = self.cfg.jetstream.clone() else {
             if self.tx.send(Incoming::Connected(client.clone(), Acks::None)).await.is_err() {
@@ -541,7 +550,10 @@ impl Reader {
                 last_lag = Instant::now();
                 self.report_lag(&durable, &js_cfg).await;
             }
-            let first = tokio::time::timeout(LAG_EVERY, msgs.next()).await;
+            let first = tokio::select! {
+                m = tokio::time::timeout(LAG_EVERY, msgs.next()) => m,
+                _ = lost.changed() => return Err(SessionError::Retry("the connection was lost".into())),
+            };
             let Ok(first) = first else { continue };
             let mut batch = Vec::new();
             let mut next = first;
