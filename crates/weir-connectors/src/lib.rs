@@ -18,6 +18,8 @@ pub mod kafka;
 pub mod mqtt;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "amqp")]
+pub mod rabbitmq;
 mod reconnect;
 pub mod redis_streams;
 pub mod sink;

@@ -408,8 +408,196 @@ impl NatsServer {
     }
 }
 
+/// A RabbitMQ broker of the test's own (its own node, port and data in its folder, no
+/// plugins), so a test can restart it. The Debian script runs the broker as user `rabbitmq`,
+/// so the folder is handed to that user; the broker's own pid file says which process to stop.
+#[derive(Debug)]
+pub struct RabbitMqServer {
+    wrapper: Process,
+    /// Its AMQP port on 127.0.0.1.
+    pub port: u16,
+    dist: u16,
+    dir: PathBuf,
+}
+
+impl RabbitMqServer {
+    /// Starts a broker keeping its data in `dir/rabbitmq`.
+    ///
+    /// # Panics
+    /// When `rabbitmq-server` is not installed or does not start within a minute.
+    pub fn start(dir: &Path) -> Self {
+        let home = dir.join("rabbitmq");
+        std::fs::create_dir_all(&home).expect("a folder for the test's RabbitMQ");
+        let mut r = Self { wrapper: Process(None), port: free_port(), dist: free_port(), dir: home };
+        std::fs::write(r.dir.join("enabled_plugins"), "[].\n").expect("writing enabled_plugins");
+        std::fs::write(r.dir.join("rabbitmq.conf"), format!("listeners.tcp.local = 127.0.0.1:{}\n", r.port))
+            .expect("writing rabbitmq.conf");
+        // The broker runs as `rabbitmq`: it must reach and own its folder.
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+        let _ = Command::new("chown").arg("-R").arg("rabbitmq:").arg(&r.dir).status();
+        r.launch();
+        r
+    }
+
+    fn launch(&mut self) {
+        let d = |name: &str| self.dir.join(name);
+        let _ = std::fs::remove_file(d("pid"));
+        let child = Command::new(binary("rabbitmq-server", "/usr/sbin/rabbitmq-server"))
+            .env("RABBITMQ_CONFIG_FILE", d("rabbitmq.conf"))
+            .env("RABBITMQ_NODENAME", format!("weir-test-{}@localhost", self.port))
+            .env("RABBITMQ_DIST_PORT", self.dist.to_string())
+            .env("RABBITMQ_MNESIA_BASE", d("db"))
+            .env("RABBITMQ_LOG_BASE", d("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d("enabled_plugins"))
+            .env("RABBITMQ_FEATURE_FLAGS_FILE", d("feature_flags"))
+            .env("RABBITMQ_PLUGINS_EXPAND_DIR", d("plugins"))
+            .env("RABBITMQ_QUORUM_DIR", d("quorum"))
+            .env("RABBITMQ_GENERATED_CONFIG_DIR", d("generated"))
+            .env("RABBITMQ_PID_FILE", d("pid"))
+            .stdout(std::fs::File::create(d("out.log")).map(Stdio::from).unwrap_or_else(|_| Stdio::null()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start rabbitmq-server ({e}); `apt-get install rabbitmq-server` or run scripts/services.sh"
+                )
+            });
+        self.wrapper = Process(Some(child));
+        wait_for_port(self.port, Duration::from_secs(60), "rabbitmq-server", &d("out.log"));
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// The broker's process, from its pid file.
+    fn pid(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.join("pid")).ok().map(|p| p.trim().to_string()).filter(|p| !p.is_empty())
+    }
+
+    /// Stops the broker as an administrator would (SIGTERM; durable queues and persistent
+    /// messages are kept).
+    pub fn stop(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").arg("-TERM").arg(&pid).status();
+            let until = Instant::now() + Duration::from_secs(30);
+            while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.wrapper.stop();
+    }
+
+    /// Starts the broker again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// Declares durable queue `queue` (bound to the default exchange by its name).
+    #[cfg(feature = "amqp")]
+    pub fn declare_queue(&self, queue: &str) {
+        declare_queue(&self.url(), queue);
+    }
+
+    /// Publishes each line of `file` to `queue`, persistent, confirmed by the broker.
+    #[cfg(feature = "amqp")]
+    pub fn publish_lines(&self, queue: &str, file: &Path) {
+        publish_lines(&self.url(), queue, file);
+    }
+
+    /// Messages ready in `queue` (after a consumer closed, its unacknowledged ones too).
+    #[cfg(feature = "amqp")]
+    pub fn ready(&self, queue: &str) -> u32 {
+        queue_ready(&self.url(), queue)
+    }
+}
+
+impl Drop for RabbitMqServer {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").arg("-KILL").arg(&pid).status();
+        }
+    }
+}
+
+/// Declares durable queue `queue` on the broker at `url`.
+#[cfg(feature = "amqp")]
+pub fn declare_queue(url: &str, queue: &str) {
+    use lapin::options::QueueDeclareOptions;
+    block_on(async {
+        let c = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connecting to RabbitMQ");
+        let ch = c.create_channel().await.expect("a RabbitMQ channel");
+        ch.queue_declare(queue.into(), QueueDeclareOptions::durable(), lapin::types::FieldTable::default())
+            .await
+            .expect("declaring a queue");
+        let _ = c.close(200, "done".into()).await;
+    });
+}
+
+/// Declares durable queue `queue` on the broker at `url` and binds it to `exchange` with `key`.
+#[cfg(feature = "amqp")]
+pub fn bind_queue(url: &str, queue: &str, exchange: &str, key: &str) {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    block_on(async {
+        let c = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connecting to RabbitMQ");
+        let ch = c.create_channel().await.expect("a RabbitMQ channel");
+        let none = lapin::types::FieldTable::default;
+        ch.queue_declare(queue.into(), QueueDeclareOptions::durable(), none()).await.expect("declaring a queue");
+        ch.queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), none())
+            .await
+            .expect("binding a queue");
+        let _ = c.close(200, "done".into()).await;
+    });
+}
+
+/// Publishes `messages` (routing key, body) to `exchange` on the broker at `url`.
+#[cfg(feature = "amqp")]
+pub fn publish_to(url: &str, exchange: &str, messages: Vec<(String, Vec<u8>)>) {
+    block_on(crate::rabbitmq::publish(url, exchange, messages, None)).expect("publishing to RabbitMQ");
+}
+
+/// Publishes each line of `file` to `queue` on the broker at `url` (default exchange).
+#[cfg(feature = "amqp")]
+pub fn publish_lines(url: &str, queue: &str, file: &Path) {
+    let text = std::fs::read_to_string(file).expect("reading the lines to publish");
+    let msgs = text.lines().map(|l| (queue.to_string(), l.as_bytes().to_vec())).collect();
+    block_on(crate::rabbitmq::publish(url, "", msgs, None)).expect("publishing to RabbitMQ");
+}
+
+/// Messages ready in `queue` on the broker at `url`.
+#[cfg(feature = "amqp")]
+pub fn queue_ready(url: &str, queue: &str) -> u32 {
+    use lapin::options::QueueDeclareOptions;
+    block_on(async {
+        let c = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connecting to RabbitMQ");
+        let ch = c.create_channel().await.expect("a RabbitMQ channel");
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("the queue exists");
+        let _ = c.close(200, "done".into()).await;
+        q.message_count()
+    })
+}
+
 /// Runs `f` on a runtime of its own (the helpers are called from plain test threads).
-#[cfg(feature = "nats")]
+#[cfg(any(feature = "nats", feature = "amqp"))]
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime for a test helper").block_on(f)
 }

@@ -21,6 +21,8 @@ pub struct Syntax {
 
 /// MQTT topics: `a/+/c/#`.
 pub const MQTT: Syntax = Syntax { sep: '/', one: "+", rest: "#", setting: "mqtt `topic_fields" };
+/// AMQP topic routing keys: `a.*.c.#`.
+pub const AMQP: Syntax = Syntax { sep: '.', one: "*", rest: "#", setting: "rabbitmq `routing_key_fields" };
 /// NATS subjects: `a.*.c.>`.
 pub const NATS: Syntax = Syntax { sep: '.', one: "*", rest: ">", setting: "nats `subject_fields" };
 

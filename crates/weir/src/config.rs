@@ -245,6 +245,8 @@ pub use crate::connector::kafka::{
 pub use crate::connector::mqtt::MqttSourceSettings;
 #[cfg(feature = "nats")]
 pub use crate::connector::nats::NatsSourceSettings;
+#[cfg(feature = "amqp")]
+pub use crate::connector::rabbitmq::RabbitMqSourceSettings;
 pub use crate::connector::redis_streams::RedisStreamsSettings;
 pub use crate::connector::stdio::{StdinSettings, StdoutSettings};
 pub use crate::connector::{SinkConnector, SourceConnector};

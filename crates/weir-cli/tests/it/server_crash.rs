@@ -1,4 +1,4 @@
-//! W1 from a server (MQTT, Redis Streams, NATS) into the exactly-once file sink, as the shipped
+//! W1 from a server (MQTT, Redis Streams, NATS, RabbitMQ) into the exactly-once file sink, as the shipped
 //! examples configure it, killed with SIGKILL at random moments and restarted until the
 //! server has nothing left for it: the committed output must equal an uninterrupted run's over
 //! the same events, row for row. Each server is one of the test's own, holding the events
@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use weir::connectors::testing::{Mosquitto, NatsServer, RedisServer};
+use weir::connectors::testing::{Mosquitto, NatsServer, RabbitMqServer, RedisServer};
 
 use super::crash::{assert_same, committed, rows, seed, Rng};
 use super::{stderr, weir};
@@ -138,6 +138,18 @@ fn nats_w1_survives_kill_9_exactly_once() {
     survives_kill_9("examples/w1-nats.yaml", ("NATS_URL", server.url()), "NATS source connecting", |input| {
         server.create_stream("SENSORS", &["sensors.>"]);
         server.publish_lines("sensors.fleet", input, true);
+    });
+}
+
+/// `examples/w1-rabbitmq.yaml`: a durable queue, acknowledged after checkpoints; redeliveries
+/// the checkpoint covers are recognised by digest.
+#[test]
+fn rabbitmq_w1_survives_kill_9_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RabbitMqServer::start(dir.path());
+    survives_kill_9("examples/w1-rabbitmq.yaml", ("AMQP_URL", server.url()), "RabbitMQ source connecting", |input| {
+        server.declare_queue("sensors");
+        server.publish_lines("sensors", input);
     });
 }
 

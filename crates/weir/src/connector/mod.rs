@@ -29,6 +29,8 @@ pub mod kafka;
 pub mod mqtt;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "amqp")]
+pub mod rabbitmq;
 pub mod redis_streams;
 pub mod stdio;
 
@@ -191,6 +193,8 @@ connectors! {
         Mqtt(mqtt::MqttSourceSettings) = "mqtt", feature = "mqtt";
         /// NATS: a JetStream durable consumer, or core NATS subjects.
         Nats(nats::NatsSourceSettings) = "nats", feature = "nats";
+        /// A RabbitMQ queue.
+        RabbitMq(rabbitmq::RabbitMqSourceSettings) = "rabbitmq", feature = "amqp";
         /// Redis Streams, through a consumer group or from stored ids.
         RedisStreams(redis_streams::RedisStreamsSettings) = "redis_streams";
         /// Records posted to the API port (`POST /ingest/<source id>`).

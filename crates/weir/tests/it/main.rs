@@ -1,7 +1,7 @@
 //! Integration tests of the engine through its public API: one binary, a module per area.
 #![allow(clippy::unwrap_used)]
 // The tests use every connector.
-#![cfg(all(feature = "kafka", feature = "mqtt", feature = "nats"))]
+#![cfg(all(feature = "kafka", feature = "mqtt", feature = "nats", feature = "amqp"))]
 
 mod alerting;
 mod checkpoints;
@@ -16,5 +16,6 @@ mod kafka;
 mod metrics;
 mod mqtt;
 mod nats;
+mod rabbitmq;
 mod redis_streams;
 mod runtime;
