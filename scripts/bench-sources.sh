@@ -9,7 +9,12 @@
 #          examples/w1-redis-streams.yaml (XACK after checkpoints every 200 ms);
 #   NATS:  a plain async-nats durable pull consumer with AckAll (crates/weir-bench/src/bin) vs
 #          W1 from examples/w1-nats.yaml (AckAll after checkpoints every 200 ms), each its own
-#          durable consumer of the same JetStream stream, filled by `weir gen --nats`.
+#          durable consumer of the same JetStream stream, filled by `weir gen --nats`;
+#   RabbitMQ: a plain lapin consumer (prefetch 10,000, a multiple ack per 5,000; crates/
+#          weir-bench/src/bin) vs W1 from examples/w1-rabbitmq.yaml (acknowledged after
+#          checkpoints every 200 ms), each draining a durable queue of its own filled by
+#          `weir gen --amqp` (persistent, confirmed). The machine's RabbitMQ serves (its own
+#          node starts in seconds but needs the `rabbitmq` user's folders).
 # Both Weir runs end once nothing arrives for 1 s; that second is taken off their time.
 # Brokers of the script's own on free ports: Mosquitto with an unlimited queue for offline
 # sessions, Redis without persistence.
@@ -55,6 +60,7 @@ bounded() { sed 's/^    format: json$/    format: json\n    end_when_idle: 1s/' 
 bounded examples/w1-mqtt.yaml "$dir/w1-mqtt.yaml"
 bounded examples/w1-redis-streams.yaml "$dir/w1-redis.yaml"
 bounded examples/w1-nats.yaml "$dir/w1-nats.yaml"
+bounded examples/w1-rabbitmq.yaml "$dir/w1-rabbitmq.yaml"
 
 echo "| source | client | events | seconds | events/s |"
 echo "|---|---|---|---|---|"
@@ -107,4 +113,17 @@ PY
   t1=$(python3 -c "print($(now) - 1.0)")
   read_n=$(grep -o '^[0-9]* events in' "$dir/run.log" | cut -d' ' -f1)
   echo "| nats jetstream | weir W1 | $read_n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$read_n" "$t0" "$t1") |"
+
+  # RabbitMQ: a queue each, filled while nobody consumes.
+  amqp=amqp://guest:guest@127.0.0.1:5672/%2f
+  "$bin" gen --amqp "$amqp" --topic "bench-plain-$$-$i" -n "$n" 2> /dev/null
+  t0=$(now); target/release/rabbitmq_plain_consumer "$amqp" "bench-plain-$$-$i" "$n" > /dev/null; t1=$(now)
+  echo "| rabbitmq | lapin loop | $n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$n" "$t0" "$t1") |"
+  "$bin" gen --amqp "$amqp" --topic "bench-weir-$$-$i" -n "$n" 2> /dev/null
+  t0=$(now)
+  AMQP_URL="$amqp" QUEUE="bench-weir-$$-$i" OUTPUT="$dir/out-a$i" CHECKPOINTS="$dir/ck-a$i" \
+    CHECKPOINT_INTERVAL=200ms DEAD_LETTERS="$dir/dead.jsonl" "$bin" run "$dir/w1-rabbitmq.yaml" --workers 2 --no-progress 2> "$dir/run.log"
+  t1=$(python3 -c "print($(now) - 1.0)")
+  read_n=$(grep -o '^[0-9]* events in' "$dir/run.log" | cut -d' ' -f1)
+  echo "| rabbitmq | weir W1 | $read_n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$read_n" "$t0" "$t1") |"
 done

@@ -18,6 +18,10 @@ source scripts/services.sh
 if ! python3 -c 'import prometheus_client' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check 'prometheus_client>=0.20,<1' >&2
 fi
+# The Python RabbitMQ test publishes its messages with pika (a pure-Python AMQP client).
+if ! python3 -c 'import pika' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check 'pika>=1.3,<2' >&2
+fi
 # ...and the shipped alert rules with promtool (Debian's prometheus package; its server is not started).
 if ! command -v promtool >/dev/null 2>&1; then
   apt-get install -y -qq prometheus >&2 || { apt-get update -qq >&2 && apt-get install -y -qq prometheus >&2; }

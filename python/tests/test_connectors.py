@@ -134,3 +134,24 @@ def test_a_nats_jetstream_source_from_python():
     assert sorted(r["seq"] for r in out) == list(range(300))
     assert {r["device"] for r in out} == {"d0", "d1", "d2"}
     _nats_request(port, f"$JS.API.STREAM.DELETE.{name}", b"")
+
+
+def test_a_rabbitmq_source_from_python():
+    import pika
+
+    url = os.environ.get("WEIR_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/%2f")
+    queue = f"py-{os.getpid()}"
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    ch = conn.channel()
+    ch.queue_declare(queue, durable=True)
+    ch.confirm_delivery()
+    for i in range(300):
+        ch.basic_publish("", queue, b'{"seq": %d, "temp": 20.5}' % i, pika.BasicProperties(headers={"site": f"s{i % 2}"}))
+    p = weir.Pipeline("py-rabbitmq", workers=1)
+    p.source("in", weir.rabbitmq(url, queue, end_when_idle="1s", headers_column="headers"), schema=SCHEMA)
+    out = wt.run(p.sink("out", wt.collect())).to_pylist()
+    assert sorted(r["seq"] for r in out) == list(range(300))
+    assert {r["headers"] for r in out} == {'{"site":"s0"}', '{"site":"s1"}'}
+    assert ch.queue_declare(queue, passive=True).method.message_count == 0
+    ch.queue_delete(queue)
+    conn.close()

@@ -56,6 +56,7 @@ __all__ = [
     "kafka",
     "mqtt",
     "nats",
+    "rabbitmq",
     "redis_streams",
     "http_ingest",
     "connector",
@@ -149,6 +150,13 @@ def nats(url: str, subjects: Sequence[str], *, stream: Optional[str] = None, for
     ``queue``, ``create_stream``, ``deliver``, ``ack_wait``, ``subject_fields``, ``headers_column``,
     ``end_when_idle``, ... as in YAML)."""
     return connector("nats", url=url, subjects=list(subjects), stream=stream, format=format, **settings)
+
+
+def rabbitmq(url: str, queue: str, *, format: Union[str, Json] = "json", **settings: Any) -> Json:
+    """Consumes a RabbitMQ queue, acknowledged once the checkpoint covering a delivery completes
+    (``prefetch``, ``declare``, ``exchange``, ``binding_key``, ``routing_key_fields``,
+    ``headers_column``, ``end_when_idle``, ... as in YAML)."""
+    return connector("rabbitmq", url=url, queue=queue, format=format, **settings)
 
 
 def http_ingest(*, token: Optional[str] = None, queue: Optional[int] = None, max_body: Optional[int] = None,

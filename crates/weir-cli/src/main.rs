@@ -93,11 +93,17 @@ enum Cmd {
         mqtt: Option<String>,
         /// Publish the events (JSON) to this NATS server, `nats://host:port`, through
         /// JetStream (a stream must take the subjects), instead of writing them.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "amqp")]
         nats: Option<String>,
+        /// Publish the events (JSON) to this RabbitMQ broker, `amqp://user:pw@host:5672/%2f`,
+        /// persistent and confirmed, into the durable queue `--topic` (default `sensors`,
+        /// declared when missing), instead of writing them.
+        #[arg(long, conflicts_with = "mqtt")]
+        amqp: Option<String>,
         /// With `--mqtt` or `--nats`: the topic (subject) of each event; `{device_id}` and
         /// `{site}` (one of four sites, by device) are filled in. Default
         /// `sensors/{site}/{device_id}/telemetry`, or `sensors.{site}.{device_id}` for NATS.
+        /// With `--amqp`: the queue.
         #[arg(long)]
         topic: Option<String>,
     },
@@ -334,13 +340,13 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
         Cmd::Dlq { cmd: DlqCmd::Replay { file, pipeline, kind, output, dead_letters, workers } } => {
             replay(&file, &pipeline, &kind, output, dead_letters, workers)
         }
-        Cmd::Gen { count, rate, devices, seed, anomaly_rate, output, format, mqtt, nats, topic } => {
+        Cmd::Gen { count, rate, devices, seed, anomaly_rate, output, format, mqtt, nats, amqp, topic } => {
             let format = FormatSpec::from_name(&format)
                 .ok_or_else(|| Failure::Config(format!("unknown format `{format}`; use json, csv or msgpack")))?;
             let target = match (mqtt, nats) {
                 (Some(url), _) => Some((url, "sensors/{site}/{device_id}/telemetry", publish::mqtt as Publish)),
                 (_, Some(url)) => Some((url, "sensors.{site}.{device_id}", publish::nats as Publish)),
-                _ => None,
+                _ => amqp.map(|url| (url, "sensors", publish::amqp as Publish)),
             };
             if let Some((url, default_topic, publish)) = target {
                 let dir = tempfile_dir()?;

@@ -33,6 +33,26 @@ pub(crate) fn nats(url: &str, template: &str, events: &Path, rate: Option<f64>) 
     Ok(rt.block_on(weir::connectors::nats::publish(url, messages, true, rate))?)
 }
 
+/// Declares durable queue `queue` and publishes each line of `events` to it (persistent,
+/// with publisher confirms), paced to `rate` per second when given. Returns how many were
+/// published.
+#[cfg(feature = "amqp")]
+pub(crate) fn amqp(url: &str, queue: &str, events: &Path, rate: Option<f64>) -> Result<u64, Failure> {
+    let text = std::fs::read_to_string(events).map_err(|e| Failure::Run(e.into()))?;
+    let messages = text.lines().filter(|l| !l.is_empty()).map(|l| (queue.to_string(), l.as_bytes().to_vec())).collect();
+    let rt = crate::runtime(1)?;
+    Ok(rt.block_on(async {
+        weir::connectors::rabbitmq::declare_queue(url, queue).await?;
+        weir::connectors::rabbitmq::publish(url, "", messages, rate).await
+    })?)
+}
+
+/// Without the `amqp` feature there is no client to publish with.
+#[cfg(not(feature = "amqp"))]
+pub(crate) fn amqp(url: &str, _: &str, _: &Path, _: Option<f64>) -> Result<u64, Failure> {
+    Err(Failure::Config(format!("--amqp {url}: this build of weir leaves RabbitMQ out (cargo feature `amqp`)")))
+}
+
 /// Without the `nats` feature there is no client to publish with.
 #[cfg(not(feature = "nats"))]
 pub(crate) fn nats(url: &str, _: &str, _: &Path, _: Option<f64>) -> Result<u64, Failure> {

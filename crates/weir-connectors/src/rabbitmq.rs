@@ -717,6 +717,21 @@ impl Source for RabbitMqSource {
     }
 }
 
+/// Declares durable queue `queue` on the broker at `url` unless it exists.
+///
+/// # Errors
+/// The broker cannot be reached or refuses the declaration (a queue of other settings).
+pub async fn declare_queue(url: &str, queue: &str) -> Result<()> {
+    let err = |e: lapin::Error| {
+        CoreError::Internal(format!("rabbitmq declare `{queue}` at {}: {e}", crate::redis_streams::redact_url(url)))
+    };
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await.map_err(err)?;
+    let channel = conn.create_channel().await.map_err(err)?;
+    channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default()).await.map_err(err)?;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
+
 /// Publishes `messages` (routing key, body) to `exchange` ("" is the default exchange, whose
 /// routing keys are queue names) with publisher confirms, persistent, at `rate` a second when
 /// given; returns once the broker confirmed all. For benchmarks and tests.

@@ -529,17 +529,7 @@ impl Drop for RabbitMqServer {
 /// Declares durable queue `queue` on the broker at `url`.
 #[cfg(feature = "amqp")]
 pub fn declare_queue(url: &str, queue: &str) {
-    use lapin::options::QueueDeclareOptions;
-    block_on(async {
-        let c = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
-            .await
-            .expect("connecting to RabbitMQ");
-        let ch = c.create_channel().await.expect("a RabbitMQ channel");
-        ch.queue_declare(queue.into(), QueueDeclareOptions::durable(), lapin::types::FieldTable::default())
-            .await
-            .expect("declaring a queue");
-        let _ = c.close(200, "done".into()).await;
-    });
+    block_on(crate::rabbitmq::declare_queue(url, queue)).expect("declaring a queue");
 }
 
 /// Declares durable queue `queue` on the broker at `url` and binds it to `exchange` with `key`.
