@@ -270,6 +270,25 @@ impl Book {
         }
     }
 
+    /// [`Book::handed_on`] for many; with `AckAll` only the last reply is kept.
+    fn handed_all<'a>(&mut self, replies: impl Iterator<Item = &'a async_nats::Subject>) {
+        match self.acks {
+            Acks::All => {
+                let mut n = 0;
+                let mut last = None;
+                for r in replies {
+                    n += 1;
+                    last = Some(r);
+                }
+                self.handed += n;
+                if let Some(r) = last {
+                    self.last = Some(r.clone());
+                }
+            }
+            _ => replies.for_each(|r| self.handed_on(r.clone())),
+        }
+    }
+
     fn mark(&mut self, epoch: Epoch) {
         self.marks.push_back((epoch, self.handed, self.last.clone()));
     }
@@ -561,8 +580,9 @@ impl Reader {
                 match next {
                     Some(Ok(m)) => {
                         if let Some(seq) = m.info().ok().map(|i| i.stream_sequence) {
-                            let reply = m.message.reply.clone().unwrap_or_else(|| "".into());
-                            batch.push(self.msg(m.message, Some((seq, reply))));
+                            let mut message = m.message;
+                            let reply = message.reply.take().unwrap_or_else(|| "".into());
+                            batch.push(self.msg(message, Some((seq, reply))));
                         }
                     }
                     Some(Err(e)) => match e.kind() {
@@ -810,13 +830,9 @@ impl NatsSource {
         if let Some(m) = p.seqs.iter().flatten().max() {
             self.handed_upto = Some(self.handed_upto.map_or(*m, |h| h.max(*m)));
         }
-        for r in &p.replies {
-            // A caught-up message has no reply: the durable consumer's redelivery of it is
-            // acknowledged instead (it comes as a repeat).
-            if !r.is_empty() {
-                self.book.handed_on(r.clone());
-            }
-        }
+        // A caught-up message has no reply: the durable consumer's redelivery of it is
+        // acknowledged instead (it comes as a repeat).
+        self.book.handed_all(p.replies.iter().filter(|r| !r.is_empty()));
         if !self.cfg.ack_on_checkpoint {
             self.book.release(self.book.handed, self.book.last.clone());
         }
@@ -1060,6 +1076,13 @@ mod tests {
         b.to_send.clear();
         b.complete(Epoch(2));
         assert_eq!(b.to_send, vec![async_nats::Subject::from("r3")]);
+        // Many at once: with AckAll only the newest reply is kept, and all are counted.
+        let mut m = Book { acks: Acks::All, ..Book::default() };
+        let replies: Vec<async_nats::Subject> = vec!["a".into(), "b".into(), "c".into()];
+        m.handed_all(replies.iter());
+        m.mark(Epoch(1));
+        m.complete(Epoch(1));
+        assert_eq!((m.handed, m.to_send.clone()), (3, vec![async_nats::Subject::from("c")]));
         let mut e = Book { acks: Acks::Explicit, ..Book::default() };
         e.handed_on("r1".into());
         e.handed_on("r2".into());
