@@ -12,6 +12,8 @@ mod decode;
 pub mod file;
 pub mod generator;
 pub mod http_ingest;
+#[cfg(any(feature = "nats", feature = "amqp"))]
+mod inbox;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg(feature = "mqtt")]

@@ -34,6 +34,7 @@ use weir_core::{CoreError, Result, Source, SourceContext, SourceFactory, SourceP
 use weir_formats::{Decoder, FormatSpec};
 
 use crate::decode::decode_records_with;
+use crate::inbox::{Inbox, Next};
 use crate::reconnect::Reconnect;
 use crate::topic::MetaColumns;
 
@@ -196,8 +197,6 @@ impl SourceFactory for NatsSourceFactory {
             handed_max: None,
             handed_upto: None,
             restored: None,
-            last_message: Instant::now(),
-            idle_since: None,
             ended: false,
         }))
     }
@@ -226,12 +225,6 @@ enum Incoming {
     Connected(async_nats::Client, Acks),
     Messages(Vec<Msg>),
     Failed(CoreError),
-}
-
-#[derive(Debug)]
-struct Conn {
-    rx: mpsc::Receiver<Incoming>,
-    _task: SpawnedTask<()>,
 }
 
 /// How the consumer takes acknowledgements.
@@ -341,7 +334,7 @@ struct NatsSource {
     worker: usize,
     /// Whether this worker reads at all.
     reads: bool,
-    conn: Option<Conn>,
+    conn: Option<Inbox<Incoming>>,
     /// Where acknowledgements go, once connected.
     client: Option<async_nats::Client>,
     linger: Linger,
@@ -355,13 +348,9 @@ struct NatsSource {
     handed_upto: Option<u64>,
     /// JetStream: the sequence the restored checkpoint covers.
     restored: Option<u64>,
-    last_message: Instant,
-    idle_since: Option<Instant>,
     ended: bool,
 }
 
-/// How long a poll waits for a message before it reports the source waiting.
-const IDLE_POLL: Duration = Duration::from_millis(100);
 /// How often the consumer's pending counts are read.
 const LAG_EVERY: Duration = Duration::from_secs(5);
 /// Reads the connection task may hold for the source before it waits.
@@ -787,14 +776,13 @@ impl NatsSource {
             worker: self.worker,
         };
         tracing::info!(server = %crate::redis_streams::redact_url(&self.cfg.url), subjects = ?self.cfg.subjects, jetstream = ?self.cfg.jetstream.as_ref().map(|j| &j.stream), "NATS source connecting.");
-        self.conn = Some(Conn { rx, _task: SpawnedTask::spawn(reader.run()) });
+        self.conn = Some(Inbox::new(rx, SpawnedTask::spawn(reader.run())));
     }
 
     /// Takes messages in; in JetStream, one at or below the highest sequence taken already is
     /// a repeat, only to be acknowledged.
     fn take(&mut self, msgs: Vec<Msg>) {
         let now = Instant::now();
-        self.last_message = now;
         for m in msgs {
             if let Some(seq) = m.seq {
                 if self.handed_max.is_some_and(|h| seq <= h) {
@@ -905,60 +893,29 @@ impl Source for NatsSource {
         }
         self.send_acks().await?;
         self.connect(cx);
-        let mut stop = cx.shutdown.clone();
         loop {
-            let now = Instant::now();
-            let n = self.pending.ranges.len();
-            let due =
-                n > 0 && (cx.stopping() || self.pending.first_at.is_some_and(|f| self.linger.should_cut(n, f, now)));
-            if due {
-                if let Some(batch) = self.cut(cx)? {
-                    return Ok(SourcePoll::Rows { partition: 0, batch });
+            let Some(inbox) = self.conn.as_mut() else { return Ok(SourcePoll::End) };
+            let (n, first_at) = (self.pending.ranges.len(), self.pending.first_at);
+            match inbox.next(cx, &self.linger, n, first_at, self.cfg.end_when_idle, "NATS").await? {
+                Next::Cut => {
+                    if let Some(batch) = self.cut(cx)? {
+                        return Ok(SourcePoll::Rows { partition: 0, batch });
+                    }
                 }
-                continue;
-            }
-            if cx.stopping() {
-                return Ok(SourcePoll::End);
-            }
-            if let Some(idle) = self.cfg.end_when_idle {
-                if n == 0 && self.last_message.elapsed() >= idle {
-                    tracing::info!(
-                        idle_ms = idle.as_millis() as u64,
-                        "NATS source ends: nothing arrived for `end_when_idle`."
-                    );
+                Next::Stopped => return Ok(SourcePoll::End),
+                Next::Idle => {
                     self.ended = true;
                     return Ok(SourcePoll::End);
                 }
-            }
-            let wait = match self.pending.first_at {
-                Some(f) => (f + self.linger.linger(n)).saturating_duration_since(now),
-                None => IDLE_POLL.saturating_sub(now - *self.idle_since.get_or_insert(now)),
-            };
-            let Some(conn) = self.conn.as_mut() else { return Ok(SourcePoll::End) };
-            let got = tokio::select! {
-                m = conn.rx.recv() => m,
-                () = tokio::time::sleep(wait) => {
-                    if n == 0 {
-                        self.idle_since = None;
-                        return Ok(SourcePoll::Waiting);
-                    }
-                    continue;
-                }
-                _ = stop.changed() => continue,
-            };
-            match got {
-                Some(Incoming::Messages(m)) => {
-                    self.idle_since = None;
-                    self.take(m);
-                }
-                Some(Incoming::Connected(client, acks)) => {
+                Next::Waiting => return Ok(SourcePoll::Waiting),
+                Next::Got(Incoming::Messages(m)) => self.take(m),
+                Next::Got(Incoming::Connected(client, acks)) => {
                     self.client = Some(client);
                     if self.book.acks != acks && self.book.handed == self.book.released {
                         self.book.acks = acks;
                     }
                 }
-                Some(Incoming::Failed(e)) => return Err(e),
-                None => return Err(CoreError::Internal("nats: the connection task stopped".into())),
+                Next::Got(Incoming::Failed(e)) => return Err(e),
             }
         }
     }

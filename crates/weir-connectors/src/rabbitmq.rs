@@ -34,6 +34,7 @@ use weir_core::{CoreError, Result, Source, SourceContext, SourceFactory, SourceP
 use weir_formats::{Decoder, FormatSpec};
 
 use crate::decode::decode_records_with;
+use crate::inbox::{Inbox, Next};
 use crate::reconnect::Reconnect;
 use crate::topic::MetaColumns;
 
@@ -135,8 +136,6 @@ impl SourceFactory for RabbitMqSourceFactory {
             book: Book::default(),
             covered: HashMap::new(),
             forget_covered_at: None,
-            last_delivery: Instant::now(),
-            idle_since: None,
             ended: false,
         }))
     }
@@ -166,12 +165,6 @@ enum Incoming {
     /// The connection is gone; the task is getting another.
     Lost,
     Failed(CoreError),
-}
-
-#[derive(Debug)]
-struct Conn {
-    rx: mpsc::Receiver<Incoming>,
-    _task: SpawnedTask<()>,
 }
 
 /// A delivery handed on (or skipped as a repeat) and not yet acknowledged.
@@ -246,7 +239,7 @@ struct RabbitMqSource {
     decoder: Box<dyn Decoder>,
     worker: usize,
     reads: bool,
-    conn: Option<Conn>,
+    conn: Option<Inbox<Incoming>>,
     /// The channel of the current generation, for acknowledgements.
     channel: Option<lapin::Channel>,
     generation: u64,
@@ -258,13 +251,9 @@ struct RabbitMqSource {
     covered: HashMap<u64, u32>,
     /// When `covered` is forgotten: a minute after the channel's first delivery.
     forget_covered_at: Option<Instant>,
-    last_delivery: Instant,
-    idle_since: Option<Instant>,
     ended: bool,
 }
 
-/// How long a poll waits for a delivery before it reports the source waiting.
-const IDLE_POLL: Duration = Duration::from_millis(100);
 /// How often the queue's ready count is read.
 const LAG_EVERY: Duration = Duration::from_secs(5);
 /// Reads the connection task may hold for the source before it waits.
@@ -482,7 +471,7 @@ impl RabbitMqSource {
         let reader =
             Reader { cfg: self.cfg.clone(), tx, registry: cx.registry.clone(), worker: self.worker, generation: 0 };
         tracing::info!(server = %crate::redis_streams::redact_url(&self.cfg.url), queue = %self.cfg.queue, "RabbitMQ source connecting.");
-        self.conn = Some(Conn { rx, _task: SpawnedTask::spawn(reader.run()) });
+        self.conn = Some(Inbox::new(rx, SpawnedTask::spawn(reader.run())));
     }
 
     /// A new channel: what the old one delivered and nobody acknowledged comes again, so
@@ -509,7 +498,6 @@ impl RabbitMqSource {
 
     fn take(&mut self, deliveries: Vec<Delivery>) {
         let now = Instant::now();
-        self.last_delivery = now;
         if *self.forget_covered_at.get_or_insert(now + FORGET_COVERED) <= now {
             self.covered.clear();
         }
@@ -624,60 +612,27 @@ impl Source for RabbitMqSource {
         }
         self.send_acks().await?;
         self.connect(cx);
-        let mut stop = cx.shutdown.clone();
         loop {
-            let now = Instant::now();
-            let n = self.pending.ranges.len();
-            let due =
-                n > 0 && (cx.stopping() || self.pending.first_at.is_some_and(|f| self.linger.should_cut(n, f, now)));
-            if due {
-                if let Some(batch) = self.cut(cx)? {
-                    return Ok(SourcePoll::Rows { partition: 0, batch });
+            let Some(inbox) = self.conn.as_mut() else { return Ok(SourcePoll::End) };
+            let (n, first_at) = (self.pending.ranges.len(), self.pending.first_at);
+            // A broker that is away is retried, not taken for the end of the input.
+            let idle_end = self.cfg.end_when_idle.filter(|_| self.channel.is_some());
+            match inbox.next(cx, &self.linger, n, first_at, idle_end, "RabbitMQ").await? {
+                Next::Cut => {
+                    if let Some(batch) = self.cut(cx)? {
+                        return Ok(SourcePoll::Rows { partition: 0, batch });
+                    }
                 }
-                continue;
-            }
-            if cx.stopping() {
-                return Ok(SourcePoll::End);
-            }
-            if let Some(idle) = self.cfg.end_when_idle {
-                // A broker that is away is retried, not taken for the end of the input.
-                if n == 0 && self.channel.is_some() && self.last_delivery.elapsed() >= idle {
-                    tracing::info!(
-                        idle_ms = idle.as_millis() as u64,
-                        "RabbitMQ source ends: nothing arrived for `end_when_idle`."
-                    );
+                Next::Stopped => return Ok(SourcePoll::End),
+                Next::Idle => {
                     self.ended = true;
                     return Ok(SourcePoll::End);
                 }
-            }
-            let wait = match self.pending.first_at {
-                Some(f) => (f + self.linger.linger(n)).saturating_duration_since(now),
-                None => IDLE_POLL.saturating_sub(now - *self.idle_since.get_or_insert(now)),
-            };
-            let Some(conn) = self.conn.as_mut() else { return Ok(SourcePoll::End) };
-            let got = tokio::select! {
-                m = conn.rx.recv() => m,
-                () = tokio::time::sleep(wait) => {
-                    if n == 0 {
-                        self.idle_since = None;
-                        return Ok(SourcePoll::Waiting);
-                    }
-                    continue;
-                }
-                _ = stop.changed() => continue,
-            };
-            match got {
-                Some(Incoming::Deliveries(d)) => {
-                    self.idle_since = None;
-                    self.take(d);
-                }
-                Some(Incoming::Connected(channel, generation)) => {
-                    self.last_delivery = Instant::now();
-                    self.new_generation(channel, generation);
-                }
-                Some(Incoming::Lost) => self.channel = None,
-                Some(Incoming::Failed(e)) => return Err(e),
-                None => return Err(CoreError::Internal("rabbitmq: the connection task stopped".into())),
+                Next::Waiting => return Ok(SourcePoll::Waiting),
+                Next::Got(Incoming::Deliveries(d)) => self.take(d),
+                Next::Got(Incoming::Connected(channel, generation)) => self.new_generation(channel, generation),
+                Next::Got(Incoming::Lost) => self.channel = None,
+                Next::Got(Incoming::Failed(e)) => return Err(e),
             }
         }
     }
@@ -810,8 +765,6 @@ mod tests {
             book: Book::default(),
             covered: HashMap::new(),
             forget_covered_at: None,
-            last_delivery: Instant::now(),
-            idle_since: None,
             ended: false,
         }
     }
