@@ -83,3 +83,31 @@ if ! port_open 5672; then
   RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 nohup rabbitmq-server > "$logs/rabbitmq.log" 2>&1 &
   wait_port 5672 rabbitmq
 fi
+
+# PostgreSQL (sink tests): the Debian package's cluster, loopback only, trust authentication
+# for local connections, and a database `test`.
+export WEIR_TEST_POSTGRES=${WEIR_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/test}
+if [ "$WEIR_TEST_POSTGRES" = postgres://postgres@127.0.0.1:5432/test ]; then
+  if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+    apt_install postgresql postgresql-client
+  fi
+  command -v psql >/dev/null 2>&1 || apt_install postgresql-client
+  if ! port_open 5432; then
+    version=$(ls /usr/lib/postgresql | sort -n | tail -1)
+    if ! [ -d "/etc/postgresql/$version/main" ]; then
+      pg_createcluster "$version" main >&2
+    fi
+    conf=/etc/postgresql/$version/main
+    grep -q '^listen_addresses' "$conf/postgresql.conf" || echo "listen_addresses = '127.0.0.1'" >> "$conf/postgresql.conf"
+    if ! grep -q 'weir-test' "$conf/pg_hba.conf"; then
+      # Trust on loopback for the tests (weir-test); the rules come first so they win.
+      { echo 'host all all 127.0.0.1/32 trust # weir-test'; echo 'local all all trust # weir-test'; cat "$conf/pg_hba.conf"; } > "$conf/pg_hba.conf.new"
+      mv "$conf/pg_hba.conf.new" "$conf/pg_hba.conf"
+    fi
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start > "$logs/postgres.log" 2>&1 || cat "$logs/postgres.log" >&2
+    wait_port 5432 postgres
+  fi
+  if [ "$(psql -X -A -t -d postgres://postgres@127.0.0.1:5432/postgres -c "SELECT 1 FROM pg_database WHERE datname = 'test'" 2>/dev/null)" != 1 ]; then
+    psql -X -q -d postgres://postgres@127.0.0.1:5432/postgres -c 'CREATE DATABASE test' >&2
+  fi
+fi

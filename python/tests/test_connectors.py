@@ -155,3 +155,23 @@ def test_a_rabbitmq_source_from_python():
     assert ch.queue_declare(queue, passive=True).method.message_count == 0
     ch.queue_delete(queue)
     conn.close()
+
+
+def test_a_postgres_sink_from_python_keeps_the_latest_row_per_key(tmp_path: Path) -> None:
+    url = os.environ.get("WEIR_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test")
+    table = f"py_latest_{os.getpid()}"
+
+    def psql(sql: str) -> str:
+        return subprocess.run(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join('{"seq": %d, "temp": %d.5}\n' % (i % 7, i) for i in range(700)))
+    p = weir.Pipeline("py-postgres", workers=1)
+    p.source("in", weir.file(src), schema=SCHEMA)
+    p.sink("latest", weir.postgres_sink(url, table, mode="upsert", key=["seq"], create_table=True))
+    p.run()
+    try:
+        assert psql(f"SELECT count(*), min(temp), max(temp) FROM {table}") == "7|693.5|699.5"
+    finally:
+        psql(f"DROP TABLE IF EXISTS {table}")

@@ -63,6 +63,7 @@ __all__ = [
     "file_sink",
     "stdout",
     "kafka_sink",
+    "postgres_sink",
     "schema_spec",
 ]
 
@@ -203,6 +204,16 @@ def kafka_sink(brokers: str, topic: str, *, format: Union[str, Json] = "json", *
     """Produces to a Kafka topic (``key``, ``partition``, ``headers``, ``mode``,
     ``properties``, as in YAML)."""
     return {"kafka": _clean({"brokers": brokers, "topic": topic, "format": format, **settings})}
+
+
+def postgres_sink(url: str, table: str, *, mode: str = "append", key: Optional[Sequence[str]] = None,
+                  create_table: bool = False, **settings: Any) -> Json:
+    """Writes a PostgreSQL table: appended by binary COPY (``mode="append"``) or the latest row
+    per ``key`` (``mode="upsert"``); exactly once under checkpoints (``delivery``,
+    ``progress_table``, ``progress_key``, ``ca_file``, as in YAML). The password is best left
+    to ``PGPASSWORD``."""
+    return connector("postgres", url=url, table=table, mode=mode, key=list(key) if key else None,
+                     create_table=create_table or None, **settings)
 
 
 # --- schemas -------------------------------------------------------------------------------

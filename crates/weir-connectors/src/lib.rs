@@ -20,12 +20,16 @@ pub mod kafka;
 pub mod mqtt;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "amqp")]
 pub mod rabbitmq;
 mod reconnect;
+pub mod redis_sink;
 pub mod redis_streams;
 pub mod sink;
 pub mod stdin;
+pub mod template;
 #[doc(hidden)]
 pub mod testing;
 pub mod topic;

@@ -617,3 +617,111 @@ fn ping(port: u16) -> bool {
     let mut buf = [0u8; 64];
     c.write_all(b"PING\r\n").is_ok() && c.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
 }
+
+/// A PostgreSQL server of the test's own (its own data folder and port), for tests that stop
+/// it under a running pipeline. It runs as the `postgres` user, which must reach `dir`.
+#[derive(Debug)]
+pub struct PostgresServer {
+    child: Process,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl PostgresServer {
+    /// Makes a database cluster in `dir/pg` (trust authentication, user `postgres`) and starts it.
+    ///
+    /// # Panics
+    /// When PostgreSQL's server is not installed or does not start.
+    pub fn start(dir: &Path) -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("postgres").exists()).max())
+            .unwrap_or_else(|| panic!("no PostgreSQL server under /usr/lib/postgresql; `apt-get install postgresql` or run scripts/services.sh"));
+        let data = dir.join("pg");
+        std::fs::create_dir_all(&data).expect("a folder for the test's PostgreSQL");
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+        let _ = std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700));
+        let _ = Command::new("chown").arg("-R").arg("postgres:").arg(&data).status();
+        let out = as_postgres(&bin.join("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
+            .arg(&data)
+            .output()
+            .expect("running initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut p = Self { child: Process(None), port: free_port(), dir: data, bin };
+        p.launch();
+        p
+    }
+
+    fn launch(&mut self) {
+        let log = self.dir.join("server.log");
+        let child = as_postgres(&self.bin.join("postgres"))
+            .arg("-D")
+            .arg(&self.dir)
+            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .arg("-k")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).map(Stdio::from).unwrap_or_else(|_| Stdio::null()))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start postgres ({e})"));
+        self.child = Process(Some(child));
+        wait_for_port(self.port, Duration::from_secs(30), "postgres", &log);
+        // The port opens before the server takes connections (it may be recovering).
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = Command::new(self.bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < until, "postgres did not accept connections within 30 s; see {}", log.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server as an administrator would in a hurry (fast shutdown: sessions are
+    /// ended, open transactions rolled back, committed data kept).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.0.take() {
+            let _ = Command::new("kill").arg("-INT").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+/// A command run as the `postgres` user (the server refuses to run as root).
+fn as_postgres(program: &Path) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid", "postgres", "--regid", "postgres", "--init-groups", "--"]).arg(program);
+    c
+}
+
+/// Runs SQL on a PostgreSQL server through `psql` (no client library needed in the tests).
+///
+/// # Panics
+/// When `psql` fails; its error is in the message.
+pub fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
+        .output()
+        .expect("running psql");
+    assert!(out.status.success(), "psql `{sql}`: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+}

@@ -74,6 +74,11 @@ pub enum CoreError {
     /// checkpoint with the new assignment's state (see [`crate::handoff`]).
     #[error("partitions moved: {0}")]
     Rebalanced(String),
+    /// A sink lost output it cannot write again in place (an open database transaction died
+    /// with its connection): the run stops and the job starts again from its last checkpoint,
+    /// which replays that output.
+    #[error("starting again from the last checkpoint: {0}")]
+    Restart(String),
     /// A sink wrote a batch but for these rows, which it refuses for reasons of their own (too
     /// large, a key or partition value that is not valid, a value it cannot encode). The
     /// runtime sends them to the dead-letter output (kind `sink`) and the job goes on; an
@@ -96,7 +101,7 @@ impl CoreError {
     pub fn blame(&self) -> Blame {
         match self {
             Self::Config(_) => Blame::User,
-            Self::Io { .. } | Self::Rebalanced(_) | Self::Refused(_) => Blame::External,
+            Self::Io { .. } | Self::Rebalanced(_) | Self::Restart(_) | Self::Refused(_) => Blame::External,
             Self::Arrow(_) | Self::Internal(_) | Self::Task(_) => Blame::Internal,
             Self::Step { source, .. } => source.blame(),
             Self::Other { blame, .. } => *blame,
@@ -129,6 +134,17 @@ impl CoreError {
         match self {
             Self::Rebalanced(_) => true,
             Self::Step { source, .. } => source.is_rebalance(),
+            _ => false,
+        }
+    }
+
+    /// The job should start again from its last checkpoint, in this process: its partitions
+    /// moved ([`CoreError::Rebalanced`]) or a sink lost what it had written since
+    /// ([`CoreError::Restart`]).
+    pub fn starts_again(&self) -> bool {
+        match self {
+            Self::Rebalanced(_) | Self::Restart(_) => true,
+            Self::Step { source, .. } => source.starts_again(),
             _ => false,
         }
     }

@@ -400,13 +400,20 @@ impl Job {
     async fn run_alone(&self) -> Result<RunSummary> {
         loop {
             match self.attempt().await {
-                Err(e) if e.is_rebalance() && !*self.shutdown_rx.borrow() => {
-                    self.phase(JobPhase::Rebalancing);
-                    tracing::info!(job = %self.spec.name, reason = %e, "Starting again from the last checkpoint with the new assignment.");
+                Err(e) if e.starts_again() && !*self.shutdown_rx.borrow() => {
+                    let reason = if e.is_rebalance() {
+                        self.phase(JobPhase::Rebalancing);
+                        tracing::info!(job = %self.spec.name, reason = %e, "Starting again from the last checkpoint with the new assignment.");
+                        "rebalance"
+                    } else {
+                        self.phase(JobPhase::Recovering);
+                        tracing::warn!(job = %self.spec.name, reason = %e, "Starting again from the last checkpoint.");
+                        "sink"
+                    };
                     self.registry.connectors.add(
                         "weir_job_restarts_total",
-                        "Times the job started again from its last checkpoint because its partitions moved.",
-                        &[("reason", "rebalance")],
+                        "Times the job started again from its last checkpoint: its partitions moved (rebalance) or a sink lost its open output (sink).",
+                        &[("reason", reason)],
                         1.0,
                     );
                 }
@@ -693,8 +700,8 @@ impl Job {
                 Next::Task(Some(res)) => res.map_err(|e| CoreError::Task(e.to_string())).and_then(|r| r),
             };
             if let Err(e) = res {
-                if e.is_rebalance() {
-                    tracing::info!(job = %spec.name, reason = %e, "Run stopped: the partitions moved.");
+                if e.starts_again() {
+                    tracing::info!(job = %spec.name, reason = %e, "Run stopped; it starts again from its last checkpoint.");
                 } else {
                     tracing::error!(job = %spec.name, error = %e, "Job failed.");
                 }

@@ -62,7 +62,7 @@ mod spec;
 
 pub use crate::csv::{csv_header, CsvDecoder, CsvEncoder};
 pub use crate::infer::infer_json_schema;
-pub use crate::json::{row_to_json, JsonDecoder, JsonEncoder};
+pub use crate::json::{row_to_json, JsonDecoder, JsonEncoder, JsonValues};
 pub use crate::msgpack::{MsgPackDecoder, MsgPackEncoder};
 pub use crate::schema::{FieldSpec, FieldType, SchemaSpec};
 pub use crate::spec::{split_records, CsvOptions, FormatSpec};

@@ -130,6 +130,60 @@ fn s3_bucket(name: &str) -> String {
     bucket
 }
 
+/// Where a crash test's pipeline writes, and how its committed output is read.
+#[derive(Clone, Copy)]
+enum Output<'a> {
+    /// Part files under `dir/out` (the example's file sink).
+    Files,
+    /// A PostgreSQL table written exactly once; the example has its own `checkpoints:`
+    /// section, set through `CHECKPOINTS` and `CHECKPOINT_INTERVAL`.
+    Postgres { url: &'a str, table: &'a str },
+}
+
+impl Output<'_> {
+    fn committed(self, dir: &Path) -> String {
+        match self {
+            Output::Files => committed(&dir.join("out")),
+            Output::Postgres { url, table } => postgres_rows(url, table),
+        }
+    }
+}
+
+/// A table's rows as JSON lines, shaped as the file sink writes them: times as milliseconds,
+/// and floats that happen to be whole still floats (`24.0`, where PostgreSQL writes `24`).
+fn postgres_rows(url: &str, table: &str) -> String {
+    let cols = weir::connectors::testing::psql(
+        url,
+        &format!("SELECT string_agg(column_name || ':' || data_type, ',' ORDER BY ordinal_position) FROM information_schema.columns WHERE table_name = '{table}'"),
+    );
+    let mut exprs = Vec::new();
+    let mut floats = Vec::new();
+    for c in cols.split(',') {
+        let (name, ty) = c.split_once(':').unwrap();
+        exprs.push(match ty {
+            t if t.starts_with("timestamp") => format!("'{name}', (extract(epoch from {name}) * 1000)::bigint"),
+            _ => format!("'{name}', {name}"),
+        });
+        if ty == "double precision" || ty == "real" {
+            floats.push(name.to_string());
+        }
+    }
+    let text =
+        weir::connectors::testing::psql(url, &format!("SELECT json_build_object({}) FROM {table}", exprs.join(", ")));
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            for f in &floats {
+                if let Some(x) = v[f.as_str()].as_f64() {
+                    v[f.as_str()] =
+                        serde_json::Number::from_f64(x).map_or(serde_json::Value::Null, serde_json::Value::Number);
+                }
+            }
+            format!("{v}\n")
+        })
+        .collect()
+}
+
 /// The example pipeline with a checkpoint section appended.
 fn checkpointed(example: &str, dir: &Path, store: Store<'_>) -> PathBuf {
     let text = std::fs::read_to_string(repo().join(example)).unwrap();
@@ -138,8 +192,12 @@ fn checkpointed(example: &str, dir: &Path, store: Store<'_>) -> PathBuf {
     p
 }
 
-fn spawn(pipeline: &Path, dir: &Path, input: &Path, workers: usize) -> Child {
-    s3_env(&mut Command::new(env!("CARGO_BIN_EXE_weir")))
+fn spawn(pipeline: &Path, dir: &Path, input: &Path, workers: usize, out: Output<'_>) -> Child {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_weir"));
+    if let Output::Postgres { url, table } = out {
+        c.env("PG_URL", url).env("TABLE", table).env("CHECKPOINTS", dir.join("ck")).env("CHECKPOINT_INTERVAL", "50ms");
+    }
+    s3_env(&mut c)
         .args(["run", pipeline.to_str().unwrap(), "--workers", &workers.to_string(), "--quiet", "--no-progress"])
         .env("INPUT", input)
         .env("OUTPUT", dir.join("out"))
@@ -171,19 +229,36 @@ fn input(dir: &Path, events: u64) -> PathBuf {
 
 /// Kills a run `kills` times at random moments, then lets it finish, and compares.
 fn crash_until_done(example: &str, events: u64, kills: u32, seed: u64, store: Store<'_>) {
+    crash_until_done_into(example, example, Output::Files, events, kills, seed, store);
+}
+
+/// [`crash_until_done`] of `example` writing to `out`, compared with `reference` (the same
+/// pipeline into a file) run without checkpoints.
+fn crash_until_done_into(
+    example: &str,
+    reference_example: &str,
+    out: Output<'_>,
+    events: u64,
+    kills: u32,
+    seed: u64,
+    store: Store<'_>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let input = input(dir.path(), events);
     // The reference: the same pipeline without checkpoints, uninterrupted.
     let reference = dir.path().join("reference.jsonl");
     let o = weir(
-        &["run", example, "--workers", "2", "--quiet"],
+        &["run", reference_example, "--workers", "2", "--quiet"],
         &[("INPUT", &input), ("OUTPUT", &reference), ("DEAD_LETTERS", &dir.path().join("ref-dead.jsonl"))],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let want = rows(&std::fs::read_to_string(&reference).unwrap());
     assert!(!want.is_empty());
 
-    let pipeline = checkpointed(example, dir.path(), store);
+    let pipeline = match out {
+        Output::Files => checkpointed(example, dir.path(), store),
+        Output::Postgres { .. } => repo().join(example),
+    };
     let mut rng = Rng(seed);
     let (mut killed, mut runs) = (0u32, 0usize);
     let started = Instant::now();
@@ -207,7 +282,7 @@ fn crash_until_done(example: &str, events: u64, kills: u32, seed: u64, store: St
             // machine every kill may have come before the first checkpoint: then one more run
             // is killed only once a checkpoint has completed.
             if !listed.contains("complete") {
-                let mut child = spawn(&pipeline, dir.path(), &input, workers);
+                let mut child = spawn(&pipeline, dir.path(), &input, workers, out);
                 let waited = Instant::now();
                 while !listing(dir.path(), store).contains("complete") {
                     assert!(
@@ -227,7 +302,7 @@ fn crash_until_done(example: &str, events: u64, kills: u32, seed: u64, store: St
                 continue;
             }
         }
-        let mut child = spawn(&pipeline, dir.path(), &input, workers);
+        let mut child = spawn(&pipeline, dir.path(), &input, workers, out);
         if killed < kills {
             let (least, spread) = store.kill_window();
             std::thread::sleep(Duration::from_millis(least + rng.below(spread)));
@@ -243,8 +318,11 @@ fn crash_until_done(example: &str, events: u64, kills: u32, seed: u64, store: St
         break;
     }
     assert!(killed >= kills, "the input was consumed after {killed} kills; make it larger (seed {seed})");
-    let got = rows(&committed(&dir.path().join("out")));
+    let got = rows(&out.committed(dir.path()));
     assert_same(&want, &got, &format!("{example} after {killed} kills in {runs} runs (seed {seed})"));
+    if let Output::Postgres { .. } = out {
+        return;
+    }
     // Nothing left half-written: only committed part files remain.
     let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("out"))
         .unwrap()
@@ -273,6 +351,32 @@ fn w1_on_an_s3_checkpoint_store_survives_kill_9_exactly_once() {
     crash_until_done("examples/w1-sensor-window.yaml", 4_000_000, 8, seed(), Store::S3 { bucket: &bucket });
 }
 
+/// W1 into a PostgreSQL table, exactly once: a transaction per checkpoint, committed with the
+/// sink's progress row; after each kill, recovery restores the checkpoint that row names.
+#[test]
+fn w1_into_postgres_survives_kill_9_exactly_once() {
+    let url = std::env::var("WEIR_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let table = format!("weir_crash_w1_{}", std::process::id());
+    let progress = weir::connectors::testing::psql(&url, "SELECT to_regclass('weir_sink_progress') IS NOT NULL");
+    if progress == "t" {
+        weir::connectors::testing::psql(&url, "DELETE FROM weir_sink_progress WHERE sink = 'w1-postgres/windows'");
+    }
+    let out = Output::Postgres { url: &url, table: &table };
+    crash_until_done_into(
+        "examples/w1-postgres.yaml",
+        "examples/w1-sensor-window.yaml",
+        out,
+        1_000_000,
+        10,
+        seed(),
+        Store::Local,
+    );
+    weir::connectors::testing::psql(
+        &url,
+        &format!("DROP TABLE {table}; DELETE FROM weir_sink_progress WHERE sink = 'w1-postgres/windows'"),
+    );
+}
+
 #[test]
 fn w3_survives_kill_9_at_random_moments_exactly_once() {
     crash_until_done("examples/w3-ewma-anomaly.yaml", 1_000_000, 20, seed(), Store::Local);
@@ -291,7 +395,7 @@ fn sigint_saves_state_and_the_next_run_resumes() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let pipeline = checkpointed("examples/w1-sensor-window.yaml", dir.path(), Store::Local);
-    let mut child = spawn(&pipeline, dir.path(), &input, 2);
+    let mut child = spawn(&pipeline, dir.path(), &input, 2, Output::Files);
     // Mid-run: a first checkpoint has completed, and the run goes on.
     let waited = Instant::now();
     while !(dir.path().join("ck").is_dir() && listing(dir.path(), Store::Local).contains("complete")) {
@@ -305,14 +409,14 @@ fn sigint_saves_state_and_the_next_run_resumes() {
     let partial = rows(&committed(&dir.path().join("out")));
     let listing = listing(dir.path(), Store::Local);
     assert!(listing.contains("complete") && !listing.contains("drained"), "stopped, not drained:\n{listing}");
-    let o = spawn(&pipeline, dir.path(), &input, 1).wait_with_output().unwrap();
+    let o = spawn(&pipeline, dir.path(), &input, 1, Output::Files).wait_with_output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let want = rows(&std::fs::read_to_string(&reference).unwrap());
     assert!(partial.values().map(Vec::len).sum::<usize>() < want.values().map(Vec::len).sum::<usize>());
     assert_same(&want, &rows(&committed(&dir.path().join("out"))), "after SIGINT and a restart");
     // A third run has nothing left to do, and writes nothing more.
     let before = committed(&dir.path().join("out"));
-    let o = spawn(&pipeline, dir.path(), &input, 2).wait_with_output().unwrap();
+    let o = spawn(&pipeline, dir.path(), &input, 2, Output::Files).wait_with_output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(committed(&dir.path().join("out")), before);
 }

@@ -1,7 +1,7 @@
 //! The `weir` command, run as a user would.
 #![allow(clippy::unwrap_used)]
 // The tests use every connector the command has by default.
-#![cfg(all(feature = "kafka", feature = "mqtt", feature = "nats", feature = "amqp"))]
+#![cfg(all(feature = "kafka", feature = "mqtt", feature = "nats", feature = "amqp", feature = "postgres"))]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -161,6 +161,26 @@ pub(crate) fn write_json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// One column's values as JSON texts, one row at a time: for a sink that stores a nested
+/// value (a struct, a list) in a JSON column of its own (PostgreSQL `jsonb`). Types the JSON
+/// encoder does not support are written as strings of their display form.
+#[derive(Debug)]
+pub struct JsonValues<'a> {
+    view: View<'a>,
+}
+
+impl<'a> JsonValues<'a> {
+    /// Views `array` (named `name` in errors).
+    pub fn new(name: &str, array: &'a dyn arrow_array::Array) -> Result<Self> {
+        Ok(Self { view: View::new(name, array, Support::Lenient, "json")? })
+    }
+
+    /// Appends row `row`'s value (`null` for a null) to `out`.
+    pub fn write(&self, row: usize, out: &mut Vec<u8>) {
+        write_value(out, self.view.get(row));
+    }
+}
+
 /// Encodes one row as a JSON object (used for dead-letter payloads of rows that were already
 /// decoded). Values of types the JSON encoder does not support are written as strings of their
 /// Arrow display form. A row out of range gives `{}`.

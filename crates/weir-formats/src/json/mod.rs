@@ -4,4 +4,4 @@ mod decode;
 mod encode;
 
 pub use decode::JsonDecoder;
-pub use encode::{row_to_json, JsonEncoder};
+pub use encode::{row_to_json, JsonEncoder, JsonValues};

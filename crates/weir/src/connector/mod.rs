@@ -29,8 +29,11 @@ pub mod kafka;
 pub mod mqtt;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "amqp")]
 pub mod rabbitmq;
+pub mod redis;
 pub mod redis_streams;
 pub mod stdio;
 
@@ -213,6 +216,10 @@ connectors! {
         Stdout(stdio::StdoutSettings) = "stdout";
         /// A Kafka topic.
         Kafka(kafka::KafkaSinkSettings) = "kafka", feature = "kafka";
+        /// A PostgreSQL table: appended or upserted, exactly once under checkpoints.
+        Postgres(postgres::PostgresSinkSettings) = "postgres", feature = "postgres";
+        /// Redis: hashes of the latest row per key, stream entries or pub/sub messages.
+        Redis(redis::RedisSinkSettings) = "redis";
         /// A sink written in code ([`crate::Pipeline::sink_code`]).
         Code(code::CodeSettings) = "code";
     }

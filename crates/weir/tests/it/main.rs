@@ -1,7 +1,7 @@
 //! Integration tests of the engine through its public API: one binary, a module per area.
 #![allow(clippy::unwrap_used)]
 // The tests use every connector.
-#![cfg(all(feature = "kafka", feature = "mqtt", feature = "nats", feature = "amqp"))]
+#![cfg(all(feature = "kafka", feature = "mqtt", feature = "nats", feature = "amqp", feature = "postgres"))]
 
 mod alerting;
 mod checkpoints;
@@ -16,6 +16,8 @@ mod kafka;
 mod metrics;
 mod mqtt;
 mod nats;
+mod postgres;
 mod rabbitmq;
+mod redis_sink;
 mod redis_streams;
 mod runtime;
