@@ -168,7 +168,7 @@ def test_a_postgres_sink_from_python_keeps_the_latest_row_per_key(tmp_path: Path
     src = tmp_path / "in.jsonl"
     src.write_text("".join('{"seq": %d, "temp": %d.5}\n' % (i % 7, i) for i in range(700)))
     p = weir.Pipeline("py-postgres", workers=1)
-    p.source("in", weir.file(src), schema=SCHEMA)
+    p.source("in", weir.file(str(src)), schema=SCHEMA)
     p.sink("latest", weir.postgres_sink(url, table, mode="upsert", key=["seq"], create_table=True))
     p.run()
     try:
