@@ -20,10 +20,14 @@ pub mod kafka;
 pub mod mqtt;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "nats")]
+pub mod nats_sink;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "amqp")]
 pub mod rabbitmq;
+#[cfg(feature = "amqp")]
+pub mod rabbitmq_sink;
 mod reconnect;
 pub mod redis_sink;
 pub mod redis_streams;

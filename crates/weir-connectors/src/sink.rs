@@ -231,6 +231,42 @@ impl Sink for WriterSink {
     }
 }
 
+/// The encoded rows of a batch: `(start, end)` of each row's bytes in `buf`.
+#[cfg(any(feature = "kafka", feature = "nats", feature = "amqp"))]
+pub(crate) fn encode_rows(
+    enc: &mut dyn Encoder,
+    format: &FormatSpec,
+    rows: &RecordBatch,
+    buf: &mut Vec<u8>,
+) -> Result<Vec<(usize, usize)>> {
+    buf.clear();
+    let mut spans = Vec::with_capacity(rows.num_rows());
+    if matches!(format, FormatSpec::Json) {
+        // JSON Lines escapes newlines inside strings, so each '\n' ends one row.
+        enc.encode(rows, buf).map_err(crate::fmt_err)?;
+        let mut start = 0;
+        for end in memchr_newlines(buf) {
+            spans.push((start, end));
+            start = end + 1;
+        }
+    } else {
+        for i in 0..rows.num_rows() {
+            let start = buf.len();
+            enc.encode(&rows.slice(i, 1), buf).map_err(crate::fmt_err)?;
+            spans.push((start, buf.len()));
+        }
+    }
+    if spans.len() != rows.num_rows() {
+        weir_core::bail_internal!("sink encoded {} records for {} rows", spans.len(), rows.num_rows());
+    }
+    Ok(spans)
+}
+
+#[cfg(any(feature = "kafka", feature = "nats", feature = "amqp"))]
+fn memchr_newlines(buf: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    buf.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};

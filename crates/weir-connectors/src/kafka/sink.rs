@@ -262,40 +262,6 @@ fn texts(rows: &RecordBatch, col: &str) -> Result<Vec<Option<String>>> {
     Ok((0..rows.num_rows()).map(|i| (!c.is_null(i)).then(|| fmt.value(i).to_string())).collect())
 }
 
-/// The encoded rows of a batch: `(start, end)` of each row's bytes in `buf`.
-fn encode_rows(
-    enc: &mut dyn Encoder,
-    format: &FormatSpec,
-    rows: &RecordBatch,
-    buf: &mut Vec<u8>,
-) -> Result<Vec<(usize, usize)>> {
-    buf.clear();
-    let mut spans = Vec::with_capacity(rows.num_rows());
-    if matches!(format, FormatSpec::Json) {
-        // JSON Lines escapes newlines inside strings, so each '\n' ends one row.
-        enc.encode(rows, buf).map_err(crate::fmt_err)?;
-        let mut start = 0;
-        for end in memchr_newlines(buf) {
-            spans.push((start, end));
-            start = end + 1;
-        }
-    } else {
-        for i in 0..rows.num_rows() {
-            let start = buf.len();
-            enc.encode(&rows.slice(i, 1), buf).map_err(crate::fmt_err)?;
-            spans.push((start, buf.len()));
-        }
-    }
-    if spans.len() != rows.num_rows() {
-        weir_core::bail_internal!("kafka sink encoded {} records for {} rows", spans.len(), rows.num_rows());
-    }
-    Ok(spans)
-}
-
-fn memchr_newlines(buf: &[u8]) -> impl Iterator<Item = usize> + '_ {
-    buf.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i)
-}
-
 /// The delivery reports of one written batch, awaited by a task of their own so that the
 /// next batch is produced meanwhile; the task records the batch's produce latency when its
 /// last report arrives, and hands back the records that failed and how many reports the
@@ -466,7 +432,7 @@ impl Sink for KafkaSink {
             return Err(err);
         }
         self.resend().await?;
-        let spans = encode_rows(self.encoder.as_mut(), &self.cfg.format, rows, &mut self.buf)?;
+        let spans = crate::sink::encode_rows(self.encoder.as_mut(), &self.cfg.format, rows, &mut self.buf)?;
         let keys = self.cfg.key.as_deref().map(|k| texts(rows, k)).transpose()?;
         let parts = self.cfg.partition.as_deref().map(|p| texts(rows, p)).transpose()?;
         let headers: Vec<(&str, Vec<Option<String>>)> =

@@ -220,6 +220,10 @@ connectors! {
         Postgres(postgres::PostgresSinkSettings) = "postgres", feature = "postgres";
         /// Redis: hashes of the latest row per key, stream entries or pub/sub messages.
         Redis(redis::RedisSinkSettings) = "redis";
+        /// NATS: a message per row, core or JetStream (acknowledged).
+        Nats(nats::NatsSinkSettings) = "nats", feature = "nats";
+        /// RabbitMQ: a confirmed, persistent message per row to an exchange.
+        RabbitMq(rabbitmq::RabbitMqSinkSettings) = "rabbitmq", feature = "amqp";
         /// A sink written in code ([`crate::Pipeline::sink_code`]).
         Code(code::CodeSettings) = "code";
     }

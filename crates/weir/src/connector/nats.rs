@@ -8,10 +8,10 @@ use arrow_schema::SchemaRef;
 use serde::{Deserialize, Serialize};
 use weir_connectors::nats::{JetStreamConfig, NatsDeliver, NatsSourceConfig, NatsSourceFactory};
 use weir_connectors::topic::{MetaColumns, TopicPattern, NATS};
-use weir_core::{Result, SourceFactory};
+use weir_core::{Result, SinkFactory, SourceFactory};
 use weir_formats::FormatSpec;
 
-use super::{SourceCx, SourceSettings};
+use super::{SinkCx, SinkSettings, SourceCx, SourceSettings};
 use crate::config::default_format;
 
 /// NATS source settings. A user and password go in the URL (`nats://u:${PW}@host:4222`), a
@@ -170,5 +170,57 @@ impl SourceSettings for NatsSourceSettings {
 
     fn row_schema(&self, payload: SchemaRef) -> Result<SchemaRef> {
         Ok(NatsSourceFactory::new(self.config(payload, None)?)?.schema())
+    }
+}
+
+/// NATS sink settings: a message per row.
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSinkSettings {
+    /// `nats://[user:password@]host:port` or `tls://host:port`.
+    pub url: String,
+    /// Each row's subject, from its columns: `alerts.{site}.{device_id}`.
+    pub subject: String,
+    /// Publish to JetStream and wait for each message's acknowledgement (the stream storing
+    /// the subject must exist); default core NATS.
+    #[serde(default)]
+    pub jetstream: bool,
+    /// JetStream: a `Nats-Msg-Id` from the row's columns (`{device_id}-{window_start}`); the
+    /// stream drops a repeat within its duplicate window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<String>,
+    /// Payload format: `json` (default) or `msgpack`.
+    #[serde(default = "default_format")]
+    pub format: FormatSpec,
+    /// A token, when the server asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for NatsSinkSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSinkSettings")
+            .field("url", &weir_connectors::redis_streams::redact_url(&self.url))
+            .field("subject", &self.subject)
+            .field("jetstream", &self.jetstream)
+            .field("msg_id", &self.msg_id)
+            .field("format", &self.format)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+impl SinkSettings for NatsSinkSettings {
+    fn build(&self, cx: &SinkCx<'_>) -> Result<Arc<dyn SinkFactory>> {
+        let cfg = weir_connectors::nats_sink::NatsSinkConfig {
+            url: self.url.clone(),
+            token: self.token.clone(),
+            subject: self.subject.clone(),
+            jetstream: self.jetstream,
+            msg_id: self.msg_id.clone(),
+            format: self.format,
+            schema: cx.schema.clone(),
+        };
+        Ok(Arc::new(weir_connectors::nats_sink::NatsSinkFactory::new(cfg).map_err(|e| e.in_step(&cx.step))?))
     }
 }

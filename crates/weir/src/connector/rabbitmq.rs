@@ -8,10 +8,10 @@ use arrow_schema::SchemaRef;
 use serde::{Deserialize, Serialize};
 use weir_connectors::rabbitmq::{RabbitMqSourceConfig, RabbitMqSourceFactory};
 use weir_connectors::topic::{MetaColumns, TopicPattern, AMQP};
-use weir_core::{Result, SourceFactory};
+use weir_core::{Result, SinkFactory, SourceFactory};
 use weir_formats::FormatSpec;
 
-use super::{SourceCx, SourceSettings};
+use super::{SinkCx, SinkSettings, SourceCx, SourceSettings};
 use crate::config::default_format;
 
 /// RabbitMQ source settings. The password goes in the URL
@@ -134,5 +134,50 @@ impl SourceSettings for RabbitMqSourceSettings {
 
     fn row_schema(&self, payload: SchemaRef) -> Result<SchemaRef> {
         Ok(RabbitMqSourceFactory::new(self.config(payload, None)?)?.schema())
+    }
+}
+
+/// RabbitMQ sink settings: a persistent, confirmed message per row.
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitMqSinkSettings {
+    /// `amqp://user:password@host:5672/vhost` (`amqps://` for TLS).
+    pub url: String,
+    /// The exchange; default `""`, the default exchange (routing keys are queue names).
+    #[serde(default)]
+    pub exchange: String,
+    /// Each row's routing key, from its columns: `alerts.{site}.{severity}`.
+    pub routing_key: String,
+    /// A `message_id` from the row's columns, for consumers that drop repeats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// Payload format: `json` (default) or `msgpack`.
+    #[serde(default = "default_format")]
+    pub format: FormatSpec,
+}
+
+impl std::fmt::Debug for RabbitMqSinkSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitMqSinkSettings")
+            .field("url", &weir_connectors::redis_streams::redact_url(&self.url))
+            .field("exchange", &self.exchange)
+            .field("routing_key", &self.routing_key)
+            .field("message_id", &self.message_id)
+            .field("format", &self.format)
+            .finish()
+    }
+}
+
+impl SinkSettings for RabbitMqSinkSettings {
+    fn build(&self, cx: &SinkCx<'_>) -> Result<Arc<dyn SinkFactory>> {
+        let cfg = weir_connectors::rabbitmq_sink::RabbitMqSinkConfig {
+            url: self.url.clone(),
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+            message_id: self.message_id.clone(),
+            format: self.format,
+            schema: cx.schema.clone(),
+        };
+        Ok(Arc::new(weir_connectors::rabbitmq_sink::RabbitMqSinkFactory::new(cfg).map_err(|e| e.in_step(&cx.step))?))
     }
 }
