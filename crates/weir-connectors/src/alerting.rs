@@ -529,7 +529,7 @@ impl Client {
 }
 
 /// A reqwest error with its causes, which is where "connection refused" lives.
-fn describe_http_error(e: &reqwest::Error) -> String {
+pub(crate) fn describe_http_error(e: &reqwest::Error) -> String {
     let mut s = if e.is_timeout() { "timed out".to_string() } else { "request failed".to_string() };
     let mut src = std::error::Error::source(e);
     while let Some(c) = src {

@@ -12,12 +12,16 @@ mod decode;
 pub mod file;
 pub mod generator;
 pub mod http_ingest;
+pub mod http_sink;
 #[cfg(any(feature = "nats", feature = "amqp"))]
 mod inbox;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod live_feed;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
+#[cfg(feature = "mqtt")]
+pub mod mqtt_sink;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "nats")]

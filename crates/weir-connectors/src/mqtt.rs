@@ -169,14 +169,14 @@ fn check_filter(t: &str) -> Result<()> {
 
 /// Where the broker is.
 #[derive(Debug, Clone)]
-struct Endpoint {
-    host: String,
-    port: u16,
-    tls: bool,
+pub(crate) struct Endpoint {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) tls: bool,
 }
 
 impl Endpoint {
-    fn parse(raw: &str) -> Result<Self> {
+    pub(crate) fn parse(raw: &str) -> Result<Self> {
         let url = url::Url::parse(raw)
             .map_err(|e| CoreError::Config(format!("mqtt `url: {raw}`: {e}; write it like mqtt://127.0.0.1:1883")))?;
         let tls = match url.scheme() {

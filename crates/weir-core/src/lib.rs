@@ -20,6 +20,7 @@ mod checkpointing;
 pub mod deadletter;
 pub mod error;
 pub mod exchange;
+pub mod fanout;
 pub mod handoff;
 pub mod ids;
 pub mod keys;

@@ -272,6 +272,14 @@ pub trait Sink: Send + fmt::Debug {
         Ok(())
     }
 
+    /// [`Sink::write`], told which attempt this is: 1 for a new batch, more when the runtime
+    /// writes the same batch again after a transient failure. A sink made of others (several
+    /// sinks) uses it to skip those that had taken the batch; the default writes.
+    async fn write_attempt(&mut self, rows: &RecordBatch, attempt: u32) -> Result<()> {
+        let _ = attempt;
+        self.write(rows).await
+    }
+
     /// Puts the sink's own figures (produce latency, transactions, ...) into the job's
     /// metrics; called after writes, so it must be cheap.
     fn report(&self, metrics: &crate::metrics::ConnectorMetrics) {
@@ -297,6 +305,13 @@ pub trait Committer: Send + Sync + fmt::Debug {
     /// produced again. The default, [`Visible::Unknown`], leaves recovery to the store.
     async fn visible(&self) -> Result<Visible> {
         Ok(Visible::Unknown)
+    }
+
+    /// Whether the sink keeps its own record of the last checkpoint it made visible (what
+    /// [`Committer::visible`] reads) because a crash can lose output that cannot be committed
+    /// again (a database or Kafka transaction). Of several sinks, at most one can be so.
+    fn records_progress(&self) -> bool {
+        false
     }
 }
 

@@ -1045,7 +1045,7 @@ async fn write_with_retry(
     let mut down_since: Option<Instant> = None;
     let mut first_failure_ms = 0;
     loop {
-        let res = sink.write(&b.rows).await;
+        let res = sink.write_attempt(&b.rows, attempt).await;
         if matches!(res, Ok(()) | Err(CoreError::Refused(_))) {
             sink.report(&reg.connectors);
             if let Some(t) = down_since {

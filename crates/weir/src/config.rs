@@ -26,7 +26,8 @@ pub struct PipelineConfig {
     /// What happens to them, in order.
     #[serde(default)]
     pub steps: Vec<StepConfig>,
-    /// Where results go.
+    /// Where results go: one sink, or (`sinks:`) a list of sinks that each get every row.
+    #[serde(alias = "sinks")]
     pub sink: SinkConfig,
     /// Where records that cannot be processed go.
     #[serde(default)]

@@ -14,6 +14,7 @@
 //! GET  /quarantine                                        quarantined keys and when they come back
 //! POST /quarantine/{key}/release                          release a key now (Authorization: Bearer <token>)
 //! POST /ingest/{source}                                   records into an HTTP ingest source (Authorization: Bearer <token>)
+//! GET  /ws/{sink}?device_id=d-1                           WebSocket: a live feed sink's rows, one JSON object per message
 //! ```
 //!
 //! The server is axum on a thread of its own with a single-threaded runtime: however busy the
@@ -56,6 +57,8 @@ pub struct HttpState {
     pub token: Option<String>,
     /// The HTTP ingest sources, by source id (`POST /ingest/<id>`).
     pub ingest: Arc<crate::connector::IngestHubs>,
+    /// The live feed sinks, by sink id (`GET /ws/<id>`).
+    pub feeds: Arc<crate::connector::FeedHubs>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -78,6 +81,7 @@ impl HttpState {
             quarantine: None,
             token: None,
             ingest: Arc::default(),
+            feeds: Arc::default(),
         }
     }
 }
@@ -180,6 +184,7 @@ fn router(state: HttpState) -> Router {
         .route("/quarantine/{key}/release", post(release))
         // Each source checks its own `max_body`.
         .route("/ingest/{source}", post(ingest).layer(axum::extract::DefaultBodyLimit::disable()))
+        .route("/ws/{sink}", get(feed))
         .fallback(|| async {
             json_error(
                 StatusCode::NOT_FOUND,
@@ -231,6 +236,74 @@ fn token_refusal(token: &str, headers: &HeaderMap) -> Option<Response> {
     let mut r = json_error(StatusCode::UNAUTHORIZED, "a valid `Authorization: Bearer <token>` header is required");
     r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     Some(r)
+}
+
+/// `GET /ws/<sink>`: a WebSocket of the live feed sink's rows, one JSON object per text
+/// message, only rows whose columns equal the query's values (`?device_id=d-1&site=berlin`).
+/// With an API token, the client gives it as a bearer header or `?token=` (browsers cannot set
+/// headers on a WebSocket).
+async fn feed(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(sink): Path<String>,
+    Query(q): Params,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    let hub = s.feeds.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&sink).cloned();
+    let Some(hub) = hub else {
+        return json_error(StatusCode::NOT_FOUND, format!("no websocket sink `{sink}` in this pipeline"));
+    };
+    if let Some(token) = &s.token {
+        let given = param(&q, "token");
+        if !given.is_some_and(|g| same_token(g, token)) {
+            if let Some(r) = token_refusal(token, &headers) {
+                return r;
+            }
+        }
+    }
+    let filters: Vec<(String, String)> = q.iter().filter(|(k, _)| k != "token").cloned().collect();
+    let client = match hub.subscribe(&filters) {
+        Ok(c) => c,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, e),
+    };
+    ws.on_upgrade(move |socket| serve_feed(socket, client))
+}
+
+async fn serve_feed(mut socket: axum::extract::ws::WebSocket, mut client: weir_connectors::live_feed::FeedClient) {
+    use axum::extract::ws::{CloseFrame, Message};
+    use weir_connectors::live_feed::FeedEnd;
+    loop {
+        tokio::select! {
+            rows = client.next() => match rows {
+                Ok(rows) => {
+                    for r in rows {
+                        // A connection that takes nothing for this long is dropped: its task
+                        // would otherwise wait on it for ever.
+                        match tokio::time::timeout(Duration::from_secs(10), socket.send(Message::Text(r.into()))).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => return,
+                            Err(_) => {
+                                client.note_dropped();
+                                return;
+                            }
+                        }
+                    }
+                }
+                Err(end) => {
+                    let (code, reason) = match end {
+                        FeedEnd::TooSlow(n) => (1008, format!("too slow: {n} batches behind; connect again")),
+                        FeedEnd::Closed => (1000, "the pipeline ended".to_string()),
+                    };
+                    let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+                    return;
+                }
+            },
+            msg = socket.recv() => match msg {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
 }
 
 /// `POST /ingest/<source>`: the body's records into that HTTP ingest source.

@@ -252,6 +252,7 @@ impl Pipeline {
             alerts: AlertHub::default(),
             link: Link::default(),
             ingest: Arc::default(),
+            feeds: Arc::default(),
         };
         if let Some(schema) = &c.source.schema {
             let schema =
@@ -274,6 +275,8 @@ pub struct BuiltPipeline {
     link: Link,
     /// The HTTP ingest sources' hubs, by source id, filled when the pipeline is planned.
     ingest: Arc<crate::connector::IngestHubs>,
+    /// The live feed sinks' hubs, by sink id, filled when the pipeline is planned.
+    feeds: Arc<crate::connector::FeedHubs>,
 }
 
 /// The error for a Kafka feature used in a build without the `kafka` cargo feature.
@@ -670,6 +673,7 @@ impl BuiltPipeline {
             quarantine: job.quarantine(),
             token,
             ingest: self.ingest.clone(),
+            feeds: self.feeds.clone(),
         }
     }
 
@@ -862,6 +866,7 @@ impl BuiltPipeline {
             schema: out_schema,
             checkpoints: c.checkpoints.as_ref(),
             code: self.code.sink.clone(),
+            feeds: &self.feeds,
             #[cfg(feature = "kafka")]
             source_offsets: transactional_offsets.clone(),
             #[cfg(feature = "kafka")]
@@ -1065,6 +1070,7 @@ impl BuiltPipeline {
             alerts: self.alerts.clone(),
             link,
             ingest: self.ingest.clone(),
+            feeds: self.feeds.clone(),
         }
     }
 

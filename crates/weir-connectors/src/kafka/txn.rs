@@ -508,6 +508,10 @@ impl Committer for Transactions {
         Ok(())
     }
 
+    fn records_progress(&self) -> bool {
+        true
+    }
+
     async fn visible(&self) -> Result<Visible> {
         *self.run.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = run_id();
         let mut any = None;

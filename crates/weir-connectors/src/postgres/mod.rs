@@ -912,6 +912,10 @@ impl Committer for Transactions {
         Ok(())
     }
 
+    fn records_progress(&self) -> bool {
+        true
+    }
+
     async fn visible(&self) -> Result<Visible> {
         // Recovery cannot choose a checkpoint without this answer: wait for the server.
         let policy = RetryPolicy {

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use arrow_schema::SchemaRef;
 use serde::{Deserialize, Serialize};
 use weir_connectors::http_ingest::{HttpIngestFactory, IngestHub, Respond};
-use weir_core::{Result, SourceFactory};
+use weir_core::{Result, SinkFactory, SourceFactory};
 
-use super::{SourceCx, SourceSettings};
+use super::{SinkCx, SinkSettings, SourceCx, SourceSettings};
 
 /// HTTP ingest settings. The token may be a `${VAR}` reference and is never logged.
 #[derive(Clone, PartialEq, Deserialize, Serialize)]
@@ -88,5 +88,76 @@ impl SourceSettings for HttpIngestSettings {
             respond,
         );
         Ok((Arc::new(fac), schema))
+    }
+}
+
+/// HTTP sink settings: rows POSTed as JSON. Header values may be `${VAR}` references;
+/// `Authorization` and `*key*` headers are never logged.
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSinkSettings {
+    /// `http://` or `https://` URL.
+    pub url: String,
+    /// Extra request headers.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Rows per request at most (default 1000).
+    #[serde(default = "default_max_rows")]
+    pub max_rows: usize,
+    /// How long a request may take (default 10s).
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: std::time::Duration,
+    /// `json` (default: a JSON array of rows) or `jsonl` (one object per line).
+    #[serde(default = "default_body")]
+    pub body: String,
+}
+
+fn default_max_rows() -> usize {
+    1000
+}
+fn default_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
+fn default_body() -> String {
+    "json".into()
+}
+
+impl std::fmt::Debug for HttpSinkSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                let secret = k.eq_ignore_ascii_case("authorization") || k.to_ascii_lowercase().contains("key");
+                (k.as_str(), if secret { "***" } else { v.as_str() })
+            })
+            .collect();
+        f.debug_struct("HttpSinkSettings")
+            .field("url", &weir_connectors::redis_streams::redact_url(&self.url))
+            .field("headers", &headers)
+            .field("max_rows", &self.max_rows)
+            .field("timeout", &self.timeout)
+            .field("body", &self.body)
+            .finish()
+    }
+}
+
+impl SinkSettings for HttpSinkSettings {
+    fn build(&self, cx: &SinkCx<'_>) -> Result<Arc<dyn SinkFactory>> {
+        use weir_connectors::http_sink::{HttpBody, HttpSinkConfig, HttpSinkFactory};
+        let body = match self.body.as_str() {
+            "json" => HttpBody::JsonArray,
+            "jsonl" => HttpBody::JsonLines,
+            other => return Err(cx.error(format!("http sink: `body: {other}`: json or jsonl"))),
+        };
+        let cfg = HttpSinkConfig {
+            url: self.url.clone(),
+            headers: self.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            max_rows: self.max_rows,
+            timeout: self.timeout,
+            body,
+            schema: cx.schema.clone(),
+        };
+        Ok(Arc::new(HttpSinkFactory::new(cfg).map_err(|e| e.in_step(&cx.step))?))
     }
 }

@@ -20,6 +20,7 @@ use weir_core::{CoreError, Result, SinkFactory, SourceFactory, StepId};
 use crate::config::{CheckpointConfig, EventTimeConfig, RetryConfig, SinkConfig, SourceConfig, WatermarkConfig};
 
 pub mod code;
+pub mod fan_out;
 pub mod file;
 pub mod generator;
 pub mod http;
@@ -36,6 +37,10 @@ pub mod rabbitmq;
 pub mod redis;
 pub mod redis_streams;
 pub mod stdio;
+pub mod websocket;
+
+/// The live feed sinks' hubs, by sink id: the API port's `GET /ws/<id>` finds them here.
+pub type FeedHubs = std::sync::Mutex<std::collections::BTreeMap<String, Arc<weir_connectors::live_feed::FeedHub>>>;
 
 /// The HTTP ingest sources' hubs, by source id: the API port's `POST /ingest/<id>` finds them here.
 pub type IngestHubs =
@@ -99,6 +104,8 @@ pub(crate) struct SinkCx<'a> {
     pub(crate) schema: SchemaRef,
     pub(crate) checkpoints: Option<&'a CheckpointConfig>,
     pub(crate) code: Option<Arc<dyn SinkFactory>>,
+    /// Where live feed sinks put their hubs for the API port.
+    pub(crate) feeds: &'a FeedHubs,
     #[cfg(feature = "kafka")]
     pub(crate) source_offsets: Option<Arc<weir_connectors::kafka::TransactionalOffsets>>,
     /// The writing half of a repartitioned pipeline creates its topic.
@@ -220,10 +227,18 @@ connectors! {
         Postgres(postgres::PostgresSinkSettings) = "postgres", feature = "postgres";
         /// Redis: hashes of the latest row per key, stream entries or pub/sub messages.
         Redis(redis::RedisSinkSettings) = "redis";
+        /// An HTTP endpoint: rows POSTed as JSON, batched.
+        Http(http::HttpSinkSettings) = "http";
+        /// MQTT: a message per row on a topic from its columns.
+        Mqtt(mqtt::MqttSinkSettings) = "mqtt", feature = "mqtt";
         /// NATS: a message per row, core or JetStream (acknowledged).
         Nats(nats::NatsSinkSettings) = "nats", feature = "nats";
         /// RabbitMQ: a confirmed, persistent message per row to an exchange.
         RabbitMq(rabbitmq::RabbitMqSinkSettings) = "rabbitmq", feature = "amqp";
+        /// WebSocket clients of the API port (`GET /ws/<sink id>`): a live feed.
+        WebSocket(websocket::WebSocketSettings) = "websocket";
+        /// Several sinks, each getting every row (`sinks: [...]` is the short form).
+        FanOut(fan_out::FanOutSettings) = "fan_out";
         /// A sink written in code ([`crate::Pipeline::sink_code`]).
         Code(code::CodeSettings) = "code";
     }
@@ -398,7 +413,15 @@ impl<'de> Deserialize<'de> for SinkConfig {
         impl<'de> Visitor<'de> for V {
             type Value = SinkConfig;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a sink: `id`, one connector and its settings")
+                f.write_str("a sink (`id`, one connector and its settings), or a list of sinks")
+            }
+            /// `sinks: [...]`: each sink gets every row.
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<SinkConfig, A::Error> {
+                let mut sinks = Vec::new();
+                while let Some(s) = seq.next_element::<SinkConfig>()? {
+                    sinks.push(s);
+                }
+                Ok(SinkConfig::new("sinks", SinkConnector::FanOut(fan_out::FanOutSettings(sinks))))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<SinkConfig, A::Error> {
                 let mut id: Option<String> = None;
@@ -435,7 +458,7 @@ impl<'de> Deserialize<'de> for SinkConfig {
                 Ok(s)
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_any(V)
     }
 }
 

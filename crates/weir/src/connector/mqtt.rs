@@ -8,10 +8,10 @@ use arrow_schema::SchemaRef;
 use serde::{Deserialize, Serialize};
 use weir_connectors::mqtt::{MqttProtocol, MqttSourceConfig, MqttSourceFactory};
 use weir_connectors::topic::{MetaColumns, TopicPattern, MQTT};
-use weir_core::{Result, SourceFactory};
+use weir_core::{Result, SinkFactory, SourceFactory};
 use weir_formats::FormatSpec;
 
-use super::{SourceCx, SourceSettings};
+use super::{SinkCx, SinkSettings, SourceCx, SourceSettings};
 use crate::config::default_format;
 
 /// MQTT source settings. The password may be a `${VAR}` reference and is never logged.
@@ -206,5 +206,65 @@ impl SourceSettings for MqttSourceSettings {
 
     fn row_schema(&self, payload: SchemaRef) -> Result<SchemaRef> {
         Ok(MqttSourceFactory::new(self.config(payload, None)?)?.schema())
+    }
+}
+
+/// MQTT sink settings: a message per row (MQTT 3.1.1).
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSinkSettings {
+    /// `mqtt://host:port` or `mqtts://host:port` (TLS).
+    pub url: String,
+    /// Each row's topic, from its columns: `alerts/{site}/{device_id}`.
+    pub topic: String,
+    /// 0 (fire and forget) or 1 (default: each batch waits for the broker's acknowledgements).
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Publish retained messages: a new subscriber gets each topic's last one.
+    #[serde(default)]
+    pub retain: bool,
+    /// The client id (each worker appends `-<worker>`); default `weir-<pipeline name>-sink`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// User name, when the broker asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password (use `${VAR}`); never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Payload format: `json` (default) or `msgpack`.
+    #[serde(default = "default_format")]
+    pub format: FormatSpec,
+}
+
+impl std::fmt::Debug for MqttSinkSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttSinkSettings")
+            .field("url", &self.url)
+            .field("topic", &self.topic)
+            .field("qos", &self.qos)
+            .field("retain", &self.retain)
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("format", &self.format)
+            .finish()
+    }
+}
+
+impl SinkSettings for MqttSinkSettings {
+    fn build(&self, cx: &SinkCx<'_>) -> Result<Arc<dyn SinkFactory>> {
+        let cfg = weir_connectors::mqtt_sink::MqttSinkConfig {
+            url: self.url.clone(),
+            topic: self.topic.clone(),
+            qos: self.qos,
+            retain: self.retain,
+            client_id: self.client_id.clone().unwrap_or_else(|| format!("weir-{}-sink", cx.pipeline)),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            format: self.format,
+            schema: cx.schema.clone(),
+        };
+        Ok(Arc::new(weir_connectors::mqtt_sink::MqttSinkFactory::new(cfg).map_err(|e| e.in_step(&cx.step))?))
     }
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use weir::prelude::*;
-use weir_connectors::testing::{self, NatsServer};
+use weir_connectors::testing::{self, Mosquitto, NatsServer};
 
 use crate::common::*;
 
@@ -161,4 +161,34 @@ fn rabbitmq_publishing_is_confirmed_routed_by_columns_and_unroutable_rows_are_de
     let source = format!("    url: {url}\n    queue: {q}\n    end_when_idle: 1s");
     let rows = read_back(dir.path(), "rabbitmq", &source, &dir.path().join("back.jsonl"));
     assert_seqs(&rows, (0..2100).filter(|i| i % 7 != 6 && i % 3 != 2), "read back");
+}
+
+#[test]
+fn mqtt_publishing_at_qos_1_is_acknowledged_on_topics_made_from_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    // The reader's session exists before anything is published, so the broker keeps it all.
+    broker.open_session("reader-0", "out/#");
+    let input = input(dir.path(), 1400);
+    publish(dir.path(), &input, "mqtt", &format!("    url: {}\n    topic: \"out/{{site}}/{{seq}}\"", broker.url()));
+    let reasons = dead_reasons(dir.path());
+    assert_eq!(reasons.len(), 200, "the rows without a site: {:?}", &reasons[..2]);
+    assert!(reasons[0].contains("`{site}` of `out/{site}/{seq}` is null"), "{}", reasons[0]);
+    let source = format!(
+        "    url: {}\n    topics: [\"out/#\"]\n    client_id: reader\n    end_when_idle: 1s\n    topic_column: topic",
+        broker.url()
+    );
+    let rows = read_back(dir.path(), "mqtt", &source, &dir.path().join("back.jsonl"));
+    assert_seqs(&rows, (0..1400).filter(|i| i % 7 != 6), "read back");
+    let r = rows.iter().find(|r| r["seq"] == 4).unwrap();
+    assert_eq!(r["topic"].as_str(), Some("out/s1/4"));
+    // Wildcards cannot be published to.
+    let cfg = weir::yaml::parse_with(
+        "m.yaml",
+        &format!("name: m\nsource: {{ id: s, stdin: {{}}, schema: {{ fields: [{{ name: a, type: string }}] }} }}\nsink:\n  id: o\n  mqtt: {{ url: \"{}\", topic: \"a/+/{{a}}\" }}\n", broker.url()),
+        |_| None,
+    )
+    .unwrap();
+    let e = Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("`+` and `#` are for subscribing"), "{e}");
 }
