@@ -25,6 +25,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-500000}
 only=${ONLY:-mqtt redis nats rabbitmq}
+# How often the Weir runs checkpoint, and so acknowledge to their server.
+ck_interval=${CK_INTERVAL:-200ms}
 runs() { [[ " $only " == *" $1 "* ]]; }
 source scripts/services.sh
 input=/tmp/weir-bench-sensors-$n.jsonl
@@ -80,7 +82,7 @@ for i in 1 2 3; do
   "$bin" gen --mqtt mqtt://127.0.0.1:$mport --topic "weir-$i" -n "$n" 2> /dev/null
   t0=$(now)
   MQTT_URL=mqtt://127.0.0.1:$mport TOPIC="weir-$i" MQTT_CLIENT_ID="weir-bench-$i" OUTPUT="$dir/out-m$i" \
-    CHECKPOINTS="$dir/ck-m$i" CHECKPOINT_INTERVAL=200ms DEAD_LETTERS="$dir/dead.jsonl" \
+    CHECKPOINTS="$dir/ck-m$i" CHECKPOINT_INTERVAL=$ck_interval DEAD_LETTERS="$dir/dead.jsonl" \
     "$bin" run "$dir/w1-mqtt.yaml" --workers 2 --no-progress 2> "$dir/run.log"
   t1=$(python3 -c "print($(now) - 1.0)")
   read_n=$(grep -o '^[0-9]* events in' "$dir/run.log" | cut -d' ' -f1)
@@ -102,7 +104,7 @@ PY
   echo "| redis streams | redis-rs loop | $n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$n" "$t0" "$t1") |"
   t0=$(now)
   REDIS_URL=redis://127.0.0.1:$rport GROUP=weir-$i OUTPUT="$dir/out-r$i" CHECKPOINTS="$dir/ck-r$i" \
-    CHECKPOINT_INTERVAL=200ms DEAD_LETTERS="$dir/dead.jsonl" "$bin" run "$dir/w1-redis.yaml" --workers 2 --no-progress 2> "$dir/run.log"
+    CHECKPOINT_INTERVAL=$ck_interval DEAD_LETTERS="$dir/dead.jsonl" "$bin" run "$dir/w1-redis.yaml" --workers 2 --no-progress 2> "$dir/run.log"
   t1=$(python3 -c "print($(now) - 1.0)")
   read_n=$(grep -o '^[0-9]* events in' "$dir/run.log" | cut -d' ' -f1)
   echo "| redis streams | weir W1 | $read_n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$read_n" "$t0" "$t1") |"
@@ -116,7 +118,7 @@ PY
   echo "| nats jetstream | async-nats loop | $n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$n" "$t0" "$t1") |"
   t0=$(now)
   NATS_URL=nats://127.0.0.1:$nport STREAM="B$i" SUBJECTS="b$i.>" CONSUMER=weir OUTPUT="$dir/out-n$i" \
-    CHECKPOINTS="$dir/ck-n$i" CHECKPOINT_INTERVAL=200ms DEAD_LETTERS="$dir/dead.jsonl" \
+    CHECKPOINTS="$dir/ck-n$i" CHECKPOINT_INTERVAL=$ck_interval DEAD_LETTERS="$dir/dead.jsonl" \
     "$bin" run "$dir/w1-nats.yaml" --workers 2 --no-progress 2> "$dir/run.log"
   t1=$(python3 -c "print($(now) - 1.0)")
   read_n=$(grep -o '^[0-9]* events in' "$dir/run.log" | cut -d' ' -f1)
@@ -132,7 +134,7 @@ PY
   "$bin" gen --amqp "$amqp" --topic "bench-weir-$$-$i" -n "$n" 2> /dev/null
   t0=$(now)
   AMQP_URL="$amqp" QUEUE="bench-weir-$$-$i" OUTPUT="$dir/out-a$i" CHECKPOINTS="$dir/ck-a$i" \
-    CHECKPOINT_INTERVAL=200ms DEAD_LETTERS="$dir/dead.jsonl" "$bin" run "$dir/w1-rabbitmq.yaml" --workers 2 --no-progress 2> "$dir/run.log"
+    CHECKPOINT_INTERVAL=$ck_interval DEAD_LETTERS="$dir/dead.jsonl" "$bin" run "$dir/w1-rabbitmq.yaml" --workers 2 --no-progress 2> "$dir/run.log"
   t1=$(python3 -c "print($(now) - 1.0)")
   read_n=$(grep -o '^[0-9]* events in' "$dir/run.log" | cut -d' ' -f1)
   echo "| rabbitmq | weir W1 | $read_n | $(python3 -c "print(round($t1 - $t0, 2))") | $(rate "$read_n" "$t0" "$t1") |"
