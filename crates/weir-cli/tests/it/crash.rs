@@ -138,6 +138,8 @@ enum Output<'a> {
     /// A PostgreSQL table written exactly once; the example has its own `checkpoints:`
     /// section, set through `CHECKPOINTS` and `CHECKPOINT_INTERVAL`.
     Postgres { url: &'a str, table: &'a str },
+    /// The same table and part files under `dir/out` (`sinks:`): both must hold the result.
+    PostgresAndFiles { url: &'a str, table: &'a str },
 }
 
 impl Output<'_> {
@@ -145,6 +147,11 @@ impl Output<'_> {
         match self {
             Output::Files => committed(&dir.join("out")),
             Output::Postgres { url, table } => postgres_rows(url, table),
+            Output::PostgresAndFiles { url, table } => {
+                let files = committed(&dir.join("out"));
+                assert_same(&rows(&files), &rows(&postgres_rows(url, table)), "the files against the table");
+                files
+            }
         }
     }
 }
@@ -194,7 +201,7 @@ fn checkpointed(example: &str, dir: &Path, store: Store<'_>) -> PathBuf {
 
 fn spawn(pipeline: &Path, dir: &Path, input: &Path, workers: usize, out: Output<'_>) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_weir"));
-    if let Output::Postgres { url, table } = out {
+    if let Output::Postgres { url, table } | Output::PostgresAndFiles { url, table } = out {
         c.env("PG_URL", url).env("TABLE", table).env("CHECKPOINTS", dir.join("ck")).env("CHECKPOINT_INTERVAL", "50ms");
     }
     s3_env(&mut c)
@@ -257,7 +264,7 @@ fn crash_until_done_into(
 
     let pipeline = match out {
         Output::Files => checkpointed(example, dir.path(), store),
-        Output::Postgres { .. } => repo().join(example),
+        Output::Postgres { .. } | Output::PostgresAndFiles { .. } => repo().join(example),
     };
     let mut rng = Rng(seed);
     let (mut killed, mut runs) = (0u32, 0usize);
@@ -320,7 +327,7 @@ fn crash_until_done_into(
     assert!(killed >= kills, "the input was consumed after {killed} kills; make it larger (seed {seed})");
     let got = rows(&out.committed(dir.path()));
     assert_same(&want, &got, &format!("{example} after {killed} kills in {runs} runs (seed {seed})"));
-    if let Output::Postgres { .. } = out {
+    if matches!(out, Output::Postgres { .. }) {
         return;
     }
     // Nothing left half-written: only committed part files remain.
@@ -374,6 +381,33 @@ fn w1_into_postgres_survives_kill_9_exactly_once() {
     weir::connectors::testing::psql(
         &url,
         &format!("DROP TABLE {table}; DELETE FROM weir_sink_progress WHERE sink = 'w1-postgres/windows'"),
+    );
+}
+
+/// Two exactly-once sinks of one result (`sinks:`): the table (its own progress row) and part
+/// files; each kill may fall between the table's commit and the files', which recovery finishes.
+#[test]
+fn w1_into_postgres_and_files_survives_kill_9_exactly_once() {
+    let url = std::env::var("WEIR_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let table = format!("weir_crash_w1_fan_{}", std::process::id());
+    let key = "w1-postgres-and-files/windows";
+    let progress = weir::connectors::testing::psql(&url, "SELECT to_regclass('weir_sink_progress') IS NOT NULL");
+    if progress == "t" {
+        weir::connectors::testing::psql(&url, &format!("DELETE FROM weir_sink_progress WHERE sink = '{key}'"));
+    }
+    let out = Output::PostgresAndFiles { url: &url, table: &table };
+    crash_until_done_into(
+        "examples/w1-postgres-and-files.yaml",
+        "examples/w1-sensor-window.yaml",
+        out,
+        1_000_000,
+        10,
+        seed(),
+        Store::Local,
+    );
+    weir::connectors::testing::psql(
+        &url,
+        &format!("DROP TABLE {table}; DELETE FROM weir_sink_progress WHERE sink = '{key}'"),
     );
 }
 
