@@ -122,6 +122,25 @@ fn validate_points_at_the_step_with_a_bad_expression() {
     assert!(err.contains("bad.yaml:7:") && err.contains("step `hot`") && err.contains("readings.tmp"), "{err}");
 }
 
+/// Every pipeline under `examples/` loads and checks out as shipped (its inputs absent: the
+/// schemas are declared), so the docs never point at a broken example.
+#[test]
+fn every_shipped_example_validates() {
+    let vars = [("INPUT", Path::new("/nonexistent/in.jsonl")), ("OUTPUT", Path::new("/tmp/never"))];
+    let mut names: Vec<_> = std::fs::read_dir(repo().join("examples"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 18, "{names:?}");
+    for p in names {
+        let o = weir(&["validate", p.to_str().unwrap()], &vars);
+        assert!(o.status.success() && stderr(&o).contains(": ok ("), "{}: {}", p.display(), stderr(&o));
+    }
+}
+
 #[test]
 fn validate_needs_no_input_when_the_schema_is_declared() {
     // W1 declares its schema: it checks out with no input file, and a bad column would still
