@@ -635,6 +635,15 @@ impl PostgresServer {
     /// # Panics
     /// When PostgreSQL's server is not installed or does not start.
     pub fn start(dir: &Path) -> Self {
+        Self::start_with_password(dir, None)
+    }
+
+    /// [`PostgresServer::start`], and with a password: TCP connections must give it
+    /// (SCRAM), for tests of credentials.
+    ///
+    /// # Panics
+    /// As [`PostgresServer::start`].
+    pub fn start_with_password(dir: &Path, password: Option<&str>) -> Self {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("postgres").exists()).max())
@@ -645,11 +654,20 @@ impl PostgresServer {
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
         let _ = std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700));
         let _ = Command::new("chown").arg("-R").arg("postgres:").arg(&data).status();
-        let out = as_postgres(&bin.join("initdb"))
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
-            .arg(&data)
-            .output()
-            .expect("running initdb");
+        let mut initdb = as_postgres(&bin.join("initdb"));
+        initdb.args(["-U", "postgres", "--no-sync", "-E", "UTF8", "--auth-local=trust"]);
+        match password {
+            Some(pw) => {
+                let file = dir.join("pg-password");
+                std::fs::write(&file, pw).expect("writing the password file");
+                let _ = Command::new("chown").arg("postgres:").arg(&file).status();
+                initdb.arg("--auth-host=scram-sha-256").arg(format!("--pwfile={}", file.display()));
+            }
+            None => {
+                initdb.arg("--auth-host=trust");
+            }
+        }
+        let out = initdb.arg("-D").arg(&data).output().expect("running initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         let mut p = Self { child: Process(None), port: free_port(), dir: data, bin };
         p.launch();

@@ -217,6 +217,9 @@ fn classify(e: &tokio_postgres::Error) -> Failure {
             "08" | "53" | "57" | "40" => Failure::Transient(msg),
             _ => Failure::Fatal(msg),
         },
+        // The client's own settings (a password the server asks for and nobody gave) will not
+        // change by waiting.
+        None if msg.starts_with("invalid configuration") => Failure::Fatal(msg),
         None => Failure::Transient(msg),
     }
 }

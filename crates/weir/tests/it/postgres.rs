@@ -262,3 +262,25 @@ fn xadd(url: &str, file: &Path) {
         p.query::<()>(&mut c).unwrap();
     }
 }
+
+/// The password from `PGPASSWORD` when the URL has none; a missing or wrong one fails the run
+/// at once with the server's reason, and a password never shows in settings or errors.
+#[test]
+fn a_password_comes_from_pgpassword_and_is_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PostgresServer::start_with_password(dir.path(), Some("s3cret-pw"));
+    let input = dir.path().join("in.jsonl");
+    events(&input, 0, 100);
+    let sink = |url: &str| format!("    url: {url}\n    table: t\n    create_table: true");
+    std::env::remove_var("PGPASSWORD");
+    let e = run(pipeline(&input, dir.path(), &sink(&pg.url()), false), 1).unwrap_err().to_string();
+    assert!(e.contains("password missing"), "{e}");
+    let wrong = format!("postgres://postgres:wrong-pw@127.0.0.1:{}/postgres", pg.port);
+    let e = run(pipeline(&input, dir.path(), &sink(&wrong), false), 1).unwrap_err().to_string();
+    assert!(e.contains("password authentication failed") && !e.contains("wrong-pw"), "{e}");
+    let cfg = pipeline(&input, dir.path(), &sink(&wrong), false);
+    assert!(!format!("{cfg:?}").contains("wrong-pw"), "settings show no password");
+    std::env::set_var("PGPASSWORD", "s3cret-pw");
+    run(pipeline(&input, dir.path(), &sink(&pg.url()), false), 1).unwrap();
+    assert_eq!(psql(&pg.url(), "SELECT count(*) FROM t"), "100");
+}
