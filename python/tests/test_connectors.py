@@ -6,7 +6,9 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any, Dict, List, Tuple
 
+import pyarrow as pa
 import pytest
 
 import weir
@@ -175,3 +177,43 @@ def test_a_postgres_sink_from_python_keeps_the_latest_row_per_key(tmp_path: Path
         assert psql(f"SELECT count(*), min(temp), max(temp) FROM {table}") == "7|693.5|699.5"
     finally:
         psql(f"DROP TABLE IF EXISTS {table}")
+
+
+def test_a_sink_written_in_python_gets_batches_retries_and_dead_letters_what_it_refuses(tmp_path: Path) -> None:
+    import json
+
+    class Keep(weir.Sink):
+        def __init__(self) -> None:
+            self.rows: List[Dict[str, Any]] = []
+            self.opened: List[Tuple[int, int]] = []
+            self.closed = 0
+            self.busy_once = True
+
+        def open(self, worker: int, workers: int) -> None:
+            self.opened.append((worker, workers))
+
+        def write(self, batch: pa.RecordBatch) -> None:
+            rows = batch.to_pylist()
+            seqs = {r["seq"] for r in rows}
+            if 13 in seqs:
+                raise ValueError("13 is unlucky")
+            if 50 in seqs and self.busy_once:
+                self.busy_once = False
+                raise weir.Retryable("the service is busy")
+            self.rows.extend(rows)
+
+        def close(self) -> None:
+            self.closed += 1
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join('{"seq": %d, "temp": 1.5}\n' % i for i in range(100)))
+    keep = Keep()
+    p = weir.Pipeline("py-sink", workers=1)
+    p.source("in", weir.file(str(src)), schema=SCHEMA, batch_size=10)
+    p.sink("out", keep, retry={"initial_backoff": "10ms"}).dead_letters(str(tmp_path / "dead.jsonl"))
+    p.run()
+    assert sorted(r["seq"] for r in keep.rows) == [s for s in range(100) if not 10 <= s < 20]
+    assert keep.opened == [(0, 1)] and keep.closed == 1
+    dead = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert len(dead) == 10
+    assert "ValueError" in dead[0]["reason"] and "13 is unlucky" in dead[0]["reason"], dead[0]["reason"]

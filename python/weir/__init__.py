@@ -42,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Pipeline",
+    "Sink",
     "RunSummary",
     "Retry",
     "Retryable",
@@ -742,6 +743,29 @@ class _CodeSource:
 
 class _CodeSink:
     """Marker base of sinks implemented by the native module (see :mod:`weir.testing`)."""
+
+
+class Sink(_CodeSink):
+    """Base of sinks written in Python: subclass it and define :meth:`write`.
+
+    ``open(worker, workers)`` runs once for each worker before its first batch (every worker
+    shares this one object), ``write(batch)`` gets each batch as a ``pyarrow.RecordBatch``, and
+    ``close()`` runs at the end. Raise :class:`weir.Retryable` from ``write`` for a failure
+    that may pass (a server that is down): the batch is written again with the sink's ``retry``
+    backoff while the pipeline waits. Any other exception sends the batch's rows to the
+    dead-letter output with the traceback, and the job goes on."""
+
+    _weir_user_sink = True
+
+    def open(self, worker: int, workers: int) -> None:
+        """Called once per worker before its first batch."""
+
+    def write(self, batch: "pa.RecordBatch") -> None:
+        """Writes one batch."""
+        raise NotImplementedError("a weir.Sink subclass must define write(batch)")
+
+    def close(self) -> None:
+        """Called once per worker at the end."""
 
 
 def load_yaml(path: Union[str, os.PathLike]) -> Pipeline:

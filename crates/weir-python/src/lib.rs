@@ -21,6 +21,7 @@ use weir_core::{Batch, Blame, CoreError};
 
 mod bridge;
 mod rows;
+mod sinks;
 mod steps;
 
 /// When an error happened: a user's mistake found while planning is in the pipeline, one
@@ -129,6 +130,11 @@ impl NativePipeline {
             p.source_code(&source_id, Arc::new(memory_source(&src)?));
         }
         let sink = match code_sink {
+            // A `weir.Sink` subclass: written by the user's code.
+            Some(s) if s.hasattr("_weir_user_sink")? => {
+                p.sink_code(&sink_id, Arc::new(sinks::PySinkFactory::new(s.unbind())));
+                None
+            }
             Some(s) => {
                 let collect = CollectSink::default();
                 p.sink_code(&sink_id, Arc::new(collect.clone()));
