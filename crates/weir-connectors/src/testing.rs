@@ -627,6 +627,8 @@ pub struct PostgresServer {
     pub port: u16,
     dir: PathBuf,
     bin: PathBuf,
+    /// Extra server settings (`-c name=value`).
+    args: Vec<String>,
 }
 
 impl PostgresServer {
@@ -644,6 +646,19 @@ impl PostgresServer {
     /// # Panics
     /// As [`PostgresServer::start`].
     pub fn start_with_password(dir: &Path, password: Option<&str>) -> Self {
+        Self::start_with(dir, password, None)
+    }
+
+    /// [`PostgresServer::start`] serving TLS with `cert` and `key` (PEM files), and refusing
+    /// TCP connections without it (`hostssl` only), for tests of TLS.
+    ///
+    /// # Panics
+    /// As [`PostgresServer::start`].
+    pub fn start_with_tls(dir: &Path, cert: &Path, key: &Path) -> Self {
+        Self::start_with(dir, None, Some((cert, key)))
+    }
+
+    fn start_with(dir: &Path, password: Option<&str>, tls: Option<(&Path, &Path)>) -> Self {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("postgres").exists()).max())
@@ -669,7 +684,24 @@ impl PostgresServer {
         }
         let out = initdb.arg("-D").arg(&data).output().expect("running initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        let mut p = Self { child: Process(None), port: free_port(), dir: data, bin };
+        let mut args = Vec::new();
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt as _;
+            for (from, name) in [(cert, "server.crt"), (key, "server.key")] {
+                std::fs::copy(from, data.join(name)).expect("copying the TLS files");
+                let _ = Command::new("chown").arg("postgres:").arg(data.join(name)).status();
+                let _ = std::fs::set_permissions(data.join(name), std::fs::Permissions::from_mode(0o600));
+            }
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+            )
+            .expect("writing pg_hba.conf");
+            args = ["-c", "ssl=on", "-c", "ssl_cert_file=server.crt", "-c", "ssl_key_file=server.key"]
+                .map(String::from)
+                .to_vec();
+        }
+        let mut p = Self { child: Process(None), port: free_port(), dir: data, bin, args };
         p.launch();
         p
     }
@@ -680,6 +712,7 @@ impl PostgresServer {
             .arg("-D")
             .arg(&self.dir)
             .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .args(&self.args)
             .arg("-k")
             .arg(&self.dir)
             .stdout(Stdio::null())

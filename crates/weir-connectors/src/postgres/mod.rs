@@ -220,6 +220,8 @@ fn classify(e: &tokio_postgres::Error) -> Failure {
         // The client's own settings (a password the server asks for and nobody gave) will not
         // change by waiting.
         None if msg.starts_with("invalid configuration") => Failure::Fatal(msg),
+        // A certificate that does not verify, or a server without TLS, stays so.
+        None if msg.contains("TLS") || msg.contains("certificate") => Failure::Fatal(msg),
         None => Failure::Transient(msg),
     }
 }

@@ -284,3 +284,77 @@ fn a_password_comes_from_pgpassword_and_is_never_shown() {
     run(pipeline(&input, dir.path(), &sink(&pg.url()), false), 1).unwrap();
     assert_eq!(psql(&pg.url(), "SELECT count(*) FROM t"), "100");
 }
+
+/// TLS when the URL says `sslmode=require`: the server's certificate is verified against
+/// `ca_file`; one that does not verify fails the run at once with the reason. The test's server
+/// refuses TCP connections without TLS, so a run that works used it.
+#[test]
+fn tls_verifies_the_server_certificate_against_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let openssl = |args: &[&str]| {
+        let o = std::process::Command::new("openssl").args(args).current_dir(d).output().expect("running openssl");
+        assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=weir-test-ca",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let pg = PostgresServer::start_with_tls(d, &d.join("server.pem"), &d.join("server.key"));
+    let input = d.join("in.jsonl");
+    events(&input, 0, 100);
+    let tls_url = format!("{}?sslmode=require", pg.url());
+    let sink = |url: &str, ca: Option<&Path>| {
+        let ca = ca.map(|p| format!("\n    ca_file: {}", p.display())).unwrap_or_default();
+        format!("    url: \"{url}\"\n    table: t\n    create_table: true{ca}")
+    };
+    run(pipeline(&input, d, &sink(&tls_url, Some(&d.join("ca.pem"))), false), 1).unwrap();
+    assert_eq!(psql(&tls_url, "SELECT count(*) FROM t"), "100");
+    // Not trusted: the run fails at once, naming the certificate.
+    let e = run(pipeline(&input, d, &sink(&tls_url, None), false), 1).unwrap_err().to_string();
+    assert!(e.contains("certificate"), "{e}");
+    // Without TLS the server refuses.
+    let e = run(pipeline(&input, d, &sink(&pg.url(), None), false), 1).unwrap_err().to_string();
+    assert!(e.contains("no encryption") || e.contains("pg_hba.conf"), "{e}");
+}
