@@ -459,7 +459,8 @@ impl Shared {
         let plan = self.plan.get().ok_or_else(|| CoreError::Internal("postgres: no plan before a write".into()))?;
         let mut refused = Vec::new();
         let mut keep = vec![true; rows.num_rows()];
-        let (_, bad) = copy::encode(rows, &plan.types, &plan.names);
+        // The encoding that finds the values a column cannot hold is also the first COPY's.
+        let (encoded, bad) = copy::encode(rows, &plan.types, &plan.names);
         for b in bad {
             keep[b.row] = false;
             refused.push(RefusedRow { row: b.row, reason: format!("postgres sink: {}", b.reason) });
@@ -487,16 +488,21 @@ impl Shared {
         if index.is_empty() {
             return Ok(refused);
         }
-        let rows = if index.len() == rows.num_rows() {
-            rows.clone()
+        let (rows, mut whole) = if index.len() == rows.num_rows() {
+            (rows.clone(), Some(encoded))
         } else {
-            arrow_select::filter::filter_record_batch(rows, &BooleanArray::from(keep))?
+            (arrow_select::filter::filter_record_batch(rows, &BooleanArray::from(keep))?, None)
+        };
+        // Rows `start..start + len` as COPY data: the first encoding when it is the whole batch.
+        let mut bytes = |start: usize, len: usize| match whole.take().filter(|_| len == rows.num_rows()) {
+            Some(b) => b,
+            None => copy::encode(&rows.slice(start, len), &plan.types, &plan.names).0,
         };
         // Whole, or halves under savepoints until each refused row stands alone.
         let mut todo = vec![(0, rows.num_rows())];
         let mut failed = 0;
         if own {
-            match self.copy(client, plan, &rows).await {
+            match self.copy(client, plan, bytes(0, rows.num_rows())).await {
                 Ok(()) => todo.clear(),
                 Err(Failure::Rows(_)) => {
                     client.batch_execute("ROLLBACK; BEGIN").await.map_err(fail("writing rows"))?;
@@ -506,7 +512,7 @@ impl Shared {
         }
         while let Some((start, len)) = todo.pop() {
             client.batch_execute("SAVEPOINT weir_rows").await.map_err(fail("writing rows"))?;
-            match self.copy(client, plan, &rows.slice(start, len)).await {
+            match self.copy(client, plan, bytes(start, len)).await {
                 Ok(()) => client.batch_execute("RELEASE SAVEPOINT weir_rows").await.map_err(fail("writing rows"))?,
                 Err(Failure::Rows(reason)) => {
                     client
@@ -534,9 +540,9 @@ impl Shared {
         Ok(refused)
     }
 
-    async fn copy(&self, client: &Client, plan: &Plan, rows: &RecordBatch) -> std::result::Result<(), Failure> {
-        let (bytes, bad) = copy::encode(rows, &plan.types, &plan.names);
-        debug_assert!(bad.is_empty(), "rows were checked before");
+    /// Copies rows encoded by [`copy::encode`] (their values were checked there), and merges
+    /// them into the table for an upsert.
+    async fn copy(&self, client: &Client, plan: &Plan, bytes: Vec<u8>) -> std::result::Result<(), Failure> {
         let go = async {
             let sink = client.copy_in::<_, Bytes>(&plan.copy).await?;
             futures::pin_mut!(sink);
