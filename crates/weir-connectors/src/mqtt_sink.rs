@@ -169,9 +169,6 @@ async fn drive(mut el: rumqttc::EventLoop, acked: Arc<AtomicU64>, notify: Arc<to
     }
 }
 
-/// One row's message: its topic and payload.
-type Message = (String, Vec<u8>);
-
 impl MqttSink {
     fn conn(&mut self) -> &Conn {
         self.conn.get_or_insert_with(|| {
@@ -194,25 +191,6 @@ impl MqttSink {
             Conn { client, acked, notify, _driver: driver }
         })
     }
-
-    /// The batch's messages (made before anything is awaited: the formatters are not `Send`).
-    fn messages(&mut self, rows: &RecordBatch) -> Result<(Vec<Message>, Vec<RefusedRow>)> {
-        let spans = crate::sink::encode_rows(self.encoder.as_mut(), &self.cfg.format, rows, &mut self.buf)?;
-        let topics = self.topic.renderer(rows)?;
-        let (mut out, mut refused) = (Vec::with_capacity(rows.num_rows()), Vec::new());
-        let mut topic = String::new();
-        for (row, (start, end)) in spans.into_iter().enumerate() {
-            match topics.render(row, &mut topic) {
-                Ok(()) if topic.contains(['+', '#']) || topic.is_empty() => refused.push(RefusedRow {
-                    row,
-                    reason: format!("mqtt sink: topic `{topic}` is not one a message can be published to"),
-                }),
-                Ok(()) => out.push((topic.clone(), self.buf[start..end].to_vec())),
-                Err(reason) => refused.push(RefusedRow { row, reason: format!("mqtt sink: {reason}") }),
-            }
-        }
-        Ok((out, refused))
-    }
 }
 
 #[async_trait::async_trait]
@@ -221,14 +199,33 @@ impl Sink for MqttSink {
         if rows.num_rows() == 0 {
             return Ok(());
         }
-        let (messages, mut refused) = self.messages(rows)?;
+        let (mut messages, mut refused) = crate::sink::row_messages(
+            self.encoder.as_mut(),
+            &self.cfg.format,
+            rows,
+            &mut self.buf,
+            &self.topic,
+            None,
+            "mqtt sink",
+        )?;
+        messages.retain(|m| {
+            let ok = !m.to.is_empty() && !m.to.contains(['+', '#']);
+            if !ok {
+                refused.push(RefusedRow {
+                    row: m.row,
+                    reason: format!("mqtt sink: topic `{}` is not one a message can be published to", m.to),
+                });
+            }
+            ok
+        });
         let qos = if self.cfg.qos == 0 { rumqttc::QoS::AtMostOnce } else { rumqttc::QoS::AtLeastOnce };
         let (retain, url) = (self.cfg.retain, self.cfg.url.clone());
         let n = messages.len() as u64;
         let conn = self.conn();
         let (client, acked, notify) = (conn.client.clone(), conn.acked.clone(), conn.notify.clone());
-        for (topic, payload) in messages {
-            client.publish(topic, qos, retain, payload).await.map_err(|e| transient(&url, "publishing", &e))?;
+        for m in messages {
+            let payload = self.buf[m.span.0..m.span.1].to_vec();
+            client.publish(m.to, qos, retain, payload).await.map_err(|e| transient(&url, "publishing", &e))?;
         }
         if qos == rumqttc::QoS::AtLeastOnce {
             self.sent += n;

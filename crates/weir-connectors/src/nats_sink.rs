@@ -13,6 +13,7 @@ use std::time::Duration;
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use async_nats::jetstream;
+use bytes::Bytes;
 use weir_core::error::RefusedRow;
 use weir_core::{Blame, CoreError, Result, Retry, Sink, SinkFactory};
 use weir_formats::{Encoder, FormatSpec};
@@ -117,45 +118,7 @@ fn transient(url: &str, what: &str, e: &dyn std::fmt::Display) -> CoreError {
     }
 }
 
-/// One row's message.
-struct Message {
-    row: usize,
-    subject: String,
-    id: Option<String>,
-    payload: bytes::Bytes,
-}
-
 impl NatsSink {
-    /// The batch's messages (made before anything is awaited: the formatters are not `Send`)
-    /// and the rows refused already (a null in the subject).
-    fn messages(&mut self, rows: &RecordBatch) -> Result<(Vec<Message>, Vec<RefusedRow>)> {
-        let spans = crate::sink::encode_rows(self.encoder.as_mut(), &self.cfg.format, rows, &mut self.buf)?;
-        let subjects = self.subject.renderer(rows)?;
-        let ids = self.msg_id.as_ref().map(|t| t.renderer(rows)).transpose()?;
-        let (mut out, mut refused) = (Vec::with_capacity(rows.num_rows()), Vec::new());
-        let mut subject = String::new();
-        let mut id = String::new();
-        for (row, (start, end)) in spans.into_iter().enumerate() {
-            if let Err(reason) = subjects.render(row, &mut subject) {
-                refused.push(RefusedRow { row, reason: format!("nats sink: {reason}") });
-                continue;
-            }
-            let id = match &ids {
-                Some(t) => match t.render(row, &mut id) {
-                    Ok(()) => Some(id.clone()),
-                    Err(reason) => {
-                        refused.push(RefusedRow { row, reason: format!("nats sink: {reason}") });
-                        continue;
-                    }
-                },
-                None => None,
-            };
-            let payload = bytes::Bytes::copy_from_slice(&self.buf[start..end]);
-            out.push(Message { row, subject: subject.clone(), id, payload });
-        }
-        Ok((out, refused))
-    }
-
     async fn client(&mut self) -> Result<async_nats::Client> {
         if let Some(c) = &self.client {
             return Ok(c.clone());
@@ -176,7 +139,15 @@ impl Sink for NatsSink {
         if rows.num_rows() == 0 {
             return Ok(());
         }
-        let (messages, mut refused) = self.messages(rows)?;
+        let (messages, mut refused) = crate::sink::row_messages(
+            self.encoder.as_mut(),
+            &self.cfg.format,
+            rows,
+            &mut self.buf,
+            &self.subject,
+            self.msg_id.as_ref(),
+            "nats sink",
+        )?;
         let client = self.client().await?;
         let url = self.cfg.url.clone();
         if self.cfg.jetstream {
@@ -189,8 +160,9 @@ impl Sink for NatsSink {
                     if let Some(id) = &m.id {
                         headers.insert("Nats-Msg-Id", id.as_str());
                     }
+                    let payload = Bytes::copy_from_slice(&self.buf[m.span.0..m.span.1]);
                     let ack = js
-                        .publish_with_headers(m.subject.clone(), headers, m.payload.clone())
+                        .publish_with_headers(m.to.clone(), headers, payload)
                         .await
                         .map_err(|e| transient(&url, "publishing", &e))?;
                     acks.push((m.row, ack));
@@ -212,7 +184,7 @@ impl Sink for NatsSink {
         } else {
             for m in &messages {
                 client
-                    .publish(m.subject.clone(), m.payload.clone())
+                    .publish(m.to.clone(), Bytes::copy_from_slice(&self.buf[m.span.0..m.span.1]))
                     .await
                     .map_err(|e| transient(&url, "publishing", &e))?;
             }

@@ -113,31 +113,7 @@ fn transient(url: &str, what: &str, e: &dyn std::fmt::Display) -> CoreError {
     }
 }
 
-/// One row's message: its row, routing key, message id and byte span in the encoded batch.
-type Message = (usize, String, Option<String>, (usize, usize));
-
 impl RabbitMqSink {
-    /// The batch's messages (made before anything is awaited: the formatters are not `Send`)
-    /// and the rows refused already (a null in the routing key).
-    fn messages(&mut self, rows: &RecordBatch) -> Result<(Vec<Message>, Vec<RefusedRow>)> {
-        let spans = crate::sink::encode_rows(self.encoder.as_mut(), &self.cfg.format, rows, &mut self.buf)?;
-        let keys = self.key.renderer(rows)?;
-        let ids = self.id.as_ref().map(|t| t.renderer(rows)).transpose()?;
-        let (mut out, mut refused) = (Vec::with_capacity(rows.num_rows()), Vec::new());
-        let (mut key, mut id) = (String::new(), String::new());
-        for (row, span) in spans.into_iter().enumerate() {
-            let rendered = keys.render(row, &mut key).and_then(|()| match &ids {
-                Some(t) => t.render(row, &mut id).map(|()| Some(id.clone())),
-                None => Ok(None),
-            });
-            match rendered {
-                Ok(id) => out.push((row, key.clone(), id, span)),
-                Err(reason) => refused.push(RefusedRow { row, reason: format!("rabbitmq sink: {reason}") }),
-            }
-        }
-        Ok((out, refused))
-    }
-
     async fn channel(&mut self) -> Result<lapin::Channel> {
         if let Some((c, ch)) = &self.conn {
             if c.status().connected() && ch.status().connected() {
@@ -162,26 +138,40 @@ impl Sink for RabbitMqSink {
         if rows.num_rows() == 0 {
             return Ok(());
         }
-        let (messages, mut refused) = self.messages(rows)?;
+        let (messages, mut refused) = crate::sink::row_messages(
+            self.encoder.as_mut(),
+            &self.cfg.format,
+            rows,
+            &mut self.buf,
+            &self.key,
+            self.id.as_ref(),
+            "rabbitmq sink",
+        )?;
         let ch = self.channel().await?;
         let url = self.cfg.url.clone();
         let exchange = self.cfg.exchange.clone();
         let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
         let mut confirms = Vec::with_capacity(messages.len());
-        for (row, key, id, (start, end)) in &messages {
+        for m in &messages {
             let mut props =
                 lapin::BasicProperties::default().with_delivery_mode(2).with_content_type(match self.cfg.format {
                     FormatSpec::MsgPack => "application/msgpack".into(),
                     _ => "application/json".into(),
                 });
-            if let Some(id) = id {
+            if let Some(id) = &m.id {
                 props = props.with_message_id(id.as_str().into());
             }
             let c = ch
-                .basic_publish(exchange.as_str().into(), key.as_str().into(), opts, &self.buf[*start..*end], props)
+                .basic_publish(
+                    exchange.as_str().into(),
+                    m.to.as_str().into(),
+                    opts,
+                    &self.buf[m.span.0..m.span.1],
+                    props,
+                )
                 .await;
             match c {
-                Ok(c) => confirms.push((*row, key.clone(), c)),
+                Ok(c) => confirms.push((m.row, m.to.clone(), c)),
                 Err(e) => {
                     self.conn = None;
                     return Err(transient(&url, "publishing", &e));

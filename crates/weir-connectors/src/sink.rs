@@ -232,7 +232,7 @@ impl Sink for WriterSink {
 }
 
 /// The encoded rows of a batch: `(start, end)` of each row's bytes in `buf`.
-#[cfg(any(feature = "kafka", feature = "nats", feature = "amqp"))]
+#[cfg(any(feature = "kafka", feature = "nats", feature = "amqp", feature = "mqtt"))]
 pub(crate) fn encode_rows(
     enc: &mut dyn Encoder,
     format: &FormatSpec,
@@ -262,9 +262,55 @@ pub(crate) fn encode_rows(
     Ok(spans)
 }
 
-#[cfg(any(feature = "kafka", feature = "nats", feature = "amqp"))]
+#[cfg(any(feature = "kafka", feature = "nats", feature = "amqp", feature = "mqtt"))]
 fn memchr_newlines(buf: &[u8]) -> impl Iterator<Item = usize> + '_ {
     buf.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i)
+}
+
+/// One row's message, for the sinks that publish a message per row (NATS, RabbitMQ, MQTT).
+#[cfg(any(feature = "nats", feature = "amqp", feature = "mqtt"))]
+#[derive(Debug)]
+pub(crate) struct RowMessage {
+    /// The row in the batch.
+    pub(crate) row: usize,
+    /// Where it goes: the subject, routing key or topic.
+    pub(crate) to: String,
+    /// Its message id, when the sink has a template for one (MQTT has none).
+    #[cfg_attr(not(any(feature = "nats", feature = "amqp")), allow(dead_code))]
+    pub(crate) id: Option<String>,
+    /// Its payload's bytes in the encoded batch.
+    pub(crate) span: (usize, usize),
+}
+
+/// Encodes `rows` into `buf` and addresses each row from the templates `to` (and `id`). A row
+/// whose address has a null column is refused, the reason led by `sink` (`nats sink`). Made
+/// before anything is awaited: the templates' formatters are not `Send`.
+#[cfg(any(feature = "nats", feature = "amqp", feature = "mqtt"))]
+pub(crate) fn row_messages(
+    enc: &mut dyn Encoder,
+    format: &FormatSpec,
+    rows: &RecordBatch,
+    buf: &mut Vec<u8>,
+    to: &crate::template::RowTemplate,
+    id: Option<&crate::template::RowTemplate>,
+    sink: &str,
+) -> Result<(Vec<RowMessage>, Vec<weir_core::RefusedRow>)> {
+    let spans = encode_rows(enc, format, rows, buf)?;
+    let tos = to.renderer(rows)?;
+    let ids = id.map(|t| t.renderer(rows)).transpose()?;
+    let (mut out, mut refused) = (Vec::with_capacity(rows.num_rows()), Vec::new());
+    let (mut address, mut text) = (String::new(), String::new());
+    for (row, span) in spans.into_iter().enumerate() {
+        let rendered = tos.render(row, &mut address).and_then(|()| match &ids {
+            Some(t) => t.render(row, &mut text).map(|()| Some(text.clone())),
+            None => Ok(None),
+        });
+        match rendered {
+            Ok(id) => out.push(RowMessage { row, to: address.clone(), id, span }),
+            Err(reason) => refused.push(weir_core::RefusedRow { row, reason: format!("{sink}: {reason}") }),
+        }
+    }
+    Ok((out, refused))
 }
 
 #[cfg(test)]
