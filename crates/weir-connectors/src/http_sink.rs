@@ -44,22 +44,25 @@ pub struct HttpSinkConfig {
 
 impl std::fmt::Debug for HttpSinkConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let headers: Vec<(&str, &str)> = self
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                let secret = k.eq_ignore_ascii_case("authorization") || k.to_ascii_lowercase().contains("key");
-                (k.as_str(), if secret { "***" } else { v.as_str() })
-            })
-            .collect();
         f.debug_struct("HttpSinkConfig")
             .field("url", &crate::redis_streams::redact_url(&self.url))
-            .field("headers", &headers)
+            .field("headers", &redact_headers(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
             .field("max_rows", &self.max_rows)
             .field("timeout", &self.timeout)
             .field("body", &self.body)
             .finish_non_exhaustive()
     }
+}
+
+/// Headers for logs and `Debug`: the values of `Authorization` and of any header whose name
+/// holds `key` replaced by `***`.
+pub fn redact_headers<'a>(headers: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<(&'a str, &'a str)> {
+    headers
+        .map(|(k, v)| {
+            let secret = k.eq_ignore_ascii_case("authorization") || k.to_ascii_lowercase().contains("key");
+            (k, if secret { "***" } else { v })
+        })
+        .collect()
 }
 
 /// Builds the sink; every worker shares one HTTP client (its connection pool).

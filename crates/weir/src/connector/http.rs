@@ -124,14 +124,8 @@ fn default_body() -> String {
 
 impl std::fmt::Debug for HttpSinkSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let headers: Vec<(&str, &str)> = self
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                let secret = k.eq_ignore_ascii_case("authorization") || k.to_ascii_lowercase().contains("key");
-                (k.as_str(), if secret { "***" } else { v.as_str() })
-            })
-            .collect();
+        let headers =
+            weir_connectors::http_sink::redact_headers(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         f.debug_struct("HttpSinkSettings")
             .field("url", &weir_connectors::redis_streams::redact_url(&self.url))
             .field("headers", &headers)
