@@ -122,13 +122,7 @@ impl Sink for FanOutSink {
                         rs.into_iter().map(|r| RefusedRow { row: r.row, reason: format!("sink `{id}`: {}", r.reason) }),
                     );
                 }
-                Err(e) => {
-                    return Err(CoreError::Other {
-                        message: format!("sink `{id}`: {e}"),
-                        blame: e.blame(),
-                        retry: e.retry(),
-                    })
-                }
+                Err(e) => return Err(named(id, e)),
             }
             self.done[i] = true;
         }
@@ -224,5 +218,66 @@ impl Committer for FanOutCommitter {
 
     fn records_progress(&self) -> bool {
         self.parts.first().is_some_and(|c| c.1.records_progress())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::{ArrayRef, Int64Array};
+    use arrow_schema::{DataType, Field, Schema};
+
+    use super::*;
+
+    /// A part that fails its first write with the given error, then takes everything.
+    #[derive(Debug)]
+    struct Flaky(Option<CoreError>, Arc<std::sync::Mutex<usize>>);
+
+    #[async_trait::async_trait]
+    impl Sink for Flaky {
+        async fn write(&mut self, rows: &RecordBatch) -> Result<()> {
+            match self.0.take() {
+                Some(e) => Err(e),
+                None => {
+                    *self.1.lock().unwrap() += rows.num_rows();
+                    Ok(())
+                }
+            }
+        }
+        async fn close(&mut self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn batch() -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_retry_skips_parts_that_took_the_batch_and_a_lost_transaction_still_restarts() {
+        let (a, b): (Arc<std::sync::Mutex<usize>>, Arc<std::sync::Mutex<usize>>) = (Arc::default(), Arc::default());
+        let transient =
+            CoreError::Other { message: "down".into(), blame: crate::Blame::External, retry: crate::Retry::Backoff };
+        let mut sink = FanOutSink {
+            parts: vec![
+                ("a".into(), Box::new(Flaky(None, a.clone()))),
+                ("b".into(), Box::new(Flaky(Some(transient), b.clone()))),
+            ],
+            done: vec![false; 2],
+            refused: Vec::new(),
+        };
+        let e = sink.write_attempt(&batch(), 1).await.unwrap_err();
+        assert_eq!((e.retry(), e.to_string()), (crate::Retry::Backoff, "sink `b`: down".to_string()));
+        sink.write_attempt(&batch(), 2).await.unwrap();
+        assert_eq!((*a.lock().unwrap(), *b.lock().unwrap()), (3, 3), "`a` took the batch once");
+        let mut sink = FanOutSink {
+            parts: vec![("pg".into(), Box::new(Flaky(Some(CoreError::Restart("lost".into())), Arc::default())))],
+            done: vec![false],
+            refused: Vec::new(),
+        };
+        let e = sink.write_attempt(&batch(), 1).await.unwrap_err();
+        assert!(e.starts_again(), "a part's lost transaction starts the run again: {e}");
     }
 }
