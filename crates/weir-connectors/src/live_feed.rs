@@ -15,7 +15,7 @@ use arrow_cast::display::{ArrayFormatter, FormatOptions};
 use arrow_schema::{DataType, SchemaRef};
 use tokio::sync::broadcast;
 use weir_core::{Result, Sink, SinkFactory};
-use weir_formats::{Encoder, JsonEncoder};
+use weir_formats::JsonEncoder;
 
 /// One batch as the clients get it: the rows (for filters) and each row's JSON text.
 #[derive(Debug)]
@@ -205,15 +205,7 @@ impl Sink for FeedSink {
             return Ok(());
         }
         let mut json = Vec::new();
-        self.encoder.encode(rows, &mut json).map_err(crate::fmt_err)?;
-        let mut spans = Vec::with_capacity(rows.num_rows());
-        let mut start = 0;
-        for (i, b) in json.iter().enumerate() {
-            if *b == b'\n' {
-                spans.push((start, i));
-                start = i + 1;
-            }
-        }
+        let spans = crate::sink::encode_rows(&mut self.encoder, &weir_formats::FormatSpec::Json, rows, &mut json)?;
         // No receiver left between the check and the send is not an error: nobody watches.
         let _ = self.hub.tx.send(Arc::new(FeedBatch { rows: rows.clone(), json, spans }));
         Ok(())

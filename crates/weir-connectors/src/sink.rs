@@ -232,7 +232,6 @@ impl Sink for WriterSink {
 }
 
 /// The encoded rows of a batch: `(start, end)` of each row's bytes in `buf`.
-#[cfg(any(feature = "kafka", feature = "nats", feature = "amqp", feature = "mqtt"))]
 pub(crate) fn encode_rows(
     enc: &mut dyn Encoder,
     format: &FormatSpec,
@@ -262,7 +261,6 @@ pub(crate) fn encode_rows(
     Ok(spans)
 }
 
-#[cfg(any(feature = "kafka", feature = "nats", feature = "amqp", feature = "mqtt"))]
 fn memchr_newlines(buf: &[u8]) -> impl Iterator<Item = usize> + '_ {
     buf.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i)
 }
