@@ -21,8 +21,7 @@ pub(crate) struct Inbox<T> {
     _task: SpawnedTask<()>,
     /// Since when polls found nothing (kept across polls the runtime drops).
     idle_since: Option<Instant>,
-    /// When the task last sent something.
-    last: Instant,
+    quiet: crate::quiet::Quiet,
 }
 
 /// What a source does next.
@@ -42,7 +41,7 @@ pub(crate) enum Next<T> {
 
 impl<T> Inbox<T> {
     pub(crate) fn new(rx: mpsc::Receiver<T>, task: SpawnedTask<()>) -> Self {
-        Self { rx, _task: task, idle_since: None, last: Instant::now() }
+        Self { rx, _task: task, idle_since: None, quiet: crate::quiet::Quiet::default() }
     }
 
     /// Waits for the next thing to do. `pending` records wait to be cut, the first since
@@ -71,7 +70,7 @@ impl<T> Inbox<T> {
                 return Ok(Next::Stopped);
             }
             if let Some(idle) = end_when_idle {
-                if pending == 0 && self.last.elapsed() >= idle {
+                if pending == 0 && self.quiet.lasted(now, idle) {
                     tracing::info!(
                         idle_ms = idle.as_millis() as u64,
                         "{what} source ends: nothing arrived for `end_when_idle`."
@@ -89,7 +88,7 @@ impl<T> Inbox<T> {
                         return Err(CoreError::Internal(format!("{what}: the connection task stopped")));
                     };
                     self.idle_since = None;
-                    self.last = Instant::now();
+                    self.quiet.reset();
                     return Ok(Next::Got(m));
                 }
                 () = tokio::time::sleep(wait) => {

@@ -28,6 +28,7 @@ pub mod nats;
 pub mod nats_sink;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+mod quiet;
 #[cfg(feature = "amqp")]
 pub mod rabbitmq;
 #[cfg(feature = "amqp")]

@@ -212,7 +212,7 @@ impl SourceFactory for MqttSourceFactory {
             linger: Linger::new(self.cfg.batch_size, self.cfg.max_linger),
             pending: Pending::default(),
             book: AckBook::default(),
-            last_message: Instant::now(),
+            quiet: crate::quiet::Quiet::default(),
             idle_since: None,
             ended: false,
         }))
@@ -379,7 +379,7 @@ struct MqttSource {
     linger: Linger,
     pending: Pending,
     book: AckBook,
-    last_message: Instant,
+    quiet: crate::quiet::Quiet,
     /// Since when a poll has waited with nothing buffered: kept across polls, which the
     /// runtime drops at every barrier and completed checkpoint.
     idle_since: Option<Instant>,
@@ -586,7 +586,7 @@ impl MqttSource {
     /// Takes a message in, unless it is one already handed on (the broker re-sent it after a
     /// reconnect) or covered by the restored checkpoint.
     fn take(&mut self, p: Message) {
-        self.last_message = Instant::now();
+        self.quiet.reset();
         let qos1 = p.qos1;
         let d = Delivery { pkid: p.pkid, digest: if qos1 { digest(&p) } else { 0 } };
         if qos1 && p.dup {
@@ -709,7 +709,7 @@ impl Source for MqttSource {
                 return Ok(SourcePoll::End);
             }
             if let Some(idle) = self.cfg.end_when_idle {
-                if n == 0 && self.last_message.elapsed() >= idle {
+                if n == 0 && self.quiet.lasted(now, idle) {
                     tracing::info!(
                         idle_ms = idle.as_millis() as u64,
                         "MQTT source ends: nothing arrived for `end_when_idle`."

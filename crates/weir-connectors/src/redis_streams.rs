@@ -186,7 +186,7 @@ impl SourceFactory for RedisStreamsFactory {
             pending_ids: HashSet::new(),
             streams,
             book: Book::default(),
-            last_entry: Instant::now(),
+            quiet: crate::quiet::Quiet::default(),
             idle_since: None,
             ended: false,
         }))
@@ -291,7 +291,7 @@ struct RedisStreamsSource {
     /// Group mode: the ids in `pending`, to leave out an entry read twice.
     pending_ids: HashSet<(usize, EntryId)>,
     book: Book,
-    last_entry: Instant,
+    quiet: crate::quiet::Quiet,
     idle_since: Option<Instant>,
     ended: bool,
 }
@@ -700,7 +700,7 @@ impl RedisStreamsSource {
     /// Takes entries in, leaving out those already handed on (read again after a lost
     /// connection) and acknowledging those a restored checkpoint covers.
     fn take(&mut self, entries: Vec<Entry>, cx: &SourceContext) -> Result<()> {
-        self.last_entry = Instant::now();
+        self.quiet.reset();
         let now = Instant::now();
         let mut letters = Vec::new();
         for e in entries {
@@ -916,7 +916,7 @@ impl Source for RedisStreamsSource {
                 return Ok(SourcePoll::End);
             }
             if let Some(idle) = self.cfg.end_when_idle {
-                if n == 0 && self.last_entry.elapsed() >= idle {
+                if n == 0 && self.quiet.lasted(now, idle) {
                     tracing::info!(
                         idle_ms = idle.as_millis() as u64,
                         "Redis Streams source ends: nothing arrived for `end_when_idle`."

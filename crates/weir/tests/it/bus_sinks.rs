@@ -50,7 +50,7 @@ dead_letters: {{ path: {dead} }}
 }
 
 /// Reads back with a source (YAML lines under the connector key) into `out`.
-fn read_back(dir: &Path, connector: &str, source: &str, out: &Path) -> Vec<serde_json::Value> {
+pub(crate) fn read_back(dir: &Path, connector: &str, source: &str, out: &Path) -> Vec<serde_json::Value> {
     let yaml = format!(
         "name: read-back
 source:

@@ -25,3 +25,4 @@ mod rabbitmq;
 mod redis_sink;
 mod redis_streams;
 mod runtime;
+mod sink_restarts;
