@@ -29,6 +29,11 @@ pub struct FeedBatch {
 #[derive(Debug)]
 pub struct FeedHub {
     tx: broadcast::Sender<Arc<FeedBatch>>,
+    /// Becomes true when every worker's sink has closed: the pipeline ended. (The clients hold
+    /// the hub, so the sender never drops while one is connected.)
+    ended: tokio::sync::watch::Sender<bool>,
+    /// Sink instances open now.
+    open: AtomicUsize,
     schema: SchemaRef,
     clients: AtomicUsize,
     dropped: AtomicU64,
@@ -48,7 +53,15 @@ impl FeedHub {
     /// A hub keeping up to `queue` batches for each client.
     pub fn new(schema: SchemaRef, queue: usize) -> Self {
         let (tx, _) = broadcast::channel(queue.max(1));
-        Self { tx, schema, clients: AtomicUsize::new(0), dropped: AtomicU64::new(0), rows: AtomicU64::new(0) }
+        Self {
+            tx,
+            ended: tokio::sync::watch::Sender::new(false),
+            open: AtomicUsize::new(0),
+            schema,
+            clients: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+        }
     }
 
     /// A new client, receiving the rows whose columns equal the given values (`device_id=d-1`;
@@ -73,7 +86,7 @@ impl FeedHub {
             }
         }
         self.clients.fetch_add(1, Ordering::Relaxed);
-        Ok(FeedClient { rx: self.tx.subscribe(), filters: by_column, hub: self.clone() })
+        Ok(FeedClient { rx: self.tx.subscribe(), ended: self.ended.subscribe(), filters: by_column, hub: self.clone() })
     }
 
     /// Clients connected now.
@@ -91,6 +104,7 @@ impl FeedHub {
 #[derive(Debug)]
 pub struct FeedClient {
     rx: broadcast::Receiver<Arc<FeedBatch>>,
+    ended: tokio::sync::watch::Receiver<bool>,
     filters: Vec<(usize, Vec<String>)>,
     hub: Arc<FeedHub>,
 }
@@ -108,7 +122,13 @@ impl FeedClient {
     /// The client fell behind by more than the queue (it is counted as dropped), or the
     /// pipeline ended.
     pub async fn next(&mut self) -> std::result::Result<Vec<String>, FeedEnd> {
-        let batch = match self.rx.recv().await {
+        // What is queued goes out before the end is told.
+        let got = tokio::select! {
+            biased;
+            got = self.rx.recv() => got,
+            _ = self.ended.wait_for(|ended| *ended) => return Err(FeedEnd::Closed),
+        };
+        let batch = match got {
             Ok(b) => b,
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 self.hub.dropped.fetch_add(1, Ordering::Relaxed);
@@ -184,10 +204,9 @@ impl FeedSinkFactory {
 
 impl SinkFactory for FeedSinkFactory {
     fn create(&self, _worker: usize, _workers: usize) -> Result<Box<dyn Sink>> {
-        Ok(Box::new(FeedSink {
-            hub: self.hub.clone(),
-            encoder: JsonEncoder::new(self.hub.schema.clone()).map_err(crate::fmt_err)?,
-        }))
+        let encoder = JsonEncoder::new(self.hub.schema.clone()).map_err(crate::fmt_err)?;
+        self.hub.open.fetch_add(1, Ordering::SeqCst);
+        Ok(Box::new(FeedSink { hub: self.hub.clone(), encoder, closed: false }))
     }
 }
 
@@ -195,6 +214,23 @@ impl SinkFactory for FeedSinkFactory {
 struct FeedSink {
     hub: Arc<FeedHub>,
     encoder: JsonEncoder,
+    closed: bool,
+}
+
+impl FeedSink {
+    /// The last open instance to close ends the feed: its clients are told, after their
+    /// queued rows.
+    fn finish(&mut self) {
+        if !std::mem::replace(&mut self.closed, true) && self.hub.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.hub.ended.send_replace(true);
+        }
+    }
+}
+
+impl Drop for FeedSink {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 #[async_trait::async_trait]
@@ -212,6 +248,7 @@ impl Sink for FeedSink {
     }
 
     async fn close(&mut self) -> Result<()> {
+        self.finish();
         Ok(())
     }
 
@@ -278,5 +315,17 @@ mod tests {
         assert_eq!(hub.clients(), 2);
         let e = hub.subscribe(&[("nope".into(), "1".into())]).unwrap_err();
         assert_eq!(e, "no column `nope` to filter on; the rows have: k, n");
+        // The end of the pipeline: queued rows still come, then the end is told, to a client
+        // that comes later too. Regression: the clients held the sender, so it never closed.
+        let mut second = FeedSinkFactory::new(hub.clone()).unwrap().create(1, 2).unwrap();
+        sink.write(&batch(&schema, 40)).await.unwrap();
+        sink.close().await.unwrap();
+        assert_eq!(all.next().await.unwrap()[0], r#"{"k":"a","n":30}"#);
+        second.write(&batch(&schema, 50)).await.unwrap();
+        assert_eq!(all.next().await.unwrap()[0], r#"{"k":"a","n":40}"#, "one sink of two closed: not the end");
+        drop(second);
+        assert_eq!(all.next().await.unwrap()[0], r#"{"k":"a","n":50}"#);
+        assert_eq!(all.next().await, Err(FeedEnd::Closed));
+        assert_eq!(hub.subscribe(&[]).unwrap().next().await, Err(FeedEnd::Closed));
     }
 }

@@ -291,10 +291,11 @@ async fn serve_feed(mut socket: axum::extract::ws::WebSocket, mut client: weir_c
                 }
                 Err(end) => {
                     let (code, reason) = match end {
-                        FeedEnd::TooSlow(n) => (1008, format!("too slow: {n} batches behind; connect again")),
+                        FeedEnd::TooSlow(n) => (1008, format!("too slow: {n} batch(es) behind; connect again")),
                         FeedEnd::Closed => (1000, "the pipeline ended".to_string()),
                     };
-                    let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+                    let close = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() })));
+                    let _ = tokio::time::timeout(Duration::from_secs(10), close).await;
                     return;
                 }
             },

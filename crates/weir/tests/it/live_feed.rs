@@ -61,7 +61,15 @@ api: { addr: \"127.0.0.1:0\", token: feed-token }
         metrics.lines().any(|l| l.starts_with("weir_feed_clients") && l.trim_end().ends_with(" 1")),
         "one client: {metrics}"
     );
-    ws.close(None).unwrap();
+    // The end of the pipeline closes the feed with the reason, after the rows still queued.
     stop.stop();
     rt.block_on(running).unwrap().unwrap();
+    let frame = loop {
+        match ws.read().unwrap() {
+            tungstenite::Message::Text(_) => {}
+            tungstenite::Message::Close(frame) => break frame.unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!((u16::from(frame.code), frame.reason.as_str()), (1000, "the pipeline ended"));
 }
