@@ -43,6 +43,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Pipeline",
     "Sink",
+    "Source",
+    "SourcePartition",
     "RunSummary",
     "Retry",
     "Retryable",
@@ -383,6 +385,12 @@ class Pipeline:
         """Sets the source. ``connector`` is :func:`file`, :func:`generator`, :func:`kafka`,
         :func:`mqtt`, :func:`stdin`, any connector by :func:`connector`, or a :mod:`weir.testing` source; ``event_time`` names the event-time
         column (its ``time_format``: ``ms``, ``s``, ``us``, ``rfc3339``)."""
+        if isinstance(connector, Source):
+            if schema is not None:
+                raise ConfigError(f"source `{id}`: a weir.Source brings its schema (its `schema` attribute); leave out schema=")
+            if getattr(connector, "schema", None) is None:
+                raise ConfigError(f"source `{id}`: {type(connector).__name__} has no `schema` (a pyarrow.Schema, or a list of (name, type))")
+            connector.schema = _schema_arg(connector.schema)
         if isinstance(connector, _CodeSource):
             self._code_source = connector
             src: Json = {"id": id, "code": {}}
@@ -766,6 +774,76 @@ class Sink(_CodeSink):
 
     def close(self) -> None:
         """Called once per worker at the end."""
+
+
+class SourcePartition:
+    """The reader of one partition of a :class:`Source`, made by :meth:`Source.open`.
+
+    Weir calls :meth:`read` in a loop on the worker that reads the partition, and
+    :meth:`position` after each read that gave rows: what it returns is kept in the next
+    checkpoint, and a run resuming from that checkpoint opens the partition again with it."""
+
+    def read(self) -> "Union[pa.RecordBatch, List[Dict[str, Any]], None]":
+        """The next rows: a ``pyarrow.RecordBatch`` or a list of dicts in the source's schema;
+        an empty list when nothing is ready now (Weir asks again after the source's
+        ``poll_interval``); ``None`` when the partition is finished. Raise
+        :class:`weir.Retryable` for a failure that may pass (a server that is down): the read
+        is tried again with backoff."""
+        raise NotImplementedError("a weir.SourcePartition subclass must define read()")
+
+    def position(self) -> Any:
+        """Where the partition stands after the rows read so far, as a JSON value (a number, a
+        string, a dict...): given back to :meth:`Source.open` to resume right after them."""
+        raise NotImplementedError("a weir.SourcePartition subclass must define position()")
+
+    def close(self) -> None:
+        """Called once when :meth:`read` has returned ``None``."""
+
+
+class Source(_CodeSource):
+    """Base of sources written in Python: subclass it, set :attr:`schema`, and define
+    :meth:`open` (and :meth:`partitions` for more than one partition).
+
+    Partition ``i`` of :meth:`partitions` is read by worker ``i % workers``; each worker
+    opens its partitions with ``open(name, position)``, where ``position`` is ``None`` on a
+    fresh start and otherwise the :meth:`SourcePartition.position` kept by the checkpoint the
+    run resumes from, so with checkpoints a source that can seek (an API with a cursor, a
+    device log with sequence numbers) loses and repeats nothing across a crash. A dict that
+    does not fit the schema, or whose event time is missing, goes to the dead-letter output
+    with the reason; any exception but :class:`weir.Retryable` from ``open``/``read`` fails
+    the run with its traceback.
+
+    >>> import pyarrow as pa, weir, weir.testing
+    >>> class Counter(weir.Source):
+    ...     schema = pa.schema([("n", pa.int64())])
+    ...     def open(self, partition, position):
+    ...         return CounterReader(position or 0)
+    >>> class CounterReader(weir.SourcePartition):
+    ...     def __init__(self, start): self.n = start
+    ...     def read(self):
+    ...         if self.n >= 3: return None
+    ...         self.n += 1
+    ...         return [{"n": self.n - 1}]
+    ...     def position(self): return self.n
+    >>> out = weir.testing.CollectSink()
+    >>> weir.Pipeline("count").source("c", Counter()).sink("out", out).run(workers=1).sink_rows
+    3
+    """
+
+    _weir_user_source = True
+    #: The rows' schema: a ``pyarrow.Schema`` (or a list of ``(name, type)`` pairs).
+    schema: Any = None
+    #: Seconds to wait before asking a partition again after it had nothing.
+    poll_interval: float = 0.1
+
+    def partitions(self) -> "Sequence[str]":
+        """The names of the partitions, the same in every process and run (positions are kept
+        by name; a new name starts from ``None``)."""
+        return ["0"]
+
+    def open(self, partition: str, position: Any) -> SourcePartition:
+        """Opens ``partition`` at ``position`` (``None``: from its start)."""
+        raise NotImplementedError("a weir.Source subclass must define open(partition, position)")
 
 
 def load_yaml(path: Union[str, os.PathLike]) -> Pipeline:

@@ -3,7 +3,6 @@
 
 use std::ops::Range;
 
-use arrow_array::{BooleanArray, Int64Array};
 use weir_core::deadletter::{now_ms, DeadLetter, ErrorKind, Payload};
 use weir_core::metrics::StepMetrics;
 use weir_core::time::EventTimeSpec;
@@ -101,31 +100,11 @@ pub(crate) fn decode_records_noting(
         letters.push(letter(e.index, kind, e.message.clone()));
     }
     let rows = rows(&decoded)?;
-    let batch = match time {
-        None => {
-            let now = now_ms();
-            Batch::new(rows, Int64Array::from(vec![now; decoded.batch.num_rows()]))?
-        }
-        Some(spec) => {
-            let (times, bad) = spec.extract(&rows)?;
-            let insane = spec.check_clock(&times, now_ms());
-            if bad.is_empty() && insane.is_empty() {
-                Batch::new(rows, times)?
-            } else {
-                let mut keep = vec![true; rows.num_rows()];
-                let bad = bad.into_iter().map(|(r, m)| (r, ErrorKind::EventTime, m));
-                // A row with an unparseable time has 0 in `times` and may show up in both.
-                for (row, kind, reason) in bad.chain(insane.into_iter().map(|(r, m)| (r, ErrorKind::Clock, m))) {
-                    if !std::mem::replace(&mut keep[row], false) {
-                        continue;
-                    }
-                    noted.push((decoded.record_of_row(row), reason.clone()));
-                    letters.push(letter(decoded.record_of_row(row), kind, reason));
-                }
-                Batch::new(rows, times)?.filter(&BooleanArray::from(keep))?
-            }
-        }
-    };
+    let (batch, bad) = weir_core::time::stamp(time, rows, now_ms())?;
+    for (row, kind, reason) in bad {
+        noted.push((decoded.record_of_row(row), reason.clone()));
+        letters.push(letter(decoded.record_of_row(row), kind, reason));
+    }
     if !letters.is_empty() {
         StepMetrics::add(&cx.metrics.dead_lettered, letters.len() as u64);
         cx.dead_letters.write(letters)?;

@@ -140,6 +140,44 @@ pub fn column_by_path(batch: &RecordBatch, path: &str) -> Result<ArrayRef> {
     Ok(col)
 }
 
+/// A row [`stamp`] left out: its index, the dead-letter kind and the reason.
+pub type BadTime = (usize, crate::deadletter::ErrorKind, String);
+
+/// Pairs a source's decoded `rows` with their event times: read from the column of `spec`, or
+/// the wall clock `now_ms` for every row without one. Rows whose time is missing, unparseable
+/// or implausible ([`EventTimeSpec::check_clock`]) are left out of the batch and returned with
+/// their index in `rows`, the dead-letter kind and the reason, for the source to dead-letter.
+///
+/// # Errors
+/// As [`EventTimeSpec::extract`]: the column is missing or cannot hold a time.
+pub fn stamp(
+    spec: Option<&EventTimeSpec>,
+    rows: RecordBatch,
+    now_ms: i64,
+) -> Result<(crate::Batch, Vec<BadTime>)> {
+    use crate::deadletter::ErrorKind;
+    let Some(spec) = spec else {
+        let n = rows.num_rows();
+        return Ok((crate::Batch::new(rows, Int64Array::from(vec![now_ms; n]))?, Vec::new()));
+    };
+    let (times, bad) = spec.extract(&rows)?;
+    let insane = spec.check_clock(&times, now_ms);
+    if bad.is_empty() && insane.is_empty() {
+        return Ok((crate::Batch::new(rows, times)?, Vec::new()));
+    }
+    let mut keep = vec![true; rows.num_rows()];
+    let mut out = Vec::new();
+    let bad = bad.into_iter().map(|(r, m)| (r, ErrorKind::EventTime, m));
+    // A row with an unparseable time has 0 in `times` and may show up in both.
+    for (row, kind, reason) in bad.chain(insane.into_iter().map(|(r, m)| (r, ErrorKind::Clock, m))) {
+        if std::mem::replace(&mut keep[row], false) {
+            out.push((row, kind, reason));
+        }
+    }
+    let batch = crate::Batch::new(rows, times)?.filter(&arrow_array::BooleanArray::from(keep))?;
+    Ok((batch, out))
+}
+
 impl EventTimeSpec {
     /// Reads event times (ms) for every row. Rows whose time is null or unparseable are
     /// returned in the second vector with a reason; their slot in the first holds 0.

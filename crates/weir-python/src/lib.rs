@@ -22,6 +22,7 @@ use weir_core::{Batch, Blame, CoreError};
 mod bridge;
 mod rows;
 mod sinks;
+mod sources;
 mod steps;
 
 /// When an error happened: a user's mistake found while planning is in the pipeline, one
@@ -119,6 +120,7 @@ impl NativePipeline {
         })?;
         let failure = steps::Failure::default();
         let source_id = cfg.source.id.clone();
+        let cfg_time = cfg.source.event_time.clone();
         let sink_id = cfg.sink.id.clone();
         let mut p = Pipeline::from_config(cfg);
         for (id, f) in functions.iter() {
@@ -127,7 +129,13 @@ impl NativePipeline {
             p.register_function(&id, Arc::new(step));
         }
         if let Some(src) = code_source {
-            p.source_code(&source_id, Arc::new(memory_source(&src)?));
+            if src.hasattr("_weir_user_source")? {
+                // A `weir.Source` subclass: read by the user's code, times from its column.
+                let time = cfg_time.as_ref().map(weir::config::EventTimeConfig::spec);
+                p.source_code(&source_id, Arc::new(sources::PySourceFactory::new(&src, time)?));
+            } else {
+                p.source_code(&source_id, Arc::new(memory_source(&src)?));
+            }
         }
         let sink = match code_sink {
             // A `weir.Sink` subclass: written by the user's code.

@@ -285,6 +285,17 @@ impl EventTimeConfig {
     pub fn new(column: impl Into<String>, format: TimeFormat) -> Self {
         Self { column: column.into(), format, max_future_skew: default_future_skew(), max_age: None }
     }
+
+    /// What a source reads event times by.
+    pub fn spec(&self) -> weir_core::time::EventTimeSpec {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        weir_core::time::EventTimeSpec {
+            column: self.column.clone(),
+            format: self.format,
+            max_future_ms: self.max_future_skew.map(ms),
+            max_age_ms: self.max_age.map(ms),
+        }
+    }
 }
 
 fn default_time_format() -> TimeFormat {

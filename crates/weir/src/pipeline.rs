@@ -10,7 +10,6 @@ use weir_connectors::{FileDeadLetters, FileSideWriter};
 use weir_core::quarantine::{Quarantine, QuarantineSpec, QuarantiningDeadLetters};
 use weir_core::runtime::{Job, JobSpec, RunSummary, StageSpec, WatermarkSpec};
 use weir_core::shed::{OverloadSpec, ShedPredicate};
-use weir_core::time::EventTimeSpec;
 use weir_core::{CoreError, DeadLetterSink, OperatorFactory, Result, SinkFactory, SourceFactory, StepId};
 use weir_formats::{infer_json_schema, split_records, FormatSpec};
 use weir_ops::{AggSpec, EwmaZscoreSpec, FilterSpec, LatePolicy, SelectSpec, TimeDomain, WindowKind, WindowSpec};
@@ -811,12 +810,7 @@ impl BuiltPipeline {
         let workers = opts.workers.or(c.workers).unwrap_or_else(default_workers).max(1);
         let src = &c.source;
         let source_step = StepId::new(&src.id);
-        let event_time = src.event_time.as_ref().map(|e| EventTimeSpec {
-            column: e.column.clone(),
-            format: e.format,
-            max_future_ms: e.max_future_skew.map(ms),
-            max_age_ms: e.max_age.map(ms),
-        });
+        let event_time = src.event_time.as_ref().map(EventTimeConfig::spec);
         // Kafka in and exactly once out, on one cluster: the source's positions are committed to
         // its group inside the output's transactions (a transaction cannot commit offsets of
         // another cluster).
