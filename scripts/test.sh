@@ -26,6 +26,14 @@ fi
 if ! command -v promtool >/dev/null 2>&1; then
   apt-get install -y -qq prometheus >&2 || { apt-get update -qq >&2 && apt-get install -y -qq prometheus >&2; }
 fi
+# The dashboard test opens examples/dashboard.html in a real headless browser: Debian's Chromium,
+# driven by Playwright's Python package (its driver ships in the wheel; no browser download).
+if ! [ -x /usr/bin/chromium ]; then
+  apt-get install -y -qq chromium >&2 || { apt-get update -qq >&2 && apt-get install -y -qq chromium >&2; }
+fi
+if ! python3 -c 'import playwright.sync_api' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check 'playwright>=1.40,<2' >&2
+fi
 echo "== tests"
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod crash;
+mod dashboard;
 mod kafka_crash;
 mod kafka_handoff;
 mod server_crash;
