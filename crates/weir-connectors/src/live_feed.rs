@@ -21,7 +21,7 @@ use weir_formats::JsonEncoder;
 #[derive(Debug)]
 pub struct FeedBatch {
     rows: RecordBatch,
-    json: Vec<u8>,
+    json: bytes::Bytes,
     spans: Vec<(usize, usize)>,
 }
 
@@ -121,7 +121,7 @@ impl FeedClient {
     /// # Errors
     /// The client fell behind by more than the queue (it is counted as dropped), or the
     /// pipeline ended.
-    pub async fn next(&mut self) -> std::result::Result<Vec<String>, FeedEnd> {
+    pub async fn next(&mut self) -> std::result::Result<Vec<bytes::Bytes>, FeedEnd> {
         // What is queued goes out before the end is told.
         let got = tokio::select! {
             biased;
@@ -144,10 +144,10 @@ impl FeedClient {
         self.hub.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn pick(&self, b: &FeedBatch) -> Vec<String> {
+    fn pick(&self, b: &FeedBatch) -> Vec<bytes::Bytes> {
         let text = |i: usize| {
             let (s, e) = b.spans[i];
-            String::from_utf8_lossy(&b.json[s..e]).into_owned()
+            b.json.slice(s..e)
         };
         if self.filters.is_empty() {
             return (0..b.spans.len()).map(text).collect();
@@ -243,7 +243,7 @@ impl Sink for FeedSink {
         let mut json = Vec::new();
         let spans = crate::sink::encode_rows(&mut self.encoder, &weir_formats::FormatSpec::Json, rows, &mut json)?;
         // No receiver left between the check and the send is not an error: nobody watches.
-        let _ = self.hub.tx.send(Arc::new(FeedBatch { rows: rows.clone(), json, spans }));
+        let _ = self.hub.tx.send(Arc::new(FeedBatch { rows: rows.clone(), json: json.into(), spans }));
         Ok(())
     }
 
