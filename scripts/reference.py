@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Reference implementations of W1-W3 (shared/bench/WORKLOADS.md), written from the
+"""Reference implementations of W1-W4 (shared/bench/WORKLOADS.md), written from the
 definitions, to check Weir's output. Slow and obvious on purpose.
 
 Usage: reference.py w1|w2|w3 INPUT > expected.jsonl
+       reference.py w4 INPUT DEVICES.csv > expected.jsonl
 """
+import csv
 import json
 import math
 import sys
@@ -72,9 +74,28 @@ def w3(path):
         s[2] = n + 1
 
 
+def w4(path, devices_path):
+    with open(devices_path, newline="") as f:
+        table = {r["device_id"]: r for r in csv.DictReader(f)}
+    wins = {}
+    for ev in events(path):
+        dev = table.get(ev["device_id"])
+        if dev is None:
+            continue
+        t = ev["readings"]["temp"]
+        if not t > float(dev["temp_limit"]):
+            continue
+        start = ev["ts"] - ev["ts"] % 10000
+        w = wins.setdefault((dev["site"], start), [0, -math.inf])
+        w[0] += 1
+        w[1] = max(w[1], t)
+    for (site, start), (n, mx) in wins.items():
+        yield {"site": site, "window_start": start, "count": n, "max_temp": mx}
+
+
 if __name__ == "__main__":
-    fn = {"w1": w1, "w2": w2, "w3": w3}[sys.argv[1]]
+    fn = {"w1": w1, "w2": w2, "w3": w3, "w4": w4}[sys.argv[1]]
     out = sys.stdout
-    for row in fn(sys.argv[2]):
+    for row in fn(*sys.argv[2:]):
         out.write(json.dumps(row, separators=(",", ":")))
         out.write("\n")

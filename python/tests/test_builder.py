@@ -264,3 +264,27 @@ def test_a_state_ttl_forgets_keys_without_changing_results():
     assert run(state_ttl="5s") == run()
     with pytest.raises(weir.errors.ConfigError, match="state_ttl"):
         run(state_ttl="100ms")
+
+
+def test_a_lookup_join_enriches_rows_from_a_file_table(tmp_path):
+    table = tmp_path / "devices.csv"
+    table.write_text("id,site,limit\nd1,north,20.5\nd2,south,30\n")
+    rows = [{"device": "d1", "temp": 21.0}, {"device": "d9", "temp": 5.0}, {"device": "d2", "temp": 25.0}]
+
+    def run(join, missing="drop"):
+        p = weir.Pipeline("lookup")
+        p.source("in", wt.source(rows))
+        p.lookup("device", "device", weir.file_table(table, key="id"), join=join, missing=missing)
+        p.dead_letters(str(tmp_path / "dead.jsonl"))
+        return sorted(wt.run(p).to_pylist(), key=lambda r: r["device"])
+
+    assert run("inner") == [{"device": "d1", "temp": 21.0, "site": "north", "limit": 20.5},
+                            {"device": "d2", "temp": 25.0, "site": "south", "limit": 30.0}]
+    assert run("left")[2] == {"device": "d9", "temp": 5.0, "site": None, "limit": None}
+    run("inner", "dead_letter")
+    dead = read_jsonl(tmp_path / "dead.jsonl")
+    assert [(d["kind"], d["reason"]) for d in dead] == [("lookup", "no row in the lookup table for key `d9`")]
+    # The table's key defaults to the rows' key names: this table has no `device` column.
+    with pytest.raises(weir.ConfigError, match="no key column `device`"):
+        weir.Pipeline("x").source("in", wt.source(rows)).lookup(
+            "device", "device", weir.file_table(table)).sink("o", wt.collect()).validate()

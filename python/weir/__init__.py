@@ -64,6 +64,7 @@ __all__ = [
     "http_ingest",
     "connector",
     "file_sink",
+    "file_table",
     "stdout",
     "kafka_sink",
     "postgres_sink",
@@ -191,6 +192,20 @@ def connector(kind: str, **settings: Any) -> Json:
 
 
 # --- sinks ---------------------------------------------------------------------------------
+
+
+def file_table(path: Union[str, os.PathLike], format: Union[str, Json] = "csv", *, key: Optional[Union[str, Sequence[str]]] = None,
+               columns: Optional[Sequence[str]] = None, schema: Any = None, reload: Optional[Duration] = "10s") -> Json:
+    """A lookup table read from a file (CSV with a header, or JSON Lines) and held in memory,
+    read again when it changes (checked every ``reload``; ``None`` for never). ``key`` is the
+    table's key column(s) (default: the step's key names), ``columns`` the columns a found
+    row brings (default: all but the key), ``schema`` its types (default: inferred)."""
+    return _clean({
+        "file": {"path": str(path), "format": format, "reload": None if reload is None else _duration(reload)},
+        "key": None if key is None else ([key] if isinstance(key, str) else list(key)),
+        "columns": None if columns is None else list(columns),
+        "schema": None if schema is None else schema_spec(schema),
+    })
 
 
 def file_sink(path: str, format: Union[str, Json] = "json") -> Json:
@@ -482,6 +497,15 @@ class Pipeline:
     def select(self, id: str, columns: Sequence[str]) -> "Pipeline":
         """Chooses, renames and computes columns (``"a.b * 2 AS c"``)."""
         return self._step("select", {"id": id, "columns": list(columns)})
+
+    def lookup(self, id: str, key: Union[str, Sequence[str]], table: Json, *, join: str = "inner",
+               missing: Union[str, Json] = "drop") -> "Pipeline":
+        """Enriches each row with the columns of the row of ``table`` (:func:`file_table`) that
+        has its ``key``. ``join="left"`` keeps rows whose key the table lacks (nulls); an inner
+        join leaves them out and ``missing`` says where they go: ``"drop"`` (counted),
+        ``"dead_letter"`` or ``{"side_output": path}``."""
+        keys = [key] if isinstance(key, str) else list(key)
+        return self._step("lookup", {"id": id, "key": keys, "table": table, "join": join, "missing": missing})
 
     def key_by(self, id: str, keys: Union[str, Sequence[str]]) -> "Pipeline":
         """Partitions by key columns for the keyed steps that follow."""

@@ -18,6 +18,7 @@ mod inbox;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod live_feed;
+pub mod lookup_file;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 #[cfg(feature = "mqtt")]

@@ -30,6 +30,8 @@ pub enum ErrorKind {
     /// An alert event an alert route could not queue (its queue was full: the receiver is
     /// down or slow); the payload is the event as the route would have sent it.
     Alert,
+    /// A lookup join found no table row for the row's key (`missing: dead_letter`).
+    Lookup,
 }
 
 impl ErrorKind {
@@ -45,6 +47,7 @@ impl ErrorKind {
             Self::Sink => "sink",
             Self::Quarantined => "quarantined",
             Self::Alert => "alert",
+            Self::Lookup => "lookup",
         }
     }
 }

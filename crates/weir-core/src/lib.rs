@@ -25,6 +25,7 @@ pub mod handoff;
 pub mod ids;
 pub mod keys;
 pub mod linger;
+pub mod lookup;
 pub mod metrics;
 pub mod notify;
 pub mod operator;

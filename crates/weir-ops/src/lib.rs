@@ -9,6 +9,7 @@
 pub mod aggregate;
 pub mod alerts;
 pub mod detect;
+pub mod lookup;
 pub mod model;
 pub mod relational;
 pub mod rules;

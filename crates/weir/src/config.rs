@@ -347,11 +347,14 @@ pub enum StepConfig {
     Alert(AlertConfig),
     /// A step written in code (Rust or Python), registered with the pipeline under its id.
     Function(FunctionConfig),
+    /// Enrich each row with the row of a table that has its key (a lookup join).
+    Lookup(LookupConfig),
 }
 
 /// The keys of [`StepRepr`]: every kind of step, as the error for a step without one lists
 /// them. (A test checks the list against the struct.)
-const STEP_KINDS: [&str; 8] = ["filter", "select", "key_by", "window", "ewma_zscore", "detect", "alert", "function"];
+const STEP_KINDS: [&str; 9] =
+    ["filter", "select", "key_by", "window", "ewma_zscore", "detect", "alert", "function", "lookup"];
 
 /// The YAML shape of a step: a map with exactly one known key. (serde_yaml reads enums from
 /// YAML tags only, and a one-key map reads better.)
@@ -374,6 +377,8 @@ struct StepRepr {
     alert: Option<AlertConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     function: Option<FunctionConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lookup: Option<LookupConfig>,
 }
 
 impl TryFrom<StepRepr> for StepConfig {
@@ -404,6 +409,9 @@ impl TryFrom<StepRepr> for StepConfig {
         if let Some(c) = r.function {
             found.push(StepConfig::Function(c));
         }
+        if let Some(c) = r.lookup {
+            found.push(StepConfig::Lookup(c));
+        }
         match found.len() {
             1 => Ok(found.remove(0)),
             0 => Err(format!(
@@ -427,6 +435,7 @@ impl From<StepConfig> for StepRepr {
             StepConfig::Detect(c) => r.detect = Some(c),
             StepConfig::Alert(c) => r.alert = Some(c),
             StepConfig::Function(c) => r.function = Some(c),
+            StepConfig::Lookup(c) => r.lookup = Some(c),
         }
         r
     }
@@ -444,6 +453,7 @@ impl StepConfig {
             Self::Detect(c) => &c.id,
             Self::Alert(c) => &c.id,
             Self::Function(c) => &c.id,
+            Self::Lookup(c) => &c.id,
         }
     }
 }
@@ -622,6 +632,126 @@ impl From<LateConfig> for LateRepr {
             LateConfig::AllowedLateness(d) => {
                 LateRepr::Map(LateMap { allowed_lateness: Some(d), ..Default::default() })
             }
+        }
+    }
+}
+
+/// `lookup` settings: each row gets the columns of the table row with its key.
+///
+/// ```yaml
+/// - lookup:
+///     id: device
+///     key: device_id                       # the rows' key column(s)
+///     table:
+///       file: { path: devices.csv, format: csv, reload: 10s }
+///       key: device_id                     # the table's key column(s); default the rows'
+///       columns: [site, temp_limit]        # default every column but the key
+///     join: inner                          # or left
+///     missing: drop                        # inner: or dead_letter, or {side_output: path}
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupConfig {
+    /// Step id.
+    pub id: String,
+    /// The rows' key column paths (a name or a list).
+    #[serde(deserialize_with = "one_or_many")]
+    pub key: Vec<String>,
+    /// Where rows are found.
+    pub table: LookupTableConfig,
+    /// `inner` (default): only rows whose key the table has; `left`: every row, nulls where
+    /// the key is missing.
+    #[serde(default = "default_join")]
+    pub join: String,
+    /// What an inner join does with a row whose key the table lacks.
+    #[serde(default)]
+    pub missing: MissingConfig,
+}
+
+fn default_join() -> String {
+    "inner".into()
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// The table of a `lookup` step: where it is, its key and the columns it brings.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupTableConfig {
+    /// A file held in memory, read again when it changes.
+    pub file: LookupFileConfig,
+    /// The table's key column(s), matched in order with the rows' `key`; default the same names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Vec<String>>,
+    /// The columns a found row brings; default every column but the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Vec<String>>,
+    /// The table's columns and types; default inferred from the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<SchemaSpec>,
+}
+
+/// A lookup table's file.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupFileConfig {
+    /// Path of the file.
+    pub path: String,
+    /// `csv` (with a header) or `json` (JSON Lines).
+    #[serde(default = "default_format")]
+    pub format: FormatSpec,
+    /// How often to check whether the file changed (and read it again); `null` for never.
+    #[serde(default = "default_reload", with = "humantime_serde")]
+    pub reload: Option<Duration>,
+}
+
+fn default_reload() -> Option<Duration> {
+    Some(Duration::from_secs(10))
+}
+
+/// What an inner lookup join does with a row whose key the table lacks. YAML: `drop`,
+/// `dead_letter` or `{side_output: missing.jsonl}`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(try_from = "LateRepr", into = "LateRepr")]
+pub enum MissingConfig {
+    /// Left out, counted.
+    #[default]
+    Drop,
+    /// To the dead-letter output, kind `lookup`.
+    DeadLetter,
+    /// Written to a JSON Lines file.
+    SideOutput(String),
+}
+
+impl TryFrom<LateRepr> for MissingConfig {
+    type Error = String;
+    fn try_from(r: LateRepr) -> Result<Self, String> {
+        match r {
+            LateRepr::Name(n) if n == "drop" => Ok(Self::Drop),
+            LateRepr::Name(n) if n == "dead_letter" => Ok(Self::DeadLetter),
+            LateRepr::Map(LateMap { side_output: Some(p), allowed_lateness: None }) => Ok(Self::SideOutput(p)),
+            _ => Err("missing: use `drop`, `dead_letter` or `{side_output: path}`".into()),
+        }
+    }
+}
+
+impl From<MissingConfig> for LateRepr {
+    fn from(m: MissingConfig) -> Self {
+        match m {
+            MissingConfig::Drop => LateRepr::Name("drop".into()),
+            MissingConfig::DeadLetter => LateRepr::Name("dead_letter".into()),
+            MissingConfig::SideOutput(p) => LateRepr::Map(LateMap { side_output: Some(p), ..Default::default() }),
         }
     }
 }
@@ -1194,8 +1324,11 @@ mod tests {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();
+            let w4 = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("w4-"));
             let cfg = crate::yaml::parse_with("x", &text, |k| match k {
                 "INPUT" | "OUTPUT" => Some(format!("/tmp/{k}")),
+                // W4's device table (other examples use `DEVICES` for a count, with a default).
+                "DEVICES" if w4 => Some(format!("{}/../../tests/data/devices-50.csv", env!("CARGO_MANIFEST_DIR"))),
                 // Tests run in the crate's folder; the examples name the model from the root.
                 "MODEL" => Some(format!("{}/../../models/sensor_anomaly.onnx", env!("CARGO_MANIFEST_DIR"))),
                 _ => None,

@@ -408,6 +408,44 @@ enum OpSpec {
     Detect(weir_ops::DetectSpec),
     Alert(weir_ops::AlertSpec),
     Custom(Arc<dyn CustomStep>),
+    Lookup(weir_ops::lookup::LookupSpec),
+}
+
+/// Opens a `lookup` step's table (it is read here: the step's columns are the table's).
+fn lookup_spec(l: &LookupConfig, append: bool) -> Result<weir_ops::lookup::LookupSpec> {
+    use weir_ops::lookup::{JoinKind, Missing};
+    let kind = match l.join.as_str() {
+        "inner" => JoinKind::Inner,
+        "left" => JoinKind::Left,
+        other => return Err(CoreError::Config(format!("join: `{other}` is not a join; use `inner` or `left`"))),
+    };
+    let key = l.table.key.clone().unwrap_or_else(|| l.key.clone());
+    if key.len() != l.key.len() {
+        return Err(CoreError::Config(format!(
+            "table.key has {} column(s) and key {}: they are matched in order",
+            key.len(),
+            l.key.len()
+        )));
+    }
+    let f = &l.table.file;
+    let table = weir_connectors::lookup_file::FileTable::open(weir_connectors::lookup_file::FileTableSpec {
+        path: f.path.clone().into(),
+        format: f.format,
+        schema: l.table.schema.as_ref().map(weir_formats::SchemaSpec::to_arrow),
+        key,
+        columns: l.table.columns.clone(),
+    })?;
+    Ok(weir_ops::lookup::LookupSpec {
+        table: Arc::new(table),
+        key: l.key.clone(),
+        kind,
+        missing: match &l.missing {
+            MissingConfig::Drop => Missing::Drop,
+            MissingConfig::DeadLetter => Missing::DeadLetter,
+            MissingConfig::SideOutput(p) => Missing::Side(Arc::new(FileSideWriter::new(p).appending(append))),
+        },
+        refresh: f.reload,
+    })
 }
 
 fn ms(d: Duration) -> i64 {
@@ -489,6 +527,7 @@ fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Function
                 n
             },
         }),
+        StepConfig::Lookup(l) => OpSpec::Lookup(lookup_spec(l, append)?),
         StepConfig::Function(f) => OpSpec::Custom(
             functions
                 .get(&f.id)
@@ -742,6 +781,10 @@ impl BuiltPipeline {
                     }
                     OpSpec::Custom(c) => {
                         let (f, o) = c.plan(&schema, &keys)?;
+                        Planned::Op(f, o)
+                    }
+                    OpSpec::Lookup(l) => {
+                        let (f, o) = l.plan(&schema)?;
                         Planned::Op(f, o)
                     }
                 })
