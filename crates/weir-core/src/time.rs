@@ -150,11 +150,7 @@ pub type BadTime = (usize, crate::deadletter::ErrorKind, String);
 ///
 /// # Errors
 /// As [`EventTimeSpec::extract`]: the column is missing or cannot hold a time.
-pub fn stamp(
-    spec: Option<&EventTimeSpec>,
-    rows: RecordBatch,
-    now_ms: i64,
-) -> Result<(crate::Batch, Vec<BadTime>)> {
+pub fn stamp(spec: Option<&EventTimeSpec>, rows: RecordBatch, now_ms: i64) -> Result<(crate::Batch, Vec<BadTime>)> {
     use crate::deadletter::ErrorKind;
     let Some(spec) = spec else {
         let n = rows.num_rows();
