@@ -143,6 +143,30 @@ pub(crate) fn http_send(
     (status, head.to_string(), body.to_string())
 }
 
+/// One HTTP request read from a connection an endpoint of a test accepted: its headers (names
+/// in lower case) and its body; `None` when the connection ends first.
+pub(crate) fn read_request(conn: &std::net::TcpStream) -> Option<(std::collections::HashMap<String, String>, Vec<u8>)> {
+    use std::io::{BufRead, Read};
+    let mut r = std::io::BufReader::new(conn.try_clone().ok()?);
+    let mut headers = std::collections::HashMap::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let len = headers.get("content-length").map_or(0, |v| v.parse().unwrap());
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).ok()?;
+    Some((headers, body))
+}
+
 /// `GET path`: the status and the body.
 pub(crate) fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     http_request(addr, "GET", path, None)

@@ -1,7 +1,7 @@
 //! Several sinks for one result (`sinks: [...]`): every sink gets every row, a retried write
 //! does not repeat the sinks that had taken it, refused rows name their sink.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::path::Path;
 
 use weir::prelude::*;
@@ -91,19 +91,7 @@ fn a_retried_write_does_not_repeat_the_sinks_that_had_taken_the_batch() {
     std::thread::spawn(move || {
         for (n, conn) in listener.incoming().enumerate() {
             let Ok(mut conn) = conn else { continue };
-            let mut r = BufReader::new(conn.try_clone().unwrap());
-            let mut len = 0;
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap();
-                }
-            }
-            let mut body = vec![0; len];
-            r.read_exact(&mut body).unwrap();
+            let Some((_, body)) = read_request(&conn) else { continue };
             let status = if n < 2 {
                 "503 Service Unavailable"
             } else {

@@ -1,7 +1,7 @@
 //! The HTTP sink against an endpoint served by the test: one that fails once with 503 (the
 //! batch is retried) and refuses one request with 400 (its rows are dead-lettered).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
@@ -22,25 +22,9 @@ fn endpoint() -> (String, Arc<Mutex<Vec<Taken>>>) {
     std::thread::spawn(move || {
         for (n, conn) in listener.incoming().enumerate() {
             let Ok(mut conn) = conn else { continue };
-            let mut r = BufReader::new(conn.try_clone().unwrap());
-            let (mut len, mut key, mut kind) = (0usize, String::new(), String::new());
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                let lower = line.to_ascii_lowercase();
-                let value = line.split_once(':').map(|(_, v)| v.trim().to_string()).unwrap_or_default();
-                if lower.starts_with("content-length:") {
-                    len = value.parse().unwrap();
-                } else if lower.starts_with("idempotency-key:") {
-                    key = value;
-                } else if lower.starts_with("content-type:") {
-                    kind = value;
-                }
-            }
-            let mut body = vec![0; len];
-            r.read_exact(&mut body).unwrap();
+            let Some((headers, body)) = read_request(&conn) else { continue };
+            let header = |k: &str| headers.get(k).cloned().unwrap_or_default();
+            let (key, kind) = (header("idempotency-key"), header("content-type"));
             let body = String::from_utf8(body).unwrap();
             let (status, text) = if n == 1 {
                 ("503 Service Unavailable", "busy")

@@ -3,7 +3,7 @@
 //! starts again once the sink has written, and everything fed before and after is found there
 //! afterwards (at least once; exactly once where the sink drops repeats).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -227,21 +227,7 @@ impl Endpoint {
 /// Answers one request with 200, keeping the `seq`s of its JSON array body.
 fn serve(conn: std::net::TcpStream, seqs: &Mutex<Vec<i64>>) {
     conn.set_nonblocking(false).unwrap();
-    let mut r = BufReader::new(conn.try_clone().unwrap());
-    let mut len = 0usize;
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap();
-        }
-    }
-    let mut body = vec![0; len];
-    if r.read_exact(&mut body).is_err() {
-        return;
-    }
+    let Some((_, body)) = read_request(&conn) else { return };
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
     seqs.lock().unwrap().extend(rows.iter().map(|v| v["seq"].as_i64().unwrap()));
     let mut conn = conn;
