@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The PostgreSQL sink next to psql's own COPY of the same rows, on the machine's server:
 #   copy:          the rows W2 keeps, as CSV, through `psql -c "\copy ... FROM ..."` (the baseline)
+#   same rows:     Weir reading those rows (JSON Lines) into a table, at least once
 #   append, at least once:   W2 (filter + projection) into a table, a transaction per batch
 #   append, exactly once:    the same with checkpoints every second (a transaction per checkpoint)
 #   upsert, exactly once:    the latest row per device (`ON CONFLICT (device_id) DO UPDATE`)
@@ -45,6 +46,15 @@ for i in 1 2 3; do
   t0=$(now); sql "\\copy ${t}_copy FROM '$dir/kept.csv' WITH (FORMAT csv)"; t1=$(now)
   echo "| psql \\copy (CSV) | $rows | $(python3 -c "print(round($t1 - $t0, 2))") | $(python3 -c "print(f'{$rows / ($t1 - $t0):,.0f}')") |"
   sql "DROP TABLE ${t}_copy"
+
+  # The same rows as psql's, read by Weir from their file (JSON) into a table.
+  p=$dir/same-rows.yaml
+  printf 'name: same-rows\nsource:\n  id: kept\n  file: { path: %s, format: json }\n  schema:\n    fields:\n      - { name: device_id, type: string }\n      - { name: ts, type: int64 }\n      - { name: temp, type: float64 }\nsink:\n  id: out\n  postgres:\n    url: %s\n    table: %s\n    create_table: true\ndead_letters: { path: %s }\n' \
+    "$kept" "$url" "${t}_same" "$dir/dead.jsonl" > "$p"
+  t0=$(now); "$bin" run "$p" --workers 2 --quiet; t1=$(now)
+  got=$(sql "SELECT count(*) FROM ${t}_same")
+  echo "| weir, the same rows (JSON file) -> postgres, at least once | $got | $(python3 -c "print(round($t1 - $t0, 2))") | $(python3 -c "print(f'{$rows / ($t1 - $t0):,.0f}')") |"
+  sql "DROP TABLE ${t}_same"
 
   # The same pipeline into a file: what W2 itself costs, without PostgreSQL.
   t0=$(now); INPUT=$input OUTPUT=$dir/w2-$i.jsonl DEAD_LETTERS=$dir/dead.jsonl "$bin" run examples/w2-filter-project.yaml --workers 2 --quiet; t1=$(now)

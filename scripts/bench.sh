@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Reruns the benchmark workloads W1-W3 (shared/bench/WORKLOADS.md) on the standard input and
+# Reruns the benchmark workloads W1-W4 (shared/bench/WORKLOADS.md) on the standard input and
 # prints a markdown table: median wall time of 3 runs after a warm-up, events/s, peak RSS, and
 # whether the output equals the reference computation.
 #
 # Usage: scripts/bench.sh [N_EVENTS]   (default 2000000; input cached in /tmp)
+#        ONLY="w4:1 w4:2" scripts/bench.sh     (some of the runs: workload:workers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-2000000}
 input=/tmp/weir-bench-sensors-$n.jsonl
 gen=../shared/bench/gen_sensors.py
 [ -s "$input" ] || python3 "$gen" "$n" > "$input"
+devices=/tmp/weir-bench-devices.csv
+[ -s "$devices" ] || python3 ../shared/bench/gen_devices.py > "$devices"
 cargo build --release -p weir-cli >&2
 bin=target/release/weir
 out=$(mktemp -d)
@@ -17,15 +20,21 @@ cat "$input" > /dev/null   # page cache
 
 echo "| workload | workers | median wall s | events/s | peak RSS MB | output |"
 echo "|---|---|---|---|---|---|"
-for spec in "w1 1" "w1 2" "w2 1" "w2 2" "w3 1"; do
-  set -- $spec
-  w=$1; workers=$2
-  yaml=$(ls examples/$w-*.yaml)
+for spec in ${ONLY:-w1:1 w1:2 w2:1 w2:2 w3:1 w4:1 w4:2}; do
+  w=${spec%:*}; workers=${spec#*:}
+  case $w in
+    w1) yaml=examples/w1-sensor-window.yaml ;;
+    w2) yaml=examples/w2-filter-project.yaml ;;
+    w3) yaml=examples/w3-ewma-anomaly.yaml ;;
+    w4) yaml=examples/w4-enrich-window.yaml ;;
+  esac
   ref=/tmp/weir-bench-$w-ref-$n.jsonl
-  [ -s "$ref" ] || python3 scripts/reference.py "$w" "$input" > "$ref"
+  extra=()
+  [ "$w" = w4 ] && extra=("$devices")
+  [ -s "$ref" ] || python3 scripts/reference.py "$w" "$input" "${extra[@]}" > "$ref"
   times=(); mem=0
   for i in 0 1 2 3; do
-    INPUT=$input OUTPUT=$out/$w.jsonl DEAD_LETTERS=$out/dead.jsonl /usr/bin/time -f "%e %M" -o "$out/time" \
+    INPUT=$input DEVICES=$devices OUTPUT=$out/$w.jsonl DEAD_LETTERS=$out/dead.jsonl /usr/bin/time -f "%e %M" -o "$out/time" \
       "$bin" run "$yaml" --workers "$workers" --quiet --no-progress
     read -r t m < "$out/time"
     [ "$i" -gt 0 ] && times+=("$t")
