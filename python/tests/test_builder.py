@@ -275,7 +275,7 @@ def test_a_lookup_join_enriches_rows_from_a_file_table(tmp_path):
         p = weir.Pipeline("lookup")
         p.source("in", wt.source(rows))
         p.lookup("device", "device", weir.file_table(table, key="id"), join=join, missing=missing)
-        p.dead_letters(str(tmp_path / "dead.jsonl"))
+        p.sink("out", wt.collect()).dead_letters(str(tmp_path / "dead.jsonl"))
         return sorted(wt.run(p).to_pylist(), key=lambda r: r["device"])
 
     assert run("inner") == [{"device": "d1", "temp": 21.0, "site": "north", "limit": 20.5},
