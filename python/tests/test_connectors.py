@@ -159,13 +159,18 @@ def test_a_rabbitmq_source_from_python():
     conn.close()
 
 
-def test_a_postgres_sink_from_python_keeps_the_latest_row_per_key(tmp_path: Path) -> None:
-    url = os.environ.get("WEIR_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test")
-    table = f"py_latest_{os.getpid()}"
+PG = os.environ.get("WEIR_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test")
 
-    def psql(sql: str) -> str:
-        return subprocess.run(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql],
-                              check=True, capture_output=True, text=True).stdout.strip()
+
+def psql(sql: str) -> str:
+    """Runs SQL on the machine's PostgreSQL (scripts/services.sh starts it)."""
+    return subprocess.run(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", PG, "-c", sql],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_a_postgres_sink_from_python_keeps_the_latest_row_per_key(tmp_path: Path) -> None:
+    url = PG
+    table = f"py_latest_{os.getpid()}"
 
     src = tmp_path / "in.jsonl"
     src.write_text("".join('{"seq": %d, "temp": %d.5}\n' % (i % 7, i) for i in range(700)))
@@ -217,3 +222,33 @@ def test_a_sink_written_in_python_gets_batches_retries_and_dead_letters_what_it_
     dead = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
     assert len(dead) == 10
     assert "ValueError" in dead[0]["reason"] and "13 is unlucky" in dead[0]["reason"], dead[0]["reason"]
+
+
+def test_a_lookup_against_a_postgres_table_from_python() -> None:
+    import time as _time
+
+    table = f"weir_py_devices_{os.getpid()}_{int(_time.time() * 1000) % 1_000_000}"
+    psql(f"CREATE TABLE {table} (device text PRIMARY KEY, site text); INSERT INTO {table} VALUES ('d1', 'north')")
+    try:
+        p = weir.Pipeline("pg-lookup", workers=1)
+        p.source("in", wt.source([{"device": "d1"}, {"device": "d2"}]))
+        p.lookup("device", "device", weir.postgres_table(PG, table, cache_ttl="1s"), join="left")
+        rows = sorted(wt.run(p.sink("out", wt.collect())).to_pylist(), key=lambda r: r["device"])
+        assert rows == [{"device": "d1", "site": "north"}, {"device": "d2", "site": None}]
+    finally:
+        psql(f"DROP TABLE IF EXISTS {table}")
+
+
+
+def test_a_lookup_against_redis_hashes_from_python() -> None:
+    prefix = f"weir-py-lookup-{os.getpid()}-{int(time.time() * 1000) % 1_000_000}:"
+    subprocess.run(["redis-cli", "HSET", f"{prefix}d1", "site", "north", "limit", "20.5"], check=True, capture_output=True)
+    try:
+        p = weir.Pipeline("redis-lookup", workers=1)
+        p.source("in", wt.source([{"device": "d1"}, {"device": "d2"}]))
+        schema = [{"name": "site", "type": "string"}, {"name": "limit", "type": "float64"}]
+        p.lookup("device", "device", weir.redis_table("redis://127.0.0.1:6379", prefix, schema=schema), join="left")
+        rows = sorted(wt.run(p.sink("out", wt.collect())).to_pylist(), key=lambda r: r["device"])
+        assert rows == [{"device": "d1", "site": "north", "limit": 20.5}, {"device": "d2", "site": None, "limit": None}]
+    finally:
+        subprocess.run(["redis-cli", "DEL", f"{prefix}d1"], check=True, capture_output=True)

@@ -65,6 +65,8 @@ __all__ = [
     "connector",
     "file_sink",
     "file_table",
+    "postgres_table",
+    "redis_table",
     "stdout",
     "kafka_sink",
     "postgres_sink",
@@ -205,6 +207,31 @@ def file_table(path: Union[str, os.PathLike], format: Union[str, Json] = "csv", 
         "key": None if key is None else ([key] if isinstance(key, str) else list(key)),
         "columns": None if columns is None else list(columns),
         "schema": None if schema is None else schema_spec(schema),
+    })
+
+
+def postgres_table(url: str, table: str, *, key: Optional[Union[str, Sequence[str]]] = None,
+                   columns: Optional[Sequence[str]] = None, cache_size: int = 100_000, cache_ttl: Duration = "60s",
+                   ca_file: Optional[str] = None) -> Json:
+    """A lookup table in PostgreSQL: each batch asks it once for the keys the cache lacks;
+    answers (rows, and keys without one) are kept ``cache_ttl``, up to ``cache_size`` keys."""
+    return _clean({
+        "postgres": _clean({"url": url, "table": table, "ca_file": ca_file}),
+        "key": None if key is None else ([key] if isinstance(key, str) else list(key)),
+        "columns": None if columns is None else list(columns),
+        "cache": {"size": cache_size, "ttl": _duration(cache_ttl)},
+    })
+
+
+def redis_table(url: str, prefix: str = "", *, columns: Optional[Sequence[str]] = None, schema: Any = None,
+                cache_size: int = 100_000, cache_ttl: Duration = "60s") -> Json:
+    """A lookup table of Redis hashes, ``<prefix><key>``: fields read as ``schema``'s types, or
+    as text with ``columns``; asked once per batch for the keys the cache lacks."""
+    return _clean({
+        "redis": {"url": url, "prefix": prefix},
+        "columns": None if columns is None else list(columns),
+        "schema": None if schema is None else schema_spec(schema),
+        "cache": {"size": cache_size, "ttl": _duration(cache_ttl)},
     })
 
 
@@ -500,10 +527,10 @@ class Pipeline:
 
     def lookup(self, id: str, key: Union[str, Sequence[str]], table: Json, *, join: str = "inner",
                missing: Union[str, Json] = "drop") -> "Pipeline":
-        """Enriches each row with the columns of the row of ``table`` (:func:`file_table`) that
-        has its ``key``. ``join="left"`` keeps rows whose key the table lacks (nulls); an inner
-        join leaves them out and ``missing`` says where they go: ``"drop"`` (counted),
-        ``"dead_letter"`` or ``{"side_output": path}``."""
+        """Enriches each row with the columns of the row of ``table`` (:func:`file_table`,
+        :func:`postgres_table`, :func:`redis_table`) that has its ``key``. ``join="left"`` keeps rows whose key the
+        table lacks (nulls); an inner join leaves them out and ``missing`` says where they go:
+        ``"drop"`` (counted), ``"dead_letter"`` or ``{"side_output": path}``."""
         keys = [key] if isinstance(key, str) else list(key)
         return self._step("lookup", {"id": id, "key": keys, "table": table, "join": join, "missing": missing})
 

@@ -18,7 +18,9 @@ mod inbox;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod live_feed;
+mod lookup_cache;
 pub mod lookup_file;
+pub mod lookup_redis;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 #[cfg(feature = "mqtt")]

@@ -690,7 +690,17 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
 #[serde(deny_unknown_fields)]
 pub struct LookupTableConfig {
     /// A file held in memory, read again when it changes.
-    pub file: LookupFileConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<LookupFileConfig>,
+    /// A PostgreSQL table, asked once per batch for the keys the cache lacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<LookupPostgresConfig>,
+    /// Redis hashes (`<prefix><key>`), one pipeline per batch for the keys the cache lacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<LookupRedisConfig>,
+    /// The cache in front of a server's table.
+    #[serde(default)]
+    pub cache: LookupCacheConfig,
     /// The table's key column(s), matched in order with the rows' `key`; default the same names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<Vec<String>>,
@@ -700,6 +710,56 @@ pub struct LookupTableConfig {
     /// The table's columns and types; default inferred from the file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<SchemaSpec>,
+}
+
+/// A lookup table in PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupPostgresConfig {
+    /// Connection URL, as the sink's (`PGPASSWORD` when it has no password).
+    pub url: String,
+    /// The table: `name` or `schema.name`.
+    pub table: String,
+    /// A CA certificate (PEM) to verify the server against, with `sslmode=require`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+/// A lookup table of Redis hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupRedisConfig {
+    /// `redis://host:6379/0`.
+    pub url: String,
+    /// A key's hash is `<prefix><key>` (parts of a key of several columns joined by `:`).
+    #[serde(default)]
+    pub prefix: String,
+}
+
+/// How many keys a server table's cache holds, and for how long.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupCacheConfig {
+    /// Keys held at most (default 100,000).
+    #[serde(default = "default_cache_size")]
+    pub size: usize,
+    /// How long a key's answer is kept (default 60 s).
+    #[serde(default = "default_cache_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for LookupCacheConfig {
+    fn default() -> Self {
+        Self { size: default_cache_size(), ttl: default_cache_ttl() }
+    }
+}
+
+fn default_cache_size() -> usize {
+    100_000
+}
+
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// A lookup table's file.

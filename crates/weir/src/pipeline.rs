@@ -427,16 +427,25 @@ fn lookup_spec(l: &LookupConfig, append: bool) -> Result<weir_ops::lookup::Looku
             l.key.len()
         )));
     }
-    let f = &l.table.file;
-    let table = weir_connectors::lookup_file::FileTable::open(weir_connectors::lookup_file::FileTableSpec {
-        path: f.path.clone().into(),
-        format: f.format,
-        schema: l.table.schema.as_ref().map(weir_formats::SchemaSpec::to_arrow),
-        key,
-        columns: l.table.columns.clone(),
-    })?;
+    let t = &l.table;
+    let (table, refresh): (Arc<dyn weir_core::lookup::LookupTable>, _) = match (&t.file, &t.postgres, &t.redis) {
+        (Some(f), None, None) => {
+            let table = weir_connectors::lookup_file::FileTable::open(weir_connectors::lookup_file::FileTableSpec {
+                path: f.path.clone().into(),
+                format: f.format,
+                schema: t.schema.as_ref().map(weir_formats::SchemaSpec::to_arrow),
+                key,
+                columns: t.columns.clone(),
+            })?;
+            (Arc::new(table), f.reload)
+        }
+        // Asked per batch; the tick only reports its cache.
+        (None, Some(pg), None) => (postgres_table(pg, t, key)?, Some(Duration::from_secs(10))),
+        (None, None, Some(r)) => (redis_table(r, t)?, Some(Duration::from_secs(10))),
+        _ => return Err(CoreError::Config("table: give exactly one of `file`, `postgres`, `redis`".into())),
+    };
     Ok(weir_ops::lookup::LookupSpec {
-        table: Arc::new(table),
+        table,
         key: l.key.clone(),
         kind,
         missing: match &l.missing {
@@ -444,8 +453,64 @@ fn lookup_spec(l: &LookupConfig, append: bool) -> Result<weir_ops::lookup::Looku
             MissingConfig::DeadLetter => Missing::DeadLetter,
             MissingConfig::SideOutput(p) => Missing::Side(Arc::new(FileSideWriter::new(p).appending(append))),
         },
-        refresh: f.reload,
+        refresh,
     })
+}
+
+/// A table of Redis hashes: its columns are `schema` (typed) or `columns` (text).
+fn redis_table(r: &LookupRedisConfig, t: &LookupTableConfig) -> Result<Arc<dyn weir_core::lookup::LookupTable>> {
+    let schema = match (&t.schema, &t.columns) {
+        (Some(s), None) => s.to_arrow(),
+        (None, Some(c)) => Arc::new(arrow_schema::Schema::new(
+            c.iter().map(|n| arrow_schema::Field::new(n, arrow_schema::DataType::Utf8, true)).collect::<Vec<_>>(),
+        )),
+        _ => {
+            return Err(CoreError::Config(
+                "table: a Redis table needs `columns` (read as text) or `schema` (typed), one of them".into(),
+            ))
+        }
+    };
+    // A key that is not there gets nulls.
+    let schema = Arc::new(arrow_schema::Schema::new(
+        schema.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
+    ));
+    weir_connectors::lookup_redis::open(weir_connectors::lookup_redis::RedisTableSpec {
+        url: r.url.clone(),
+        prefix: r.prefix.clone(),
+        schema,
+        cache_size: t.cache.size.max(1),
+        cache_ttl: t.cache.ttl,
+    })
+}
+
+#[cfg(feature = "postgres")]
+fn postgres_table(
+    pg: &LookupPostgresConfig,
+    t: &LookupTableConfig,
+    key: Vec<String>,
+) -> Result<Arc<dyn weir_core::lookup::LookupTable>> {
+    if t.schema.is_some() {
+        return Err(CoreError::Config("table.schema: a PostgreSQL table brings its own column types".into()));
+    }
+    let spec = weir_connectors::postgres::lookup::PgTableSpec {
+        url: pg.url.clone(),
+        table: pg.table.clone(),
+        key,
+        columns: t.columns.clone(),
+        cache_size: t.cache.size.max(1),
+        cache_ttl: t.cache.ttl,
+        ca_file: pg.ca_file.clone().map(Into::into),
+    };
+    weir_connectors::postgres::lookup::open(spec)
+}
+
+#[cfg(not(feature = "postgres"))]
+fn postgres_table(
+    _: &LookupPostgresConfig,
+    _: &LookupTableConfig,
+    _: Vec<String>,
+) -> Result<Arc<dyn weir_core::lookup::LookupTable>> {
+    Err(CoreError::Config("table.postgres: this build of Weir has no PostgreSQL (the `postgres` feature)".into()))
 }
 
 fn ms(d: Duration) -> i64 {

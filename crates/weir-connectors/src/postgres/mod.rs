@@ -17,6 +17,7 @@
 //! rest of the batch is written.
 
 mod copy;
+pub mod lookup;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -245,26 +246,63 @@ fn fail(what: &str) -> impl Fn(tokio_postgres::Error) -> CoreError + '_ {
     move |e| classify(&e).into_error(what)
 }
 
+/// The connection settings of `url` (`what` names the user in errors): the password from
+/// `PGPASSWORD` when the URL has none, a 10 s connect timeout, and whether to use TLS.
+fn connect_config(url: &str, what: &str) -> Result<(tokio_postgres::Config, bool)> {
+    let mut pg: tokio_postgres::Config =
+        url.parse().map_err(|e| CoreError::Config(format!("{what}: `url` ({}): {e}", redact(url))))?;
+    if pg.get_password().is_none() {
+        if let Ok(p) = std::env::var("PGPASSWORD") {
+            pg.password(p);
+        }
+    }
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(Duration::from_secs(10));
+    }
+    // TLS only when the URL asks for it (libpq's default, `prefer`, would try it against
+    // any server and fail on one whose certificate cannot be verified).
+    let tls = url.contains("sslmode=require") || url.contains("sslmode=prefer");
+    if !tls {
+        pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    }
+    Ok((pg, tls))
+}
+
+/// `host/database` of a connection's settings, for errors and logs.
+fn server_of(pg: &tokio_postgres::Config) -> String {
+    let hosts: Vec<String> = pg
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            #[cfg(unix)]
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .collect();
+    format!("{}/{}", hosts.join(","), pg.get_dbname().unwrap_or(""))
+}
+
+/// A connection with its driver task (which ends with it).
+async fn open_client(pg: &tokio_postgres::Config, tls: bool, ca_file: Option<&std::path::Path>) -> Result<Conn> {
+    let what = format!("connecting to {}", server_of(pg));
+    let driver = |r: std::result::Result<(), tokio_postgres::Error>| {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "PostgreSQL connection ended.");
+        }
+    };
+    Ok(if tls {
+        let tls = tls_connector(ca_file)?;
+        let (client, conn) = pg.connect(tls).await.map_err(fail(&what))?;
+        Conn { client, _driver: SpawnedTask::spawn(async move { driver(conn.await) }) }
+    } else {
+        let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(fail(&what))?;
+        Conn { client, _driver: SpawnedTask::spawn(async move { driver(conn.await) }) }
+    })
+}
+
 impl Shared {
     fn new(cfg: PostgresSinkConfig) -> Result<Self> {
-        let mut pg: tokio_postgres::Config = cfg
-            .url
-            .parse()
-            .map_err(|e| CoreError::Config(format!("postgres sink: `url` ({}): {e}", redact(&cfg.url))))?;
-        if pg.get_password().is_none() {
-            if let Ok(p) = std::env::var("PGPASSWORD") {
-                pg.password(p);
-            }
-        }
-        if pg.get_connect_timeout().is_none() {
-            pg.connect_timeout(Duration::from_secs(10));
-        }
-        // TLS only when the URL asks for it (libpq's default, `prefer`, would try it against
-        // any server and fail on one whose certificate cannot be verified).
-        let tls = cfg.url.contains("sslmode=require") || cfg.url.contains("sslmode=prefer");
-        if !tls {
-            pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
-        }
+        let (pg, tls) = connect_config(&cfg.url, "postgres sink")?;
         let parts = parse_table(&cfg.table).map_err(|e| CoreError::Config(format!("postgres sink: {e}")))?;
         let table = parts.iter().map(|p| quote_ident(p)).collect::<Vec<_>>().join(".");
         let names: Vec<&str> = cfg.schema.fields().iter().map(|f| f.name().as_str()).collect();
@@ -290,17 +328,7 @@ impl Shared {
     }
 
     fn server(&self) -> String {
-        let hosts: Vec<String> = self
-            .pg
-            .get_hosts()
-            .iter()
-            .map(|h| match h {
-                tokio_postgres::config::Host::Tcp(h) => h.clone(),
-                #[cfg(unix)]
-                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-            })
-            .collect();
-        format!("{}/{}", hosts.join(","), self.pg.get_dbname().unwrap_or(""))
+        server_of(&self.pg)
     }
 
     /// A new connection, with the table's plan read (the first time) and the connection's
@@ -315,20 +343,7 @@ impl Shared {
     }
 
     async fn connect(&self) -> Result<Conn> {
-        let what = format!("connecting to {}", self.server());
-        let driver = |r: std::result::Result<(), tokio_postgres::Error>| {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "PostgreSQL connection ended.");
-            }
-        };
-        Ok(if self.tls {
-            let tls = tls_connector(self.cfg.ca_file.as_deref())?;
-            let (client, conn) = self.pg.connect(tls).await.map_err(fail(&what))?;
-            Conn { client, _driver: SpawnedTask::spawn(async move { driver(conn.await) }) }
-        } else {
-            let (client, conn) = self.pg.connect(tokio_postgres::NoTls).await.map_err(fail(&what))?;
-            Conn { client, _driver: SpawnedTask::spawn(async move { driver(conn.await) }) }
-        })
+        open_client(&self.pg, self.tls, self.cfg.ca_file.as_deref()).await
     }
 
     /// Reads the table's columns (creating the table when asked) and maps the rows onto them.

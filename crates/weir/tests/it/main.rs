@@ -17,6 +17,7 @@ mod http_ingest;
 mod http_sink;
 mod kafka;
 mod live_feed;
+mod lookups;
 mod metrics;
 mod mqtt;
 mod nats;
