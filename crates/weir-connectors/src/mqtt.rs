@@ -213,6 +213,7 @@ impl SourceFactory for MqttSourceFactory {
             pending: Pending::default(),
             book: AckBook::default(),
             quiet: crate::quiet::Quiet::default(),
+            up: Arc::default(),
             idle_since: None,
             ended: false,
         }))
@@ -380,6 +381,8 @@ struct MqttSource {
     pending: Pending,
     book: AckBook,
     quiet: crate::quiet::Quiet,
+    /// Whether the connection task is connected: quiet counts only then.
+    up: Arc<std::sync::atomic::AtomicBool>,
     /// Since when a poll has waited with nothing buffered: kept across polls, which the
     /// runtime drops at every barrier and completed checkpoint.
     idle_since: Option<Instant>,
@@ -533,7 +536,8 @@ impl MqttSource {
                 "Times the MQTT source lost or could not open its connection and tried again.",
                 &cfg.url,
                 cx.registry.clone(),
-            );
+            )
+            .telling(self.up.clone());
             let keep_alive = cfg.keep_alive.max(Duration::from_secs(1));
             let (client, task) = match cfg.protocol {
                 MqttProtocol::V311 => {
@@ -709,7 +713,7 @@ impl Source for MqttSource {
                 return Ok(SourcePoll::End);
             }
             if let Some(idle) = self.cfg.end_when_idle {
-                if n == 0 && self.quiet.lasted(now, idle) {
+                if n == 0 && self.quiet.lasted_while(self.up.load(std::sync::atomic::Ordering::Relaxed), now, idle) {
                     tracing::info!(
                         idle_ms = idle.as_millis() as u64,
                         "MQTT source ends: nothing arrived for `end_when_idle`."

@@ -20,4 +20,14 @@ impl Quiet {
     pub(crate) fn lasted(&mut self, now: Instant, idle: Duration) -> bool {
         now.saturating_duration_since(*self.0.get_or_insert(now)) >= idle
     }
+
+    /// [`Quiet::lasted`], counting only while `connected`: time with the server away is not
+    /// quiet (the stretch begins again once it is back).
+    pub(crate) fn lasted_while(&mut self, connected: bool, now: Instant, idle: Duration) -> bool {
+        if !connected {
+            self.reset();
+            return false;
+        }
+        self.lasted(now, idle)
+    }
 }

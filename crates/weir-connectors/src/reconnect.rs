@@ -2,6 +2,7 @@
 //! ([`RetryPolicy::delay`]), each failure counted in a metric and logged (the first, then at
 //! powers of two, so a long outage does not flood the log).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,9 @@ pub(crate) struct Reconnect {
     registry: Arc<Registry>,
     policy: RetryPolicy,
     failures: u32,
+    /// Whether the connection is up now, for the source (its `end_when_idle` counts only
+    /// then).
+    up: Arc<AtomicBool>,
 }
 
 impl Reconnect {
@@ -34,11 +38,18 @@ impl Reconnect {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
         };
-        Self { what, metric, help, server: server.to_string(), registry, policy, failures: 0 }
+        Self { what, metric, help, server: server.to_string(), registry, policy, failures: 0, up: Arc::default() }
+    }
+
+    /// Keeps `up` telling whether the connection is up.
+    pub(crate) fn telling(mut self, up: Arc<AtomicBool>) -> Self {
+        self.up = up;
+        self
     }
 
     /// The connection is up: the next failure starts the backoff over.
     pub(crate) fn connected(&mut self) {
+        self.up.store(true, Ordering::Relaxed);
         if self.failures > 0 {
             tracing::info!(server = %self.server, failures = self.failures, "{} connection back.", self.what);
         }
@@ -47,6 +58,7 @@ impl Reconnect {
 
     /// The connection failed: count it, log it, and wait before the next try.
     pub(crate) async fn failed(&mut self, error: String) {
+        self.up.store(false, Ordering::Relaxed);
         self.failures += 1;
         self.registry.connectors.add(self.metric, self.help, &[("server", &self.server)], 1.0);
         let wait = self.policy.delay(self.failures);

@@ -187,6 +187,7 @@ impl SourceFactory for RedisStreamsFactory {
             streams,
             book: Book::default(),
             quiet: crate::quiet::Quiet::default(),
+            up: Arc::default(),
             idle_since: None,
             ended: false,
         }))
@@ -292,6 +293,8 @@ struct RedisStreamsSource {
     pending_ids: HashSet<(usize, EntryId)>,
     book: Book,
     quiet: crate::quiet::Quiet,
+    /// Whether the connection task is connected: quiet counts only then.
+    up: Arc<std::sync::atomic::AtomicBool>,
     idle_since: Option<Instant>,
     ended: bool,
 }
@@ -321,6 +324,8 @@ struct Reader {
     /// sent already: the source may have acknowledged them meanwhile, and would then take
     /// the stale copy for a new entry.
     sent_max: Vec<Option<EntryId>>,
+    /// Whether the connection is up (shared with the source).
+    up: Arc<std::sync::atomic::AtomicBool>,
     tx: mpsc::Sender<Incoming>,
     registry: Arc<Registry>,
 }
@@ -470,7 +475,8 @@ impl Reader {
             "Times the Redis Streams source lost or could not open its connection and tried again.",
             &server,
             self.registry.clone(),
-        );
+        )
+        .telling(self.up.clone());
         loop {
             let r = self.session(&mut retry).await;
             let e = match r {
@@ -689,6 +695,7 @@ impl RedisStreamsSource {
             keys: self.keys(),
             after: self.positions.iter().map(|p| p.map_or_else(|| start.clone(), |id| id.to_string())).collect(),
             sent_max: vec![None; self.streams.len()],
+            up: self.up.clone(),
             tx,
             registry: cx.registry.clone(),
         };
@@ -916,7 +923,7 @@ impl Source for RedisStreamsSource {
                 return Ok(SourcePoll::End);
             }
             if let Some(idle) = self.cfg.end_when_idle {
-                if n == 0 && self.quiet.lasted(now, idle) {
+                if n == 0 && self.quiet.lasted_while(self.up.load(std::sync::atomic::Ordering::Relaxed), now, idle) {
                     tracing::info!(
                         idle_ms = idle.as_millis() as u64,
                         "Redis Streams source ends: nothing arrived for `end_when_idle`."

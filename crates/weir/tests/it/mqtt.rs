@@ -95,6 +95,40 @@ fn a_broker_restarted_mid_run_loses_and_repeats_nothing() {
     assert_seqs(&committed_rows(&out), 0..25_000, "after the broker's restart");
 }
 
+/// The broker away for twice `end_when_idle`: the source waits for it instead of
+/// ending (only quiet while connected counts), and reads what is published once it is back.
+/// Regression: the outage counted as quiet and the source ended during it.
+#[test]
+fn a_broker_away_longer_than_end_when_idle_does_not_end_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Mosquitto::start(dir.path());
+    broker.open_session("mqtt-away-0", "sensors/#");
+    let input = dir.path().join("in.jsonl");
+    events(&input, 0, 500);
+    broker.publish_lines("sensors/a/b/telemetry", &input);
+    let out = dir.path().join("out.jsonl");
+    let cfg = pipeline(&broker, "mqtt-away", &["sensors/#"], &out, None);
+    let job = Job::new(Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap()).unwrap();
+    let reg = job.registry();
+    let rt = rt();
+    let handle = rt.spawn(job.run());
+    poll(|| (reg.source_records.load(std::sync::atomic::Ordering::Relaxed) >= 500).then_some(()));
+    broker.stop();
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        assert!(!handle.is_finished(), "the source ended while the broker was away");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    broker.restart();
+    let more = dir.path().join("more.jsonl");
+    events(&more, 500, 500);
+    broker.publish_lines("sensors/a/b/telemetry", &more);
+    rt.block_on(handle).unwrap().unwrap();
+    let seen: std::collections::BTreeSet<i64> = read_jsonl(&out).iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    let missing: Vec<i64> = (0..1000).filter(|s| !seen.contains(s)).take(10).collect();
+    assert!(missing.is_empty(), "missing after the outage (first 10): {missing:?}");
+}
+
 /// Nothing listens at first: the source retries with backoff and counts it, and reads once
 /// the broker is there.
 #[test]

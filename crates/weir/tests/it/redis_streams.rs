@@ -159,6 +159,38 @@ fn a_server_restarted_mid_run_loses_and_repeats_nothing() {
     assert_eq!(p[0], redis::Value::Int(0), "all acknowledged after the final checkpoint: {p:?}");
 }
 
+/// The server away for three times `end_when_idle`: the source waits for it instead of ending
+/// (only quiet while connected counts), and reads what is added once it is back. Regression:
+/// the time the server was away counted as quiet, and the source ended during the outage.
+#[test]
+fn a_server_away_longer_than_end_when_idle_does_not_end_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = RedisServer::start(dir.path());
+    let f = dir.path().join("a.jsonl");
+    events(&f, 0, 1000);
+    xadd_lines(&server.url(), "sensors", "data", &f);
+    let out = dir.path().join("out.jsonl");
+    let cfg = pipeline(source(&server.url(), &["sensors"], Some("g")), &out, None);
+    let job = Job::new(Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap()).unwrap();
+    let reg = job.registry();
+    let rt = rt();
+    let handle = rt.spawn(job.run());
+    poll(|| (reg.source_records.load(std::sync::atomic::Ordering::Relaxed) >= 1000).then_some(()));
+    server.stop();
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        assert!(!handle.is_finished(), "the source ended while the server was away");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.restart();
+    events(&f, 1000, 1000);
+    xadd_lines(&server.url(), "sensors", "data", &f);
+    rt.block_on(handle).unwrap().unwrap();
+    let seen: std::collections::BTreeSet<i64> = read_jsonl(&out).iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    let missing: Vec<i64> = (0..2000).filter(|s| !seen.contains(s)).take(10).collect();
+    assert!(missing.is_empty(), "missing after the outage (first 10): {missing:?}");
+}
+
 /// Another consumer of the group read entries and went away without acknowledging them: they
 /// are claimed once idle for `claim_after`, and read.
 #[test]
