@@ -217,6 +217,23 @@ pub(crate) fn assert_seqs(rows: &[Value], want: impl Iterator<Item = i64>, what:
     );
 }
 
+/// Checks that `rows` hold every `seq` of `want`, repeats allowed (at least once), naming the
+/// first missing ones.
+pub(crate) fn assert_every_seq(rows: &[Value], want: std::ops::Range<i64>, what: &str) {
+    let seen: std::collections::BTreeSet<i64> = rows.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    let missing: Vec<i64> = want.filter(|s| !seen.contains(s)).take(10).collect();
+    assert!(missing.is_empty(), "{what}: {} rows, missing (first 10): {missing:?}", rows.len());
+}
+
+/// Checks, for `d`, that a running job has not ended (a source must wait through an outage).
+pub(crate) fn assert_keeps_running<T>(job: &tokio::task::JoinHandle<T>, d: std::time::Duration, what: &str) {
+    let until = std::time::Instant::now() + d;
+    while std::time::Instant::now() < until {
+        assert!(!job.is_finished(), "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// The schema of [`events`].
 pub(crate) fn seq_schema() -> SchemaSpec {
     serde_yaml::from_str("fields: [{name: seq, type: int64}, {name: ts, type: int64}, {name: temp, type: float64}]")
