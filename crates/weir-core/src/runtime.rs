@@ -8,8 +8,9 @@
 //!                                    the worker owning each row's key
 //! ```
 //! Operators inside a stage are chained: one task calls them one after the other, with no
-//! channel between them. Each stage task after the first receives from all `W` upstream tasks
-//! on one bounded channel, tagged with the sender, and takes the minimum of their watermarks.
+//! channel between them. Each stage task after the first receives from all `W` upstream tasks,
+//! each on a bounded channel of its own (so a barrier can hold one back while the others are
+//! read), and takes the minimum of their watermarks.
 //! With one worker there is no exchange at all: the whole pipeline is one task.
 //!
 //! Backpressure: `send` on a full channel waits, so a slow stage stops the stages before it
