@@ -4,13 +4,14 @@
 //! every key the cache lacks.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow_array::builder::{BooleanBuilder, Float64Builder, Int64Builder, StringBuilder};
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, SchemaRef};
-use weir_core::lookup::{LookupKeys, LookupTable};
+use weir_core::lookup::{LookupKeys, LookupStats, LookupTable};
 use weir_core::Result;
 
 /// One value of a found row, as the Arrow column it goes into takes it.
@@ -50,11 +51,13 @@ pub(crate) struct CachedTable<F> {
     out: SchemaRef,
     limits: CacheLimits,
     entries: Mutex<Entries>,
+    /// Questions sent, keys asked, keys answered from the cache.
+    counts: [AtomicU64; 3],
 }
 
 impl<F: Fetch> CachedTable<F> {
     pub(crate) fn new(fetch: F, out: SchemaRef, limits: CacheLimits) -> Arc<Self> {
-        Arc::new(Self { fetch, out, limits, entries: Mutex::default() })
+        Arc::new(Self { fetch, out, limits, entries: Mutex::default(), counts: Default::default() })
     }
 }
 
@@ -72,7 +75,11 @@ impl<F: Fetch> LookupTable for CachedTable<F> {
             keys.iter().flatten().filter(|k| !cache.by_key.get(*k).is_some_and(fresh)).map(str::to_string).collect();
         missing.sort_unstable();
         missing.dedup();
+        let present = keys.iter().flatten().count();
+        self.counts[2].fetch_add(present.saturating_sub(missing.len()) as u64, Ordering::Relaxed);
         if !missing.is_empty() {
+            self.counts[0].fetch_add(1, Ordering::Relaxed);
+            self.counts[1].fetch_add(missing.len() as u64, Ordering::Relaxed);
             let found = self.fetch.fetch(&missing)?;
             if cache.by_key.len() + missing.len() > self.limits.size.max(1) {
                 // Full: start over (simple, and a hot key is back after one question).
@@ -106,6 +113,11 @@ impl<F: Fetch> LookupTable for CachedTable<F> {
 
     fn len(&self) -> usize {
         self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).by_key.len()
+    }
+
+    fn stats(&self) -> LookupStats {
+        let c = |i: usize| self.counts[i].load(Ordering::Relaxed);
+        LookupStats { queries: c(0), keys_asked: c(1), cache_hits: c(2) }
     }
 }
 

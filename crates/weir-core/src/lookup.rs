@@ -32,10 +32,26 @@ pub trait LookupTable: Send + Sync + fmt::Debug {
     /// Rows held in memory now, for metrics.
     fn len(&self) -> usize;
 
+    /// What a table served by a server did so far (all zero for a table held in memory).
+    fn stats(&self) -> LookupStats {
+        LookupStats::default()
+    }
+
     /// Whether [`LookupTable::len`] is zero.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Counters of a table served by a server, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LookupStats {
+    /// Questions sent to the server (one per batch that had keys the cache lacked).
+    pub queries: u64,
+    /// Keys asked in those questions.
+    pub keys_asked: u64,
+    /// Keys answered from the cache.
+    pub cache_hits: u64,
 }
 
 /// The key of each row of a batch, rendered as text: a string column's values as they are,

@@ -187,17 +187,45 @@ impl Operator for LookupOp {
 
     fn on_tick(&mut self, _now_ms: i64, cx: &mut OpContext<'_>) -> Result<()> {
         self.spec.table.refresh();
-        cx.registry.connectors.set(
-            "weir_lookup_table_rows",
-            "Rows of the lookup table held in memory.",
-            &[("step", cx.step.as_str())],
-            self.spec.table.len() as f64,
-        );
+        report(self.spec.table.as_ref(), cx);
+        Ok(())
+    }
+
+    fn on_end(&mut self, cx: &mut OpContext<'_>) -> Result<()> {
+        report(self.spec.table.as_ref(), cx);
         Ok(())
     }
 
     fn tick_interval(&self) -> Option<Duration> {
         self.spec.refresh
+    }
+}
+
+/// The table's size and, for a server's table, its questions and cache hits.
+fn report(table: &dyn LookupTable, cx: &mut OpContext<'_>) {
+    let m = &cx.registry.connectors;
+    let step = [("step", cx.step.as_str())];
+    m.set(
+        "weir_lookup_table_rows",
+        "Rows (or cached keys) of the lookup table held in memory.",
+        &step,
+        table.len() as f64,
+    );
+    let s = table.stats();
+    if s != weir_core::lookup::LookupStats::default() {
+        m.set_total(
+            "weir_lookup_queries_total",
+            "Questions the lookup table's server was asked.",
+            &step,
+            s.queries as f64,
+        );
+        m.set_total(
+            "weir_lookup_keys_asked_total",
+            "Keys asked of the lookup table's server.",
+            &step,
+            s.keys_asked as f64,
+        );
+        m.set_total("weir_lookup_cache_hits_total", "Keys answered from the lookup cache.", &step, s.cache_hits as f64);
     }
 }
 

@@ -121,12 +121,15 @@ fn answers_are_cached_for_their_ttl_and_bad_settings_are_named() {
     };
     let long = open_pg(spec(Duration::from_secs(3600))).unwrap();
     let short = open_pg(spec(Duration::from_millis(50))).unwrap();
-    assert_eq!(long.lookup(&keys(&["3", "7"])).unwrap().1, [true, false]);
+    assert_eq!(long.lookup(&keys(&["3", "7", "3", "3"])).unwrap().1, [true, false, true, true]);
     assert_eq!(short.lookup(&keys(&["3"])).unwrap().1, [true]);
     assert_eq!(long.len(), 2, "found rows and missing keys are both kept");
+    let s = long.stats();
+    assert_eq!((s.queries, s.keys_asked, s.cache_hits), (1, 2, 2), "one question for the batch's keys: {s:?}");
     psql(&server(), &format!("DELETE FROM {t} WHERE id = 3; INSERT INTO {t} (id, site) VALUES (7, 'west')"));
-    // Cached for an hour: the table's change is not seen yet.
+    // Cached for an hour: the table's change is not seen yet, and the server is not asked.
     assert_eq!(long.lookup(&keys(&["3", "7"])).unwrap().1, [true, false]);
+    assert_eq!(long.stats().queries, 1);
     // Cached for 50 ms: seen once the answers expire.
     poll(|| (short.lookup(&keys(&["3", "7"])).unwrap().1 == [false, true]).then_some(()));
 
