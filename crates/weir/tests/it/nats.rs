@@ -56,7 +56,7 @@ fn jetstream_messages_become_rows_with_subject_columns_and_a_bad_one_is_dead_let
     assert_eq!(dead[0]["origin"], "nats SENSORS");
     assert_eq!(dead[0]["position"], "subject sensors.paris.d-2, stream seq 3001");
     // Without checkpoints each batch is acknowledged once handed on.
-    assert_eq!(server.consumer_pending("SENSORS", "t"), (0, 0));
+    poll(|| (server.consumer_pending("SENSORS", "t") == (0, 0)).then_some(()));
 }
 
 /// Checkpoints every 100 ms, acknowledgements after them; the server restarts while Weir
@@ -92,7 +92,9 @@ fn a_server_restarted_mid_run_loses_and_repeats_nothing() {
         "the consumer's pending count is reported"
     );
     assert_seqs(&committed_rows(&out), 0..25_000, "after the server's restart");
-    assert_eq!(server.consumer_pending("S", "t"), (0, 0), "all acknowledged after the final checkpoint");
+    // The server takes in the last acknowledgement a moment after it has it: a check at once
+    // saw 17,068 delivered and not yet acknowledged once.
+    poll(|| (server.consumer_pending("S", "t") == (0, 0)).then_some(()));
 }
 
 /// A run that read and never acknowledged (it stopped without a checkpoint's completion) left
@@ -118,7 +120,7 @@ fn messages_left_unacknowledged_are_read_again_at_once() {
         .unwrap();
     assert!(started.elapsed() < Duration::from_secs(60), "waited for ack_wait");
     assert_seqs(&committed_rows(&out), 0..1000, "after a run that left 600 unacknowledged");
-    assert_eq!(server.consumer_pending("S", "t"), (0, 0));
+    poll(|| (server.consumer_pending("S", "t") == (0, 0)).then_some(()));
 }
 
 /// Core NATS: subjects read while connected, with a queue group over both workers.
