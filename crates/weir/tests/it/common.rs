@@ -225,13 +225,22 @@ pub(crate) fn assert_every_seq(rows: &[Value], want: std::ops::Range<i64>, what:
     assert!(missing.is_empty(), "{what}: {} rows, missing (first 10): {missing:?}", rows.len());
 }
 
-/// Checks, for `d`, that a running job has not ended (a source must wait through an outage).
-pub(crate) fn assert_keeps_running<T>(job: &tokio::task::JoinHandle<T>, d: std::time::Duration, what: &str) {
-    let until = std::time::Instant::now() + d;
-    while std::time::Instant::now() < until {
+/// Waits (polling, with the usual deadline) until the source has failed to reconnect at least
+/// `n` times (`failures()`) and the outage has lasted `at_least`, checking all the while that
+/// the running `job` has not ended.
+pub(crate) fn assert_runs_through_outage<T>(
+    job: &tokio::task::JoinHandle<T>,
+    at_least: std::time::Duration,
+    n: f64,
+    failures: impl Fn() -> f64,
+    what: &str,
+) {
+    let since = std::time::Instant::now();
+    poll(|| {
         assert!(!job.is_finished(), "{what}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+        (failures() >= n && since.elapsed() >= at_least).then_some(())
+    });
+    assert!(!job.is_finished(), "{what}");
 }
 
 /// The schema of [`events`].

@@ -176,12 +176,17 @@ fn mqtt_sink_through_a_broker_restart() {
 }
 
 /// An HTTP endpoint that can go away (its port closed: connections refused) and come back on
-/// the same port; it keeps the `seq`s of the rows it took.
+/// the same port, and can hold its answers back (a slow endpoint); it keeps the `seq`s of the
+/// rows it took.
+/// Whether answers are held back, and since when the first held request has waited.
+type Gate = (Mutex<(bool, Option<std::time::Instant>)>, std::sync::Condvar);
+
 struct Endpoint {
     addr: SocketAddr,
-    /// While set, a request waits this long for its answer.
-    stall: Arc<Mutex<Duration>>,
-    down: Arc<AtomicBool>,
+    away: Arc<AtomicBool>,
+    back: std::sync::mpsc::Sender<()>,
+    /// Closed: requests wait for their answer; and since when the first one has waited.
+    gate: Arc<Gate>,
     seqs: Arc<Mutex<Vec<i64>>>,
 }
 
@@ -189,37 +194,63 @@ impl Endpoint {
     fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let (down, seqs) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
-        let stall = Arc::new(Mutex::new(Duration::ZERO));
-        let (d, s, st) = (down.clone(), seqs.clone(), stall.clone());
+        let (away, seqs) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+        let gate: Arc<Gate> = Arc::new((Mutex::new((false, None)), std::sync::Condvar::new()));
+        let (back, back_rx) = std::sync::mpsc::channel::<()>();
+        let (a, s, g) = (away.clone(), seqs.clone(), gate.clone());
         std::thread::spawn(move || {
             let mut listener = Some(listener);
             loop {
-                match (&listener, d.load(Ordering::SeqCst)) {
-                    (Some(_), true) => listener = None,
-                    (None, false) => listener = Some(TcpListener::bind(addr).unwrap()),
-                    (None, true) => std::thread::sleep(Duration::from_millis(10)),
-                    (Some(l), false) => {
-                        l.set_nonblocking(true).unwrap();
-                        match l.accept() {
-                            Ok((conn, _)) => {
-                                let pause = *st.lock().unwrap();
-                                std::thread::sleep(pause);
-                                serve(conn, &s);
-                            }
-                            Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                        }
+                let l = listener.take().unwrap_or_else(|| TcpListener::bind(addr).unwrap());
+                for conn in l.incoming() {
+                    if a.load(Ordering::SeqCst) {
+                        break;
                     }
+                    let Ok(conn) = conn else { continue };
+                    let (lock, cv) = &*g;
+                    let mut held = lock.lock().unwrap();
+                    if held.0 {
+                        held.1.get_or_insert_with(std::time::Instant::now);
+                    }
+                    drop(cv.wait_while(held, |h| h.0).unwrap());
+                    serve(conn, &s);
+                }
+                // Away: the port is closed until the test says it is back.
+                drop(l);
+                if back_rx.recv().is_err() {
+                    return;
                 }
             }
         });
-        Self { addr, stall, down, seqs }
+        Self { addr, away, back, gate, seqs }
+    }
+
+    /// Closes the port (the thread wakes on a connection of ours and lets go of it).
+    fn go_away(&self) {
+        self.away.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
+
+    fn come_back(&self) {
+        self.away.store(false, Ordering::SeqCst);
+        self.back.send(()).unwrap();
+    }
+
+    /// Holds answers back (`true`) or lets them go.
+    fn hold(&self, closed: bool) {
+        let (lock, cv) = &*self.gate;
+        lock.lock().unwrap().0 = closed;
+        cv.notify_all();
+    }
+
+    /// How long the first held request has waited so far.
+    fn held_for(&self) -> Duration {
+        self.gate.0.lock().unwrap().1.map_or(Duration::ZERO, |t| t.elapsed())
     }
 }
 
 /// Answers one request with 200, keeping the `seq`s of its JSON array body.
 fn serve(conn: std::net::TcpStream, seqs: &Mutex<Vec<i64>>) {
-    conn.set_nonblocking(false).unwrap();
     let Some((_, body)) = read_request(&conn) else { return };
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
     seqs.lock().unwrap().extend(rows.iter().map(|v| v["seq"].as_i64().unwrap()));
@@ -233,18 +264,17 @@ fn http_sink_through_an_endpoint_that_goes_away_and_comes_back() {
     let endpoint = Endpoint::start();
     let url = format!("http://{}/in", endpoint.addr);
     let sink = settings(&format!("url: {url}\nmax_rows: 500"));
-    let down = endpoint.down.clone();
     through_a_restart(
         dir.path(),
         SinkConnector::Http(sink),
         "weir_http_sink_rows_total",
         &[("url", &url)],
         |reg, more| {
-            down.store(true, Ordering::SeqCst);
+            endpoint.go_away();
             more();
             // Back once the sink has found the port closed (and is backing off).
             poll(|| (reg.sink_retries.load(Ordering::Relaxed) > 0).then_some(()));
-            down.store(false, Ordering::SeqCst);
+            endpoint.come_back();
         },
     );
     let rows: Vec<serde_json::Value> =
@@ -259,15 +289,15 @@ fn http_sink_through_an_endpoint_that_goes_away_and_comes_back() {
 fn a_source_held_up_by_a_slow_sink_does_not_take_that_for_idle() {
     let dir = tempfile::tempdir().unwrap();
     let endpoint = Endpoint::start();
-    *endpoint.stall.lock().unwrap() = Duration::from_secs(3);
+    endpoint.hold(true);
     let url = format!("http://{}/in", endpoint.addr);
     let (job, key) = redis_fed_job(dir.path(), SinkConnector::Http(settings(&format!("url: {url}\nmax_rows: 500"))));
     feed(&key, dir.path(), 0, BEFORE + AFTER);
     let rt = rt();
     let handle = rt.spawn(job.run());
-    // The first requests wait 3 s each (longer than `end_when_idle`), the rest do not.
-    poll(|| (!endpoint.seqs.lock().unwrap().is_empty()).then_some(()));
-    *endpoint.stall.lock().unwrap() = Duration::ZERO;
+    // The first request waits 3 s for its answer, longer than `end_when_idle` (2 s).
+    poll(|| (endpoint.held_for() > Duration::from_secs(3)).then_some(()));
+    endpoint.hold(false);
     rt.block_on(handle).unwrap().unwrap();
     let rows: Vec<serde_json::Value> =
         endpoint.seqs.lock().unwrap().iter().map(|s| serde_json::json!({ "seq": s })).collect();
