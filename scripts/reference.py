@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Reference implementations of W1-W4 (shared/bench/WORKLOADS.md), written from the
+"""Reference implementations of W1-W5 (shared/bench/WORKLOADS.md), written from the
 definitions, to check Weir's output. Slow and obvious on purpose.
 
 Usage: reference.py w1|w2|w3 INPUT > expected.jsonl
        reference.py w4 INPUT DEVICES.csv > expected.jsonl
+       reference.py w5 INPUT_A INPUT_B > expected.jsonl
 """
 import csv
 import json
@@ -93,8 +94,26 @@ def w4(path, devices_path):
         yield {"site": site, "window_start": start, "count": n, "max_temp": mx}
 
 
+def w5(path_a, path_b):
+    # Every pair of the same device with b.ts - a.ts in [-50, 50] ms, by a plain index on
+    # device (a nested loop over 2M x 2M events would not finish).
+    by_device = {}
+    for b in events(path_b):
+        by_device.setdefault(b["device_id"], []).append(b)
+    for a in events(path_a):
+        for b in by_device.get(a["device_id"], ()):
+            if -50 <= b["ts"] - a["ts"] <= 50:
+                yield {
+                    "device_id": a["device_id"],
+                    "a_ts": a["ts"],
+                    "b_ts": b["ts"],
+                    "a_temp": a["readings"]["temp"],
+                    "b_temp": b["readings"]["temp"],
+                }
+
+
 if __name__ == "__main__":
-    fn = {"w1": w1, "w2": w2, "w3": w3, "w4": w4}[sys.argv[1]]
+    fn = {"w1": w1, "w2": w2, "w3": w3, "w4": w4, "w5": w5}[sys.argv[1]]
     out = sys.stdout
     for row in fn(*sys.argv[2:]):
         out.write(json.dumps(row, separators=(",", ":")))

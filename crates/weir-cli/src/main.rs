@@ -451,8 +451,13 @@ fn replay_groups(
     workers: Option<usize>,
 ) -> Result<(Vec<(String, RunSummary)>, usize), Failure> {
     let mut groups: Vec<(String, PipelineConfig)> = Vec::new();
+    if base.sources.len() > 1 || base.steps.iter().any(|s| !s.inputs().is_empty()) {
+        return Err(Failure::Config(
+            "replay feeds dead letters back into a straight pipeline (one source, steps one after the other); this one is a graph".into(),
+        ));
+    }
     if !picked.records.is_empty() {
-        let format = match &base.source.connector {
+        let format = match &base.source().connector {
             SourceConnector::File(f) => f.format,
             SourceConnector::Stdin(s) => s.format,
             _ => {
@@ -470,10 +475,10 @@ fn replay_groups(
         std::fs::write(&records, &picked.records).map_err(|e| Failure::Run(e.into()))?;
         let mut cfg = base.clone();
         let mut src = FileSourceSettings::new(records.display().to_string(), format);
-        if let SourceConnector::File(f) = &base.source.connector {
+        if let SourceConnector::File(f) = &base.source().connector {
             src.chunk_size = f.chunk_size;
         }
-        cfg.source.connector = SourceConnector::File(src);
+        cfg.source_mut().connector = SourceConnector::File(src);
         groups.push(("records, through the whole pipeline".into(), cfg));
     }
     for (i, (step, rows)) in picked.rows.iter().enumerate() {
@@ -530,7 +535,7 @@ fn replay_groups(
 fn rows_config(base: &PipelineConfig, step: &str, rows: &Path) -> Result<PipelineConfig, Failure> {
     let at = if step == base.sink.id {
         base.steps.len()
-    } else if step == base.source.id {
+    } else if step == base.source().id {
         0
     } else {
         base.steps.iter().position(|s| s.id() == step).ok_or_else(|| {
@@ -560,17 +565,17 @@ fn rows_config(base: &PipelineConfig, step: &str, rows: &Path) -> Result<Pipelin
     });
     cfg.steps = key_by.into_iter().chain(base.steps[at..].iter().cloned()).collect();
     let mut source = SourceConfig::new(
-        base.source.id.clone(),
+        base.source().id.clone(),
         SourceConnector::File(FileSourceSettings::new(rows.display().to_string(), FormatSpec::Json)),
     );
     source.schema = Some(spec);
     source.event_time = base
-        .source
+        .source()
         .event_time
         .clone()
         .filter(|et| schema.field_with_name(et.column.split('.').next().unwrap_or_default()).is_ok());
-    source.watermark = base.source.watermark.clone();
-    cfg.source = source;
+    source.watermark = base.source().watermark.clone();
+    cfg.sources = vec![source];
     Ok(cfg)
 }
 

@@ -21,6 +21,7 @@ pub mod deadletter;
 pub mod error;
 pub mod exchange;
 pub mod fanout;
+pub mod graph;
 pub mod handoff;
 pub mod ids;
 pub mod keys;

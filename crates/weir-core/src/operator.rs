@@ -68,6 +68,28 @@ pub trait Operator: Send + fmt::Debug {
     /// Processes one batch, emitting any output through `cx`.
     fn process(&mut self, batch: Batch, cx: &mut OpContext<'_>) -> Result<()>;
 
+    /// Processes one batch of input `input` (0 for a step with one input; a join's left is
+    /// 0 and its right 1). The default is [`Operator::process`].
+    fn process_from(&mut self, input: usize, batch: Batch, cx: &mut OpContext<'_>) -> Result<()> {
+        let _ = input;
+        self.process(batch, cx)
+    }
+
+    /// For a step with several inputs: input `input`'s own watermark advanced to `wm`, before
+    /// the watermark of all inputs together ([`Operator::on_watermark`]) does. A join drops
+    /// the rows of one side that no future row of the other can match here.
+    fn on_input_watermark(&mut self, input: usize, wm: i64, cx: &mut OpContext<'_>) -> Result<()> {
+        let _ = (input, wm, cx);
+        Ok(())
+    }
+
+    /// The watermark the step forwards when its input's is `wm`: the same (the default), or
+    /// less for a step that may still emit rows older than its input's watermark (an outer
+    /// join's unmatched rows), so they are not late downstream. Never more than `wm`.
+    fn output_watermark(&self, wm: i64) -> i64 {
+        wm
+    }
+
     /// Called when the input watermark advances to `wm` (ms), after the batches before it.
     /// Windows close here. The runtime forwards the watermark downstream after this returns.
     fn on_watermark(&mut self, wm: i64, cx: &mut OpContext<'_>) -> Result<()> {

@@ -35,6 +35,8 @@ use crate::checkpointing::{hear, Ack, Control, Coordinating, Heard, SourceContro
 use crate::deadletter::{now_ms, DeadLetterSink};
 use crate::error::{CoreError, Result};
 use crate::exchange::Partitioner;
+use crate::fanout::{FanOutPart, FanOutSinkFactory};
+use crate::graph::{Head, JobGraph, NodeId, NodeKind, Partitioning, Target, TaskOutput, TaskPlan};
 use crate::handoff::{self, Candidate, GroupMember};
 use crate::ids::StepId;
 use crate::metrics::{ChannelMetrics, JobPhase, Registry, StepMetrics, StepSnapshot, WorkerClock};
@@ -117,7 +119,7 @@ pub struct JobSpec {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     /// The feeding job.
-    pub spec: Box<JobSpec>,
+    pub spec: Box<JobGraph>,
     /// Set once it has finished (its input ended and its output is in the topic): the
     /// reading side may then end at the topic's ends.
     pub done: Arc<std::sync::atomic::AtomicBool>,
@@ -214,7 +216,12 @@ pub struct RunSummary {
 /// A job ready to run.
 #[derive(Debug)]
 pub struct Job {
-    spec: JobSpec,
+    graph: JobGraph,
+    /// How the graph fuses into tasks.
+    plan: Vec<TaskPlan>,
+    /// The sinks' committer side: the one sink, or every sink together (its id, then the
+    /// factory whose committer, member record and preparation stand for all of them).
+    commit: (StepId, Arc<dyn SinkFactory>),
     registry: Arc<Registry>,
     shutdown_tx: Arc<watch::Sender<bool>>,
     shutdown_rx: watch::Receiver<bool>,
@@ -224,14 +231,20 @@ pub struct Job {
 }
 
 impl Job {
-    /// Prepares a job; registers its metrics so they can be served before it starts.
-    pub fn new(spec: JobSpec) -> Result<Self> {
-        crate::ensure_config!(spec.workers >= 1, "workers must be at least 1");
-        crate::ensure_config!(!spec.stages.is_empty(), "a job needs at least one stage");
+    /// Prepares a job (a [`JobSpec`] or a [`JobGraph`]); registers its metrics so they can be
+    /// served before it starts.
+    ///
+    /// # Errors
+    /// A graph that cannot run: see [`JobGraph::check`]; several sinks that cannot be
+    /// committed together.
+    pub fn new(spec: impl Into<JobGraph>) -> Result<Self> {
+        let graph: JobGraph = spec.into();
+        let plan = crate::graph::plan_tasks(&graph)?;
+        let commit = Self::committing(&graph)?;
         let registry = Arc::new(Registry::default());
         // Register steps in pipeline order so summaries list them that way.
         let mut feeders = Vec::new();
-        let mut up = spec.upstream.as_ref();
+        let mut up = graph.upstream.as_ref();
         while let Some(u) = up {
             feeders.push(u.spec.as_ref());
             up = u.spec.upstream.as_ref();
@@ -239,15 +252,17 @@ impl Job {
         for f in feeders.iter().rev() {
             Self::register(&registry, f);
         }
-        Self::register(&registry, &spec);
-        if let Some(q) = &spec.quarantine {
+        Self::register(&registry, &graph);
+        if let Some(q) = &graph.quarantine {
             let _ = registry.quarantine.set(q.clone());
         }
         let (tx, rx) = watch::channel(false);
         // One pending request is enough: more would only ask for the same checkpoint.
         let (on_demand_tx, on_demand_rx) = mpsc::channel(1);
         Ok(Self {
-            spec,
+            graph,
+            plan,
+            commit,
             registry,
             shutdown_tx: Arc::new(tx),
             shutdown_rx: rx,
@@ -256,29 +271,45 @@ impl Job {
         })
     }
 
-    fn register(registry: &Registry, spec: &JobSpec) {
-        for w in 0..spec.workers {
-            registry.step(&spec.source_step, w);
-            for st in &spec.stages {
-                for (id, _) in &st.ops {
-                    registry.step(id, w);
-                }
+    fn register(registry: &Registry, g: &JobGraph) {
+        for w in 0..g.workers {
+            for n in &g.nodes {
+                registry.step(&n.id, w);
             }
-            registry.step(&spec.sink_step, w);
+        }
+    }
+
+    /// The committer side of the graph's sinks: one sink stands for itself; several are
+    /// committed together, the one keeping its own progress first (see [`FanOutSinkFactory`]).
+    fn committing(g: &JobGraph) -> Result<(StepId, Arc<dyn SinkFactory>)> {
+        let mut sinks: Vec<(StepId, Arc<dyn SinkFactory>)> = g.sinks().map(|(id, f)| (id.clone(), f.clone())).collect();
+        match sinks.len() {
+            0 => Err(CoreError::Config("a job needs a sink".into())),
+            1 => Ok(sinks.remove(0)),
+            _ => {
+                let ids: Vec<&str> = sinks.iter().map(|(id, _)| id.as_str()).collect();
+                let id = StepId::new(ids.join("+"));
+                let parts = sinks.iter().map(|(id, f)| FanOutPart { id: id.to_string(), factory: f.clone() }).collect();
+                Ok((id, Arc::new(FanOutSinkFactory::new(parts)?)))
+            }
         }
     }
 
     /// A job sharing `other`'s metrics and stop signal (the feeding side of a repartition).
-    fn alongside(spec: JobSpec, other: &Job) -> Self {
+    fn alongside(graph: JobGraph, other: &Job) -> Result<Self> {
+        let plan = crate::graph::plan_tasks(&graph)?;
+        let commit = Self::committing(&graph)?;
         let (on_demand_tx, on_demand_rx) = mpsc::channel(1);
-        Self {
-            spec,
+        Ok(Self {
+            graph,
+            plan,
+            commit,
             registry: other.registry.clone(),
             shutdown_tx: other.shutdown_tx.clone(),
             shutdown_rx: other.shutdown_rx.clone(),
             on_demand_tx,
             on_demand_rx: Arc::new(tokio::sync::Mutex::new(on_demand_rx)),
-        }
+        })
     }
 
     /// The job's metrics.
@@ -288,7 +319,7 @@ impl Job {
 
     /// The job's quarantine, when it has one (listed and released through the HTTP API).
     pub fn quarantine(&self) -> Option<Arc<crate::quarantine::Quarantine>> {
-        self.spec.quarantine.clone()
+        self.graph.quarantine.clone()
     }
 
     /// A handle that stops the job gracefully.
@@ -306,20 +337,21 @@ impl Job {
     /// pre-commits; partial or corrupt checkpoints are skipped. `fresh` restores nothing and
     /// deletes the earlier checkpoints.
     async fn recover(&self, ck: &CheckpointSpec) -> Result<(Restored, Option<Epoch>)> {
-        let visible = match self.spec.sink.committer() {
-            Some(c) => c.visible().await.map_err(|e| e.in_step(&self.spec.sink_step))?,
+        let (sink_step, sink) = &self.commit;
+        let visible = match sink.committer() {
+            Some(c) => c.visible().await.map_err(|e| e.in_step(sink_step))?,
             None => crate::Visible::Unknown,
         };
         let (plan, restored) = ck.store.recover(visible.limit()).await?;
         // New epochs must come after any the sink has made visible, even if the store was
         // emptied by hand, or the sink would take a new checkpoint for an old one.
         let floor = visible.limit().filter(|e| e.0 > 0);
-        if let Some(c) = self.spec.sink.committer() {
+        if let Some(c) = sink.committer() {
             if let Some(e) = plan.commit {
-                c.commit(e).await.map_err(|e| e.in_step(&self.spec.sink_step))?;
+                c.commit(e).await.map_err(|e| e.in_step(sink_step))?;
             }
             if let Some(e) = plan.abort_after {
-                c.abort_after(e).await.map_err(|e| e.in_step(&self.spec.sink_step))?;
+                c.abort_after(e).await.map_err(|e| e.in_step(sink_step))?;
             }
         }
         if !ck.fresh {
@@ -349,10 +381,11 @@ impl Job {
     /// # Errors
     /// The first error of any task; the other tasks are then aborted.
     pub async fn run(mut self) -> Result<RunSummary> {
-        let Some(up) = self.spec.upstream.take() else { return self.run_alone().await };
+        let Some(up) = self.graph.upstream.take() else { return self.run_alone().await };
+        let feeder = Job::alongside(*up.spec, &self)?;
         // The repartition topic exists before either side starts.
-        up.spec.sink.prepare().await.map_err(|e| e.in_step(&up.spec.sink_step))?;
-        let feeder = Job::alongside(*up.spec, &self);
+        let (sink_step, sink) = &feeder.commit;
+        sink.prepare().await.map_err(|e| e.in_step(sink_step))?;
         let done = up.done.clone();
         let mut feeding = crate::task::SpawnedTask::spawn(async move {
             // One level: the feeding side is the part before the (single) repartition.
@@ -393,7 +426,7 @@ impl Job {
     /// Moves the job to phase `p` for readiness probes; the feeding half of a repartitioned
     /// pipeline (which shares the registry) leaves that to the half that writes the output.
     fn phase(&self, p: JobPhase) {
-        if self.spec.counts_output {
+        if self.graph.counts_output {
             self.registry.phase.set(p);
         }
     }
@@ -404,11 +437,11 @@ impl Job {
                 Err(e) if e.starts_again() && !*self.shutdown_rx.borrow() => {
                     let reason = if e.is_rebalance() {
                         self.phase(JobPhase::Rebalancing);
-                        tracing::info!(job = %self.spec.name, reason = %e, "Starting again from the last checkpoint with the new assignment.");
+                        tracing::info!(job = %self.graph.name, reason = %e, "Starting again from the last checkpoint with the new assignment.");
                         "rebalance"
                     } else {
                         self.phase(JobPhase::Recovering);
-                        tracing::warn!(job = %self.spec.name, reason = %e, "Starting again from the last checkpoint.");
+                        tracing::warn!(job = %self.graph.name, reason = %e, "Starting again from the last checkpoint.");
                         "sink"
                     };
                     self.registry.connectors.add(
@@ -433,16 +466,15 @@ impl Job {
         &self,
         ck: &CheckpointSpec,
         group: &dyn GroupMember,
+        source_step: &StepId,
         own: Restored,
     ) -> Result<(Restored, crate::store::Parked)> {
-        let spec = &self.spec;
-        let src = spec.source_step.as_str();
-        let assigned = group
-            .assignment(self.shutdown_rx.clone(), &self.registry)
-            .await
-            .map_err(|e| e.in_step(&spec.source_step))?;
+        let (sink_step, sink) = &self.commit;
+        let src = source_step.as_str();
+        let assigned =
+            group.assignment(self.shutdown_rx.clone(), &self.registry).await.map_err(|e| e.in_step(source_step))?;
         let me = ck.store.member_name().unwrap_or_default().to_string();
-        ck.store.put_member_record(&serde_json::json!({ "member": me, "sink": spec.sink.member_record() })).await?;
+        ck.store.put_member_record(&serde_json::json!({ "member": me, "sink": sink.member_record() })).await?;
         let own_parked = handoff::parked_candidate(&me, true, &own);
         let mut candidates = vec![handoff::live_candidate(&me, true, own), own_parked];
         if !ck.fresh {
@@ -459,9 +491,9 @@ impl Job {
                 // and settling it stops the member from committing more, so what is read
                 // here cannot change afterwards.
                 let record = peer.member_record().await?.unwrap_or_default();
-                let live = match spec.sink.peer_committer(&record["sink"]).map_err(|e| e.in_step(&spec.sink_step))? {
+                let live = match sink.peer_committer(&record["sink"]).map_err(|e| e.in_step(sink_step))? {
                     Some(committer) => {
-                        let limit = committer.visible().await.map_err(|e| e.in_step(&spec.sink_step))?.limit();
+                        let limit = committer.visible().await.map_err(|e| e.in_step(sink_step))?.limit();
                         let Some(r) = peer.newest(limit).await? else { continue };
                         handoff::live_candidate(&name, false, r)
                     }
@@ -502,48 +534,65 @@ impl Job {
     /// partitions move ([`CoreError::Rebalanced`], after which [`Job::run`] starts again).
     async fn attempt(&self) -> Result<RunSummary> {
         let started = Instant::now();
-        let spec = &self.spec;
-        let w_count = spec.workers;
-        // Stages fuse when there is one worker: no exchange is needed.
-        let stages: Vec<StageSpec> = if w_count == 1 {
-            vec![StageSpec { key: None, ops: spec.stages.iter().flat_map(|s| s.ops.clone()).collect() }]
-        } else {
-            spec.stages.clone()
-        };
+        let g = &self.graph;
+        let w_count = g.workers;
+        let plan = &self.plan;
+        let commit_sink = &self.commit.1;
+        let source_tasks = plan.iter().filter(|t| matches!(t.head, Head::Source(_))).count();
 
         let mut restored = Restored::default();
         let mut coord: Option<Coordinating> = None;
         let mut _lock = None;
-        if let Some(ck) = &spec.checkpoint {
+        if let Some(ck) = &g.checkpoint {
             self.phase(JobPhase::Recovering);
             _lock = ck.store.lock()?;
-            crate::ensure_config!(
-                spec.source.resumable(),
-                "checkpoints need a source that can resume from a recorded position (a file); source `{}` cannot",
-                spec.source_step
-            );
-            if spec.sink.committer().is_none() {
-                tracing::warn!(sink = %spec.sink_step, "This sink writes at once: after a recovery, rows since the last checkpoint are written again (at least once).");
+            for (_, n) in g.sources() {
+                if let NodeKind::Source { factory, .. } = &n.kind {
+                    crate::ensure_config!(
+                        factory.resumable(),
+                        "checkpoints need a source that can resume from a recorded position (a file); source `{}` cannot",
+                        n.id
+                    );
+                }
+            }
+            for (id, f) in g.sinks() {
+                if f.committer().is_none() {
+                    tracing::warn!(sink = %id, "This sink writes at once: after a recovery, rows since the last checkpoint are written again (at least once).");
+                }
             }
             let (r, last) = self.recover(ck).await?;
             restored = r;
             let mut parked = None;
-            if let (Some(group), Some(_)) = (spec.source.group(), ck.store.member_name()) {
-                self.phase(JobPhase::Assigning);
-                let (r, p) = self.take_over(ck, group.as_ref(), restored).await?;
-                restored = r;
-                parked = Some(p);
+            if ck.store.member_name().is_some() {
+                let groups: Vec<(&StepId, Arc<dyn GroupMember>)> = g
+                    .sources()
+                    .filter_map(|(_, n)| match &n.kind {
+                        NodeKind::Source { factory, .. } => factory.group().map(|m| (&n.id, m)),
+                        _ => None,
+                    })
+                    .collect();
+                crate::ensure_config!(
+                    groups.len() <= 1,
+                    "checkpoints shared by several processes (`checkpoints.member`) follow the partitions of one consumer-group source; this pipeline has {}",
+                    groups.len()
+                );
+                if let Some((step, group)) = groups.into_iter().next() {
+                    self.phase(JobPhase::Assigning);
+                    let (r, p) = self.take_over(ck, group.as_ref(), step, restored).await?;
+                    restored = r;
+                    parked = Some(p);
+                }
             }
-            let tasks = (0..stages.len()).flat_map(|si| (0..w_count).map(move |w| task_key(si, w))).collect();
+            let tasks = (0..plan.len()).flat_map(|t| (0..w_count).map(move |w| task_key(t, w))).collect();
             coord = Some(Coordinating::new(
                 tasks,
-                w_count,
+                source_tasks * w_count,
                 last,
                 ck,
-                spec.sink.committer(),
-                spec.dead_letters.clone(),
-                spec.quarantine.clone(),
-                &spec.name,
+                commit_sink.committer(),
+                g.dead_letters.clone(),
+                g.quarantine.clone(),
+                &g.name,
                 w_count,
                 self.registry.clone(),
                 self.on_demand_rx.clone(),
@@ -552,123 +601,171 @@ impl Job {
                 c.park(p)?;
             }
             if let Some(tables) = restored.operators.remove(crate::quarantine::STATE_STEP) {
-                if let Some(q) = &spec.quarantine {
+                if let Some(q) = &g.quarantine {
                     q.restore(&tables, Instant::now(), now_ms())?;
                 }
             }
-            let known: std::collections::HashSet<String> =
-                stages.iter().flat_map(|s| s.ops.iter().map(|(id, _)| id.to_string())).collect();
-            for step in restored.operators.keys().filter(|s| !known.contains(*s)) {
+            let known: std::collections::HashSet<&str> =
+                g.nodes.iter().filter(|n| matches!(n.kind, NodeKind::Op(_))).map(|n| n.id.as_str()).collect();
+            for step in restored.operators.keys().filter(|s| !known.contains(s.as_str())) {
                 tracing::warn!(step = %step, "The checkpoint holds state of a step the pipeline no longer has; it is ignored.");
             }
         }
         let restoring = restored.epoch.is_some();
 
-        // Channels into every stage but the first, one per pair of upstream and downstream
-        // worker, so a task lining up barriers can stop reading just the inputs whose barrier
-        // came (their senders then wait: memory stays bounded by the channels' capacity).
-        // senders[stage][upstream][downstream], receivers[stage][downstream][upstream].
-        let mut senders: Vec<Vec<Vec<Outbox>>> = vec![Vec::new()];
-        let mut receivers: Vec<Vec<Option<Vec<Inbox>>>> = vec![Vec::new()];
-        let mut chan_metrics: Vec<Vec<Arc<ChannelMetrics>>> = vec![Vec::new()];
-        for (si, _) in stages.iter().enumerate().skip(1) {
-            let (mut s, mut r, mut m) = (vec![Vec::new(); w_count], Vec::new(), Vec::new());
-            let cap = spec.channel_capacity.max(1);
-            for w in 0..w_count {
-                let mut inputs = Vec::with_capacity(w_count);
-                for from in s.iter_mut() {
-                    let (tx, rx) = mpsc::channel(cap);
-                    from.push(tx);
-                    inputs.push(rx);
+        // Channels into every task fed by others: for each input edge of its head, one per
+        // upstream worker when the edge is keyed (any worker may hold a row's key), one from
+        // the same worker when it is not. One channel per sender, so a task lining up barriers
+        // can stop reading just the inputs whose barrier came (their senders then wait: memory
+        // stays bounded by the channels' capacity).
+        let cap = g.channel_capacity.max(1);
+        let task_of_head: std::collections::HashMap<NodeId, usize> =
+            plan.iter().enumerate().filter_map(|(t, tp)| head_node(tp).map(|h| (h, t))).collect();
+        // inboxes[t][w]: the channels of task t on worker w; ports[t][c]: input of channel c.
+        let mut inboxes: Vec<Vec<Vec<Inbox>>> =
+            (0..plan.len()).map(|_| (0..w_count).map(|_| Vec::new()).collect()).collect();
+        let mut ports: Vec<Vec<usize>> = vec![Vec::new(); plan.len()];
+        // into[(node, port)][up_worker][down_worker]: the sender (None when that pair has none).
+        let mut into: std::collections::HashMap<(NodeId, usize), Vec<Vec<Option<Outbox>>>> = Default::default();
+        let mut chan_metrics: Vec<Vec<Arc<ChannelMetrics>>> = vec![Vec::new(); plan.len()];
+        for (t, tp) in plan.iter().enumerate() {
+            let Some(h) = head_node(tp) else { continue };
+            let mut width = 0;
+            for (port, e) in g.nodes[h].inputs.iter().enumerate() {
+                let keyed = !matches!(e.part, Partitioning::Forward);
+                let mut pairs = vec![vec![None; w_count]; w_count];
+                for (down, inbox) in inboxes[t].iter_mut().enumerate() {
+                    for (up, pair) in pairs.iter_mut().enumerate() {
+                        if keyed || up == down {
+                            let (tx, rx) = mpsc::channel(cap);
+                            pair[down] = Some(tx);
+                            inbox.push(rx);
+                        }
+                    }
                 }
-                r.push(Some(inputs));
-                m.push(self.registry.channel(format!("stage{si}-w{w}"), cap * w_count));
+                let n = if keyed { w_count } else { 1 };
+                ports[t].extend(std::iter::repeat_n(port, n));
+                width += n;
+                into.insert((h, port), pairs);
             }
-            senders.push(s);
-            receivers.push(r);
-            chan_metrics.push(m);
+            chan_metrics[t] =
+                (0..w_count).map(|w| self.registry.channel(format!("stage{t}-w{w}"), cap * width)).collect();
         }
 
         let mut tasks: JoinSet<Result<()>> = JoinSet::new();
         for w in 0..w_count {
-            for (si, stage) in stages.iter().enumerate() {
-                let ckpt = coord.as_ref().map(|c| c.task(task_key(si, w)));
-                let chain = Chain::build(&stage.ops, w, w_count, &self.registry, spec.dead_letters.clone(), &restored)?;
-                let downstream = if si + 1 < stages.len() {
-                    let next = &stages[si + 1];
-                    Downstream::Exchange {
-                        part: Partitioner::new(next.key.clone().unwrap_or_default(), w_count),
-                        senders: senders[si + 1][w].clone(),
-                        metrics: chan_metrics[si + 1].clone(),
-                        me: w,
+            for (t, tp) in plan.iter().enumerate() {
+                let ckpt = coord.as_ref().map(|c| c.task(task_key(t, w)));
+                let chain = Chain::build(g, tp, w, &self.registry, &restored)?;
+                let mut outputs = Vec::with_capacity(tp.outputs.len());
+                for o in &tp.outputs {
+                    outputs.push(match *o {
+                        TaskOutput::Edge { to, port } => {
+                            let part = match &g.nodes[to].inputs[port].part {
+                                Partitioning::Forward => None,
+                                Partitioning::Hash(k) => Some(Partitioner::new(k.clone(), w_count)),
+                            };
+                            let dt = task_of_head[&to];
+                            let pairs = &into[&(to, port)];
+                            let (senders, metrics) = match part {
+                                None => (
+                                    vec![pairs[w][w]
+                                        .clone()
+                                        .ok_or_else(|| CoreError::Internal("no channel".into()))?],
+                                    vec![chan_metrics[dt][w].clone()],
+                                ),
+                                Some(_) => (
+                                    pairs[w]
+                                        .iter()
+                                        .map(|s| s.clone().ok_or_else(|| CoreError::Internal("no channel".into())))
+                                        .collect::<Result<Vec<_>>>()?,
+                                    chan_metrics[dt].clone(),
+                                ),
+                            };
+                            Output::Exchange { part, senders, metrics, me: w }
+                        }
+                        TaskOutput::Sink(n) => {
+                            let node = &g.nodes[n];
+                            let NodeKind::Sink { factory, latency_column, retry } = &node.kind else {
+                                crate::bail_internal!("output {} is not a sink", node.id);
+                            };
+                            Output::Sink {
+                                latency: latency_column.clone(),
+                                retry: *retry,
+                                dead: g.dead_letters.clone(),
+                                sink: factory.create(w, w_count).map_err(|e| e.in_step(&node.id))?,
+                                metrics: self.registry.step(&node.id, w),
+                                registry: self.registry.clone(),
+                                step: node.id.clone(),
+                                counts: g.counts_output,
+                            }
+                        }
+                    });
+                }
+                let outputs = Outputs(outputs);
+                match tp.head {
+                    Head::Source(n) => {
+                        let node = &g.nodes[n];
+                        let NodeKind::Source { factory, watermark } = &node.kind else {
+                            crate::bail_internal!("task head {} is not a source", node.id);
+                        };
+                        let mut source = factory.create(w, w_count).map_err(|e| e.in_step(&node.id))?;
+                        if restoring {
+                            let positions = restored.sources.get(node.id.as_str()).map_or(&[][..], Vec::as_slice);
+                            source.restore(positions).map_err(|e| e.in_step(&node.id))?;
+                        }
+                        let cx = SourceContext {
+                            step: node.id.clone(),
+                            metrics: self.registry.step(&node.id, w),
+                            dead_letters: g.dead_letters.clone(),
+                            shutdown: self.shutdown_rx.clone(),
+                            registry: self.registry.clone(),
+                            counts_input: g.counts_input,
+                        };
+                        let driver = SourceDriver {
+                            shedder: g.shedding.clone().map(|(o, p)| crate::shed::Shedder::new(o, p)),
+                            quarantine: g.quarantine.clone(),
+                            source,
+                            cx,
+                            chain,
+                            outputs,
+                            wm: *watermark,
+                            clock: self.registry.clock(),
+                            control: coord.as_ref().map(Coordinating::source),
+                            ckpt,
+                        };
+                        // Every log line of the task carries the job, stage and worker: the span is at
+                        // error level so that it is on at any log level (an info span would vanish
+                        // from the warnings a default run prints).
+                        let span =
+                            tracing::error_span!("task", job = %g.name, stage = t, worker = w, source = %node.id);
+                        tasks.spawn(driver.run().instrument(span));
                     }
-                } else {
-                    Downstream::Sink {
-                        latency: spec.latency_column.clone(),
-                        retry: spec.sink_retry,
-                        dead: spec.dead_letters.clone(),
-                        sink: spec.sink.create(w, w_count)?,
-                        metrics: self.registry.step(&spec.sink_step, w),
-                        registry: self.registry.clone(),
-                        step: spec.sink_step.clone(),
-                        counts: spec.counts_output,
+                    Head::Inputs => {
+                        let rx = std::mem::take(&mut inboxes[t][w]);
+                        let driver = StageDriver {
+                            rx,
+                            ports: ports[t].clone(),
+                            blocked: self.registry.clone(),
+                            chain,
+                            outputs,
+                            metrics: chan_metrics[t][w].clone(),
+                            ckpt,
+                        };
+                        let span = tracing::error_span!("task", job = %g.name, stage = t, worker = w);
+                        tasks.spawn(driver.run().instrument(span));
                     }
-                };
-                if si == 0 {
-                    let mut source = spec.source.create(w, w_count)?;
-                    if restoring {
-                        let positions = restored.sources.get(spec.source_step.as_str()).map_or(&[][..], Vec::as_slice);
-                        source.restore(positions).map_err(|e| e.in_step(&spec.source_step))?;
-                    }
-                    let cx = SourceContext {
-                        step: spec.source_step.clone(),
-                        metrics: self.registry.step(&spec.source_step, w),
-                        dead_letters: spec.dead_letters.clone(),
-                        shutdown: self.shutdown_rx.clone(),
-                        registry: self.registry.clone(),
-                        counts_input: spec.counts_input,
-                    };
-                    let driver = SourceDriver {
-                        shedder: spec.shedding.clone().map(|(o, p)| crate::shed::Shedder::new(o, p)),
-                        quarantine: spec.quarantine.clone(),
-                        source,
-                        cx,
-                        chain,
-                        downstream,
-                        wm: spec.watermark,
-                        clock: self.registry.clock(),
-                        control: coord.as_ref().map(Coordinating::source),
-                        ckpt,
-                    };
-                    // Every log line of the task carries the job, stage and worker: the span is at
-                    // error level so that it is on at any log level (an info span would vanish
-                    // from the warnings a default run prints).
-                    let span = tracing::error_span!("task", job = %spec.name, stage = si, worker = w, source = %spec.source_step);
-                    tasks.spawn(driver.run().instrument(span));
-                } else {
-                    let rx =
-                        receivers[si][w].take().ok_or_else(|| CoreError::Internal("receiver taken twice".into()))?;
-                    let driver = StageDriver {
-                        rx,
-                        blocked: self.registry.clone(),
-                        chain,
-                        downstream,
-                        metrics: chan_metrics[si][w].clone(),
-                        ckpt,
-                    };
-                    let span = tracing::error_span!("task", job = %spec.name, stage = si, worker = w);
-                    tasks.spawn(driver.run().instrument(span));
                 }
             }
         }
         // The tasks hold their own clones now; dropping ours lets channels close.
-        drop(senders);
+        drop(into);
         if let Some(c) = coord.as_mut() {
             c.tasks_started();
         }
         self.phase(JobPhase::Running);
 
-        tracing::info!(job = %spec.name, workers = w_count, stages = stages.len(), "Job started.");
+        tracing::info!(job = %g.name, workers = w_count, tasks = plan.len(), "Job started.");
         let mut tasks_done = false;
         loop {
             let coordinating = coord.as_ref().is_some_and(|c| !c.closed);
@@ -702,14 +799,14 @@ impl Job {
             };
             if let Err(e) = res {
                 if e.starts_again() {
-                    tracing::info!(job = %spec.name, reason = %e, "Run stopped; it starts again from its last checkpoint.");
+                    tracing::info!(job = %g.name, reason = %e, "Run stopped; it starts again from its last checkpoint.");
                 } else {
-                    tracing::error!(job = %spec.name, error = %e, "Job failed.");
+                    tracing::error!(job = %g.name, error = %e, "Job failed.");
                 }
                 tasks.abort_all();
                 // Gone before anything starts again: a next run shares the source's consumer.
                 while tasks.join_next().await.is_some() {}
-                let _ = spec.dead_letters.flush();
+                let _ = g.dead_letters.flush();
                 return Err(e);
             }
         }
@@ -718,8 +815,8 @@ impl Job {
                 return Err(CoreError::Internal("the job ended without its final checkpoint".into()));
             }
         }
-        spec.dead_letters.flush()?;
-        tracing::info!(job = %spec.name, elapsed_ms = started.elapsed().as_millis() as u64, "Job finished.");
+        g.dead_letters.flush()?;
+        tracing::info!(job = %g.name, elapsed_ms = started.elapsed().as_millis() as u64, "Job finished.");
         let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         Ok(RunSummary {
             elapsed: started.elapsed(),
@@ -751,19 +848,45 @@ fn task_key(stage: usize, worker: usize) -> TaskKey {
     TaskKey(format!("s{stage}-w{worker}"))
 }
 
+/// The node a task fed by channels starts with: its first operator, or its sink.
+fn head_node(tp: &TaskPlan) -> Option<NodeId> {
+    match (tp.head, tp.root.first()) {
+        (Head::Inputs, Some(Target::Link { link, .. })) => Some(tp.ops[*link]),
+        (Head::Inputs, Some(Target::Out(o))) => match tp.outputs[*o] {
+            TaskOutput::Sink(n) => Some(n),
+            TaskOutput::Edge { .. } => None,
+        },
+        _ => None,
+    }
+}
+
 /// One operator in a chain, with its counters.
 #[derive(Debug)]
 struct Link {
     id: StepId,
     op: Box<dyn Operator>,
     metrics: Arc<StepMetrics>,
+    /// The watermark of its input (all its inputs together).
     watermark: Option<i64>,
+    /// The watermark of each of its inputs, for a step with several.
+    port_watermarks: Vec<Option<i64>>,
+    /// What it forwards given `watermark` ([`Operator::output_watermark`]).
+    forwarded: Option<i64>,
 }
 
-/// Operators run back to back in one task.
+/// The operators of one task, run back to back: a tree whose branches end in the task's
+/// outputs.
 #[derive(Debug)]
 struct Chain {
     links: Vec<Link>,
+    /// Where the task's input goes.
+    root: Vec<Target>,
+    /// Where each link's output goes.
+    routes: Vec<Vec<Target>>,
+    /// The link each link reads from (`None`: the task's input).
+    feeds: Vec<Option<usize>>,
+    /// The link each output takes its rows from (`None`: the task's input).
+    output_from: Vec<Option<usize>>,
     worker: usize,
     dead: Arc<dyn DeadLetterSink>,
     tick: Option<Duration>,
@@ -773,25 +896,27 @@ struct Chain {
 enum Hook {
     Batch(Batch),
     Watermark(i64),
+    InputWatermark(i64),
     Tick(i64),
     End,
 }
 
+/// The batches a task's hooks produced, one list per output.
+type Outs = Vec<Vec<Batch>>;
+
 impl Chain {
-    fn build(
-        ops: &[(StepId, Arc<dyn OperatorFactory>)],
-        worker: usize,
-        workers: usize,
-        reg: &Arc<Registry>,
-        dead: Arc<dyn DeadLetterSink>,
-        restored: &Restored,
-    ) -> Result<Self> {
-        let mut links = Vec::with_capacity(ops.len());
+    fn build(g: &JobGraph, tp: &TaskPlan, worker: usize, reg: &Arc<Registry>, restored: &Restored) -> Result<Self> {
+        let mut links = Vec::with_capacity(tp.ops.len());
         let mut tick: Option<Duration> = None;
-        for (id, f) in ops {
-            let mut op = f.create(worker, workers).map_err(|e| e.in_step(id))?;
+        for &n in &tp.ops {
+            let node = &g.nodes[n];
+            let NodeKind::Op(f) = &node.kind else { crate::bail_internal!("{} is not an operator", node.id) };
+            let id = &node.id;
+            let mut op = f.create(worker, g.workers).map_err(|e| e.in_step(id))?;
             if let Some(tables) = restored.operators.get(id.as_str()) {
-                if let Some(mine) = crate::state::rows_for_worker(tables, worker, workers).map_err(|e| e.in_step(id))? {
+                if let Some(mine) =
+                    crate::state::rows_for_worker(tables, worker, g.workers).map_err(|e| e.in_step(id))?
+                {
                     op.restore(mine).map_err(|e| e.in_step(id))?;
                 }
             }
@@ -799,12 +924,40 @@ impl Chain {
                 tick = Some(tick.map_or(t, |c| c.min(t)));
             }
             let watermark = restored.watermarks.get(id.as_str()).copied();
-            links.push(Link { id: id.clone(), metrics: reg.step(id, worker), op, watermark });
+            let port_watermarks = if node.inputs.len() > 1 {
+                (0..node.inputs.len()).map(|p| restored.watermarks.get(&port_key(id, p)).copied()).collect()
+            } else {
+                Vec::new()
+            };
+            let forwarded = watermark.map(|w| forwarded(op.as_ref(), w));
+            links.push(Link {
+                id: id.clone(),
+                metrics: reg.step(id, worker),
+                op,
+                watermark,
+                port_watermarks,
+                forwarded,
+            });
         }
-        Ok(Self { links, worker, dead, tick, registry: reg.clone() })
+        Ok(Self {
+            links,
+            root: tp.root.clone(),
+            routes: tp.routes.clone(),
+            feeds: tp.feeds.clone(),
+            output_from: tp.output_from.clone(),
+            worker,
+            dead: g.dead_letters.clone(),
+            tick,
+            registry: reg.clone(),
+        })
     }
 
-    /// Every operator's state and watermark, for a checkpoint.
+    /// Empty lists, one per output.
+    fn outs(&self) -> Outs {
+        vec![Vec::new(); self.output_from.len()]
+    }
+
+    /// Every operator's state and watermarks, for a checkpoint.
     fn snapshot(&mut self) -> Result<TaskState> {
         let (mut tables, mut wms) = (Vec::new(), BTreeMap::new());
         for l in &mut self.links {
@@ -814,19 +967,38 @@ impl Chain {
             if let Some(w) = l.watermark {
                 wms.insert(l.id.to_string(), w);
             }
+            for (p, w) in l.port_watermarks.iter().enumerate() {
+                if let Some(w) = w {
+                    wms.insert(port_key(&l.id, p), *w);
+                }
+            }
         }
         Ok((tables, wms))
     }
 
-    /// Runs a hook on link `i`, then feeds its output through the rest of the chain.
-    fn run(&mut self, start: usize, hook: Hook, out: &mut Vec<Batch>) -> Result<()> {
-        let mut pending: Vec<Batch> = Vec::new();
-        let Some(link) = self.links.get_mut(start) else {
-            if let Hook::Batch(b) = hook {
-                out.push(b);
+    /// Sends a batch to targets; the last one takes it, the others share its arrays.
+    fn deliver(&mut self, targets: &[Target], port: Option<usize>, b: Batch, out: &mut Outs) -> Result<()> {
+        let Some((last, rest)) = targets.split_last() else { return Ok(()) };
+        for t in rest {
+            self.deliver_one(*t, port, b.clone(), out)?;
+        }
+        self.deliver_one(*last, port, b, out)
+    }
+
+    fn deliver_one(&mut self, t: Target, port: Option<usize>, b: Batch, out: &mut Outs) -> Result<()> {
+        match t {
+            Target::Link { link, port: p } => self.run(link, port.unwrap_or(p), Hook::Batch(b), out),
+            Target::Out(o) => {
+                out[o].push(b);
+                Ok(())
             }
-            return Ok(());
-        };
+        }
+    }
+
+    /// Runs a hook on link `i` (its input `port` for batches and input watermarks), then feeds
+    /// its output through the links and outputs after it.
+    fn run(&mut self, i: usize, port: usize, hook: Hook, out: &mut Outs) -> Result<()> {
+        let Some(link) = self.links.get_mut(i) else { crate::bail_internal!("no link {i}") };
         let mut emitted = Vec::new();
         let t0 = Instant::now();
         let is_batch = matches!(hook, Hook::Batch(_));
@@ -844,7 +1016,7 @@ impl Chain {
                 Hook::Batch(b) => {
                     StepMetrics::add(&link.metrics.rows_in, b.num_rows() as u64);
                     StepMetrics::add(&link.metrics.batches_in, 1);
-                    link.op.process(b, &mut cx)
+                    link.op.process_from(port, b, &mut cx)
                 }
                 // A watermark never goes back: after a restore, sources start below the
                 // watermark the operators had reached.
@@ -852,8 +1024,16 @@ impl Chain {
                 Hook::Watermark(wm) => {
                     let r = link.op.on_watermark(wm, &mut cx);
                     link.watermark = Some(wm);
+                    link.forwarded = Some(forwarded(link.op.as_ref(), wm));
                     r
                 }
+                Hook::InputWatermark(wm) => match link.port_watermarks.get_mut(port) {
+                    Some(w) if w.is_none_or(|w| wm > w) => {
+                        *w = Some(wm);
+                        link.op.on_input_watermark(port, wm, &mut cx)
+                    }
+                    _ => Ok(()),
+                },
                 Hook::Tick(now) => link.op.on_tick(now, &mut cx),
                 Hook::End => link.op.on_end(&mut cx),
             };
@@ -864,47 +1044,103 @@ impl Chain {
         if is_batch {
             link.metrics.batch_time.record(ns);
         }
-        pending.append(&mut emitted);
-        for b in pending {
-            self.run(start + 1, Hook::Batch(b), out)?;
+        if emitted.is_empty() {
+            return Ok(());
+        }
+        let routes = std::mem::take(&mut self.routes[i]);
+        let res = emitted.into_iter().try_for_each(|b| self.deliver(&routes, None, b, out));
+        self.routes[i] = routes;
+        res
+    }
+
+    /// A batch from the task's input (`port` of the head step, 0 but for a join or union).
+    fn batch(&mut self, port: usize, b: Batch, out: &mut Outs) -> Result<()> {
+        let root = std::mem::take(&mut self.root);
+        let res = self.deliver(&root, Some(port), b, out);
+        self.root = root;
+        res
+    }
+
+    /// Input `port` of the head step advanced its own watermark (steps with several inputs).
+    fn input_watermark(&mut self, port: usize, wm: i64, out: &mut Outs) -> Result<()> {
+        if self.links.first().is_some_and(|l| l.port_watermarks.len() > port) && self.feeds.first() == Some(&None) {
+            self.run(0, port, Hook::InputWatermark(wm), out)?;
         }
         Ok(())
     }
 
-    fn batch(&mut self, b: Batch, out: &mut Vec<Batch>) -> Result<()> {
-        self.run(0, Hook::Batch(b), out)
+    /// The per-input watermarks a restored head step had reached, replayed before any input
+    /// so that it decides lateness as the run before did.
+    fn restored_input_watermarks(&mut self, out: &mut Outs) -> Result<()> {
+        let Some(l) = self.links.first() else { return Ok(()) };
+        let restored: Vec<(usize, i64)> =
+            l.port_watermarks.iter().enumerate().filter_map(|(p, w)| w.map(|w| (p, w))).collect();
+        for (p, w) in restored {
+            self.links[0].port_watermarks[p] = None;
+            self.input_watermark(p, w, out)?;
+        }
+        Ok(())
     }
 
     /// Advances every link's watermark in order, so rows a link emits on the watermark reach
-    /// the next link before the watermark does.
-    fn watermark(&mut self, wm: i64, out: &mut Vec<Batch>) -> Result<()> {
+    /// the next link before the watermark does. Returns the watermark of each output.
+    fn watermark(&mut self, wm: i64, out: &mut Outs) -> Result<Vec<i64>> {
         for i in 0..self.links.len() {
-            self.run(i, Hook::Watermark(wm), out)?;
+            let input = match self.feeds[i] {
+                None => wm,
+                Some(f) => self.links[f].forwarded.unwrap_or(i64::MIN),
+            };
+            if input > i64::MIN {
+                self.run(i, 0, Hook::Watermark(input), out)?;
+            }
+        }
+        Ok(self
+            .output_from
+            .iter()
+            .map(|f| match f {
+                None => wm,
+                Some(l) => self.links[*l].forwarded.unwrap_or(i64::MIN),
+            })
+            .collect())
+    }
+
+    fn tick(&mut self, now: i64, out: &mut Outs) -> Result<()> {
+        for i in 0..self.links.len() {
+            self.run(i, 0, Hook::Tick(now), out)?;
         }
         Ok(())
     }
 
-    fn tick(&mut self, now: i64, out: &mut Vec<Batch>) -> Result<()> {
-        for i in 0..self.links.len() {
-            self.run(i, Hook::Tick(now), out)?;
-        }
-        Ok(())
-    }
-
-    fn end(&mut self, out: &mut Vec<Batch>) -> Result<()> {
+    fn end(&mut self, out: &mut Outs) -> Result<()> {
         self.watermark(END_OF_TIME, out)?;
         for i in 0..self.links.len() {
-            self.run(i, Hook::End, out)?;
+            self.run(i, 0, Hook::End, out)?;
         }
         Ok(())
     }
 }
 
-/// Where a stage's output goes.
+/// What an operator forwards for input watermark `wm`; the end of time stays the end.
+fn forwarded(op: &dyn Operator, wm: i64) -> i64 {
+    if wm == END_OF_TIME {
+        END_OF_TIME
+    } else {
+        op.output_watermark(wm).min(wm)
+    }
+}
+
+/// The key of input `port`'s watermark of a step in a checkpoint's watermarks.
+fn port_key(step: &StepId, port: usize) -> String {
+    format!("{step}@{port}")
+}
+
+/// Where rows leave a task.
 #[derive(Debug)]
-enum Downstream {
+enum Output {
+    /// Into another task, over channels: split by key over every worker's channel, or (no
+    /// partitioner) into the one channel of the same worker.
     Exchange {
-        part: Partitioner,
+        part: Option<Partitioner>,
         senders: Vec<mpsc::Sender<(usize, Message)>>,
         metrics: Vec<Arc<ChannelMetrics>>,
         me: usize,
@@ -922,11 +1158,68 @@ enum Downstream {
     },
 }
 
-impl Downstream {
+/// Every output of a task; messages other than batches go to all of them.
+#[derive(Debug)]
+struct Outputs(Vec<Output>);
+
+impl Outputs {
+    async fn batches(&mut self, out: &mut Outs) -> Result<()> {
+        for (o, bs) in self.0.iter_mut().zip(out.iter_mut()) {
+            o.batches(bs).await?;
+        }
+        Ok(())
+    }
+
+    /// The same watermark to every output.
+    async fn watermark(&mut self, wm: Watermark) -> Result<()> {
+        for o in &mut self.0 {
+            o.watermark(wm).await?;
+        }
+        Ok(())
+    }
+
+    /// Each output's own watermark (a step may hold its output's back).
+    async fn watermarks(&mut self, wms: &[i64]) -> Result<()> {
+        for (o, w) in self.0.iter_mut().zip(wms) {
+            if *w > i64::MIN {
+                o.watermark(Watermark::At(*w)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn begin(&mut self, epoch: Epoch) -> Result<()> {
+        for o in &mut self.0 {
+            o.begin(epoch).await?;
+        }
+        Ok(())
+    }
+
+    /// Passes the barrier of `epoch` on every output before anything after it, so a task
+    /// downstream of two of them (a diamond) lines it up.
+    async fn barrier(&mut self, epoch: Epoch) -> Result<()> {
+        for o in &mut self.0 {
+            o.barrier(epoch).await?;
+        }
+        Ok(())
+    }
+
+    async fn end(&mut self, last: Option<Final>) -> Result<()> {
+        for o in &mut self.0 {
+            o.end(last).await?;
+        }
+        Ok(())
+    }
+}
+impl Output {
     async fn batches(&mut self, out: &mut Vec<Batch>) -> Result<()> {
         for b in out.drain(..) {
             match self {
-                Self::Exchange { part, senders, metrics, me } => {
+                Self::Exchange { part: None, senders, metrics, me } => {
+                    metrics[0].pushed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    send(&senders[0], (*me, Message::Batch(b))).await?;
+                }
+                Self::Exchange { part: Some(part), senders, metrics, me } => {
                     for (w, piece) in part.split(&b)?.into_iter().enumerate() {
                         if let Some(piece) = piece {
                             metrics[w].pushed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1180,7 +1473,7 @@ struct SourceDriver {
     source: Box<dyn Source>,
     cx: SourceContext,
     chain: Chain,
-    downstream: Downstream,
+    outputs: Outputs,
     wm: WatermarkSpec,
     clock: Arc<WorkerClock>,
     control: Option<SourceControl>,
@@ -1194,11 +1487,11 @@ impl SourceDriver {
         let mut parts: Vec<PartitionWatermark> =
             (0..n).map(|_| PartitionWatermark::new(self.wm.bound, self.wm.idle_timeout, now)).collect();
         let mut comb = WatermarkCombiner::new(n);
-        let mut out = Vec::new();
+        let mut out = self.chain.outs();
         let mut ticks = tick_timer(self.chain.tick);
         let step = self.cx.step.clone();
         if let Some(ck) = &self.ckpt {
-            self.downstream.begin(ck.first_epoch).await?;
+            self.outputs.begin(ck.first_epoch).await?;
         }
         loop {
             // Cancel safety: a poll dropped by another branch loses nothing, because sources
@@ -1216,7 +1509,7 @@ impl SourceDriver {
                 p = self.source.poll(&mut self.cx) => p.map_err(|e| e.in_step(&step))?,
                 () = next_tick(&mut ticks) => {
                     self.chain.tick(now_ms(), &mut out)?;
-                    self.downstream.batches(&mut out).await?;
+                    self.outputs.batches(&mut out).await?;
                     continue;
                 }
             };
@@ -1258,8 +1551,8 @@ impl SourceDriver {
                     if let Some(t) = batch.max_time() {
                         p.observe(t, Instant::now());
                     }
-                    self.chain.batch(batch, &mut out)?;
-                    self.downstream.batches(&mut out).await?;
+                    self.chain.batch(0, batch, &mut out)?;
+                    self.outputs.batches(&mut out).await?;
                     Some(partition)
                 }
                 SourcePoll::Waiting => {
@@ -1299,7 +1592,7 @@ impl SourceDriver {
                 // source that had nothing to read (a Kafka worker without partitions) would
                 // hold back every window after an exchange until the job ends.
                 if !self.cx.stopping() {
-                    self.downstream.watermark(Watermark::Idle).await?;
+                    self.outputs.watermark(Watermark::Idle).await?;
                 }
                 c.finished();
                 let last = loop {
@@ -1321,12 +1614,12 @@ impl SourceDriver {
         if last.is_none_or(|f| f.drain) {
             self.clock.watermark.store(END_OF_TIME, std::sync::atomic::Ordering::Relaxed);
             self.chain.end(&mut out)?;
-            self.downstream.batches(&mut out).await?;
-            self.downstream.watermark(Watermark::At(END_OF_TIME)).await?;
+            self.outputs.batches(&mut out).await?;
+            self.outputs.watermark(Watermark::At(END_OF_TIME)).await?;
         }
-        let Some(f) = last else { return self.downstream.end(None).await };
+        let Some(f) = last else { return self.outputs.end(None).await };
         let state = self.snapshot(f.epoch)?;
-        self.downstream.end(last).await?;
+        self.outputs.end(last).await?;
         ack(self.ckpt.as_ref(), f.epoch, state, Duration::ZERO, Some(f.drain))?;
         // What the final checkpoint covers is acknowledged to the source's server once it
         // completes; the coordinator goes on meanwhile, as this task still holds its sender.
@@ -1349,17 +1642,20 @@ impl SourceDriver {
     /// Checkpoint `epoch` reached this source: record positions and state, pass the barrier.
     async fn barrier(&mut self, epoch: Epoch) -> Result<()> {
         let state = self.snapshot(epoch)?;
-        self.downstream.barrier(epoch).await?;
+        self.outputs.barrier(epoch).await?;
         ack(self.ckpt.as_ref(), epoch, state, Duration::ZERO, None)
     }
 
-    async fn emit_watermark(&mut self, w: Watermark, out: &mut Vec<Batch>) -> Result<()> {
-        if let Watermark::At(t) = w {
-            self.clock.watermark.store(t, std::sync::atomic::Ordering::Relaxed);
-            self.chain.watermark(t, out)?;
-            self.downstream.batches(out).await?;
+    async fn emit_watermark(&mut self, w: Watermark, out: &mut Outs) -> Result<()> {
+        match w {
+            Watermark::At(t) => {
+                self.clock.watermark.store(t, std::sync::atomic::Ordering::Relaxed);
+                let each = self.chain.watermark(t, out)?;
+                self.outputs.batches(out).await?;
+                self.outputs.watermarks(&each).await
+            }
+            Watermark::Idle => self.outputs.watermark(w).await,
         }
-        self.downstream.watermark(w).await
     }
 }
 
@@ -1380,12 +1676,15 @@ fn grow(parts: &mut Vec<PartitionWatermark>, comb: &mut WatermarkCombiner, p: us
 /// Drives a stage after an exchange on one worker.
 #[derive(Debug)]
 struct StageDriver {
-    /// One channel per upstream worker, indexed by it.
+    /// The task's channels: for each input of its head step, one per upstream worker when
+    /// the input is keyed, else one from the same worker.
     rx: Vec<Inbox>,
+    /// The input of the head step each channel feeds.
+    ports: Vec<usize>,
     /// Where the count of inputs held back for barrier alignment goes.
     blocked: Arc<Registry>,
     chain: Chain,
-    downstream: Downstream,
+    outputs: Outputs,
     metrics: Arc<ChannelMetrics>,
     ckpt: Option<TaskCheckpoint>,
 }
@@ -1394,12 +1693,25 @@ impl StageDriver {
     async fn run(mut self) -> Result<()> {
         let inputs = self.rx.len();
         let mut comb = WatermarkCombiner::new(inputs);
+        // A step with several inputs also hears each input's own watermark: the minimum over
+        // that input's channels (a join drops state by the other side's progress).
+        let n_ports = self.ports.iter().max().map_or(1, |p| p + 1);
+        let mut local = Vec::with_capacity(inputs);
+        let mut port_combs: Vec<WatermarkCombiner> = Vec::new();
+        if n_ports > 1 {
+            let mut widths = vec![0; n_ports];
+            for &p in &self.ports {
+                local.push(widths[p]);
+                widths[p] += 1;
+            }
+            port_combs = widths.into_iter().map(WatermarkCombiner::new).collect();
+        }
         let mut ended = vec![false; inputs];
         // Inputs whose sender went away without `End`: their task failed, and the job hears
         // of that from the task itself (with its real cause), so this one only stops reading.
         let mut closed = vec![false; inputs];
         let mut last: Option<Final> = None;
-        let mut out = Vec::new();
+        let mut out = self.chain.outs();
         let mut ticks = tick_timer(self.chain.tick);
         // Barrier alignment: an input whose barrier came first is not read until the barrier
         // has come on every input; its sender waits on the full channel meanwhile.
@@ -1407,8 +1719,10 @@ impl StageDriver {
         let mut aligning_since: Option<Instant> = None;
         let mut next_input = 0;
         if let Some(ck) = &self.ckpt {
-            self.downstream.begin(ck.first_epoch).await?;
+            self.outputs.begin(ck.first_epoch).await?;
         }
+        self.chain.restored_input_watermarks(&mut out)?;
+        self.outputs.batches(&mut out).await?;
         loop {
             // Cancel safety: `poll_recv` takes nothing it does not return, and a tick only
             // runs between messages.
@@ -1417,25 +1731,32 @@ impl StageDriver {
                 m = std::future::poll_fn(|cx| poll_inputs(&mut self.rx, &ended, &mut closed, &aligner, &mut next_input, cx)) => m?,
                 () = next_tick(&mut ticks) => {
                     self.chain.tick(now_ms(), &mut out)?;
-                    self.downstream.batches(&mut out).await?;
+                    self.outputs.batches(&mut out).await?;
                     continue;
                 }
             };
             match msg {
                 Message::Batch(b) => {
                     self.metrics.popped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    self.chain.batch(b, &mut out)?;
-                    self.downstream.batches(&mut out).await?;
+                    self.chain.batch(self.ports[from], b, &mut out)?;
+                    self.outputs.batches(&mut out).await?;
                 }
                 Message::Watermark(w) => {
-                    if let Some(w) = comb.update(from, Some(w)) {
-                        if let Watermark::At(t) = w {
-                            if t != END_OF_TIME {
-                                self.chain.watermark(t, &mut out)?;
-                                self.downstream.batches(&mut out).await?;
-                            }
+                    if n_ports > 1 {
+                        let p = self.ports[from];
+                        if let Some(Watermark::At(t)) = port_combs[p].update(local[from], Some(w)) {
+                            self.chain.input_watermark(p, t, &mut out)?;
+                            self.outputs.batches(&mut out).await?;
                         }
-                        self.downstream.watermark(w).await?;
+                    }
+                    match comb.update(from, Some(w)) {
+                        Some(Watermark::At(t)) if t != END_OF_TIME => {
+                            let each = self.chain.watermark(t, &mut out)?;
+                            self.outputs.batches(&mut out).await?;
+                            self.outputs.watermarks(&each).await?;
+                        }
+                        Some(w) => self.outputs.watermark(w).await?,
+                        None => {}
                     }
                 }
                 Message::Barrier(e) => {
@@ -1452,7 +1773,7 @@ impl StageDriver {
                             // Every other input was held; none is now.
                             self.blocked.inputs_held.fetch_sub(inputs as u64 - 1, std::sync::atomic::Ordering::Relaxed);
                             let state = self.chain.snapshot()?;
-                            self.downstream.barrier(e).await?;
+                            self.outputs.barrier(e).await?;
                             ack(self.ckpt.as_ref(), e, state, waited, None)?;
                         }
                     }
@@ -1465,12 +1786,12 @@ impl StageDriver {
                     if ended.iter().all(|e| *e) {
                         if last.is_none_or(|f| f.drain) {
                             self.chain.end(&mut out)?;
-                            self.downstream.batches(&mut out).await?;
-                            self.downstream.watermark(Watermark::At(END_OF_TIME)).await?;
+                            self.outputs.batches(&mut out).await?;
+                            self.outputs.watermark(Watermark::At(END_OF_TIME)).await?;
                         }
-                        let Some(f) = last else { return self.downstream.end(None).await };
+                        let Some(f) = last else { return self.outputs.end(None).await };
                         let state = self.chain.snapshot()?;
-                        self.downstream.end(last).await?;
+                        self.outputs.end(last).await?;
                         return ack(self.ckpt.as_ref(), f.epoch, state, Duration::ZERO, Some(f.drain));
                     }
                 }
@@ -1594,12 +1915,25 @@ mod tests {
     }
 
     fn stage(inputs: Vec<Inbox>, sink: &CollectSink, reg: &Arc<Registry>) -> StageDriver {
-        let chain = Chain::build(&[], 0, 1, reg, Arc::new(MemoryDeadLetters::default()), &Restored::default()).unwrap();
+        // A task with no operators: its input goes straight to its sink.
+        let chain = Chain {
+            links: Vec::new(),
+            root: vec![Target::Out(0)],
+            routes: Vec::new(),
+            feeds: Vec::new(),
+            output_from: vec![None],
+            worker: 0,
+            dead: Arc::new(MemoryDeadLetters::default()),
+            tick: None,
+            registry: reg.clone(),
+        };
+        let ports = vec![0; inputs.len()];
         StageDriver {
             rx: inputs,
+            ports,
             blocked: reg.clone(),
             chain,
-            downstream: Downstream::Sink {
+            outputs: Outputs(vec![Output::Sink {
                 sink: SinkFactory::create(sink, 0, 1).unwrap(),
                 metrics: reg.step(&StepId::new("out"), 0),
                 registry: reg.clone(),
@@ -1608,7 +1942,7 @@ mod tests {
                 retry: RetryPolicy::default(),
                 dead: Arc::new(MemoryDeadLetters::default()),
                 counts: true,
-            },
+            }]),
             metrics: reg.channel("test".into(), 4),
             ckpt: None,
         }

@@ -77,6 +77,18 @@ impl OpHarness {
         self.call(|op, cx| op.process(batch, cx))
     }
 
+    /// Processes a batch of input `input` (a join's left is 0, its right 1).
+    pub fn process_from(&mut self, input: usize, batch: Batch) -> Result<Vec<Batch>> {
+        StepMetrics::add(&self.metrics.rows_in, batch.num_rows() as u64);
+        StepMetrics::add(&self.metrics.batches_in, 1);
+        self.call(|op, cx| op.process_from(input, batch, cx))
+    }
+
+    /// Advances input `input`'s own watermark; returns what the operator emitted.
+    pub fn input_watermark(&mut self, input: usize, wm: i64) -> Result<Vec<Batch>> {
+        self.call(|op, cx| op.on_input_watermark(input, wm, cx))
+    }
+
     /// Advances the watermark; returns what the operator emitted.
     pub fn watermark(&mut self, wm: i64) -> Result<Vec<Batch>> {
         let out = self.call(|op, cx| op.on_watermark(wm, cx))?;

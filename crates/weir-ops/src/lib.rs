@@ -9,6 +9,7 @@
 pub mod aggregate;
 pub mod alerts;
 pub mod detect;
+pub mod join;
 pub mod lookup;
 pub mod model;
 pub mod relational;
@@ -19,6 +20,7 @@ pub mod window;
 pub use aggregate::{AggFunc, AggSpec};
 pub use alerts::{AlertBoard, AlertPolicy, AlertSpec};
 pub use detect::EwmaZscoreSpec;
+pub use join::{IntervalJoinSpec, JoinKind, UnionSpec};
 pub use relational::{FilterSpec, SelectSpec};
 pub use rules::{DetectSpec, RuleKind, RuleSpec, DETECTION_COLUMNS};
 pub use window::{LatePolicy, SideWriter, TimeDomain, WindowKind, WindowSpec};

@@ -119,8 +119,8 @@ impl NativePipeline {
             config_err(py, format!("pipeline settings: {message}"))
         })?;
         let failure = steps::Failure::default();
-        let source_id = cfg.source.id.clone();
-        let cfg_time = cfg.source.event_time.clone();
+        let source_id = cfg.source().id.clone();
+        let cfg_time = cfg.source().event_time.clone();
         let sink_id = cfg.sink.id.clone();
         let mut p = Pipeline::from_config(cfg);
         for (id, f) in functions.iter() {

@@ -21,8 +21,10 @@ pub struct PipelineConfig {
     /// Worker count; the `--workers` flag overrides it; default: the number of cores.
     #[serde(default)]
     pub workers: Option<usize>,
-    /// Where events come from.
-    pub source: SourceConfig,
+    /// Where events come from: `source:` one source, or `sources:` a list of several (each
+    /// with its own id, watermark and schema; steps name the one they read with `input:`).
+    #[serde(alias = "source", deserialize_with = "one_source_or_many", serialize_with = "write_sources")]
+    pub sources: Vec<SourceConfig>,
     /// What happens to them, in order.
     #[serde(default)]
     pub steps: Vec<StepConfig>,
@@ -47,6 +49,49 @@ pub struct PipelineConfig {
     /// The HTTP port: metrics, health, and the alert API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<ApiConfig>,
+}
+
+impl PipelineConfig {
+    /// The first source (the only one of most pipelines).
+    pub fn source(&self) -> &SourceConfig {
+        &self.sources[0]
+    }
+
+    /// The first source, to change.
+    pub fn source_mut(&mut self) -> &mut SourceConfig {
+        &mut self.sources[0]
+    }
+}
+
+/// `source: {...}` or `sources: [{...}, ...]`, at least one. Read in place (not through a
+/// generic value), so errors inside a source keep their line.
+fn one_source_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SourceConfig>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Vec<SourceConfig>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a source (`id`, one connector and its settings), or a list of sources")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            Ok(vec![SourceConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))?])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            let v = Vec::<SourceConfig>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+            if v.is_empty() {
+                return Err(serde::de::Error::custom("`sources` is empty: a pipeline needs at least one source"));
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// One source is written as `source: {...}`'s map would be, several as a list.
+fn write_sources<S: serde::Serializer>(v: &[SourceConfig], s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        [one] => one.serialize(s),
+        many => many.serialize(s),
+    }
 }
 
 /// The HTTP port: `/metrics`, `/healthz`, `/readyz`, and `/alerts` (list, acknowledge,
@@ -349,12 +394,27 @@ pub enum StepConfig {
     Function(FunctionConfig),
     /// Enrich each row with the row of a table that has its key (a lookup join).
     Lookup(LookupConfig),
+    /// Every row of several streams with the same columns, as one stream.
+    Union(UnionConfig),
+    /// Pairs of rows of two streams with the same key and times close enough.
+    IntervalJoin(IntervalJoinConfig),
 }
 
 /// The keys of [`StepRepr`]: every kind of step, as the error for a step without one lists
 /// them. (A test checks the list against the struct.)
-const STEP_KINDS: [&str; 9] =
-    ["filter", "select", "key_by", "window", "ewma_zscore", "detect", "alert", "function", "lookup"];
+const STEP_KINDS: [&str; 11] = [
+    "filter",
+    "select",
+    "key_by",
+    "window",
+    "ewma_zscore",
+    "detect",
+    "alert",
+    "function",
+    "lookup",
+    "union",
+    "interval_join",
+];
 
 /// The YAML shape of a step: a map with exactly one known key. (serde_yaml reads enums from
 /// YAML tags only, and a one-key map reads better.)
@@ -379,6 +439,10 @@ struct StepRepr {
     function: Option<FunctionConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lookup: Option<LookupConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    union: Option<UnionConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    interval_join: Option<IntervalJoinConfig>,
 }
 
 impl TryFrom<StepRepr> for StepConfig {
@@ -412,6 +476,12 @@ impl TryFrom<StepRepr> for StepConfig {
         if let Some(c) = r.lookup {
             found.push(StepConfig::Lookup(c));
         }
+        if let Some(c) = r.union {
+            found.push(StepConfig::Union(c));
+        }
+        if let Some(c) = r.interval_join {
+            found.push(StepConfig::IntervalJoin(c));
+        }
         match found.len() {
             1 => Ok(found.remove(0)),
             0 => Err(format!(
@@ -436,6 +506,8 @@ impl From<StepConfig> for StepRepr {
             StepConfig::Alert(c) => r.alert = Some(c),
             StepConfig::Function(c) => r.function = Some(c),
             StepConfig::Lookup(c) => r.lookup = Some(c),
+            StepConfig::Union(c) => r.union = Some(c),
+            StepConfig::IntervalJoin(c) => r.interval_join = Some(c),
         }
         r
     }
@@ -454,8 +526,86 @@ impl StepConfig {
             Self::Alert(c) => &c.id,
             Self::Function(c) => &c.id,
             Self::Lookup(c) => &c.id,
+            Self::Union(c) => &c.id,
+            Self::IntervalJoin(c) => &c.id,
         }
     }
+
+    /// The steps or sources it reads, when it names them (`input`, a union's `inputs`, a
+    /// join's `left` and `right`); empty: the step before it.
+    pub fn inputs(&self) -> Vec<&str> {
+        fn one(i: &Option<String>) -> Vec<&str> {
+            i.as_deref().into_iter().collect()
+        }
+        match self {
+            Self::Filter(c) => one(&c.input),
+            Self::Select(c) => one(&c.input),
+            Self::KeyBy(c) => one(&c.input),
+            Self::Window(c) => one(&c.input),
+            Self::EwmaZscore(c) => one(&c.input),
+            Self::Detect(c) => one(&c.input),
+            Self::Alert(c) => one(&c.input),
+            Self::Function(c) => one(&c.input),
+            Self::Lookup(c) => one(&c.input),
+            Self::Union(c) => c.inputs.iter().map(String::as_str).collect(),
+            Self::IntervalJoin(c) => vec![c.left.as_str(), c.right.as_str()],
+        }
+    }
+}
+
+/// `union` settings: streams with the same columns (names, types and order) as one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnionConfig {
+    /// Step id.
+    pub id: String,
+    /// The steps or sources whose rows it takes (at least two).
+    pub inputs: Vec<String>,
+}
+
+/// `interval_join` settings: each row `l` of `left` paired with each row `r` of `right` that
+/// has the same key and `l.time + between[0] <= r.time <= l.time + between[1]` (event times).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntervalJoinConfig {
+    /// Step id.
+    pub id: String,
+    /// The left stream (a step or source id).
+    pub left: String,
+    /// The right stream.
+    pub right: String,
+    /// Key column paths, the same on both sides.
+    #[serde(deserialize_with = "one_or_many")]
+    pub on: Vec<String>,
+    /// The right side's key column paths when they differ from the left's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub right_on: Option<Vec<String>>,
+    /// How far the right row's time may be from the left row's: `[-50ms, 50ms]` (both ends
+    /// included; a leading `-` is before).
+    pub between: [String; 2],
+    /// `inner` (pairs only, the default), `left`, `right` or `full` (also rows without a
+    /// partner, with the other side null).
+    #[serde(default)]
+    pub kind: JoinKindConfig,
+    /// Names of the output's two struct columns holding each side's row; default: the
+    /// inputs' ids.
+    #[serde(default, rename = "as", skip_serializing_if = "Option::is_none")]
+    pub names: Option<[String; 2]>,
+}
+
+/// Which rows without a partner a join keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinKindConfig {
+    /// Pairs only.
+    #[default]
+    Inner,
+    /// Also left rows without a partner.
+    Left,
+    /// Also right rows without a partner.
+    Right,
+    /// Also rows of either side without a partner.
+    Full,
 }
 
 /// `filter` settings.
@@ -464,6 +614,10 @@ impl StepConfig {
 pub struct FilterConfig {
     /// Step id.
     pub id: String,
+    /// The step or source it reads; default: the step before it (for the first step, the
+    /// only source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
     /// SQL boolean expression, e.g. `readings.temp > 25.0`.
     #[serde(rename = "where")]
     pub predicate: String,
@@ -475,6 +629,10 @@ pub struct FilterConfig {
 pub struct SelectConfig {
     /// Step id.
     pub id: String,
+    /// The step or source it reads; default: the step before it (for the first step, the
+    /// only source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
     /// Items: `col`, `a.b AS c`, `expr AS name`, `*`.
     pub columns: Vec<String>,
 }
@@ -485,6 +643,10 @@ pub struct SelectConfig {
 pub struct KeyByConfig {
     /// Step id.
     pub id: String,
+    /// The step or source it reads; default: the step before it (for the first step, the
+    /// only source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
     /// Key column paths.
     pub keys: Vec<String>,
     /// Re-key through a Kafka topic: the steps before run as a job of their own that writes
@@ -523,6 +685,10 @@ impl Default for RepartitionConfig {
 pub struct WindowConfig {
     /// Step id.
     pub id: String,
+    /// The step or source it reads; default: the step before it (for the first step, the
+    /// only source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
     /// Tumbling window size.
     #[serde(default, with = "humantime_serde")]
     pub tumbling: Option<Duration>,
@@ -654,6 +820,10 @@ impl From<LateConfig> for LateRepr {
 pub struct LookupConfig {
     /// Step id.
     pub id: String,
+    /// The step or source it reads; default: the step before it (for the first step, the
+    /// only source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
     /// The rows' key column paths (a name or a list).
     #[serde(deserialize_with = "one_or_many")]
     pub key: Vec<String>,
@@ -824,6 +994,10 @@ impl From<MissingConfig> for LateRepr {
 pub struct FunctionConfig {
     /// Step id, which is also the name the code is registered under.
     pub id: String,
+    /// The step or source it reads; default: the step before it (for the first step, the
+    /// only source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
 }
 
 /// `detect` settings: rules checked on every row of a keyed stream, giving one stream of
@@ -833,6 +1007,10 @@ pub struct FunctionConfig {
 pub struct DetectConfig {
     /// Step id.
     pub id: String,
+    /// The step or source it reads; default: the step before it (for the first step, the
+    /// only source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
     /// `anomalies` (default): only rows a rule flags; `all`: every evaluation, normal ones
     /// with `anomaly: false`.
     #[serde(default)]
@@ -851,6 +1029,10 @@ pub struct DetectConfig {
 pub struct AlertConfig {
     /// Step id.
     pub id: String,
+    /// The step or source it reads; default: the step before it (for the first step, the
+    /// only source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
     /// A live alert resolves after this long without an anomaly.
     #[serde(default = "default_resolve_after", with = "humantime_serde")]
     pub resolve_after: Duration,
@@ -1199,6 +1381,10 @@ pub struct SilenceRule {
 pub struct EwmaConfig {
     /// Step id.
     pub id: String,
+    /// The step or source it reads; default: the step before it (for the first step, the
+    /// only source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
     /// Watched numeric column path.
     pub value: String,
     /// Smoothing factor.
@@ -1238,6 +1424,8 @@ pub struct SinkConfig {
     pub latency_column: Option<String>,
     /// Retries of failed writes.
     pub retry: RetryConfig,
+    /// The step or source it writes; default: the last step.
+    pub input: Option<String>,
 }
 
 /// Retries of transient sink failures (a server that is down, a full disk).
@@ -1351,7 +1539,7 @@ impl SourceConfig {
 impl SinkConfig {
     /// A sink with the given id and connector.
     pub fn new(id: impl Into<String>, connector: SinkConnector) -> Self {
-        Self { id: id.into(), connector, latency_column: None, retry: RetryConfig::default() }
+        Self { id: id.into(), connector, latency_column: None, retry: RetryConfig::default(), input: None }
     }
 }
 
@@ -1386,7 +1574,7 @@ mod tests {
             let text = std::fs::read_to_string(&path).unwrap();
             let w4 = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("w4-"));
             let cfg = crate::yaml::parse_with("x", &text, |k| match k {
-                "INPUT" | "OUTPUT" => Some(format!("/tmp/{k}")),
+                "INPUT" | "OUTPUT" | "INPUT_A" | "INPUT_B" => Some(format!("/tmp/{k}")),
                 // W4's device table (other examples use `DEVICES` for a count, with a default).
                 "DEVICES" if w4 => Some(format!("{}/../../tests/data/devices-50.csv", env!("CARGO_MANIFEST_DIR"))),
                 // Tests run in the crate's folder; the examples name the model from the root.
@@ -1406,8 +1594,8 @@ mod tests {
     fn defaults_are_valid() {
         let cfg: PipelineConfig =
             serde_yaml::from_str("name: d\nsource: {id: s, generator: {}}\nsink: {id: o, stdout: {}}\n").unwrap();
-        assert_eq!(cfg.source.batch_size, 8192);
-        assert_eq!(cfg.source.watermark, WatermarkConfig::default());
+        assert_eq!(cfg.source().batch_size, 8192);
+        assert_eq!(cfg.source().watermark, WatermarkConfig::default());
         assert_eq!(cfg.dead_letters.path, "dead-letters.jsonl");
         crate::Pipeline::from_config(cfg).build().unwrap();
     }

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use arrow_schema::SchemaRef;
 use weir_connectors::{FileDeadLetters, FileSideWriter};
+use weir_core::graph::{Edge, JobGraph, Node, NodeKind, Partitioning};
 use weir_core::quarantine::{Quarantine, QuarantineSpec, QuarantiningDeadLetters};
-use weir_core::runtime::{Job, JobSpec, RunSummary, StageSpec, WatermarkSpec};
+use weir_core::runtime::{Job, RunSummary, WatermarkSpec};
 use weir_core::shed::{OverloadSpec, ShedPredicate};
 use weir_core::{CoreError, DeadLetterSink, OperatorFactory, Result, SinkFactory, SourceFactory, StepId};
 use weir_formats::{infer_json_schema, split_records, FormatSpec};
@@ -75,7 +76,7 @@ impl Pipeline {
             cfg: PipelineConfig {
                 name: name.into(),
                 workers: None,
-                source: placeholder,
+                sources: vec![placeholder],
                 steps: Vec::new(),
                 sink,
                 dead_letters: DeadLetterConfig::default(),
@@ -107,7 +108,7 @@ impl Pipeline {
     /// the other source settings (event time, watermark) still apply.
     pub fn source_code(&mut self, id: &str, factory: Arc<dyn SourceFactory>) -> &mut Self {
         self.code.source = Some(factory);
-        if !matches!(self.cfg.source.connector, SourceConnector::Code(_)) || self.cfg.source.id != id {
+        if !matches!(self.cfg.source().connector, SourceConnector::Code(_)) || self.cfg.source().id != id {
             self.source(SourceConfig::new(id, SourceConnector::Code(CodeSettings {})));
         }
         self
@@ -125,12 +126,23 @@ impl Pipeline {
     /// Adds a step written in code.
     pub fn function(&mut self, id: &str, step: Arc<dyn CustomStep>) -> &mut Self {
         self.register_function(id, step);
-        self.step(StepConfig::Function(FunctionConfig { id: id.into() }))
+        self.step(StepConfig::Function(FunctionConfig { id: id.into(), input: None }))
     }
 
-    /// Sets the source.
+    /// Sets the source (the only one; see [`Pipeline::add_source`] for several).
     pub fn source(&mut self, cfg: SourceConfig) -> &mut Self {
-        self.cfg.source = cfg;
+        self.cfg.sources = vec![cfg];
+        self.source_set = true;
+        self
+    }
+
+    /// Adds a source beside the ones already set; steps name what they read with `input`.
+    pub fn add_source(&mut self, cfg: SourceConfig) -> &mut Self {
+        if self.source_set {
+            self.cfg.sources.push(cfg);
+        } else {
+            self.cfg.sources = vec![cfg];
+        }
         self.source_set = true;
         self
     }
@@ -143,13 +155,14 @@ impl Pipeline {
 
     /// Keeps rows matching a SQL predicate.
     pub fn filter(&mut self, id: &str, predicate: &str) -> &mut Self {
-        self.step(StepConfig::Filter(FilterConfig { id: id.into(), predicate: predicate.into() }))
+        self.step(StepConfig::Filter(FilterConfig { id: id.into(), predicate: predicate.into(), input: None }))
     }
 
     /// Chooses, renames and computes columns.
     pub fn select<I: IntoIterator<Item = S>, S: Into<String>>(&mut self, id: &str, columns: I) -> &mut Self {
         self.step(StepConfig::Select(SelectConfig {
             id: id.into(),
+            input: None,
             columns: columns.into_iter().map(Into::into).collect(),
         }))
     }
@@ -158,6 +171,7 @@ impl Pipeline {
     pub fn key_by<I: IntoIterator<Item = S>, S: Into<String>>(&mut self, id: &str, keys: I) -> &mut Self {
         self.step(StepConfig::KeyBy(KeyByConfig {
             id: id.into(),
+            input: None,
             keys: keys.into_iter().map(Into::into).collect(),
             repartition: None,
         }))
@@ -209,9 +223,13 @@ impl Pipeline {
         weir_core::ensure_config!(self.sink_set, "pipeline `{}` has no sink", self.cfg.name);
         let c = &self.cfg;
         let mut ids = HashSet::new();
-        let all_ids = std::iter::once(c.source.id.as_str())
-            .chain(c.steps.iter().map(StepConfig::id))
-            .chain(std::iter::once(c.sink.id.as_str()));
+        let sink_ids: Vec<&str> = match &c.sink.connector {
+            SinkConnector::FanOut(f) if f.0.iter().any(|s| s.input.is_some()) => {
+                f.0.iter().map(|s| s.id.as_str()).collect()
+            }
+            _ => vec![c.sink.id.as_str()],
+        };
+        let all_ids = c.sources.iter().map(|s| s.id.as_str()).chain(c.steps.iter().map(StepConfig::id)).chain(sink_ids);
         check_name("pipeline name", &c.name)?;
         for id in all_ids {
             weir_core::ensure_config!(!id.is_empty(), "a step has an empty id");
@@ -223,7 +241,9 @@ impl Pipeline {
             "sink `{}`: retry.max_attempts must be at least 1",
             c.sink.id
         );
-        weir_core::ensure_config!(c.source.batch_size > 0, "source `{}`: batch_size must be positive", c.source.id);
+        for src in &c.sources {
+            weir_core::ensure_config!(src.batch_size > 0, "source `{}`: batch_size must be positive", src.id);
+        }
         weir_core::ensure_config!(c.workers != Some(0), "workers must be at least 1");
         weir_core::ensure_config!(c.runtime.channel_capacity > 0, "runtime.channel_capacity must be positive");
         for s in &c.steps {
@@ -234,10 +254,21 @@ impl Pipeline {
                 "function `{unused}` is registered but no `function` step with that id places it"
             )));
         }
+        let code_sources: Vec<&str> = c
+            .sources
+            .iter()
+            .filter(|s| matches!(s.connector, SourceConnector::Code(_)))
+            .map(|s| s.id.as_str())
+            .collect();
         weir_core::ensure_config!(
-            !matches!(c.source.connector, SourceConnector::Code(_)) || self.code.source.is_some(),
+            code_sources.is_empty() || self.code.source.is_some(),
             "source `{}` is `code`, but no source was registered from code",
-            c.source.id
+            code_sources.join("`, `")
+        );
+        weir_core::ensure_config!(
+            code_sources.len() <= 1,
+            "sources `{}` are `code`: a pipeline takes one source written in code",
+            code_sources.join("`, `")
         );
         weir_core::ensure_config!(
             !matches!(c.sink.connector, SinkConnector::Code(_)) || self.code.sink.is_some(),
@@ -253,12 +284,24 @@ impl Pipeline {
             ingest: Arc::default(),
             feeds: Arc::default(),
         };
-        if let Some(schema) = &c.source.schema {
-            let schema =
-                c.source.connector.row_schema(schema.to_arrow()).map_err(|e| e.in_step(&StepId::new(&c.source.id)))?;
-            built.plan_steps(&schema, 1, false)?;
-        } else if let Some(f) = &self.code.source {
-            built.plan_steps(&f.schema(), 1, false)?;
+        // With every source's schema known (declared, or given by code), the steps are checked
+        // now; otherwise when the pipeline is planned.
+        let mut schemas = Vec::new();
+        for src in &c.sources {
+            let schema = match (&src.schema, &src.connector) {
+                (Some(schema), _) => {
+                    src.connector.row_schema(schema.to_arrow()).map_err(|e| e.in_step(&StepId::new(&src.id)))?
+                }
+                (None, SourceConnector::Code(_)) => match &self.code.source {
+                    Some(f) => f.schema(),
+                    None => break,
+                },
+                (None, _) => break,
+            };
+            schemas.push((src.id.clone(), schema));
+        }
+        if schemas.len() == c.sources.len() {
+            built.plan_graph(&schemas, false)?;
         }
         Ok(built)
     }
@@ -313,8 +356,149 @@ struct AlertHub {
     dead_letters: weir_connectors::alerting::DeadLetterSlot,
 }
 
-/// Planned steps: the stages, the schema reaching the sink, and each `alert` step's notifiers.
-type PlannedSteps = (Vec<StageSpec>, SchemaRef, Vec<(String, Vec<Arc<dyn weir_ops::alerts::AlertNotify>>)>);
+/// Rows as the planner sees them at a step or source: which node makes them, their schema,
+/// and how they are spread over workers.
+#[derive(Debug, Clone)]
+struct Stream {
+    /// The node producing the rows (a `key_by` has none of its own: its input's).
+    producer: String,
+    schema: SchemaRef,
+    /// The key columns of the last `key_by` (keyed steps key their state by them).
+    keys: Vec<String>,
+    /// Whether rows are spread by `keys` (or all on worker 0 after a keyless window).
+    keyed: bool,
+    /// How a step reading these rows gets them: by key right after a `key_by`, else from its
+    /// own worker.
+    part: Partitioning,
+}
+
+/// A step planned as a node: its operator and its inputs (producer node, partitioning).
+#[derive(Debug)]
+struct PlannedStep {
+    id: StepId,
+    op: Arc<dyn OperatorFactory>,
+    inputs: Vec<(String, Partitioning)>,
+}
+
+/// The planned steps, the sinks with the rows each reads, and each `alert` step's notifiers.
+struct PlannedGraph {
+    steps: Vec<PlannedStep>,
+    sinks: Vec<(SinkConfig, Stream)>,
+    notifiers: Vec<(String, Vec<Arc<dyn weir_ops::alerts::AlertNotify>>)>,
+}
+
+/// What a step that names no input reads: the step before it, or the only source.
+fn default_input(prev: Option<&str>, sources: &[(String, SchemaRef)], step: &str) -> Result<String> {
+    match (prev, sources) {
+        (Some(p), _) => Ok(p.to_string()),
+        (None, [(only, _)]) => Ok(only.clone()),
+        (None, _) => Err(CoreError::Config(format!(
+            "`{step}` does not say what it reads, and the pipeline has {} sources: name one with `input`",
+            sources.len()
+        ))),
+    }
+}
+
+/// The error for an input that names nothing before it, with the closest known name.
+fn unknown_input(name: &str, streams: &BTreeMap<String, Stream>) -> CoreError {
+    let known: Vec<&str> = streams.keys().map(String::as_str).collect();
+    let hint = known
+        .iter()
+        .map(|k| (strsim_distance(name, k), *k))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, k)| format!(" (did you mean `{k}`?)"))
+        .unwrap_or_default();
+    CoreError::Config(format!(
+        "input `{name}` is not a source or a step before this one{hint}; known: {} (steps read sources and earlier steps, so a pipeline has no cycles)",
+        known.join(", ")
+    ))
+}
+
+/// Edit distance between two short names, for suggestions.
+fn strsim_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// The one input of a step that reads one stream.
+fn single(inputs: &[Stream]) -> Result<&Stream> {
+    match inputs {
+        [one] => Ok(one),
+        _ => Err(CoreError::Config(format!("this step reads one input, not {}", inputs.len()))),
+    }
+}
+
+/// Checks that two streams of a union have the same columns, naming the first difference.
+fn same_columns(a: &str, sa: &SchemaRef, b: &str, sb: &SchemaRef) -> Result<()> {
+    let (fa, fb) = (sa.fields(), sb.fields());
+    for i in 0..fa.len().max(fb.len()) {
+        let describe = |f: Option<&arrow_schema::FieldRef>| match f {
+            Some(f) => format!("`{}` {}{}", f.name(), f.data_type(), if f.is_nullable() { "" } else { " not null" }),
+            None => "nothing".into(),
+        };
+        let (x, y) = (fa.get(i), fb.get(i));
+        let same = match (x, y) {
+            (Some(x), Some(y)) => {
+                x.name() == y.name() && x.data_type() == y.data_type() && x.is_nullable() == y.is_nullable()
+            }
+            _ => false,
+        };
+        if !same {
+            return Err(CoreError::Config(format!(
+                "a union's inputs need the same columns in the same order: column {} is {} in `{a}` but {} in `{b}`",
+                i + 1,
+                describe(x),
+                describe(y)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A signed duration: `50ms`, `-2s`.
+fn signed_ms(key: &str, v: &str) -> Result<i64> {
+    let (neg, body) = match v.trim().strip_prefix('-') {
+        Some(rest) => (true, rest.trim()),
+        None => (false, v.trim()),
+    };
+    let d = humantime::parse_duration(body)
+        .map_err(|e| CoreError::Config(format!("{key}: `{v}` is not a duration like `-50ms` or `2s`: {e}")))?;
+    let ms = i64::try_from(d.as_millis()).map_err(|_| CoreError::Config(format!("{key}: `{v}` is too long")))?;
+    Ok(if neg { -ms } else { ms })
+}
+
+/// An `interval_join`'s settings on its two input streams.
+fn interval_join_spec(j: &IntervalJoinConfig, inputs: &[Stream]) -> Result<weir_ops::IntervalJoinSpec> {
+    let [l, r] = inputs else { weir_core::bail_internal!("a join with {} inputs", inputs.len()) };
+    let names = j.names.clone().unwrap_or_else(|| [j.left.clone(), j.right.clone()]);
+    weir_core::ensure_config!(names[0] != names[1], "as: the two sides need different names, not `{}` twice", names[0]);
+    let right_keys = j.right_on.clone().unwrap_or_else(|| j.on.clone());
+    let kind = match j.kind {
+        JoinKindConfig::Inner => weir_ops::JoinKind::Inner,
+        JoinKindConfig::Left => weir_ops::JoinKind::Left,
+        JoinKindConfig::Right => weir_ops::JoinKind::Right,
+        JoinKindConfig::Full => weir_ops::JoinKind::Full,
+    };
+    Ok(weir_ops::IntervalJoinSpec {
+        schemas: [l.schema.clone(), r.schema.clone()],
+        keys: [j.on.clone(), right_keys],
+        names,
+        lo: signed_ms("between", &j.between[0])?,
+        hi: signed_ms("between", &j.between[1])?,
+        kind,
+    })
+}
 
 /// Turns keys going in and out of quarantine into alert events of rule `quarantine`, sent
 /// through the first `alert` step's routes and live stream: someone learns of a device that
@@ -392,15 +576,10 @@ enum Planning {
     Check,
 }
 
-/// What planning a step gives: a stage boundary or an operator.
-enum Planned {
-    Exchange(Vec<String>),
-    Op(Arc<dyn OperatorFactory>, SchemaRef),
-}
-
 /// The operator settings of a step, given the current key.
 enum OpSpec {
-    KeyBy(Vec<String>),
+    /// Planned on its input by the graph planner.
+    KeyBy,
     Filter(FilterSpec),
     Select(SelectSpec),
     Window(WindowSpec),
@@ -409,6 +588,8 @@ enum OpSpec {
     Alert(weir_ops::AlertSpec),
     Custom(Arc<dyn CustomStep>),
     Lookup(weir_ops::lookup::LookupSpec),
+    /// A step with several inputs (union, join), planned on its inputs' schemas.
+    Multi,
 }
 
 /// Opens a `lookup` step's table (it is read here: the step's columns are the table's).
@@ -527,7 +708,7 @@ fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Function
         }
         StepConfig::KeyBy(k) => {
             weir_core::ensure_config!(!k.keys.is_empty(), "key_by needs at least one key column");
-            OpSpec::KeyBy(k.keys.clone())
+            OpSpec::KeyBy
         }
         StepConfig::Window(w) => {
             let kind = match (w.tumbling, &w.hopping, &w.session) {
@@ -593,6 +774,7 @@ fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Function
             },
         }),
         StepConfig::Lookup(l) => OpSpec::Lookup(lookup_spec(l, append)?),
+        StepConfig::Union(_) | StepConfig::IntervalJoin(_) => OpSpec::Multi,
         StepConfig::Function(f) => OpSpec::Custom(
             functions
                 .get(&f.id)
@@ -796,88 +978,206 @@ impl BuiltPipeline {
         flag.map(str::to_string).or_else(|| self.cfg.api.as_ref().map(|a| a.addr.clone()))
     }
 
-    /// Plans the steps on a schema: returns, per stage, its key and operators, and the final
-    /// schema.
-    fn plan_steps(&self, schema: &SchemaRef, _workers: usize, append: bool) -> Result<PlannedSteps> {
-        let mut stages = vec![StageSpec { key: None, ops: Vec::new() }];
+    /// Plans the steps as a graph over the sources' schemas: each step on the streams it
+    /// reads, in file order (a step reads sources and steps listed before it, so the graph
+    /// has no cycle). Checks inputs, schemas at a union, join keys, and that every source and
+    /// step is read by something.
+    fn plan_graph(&self, sources: &[(String, SchemaRef)], append: bool) -> Result<PlannedGraph> {
+        let mut streams: BTreeMap<String, Stream> = BTreeMap::new();
+        for (id, schema) in sources {
+            streams.insert(
+                id.clone(),
+                Stream {
+                    producer: id.clone(),
+                    schema: schema.clone(),
+                    keys: Vec::new(),
+                    keyed: false,
+                    part: Partitioning::Forward,
+                },
+            );
+        }
+        let mut read: HashSet<String> = HashSet::new();
+        let mut steps = Vec::new();
         let mut notifiers: Vec<(String, Vec<Arc<dyn weir_ops::alerts::AlertNotify>>)> = Vec::new();
-        let mut schema = schema.clone();
-        let mut keys: Vec<String> = Vec::new();
-        let mut keyed = false;
+        let mut prev: Option<String> = None;
         for s in &self.cfg.steps {
             let id = StepId::new(s.id());
-            let planned = (|| -> Result<Planned> {
-                let spec = step_spec(s, &keys, append, &self.functions, &self.alerts)?;
-                Ok(match spec {
-                    OpSpec::KeyBy(k) => {
-                        for key in &k {
-                            weir_ops::field_by_path(&schema, key)?;
+            let planned = (|| -> Result<()> {
+                let named = s.inputs();
+                let names: Vec<String> = if named.is_empty() {
+                    vec![default_input(prev.as_deref(), sources, s.id())?]
+                } else {
+                    named.iter().map(|n| (*n).to_string()).collect()
+                };
+                let mut inputs: Vec<Stream> = Vec::with_capacity(names.len());
+                for n in &names {
+                    let st = streams.get(n).ok_or_else(|| unknown_input(n, &streams))?;
+                    inputs.push(st.clone());
+                    read.insert(n.clone());
+                }
+                let edge = |st: &Stream| (st.producer.clone(), st.part.clone());
+                match s {
+                    StepConfig::KeyBy(k) => {
+                        let st = single(&inputs)?;
+                        weir_core::ensure_config!(!k.keys.is_empty(), "key_by needs at least one key column");
+                        for key in &k.keys {
+                            weir_ops::field_by_path(&st.schema, key)?;
                         }
-                        Planned::Exchange(k)
-                    }
-                    OpSpec::Filter(f) => {
-                        let (f, o) = f.plan(&schema)?;
-                        Planned::Op(f, o)
-                    }
-                    OpSpec::Select(f) => {
-                        let (f, o) = f.plan(&schema)?;
-                        Planned::Op(f, o)
-                    }
-                    OpSpec::Window(w) => {
-                        let (f, o) = w.plan(&schema)?;
-                        Planned::Op(f, o)
-                    }
-                    OpSpec::Ewma(e) => {
-                        weir_core::ensure_config!(
-                            !e.keys.is_empty(),
-                            "ewma_zscore is keyed: put a `key_by` step before it"
+                        // No step of its own: the steps reading it get their rows by key.
+                        streams.insert(
+                            s.id().to_string(),
+                            Stream {
+                                keys: k.keys.clone(),
+                                keyed: true,
+                                part: Partitioning::Hash(k.keys.clone()),
+                                ..st.clone()
+                            },
                         );
-                        let (f, o) = e.plan(&schema)?;
-                        Planned::Op(f, o)
                     }
-                    OpSpec::Detect(d) => {
-                        let (f, o) = d.plan(&schema)?;
-                        Planned::Op(f, o)
+                    StepConfig::Union(_) => {
+                        weir_core::ensure_config!(inputs.len() >= 2, "a union needs at least two `inputs`");
+                        for (n, st) in names.iter().zip(&inputs).skip(1) {
+                            same_columns(&names[0], &inputs[0].schema, n, &st.schema)?;
+                        }
+                        // Rows stay on their worker, so a key they were spread by still holds
+                        // when every input was spread by it.
+                        let same_keys = inputs.iter().all(|i| i.keyed && i.keys == inputs[0].keys);
+                        steps.push(PlannedStep {
+                            id: id.clone(),
+                            op: Arc::new(weir_ops::UnionSpec),
+                            inputs: inputs.iter().map(edge).collect(),
+                        });
+                        streams.insert(
+                            s.id().to_string(),
+                            Stream {
+                                producer: s.id().to_string(),
+                                schema: inputs[0].schema.clone(),
+                                keys: if same_keys { inputs[0].keys.clone() } else { Vec::new() },
+                                keyed: same_keys,
+                                part: Partitioning::Forward,
+                            },
+                        );
                     }
-                    OpSpec::Alert(a) => {
-                        notifiers.push((s.id().to_string(), a.notify.clone()));
-                        let (f, o) = a.plan(&schema)?;
-                        Planned::Op(f, o)
+                    StepConfig::IntervalJoin(j) => {
+                        let spec = interval_join_spec(j, &inputs)?;
+                        let out = spec.output_schema()?;
+                        let keys = spec.keys.clone();
+                        let out_keys: Vec<String> = keys[0].iter().map(|k| format!("{}.{k}", spec.names[0])).collect();
+                        steps.push(PlannedStep {
+                            id: id.clone(),
+                            op: Arc::new(spec),
+                            // Both sides by key, so each key's rows of both meet on one worker.
+                            inputs: inputs
+                                .iter()
+                                .zip(keys)
+                                .map(|(st, k)| (st.producer.clone(), Partitioning::Hash(k)))
+                                .collect(),
+                        });
+                        streams.insert(
+                            s.id().to_string(),
+                            Stream {
+                                producer: s.id().to_string(),
+                                schema: out,
+                                keys: out_keys,
+                                keyed: true,
+                                part: Partitioning::Forward,
+                            },
+                        );
                     }
-                    OpSpec::Custom(c) => {
-                        let (f, o) = c.plan(&schema, &keys)?;
-                        Planned::Op(f, o)
+                    _ => {
+                        let st = single(&inputs)?;
+                        let (op, out) = self.plan_op(s, st, append, &mut notifiers)?;
+                        let mut part = st.part.clone();
+                        let mut keyed = st.keyed;
+                        let mut keys = st.keys.clone();
+                        if matches!(s, StepConfig::Window(_)) {
+                            // A keyless window is global: everything to one worker first.
+                            if !keyed {
+                                part = Partitioning::Hash(Vec::new());
+                                keyed = true;
+                            }
+                            // Window output is keyed by the leaf names of its keys.
+                            keys = keys.iter().map(|k| weir_ops::leaf_name(k).to_string()).collect();
+                        }
+                        steps.push(PlannedStep { id: id.clone(), op, inputs: vec![(st.producer.clone(), part)] });
+                        streams.insert(
+                            s.id().to_string(),
+                            Stream {
+                                producer: s.id().to_string(),
+                                schema: out,
+                                keys,
+                                keyed,
+                                part: Partitioning::Forward,
+                            },
+                        );
                     }
-                    OpSpec::Lookup(l) => {
-                        let (f, o) = l.plan(&schema)?;
-                        Planned::Op(f, o)
-                    }
-                })
+                }
+                Ok(())
             })()
-            .map_err(|e| e.in_step(&id))?;
-            match planned {
-                Planned::Exchange(k) => {
-                    keys = k.clone();
-                    keyed = true;
-                    stages.push(StageSpec { key: Some(k), ops: Vec::new() });
-                }
-                Planned::Op(f, out) => {
-                    // A keyless window is global: route everything to one worker first.
-                    if matches!(s, StepConfig::Window(_)) && !keyed {
-                        stages.push(StageSpec { key: Some(Vec::new()), ops: Vec::new() });
-                        keyed = true;
-                    }
-                    if matches!(s, StepConfig::Window(_)) {
-                        // Window output is keyed by the leaf names of its keys.
-                        keys = keys.iter().map(|k| weir_ops::leaf_name(k).to_string()).collect();
-                    }
-                    let stage = stages.last_mut().ok_or_else(|| CoreError::Internal("no stage".into()))?;
-                    stage.ops.push((id, f));
-                    schema = out;
-                }
+            .map_err(|e| e.in_step(&id));
+            planned?;
+            prev = Some(s.id().to_string());
+        }
+        let last = match &prev {
+            Some(p) => p.clone(),
+            None => default_input(None, sources, &self.cfg.sink.id)?,
+        };
+        let mut sinks = Vec::new();
+        for sink in self.sink_nodes() {
+            let from = sink.input.clone().unwrap_or_else(|| last.clone());
+            let st =
+                streams.get(&from).ok_or_else(|| unknown_input(&from, &streams).in_step(&StepId::new(&sink.id)))?;
+            read.insert(from.clone());
+            sinks.push((sink.clone(), st.clone()));
+        }
+        let ids = sources.iter().map(|(id, _)| id.clone()).chain(self.cfg.steps.iter().map(|s| s.id().to_string()));
+        for id in ids {
+            if !read.contains(&id) {
+                return Err(CoreError::Config(
+                    "nothing reads this step's rows: add a step or a sink with `input` naming it, or remove it".into(),
+                )
+                .in_step(&StepId::new(&id)));
             }
         }
-        Ok((stages, schema, notifiers))
+        Ok(PlannedGraph { steps, sinks, notifiers })
+    }
+
+    /// Plans one step that reads one stream.
+    fn plan_op(
+        &self,
+        s: &StepConfig,
+        st: &Stream,
+        append: bool,
+        notifiers: &mut Vec<(String, Vec<Arc<dyn weir_ops::alerts::AlertNotify>>)>,
+    ) -> Result<(Arc<dyn OperatorFactory>, SchemaRef)> {
+        let schema = &st.schema;
+        Ok(match step_spec(s, &st.keys, append, &self.functions, &self.alerts)? {
+            OpSpec::KeyBy | OpSpec::Multi => weir_core::bail_internal!("`{}` planned as a one-input step", s.id()),
+            OpSpec::Filter(f) => f.plan(schema)?,
+            OpSpec::Select(f) => f.plan(schema)?,
+            OpSpec::Window(w) => w.plan(schema)?,
+            OpSpec::Ewma(e) => {
+                weir_core::ensure_config!(!e.keys.is_empty(), "ewma_zscore is keyed: put a `key_by` step before it");
+                e.plan(schema)?
+            }
+            OpSpec::Detect(d) => d.plan(schema)?,
+            OpSpec::Alert(a) => {
+                notifiers.push((s.id().to_string(), a.notify.clone()));
+                a.plan(schema)?
+            }
+            OpSpec::Custom(c) => c.plan(schema, &st.keys)?,
+            OpSpec::Lookup(l) => l.plan(schema)?,
+        })
+    }
+
+    /// The sinks as nodes of the graph: one sink, or a list whose sinks each read every row
+    /// of the last step (one fan-out sink); a list where some sink names its `input` is one
+    /// node per sink.
+    fn sink_nodes(&self) -> Vec<&SinkConfig> {
+        match &self.cfg.sink.connector {
+            SinkConnector::FanOut(f) if f.0.iter().any(|s| s.input.is_some()) => f.0.iter().collect(),
+            _ => vec![&self.cfg.sink],
+        }
     }
 
     /// Resolves the source schema (inferring it when needed, which reads the input), compiles
@@ -885,7 +1185,7 @@ impl BuiltPipeline {
     ///
     /// # Errors
     /// Missing input, schema problems, unknown columns, bad expressions.
-    pub fn plan(&self, opts: &RunOptions) -> Result<JobSpec> {
+    pub fn plan(&self, opts: &RunOptions) -> Result<JobGraph> {
         Ok(self.plan_with_schema(opts)?.0)
     }
 
@@ -893,7 +1193,7 @@ impl BuiltPipeline {
     ///
     /// # Errors
     /// As [`BuiltPipeline::plan`].
-    pub fn plan_with_schema(&self, opts: &RunOptions) -> Result<(JobSpec, SchemaRef)> {
+    pub fn plan_with_schema(&self, opts: &RunOptions) -> Result<(JobGraph, SchemaRef)> {
         self.plan_for(opts, Planning::Run)
     }
 
@@ -908,7 +1208,7 @@ impl BuiltPipeline {
         Ok(self.plan_for(opts, Planning::Check)?.1)
     }
 
-    fn plan_for(&self, opts: &RunOptions, planning: Planning) -> Result<(JobSpec, SchemaRef)> {
+    fn plan_for(&self, opts: &RunOptions, planning: Planning) -> Result<(JobGraph, SchemaRef)> {
         if let Some(at) =
             self.cfg.steps.iter().position(|s| matches!(s, StepConfig::KeyBy(k) if k.repartition.is_some()))
         {
@@ -916,19 +1216,19 @@ impl BuiltPipeline {
         }
         let c = &self.cfg;
         let workers = opts.workers.or(c.workers).unwrap_or_else(default_workers).max(1);
-        let src = &c.source;
-        let source_step = StepId::new(&src.id);
-        let event_time = src.event_time.as_ref().map(EventTimeConfig::spec);
         // Kafka in and exactly once out, on one cluster: the source's positions are committed to
         // its group inside the output's transactions (a transaction cannot commit offsets of
         // another cluster).
         #[cfg(feature = "kafka")]
-        let transactional_offsets = match (&src.connector, &c.sink.connector) {
-            (SourceConnector::Kafka(s), SinkConnector::Kafka(k))
-                if k.mode == "exactly_once" && s.brokers == k.brokers && c.checkpoints.is_some() =>
-            {
-                Some(Arc::new(weir_connectors::kafka::TransactionalOffsets::default()))
-            }
+        let transactional_offsets = match (c.sources.as_slice(), &c.sink.connector) {
+            ([src], SinkConnector::Kafka(k)) => match &src.connector {
+                SourceConnector::Kafka(s)
+                    if k.mode == "exactly_once" && s.brokers == k.brokers && c.checkpoints.is_some() =>
+                {
+                    Some(Arc::new(weir_connectors::kafka::TransactionalOffsets::default()))
+                }
+                _ => None,
+            },
             _ => None,
         };
         let keep_order = c.steps.iter().any(|s| match s {
@@ -936,44 +1236,101 @@ impl BuiltPipeline {
             StepConfig::Function(f) => self.functions.get(&f.id).is_some_and(|c| c.order_sensitive()),
             _ => false,
         });
-        let (source, schema) = src.connector.build(&crate::connector::SourceCx {
-            src,
-            step: source_step.clone(),
-            pipeline: &c.name,
-            event_time: event_time.clone(),
-            checking: matches!(planning, Planning::Check),
-            keep_order,
-            checkpoints: c.checkpoints.as_ref(),
-            code: self.code.source.clone(),
-            until: self.link.done.clone(),
-            api_token: self.api_token(),
-            ingest: &self.ingest,
-            #[cfg(feature = "kafka")]
-            transactional_offsets: transactional_offsets.clone(),
-        })?;
-        if let Some(et) = &event_time {
-            weir_ops::field_by_path(&schema, &et.column)
-                .map_err(|e| CoreError::Config(format!("event_time: {e}")).in_step(&source_step))?;
+        let mut nodes: Vec<Node> = Vec::new();
+        let mut source_schemas: Vec<(String, SchemaRef)> = Vec::new();
+        for src in &c.sources {
+            let source_step = StepId::new(&src.id);
+            let event_time = src.event_time.as_ref().map(EventTimeConfig::spec);
+            let (source, schema) = src.connector.build(&crate::connector::SourceCx {
+                src,
+                step: source_step.clone(),
+                pipeline: &c.name,
+                event_time: event_time.clone(),
+                checking: matches!(planning, Planning::Check),
+                keep_order,
+                checkpoints: c.checkpoints.as_ref(),
+                code: self.code.source.clone(),
+                until: self.link.done.clone(),
+                api_token: self.api_token(),
+                ingest: &self.ingest,
+                #[cfg(feature = "kafka")]
+                transactional_offsets: transactional_offsets.clone(),
+            })?;
+            if let Some(et) = &event_time {
+                weir_ops::field_by_path(&schema, &et.column)
+                    .map_err(|e| CoreError::Config(format!("event_time: {e}")).in_step(&source_step))?;
+            }
+            source_schemas.push((src.id.clone(), schema));
+            nodes.push(Node {
+                id: source_step,
+                kind: NodeKind::Source {
+                    factory: source,
+                    watermark: WatermarkSpec {
+                        bound: src.watermark.max_out_of_orderness,
+                        idle_timeout: src.watermark.idle_timeout,
+                    },
+                },
+                inputs: Vec::new(),
+            });
         }
-        let (stages, out_schema, notifiers) =
-            self.plan_steps(&schema, workers, c.checkpoints.is_some() && !opts.fresh)?;
-        let sink_step = StepId::new(&c.sink.id);
         // A run resuming from checkpoints keeps what earlier runs wrote to its side files.
         let resuming = c.checkpoints.is_some() && !opts.fresh;
-        let sink_schema = out_schema.clone();
-        let sink = c.sink.connector.build(&crate::connector::SinkCx {
-            sink: &c.sink,
-            step: sink_step.clone(),
-            pipeline: &c.name,
-            schema: out_schema,
-            checkpoints: c.checkpoints.as_ref(),
-            code: self.code.sink.clone(),
-            feeds: &self.feeds,
-            #[cfg(feature = "kafka")]
-            source_offsets: transactional_offsets.clone(),
-            #[cfg(feature = "kafka")]
-            create_topic: self.link.topic.clone(),
-        })?;
+        let planned = self.plan_graph(&source_schemas, resuming)?;
+        let index = |nodes: &[Node], id: &str| -> Result<usize> {
+            nodes
+                .iter()
+                .position(|n| n.id.as_str() == id)
+                .ok_or_else(|| CoreError::Internal(format!("planned step `{id}` reads `{id}`, which was not planned")))
+        };
+        for st in planned.steps {
+            let inputs = st
+                .inputs
+                .into_iter()
+                .map(|(from, part)| Ok(Edge { from: index(&nodes, &from)?, part }))
+                .collect::<Result<Vec<_>>>()?;
+            nodes.push(Node { id: st.id, kind: NodeKind::Op(st.op), inputs });
+        }
+        let sink_schema = planned
+            .sinks
+            .first()
+            .map(|(_, st)| st.schema.clone())
+            .ok_or_else(|| CoreError::Internal("no sink planned".into()))?;
+        for (sink_cfg, st) in &planned.sinks {
+            let step = StepId::new(&sink_cfg.id);
+            let sink = sink_cfg.connector.build(&crate::connector::SinkCx {
+                sink: sink_cfg,
+                step: step.clone(),
+                pipeline: &c.name,
+                schema: st.schema.clone(),
+                checkpoints: c.checkpoints.as_ref(),
+                code: self.code.sink.clone(),
+                feeds: &self.feeds,
+                #[cfg(feature = "kafka")]
+                source_offsets: transactional_offsets.clone(),
+                #[cfg(feature = "kafka")]
+                create_topic: self.link.topic.clone(),
+            })?;
+            weir_core::ensure_config!(
+                sink_cfg.retry.max_attempts != Some(0),
+                "sink `{}`: retry.max_attempts must be at least 1",
+                sink_cfg.id
+            );
+            let from = index(&nodes, &st.producer)?;
+            nodes.push(Node {
+                id: step,
+                kind: NodeKind::Sink {
+                    factory: sink,
+                    latency_column: sink_cfg.latency_column.clone(),
+                    retry: weir_core::runtime::RetryPolicy {
+                        max_attempts: sink_cfg.retry.max_attempts,
+                        initial_backoff: sink_cfg.retry.initial_backoff,
+                        max_backoff: sink_cfg.retry.max_backoff,
+                    },
+                },
+                inputs: vec![Edge { from, part: st.part.clone() }],
+            });
+        }
+        let notifiers = planned.notifiers;
         let entries = |path: &str, kafka: &Option<KafkaTopicSettings>, what: &str| -> Result<Arc<dyn DeadLetterSink>> {
             Ok(match kafka {
                 None => Arc::new(FileDeadLetters::new(path).appending(resuming)),
@@ -989,7 +1346,7 @@ impl BuiltPipeline {
         };
         let mut dead = entries(&c.dead_letters.path, &c.dead_letters.kafka, "dead letters")?;
         *self.alerts.dead_letters.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(dead.clone());
-        let quarantine = match self.quarantine(&schema)? {
+        let quarantine = match self.quarantine(&source_schemas)? {
             None => None,
             Some(spec) => {
                 let output = entries(&c.quarantine.output, &c.quarantine.kafka, "quarantine")?;
@@ -1001,31 +1358,17 @@ impl BuiltPipeline {
                 Some(q)
             }
         };
-        let spec = JobSpec {
+        let graph = JobGraph {
             upstream: None,
             counts_input: self.link.done.is_none(),
             counts_output: !self.link.writes_topic(),
             name: c.name.clone(),
             workers,
-            source_step,
-            source,
-            stages,
-            sink_step,
-            sink,
+            nodes,
             dead_letters: dead,
-            watermark: WatermarkSpec {
-                bound: src.watermark.max_out_of_orderness,
-                idle_timeout: src.watermark.idle_timeout,
-            },
             channel_capacity: c.runtime.channel_capacity,
-            latency_column: c.sink.latency_column.clone(),
             quarantine,
-            shedding: self.shedding(&schema)?,
-            sink_retry: weir_core::runtime::RetryPolicy {
-                max_attempts: c.sink.retry.max_attempts,
-                initial_backoff: c.sink.retry.initial_backoff,
-                max_backoff: c.sink.retry.max_backoff,
-            },
+            shedding: self.shedding(&source_schemas)?,
             checkpoint: match &c.checkpoints {
                 None => None,
                 Some(k) => {
@@ -1033,10 +1376,12 @@ impl BuiltPipeline {
                     let mut store = weir_core::store::CheckpointStore::open_with(&k.dir, &c.name, &k.options)
                         .map_err(|e| CoreError::Config(format!("checkpoints.dir: {e}")))?;
                     if let Some(m) = &k.member {
+                        let src = c.source();
                         weir_core::ensure_config!(
-                            src.connector.name() == "kafka",
-                            "checkpoints.member: state follows partitions of a Kafka source between processes; source `{}` is not Kafka",
-                            src.id
+                            c.sources.len() == 1 && src.connector.name() == "kafka",
+                            "checkpoints.member: state follows partitions of one Kafka source between processes; source `{}` is not Kafka{}",
+                            src.id,
+                            if c.sources.len() > 1 { " or the pipeline has several sources" } else { "" }
                         );
                         store = store.member(m)?;
                     }
@@ -1049,7 +1394,7 @@ impl BuiltPipeline {
                 }
             },
         };
-        Ok((spec, sink_schema))
+        Ok((graph, sink_schema))
     }
 
     /// Plans a pipeline whose `key_by` at step `at` goes through a repartition topic: the
@@ -1057,17 +1402,21 @@ impl BuiltPipeline {
     /// partitioner puts each key in one partition), run alongside the job that reads it and
     /// does the rest.
     #[cfg(not(feature = "kafka"))]
-    fn plan_repartitioned(&self, _: &RunOptions, _: usize, _: Planning) -> Result<(JobSpec, SchemaRef)> {
+    fn plan_repartitioned(&self, _: &RunOptions, _: usize, _: Planning) -> Result<(JobGraph, SchemaRef)> {
         Err(without_kafka("`repartition` through a Kafka topic"))
     }
 
     #[cfg(feature = "kafka")]
-    fn plan_repartitioned(&self, opts: &RunOptions, at: usize, planning: Planning) -> Result<(JobSpec, SchemaRef)> {
+    fn plan_repartitioned(&self, opts: &RunOptions, at: usize, planning: Planning) -> Result<(JobGraph, SchemaRef)> {
         let c = &self.cfg;
         let StepConfig::KeyBy(k) = &c.steps[at] else { weir_core::bail_internal!("repartition without key_by") };
         let step = StepId::new(&k.id);
         let r = k.repartition.clone().unwrap_or_default();
-        let SourceConnector::Kafka(src) = &c.source.connector else {
+        weir_core::ensure_config!(
+            c.sources.len() == 1 && !c.steps.iter().any(|s| !s.inputs().is_empty()) && self.sink_nodes().len() == 1,
+            "`repartition` splits a straight pipeline (one source, steps one after the other, one sink); this one is a graph"
+        );
+        let SourceConnector::Kafka(src) = &c.source().connector else {
             return Err(CoreError::Config(
                 "`repartition` goes through a Kafka topic on the source's brokers: it needs a Kafka source".into(),
             )
@@ -1089,7 +1438,7 @@ impl BuiltPipeline {
         // The writing half: the source and the steps before the key_by, into the topic.
         let mut up = c.clone();
         up.name = format!("{}.{}", c.name, k.id);
-        if let SourceConnector::Kafka(s) = &mut up.source.connector {
+        if let SourceConnector::Kafka(s) = &mut up.source_mut().connector {
             // The source's group stays the pipeline's (its name is the half's).
             s.group_id = Some(group.clone());
         }
@@ -1110,6 +1459,7 @@ impl BuiltPipeline {
                 "sink",
             )?),
             retry: c.sink.retry.clone(),
+            input: None,
         };
         let like = (src.topics.len() == 1 && !src.topics[0].starts_with('^')).then(|| src.topics[0].clone());
         let writing = self.half(
@@ -1117,7 +1467,7 @@ impl BuiltPipeline {
             Link { done: None, topic: Some(weir_connectors::kafka::KafkaTopicSpec { partitions: r.partitions, like }) },
         );
         let (up_spec, link_schema) = writing.plan_for(opts, planning)?;
-        if let Some(e) = &c.source.event_time {
+        if let Some(e) = &c.source().event_time {
             weir_ops::field_by_path(&link_schema, &e.column).map_err(|_| {
                 CoreError::Config(format!(
                     "`repartition`: the event-time column `{}` must reach the key_by (a step before it drops it)",
@@ -1128,7 +1478,7 @@ impl BuiltPipeline {
         }
         // The reading half: the topic, then the key_by and everything after it.
         let mut down = c.clone();
-        down.source = SourceConfig {
+        down.sources = vec![SourceConfig {
             id: format!("{}.in", k.id),
             connector: SourceConnector::Kafka(json(
                 serde_json::json!({
@@ -1141,8 +1491,8 @@ impl BuiltPipeline {
                 CoreError::Config(format!("`repartition`: the rows reaching it cannot go through JSON: {e}"))
                     .in_step(&step)
             })?),
-            ..c.source.clone()
-        };
+            ..c.source().clone()
+        }];
         let mut steps = c.steps[at..].to_vec();
         if let Some(StepConfig::KeyBy(k)) = steps.first_mut() {
             k.repartition = None;
@@ -1179,16 +1529,20 @@ impl BuiltPipeline {
     /// The quarantine settings, if quarantine is on and its key columns come from the source.
     /// Keys named in the config must exist; the default (the first `key_by`) applies only when
     /// its columns are source columns.
-    fn quarantine(&self, schema: &SchemaRef) -> Result<Option<QuarantineSpec>> {
+    /// With several sources, the key columns must be in every source.
+    fn quarantine(&self, sources: &[(String, SchemaRef)]) -> Result<Option<QuarantineSpec>> {
         let q = &self.cfg.quarantine;
         if !q.enabled {
             return Ok(None);
         }
+        let in_all = |key: &str| sources.iter().all(|(_, s)| weir_ops::field_by_path(s, key).is_ok());
         let keys = match &q.keys {
             Some(k) => {
                 for key in k {
-                    weir_ops::field_by_path(schema, key)
-                        .map_err(|e| CoreError::Config(format!("quarantine.keys: {e}")))?;
+                    for (id, schema) in sources {
+                        weir_ops::field_by_path(schema, key)
+                            .map_err(|e| CoreError::Config(format!("quarantine.keys: {e} (source `{id}`)")))?;
+                    }
                 }
                 k.clone()
             }
@@ -1198,7 +1552,7 @@ impl BuiltPipeline {
                     _ => None,
                 });
                 match first {
-                    Some(k) if k.iter().all(|key| weir_ops::field_by_path(schema, key).is_ok()) => k,
+                    Some(k) if k.iter().all(|key| in_all(key)) => k,
                     _ => return Ok(None),
                 }
             }
@@ -1210,8 +1564,14 @@ impl BuiltPipeline {
     }
 
     /// The load-shedding settings, with the predicate compiled against the source schema.
-    fn shedding(&self, schema: &SchemaRef) -> Result<Option<(OverloadSpec, Arc<dyn ShedPredicate>)>> {
+    fn shedding(&self, sources: &[(String, SchemaRef)]) -> Result<Option<(OverloadSpec, Arc<dyn ShedPredicate>)>> {
         let Some(l) = &self.cfg.load_shedding else { return Ok(None) };
+        let [(_, schema)] = sources else {
+            return Err(CoreError::Config(format!(
+                "load_shedding drops rows at the source by one predicate; this pipeline has {} sources",
+                sources.len()
+            )));
+        };
         weir_core::ensure_config!(
             l.max_lag.is_some() || l.max_queue_fill.is_some(),
             "load_shedding needs `max_lag` or `max_queue_fill` to say when the job is overloaded"

@@ -131,11 +131,23 @@ pub fn resolve_paths(
         *path = base.join(p).to_string_lossy().into_owned();
     };
     let at = |keys: &[&str]| keys.iter().fold(&raw, |v, k| &v[*k]);
-    if let crate::config::SourceConnector::File(f) = &mut cfg.source.connector {
-        fix(&mut f.path, at(&["source", "file", "path"]));
+    for (i, src) in cfg.sources.iter_mut().enumerate() {
+        if let crate::config::SourceConnector::File(f) = &mut src.connector {
+            let raw_src = if raw["sources"].is_sequence() { &raw["sources"][i] } else { &raw["source"] };
+            fix(&mut f.path, &raw_src["file"]["path"]);
+        }
     }
-    if let crate::config::SinkConnector::File(f) = &mut cfg.sink.connector {
-        fix(&mut f.path, at(&["sink", "file", "path"]));
+    let raw_sink = if raw["sinks"].is_null() { &raw["sink"] } else { &raw["sinks"] };
+    match &mut cfg.sink.connector {
+        crate::config::SinkConnector::File(f) => fix(&mut f.path, &raw_sink["file"]["path"]),
+        crate::config::SinkConnector::FanOut(parts) => {
+            for (i, part) in parts.0.iter_mut().enumerate() {
+                if let crate::config::SinkConnector::File(f) = &mut part.connector {
+                    fix(&mut f.path, &raw_sink[i]["file"]["path"]);
+                }
+            }
+        }
+        _ => {}
     }
     fix(&mut cfg.dead_letters.path, at(&["dead_letters", "path"]));
     fix(&mut cfg.quarantine.output, at(&["quarantine", "output"]));
@@ -246,7 +258,7 @@ checkpoints: { dir: "s3://bucket/ck" }
         let env = |k: &str| (k == "OUTPUT").then(|| "out.jsonl".to_string());
         let mut cfg = parse_with("p.yaml", text, env).unwrap();
         resolve_paths(&mut cfg, text, std::path::Path::new("/srv/pipes"), env);
-        let (SourceConnector::File(i), SinkConnector::File(o)) = (&cfg.source.connector, &cfg.sink.connector) else {
+        let (SourceConnector::File(i), SinkConnector::File(o)) = (&cfg.source().connector, &cfg.sink.connector) else {
             panic!("file in, file out")
         };
         assert_eq!(i.path, "/srv/pipes/data/in.jsonl");

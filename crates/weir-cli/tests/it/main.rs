@@ -127,7 +127,13 @@ fn validate_points_at_the_step_with_a_bad_expression() {
 /// schemas are declared), so the docs never point at a broken example.
 #[test]
 fn every_shipped_example_validates() {
-    let vars = [("INPUT", Path::new("/nonexistent/in.jsonl")), ("OUTPUT", Path::new("/tmp/never"))];
+    let vars = [
+        ("INPUT", Path::new("/nonexistent/in.jsonl")),
+        ("OUTPUT", Path::new("/tmp/never")),
+        // W5 reads two inputs.
+        ("INPUT_A", Path::new("/nonexistent/a.jsonl")),
+        ("INPUT_B", Path::new("/nonexistent/b.jsonl")),
+    ];
     // W4's lookup table is read when the pipeline is checked (its columns are the step's).
     let devices = repo().join("tests/data/devices-50.csv");
     let w4_vars = [vars[0], vars[1], ("DEVICES", devices.as_path())];

@@ -282,9 +282,9 @@ fn transactions(
     if timeout <= interval * 2 {
         return Err(CoreError::Config(format!(
             "kafka sink `transaction_timeout: {}` is too short for a checkpoint every {}: a transaction stays open for an interval plus the checkpoint, and the broker aborts it after the timeout; use at least {}",
-            humantime_serde::re::humantime::format_duration(timeout),
-            humantime_serde::re::humantime::format_duration(interval),
-            humantime_serde::re::humantime::format_duration(interval * 3)
+            humantime::format_duration(timeout),
+            humantime::format_duration(interval),
+            humantime::format_duration(interval * 3)
         )));
     }
     if timeout > broker_max && s.transaction_timeout.is_some() {

@@ -263,7 +263,7 @@ impl SinkConnector {
 /// The keys a source takes besides its connector's.
 const SOURCE_KEYS: &[&str] = &["id", "schema", "event_time", "watermark", "batch_size", "max_linger"];
 /// The keys a sink takes besides its connector's.
-const SINK_KEYS: &[&str] = &["id", "latency_column", "retry"];
+const SINK_KEYS: &[&str] = &["id", "latency_column", "retry", "input"];
 
 /// The error for a key that is neither a common setting nor a connector.
 fn unknown_key<E: de::Error>(side: &str, key: &str, common: &[&str], connectors: &[&str]) -> E {
@@ -428,6 +428,7 @@ impl<'de> Deserialize<'de> for SinkConfig {
                 let mut connector = None;
                 let mut latency_column: Option<String> = None;
                 let mut retry: Option<RetryConfig> = None;
+                let mut input: Option<String> = None;
                 while let Some(key) = map.next_key_seed(KeySeed {
                     side: "sink",
                     common: SINK_KEYS,
@@ -439,6 +440,7 @@ impl<'de> Deserialize<'de> for SinkConfig {
                         "id" => set_once(&mut id, "id", &mut map)?,
                         "latency_column" => set_once(&mut latency_column, "latency_column", &mut map)?,
                         "retry" => set_once(&mut retry, "retry", &mut map)?,
+                        "input" => set_once(&mut input, "input", &mut map)?,
                         k => match SinkConnector::read(k, &mut map)? {
                             Some(c) => connector = Some((k.to_string(), c)),
                             None => return Err(unknown_key("sink", k, SINK_KEYS, SinkConnector::NAMES)),
@@ -455,6 +457,7 @@ impl<'de> Deserialize<'de> for SinkConfig {
                 let mut s = SinkConfig::new(id, connector);
                 s.latency_column = latency_column;
                 s.retry = retry.unwrap_or_default();
+                s.input = input;
                 Ok(s)
             }
         }
@@ -471,6 +474,9 @@ impl Serialize for SinkConfig {
             m.serialize_entry("latency_column", c)?;
         }
         m.serialize_entry("retry", &self.retry)?;
+        if let Some(i) = &self.input {
+            m.serialize_entry("input", i)?;
+        }
         m.end()
     }
 }

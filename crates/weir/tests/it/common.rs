@@ -12,13 +12,13 @@ pub(crate) trait Ends {
 
 impl Ends for PipelineConfig {
     fn file_source(&mut self) -> &mut FileSourceSettings {
-        match &mut self.source.connector {
+        match &mut self.source_mut().connector {
             SourceConnector::File(f) => f,
             other => panic!("the source is {}, not a file", other.name()),
         }
     }
     fn kafka_source(&mut self) -> &mut KafkaSourceSettings {
-        match &mut self.source.connector {
+        match &mut self.source_mut().connector {
             SourceConnector::Kafka(k) => k,
             other => panic!("the source is {}, not Kafka", other.name()),
         }

@@ -182,10 +182,13 @@ fn a_json_schema_is_inferred_from_the_first_records() {
     let mut p =
         pipeline(&data("sensors-3k.jsonl").display().to_string(), FormatSpec::Json, &out, &dir.path().join("d"));
     let mut cfg = p.build().unwrap().config().clone();
-    cfg.source.schema = None;
+    cfg.source_mut().schema = None;
     p = Pipeline::from_config(cfg);
     let spec = p.build().unwrap().plan(&RunOptions { workers: Some(1), ..Default::default() }).unwrap();
-    let schema = weir_core::SourceFactory::schema(spec.source.as_ref());
+    let weir_core::graph::NodeKind::Source { factory, .. } = &spec.nodes[0].kind else {
+        panic!("node 0 is the source")
+    };
+    let schema = weir_core::SourceFactory::schema(factory.as_ref());
     let names: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     assert_eq!(names, ["device_id", "ts", "readings"]);
     assert_eq!(schema.field(1).data_type(), &arrow_schema::DataType::Int64);

@@ -224,8 +224,8 @@ mod accounting {
             let mut cfg = example("w1-sensor-window.yaml", &[("INPUT", &input), ("OUTPUT", &out), ("DEAD_LETTERS", &dead)]).config().clone();
             cfg.file_source().chunk_size = 4096;
             // Vibration is optional here so the generated lines need not carry it.
-            cfg.source.schema.as_mut().unwrap().fields[2].fields[1].required = false;
-            cfg.steps.insert(0, StepConfig::Filter(FilterConfig { id: "warm".into(), predicate: "readings.temp > 0".into() }));
+            cfg.source_mut().schema.as_mut().unwrap().fields[2].fields[1].required = false;
+            cfg.steps.insert(0, StepConfig::Filter(FilterConfig { id: "warm".into(), predicate: "readings.temp > 0".into(), input: None }));
             let summary = tokio::runtime::Runtime::new().unwrap().block_on(Pipeline::from_config(cfg).build().unwrap().run(&RunOptions { workers: Some(workers), ..Default::default() })).unwrap();
             let bad = lines.iter().filter(|(_, ok)| !ok).count() as u64;
             let source = summary.steps[0].1;
@@ -274,7 +274,7 @@ fn a_key_that_keeps_failing_is_quarantined() {
         .config()
         .clone();
     cfg.steps.clear();
-    cfg.source.batch_size = 16;
+    cfg.source_mut().batch_size = 16;
     cfg.quarantine = QuarantineConfig {
         keys: Some(vec!["device_id".into()]),
         max_dead_letters: 3,
@@ -321,7 +321,7 @@ fn load_shedding_drops_only_picked_rows_and_counts_them() {
         .config()
         .clone();
     cfg.steps.clear();
-    cfg.source.batch_size = 100;
+    cfg.source_mut().batch_size = 100;
     // The fixture's events are from 2023: the lag is years, so the job counts as overloaded.
     cfg.load_shedding = Some(LoadSheddingConfig {
         drop_where: "readings.temp < 25.0".into(),

@@ -60,6 +60,37 @@ fn w4_lookup_join_and_window_matches_reference_at_1_and_2_workers() {
     }
 }
 
+/// W5: two sources, each with its own watermark, joined on device and time; the pairs are the
+/// reference's at one and two workers, and the join keeps no row past the end.
+#[test]
+fn w5_interval_join_matches_reference_at_1_and_2_workers() {
+    for workers in [1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.jsonl");
+        let dead = dir.path().join("dead.jsonl");
+        let (a, b) = (data("sensors-3k.jsonl"), data("sensors-3k-b.jsonl"));
+        let vars = [("INPUT_A", a.as_path()), ("INPUT_B", b.as_path()), ("OUTPUT", &out), ("DEAD_LETTERS", &dead)];
+        let mut cfg = example("w5-interval-join.yaml", &vars).config().clone();
+        for s in &mut cfg.sources {
+            // Small chunks, so that with two workers each file really is read by both.
+            if let SourceConnector::File(f) = &mut s.connector {
+                f.chunk_size = 16 * 1024;
+            }
+        }
+        let p = Pipeline::from_config(cfg).build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let summary = rt.block_on(p.run(&RunOptions { workers: Some(workers), ..Default::default() })).unwrap();
+        assert!(!dead.exists(), "clean input must leave no dead letters");
+        for (id, m) in &summary.steps {
+            assert!(m.balanced(), "step {id}: rows do not add up: {m:?}");
+        }
+        assert_eq!(summary.source_records, 6000, "both feeds count as input");
+        let join = &summary.steps.iter().find(|(id, _)| id.as_str() == "pairs").unwrap().1;
+        assert_eq!((join.rows_in, join.late_dropped), (6000, 0), "{join:?}");
+        assert_same_rows(read_jsonl(&data("w5-expected.jsonl")), read_jsonl(&out), &format!("w5, {workers} workers"));
+    }
+}
+
 #[test]
 fn file_split_across_workers_reads_every_line_once() {
     // A chunk size far below the file size forces many chunk borders.

@@ -148,7 +148,7 @@ fn from_kafka(example_name: &str, brokers: &str, topic: &str, out: &Path, dead: 
     let mut cfg = example(example_name, &[("INPUT", Path::new("/unused")), ("OUTPUT", out), ("DEAD_LETTERS", dead)])
         .config()
         .clone();
-    cfg.source.connector = SourceConnector::Kafka(kafka_source(brokers, topic));
+    cfg.source_mut().connector = SourceConnector::Kafka(kafka_source(brokers, topic));
     cfg
 }
 
@@ -331,7 +331,7 @@ fn an_idle_partition_does_not_stall_windows() {
     let mut cfg = from_kafka("w1-sensor-window.yaml", &k.brokers, "quiet", &out, &dead);
     cfg.kafka_source().stop_at_end = false;
     cfg.kafka_source().properties.insert("statistics.interval.ms".into(), "200".into());
-    cfg.source.watermark.idle_timeout = Some(Duration::from_millis(300));
+    cfg.source_mut().watermark.idle_timeout = Some(Duration::from_millis(300));
     let (rt, handle, reg, stop) = run_until_a_window_closes(&cfg, None, "while partition 1 stayed silent");
     let t = Instant::now();
     // The consumer's lag per partition reaches the metrics (from librdkafka's statistics).
@@ -374,7 +374,7 @@ fn kafka_settings_are_checked() {
     let err = Pipeline::from_config(cfg.clone()).build().unwrap().plan(&RunOptions::default()).unwrap_err().to_string();
     assert!(err.contains("yesterday") && err.contains("RFC 3339"), "{err}");
     cfg.kafka_source().start = "latest".into();
-    cfg.source.schema = None;
+    cfg.source_mut().schema = None;
     let err = Pipeline::from_config(cfg).build().unwrap().plan(&RunOptions::default()).unwrap_err().to_string();
     assert!(err.contains("declared `schema`"), "{err}");
     // A repartition goes through Kafka, once per pipeline, and the event time must reach it.
@@ -384,7 +384,7 @@ fn kafka_settings_are_checked() {
     let yaml = "name: r\nsource:\n  id: in\n  file: { path: x.jsonl, format: json }\n  schema: { fields: [ { name: k, type: string }, { name: ts, type: int64 } ] }\n  event_time: { column: ts, format: ms }\nsteps:\n  - key_by: { id: by-k, keys: [k], repartition: {} }\nsink:\n  id: out\n  stdout: {}\n";
     let mut r: PipelineConfig = weir::yaml::parse("r.yaml", yaml).unwrap();
     assert!(plan(&r).contains("needs a Kafka source"), "{}", plan(&r));
-    r.source.connector = SourceConnector::Kafka(kafka_source("127.0.0.1:1", "t"));
+    r.source_mut().connector = SourceConnector::Kafka(kafka_source("127.0.0.1:1", "t"));
     r.steps.insert(
         0,
         StepConfig::Select(serde_json::from_value(serde_json::json!({"id": "drop-ts", "columns": ["k"]})).unwrap()),
@@ -755,7 +755,7 @@ fn a_repartition_topic_rekeys_a_topic_not_partitioned_by_the_key() {
     cfg.kafka_source().group_id = Some(format!("{topic}-group"));
     // The writing half reads four partitions side by side, so rows meet in the topic out of
     // event-time order by up to a batch or so.
-    cfg.source.watermark.max_out_of_orderness = Duration::from_secs(3600);
+    cfg.source_mut().watermark.max_out_of_orderness = Duration::from_secs(3600);
     let by = format!("{topic}.by-device");
     for s in &mut cfg.steps {
         if let StepConfig::KeyBy(k) = s {
@@ -844,7 +844,7 @@ fn an_exactly_once_repartition_writes_its_topic_in_transactions() {
     let dir = tempfile::tempdir().unwrap();
     let (out, dead) = (dir.path().join("parts"), dir.path().join("dead.jsonl"));
     let mut cfg = from_kafka("w1-sensor-window.yaml", &k.brokers, "ev", &out, &dead);
-    cfg.source.watermark.max_out_of_orderness = Duration::from_secs(3600);
+    cfg.source_mut().watermark.max_out_of_orderness = Duration::from_secs(3600);
     for s in &mut cfg.steps {
         if let StepConfig::KeyBy(key) = s {
             key.repartition = Some(RepartitionConfig {

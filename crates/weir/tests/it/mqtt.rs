@@ -194,7 +194,7 @@ fn user_properties_become_a_column() {
     publish(r#"{"seq": 2, "ts": 1796000000002, "temp": 2.5}"#, &[]);
     let out = dir.path().join("out.jsonl");
     let mut cfg = pipeline(&broker, "mqtt-props", &["sensors/#"], &out, None);
-    let SourceConnector::Mqtt(m) = &mut cfg.source.connector else { unreachable!() };
+    let SourceConnector::Mqtt(m) = &mut cfg.source_mut().connector else { unreachable!() };
     m.properties_column = Some("props".into());
     rt().block_on(Pipeline::from_config(cfg).build().unwrap().run(&RunOptions::default())).unwrap();
     let rows = read_jsonl(&out);
@@ -213,7 +213,7 @@ fn credentials_are_sent_and_a_refusal_fails_the_run_with_the_reason() {
     let out = dir.path().join("out.jsonl");
     let run = |password: &str| {
         let mut cfg = pipeline(&broker, "mqtt-auth", &["sensors/#"], &out, None);
-        let SourceConnector::Mqtt(m) = &mut cfg.source.connector else { unreachable!() };
+        let SourceConnector::Mqtt(m) = &mut cfg.source_mut().connector else { unreachable!() };
         m.username = Some("weir".into());
         m.password = Some(password.into());
         m.end_when_idle = Some(Duration::from_millis(500));
