@@ -1706,6 +1706,15 @@ impl StageDriver {
             }
             port_combs = widths.into_iter().map(WatermarkCombiner::new).collect();
         }
+        // Reading in step (several inputs): the channels of an input whose watermark is ahead
+        // of the slowest input's are read only when the others have nothing. A join then keeps
+        // little more of the faster side than its interval needs, instead of everything that
+        // side's channels let its source read ahead. A preference, never a wait: an input
+        // with nothing to give cannot hold the others up.
+        let mut port_at: Vec<Option<i64>> = vec![None; n_ports];
+        let mut port_idle = vec![false; n_ports];
+        let mut ahead = vec![false; inputs];
+        let mut deferred = false;
         let mut ended = vec![false; inputs];
         // Inputs whose sender went away without `End`: their task failed, and the job hears
         // of that from the task itself (with its real cause), so this one only stops reading.
@@ -1728,7 +1737,7 @@ impl StageDriver {
             // runs between messages.
             let (from, msg) = tokio::select! {
                 biased;
-                m = std::future::poll_fn(|cx| poll_inputs(&mut self.rx, &ended, &mut closed, &aligner, &mut next_input, cx)) => m?,
+                m = std::future::poll_fn(|cx| poll_inputs(&mut self.rx, &ended, &mut closed, &aligner, (&ahead, &mut deferred), &mut next_input, cx)) => m?,
                 () = next_tick(&mut ticks) => {
                     self.chain.tick(now_ms(), &mut out)?;
                     self.outputs.batches(&mut out).await?;
@@ -1744,9 +1753,20 @@ impl StageDriver {
                 Message::Watermark(w) => {
                     if n_ports > 1 {
                         let p = self.ports[from];
-                        if let Some(Watermark::At(t)) = port_combs[p].update(local[from], Some(w)) {
-                            self.chain.input_watermark(p, t, &mut out)?;
-                            self.outputs.batches(&mut out).await?;
+                        match port_combs[p].update(local[from], Some(w)) {
+                            Some(Watermark::At(t)) => {
+                                (port_at[p], port_idle[p]) = (Some(t), false);
+                                self.chain.input_watermark(p, t, &mut out)?;
+                                self.outputs.batches(&mut out).await?;
+                            }
+                            Some(Watermark::Idle) => port_idle[p] = true,
+                            None => {}
+                        }
+                        let slowest =
+                            (0..n_ports).filter(|&q| !port_idle[q]).map(|q| port_at[q].unwrap_or(i64::MIN)).min();
+                        for (i, a) in ahead.iter_mut().enumerate() {
+                            let q = self.ports[i];
+                            *a = slowest.is_some_and(|s| !port_idle[q] && port_at[q].is_some_and(|t| t > s));
                         }
                     }
                     match comb.update(from, Some(w)) {
@@ -1802,28 +1822,39 @@ impl StageDriver {
 
 /// Takes the next message from the inputs that are neither ended nor held back for barrier
 /// alignment, starting after the input read last so that a busy input cannot starve the
-/// others.
+/// others. Inputs marked `ahead` are read only when no other has a message, and only after
+/// the task has let the others run once (`deferred`): on a runtime with one thread, the task
+/// feeding an input that is behind gets its turn before the input ahead is read again.
 fn poll_inputs(
     rx: &mut [Inbox],
     ended: &[bool],
     closed: &mut [bool],
     aligner: &BarrierAligner,
+    (ahead, deferred): (&[bool], &mut bool),
     next: &mut usize,
     cx: &mut std::task::Context<'_>,
 ) -> std::task::Poll<Result<(usize, Message)>> {
     let n = rx.len();
-    for k in 0..n {
-        let i = (*next + k) % n;
-        if ended[i] || closed[i] || aligner.is_blocked(i) {
-            continue;
+    for later in [false, true] {
+        if later && !*deferred && (0..n).any(|i| ahead[i] && !ended[i] && !closed[i]) {
+            *deferred = true;
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
         }
-        match rx[i].poll_recv(cx) {
-            std::task::Poll::Ready(Some((_, m))) => {
-                *next = (i + 1) % n;
-                return std::task::Poll::Ready(Ok((i, m)));
+        for k in 0..n {
+            let i = (*next + k) % n;
+            if ended[i] || closed[i] || aligner.is_blocked(i) || ahead[i] != later {
+                continue;
             }
-            std::task::Poll::Ready(None) => closed[i] = true,
-            std::task::Poll::Pending => {}
+            match rx[i].poll_recv(cx) {
+                std::task::Poll::Ready(Some((_, m))) => {
+                    *next = (i + 1) % n;
+                    *deferred = false;
+                    return std::task::Poll::Ready(Ok((i, m)));
+                }
+                std::task::Poll::Ready(None) => closed[i] = true,
+                std::task::Poll::Pending => {}
+            }
         }
     }
     if (0..n).all(|i| ended[i] || closed[i]) {
@@ -1945,6 +1976,88 @@ mod tests {
             }]),
             metrics: reg.channel("test".into(), 4),
             ckpt: None,
+        }
+    }
+
+    /// Reading in step: a message of an input that is behind comes first, wherever the round
+    /// robin stands; with nothing from it, the task first lets other tasks run (so the one
+    /// feeding it can), and only then takes the input ahead.
+    #[test]
+    fn an_input_ahead_is_read_after_the_others_had_their_turn() {
+        let (tx0, rx0) = mpsc::channel(4);
+        let (tx1, rx1) = mpsc::channel(4);
+        let mut rx = vec![rx0, rx1];
+        tx0.try_send((0, Message::Batch(rows(1)))).unwrap();
+        tx1.try_send((1, Message::Batch(rows(2)))).unwrap();
+        let (ended, mut closed, aligner) = (vec![false; 2], vec![false; 2], BarrierAligner::new(2));
+        let (ahead, mut deferred, mut next) = ([false, true], false, 1);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut poll = |deferred: &mut bool, next: &mut usize| match poll_inputs(
+            &mut rx,
+            &ended,
+            &mut closed,
+            &aligner,
+            (&ahead, deferred),
+            next,
+            &mut cx,
+        ) {
+            std::task::Poll::Ready(r) => {
+                r.map(|(i, m)| Some((i, matches!(m, Message::Batch(b) if b.num_rows() > 0)))).unwrap()
+            }
+            std::task::Poll::Pending => None,
+        };
+        assert_eq!(poll(&mut deferred, &mut next), Some((0, true)), "the input behind first");
+        assert_eq!(poll(&mut deferred, &mut next), None, "a turn for the others before the input ahead");
+        assert_eq!(poll(&mut deferred, &mut next), Some((1, true)));
+        assert_eq!(poll(&mut deferred, &mut next), None, "nothing left");
+    }
+
+    /// A graph whose source feeds two sinks: each gets every batch, and both get the same
+    /// Arrow arrays (a fan-out copies `Arc`s, not rows).
+    #[tokio::test]
+    async fn a_fan_out_hands_every_branch_the_same_arrays() {
+        use crate::graph::{Edge, Node};
+        let schema = rows(1).rows.schema();
+        let source = crate::testing::VecSourceFactory::new(schema, vec![vec![rows(100), rows(7), rows(50)]]);
+        let (one, two) = (CollectSink::default(), CollectSink::default());
+        let sink = |id: &str, s: &CollectSink| Node {
+            id: StepId::new(id),
+            kind: NodeKind::Sink { factory: Arc::new(s.clone()), latency_column: None, retry: RetryPolicy::default() },
+            inputs: vec![Edge { from: 0, part: Partitioning::Forward }],
+        };
+        let graph = JobGraph {
+            name: "fan".into(),
+            workers: 1,
+            nodes: vec![
+                Node {
+                    id: StepId::new("src"),
+                    kind: NodeKind::Source {
+                        factory: Arc::new(source),
+                        watermark: WatermarkSpec { bound: Duration::ZERO, idle_timeout: None },
+                    },
+                    inputs: Vec::new(),
+                },
+                sink("one", &one),
+                sink("two", &two),
+            ],
+            dead_letters: Arc::new(MemoryDeadLetters::default()),
+            channel_capacity: 4,
+            quarantine: None,
+            shedding: None,
+            checkpoint: None,
+            upstream: None,
+            counts_input: true,
+            counts_output: true,
+        };
+        let summary = Job::new(graph).unwrap().run().await.unwrap();
+        assert_eq!(summary.sink_rows, 2 * 157, "both sinks count");
+        let (a, b) = (one.batches(), two.batches());
+        assert_eq!(a.iter().map(|b| b.num_rows()).collect::<Vec<_>>(), [100, 7, 50]);
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            let (x, y) = (x.column(0).to_data(), y.column(0).to_data());
+            assert_eq!(x.buffers()[0].as_ptr(), y.buffers()[0].as_ptr(), "the branches share the batch's buffers");
         }
     }
 

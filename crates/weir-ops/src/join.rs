@@ -170,6 +170,8 @@ struct Side {
     expiry: BTreeMap<i64, Vec<u32>>,
     /// Rows kept.
     rows: usize,
+    /// The most rows it has kept at once.
+    peak: usize,
 }
 
 impl Side {
@@ -360,8 +362,32 @@ impl IntervalJoin {
                 st.expiry.entry(at.div_euclid(BUCKET_MS)).or_default().push(k);
                 st.rows += 1;
             }
+            st.peak = st.peak.max(st.rows);
         }
+        self.report(cx);
         Ok(())
+    }
+
+    /// The rows each side keeps now, and the most it has kept, as gauges per worker.
+    fn report(&self, cx: &mut OpContext<'_>) {
+        let worker = cx.worker.to_string();
+        for (side, st) in self.sides.iter().enumerate() {
+            let labels =
+                [("step", cx.step.as_str()), ("side", self.spec.names[side].as_str()), ("worker", worker.as_str())];
+            let m = &cx.registry.connectors;
+            m.set(
+                "weir_join_state_rows",
+                "Rows an interval join keeps of one side, waiting for partners.",
+                &labels,
+                st.rows as f64,
+            );
+            m.set(
+                "weir_join_state_rows_peak",
+                "The most rows an interval join has kept of one side at once (this run).",
+                &labels,
+                st.peak as f64,
+            );
+        }
     }
 
     /// Drops the rows of `side` that the other side's watermark `wm` leaves without a future
@@ -427,6 +453,7 @@ impl IntervalJoin {
         for e in dropped {
             self.sides[side].release(e.slot);
         }
+        self.report(cx);
         Ok(())
     }
 
@@ -547,6 +574,7 @@ impl Operator for IntervalJoin {
                 st.expiry.entry(at.div_euclid(BUCKET_MS)).or_default().push(k);
                 st.rows += 1;
             }
+            st.peak = st.peak.max(st.rows);
         }
         Ok(())
     }
