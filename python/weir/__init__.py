@@ -31,7 +31,7 @@ from .errors import ConfigError, Retryable, WeirError
 # annotations are strings (`from __future__ import annotations`).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+    from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
     import pyarrow as pa
 
@@ -455,12 +455,26 @@ class Pipeline:
             src["batch_size"] = batch_size
         if max_linger is not None:
             src["max_linger"] = _duration(max_linger)
+        self._cfg.pop("sources", None)
         self._cfg["source"] = src
         return self
 
-    def sink(self, id: str, connector: Union[Json, _CodeSink], *, latency_column: Optional[str] = None, retry: Optional[Json] = None) -> "Pipeline":
+    def add_source(self, id: str, connector: Union[Json, _CodeSource], **settings: Any) -> "Pipeline":
+        """Adds a source beside the ones already set (same settings as :meth:`source`); steps
+        then say which they read with :meth:`input`, :meth:`union` or :meth:`interval_join`."""
+        sources = self._cfg.pop("sources", None)
+        earlier = sources if isinstance(sources, list) else [sources] if sources else []
+        if "source" in self._cfg:
+            earlier.append(self._cfg.pop("source"))
+        self.source(id, connector, **settings)
+        self._cfg["sources"] = earlier + [self._cfg.pop("source")]
+        return self
+
+    def sink(self, id: str, connector: Union[Json, _CodeSink], *, latency_column: Optional[str] = None, retry: Optional[Json] = None,
+             input: Optional[str] = None) -> "Pipeline":
         """Sets the sink: :func:`file_sink`, :func:`stdout`, :func:`kafka_sink`, any connector
-        by :func:`connector`, or a :mod:`weir.testing` sink."""
+        by :func:`connector`, or a :mod:`weir.testing` sink. ``input`` names the step it writes
+        (default: the last)."""
         if isinstance(connector, _CodeSink):
             self._code_sink = connector
             snk: Json = {"id": id, "code": {}}
@@ -470,7 +484,19 @@ class Pipeline:
             snk["latency_column"] = latency_column
         if retry is not None:
             snk["retry"] = retry
+        if input is not None:
+            snk["input"] = input
+        self._cfg.pop("sinks", None)
         self._cfg["sink"] = snk
+        return self
+
+    def add_sink(self, id: str, connector: Json, *, input: str, **settings: Any) -> "Pipeline":
+        """Adds a sink of its own that writes step ``input``'s rows, beside the sinks already
+        set (each writing the step it names)."""
+        current = self._cfg.pop("sinks", None) or self._cfg.pop("sink", None)
+        earlier = current if isinstance(current, list) else [current] if current else []
+        self.sink(id, connector, input=input, **settings)
+        self._cfg["sinks"] = earlier + [self._cfg.pop("sink")]
         return self
 
     def dead_letters(self, path: str) -> "Pipeline":
@@ -513,6 +539,42 @@ class Pipeline:
     def _step(self, kind: str, settings: Json) -> "Pipeline":
         self._cfg["steps"].append({kind: settings})
         return self
+
+    def input(self, id: str) -> "Pipeline":
+        """Makes the step added last read ``id`` (a source or an earlier step) instead of the
+        step before it: ``p.filter("hot", "temp > 30").input("plant-a")``."""
+        if not self._cfg["steps"]:
+            raise ConfigError(f"input({id!r}) before any step")
+        ((kind, settings),) = self._cfg["steps"][-1].items()
+        if kind in ("union", "interval_join"):
+            raise ConfigError(f"input({id!r}) after a {kind}: it names its inputs itself", step=settings.get("id"))
+        settings["input"] = id
+        return self
+
+    def union(self, id: str, inputs: Sequence[str]) -> "Pipeline":
+        """Every row of several streams (sources or steps) with the same columns, as one."""
+        return self._step("union", {"id": id, "inputs": list(inputs)})
+
+    def interval_join(self, id: str, left: str, right: str, *, on: Union[str, Sequence[str]],
+                      between: Tuple[Duration, Duration], kind: str = "inner",
+                      right_on: Optional[Sequence[str]] = None, names: Optional[Tuple[str, str]] = None) -> "Pipeline":
+        """Pairs each row of ``left`` with each row of ``right`` that has the same key and
+        ``left.time + between[0] <= right.time <= left.time + between[1]`` (event time; a
+        ``between`` end is a duration, negative for before: ``("-50ms", "50ms")`` or
+        ``(-0.05, 0.05)`` seconds). The output has one struct column per side (named by
+        ``names``, default the inputs' ids) holding its whole row. ``kind``: ``inner``,
+        ``left``, ``right`` or ``full``."""
+        def signed(d: Duration) -> str:
+            if isinstance(d, str):
+                return d
+            return f"-{_duration(-d)}" if d < 0 else _duration(d)
+        settings: Json = {"id": id, "left": left, "right": right, "on": [on] if isinstance(on, str) else list(on),
+                          "between": [signed(between[0]), signed(between[1])], "kind": kind}
+        if right_on is not None:
+            settings["right_on"] = list(right_on)
+        if names is not None:
+            settings["as"] = list(names)
+        return self._step("interval_join", settings)
 
     def filter(self, id: str, predicate: Union[str, Callable[[Dict[str, Any]], bool]], *, retry: Optional[Retry] = None) -> "Pipeline":
         """Keeps rows matching a SQL predicate (a string), or for which a Python function of

@@ -31,6 +31,13 @@ struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
+enum PlanFormatArg {
+    Text,
+    Dot,
+    Mermaid,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -63,6 +70,18 @@ enum Cmd {
     Validate {
         /// The pipeline file.
         pipeline: PathBuf,
+    },
+    /// Print a pipeline's graph (sources, steps, sinks, how rows move between workers) and the
+    /// tasks it runs as, after checking it as `validate` does.
+    Plan {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Worker count to plan for (default: the pipeline's `workers`, else the number of cores).
+        #[arg(long, short)]
+        workers: Option<usize>,
+        /// `text`, `dot` (Graphviz) or `mermaid`.
+        #[arg(long, value_enum, default_value_t = PlanFormatArg::Text)]
+        format: PlanFormatArg,
     },
     /// Write synthetic sensor events (JSON Lines by default).
     Gen {
@@ -256,6 +275,20 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                 .check(&RunOptions { workers: Some(1), ..Default::default() })
                 .map_err(|e| located(&pipeline.display().to_string(), &text, e))?;
             eprintln!("{}: ok ({} steps)", pipeline.display(), built.config().steps.len());
+            Ok(())
+        }
+        Cmd::Plan { pipeline, workers, format } => {
+            let (built, text) = load(&pipeline)?;
+            let view = built
+                .plan_view(&RunOptions { workers, ..Default::default() })
+                .map_err(|e| located(&pipeline.display().to_string(), &text, e))?;
+            let format = match format {
+                PlanFormatArg::Text => weir::plan::PlanFormat::Text,
+                PlanFormatArg::Dot => weir::plan::PlanFormat::Dot,
+                PlanFormatArg::Mermaid => weir::plan::PlanFormat::Mermaid,
+            };
+            let out = view.render(format)?;
+            std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes()).map_err(|e| Failure::Run(e.into()))?;
             Ok(())
         }
         Cmd::Checkpoints { cmd } => {

@@ -119,8 +119,15 @@ impl NativePipeline {
             config_err(py, format!("pipeline settings: {message}"))
         })?;
         let failure = steps::Failure::default();
-        let source_id = cfg.source().id.clone();
-        let cfg_time = cfg.source().event_time.clone();
+        // The source written in code is the one whose connector is `code` (the first, when the
+        // settings name none: a test source set as the only one).
+        let code_src = cfg
+            .sources
+            .iter()
+            .find(|s| matches!(s.connector, weir::config::SourceConnector::Code(_)))
+            .unwrap_or_else(|| cfg.source());
+        let source_id = code_src.id.clone();
+        let cfg_time = code_src.event_time.clone();
         let sink_id = cfg.sink.id.clone();
         let mut p = Pipeline::from_config(cfg);
         for (id, f) in functions.iter() {

@@ -531,6 +531,22 @@ impl StepConfig {
         }
     }
 
+    /// Its `input` setting (`None` for a union or a join, which name their inputs otherwise).
+    pub fn input_mut(&mut self) -> Option<&mut Option<String>> {
+        match self {
+            Self::Filter(c) => Some(&mut c.input),
+            Self::Select(c) => Some(&mut c.input),
+            Self::KeyBy(c) => Some(&mut c.input),
+            Self::Window(c) => Some(&mut c.input),
+            Self::EwmaZscore(c) => Some(&mut c.input),
+            Self::Detect(c) => Some(&mut c.input),
+            Self::Alert(c) => Some(&mut c.input),
+            Self::Function(c) => Some(&mut c.input),
+            Self::Lookup(c) => Some(&mut c.input),
+            Self::Union(_) | Self::IntervalJoin(_) => None,
+        }
+    }
+
     /// The steps or sources it reads, when it names them (`input`, a union's `inputs`, a
     /// join's `left` and `right`); empty: the step before it.
     pub fn inputs(&self) -> Vec<&str> {

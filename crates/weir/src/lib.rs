@@ -25,6 +25,7 @@ pub mod config;
 pub mod connector;
 pub mod http;
 pub mod pipeline;
+pub mod plan;
 pub mod report;
 pub mod yaml;
 

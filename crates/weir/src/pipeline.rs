@@ -38,6 +38,8 @@ pub struct Pipeline {
     code: CodeEnds,
     source_set: bool,
     sink_set: bool,
+    /// A builder call that cannot apply (`input` after a union), reported by `build()`.
+    misuse: Option<String>,
 }
 
 /// The source and sink written in code, for `code: {}` connectors.
@@ -90,12 +92,20 @@ impl Pipeline {
             code: CodeEnds::default(),
             source_set: false,
             sink_set: false,
+            misuse: None,
         }
     }
 
     /// A pipeline from its configuration (the YAML form).
     pub fn from_config(cfg: PipelineConfig) -> Self {
-        Self { cfg, functions: Functions::new(), code: CodeEnds::default(), source_set: true, sink_set: true }
+        Self {
+            cfg,
+            functions: Functions::new(),
+            code: CodeEnds::default(),
+            source_set: true,
+            sink_set: true,
+            misuse: None,
+        }
     }
 
     /// Registers the code of the `function` step `id` of a pipeline made from configuration.
@@ -108,8 +118,12 @@ impl Pipeline {
     /// the other source settings (event time, watermark) still apply.
     pub fn source_code(&mut self, id: &str, factory: Arc<dyn SourceFactory>) -> &mut Self {
         self.code.source = Some(factory);
-        if !matches!(self.cfg.source().connector, SourceConnector::Code(_)) || self.cfg.source().id != id {
-            self.source(SourceConfig::new(id, SourceConnector::Code(CodeSettings {})));
+        match self.cfg.sources.iter_mut().find(|s| s.id == id && self.source_set) {
+            // A source of that id (one of several) becomes the code's; its other settings stay.
+            Some(s) => s.connector = SourceConnector::Code(CodeSettings {}),
+            None => {
+                self.source(SourceConfig::new(id, SourceConnector::Code(CodeSettings {})));
+            }
         }
         self
     }
@@ -144,6 +158,54 @@ impl Pipeline {
             self.cfg.sources = vec![cfg];
         }
         self.source_set = true;
+        self
+    }
+
+    /// Makes the step added last read `id` (a source or an earlier step) instead of the step
+    /// before it: `p.filter("hot", "temp > 30").input("plant-a")`.
+    pub fn input(&mut self, id: &str) -> &mut Self {
+        match self.cfg.steps.last_mut().map(StepConfig::input_mut) {
+            Some(Some(slot)) => *slot = Some(id.into()),
+            Some(None) => {
+                self.misuse =
+                    Some(format!("`input(\"{id}\")` after a union or join: those name their inputs themselves"))
+            }
+            None => self.misuse = Some(format!("`input(\"{id}\")` before any step")),
+        }
+        self
+    }
+
+    /// Every row of several streams with the same columns, as one stream.
+    pub fn union<I: IntoIterator<Item = S>, S: Into<String>>(&mut self, id: &str, inputs: I) -> &mut Self {
+        self.step(StepConfig::Union(UnionConfig {
+            id: id.into(),
+            inputs: inputs.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    /// Pairs rows of two streams with the same key and close times (see [`IntervalJoinConfig`]).
+    pub fn interval_join(&mut self, cfg: IntervalJoinConfig) -> &mut Self {
+        self.step(StepConfig::IntervalJoin(cfg))
+    }
+
+    /// Adds a sink of its own that writes what step `input` makes (several sinks, each
+    /// reading the step it names).
+    pub fn add_sink(&mut self, mut cfg: SinkConfig, input: &str) -> &mut Self {
+        cfg.input = Some(input.into());
+        let mut sinks = match std::mem::replace(&mut self.cfg.sink.connector, SinkConnector::FanOut(Default::default()))
+        {
+            SinkConnector::FanOut(f) => f.0,
+            _ if !self.sink_set => Vec::new(),
+            other => {
+                let mut first = self.cfg.sink.clone();
+                first.connector = other;
+                vec![first]
+            }
+        };
+        sinks.push(cfg);
+        self.cfg.sink =
+            SinkConfig::new("sinks", SinkConnector::FanOut(crate::connector::fan_out::FanOutSettings(sinks)));
+        self.sink_set = true;
         self
     }
 
@@ -220,6 +282,9 @@ impl Pipeline {
     /// The first problem, naming its step.
     pub fn build(&self) -> Result<BuiltPipeline> {
         weir_core::ensure_config!(self.source_set, "pipeline `{}` has no source", self.cfg.name);
+        if let Some(m) = &self.misuse {
+            return Err(CoreError::Config(m.clone()));
+        }
         weir_core::ensure_config!(self.sink_set, "pipeline `{}` has no sink", self.cfg.name);
         let c = &self.cfg;
         let mut ids = HashSet::new();
@@ -383,6 +448,8 @@ struct PlannedStep {
 /// The planned steps, the sinks with the rows each reads, and each `alert` step's notifiers.
 struct PlannedGraph {
     steps: Vec<PlannedStep>,
+    /// The rows of every source and step.
+    streams: BTreeMap<String, Stream>,
     sinks: Vec<(SinkConfig, Stream)>,
     notifiers: Vec<(String, Vec<Arc<dyn weir_ops::alerts::AlertNotify>>)>,
 }
@@ -1139,7 +1206,7 @@ impl BuiltPipeline {
                 .in_step(&StepId::new(&id)));
             }
         }
-        Ok(PlannedGraph { steps, sinks, notifiers })
+        Ok(PlannedGraph { steps, sinks, notifiers, streams })
     }
 
     /// Plans one step that reads one stream.
@@ -1208,12 +1275,37 @@ impl BuiltPipeline {
         Ok(self.plan_for(opts, Planning::Check)?.1)
     }
 
+    /// The graph `weir plan` prints: planned as [`BuiltPipeline::check`] does (no input
+    /// read when schemas are declared), with each node's kind and rows.
+    ///
+    /// # Errors
+    /// As [`BuiltPipeline::check`].
+    pub fn plan_view(&self, opts: &RunOptions) -> Result<crate::plan::PlanView> {
+        let (graph, _, streams) = self.plan_all(opts, Planning::Check)?;
+        Ok(crate::plan::PlanView {
+            graph,
+            kinds: crate::plan::kinds(&self.cfg),
+            streams: streams.into_iter().map(|(id, st)| (id, (st.schema, st.keys))).collect(),
+        })
+    }
+
     fn plan_for(&self, opts: &RunOptions, planning: Planning) -> Result<(JobGraph, SchemaRef)> {
         if let Some(at) =
             self.cfg.steps.iter().position(|s| matches!(s, StepConfig::KeyBy(k) if k.repartition.is_some()))
         {
             return self.plan_repartitioned(opts, at, planning);
         }
+        let (graph, schema, _) = self.plan_all(opts, planning)?;
+        Ok((graph, schema))
+    }
+
+    /// Plans the pipeline (not split by a repartition topic): the graph, the schema of the
+    /// rows reaching the (first) sink, and the rows of every source and step.
+    fn plan_all(
+        &self,
+        opts: &RunOptions,
+        planning: Planning,
+    ) -> Result<(JobGraph, SchemaRef, BTreeMap<String, Stream>)> {
         let c = &self.cfg;
         let workers = opts.workers.or(c.workers).unwrap_or_else(default_workers).max(1);
         // Kafka in and exactly once out, on one cluster: the source's positions are committed to
@@ -1331,6 +1423,7 @@ impl BuiltPipeline {
             });
         }
         let notifiers = planned.notifiers;
+        let streams = planned.streams;
         let entries = |path: &str, kafka: &Option<KafkaTopicSettings>, what: &str| -> Result<Arc<dyn DeadLetterSink>> {
             Ok(match kafka {
                 None => Arc::new(FileDeadLetters::new(path).appending(resuming)),
@@ -1394,7 +1487,7 @@ impl BuiltPipeline {
                 }
             },
         };
-        Ok((graph, sink_schema))
+        Ok((graph, sink_schema, streams))
     }
 
     /// Plans a pipeline whose `key_by` at step `at` goes through a repartition topic: the

@@ -1,4 +1,4 @@
-//! The crash harness: runs W1 and W3 with checkpoints, kills the process with SIGKILL at
+//! The crash harness: runs W1, W3 and W5 with checkpoints, kills the process with SIGKILL at
 //! random moments, restarts it (alternating 1 and 2 workers) until the input is consumed, and
 //! checks that the committed output equals an uninterrupted run's, row for row.
 
@@ -207,6 +207,9 @@ fn spawn(pipeline: &Path, dir: &Path, input: &Path, workers: usize, out: Output<
     s3_env(&mut c)
         .args(["run", pipeline.to_str().unwrap(), "--workers", &workers.to_string(), "--quiet", "--no-progress"])
         .env("INPUT", input)
+        // W5 joins the input with a second stream (see [`input`]).
+        .env("INPUT_A", input)
+        .env("INPUT_B", dir.join("input-b.jsonl"))
         .env("OUTPUT", dir.join("out"))
         .env("DEAD_LETTERS", dir.join("dead.jsonl"))
         .stdout(Stdio::null())
@@ -227,10 +230,16 @@ fn listing(dir: &Path, store: Store<'_>) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// The input, `input.jsonl`, and a second stream of the same devices with another seed,
+/// `input-b.jsonl`, for W5.
 fn input(dir: &Path, events: u64) -> PathBuf {
     let f = dir.join("input.jsonl");
-    let o = weir(&["gen", "-n", &events.to_string(), "--devices", "2000", "--output", f.to_str().unwrap()], &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    for (name, seed) in [("input.jsonl", "7"), ("input-b.jsonl", "8")] {
+        let path = dir.join(name);
+        let n = events.to_string();
+        let o = weir(&["gen", "-n", &n, "--devices", "2000", "--seed", seed, "--output", path.to_str().unwrap()], &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
     f
 }
 
@@ -256,7 +265,13 @@ fn crash_until_done_into(
     let reference = dir.path().join("reference.jsonl");
     let o = weir(
         &["run", reference_example, "--workers", "2", "--quiet"],
-        &[("INPUT", &input), ("OUTPUT", &reference), ("DEAD_LETTERS", &dir.path().join("ref-dead.jsonl"))],
+        &[
+            ("INPUT", &input),
+            ("INPUT_A", &input),
+            ("INPUT_B", &dir.path().join("input-b.jsonl")),
+            ("OUTPUT", &reference),
+            ("DEAD_LETTERS", &dir.path().join("ref-dead.jsonl")),
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let want = rows(&std::fs::read_to_string(&reference).unwrap());
@@ -409,6 +424,13 @@ fn w1_into_postgres_and_files_survives_kill_9_exactly_once() {
         &url,
         &format!("DROP TABLE {table}; DELETE FROM weir_sink_progress WHERE sink = '{key}'"),
     );
+}
+
+/// W5: two sources read at their own pace, joined with state on both sides; every kill loses
+/// the join's rows since the last checkpoint, and each source resumes from its own position.
+#[test]
+fn w5_survives_kill_9_at_random_moments_exactly_once() {
+    crash_until_done("examples/w5-interval-join.yaml", 600_000, 15, seed(), Store::Local);
 }
 
 #[test]

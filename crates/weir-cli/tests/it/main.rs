@@ -152,6 +152,57 @@ fn every_shipped_example_validates() {
     }
 }
 
+/// `weir plan` prints W5's graph and tasks as committed under tests/data (text, DOT and
+/// Mermaid); set `WEIR_BLESS=1` to rewrite them after a deliberate change.
+#[test]
+fn plan_prints_the_graph_and_its_tasks() {
+    let vars = [
+        ("INPUT_A", Path::new("/nonexistent/a.jsonl")),
+        ("INPUT_B", Path::new("/nonexistent/b.jsonl")),
+        ("OUTPUT", Path::new("/tmp/never")),
+    ];
+    for (format, file) in [("text", "plan-w5.txt"), ("dot", "plan-w5.dot"), ("mermaid", "plan-w5.mmd")] {
+        let o = weir(&["plan", "examples/w5-interval-join.yaml", "--workers", "2", "--format", format], &vars);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let got = String::from_utf8(o.stdout).unwrap();
+        let path = repo().join("tests/data").join(file);
+        if std::env::var_os("WEIR_BLESS").is_some() {
+            std::fs::write(&path, &got).unwrap();
+        }
+        assert_eq!(got, std::fs::read_to_string(&path).unwrap(), "{file}");
+    }
+    // At one worker the sources still run as tasks of their own, and nothing is hashed apart.
+    let o = weir(&["plan", "examples/w5-interval-join.yaml", "--workers", "1"], &vars);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("  2: pairs -> columns -> out"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // A straight pipeline fuses its steps between exchanges, as it always ran.
+    let o = weir(
+        &["plan", "examples/w1-sensor-window.yaml", "--workers", "2"],
+        &[("INPUT", Path::new("/x")), ("OUTPUT", Path::new("/y"))],
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("  0: events\n  1: per-device-10s -> columns -> out"), "{text}");
+}
+
+/// Graph mistakes point at the step's line in the file.
+#[test]
+fn validate_names_the_line_of_a_graph_mistake() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("g.yaml");
+    std::fs::write(
+        &p,
+        "name: g\nsources:\n  - { id: a, generator: {} }\n  - { id: b, generator: {} }\nsteps:\n  - union: { id: u, inputs: [a, bb] }\nsink: { id: out, stdout: {} }\n",
+    )
+    .unwrap();
+    let o = weir(&["validate", p.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("g.yaml:6:") && err.contains("input `bb`") && err.contains("did you mean `b`"), "{err}");
+}
+
 #[test]
 fn validate_needs_no_input_when_the_schema_is_declared() {
     // W1 declares its schema: it checks out with no input file, and a bad column would still

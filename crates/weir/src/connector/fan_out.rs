@@ -11,7 +11,7 @@ use super::{SinkConnector, SinkCx, SinkSettings};
 use crate::config::{RetryConfig, SinkConfig};
 
 /// The sinks of a fan-out, each as a `sink:` is written.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(transparent)]
 pub struct FanOutSettings(pub Vec<SinkConfig>);
 

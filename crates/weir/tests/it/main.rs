@@ -13,6 +13,7 @@ mod errors;
 mod fan_out;
 mod functions;
 mod golden;
+mod graphs;
 mod http_ingest;
 mod http_sink;
 mod kafka;
