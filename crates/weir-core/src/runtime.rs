@@ -662,6 +662,8 @@ impl Job {
                     outputs.push(match *o {
                         TaskOutput::Edge { to, port } => {
                             let part = match &g.nodes[to].inputs[port].part {
+                                // With one worker every key is that worker's: nothing to hash.
+                                Partitioning::Hash(_) if w_count == 1 => None,
                                 Partitioning::Forward => None,
                                 Partitioning::Hash(k) => Some(Partitioner::new(k.clone(), w_count)),
                             };
