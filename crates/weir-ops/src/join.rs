@@ -188,6 +188,13 @@ impl Side {
         }
     }
 
+    /// Keeps a row of key `k` until the other side's watermark passes `expires`.
+    fn keep(&mut self, k: u32, e: Entry, expires: i64) {
+        self.per_key[k as usize].push(e);
+        self.expiry.entry(expires.div_euclid(BUCKET_MS)).or_default().push(k);
+        self.rows += 1;
+    }
+
     fn release(&mut self, slot: u32) {
         if let Some((_, live)) = self.slots[slot as usize].as_mut() {
             *live -= 1;
@@ -221,29 +228,40 @@ struct IntervalJoin {
 /// A row of an output pair: (index into the side's list of arrays, row).
 type Ref = (usize, usize);
 
+/// When a row of `side` at `ts` can find no partner any more (`lo <= right - left <= hi`): a
+/// left row once the right watermark passes `ts + hi`, a right row once the left passes
+/// `ts - lo`.
+fn expires_at(side: usize, ts: i64, lo: i64, hi: i64) -> i64 {
+    if side == 0 {
+        ts.saturating_add(hi)
+    } else {
+        ts.saturating_sub(lo)
+    }
+}
+
 impl IntervalJoin {
     /// The time before which a row of `side` at `ts` can find no partner any more: the other
     /// side's watermark must pass it.
     fn expires_at(&self, side: usize, ts: i64) -> i64 {
-        if side == 0 {
-            ts.saturating_add(self.spec.hi)
-        } else {
-            ts.saturating_sub(self.spec.lo)
-        }
+        expires_at(side, ts, self.spec.lo, self.spec.hi)
     }
 
-    /// Builds an output batch from pairs of rows: `left[i]`/`right[i]` index into `sources`
-    /// of each side, where source 0 is a one-row null struct (the missing side of a pad).
+    /// Builds an output batch from pairs of rows: `own[i]`/`other[i]` index into the arrays of
+    /// `side` and of the other side, where array 0 is a one-row null struct (the missing side
+    /// of a pad).
     fn output(
         &self,
-        sources: [&[&dyn Array]; 2],
-        refs: [&[Ref]; 2],
+        side: usize,
+        own: (&[&dyn Array], &[Ref]),
+        other: (&[&dyn Array], &[Ref]),
         times: Vec<i64>,
         cx: &mut OpContext<'_>,
     ) -> Result<()> {
         if times.is_empty() {
             return Ok(());
         }
+        let (sources, refs) =
+            if side == 0 { ([own.0, other.0], [own.1, other.1]) } else { ([other.0, own.0], [other.1, own.1]) };
         let cols: Vec<ArrayRef> = (0..2)
             .map(|s| arrow_select::interleave::interleave(sources[s], refs[s]).map_err(CoreError::from))
             .collect::<Result<_>>()?;
@@ -345,22 +363,18 @@ impl IntervalJoin {
             for slot in &other_sources {
                 others.push(self.sides[other].array(*slot)?);
             }
-            let (sources, refs) = if side == 0 {
-                ([&own_sources[..], &others[..]], [&own_refs[..], &other_refs[..]])
-            } else {
-                ([&others[..], &own_sources[..]], [&other_refs[..], &own_refs[..]])
-            };
-            self.output(sources, refs, out_times, cx)?;
+            self.output(side, (&own_sources, &own_refs), (&others, &other_refs), out_times, cx)?;
         }
         if !keep.is_empty() {
             let st = &mut self.sides[side];
             let slot = st.keep_batch(own, keep.len());
             for (i, k, matched) in keep {
                 let ts = times[i];
-                st.per_key[k as usize].push(Entry { ts, slot, row: i as u32, matched });
-                let at = if side == 0 { ts.saturating_add(self.spec.hi) } else { ts.saturating_sub(self.spec.lo) };
-                st.expiry.entry(at.div_euclid(BUCKET_MS)).or_default().push(k);
-                st.rows += 1;
+                st.keep(
+                    k,
+                    Entry { ts, slot, row: i as u32, matched },
+                    expires_at(side, ts, self.spec.lo, self.spec.hi),
+                );
             }
             st.peak = st.peak.max(st.rows);
         }
@@ -398,7 +412,6 @@ impl IntervalJoin {
         // Buckets wholly before the watermark: every row in them expires at most then.
         let first_kept = wm.div_euclid(BUCKET_MS);
         let (lo, hi) = (self.spec.lo, self.spec.hi);
-        let expires = |ts: i64| if side == 0 { ts.saturating_add(hi) } else { ts.saturating_sub(lo) };
         let st = &mut self.sides[side];
         let mut dropped: Vec<Entry> = Vec::new();
         while let Some(entry) = st.expiry.first_entry() {
@@ -407,7 +420,7 @@ impl IntervalJoin {
             }
             for k in entry.remove() {
                 st.per_key[k as usize].retain(|e| {
-                    let gone = expires(e.ts) < wm;
+                    let gone = expires_at(side, e.ts, lo, hi) < wm;
                     if gone {
                         dropped.push(*e);
                     }
@@ -442,12 +455,7 @@ impl IntervalJoin {
                     own.push(self.sides[side].array(*s)?);
                 }
                 let others: [&dyn Array; 1] = [null_other.as_ref()];
-                let (sources, refs) = if side == 0 {
-                    ([&own[..], &others[..]], [&own_refs[..], &other_refs[..]])
-                } else {
-                    ([&others[..], &own[..]], [&other_refs[..], &own_refs[..]])
-                };
-                self.output(sources, refs, times, cx)?;
+                self.output(side, (&own, &own_refs), (&others, &other_refs), times, cx)?;
             }
         }
         for e in dropped {
@@ -569,10 +577,8 @@ impl Operator for IntervalJoin {
             for (row, i) in picked.into_iter().enumerate() {
                 let k = ids[i];
                 let t = ts.value(i);
-                st.per_key[k as usize].push(Entry { ts: t, slot, row: row as u32, matched: matched.value(i) });
-                let at = if s == 0 { t.saturating_add(self.spec.hi) } else { t.saturating_sub(self.spec.lo) };
-                st.expiry.entry(at.div_euclid(BUCKET_MS)).or_default().push(k);
-                st.rows += 1;
+                let e = Entry { ts: t, slot, row: row as u32, matched: matched.value(i) };
+                st.keep(k, e, expires_at(s, t, self.spec.lo, self.spec.hi));
             }
             st.peak = st.peak.max(st.rows);
         }

@@ -61,6 +61,16 @@ impl PipelineConfig {
     pub fn source_mut(&mut self) -> &mut SourceConfig {
         &mut self.sources[0]
     }
+
+    /// The sinks as steps of the graph: `sink`, or a list of sinks that each write every row
+    /// of the last step (one fan-out sink); a list where some sink names its `input` is a sink
+    /// per entry.
+    pub fn sink_nodes(&self) -> Vec<&SinkConfig> {
+        match &self.sink.connector {
+            SinkConnector::FanOut(f) if f.0.iter().any(|s| s.input.is_some()) => f.0.iter().collect(),
+            _ => vec![&self.sink],
+        }
+    }
 }
 
 /// `source: {...}` or `sources: [{...}, ...]`, at least one. Read in place (not through a

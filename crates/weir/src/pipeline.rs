@@ -288,12 +288,7 @@ impl Pipeline {
         weir_core::ensure_config!(self.sink_set, "pipeline `{}` has no sink", self.cfg.name);
         let c = &self.cfg;
         let mut ids = HashSet::new();
-        let sink_ids: Vec<&str> = match &c.sink.connector {
-            SinkConnector::FanOut(f) if f.0.iter().any(|s| s.input.is_some()) => {
-                f.0.iter().map(|s| s.id.as_str()).collect()
-            }
-            _ => vec![c.sink.id.as_str()],
-        };
+        let sink_ids = c.sink_nodes().into_iter().map(|s| s.id.as_str());
         let all_ids = c.sources.iter().map(|s| s.id.as_str()).chain(c.steps.iter().map(StepConfig::id)).chain(sink_ids);
         check_name("pipeline name", &c.name)?;
         for id in all_ids {
@@ -1190,7 +1185,7 @@ impl BuiltPipeline {
             None => default_input(None, sources, &self.cfg.sink.id)?,
         };
         let mut sinks = Vec::new();
-        for sink in self.sink_nodes() {
+        for sink in self.cfg.sink_nodes() {
             let from = sink.input.clone().unwrap_or_else(|| last.clone());
             let st =
                 streams.get(&from).ok_or_else(|| unknown_input(&from, &streams).in_step(&StepId::new(&sink.id)))?;
@@ -1235,16 +1230,6 @@ impl BuiltPipeline {
             OpSpec::Custom(c) => c.plan(schema, &st.keys)?,
             OpSpec::Lookup(l) => l.plan(schema)?,
         })
-    }
-
-    /// The sinks as nodes of the graph: one sink, or a list whose sinks each read every row
-    /// of the last step (one fan-out sink); a list where some sink names its `input` is one
-    /// node per sink.
-    fn sink_nodes(&self) -> Vec<&SinkConfig> {
-        match &self.cfg.sink.connector {
-            SinkConnector::FanOut(f) if f.0.iter().any(|s| s.input.is_some()) => f.0.iter().collect(),
-            _ => vec![&self.cfg.sink],
-        }
     }
 
     /// Resolves the source schema (inferring it when needed, which reads the input), compiles
@@ -1506,7 +1491,7 @@ impl BuiltPipeline {
         let step = StepId::new(&k.id);
         let r = k.repartition.clone().unwrap_or_default();
         weir_core::ensure_config!(
-            c.sources.len() == 1 && !c.steps.iter().any(|s| !s.inputs().is_empty()) && self.sink_nodes().len() == 1,
+            c.sources.len() == 1 && !c.steps.iter().any(|s| !s.inputs().is_empty()) && c.sink_nodes().len() == 1,
             "`repartition` splits a straight pipeline (one source, steps one after the other, one sink); this one is a graph"
         );
         let SourceConnector::Kafka(src) = &c.source().connector else {

@@ -11,7 +11,7 @@ use arrow_schema::{DataType, SchemaRef};
 use weir_core::graph::{plan_tasks, Head, JobGraph, NodeKind, Partitioning, TaskOutput};
 use weir_core::Result;
 
-use crate::config::{PipelineConfig, SinkConnector};
+use crate::config::PipelineConfig;
 
 /// How to print a plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,11 +46,7 @@ pub(crate) fn kinds(cfg: &PipelineConfig) -> BTreeMap<String, String> {
         let kind = v.as_object().and_then(|m| m.keys().next().cloned()).unwrap_or_else(|| "step".into());
         k.insert(s.id().to_string(), kind);
     }
-    let sinks = match &cfg.sink.connector {
-        SinkConnector::FanOut(f) if f.0.iter().any(|s| s.input.is_some()) => f.0.iter().collect(),
-        _ => vec![&cfg.sink],
-    };
-    for s in sinks {
+    for s in cfg.sink_nodes() {
         k.insert(s.id.clone(), s.connector.name().to_string());
     }
     k
