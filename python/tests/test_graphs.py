@@ -93,3 +93,28 @@ def test_graph_mistakes_are_config_errors(tmp_path):
         p.validate()
     with pytest.raises(weir.ConfigError, match="names its inputs itself"):
         p.input("a")
+
+
+def test_a_window_join_pairs_rows_of_one_window(tmp_path):
+    a, b, pa_, pb = feeds(tmp_path)
+    p = two_sources("wjoin", pa_, pb)
+    p.window_join("pairs", "a", "b", on="device_id", tumbling="500ms")
+    p.select("cols", ["a.ts AS a_ts", "b.ts AS b_ts", "window_start"])
+    out = wt.run(p.sink("out", wt.collect())).to_pylist()
+    want = sorted((x["ts"], y["ts"], x["ts"] - x["ts"] % 500) for x in a for y in b
+                  if x["device_id"] == y["device_id"] and x["ts"] // 500 == y["ts"] // 500)
+    assert want and sorted((r["a_ts"], r["b_ts"], r["window_start"]) for r in out) == want
+
+
+def test_a_temporal_join_takes_the_version_valid_at_each_rows_time(tmp_path):
+    a, b, pa_, pb = feeds(tmp_path)
+    p = two_sources("tjoin", pa_, pb)
+    p.temporal_join("asof", "a", "b", on="device_id", kind="left", names=("reading", "setting"))
+    p.select("cols", ["reading.ts AS ts", "setting.ts AS version_ts"])
+    out = wt.run(p.sink("out", wt.collect())).to_pylist()
+    def order(w):
+        return (w[0], -1 if w[1] is None else w[1])
+    want = sorted(((x["ts"], max((y["ts"] for y in b if y["device_id"] == x["device_id"] and y["ts"] <= x["ts"]),
+                                 default=None)) for x in a), key=order)
+    got = sorted(((r["ts"], r["version_ts"]) for r in out), key=order)
+    assert any(v is None for _, v in want) and got == want

@@ -75,6 +75,18 @@ __all__ = [
 
 
 
+def _join(id: str, left: str, right: str, on: Union[str, Sequence[str]], kind: str,
+          right_on: Optional[Sequence[str]], names: Optional[Tuple[str, str]]) -> Json:
+    """The settings every join of two streams shares."""
+    settings: Json = {"id": id, "left": left, "right": right, "on": [on] if isinstance(on, str) else list(on),
+                      "kind": kind}
+    if right_on is not None:
+        settings["right_on"] = list(right_on)
+    if names is not None:
+        settings["as"] = list(names)
+    return settings
+
+
 def _duration(d: Duration) -> str:
     """Durations are strings like ``"10s"`` or ``"250ms"`` (as in YAML); numbers are seconds."""
     if isinstance(d, str):
@@ -546,7 +558,7 @@ class Pipeline:
         if not self._cfg["steps"]:
             raise ConfigError(f"input({id!r}) before any step")
         ((kind, settings),) = self._cfg["steps"][-1].items()
-        if kind in ("union", "interval_join"):
+        if kind in ("union", "interval_join", "window_join", "temporal_join"):
             raise ConfigError(f"input({id!r}) after a {kind}: it names its inputs itself", step=settings.get("id"))
         settings["input"] = id
         return self
@@ -568,13 +580,41 @@ class Pipeline:
             if isinstance(d, str):
                 return d
             return f"-{_duration(-d)}" if d < 0 else _duration(d)
-        settings: Json = {"id": id, "left": left, "right": right, "on": [on] if isinstance(on, str) else list(on),
-                          "between": [signed(between[0]), signed(between[1])], "kind": kind}
-        if right_on is not None:
-            settings["right_on"] = list(right_on)
-        if names is not None:
-            settings["as"] = list(names)
+        settings = _join(id, left, right, on, kind, right_on, names)
+        settings["between"] = [signed(between[0]), signed(between[1])]
         return self._step("interval_join", settings)
+
+    def window_join(self, id: str, left: str, right: str, *, on: Union[str, Sequence[str]],
+                    tumbling: Optional[Duration] = None, hopping: Optional[Mapping[str, Duration]] = None,
+                    session: Optional[Mapping[str, Duration]] = None, kind: str = "inner",
+                    right_on: Optional[Sequence[str]] = None, names: Optional[Tuple[str, str]] = None) -> "Pipeline":
+        """Pairs the rows of ``left`` and ``right`` that have the same key and fall in the
+        same window (``tumbling="10s"``, ``hopping={"size": "1m", "slide": "10s"}`` or
+        ``session={"gap": "30s"}``, a session made by the rows of both), when the window
+        closes. The output has the two sides' struct columns, ``window_start`` and
+        ``window_end``. ``kind``: ``inner``, ``left``, ``right`` or ``full`` (a window's rows
+        of one side with no partner there, with the other side null)."""
+        settings = _join(id, left, right, on, kind, right_on, names)
+        if tumbling is not None:
+            settings["tumbling"] = _duration(tumbling)
+        if hopping is not None:
+            settings["hopping"] = {k: _duration(v) for k, v in hopping.items()}
+        if session is not None:
+            settings["session"] = {k: _duration(v) for k, v in session.items()}
+        return self._step("window_join", settings)
+
+    def temporal_join(self, id: str, left: str, right: str, *, on: Union[str, Sequence[str]], kind: str = "inner",
+                      state_ttl: Optional[Duration] = None, right_on: Optional[Sequence[str]] = None,
+                      names: Optional[Tuple[str, str]] = None) -> "Pipeline":
+        """Joins each row of ``left`` with the row of ``right`` (a changelog: each row a new
+        version of its key) that was its key's newest at the left row's event time, e.g. the
+        device's configuration when the reading was taken. ``kind``: ``inner`` (rows whose
+        key had no version yet are dropped) or ``left`` (kept, with the right side null).
+        ``state_ttl="1d"`` forgets keys with no new version for that long (event time)."""
+        settings = _join(id, left, right, on, kind, right_on, names)
+        if state_ttl is not None:
+            settings["state_ttl"] = _duration(state_ttl)
+        return self._step("temporal_join", settings)
 
     def filter(self, id: str, predicate: Union[str, Callable[[Dict[str, Any]], bool]], *, retry: Optional[Retry] = None) -> "Pipeline":
         """Keeps rows matching a SQL predicate (a string), or for which a Python function of

@@ -253,6 +253,13 @@ impl KeyInterner {
         gone
     }
 
+    /// The id of each row's key where the key is known; assigns nothing (for lookups from
+    /// outside the stream, such as queries).
+    pub fn find(&self, cols: &[ArrayRef]) -> Result<Vec<Option<u32>>> {
+        let rows = self.converter.convert_columns(cols)?;
+        Ok(rows.iter().map(|r| self.ids.get(r.as_ref()).copied()).collect())
+    }
+
     /// Rebuilds key columns for the given ids, in order.
     pub fn columns(&self, ids: &[u32]) -> Result<Vec<ArrayRef>> {
         let rows = ids.iter().map(|&i| self.keys[i as usize].row());

@@ -96,26 +96,8 @@ impl IntervalJoinSpec {
                 self.lo, self.hi
             )));
         }
-        if self.keys[0].is_empty() || self.keys[0].len() != self.keys[1].len() {
-            return Err(CoreError::Config(
-                "a join needs the same number (at least one) of key columns on both sides".into(),
-            ));
-        }
-        for (l, r) in self.keys[0].iter().zip(&self.keys[1]) {
-            let lt = crate::field_by_path(&self.schemas[0], l)?.data_type().clone();
-            let rt = crate::field_by_path(&self.schemas[1], r)?.data_type().clone();
-            if lt != rt {
-                return Err(CoreError::Config(format!(
-                    "join key `{l}` is {lt} on the left (`{}`) but `{r}` is {rt} on the right (`{}`)",
-                    self.names[0], self.names[1]
-                )));
-            }
-        }
-        Ok(Arc::new(Schema::new(self.out_fields())))
-    }
-
-    fn out_fields(&self) -> Vec<Field> {
-        (0..2).map(|s| Field::new(&self.names[s], DataType::Struct(self.schemas[s].fields().clone()), true)).collect()
+        key_types(&self.schemas, &self.keys, &self.names)?;
+        Ok(Arc::new(Schema::new(side_fields(&self.schemas, &self.names))))
     }
 
     /// How far behind its input's watermark the step may still emit rows (padded rows of an
@@ -131,12 +113,9 @@ impl IntervalJoinSpec {
 
 impl OperatorFactory for IntervalJoinSpec {
     fn create(&self, _worker: usize, _workers: usize) -> Result<Box<dyn Operator>> {
-        let key_types = self.keys[0]
-            .iter()
-            .map(|k| Ok(crate::field_by_path(&self.schemas[0], k)?.data_type().clone()))
-            .collect::<Result<Vec<_>>>()?;
+        let types = key_types(&self.schemas, &self.keys, &self.names)?;
         Ok(Box::new(IntervalJoin {
-            interner: KeyInterner::new(&key_types)?,
+            interner: KeyInterner::new(&types)?,
             sides: [Side::default(), Side::default()],
             watermarks: [i64::MIN, i64::MIN],
             out_schema: self.output_schema()?,
@@ -145,37 +124,63 @@ impl OperatorFactory for IntervalJoinSpec {
     }
 }
 
-/// One row kept in state.
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    ts: i64,
-    slot: u32,
-    row: u32,
-    matched: bool,
+/// Checks a join's key columns: as many (at least one) on both sides, of the same types.
+/// Returns their types.
+fn key_types(schemas: &[SchemaRef; 2], keys: &[Vec<String>; 2], names: &[String; 2]) -> Result<Vec<DataType>> {
+    if names[0] == names[1] {
+        return Err(CoreError::Config(format!("the two sides need different names, not `{}` twice", names[0])));
+    }
+    if keys[0].is_empty() || keys[0].len() != keys[1].len() {
+        return Err(CoreError::Config(
+            "a join needs the same number (at least one) of key columns on both sides".into(),
+        ));
+    }
+    let mut types = Vec::with_capacity(keys[0].len());
+    for (l, r) in keys[0].iter().zip(&keys[1]) {
+        let lt = crate::field_by_path(&schemas[0], l)?.data_type().clone();
+        let rt = crate::field_by_path(&schemas[1], r)?.data_type().clone();
+        if lt != rt {
+            return Err(CoreError::Config(format!(
+                "join key `{l}` is {lt} on the left (`{}`) but `{r}` is {rt} on the right (`{}`)",
+                names[0], names[1]
+            )));
+        }
+        types.push(lt);
+    }
+    Ok(types)
 }
 
-/// Granularity of the expiry index, ms: rows are dropped at most this much after they could be.
-const BUCKET_MS: i64 = 64;
+/// The output's two struct columns, one per side, holding that side's whole row.
+fn side_fields(schemas: &[SchemaRef; 2], names: &[String; 2]) -> Vec<Field> {
+    (0..2).map(|s| Field::new(&names[s], DataType::Struct(schemas[s].fields().clone()), true)).collect()
+}
 
-/// The rows one side keeps.
+/// A batch's keys as ids, and which rows have a null in a key column (a null key equals
+/// nothing, not even another null).
+fn intern_keys(
+    interner: &mut KeyInterner,
+    batch: &Batch,
+    keys: &[String],
+) -> Result<(Vec<u32>, Option<arrow_buffer::NullBuffer>)> {
+    let cols = key_columns(&batch.rows, keys)?;
+    let nulls = cols
+        .iter()
+        .filter_map(|k| k.logical_nulls())
+        .reduce(|a, b| arrow_buffer::NullBuffer::union(Some(&a), Some(&b)).unwrap_or(a));
+    Ok((interner.intern(&cols)?.to_vec(), nulls))
+}
+
+/// Input batches a join keeps, as struct arrays, each with how many kept rows still point
+/// into it; a batch is let go when the last does.
 #[derive(Debug, Default)]
-struct Side {
-    /// Retained input batches (as struct arrays) with how many of their rows are still kept.
+struct Store {
     slots: Vec<Option<(StructArray, usize)>>,
     free: Vec<u32>,
-    /// Per key id, the kept rows.
-    per_key: Vec<Vec<Entry>>,
-    /// Keys with rows that expire in each bucket (of the time the other side's watermark must
-    /// pass).
-    expiry: BTreeMap<i64, Vec<u32>>,
-    /// Rows kept.
-    rows: usize,
-    /// The most rows it has kept at once.
-    peak: usize,
 }
 
-impl Side {
-    fn keep_batch(&mut self, rows: StructArray, live: usize) -> u32 {
+impl Store {
+    /// Keeps `rows` for `live` references.
+    fn keep(&mut self, rows: StructArray, live: usize) -> u32 {
         match self.free.pop() {
             Some(s) => {
                 self.slots[s as usize] = Some((rows, live));
@@ -188,13 +193,14 @@ impl Side {
         }
     }
 
-    /// Keeps a row of key `k` until the other side's watermark passes `expires`.
-    fn keep(&mut self, k: u32, e: Entry, expires: i64) {
-        self.per_key[k as usize].push(e);
-        self.expiry.entry(expires.div_euclid(BUCKET_MS)).or_default().push(k);
-        self.rows += 1;
+    /// One more reference to `slot`.
+    fn retain(&mut self, slot: u32) {
+        if let Some((_, live)) = self.slots[slot as usize].as_mut() {
+            *live += 1;
+        }
     }
 
+    /// One reference to `slot` fewer.
     fn release(&mut self, slot: u32) {
         if let Some((_, live)) = self.slots[slot as usize].as_mut() {
             *live -= 1;
@@ -214,6 +220,166 @@ impl Side {
     }
 }
 
+/// A kept row: (slot in its side's [`Store`], row in that batch).
+type RowRef = (u32, u32);
+
+/// Output rows of a join being gathered: each names one row of each side, or none (a null
+/// struct). The rows are copied out of the kept batches once, when the batch is built.
+#[derive(Debug, Default)]
+struct Gather {
+    slots: [Vec<u32>; 2],
+    index: [std::collections::HashMap<u32, usize>; 2],
+    refs: [Vec<(usize, usize)>; 2],
+    times: Vec<i64>,
+}
+
+impl Gather {
+    fn push(&mut self, rows: [Option<RowRef>; 2], time: i64) {
+        for (side, row) in rows.into_iter().enumerate() {
+            let r = match row {
+                // Source 0 of each side is a one-row null struct.
+                None => (0, 0),
+                Some((slot, row)) => {
+                    let slots = &mut self.slots[side];
+                    let src = *self.index[side].entry(slot).or_insert_with(|| {
+                        slots.push(slot);
+                        slots.len()
+                    });
+                    (src, row as usize)
+                }
+            };
+            self.refs[side].push(r);
+        }
+        self.times.push(time);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.times.is_empty()
+    }
+
+    /// The two struct columns.
+    fn columns(&self, stores: [&Store; 2], schemas: &[SchemaRef; 2]) -> Result<Vec<ArrayRef>> {
+        (0..2)
+            .map(|side| {
+                let null = arrow_array::new_null_array(&DataType::Struct(schemas[side].fields().clone()), 1);
+                let mut sources: Vec<&dyn Array> = vec![null.as_ref()];
+                for s in &self.slots[side] {
+                    sources.push(stores[side].array(*s)?);
+                }
+                Ok(arrow_select::interleave::interleave(&sources, &self.refs[side])?)
+            })
+            .collect()
+    }
+
+    /// Emits the gathered rows as one batch of `schema` (the two struct columns, then
+    /// `extra`), counted as results.
+    fn emit(
+        self,
+        stores: [&Store; 2],
+        schemas: &[SchemaRef; 2],
+        schema: &SchemaRef,
+        extra: Vec<ArrayRef>,
+        cx: &mut OpContext<'_>,
+    ) -> Result<()> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let mut cols = self.columns(stores, schemas)?;
+        cols.extend(extra);
+        let rb = RecordBatch::try_new(schema.clone(), cols)?;
+        StepMetrics::add(&cx.metrics.results_out, rb.num_rows() as u64);
+        cx.emit(Batch::new(rb, Int64Array::from(self.times))?);
+        Ok(())
+    }
+}
+
+/// The rows a join keeps of each side now, and the most it has kept, as gauges per worker.
+fn report_state(cx: &mut OpContext<'_>, names: &[String; 2], rows: [usize; 2], peak: [usize; 2]) {
+    let worker = cx.worker.to_string();
+    for side in 0..2 {
+        let labels = [("step", cx.step.as_str()), ("side", names[side].as_str()), ("worker", worker.as_str())];
+        let m = &cx.registry.connectors;
+        m.set("weir_join_state_rows", "Rows a join keeps of one side.", &labels, rows[side] as f64);
+        m.set(
+            "weir_join_state_rows_peak",
+            "The most rows a join has kept of one side at once (this run).",
+            &labels,
+            peak[side] as f64,
+        );
+    }
+}
+
+/// State table columns shared by the joins: which side a row is of, its time, then the
+/// operator's own columns, then both sides' struct columns (the other side null).
+fn state_fields(own: Vec<Field>, schemas: &[SchemaRef; 2], names: &[String; 2]) -> Vec<Field> {
+    let mut fields = vec![Field::new("side", DataType::UInt8, false), Field::new("ts", DataType::Int64, false)];
+    fields.extend(own);
+    fields.extend(side_fields(schemas, names));
+    fields
+}
+
+/// Rows read back from a join's state table, per side: (row index in the table, kept row).
+fn restore_rows(
+    state: &RecordBatch,
+    schemas: &[SchemaRef; 2],
+    names: &[String; 2],
+    stores: &mut [Store; 2],
+) -> Result<[Vec<(usize, RowRef)>; 2]> {
+    let side =
+        crate::snapshot::col(state, "side", &DataType::UInt8)?.as_primitive::<arrow_array::types::UInt8Type>().clone();
+    let mut out: [Vec<(usize, RowRef)>; 2] = [Vec::new(), Vec::new()];
+    for s in 0..2 {
+        let ty = DataType::Struct(schemas[s].fields().clone());
+        let col = crate::snapshot::col(state, &names[s], &ty)?;
+        let mask = BooleanArray::from_iter(side.iter().map(|v| Some(v == Some(s as u8))));
+        let rows = arrow_select::filter::filter(col, &mask)?;
+        if rows.is_empty() {
+            continue;
+        }
+        let picked: Vec<usize> = (0..state.num_rows()).filter(|&i| side.value(i) == s as u8).collect();
+        let slot = stores[s].keep(rows.as_struct().clone(), picked.len());
+        out[s] = picked.into_iter().enumerate().map(|(row, i)| (i, (slot, row as u32))).collect();
+    }
+    Ok(out)
+}
+
+/// One row an interval join keeps.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    ts: i64,
+    slot: u32,
+    row: u32,
+    matched: bool,
+}
+
+/// Granularity of the expiry index, ms: rows are dropped at most this much after they could be.
+const BUCKET_MS: i64 = 64;
+
+/// The rows one side of an interval join keeps.
+#[derive(Debug, Default)]
+struct Side {
+    store: Store,
+    /// Per key id, the kept rows.
+    per_key: Vec<Vec<Entry>>,
+    /// Keys with rows that expire in each bucket (of the time the other side's watermark must
+    /// pass).
+    expiry: BTreeMap<i64, Vec<u32>>,
+    /// Rows kept.
+    rows: usize,
+    /// The most rows it has kept at once.
+    peak: usize,
+}
+
+impl Side {
+    /// Keeps a row of key `k` until the other side's watermark passes `expires`.
+    fn keep(&mut self, k: u32, e: Entry, expires: i64) {
+        self.per_key[k as usize].push(e);
+        self.expiry.entry(expires.div_euclid(BUCKET_MS)).or_default().push(k);
+        self.rows += 1;
+        self.peak = self.peak.max(self.rows);
+    }
+}
+
 #[derive(Debug)]
 struct IntervalJoin {
     spec: IntervalJoinSpec,
@@ -224,9 +390,6 @@ struct IntervalJoin {
     watermarks: [i64; 2],
     out_schema: SchemaRef,
 }
-
-/// A row of an output pair: (index into the side's list of arrays, row).
-type Ref = (usize, usize);
 
 /// When a row of `side` at `ts` can find no partner any more (`lo <= right - left <= hi`): a
 /// left row once the right watermark passes `ts + hi`, a right row once the left passes
@@ -239,52 +402,29 @@ fn expires_at(side: usize, ts: i64, lo: i64, hi: i64) -> i64 {
     }
 }
 
+/// `[own, other]` as `[left, right]`.
+fn ordered<T>(side: usize, own: T, other: T) -> [T; 2] {
+    if side == 0 {
+        [own, other]
+    } else {
+        [other, own]
+    }
+}
+
 impl IntervalJoin {
-    /// The time before which a row of `side` at `ts` can find no partner any more: the other
-    /// side's watermark must pass it.
-    fn expires_at(&self, side: usize, ts: i64) -> i64 {
-        expires_at(side, ts, self.spec.lo, self.spec.hi)
+    fn stores(&self) -> [&Store; 2] {
+        [&self.sides[0].store, &self.sides[1].store]
     }
 
-    /// Builds an output batch from pairs of rows: `own[i]`/`other[i]` index into the arrays of
-    /// `side` and of the other side, where array 0 is a one-row null struct (the missing side
-    /// of a pad).
-    fn output(
-        &self,
-        side: usize,
-        own: (&[&dyn Array], &[Ref]),
-        other: (&[&dyn Array], &[Ref]),
-        times: Vec<i64>,
-        cx: &mut OpContext<'_>,
-    ) -> Result<()> {
-        if times.is_empty() {
-            return Ok(());
-        }
-        let (sources, refs) =
-            if side == 0 { ([own.0, other.0], [own.1, other.1]) } else { ([other.0, own.0], [other.1, own.1]) };
-        let cols: Vec<ArrayRef> = (0..2)
-            .map(|s| arrow_select::interleave::interleave(sources[s], refs[s]).map_err(CoreError::from))
-            .collect::<Result<_>>()?;
-        let rb = RecordBatch::try_new(self.out_schema.clone(), cols)?;
-        StepMetrics::add(&cx.metrics.results_out, rb.num_rows() as u64);
-        cx.emit(Batch::new(rb, Int64Array::from(times))?);
-        Ok(())
-    }
-
-    fn null_side(&self, side: usize) -> ArrayRef {
-        arrow_array::new_null_array(&DataType::Struct(self.spec.schemas[side].fields().clone()), 1)
+    fn emit(&self, out: Gather, cx: &mut OpContext<'_>) -> Result<()> {
+        out.emit(self.stores(), &self.spec.schemas, &self.out_schema, Vec::new(), cx)
     }
 
     fn process_side(&mut self, side: usize, batch: Batch, cx: &mut OpContext<'_>) -> Result<()> {
         let n = batch.num_rows();
         let other = 1 - side;
         let (lo, hi) = (self.spec.lo, self.spec.hi);
-        let keys = key_columns(&batch.rows, &self.spec.keys[side])?;
-        let null_key: Option<arrow_buffer::NullBuffer> = keys
-            .iter()
-            .filter_map(|k| k.logical_nulls())
-            .reduce(|a, b| arrow_buffer::NullBuffer::union(Some(&a), Some(&b)).unwrap_or(a));
-        let ids = self.interner.intern(&keys)?.to_vec();
+        let (ids, null_key) = intern_keys(&mut self.interner, &batch, &self.spec.keys[side])?;
         if self.sides[0].per_key.len() < self.interner.capacity() {
             for s in &mut self.sides {
                 s.per_key.resize_with(self.interner.capacity(), Vec::new);
@@ -292,28 +432,22 @@ impl IntervalJoin {
         }
         let own_wm = self.watermarks[side];
         let other_wm = self.watermarks[other];
-        let times = batch.time.values();
-        // The batch's own rows are source 1 of its side; the other side's kept batches follow
-        // the null row, in the order first met.
-        let mut other_sources: Vec<u32> = Vec::new();
-        let mut other_index: std::collections::HashMap<u32, usize> = Default::default();
-        let mut own_refs: Vec<Ref> = Vec::new();
-        let mut other_refs: Vec<Ref> = Vec::new();
-        let mut out_times: Vec<i64> = Vec::new();
+        let times = batch.time.values().clone();
+        // The batch is held while its pairs are built, and after for the rows kept.
+        let slot = self.sides[side].store.keep(StructArray::from(batch.rows), 1);
+        let mut out = Gather::default();
         let mut keep: Vec<(usize, u32, bool)> = Vec::new();
-        let mut pads: Vec<usize> = Vec::new();
         let (mut late, mut no_key) = (0u64, 0u64);
-        for i in 0..n {
-            let ts = times[i];
+        for (i, &ts) in times.iter().enumerate() {
+            let me = Some((slot, i as u32));
             if ts < own_wm {
                 late += 1;
                 continue;
             }
             if null_key.as_ref().is_some_and(|nb| nb.is_null(i)) {
-                // A null key equals nothing, not even another null.
                 no_key += 1;
                 if self.spec.kind.pads(side) {
-                    pads.push(i);
+                    out.push(ordered(side, me, None), ts);
                 }
                 continue;
             }
@@ -327,19 +461,13 @@ impl IntervalJoin {
                 }
                 matched = true;
                 e.matched = true;
-                let src = *other_index.entry(e.slot).or_insert_with(|| {
-                    other_sources.push(e.slot);
-                    other_sources.len()
-                });
-                own_refs.push((1, i));
-                other_refs.push((src, e.row as usize));
-                out_times.push(ts.max(e.ts));
+                out.push(ordered(side, me, Some((e.slot, e.row))), ts.max(e.ts));
             }
             // Kept only while a row still to come on the other side can match it.
-            if self.expires_at(side, ts) >= other_wm {
+            if expires_at(side, ts, lo, hi) >= other_wm {
                 keep.push((i, k, matched));
             } else if !matched && self.spec.kind.pads(side) {
-                pads.push(i);
+                out.push(ordered(side, me, None), ts);
             }
         }
         StepMetrics::add(&cx.metrics.late_dropped, late);
@@ -348,67 +476,26 @@ impl IntervalJoin {
         if late > 0 {
             tracing::debug!(step = %cx.step, late, "Rows behind their input's watermark were dropped by the join.");
         }
-        let own = StructArray::from(batch.rows.clone());
-        // Pads of rows that are not kept: this batch's rows with the other side null.
-        for &i in &pads {
-            own_refs.push((1, i));
-            other_refs.push((0, 0));
-            out_times.push(times[i]);
+        self.emit(out, cx)?;
+        let st = &mut self.sides[side];
+        for (i, k, matched) in keep {
+            let ts = times[i];
+            st.store.retain(slot);
+            st.keep(k, Entry { ts, slot, row: i as u32, matched }, expires_at(side, ts, lo, hi));
         }
-        {
-            let null_own = self.null_side(side);
-            let null_other = self.null_side(other);
-            let own_sources: [&dyn Array; 2] = [null_own.as_ref(), &own];
-            let mut others: Vec<&dyn Array> = vec![null_other.as_ref()];
-            for slot in &other_sources {
-                others.push(self.sides[other].array(*slot)?);
-            }
-            self.output(side, (&own_sources, &own_refs), (&others, &other_refs), out_times, cx)?;
-        }
-        if !keep.is_empty() {
-            let st = &mut self.sides[side];
-            let slot = st.keep_batch(own, keep.len());
-            for (i, k, matched) in keep {
-                let ts = times[i];
-                st.keep(
-                    k,
-                    Entry { ts, slot, row: i as u32, matched },
-                    expires_at(side, ts, self.spec.lo, self.spec.hi),
-                );
-            }
-            st.peak = st.peak.max(st.rows);
-        }
+        st.store.release(slot);
         self.report(cx);
         Ok(())
     }
 
-    /// The rows each side keeps now, and the most it has kept, as gauges per worker.
     fn report(&self, cx: &mut OpContext<'_>) {
-        let worker = cx.worker.to_string();
-        for (side, st) in self.sides.iter().enumerate() {
-            let labels =
-                [("step", cx.step.as_str()), ("side", self.spec.names[side].as_str()), ("worker", worker.as_str())];
-            let m = &cx.registry.connectors;
-            m.set(
-                "weir_join_state_rows",
-                "Rows an interval join keeps of one side, waiting for partners.",
-                &labels,
-                st.rows as f64,
-            );
-            m.set(
-                "weir_join_state_rows_peak",
-                "The most rows an interval join has kept of one side at once (this run).",
-                &labels,
-                st.peak as f64,
-            );
-        }
+        let s = &self.sides;
+        report_state(cx, &self.spec.names, [s[0].rows, s[1].rows], [s[0].peak, s[1].peak]);
     }
 
     /// Drops the rows of `side` that the other side's watermark `wm` leaves without a future
     /// partner, emitting the unmatched ones of an outer side.
     fn evict(&mut self, side: usize, wm: i64, cx: &mut OpContext<'_>) -> Result<()> {
-        let other = 1 - side;
-        let pads = self.spec.kind.pads(side);
         // Buckets wholly before the watermark: every row in them expires at most then.
         let first_kept = wm.div_euclid(BUCKET_MS);
         let (lo, hi) = (self.spec.lo, self.spec.hi);
@@ -432,46 +519,18 @@ impl IntervalJoin {
             return Ok(());
         }
         st.rows -= dropped.len();
-        if pads {
-            let unmatched: Vec<&Entry> = dropped.iter().filter(|e| !e.matched).collect();
-            if !unmatched.is_empty() {
-                let mut slots: Vec<u32> = Vec::new();
-                let mut index: std::collections::HashMap<u32, usize> = Default::default();
-                let mut own_refs = Vec::with_capacity(unmatched.len());
-                let mut times = Vec::with_capacity(unmatched.len());
-                for e in &unmatched {
-                    let src = *index.entry(e.slot).or_insert_with(|| {
-                        slots.push(e.slot);
-                        slots.len()
-                    });
-                    own_refs.push((src, e.row as usize));
-                    times.push(e.ts);
-                }
-                let other_refs = vec![(0, 0); own_refs.len()];
-                let null_own = self.null_side(side);
-                let null_other = self.null_side(other);
-                let mut own: Vec<&dyn Array> = vec![null_own.as_ref()];
-                for s in &slots {
-                    own.push(self.sides[side].array(*s)?);
-                }
-                let others: [&dyn Array; 1] = [null_other.as_ref()];
-                self.output(side, (&own, &own_refs), (&others, &other_refs), times, cx)?;
+        if self.spec.kind.pads(side) {
+            let mut out = Gather::default();
+            for e in dropped.iter().filter(|e| !e.matched) {
+                out.push(ordered(side, Some((e.slot, e.row)), None), e.ts);
             }
+            self.emit(out, cx)?;
         }
         for e in dropped {
-            self.sides[side].release(e.slot);
+            self.sides[side].store.release(e.slot);
         }
         self.report(cx);
         Ok(())
-    }
-
-    /// Every kept row of `side`, as rows of a state table: key id, time, matched, and the row.
-    fn kept(&self, side: usize) -> Vec<(u32, Entry)> {
-        let mut out = Vec::with_capacity(self.sides[side].rows);
-        for (k, entries) in self.sides[side].per_key.iter().enumerate() {
-            out.extend(entries.iter().map(|e| (k as u32, *e)));
-        }
-        out
     }
 }
 
@@ -509,45 +568,31 @@ impl Operator for IntervalJoin {
     }
 
     fn snapshot(&mut self) -> Result<Option<RecordBatch>> {
-        let rows: Vec<(u8, u32, Entry)> =
-            (0..2).flat_map(|s| self.kept(s).into_iter().map(move |(k, e)| (s as u8, k, e))).collect();
-        if rows.is_empty() {
+        let mut ids = Vec::new();
+        let (mut sides, mut ts, mut matched) = (Vec::new(), Vec::new(), Vec::new());
+        let mut rows = Gather::default();
+        for (s, st) in self.sides.iter().enumerate() {
+            for (k, entries) in st.per_key.iter().enumerate() {
+                for e in entries {
+                    ids.push(k as u32);
+                    sides.push(s as u8);
+                    ts.push(e.ts);
+                    matched.push(Some(e.matched));
+                    rows.push(ordered(s, Some((e.slot, e.row)), None), e.ts);
+                }
+            }
+        }
+        if ids.is_empty() {
             return Ok(None);
         }
-        let ids: Vec<u32> = rows.iter().map(|r| r.1).collect();
         let mut cols: Vec<ArrayRef> = vec![
-            Arc::new(UInt8Array::from_iter_values(rows.iter().map(|r| r.0))),
-            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2.ts))),
-            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.2.matched)))),
+            Arc::new(UInt8Array::from(sides)),
+            Arc::new(Int64Array::from(ts)),
+            Arc::new(BooleanArray::from(matched)),
         ];
-        for side in 0..2 {
-            let null = self.null_side(side);
-            let mut sources: Vec<&dyn Array> = vec![null.as_ref()];
-            let mut index: std::collections::HashMap<u32, usize> = Default::default();
-            let mut refs = Vec::with_capacity(rows.len());
-            for (s, _, e) in &rows {
-                if usize::from(*s) != side {
-                    refs.push((0, 0));
-                    continue;
-                }
-                let src = match index.get(&e.slot) {
-                    Some(i) => *i,
-                    None => {
-                        sources.push(self.sides[side].array(e.slot)?);
-                        index.insert(e.slot, sources.len() - 1);
-                        sources.len() - 1
-                    }
-                };
-                refs.push((src, e.row as usize));
-            }
-            cols.push(arrow_select::interleave::interleave(&sources, &refs)?);
-        }
-        let mut fields = vec![
-            Field::new("side", DataType::UInt8, false),
-            Field::new("ts", DataType::Int64, false),
-            Field::new("matched", DataType::Boolean, false),
-        ];
-        fields.extend(self.spec.out_fields());
+        cols.extend(rows.columns(self.stores(), &self.spec.schemas)?);
+        let fields =
+            state_fields(vec![Field::new("matched", DataType::Boolean, false)], &self.spec.schemas, &self.spec.names);
         crate::snapshot::keyed_table(&self.interner, true, &ids, fields, cols).map(Some)
     }
 
@@ -557,34 +602,29 @@ impl Operator for IntervalJoin {
         for s in &mut self.sides {
             s.per_key.resize_with(self.interner.capacity(), Vec::new);
         }
-        let side = crate::snapshot::col(&state, "side", &DataType::UInt8)?
-            .as_primitive::<arrow_array::types::UInt8Type>()
-            .clone();
         let ts = crate::snapshot::i64s(&state, "ts")?.clone();
-        let matched = crate::snapshot::col(&state, "matched", &DataType::Boolean)?.as_boolean().clone();
-        for s in 0..2 {
-            let ty = DataType::Struct(self.spec.schemas[s].fields().clone());
-            let col = crate::snapshot::col(&state, &self.spec.names[s], &ty)?;
-            let mask = BooleanArray::from_iter(side.iter().map(|v| Some(v == Some(s as u8))));
-            let rows = arrow_select::filter::filter(col, &mask)?;
-            if rows.is_empty() {
-                continue;
-            }
-            let rows = rows.as_struct().clone();
-            let picked: Vec<usize> = (0..state.num_rows()).filter(|&i| side.value(i) == s as u8).collect();
-            let st = &mut self.sides[s];
-            let slot = st.keep_batch(rows, picked.len());
-            for (row, i) in picked.into_iter().enumerate() {
-                let k = ids[i];
+        let matched = crate::snapshot::bools(&state, "matched")?.clone();
+        let mut stores = [std::mem::take(&mut self.sides[0].store), std::mem::take(&mut self.sides[1].store)];
+        let rows = restore_rows(&state, &self.spec.schemas, &self.spec.names, &mut stores)?;
+        let [s0, s1] = stores;
+        self.sides[0].store = s0;
+        self.sides[1].store = s1;
+        for (s, list) in rows.into_iter().enumerate() {
+            for (i, (slot, row)) in list {
                 let t = ts.value(i);
-                let e = Entry { ts: t, slot, row: row as u32, matched: matched.value(i) };
-                st.keep(k, e, expires_at(s, t, self.spec.lo, self.spec.hi));
+                let e = Entry { ts: t, slot, row, matched: matched.value(i) };
+                self.sides[s].keep(ids[i], e, expires_at(s, t, self.spec.lo, self.spec.hi));
             }
-            st.peak = st.peak.max(st.rows);
         }
         Ok(())
     }
 }
+
+mod temporal;
+mod window;
+
+pub use temporal::TemporalJoinSpec;
+pub use window::WindowJoinSpec;
 
 #[cfg(test)]
 mod tests;

@@ -15,14 +15,16 @@ pub mod model;
 pub mod relational;
 pub mod rules;
 mod snapshot;
+pub mod table;
 pub mod window;
 
 pub use aggregate::{AggFunc, AggSpec};
 pub use alerts::{AlertBoard, AlertPolicy, AlertSpec};
 pub use detect::EwmaZscoreSpec;
-pub use join::{IntervalJoinSpec, JoinKind, UnionSpec};
+pub use join::{IntervalJoinSpec, JoinKind, TemporalJoinSpec, UnionSpec, WindowJoinSpec};
 pub use relational::{FilterSpec, SelectSpec};
 pub use rules::{DetectSpec, RuleKind, RuleSpec, DETECTION_COLUMNS};
+pub use table::{TableAnswer, TableSpec, TableValues, Tables, CHANGE_COLUMN};
 pub use window::{LatePolicy, SideWriter, TimeDomain, WindowKind, WindowSpec};
 
 /// The last segment of a dotted column path: the name a key or value column gets in output.

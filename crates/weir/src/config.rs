@@ -407,12 +407,16 @@ pub enum StepConfig {
     /// Every row of several streams with the same columns, as one stream.
     Union(UnionConfig),
     /// Pairs of rows of two streams with the same key and times close enough.
-    IntervalJoin(IntervalJoinConfig),
+    IntervalJoin(JoinConfig),
+    /// Pairs of rows of two streams with the same key in the same window.
+    WindowJoin(JoinConfig),
+    /// Each row of a stream with its key's version in a changelog stream at its time.
+    TemporalJoin(JoinConfig),
 }
 
 /// The keys of [`StepRepr`]: every kind of step, as the error for a step without one lists
 /// them. (A test checks the list against the struct.)
-const STEP_KINDS: [&str; 11] = [
+const STEP_KINDS: [&str; 13] = [
     "filter",
     "select",
     "key_by",
@@ -424,6 +428,8 @@ const STEP_KINDS: [&str; 11] = [
     "lookup",
     "union",
     "interval_join",
+    "window_join",
+    "temporal_join",
 ];
 
 /// The YAML shape of a step: a map with exactly one known key. (serde_yaml reads enums from
@@ -452,7 +458,11 @@ struct StepRepr {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     union: Option<UnionConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    interval_join: Option<IntervalJoinConfig>,
+    interval_join: Option<JoinConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    window_join: Option<JoinConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    temporal_join: Option<JoinConfig>,
 }
 
 impl TryFrom<StepRepr> for StepConfig {
@@ -492,6 +502,12 @@ impl TryFrom<StepRepr> for StepConfig {
         if let Some(c) = r.interval_join {
             found.push(StepConfig::IntervalJoin(c));
         }
+        if let Some(c) = r.window_join {
+            found.push(StepConfig::WindowJoin(c));
+        }
+        if let Some(c) = r.temporal_join {
+            found.push(StepConfig::TemporalJoin(c));
+        }
         match found.len() {
             1 => Ok(found.remove(0)),
             0 => Err(format!(
@@ -518,6 +534,8 @@ impl From<StepConfig> for StepRepr {
             StepConfig::Lookup(c) => r.lookup = Some(c),
             StepConfig::Union(c) => r.union = Some(c),
             StepConfig::IntervalJoin(c) => r.interval_join = Some(c),
+            StepConfig::WindowJoin(c) => r.window_join = Some(c),
+            StepConfig::TemporalJoin(c) => r.temporal_join = Some(c),
         }
         r
     }
@@ -537,7 +555,7 @@ impl StepConfig {
             Self::Function(c) => &c.id,
             Self::Lookup(c) => &c.id,
             Self::Union(c) => &c.id,
-            Self::IntervalJoin(c) => &c.id,
+            Self::IntervalJoin(c) | Self::WindowJoin(c) | Self::TemporalJoin(c) => &c.id,
         }
     }
 
@@ -553,7 +571,7 @@ impl StepConfig {
             Self::Alert(c) => Some(&mut c.input),
             Self::Function(c) => Some(&mut c.input),
             Self::Lookup(c) => Some(&mut c.input),
-            Self::Union(_) | Self::IntervalJoin(_) => None,
+            Self::Union(_) | Self::IntervalJoin(_) | Self::WindowJoin(_) | Self::TemporalJoin(_) => None,
         }
     }
 
@@ -574,7 +592,9 @@ impl StepConfig {
             Self::Function(c) => one(&c.input),
             Self::Lookup(c) => one(&c.input),
             Self::Union(c) => c.inputs.iter().map(String::as_str).collect(),
-            Self::IntervalJoin(c) => vec![c.left.as_str(), c.right.as_str()],
+            Self::IntervalJoin(c) | Self::WindowJoin(c) | Self::TemporalJoin(c) => {
+                vec![c.left.as_str(), c.right.as_str()]
+            }
         }
     }
 }
@@ -589,11 +609,18 @@ pub struct UnionConfig {
     pub inputs: Vec<String>,
 }
 
-/// `interval_join` settings: each row `l` of `left` paired with each row `r` of `right` that
-/// has the same key and `l.time + between[0] <= r.time <= l.time + between[1]` (event times).
+/// Settings of the three joins of two streams, `interval_join`, `window_join` and
+/// `temporal_join`; each takes the settings of its kind and refuses the others':
+///
+/// - `interval_join`: each row `l` of `left` paired with each row `r` of `right` that has the
+///   same key and `l.time + between[0] <= r.time <= l.time + between[1]` (event times).
+/// - `window_join`: rows of both with the same key in the same window (`tumbling`, `hopping`
+///   or `session`), paired when the window closes.
+/// - `temporal_join`: each row of `left` with the row of `right` (a changelog: each row a new
+///   version of its key) that was its key's newest at the left row's time.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct IntervalJoinConfig {
+pub struct JoinConfig {
     /// Step id.
     pub id: String,
     /// The left stream (a step or source id).
@@ -606,17 +633,51 @@ pub struct IntervalJoinConfig {
     /// The right side's key column paths when they differ from the left's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub right_on: Option<Vec<String>>,
-    /// How far the right row's time may be from the left row's: `[-50ms, 50ms]` (both ends
-    /// included; a leading `-` is before).
-    pub between: [String; 2],
+    /// `interval_join`: how far the right row's time may be from the left row's:
+    /// `[-50ms, 50ms]` (both ends included; a leading `-` is before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub between: Option<[String; 2]>,
+    /// `window_join`: tumbling windows of this size.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub tumbling: Option<Duration>,
+    /// `window_join`: hopping windows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hopping: Option<HoppingConfig>,
+    /// `window_join`: session windows (a session is made by the rows of both sides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionConfig>,
+    /// `temporal_join`: forget a key whose newest version is older than the watermark by this
+    /// much (event time); later rows of it find no version. None: keys are kept for the run.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub state_ttl: Option<Duration>,
     /// `inner` (pairs only, the default), `left`, `right` or `full` (also rows without a
-    /// partner, with the other side null).
+    /// partner, with the other side null); a temporal join is `inner` or `left`.
     #[serde(default)]
     pub kind: JoinKindConfig,
     /// Names of the output's two struct columns holding each side's row; default: the
     /// inputs' ids.
     #[serde(default, rename = "as", skip_serializing_if = "Option::is_none")]
     pub names: Option<[String; 2]>,
+}
+
+impl JoinConfig {
+    /// A join of `left` and `right` on `on`, inner, with no kind-specific settings yet.
+    pub fn new(id: &str, left: &str, right: &str, on: &[&str]) -> Self {
+        Self {
+            id: id.into(),
+            left: left.into(),
+            right: right.into(),
+            on: on.iter().map(|s| (*s).to_string()).collect(),
+            right_on: None,
+            between: None,
+            tumbling: None,
+            hopping: None,
+            session: None,
+            state_ttl: None,
+            kind: JoinKindConfig::Inner,
+            names: None,
+        }
+    }
 }
 
 /// Which rows without a partner a join keeps.

@@ -183,9 +183,22 @@ impl Pipeline {
         }))
     }
 
-    /// Pairs rows of two streams with the same key and close times (see [`IntervalJoinConfig`]).
-    pub fn interval_join(&mut self, cfg: IntervalJoinConfig) -> &mut Self {
+    /// Pairs rows of two streams with the same key and close times (see [`JoinConfig`]; set
+    /// `between`).
+    pub fn interval_join(&mut self, cfg: JoinConfig) -> &mut Self {
         self.step(StepConfig::IntervalJoin(cfg))
+    }
+
+    /// Pairs rows of two streams with the same key in the same window (see [`JoinConfig`];
+    /// set one of `tumbling`, `hopping`, `session`).
+    pub fn window_join(&mut self, cfg: JoinConfig) -> &mut Self {
+        self.step(StepConfig::WindowJoin(cfg))
+    }
+
+    /// Joins each row of `left` with its key's version in the changelog `right` at its time
+    /// (see [`JoinConfig`]).
+    pub fn temporal_join(&mut self, cfg: JoinConfig) -> &mut Self {
+        self.step(StepConfig::TemporalJoin(cfg))
     }
 
     /// Adds a sink of its own that writes what step `input` makes (several sinks, each
@@ -540,25 +553,93 @@ fn signed_ms(key: &str, v: &str) -> Result<i64> {
     Ok(if neg { -ms } else { ms })
 }
 
-/// An `interval_join`'s settings on its two input streams.
-fn interval_join_spec(j: &IntervalJoinConfig, inputs: &[Stream]) -> Result<weir_ops::IntervalJoinSpec> {
+/// A planned join of two streams: the operator, its output schema, and each side's keys.
+struct PlannedJoin {
+    op: Arc<dyn OperatorFactory>,
+    schema: SchemaRef,
+    keys: [Vec<String>; 2],
+    names: [String; 2],
+}
+
+/// A join step's settings on its two input streams. `step` is the kind as written
+/// (`interval_join`...), for errors about settings that belong to another kind.
+fn join_spec(step: &StepConfig, inputs: &[Stream]) -> Result<PlannedJoin> {
+    let (kind_name, j) = match step {
+        StepConfig::IntervalJoin(j) => ("interval_join", j),
+        StepConfig::WindowJoin(j) => ("window_join", j),
+        StepConfig::TemporalJoin(j) => ("temporal_join", j),
+        _ => weir_core::bail_internal!("{} is not a join", step.id()),
+    };
     let [l, r] = inputs else { weir_core::bail_internal!("a join with {} inputs", inputs.len()) };
     let names = j.names.clone().unwrap_or_else(|| [j.left.clone(), j.right.clone()]);
     weir_core::ensure_config!(names[0] != names[1], "as: the two sides need different names, not `{}` twice", names[0]);
-    let right_keys = j.right_on.clone().unwrap_or_else(|| j.on.clone());
+    let keys = [j.on.clone(), j.right_on.clone().unwrap_or_else(|| j.on.clone())];
+    let schemas = [l.schema.clone(), r.schema.clone()];
     let kind = match j.kind {
         JoinKindConfig::Inner => weir_ops::JoinKind::Inner,
         JoinKindConfig::Left => weir_ops::JoinKind::Left,
         JoinKindConfig::Right => weir_ops::JoinKind::Right,
         JoinKindConfig::Full => weir_ops::JoinKind::Full,
     };
-    Ok(weir_ops::IntervalJoinSpec {
-        schemas: [l.schema.clone(), r.schema.clone()],
-        keys: [j.on.clone(), right_keys],
-        names,
-        lo: signed_ms("between", &j.between[0])?,
-        hi: signed_ms("between", &j.between[1])?,
-        kind,
+    // Each kind's own settings; another kind's are a mistake worth naming.
+    let windowed = j.tumbling.is_some() || j.hopping.is_some() || j.session.is_some();
+    let foreign = [
+        ("between", j.between.is_some(), "interval_join"),
+        ("tumbling/hopping/session", windowed, "window_join"),
+        ("state_ttl", j.state_ttl.is_some(), "temporal_join"),
+    ];
+    for (key, set, owner) in foreign {
+        weir_core::ensure_config!(!set || owner == kind_name, "`{key}` is a setting of {owner}, not of {kind_name}");
+    }
+    let (op, schema): (Arc<dyn OperatorFactory>, SchemaRef) = match step {
+        StepConfig::IntervalJoin(_) => {
+            let between = j.between.as_ref().ok_or_else(|| {
+                CoreError::Config("interval_join needs `between: [from, to]`, e.g. `[-50ms, 50ms]`".into())
+            })?;
+            let spec = weir_ops::IntervalJoinSpec {
+                schemas,
+                keys: keys.clone(),
+                names: names.clone(),
+                lo: signed_ms("between", &between[0])?,
+                hi: signed_ms("between", &between[1])?,
+                kind,
+            };
+            let schema = spec.output_schema()?;
+            (Arc::new(spec), schema)
+        }
+        StepConfig::WindowJoin(_) => {
+            let window = window_kind(j.tumbling, j.hopping.as_ref(), j.session.as_ref(), "a window_join")?;
+            let spec = weir_ops::WindowJoinSpec { schemas, keys: keys.clone(), names: names.clone(), window, kind };
+            let schema = spec.output_schema()?;
+            (Arc::new(spec), schema)
+        }
+        _ => {
+            let spec = weir_ops::TemporalJoinSpec {
+                schemas,
+                keys: keys.clone(),
+                names: names.clone(),
+                kind,
+                state_ttl_ms: j.state_ttl.map(ms),
+            };
+            let schema = spec.output_schema()?;
+            (Arc::new(spec), schema)
+        }
+    };
+    Ok(PlannedJoin { op, schema, keys, names })
+}
+
+/// The window shape of `tumbling`, `hopping` and `session` settings, exactly one set.
+fn window_kind(
+    tumbling: Option<Duration>,
+    hopping: Option<&HoppingConfig>,
+    session: Option<&SessionConfig>,
+    what: &str,
+) -> Result<WindowKind> {
+    Ok(match (tumbling, hopping, session) {
+        (Some(size), None, None) => WindowKind::Tumbling { size_ms: ms(size) },
+        (None, Some(h), None) => WindowKind::Hopping { size_ms: ms(h.size), slide_ms: ms(h.slide) },
+        (None, None, Some(s)) => WindowKind::Session { gap_ms: ms(s.gap) },
+        _ => return Err(CoreError::Config(format!("{what} needs exactly one of `tumbling`, `hopping`, `session`"))),
     })
 }
 
@@ -773,16 +854,7 @@ fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Function
             OpSpec::KeyBy
         }
         StepConfig::Window(w) => {
-            let kind = match (w.tumbling, &w.hopping, &w.session) {
-                (Some(size), None, None) => WindowKind::Tumbling { size_ms: ms(size) },
-                (None, Some(h), None) => WindowKind::Hopping { size_ms: ms(h.size), slide_ms: ms(h.slide) },
-                (None, None, Some(s)) => WindowKind::Session { gap_ms: ms(s.gap) },
-                _ => {
-                    return Err(CoreError::Config(
-                        "a window needs exactly one of `tumbling`, `hopping`, `session`".into(),
-                    ))
-                }
-            };
+            let kind = window_kind(w.tumbling, w.hopping.as_ref(), w.session.as_ref(), "a window")?;
             let aggs = w.aggregates.iter().map(|(name, f)| AggSpec::parse(name, f)).collect::<Result<Vec<_>>>()?;
             weir_core::ensure_config!(!aggs.is_empty(), "a window needs at least one aggregate");
             let late = match &w.late {
@@ -836,7 +908,10 @@ fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Function
             },
         }),
         StepConfig::Lookup(l) => OpSpec::Lookup(lookup_spec(l, append)?),
-        StepConfig::Union(_) | StepConfig::IntervalJoin(_) => OpSpec::Multi,
+        StepConfig::Union(_)
+        | StepConfig::IntervalJoin(_)
+        | StepConfig::WindowJoin(_)
+        | StepConfig::TemporalJoin(_) => OpSpec::Multi,
         StepConfig::Function(f) => OpSpec::Custom(
             functions
                 .get(&f.id)
@@ -1120,14 +1195,12 @@ impl BuiltPipeline {
                             },
                         );
                     }
-                    StepConfig::IntervalJoin(j) => {
-                        let spec = interval_join_spec(j, &inputs)?;
-                        let out = spec.output_schema()?;
-                        let keys = spec.keys.clone();
-                        let out_keys: Vec<String> = keys[0].iter().map(|k| format!("{}.{k}", spec.names[0])).collect();
+                    StepConfig::IntervalJoin(_) | StepConfig::WindowJoin(_) | StepConfig::TemporalJoin(_) => {
+                        let PlannedJoin { op, schema: out, keys, names } = join_spec(s, &inputs)?;
+                        let out_keys: Vec<String> = keys[0].iter().map(|k| format!("{}.{k}", names[0])).collect();
                         steps.push(PlannedStep {
                             id: id.clone(),
-                            op: Arc::new(spec),
+                            op,
                             // Both sides by key, so each key's rows of both meet on one worker.
                             inputs: inputs
                                 .iter()

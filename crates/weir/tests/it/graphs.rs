@@ -266,3 +266,122 @@ fn a_join_reads_the_input_that_is_behind_first() {
     assert!(peak("a") <= 400.0, "a: the join kept {} rows at once", peak("a"));
     assert_eq!(read_jsonl(&dir.path().join("out.jsonl")).len(), 302, "the pairs of tests/data/w5-expected.jsonl");
 }
+
+/// `(device_id, ts)` of every row of a test data file.
+fn rows_of(file: &str) -> Vec<(String, i64)> {
+    read_jsonl(&data(file))
+        .iter()
+        .map(|v| (v["device_id"].as_str().unwrap().to_string(), v["ts"].as_i64().unwrap()))
+        .collect()
+}
+
+/// One side of a join's output row: its device and time, or `None` for a null side.
+fn side_of(v: &Value, side: &str) -> Option<(String, i64)> {
+    let s = v.get(side).filter(|s| !s.is_null())?;
+    Some((s["device_id"].as_str().unwrap().to_string(), s["ts"].as_i64().unwrap()))
+}
+
+type Paired = BTreeMap<(Option<(String, i64)>, Option<(String, i64)>, i64), usize>;
+
+/// A full window join of the two sources in tumbling windows pairs every row of a device's
+/// window in `a` with every one in `b`, and pads the windows one side has alone, at one and
+/// two workers.
+#[test]
+fn a_full_window_join_pairs_each_window_and_pads_the_lonely_ones() {
+    const SIZE: i64 = 5_000;
+    type Sides = [Vec<(String, i64)>; 2];
+    let mut groups: BTreeMap<(String, i64), Sides> = BTreeMap::new();
+    for (side, file) in ["sensors-3k.jsonl", "sensors-3k-b.jsonl"].into_iter().enumerate() {
+        for (d, ts) in rows_of(file) {
+            groups.entry((d.clone(), ts - ts.rem_euclid(SIZE))).or_default()[side].push((d, ts));
+        }
+    }
+    let mut want = Paired::new();
+    let mut padded = 0;
+    for ((_, start), [l, r]) in &groups {
+        if !l.is_empty() && !r.is_empty() {
+            for a in l {
+                for b in r {
+                    *want.entry((Some(a.clone()), Some(b.clone()), *start)).or_default() += 1;
+                }
+            }
+        } else {
+            padded += 1;
+            for a in l {
+                *want.entry((Some(a.clone()), None, *start)).or_default() += 1;
+            }
+            for b in r {
+                *want.entry((None, Some(b.clone()), *start)).or_default() += 1;
+            }
+        }
+    }
+    assert!(padded > 0, "the data has windows with rows on one side only");
+    for workers in [1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.jsonl");
+        let text = two_sources(&format!(
+            "steps:\n  - window_join: {{ id: j, left: a, right: b, on: device_id, tumbling: 5s, kind: full }}\nsink: {{ id: out, file: {{ path: \"{}\", format: json }} }}\ndead_letters: {{ path: \"{}\" }}\n",
+            out.display(),
+            dir.path().join("dead.jsonl").display()
+        ));
+        run(&text, workers);
+        let mut got = Paired::new();
+        for v in read_jsonl(&out) {
+            let start = v["window_start"].as_i64().unwrap();
+            assert_eq!(v["window_end"].as_i64().unwrap(), start + SIZE);
+            *got.entry((side_of(&v, "a"), side_of(&v, "b"), start)).or_default() += 1;
+        }
+        assert_eq!(got, want, "{workers} workers");
+    }
+}
+
+/// A temporal join gives each row of `a` the row of `b` of its device that was the newest at
+/// its time (the left join keeps rows with none yet), at one and two workers.
+#[test]
+fn a_temporal_join_finds_the_version_valid_at_each_rows_time() {
+    let versions = rows_of("sensors-3k-b.jsonl");
+    let mut want = Paired::new();
+    for a in rows_of("sensors-3k.jsonl") {
+        let v = versions.iter().filter(|b| b.0 == a.0 && b.1 <= a.1).max_by_key(|b| b.1).cloned();
+        *want.entry((Some(a), v, 0)).or_default() += 1;
+    }
+    assert!(want.keys().any(|k| k.1.is_none()), "some rows come before their device's first version");
+    for workers in [1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.jsonl");
+        let text = two_sources(&format!(
+            "steps:\n  - temporal_join: {{ id: j, left: a, right: b, on: device_id, kind: left, as: [reading, config] }}\nsink: {{ id: out, file: {{ path: \"{}\", format: json }} }}\ndead_letters: {{ path: \"{}\" }}\n",
+            out.display(),
+            dir.path().join("dead.jsonl").display()
+        ));
+        let s = run(&text, workers);
+        let j = s.steps.iter().find(|(id, _)| id.as_str() == "j").unwrap();
+        assert_eq!(j.1.late_dropped, 0);
+        let mut got = Paired::new();
+        for v in read_jsonl(&out) {
+            *got.entry((side_of(&v, "reading"), side_of(&v, "config"), 0)).or_default() += 1;
+        }
+        assert_eq!(got, want, "{workers} workers");
+    }
+}
+
+/// Each join kind takes its own settings and names the kind another setting belongs to.
+#[test]
+fn a_join_with_another_kinds_setting_is_refused() {
+    let e = refused(&two_sources(&format!(
+        "steps:\n  - window_join: {{ id: j, left: a, right: b, on: device_id, between: [-1s, 1s] }}\n{OUT}"
+    )));
+    assert!(e.contains("`between` is a setting of interval_join, not of window_join"), "{e}");
+    let e = refused(&two_sources(&format!(
+        "steps:\n  - window_join: {{ id: j, left: a, right: b, on: device_id }}\n{OUT}"
+    )));
+    assert!(e.contains("exactly one of `tumbling`, `hopping`, `session`"), "{e}");
+    let e = refused(&two_sources(&format!(
+        "steps:\n  - temporal_join: {{ id: j, left: a, right: b, on: device_id, kind: full }}\n{OUT}"
+    )));
+    assert!(e.contains("inner or left"), "{e}");
+    let e = refused(&two_sources(&format!(
+        "steps:\n  - interval_join: {{ id: j, left: a, right: b, on: device_id }}\n{OUT}"
+    )));
+    assert!(e.contains("needs `between"), "{e}");
+}
