@@ -60,3 +60,32 @@ def test_the_guide_testing_example_runs():
     section = guide[guide.index("## Testing pipelines"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     exec(compile(code, "docs/python.md", "exec"), {})
+
+
+def test_the_faust_style_example_counts_per_page_and_per_country_at_view_time(tmp_path):
+    ex = load("page_views")
+    views_path, users_path = ex.make_input(str(tmp_path), views=3000)
+    p = ex.pipeline(views_path, users_path, str(tmp_path))
+    p.run(workers=2)
+    views = read_jsonl(views_path)
+    users = read_jsonl(users_path)
+    per_page = {}
+    for v in views:
+        per_page[v["page"]] = per_page.get(v["page"], 0) + 1
+    assert {r["page"]: r["views"] for r in p.table_rows("views_per_page")} == per_page
+    # The country of a view is its user's newest change at or before the view (None before).
+    per_country = {}
+    for v in views:
+        changes = [u for u in users if u["user_id"] == v["user_id"] and u["ts"] <= v["ts"]]
+        # Of changes at the same time, the one that came last.
+        country = changes[max(range(len(changes)), key=lambda j: (changes[j]["ts"], j))]["country"] if changes else None
+        per_country[country] = per_country.get(country, 0) + 1
+    got = {r["country"]: r["views"] for r in p.table_rows("views_per_country")}
+    assert got == per_country
+    assert p.table_value("views_per_country", "de")["views"] == per_country["de"]
+    assert p.table_value("views_per_page", "/nowhere") is None
+    # The change log ends at each key's value.
+    last = {}
+    for r in read_jsonl(tmp_path / "views_per_page.jsonl"):
+        last[r["page"]] = r["views"]
+    assert last == per_page

@@ -401,6 +401,8 @@ class Pipeline:
         self._functions: Dict[str, _Function] = {}
         self._code_source: Any = None
         self._code_sink: Any = None
+        # The native pipeline of the last run, whose tables stay readable after it.
+        self._last_native: Any = None
 
     # -- construction from YAML -----------------------------------------------------------
 
@@ -616,6 +618,24 @@ class Pipeline:
             settings["state_ttl"] = _duration(state_ttl)
         return self._step("temporal_join", settings)
 
+    def table(self, id: str, key: Union[str, Sequence[str]], *, aggregates: Optional[Mapping[str, str]] = None,
+              latest: bool = False, state_ttl: Optional[Duration] = None) -> "Pipeline":
+        """Keeps the current value of every key: running ``aggregates`` over all its rows so
+        far (``{"n": "count()", "total": "sum(amount)"}``), or its ``latest`` row. Emits one
+        change per key a batch changed, with an ``_op`` column (``insert``, ``update``,
+        ``delete``) that upsert sinks apply; ``state_ttl="1h"`` deletes keys not updated for
+        that long (event time). While the job runs, ``GET /tables/<id>/<key>`` on the API port
+        reads a key's value, and :meth:`table_value` / :meth:`table_rows` read it from Python
+        (during a run, from another thread, and after it)."""
+        t: Json = {"id": id, "key": [key] if isinstance(key, str) else list(key)}
+        if aggregates is not None:
+            t["aggregates"] = dict(aggregates)
+        if latest:
+            t["latest"] = True
+        if state_ttl is not None:
+            t["state_ttl"] = _duration(state_ttl)
+        return self._step("table", t)
+
     def filter(self, id: str, predicate: Union[str, Callable[[Dict[str, Any]], bool]], *, retry: Optional[Retry] = None) -> "Pipeline":
         """Keeps rows matching a SQL predicate (a string), or for which a Python function of
         the row (a dict) returns true."""
@@ -804,8 +824,27 @@ class Pipeline:
         watermark, lag) on stderr: every second, rewritten in place, when stderr is a
         terminal (the default, ``None``, does only that); ``True`` also off a terminal, a line
         every 10 s; a number, every that many seconds; ``False``, never."""
-        raw = self._native().run(workers, fresh, metrics_addr, _progress_every(progress))
+        native = self._native()
+        self._last_native = native
+        raw = native.run(workers, fresh, metrics_addr, _progress_every(progress))
         return _summary(raw, self._code_sink)
+
+    def table_value(self, id: str, *key: Any) -> Optional[Dict[str, Any]]:
+        """The current row of table ``id`` for ``key`` (one value per key column), as a dict,
+        or ``None`` when the table has no such key. Works while the pipeline runs (from
+        another thread, or on a :class:`RunningPipeline`) and after it ended."""
+        rows = self._native_for_tables().table_rows(id, [str(k) for k in key]).to_pylist()
+        return rows[0] if rows else None
+
+    def table_rows(self, id: str, *, prefix: str = "", limit: int = 1000) -> List[Dict[str, Any]]:
+        """Up to ``limit`` rows of table ``id`` whose (first) key starts with ``prefix``."""
+        rows: List[Dict[str, Any]] = self._native_for_tables().table_rows(id, None, prefix, limit).to_pylist()
+        return rows
+
+    def _native_for_tables(self) -> Any:
+        if self._last_native is None:
+            raise ConfigError("the pipeline has not run: its tables are read while it runs and after")
+        return self._last_native
 
     def run_in_thread(self, **kwargs: Any) -> "RunningPipeline":
         """Starts :meth:`run` in a thread; :meth:`RunningPipeline.stop` stops it cleanly."""
@@ -817,6 +856,7 @@ class RunningPipeline:
 
     def __init__(self, p: Pipeline, kwargs: Dict[str, Any]):
         self._native = p._native()
+        p._last_native = self._native
         self._sink = p._code_sink
         self._result: Any = None
         self._error: Optional[BaseException] = None

@@ -1,5 +1,5 @@
 //! The Redis sink: each row as a hash of its latest values (`HSET`, a live state table for
-//! dashboards), a stream entry (`XADD`, trimmed with `MAXLEN ~`), or a message (`PUBLISH`).
+//! dashboards; a table's `delete` change removes the hash), a stream entry (`XADD`, trimmed with `MAXLEN ~`), or a message (`PUBLISH`).
 //! Each batch is one pipeline of commands, one round trip.
 //!
 //! Redis has no transactions that outlive a connection, so the sink is at least once: after a
@@ -79,7 +79,12 @@ impl RedisSinkFactory {
     /// # Errors
     /// A URL that does not parse, or a key template naming a column the rows lack.
     pub fn new(cfg: RedisSinkConfig) -> Result<Self> {
-        let key = RowTemplate::parse(&cfg.key, &cfg.schema, "redis sink `key`")?;
+        // A hash is written from the rows without a table's `_op` (see `commands`).
+        let schema = match cfg.command {
+            RedisSinkCommand::Hset { .. } => weir_core::changes::without_change_column(&cfg.schema),
+            _ => cfg.schema.clone(),
+        };
+        let key = RowTemplate::parse(&cfg.key, &schema, "redis sink `key`")?;
         let client = redis::Client::open(cfg.url.as_str()).map_err(|e| {
             CoreError::Config(format!("redis sink: `url` ({}): {e}", crate::redis_streams::redact_url(&cfg.url)))
         })?;
@@ -174,16 +179,26 @@ impl RedisSink {
         pipe.ignore_errors();
         // The row of each command, to name a refused one.
         let mut of_command = Vec::new();
+        // Changes of a table: a hash keeps the rest without `_op`; a delete removes the hash.
+        let (rows, deletes) = match self.command {
+            RedisSinkCommand::Hset { .. } => weir_core::changes::split(rows)?,
+            _ => (rows.clone(), vec![false; rows.num_rows()]),
+        };
+        let rows = &rows;
         let keys = self.key.renderer(rows)?;
         let values = Values::new(rows)?;
         let mut key = String::new();
         let mut fields = Vec::new();
-        for row in 0..rows.num_rows() {
+        for (row, &delete) in deletes.iter().enumerate() {
             if let Err(reason) = keys.render(row, &mut key) {
                 refused.push(RefusedRow { row, reason: format!("redis sink: {reason}") });
                 continue;
             }
             match &self.command {
+                RedisSinkCommand::Hset { .. } if delete => {
+                    pipe.cmd("DEL").arg(&key);
+                    of_command.push(row);
+                }
                 RedisSinkCommand::Hset { ttl } => {
                     values.fields(row, &mut fields);
                     if fields.is_empty() {

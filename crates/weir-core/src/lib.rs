@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod changes;
 pub mod checkpoint;
 mod checkpointing;
 pub mod deadletter;

@@ -28,8 +28,7 @@ use weir_core::{Batch, CoreError, OpContext, Operator, OperatorFactory, Result};
 use crate::aggregate::{Accumulators, AggSpec};
 use crate::{field_by_path, leaf_name};
 
-/// The column of a table's changes that says what changed: `insert`, `update` or `delete`.
-pub const CHANGE_COLUMN: &str = "_op";
+pub use weir_core::changes::CHANGE_COLUMN;
 
 /// What a table keeps per key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,7 +331,8 @@ impl Operator for Table {
     }
 
     fn on_watermark(&mut self, wm: i64, cx: &mut OpContext<'_>) -> Result<()> {
-        if self.spec.state_ttl.is_none() {
+        // The end of a bounded input is not time passing: the table keeps what it holds.
+        if self.spec.state_ttl.is_none() || wm == weir_core::batch::END_OF_TIME {
             return Ok(());
         }
         let core = self.core.clone();
@@ -439,6 +439,21 @@ impl Operator for Table {
     }
 }
 
+/// Key values given as text, as one-row columns of the key's types.
+fn parse_key(key: &[&str], types: &[DataType]) -> Result<Vec<ArrayRef>> {
+    key.iter()
+        .zip(types)
+        .map(|(v, t)| {
+            let s: ArrayRef = Arc::new(StringArray::from(vec![*v]));
+            let c = arrow_cast::cast(&s, t)?;
+            if c.is_null(0) {
+                return Err(CoreError::Config(format!("`{v}` is not a value of the key's type {t}")));
+            }
+            Ok(c)
+        })
+        .collect()
+}
+
 /// Each aggregate's input column as f64 (`None` for `count()`).
 fn agg_values(values: &TableValues, rows: &RecordBatch) -> Result<Vec<Option<Float64Array>>> {
     let TableValues::Aggregates(aggs) = values else { return Ok(Vec::new()) };
@@ -472,10 +487,23 @@ struct Shards {
     cores: Vec<Option<Arc<Mutex<Core>>>>,
 }
 
+/// Says which process of a group holds a key (its key columns) that this one does not: a
+/// description for the answer, or `None` when it cannot tell.
+pub type KeyLocator = Arc<dyn Fn(&[ArrayRef]) -> Option<serde_json::Value> + Send + Sync>;
+
 /// The running job's tables, for queries (`GET /tables/...`): each table's state on every
 /// worker of this process. Cloning shares it.
-#[derive(Debug, Clone, Default)]
-pub struct Tables(Arc<Mutex<BTreeMap<String, Shards>>>);
+#[derive(Clone, Default)]
+pub struct Tables {
+    shards: Arc<Mutex<BTreeMap<String, Shards>>>,
+    locator: Arc<Mutex<Option<KeyLocator>>>,
+}
+
+impl std::fmt::Debug for Tables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tables").field("ids", &self.ids()).finish_non_exhaustive()
+    }
+}
 
 /// A table query's answer.
 #[derive(Debug)]
@@ -488,7 +516,7 @@ pub enum TableAnswer {
 
 impl Tables {
     fn register(&self, id: &str, worker: usize, workers: usize, key_types: &[DataType], core: Arc<Mutex<Core>>) {
-        let mut all = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut all = self.shards.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let shards =
             all.entry(id.to_string()).or_insert_with(|| Shards { key_types: key_types.to_vec(), cores: Vec::new() });
         if shards.cores.len() != workers {
@@ -500,12 +528,12 @@ impl Tables {
 
     /// The ids of the tables running here.
     pub fn ids(&self) -> Vec<String> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).keys().cloned().collect()
+        self.shards.lock().unwrap_or_else(std::sync::PoisonError::into_inner).keys().cloned().collect()
     }
 
     /// The shards of table `id`, and its key types.
     fn shards(&self, id: &str) -> Option<(Vec<DataType>, Vec<SharedCore>)> {
-        let all = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let all = self.shards.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         all.get(id).map(|s| (s.key_types.clone(), s.cores.iter().flatten().cloned().collect()))
     }
 
@@ -523,18 +551,7 @@ impl Tables {
                 key.len()
             )));
         }
-        let cols = key
-            .iter()
-            .zip(&types)
-            .map(|(v, t)| {
-                let s: ArrayRef = Arc::new(StringArray::from(vec![*v]));
-                let c = arrow_cast::cast(&s, t)?;
-                if c.is_null(0) {
-                    return Err(CoreError::Config(format!("`{v}` is not a value of the key's type {t}")));
-                }
-                Ok(c)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let cols = parse_key(key, &types)?;
         let mut schema = None;
         for core in cores {
             let core = lock(&core);
@@ -549,8 +566,22 @@ impl Tables {
         Ok(TableAnswer::Rows(RecordBatch::new_empty(schema), false))
     }
 
+    /// Sets who tells which process of a group holds a key not held here.
+    pub fn set_locator(&self, locator: KeyLocator) {
+        *self.locator.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(locator);
+    }
+
+    /// For a key of table `id` that this process does not hold: which process of its group
+    /// does, when the job runs in a group and it can be told.
+    pub fn holder(&self, id: &str, key: &[&str]) -> Option<serde_json::Value> {
+        let locator = self.locator.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()?;
+        let (types, _) = self.shards(id)?;
+        let cols = parse_key(key, &types).ok()?;
+        locator(&cols)
+    }
+
     /// Up to `limit` rows of table `id` whose first key column, as text, starts with `prefix`
-    /// (every row for an empty prefix), in no particular order.
+    /// (every row for an empty prefix, a null key included), in no particular order.
     ///
     /// # Errors
     /// A key column that cannot be shown as text.
@@ -572,7 +603,9 @@ impl Tables {
             let text = text.as_string::<i32>();
             let mut picked = Vec::new();
             for (i, &k) in ids.iter().enumerate() {
-                if text.is_valid(i) && text.value(i).starts_with(prefix) {
+                // A null key has no text: only a scan of everything finds it.
+                let hit = if text.is_valid(i) { text.value(i).starts_with(prefix) } else { prefix.is_empty() };
+                if hit {
                     if found == limit {
                         truncated = true;
                         break;

@@ -88,6 +88,8 @@ struct NativePipeline {
     sink: Option<(CollectSink, Py<PyAny>)>,
     failure: steps::Failure,
     running: Arc<Mutex<Option<Running>>>,
+    /// The `table` steps of the current run, or of the last one after it ended.
+    tables: Arc<Mutex<Option<weir_ops::Tables>>>,
 }
 
 /// A run in progress: how to stop it and where its live counters are.
@@ -157,7 +159,7 @@ impl NativePipeline {
             }
             None => None,
         };
-        Ok(Self { pipeline: p, sink, failure, running: Arc::default() })
+        Ok(Self { pipeline: p, sink, failure, running: Arc::default(), tables: Arc::default() })
     }
 
     /// Checks the pipeline without reading input.
@@ -189,6 +191,7 @@ impl NativePipeline {
         let (spec, out_schema) =
             built.plan_with_schema(&RunOptions { workers, fresh }).map_err(|e| raise(py, &e, self.take_failure()))?;
         let workers = spec.workers;
+        *self.tables.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(built.tables());
         let job = Job::new(spec).map_err(|e| raise(py, &e, None))?;
         let stop = job.shutdown_handle();
         let registry = job.registry();
@@ -264,6 +267,31 @@ impl NativePipeline {
         }
     }
 
+    /// Table `id`'s rows (as a pyarrow table) for key `key` (a list: one value per key
+    /// column), or those whose first key starts with `prefix`, up to `limit`.
+    #[pyo3(signature = (id, key=None, prefix=None, limit=1000))]
+    fn table_rows<'py>(
+        &self,
+        py: Python<'py>,
+        id: &str,
+        key: Option<Vec<String>>,
+        prefix: Option<String>,
+        limit: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let tables = self.tables(py)?;
+        let answer = match &key {
+            Some(k) => tables.get(id, &k.iter().map(String::as_str).collect::<Vec<_>>()),
+            None => tables.scan(id, prefix.as_deref().unwrap_or(""), limit),
+        }
+        .map_err(|e| raise(py, &e, None))?;
+        match answer {
+            weir_ops::TableAnswer::Rows(rows, _) => rows.to_pyarrow(py),
+            weir_ops::TableAnswer::NoTable => {
+                Err(config_err(py, format!("no table `{id}` in this pipeline (tables: {})", tables.ids().join(", "))))
+            }
+        }
+    }
+
     /// The live counters of a run in progress (`None` when not running): records read, rows
     /// written, the watermark (ms) and each step's counters.
     fn progress<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
@@ -281,6 +309,13 @@ impl NativePipeline {
 }
 
 impl NativePipeline {
+    /// The current (or last) run's tables; an error before any run.
+    fn tables(&self, py: Python<'_>) -> PyResult<weir_ops::Tables> {
+        self.tables.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone().ok_or_else(|| {
+            config_err(py, "the pipeline has not run: its tables are read while it runs and after".into())
+        })
+    }
+
     fn take_failure(&self) -> Option<PyErr> {
         self.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }

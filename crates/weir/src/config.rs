@@ -412,11 +412,14 @@ pub enum StepConfig {
     WindowJoin(JoinConfig),
     /// Each row of a stream with its key's version in a changelog stream at its time.
     TemporalJoin(JoinConfig),
+    /// The current value per key (running aggregates or the latest row), emitted as changes
+    /// and queryable on the API port.
+    Table(TableConfig),
 }
 
 /// The keys of [`StepRepr`]: every kind of step, as the error for a step without one lists
 /// them. (A test checks the list against the struct.)
-const STEP_KINDS: [&str; 13] = [
+const STEP_KINDS: [&str; 14] = [
     "filter",
     "select",
     "key_by",
@@ -430,6 +433,7 @@ const STEP_KINDS: [&str; 13] = [
     "interval_join",
     "window_join",
     "temporal_join",
+    "table",
 ];
 
 /// The YAML shape of a step: a map with exactly one known key. (serde_yaml reads enums from
@@ -463,6 +467,8 @@ struct StepRepr {
     window_join: Option<JoinConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     temporal_join: Option<JoinConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    table: Option<TableConfig>,
 }
 
 impl TryFrom<StepRepr> for StepConfig {
@@ -508,6 +514,9 @@ impl TryFrom<StepRepr> for StepConfig {
         if let Some(c) = r.temporal_join {
             found.push(StepConfig::TemporalJoin(c));
         }
+        if let Some(c) = r.table {
+            found.push(StepConfig::Table(c));
+        }
         match found.len() {
             1 => Ok(found.remove(0)),
             0 => Err(format!(
@@ -536,6 +545,7 @@ impl From<StepConfig> for StepRepr {
             StepConfig::IntervalJoin(c) => r.interval_join = Some(c),
             StepConfig::WindowJoin(c) => r.window_join = Some(c),
             StepConfig::TemporalJoin(c) => r.temporal_join = Some(c),
+            StepConfig::Table(c) => r.table = Some(c),
         }
         r
     }
@@ -556,6 +566,7 @@ impl StepConfig {
             Self::Lookup(c) => &c.id,
             Self::Union(c) => &c.id,
             Self::IntervalJoin(c) | Self::WindowJoin(c) | Self::TemporalJoin(c) => &c.id,
+            Self::Table(c) => &c.id,
         }
     }
 
@@ -571,6 +582,7 @@ impl StepConfig {
             Self::Alert(c) => Some(&mut c.input),
             Self::Function(c) => Some(&mut c.input),
             Self::Lookup(c) => Some(&mut c.input),
+            Self::Table(c) => Some(&mut c.input),
             Self::Union(_) | Self::IntervalJoin(_) | Self::WindowJoin(_) | Self::TemporalJoin(_) => None,
         }
     }
@@ -591,6 +603,7 @@ impl StepConfig {
             Self::Alert(c) => one(&c.input),
             Self::Function(c) => one(&c.input),
             Self::Lookup(c) => one(&c.input),
+            Self::Table(c) => one(&c.input),
             Self::Union(c) => c.inputs.iter().map(String::as_str).collect(),
             Self::IntervalJoin(c) | Self::WindowJoin(c) | Self::TemporalJoin(c) => {
                 vec![c.left.as_str(), c.right.as_str()]
@@ -678,6 +691,32 @@ impl JoinConfig {
             names: None,
         }
     }
+}
+
+/// `table` settings: per key, running aggregates over every row so far (`aggregates`) or the
+/// latest row (`latest: true`, for a changelog stream). Emits one change per key a batch
+/// changed, with an `_op` column (`insert`, `update`, `delete`), which upsert sinks apply;
+/// `GET /tables/<id>/<key>` on the API port reads the current value.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// Step id, and the table's name in queries.
+    pub id: String,
+    /// The step or source it reads; default: the step before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    /// Key column paths (a name or a list).
+    #[serde(deserialize_with = "one_or_many")]
+    pub key: Vec<String>,
+    /// Output name -> `func(column)`: count, sum, mean, min, max, first, last, stddev.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub aggregates: IndexMap<String, String>,
+    /// Keep each key's latest row (by event time) instead of aggregates.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub latest: bool,
+    /// Forget a key not updated for this long (event time), emitting a `delete` change.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub state_ttl: Option<Duration>,
 }
 
 /// Which rows without a partner a join keeps.

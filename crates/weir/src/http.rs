@@ -15,6 +15,9 @@
 //! POST /quarantine/{key}/release                          release a key now (Authorization: Bearer <token>)
 //! POST /ingest/{source}                                   records into an HTTP ingest source (Authorization: Bearer <token>)
 //! GET  /ws/{sink}?device_id=d-1                           WebSocket: a live feed sink's rows, one JSON object per message
+//! GET  /tables                                            the ids of the `table` steps running here
+//! GET  /tables/{id}?prefix=dev-&limit=100                 rows whose key starts with the prefix (JSON: rows, truncated)
+//! GET  /tables/{id}/{key}                                 one key's current row (404 when not held here; `held_by` in a group)
 //! ```
 //!
 //! The server is axum on a thread of its own with a single-threaded runtime: however busy the
@@ -59,6 +62,8 @@ pub struct HttpState {
     pub ingest: Arc<crate::connector::IngestHubs>,
     /// The live feed sinks, by sink id (`GET /ws/<id>`).
     pub feeds: Arc<crate::connector::FeedHubs>,
+    /// The running `table` steps (`GET /tables/<id>/<key>`).
+    pub tables: weir_ops::Tables,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -82,6 +87,7 @@ impl HttpState {
             token: None,
             ingest: Arc::default(),
             feeds: Arc::default(),
+            tables: weir_ops::Tables::default(),
         }
     }
 }
@@ -192,10 +198,13 @@ fn router(state: HttpState) -> Router {
         // Each source checks its own `max_body`.
         .route("/ingest/{source}", post(ingest).layer(axum::extract::DefaultBodyLimit::disable()))
         .route("/ws/{sink}", get(feed))
+        .route("/tables", get(|State(s): State<Shared>| async move { json_body(&serde_json::json!(s.tables.ids())) }))
+        .route("/tables/{id}", get(table_scan))
+        .route("/tables/{id}/{*key}", get(table_get))
         .fallback(|| async {
             json_error(
                 StatusCode::NOT_FOUND,
-                "not found; try /metrics, /healthz, /readyz, /alerts, /alerts/stream, /quarantine, POST /alerts/{id}/ack or /resolve",
+                "not found; try /metrics, /healthz, /readyz, /alerts, /alerts/stream, /quarantine, /tables, POST /alerts/{id}/ack or /resolve",
             )
         })
         .with_state(Arc::new(state))
@@ -243,6 +252,68 @@ fn token_refusal(token: &str, headers: &HeaderMap) -> Option<Response> {
     let mut r = json_error(StatusCode::UNAUTHORIZED, "a valid `Authorization: Bearer <token>` header is required");
     r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     Some(r)
+}
+
+/// A table's rows as JSON objects (nested structs as objects).
+fn rows_json(rows: &arrow_array::RecordBatch) -> std::result::Result<Vec<serde_json::Value>, String> {
+    use weir_formats::Encoder as _;
+    let mut enc = weir_formats::JsonEncoder::new(rows.schema()).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    enc.encode(rows, &mut out).map_err(|e| e.to_string())?;
+    out.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).map_err(|e| e.to_string()))
+        .collect()
+}
+
+fn no_table(s: &HttpState, id: &str) -> Response {
+    json_error(
+        StatusCode::NOT_FOUND,
+        format!("no table `{id}` runs in this process (tables here: {})", s.tables.ids().join(", ")),
+    )
+}
+
+/// `GET /tables/<id>?prefix=dev-&limit=100`: the rows of a table whose (first) key starts
+/// with the prefix, up to the limit (default 1000); `truncated` says more matched.
+async fn table_scan(State(s): State<Shared>, Path(id): Path<String>, Query(q): Params) -> Response {
+    let prefix = param(&q, "prefix").unwrap_or("");
+    let limit = match param(&q, "limit").map(str::parse::<usize>) {
+        None => DEFAULT_ALERT_PAGE,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => return json_error(StatusCode::BAD_REQUEST, "`limit` must be a whole number"),
+    };
+    match s.tables.scan(&id, prefix, limit) {
+        Ok(weir_ops::TableAnswer::NoTable) => no_table(&s, &id),
+        Ok(weir_ops::TableAnswer::Rows(rows, truncated)) => match rows_json(&rows) {
+            Ok(rows) => {
+                json_body(&serde_json::json!({ "table": id, "rows": rows, "truncated": truncated })).into_response()
+            }
+            Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        },
+        Err(e) => json_error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+/// `GET /tables/<id>/<key>` (`<k1>/<k2>` for a key of several columns): the key's current
+/// row; 404 when this process does not hold it, saying which member does when the job runs
+/// in a group.
+async fn table_get(State(s): State<Shared>, Path((id, key)): Path<(String, String)>) -> Response {
+    let parts: Vec<&str> = key.split('/').collect();
+    match s.tables.get(&id, &parts) {
+        Ok(weir_ops::TableAnswer::NoTable) => no_table(&s, &id),
+        Ok(weir_ops::TableAnswer::Rows(rows, _)) => match rows_json(&rows) {
+            Ok(mut rows) if !rows.is_empty() => json_body(&rows.swap_remove(0)).into_response(),
+            Ok(_) => {
+                let mut body = serde_json::json!({ "error": format!("key `{key}` is not in table `{id}` here") });
+                if let Some(holder) = s.tables.holder(&id, &parts) {
+                    body["held_by"] = holder;
+                }
+                (StatusCode::NOT_FOUND, json_body(&body)).into_response()
+            }
+            Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        },
+        Err(e) => json_error(StatusCode::BAD_REQUEST, e),
+    }
 }
 
 /// `GET /ws/<sink>`: a WebSocket of the live feed sink's rows, one JSON object per text

@@ -201,6 +201,11 @@ impl Pipeline {
         self.step(StepConfig::TemporalJoin(cfg))
     }
 
+    /// Keeps the current value per key and emits its changes (see [`TableConfig`]).
+    pub fn table(&mut self, cfg: TableConfig) -> &mut Self {
+        self.step(StepConfig::Table(cfg))
+    }
+
     /// Adds a sink of its own that writes what step `input` makes (several sinks, each
     /// reading the step it names).
     pub fn add_sink(&mut self, mut cfg: SinkConfig, input: &str) -> &mut Self {
@@ -356,6 +361,7 @@ impl Pipeline {
             link: Link::default(),
             ingest: Arc::default(),
             feeds: Arc::default(),
+            tables: weir_ops::Tables::default(),
         };
         // With every source's schema known (declared, or given by code), the steps are checked
         // now; otherwise when the pipeline is planned.
@@ -392,6 +398,8 @@ pub struct BuiltPipeline {
     ingest: Arc<crate::connector::IngestHubs>,
     /// The live feed sinks' hubs, by sink id, filled when the pipeline is planned.
     feeds: Arc<crate::connector::FeedHubs>,
+    /// The `table` steps' state while the job runs, for queries.
+    tables: weir_ops::Tables,
 }
 
 /// The error for a Kafka feature used in a build without the `kafka` cargo feature.
@@ -911,7 +919,8 @@ fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Function
         StepConfig::Union(_)
         | StepConfig::IntervalJoin(_)
         | StepConfig::WindowJoin(_)
-        | StepConfig::TemporalJoin(_) => OpSpec::Multi,
+        | StepConfig::TemporalJoin(_)
+        | StepConfig::Table(_) => OpSpec::Multi,
         StepConfig::Function(f) => OpSpec::Custom(
             functions
                 .get(&f.id)
@@ -1096,7 +1105,13 @@ impl BuiltPipeline {
             token,
             ingest: self.ingest.clone(),
             feeds: self.feeds.clone(),
+            tables: self.tables.clone(),
         }
+    }
+
+    /// The running `table` steps, for queries from code (the API port serves the same).
+    pub fn tables(&self) -> weir_ops::Tables {
+        self.tables.clone()
     }
 
     /// The API's bearer token: `api.token`, else `WEIR_API_TOKEN`.
@@ -1214,6 +1229,52 @@ impl BuiltPipeline {
                                 producer: s.id().to_string(),
                                 schema: out,
                                 keys: out_keys,
+                                keyed: true,
+                                part: Partitioning::Forward,
+                            },
+                        );
+                    }
+                    StepConfig::Table(t) => {
+                        let st = single(&inputs)?;
+                        let values = if t.latest {
+                            weir_core::ensure_config!(
+                                t.aggregates.is_empty(),
+                                "a table keeps `aggregates` or the `latest` row, not both"
+                            );
+                            weir_ops::TableValues::Latest
+                        } else {
+                            weir_ops::TableValues::Aggregates(
+                                t.aggregates
+                                    .iter()
+                                    .map(|(name, f)| AggSpec::parse(name, f))
+                                    .collect::<Result<Vec<_>>>()?,
+                            )
+                        };
+                        let spec = weir_ops::TableSpec {
+                            id: t.id.clone(),
+                            keys: t.key.clone(),
+                            values,
+                            state_ttl: t.state_ttl,
+                            tables: self.tables.clone(),
+                        };
+                        let (op, out) = spec.plan(&st.schema)?;
+                        // Each key's rows on one worker, whatever spread them before.
+                        steps.push(PlannedStep {
+                            id: id.clone(),
+                            op,
+                            inputs: vec![(st.producer.clone(), Partitioning::Hash(t.key.clone()))],
+                        });
+                        let keys = if t.latest {
+                            t.key.clone()
+                        } else {
+                            t.key.iter().map(|k| weir_ops::leaf_name(k).to_string()).collect()
+                        };
+                        streams.insert(
+                            s.id().to_string(),
+                            Stream {
+                                producer: s.id().to_string(),
+                                schema: out,
+                                keys,
                                 keyed: true,
                                 part: Partitioning::Forward,
                             },
@@ -1674,6 +1735,7 @@ impl BuiltPipeline {
             link,
             ingest: self.ingest.clone(),
             feeds: self.feeds.clone(),
+            tables: self.tables.clone(),
         }
     }
 

@@ -111,7 +111,11 @@ impl KafkaSinkFactory {
     ///
     /// # Errors
     /// CSV, or a key, partition or header column the rows do not have.
-    pub fn new(cfg: KafkaSinkConfig) -> Result<Self> {
+    pub fn new(mut cfg: KafkaSinkConfig) -> Result<Self> {
+        if cfg.key.is_some() {
+            // Changes of a table, keyed: `_op` is not written; a delete is a tombstone.
+            cfg.schema = weir_core::changes::without_change_column(&cfg.schema);
+        }
         weir_core::ensure_config!(
             !matches!(cfg.format, FormatSpec::Csv(_)),
             "kafka sink: one record per row needs `json` or `msgpack`, not csv"
@@ -432,6 +436,13 @@ impl Sink for KafkaSink {
             return Err(err);
         }
         self.resend().await?;
+        // Changes of a table on a keyed topic: the rows without `_op`, and which are deletes
+        // (tombstones: the key with no value, which compaction ends the key with).
+        let (rows, deletes) = match self.cfg.key {
+            Some(_) => weir_core::changes::split(rows)?,
+            None => (rows.clone(), vec![false; rows.num_rows()]),
+        };
+        let rows = &rows;
         let spans = crate::sink::encode_rows(self.encoder.as_mut(), &self.cfg.format, rows, &mut self.buf)?;
         let keys = self.cfg.key.as_deref().map(|k| texts(rows, k)).transpose()?;
         let parts = self.cfg.partition.as_deref().map(|p| texts(rows, p)).transpose()?;
@@ -444,7 +455,10 @@ impl Sink for KafkaSink {
         let mut futures = Vec::with_capacity(spans.len());
         let mut refused = Vec::new();
         for (i, (s, e)) in spans.iter().enumerate() {
-            let mut rec = FutureRecord::<str, [u8]>::to(&self.cfg.topic).payload(&self.buf[*s..*e]);
+            let mut rec = FutureRecord::<str, [u8]>::to(&self.cfg.topic);
+            if !deletes[i] {
+                rec = rec.payload(&self.buf[*s..*e]);
+            }
             if let Some(k) = keys.as_ref().and_then(|k| k[i].as_deref()) {
                 rec = rec.key(k);
             }

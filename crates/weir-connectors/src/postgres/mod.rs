@@ -142,6 +142,15 @@ struct Plan {
 
 #[derive(Debug)]
 struct Upsert {
+    /// Makes the connection's staging table of keys to delete.
+    delete_staging: String,
+    /// `COPY` of keys into it.
+    delete_copy: String,
+    /// Deletes the staged keys from the table, then empties the staging table.
+    delete: String,
+    /// The key columns' types and names, for encoding the keys to delete.
+    key_types: Vec<PgType>,
+    key_names: Vec<String>,
     /// Makes the connection's staging table (temporary, so each connection has its own).
     staging: String,
     /// Moves the staging table's rows into the table, then empties it.
@@ -152,6 +161,8 @@ struct Upsert {
 
 /// The staging table of upserts, one per connection.
 const STAGING: &str = "weir_upsert_staging";
+/// The staging table of keys to delete (changes with `_op: delete`), one per connection.
+const DELETE_STAGING: &str = "weir_delete_staging";
 
 /// A connection: the client, and the task that drives its socket (ended with it).
 struct Conn {
@@ -301,8 +312,12 @@ async fn open_client(pg: &tokio_postgres::Config, tls: bool, ca_file: Option<&st
 }
 
 impl Shared {
-    fn new(cfg: PostgresSinkConfig) -> Result<Self> {
+    fn new(mut cfg: PostgresSinkConfig) -> Result<Self> {
         let (pg, tls) = connect_config(&cfg.url, "postgres sink")?;
+        if matches!(cfg.write, PostgresWrite::Upsert { .. }) {
+            // Changes of a table: `_op` says what to do with the row, it is not written.
+            cfg.schema = weir_core::changes::without_change_column(&cfg.schema);
+        }
         let parts = parse_table(&cfg.table).map_err(|e| CoreError::Config(format!("postgres sink: {e}")))?;
         let table = parts.iter().map(|p| quote_ident(p)).collect::<Vec<_>>().join(".");
         let names: Vec<&str> = cfg.schema.fields().iter().map(|f| f.name().as_str()).collect();
@@ -338,6 +353,7 @@ impl Shared {
         let plan = self.plan.get_or_try_init(|| self.read_plan(&client)).await?;
         if let Some(u) = &plan.upsert {
             client.batch_execute(&u.staging).await.map_err(fail("making the staging table"))?;
+            client.batch_execute(&u.delete_staging).await.map_err(fail("making the staging table"))?;
         }
         Ok(client)
     }
@@ -405,7 +421,21 @@ impl Shared {
                     .collect();
                 let action =
                     if set.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", set.join(", ")) };
+                let key_cols: Vec<usize> = key.iter().filter_map(|k| names.iter().position(|n| n == k)).collect();
+                let match_keys =
+                    key.iter().map(|k| format!("t.{0} = d.{0}", quote_ident(k))).collect::<Vec<_>>().join(" AND ");
                 let u = Upsert {
+                    delete_staging: format!(
+                        "CREATE TEMP TABLE IF NOT EXISTS {DELETE_STAGING} AS SELECT {keys} FROM {} WITH NO DATA",
+                        self.table
+                    ),
+                    delete_copy: format!("COPY {DELETE_STAGING} ({keys}) FROM STDIN (FORMAT binary)"),
+                    delete: format!(
+                        "DELETE FROM {t} t USING {DELETE_STAGING} d WHERE {match_keys}; TRUNCATE {DELETE_STAGING}",
+                        t = self.table
+                    ),
+                    key_types: key_cols.iter().map(|&i| types[i]).collect(),
+                    key_names: key_cols.iter().map(|&i| names[i].clone()).collect(),
                     staging: format!(
                         "CREATE TEMP TABLE IF NOT EXISTS {STAGING} AS SELECT {cols} FROM {} WITH NO DATA",
                         self.table
@@ -414,12 +444,12 @@ impl Shared {
                         "INSERT INTO {t} ({cols}) SELECT {cols} FROM {STAGING} ON CONFLICT ({keys}) DO {action}; TRUNCATE {STAGING}",
                         t = self.table
                     ),
-                    key: key.iter().filter_map(|k| names.iter().position(|n| n == k)).collect(),
+                    key: key_cols,
                 };
                 // The server checks `ON CONFLICT` against the table's indexes when it plans
                 // the statement: try it on the empty staging table, so a missing unique index
                 // is a settings error now rather than at the first row.
-                let check = format!("BEGIN; {}; {}; ROLLBACK", u.staging, u.merge);
+                let check = format!("BEGIN; {}; {}; {}; {}; ROLLBACK", u.staging, u.merge, u.delete_staging, u.delete);
                 if let Err(e) = client.batch_execute(&check).await {
                     let _ = client.batch_execute("ROLLBACK").await;
                     return Err(CoreError::Config(format!(
@@ -472,6 +502,12 @@ impl Shared {
     /// and a refusal rolls the transaction back and begins it again before the halving.
     async fn insert(&self, client: &Client, rows: &RecordBatch, own: bool) -> Result<Vec<RefusedRow>> {
         let plan = self.plan.get().ok_or_else(|| CoreError::Internal("postgres: no plan before a write".into()))?;
+        // Changes of a table: the same rows without `_op`, and which of them delete their key.
+        let (rows, deletes) = match &plan.upsert {
+            Some(_) => weir_core::changes::split(rows)?,
+            None => (rows.clone(), Vec::new()),
+        };
+        let rows = &rows;
         let mut refused = Vec::new();
         let mut keep = vec![true; rows.num_rows()];
         // The encoding that finds the values a column cannot hold is also the first COPY's.
@@ -482,21 +518,24 @@ impl Shared {
         }
         if let Some(u) = &plan.upsert {
             // One statement cannot update a row twice: of several rows with one key, the last wins.
-            let mut seen = std::collections::HashSet::new();
-            let key_cols: Vec<_> = u.key.iter().map(|&i| rows.column(i).clone()).collect();
-            let fmt = arrow_cast::display::FormatOptions::default();
-            let formatters = key_cols
-                .iter()
-                .map(|c| arrow_cast::display::ArrayFormatter::try_new(c.as_ref(), &fmt))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            for r in (0..rows.num_rows()).rev() {
-                if !keep[r] {
-                    continue;
+            last_per_key(rows, &u.key, &mut keep)?;
+            // A key whose last change deletes it goes, and is not upserted.
+            let gone: Vec<u32> = (0..rows.num_rows()).filter(|&r| keep[r] && deletes[r]).map(|r| r as u32).collect();
+            if !gone.is_empty() {
+                for &r in &gone {
+                    keep[r as usize] = false;
                 }
-                let key: Vec<String> = formatters.iter().map(|f| f.value(r).to_string()).collect();
-                if !seen.insert(key) {
-                    keep[r] = false;
-                }
+                let keys = arrow_select::take::take_record_batch(rows, &arrow_array::UInt32Array::from(gone))?
+                    .project(&u.key)?;
+                let (bytes, _) = copy::encode(&keys, &u.key_types, &u.key_names);
+                let go = async {
+                    let sink = client.copy_in::<_, Bytes>(&u.delete_copy).await?;
+                    futures::pin_mut!(sink);
+                    sink.send(Bytes::from(bytes)).await?;
+                    sink.finish().await?;
+                    client.batch_execute(&u.delete).await
+                };
+                go.await.map_err(fail("deleting rows"))?;
             }
         }
         let index: Vec<usize> = (0..rows.num_rows()).filter(|&r| keep[r]).collect();
@@ -605,6 +644,26 @@ impl Shared {
             get(&self.stats.restarts),
         );
     }
+}
+
+/// Of several kept rows with one key, keeps only the last (`keep` marks the rows kept).
+fn last_per_key(rows: &RecordBatch, key: &[usize], keep: &mut [bool]) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    let fmt = arrow_cast::display::FormatOptions::default();
+    let formatters = key
+        .iter()
+        .map(|&i| arrow_cast::display::ArrayFormatter::try_new(rows.column(i).as_ref(), &fmt))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    for r in (0..rows.num_rows()).rev() {
+        if !keep[r] {
+            continue;
+        }
+        let key: Vec<String> = formatters.iter().map(|f| f.value(r).to_string()).collect();
+        if !seen.insert(key) {
+            keep[r] = false;
+        }
+    }
+    Ok(())
 }
 
 /// Verifies the server's certificate against the system's authorities and `ca_file`.

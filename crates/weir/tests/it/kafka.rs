@@ -1204,3 +1204,35 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A table's changes on a keyed topic: each change a record keyed by its key, its value the
+/// row without `_op`, and a delete a tombstone (no value), which is what ends a key in a
+/// compacted topic.
+#[test]
+fn a_tables_deletes_are_tombstones_on_a_keyed_topic() {
+    let k = Cluster::new(&[("out", 2)]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log.jsonl");
+    let text = format!(
+        "name: t\nsource: {{ id: in, batch_size: 10, file: {{ path: \"{}\", format: json }}, schema: {{ fields: [ {{ name: device_id, type: string }}, {{ name: ts, type: int64 }} ] }}, event_time: {{ column: ts }} }}\nsteps:\n  - table: {{ id: devices, key: device_id, aggregates: {{ n: count() }}, state_ttl: 1s }}\nsinks:\n  - {{ id: log, input: devices, file: {{ path: \"{}\", format: json }} }}\n  - {{ id: topic, input: devices, kafka: {{ brokers: \"{}\", topic: out, key: device_id }} }}\n",
+        data("sensors-3k.jsonl").display(),
+        log.display(),
+        k.brokers
+    );
+    let cfg = weir::yaml::parse_with("t.yaml", &text, |_| None).unwrap();
+    run(&cfg, 2);
+    let changes = read_jsonl(&log);
+    let deletes = changes.iter().filter(|c| c["_op"] == "delete").count();
+    assert!(deletes > 0);
+    let records = k.consume("out", changes.len());
+    let tombstones: Vec<_> = records.iter().filter(|(_, v)| v.is_empty()).collect();
+    assert_eq!(tombstones.len(), deletes);
+    for (key, value) in &records {
+        let key = key.as_deref().expect("every record has its key");
+        if !value.is_empty() {
+            let v: serde_json::Value = serde_json::from_str(value).unwrap();
+            assert_eq!(v["device_id"], key);
+            assert!(v.get("_op").is_none(), "{value}");
+        }
+    }
+}

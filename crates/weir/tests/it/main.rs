@@ -28,3 +28,4 @@ mod redis_sink;
 mod redis_streams;
 mod runtime;
 mod sink_restarts;
+mod tables;
