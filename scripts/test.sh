@@ -31,6 +31,10 @@ fi
 if ! [ -x /usr/bin/chromium ]; then
   apt-get install -y -qq chromium >&2 || { apt-get update -qq >&2 && apt-get install -y -qq chromium >&2; }
 fi
+# The Helm chart's manifests are checked against Kubernetes' schemas, which this package carries.
+if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check 'kubernetes-validate>=1.30,<2' >&2
+fi
 if ! python3 -c 'import playwright.sync_api' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check 'playwright>=1.40,<2' >&2
 fi

@@ -139,6 +139,43 @@ pub struct CheckpointSpec {
     pub fresh: bool,
 }
 
+/// Which member of a group holds a key, from the members' records in the shared checkpoint
+/// store (each written when the member was last assigned partitions).
+#[derive(Clone)]
+pub struct KeyHolders {
+    store: crate::store::CheckpointStore,
+    group: Arc<dyn GroupMember>,
+}
+
+impl std::fmt::Debug for KeyHolders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyHolders").field("member", &self.store.member_name()).finish_non_exhaustive()
+    }
+}
+
+impl KeyHolders {
+    /// The partition of the key (the first value of a key column, as the source's records are
+    /// keyed) and the member whose last assignment holds it (`None` if none does).
+    ///
+    /// # Errors
+    /// A key the source cannot place (`Ok(None)` is returned for a null key), or store
+    /// failures.
+    pub async fn holder(&self, key: &arrow_array::ArrayRef) -> Result<Option<(i32, Option<String>)>> {
+        let Some(p) = self.group.partitions_of(key)?.first().copied().flatten() else { return Ok(None) };
+        let mut stores = vec![self.store.clone()];
+        stores.extend(self.store.peers().await?);
+        for s in stores {
+            let Some(record) = s.member_record().await? else { continue };
+            let holds =
+                record["partitions"].as_array().is_some_and(|ps| ps.iter().any(|x| x.as_i64() == Some(i64::from(p))));
+            if holds {
+                return Ok(Some((p, s.member_name().map(str::to_string))));
+            }
+        }
+        Ok(Some((p, None)))
+    }
+}
+
 /// Retries with exponential backoff and jitter for transient failures.
 ///
 /// A sink that is down blocks its input while it is retried, so backpressure reaches the
@@ -322,6 +359,18 @@ impl Job {
         self.graph.quarantine.clone()
     }
 
+    /// For a process that is one member of a group sharing a partitioned input
+    /// (`checkpoints.member` and a consumer-group source): who holds which key.
+    pub fn key_holders(&self) -> Option<KeyHolders> {
+        let ck = self.graph.checkpoint.as_ref()?;
+        ck.store.member_name()?;
+        let group = self.graph.sources().find_map(|(_, n)| match &n.kind {
+            NodeKind::Source { factory, .. } => factory.group(),
+            _ => None,
+        })?;
+        Some(KeyHolders { store: ck.store.clone(), group })
+    }
+
     /// A handle that stops the job gracefully.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle(self.shutdown_tx.clone())
@@ -474,7 +523,14 @@ impl Job {
         let assigned =
             group.assignment(self.shutdown_rx.clone(), &self.registry).await.map_err(|e| e.in_step(source_step))?;
         let me = ck.store.member_name().unwrap_or_default().to_string();
-        ck.store.put_member_record(&serde_json::json!({ "member": me, "sink": sink.member_record() })).await?;
+        // The partitions are there for the API's answer to which member holds a key.
+        ck.store
+            .put_member_record(&serde_json::json!({
+                "member": me,
+                "sink": sink.member_record(),
+                "partitions": assigned.partitions,
+            }))
+            .await?;
         let own_parked = handoff::parked_candidate(&me, true, &own);
         let mut candidates = vec![handoff::live_candidate(&me, true, own), own_parked];
         if !ck.fresh {

@@ -441,6 +441,13 @@ impl Operator for Table {
 
 /// Key values given as text, as one-row columns of the key's types.
 fn parse_key(key: &[&str], types: &[DataType]) -> Result<Vec<ArrayRef>> {
+    if key.len() != types.len() {
+        return Err(CoreError::Config(format!(
+            "the table has {} key column(s); the query gives {} value(s)",
+            types.len(),
+            key.len()
+        )));
+    }
     key.iter()
         .zip(types)
         .map(|(v, t)| {
@@ -487,16 +494,11 @@ struct Shards {
     cores: Vec<Option<Arc<Mutex<Core>>>>,
 }
 
-/// Says which process of a group holds a key (its key columns) that this one does not: a
-/// description for the answer, or `None` when it cannot tell.
-pub type KeyLocator = Arc<dyn Fn(&[ArrayRef]) -> Option<serde_json::Value> + Send + Sync>;
-
 /// The running job's tables, for queries (`GET /tables/...`): each table's state on every
 /// worker of this process. Cloning shares it.
 #[derive(Clone, Default)]
 pub struct Tables {
     shards: Arc<Mutex<BTreeMap<String, Shards>>>,
-    locator: Arc<Mutex<Option<KeyLocator>>>,
 }
 
 impl std::fmt::Debug for Tables {
@@ -544,13 +546,6 @@ impl Tables {
     /// Not as many values as key columns, or a value that is not of its column's type.
     pub fn get(&self, id: &str, key: &[&str]) -> Result<TableAnswer> {
         let Some((types, cores)) = self.shards(id) else { return Ok(TableAnswer::NoTable) };
-        if key.len() != types.len() {
-            return Err(CoreError::Config(format!(
-                "table `{id}` has {} key column(s); the path gives {} value(s)",
-                types.len(),
-                key.len()
-            )));
-        }
         let cols = parse_key(key, &types)?;
         let mut schema = None;
         for core in cores {
@@ -566,18 +561,14 @@ impl Tables {
         Ok(TableAnswer::Rows(RecordBatch::new_empty(schema), false))
     }
 
-    /// Sets who tells which process of a group holds a key not held here.
-    pub fn set_locator(&self, locator: KeyLocator) {
-        *self.locator.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(locator);
-    }
-
-    /// For a key of table `id` that this process does not hold: which process of its group
-    /// does, when the job runs in a group and it can be told.
-    pub fn holder(&self, id: &str, key: &[&str]) -> Option<serde_json::Value> {
-        let locator = self.locator.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()?;
-        let (types, _) = self.shards(id)?;
-        let cols = parse_key(key, &types).ok()?;
-        locator(&cols)
+    /// Key values given as text for table `id`, as one-row columns of its key's types
+    /// (`None` when no such table runs here).
+    ///
+    /// # Errors
+    /// Not as many values as key columns, or a value that is not of its column's type.
+    pub fn key_columns(&self, id: &str, key: &[&str]) -> Result<Option<Vec<ArrayRef>>> {
+        let Some((types, _)) = self.shards(id) else { return Ok(None) };
+        parse_key(key, &types).map(Some)
     }
 
     /// Up to `limit` rows of table `id` whose first key column, as text, starts with `prefix`

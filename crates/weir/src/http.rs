@@ -64,6 +64,8 @@ pub struct HttpState {
     pub feeds: Arc<crate::connector::FeedHubs>,
     /// The running `table` steps (`GET /tables/<id>/<key>`).
     pub tables: weir_ops::Tables,
+    /// In a group of processes: who holds a key this one does not.
+    pub holders: Option<weir_core::runtime::KeyHolders>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -88,6 +90,7 @@ impl HttpState {
             ingest: Arc::default(),
             feeds: Arc::default(),
             tables: weir_ops::Tables::default(),
+            holders: None,
         }
     }
 }
@@ -305,8 +308,17 @@ async fn table_get(State(s): State<Shared>, Path((id, key)): Path<(String, Strin
             Ok(mut rows) if !rows.is_empty() => json_body(&rows.swap_remove(0)).into_response(),
             Ok(_) => {
                 let mut body = serde_json::json!({ "error": format!("key `{key}` is not in table `{id}` here") });
-                if let Some(holder) = s.tables.holder(&id, &parts) {
-                    body["held_by"] = holder;
+                if let Some(h) = &s.holders {
+                    let cols = s.tables.key_columns(&id, &parts).ok().flatten().unwrap_or_default();
+                    if let Some(first) = cols.first() {
+                        match h.holder(first).await {
+                            Ok(Some((partition, member))) => {
+                                body["held_by"] = serde_json::json!({ "partition": partition, "member": member });
+                            }
+                            Ok(None) => {}
+                            Err(e) => body["held_by_error"] = serde_json::json!(e.to_string()),
+                        }
+                    }
                 }
                 (StatusCode::NOT_FOUND, json_body(&body)).into_response()
             }

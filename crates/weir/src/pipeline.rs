@@ -1106,6 +1106,7 @@ impl BuiltPipeline {
             ingest: self.ingest.clone(),
             feeds: self.feeds.clone(),
             tables: self.tables.clone(),
+            holders: job.key_holders(),
         }
     }
 

@@ -569,6 +569,21 @@ fn the_container_image_runs_the_built_command_with_arguments_it_takes() {
         .contains("INTERNAL://kafka:29092"));
 }
 
+/// The Helm chart's container runs `weir` with arguments `weir run` takes (the rendering
+/// itself is checked by `python/tests/test_helm.py`).
+#[test]
+fn the_helm_charts_container_arguments_parse() {
+    let sts = std::fs::read_to_string(repo().join("deploy/helm/weir/templates/statefulset.yaml")).unwrap();
+    let line = sts.lines().find(|l| l.trim_start().starts_with("args:")).expect("an args line");
+    let list = line.trim_start().trim_start_matches("args:").replace("{{ .Values.port }}", "9464");
+    let mut args: Vec<String> = serde_yaml::from_str(&list).unwrap();
+    assert_eq!(&args[..2], ["run", "/etc/weir/pipeline.yaml"]);
+    args[1] = "examples/demo.yaml".into();
+    args.push("--help".into());
+    let o = weir(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 /// JSON log lines carry the job, stage and worker of the task that logged them, at the
 /// default level too (the task span is on at every level).
 #[test]

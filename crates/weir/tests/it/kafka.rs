@@ -581,6 +581,28 @@ fn tansu_topic(prefix: &str, partitions: i32) -> (String, String, tokio::runtime
     (brokers, topic, rt)
 }
 
+/// Makes the pipeline's Kafka source one member of the group `<topic>-group`, reading on
+/// until stopped, quick to notice members that come and go.
+fn join_group(cfg: &mut PipelineConfig, topic: &str) {
+    let src = cfg.kafka_source();
+    src.stop_at_end = false;
+    src.group_id = Some(format!("{topic}-group"));
+    src.properties.insert("session.timeout.ms".into(), "6000".into());
+    src.properties.insert("heartbeat.interval.ms".into(), "500".into());
+}
+
+/// Waits until every member was assigned partitions and, with a second member, until the
+/// first gave some up to it: the rebalance really happened.
+fn wait_for_rebalance(members: &[&std::sync::Arc<weir_core::metrics::Registry>]) {
+    let events = |r: &std::sync::Arc<weir_core::metrics::Registry>, e: &str| {
+        r.connectors.get("weir_kafka_rebalances_total", &[("event", e)]).unwrap_or(0.0)
+    };
+    poll(|| members.iter().all(|r| events(r, "assigned") >= 1.0).then_some(()));
+    if members.len() == 2 {
+        poll(|| (events(members[0], "revoked") >= 1.0 && events(members[0], "assigned") >= 2.0).then_some(()));
+    }
+}
+
 #[test]
 fn two_jobs_in_one_group_split_the_partitions_on_a_real_broker() {
     let (brokers, topic, rt) = tansu_topic("split", 4);
@@ -591,23 +613,13 @@ fn two_jobs_in_one_group_split_the_partitions_on_a_real_broker() {
     for name in ["a", "b"] {
         let (out, dead) = (dir.path().join(format!("{name}.jsonl")), dir.path().join(format!("{name}-dead.jsonl")));
         let mut cfg = from_kafka("w2-filter-project.yaml", &brokers, &topic, &out, &dead);
-        let src = cfg.kafka_source();
-        src.stop_at_end = false;
-        src.group_id = Some(format!("{topic}-group"));
-        src.properties.insert("session.timeout.ms".into(), "6000".into());
-        src.properties.insert("heartbeat.interval.ms".into(), "500".into());
+        join_group(&mut cfg, &topic);
         let job = job(cfg, 1);
         let (reg, stop) = (job.registry(), job.shutdown_handle());
         jobs.push((rt.spawn(job.run()), reg, stop, out));
         // The first member holds the partitions before the second joins, so a rebalance
         // really happens; after it, both hold some.
-        let events = |r: &std::sync::Arc<weir_core::metrics::Registry>, e: &str| {
-            r.connectors.get("weir_kafka_rebalances_total", &[("event", e)]).unwrap_or(0.0)
-        };
-        poll(|| jobs.iter().all(|(_, r, _, _)| events(r, "assigned") >= 1.0).then_some(()));
-        if jobs.len() == 2 {
-            poll(|| (events(&jobs[0].1, "revoked") >= 1.0 && events(&jobs[0].1, "assigned") >= 2.0).then_some(()));
-        }
+        wait_for_rebalance(&jobs.iter().map(|j| &j.1).collect::<Vec<_>>());
     }
     k.produce(&topic, &lines(&data("sensors-3k.jsonl")), None);
     let expected = read_jsonl(&data("w2-expected.jsonl"));
@@ -672,11 +684,7 @@ fn keyed_state_moves_with_its_partitions_on_a_real_broker() {
     let start = |name: &str| {
         let (out, dead) = (dir.path().join(format!("out-{name}")), dir.path().join(format!("{name}-dead.jsonl")));
         let mut cfg = from_kafka("w1-sensor-window.yaml", &brokers, &topic, &out, &dead);
-        let src = cfg.kafka_source();
-        src.stop_at_end = false;
-        src.group_id = Some(format!("{topic}-group"));
-        src.properties.insert("session.timeout.ms".into(), "6000".into());
-        src.properties.insert("heartbeat.interval.ms".into(), "500".into());
+        join_group(&mut cfg, &topic);
         cfg.checkpoints = Some(CheckpointConfig {
             dir: dir.path().join("ck").display().to_string(),
             options: Default::default(),
@@ -1234,5 +1242,71 @@ fn a_tables_deletes_are_tombstones_on_a_keyed_topic() {
             assert_eq!(v["device_id"], key);
             assert!(v.get("_op").is_none(), "{value}");
         }
+    }
+}
+
+/// In a group of two processes on a real broker (Tansu), each answers `GET /tables/...` for
+/// the keys of the partitions it holds, and for the others names the member that holds them
+/// and the key's partition.
+#[test]
+fn a_table_query_names_the_member_that_holds_a_key_on_a_real_broker() {
+    let (brokers, topic, rt) = tansu_topic("tables", 4);
+    let k = Cluster { mock: None, brokers: brokers.clone() };
+    let dir = tempfile::tempdir().unwrap();
+    let mut members = Vec::new();
+    for name in ["a", "b"] {
+        let (out, dead) = (dir.path().join(format!("out-{name}")), dir.path().join(format!("{name}-dead.jsonl")));
+        let mut cfg = from_kafka("w2-filter-project.yaml", &brokers, &topic, &out, &dead);
+        join_group(&mut cfg, &topic);
+        cfg.steps = vec![StepConfig::Table(TableConfig {
+            id: "devices".into(),
+            input: None,
+            key: vec!["device_id".into()],
+            aggregates: [("n".to_string(), "count()".to_string())].into_iter().collect(),
+            latest: false,
+            state_ttl: None,
+        })];
+        cfg.checkpoints = Some(CheckpointConfig {
+            dir: dir.path().join("ck").display().to_string(),
+            options: Default::default(),
+            interval: Duration::from_millis(100),
+            keep: 2,
+            member: Some(name.into()),
+        });
+        let built = Pipeline::from_config(cfg).build().unwrap();
+        let job = Job::new(built.plan(&RunOptions { workers: Some(1), ..Default::default() }).unwrap()).unwrap();
+        let server = rt.block_on(weir::http::MetricsServer::start("127.0.0.1:0", built.http_state(&job))).unwrap();
+        let (reg, stop) = (job.registry(), job.shutdown_handle());
+        members.push((rt.spawn(job.run()), reg, stop, server));
+        wait_for_rebalance(&members.iter().map(|m| &m.1).collect::<Vec<_>>());
+    }
+    k.produce(&topic, &lines(&data("sensors-3k.jsonl")), None);
+    let read = |r: &std::sync::Arc<weir_core::metrics::Registry>| {
+        r.steps().iter().filter(|(id, _)| id.as_str() == "devices").map(|(_, m)| m.rows_in).sum::<u64>()
+    };
+    poll(|| (members.iter().map(|(_, r, _, _)| read(r)).sum::<u64>() >= 3000).then_some(()));
+    let (a, b) = (members[0].3.addr(), members[1].3.addr());
+    let devices: std::collections::BTreeSet<String> =
+        read_jsonl(&data("sensors-3k.jsonl")).iter().map(|v| v["device_id"].as_str().unwrap().to_string()).collect();
+    let mut held = [0, 0];
+    for d in &devices {
+        let partition = weir_core::keys::kafka_partition(d.as_bytes(), 4);
+        let (status, body) = http_get(a, &format!("/tables/devices/{d}"));
+        if status == 200 {
+            held[0] += 1;
+            continue;
+        }
+        assert_eq!(status, 404, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["held_by"]["member"], "b", "{d}: {body}");
+        assert_eq!(v["held_by"]["partition"], partition as i64, "{d}: {body}");
+        let (status, body) = http_get(b, &format!("/tables/devices/{d}"));
+        assert_eq!(status, 200, "{d} is b's: {body}");
+        held[1] += 1;
+    }
+    assert!(held[0] > 0 && held[1] > 0, "both members hold keys: {held:?}");
+    for (handle, _, stop, _) in members {
+        stop.stop();
+        rt.block_on(handle).unwrap().unwrap();
     }
 }

@@ -249,13 +249,18 @@ steps:
   - key_by: {{ id: by-device, keys: [device_id] }}
   - detect: {{ id: rules, rules: [ {{ name: hot, threshold: {{ value: readings.temp, above: 25.0 }} }} ] }}
   - alert: {{ id: alerts }}
-sink: {{ id: out, file: {{ path: "{out}" }} }}
+  - table: {{ id: devices, input: in, key: device_id, aggregates: {{ n: count() }} }}
+  - interval_join: {{ id: pairs, left: in, right: devices, on: device_id, between: [-1s, 1s] }}
+sinks:
+  - {{ id: out, input: alerts, file: {{ path: "{out}" }} }}
+  - {{ id: pairs-out, input: pairs, file: {{ path: "{pairs}" }} }}
 dead_letters: {{ path: "{dead}" }}
 checkpoints: {{ dir: "{ck}", interval: 100ms }}
 "#,
         brokers = k.brokers,
         pid = std::process::id(),
         out = dir.path().join("out").display(),
+        pairs = dir.path().join("pairs").display(),
         dead = dir.path().join("dead.jsonl").display(),
         ck = dir.path().join("ck").display(),
     );
