@@ -4,6 +4,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -194,16 +195,33 @@ enum DlqCmd {
     },
 }
 
+/// Whether the environment set the log filter, and how to change it (for `log.level`).
+static LOG_LEVEL: std::sync::OnceLock<(bool, weir::live::LogLevelSetter)> = std::sync::OnceLock::new();
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // WEIR_LOG first, then RUST_LOG as Rust users expect, else warnings and errors only.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+    let from_env = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        .ok();
+    let env_set = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn"));
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // The pipeline's `log.level` applies when the environment sets none, at the start and
+    // when a reload changes it.
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let sub = tracing_subscriber::registry().with(filter);
+    let _ = LOG_LEVEL.set((
+        env_set,
+        Arc::new(move |level: &str| {
+            let f = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+            handle.reload(f).map_err(|e| e.to_string())
+        }),
+    ));
     match cli.log_format {
-        LogFormat::Text => sub.init(),
-        LogFormat::Json => sub.json().init(),
+        LogFormat::Text => sub.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init(),
+        LogFormat::Json => sub.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).init(),
     }
     match run(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
@@ -308,13 +326,29 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             let spec = built.plan(&opts).map_err(|e| located(&pipeline.display().to_string(), &text, e))?;
             let workers = spec.workers;
             let rt = runtime(workers)?;
+            let level = built.config().log.as_ref().and_then(|l| l.level.clone());
             let summary = rt.block_on(async move {
                 let job = Job::new(spec)?;
                 let registry = job.registry();
+                let mut reloader = built.reloader(&pipeline).with_registry(registry.clone());
+                if let Some((env_set, set)) = LOG_LEVEL.get() {
+                    if !env_set {
+                        if let Some(level) = &level {
+                            set(level)
+                                .map_err(|e| weir_core::CoreError::Config(format!("log.level `{level}`: {e}")))?;
+                        }
+                        reloader = reloader.with_log_level(set.clone());
+                    }
+                }
+                let reloader = Arc::new(reloader);
+                let mut state = built.http_state(&job);
+                state.reloader = Some(reloader.clone());
                 let _server = match built.http_addr(metrics_addr.as_deref()) {
-                    Some(a) => Some(weir::http::MetricsServer::start(&a, built.http_state(&job)).await?),
+                    Some(a) => Some(weir::http::MetricsServer::start(&a, state).await?),
                     None => None,
                 };
+                // A changed pipeline file (or SIGHUP) is applied where it can be, live.
+                let _watch = SpawnedTask::spawn(watch_pipeline(reloader));
                 let stop = job.shutdown_handle();
                 // The helpers below live as long as the run: dropping them stops them.
                 #[cfg(unix)]
@@ -399,6 +433,45 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                 return Ok(());
             }
             generate(count, rate, devices, seed, anomaly_rate, output, format)
+        }
+    }
+}
+
+/// Applies the pipeline file when it changes on disk (checked every second) or on SIGHUP,
+/// saying on stderr what changed or why nothing did.
+async fn watch_pipeline(reloader: Arc<weir::live::Reloader>) {
+    let modified = |r: &weir::live::Reloader| std::fs::metadata(r.file()).and_then(|m| m.modified()).ok();
+    let mut seen = modified(&reloader);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = every.tick() => {
+                let now = modified(&reloader);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+            }
+            _ = hangup => {}
+        }
+        let r = reloader.clone();
+        let outcome = tokio::task::spawn_blocking(move || r.reload_file()).await;
+        match outcome {
+            Ok(Ok(changes)) if changes.is_empty() => {}
+            Ok(Ok(changes)) => eprintln!("\nApplied {} live: {}", reloader.file(), changes.join("; ")),
+            Ok(Err(e)) => eprintln!("\nDid not apply {}: {e}", reloader.file()),
+            Err(e) => eprintln!("\nDid not apply {}: {e}", reloader.file()),
         }
     }
 }

@@ -122,6 +122,111 @@ pub struct DetectSpec {
     /// Keys not seen for this long (event time) are forgotten; a key still awaited by a
     /// `silence` rule stays until that rule has fired.
     pub state_ttl: Option<std::time::Duration>,
+    /// Where changed rule settings come from while the job runs (live reconfiguration).
+    pub live: Option<LiveRules>,
+}
+
+/// A `detect` step's rules as they may change while the job runs: thresholds, severities,
+/// labels and the other settings that keep a rule what it is. The step picks up a new version
+/// before its next batch (or timer), keeping every key's state.
+#[derive(Debug, Clone)]
+pub struct LiveRules(Arc<LiveInner>);
+
+#[derive(Debug)]
+struct LiveInner {
+    version: std::sync::atomic::AtomicU64,
+    rules: std::sync::RwLock<Vec<RuleSpec>>,
+    input: SchemaRef,
+}
+
+impl LiveRules {
+    /// The rules a step starts with, checked later against `input` (the step's input schema).
+    pub fn new(rules: Vec<RuleSpec>, input: SchemaRef) -> Self {
+        Self(Arc::new(LiveInner {
+            version: std::sync::atomic::AtomicU64::new(0),
+            rules: std::sync::RwLock::new(rules),
+            input,
+        }))
+    }
+
+    /// The rules now.
+    pub fn rules(&self) -> Vec<RuleSpec> {
+        self.0.rules.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The step's input schema, which rules are checked against.
+    pub fn input(&self) -> SchemaRef {
+        self.0.input.clone()
+    }
+
+    fn version(&self) -> u64 {
+        self.0.version.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Replaces the rules, if each keeps its name, kind and what it watches (so every key's
+    /// state still fits it) and its settings are valid. Returns what changed, one line per rule.
+    ///
+    /// # Errors
+    /// A rule added, removed, renamed, moved or of another kind or column; labels where there
+    /// were none (or the other way round: the output's columns would change); a bad setting.
+    pub fn update(&self, new: Vec<RuleSpec>) -> Result<Vec<String>> {
+        let mut rules = self.0.rules.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let names = |rs: &[RuleSpec]| rs.iter().map(|r| r.name.clone()).collect::<Vec<_>>().join(", ");
+        weir_core::ensure_config!(
+            rules.len() == new.len() && rules.iter().zip(&new).all(|(a, b)| a.name == b.name),
+            "the rules ({}) cannot change to ({}) while running: adding, removing, renaming or reordering rules needs a restart",
+            names(&rules),
+            names(&new)
+        );
+        let labelled = |rs: &[RuleSpec]| rs.iter().any(|r| !r.labels.is_empty());
+        weir_core::ensure_config!(
+            labelled(&rules) == labelled(&new),
+            "labels on rules that had none (or none where there were some) change the step's columns: that needs a restart"
+        );
+        let mut changed = Vec::new();
+        for (old, r) in rules.iter().zip(&new) {
+            weir_core::ensure_config!(
+                same_shape(&old.kind, &r.kind),
+                "rule `{}`: its kind, its column (or a MAD window, a model) cannot change while running; that needs a restart",
+                r.name
+            );
+            check_rule(r, &self.0.input).map_err(|e| CoreError::Config(format!("detect rule `{}`: {e}", r.name)))?;
+            if old != r {
+                changed.push(format!("rule `{}`: {:?} -> {:?}", r.name, settings(old), settings(r)));
+            }
+        }
+        if !changed.is_empty() {
+            *rules = new;
+            self.0.version.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        Ok(changed)
+    }
+}
+
+/// Whether a rule's state fits another version of it: same kind and column, and for MAD the
+/// same window, for a model the same model and inputs.
+fn same_shape(a: &RuleKind, b: &RuleKind) -> bool {
+    match (a, b) {
+        (RuleKind::Threshold { value: x, .. }, RuleKind::Threshold { value: y, .. })
+        | (RuleKind::Ewma { value: x, .. }, RuleKind::Ewma { value: y, .. })
+        | (RuleKind::RateOfChange { value: x, .. }, RuleKind::RateOfChange { value: y, .. }) => x == y,
+        (RuleKind::Mad { value: x, window: w, .. }, RuleKind::Mad { value: y, window: v, .. }) => x == y && w == v,
+        (RuleKind::Silence { .. }, RuleKind::Silence { .. }) => true,
+        (
+            RuleKind::Model { model: m, inputs: i, value: v, .. },
+            RuleKind::Model { model: n, inputs: j, value: u, .. },
+        ) => m == n && i == j && v == u,
+        _ => false,
+    }
+}
+
+/// A rule's settings, for the log line of a change.
+fn settings(r: &RuleSpec) -> String {
+    let kind = match &r.kind {
+        RuleKind::Model { threshold, max_batch, .. } => format!("model threshold {threshold}, max_batch {max_batch}"),
+        other => format!("{other:?}"),
+    };
+    format!("{kind}, severity {}, labels {:?}", r.severity, r.labels)
 }
 
 /// The detection columns after the keys.
@@ -257,18 +362,26 @@ struct DetectFactory {
 
 impl OperatorFactory for DetectFactory {
     fn create(&self, _worker: usize, _workers: usize) -> Result<Box<dyn Operator>> {
-        let silence = self.spec.rules.iter().filter_map(|r| match r.kind {
+        // A run that starts after a live change (a restart) starts with the changed rules.
+        let mut spec = self.spec.clone();
+        let live = spec.live.clone().map(|l| {
+            let v = l.version();
+            spec.rules = l.rules();
+            (l, v)
+        });
+        let silence = spec.rules.iter().filter_map(|r| match r.kind {
             RuleKind::Silence { timeout_ms } => Some(timeout_ms),
             _ => None,
         });
         let tick = silence.min().map(|t| std::time::Duration::from_millis((t as u64 / 4).clamp(10, 1000)));
         Ok(Box::new(DetectOp {
-            spec: self.spec.clone(),
+            keys: KeyInterner::new(&self.key_types)?.with_ttl(spec.state_ttl),
+            spec,
             out: self.out.clone(),
-            keys: KeyInterner::new(&self.key_types)?.with_ttl(self.spec.state_ttl),
             state: Vec::new(),
             vacant: std::collections::HashSet::new(),
             tick,
+            live,
         }))
     }
 }
@@ -547,6 +660,8 @@ struct DetectOp {
     /// snapshotted, nor watched by `silence` rules.
     vacant: std::collections::HashSet<u32>,
     tick: Option<std::time::Duration>,
+    /// The live rules and the version of them in `spec.rules`.
+    live: Option<(LiveRules, u64)>,
 }
 
 /// Detections being gathered for one output batch.
@@ -572,6 +687,17 @@ impl Detections {
 }
 
 impl DetectOp {
+    /// Takes changed rule settings (live reconfiguration); every key's state stays.
+    fn refresh(&mut self) {
+        if let Some((live, seen)) = &mut self.live {
+            let v = live.version();
+            if v != *seen {
+                self.spec.rules = live.rules();
+                *seen = v;
+            }
+        }
+    }
+
     fn ensure_key(&mut self, k: usize, now: i64) {
         while self.state.len() <= k {
             self.state.push(self.spec.rules.iter().map(|r| RuleState::new(&r.kind, now)).collect());
@@ -609,6 +735,7 @@ impl DetectOp {
 
 impl Operator for DetectOp {
     fn process(&mut self, batch: Batch, cx: &mut OpContext<'_>) -> Result<()> {
+        self.refresh();
         let kc = key_columns(&batch.rows, &self.spec.keys)?;
         let ids = self.keys.intern_at(&kc, Some(&batch.time))?.to_vec();
         let now = now_ms();
@@ -693,6 +820,7 @@ impl Operator for DetectOp {
     }
 
     fn on_tick(&mut self, now_ms: i64, cx: &mut OpContext<'_>) -> Result<()> {
+        self.refresh();
         let mut out = Detections::default();
         for (k, rules) in self.state.iter_mut().enumerate() {
             if self.vacant.contains(&(k as u32)) {
@@ -887,7 +1015,7 @@ mod tests {
             Field::new("k", DataType::Utf8, false),
             Field::new("v", DataType::Float64, true),
         ]));
-        let spec = DetectSpec { keys: vec!["k".into()], rules, emit_all: false, state_ttl: None };
+        let spec = DetectSpec { keys: vec!["k".into()], rules, emit_all: false, state_ttl: None, live: None };
         let (f, _) = spec.plan(&input).unwrap();
         weir_core::testing::OpHarness::new(f.as_ref()).unwrap()
     }
@@ -958,6 +1086,48 @@ mod tests {
     /// starts afresh (its threshold is judged anew), a forgotten key is not watched for silence,
     /// and a key a silence rule still waits on is kept until the rule fires.
     #[test]
+    fn live_rules_change_thresholds_on_the_next_batch_and_keep_every_keys_state() {
+        let input = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("v", DataType::Float64, true),
+        ]));
+        let live = LiveRules::new(vec![rule("hot", th(80.0, 75.0))], input.clone());
+        let spec = DetectSpec {
+            keys: vec!["k".into()],
+            rules: live.rules(),
+            emit_all: false,
+            state_ttl: None,
+            live: Some(live.clone()),
+        };
+        let (f, _) = spec.plan(&input).unwrap();
+        let mut h = weir_core::testing::OpHarness::new(f.as_ref()).unwrap();
+        // `a` fires at 90 and stays firing down to its clear level.
+        assert_eq!(detections(&h.process(batch(&[("a", 90.0, 0)])).unwrap()).len(), 1);
+        assert_eq!(detections(&h.process(batch(&[("a", 60.0, 1)])).unwrap()), vec![]);
+        // Raise the limit to 100 (clearing below 95): 90 is normal from the next batch on.
+        let changed = live.update(vec![rule("hot", th(100.0, 95.0))]).unwrap();
+        assert_eq!(changed.len(), 1, "{changed:?}");
+        assert_eq!(detections(&h.process(batch(&[("b", 90.0, 2)])).unwrap()), vec![]);
+        assert_eq!(detections(&h.process(batch(&[("b", 101.0, 3)])).unwrap()).len(), 1);
+        // The same settings again change nothing.
+        assert!(live.update(vec![rule("hot", th(100.0, 95.0))]).unwrap().is_empty());
+        // What would not fit the state is refused, and the rules stay as they were.
+        let refused = |rules: Vec<RuleSpec>| live.update(rules).unwrap_err().to_string();
+        assert!(refused(vec![rule("warm", th(1.0, 1.0))]).contains("renaming"));
+        assert!(refused(vec![rule("hot", th(1.0, 1.0)), rule("cold", th(1.0, 1.0))]).contains("adding"));
+        let ewma = RuleKind::Ewma { value: "v".into(), alpha: 0.1, threshold: 3.0, warmup: 5 };
+        assert!(refused(vec![rule("hot", ewma)]).contains("kind"));
+        assert!(refused(vec![rule("hot", th(50.0, 60.0))]).contains("clear_below"));
+        let mut labelled = rule("hot", th(1.0, 1.0));
+        labelled.labels.insert("team".into(), "pumps".into());
+        assert!(refused(vec![labelled]).contains("labels"));
+        assert_eq!(live.rules(), vec![rule("hot", th(100.0, 95.0))]);
+        // A run that starts after the change (a restart) starts with it.
+        let mut h = weir_core::testing::OpHarness::new(f.as_ref()).unwrap();
+        assert_eq!(detections(&h.process(batch(&[("c", 90.0, 4)])).unwrap()), vec![]);
+    }
+
+    #[test]
     fn a_state_ttl_forgets_keys_and_new_keys_start_afresh() {
         let input = Arc::new(Schema::new(vec![
             Field::new("k", DataType::Utf8, false),
@@ -968,6 +1138,7 @@ mod tests {
             rules: vec![rule("hot", th(80.0, 75.0))],
             emit_all: false,
             state_ttl: Some(std::time::Duration::from_secs(10)),
+            live: None,
         };
         let (f, _) = spec.plan(&input).unwrap();
         let mut h = weir_core::testing::OpHarness::new(f.as_ref()).unwrap();
@@ -987,6 +1158,7 @@ mod tests {
             rules: vec![rule("dead-man", RuleKind::Silence { timeout_ms: 1000 })],
             emit_all: false,
             state_ttl: Some(std::time::Duration::from_secs(10)),
+            live: None,
         };
         let (f, _) = spec.plan(&input).unwrap();
         let mut h = weir_core::testing::OpHarness::new(f.as_ref()).unwrap();
@@ -1010,9 +1182,10 @@ mod tests {
             Field::new("k", DataType::Utf8, false),
             Field::new("v", DataType::Float64, true),
         ]));
-        let (f, _) = DetectSpec { keys: vec!["k".into()], rules: rules(), emit_all: false, state_ttl: None }
-            .plan(&input)
-            .unwrap();
+        let (f, _) =
+            DetectSpec { keys: vec!["k".into()], rules: rules(), emit_all: false, state_ttl: None, live: None }
+                .plan(&input)
+                .unwrap();
         let mut again = weir_core::testing::OpHarness::restored(f.as_ref(), snap, None).unwrap();
         // 78 is under the trigger but over the clear level: still firing after the restore.
         let got = detections(&again.process(batch(&[("a", 78.0, 1)])).unwrap());
@@ -1024,6 +1197,7 @@ mod tests {
         let input =
             Arc::new(Schema::new(vec![Field::new("k", DataType::Utf8, false), Field::new("s", DataType::Utf8, true)]));
         let spec = |kind| DetectSpec {
+            live: None,
             keys: vec!["k".into()],
             rules: vec![rule("r", kind)],
             emit_all: false,

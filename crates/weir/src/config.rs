@@ -49,6 +49,10 @@ pub struct PipelineConfig {
     /// The HTTP port: metrics, health, and the alert API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<ApiConfig>,
+    /// Logging: the level `weir run` logs at (unless `WEIR_LOG` or `RUST_LOG` say otherwise);
+    /// it can change while the pipeline runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogConfig>,
 }
 
 impl PipelineConfig {
@@ -717,6 +721,15 @@ pub struct TableConfig {
     /// Forget a key not updated for this long (event time), emitting a `delete` change.
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub state_ttl: Option<Duration>,
+}
+
+/// `log` settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A log filter: `info`, `debug`, `warn,weir_core=debug`...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
 }
 
 /// Which rows without a partner a join keeps.

@@ -15,6 +15,7 @@
 //! POST /quarantine/{key}/release                          release a key now (Authorization: Bearer <token>)
 //! POST /ingest/{source}                                   records into an HTTP ingest source (Authorization: Bearer <token>)
 //! GET  /ws/{sink}?device_id=d-1                           WebSocket: a live feed sink's rows, one JSON object per message
+//! POST /config                                            a changed pipeline (YAML body) applied live, or 409 and why (Authorization: Bearer <token>)
 //! GET  /tables                                            the ids of the `table` steps running here
 //! GET  /tables/{id}?prefix=dev-&limit=100                 rows whose key starts with the prefix (JSON: rows, truncated)
 //! GET  /tables/{id}/{key}                                 one key's current row (404 when not held here; `held_by` in a group)
@@ -66,6 +67,8 @@ pub struct HttpState {
     pub tables: weir_ops::Tables,
     /// In a group of processes: who holds a key this one does not.
     pub holders: Option<weir_core::runtime::KeyHolders>,
+    /// Applies a changed pipeline while it runs (`POST /config`), when the runner offers it.
+    pub reloader: Option<Arc<crate::live::Reloader>>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -91,6 +94,7 @@ impl HttpState {
             feeds: Arc::default(),
             tables: weir_ops::Tables::default(),
             holders: None,
+            reloader: None,
         }
     }
 }
@@ -201,6 +205,7 @@ fn router(state: HttpState) -> Router {
         // Each source checks its own `max_body`.
         .route("/ingest/{source}", post(ingest).layer(axum::extract::DefaultBodyLimit::disable()))
         .route("/ws/{sink}", get(feed))
+        .route("/config", post(reload_config))
         .route("/tables", get(|State(s): State<Shared>| async move { json_body(&serde_json::json!(s.tables.ids())) }))
         .route("/tables/{id}", get(table_scan))
         .route("/tables/{id}/{*key}", get(table_get))
@@ -575,6 +580,23 @@ async fn quarantined(State(s): State<Shared>) -> Response {
         .map(|k| serde_json::json!({ "key": k.key, "until_ms": k.until_ms }))
         .collect();
     json_body(&serde_json::Value::Array(keys)).into_response()
+}
+
+/// `POST /config` with the pipeline's new YAML as the body: applies what can change live
+/// (see [`crate::live`]); 409 with the reason when the change needs a restart.
+async fn reload_config(State(s): State<Shared>, headers: HeaderMap, body: String) -> Response {
+    if let Some(r) = refusal(&s, &headers) {
+        return r;
+    }
+    let Some(reloader) = s.reloader.clone() else {
+        return json_error(StatusCode::NOT_FOUND, "this runner does not change its pipeline live (`weir run` does)");
+    };
+    // Parsing and checking the file is quick but not async: off the server's thread.
+    match tokio::task::spawn_blocking(move || reloader.apply_text(&body)).await {
+        Ok(Ok(changes)) => json_body(&serde_json::json!({ "applied": changes })).into_response(),
+        Ok(Err(e)) => json_error(StatusCode::CONFLICT, e),
+        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
 }
 
 async fn release(State(s): State<Shared>, headers: HeaderMap, Path(key): Path<String>) -> Response {

@@ -24,6 +24,7 @@
 pub mod config;
 pub mod connector;
 pub mod http;
+pub mod live;
 pub mod pipeline;
 pub mod plan;
 pub mod report;

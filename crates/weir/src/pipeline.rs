@@ -87,6 +87,7 @@ impl Pipeline {
                 load_shedding: None,
                 checkpoints: None,
                 api: None,
+                log: None,
             },
             functions: Functions::new(),
             code: CodeEnds::default(),
@@ -362,6 +363,7 @@ impl Pipeline {
             ingest: Arc::default(),
             feeds: Arc::default(),
             tables: weir_ops::Tables::default(),
+            live: Arc::default(),
         };
         // With every source's schema known (declared, or given by code), the steps are checked
         // now; otherwise when the pipeline is planned.
@@ -400,6 +402,8 @@ pub struct BuiltPipeline {
     feeds: Arc<crate::connector::FeedHubs>,
     /// The `table` steps' state while the job runs, for queries.
     tables: weir_ops::Tables,
+    /// The `detect` steps' rules as they run, by step id, for live reconfiguration.
+    live: Arc<std::sync::Mutex<BTreeMap<String, weir_ops::rules::LiveRules>>>,
 }
 
 /// The error for a Kafka feature used in a build without the `kafka` cargo feature.
@@ -889,6 +893,7 @@ fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Function
             rules: d.rules.iter().map(rule_spec).collect::<Result<Vec<_>>>()?,
             emit_all: d.emit == DetectEmit::All,
             state_ttl: d.state_ttl,
+            live: None,
         }),
         StepConfig::Alert(a) => OpSpec::Alert(weir_ops::AlertSpec {
             policy: weir_ops::AlertPolicy {
@@ -1006,7 +1011,7 @@ fn route_spec(r: &RouteConfig) -> Result<weir_connectors::alerting::RouteSpec> {
 }
 
 /// A rule's settings as the operator's.
-fn rule_spec(r: &RuleConfig) -> Result<weir_ops::RuleSpec> {
+pub(crate) fn rule_spec(r: &RuleConfig) -> Result<weir_ops::RuleSpec> {
     use weir_ops::RuleKind;
     let mut kinds = Vec::new();
     if let Some(t) = &r.threshold {
@@ -1107,7 +1112,16 @@ impl BuiltPipeline {
             feeds: self.feeds.clone(),
             tables: self.tables.clone(),
             holders: job.key_holders(),
+            reloader: None,
         }
+    }
+
+    /// Applies changed versions of this pipeline's file while it runs (see [`crate::live`]).
+    /// `file` is the pipeline file (read again by [`crate::live::Reloader::reload_file`]);
+    /// relative paths in it are resolved against its folder.
+    pub fn reloader(&self, file: &std::path::Path) -> crate::live::Reloader {
+        let base = file.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+        crate::live::Reloader::new(file.display().to_string(), base, self.cfg.clone(), self.live.clone())
     }
 
     /// The running `table` steps, for queries from code (the API port serves the same).
@@ -1357,7 +1371,18 @@ impl BuiltPipeline {
                 weir_core::ensure_config!(!e.keys.is_empty(), "ewma_zscore is keyed: put a `key_by` step before it");
                 e.plan(schema)?
             }
-            OpSpec::Detect(d) => d.plan(schema)?,
+            OpSpec::Detect(mut d) => {
+                // The rules as they run, which a reload may change (see `crate::live`).
+                let live = self
+                    .live
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .entry(s.id().to_string())
+                    .or_insert_with(|| weir_ops::rules::LiveRules::new(d.rules.clone(), schema.clone()))
+                    .clone();
+                d.live = Some(live);
+                d.plan(schema)?
+            }
             OpSpec::Alert(a) => {
                 notifiers.push((s.id().to_string(), a.notify.clone()));
                 a.plan(schema)?
@@ -1737,6 +1762,7 @@ impl BuiltPipeline {
             ingest: self.ingest.clone(),
             feeds: self.feeds.clone(),
             tables: self.tables.clone(),
+            live: self.live.clone(),
         }
     }
 

@@ -614,3 +614,130 @@ fn json_logs_name_the_job_and_worker_at_the_default_level() {
     assert_eq!(warn["span"]["job"], "w2-filter-project", "{warn}");
     assert!(warn["span"]["worker"].is_number() && warn["span"]["stage"] == 0, "{warn}");
 }
+
+/// The sum of a series' values whose labels contain each of `labels` (`step="rules"`), on a
+/// running `weir`'s `/metrics`.
+fn metric_where(addr: &str, name: &str, labels: &[&str]) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `POST path` with a body and the bearer token: the status and body.
+fn post(addr: &str, path: &str, token: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+}
+
+/// A running pipeline takes a changed file live: a detect threshold raised mid-run holds from
+/// the next batch on, the open windows and the alerts already firing stay, the log level
+/// changes; a change that needs a restart (a window's size) is refused with its setting named
+/// and changes nothing; SIGHUP applies the file again.
+#[test]
+fn a_changed_pipeline_file_is_applied_live_and_a_structural_change_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("live.yaml");
+    let (windows, hot) = (dir.path().join("windows.jsonl"), dir.path().join("hot.jsonl"));
+    let pipeline = |above: f64, size: &str, level: &str| {
+        format!(
+            "name: live\nsource:\n  id: in\n  generator: {{rate: 5000, devices: 5}}\n  event_time: {{column: ts}}\nsteps:\n  - key_by: {{id: by-device, keys: [device_id]}}\n  - detect: {{id: rules, rules: [{{name: hot, threshold: {{value: readings.temp, above: {above}}}}}]}}\n  - alert: {{id: alerts}}\n  - window: {{id: counts, input: by-device, tumbling: {size}, aggregates: {{n: count()}}}}\nsinks:\n  - {{id: hot, input: alerts, file: {{path: \"{}\"}}}}\n  - {{id: windows, input: counts, file: {{path: \"{}\"}}}}\nlog: {{level: \"{level}\"}}\n",
+            hot.display(),
+            windows.display()
+        )
+    };
+    // Every reading is above -1000: every device's alert fires at once.
+    std::fs::write(&p, pipeline(-1000.0, "1h", "warn,weir::http=info")).unwrap();
+    let (child, logs) = spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["--log-format", "json", "run", p.to_str().unwrap(), "--quiet", "--metrics-addr", "127.0.0.1:0"])
+            .env_remove("WEIR_LOG")
+            .env_remove("RUST_LOG")
+            .env("WEIR_API_TOKEN", "s3cret")
+            .current_dir(dir.path()),
+    );
+    // The run never ends by itself: a failing assertion must not leave it running.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Killed(child);
+    let addr = wait_for_log(&logs, |v| v["fields"]["message"].as_str()?.starts_with("Serving metrics").then_some(())).1
+        ["fields"]["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let detected = || metric_where(&addr, "weir_step_results_out_total", &["step=\"rules\""]);
+    poll(|| (detected() >= 1000.0).then_some(()));
+
+    // Raise the limit past every reading: from the next batch on, nothing is detected.
+    std::fs::write(&p, pipeline(1000.0, "1h", "info")).unwrap();
+    poll(|| (metric_where(&addr, "weir_config_reloads_total", &["outcome=\"applied\""]) >= 1.0).then_some(()));
+    // The new level lets the reloader's own info line through.
+    wait_for_log(&logs, |v| {
+        (v["fields"]["message"] == "Applied the changed pipeline file to the running pipeline.").then_some(())
+    });
+    let at_reload = detected();
+    let read_then = metric(&addr, "weir_source_records_total");
+    poll(|| (metric(&addr, "weir_source_records_total") >= read_then + 5000.0).then_some(()));
+    // Batches already past the step when the change landed are all it may have judged the old way.
+    assert!(detected() - at_reload < 1000.0, "{} detections after the change", detected() - at_reload);
+    let quiet = detected();
+    let read_now = metric(&addr, "weir_source_records_total");
+    poll(|| (metric(&addr, "weir_source_records_total") >= read_now + 5000.0).then_some(()));
+    assert_eq!(detected(), quiet, "nothing above 1000 is detected");
+    // The alerts raised before stay as they were.
+    let (status, body) = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(s, "GET /alerts HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        (text.split(' ').nth(1).unwrap_or("").to_string(), text.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+    };
+    assert_eq!(status, "200", "{body}");
+    let alerts: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(alerts.len(), 5, "{body}");
+    assert!(alerts.iter().all(|a| a["state"] == "firing"), "{body}");
+
+    // A window of another size needs a restart: refused, named, nothing changes.
+    let (status, body) = post(&addr, "/config", "s3cret", &pipeline(1000.0, "2h", "info"));
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("steps[3].window.tumbling") && body.contains("restart"), "{body}");
+    let (status, _) = post(&addr, "/config", "wrong", &pipeline(1.0, "1h", "info"));
+    assert_eq!(status, 401);
+    assert_eq!(metric_where(&addr, "weir_config_reloads_total", &["outcome=\"refused\""]), 1.0);
+    // SIGHUP reads the file again (unchanged: applied, changing nothing).
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    poll(|| (metric_where(&addr, "weir_config_reloads_total", &["outcome=\"applied\""]) >= 2.0).then_some(()));
+
+    // The hour-long windows counted every reading, before the change and after it.
+    let read = metric(&addr, "weir_source_records_total");
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
+    let total: f64 = std::fs::read_to_string(&windows)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["n"].as_f64().unwrap())
+        .sum();
+    assert!(total >= read, "the windows counted {total} of at least {read} readings");
+}
