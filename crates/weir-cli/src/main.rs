@@ -330,7 +330,8 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             let summary = rt.block_on(async move {
                 let job = Job::new(spec)?;
                 let registry = job.registry();
-                let mut reloader = built.reloader(&pipeline).with_registry(registry.clone());
+                let mut reloader =
+                    built.reloader(&pipeline).with_registry(registry.clone()).with_quarantine(job.quarantine());
                 if let Some((env_set, set)) = LOG_LEVEL.get() {
                     if !env_set {
                         if let Some(level) = &level {

@@ -37,6 +37,17 @@ pub struct QuarantineSpec {
     pub cool_down: Duration,
 }
 
+/// When a key is quarantined, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Dead letters a key may produce within `window` before it is quarantined.
+    pub max_failures: u32,
+    /// The sliding window over which failures are counted.
+    pub window: Duration,
+    /// How long a quarantined key stays out.
+    pub cool_down: Duration,
+}
+
 #[derive(Debug, Default)]
 struct KeyState {
     failures: VecDeque<Instant>,
@@ -92,6 +103,9 @@ pub type QuarantineListener = Arc<dyn Fn(&QuarantineChange) + Send + Sync>;
 /// The quarantine of one job, shared by all workers.
 pub struct Quarantine {
     spec: QuarantineSpec,
+    /// `max_failures`, `window` and `cool_down` as they are now: they can change while the
+    /// job runs ([`Quarantine::set_limits`]).
+    limits: std::sync::RwLock<Limits>,
     listener: std::sync::OnceLock<QuarantineListener>,
     book: Mutex<Book>,
     active: AtomicUsize,
@@ -122,8 +136,10 @@ impl Quarantine {
 
     /// A quarantine writing diverted rows to `output`.
     pub fn new(spec: QuarantineSpec, output: Arc<dyn DeadLetterSink>) -> Self {
+        let limits = Limits { max_failures: spec.max_failures, window: spec.window, cool_down: spec.cool_down };
         Self {
             spec,
+            limits: std::sync::RwLock::new(limits),
             listener: std::sync::OnceLock::new(),
             book: Mutex::new(Book::default()),
             active: AtomicUsize::new(0),
@@ -131,6 +147,17 @@ impl Quarantine {
             quarantined_keys: AtomicU64::new(0),
             released_keys: AtomicU64::new(0),
         }
+    }
+
+    /// The limits now.
+    pub fn limits(&self) -> Limits {
+        *self.limits.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Changes the limits while the job runs: the next failure is judged by them; keys in
+    /// quarantine keep the cool-down they were given.
+    pub fn set_limits(&self, limits: Limits) {
+        *self.limits.write().unwrap_or_else(std::sync::PoisonError::into_inner) = limits;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
@@ -147,7 +174,7 @@ impl Quarantine {
             return released;
         }
         book.swept = Some(now);
-        let window = self.spec.window;
+        let window = self.limits().window;
         book.keys.retain(|key, st| {
             if st.until.is_some_and(|u| u <= now) {
                 st.until = None;
@@ -211,26 +238,27 @@ impl Quarantine {
         let mut changes = self.sweep(&mut book, now);
         let st = book.keys.entry(key.to_string()).or_default();
         let mut quarantined = false;
+        let Limits { max_failures, window, cool_down } = self.limits();
         if st.until.is_none_or(|u| u <= now) {
             st.failures.push_back(now);
-            while st.failures.front().is_some_and(|t| now.duration_since(*t) > self.spec.window) {
+            while st.failures.front().is_some_and(|t| now.duration_since(*t) > window) {
                 st.failures.pop_front();
             }
-            if st.failures.len() > self.spec.max_failures as usize {
+            if st.failures.len() > max_failures as usize {
                 st.failures.clear();
-                st.until = Some(now + self.spec.cool_down);
+                st.until = Some(now + cool_down);
                 self.active.fetch_add(1, Ordering::Relaxed);
                 self.quarantined_keys.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     key,
-                    failures = self.spec.max_failures + 1,
-                    cool_down_s = self.spec.cool_down.as_secs_f64(),
+                    failures = max_failures + 1,
+                    cool_down_s = cool_down.as_secs_f64(),
                     "Key quarantined: its rows go to the quarantine output."
                 );
-                let cool = i64::try_from(self.spec.cool_down.as_millis()).unwrap_or(i64::MAX);
+                let cool = i64::try_from(cool_down.as_millis()).unwrap_or(i64::MAX);
                 changes.push(QuarantineChange::Quarantined {
                     key: key.to_string(),
-                    failures: self.spec.max_failures + 1,
+                    failures: max_failures + 1,
                     until_ms: now_ms().saturating_add(cool),
                 });
                 quarantined = true;
@@ -344,7 +372,7 @@ impl Quarantine {
         let (mut keys, mut kinds, mut at) = (Vec::new(), Vec::new(), Vec::new());
         for (k, st) in &self.lock().keys {
             for f in &st.failures {
-                if now.duration_since(*f) <= self.spec.window {
+                if now.duration_since(*f) <= self.limits().window {
                     keys.push(k.clone());
                     kinds.push("failure");
                     at.push(now_ms - ms(now.duration_since(*f)));
@@ -396,7 +424,7 @@ impl Quarantine {
                 };
                 let st = map.entry(keys.value(i).to_string()).or_default();
                 match kinds.value(i) {
-                    "failure" if offset.unsigned_abs() <= self.spec.window.as_millis() as u64 => {
+                    "failure" if offset.unsigned_abs() <= self.limits().window.as_millis() as u64 => {
                         st.failures.push_back(instant);
                     }
                     "until" if offset > 0 && st.until.is_none() => {
@@ -520,6 +548,22 @@ mod tests {
         assert_eq!(q.active(), 1);
         assert!(!q.is_quarantined("a", at(83)));
         assert_eq!((q.active(), q.released_keys.load(Ordering::Relaxed)), (0, 1));
+    }
+
+    /// Limits changed while running judge the next failure; a key already out keeps the
+    /// cool-down it was given.
+    #[test]
+    fn changed_limits_judge_the_next_failure() {
+        let q = Quarantine::new(spec(5), Arc::new(MemoryDeadLetters::default()));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        for s in 0..3 {
+            assert!(!q.note_failure("a", at(s)), "5 allowed");
+        }
+        q.set_limits(Limits { max_failures: 3, window: Duration::from_secs(10), cool_down: Duration::from_secs(5) });
+        assert!(q.note_failure("a", at(3)), "the fourth failure is past the new limit of 3");
+        assert!(q.is_quarantined("a", at(7)) && !q.is_quarantined("a", at(9)), "for the new cool-down");
+        assert_eq!(q.limits().max_failures, 3);
     }
 
     fn spec(max_failures: u32) -> QuarantineSpec {

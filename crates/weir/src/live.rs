@@ -3,8 +3,9 @@
 //!
 //! What changes live: the rules of `detect` steps (thresholds, clear levels, EWMA and MAD
 //! settings, rates, silence timeouts, model thresholds, severities, labels; a rule keeps its
-//! name, kind and column, so every key's state still fits), and the log level (`log.level`,
-//! under `weir run`). Anything else that differs (a new source, a changed key, a window's
+//! name, kind and column, so every key's state still fits), the quarantine's limits
+//! (`max_dead_letters`, `within`, `cool_down`), and the log level (`log.level`, under
+//! `weir run`). Anything else that differs (a new source, a changed key, a window's
 //! size, an alert route) needs a restart: the reload is refused, naming the first such
 //! setting, and the running pipeline goes on with what it had. A reload comes from the file
 //! changing on disk or `SIGHUP` (`weir run`), or `POST /config` on the API port.
@@ -30,6 +31,7 @@ pub struct Reloader {
     rules: Arc<Mutex<BTreeMap<String, LiveRules>>>,
     log: Option<LogLevelSetter>,
     registry: Option<Arc<weir_core::metrics::Registry>>,
+    quarantine: Option<Arc<weir_core::quarantine::Quarantine>>,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -45,7 +47,7 @@ impl Reloader {
         current: PipelineConfig,
         rules: Arc<Mutex<BTreeMap<String, LiveRules>>>,
     ) -> Self {
-        Self { file, base, current: Mutex::new(current), rules, log: None, registry: None }
+        Self { file, base, current: Mutex::new(current), rules, log: None, registry: None, quarantine: None }
     }
 
     /// Lets reloads change the log level.
@@ -59,6 +61,13 @@ impl Reloader {
     #[must_use]
     pub fn with_registry(mut self, registry: Arc<weir_core::metrics::Registry>) -> Self {
         self.registry = Some(registry);
+        self
+    }
+
+    /// Lets reloads change the running job's quarantine limits.
+    #[must_use]
+    pub fn with_quarantine(mut self, q: Option<Arc<weir_core::quarantine::Quarantine>>) -> Self {
+        self.quarantine = q;
         self
     }
 
@@ -118,7 +127,7 @@ impl Reloader {
         }
         if let Some(path) = first_difference(&a, &b, "") {
             return Err(CoreError::Config(format!(
-                "`{path}` changed, which needs a restart; the running pipeline keeps its settings (only detect rules and log.level change live)"
+                "`{path}` changed, which needs a restart; the running pipeline keeps its settings (detect rules, quarantine limits and log.level change live)"
             )));
         }
         // Every changed detect step's rules, checked on copies before any is applied.
@@ -148,7 +157,28 @@ impl Reloader {
         if old_level != new_level {
             weir_core::ensure_config!(self.log.is_some(), "log.level changes live only under `weir run`");
         }
+        let (oq, nq) = (&current.quarantine, &new.quarantine);
+        let quarantine =
+            (oq.max_dead_letters, oq.within, oq.cool_down) != (nq.max_dead_letters, nq.within, nq.cool_down);
+        if quarantine {
+            weir_core::ensure_config!(
+                self.quarantine.is_some(),
+                "quarantine settings change live only when the pipeline runs with a quarantine"
+            );
+        }
         let mut changes = Vec::new();
+        if let (true, Some(q)) = (quarantine, &self.quarantine) {
+            let limits = weir_core::quarantine::Limits {
+                max_failures: nq.max_dead_letters,
+                window: nq.within,
+                cool_down: nq.cool_down,
+            };
+            q.set_limits(limits);
+            changes.push(format!(
+                "quarantine: {} dead letters within {:?}, cool-down {:?}",
+                nq.max_dead_letters, nq.within, nq.cool_down
+            ));
+        }
         for (id, live, specs) in planned {
             changes.extend(live.update(specs)?.into_iter().map(|c| format!("step `{id}`: {c}")));
         }
@@ -180,6 +210,11 @@ fn blank_live_settings(v: &mut Value) {
     }
     if let Some(log) = v.get_mut("log").and_then(Value::as_object_mut) {
         log.remove("level");
+    }
+    if let Some(q) = v.get_mut("quarantine").and_then(Value::as_object_mut) {
+        for k in ["max_dead_letters", "within", "cool_down"] {
+            q.remove(k);
+        }
     }
 }
 

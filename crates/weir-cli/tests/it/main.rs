@@ -729,6 +729,11 @@ fn a_changed_pipeline_file_is_applied_live_and_a_structural_change_refused() {
     let pid = child.0.id().to_string();
     assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
     poll(|| (metric_where(&addr, "weir_config_reloads_total", &["outcome=\"applied\""]) >= 2.0).then_some(()));
+    // The quarantine's limits change live too (the run's quarantine follows the key_by's key).
+    let tighter = pipeline(1000.0, "1h", "info") + "quarantine: {max_dead_letters: 7, cool_down: 30s}\n";
+    let (status, body) = post(&addr, "/config", "s3cret", &tighter);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("quarantine: 7 dead letters"), "{body}");
 
     // The hour-long windows counted every reading, before the change and after it.
     let read = metric(&addr, "weir_source_records_total");
