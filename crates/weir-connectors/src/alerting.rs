@@ -186,18 +186,76 @@ struct Route {
     spec: RouteSpec,
     tx: mpsc::Sender<AlertNotice>,
     counters: Arc<RouteCounters>,
+    /// The queue's other end, until the delivery thread takes it.
+    rx: Mutex<Option<mpsc::Receiver<AlertNotice>>>,
 }
 
+/// A route's delivery, handed to the delivery thread.
+type Delivery = (RouteSpec, Arc<RouteCounters>, mpsc::Receiver<AlertNotice>);
+
 /// The routes of one `alert` step, with their delivery thread (started on the first event).
+/// The routes can change while the job runs ([`AlertRouter::update`]).
 #[derive(Debug)]
 pub struct AlertRouter {
-    routes: Vec<Route>,
-    waiting: Mutex<Vec<mpsc::Receiver<AlertNotice>>>,
-    started: OnceLock<()>,
+    routes: std::sync::RwLock<Vec<Route>>,
+    /// Where new routes' deliveries go once the thread runs.
+    started: OnceLock<mpsc::Sender<Delivery>>,
     /// How long [`AlertNotify::drain`] waits for queues to empty at the end of input.
     drain_timeout: Duration,
     /// The job's dead-letter output, for events a full queue cannot take.
     dead_letters: DeadLetterSlot,
+}
+
+/// Checks a route's settings.
+fn check_route(spec: &RouteSpec) -> Result<()> {
+    weir_core::ensure_config!(!spec.name.is_empty(), "alert route: a route needs a `name`");
+    weir_core::ensure_config!(spec.queue > 0, "alert route `{}`: queue must be at least 1", spec.name);
+    match &spec.target {
+        RouteTarget::Webhook(w) => {
+            let ok = reqwest::Url::parse(&w.url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+            weir_core::ensure_config!(
+                ok,
+                "alert route `{}`: webhook url `{}` is not an http:// or https:// URL",
+                spec.name,
+                redact_url(&w.url)
+            );
+        }
+        RouteTarget::Redis { url, .. } => {
+            redis::Client::open(url.as_str())
+                .map_err(|e| CoreError::Config(format!("alert route `{}`: bad redis url: {e}", spec.name)))?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Checks a step's routes: each valid, no name twice.
+///
+/// # Errors
+/// As [`AlertRouter::new`].
+pub fn check_routes(routes: &[RouteSpec]) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for spec in routes {
+        check_route(spec)?;
+        weir_core::ensure_config!(seen.insert(spec.name.clone()), "alert route `{}` is named twice", spec.name);
+    }
+    Ok(())
+}
+
+/// Routes waiting to be handed to the delivery thread at most.
+const ROUTE_CHANGES: usize = 1024;
+
+/// Hands a route's queue to the delivery thread.
+fn hand_over(deliver: &mpsc::Sender<Delivery>, d: Delivery) {
+    let name = d.0.name.clone();
+    if deliver.try_send(d).is_err() {
+        tracing::error!(route = %name, "The alert delivery thread is gone or swamped; this route delivers nothing.");
+    }
+}
+
+fn route(spec: RouteSpec, counters: Arc<RouteCounters>) -> Route {
+    let (tx, rx) = mpsc::channel(spec.queue);
+    Route { spec, tx, counters, rx: Mutex::new(Some(rx)) }
 }
 
 impl AlertRouter {
@@ -207,41 +265,42 @@ impl AlertRouter {
     /// Duplicate or empty names, a webhook URL that is not http(s), a Redis URL it cannot
     /// parse, a zero queue.
     pub fn new(routes: Vec<RouteSpec>, drain_timeout: Duration, dead_letters: DeadLetterSlot) -> Result<Self> {
-        let mut seen = std::collections::BTreeSet::new();
-        let mut out = Vec::with_capacity(routes.len());
-        let mut waiting = Vec::with_capacity(routes.len());
-        for spec in routes {
-            weir_core::ensure_config!(!spec.name.is_empty(), "alert route: a route needs a `name`");
-            weir_core::ensure_config!(seen.insert(spec.name.clone()), "alert route `{}` is named twice", spec.name);
-            weir_core::ensure_config!(spec.queue > 0, "alert route `{}`: queue must be at least 1", spec.name);
-            match &spec.target {
-                RouteTarget::Webhook(w) => {
-                    let ok = reqwest::Url::parse(&w.url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-                    weir_core::ensure_config!(
-                        ok,
-                        "alert route `{}`: webhook url `{}` is not an http:// or https:// URL",
-                        spec.name,
-                        redact_url(&w.url)
-                    );
+        check_routes(&routes)?;
+        let routes = routes.into_iter().map(|s| route(s, Arc::default())).collect();
+        Ok(Self { routes: std::sync::RwLock::new(routes), started: OnceLock::new(), drain_timeout, dead_letters })
+    }
+
+    /// Replaces the routes while the job runs. The routes named in `keep` stay as they are
+    /// (queue, connection, counters); the others start anew (one with a known name keeps its
+    /// counters), and a route no longer listed delivers what its queue holds and stops.
+    ///
+    /// # Errors
+    /// As [`AlertRouter::new`]; nothing changes then.
+    pub fn update(&self, specs: Vec<RouteSpec>, keep: &std::collections::HashSet<String>) -> Result<()> {
+        check_routes(&specs)?;
+        let mut routes = self.routes.write().unwrap_or_else(PoisonError::into_inner);
+        let mut old: std::collections::HashMap<String, Route> =
+            std::mem::take(&mut *routes).into_iter().map(|r| (r.spec.name.clone(), r)).collect();
+        for spec in specs {
+            let r = match old.remove(&spec.name) {
+                Some(r) if keep.contains(&spec.name) => r,
+                Some(r) => route(spec, r.counters.clone()),
+                None => route(spec, Arc::default()),
+            };
+            if let Some(deliver) = self.started.get() {
+                if let Some(rx) = r.rx.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                    hand_over(deliver, (r.spec.clone(), r.counters.clone(), rx));
                 }
-                RouteTarget::Redis { url, .. } => {
-                    redis::Client::open(url.as_str())
-                        .map_err(|e| CoreError::Config(format!("alert route `{}`: bad redis url: {e}", spec.name)))?;
-                }
-                _ => {}
             }
-            let (tx, rx) = mpsc::channel(spec.queue);
-            waiting.push(rx);
-            out.push(Route { spec, tx, counters: Arc::default() });
+            routes.push(r);
         }
-        Ok(Self { routes: out, waiting: Mutex::new(waiting), started: OnceLock::new(), drain_timeout, dead_letters })
+        Ok(())
     }
 
     fn start(&self) {
         self.started.get_or_init(|| {
-            let rxs = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(PoisonError::into_inner));
-            let jobs: Vec<_> =
-                self.routes.iter().zip(rxs).map(|(r, rx)| (r.spec.clone(), r.counters.clone(), rx)).collect();
+            // Routes come a handful at a time (at the start, at a reload): a small queue.
+            let (deliver, mut incoming) = mpsc::channel::<Delivery>(ROUTE_CHANGES);
             let spawned = std::thread::Builder::new().name("weir-alerts".into()).spawn(move || {
                 let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(rt) => rt,
@@ -251,12 +310,11 @@ impl AlertRouter {
                     }
                 };
                 rt.block_on(async move {
-                    let tasks: Vec<_> = jobs
-                        .into_iter()
-                        .map(|(spec, counters, rx)| {
-                            weir_core::task::SpawnedTask::spawn(deliver_route(spec, counters, rx))
-                        })
-                        .collect();
+                    // Until the router is gone; each route's task ends when its queue closes.
+                    let mut tasks = Vec::new();
+                    while let Some((spec, counters, rx)) = incoming.recv().await {
+                        tasks.push(weir_core::task::SpawnedTask::spawn(deliver_route(spec, counters, rx)));
+                    }
                     for t in tasks {
                         let _ = t.await;
                     }
@@ -265,20 +323,35 @@ impl AlertRouter {
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "Cannot start the alert delivery thread; routes deliver nothing.");
             }
+            for r in self.routes.read().unwrap_or_else(PoisonError::into_inner).iter() {
+                if let Some(rx) = r.rx.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                    hand_over(&deliver, (r.spec.clone(), r.counters.clone(), rx));
+                }
+            }
+            deliver
         });
     }
 }
 
 impl AlertNotify for AlertRouter {
     fn notify(&self, notice: &AlertNotice) {
-        let mut started = false;
-        for r in &self.routes {
+        if self.started.get().is_none() {
+            // The delivery thread starts with the first event a route takes.
+            let wanted = self
+                .routes
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .any(|r| r.spec.matcher.matches(notice));
+            if !wanted {
+                return;
+            }
+            self.start();
+        }
+        let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
+        for r in routes.iter() {
             if !r.spec.matcher.matches(notice) {
                 continue;
-            }
-            if !started {
-                self.start();
-                started = true;
             }
             r.counters.queued.fetch_add(1, Ordering::Relaxed);
             if r.tx.try_send(notice.clone()).is_err() {
@@ -323,7 +396,7 @@ impl AlertNotify for AlertRouter {
     }
 
     fn report(&self, m: &ConnectorMetrics) {
-        for r in &self.routes {
+        for r in self.routes.read().unwrap_or_else(PoisonError::into_inner).iter() {
             let c = &r.counters;
             let name = r.spec.name.as_str();
             for (outcome, v) in [
@@ -377,7 +450,13 @@ impl AlertRouter {
     fn wait_delivered(&self) {
         let deadline = Instant::now() + self.drain_timeout;
         loop {
-            let left: u64 = self.routes.iter().map(|r| r.counters.queued.load(Ordering::Relaxed)).sum();
+            let left: u64 = self
+                .routes
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|r| r.counters.queued.load(Ordering::Relaxed))
+                .sum();
             if left == 0 {
                 return;
             }
@@ -640,6 +719,74 @@ impl AlertNotify for LiveAlerts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn file_route(name: &str, path: &std::path::Path) -> RouteSpec {
+        RouteSpec {
+            name: name.into(),
+            matcher: AlertMatch::default(),
+            target: RouteTarget::File(path.to_path_buf()),
+            retry: RetryPolicy::default(),
+            queue: 100,
+            when_full: WhenFull::Drop,
+        }
+    }
+
+    fn notice(id: &str) -> AlertNotice {
+        AlertNotice {
+            step: "alerts".into(),
+            event: AlertEvent::Fired,
+            alert: weir_core::notify::Alert {
+                id: id.into(),
+                key: "k".into(),
+                rule: "hot".into(),
+                severity: "warning".into(),
+                value: Some(1.0),
+                score: 1.0,
+                first_seen: 0,
+                last_seen: 0,
+                count: 1,
+                state: weir_core::notify::AlertState::Firing,
+                escalated: false,
+                fired_at: 0,
+                last_anomaly_at: 0,
+                resolved_at: None,
+                clear_count: 0,
+                labels: Default::default(),
+            },
+            at: 0,
+        }
+    }
+
+    fn ids(path: &std::path::Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["alert_id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Routes change while events flow: a kept route goes on with its queue, a new one gets
+    /// the events after the change, a removed one delivers what it had and no more; a bad
+    /// route list changes nothing.
+    #[test]
+    fn routes_change_while_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+        let router = AlertRouter::new(vec![file_route("a", &a)], Duration::from_secs(10), Arc::default()).unwrap();
+        router.notify(&notice("1"));
+        let keep: std::collections::HashSet<String> = ["a".to_string()].into();
+        router.update(vec![file_route("a", &a), file_route("b", &b)], &keep).unwrap();
+        router.notify(&notice("2"));
+        router.update(vec![file_route("b", &b)], &Default::default()).unwrap();
+        router.notify(&notice("3"));
+        let bad = router.update(vec![file_route("b", &b), file_route("b", &a)], &Default::default());
+        assert!(bad.unwrap_err().to_string().contains("named twice"));
+        router.notify(&notice("4"));
+        // The removed route delivers on its own task: wait for both files.
+        weir_core::testing::poll(|| (ids(&a).len() == 2 && ids(&b).len() == 3).then_some(()));
+        assert_eq!(ids(&a), ["1", "2"]);
+        assert_eq!(ids(&b), ["2", "3", "4"]);
+    }
 
     #[test]
     fn wildcards() {

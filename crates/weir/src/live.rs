@@ -3,7 +3,8 @@
 //!
 //! What changes live: the rules of `detect` steps (thresholds, clear levels, EWMA and MAD
 //! settings, rates, silence timeouts, model thresholds, severities, labels; a rule keeps its
-//! name, kind and column, so every key's state still fits), the quarantine's limits
+//! name, kind and column, so every key's state still fits), the routes of `alert` steps (a
+//! route whose settings did not change keeps its queue and connection), the quarantine's limits
 //! (`max_dead_letters`, `within`, `cool_down`), and the log level (`log.level`, under
 //! `weir run`). Anything else that differs (a new source, a changed key, a window's
 //! size, an alert route) needs a restart: the reload is refused, naming the first such
@@ -20,6 +21,9 @@ use weir_ops::rules::LiveRules;
 
 use crate::config::{PipelineConfig, StepConfig};
 
+/// The running `alert` steps' routers, by step id.
+pub(crate) type Routers = Arc<Mutex<BTreeMap<String, Arc<weir_connectors::alerting::AlertRouter>>>>;
+
 /// Sets the process's log filter (`info`, `weir_core=debug`, ...).
 pub type LogLevelSetter = Arc<dyn Fn(&str) -> std::result::Result<(), String> + Send + Sync>;
 
@@ -29,6 +33,7 @@ pub struct Reloader {
     base: PathBuf,
     current: Mutex<PipelineConfig>,
     rules: Arc<Mutex<BTreeMap<String, LiveRules>>>,
+    routers: Routers,
     log: Option<LogLevelSetter>,
     registry: Option<Arc<weir_core::metrics::Registry>>,
     quarantine: Option<Arc<weir_core::quarantine::Quarantine>>,
@@ -46,8 +51,9 @@ impl Reloader {
         base: PathBuf,
         current: PipelineConfig,
         rules: Arc<Mutex<BTreeMap<String, LiveRules>>>,
+        routers: Routers,
     ) -> Self {
-        Self { file, base, current: Mutex::new(current), rules, log: None, registry: None, quarantine: None }
+        Self { file, base, current: Mutex::new(current), rules, routers, log: None, registry: None, quarantine: None }
     }
 
     /// Lets reloads change the log level.
@@ -127,7 +133,7 @@ impl Reloader {
         }
         if let Some(path) = first_difference(&a, &b, "") {
             return Err(CoreError::Config(format!(
-                "`{path}` changed, which needs a restart; the running pipeline keeps its settings (detect rules, quarantine limits and log.level change live)"
+                "`{path}` changed, which needs a restart; the running pipeline keeps its settings (detect rules, alert routes, quarantine limits and log.level change live)"
             )));
         }
         // Every changed detect step's rules, checked on copies before any is applied.
@@ -150,6 +156,34 @@ impl Reloader {
                     .update(specs.clone())
                     .map_err(|e| CoreError::Config(format!("detect step `{}`: {e}", d.id)))?;
                 planned.push((d.id.clone(), live.clone(), specs));
+            }
+        }
+        // Every changed alert step's routes, checked before any is applied.
+        type RouteChange = (
+            String,
+            Arc<weir_connectors::alerting::AlertRouter>,
+            Vec<weir_connectors::alerting::RouteSpec>,
+            std::collections::HashSet<String>,
+        );
+        let mut routes: Vec<RouteChange> = Vec::new();
+        {
+            let routers = self.routers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (old, step) in current.steps.iter().zip(&new.steps) {
+                let (StepConfig::Alert(o), StepConfig::Alert(a)) = (old, step) else { continue };
+                if o.routes == a.routes {
+                    continue;
+                }
+                let router = routers.get(&a.id).ok_or_else(|| {
+                    CoreError::Config(format!(
+                        "alert step `{}` is not running; its routes change at its next start",
+                        a.id
+                    ))
+                })?;
+                let specs = a.routes.iter().map(crate::pipeline::route_spec).collect::<Result<Vec<_>>>()?;
+                weir_connectors::alerting::check_routes(&specs)
+                    .map_err(|e| CoreError::Config(format!("alert step `{}`: {e}", a.id)))?;
+                let keep = a.routes.iter().filter(|r| o.routes.contains(r)).map(|r| r.name.clone()).collect();
+                routes.push((a.id.clone(), router.clone(), specs, keep));
             }
         }
         let old_level = current.log.as_ref().and_then(|l| l.level.clone());
@@ -182,6 +216,11 @@ impl Reloader {
         for (id, live, specs) in planned {
             changes.extend(live.update(specs)?.into_iter().map(|c| format!("step `{id}`: {c}")));
         }
+        for (id, router, specs, keep) in routes {
+            let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+            router.update(specs, &keep)?;
+            changes.push(format!("step `{id}`: routes now {}", names.join(", ")));
+        }
         if old_level != new_level {
             let level = new_level.clone().unwrap_or_else(|| "warn".into());
             if let Some(set) = &self.log {
@@ -205,6 +244,9 @@ fn blank_live_settings(v: &mut Value) {
         for s in steps {
             if let Some(rules) = s.get_mut("detect").and_then(|d| d.get_mut("rules")) {
                 *rules = Value::Null;
+            }
+            if let Some(routes) = s.get_mut("alert").and_then(|a| a.get_mut("routes")) {
+                *routes = Value::Null;
             }
         }
     }

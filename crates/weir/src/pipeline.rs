@@ -439,6 +439,8 @@ struct AlertHub {
     live: Arc<weir_connectors::alerting::LiveAlerts>,
     /// The planned job's dead-letter output, for events the routes' full queues cannot take.
     dead_letters: weir_connectors::alerting::DeadLetterSlot,
+    /// Each `alert` step's routes as planned last (the running job's), for live changes.
+    pub(crate) routers: Arc<std::sync::Mutex<BTreeMap<String, Arc<weir_connectors::alerting::AlertRouter>>>>,
 }
 
 /// Rows as the planner sees them at a step or source: which node makes them, their schema,
@@ -909,15 +911,14 @@ fn step_spec(s: &StepConfig, keys: &[String], append: bool, functions: &Function
             board: hub.board.clone(),
             notify: {
                 let routes = a.routes.iter().map(route_spec).collect::<Result<Vec<_>>>()?;
-                let mut n: Vec<Arc<dyn weir_ops::alerts::AlertNotify>> = vec![hub.live.clone()];
-                if !routes.is_empty() {
-                    n.push(Arc::new(weir_connectors::alerting::AlertRouter::new(
-                        routes,
-                        a.drain_timeout,
-                        hub.dead_letters.clone(),
-                    )?));
-                }
-                n
+                // A router even without routes: a reload may add some.
+                let router = Arc::new(weir_connectors::alerting::AlertRouter::new(
+                    routes,
+                    a.drain_timeout,
+                    hub.dead_letters.clone(),
+                )?);
+                hub.routers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(a.id.clone(), router.clone());
+                vec![hub.live.clone() as Arc<dyn weir_ops::alerts::AlertNotify>, router]
             },
         }),
         StepConfig::Lookup(l) => OpSpec::Lookup(lookup_spec(l, append)?),
@@ -949,7 +950,7 @@ fn alert_event(e: &str) -> Result<weir_ops::alerts::AlertEvent> {
 }
 
 /// A route's settings as the router's.
-fn route_spec(r: &RouteConfig) -> Result<weir_connectors::alerting::RouteSpec> {
+pub(crate) fn route_spec(r: &RouteConfig) -> Result<weir_connectors::alerting::RouteSpec> {
     use weir_connectors::alerting::{AlertMatch, RouteSpec, RouteTarget, WebhookTarget};
     let mut targets = Vec::new();
     if let Some(w) = &r.webhook {
@@ -1121,7 +1122,13 @@ impl BuiltPipeline {
     /// relative paths in it are resolved against its folder.
     pub fn reloader(&self, file: &std::path::Path) -> crate::live::Reloader {
         let base = file.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
-        crate::live::Reloader::new(file.display().to_string(), base, self.cfg.clone(), self.live.clone())
+        crate::live::Reloader::new(
+            file.display().to_string(),
+            base,
+            self.cfg.clone(),
+            self.live.clone(),
+            self.alerts.routers.clone(),
+        )
     }
 
     /// The running `table` steps, for queries from code (the API port serves the same).

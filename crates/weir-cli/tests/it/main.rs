@@ -734,6 +734,17 @@ fn a_changed_pipeline_file_is_applied_live_and_a_structural_change_refused() {
     let (status, body) = post(&addr, "/config", "s3cret", &tighter);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("quarantine: 7 dead letters"), "{body}");
+    // And an alert step's routes.
+    let routed = tighter.replace(
+        "- alert: {id: alerts}",
+        &format!(
+            "- alert: {{id: alerts, routes: [{{name: log, file: {{path: \"{}\"}}}}]}}",
+            dir.path().join("routed.jsonl").display()
+        ),
+    );
+    let (status, body) = post(&addr, "/config", "s3cret", &routed);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("routes now log"), "{body}");
 
     // The hour-long windows counted every reading, before the change and after it.
     let read = metric(&addr, "weir_source_records_total");
