@@ -66,6 +66,9 @@ enum Cmd {
         /// Start over: ignore and delete the pipeline's checkpoints instead of resuming.
         #[arg(long)]
         fresh: bool,
+        /// Do not serve the web console at `/` of the API port (the JSON API stays).
+        #[arg(long)]
+        no_console: bool,
     },
     /// Check a pipeline file: keys, types, references, columns and expressions.
     Validate {
@@ -320,7 +323,7 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             print!("{out}");
             Ok(())
         }
-        Cmd::Run { pipeline, workers, metrics_addr, no_progress, quiet, fresh } => {
+        Cmd::Run { pipeline, workers, metrics_addr, no_progress, quiet, fresh, no_console } => {
             let (built, text) = load(&pipeline)?;
             let opts = RunOptions { workers, fresh };
             let spec = built.plan(&opts).map_err(|e| located(&pipeline.display().to_string(), &text, e))?;
@@ -344,6 +347,9 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                 let reloader = Arc::new(reloader);
                 let mut state = built.http_state(&job);
                 state.reloader = Some(reloader.clone());
+                if no_console {
+                    state.console = None;
+                }
                 let _server = match built.http_addr(metrics_addr.as_deref()) {
                     Some(a) => Some(weir::http::MetricsServer::start(&a, state).await?),
                     None => None,

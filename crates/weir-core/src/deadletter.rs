@@ -1,6 +1,7 @@
 //! Dead letters: records and rows that could not be processed, kept with their reason.
 
 use std::fmt;
+use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 
@@ -96,4 +97,77 @@ pub trait DeadLetterSink: Send + Sync + fmt::Debug {
 /// Milliseconds since the Unix epoch by the wall clock.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+/// The last dead letters of a run, for a look at what fails now (the console, `GET
+/// /dead-letters/recent`): kind, step, reason and where, without the payload.
+#[derive(Debug, Default)]
+pub struct RecentDeadLetters {
+    ring: std::sync::Mutex<std::collections::VecDeque<RecentDeadLetter>>,
+}
+
+/// One entry of [`RecentDeadLetters`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentDeadLetter {
+    /// Kind of failure.
+    pub kind: ErrorKind,
+    /// The step that rejected it.
+    pub step: String,
+    /// Why.
+    pub reason: String,
+    /// Where the record came from, and where in it.
+    pub origin: String,
+    /// Position in the origin, if known.
+    pub position: Option<String>,
+    /// When it failed, ms since the epoch.
+    pub time_ms: i64,
+}
+
+/// How many dead letters [`RecentDeadLetters`] keeps.
+pub const RECENT_DEAD_LETTERS: usize = 500;
+
+impl RecentDeadLetters {
+    /// Remembers `letters`, forgetting the oldest beyond [`RECENT_DEAD_LETTERS`].
+    pub fn note(&self, letters: &[DeadLetter]) {
+        let mut ring = self.ring.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for l in letters {
+            if ring.len() == RECENT_DEAD_LETTERS {
+                ring.pop_front();
+            }
+            ring.push_back(RecentDeadLetter {
+                kind: l.kind,
+                step: l.step.as_str().to_string(),
+                reason: l.reason.clone(),
+                origin: l.origin.clone(),
+                position: l.position.clone(),
+                time_ms: l.time_ms,
+            });
+        }
+    }
+
+    /// The newest first, up to `limit`, of those that `keep` accepts.
+    pub fn newest(&self, limit: usize, mut keep: impl FnMut(&RecentDeadLetter) -> bool) -> Vec<RecentDeadLetter> {
+        let ring = self.ring.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        ring.iter().rev().filter(|l| keep(l)).take(limit).cloned().collect()
+    }
+}
+
+/// A dead-letter sink that also remembers what passes through it in a [`RecentDeadLetters`].
+#[derive(Debug)]
+pub struct TappedDeadLetters {
+    /// Where the entries go.
+    pub inner: Arc<dyn DeadLetterSink>,
+    /// What remembers them.
+    pub recent: Arc<RecentDeadLetters>,
+}
+
+impl DeadLetterSink for TappedDeadLetters {
+    fn write(&self, letters: Vec<DeadLetter>) -> Result<()> {
+        self.recent.note(&letters);
+        self.inner.write(letters)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
 }

@@ -295,6 +295,12 @@ impl ConnectorMetrics {
         m.entry((name, Self::labels(labels))).or_insert((help, "counter", 0.0)).2 += by;
     }
 
+    /// Every series of a metric: its labels and value.
+    pub fn series(&self, name: &str) -> Vec<(Vec<(String, String)>, f64)> {
+        let m = self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.iter().filter(|((n, _), _)| *n == name).map(|((_, l), v)| (l.clone(), v.2)).collect()
+    }
+
     /// The value of a series, if it was reported.
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let m = self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -154,6 +154,23 @@ impl std::fmt::Debug for KeyHolders {
 }
 
 impl KeyHolders {
+    /// Every member of the group with the partitions of its last assignment, this process
+    /// first.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn members(&self) -> Result<Vec<(String, Vec<i64>)>> {
+        let mut stores = vec![self.store.clone()];
+        stores.extend(self.store.peers().await?);
+        let mut out = Vec::new();
+        for s in stores {
+            let Some(record) = s.member_record().await? else { continue };
+            let parts = record["partitions"].as_array().map(|ps| ps.iter().filter_map(|p| p.as_i64()).collect());
+            out.push((s.member_name().unwrap_or_default().to_string(), parts.unwrap_or_default()));
+        }
+        Ok(out)
+    }
+
     /// The partition of the key (the first value of a key column, as the source's records are
     /// keyed) and the member whose last assignment holds it (`None` if none does).
     ///
@@ -369,6 +386,50 @@ impl Job {
             _ => None,
         })?;
         Some(KeyHolders { store: ck.store.clone(), group })
+    }
+
+    /// The graph's nodes in order, each with its inputs: (producer id, how rows are spread:
+    /// empty for forward, else the key columns, `*` for all to one worker).
+    pub fn topology(&self) -> Vec<(String, Vec<(String, String)>)> {
+        self.graph
+            .nodes
+            .iter()
+            .map(|n| {
+                let inputs = n
+                    .inputs
+                    .iter()
+                    .map(|e| {
+                        let part = match &e.part {
+                            Partitioning::Forward => String::new(),
+                            Partitioning::Hash(k) if k.is_empty() => "*".into(),
+                            Partitioning::Hash(k) => k.join(", "),
+                        };
+                        (self.graph.nodes[e.from].id.as_str().to_string(), part)
+                    })
+                    .collect();
+                (n.id.as_str().to_string(), inputs)
+            })
+            .collect()
+    }
+
+    /// The ids of the steps and sinks each stage (task) runs, in stage order: its channels are
+    /// the metrics' `stage<N>-w<worker>` (what the console shows as a step's backpressure).
+    pub fn stages(&self) -> Vec<Vec<String>> {
+        self.plan
+            .iter()
+            .map(|t| {
+                let mut ids: Vec<String> = t.ops.iter().map(|&n| self.graph.nodes[n].id.as_str().to_string()).collect();
+                for o in &t.outputs {
+                    if let TaskOutput::Sink(n) = o {
+                        ids.push(self.graph.nodes[*n].id.as_str().to_string());
+                    }
+                }
+                if let Head::Source(n) = t.head {
+                    ids.insert(0, self.graph.nodes[n].id.as_str().to_string());
+                }
+                ids
+            })
+            .collect()
     }
 
     /// A handle that stops the job gracefully.

@@ -15,6 +15,9 @@
 //! POST /quarantine/{key}/release                          release a key now (Authorization: Bearer <token>)
 //! POST /ingest/{source}                                   records into an HTTP ingest source (Authorization: Bearer <token>)
 //! GET  /ws/{sink}?device_id=d-1                           WebSocket: a live feed sink's rows, one JSON object per message
+//! GET  /                                                 the web console (and /console.js, /console.css); off with --no-console
+//! GET  /api/console                                       what the console shows, as JSON (/api/console/stream: every second, SSE)
+//! GET  /dead-letters/recent?kind=schema&step=parse        the last dead letters, newest first, without payloads
 //! POST /config                                            a changed pipeline (YAML body) applied live, or 409 and why (Authorization: Bearer <token>)
 //! GET  /tables                                            the ids of the `table` steps running here
 //! GET  /tables/{id}?prefix=dev-&limit=100                 rows whose key starts with the prefix (JSON: rows, truncated)
@@ -69,6 +72,10 @@ pub struct HttpState {
     pub holders: Option<weir_core::runtime::KeyHolders>,
     /// Applies a changed pipeline while it runs (`POST /config`), when the runner offers it.
     pub reloader: Option<Arc<crate::live::Reloader>>,
+    /// The web console's view of the job (`None`: no console, as with `--no-console`).
+    pub console: Option<Arc<crate::console::ConsoleInfo>>,
+    /// The last dead letters (`GET /dead-letters/recent`).
+    pub recent_dead_letters: Option<Arc<weir_core::deadletter::RecentDeadLetters>>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -95,6 +102,8 @@ impl HttpState {
             tables: weir_ops::Tables::default(),
             holders: None,
             reloader: None,
+            console: None,
+            recent_dead_letters: None,
         }
     }
 }
@@ -135,11 +144,22 @@ impl MetricsServer {
             .build()
             .map_err(|e| CoreError::io("cannot start the HTTP port's runtime", e))?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let sampler = state.console.clone().map(|info| (info, state.registry.clone()));
         let app = router(state);
         let thread = std::thread::Builder::new()
             .name("weir-http".into())
             .spawn(move || {
                 rt.block_on(async move {
+                    // The console's charts start with the last minutes, not when a page opens.
+                    let _sampling = sampler.map(|(info, registry)| {
+                        weir_core::task::SpawnedTask::spawn(async move {
+                            let mut every = tokio::time::interval(Duration::from_secs(1));
+                            loop {
+                                every.tick().await;
+                                info.sample(&registry);
+                            }
+                        })
+                    });
                     let listener = match tokio::net::TcpListener::from_std(listener) {
                         Ok(l) => l,
                         Err(e) => {
@@ -206,6 +226,12 @@ fn router(state: HttpState) -> Router {
         .route("/ingest/{source}", post(ingest).layer(axum::extract::DefaultBodyLimit::disable()))
         .route("/ws/{sink}", get(feed))
         .route("/config", post(reload_config))
+        .route("/", get(|s: State<Shared>| async move { static_file(&s, "text/html; charset=utf-8", crate::console::INDEX_HTML) }))
+        .route("/console.js", get(|s: State<Shared>| async move { static_file(&s, "text/javascript", crate::console::CONSOLE_JS) }))
+        .route("/console.css", get(|s: State<Shared>| async move { static_file(&s, "text/css", crate::console::CONSOLE_CSS) }))
+        .route("/api/console", get(console_snapshot))
+        .route("/api/console/stream", get(console_stream))
+        .route("/dead-letters/recent", get(recent_dead_letters))
         .route("/tables", get(|State(s): State<Shared>| async move { json_body(&serde_json::json!(s.tables.ids())) }))
         .route("/tables/{id}", get(table_scan))
         .route("/tables/{id}/{*key}", get(table_get))
@@ -580,6 +606,75 @@ async fn quarantined(State(s): State<Shared>) -> Response {
         .map(|k| serde_json::json!({ "key": k.key, "until_ms": k.until_ms }))
         .collect();
     json_body(&serde_json::Value::Array(keys)).into_response()
+}
+
+/// A file of the console, when the console is on.
+fn static_file(s: &State<Shared>, content_type: &'static str, body: &'static str) -> Response {
+    if s.console.is_none() {
+        return json_error(StatusCode::NOT_FOUND, "the web console is off (`--no-console`)");
+    }
+    ([(header::CONTENT_TYPE, HeaderValue::from_static(content_type))], body).into_response()
+}
+
+/// `GET /api/console`: what the console shows (see [`crate::console`]).
+async fn console_snapshot(State(s): State<Shared>) -> Response {
+    match &s.console {
+        Some(info) => {
+            let mut snap = crate::console::snapshot(&s, info);
+            snap["members"] = group_members(&s).await;
+            json_body(&snap).into_response()
+        }
+        None => json_error(StatusCode::NOT_FOUND, "the web console is off (`--no-console`)"),
+    }
+}
+
+/// In a group of processes, each member and the partitions it holds (from their records in
+/// the checkpoint store); else an empty list.
+async fn group_members(s: &HttpState) -> serde_json::Value {
+    let Some(h) = &s.holders else { return serde_json::json!([]) };
+    match h.members().await {
+        Ok(m) => serde_json::Value::Array(
+            m.into_iter()
+                .map(|(member, partitions)| serde_json::json!({ "member": member, "partitions": partitions }))
+                .collect(),
+        ),
+        Err(e) => serde_json::json!([{ "error": e.to_string() }]),
+    }
+}
+
+/// `GET /api/console/stream`: a snapshot every second, as Server-Sent Events (`snapshot`).
+async fn console_stream(State(s): State<Shared>) -> Response {
+    let Some(info) = s.console.clone() else {
+        return json_error(StatusCode::NOT_FOUND, "the web console is off (`--no-console`)");
+    };
+    let every = tokio::time::interval(Duration::from_secs(1));
+    // The members are read from the checkpoint store: every 10 s is enough.
+    let members = (serde_json::json!([]), 0u32);
+    let events = futures::stream::unfold((every, s, info, members), |(mut every, s, info, mut members)| async move {
+        every.tick().await;
+        if members.1 % 10 == 0 {
+            members.0 = group_members(&s).await;
+        }
+        members.1 += 1;
+        let mut snap = crate::console::snapshot(&s, &info);
+        snap["members"] = members.0.clone();
+        let data = snap.to_string();
+        Some((
+            Ok::<_, std::convert::Infallible>(Event::default().event("snapshot").data(data)),
+            (every, s, info, members),
+        ))
+    });
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keep-alive")).into_response()
+}
+
+/// `GET /dead-letters/recent?kind=schema&step=parse&limit=100`: the last dead letters
+/// (at most 500 are kept), newest first, without their payloads.
+async fn recent_dead_letters(State(s): State<Shared>, Query(q): Params) -> Response {
+    let Some(recent) = &s.recent_dead_letters else {
+        return json_body(&serde_json::json!([])).into_response();
+    };
+    let limit = param(&q, "limit").and_then(|l| l.parse().ok()).unwrap_or(100);
+    json_body(&crate::console::recent_dead_letters(recent, param(&q, "kind"), param(&q, "step"), limit)).into_response()
 }
 
 /// `POST /config` with the pipeline's new YAML as the body: applies what can change live

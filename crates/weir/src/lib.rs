@@ -23,6 +23,7 @@
 
 pub mod config;
 pub mod connector;
+pub mod console;
 pub mod http;
 pub mod live;
 pub mod pipeline;

@@ -364,6 +364,7 @@ impl Pipeline {
             feeds: Arc::default(),
             tables: weir_ops::Tables::default(),
             live: Arc::default(),
+            recent: Arc::default(),
         };
         // With every source's schema known (declared, or given by code), the steps are checked
         // now; otherwise when the pipeline is planned.
@@ -404,6 +405,8 @@ pub struct BuiltPipeline {
     tables: weir_ops::Tables,
     /// The `detect` steps' rules as they run, by step id, for live reconfiguration.
     live: Arc<std::sync::Mutex<BTreeMap<String, weir_ops::rules::LiveRules>>>,
+    /// The last dead letters of the planned job, for the console.
+    recent: Arc<weir_core::deadletter::RecentDeadLetters>,
 }
 
 /// The error for a Kafka feature used in a build without the `kafka` cargo feature.
@@ -1114,6 +1117,21 @@ impl BuiltPipeline {
             tables: self.tables.clone(),
             holders: job.key_holders(),
             reloader: None,
+            console: Some(Arc::new(crate::console::ConsoleInfo::new(
+                {
+                    let kinds = crate::plan::kinds(&self.cfg);
+                    job.topology()
+                        .into_iter()
+                        .map(|(id, inputs)| {
+                            let kind = kinds.get(&id).cloned().unwrap_or_else(|| "step".into());
+                            (id, kind, inputs)
+                        })
+                        .collect()
+                },
+                job.stages(),
+                self.recent.clone(),
+            ))),
+            recent_dead_letters: Some(self.recent.clone()),
         }
     }
 
@@ -1603,6 +1621,9 @@ impl BuiltPipeline {
                 Some(q)
             }
         };
+        // The console shows the last dead letters.
+        let dead: Arc<dyn DeadLetterSink> =
+            Arc::new(weir_core::deadletter::TappedDeadLetters { inner: dead, recent: self.recent.clone() });
         let graph = JobGraph {
             upstream: None,
             counts_input: self.link.done.is_none(),
@@ -1770,6 +1791,7 @@ impl BuiltPipeline {
             feeds: self.feeds.clone(),
             tables: self.tables.clone(),
             live: self.live.clone(),
+            recent: self.recent.clone(),
         }
     }
 

@@ -12,7 +12,7 @@ use weir::connectors::testing::{free_port, psql};
 use super::{metric, poll, repo};
 
 /// The running pipeline, killed however the test ends.
-struct Running(Child);
+pub(crate) struct Running(pub(crate) Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -22,7 +22,7 @@ impl Drop for Running {
 }
 
 /// Fails at once, saying what to install, when the browser or its driver is missing.
-fn browser_at_hand() {
+pub(crate) fn browser_at_hand() {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(
         Path::new(&chromium).exists(),
@@ -36,6 +36,19 @@ fn browser_at_hand() {
          (scripts/test.sh installs it when missing): {}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// Waits until `weir` answers on `api`; fails with its log (`log`) if it ends first.
+pub(crate) fn wait_for_api(weir: &mut Running, api: &str, log: &Path) {
+    poll(|| {
+        if let Some(status) = weir.0.try_wait().unwrap() {
+            panic!(
+                "weir ended ({status}) before serving its API:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::net::TcpStream::connect(api).ok()
+    });
 }
 
 #[test]
@@ -73,12 +86,7 @@ fn the_dashboard_shows_the_live_feed_while_history_and_latest_readings_are_store
     );
     let weir_log = || std::fs::read_to_string(&log).unwrap_or_default();
     // Running: the API answers, and rows reach the feed sink (the page can connect now).
-    poll(|| {
-        if let Some(status) = weir.0.try_wait().unwrap() {
-            panic!("weir ended ({status}) before serving its API:\n{}", weir_log());
-        }
-        std::net::TcpStream::connect(&api).ok()
-    });
+    wait_for_api(&mut weir, &api, &log);
     poll(|| (metric(&api, "weir_feed_rows_total") > 0.0).then_some(()));
 
     let o = Command::new("python3")

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod console;
 mod crash;
 mod dashboard;
 mod kafka_crash;

@@ -1305,6 +1305,24 @@ fn a_table_query_names_the_member_that_holds_a_key_on_a_real_broker() {
         held[1] += 1;
     }
     assert!(held[0] > 0 && held[1] > 0, "both members hold keys: {held:?}");
+    // The console lists the members and who holds which partition.
+    let (status, body) = http_get(a, "/api/console");
+    assert_eq!(status, 200, "{body}");
+    let console: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut listed: Vec<(String, Vec<i64>)> = console["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let parts = m["partitions"].as_array().unwrap().iter().map(|p| p.as_i64().unwrap()).collect();
+            (m["member"].as_str().unwrap().to_string(), parts)
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(listed.iter().map(|m| m.0.as_str()).collect::<Vec<_>>(), ["a", "b"], "{body}");
+    let mut all: Vec<i64> = listed.iter().flat_map(|m| m.1.clone()).collect();
+    all.sort_unstable();
+    assert_eq!(all, [0, 1, 2, 3], "{body}");
     for (handle, _, stop, _) in members {
         stop.stop();
         rt.block_on(handle).unwrap().unwrap();
