@@ -818,6 +818,12 @@ impl LatencyHistogram {
         (self.sum_us.load(Ordering::Relaxed) as f64 / 1e6, count, out)
     }
 
+    /// Sum of the latencies recorded, µs (with [`LatencyHistogram::count`], a mean over any
+    /// stretch of time).
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.load(Ordering::Relaxed)
+    }
+
     /// Number of rows recorded.
     pub fn count(&self) -> u64 {
         self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()

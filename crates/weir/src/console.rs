@@ -43,8 +43,8 @@ pub struct ConsoleInfo {
 }
 
 /// The job's figures at one moment: (ms since the epoch, records read, rows written,
-/// watermark lag in seconds).
-pub type Sample = (i64, u64, u64, Option<f64>);
+/// watermark lag in seconds, end-to-end latency: sum in µs and rows measured so far).
+pub type Sample = (i64, u64, u64, Option<f64>, u64, u64);
 
 /// How many samples the charts get: five minutes, a second apart.
 const HISTORY: usize = 300;
@@ -67,7 +67,14 @@ impl ConsoleInfo {
         if h.len() == HISTORY {
             h.pop_front();
         }
-        h.push_back((now, get(&reg.source_records), get(&reg.sink_rows), lag));
+        h.push_back((
+            now,
+            get(&reg.source_records),
+            get(&reg.sink_rows),
+            lag,
+            reg.latency.sum_us(),
+            reg.latency.count(),
+        ));
     }
 }
 

@@ -23,9 +23,11 @@ function rate(cur, prev, field, dt) {
 // The server's samples of the last minutes, before this page opened: the charts start full.
 function seed(history) {
   for (let i = 1; i < history.length; i++) {
-    const [t0, in0, out0] = history[i - 1], [t, rin, rout, lag] = history[i];
+    const [t0, in0, out0, , sum0, n0] = history[i - 1], [t, rin, rout, lag, sum, n] = history[i];
     const dt = (t - t0) / 1000;
-    if (dt > 0) state.history.push({ t, rin: (rin - in0) / dt, rout: (rout - out0) / dt, lag });
+    // Mean end-to-end latency of the rows written in that second (sinks with a latency column).
+    const latency = n > n0 ? (sum - sum0) / (n - n0) / 1e6 : null;
+    if (dt > 0) state.history.push({ t, rin: (rin - in0) / dt, rout: (rout - out0) / dt, lag, latency });
   }
 }
 
@@ -46,16 +48,19 @@ function apply(snap) {
   text($("#watermark"), snap.watermark_ms ? time(snap.watermark_ms) : "none yet");
   text($("#watermark-lag"), lag === null ? "" : `(${fmt(lag)} s behind)`);
   const ck = snap.checkpoints;
-  text($("#checkpoints"), !ck.enabled ? "off" : `${ck.completed} done, ${ck.failed} failed, last ${fmt(ck.last_duration_s * 1000)} ms`
+  text($("#checkpoints"), !ck.enabled ? "off" : `${ck.completed} done, ${ck.failed} failed, last ${fmt(ck.last_duration_s * 1000)} ms, ${fmt(ck.last_bytes / 1024)} KiB`
     + (ck.last_completed_ms ? `, ${fmt((snap.now_ms - ck.last_completed_ms) / 1000)} s ago` : ""));
   text($("#updated"), new Date(snap.now_ms).toLocaleTimeString());
   graph(snap, prev, dt);
+  const last = snap.history && snap.history.length > 1 ? snap.history.slice(-2) : null;
+  const latency = last && last[1][5] > last[0][5] ? (last[1][4] - last[0][4]) / (last[1][5] - last[0][5]) / 1e6 : null;
   if (prev) {
-    state.history.push({ t: snap.now_ms, rin, rout, lag });
+    state.history.push({ t: snap.now_ms, rin, rout, lag, latency });
     while (state.history.length && state.history[0].t < snap.now_ms - HISTORY_S * 1000) state.history.shift();
     chart($("#chart-rates"), [["rin", getComputedStyle(document.body).getPropertyValue("--in")],
       ["rout", getComputedStyle(document.body).getPropertyValue("--out")]], "rows/s");
-    chart($("#chart-lag"), [["lag", getComputedStyle(document.body).getPropertyValue("--warn")]], "s");
+    chart($("#chart-lag"), [["lag", getComputedStyle(document.body).getPropertyValue("--warn")],
+      ["latency", getComputedStyle(document.body).getPropertyValue("--in")]], "s");
   }
   alerts(snap.alerts);
   table("#partitions", snap.partitions, (p) => [p.topic, p.partition, fmt(p.lag)]);
