@@ -55,6 +55,30 @@ fn df_message(e: &DataFusionError) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// DataFusion reads `user.country` as the function `USER` followed by a field access when
+/// `user` is a column: for a column named like a SQL word, say to quote it.
+fn sql_word_hint(sql: &str, schema: &SchemaRef, message: String) -> String {
+    if !message.starts_with("Dot access not supported") {
+        return message;
+    }
+    let word = schema.fields().iter().map(|f| f.name().as_str()).find(|name| {
+        sql.match_indices(&format!("{name}.")).any(|(i, _)| {
+            let before = sql[..i].chars().next_back();
+            !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '"' || c == '.')
+        })
+    });
+    match word {
+        Some(w) => format!(
+            "`{w}` is a SQL word, so `{w}.` does not read the column `{w}`: quote the name, as in `\"{w}\".{}`",
+            sql.split_once(&format!("{w}.")).map_or("field", |(_, rest)| rest
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .next()
+                .unwrap_or("field"))
+        ),
+        None => message,
+    }
+}
+
 impl CompiledExpr {
     /// Compiles `sql` (an expression, no SELECT) against `schema`.
     ///
@@ -78,7 +102,7 @@ impl CompiledExpr {
             }
         }
 
-        let plan_err = |e: DataFusionError| ExprError::plan(sql, df_message(&e));
+        let plan_err = |e: DataFusionError| ExprError::plan(sql, sql_word_hint(sql, schema, df_message(&e)));
         let df_schema = Arc::new(DFSchema::try_from(Arc::clone(schema)).map_err(plan_err)?);
 
         let options = ParserOptions::new()

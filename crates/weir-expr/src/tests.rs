@@ -483,3 +483,17 @@ fn timestamps_maps_lists_dictionaries() {
     assert_eq!(eval("xs[2]").as_primitive::<Int64Type>().iter().collect::<Vec<_>>(), [Some(8), None]);
     assert_eq!(m("d = 'q'"), [false, true]);
 }
+
+/// A struct column named like a SQL word (`user`) is reached by quoting its name; unquoted,
+/// the error says so instead of DataFusion's "dot access not supported".
+#[test]
+fn a_column_named_like_a_sql_word_is_quoted() {
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "user",
+        DataType::Struct(vec![Field::new("country", DataType::Utf8, true)].into()),
+        true,
+    )]));
+    assert!(CompiledExpr::compile("\"user\".country", &schema).is_ok());
+    let err = CompiledExpr::compile("user.country", &schema).unwrap_err().to_string();
+    assert!(err.contains("`user` is a SQL word") && err.contains("\"user\".country"), "{err}");
+}
