@@ -251,6 +251,45 @@ impl FromStr for AggFunc {
     }
 }
 
+/// The type of each aggregate's input column (`None` for `count()`), checked numeric.
+///
+/// # Errors
+/// An unknown column, or one that is not numeric (nor boolean).
+pub(crate) fn input_types(aggs: &[AggSpec], input: &arrow_schema::Schema) -> Result<Vec<Option<DataType>>> {
+    aggs.iter()
+        .map(|a| {
+            let Some(c) = &a.column else { return Ok(None) };
+            let f = crate::field_by_path(input, c)
+                .map_err(|e| CoreError::Config(format!("aggregate `{}`: {e}", a.name)))?;
+            let t = f.data_type();
+            weir_core::ensure_config!(
+                t.is_numeric() || t == &DataType::Boolean,
+                "aggregate `{}`: `{}({c})` needs a numeric column, but `{c}` is {t}",
+                a.name,
+                a.func
+            );
+            Ok(Some(t.clone()))
+        })
+        .collect()
+}
+
+/// Each aggregate's input column of `rows` as f64 (`None` for `count()`).
+///
+/// # Errors
+/// A column missing from the rows.
+pub(crate) fn input_values(aggs: &[AggSpec], rows: &arrow_array::RecordBatch) -> Result<Vec<Option<Float64Array>>> {
+    aggs.iter()
+        .map(|a| match &a.column {
+            None => Ok(None),
+            Some(c) => {
+                let col = weir_core::time::column_by_path(rows, c)?;
+                let f = arrow_cast::cast(&col, &DataType::Float64)?;
+                Ok(f.as_any().downcast_ref::<Float64Array>().cloned())
+            }
+        })
+        .collect()
+}
+
 /// The accumulators of an operator: layout plus slab.
 #[derive(Debug)]
 pub(crate) struct Accumulators {

@@ -402,6 +402,14 @@ fn expires_at(side: usize, ts: i64, lo: i64, hi: i64) -> i64 {
     }
 }
 
+/// The side (0 left, 1 right) that input `input` of a join is.
+fn side_of(input: usize) -> Result<usize> {
+    match input {
+        0 | 1 => Ok(input),
+        _ => Err(CoreError::Internal(format!("a join has two inputs, not input {input}"))),
+    }
+}
+
 /// `[own, other]` as `[left, right]`.
 fn ordered<T>(side: usize, own: T, other: T) -> [T; 2] {
     if side == 0 {
@@ -540,10 +548,7 @@ impl Operator for IntervalJoin {
     }
 
     fn process_from(&mut self, input: usize, batch: Batch, cx: &mut OpContext<'_>) -> Result<()> {
-        match input {
-            0 | 1 => self.process_side(input, batch, cx),
-            _ => Err(CoreError::Internal(format!("a join has two inputs, not input {input}"))),
-        }
+        self.process_side(side_of(input)?, batch, cx)
     }
 
     fn on_input_watermark(&mut self, input: usize, wm: i64, cx: &mut OpContext<'_>) -> Result<()> {

@@ -22,7 +22,6 @@ use arrow_array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch, String
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use weir_core::keys::{key_columns, KeyInterner};
 use weir_core::metrics::StepMetrics;
-use weir_core::time::column_by_path;
 use weir_core::{Batch, CoreError, OpContext, Operator, OperatorFactory, Result};
 
 use crate::aggregate::{Accumulators, AggSpec};
@@ -74,24 +73,7 @@ impl TableSpec {
             TableValues::Latest => fields = input.fields().iter().map(|f| f.as_ref().clone()).collect(),
             TableValues::Aggregates(aggs) => {
                 weir_core::ensure_config!(!aggs.is_empty(), "a table needs `aggregates` or `latest: true`");
-                let mut inputs = Vec::new();
-                for a in aggs {
-                    inputs.push(match &a.column {
-                        None => None,
-                        Some(c) => {
-                            let f = field_by_path(input, c)
-                                .map_err(|e| CoreError::Config(format!("aggregate `{}`: {e}", a.name)))?;
-                            let t = f.data_type();
-                            weir_core::ensure_config!(
-                                t.is_numeric() || t == &DataType::Boolean,
-                                "aggregate `{}`: `{}({c})` needs a numeric column, but `{c}` is {t}",
-                                a.name,
-                                a.func
-                            );
-                            Some(t.clone())
-                        }
-                    });
-                }
+                let inputs = crate::aggregate::input_types(aggs, input)?;
                 fields.extend(Accumulators::fields(aggs, &inputs));
             }
         }
@@ -301,7 +283,10 @@ impl Operator for Table {
                     }
                 }
                 let row_slots: Vec<u32> = ids.iter().map(|&k| slots[k as usize]).collect();
-                let values = agg_values(&self.spec.values, &batch.rows)?;
+                let TableValues::Aggregates(aggs) = &self.spec.values else {
+                    weir_core::bail_internal!("a table of aggregates without them")
+                };
+                let values = crate::aggregate::input_values(aggs, &batch.rows)?;
                 acc.update(&row_slots, &values, &batch.time);
             }
             Values::Latest { rows, times: latest, kept } => {
@@ -457,20 +442,6 @@ fn parse_key(key: &[&str], types: &[DataType]) -> Result<Vec<ArrayRef>> {
                 return Err(CoreError::Config(format!("`{v}` is not a value of the key's type {t}")));
             }
             Ok(c)
-        })
-        .collect()
-}
-
-/// Each aggregate's input column as f64 (`None` for `count()`).
-fn agg_values(values: &TableValues, rows: &RecordBatch) -> Result<Vec<Option<Float64Array>>> {
-    let TableValues::Aggregates(aggs) = values else { return Ok(Vec::new()) };
-    aggs.iter()
-        .map(|a| match &a.column {
-            None => Ok(None),
-            Some(c) => {
-                let col = column_by_path(rows, c)?;
-                Ok(Some(arrow_cast::cast(&col, &DataType::Float64)?.as_primitive().clone()))
-            }
         })
         .collect()
 }

@@ -17,7 +17,6 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use hashbrown::HashMap;
 use weir_core::keys::{key_columns, KeyInterner};
 use weir_core::metrics::StepMetrics;
-use weir_core::time::column_by_path;
 use weir_core::{Batch, CoreError, OpContext, Operator, OperatorFactory, Result};
 
 use crate::aggregate::{Accumulators, AggSpec};
@@ -43,6 +42,34 @@ pub enum WindowKind {
         /// Inactivity gap that closes a session, ms.
         gap_ms: i64,
     },
+}
+
+impl WindowKind {
+    /// Checks the sizes: positive, a hopping slide in `(0, size]`.
+    ///
+    /// # Errors
+    /// A size, slide or gap out of range.
+    pub fn check(&self) -> Result<()> {
+        match *self {
+            Self::Tumbling { size_ms } | Self::Hopping { size_ms, .. } if size_ms <= 0 => {
+                Err(CoreError::Config("window size must be positive".into()))
+            }
+            Self::Hopping { size_ms, slide_ms } if slide_ms <= 0 || slide_ms > size_ms => Err(CoreError::Config(
+                format!("hopping window slide must be in (0, size]; got slide {slide_ms} ms for size {size_ms} ms"),
+            )),
+            Self::Session { gap_ms } if gap_ms <= 0 => Err(CoreError::Config("session gap must be positive".into())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Window length and distance between starts, ms (a session: its gap twice).
+    pub fn size_slide(&self) -> (i64, i64) {
+        match *self {
+            Self::Tumbling { size_ms } => (size_ms, size_ms),
+            Self::Hopping { size_ms, slide_ms } => (size_ms, slide_ms),
+            Self::Session { gap_ms } => (gap_ms, gap_ms),
+        }
+    }
 }
 
 /// Which clock assigns rows to windows.
@@ -96,30 +123,13 @@ impl WindowSpec {
     /// # Errors
     /// Unknown or non-numeric columns, non-positive sizes, duplicate output names.
     pub fn plan(&self, input: &SchemaRef) -> Result<(Arc<dyn OperatorFactory>, SchemaRef)> {
-        match self.kind {
-            WindowKind::Tumbling { size_ms } | WindowKind::Hopping { size_ms, .. } if size_ms <= 0 => {
-                return Err(CoreError::Config("window size must be positive".into()))
-            }
-            WindowKind::Hopping { size_ms, slide_ms } if slide_ms <= 0 || slide_ms > size_ms => {
-                return Err(CoreError::Config(format!(
-                    "hopping window slide must be in (0, size]; got slide {slide_ms} ms for size {size_ms} ms"
-                )))
-            }
-            WindowKind::Session { gap_ms } if gap_ms <= 0 => {
-                return Err(CoreError::Config("session gap must be positive".into()))
-            }
-            _ => {}
-        }
+        self.kind.check()?;
         if let LatePolicy::Update { allowed_ms } = self.late {
             weir_core::ensure_config!(allowed_ms >= 0, "allowed lateness must not be negative");
         }
         weir_core::ensure_config!(!self.aggs.is_empty(), "a window needs at least one aggregate");
         if let Some(ttl) = self.state_ttl {
-            let (size, _) = match self.kind {
-                WindowKind::Tumbling { size_ms } => (size_ms, size_ms),
-                WindowKind::Hopping { size_ms, slide_ms } => (size_ms, slide_ms),
-                WindowKind::Session { gap_ms } => (gap_ms, gap_ms),
-            };
+            let (size, _) = self.kind.size_slide();
             let allowed = if let LatePolicy::Update { allowed_ms } = self.late { allowed_ms } else { 0 };
             weir_core::ensure_config!(
                 i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX) >= size + allowed,
@@ -137,25 +147,7 @@ impl WindowSpec {
         }
         fields.push(Field::new("window_start", DataType::Int64, false));
         fields.push(Field::new("window_end", DataType::Int64, false));
-        let mut agg_inputs = Vec::with_capacity(self.aggs.len());
-        for a in &self.aggs {
-            agg_inputs.push(None);
-            if let Some(c) = &a.column {
-                let f =
-                    field_by_path(input, c).map_err(|e| CoreError::Config(format!("aggregate `{}`: {e}", a.name)))?;
-                if let Some(slot) = agg_inputs.last_mut() {
-                    *slot = Some(f.data_type().clone());
-                }
-                if !(f.data_type().is_numeric() || f.data_type() == &DataType::Boolean) {
-                    return Err(CoreError::Config(format!(
-                        "aggregate `{}`: `{}({c})` needs a numeric column, but `{c}` is {}",
-                        a.name,
-                        a.func,
-                        f.data_type()
-                    )));
-                }
-            }
-        }
+        let agg_inputs = crate::aggregate::input_types(&self.aggs, input)?;
         fields.extend(Accumulators::fields(&self.aggs, &agg_inputs));
         let mut seen = std::collections::HashSet::new();
         for f in &fields {
@@ -234,11 +226,7 @@ const SKIP: u32 = u32::MAX;
 
 impl WindowOp {
     fn size_slide(&self) -> (i64, i64) {
-        match self.spec.kind {
-            WindowKind::Tumbling { size_ms } => (size_ms, size_ms),
-            WindowKind::Hopping { size_ms, slide_ms } => (size_ms, slide_ms),
-            WindowKind::Session { gap_ms } => (gap_ms, gap_ms),
-        }
+        self.spec.kind.size_slide()
     }
 
     fn allowed(&self) -> i64 {
@@ -250,18 +238,7 @@ impl WindowOp {
 
     /// Input values of each aggregate as f64.
     fn values(&self, rows: &RecordBatch) -> Result<Vec<Option<Float64Array>>> {
-        self.spec
-            .aggs
-            .iter()
-            .map(|a| match &a.column {
-                None => Ok(None),
-                Some(c) => {
-                    let col = column_by_path(rows, c)?;
-                    let f = arrow_cast::cast(&col, &DataType::Float64)?;
-                    Ok(f.as_any().downcast_ref::<Float64Array>().cloned())
-                }
-            })
-            .collect()
+        crate::aggregate::input_values(&self.spec.aggs, rows)
     }
 
     fn bucket_slot(&mut self, start: i64, key: u32) -> (u32, bool) {

@@ -20,10 +20,10 @@ use arrow_schema::{Schema, SchemaRef};
 use hashbrown::{HashMap, HashSet};
 use weir_core::keys::KeyInterner;
 use weir_core::metrics::StepMetrics;
-use weir_core::{Batch, CoreError, OpContext, Operator, OperatorFactory, Result};
+use weir_core::{Batch, OpContext, Operator, OperatorFactory, Result};
 
 use super::{intern_keys, key_types, report_state, restore_rows, side_fields, state_fields};
-use super::{Gather, JoinKind, RowRef, Store};
+use super::{side_of, Gather, JoinKind, RowRef, Store};
 
 /// A planned temporal join (see the module documentation).
 #[derive(Debug, Clone)]
@@ -237,10 +237,7 @@ impl Operator for TemporalJoin {
     }
 
     fn process_from(&mut self, input: usize, batch: Batch, cx: &mut OpContext<'_>) -> Result<()> {
-        match input {
-            0 | 1 => self.process_side(input, batch, cx),
-            _ => Err(CoreError::Internal(format!("a join has two inputs, not input {input}"))),
-        }
+        self.process_side(side_of(input)?, batch, cx)
     }
 
     fn on_watermark(&mut self, wm: i64, cx: &mut OpContext<'_>) -> Result<()> {

@@ -114,40 +114,10 @@ proptest! {
     ) {
         let hi = lo + width;
         let s = spec(lo, hi, kind);
-        let mut h = OpHarness::new(&s).unwrap();
-        let mut out = Vec::new();
-        let (mut pos, mut max_seen, mut wm) = ([0usize; 2], [i64::MIN; 2], [i64::MIN; 2]);
-        let sides = [&left, &right];
-        let mut c = 0;
-        while pos[0] < left.len() || pos[1] < right.len() {
-            let (pick, n, restart) = cuts[c % cuts.len()];
-            c += 1;
-            let side = if pos[0] >= left.len() { 1 } else if pos[1] >= right.len() { 0 } else { usize::from(pick) };
-            let end = (pos[side] + n).min(sides[side].len());
-            let rows = &sides[side][pos[side]..end];
-            pos[side] = end;
-            out.extend(h.process_from(side, batch(rows)).unwrap());
-            max_seen[side] = rows.iter().map(|r| r.2).max().unwrap().max(max_seen[side]);
-            let w = max_seen[side] - BOUND;
-            if w > wm[side] {
-                wm[side] = w;
-                out.extend(h.input_watermark(side, w).unwrap());
-            }
-            if restart {
-                let snap = h.snapshot().unwrap();
-                h = OpHarness::restored(&s, snap, None).unwrap();
-                for (i, w) in wm.iter().enumerate() {
-                    if *w > i64::MIN {
-                        out.extend(h.input_watermark(i, *w).unwrap());
-                    }
-                }
-            }
-        }
-        out.extend(h.end().unwrap());
+        let (out, mut h) = drive(&s, &left, &right, &cuts);
         prop_assert_eq!(pairs(&out), reference(&left, &right, lo, hi, kind));
         prop_assert!(h.snapshot().unwrap().is_none(), "state left after the end");
-        let m = h.metrics();
-        prop_assert_eq!(m.late_dropped, 0);
+        prop_assert_eq!(h.metrics().late_dropped, 0);
     }
 }
 

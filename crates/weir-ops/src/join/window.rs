@@ -20,10 +20,10 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use hashbrown::HashMap;
 use weir_core::keys::KeyInterner;
 use weir_core::metrics::StepMetrics;
-use weir_core::{Batch, CoreError, OpContext, Operator, OperatorFactory, Result};
+use weir_core::{Batch, OpContext, Operator, OperatorFactory, Result};
 
 use super::{intern_keys, key_types, ordered, report_state, restore_rows, side_fields, state_fields};
-use super::{Gather, JoinKind, RowRef, Store};
+use super::{side_of, Gather, JoinKind, RowRef, Store};
 use crate::window::WindowKind;
 
 /// A planned window join (see the module documentation).
@@ -49,20 +49,7 @@ impl WindowJoinSpec {
     /// A key missing on a side, key types that differ between the sides, a window that is not
     /// positive, a hopping slide outside `(0, size]`.
     pub fn output_schema(&self) -> Result<SchemaRef> {
-        match self.window {
-            WindowKind::Tumbling { size_ms } | WindowKind::Hopping { size_ms, .. } if size_ms <= 0 => {
-                return Err(CoreError::Config("window size must be positive".into()))
-            }
-            WindowKind::Hopping { size_ms, slide_ms } if slide_ms <= 0 || slide_ms > size_ms => {
-                return Err(CoreError::Config(format!(
-                    "hopping window slide must be in (0, size]; got slide {slide_ms} ms for size {size_ms} ms"
-                )))
-            }
-            WindowKind::Session { gap_ms } if gap_ms <= 0 => {
-                return Err(CoreError::Config("session gap must be positive".into()))
-            }
-            _ => {}
-        }
+        self.window.check()?;
         key_types(&self.schemas, &self.keys, &self.names)?;
         let mut fields = side_fields(&self.schemas, &self.names);
         fields.push(Field::new("window_start", DataType::Int64, false));
@@ -126,11 +113,7 @@ struct WindowJoin {
 
 impl WindowJoin {
     fn size_slide(&self) -> (i64, i64) {
-        match self.spec.window {
-            WindowKind::Tumbling { size_ms } => (size_ms, size_ms),
-            WindowKind::Hopping { size_ms, slide_ms } => (size_ms, slide_ms),
-            WindowKind::Session { gap_ms } => (gap_ms, gap_ms),
-        }
+        self.spec.window.size_slide()
     }
 
     /// Starts of the windows of `[start, end)` that hold `ts` and have not closed at `wm`.
@@ -340,10 +323,7 @@ impl Operator for WindowJoin {
     }
 
     fn process_from(&mut self, input: usize, batch: Batch, cx: &mut OpContext<'_>) -> Result<()> {
-        match input {
-            0 | 1 => self.process_side(input, batch, cx),
-            _ => Err(CoreError::Internal(format!("a join has two inputs, not input {input}"))),
-        }
+        self.process_side(side_of(input)?, batch, cx)
     }
 
     fn on_watermark(&mut self, wm: i64, cx: &mut OpContext<'_>) -> Result<()> {
