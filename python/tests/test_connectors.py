@@ -252,3 +252,43 @@ def test_a_lookup_against_redis_hashes_from_python() -> None:
         assert rows == [{"device": "d1", "site": "north", "limit": 20.5}, {"device": "d2", "site": None, "limit": None}]
     finally:
         subprocess.run(["redis-cli", "DEL", f"{prefix}d1"], check=True, capture_output=True)
+
+
+def test_traces_from_python_reach_an_otlp_endpoint(tmp_path):
+    """`Pipeline.traces` exports spans over OTLP/HTTP: the receiver here only reads the
+    protobuf bodies' strings (span names are UTF-8 in them); the Rust tests decode them."""
+    import http.server
+    import threading
+
+    bodies: List[Tuple[str, str, bytes]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the handler's name is http.server's)
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            bodies.append((self.path, self.headers.get("Content-Type", ""), body))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        p = weir.Pipeline("py-traced", workers=1)
+        p.source("gen", weir.generator(count=5_000, devices=10, seed=3))
+        p.filter("hot", "readings.temp > 20")
+        p.sink("out", weir.file_sink(tmp_path / "out.jsonl"))
+        p.traces(f"http://127.0.0.1:{server.server_address[1]}", sample_ratio=1.0, service_name="py",
+                 export_delay="50ms")
+        p.run(workers=1)
+        # The last spans are sent when the run ends, before `run` returns.
+        assert bodies, "no export arrived"
+        assert all(path == "/v1/traces" and kind == "application/x-protobuf" for path, kind, _ in bodies)
+        sent = b"".join(b for _, _, b in bodies)
+        for name in (b"batch gen", b"step hot", b"sink out", b"py"):
+            assert name in sent, name
+    finally:
+        server.shutdown()
+        server.server_close()

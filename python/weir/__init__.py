@@ -749,6 +749,31 @@ class Pipeline:
         self._cfg["api"] = cfg
         return self
 
+    def traces(
+        self,
+        endpoint: str,
+        *,
+        sample_ratio: float = 0.01,
+        service_name: str = "weir",
+        headers: Optional[Dict[str, str]] = None,
+        timeout: Duration = "10s",
+        export_delay: Duration = "2s",
+    ) -> "Pipeline":
+        """Exports OpenTelemetry traces over OTLP/HTTP to ``endpoint`` (``http://host:4318``):
+        a span per traced batch at its source, per step and per sink write (and retry), and one
+        per checkpoint. ``sample_ratio`` of the batches are traced (checkpoints always)."""
+        cfg: Json = {
+            "endpoint": endpoint,
+            "sample_ratio": sample_ratio,
+            "service_name": service_name,
+            "timeout": _duration(timeout),
+            "export_delay": _duration(export_delay),
+        }
+        if headers:
+            cfg["headers"] = dict(headers)
+        self._cfg["traces"] = cfg
+        return self
+
     # -- Python steps ---------------------------------------------------------------------
 
     def _function(self, id: str, f: _Function) -> "Pipeline":

@@ -331,6 +331,7 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             let rt = runtime(workers)?;
             let level = built.config().log.as_ref().and_then(|l| l.level.clone());
             let summary = rt.block_on(async move {
+                let traces = built.start_traces()?;
                 let job = Job::new(spec)?;
                 let registry = job.registry();
                 let mut reloader =
@@ -397,6 +398,9 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                 if let Some(p) = progress {
                     p.abort();
                     eprint!("\r\x1b[2K");
+                }
+                if let Some(t) = traces {
+                    t.finish().await;
                 }
                 res
             })?;

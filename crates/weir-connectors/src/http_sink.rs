@@ -114,6 +114,7 @@ impl SinkFactory for HttpSinkFactory {
             headers: self.headers.clone(),
             encoder: JsonEncoder::new(self.cfg.schema.clone()).map_err(crate::fmt_err)?,
             stats: self.stats.clone(),
+            traceparent: None,
         }))
     }
 }
@@ -126,6 +127,9 @@ struct HttpSink {
     encoder: JsonEncoder,
     /// Rows delivered, requests sent.
     stats: Arc<[AtomicU64; 2]>,
+    /// The `traceparent` of the write in progress, when it is traced: the receiving service
+    /// continues the trace (W3C Trace Context).
+    traceparent: Option<String>,
 }
 
 impl HttpSink {
@@ -160,6 +164,10 @@ fn transient(url: &str, what: String) -> CoreError {
 
 #[async_trait::async_trait]
 impl Sink for HttpSink {
+    fn trace(&mut self, cx: Option<&weir_core::trace::SpanContext>) {
+        self.traceparent = cx.map(weir_core::trace::traceparent);
+    }
+
     async fn write(&mut self, rows: &RecordBatch) -> Result<()> {
         let mut refused = Vec::new();
         let mut start = 0;
@@ -171,15 +179,16 @@ impl Sink for HttpSink {
                 HttpBody::JsonArray => "application/json",
                 HttpBody::JsonLines => "application/x-ndjson",
             };
-            let res = self
+            let mut req = self
                 .client
                 .post(&self.cfg.url)
                 .headers(self.headers.clone())
                 .header(reqwest::header::CONTENT_TYPE, kind)
-                .header("Idempotency-Key", key)
-                .body(body)
-                .send()
-                .await;
+                .header("Idempotency-Key", key);
+            if let Some(tp) = &self.traceparent {
+                req = req.header(weir_core::trace::TRACEPARENT, tp);
+            }
+            let res = req.body(body).send().await;
             self.stats[1].fetch_add(1, Ordering::Relaxed);
             let res = res.map_err(|e| transient(&self.cfg.url, crate::alerting::describe_http_error(&e)))?;
             let status = res.status();

@@ -29,6 +29,8 @@ pub mod mqtt_sink;
 pub mod nats;
 #[cfg(feature = "nats")]
 pub mod nats_sink;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 mod quiet;

@@ -20,6 +20,10 @@ pub struct Batch {
     pub rows: RecordBatch,
     /// Event time of each row, in ms since the epoch.
     pub time: Int64Array,
+    /// The span that last worked on these rows, when the batch is traced ([`crate::trace`]).
+    /// Kept by every method here, so a step that filters or reshapes rows keeps its batch in
+    /// its trace; a batch an operator builds anew (a window's results) starts without one.
+    pub trace: Option<Arc<opentelemetry::trace::SpanContext>>,
 }
 
 impl Batch {
@@ -36,7 +40,7 @@ impl Batch {
                 time.null_count()
             );
         }
-        Ok(Self { rows, time })
+        Ok(Self { rows, time, trace: None })
     }
 
     /// Number of rows.
@@ -53,24 +57,30 @@ impl Batch {
     pub fn filter(&self, mask: &BooleanArray) -> Result<Self> {
         let rows = arrow_select::filter::filter_record_batch(&self.rows, mask)?;
         let time = filter(&self.time, mask)?;
-        Ok(Self { rows, time: downcast_time(time.as_ref())? })
+        Ok(Self { rows, time: downcast_time(time.as_ref())?, trace: self.trace.clone() })
     }
 
     /// Picks rows by index, in the given order.
     pub fn take(&self, indices: &UInt32Array) -> Result<Self> {
         let rows = arrow_select::take::take_record_batch(&self.rows, indices)?;
         let time = take(&self.time, indices, None)?;
-        Ok(Self { rows, time: downcast_time(time.as_ref())? })
+        Ok(Self { rows, time: downcast_time(time.as_ref())?, trace: self.trace.clone() })
     }
 
     /// A zero-copy slice.
     pub fn slice(&self, offset: usize, len: usize) -> Self {
-        Self { rows: self.rows.slice(offset, len), time: self.time.slice(offset, len) }
+        Self { rows: self.rows.slice(offset, len), time: self.time.slice(offset, len), trace: self.trace.clone() }
     }
 
     /// Replaces the rows, keeping the times (for operators that change columns, not rows).
     pub fn with_rows(&self, rows: RecordBatch) -> Result<Self> {
-        Self::new(rows, self.time.clone())
+        Ok(Self { trace: self.trace.clone(), ..Self::new(rows, self.time.clone())? })
+    }
+
+    /// The same rows in the trace of `cx` (none: out of any trace).
+    pub fn traced(mut self, cx: Option<opentelemetry::trace::SpanContext>) -> Self {
+        self.trace = cx.map(Arc::new);
+        self
     }
 
     /// The schema of the rows.

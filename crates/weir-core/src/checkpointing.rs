@@ -153,6 +153,8 @@ pub(crate) struct Coordinating {
     pub(crate) closed: bool,
     /// State of partitions handed on, written into every checkpoint (see [`crate::handoff`]).
     parked: crate::store::Parked,
+    /// The span of the checkpoint in flight (recorded when traces are on).
+    span: crate::trace::Span,
 }
 
 impl Coordinating {
@@ -215,6 +217,7 @@ impl Coordinating {
             bytes: 0,
             closed: false,
             parked: crate::store::Parked::default(),
+            span: crate::trace::Span::none(),
         }
     }
 
@@ -293,9 +296,7 @@ impl Coordinating {
         }
         match self.proto.start() {
             Ok(Action::InjectBarrier(e)) => {
-                self.started = Some((e, Instant::now()));
-                self.alignment = Duration::ZERO;
-                self.bytes = 0;
+                self.begin(e, false);
                 tracing::debug!(checkpoint = e.0, "Checkpoint started.");
                 let _ = self.ctl.send(Control::Barrier(e));
             }
@@ -311,14 +312,24 @@ impl Coordinating {
         match self.proto.start() {
             Ok(Action::InjectBarrier(e)) => {
                 self.final_epoch = Some(e);
-                self.started = Some((e, Instant::now()));
-                self.alignment = Duration::ZERO;
-                self.bytes = 0;
+                self.begin(e, true);
                 let _ = self.ctl.send(Control::Final(e));
                 Ok(())
             }
             other => Err(CoreError::Internal(format!("final checkpoint could not start: {other:?}"))),
         }
+    }
+
+    fn begin(&mut self, e: Epoch, last: bool) {
+        self.started = Some((e, Instant::now()));
+        self.alignment = Duration::ZERO;
+        self.bytes = 0;
+        let attrs = vec![
+            crate::trace::kv("weir.job", self.job.clone()),
+            crate::trace::kv("weir.checkpoint", e.0 as i64),
+            crate::trace::kv("weir.final", last),
+        ];
+        self.span = crate::trace::Span::start("checkpoint", None, attrs);
     }
 
     async fn on_ack(&mut self, a: Ack) -> Result<()> {
@@ -336,6 +347,8 @@ impl Coordinating {
             Err(e) if !is_final => {
                 let epoch = self.proto.abandon();
                 self.reg.checkpoints.failed.fetch_add(1, Ordering::Relaxed);
+                self.span.fail(&e);
+                self.span = crate::trace::Span::none();
                 tracing::warn!(checkpoint = epoch.map(|e| e.0), error = %e, "Checkpoint failed; it is abandoned and the next one will cover its data.");
                 self.try_final()?;
             }
@@ -346,11 +359,22 @@ impl Coordinating {
 
     async fn write_ack(&mut self, a: Ack) -> Result<()> {
         let mut snap = SnapshotRef { files: Vec::new(), watermarks: a.watermarks };
+        let mut span = crate::trace::Span::child(
+            "checkpoint state",
+            self.span.context().as_ref(),
+            vec![
+                crate::trace::kv("weir.task", a.task.0.clone()),
+                crate::trace::kv("weir.tables", a.tables.len() as i64),
+            ],
+        );
+        let before = self.bytes;
         for (step, role, table) in &a.tables {
             let f = self.store.put_state(a.epoch, &a.task, step, *role, table).await?;
             self.bytes += f.bytes;
             snap.files.push(f);
         }
+        span.set(crate::trace::kv("weir.bytes", (self.bytes - before) as i64));
+        drop(span);
         let Some(Action::WriteManifest(mut m)) =
             self.proto.ack(a.task, a.epoch, snap).map_err(|e| CoreError::Internal(format!("checkpoint ack: {e:?}")))?
         else {
@@ -387,7 +411,9 @@ impl Coordinating {
         // Dead letters of rows before the barrier must be durable before the checkpoint that
         // will never replay those rows exists.
         self.dead_letters.flush()?;
+        let manifest = crate::trace::Span::child("checkpoint manifest", self.span.context().as_ref(), Vec::new());
         self.store.put_manifest(&m, &self.job, self.workers, is_final && self.drained).await?;
+        drop(manifest);
         let actions =
             self.proto.manifest_written(m.epoch).map_err(|e| CoreError::Internal(format!("checkpoint: {e:?}")))?;
         let c = &self.reg.checkpoints;
@@ -409,7 +435,12 @@ impl Coordinating {
             match action {
                 Action::CommitSinks(e) => {
                     if let Some(c) = &self.committer {
-                        c.commit(e).await?;
+                        let mut span =
+                            crate::trace::Span::child("checkpoint commit", self.span.context().as_ref(), Vec::new());
+                        if let Err(err) = c.commit(e).await {
+                            span.fail(&err);
+                            return Err(err);
+                        }
                     }
                 }
                 Action::Discard(old) => {
@@ -422,6 +453,10 @@ impl Coordinating {
                 _ => {}
             }
         }
+        let mut span = std::mem::take(&mut self.span);
+        span.set(crate::trace::kv("weir.bytes", self.bytes as i64));
+        span.set(crate::trace::kv("weir.alignment_ms", self.alignment.as_millis() as i64));
+        drop(span);
         self.completed.send_replace(Some(m.epoch));
         if is_final {
             self.final_done = true;

@@ -171,6 +171,12 @@ impl Sink for FanOutSink {
             p.report(metrics);
         }
     }
+
+    fn trace(&mut self, cx: Option<&opentelemetry::trace::SpanContext>) {
+        for (_, p) in &mut self.parts {
+            p.trace(cx);
+        }
+    }
 }
 
 /// An error of part `id`, named, keeping whether it can be retried or restarts the run.

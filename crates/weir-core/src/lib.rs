@@ -39,6 +39,7 @@ pub mod store;
 pub mod task;
 pub mod testing;
 pub mod time;
+pub mod trace;
 
 pub use batch::{Batch, Message, Watermark};
 pub use deadletter::{DeadLetter, DeadLetterSink, ErrorKind, Payload};

@@ -307,6 +307,14 @@ pub trait Sink: Send + fmt::Debug {
     fn report(&self, metrics: &crate::metrics::ConnectorMetrics) {
         let _ = metrics;
     }
+
+    /// The trace the next write belongs to (the span of that write), set before each traced
+    /// write and cleared before each untraced one. A sink whose records carry headers (Kafka)
+    /// writes it as `traceparent`, so the trace goes on in whatever reads them
+    /// ([`crate::trace`]); the default ignores it.
+    fn trace(&mut self, cx: Option<&opentelemetry::trace::SpanContext>) {
+        let _ = cx;
+    }
 }
 
 /// Makes pre-committed output visible, or discards it, for every instance of a sink at once.

@@ -45,6 +45,7 @@ use crate::operator::{
 };
 use crate::store::Restored;
 use crate::time::{PartitionWatermark, WatermarkCombiner};
+use crate::trace::{kv, Span};
 
 /// The receiving end of one input of a stage task: messages tagged with the sending worker.
 type Inbox = mpsc::Receiver<(usize, Message)>;
@@ -1121,6 +1122,7 @@ impl Chain {
         let mut emitted = Vec::new();
         let t0 = Instant::now();
         let is_batch = matches!(hook, Hook::Batch(_));
+        let mut traced: Option<(Span, Option<Arc<opentelemetry::trace::SpanContext>>)> = None;
         {
             let mut cx = OpContext {
                 step: &link.id,
@@ -1135,6 +1137,9 @@ impl Chain {
                 Hook::Batch(b) => {
                     StepMetrics::add(&link.metrics.rows_in, b.num_rows() as u64);
                     StepMetrics::add(&link.metrics.batches_in, 1);
+                    if b.trace.is_some() {
+                        traced = Some((step_span(&link.id, self.worker, &b), b.trace.clone()));
+                    }
                     link.op.process_from(port, b, &mut cx)
                 }
                 // A watermark never goes back: after a restore, sources start below the
@@ -1162,6 +1167,9 @@ impl Chain {
         StepMetrics::add(&link.metrics.busy_ns, ns);
         if is_batch {
             link.metrics.batch_time.record(ns);
+        }
+        if let Some((mut span, input)) = traced {
+            pass_on_trace(&mut span, input.as_ref(), &mut emitted);
         }
         if emitted.is_empty() {
             return Ok(());
@@ -1236,6 +1244,35 @@ impl Chain {
             self.run(i, 0, Hook::End, out)?;
         }
         Ok(())
+    }
+}
+
+/// The span of a step's work on a traced batch.
+fn step_span(step: &StepId, worker: usize, b: &Batch) -> Span {
+    Span::child(
+        format!("step {step}"),
+        b.trace.as_deref(),
+        vec![
+            kv("weir.step", step.to_string()),
+            kv("weir.worker", worker as i64),
+            kv("weir.rows_in", b.num_rows() as i64),
+        ],
+    )
+}
+
+/// Puts what a step made of a traced batch in the step's span: rows it passed on or reshaped
+/// (still in the input's trace) go on from the step, so the next step is its child.
+fn pass_on_trace(span: &mut Span, input: Option<&Arc<opentelemetry::trace::SpanContext>>, emitted: &mut [Batch]) {
+    span.set(kv("weir.rows_out", emitted.iter().map(|b| b.num_rows() as i64).sum::<i64>()));
+    let Some(cx) = span.context().map(Arc::new) else { return };
+    for b in emitted {
+        let same = match (&b.trace, input) {
+            (Some(t), Some(i)) => Arc::ptr_eq(t, i),
+            (t, _) => t.is_none(),
+        };
+        if same {
+            b.trace = Some(cx.clone());
+        }
     }
 }
 
@@ -1351,7 +1388,18 @@ impl Output {
                     StepMetrics::add(&metrics.rows_in, n);
                     StepMetrics::add(&metrics.batches_in, 1);
                     let t0 = Instant::now();
-                    let outcome = write_with_retry(sink.as_mut(), &b, retry, step, registry).await?;
+                    let mut span = match &b.trace {
+                        Some(p) => Span::child(
+                            format!("sink {step}"),
+                            Some(p),
+                            vec![kv("weir.step", step.to_string()), kv("weir.rows", n as i64)],
+                        ),
+                        None => Span::none(),
+                    };
+                    if b.trace.is_some() || crate::trace::enabled() {
+                        sink.trace(span.context().as_ref());
+                    }
+                    let outcome = write_with_retry(sink.as_mut(), &b, retry, step, registry, &mut span).await?;
                     let ns = t0.elapsed().as_nanos() as u64;
                     StepMetrics::add(&metrics.busy_ns, ns);
                     metrics.batch_time.record(ns);
@@ -1453,12 +1501,24 @@ async fn write_with_retry(
     retry: &RetryPolicy,
     step: &StepId,
     reg: &Registry,
+    span: &mut Span,
 ) -> Result<Written> {
     let mut attempt = 1u32;
     let mut down_since: Option<Instant> = None;
     let mut first_failure_ms = 0;
     loop {
+        // Each attempt after the first is a span of its own under the write's.
+        let mut again = match attempt {
+            1 => Span::none(),
+            _ => Span::child("sink retry", span.context().as_ref(), vec![kv("weir.attempt", i64::from(attempt))]),
+        };
         let res = sink.write_attempt(&b.rows, attempt).await;
+        span.set(kv("weir.attempts", i64::from(attempt)));
+        if let Err(e) = &res {
+            again.fail(e);
+            span.event("write failed", vec![kv("weir.attempt", i64::from(attempt)), kv("error", e.to_string())]);
+        }
+        drop(again);
         if matches!(res, Ok(()) | Err(CoreError::Refused(_))) {
             sink.report(&reg.connectors);
             if let Some(t) = down_since {
@@ -1485,6 +1545,7 @@ async fn write_with_retry(
                     tracing::warn!(step = %step, error = %e, "Sink write failed; retrying with backoff while its input waits.");
                 }
                 if retry.max_attempts.is_some_and(|m| attempt >= m) {
+                    span.fail("retries exhausted; the batch went to the dead-letter output");
                     reg.sink_down.store(0, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(step = %step, attempts = attempt, error = %e, "Sink retries exhausted; dead-lettering the batch.");
                     return Ok(Written::GaveUp { first_failure_ms });
@@ -1492,7 +1553,10 @@ async fn write_with_retry(
                 tokio::time::sleep(retry.delay(attempt)).await;
                 attempt += 1;
             }
-            Err(e) => return Err(e.in_step(step)),
+            Err(e) => {
+                span.fail(&e);
+                return Err(e.in_step(step));
+            }
         }
     }
 }
@@ -1670,8 +1734,29 @@ impl SourceDriver {
                     if let Some(t) = batch.max_time() {
                         p.observe(t, Instant::now());
                     }
+                    // A traced batch's trip through this task is the span every later one
+                    // descends from; a source that read a trace context from its records
+                    // (`batch.trace`) makes it that trace's child.
+                    let mut span = Span::none();
+                    let batch = if crate::trace::enabled() {
+                        span = Span::start(
+                            format!("batch {step}"),
+                            batch.trace.as_deref(),
+                            vec![
+                                kv("weir.source", step.to_string()),
+                                kv("weir.partition", partition as i64),
+                                kv("weir.worker", self.chain.worker as i64),
+                                kv("weir.rows", rows as i64),
+                            ],
+                        );
+                        let cx = span.context();
+                        batch.traced(cx)
+                    } else {
+                        batch
+                    };
                     self.chain.batch(0, batch, &mut out)?;
                     self.outputs.batches(&mut out).await?;
+                    drop(span);
                     Some(partition)
                 }
                 SourcePoll::Waiting => {

@@ -208,6 +208,7 @@ impl NativePipeline {
         let (result, interrupted) = py
             .detach(|| {
                 rt.block_on(async move {
+                    let mut traces = built.start_traces()?;
                     let _server = match built.http_addr(metrics_addr.as_deref()) {
                         Some(a) => Some(weir::http::MetricsServer::start(&a, built.http_state(&job)).await?),
                         None => None,
@@ -223,6 +224,9 @@ impl NativePipeline {
                             r = &mut run => {
                                 if progress.is_some() && terminal {
                                     eprint!("\r\x1b[2K");
+                                }
+                                if let Some(t) = traces.take() {
+                                    t.finish().await;
                                 }
                                 return Ok::<_, CoreError>((r, interrupted));
                             }

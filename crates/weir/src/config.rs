@@ -53,6 +53,9 @@ pub struct PipelineConfig {
     /// it can change while the pipeline runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<LogConfig>,
+    /// OpenTelemetry traces exported over OTLP/HTTP; off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traces: Option<TracesConfig>,
 }
 
 impl PipelineConfig {
@@ -730,6 +733,48 @@ pub struct LogConfig {
     /// A log filter: `info`, `debug`, `warn,weir_core=debug`...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level: Option<String>,
+}
+
+/// `traces` settings: where spans go and how many batches are traced.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracesConfig {
+    /// The collector's OTLP/HTTP address (`http://127.0.0.1:4318`, to which `/v1/traces` is
+    /// added) or the full URL of its traces endpoint.
+    pub endpoint: String,
+    /// The share of batches traced, 0 to 1; default 0.01. A batch read with a trace context
+    /// (a Kafka `traceparent` header) follows its parent's decision instead. Checkpoints are
+    /// always traced.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// `service.name` of the spans; default `weir`.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Headers sent with each export (a hosted backend's API key: `${OTLP_TOKEN}`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// How long one export may take; default 10s.
+    #[serde(default = "default_traces_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long finished spans wait before they are sent in one request; default 2s.
+    #[serde(default = "default_export_delay", with = "humantime_serde")]
+    pub export_delay: Duration,
+}
+
+fn default_sample_ratio() -> f64 {
+    0.01
+}
+
+fn default_service_name() -> String {
+    "weir".into()
+}
+
+fn default_traces_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_export_delay() -> Duration {
+    Duration::from_secs(2)
 }
 
 /// Which rows without a partner a join keeps.

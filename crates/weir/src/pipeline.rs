@@ -88,6 +88,7 @@ impl Pipeline {
                 checkpoints: None,
                 api: None,
                 log: None,
+                traces: None,
             },
             functions: Functions::new(),
             code: CodeEnds::default(),
@@ -1164,6 +1165,40 @@ impl BuiltPipeline {
             .filter(|t| !t.is_empty())
     }
 
+    /// Starts exporting traces if the pipeline has a `traces` section (and this build has the
+    /// `otlp` feature), with exports made on the current runtime. Keep the returned guard for
+    /// the run and [`Traces::finish`] it after, so the last spans are sent.
+    ///
+    /// # Errors
+    /// A bad `traces` setting, or a `traces` section in a build without the `otlp` feature.
+    pub fn start_traces(&self) -> Result<Option<Traces>> {
+        let Some(t) = &self.cfg.traces else { return Ok(None) };
+        #[cfg(feature = "otlp")]
+        {
+            let mut attributes = vec![("weir.job".to_string(), self.cfg.name.clone())];
+            if let Some(m) = self.cfg.checkpoints.as_ref().and_then(|c| c.member.clone()) {
+                attributes.push(("weir.member".into(), m));
+            }
+            let cfg = weir_connectors::otlp::TracesConfig {
+                endpoint: t.endpoint.clone(),
+                sample_ratio: t.sample_ratio,
+                service_name: t.service_name.clone(),
+                attributes,
+                headers: t.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                timeout: t.timeout,
+                delay: t.export_delay,
+            };
+            let rt = tokio::runtime::Handle::try_current()
+                .map_err(|_| CoreError::Internal("traces are started outside a runtime".into()))?;
+            Ok(Some(Traces(weir_connectors::otlp::TraceExporter::start(&cfg, rt)?)))
+        }
+        #[cfg(not(feature = "otlp"))]
+        {
+            let _ = t;
+            Err(CoreError::Config("`traces` needs a build with the `otlp` feature (the default)".into()))
+        }
+    }
+
     /// Where the HTTP port listens: `flag` (the command's `--metrics-addr`), else the `api`
     /// section's address, else nowhere.
     pub fn http_addr(&self, flag: Option<&str>) -> Option<String> {
@@ -1862,6 +1897,21 @@ impl BuiltPipeline {
     /// Planning errors, or the first runtime failure.
     pub async fn run(&self, opts: &RunOptions) -> Result<RunSummary> {
         Job::new(self.plan(opts)?)?.run().await
+    }
+}
+
+/// Traces being exported ([`BuiltPipeline::start_traces`]).
+#[derive(Debug)]
+pub struct Traces(#[cfg(feature = "otlp")] weir_connectors::otlp::TraceExporter);
+
+impl Traces {
+    /// Stops tracing and sends the spans still queued.
+    pub async fn finish(self) {
+        #[cfg(feature = "otlp")]
+        {
+            let exporter = self.0;
+            let _ = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
+        }
     }
 }
 

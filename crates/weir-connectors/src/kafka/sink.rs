@@ -178,6 +178,7 @@ impl SinkFactory for KafkaSinkFactory {
             in_flight: Default::default(),
             failed: Vec::new(),
             last_failure: None,
+            traceparent: None,
         }))
     }
 
@@ -251,6 +252,8 @@ struct KafkaSink {
     failed: Vec<OwnedMessage>,
     /// The error of the latest such failure, not yet reported.
     last_failure: Option<CoreError>,
+    /// The `traceparent` of the write in progress, when it is traced.
+    traceparent: Option<String>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -472,13 +475,16 @@ impl Sink for KafkaSink {
                     }
                 }
             }
-            if !headers.is_empty() || audit.is_some() {
-                let mut h = OwnedHeaders::new_with_capacity(headers.len() + 1);
+            if !headers.is_empty() || audit.is_some() || self.traceparent.is_some() {
+                let mut h = OwnedHeaders::new_with_capacity(headers.len() + 2);
                 for (name, vals) in &headers {
                     h = h.insert(Header { key: name, value: vals[i].as_deref() });
                 }
                 if let Some((name, value)) = &audit {
                     h = h.insert(Header { key: name, value: Some(value.as_str()) });
+                }
+                if let Some(tp) = &self.traceparent {
+                    h = h.insert(Header { key: weir_core::trace::TRACEPARENT, value: Some(tp.as_str()) });
                 }
                 rec = rec.headers(h);
             }
@@ -526,6 +532,10 @@ impl Sink for KafkaSink {
 
     fn report(&self, m: &ConnectorMetrics) {
         self.stats.report(&self.cfg.topic, m);
+    }
+
+    fn trace(&mut self, cx: Option<&weir_core::trace::SpanContext>) {
+        self.traceparent = cx.map(weir_core::trace::traceparent);
     }
 }
 

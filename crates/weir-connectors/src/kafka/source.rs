@@ -712,6 +712,8 @@ struct Part {
     times: Vec<Option<i64>>,
     headers: Vec<Option<String>>,
     first_at: Option<Instant>,
+    /// The trace context of the first buffered record that had one (traces on only).
+    trace: Option<weir_core::trace::SpanContext>,
 }
 
 impl Part {
@@ -910,6 +912,7 @@ impl KafkaSource {
                         part.times.clear();
                         part.headers.clear();
                         part.first_at = None;
+                        part.trace = None;
                         if let Some(n) = part.next {
                             lock(&self.shared.resume).insert((t, p), n);
                         }
@@ -961,6 +964,12 @@ impl KafkaSource {
         if part.first_at.is_none() {
             part.first_at = Some(Instant::now());
         }
+        if part.trace.is_none() && weir_core::trace::enabled() {
+            part.trace = m
+                .headers()
+                .and_then(|h| h.iter().find(|x| x.key == weir_core::trace::TRACEPARENT))
+                .and_then(|x| x.value.and_then(weir_core::trace::parse_traceparent));
+        }
         true
     }
 
@@ -981,6 +990,7 @@ impl KafkaSource {
         let keys = std::mem::take(&mut part.keys);
         let times = std::mem::take(&mut part.times);
         let headers = std::mem::take(&mut part.headers);
+        let trace = part.trace.take();
         part.first_at = None;
         if let Some(last) = offsets.last() {
             part.next = Some(last + 1);
@@ -1017,7 +1027,7 @@ impl KafkaSource {
             Ok(RecordBatch::try_new(schema.clone(), cols)?)
         };
         weir_core::metrics::StepMetrics::add(&cx.registry.source_bytes, buf.len() as u64);
-        decode_records_with(
+        let batch = decode_records_with(
             self.decoder.as_mut(),
             self.cfg.event_time.as_ref(),
             &buf,
@@ -1026,7 +1036,8 @@ impl KafkaSource {
             |r| Position { offset: u64::try_from(offsets[r]).unwrap_or(0), line: None }.render(),
             cx,
             rows,
-        )
+        )?;
+        Ok(batch.map(|b| b.traced(trace)))
     }
 
     fn finished(&self) -> bool {

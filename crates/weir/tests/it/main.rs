@@ -29,3 +29,4 @@ mod redis_streams;
 mod runtime;
 mod sink_restarts;
 mod tables;
+mod traces;
