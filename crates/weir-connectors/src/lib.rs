@@ -41,6 +41,8 @@ pub mod rabbitmq_sink;
 mod reconnect;
 pub mod redis_sink;
 pub mod redis_streams;
+#[cfg(feature = "kafka")]
+pub mod schema_registry;
 pub mod sink;
 pub mod stdin;
 pub mod template;

@@ -37,6 +37,8 @@ use std::ops::Range;
 use arrow_array::RecordBatch;
 use arrow_schema::{ArrowError, DataType, SchemaRef};
 
+#[cfg(feature = "avro")]
+pub mod avro;
 mod columns;
 mod csv;
 mod encode;

@@ -17,5 +17,7 @@ pub use crate::redacted;
 pub use client::KafkaClientConfig;
 pub use deadletter::{read_topic, KafkaDeadLetters};
 pub use sink::{KafkaSinkConfig, KafkaSinkFactory, KafkaSinkMode, KafkaTopicSpec, KafkaTransactionSettings};
-pub use source::{KafkaMetadataColumns, KafkaSourceConfig, KafkaSourceFactory, KafkaStart, MissingPosition};
+pub use source::{
+    AvroPayload, KafkaMetadataColumns, KafkaSourceConfig, KafkaSourceFactory, KafkaStart, MissingPosition,
+};
 pub use txn::TransactionalOffsets;

@@ -100,6 +100,31 @@ impl KafkaMetadataColumns {
     }
 }
 
+/// Avro payloads whose writer schemas are in a schema registry.
+#[derive(Debug, Clone)]
+pub struct AvroPayload {
+    /// The registry, shared by every worker's decoder.
+    pub registry: Arc<crate::schema_registry::SchemaRegistry>,
+    /// The schema the writers' data is resolved to (defaults of added fields), if any.
+    pub reader_schema: Option<weir_formats::avro::Schema>,
+}
+
+impl AvroPayload {
+    fn decoder(&self, schema: SchemaRef) -> Result<Box<dyn Decoder>> {
+        let d = weir_formats::avro::AvroDecoder::new(schema, self.registry.clone(), self.reader_schema.clone())
+            .map_err(crate::fmt_err)?;
+        Ok(Box::new(d))
+    }
+}
+
+/// The payload decoder of a source's settings.
+fn payload_decoder(cfg: &KafkaSourceConfig) -> Result<Box<dyn Decoder>> {
+    match &cfg.avro {
+        Some(a) => a.decoder(cfg.payload_schema.clone()),
+        None => cfg.format.decoder(cfg.payload_schema.clone()).map_err(crate::fmt_err),
+    }
+}
+
 /// Settings of a Kafka source.
 #[derive(Debug, Clone)]
 pub struct KafkaSourceConfig {
@@ -113,6 +138,9 @@ pub struct KafkaSourceConfig {
     pub start: KafkaStart,
     /// Payload format.
     pub format: FormatSpec,
+    /// Avro in the Confluent wire format instead of `format`: the registry holding the
+    /// writer schemas, and the reader schema to resolve them to.
+    pub avro: Option<AvroPayload>,
     /// Schema of the decoded payload.
     pub payload_schema: SchemaRef,
     /// Metadata columns appended after the payload's.
@@ -202,7 +230,7 @@ impl KafkaSourceFactory {
         weir_core::ensure_config!(!cfg.client.brokers.is_empty(), "kafka: `brokers` is empty");
         let schema = cfg.metadata.extend(&cfg.payload_schema)?;
         // Fails early on a format this source cannot decode.
-        cfg.format.decoder(cfg.payload_schema.clone()).map_err(crate::fmt_err)?;
+        payload_decoder(&cfg)?;
         weir_core::ensure_config!(
             !cfg.handoff || (cfg.topics.len() == 1 && !cfg.topics[0].starts_with('^')),
             "kafka: state can follow partitions between processes for one topic only (`topics` is {:?})",
@@ -225,7 +253,7 @@ impl SourceFactory for KafkaSourceFactory {
     }
 
     fn create(&self, worker: usize, _workers: usize) -> Result<Box<dyn Source>> {
-        let decoder = self.cfg.format.decoder(self.cfg.payload_schema.clone()).map_err(crate::fmt_err)?;
+        let decoder = payload_decoder(&self.cfg)?;
         Ok(Box::new(KafkaSource {
             reader: worker == 0,
             cfg: self.cfg.clone(),
@@ -1123,6 +1151,14 @@ impl Source for KafkaSource {
             }
             let stopping = cx.stopping();
             if let Some(i) = self.due(Instant::now(), stopping || self.finished_reading()) {
+                // The writer schemas of the batch's records, fetched before decoding (an
+                // outage of the registry waits here, and the barrier can still pass).
+                if let Some(avro) = &self.cfg.avro {
+                    let p = &self.parts[i];
+                    let ids: Vec<u32> =
+                        p.ranges.iter().filter_map(|r| weir_formats::avro::schema_id(&p.buf[r.clone()]).ok()).collect();
+                    avro.registry.prefetch(ids).await?;
+                }
                 if let Some(batch) = self.cut(i, cx)? {
                     return Ok(SourcePoll::Rows { partition: i, batch });
                 }

@@ -34,6 +34,10 @@ pub struct KafkaSourceSettings {
     /// Payload format.
     #[serde(default = "default_format")]
     pub format: FormatSpec,
+    /// Avro payloads in the Confluent wire format (a zero byte, the writer schema's id, the
+    /// datum), the schemas read from a schema registry; replaces `format`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avro: Option<KafkaAvroSettings>,
     /// End once every assigned partition is read up to where it ended when assigned.
     #[serde(default)]
     pub stop_at_end: bool,
@@ -58,6 +62,7 @@ impl std::fmt::Debug for KafkaSourceSettings {
             .field("group_id", &self.group_id)
             .field("start", &self.start)
             .field("format", &self.format)
+            .field("avro", &self.avro)
             .field("stop_at_end", &self.stop_at_end)
             .field("metadata", &self.metadata)
             .field("properties", &k::redacted(&self.properties))
@@ -67,6 +72,71 @@ impl std::fmt::Debug for KafkaSourceSettings {
 
 fn default_kafka_start() -> String {
     "earliest".into()
+}
+
+/// `avro:` of a Kafka source.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaAvroSettings {
+    /// The registry holding the writer schemas.
+    pub schema_registry: SchemaRegistrySettings,
+    /// An Avro schema (JSON) the writers' data is resolved to: a field it has and a writer
+    /// lacks takes its default; a field only the writer has is dropped. Without it, fields
+    /// fill the columns of the same names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reader_schema: Option<String>,
+}
+
+/// A schema registry with Confluent's REST API.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaRegistrySettings {
+    /// Base URL, `http://127.0.0.1:8081`.
+    pub url: String,
+    /// Basic authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Basic authentication (`${VAR}`; never logged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// How long one request may take; default 10s.
+    #[serde(default = "default_registry_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for SchemaRegistrySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchemaRegistrySettings")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+fn default_registry_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl KafkaAvroSettings {
+    fn payload(&self) -> Result<k::AvroPayload> {
+        let registry =
+            weir_connectors::schema_registry::SchemaRegistry::new(weir_connectors::schema_registry::RegistryConfig {
+                url: self.schema_registry.url.clone(),
+                username: self.schema_registry.username.clone(),
+                password: self.schema_registry.password.clone(),
+                timeout: self.schema_registry.timeout,
+            })?;
+        let reader_schema =
+            match &self.reader_schema {
+                None => None,
+                Some(text) => Some(weir_formats::avro::Schema::parse_str(text).map_err(|e| {
+                    CoreError::Config(format!("kafka: `avro.reader_schema` is not an Avro schema: {e}"))
+                })?),
+            };
+        Ok(k::AvroPayload { registry, reader_schema })
+    }
 }
 
 /// Kafka metadata as columns: each key set names the column.
@@ -194,6 +264,7 @@ impl SourceSettings for KafkaSourceSettings {
             group_id: self.group_id.clone().unwrap_or_else(|| format!("weir-{}", cx.pipeline)),
             start,
             format: self.format,
+            avro: self.avro.as_ref().map(KafkaAvroSettings::payload).transpose()?,
             payload_schema: payload,
             metadata: self.metadata_columns(),
             event_time: cx.event_time.clone(),

@@ -136,6 +136,7 @@ fn kafka_source(brokers: &str, topic: &str) -> KafkaSourceSettings {
         group_id: None,
         start: "earliest".into(),
         format: FormatSpec::Json,
+        avro: None,
         stop_at_end: true,
         on_missing_position: Default::default(),
         metadata: KafkaMetadataSettings::default(),

@@ -4,6 +4,7 @@
 #![cfg(all(feature = "kafka", feature = "mqtt", feature = "nats", feature = "amqp", feature = "postgres"))]
 
 mod alerting;
+mod avro;
 mod bus_sinks;
 mod checkpoints;
 mod common;

@@ -1,0 +1,219 @@
+//! A client of a schema registry with Confluent's REST API (Confluent Schema Registry,
+//! Karapace, Redpanda, Apicurio's compatible API): writer schemas by id, fetched once and kept.
+//!
+//! A source asks for the ids of a batch's records before it decodes them
+//! ([`SchemaRegistry::prefetch`]), so decoding never waits on the network. An id the registry
+//! does not have (404), or whose schema is not Avro or does not parse, is remembered with the
+//! reason, which the records of that id carry to the dead-letter output; such an id is asked
+//! again after a minute (a schema registered late). An unreachable registry, or one answering
+//! 5xx, is retried with backoff for as long as it takes, logged when it goes away and when it
+//! is back: the batch waits, nothing is dead-lettered for the registry's outage.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use weir_core::{CoreError, Result};
+use weir_formats::avro::{AvroSchemas, Schema};
+
+/// Where the registry is.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistryConfig {
+    /// Its base URL (`http://127.0.0.1:8081`).
+    pub url: String,
+    /// Basic authentication.
+    pub username: Option<String>,
+    /// Basic authentication (never logged).
+    pub password: Option<String>,
+    /// How long one request may take.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for RegistryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryConfig")
+            .field("url", &crate::redis_streams::redact_url(&self.url))
+            .field("username", &self.username)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long an id the registry did not have is believed missing.
+const RECHECK_MISSING: Duration = Duration::from_secs(60);
+
+/// The client, shared by every worker's decoder.
+#[derive(Debug)]
+pub struct SchemaRegistry {
+    cfg: RegistryConfig,
+    http: reqwest::Client,
+    known: RwLock<HashMap<u32, Arc<Schema>>>,
+    /// Ids that cannot be used, with why and since when.
+    refused: Mutex<HashMap<u32, (String, Instant)>>,
+    /// Requests the registry failed (unreachable or 5xx).
+    failures: std::sync::atomic::AtomicU64,
+}
+
+/// What one request said of an id.
+enum Answer {
+    Schema(Arc<Schema>),
+    /// The id cannot be used: why.
+    Refused(String),
+}
+
+impl SchemaRegistry {
+    /// A client of the registry at `cfg.url` (no request yet).
+    ///
+    /// # Errors
+    /// A URL that is not http(s).
+    pub fn new(cfg: RegistryConfig) -> Result<Arc<Self>> {
+        let url = reqwest::Url::parse(&cfg.url).map_err(|e| {
+            CoreError::Config(format!(
+                "schema_registry: `url: {}` is not a URL: {e}",
+                crate::redis_streams::redact_url(&cfg.url)
+            ))
+        })?;
+        weir_core::ensure_config!(
+            matches!(url.scheme(), "http" | "https"),
+            "schema_registry: `url`: scheme `{}` is not http or https",
+            url.scheme()
+        );
+        let http = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .build()
+            .map_err(|e| CoreError::Config(format!("schema_registry: cannot build the HTTP client: {e}")))?;
+        Ok(Arc::new(Self {
+            cfg,
+            http,
+            known: RwLock::default(),
+            refused: Mutex::default(),
+            failures: std::sync::atomic::AtomicU64::new(0),
+        }))
+    }
+
+    /// Requests to the registry that failed so far (it was unreachable or answered 5xx).
+    pub fn failures(&self) -> u64 {
+        self.failures.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn base(&self) -> &str {
+        self.cfg.url.trim_end_matches('/')
+    }
+
+    /// Whether `id` needs asking: not known, and not refused recently.
+    fn wanted(&self, id: u32, now: Instant) -> bool {
+        if self.known.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(&id) {
+            return false;
+        }
+        let refused = self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        refused.get(&id).is_none_or(|(_, at)| now.duration_since(*at) >= RECHECK_MISSING)
+    }
+
+    /// Makes sure every id in `ids` is known or refused, asking the registry for the others.
+    /// Waits (retrying with backoff) while the registry cannot answer. Cancel safe: what it
+    /// learned is kept.
+    ///
+    /// # Errors
+    /// None yet: an outage is waited out. (The `Result` is for the callers' `?`.)
+    pub async fn prefetch(&self, ids: impl IntoIterator<Item = u32>) -> Result<()> {
+        let now = Instant::now();
+        let mut want: Vec<u32> = ids.into_iter().filter(|id| self.wanted(*id, now)).collect();
+        want.sort_unstable();
+        want.dedup();
+        for id in want {
+            let answer = self.fetch_with_retry(id).await;
+            match answer {
+                Answer::Schema(s) => {
+                    self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
+                    self.known.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id, s);
+                }
+                Answer::Refused(why) => {
+                    tracing::warn!(schema_id = id, reason = %why, "Schema registry: records of this schema id go to the dead-letter output.");
+                    self.refused
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(id, (why, Instant::now()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn fetch_with_retry(&self, id: u32) -> Answer {
+        let mut delay = Duration::from_millis(100);
+        let mut down_since: Option<Instant> = None;
+        loop {
+            match self.fetch(id).await {
+                Ok(a) => {
+                    if let Some(t) = down_since {
+                        tracing::warn!(url = %self.base(), outage_ms = t.elapsed().as_millis() as u64, "Schema registry answers again.");
+                    }
+                    return a;
+                }
+                Err(why) => {
+                    self.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if down_since.is_none() {
+                        down_since = Some(Instant::now());
+                        tracing::warn!(url = %self.base(), schema_id = id, error = %why, "Schema registry unreachable; the batch waits, retrying with backoff.");
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// One request for `id`: an answer, or why there was none (to retry).
+    async fn fetch(&self, id: u32) -> std::result::Result<Answer, String> {
+        let url = format!("{}/schemas/ids/{id}", self.base());
+        let mut req = self.http.get(&url).header(reqwest::header::ACCEPT, "application/vnd.schemaregistry.v1+json");
+        if let Some(u) = &self.cfg.username {
+            req = req.basic_auth(u, self.cfg.password.as_ref());
+        }
+        let res = req.send().await.map_err(|e| crate::alerting::describe_http_error(&e))?;
+        let status = res.status();
+        let body = res.text().await.map_err(|e| crate::alerting::describe_http_error(&e))?;
+        if status.as_u16() == 404 {
+            return Ok(Answer::Refused(format!("schema id {id} is not in the schema registry")));
+        }
+        if status.is_server_error() || status.as_u16() == 429 {
+            return Err(format!("answered {status}: {}", body.chars().take(200).collect::<String>()));
+        }
+        if !status.is_success() {
+            // 401/403 and the like will not pass by retrying the same id every second; they
+            // are refusals that name the answer, rechecked after a minute.
+            return Ok(Answer::Refused(format!(
+                "the schema registry answered {status} for schema id {id}: {}",
+                body.chars().take(200).collect::<String>()
+            )));
+        }
+        let found: serde_json::Value = match serde_json::from_str(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                return Ok(Answer::Refused(format!("the schema registry's answer for schema id {id} is not JSON: {e}")))
+            }
+        };
+        let Some(text) = found["schema"].as_str() else {
+            return Ok(Answer::Refused(format!("the schema registry's answer for schema id {id} has no `schema`")));
+        };
+        if let Some(t) = found["schemaType"].as_str().filter(|t| *t != "AVRO") {
+            return Ok(Answer::Refused(format!("schema id {id} is a {t} schema; this source reads Avro")));
+        }
+        Ok(match Schema::parse_str(text) {
+            Ok(s) => Answer::Schema(Arc::new(s)),
+            Err(e) => Answer::Refused(format!("schema id {id} does not parse as Avro: {e}")),
+        })
+    }
+}
+
+impl AvroSchemas for SchemaRegistry {
+    fn get(&self, id: u32) -> std::result::Result<Arc<Schema>, String> {
+        if let Some(s) = self.known.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id) {
+            return Ok(s.clone());
+        }
+        let refused = self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Err(refused
+            .get(&id)
+            .map_or_else(|| format!("schema id {id} was not fetched from the schema registry"), |(why, _)| why.clone()))
+    }
+}
