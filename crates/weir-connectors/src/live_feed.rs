@@ -241,7 +241,7 @@ impl Sink for FeedSink {
             return Ok(());
         }
         let mut json = Vec::new();
-        let spans = crate::sink::encode_rows(&mut self.encoder, &weir_formats::FormatSpec::Json, rows, &mut json)?;
+        let spans = crate::sink::encode_rows(&mut self.encoder, true, rows, &mut json)?;
         // No receiver left between the check and the send is not an error: nobody watches.
         let _ = self.hub.tx.send(Arc::new(FeedBatch { rows: rows.clone(), json: json.into(), spans }));
         Ok(())

@@ -121,7 +121,7 @@ impl SchemaRegistry {
         want.sort_unstable();
         want.dedup();
         for id in want {
-            let answer = self.fetch_with_retry(id).await;
+            let answer = self.retrying(&format!("schema id {id}"), || self.fetch(id)).await;
             match answer {
                 Answer::Schema(s) => {
                     self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
@@ -139,11 +139,17 @@ impl SchemaRegistry {
         Ok(())
     }
 
-    async fn fetch_with_retry(&self, id: u32) -> Answer {
+    /// Runs `attempt` until the registry answers, with backoff while it cannot (logged when
+    /// it goes away and when it is back).
+    async fn retrying<T, F: std::future::Future<Output = std::result::Result<T, String>>>(
+        &self,
+        what: &str,
+        mut attempt: impl FnMut() -> F,
+    ) -> T {
         let mut delay = Duration::from_millis(100);
         let mut down_since: Option<Instant> = None;
         loop {
-            match self.fetch(id).await {
+            match attempt().await {
                 Ok(a) => {
                     if let Some(t) = down_since {
                         tracing::warn!(url = %self.base(), outage_ms = t.elapsed().as_millis() as u64, "Schema registry answers again.");
@@ -154,7 +160,7 @@ impl SchemaRegistry {
                     self.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if down_since.is_none() {
                         down_since = Some(Instant::now());
-                        tracing::warn!(url = %self.base(), schema_id = id, error = %why, "Schema registry unreachable; the batch waits, retrying with backoff.");
+                        tracing::warn!(url = %self.base(), asking = what, error = %why, "Schema registry unreachable; retrying with backoff.");
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
@@ -203,6 +209,97 @@ impl SchemaRegistry {
             Ok(s) => Answer::Schema(Arc::new(s)),
             Err(e) => Answer::Refused(format!("schema id {id} does not parse as Avro: {e}")),
         })
+    }
+}
+
+/// How a sink names the subject its schema goes under (Confluent's strategies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SubjectStrategy {
+    /// `<topic>-value` (`TopicNameStrategy`, the default).
+    #[default]
+    Topic,
+    /// The record's full name (`RecordNameStrategy`).
+    Record,
+    /// `<topic>-<record full name>` (`TopicRecordNameStrategy`).
+    TopicRecord,
+}
+
+impl SubjectStrategy {
+    /// The subject of `schema`'s values written to `topic`.
+    pub fn subject(self, topic: &str, schema: &Schema) -> String {
+        let record = match schema {
+            Schema::Record(r) => r.name.fullname(None),
+            _ => "value".into(),
+        };
+        match self {
+            Self::Topic => format!("{topic}-value"),
+            Self::Record => record,
+            Self::TopicRecord => format!("{topic}-{record}"),
+        }
+    }
+}
+
+impl SchemaRegistry {
+    /// The id of `schema` under `subject`: registered as a new version if `register` (the
+    /// registry answers the existing id for a schema it has), else looked up. Waits out an
+    /// unreachable registry like [`SchemaRegistry::prefetch`].
+    ///
+    /// # Errors
+    /// The registry refuses the schema (incompatible with the subject's versions: 409; not
+    /// valid: 422), or without `register` the subject does not have it.
+    pub async fn id_of(&self, subject: &str, schema: &Schema, register: bool) -> Result<u32> {
+        self.retrying(&format!("subject {subject}"), || self.post_schema(subject, schema, register)).await
+    }
+
+    /// One request: `Ok(answer)` when the registry answered, `Err` to retry.
+    async fn post_schema(
+        &self,
+        subject: &str,
+        schema: &Schema,
+        register: bool,
+    ) -> std::result::Result<Result<u32>, String> {
+        let path: String = subject
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let url = match register {
+            true => format!("{}/subjects/{path}/versions", self.base()),
+            false => format!("{}/subjects/{path}", self.base()),
+        };
+        let body = serde_json::json!({ "schema": schema.canonical_form() }).to_string();
+        let mut req = self
+            .http
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/vnd.schemaregistry.v1+json")
+            .body(body);
+        if let Some(u) = &self.cfg.username {
+            req = req.basic_auth(u, self.cfg.password.as_ref());
+        }
+        let res = req.send().await.map_err(|e| crate::alerting::describe_http_error(&e))?;
+        let status = res.status();
+        let text = res.text().await.map_err(|e| crate::alerting::describe_http_error(&e))?;
+        if status.is_server_error() || status.as_u16() == 429 {
+            return Err(format!("answered {status}: {}", text.chars().take(200).collect::<String>()));
+        }
+        let said = text.chars().take(300).collect::<String>();
+        if !status.is_success() {
+            let what = match (status.as_u16(), register) {
+                (404, false) => {
+                    format!("subject `{subject}` has no version with the sink's schema (`register: false`)")
+                }
+                (409, _) => format!("the sink's schema is incompatible with subject `{subject}`"),
+                _ => format!("the schema registry refused the sink's schema for subject `{subject}`"),
+            };
+            return Ok(Err(CoreError::Config(format!("{what}: {status} {said}"))));
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("an answer that is not JSON: {e}"))?;
+        Ok(v["id"].as_u64().and_then(|i| u32::try_from(i).ok()).ok_or_else(|| {
+            CoreError::Config(format!("the schema registry's answer for subject `{subject}` has no id: {said}"))
+        }))
     }
 }
 

@@ -231,16 +231,18 @@ impl Sink for WriterSink {
     }
 }
 
-/// The encoded rows of a batch: `(start, end)` of each row's bytes in `buf`.
+/// The encoded rows of a batch: `(start, end)` of each row's bytes in `buf`. `lines`: the
+/// encoder ends each row with a newline and has none inside (JSON Lines), so the whole batch is
+/// encoded at once and cut; otherwise rows are encoded one by one.
 pub(crate) fn encode_rows(
     enc: &mut dyn Encoder,
-    format: &FormatSpec,
+    lines: bool,
     rows: &RecordBatch,
     buf: &mut Vec<u8>,
 ) -> Result<Vec<(usize, usize)>> {
     buf.clear();
     let mut spans = Vec::with_capacity(rows.num_rows());
-    if matches!(format, FormatSpec::Json) {
+    if lines {
         // JSON Lines escapes newlines inside strings, so each '\n' ends one row.
         enc.encode(rows, buf).map_err(crate::fmt_err)?;
         let mut start = 0;
@@ -293,7 +295,7 @@ pub(crate) fn row_messages(
     id: Option<&crate::template::RowTemplate>,
     sink: &str,
 ) -> Result<(Vec<RowMessage>, Vec<weir_core::RefusedRow>)> {
-    let spans = encode_rows(enc, format, rows, buf)?;
+    let spans = encode_rows(enc, matches!(format, FormatSpec::Json), rows, buf)?;
     let tos = to.renderer(rows)?;
     let ids = id.map(|t| t.renderer(rows)).transpose()?;
     let (mut out, mut refused) = (Vec::with_capacity(rows.num_rows()), Vec::new());

@@ -657,6 +657,10 @@ impl Job {
         let plan = &self.plan;
         let commit_sink = &self.commit.1;
         let source_tasks = plan.iter().filter(|t| matches!(t.head, Head::Source(_))).count();
+        // What each sink writes to exists, and its schema is registered, before any is made.
+        for (id, f) in g.sinks() {
+            f.prepare().await.map_err(|e| e.in_step(id))?;
+        }
 
         let mut restored = Restored::default();
         let mut coord: Option<Coordinating> = None;

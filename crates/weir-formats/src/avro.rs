@@ -225,6 +225,180 @@ fn avro_type(v: &Value) -> &'static str {
     }
 }
 
+/// The Avro schema rows of `columns` are written with: a record `name` (in `namespace`), a field
+/// per column, nullable columns as unions with null (default null), structs as nested records,
+/// lists as arrays, timestamps as `timestamp-millis`.
+///
+/// # Errors
+/// A column whose name is not an Avro name, or of a type with no Avro counterpart here.
+pub fn schema_for(columns: &arrow_schema::Schema, name: &str, namespace: Option<&str>) -> Result<Schema> {
+    let fields = avro_fields(columns.fields(), "", name)?;
+    let mut record = serde_json::json!({ "type": "record", "name": name, "fields": fields });
+    if let Some(ns) = namespace {
+        record["namespace"] = ns.into();
+    }
+    Schema::parse(&record).map_err(|e| crate::FormatError::InvalidSchema {
+        field: name.to_string(),
+        reason: format!("not an Avro record schema: {e}"),
+    })
+}
+
+fn valid_name(n: &str) -> bool {
+    let mut c = n.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_') && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+}
+
+fn avro_fields(fields: &arrow_schema::Fields, prefix: &str, record: &str) -> Result<Vec<serde_json::Value>> {
+    fields
+        .iter()
+        .map(|f| {
+            let path = crate::schema::join_path(prefix, f.name());
+            if !valid_name(f.name()) {
+                return Err(crate::FormatError::InvalidSchema {
+                    field: path,
+                    reason: "is not an Avro field name (letters, digits and `_`, not starting with a digit): rename it with a `select`".into(),
+                });
+            }
+            let ty = avro_type_of(f.data_type(), &path, &format!("{record}_{}", f.name()))?;
+            Ok(if f.is_nullable() {
+                serde_json::json!({ "name": f.name(), "type": ["null", ty], "default": null })
+            } else {
+                serde_json::json!({ "name": f.name(), "type": ty })
+            })
+        })
+        .collect()
+}
+
+fn avro_type_of(dt: &arrow_schema::DataType, path: &str, record: &str) -> Result<serde_json::Value> {
+    use arrow_schema::DataType as D;
+    Ok(match dt {
+        D::Null => "null".into(),
+        D::Boolean => "boolean".into(),
+        D::Int8 | D::Int16 | D::Int32 => "int".into(),
+        D::Int64 | D::UInt8 | D::UInt16 | D::UInt32 | D::UInt64 => "long".into(),
+        D::Float32 => "float".into(),
+        D::Float64 => "double".into(),
+        D::Utf8 | D::LargeUtf8 | D::Utf8View => "string".into(),
+        D::Timestamp(..) => serde_json::json!({ "type": "long", "logicalType": "timestamp-millis" }),
+        D::Struct(f) => {
+            serde_json::json!({ "type": "record", "name": record, "fields": avro_fields(f, path, record)? })
+        }
+        D::List(f) | D::LargeList(f) => {
+            let items = avro_type_of(f.data_type(), path, record)?;
+            let items = if f.is_nullable() { serde_json::json!(["null", items]) } else { items };
+            serde_json::json!({ "type": "array", "items": items })
+        }
+        other => {
+            return Err(crate::FormatError::UnsupportedType {
+                field: path.to_string(),
+                data_type: other.clone(),
+                format: "avro",
+            })
+        }
+    })
+}
+
+/// Writes rows as Confluent-framed Avro records with a registered schema's id, one record per
+/// row (the schema of [`schema_for`] the same columns).
+#[derive(Debug)]
+pub struct AvroEncoder {
+    schema: Schema,
+    /// Set once the schema is registered (before the first write).
+    id: Arc<std::sync::OnceLock<u32>>,
+}
+
+impl AvroEncoder {
+    /// An encoder with `schema`, framing records with the id `id` holds when it writes.
+    pub fn new(schema: Schema, id: Arc<std::sync::OnceLock<u32>>) -> Self {
+        Self { schema, id }
+    }
+}
+
+impl crate::Encoder for AvroEncoder {
+    fn encode(&mut self, batch: &arrow_array::RecordBatch, out: &mut Vec<u8>) -> Result<()> {
+        use crate::encode::{Support, View};
+        let Some(&id) = self.id.get() else {
+            return Err(crate::FormatError::InvalidSchema {
+                field: String::new(),
+                reason: "the Avro schema is not registered yet".into(),
+            });
+        };
+        let schema = batch.schema_ref();
+        let cols = schema
+            .fields()
+            .iter()
+            .zip(batch.columns())
+            .map(|(f, c)| Ok((f, View::new(f.name(), c.as_ref(), Support::Nested, "avro")?)))
+            .collect::<Result<Vec<_>>>()?;
+        let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&self.schema).build().map_err(avro_err)?;
+        for row in 0..batch.num_rows() {
+            let fields = cols
+                .iter()
+                .map(|(f, v)| Ok((f.name().clone(), field_value(f, v.get(row))?)))
+                .collect::<Result<Vec<_>>>()?;
+            let datum = writer.write_value_to_vec(Value::Record(fields)).map_err(avro_err)?;
+            frame(id, &datum, out);
+        }
+        Ok(())
+    }
+}
+
+fn avro_err(e: apache_avro::Error) -> crate::FormatError {
+    crate::FormatError::InvalidSchema { field: String::new(), reason: format!("Avro: {e}") }
+}
+
+/// A column's value as its field holds it: nullable ones as the union's branch.
+fn field_value(f: &arrow_schema::Field, s: crate::encode::Scalar<'_>) -> Result<Value> {
+    Ok(in_union(f.is_nullable(), scalar_value(f.data_type(), s, f.name())?))
+}
+
+/// A value of a nullable type is a branch of its `["null", T]` union.
+fn in_union(nullable: bool, v: Value) -> Value {
+    match (nullable, v) {
+        (false, v) => v,
+        (true, Value::Null) => Value::Union(0, Box::new(Value::Null)),
+        (true, v) => Value::Union(1, Box::new(v)),
+    }
+}
+
+fn scalar_value(dt: &arrow_schema::DataType, s: crate::encode::Scalar<'_>, name: &str) -> Result<Value> {
+    use crate::encode::Scalar as S;
+    use arrow_schema::DataType as D;
+    Ok(match (s, dt) {
+        (S::Null, _) => Value::Null,
+        (S::Bool(b), _) => Value::Boolean(b),
+        (S::I64(i), D::Int8 | D::Int16 | D::Int32) => Value::Int(i as i32),
+        (S::I64(i), D::Timestamp(..)) => Value::TimestampMillis(i),
+        (S::I64(i), _) => Value::Long(i),
+        (S::U64(u), _) => Value::Long(i64::try_from(u).map_err(|_| crate::FormatError::InvalidSchema {
+            field: name.to_string(),
+            reason: format!("{u} does not fit an Avro long"),
+        })?),
+        (S::F32(f), _) => Value::Float(f),
+        (S::F64(f), _) => Value::Double(f),
+        (S::Str(t), _) => Value::String(t.to_string()),
+        (S::Struct(children, row), D::Struct(fields)) => Value::Record(
+            children
+                .iter()
+                .zip(fields.iter())
+                .map(|(c, f)| Ok((c.name.to_string(), field_value(f, c.view.get(row))?)))
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        (S::List(view, start, end), D::List(f) | D::LargeList(f)) => Value::Array(
+            (start..end)
+                .map(|i| Ok(in_union(f.is_nullable(), scalar_value(f.data_type(), view.get(i), name)?)))
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        (_, other) => {
+            return Err(crate::FormatError::UnsupportedType {
+                field: name.to_string(),
+                data_type: other.clone(),
+                format: "avro",
+            })
+        }
+    })
+}
+
 /// The Avro binary encoding of `value` under `schema`.
 ///
 /// # Panics
@@ -359,6 +533,57 @@ mod tests {
         assert!(why[0].1.contains("first byte is 0x7b"), "{why:?}");
         assert!(why[1].1.contains("schema id 9 is not in the schema registry"), "{why:?}");
         assert!(why[2].1.contains("invalid Avro for schema id 2"), "{why:?}");
+    }
+
+    #[test]
+    fn rows_written_with_the_derived_schema_read_back_equal() {
+        use arrow_array::{ArrayRef, Int32Array, RecordBatch, StructArray};
+        use arrow_schema::Fields;
+        let inner = Fields::from(vec![Field::new("x", DataType::Float64, true)]);
+        let cols = Arc::new(ArrowSchema::new(vec![
+            Field::new("device", DataType::Utf8, false),
+            Field::new("n", DataType::Int32, true),
+            Field::new("pos", DataType::Struct(inner.clone()), false),
+        ]));
+        let avro = schema_for(&cols, "Row", Some("weir")).unwrap();
+        let text = avro.canonical_form();
+        assert!(text.contains(r#"{"name":"n","type":["null","int"]}"#), "{text}");
+        let rows = RecordBatch::try_new(
+            cols.clone(),
+            vec![
+                Arc::new(StringArray::from(vec!["a", "b"])) as ArrayRef,
+                Arc::new(Int32Array::from(vec![Some(1), None])),
+                Arc::new(StructArray::new(
+                    inner,
+                    vec![Arc::new(Float64Array::from(vec![Some(0.5), None])) as ArrayRef],
+                    None,
+                )),
+            ],
+        )
+        .unwrap();
+        let id = Arc::new(std::sync::OnceLock::new());
+        let mut enc = AvroEncoder::new(avro.clone(), id.clone());
+        let mut out = Vec::new();
+        assert!(crate::Encoder::encode(&mut enc, &rows, &mut out).is_err(), "no id yet");
+        id.set(42).unwrap();
+        crate::Encoder::encode(&mut enc, &rows.slice(0, 1), &mut out).unwrap();
+        let first = out.len();
+        crate::Encoder::encode(&mut enc, &rows.slice(1, 1), &mut out).unwrap();
+        assert_eq!(schema_id(&out).unwrap(), 42);
+        // Read back into int64 columns (the decoders' integer type).
+        let back = Arc::new(ArrowSchema::new(vec![
+            Field::new("device", DataType::Utf8, false),
+            Field::new("n", DataType::Int64, true),
+            Field::new("pos", DataType::Struct(Fields::from(vec![Field::new("x", DataType::Float64, true)])), false),
+        ]));
+        let mut dec = AvroDecoder::new(back, Arc::new(Known(HashMap::from([(42, Arc::new(avro))]))), None).unwrap();
+        let d = dec.decode(&out, &[Range { start: 0, end: first }, Range { start: first, end: out.len() }]).unwrap();
+        assert!(d.errors.is_empty(), "{:?}", d.errors);
+        let n = d.batch.column(1).as_any().downcast_ref::<Int64Array>().unwrap().clone();
+        assert_eq!((n.value(0), n.is_null(1)), (1, true));
+        let bad = ArrowSchema::new(vec![Field::new("avg-temp", DataType::Float64, false)]);
+        let e = schema_for(&bad, "Row", None).unwrap_err().to_string();
+        assert!(e.contains("avg-temp") && e.contains("not an Avro field name"), "{e}");
     }
 
     #[test]

@@ -16,7 +16,9 @@ mod txn;
 pub use crate::redacted;
 pub use client::KafkaClientConfig;
 pub use deadletter::{read_topic, KafkaDeadLetters};
-pub use sink::{KafkaSinkConfig, KafkaSinkFactory, KafkaSinkMode, KafkaTopicSpec, KafkaTransactionSettings};
+pub use sink::{
+    AvroSinkConfig, KafkaSinkConfig, KafkaSinkFactory, KafkaSinkMode, KafkaTopicSpec, KafkaTransactionSettings,
+};
 pub use source::{
     AvroPayload, KafkaMetadataColumns, KafkaSourceConfig, KafkaSourceFactory, KafkaStart, MissingPosition,
 };

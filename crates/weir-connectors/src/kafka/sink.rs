@@ -86,6 +86,35 @@ pub struct KafkaSinkConfig {
     pub source_offsets: Option<Arc<super::txn::TransactionalOffsets>>,
     /// Create the topic before the run when it does not exist (a repartition topic).
     pub create: Option<KafkaTopicSpec>,
+    /// Avro in the Confluent wire format instead of `format`, the schema registered in (or
+    /// looked up from) a schema registry before the run.
+    pub avro: Option<AvroSinkConfig>,
+}
+
+/// How a Kafka sink writes Avro.
+#[derive(Debug, Clone)]
+pub struct AvroSinkConfig {
+    /// The registry.
+    pub registry: Arc<crate::schema_registry::SchemaRegistry>,
+    /// The record's name and namespace in the schema derived from the rows.
+    pub record_name: String,
+    /// See `record_name`.
+    pub namespace: Option<String>,
+    /// The subject; default by `strategy`.
+    pub subject: Option<String>,
+    /// How the subject is named when not given.
+    pub strategy: crate::schema_registry::SubjectStrategy,
+    /// Register the schema (a new version of the subject if it is new), or only look it up.
+    pub register: bool,
+}
+
+/// The sink's Avro schema, its subject and, once the run is prepared, its id.
+#[derive(Debug)]
+struct AvroOut {
+    cfg: AvroSinkConfig,
+    schema: weir_formats::avro::Schema,
+    subject: String,
+    id: Arc<std::sync::OnceLock<u32>>,
 }
 
 /// How to create a topic the sink writes (see [`KafkaSinkConfig::create`]).
@@ -104,6 +133,7 @@ pub struct KafkaSinkFactory {
     cfg: Arc<KafkaSinkConfig>,
     txn: Option<Arc<Transactions>>,
     stats: Arc<ProduceStats>,
+    avro: Option<AvroOut>,
 }
 
 impl KafkaSinkFactory {
@@ -131,7 +161,18 @@ impl KafkaSinkFactory {
         {
             column_by_path(&empty, col).map_err(|e| CoreError::Config(format!("kafka sink {what}: {e}")))?;
         }
-        cfg.format.encoder(cfg.schema.clone()).map_err(crate::fmt_err)?;
+        let avro = match &cfg.avro {
+            None => {
+                cfg.format.encoder(cfg.schema.clone()).map_err(crate::fmt_err)?;
+                None
+            }
+            Some(a) => {
+                let schema = weir_formats::avro::schema_for(&cfg.schema, &a.record_name, a.namespace.as_deref())
+                    .map_err(|e| CoreError::Config(format!("kafka sink avro: {e}")))?;
+                let subject = a.subject.clone().unwrap_or_else(|| a.strategy.subject(&cfg.topic, &schema));
+                Some(AvroOut { cfg: a.clone(), schema, subject, id: Arc::default() })
+            }
+        };
         let stats = Arc::new(ProduceStats::default());
         let txn = match &cfg.mode {
             KafkaSinkMode::AtLeastOnce => None,
@@ -143,7 +184,7 @@ impl KafkaSinkFactory {
                 cfg.source_offsets.clone(),
             )?)),
         };
-        Ok(Self { cfg: Arc::new(cfg), txn, stats })
+        Ok(Self { cfg: Arc::new(cfg), txn, stats, avro })
     }
 }
 
@@ -166,7 +207,10 @@ impl SinkFactory for KafkaSinkFactory {
                 Some(p)
             }
         };
-        let encoder = self.cfg.format.encoder(self.cfg.schema.clone()).map_err(crate::fmt_err)?;
+        let encoder: Box<dyn Encoder> = match &self.avro {
+            Some(a) => Box::new(weir_formats::avro::AvroEncoder::new(a.schema.clone(), a.id.clone())),
+            None => self.cfg.format.encoder(self.cfg.schema.clone()).map_err(crate::fmt_err)?,
+        };
         Ok(Box::new(KafkaSink {
             cfg: self.cfg.clone(),
             producer,
@@ -188,6 +232,11 @@ impl SinkFactory for KafkaSinkFactory {
 
     fn prepare(&self) -> futures::future::BoxFuture<'_, Result<()>> {
         Box::pin(async move {
+            if let Some(a) = &self.avro {
+                let id = a.cfg.registry.id_of(&a.subject, &a.schema, a.cfg.register).await?;
+                let _ = a.id.set(id);
+                tracing::info!(topic = %self.cfg.topic, subject = %a.subject, schema_id = id, "Kafka sink writes Avro with this schema id.");
+            }
             let Some(c) = &self.cfg.create else { return Ok(()) };
             let partitions = match (c.partitions, &c.like) {
                 (Some(n), _) => Some(n),
@@ -446,7 +495,8 @@ impl Sink for KafkaSink {
             None => (rows.clone(), vec![false; rows.num_rows()]),
         };
         let rows = &rows;
-        let spans = crate::sink::encode_rows(self.encoder.as_mut(), &self.cfg.format, rows, &mut self.buf)?;
+        let lines = self.cfg.avro.is_none() && matches!(self.cfg.format, FormatSpec::Json);
+        let spans = crate::sink::encode_rows(self.encoder.as_mut(), lines, rows, &mut self.buf)?;
         let keys = self.cfg.key.as_deref().map(|k| texts(rows, k)).transpose()?;
         let parts = self.cfg.partition.as_deref().map(|p| texts(rows, p)).transpose()?;
         let headers: Vec<(&str, Vec<Option<String>>)> =

@@ -115,19 +115,88 @@ impl std::fmt::Debug for SchemaRegistrySettings {
     }
 }
 
+/// `avro:` of a Kafka sink.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaAvroSinkSettings {
+    /// The registry the schema is registered in.
+    pub schema_registry: SchemaRegistrySettings,
+    /// The record's name in the schema made from the rows' columns; default `Row`.
+    #[serde(default = "default_record_name")]
+    pub record_name: String,
+    /// Its namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The subject; default by `subject_strategy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// `topic` (`<topic>-value`, default), `record` (the record's full name) or `topic_record`
+    /// (`<topic>-<record full name>`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub subject_strategy: SubjectStrategyConfig,
+    /// Register the schema as a new version of the subject when it is new (default), or only
+    /// look its id up (`false`: the run fails if the subject lacks it).
+    #[serde(default = "default_true")]
+    pub register: bool,
+}
+
+/// See [`KafkaAvroSinkSettings::subject_strategy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubjectStrategyConfig {
+    /// `<topic>-value`.
+    #[default]
+    Topic,
+    /// The record's full name.
+    Record,
+    /// `<topic>-<record full name>`.
+    TopicRecord,
+}
+
+fn default_record_name() -> String {
+    "Row".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl KafkaAvroSinkSettings {
+    fn config(&self) -> Result<k::AvroSinkConfig> {
+        use weir_connectors::schema_registry::SubjectStrategy as S;
+        Ok(k::AvroSinkConfig {
+            registry: self.schema_registry.client()?,
+            record_name: self.record_name.clone(),
+            namespace: self.namespace.clone(),
+            subject: self.subject.clone(),
+            strategy: match self.subject_strategy {
+                SubjectStrategyConfig::Topic => S::Topic,
+                SubjectStrategyConfig::Record => S::Record,
+                SubjectStrategyConfig::TopicRecord => S::TopicRecord,
+            },
+            register: self.register,
+        })
+    }
+}
+
+impl SchemaRegistrySettings {
+    fn client(&self) -> Result<Arc<weir_connectors::schema_registry::SchemaRegistry>> {
+        weir_connectors::schema_registry::SchemaRegistry::new(weir_connectors::schema_registry::RegistryConfig {
+            url: self.url.clone(),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            timeout: self.timeout,
+        })
+    }
+}
+
 fn default_registry_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
 impl KafkaAvroSettings {
     fn payload(&self) -> Result<k::AvroPayload> {
-        let registry =
-            weir_connectors::schema_registry::SchemaRegistry::new(weir_connectors::schema_registry::RegistryConfig {
-                url: self.schema_registry.url.clone(),
-                username: self.schema_registry.username.clone(),
-                password: self.schema_registry.password.clone(),
-                timeout: self.schema_registry.timeout,
-            })?;
+        let registry = self.schema_registry.client()?;
         let reader_schema =
             match &self.reader_schema {
                 None => None,
@@ -183,6 +252,10 @@ pub struct KafkaSinkSettings {
     /// Header name to column.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// Avro in the Confluent wire format, the schema (derived from the rows) registered in a
+    /// schema registry; replaces `format`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avro: Option<KafkaAvroSinkSettings>,
     /// `at_least_once` (default) or `exactly_once` (a transaction per checkpoint; needs
     /// `checkpoints`).
     #[serde(default = "default_kafka_mode")]
@@ -218,6 +291,7 @@ impl std::fmt::Debug for KafkaSinkSettings {
             .field("key", &self.key)
             .field("partition", &self.partition)
             .field("headers", &self.headers)
+            .field("avro", &self.avro)
             .field("mode", &self.mode)
             .field("transactional_id", &self.transactional_id)
             .field("commit_topic", &self.commit_topic)
@@ -318,6 +392,7 @@ impl SinkSettings for KafkaSinkSettings {
             mode,
             source_offsets: cx.source_offsets.clone(),
             create: cx.create_topic.clone(),
+            avro: self.avro.as_ref().map(KafkaAvroSinkSettings::config).transpose()?,
         })
         .map_err(|e| e.in_step(&cx.step))?;
         Ok(Arc::new(fac))

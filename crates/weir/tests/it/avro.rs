@@ -1,16 +1,17 @@
 //! Avro payloads in the Confluent wire format on Kafka (librdkafka's mock cluster), with the
-//! writer schemas from a schema registry served by the test. Karapace, the registry with the
-//! same REST API on PyPI, is not installable here (not on PyPI; its source needs Go and
-//! GitHub), so this registry implements the endpoint a reader uses, `GET /schemas/ids/{id}`,
-//! as Confluent documents it: `{"schema": "<text>"}` (with `schemaType` for non-Avro ones), 404
-//! with error code 40403 for an unknown id.
+//! schemas in a schema registry served by the test. Karapace, the registry with the same REST
+//! API, is not installable here (not on PyPI; its source build needs Go and GitHub), so this
+//! registry implements the endpoints Weir uses as Confluent documents them: `GET
+//! /schemas/ids/{id}` (`{"schema": "<text>"}`, with `schemaType` for non-Avro ones), `POST
+//! /subjects/{subject}/versions` (register: `{"id": n}`) and `POST /subjects/{subject}` (look
+//! up), 404 with error code 40403 for what it lacks.
 
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::TcpListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
@@ -33,46 +34,108 @@ const V2: &str = r#"{"type":"record","name":"Reading","namespace":"lab","fields"
   {"name":"ts","type":{"type":"long","logicalType":"timestamp-millis"}},
   {"name":"site","type":"string","default":"hq"}]}"#;
 
-/// Serves `schemas` (id to schema text, with its type when not Avro) on a free port; the first
-/// `outage` requests get 503. Returns the URL and the count of requests.
-fn registry(schemas: HashMap<u32, (&'static str, &'static str)>, outage: usize) -> (String, Arc<AtomicUsize>) {
+/// What the test's registry holds: schemas by id (text and type), subjects' versions.
+#[derive(Debug, Default)]
+struct Held {
+    schemas: HashMap<u32, (String, String)>,
+    subjects: HashMap<String, Vec<u32>>,
+}
+
+/// The id of an Avro schema text among `held`'s, compared by canonical form.
+fn same_schema(held: &Held, text: &str) -> Option<u32> {
+    let canon = Schema::parse_str(text).ok()?.canonical_form();
+    held.schemas
+        .iter()
+        .find(|(_, (t, kind))| kind == "AVRO" && Schema::parse_str(t).is_ok_and(|s| s.canonical_form() == canon))
+        .map(|(id, _)| *id)
+}
+
+/// A request: method, path and body.
+fn request(conn: &std::net::TcpStream) -> Option<(String, String, Vec<u8>)> {
+    use std::io::{BufRead as _, Read as _};
+    let mut r = std::io::BufReader::new(conn.try_clone().ok()?);
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next()?.to_string(), parts.next()?.to_string());
+    let mut len = 0;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).ok()? == 0 || h == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().ok()?;
+            }
+        }
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).ok()?;
+    Some((method, path, body))
+}
+
+/// A registry on a free port with Confluent's endpoints for readers and writers: `GET
+/// /schemas/ids/{id}`, `POST /subjects/{s}/versions` (register; an Avro schema it has keeps
+/// its id) and `POST /subjects/{s}` (look up). The first `outage` requests get 503. Returns the
+/// URL, the count of requests and what it holds.
+fn registry(
+    schemas: HashMap<u32, (&'static str, &'static str)>,
+    outage: usize,
+) -> (String, Arc<AtomicUsize>, Arc<Mutex<Held>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let asked = Arc::new(AtomicUsize::new(0));
-    let a = asked.clone();
+    let held = Arc::new(Mutex::new(Held {
+        schemas: schemas.into_iter().map(|(id, (t, k))| (id, (t.to_string(), k.to_string()))).collect(),
+        subjects: HashMap::new(),
+    }));
+    let (a, h) = (asked.clone(), held.clone());
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
-            let mut line = String::new();
-            {
-                use std::io::BufRead as _;
-                let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
-                r.read_line(&mut line).unwrap();
-                // The rest of the head.
-                let mut h = String::new();
-                while r.read_line(&mut h).unwrap() > 0 && h != "\r\n" {
-                    h.clear();
-                }
-            }
+            let Some((method, path, body)) = request(&conn) else { continue };
             let n = a.fetch_add(1, Ordering::SeqCst);
-            let id = line
-                .split_whitespace()
-                .nth(1)
-                .and_then(|p| p.strip_prefix("/schemas/ids/"))
-                .and_then(|i| i.parse().ok());
-            let (status, body) = match id.and_then(|i: u32| schemas.get(&i)) {
-                _ if n < outage => {
-                    ("503 Service Unavailable", "{\"error_code\":50003,\"message\":\"starting\"}".to_string())
+            let mut held = h.lock().unwrap();
+            let not_found =
+                || ("404 Not Found", serde_json::json!({"error_code": 40403, "message": "Schema not found"}));
+            let (status, answer) = if n < outage {
+                ("503 Service Unavailable", serde_json::json!({"error_code": 50003, "message": "starting"}))
+            } else if let Some(id) = path.strip_prefix("/schemas/ids/").and_then(|i| i.parse::<u32>().ok()) {
+                match held.schemas.get(&id) {
+                    Some((text, kind)) if kind == "AVRO" => ("200 OK", serde_json::json!({ "schema": text })),
+                    Some((text, kind)) => ("200 OK", serde_json::json!({ "schema": text, "schemaType": kind })),
+                    None => not_found(),
                 }
-                Some((text, kind)) => {
-                    let mut v = serde_json::json!({ "schema": text });
-                    if *kind != "AVRO" {
-                        v["schemaType"] = (*kind).into();
+            } else if let Some(rest) = path.strip_prefix("/subjects/").filter(|_| method == "POST") {
+                let text =
+                    serde_json::from_slice::<serde_json::Value>(&body).unwrap()["schema"].as_str().unwrap().to_string();
+                let (subject, register) = match rest.strip_suffix("/versions") {
+                    Some(s) => (s.to_string(), true),
+                    None => (rest.to_string(), false),
+                };
+                let found = same_schema(&held, &text).filter(|id| !register || held.schemas.contains_key(id));
+                let in_subject = found.filter(|id| held.subjects.get(&subject).is_some_and(|v| v.contains(id)));
+                match (register, found, in_subject) {
+                    (false, _, Some(id)) => {
+                        ("200 OK", serde_json::json!({ "subject": subject, "id": id, "version": 1, "schema": text }))
                     }
-                    ("200 OK", v.to_string())
+                    (false, _, None) => not_found(),
+                    (true, found, _) => {
+                        let id = found.unwrap_or_else(|| held.schemas.keys().max().copied().unwrap_or(0) + 1);
+                        held.schemas.insert(id, (text, "AVRO".into()));
+                        let versions = held.subjects.entry(subject).or_default();
+                        if !versions.contains(&id) {
+                            versions.push(id);
+                        }
+                        ("200 OK", serde_json::json!({ "id": id }))
+                    }
                 }
-                None => ("404 Not Found", "{\"error_code\":40403,\"message\":\"Schema not found\"}".to_string()),
+            } else {
+                not_found()
             };
+            drop(held);
+            let body = answer.to_string();
             let _ = write!(
                 conn,
                 "HTTP/1.1 {status}\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -80,7 +143,7 @@ fn registry(schemas: HashMap<u32, (&'static str, &'static str)>, outage: usize) 
             );
         }
     });
-    (url, asked)
+    (url, asked, held)
 }
 
 /// One record in the wire format: magic byte, id, datum.
@@ -179,7 +242,7 @@ fn avro_records_of_two_schema_versions_are_read_through_a_registry_and_the_unrea
     payloads.push(proto);
     produce(&k.brokers, "readings", &payloads);
     // The registry is still starting when the job asks first: the batch waits, nothing is lost.
-    let (url, asked) = registry(
+    let (url, asked, _) = registry(
         HashMap::from([(1, (V1, "AVRO")), (2, (V2, "AVRO")), (3, ("syntax = \"proto3\"; message M {}", "PROTOBUF"))]),
         2,
     );
@@ -234,4 +297,85 @@ fn an_avro_source_with_a_bad_registry_url_or_reader_schema_is_refused_before_it_
             Pipeline::from_config(cfg).build().and_then(|b| b.check(&RunOptions::default())).unwrap_err().to_string();
         assert!(err.contains(want), "{err}");
     }
+}
+
+#[test]
+fn rows_written_as_avro_register_their_schema_and_read_back_equal() {
+    let k = crate::kafka::Cluster::new(&[("avro-out", 2)]);
+    let (url, _, held) = registry(HashMap::new(), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    events(&input, 0, 2_000);
+    let writer = format!(
+        r#"name: avro-writer
+source:
+  id: file
+  file: {{ path: "{input}", format: json }}
+  schema: {{ fields: [ {{ name: seq, type: int64 }}, {{ name: ts, type: int64 }}, {{ name: temp, type: float64 }} ] }}
+steps:
+  - select: {{ id: shape, columns: ["seq", "ts", "temp", "CASE WHEN temp > 25 THEN 'hot' ELSE NULL END AS label"] }}
+sink:
+  id: out
+  kafka:
+    brokers: "{brokers}"
+    topic: avro-out
+    avro: {{ schema_registry: {{ url: "{url}" }}, record_name: Reading, namespace: lab }}
+dead_letters: {{ path: "{dead}" }}
+"#,
+        input = input.display(),
+        brokers = k.brokers,
+        dead = dir.path().join("dead-w.jsonl").display(),
+    );
+    let run = |yaml: &str| {
+        let cfg = weir::yaml::parse_with("a.yaml", yaml, |_| None).unwrap();
+        rt().block_on(
+            Pipeline::from_config(cfg).build().unwrap().run(&RunOptions { workers: Some(2), ..Default::default() }),
+        )
+    };
+    run(&writer).unwrap();
+    // Registered once, under the topic strategy's subject, as the record named in the settings;
+    // a second run finds the same schema and id.
+    run(&writer).unwrap();
+    {
+        let held = held.lock().unwrap();
+        assert_eq!(held.subjects.get("avro-out-value"), Some(&vec![1]), "{:?}", held.subjects);
+        let text = &held.schemas[&1].0;
+        assert!(text.contains("\"name\":\"lab.Reading\""), "{text}");
+        assert!(text.contains(r#"{"name":"label","type":["null","string"]}"#), "{text}");
+    }
+    let out = dir.path().join("back.jsonl");
+    let reader = format!(
+        r#"name: avro-reader
+source:
+  id: back
+  kafka: {{ brokers: "{brokers}", topics: [avro-out], stop_at_end: true, avro: {{ schema_registry: {{ url: "{url}" }} }} }}
+  schema:
+    fields: [ {{ name: seq, type: int64 }}, {{ name: ts, type: int64 }}, {{ name: temp, type: float64 }}, {{ name: label, type: string, required: false }} ]
+sink: {{ id: o, file: {{ path: "{out}", format: json }} }}
+dead_letters: {{ path: "{dead}" }}
+"#,
+        brokers = k.brokers,
+        out = out.display(),
+        dead = dir.path().join("dead-r.jsonl").display(),
+    );
+    run(&reader).unwrap();
+    let rows = read_jsonl(&out);
+    // Both writer runs' rows: each seq twice, every value as written.
+    assert_eq!(rows.len(), 4_000);
+    for r in &rows {
+        let seq = r["seq"].as_i64().unwrap();
+        let temp = 20.0 + (seq % 9) as f64 + 0.5;
+        assert_eq!(r["ts"], 1_796_000_000_000 + seq);
+        assert_eq!(r["temp"].as_f64().unwrap(), temp);
+        assert_eq!(r["label"], if temp > 25.0 { serde_json::json!("hot") } else { serde_json::Value::Null }, "{r}");
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for r in &rows {
+        *seen.entry(r["seq"].as_i64().unwrap()).or_insert(0) += 1;
+    }
+    assert!(seen.len() == 2_000 && seen.values().all(|n| *n == 2), "every seq once per writer run");
+    // Only looking the schema up, under a subject that lacks it, fails the run before it writes.
+    let lookup = writer.replace("namespace: lab }", "namespace: lab, subject: other, register: false }");
+    let e = run(&lookup).unwrap_err().to_string();
+    assert!(e.contains("subject `other` has no version with the sink's schema"), "{e}");
 }

@@ -412,6 +412,7 @@ fn sink_settings(brokers: &str) -> KafkaSinkSettings {
         key: None,
         partition: None,
         headers: Default::default(),
+        avro: None,
         mode: "at_least_once".into(),
         transactional_id: None,
         commit_topic: None,
