@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use weir_core::{CoreError, Result};
 use weir_formats::avro::{AvroSchemas, Schema};
+use weir_formats::protobuf::{ProtoSchema, ProtoSchemas};
 
 /// Where the registry is.
 #[derive(Clone, PartialEq, Eq)]
@@ -47,16 +48,23 @@ const RECHECK_MISSING: Duration = Duration::from_secs(60);
 pub struct SchemaRegistry {
     cfg: RegistryConfig,
     http: reqwest::Client,
-    known: RwLock<HashMap<u32, Arc<Schema>>>,
+    known: RwLock<HashMap<u32, Writer>>,
     /// Ids that cannot be used, with why and since when.
     refused: Mutex<HashMap<u32, (String, Instant)>>,
     /// Requests the registry failed (unreachable or 5xx).
     failures: std::sync::atomic::AtomicU64,
 }
 
+/// A writer schema the registry holds.
+#[derive(Debug, Clone)]
+enum Writer {
+    Avro(Arc<Schema>),
+    Protobuf(Arc<ProtoSchema>),
+}
+
 /// What one request said of an id.
 enum Answer {
-    Schema(Arc<Schema>),
+    Schema(Writer),
     /// The id cannot be used: why.
     Refused(String),
 }
@@ -202,14 +210,70 @@ impl SchemaRegistry {
         let Some(text) = found["schema"].as_str() else {
             return Ok(Answer::Refused(format!("the schema registry's answer for schema id {id} has no `schema`")));
         };
-        if let Some(t) = found["schemaType"].as_str().filter(|t| *t != "AVRO") {
-            return Ok(Answer::Refused(format!("schema id {id} is a {t} schema; this source reads Avro")));
-        }
-        Ok(match Schema::parse_str(text) {
-            Ok(s) => Answer::Schema(Arc::new(s)),
-            Err(e) => Answer::Refused(format!("schema id {id} does not parse as Avro: {e}")),
+        Ok(match found["schemaType"].as_str().unwrap_or("AVRO") {
+            "AVRO" => match Schema::parse_str(text) {
+                Ok(s) => Answer::Schema(Writer::Avro(Arc::new(s))),
+                Err(e) => Answer::Refused(format!("schema id {id} does not parse as Avro: {e}")),
+            },
+            "PROTOBUF" => match self.imports(id, &found).await? {
+                Err(why) => Answer::Refused(why),
+                Ok(imports) => match ProtoSchema::parse(text, &imports) {
+                    Ok(s) => Answer::Schema(Writer::Protobuf(Arc::new(s))),
+                    Err(e) => Answer::Refused(format!("schema id {id} does not compile as Protobuf: {e}")),
+                },
+            },
+            other => Answer::Refused(format!("schema id {id} is a {other} schema; Weir reads Avro and Protobuf")),
         })
     }
+
+    /// The files a Protobuf schema imports, from its `references` (each a subject's version):
+    /// `Ok(Err(why))` when one cannot be had, `Err` to retry.
+    async fn imports(
+        &self,
+        id: u32,
+        found: &serde_json::Value,
+    ) -> std::result::Result<std::result::Result<Vec<(String, String)>, String>, String> {
+        let mut out = Vec::new();
+        for r in found["references"].as_array().into_iter().flatten() {
+            let (Some(name), Some(subject), Some(version)) =
+                (r["name"].as_str(), r["subject"].as_str(), r["version"].as_i64())
+            else {
+                return Ok(Err(format!("schema id {id} has a reference without name, subject and version: {r}")));
+            };
+            let url = format!("{}/subjects/{}/versions/{version}", self.base(), escape(subject));
+            let mut req = self.http.get(&url);
+            if let Some(u) = &self.cfg.username {
+                req = req.basic_auth(u, self.cfg.password.as_ref());
+            }
+            let res = req.send().await.map_err(|e| crate::alerting::describe_http_error(&e))?;
+            let status = res.status();
+            let body = res.text().await.map_err(|e| crate::alerting::describe_http_error(&e))?;
+            if status.is_server_error() {
+                return Err(format!("answered {status}"));
+            }
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            match v["schema"].as_str() {
+                Some(text) if status.is_success() => out.push((name.to_string(), text.to_string())),
+                _ => {
+                    return Ok(Err(format!(
+                        "schema id {id} imports `{name}` (subject `{subject}` version {version}), which the registry does not give: {status}"
+                    )))
+                }
+            }
+        }
+        Ok(Ok(out))
+    }
+}
+
+/// A subject as a URL path segment.
+fn escape(subject: &str) -> String {
+    subject
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// How a sink names the subject its schema goes under (Confluent's strategies).
@@ -258,13 +322,7 @@ impl SchemaRegistry {
         schema: &Schema,
         register: bool,
     ) -> std::result::Result<Result<u32>, String> {
-        let path: String = subject
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
+        let path = escape(subject);
         let url = match register {
             true => format!("{}/subjects/{path}/versions", self.base()),
             false => format!("{}/subjects/{path}", self.base()),
@@ -303,14 +361,33 @@ impl SchemaRegistry {
     }
 }
 
-impl AvroSchemas for SchemaRegistry {
-    fn get(&self, id: u32) -> std::result::Result<Arc<Schema>, String> {
-        if let Some(s) = self.known.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id) {
-            return Ok(s.clone());
+impl SchemaRegistry {
+    /// The writer schema of `id`, or why there is none.
+    fn writer(&self, id: u32) -> std::result::Result<Writer, String> {
+        if let Some(w) = self.known.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id) {
+            return Ok(w.clone());
         }
         let refused = self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         Err(refused
             .get(&id)
             .map_or_else(|| format!("schema id {id} was not fetched from the schema registry"), |(why, _)| why.clone()))
+    }
+}
+
+impl AvroSchemas for SchemaRegistry {
+    fn get(&self, id: u32) -> std::result::Result<Arc<Schema>, String> {
+        match self.writer(id)? {
+            Writer::Avro(s) => Ok(s),
+            Writer::Protobuf(_) => Err(format!("schema id {id} is a PROTOBUF schema; this source reads Avro")),
+        }
+    }
+}
+
+impl ProtoSchemas for SchemaRegistry {
+    fn get(&self, id: u32) -> std::result::Result<Arc<ProtoSchema>, String> {
+        match self.writer(id)? {
+            Writer::Protobuf(s) => Ok(s),
+            Writer::Avro(_) => Err(format!("schema id {id} is an AVRO schema; this source reads Protobuf")),
+        }
     }
 }

@@ -49,6 +49,8 @@ mod json;
 mod msgpack;
 #[cfg(test)]
 mod proptests;
+#[cfg(feature = "protobuf")]
+pub mod protobuf;
 /// The sensor schema of the examples, as documented YAML, shared by the tests.
 #[cfg(test)]
 pub(crate) const SENSOR_SCHEMA_YAML: &str = r#"

@@ -20,6 +20,7 @@ pub use sink::{
     AvroSinkConfig, KafkaSinkConfig, KafkaSinkFactory, KafkaSinkMode, KafkaTopicSpec, KafkaTransactionSettings,
 };
 pub use source::{
-    AvroPayload, KafkaMetadataColumns, KafkaSourceConfig, KafkaSourceFactory, KafkaStart, MissingPosition,
+    KafkaMetadataColumns, KafkaSourceConfig, KafkaSourceFactory, KafkaStart, MissingPosition, RegistryFormat,
+    RegistryPayload,
 };
 pub use txn::TransactionalOffsets;

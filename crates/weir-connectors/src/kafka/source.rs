@@ -100,27 +100,46 @@ impl KafkaMetadataColumns {
     }
 }
 
-/// Avro payloads whose writer schemas are in a schema registry.
+/// Payloads in the Confluent wire format whose writer schemas are in a schema registry.
 #[derive(Debug, Clone)]
-pub struct AvroPayload {
+pub struct RegistryPayload {
     /// The registry, shared by every worker's decoder.
     pub registry: Arc<crate::schema_registry::SchemaRegistry>,
-    /// The schema the writers' data is resolved to (defaults of added fields), if any.
-    pub reader_schema: Option<weir_formats::avro::Schema>,
+    /// Avro or Protobuf.
+    pub format: RegistryFormat,
 }
 
-impl AvroPayload {
+/// What a registry's schemas describe.
+#[derive(Debug, Clone)]
+pub enum RegistryFormat {
+    /// Avro, resolved to the reader schema (defaults of added fields) if there is one.
+    Avro {
+        /// The reader schema.
+        reader_schema: Option<weir_formats::avro::Schema>,
+    },
+    /// Protobuf.
+    Protobuf,
+}
+
+impl RegistryPayload {
     fn decoder(&self, schema: SchemaRef) -> Result<Box<dyn Decoder>> {
-        let d = weir_formats::avro::AvroDecoder::new(schema, self.registry.clone(), self.reader_schema.clone())
-            .map_err(crate::fmt_err)?;
-        Ok(Box::new(d))
+        let registry = self.registry.clone();
+        Ok(match &self.format {
+            RegistryFormat::Avro { reader_schema } => Box::new(
+                weir_formats::avro::AvroDecoder::new(schema, registry, reader_schema.clone())
+                    .map_err(crate::fmt_err)?,
+            ),
+            RegistryFormat::Protobuf => {
+                Box::new(weir_formats::protobuf::ProtobufDecoder::new(schema, registry).map_err(crate::fmt_err)?)
+            }
+        })
     }
 }
 
 /// The payload decoder of a source's settings.
 fn payload_decoder(cfg: &KafkaSourceConfig) -> Result<Box<dyn Decoder>> {
-    match &cfg.avro {
-        Some(a) => a.decoder(cfg.payload_schema.clone()),
+    match &cfg.registry {
+        Some(r) => r.decoder(cfg.payload_schema.clone()),
         None => cfg.format.decoder(cfg.payload_schema.clone()).map_err(crate::fmt_err),
     }
 }
@@ -138,9 +157,9 @@ pub struct KafkaSourceConfig {
     pub start: KafkaStart,
     /// Payload format.
     pub format: FormatSpec,
-    /// Avro in the Confluent wire format instead of `format`: the registry holding the
-    /// writer schemas, and the reader schema to resolve them to.
-    pub avro: Option<AvroPayload>,
+    /// Avro or Protobuf in the Confluent wire format instead of `format`, with the writer
+    /// schemas from a registry.
+    pub registry: Option<RegistryPayload>,
     /// Schema of the decoded payload.
     pub payload_schema: SchemaRef,
     /// Metadata columns appended after the payload's.
@@ -1153,11 +1172,11 @@ impl Source for KafkaSource {
             if let Some(i) = self.due(Instant::now(), stopping || self.finished_reading()) {
                 // The writer schemas of the batch's records, fetched before decoding (an
                 // outage of the registry waits here, and the barrier can still pass).
-                if let Some(avro) = &self.cfg.avro {
+                if let Some(reg) = &self.cfg.registry {
                     let p = &self.parts[i];
                     let ids: Vec<u32> =
                         p.ranges.iter().filter_map(|r| weir_formats::avro::schema_id(&p.buf[r.clone()]).ok()).collect();
-                    avro.registry.prefetch(ids).await?;
+                    reg.registry.prefetch(ids).await?;
                 }
                 if let Some(batch) = self.cut(i, cx)? {
                     return Ok(SourcePoll::Rows { partition: i, batch });

@@ -38,6 +38,11 @@ pub struct KafkaSourceSettings {
     /// datum), the schemas read from a schema registry; replaces `format`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub avro: Option<KafkaAvroSettings>,
+    /// Protobuf payloads in the Confluent wire format (a zero byte, the schema's id, the
+    /// message indexes, the message), the `.proto` schemas read from a schema registry;
+    /// replaces `format`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protobuf: Option<KafkaProtobufSettings>,
     /// End once every assigned partition is read up to where it ended when assigned.
     #[serde(default)]
     pub stop_at_end: bool,
@@ -63,6 +68,7 @@ impl std::fmt::Debug for KafkaSourceSettings {
             .field("start", &self.start)
             .field("format", &self.format)
             .field("avro", &self.avro)
+            .field("protobuf", &self.protobuf)
             .field("stop_at_end", &self.stop_at_end)
             .field("metadata", &self.metadata)
             .field("properties", &k::redacted(&self.properties))
@@ -113,6 +119,14 @@ impl std::fmt::Debug for SchemaRegistrySettings {
             .field("timeout", &self.timeout)
             .finish()
     }
+}
+
+/// `protobuf:` of a Kafka source.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaProtobufSettings {
+    /// The registry holding the `.proto` schemas.
+    pub schema_registry: SchemaRegistrySettings,
 }
 
 /// `avro:` of a Kafka sink.
@@ -195,7 +209,7 @@ fn default_registry_timeout() -> Duration {
 }
 
 impl KafkaAvroSettings {
-    fn payload(&self) -> Result<k::AvroPayload> {
+    fn payload(&self) -> Result<k::RegistryPayload> {
         let registry = self.schema_registry.client()?;
         let reader_schema =
             match &self.reader_schema {
@@ -204,7 +218,7 @@ impl KafkaAvroSettings {
                     CoreError::Config(format!("kafka: `avro.reader_schema` is not an Avro schema: {e}"))
                 })?),
             };
-        Ok(k::AvroPayload { registry, reader_schema })
+        Ok(k::RegistryPayload { registry, format: k::RegistryFormat::Avro { reader_schema } })
     }
 }
 
@@ -338,7 +352,17 @@ impl SourceSettings for KafkaSourceSettings {
             group_id: self.group_id.clone().unwrap_or_else(|| format!("weir-{}", cx.pipeline)),
             start,
             format: self.format,
-            avro: self.avro.as_ref().map(KafkaAvroSettings::payload).transpose()?,
+            registry: match (&self.avro, &self.protobuf) {
+                (Some(_), Some(_)) => {
+                    return Err(cx.error("kafka: `avro` and `protobuf` are two payload formats; give one"))
+                }
+                (Some(a), None) => Some(a.payload()?),
+                (None, Some(p)) => Some(k::RegistryPayload {
+                    registry: p.schema_registry.client()?,
+                    format: k::RegistryFormat::Protobuf,
+                }),
+                (None, None) => None,
+            },
             payload_schema: payload,
             metadata: self.metadata_columns(),
             event_time: cx.event_time.clone(),

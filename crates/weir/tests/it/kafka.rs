@@ -137,6 +137,7 @@ fn kafka_source(brokers: &str, topic: &str) -> KafkaSourceSettings {
         start: "earliest".into(),
         format: FormatSpec::Json,
         avro: None,
+        protobuf: None,
         stop_at_end: true,
         on_missing_position: Default::default(),
         metadata: KafkaMetadataSettings::default(),

@@ -4,7 +4,6 @@
 #![cfg(all(feature = "kafka", feature = "mqtt", feature = "nats", feature = "amqp", feature = "postgres"))]
 
 mod alerting;
-mod avro;
 mod bus_sinks;
 mod checkpoints;
 mod common;
@@ -28,6 +27,7 @@ mod rabbitmq;
 mod redis_sink;
 mod redis_streams;
 mod runtime;
+mod schema_registry;
 mod sink_restarts;
 mod tables;
 mod traces;

@@ -1,10 +1,11 @@
-//! Avro payloads in the Confluent wire format on Kafka (librdkafka's mock cluster), with the
-//! schemas in a schema registry served by the test. Karapace, the registry with the same REST
+//! Avro and Protobuf payloads in the Confluent wire format on Kafka (librdkafka's mock
+//! cluster), with the schemas in a schema registry served by the test. Karapace, the registry with the same REST
 //! API, is not installable here (not on PyPI; its source build needs Go and GitHub), so this
 //! registry implements the endpoints Weir uses as Confluent documents them: `GET
 //! /schemas/ids/{id}` (`{"schema": "<text>"}`, with `schemaType` for non-Avro ones), `POST
 //! /subjects/{subject}/versions` (register: `{"id": n}`) and `POST /subjects/{subject}` (look
-//! up), 404 with error code 40403 for what it lacks.
+//! up) and `GET /subjects/{subject}/versions/{version}` (a Protobuf schema's imports), 404 with
+//! error code 40403 for what it lacks.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -39,6 +40,10 @@ const V2: &str = r#"{"type":"record","name":"Reading","namespace":"lab","fields"
 struct Held {
     schemas: HashMap<u32, (String, String)>,
     subjects: HashMap<String, Vec<u32>>,
+    /// The `references` of a schema (Protobuf imports).
+    references: HashMap<u32, serde_json::Value>,
+    /// Texts of subjects' versions that schemas reference: `"<subject>/<version>"`.
+    versions: HashMap<String, String>,
 }
 
 /// The id of an Avro schema text among `held`'s, compared by canonical form.
@@ -88,7 +93,7 @@ fn registry(
     let asked = Arc::new(AtomicUsize::new(0));
     let held = Arc::new(Mutex::new(Held {
         schemas: schemas.into_iter().map(|(id, (t, k))| (id, (t.to_string(), k.to_string()))).collect(),
-        subjects: HashMap::new(),
+        ..Held::default()
     }));
     let (a, h) = (asked.clone(), held.clone());
     std::thread::spawn(move || {
@@ -104,9 +109,20 @@ fn registry(
             } else if let Some(id) = path.strip_prefix("/schemas/ids/").and_then(|i| i.parse::<u32>().ok()) {
                 match held.schemas.get(&id) {
                     Some((text, kind)) if kind == "AVRO" => ("200 OK", serde_json::json!({ "schema": text })),
-                    Some((text, kind)) => ("200 OK", serde_json::json!({ "schema": text, "schemaType": kind })),
+                    Some((text, kind)) => {
+                        let mut v = serde_json::json!({ "schema": text, "schemaType": kind });
+                        if let Some(r) = held.references.get(&id) {
+                            v["references"] = r.clone();
+                        }
+                        ("200 OK", v)
+                    }
                     None => not_found(),
                 }
+            } else if let Some(text) = path.strip_prefix("/subjects/").and_then(|p| {
+                let (subject, version) = p.split_once("/versions/")?;
+                held.versions.get(&format!("{subject}/{version}"))
+            }) {
+                ("200 OK", serde_json::json!({ "schema": text, "schemaType": "PROTOBUF" }))
             } else if let Some(rest) = path.strip_prefix("/subjects/").filter(|_| method == "POST") {
                 let text =
                     serde_json::from_slice::<serde_json::Value>(&body).unwrap()["schema"].as_str().unwrap().to_string();
@@ -378,4 +394,137 @@ dead_letters: {{ path: "{dead}" }}
     let lookup = writer.replace("namespace: lab }", "namespace: lab, subject: other, register: false }");
     let e = run(&lookup).unwrap_err().to_string();
     assert!(e.contains("subject `other` has no version with the sink's schema"), "{e}");
+}
+
+/// Protobuf's wire format, written by hand (independent of the decoder's library).
+fn pb_key(field: u32, wire: u8, out: &mut Vec<u8>) {
+    pb_varint(u64::from(field << 3 | u32::from(wire)), out);
+}
+
+fn pb_varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn pb_bytes(field: u32, b: &[u8], out: &mut Vec<u8>) {
+    pb_key(field, 2, out);
+    pb_varint(b.len() as u64, out);
+    out.extend_from_slice(b);
+}
+
+const READING_PROTO: &str = r#"syntax = "proto3";
+package lab;
+import "common.proto";
+message Other { int32 x = 1; }
+message Reading {
+  string device = 1;
+  double temp = 2;
+  int64 ts = 3;
+  enum Level { LOW = 0; HIGH = 1; }
+  Level level = 4;
+  common.Site site = 5;
+}"#;
+
+const COMMON_PROTO: &str = r#"syntax = "proto3";
+package common;
+message Site { string name = 1; }"#;
+
+#[test]
+fn protobuf_records_are_read_with_their_schema_and_its_imports_from_a_registry() {
+    let k = crate::kafka::Cluster::new(&[("pb", 1)]);
+    let mut payloads = Vec::new();
+    for i in 0..500i64 {
+        let mut m = Vec::new();
+        pb_bytes(1, format!("d-{}", i % 5).as_bytes(), &mut m);
+        pb_key(2, 1, &mut m);
+        m.extend_from_slice(&(20.0 + i as f64 / 4.0).to_le_bytes());
+        pb_key(3, 0, &mut m);
+        pb_varint((1_796_000_000_000 + i) as u64, &mut m);
+        if i % 3 == 0 {
+            pb_key(4, 0, &mut m);
+            pb_varint(1, &mut m);
+        }
+        if i % 2 == 0 {
+            let mut site = Vec::new();
+            pb_bytes(1, b"lab-a", &mut site);
+            pb_bytes(5, &site, &mut m);
+        }
+        // The second message of the file: indexes [1], written as count 1 then 1 (zigzag).
+        let mut rec = vec![0, 0, 0, 0, 10, 2, 2];
+        rec.extend_from_slice(&m);
+        payloads.push(rec);
+    }
+    // An id the registry lacks, and an Avro schema's id.
+    let mut unknown = payloads[0].clone();
+    unknown[4] = 99;
+    let avro = framed(
+        V1,
+        1,
+        vec![
+            ("device", Avro::String("d".into())),
+            ("temp", Avro::Double(1.0)),
+            ("ts", Avro::TimestampMillis(1)),
+            ("note", Avro::Union(0, Box::new(Avro::Null))),
+        ],
+    );
+    payloads.extend([unknown, avro]);
+    produce(&k.brokers, "pb", &payloads);
+    let (url, _, held) = registry(HashMap::from([(10, (READING_PROTO, "PROTOBUF")), (1, (V1, "AVRO"))]), 0);
+    {
+        let mut h = held.lock().unwrap();
+        h.references.insert(10, serde_json::json!([{ "name": "common.proto", "subject": "common", "version": 1 }]));
+        h.versions.insert("common/1".into(), COMMON_PROTO.into());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
+    let yaml = format!(
+        r#"name: pb-in
+source:
+  id: pb
+  kafka: {{ brokers: "{brokers}", topics: [pb], stop_at_end: true, protobuf: {{ schema_registry: {{ url: "{url}" }} }} }}
+  schema:
+    fields:
+      - {{ name: device, type: string }}
+      - {{ name: temp, type: float64 }}
+      - {{ name: ts, type: int64 }}
+      - {{ name: level, type: string }}
+      - {{ name: site, type: struct, required: false, fields: [ {{ name: name, type: string }} ] }}
+sink: {{ id: out, file: {{ path: "{out}", format: json }} }}
+dead_letters: {{ path: "{dead}" }}
+"#,
+        brokers = k.brokers,
+        out = out.display(),
+        dead = dead.display(),
+    );
+    let cfg = weir::yaml::parse_with("pb.yaml", &yaml, |_| None).unwrap();
+    rt().block_on(
+        Pipeline::from_config(cfg).build().unwrap().run(&RunOptions { workers: Some(1), ..Default::default() }),
+    )
+    .unwrap();
+    let mut rows = read_jsonl(&out);
+    rows.sort_by_key(|r| r["ts"].as_i64().unwrap());
+    assert_eq!(rows.len(), 500);
+    for (i, r) in rows.iter().enumerate() {
+        let i = i as i64;
+        assert_eq!(r["device"], format!("d-{}", i % 5));
+        assert_eq!(r["temp"].as_f64().unwrap(), 20.0 + i as f64 / 4.0);
+        assert_eq!(r["ts"], 1_796_000_000_000 + i);
+        // An unset proto3 enum is its first value; an unset message is null.
+        assert_eq!(r["level"], if i % 3 == 0 { "HIGH" } else { "LOW" });
+        assert_eq!(
+            r["site"],
+            if i % 2 == 0 { serde_json::json!({ "name": "lab-a" }) } else { serde_json::Value::Null },
+            "{r}"
+        );
+    }
+    let reasons: Vec<String> = read_jsonl(&dead).iter().map(|d| d["reason"].as_str().unwrap().to_string()).collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("schema id 99 is not in the schema registry")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("schema id 1 is an AVRO schema; this source reads Protobuf")),
+        "{reasons:?}"
+    );
 }

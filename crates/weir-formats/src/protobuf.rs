@@ -1,0 +1,435 @@
+//! Protobuf records in the Confluent wire format: a zero byte, the writer schema's id in a
+//! schema registry (4 bytes, big-endian), the message indexes (which message of the schema's
+//! `.proto` file: a zigzag varint count then that many zigzag varints, a lone 0 for the first
+//! message), then the message's bytes.
+//!
+//! The `.proto` text the registry holds is compiled here (pure Rust, `protox`), with the
+//! well-known `google/protobuf/*.proto` files at hand. A message's fields fill the columns of
+//! the same names: bool; int32/64, uint32/64, sint, fixed and sfixed to int64 (or float64);
+//! float and double to float64; string to string; an enum to its value's name;
+//! `google.protobuf.Timestamp` to timestamp or int64 milliseconds; other messages to structs.
+//! A field with presence (`optional`, a message) that is unset is null; a proto3 scalar without
+//! presence is its default when unset, as Protobuf defines it. Repeated and map fields have no
+//! column type here: one a column asks for fails the record, naming it.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use arrow_schema::SchemaRef;
+use prost_reflect::{DescriptorPool, DynamicMessage, FileDescriptor, MessageDescriptor, ReflectMessage as _, Value};
+
+use crate::columns::{end_struct, Builders, Column, Data, Kind, Outcomes, Plan, ROOT};
+use crate::{record_bytes, Decoded, Decoder, RecordError, RecordErrorKind, Result};
+
+/// The name the schema's own file gets when compiled.
+const MAIN: &str = "registry-schema.proto";
+
+/// A compiled `.proto` schema.
+#[derive(Debug)]
+pub struct ProtoSchema {
+    file: FileDescriptor,
+}
+
+impl ProtoSchema {
+    /// Compiles `text`; `imports` are the files it imports by name (a registry's references),
+    /// besides the well-known types.
+    ///
+    /// # Errors
+    /// The text is not a `.proto` file that compiles, with the compiler's message.
+    pub fn parse(text: &str, imports: &[(String, String)]) -> std::result::Result<Self, String> {
+        let mut files = vec![(MAIN.to_string(), text.to_string())];
+        files.extend(imports.iter().cloned());
+        let mut chain = protox::file::ChainFileResolver::new();
+        chain.add(Sources(files));
+        chain.add(protox::file::GoogleFileResolver::new());
+        let mut compiler = protox::Compiler::with_file_resolver(chain);
+        compiler.open_file(MAIN).map_err(|e| e.to_string())?;
+        let pool: DescriptorPool = compiler.descriptor_pool();
+        let file = pool.get_file_by_name(MAIN).ok_or("the compiled schema has no file")?;
+        Ok(Self { file })
+    }
+
+    /// The message the indexes name: the first into the file's messages, each next one into
+    /// the nested messages of the one before.
+    pub fn message(&self, indexes: &[usize]) -> Option<MessageDescriptor> {
+        let (first, rest) = indexes.split_first()?;
+        let mut m = self.file.messages().nth(*first)?;
+        for i in rest {
+            let next = m.child_messages().nth(*i)?;
+            m = next;
+        }
+        Some(m)
+    }
+}
+
+/// Files given by name and text.
+struct Sources(Vec<(String, String)>);
+
+impl protox::file::FileResolver for Sources {
+    fn open_file(&self, name: &str) -> std::result::Result<protox::file::File, protox::Error> {
+        match self.0.iter().find(|(n, _)| n == name) {
+            Some((n, text)) => protox::file::File::from_source(n, text),
+            None => Err(protox::Error::file_not_found(name)),
+        }
+    }
+}
+
+/// Compiled writer schemas by registry id, already at hand.
+pub trait ProtoSchemas: Send + Sync + std::fmt::Debug {
+    /// The schema of `id`, or why there is none: the reason its records are dead-lettered with.
+    fn get(&self, id: u32) -> std::result::Result<Arc<ProtoSchema>, String>;
+}
+
+/// Reads a zigzag varint at `*pos`.
+fn zigzag(buf: &[u8], pos: &mut usize) -> Option<i64> {
+    let mut v: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let b = *buf.get(*pos)?;
+        *pos += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(((v >> 1) as i64) ^ -((v & 1) as i64));
+        }
+    }
+    None
+}
+
+/// The schema id, the message indexes and where the message starts, or why the record is not
+/// in the wire format.
+pub fn header(rec: &[u8]) -> std::result::Result<(u32, Vec<usize>, usize), String> {
+    let id = crate::avro::schema_id(rec)?;
+    let mut pos = 5;
+    let bad = || format!("the message indexes after schema id {id} are not valid");
+    let n = zigzag(rec, &mut pos).ok_or_else(bad)?;
+    if n == 0 {
+        return Ok((id, vec![0], pos));
+    }
+    if !(1..=64).contains(&n) {
+        return Err(bad());
+    }
+    let indexes = (0..n)
+        .map(|_| zigzag(rec, &mut pos).and_then(|i| usize::try_from(i).ok()))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(bad)?;
+    Ok((id, indexes, pos))
+}
+
+/// Decodes Confluent-framed Protobuf records into the columns of a schema.
+#[derive(Debug)]
+pub struct ProtobufDecoder {
+    schema: SchemaRef,
+    plan: Plan,
+    builders: Builders,
+    schemas: Arc<dyn ProtoSchemas>,
+}
+
+impl ProtobufDecoder {
+    /// A decoder into `schema`'s columns, with writer schemas from `schemas`.
+    ///
+    /// # Errors
+    /// A column type the decoders do not support.
+    pub fn new(schema: SchemaRef, schemas: Arc<dyn ProtoSchemas>) -> Result<Self> {
+        let plan = Plan::new(&schema, "protobuf")?;
+        let builders = Builders::new(&plan);
+        Ok(Self { schema, plan, builders, schemas })
+    }
+
+    fn record(&mut self, rec: &[u8], n: usize) -> std::result::Result<(), (RecordErrorKind, String)> {
+        let (id, indexes, at) = header(rec).map_err(|m| (RecordErrorKind::Decode, m))?;
+        let schema = self.schemas.get(id).map_err(|why| (RecordErrorKind::Schema, why))?;
+        let desc = schema.message(&indexes).ok_or_else(|| {
+            (RecordErrorKind::Schema, format!("schema id {id} has no message at indexes {indexes:?}"))
+        })?;
+        let msg = DynamicMessage::decode(desc.clone(), &rec[at..]).map_err(|e| {
+            (RecordErrorKind::Decode, format!("invalid Protobuf for {} (schema id {id}): {e}", desc.full_name()))
+        })?;
+        let mut w = Writer { plan: &self.plan, cols: &mut self.builders.cols };
+        w.message(ROOT, n, &msg).map_err(|m| (RecordErrorKind::Schema, m))
+    }
+}
+
+impl Decoder for ProtobufDecoder {
+    fn decode(&mut self, buf: &[u8], records: &[Range<usize>]) -> Result<Decoded> {
+        self.builders.reserve(records.len());
+        let mut outcomes = Outcomes::default();
+        for (index, range) in records.iter().enumerate() {
+            let rec = record_bytes(buf, index, range)?;
+            let n = self.builders.rows;
+            match self.record(rec, n) {
+                Ok(()) => {
+                    self.builders.rows += 1;
+                    outcomes.ok(index);
+                }
+                Err((kind, message)) => {
+                    self.builders.rollback(n);
+                    outcomes.failed(n, RecordError { index, kind, message });
+                }
+            }
+        }
+        let batch = self.builders.finish(&self.plan, &self.schema)?;
+        Ok(outcomes.into_decoded(batch))
+    }
+
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+}
+
+struct Writer<'a> {
+    plan: &'a Plan,
+    cols: &'a mut [Column],
+}
+
+impl Writer<'_> {
+    /// The fields of `msg` into struct node `s`, row `n`: each column from the field of its name.
+    fn message(&mut self, s: usize, n: usize, msg: &DynamicMessage) -> std::result::Result<(), String> {
+        let plan = self.plan;
+        let desc = msg.descriptor();
+        for &c in plan.nodes[s].children.iter() {
+            let Some(fd) = desc.get_field_by_name(&plan.nodes[c].name) else { continue };
+            if fd.is_list() || fd.is_map() {
+                return Err(format!(
+                    "field `{}` is repeated or a map, which has no column type here",
+                    plan.nodes[c].path
+                ));
+            }
+            if fd.supports_presence() && !msg.has_field(&fd) {
+                continue;
+            }
+            self.value(c, n, &msg.get_field(&fd), &fd)?;
+        }
+        end_struct(plan, self.cols, s, n)
+    }
+
+    fn value(
+        &mut self,
+        c: usize,
+        n: usize,
+        v: &Value,
+        fd: &prost_reflect::FieldDescriptor,
+    ) -> std::result::Result<(), String> {
+        let plan = self.plan;
+        let node = &plan.nodes[c];
+        if let Value::Message(m) = v {
+            let name = m.descriptor().full_name().to_string();
+            if name == "google.protobuf.Timestamp" {
+                let secs = m.get_field_by_name("seconds").and_then(|v| v.as_i64()).unwrap_or(0);
+                let nanos = m.get_field_by_name("nanos").and_then(|v| v.as_i32()).unwrap_or(0);
+                let ms = secs.saturating_mul(1000).saturating_add(i64::from(nanos).div_euclid(1_000_000));
+                return self.push_i64(c, ms, "google.protobuf.Timestamp");
+            }
+            if matches!(node.kind, Kind::Struct(_)) {
+                return self.message(c, n, m);
+            }
+            return Err(format!("field `{}`: expected {}, found Protobuf message {name}", node.path, node.kind.name()));
+        }
+        let col = &mut self.cols[c];
+        let mismatch =
+            |found: &str| format!("field `{}`: expected {}, found Protobuf {found}", node.path, node.kind.name());
+        match (v, &node.kind, &mut col.data) {
+            (Value::Bool(b), Kind::Bool, Data::Bool(d)) => d.push(*b),
+            (Value::I32(i), Kind::Int64, Data::I64(d)) => d.push((*i).into()),
+            (Value::I64(i), Kind::Int64, Data::I64(d)) => d.push(*i),
+            (Value::U32(i), Kind::Int64, Data::I64(d)) => d.push((*i).into()),
+            (Value::U64(i), Kind::Int64, Data::I64(d)) => {
+                d.push(i64::try_from(*i).map_err(|_| format!("field `{}`: {i} does not fit int64", node.path))?)
+            }
+            (Value::I32(i), Kind::Float64, Data::F64(d)) => d.push((*i).into()),
+            (Value::I64(i), Kind::Float64, Data::F64(d)) => d.push(*i as f64),
+            (Value::U32(i), Kind::Float64, Data::F64(d)) => d.push((*i).into()),
+            (Value::U64(i), Kind::Float64, Data::F64(d)) => d.push(*i as f64),
+            (Value::F32(f), Kind::Float64, Data::F64(d)) => d.push((*f).into()),
+            (Value::F64(f), Kind::Float64, Data::F64(d)) => d.push(*f),
+            (Value::I64(t), Kind::Timestamp(_), Data::I64(d)) => d.push(*t),
+            (Value::String(s), Kind::Utf8, Data::Str { offsets, bytes }) => {
+                bytes.extend_from_slice(s.as_bytes());
+                offsets.push(bytes.len() as i32);
+            }
+            (Value::EnumNumber(e), Kind::Utf8, Data::Str { offsets, bytes }) => {
+                let name = fd.kind().as_enum().and_then(|en| en.get_value(*e)).map(|v| v.name().to_string());
+                bytes.extend_from_slice(name.unwrap_or_else(|| e.to_string()).as_bytes());
+                offsets.push(bytes.len() as i32);
+            }
+            (other, _, _) => return Err(mismatch(proto_type(other))),
+        }
+        col.valid.push(true);
+        Ok(())
+    }
+
+    fn push_i64(&mut self, c: usize, v: i64, found: &str) -> std::result::Result<(), String> {
+        let node = &self.plan.nodes[c];
+        match (&node.kind, &mut self.cols[c].data) {
+            (Kind::Timestamp(_) | Kind::Int64, Data::I64(d)) => d.push(v),
+            _ => return Err(format!("field `{}`: expected {}, found Protobuf {found}", node.path, node.kind.name())),
+        }
+        self.cols[c].valid.push(true);
+        Ok(())
+    }
+}
+
+fn proto_type(v: &Value) -> &'static str {
+    match v {
+        Value::Bool(_) => "bool",
+        Value::I32(_) => "int32",
+        Value::I64(_) => "int64",
+        Value::U32(_) => "uint32",
+        Value::U64(_) => "uint64",
+        Value::F32(_) => "float",
+        Value::F64(_) => "double",
+        Value::String(_) => "string",
+        Value::Bytes(_) => "bytes",
+        Value::EnumNumber(_) => "enum",
+        Value::Message(_) => "message",
+        Value::List(_) => "repeated field",
+        Value::Map(_) => "map",
+    }
+}
+
+/// Frames a message in the Confluent wire format, naming it by `indexes` (the first message of
+/// the file is `[0]`, written as a lone 0).
+pub fn frame(id: u32, indexes: &[usize], message: &[u8], out: &mut Vec<u8>) {
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    let zz = |v: i64| ((v << 1) ^ (v >> 63)) as u64;
+    out.push(crate::avro::MAGIC);
+    out.extend_from_slice(&id.to_be_bytes());
+    if indexes == [0] {
+        out.push(0);
+    } else {
+        varint(zz(indexes.len() as i64), out);
+        for i in indexes {
+            varint(zz(*i as i64), out);
+        }
+    }
+    out.extend_from_slice(message);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use arrow_array::{Array, Float64Array, Int64Array, StringArray, StructArray};
+    use arrow_schema::{DataType, Field, Fields, Schema};
+    use prost::Message as _;
+
+    use super::*;
+
+    const PROTO: &str = r#"
+        syntax = "proto3";
+        package lab;
+        import "google/protobuf/timestamp.proto";
+        message Other { int32 x = 1; }
+        message Reading {
+          string device = 1;
+          double temp = 2;
+          google.protobuf.Timestamp at = 3;
+          enum Level { LOW = 0; HIGH = 1; }
+          Level level = 4;
+          optional string note = 5;
+          message Pos { double lat = 1; }
+          Pos pos = 6;
+          repeated int32 tags = 7;
+        }"#;
+
+    #[derive(Debug)]
+    struct Known(HashMap<u32, Arc<ProtoSchema>>);
+
+    impl ProtoSchemas for Known {
+        fn get(&self, id: u32) -> std::result::Result<Arc<ProtoSchema>, String> {
+            self.0.get(&id).cloned().ok_or_else(|| format!("schema id {id} is not in the schema registry"))
+        }
+    }
+
+    fn columns(with_tags: bool) -> SchemaRef {
+        let mut f = vec![
+            Field::new("device", DataType::Utf8, false),
+            Field::new("temp", DataType::Float64, false),
+            Field::new("at", DataType::Int64, true),
+            Field::new("level", DataType::Utf8, false),
+            Field::new("note", DataType::Utf8, true),
+            Field::new("pos", DataType::Struct(Fields::from(vec![Field::new("lat", DataType::Float64, false)])), true),
+        ];
+        if with_tags {
+            f.push(Field::new("tags", DataType::Int64, true));
+        }
+        Arc::new(Schema::new(f))
+    }
+
+    #[test]
+    fn messages_fill_columns_by_field_name_and_bad_records_say_why() {
+        let schema = Arc::new(ProtoSchema::parse(PROTO, &[]).unwrap());
+        let reading = schema.message(&[1]).unwrap();
+        assert_eq!(reading.full_name(), "lab.Reading");
+        assert_eq!(schema.message(&[1, 0]).unwrap().full_name(), "lab.Reading.Pos");
+        let mut m = DynamicMessage::new(reading.clone());
+        m.set_field_by_name("device", Value::String("d-1".into()));
+        m.set_field_by_name("temp", Value::F64(21.5));
+        let ts = reading.get_field_by_name("at").unwrap().kind();
+        let mut at = DynamicMessage::new(ts.as_message().unwrap().clone());
+        at.set_field_by_name("seconds", Value::I64(1_796_000_000));
+        at.set_field_by_name("nanos", Value::I32(250_000_000));
+        m.set_field_by_name("at", Value::Message(at));
+        m.set_field_by_name("level", Value::EnumNumber(1));
+        let mut first = Vec::new();
+        frame(5, &[1], &m.encode_to_vec(), &mut first);
+        // Unset: proto3 defaults for `temp` and `level`, null for the optional and the message.
+        let mut bare = DynamicMessage::new(reading);
+        bare.set_field_by_name("device", Value::String("d-2".into()));
+        let mut second = Vec::new();
+        frame(5, &[1], &bare.encode_to_vec(), &mut second);
+        let mut unknown = second.clone();
+        unknown[4] = 6;
+        let mut wrong_index = Vec::new();
+        frame(5, &[3], &bare.encode_to_vec(), &mut wrong_index);
+        let mut truncated = first.clone();
+        truncated.truncate(first.len() - 3);
+        let recs = [first, second, unknown, wrong_index, truncated, b"{}".to_vec()];
+        let (mut buf, mut ranges) = (Vec::new(), Vec::new());
+        for r in &recs {
+            ranges.push(buf.len()..buf.len() + r.len());
+            buf.extend_from_slice(r);
+        }
+        let known = Known(HashMap::from([(5, schema)]));
+        let mut d = ProtobufDecoder::new(columns(false), Arc::new(known)).unwrap();
+        let out = d.decode(&buf, &ranges).unwrap();
+        let b = &out.batch;
+        assert_eq!(b.num_rows(), 2, "{:?}", out.errors);
+        let s = |i: usize| b.column(i).as_any().downcast_ref::<StringArray>().unwrap().clone();
+        assert_eq!((s(0).value(0), s(0).value(1)), ("d-1", "d-2"));
+        assert_eq!(b.column(1).as_any().downcast_ref::<Float64Array>().unwrap().values(), &[21.5, 0.0]);
+        let at = b.column(2).as_any().downcast_ref::<Int64Array>().unwrap().clone();
+        assert_eq!(at.value(0), 1_796_000_000_250);
+        assert!(at.is_null(1));
+        assert_eq!((s(3).value(0), s(3).value(1)), ("HIGH", "LOW"));
+        assert!(s(4).is_null(0) && s(4).is_null(1));
+        assert!(b.column(5).as_any().downcast_ref::<StructArray>().unwrap().is_null(0));
+        let why: Vec<&str> = out.errors.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(why.len(), 4, "{why:?}");
+        assert!(why[0].contains("schema id 6 is not in the schema registry"), "{why:?}");
+        assert!(why[1].contains("no message at indexes [3]"), "{why:?}");
+        assert!(why[2].contains("invalid Protobuf for lab.Reading"), "{why:?}");
+        assert!(why[3].contains("first byte is 0x7b"), "{why:?}");
+        // A column that asks for a repeated field fails the record, naming it.
+        let known = Known(HashMap::from([(5, Arc::new(ProtoSchema::parse(PROTO, &[]).unwrap()))]));
+        let mut d = ProtobufDecoder::new(columns(true), Arc::new(known)).unwrap();
+        let out = d.decode(&buf, &ranges[..1]).unwrap();
+        assert!(out.errors[0].message.contains("field `tags` is repeated"), "{:?}", out.errors);
+    }
+
+    #[test]
+    fn the_wire_header_reads_indexes_and_refuses_what_is_not_one() {
+        let mut r = Vec::new();
+        frame(7, &[2, 1], b"", &mut r);
+        assert_eq!(header(&r).unwrap(), (7, vec![2, 1], r.len()));
+        let mut first = Vec::new();
+        frame(7, &[0], b"x", &mut first);
+        assert_eq!(header(&first).unwrap(), (7, vec![0], 6));
+        assert!(header(&[0, 0, 0, 0, 7, 0x80]).unwrap_err().contains("message indexes"));
+        assert!(ProtoSchema::parse("message {", &[]).is_err());
+    }
+}
