@@ -289,37 +289,36 @@ pub enum SubjectStrategy {
 }
 
 impl SubjectStrategy {
-    /// The subject of `schema`'s values written to `topic`.
-    pub fn subject(self, topic: &str, schema: &Schema) -> String {
-        let record = match schema {
-            Schema::Record(r) => r.name.fullname(None),
-            _ => "value".into(),
-        };
+    /// The subject of values written to `topic` whose record (message) is called `record`
+    /// (its full name).
+    pub fn subject(self, topic: &str, record: &str) -> String {
         match self {
             Self::Topic => format!("{topic}-value"),
-            Self::Record => record,
+            Self::Record => record.to_string(),
             Self::TopicRecord => format!("{topic}-{record}"),
         }
     }
 }
 
 impl SchemaRegistry {
-    /// The id of `schema` under `subject`: registered as a new version if `register` (the
-    /// registry answers the existing id for a schema it has), else looked up. Waits out an
-    /// unreachable registry like [`SchemaRegistry::prefetch`].
+    /// The id of the schema `text` (of `kind`: `AVRO` or `PROTOBUF`) under `subject`:
+    /// registered as a new version if `register` (the registry answers the existing id for a
+    /// schema it has), else looked up. Waits out an unreachable registry like
+    /// [`SchemaRegistry::prefetch`].
     ///
     /// # Errors
     /// The registry refuses the schema (incompatible with the subject's versions: 409; not
     /// valid: 422), or without `register` the subject does not have it.
-    pub async fn id_of(&self, subject: &str, schema: &Schema, register: bool) -> Result<u32> {
-        self.retrying(&format!("subject {subject}"), || self.post_schema(subject, schema, register)).await
+    pub async fn id_of(&self, subject: &str, text: &str, kind: &str, register: bool) -> Result<u32> {
+        self.retrying(&format!("subject {subject}"), || self.post_schema(subject, text, kind, register)).await
     }
 
     /// One request: `Ok(answer)` when the registry answered, `Err` to retry.
     async fn post_schema(
         &self,
         subject: &str,
-        schema: &Schema,
+        text: &str,
+        kind: &str,
         register: bool,
     ) -> std::result::Result<Result<u32>, String> {
         let path = escape(subject);
@@ -327,7 +326,11 @@ impl SchemaRegistry {
             true => format!("{}/subjects/{path}/versions", self.base()),
             false => format!("{}/subjects/{path}", self.base()),
         };
-        let body = serde_json::json!({ "schema": schema.canonical_form() }).to_string();
+        let mut body = serde_json::json!({ "schema": text });
+        if kind != "AVRO" {
+            body["schemaType"] = kind.into();
+        }
+        let body = body.to_string();
         let mut req = self
             .http
             .post(&url)

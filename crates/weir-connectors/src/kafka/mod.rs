@@ -17,7 +17,7 @@ pub use crate::redacted;
 pub use client::KafkaClientConfig;
 pub use deadletter::{read_topic, KafkaDeadLetters};
 pub use sink::{
-    AvroSinkConfig, KafkaSinkConfig, KafkaSinkFactory, KafkaSinkMode, KafkaTopicSpec, KafkaTransactionSettings,
+    KafkaSinkConfig, KafkaSinkFactory, KafkaSinkMode, KafkaTopicSpec, KafkaTransactionSettings, RegistrySinkConfig,
 };
 pub use source::{
     KafkaMetadataColumns, KafkaSourceConfig, KafkaSourceFactory, KafkaStart, MissingPosition, RegistryFormat,

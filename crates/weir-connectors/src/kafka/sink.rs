@@ -86,17 +86,20 @@ pub struct KafkaSinkConfig {
     pub source_offsets: Option<Arc<super::txn::TransactionalOffsets>>,
     /// Create the topic before the run when it does not exist (a repartition topic).
     pub create: Option<KafkaTopicSpec>,
-    /// Avro in the Confluent wire format instead of `format`, the schema registered in (or
-    /// looked up from) a schema registry before the run.
-    pub avro: Option<AvroSinkConfig>,
+    /// Avro or Protobuf in the Confluent wire format instead of `format`, the schema
+    /// registered in (or looked up from) a schema registry before the run.
+    pub registry: Option<RegistrySinkConfig>,
 }
 
-/// How a Kafka sink writes Avro.
+/// How a Kafka sink writes through a schema registry.
 #[derive(Debug, Clone)]
-pub struct AvroSinkConfig {
+pub struct RegistrySinkConfig {
     /// The registry.
     pub registry: Arc<crate::schema_registry::SchemaRegistry>,
-    /// The record's name and namespace in the schema derived from the rows.
+    /// Avro (`false`) or Protobuf (`true`).
+    pub protobuf: bool,
+    /// The record's (message's) name and namespace (package) in the schema derived from the
+    /// rows.
     pub record_name: String,
     /// See `record_name`.
     pub namespace: Option<String>,
@@ -108,13 +111,61 @@ pub struct AvroSinkConfig {
     pub register: bool,
 }
 
-/// The sink's Avro schema, its subject and, once the run is prepared, its id.
+/// The sink's schema, its subject and, once the run is prepared, its id.
 #[derive(Debug)]
-struct AvroOut {
-    cfg: AvroSinkConfig,
-    schema: weir_formats::avro::Schema,
+struct RegistryOut {
+    cfg: RegistrySinkConfig,
+    schema: OutSchema,
+    /// The schema's text as registered, and its type.
+    text: String,
     subject: String,
     id: Arc<std::sync::OnceLock<u32>>,
+}
+
+#[derive(Debug)]
+enum OutSchema {
+    Avro(weir_formats::avro::Schema),
+    Protobuf(weir_formats::protobuf::ProtoSchema),
+}
+
+impl RegistryOut {
+    fn new(a: &RegistrySinkConfig, columns: &arrow_schema::Schema, topic: &str) -> Result<Self> {
+        let full = match &a.namespace {
+            Some(ns) => format!("{ns}.{}", a.record_name),
+            None => a.record_name.clone(),
+        };
+        let (schema, text) = if a.protobuf {
+            let text = weir_formats::protobuf::proto_for(columns, &a.record_name, a.namespace.as_deref())
+                .map_err(|e| CoreError::Config(format!("kafka sink protobuf: {e}")))?;
+            let schema = weir_formats::protobuf::ProtoSchema::parse(&text, &[]).map_err(|e| {
+                CoreError::Internal(format!("kafka sink protobuf: the derived schema does not compile: {e}"))
+            })?;
+            (OutSchema::Protobuf(schema), text)
+        } else {
+            let schema = weir_formats::avro::schema_for(columns, &a.record_name, a.namespace.as_deref())
+                .map_err(|e| CoreError::Config(format!("kafka sink avro: {e}")))?;
+            let text = schema.canonical_form();
+            (OutSchema::Avro(schema), text)
+        };
+        let subject = a.subject.clone().unwrap_or_else(|| a.strategy.subject(topic, &full));
+        Ok(Self { cfg: a.clone(), schema, text, subject, id: Arc::default() })
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.schema {
+            OutSchema::Avro(_) => "AVRO",
+            OutSchema::Protobuf(_) => "PROTOBUF",
+        }
+    }
+
+    fn encoder(&self) -> Result<Box<dyn Encoder>> {
+        Ok(match &self.schema {
+            OutSchema::Avro(s) => Box::new(weir_formats::avro::AvroEncoder::new(s.clone(), self.id.clone())),
+            OutSchema::Protobuf(s) => {
+                Box::new(weir_formats::protobuf::ProtobufEncoder::new(s, self.id.clone()).map_err(crate::fmt_err)?)
+            }
+        })
+    }
 }
 
 /// How to create a topic the sink writes (see [`KafkaSinkConfig::create`]).
@@ -133,7 +184,7 @@ pub struct KafkaSinkFactory {
     cfg: Arc<KafkaSinkConfig>,
     txn: Option<Arc<Transactions>>,
     stats: Arc<ProduceStats>,
-    avro: Option<AvroOut>,
+    registry: Option<RegistryOut>,
 }
 
 impl KafkaSinkFactory {
@@ -161,17 +212,12 @@ impl KafkaSinkFactory {
         {
             column_by_path(&empty, col).map_err(|e| CoreError::Config(format!("kafka sink {what}: {e}")))?;
         }
-        let avro = match &cfg.avro {
+        let registry = match &cfg.registry {
             None => {
                 cfg.format.encoder(cfg.schema.clone()).map_err(crate::fmt_err)?;
                 None
             }
-            Some(a) => {
-                let schema = weir_formats::avro::schema_for(&cfg.schema, &a.record_name, a.namespace.as_deref())
-                    .map_err(|e| CoreError::Config(format!("kafka sink avro: {e}")))?;
-                let subject = a.subject.clone().unwrap_or_else(|| a.strategy.subject(&cfg.topic, &schema));
-                Some(AvroOut { cfg: a.clone(), schema, subject, id: Arc::default() })
-            }
+            Some(a) => Some(RegistryOut::new(a, &cfg.schema, &cfg.topic)?),
         };
         let stats = Arc::new(ProduceStats::default());
         let txn = match &cfg.mode {
@@ -184,7 +230,7 @@ impl KafkaSinkFactory {
                 cfg.source_offsets.clone(),
             )?)),
         };
-        Ok(Self { cfg: Arc::new(cfg), txn, stats, avro })
+        Ok(Self { cfg: Arc::new(cfg), txn, stats, registry })
     }
 }
 
@@ -207,8 +253,8 @@ impl SinkFactory for KafkaSinkFactory {
                 Some(p)
             }
         };
-        let encoder: Box<dyn Encoder> = match &self.avro {
-            Some(a) => Box::new(weir_formats::avro::AvroEncoder::new(a.schema.clone(), a.id.clone())),
+        let encoder: Box<dyn Encoder> = match &self.registry {
+            Some(r) => r.encoder()?,
             None => self.cfg.format.encoder(self.cfg.schema.clone()).map_err(crate::fmt_err)?,
         };
         Ok(Box::new(KafkaSink {
@@ -232,10 +278,10 @@ impl SinkFactory for KafkaSinkFactory {
 
     fn prepare(&self) -> futures::future::BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            if let Some(a) = &self.avro {
-                let id = a.cfg.registry.id_of(&a.subject, &a.schema, a.cfg.register).await?;
-                let _ = a.id.set(id);
-                tracing::info!(topic = %self.cfg.topic, subject = %a.subject, schema_id = id, "Kafka sink writes Avro with this schema id.");
+            if let Some(r) = &self.registry {
+                let id = r.cfg.registry.id_of(&r.subject, &r.text, r.kind(), r.cfg.register).await?;
+                let _ = r.id.set(id);
+                tracing::info!(topic = %self.cfg.topic, subject = %r.subject, schema_id = id, format = r.kind(), "Kafka sink writes with this schema id.");
             }
             let Some(c) = &self.cfg.create else { return Ok(()) };
             let partitions = match (c.partitions, &c.like) {
@@ -495,7 +541,7 @@ impl Sink for KafkaSink {
             None => (rows.clone(), vec![false; rows.num_rows()]),
         };
         let rows = &rows;
-        let lines = self.cfg.avro.is_none() && matches!(self.cfg.format, FormatSpec::Json);
+        let lines = self.cfg.registry.is_none() && matches!(self.cfg.format, FormatSpec::Json);
         let spans = crate::sink::encode_rows(self.encoder.as_mut(), lines, rows, &mut self.buf)?;
         let keys = self.cfg.key.as_deref().map(|k| texts(rows, k)).transpose()?;
         let parts = self.cfg.partition.as_deref().map(|p| texts(rows, p)).transpose()?;

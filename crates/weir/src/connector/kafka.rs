@@ -129,16 +129,17 @@ pub struct KafkaProtobufSettings {
     pub schema_registry: SchemaRegistrySettings,
 }
 
-/// `avro:` of a Kafka sink.
+/// `avro:` or `protobuf:` of a Kafka sink.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct KafkaAvroSinkSettings {
+pub struct KafkaRegistrySinkSettings {
     /// The registry the schema is registered in.
     pub schema_registry: SchemaRegistrySettings,
-    /// The record's name in the schema made from the rows' columns; default `Row`.
+    /// The record's (Protobuf: message's) name in the schema made from the rows' columns;
+    /// default `Row`.
     #[serde(default = "default_record_name")]
     pub record_name: String,
-    /// Its namespace.
+    /// Its namespace (Protobuf: package).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// The subject; default by `subject_strategy`.
@@ -154,7 +155,7 @@ pub struct KafkaAvroSinkSettings {
     pub register: bool,
 }
 
-/// See [`KafkaAvroSinkSettings::subject_strategy`].
+/// See [`KafkaRegistrySinkSettings::subject_strategy`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SubjectStrategyConfig {
@@ -175,11 +176,12 @@ fn default_true() -> bool {
     true
 }
 
-impl KafkaAvroSinkSettings {
-    fn config(&self) -> Result<k::AvroSinkConfig> {
+impl KafkaRegistrySinkSettings {
+    fn config(&self, protobuf: bool) -> Result<k::RegistrySinkConfig> {
         use weir_connectors::schema_registry::SubjectStrategy as S;
-        Ok(k::AvroSinkConfig {
+        Ok(k::RegistrySinkConfig {
             registry: self.schema_registry.client()?,
+            protobuf,
             record_name: self.record_name.clone(),
             namespace: self.namespace.clone(),
             subject: self.subject.clone(),
@@ -269,7 +271,11 @@ pub struct KafkaSinkSettings {
     /// Avro in the Confluent wire format, the schema (derived from the rows) registered in a
     /// schema registry; replaces `format`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub avro: Option<KafkaAvroSinkSettings>,
+    pub avro: Option<KafkaRegistrySinkSettings>,
+    /// Protobuf in the Confluent wire format, the `.proto` schema (derived from the rows)
+    /// registered in a schema registry; replaces `format`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protobuf: Option<KafkaRegistrySinkSettings>,
     /// `at_least_once` (default) or `exactly_once` (a transaction per checkpoint; needs
     /// `checkpoints`).
     #[serde(default = "default_kafka_mode")]
@@ -306,6 +312,7 @@ impl std::fmt::Debug for KafkaSinkSettings {
             .field("partition", &self.partition)
             .field("headers", &self.headers)
             .field("avro", &self.avro)
+            .field("protobuf", &self.protobuf)
             .field("mode", &self.mode)
             .field("transactional_id", &self.transactional_id)
             .field("commit_topic", &self.commit_topic)
@@ -416,7 +423,14 @@ impl SinkSettings for KafkaSinkSettings {
             mode,
             source_offsets: cx.source_offsets.clone(),
             create: cx.create_topic.clone(),
-            avro: self.avro.as_ref().map(KafkaAvroSinkSettings::config).transpose()?,
+            registry: match (&self.avro, &self.protobuf) {
+                (Some(_), Some(_)) => {
+                    return Err(cx.error("kafka sink: `avro` and `protobuf` are two payload formats; give one"))
+                }
+                (Some(a), None) => Some(a.config(false)?),
+                (None, Some(p)) => Some(p.config(true)?),
+                (None, None) => None,
+            },
         })
         .map_err(|e| e.in_step(&cx.step))?;
         Ok(Arc::new(fac))

@@ -414,6 +414,7 @@ fn sink_settings(brokers: &str) -> KafkaSinkSettings {
         partition: None,
         headers: Default::default(),
         avro: None,
+        protobuf: None,
         mode: "at_least_once".into(),
         transactional_id: None,
         commit_topic: None,

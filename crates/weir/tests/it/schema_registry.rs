@@ -46,13 +46,14 @@ struct Held {
     versions: HashMap<String, String>,
 }
 
-/// The id of an Avro schema text among `held`'s, compared by canonical form.
-fn same_schema(held: &Held, text: &str) -> Option<u32> {
-    let canon = Schema::parse_str(text).ok()?.canonical_form();
-    held.schemas
-        .iter()
-        .find(|(_, (t, kind))| kind == "AVRO" && Schema::parse_str(t).is_ok_and(|s| s.canonical_form() == canon))
-        .map(|(id, _)| *id)
+/// The id of a schema text among `held`'s: Avro compared by canonical form, others by text.
+fn same_schema(held: &Held, text: &str, kind: &str) -> Option<u32> {
+    let canon = |t: &str| match kind {
+        "AVRO" => Schema::parse_str(t).ok().map(|s| s.canonical_form()),
+        _ => Some(t.to_string()),
+    };
+    let want = canon(text)?;
+    held.schemas.iter().find(|(_, (t, k))| k == kind && canon(t).as_deref() == Some(&want)).map(|(id, _)| *id)
 }
 
 /// A request: method, path and body.
@@ -124,13 +125,14 @@ fn registry(
             }) {
                 ("200 OK", serde_json::json!({ "schema": text, "schemaType": "PROTOBUF" }))
             } else if let Some(rest) = path.strip_prefix("/subjects/").filter(|_| method == "POST") {
-                let text =
-                    serde_json::from_slice::<serde_json::Value>(&body).unwrap()["schema"].as_str().unwrap().to_string();
+                let posted = serde_json::from_slice::<serde_json::Value>(&body).unwrap();
+                let text = posted["schema"].as_str().unwrap().to_string();
+                let kind = posted["schemaType"].as_str().unwrap_or("AVRO").to_string();
                 let (subject, register) = match rest.strip_suffix("/versions") {
                     Some(s) => (s.to_string(), true),
                     None => (rest.to_string(), false),
                 };
-                let found = same_schema(&held, &text).filter(|id| !register || held.schemas.contains_key(id));
+                let found = same_schema(&held, &text, &kind);
                 let in_subject = found.filter(|id| held.subjects.get(&subject).is_some_and(|v| v.contains(id)));
                 match (register, found, in_subject) {
                     (false, _, Some(id)) => {
@@ -139,7 +141,7 @@ fn registry(
                     (false, _, None) => not_found(),
                     (true, found, _) => {
                         let id = found.unwrap_or_else(|| held.schemas.keys().max().copied().unwrap_or(0) + 1);
-                        held.schemas.insert(id, (text, "AVRO".into()));
+                        held.schemas.insert(id, (text, kind));
                         let versions = held.subjects.entry(subject).or_default();
                         if !versions.contains(&id) {
                             versions.push(id);
@@ -527,4 +529,79 @@ dead_letters: {{ path: "{dead}" }}
         reasons.iter().any(|r| r.contains("schema id 1 is an AVRO schema; this source reads Protobuf")),
         "{reasons:?}"
     );
+}
+
+#[test]
+fn rows_written_as_protobuf_register_their_proto_and_read_back_equal() {
+    let k = crate::kafka::Cluster::new(&[("pb-out", 1)]);
+    let (url, _, held) = registry(HashMap::new(), 0);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    events(&input, 0, 1_000);
+    let writer = format!(
+        r#"name: pb-writer
+source:
+  id: file
+  file: {{ path: "{input}", format: json }}
+  schema: {{ fields: [ {{ name: seq, type: int64 }}, {{ name: ts, type: int64 }}, {{ name: temp, type: float64 }} ] }}
+steps:
+  - select: {{ id: shape, columns: ["seq", "ts", "temp", "CASE WHEN temp > 25 THEN 'hot' ELSE NULL END AS label"] }}
+sink:
+  id: out
+  kafka:
+    brokers: "{brokers}"
+    topic: pb-out
+    protobuf: {{ schema_registry: {{ url: "{url}" }}, record_name: Reading, namespace: lab, subject_strategy: record }}
+dead_letters: {{ path: "{dead}" }}
+"#,
+        input = input.display(),
+        brokers = k.brokers,
+        dead = dir.path().join("dead-w.jsonl").display(),
+    );
+    let run = |yaml: &str| {
+        let cfg = weir::yaml::parse_with("p.yaml", yaml, |_| None).unwrap();
+        rt().block_on(
+            Pipeline::from_config(cfg).build().unwrap().run(&RunOptions { workers: Some(2), ..Default::default() }),
+        )
+    };
+    run(&writer).unwrap();
+    {
+        let held = held.lock().unwrap();
+        let ids = &held.subjects["lab.Reading"];
+        let (text, kind) = &held.schemas[&ids[0]];
+        assert_eq!(kind, "PROTOBUF");
+        assert!(text.contains("package lab;") && text.contains("optional string label = 4;"), "{text}");
+    }
+    let out = dir.path().join("back.jsonl");
+    let reader = format!(
+        r#"name: pb-reader
+source:
+  id: back
+  kafka: {{ brokers: "{brokers}", topics: [pb-out], stop_at_end: true, protobuf: {{ schema_registry: {{ url: "{url}" }} }} }}
+  schema:
+    fields: [ {{ name: seq, type: int64 }}, {{ name: ts, type: int64 }}, {{ name: temp, type: float64 }}, {{ name: label, type: string, required: false }} ]
+sink: {{ id: o, file: {{ path: "{out}", format: json }} }}
+dead_letters: {{ path: "{dead}" }}
+"#,
+        brokers = k.brokers,
+        out = out.display(),
+        dead = dir.path().join("dead-r.jsonl").display(),
+    );
+    run(&reader).unwrap();
+    let mut rows = read_jsonl(&out);
+    rows.sort_by_key(|r| r["seq"].as_i64().unwrap());
+    assert_eq!(rows.len(), 1_000);
+    for (i, r) in rows.iter().enumerate() {
+        let seq = i as i64;
+        let temp = 20.0 + (seq % 9) as f64 + 0.5;
+        assert_eq!((r["seq"].as_i64(), r["ts"].as_i64()), (Some(seq), Some(1_796_000_000_000 + seq)));
+        assert_eq!(r["temp"].as_f64().unwrap(), temp);
+        assert_eq!(r["label"], if temp > 25.0 { serde_json::json!("hot") } else { serde_json::Value::Null }, "{r}");
+    }
+    // Both formats at once cannot be.
+    let both =
+        writer.replace("protobuf: {", "avro: { schema_registry: { url: \"http://127.0.0.1:1\" } }\n    protobuf: {");
+    let cfg = weir::yaml::parse_with("p.yaml", &both, |_| None).unwrap();
+    let e = Pipeline::from_config(cfg).build().and_then(|b| b.check(&RunOptions::default())).unwrap_err().to_string();
+    assert!(e.contains("`avro` and `protobuf` are two payload formats"), "{e}");
 }
