@@ -46,6 +46,8 @@ mod encode;
 pub mod fuzzing;
 mod infer;
 mod json;
+#[cfg(feature = "json-schema")]
+pub mod json_schema;
 mod msgpack;
 #[cfg(test)]
 mod proptests;

@@ -138,10 +138,21 @@ impl RegistryPayload {
 
 /// The payload decoder of a source's settings.
 fn payload_decoder(cfg: &KafkaSourceConfig) -> Result<Box<dyn Decoder>> {
-    match &cfg.registry {
-        Some(r) => r.decoder(cfg.payload_schema.clone()),
-        None => cfg.format.decoder(cfg.payload_schema.clone()).map_err(crate::fmt_err),
-    }
+    let decoder = match &cfg.registry {
+        Some(r) => r.decoder(cfg.payload_schema.clone())?,
+        None => cfg.format.decoder(cfg.payload_schema.clone()).map_err(crate::fmt_err)?,
+    };
+    Ok(match &cfg.json_schema {
+        Some(s) => {
+            weir_core::ensure_config!(
+                cfg.registry.is_none() && matches!(cfg.format, FormatSpec::Json),
+                "kafka: `json_schema` checks JSON payloads; this source reads {}",
+                if cfg.registry.is_some() { "Avro or Protobuf".to_string() } else { cfg.format.to_string() }
+            );
+            Box::new(weir_formats::json_schema::Validating::new(decoder, s.clone()))
+        }
+        None => decoder,
+    })
 }
 
 /// Settings of a Kafka source.
@@ -160,6 +171,8 @@ pub struct KafkaSourceConfig {
     /// Avro or Protobuf in the Confluent wire format instead of `format`, with the writer
     /// schemas from a registry.
     pub registry: Option<RegistryPayload>,
+    /// JSON payloads are checked against this JSON Schema before they are decoded.
+    pub json_schema: Option<Arc<weir_formats::json_schema::JsonSchema>>,
     /// Schema of the decoded payload.
     pub payload_schema: SchemaRef,
     /// Metadata columns appended after the payload's.

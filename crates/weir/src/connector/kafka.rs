@@ -43,6 +43,11 @@ pub struct KafkaSourceSettings {
     /// replaces `format`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protobuf: Option<KafkaProtobufSettings>,
+    /// A JSON Schema (its file, or the schema itself starting with `{`) each JSON payload is
+    /// checked against before it is decoded; one that does not match is dead-lettered with
+    /// the rules it broke.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_schema: Option<String>,
     /// End once every assigned partition is read up to where it ended when assigned.
     #[serde(default)]
     pub stop_at_end: bool,
@@ -69,6 +74,7 @@ impl std::fmt::Debug for KafkaSourceSettings {
             .field("format", &self.format)
             .field("avro", &self.avro)
             .field("protobuf", &self.protobuf)
+            .field("json_schema", &self.json_schema)
             .field("stop_at_end", &self.stop_at_end)
             .field("metadata", &self.metadata)
             .field("properties", &k::redacted(&self.properties))
@@ -119,6 +125,19 @@ impl std::fmt::Debug for SchemaRegistrySettings {
             .field("timeout", &self.timeout)
             .finish()
     }
+}
+
+/// A JSON Schema given inline (starting with `{`) or as a file.
+fn json_schema(given: &str) -> Result<Arc<weir_formats::json_schema::JsonSchema>> {
+    let text = if given.trim_start().starts_with('{') {
+        given.to_string()
+    } else {
+        std::fs::read_to_string(given)
+            .map_err(|e| CoreError::io(format!("kafka: cannot read `json_schema` file `{given}`"), e))?
+    };
+    let schema = weir_formats::json_schema::JsonSchema::parse(&text)
+        .map_err(|e| CoreError::Config(format!("kafka: `json_schema` is not a valid JSON Schema: {e}")))?;
+    Ok(Arc::new(schema))
 }
 
 /// `protobuf:` of a Kafka source.
@@ -370,6 +389,7 @@ impl SourceSettings for KafkaSourceSettings {
                 }),
                 (None, None) => None,
             },
+            json_schema: self.json_schema.as_deref().map(json_schema).transpose()?,
             payload_schema: payload,
             metadata: self.metadata_columns(),
             event_time: cx.event_time.clone(),

@@ -138,6 +138,7 @@ fn kafka_source(brokers: &str, topic: &str) -> KafkaSourceSettings {
         format: FormatSpec::Json,
         avro: None,
         protobuf: None,
+        json_schema: None,
         stop_at_end: true,
         on_missing_position: Default::default(),
         metadata: KafkaMetadataSettings::default(),

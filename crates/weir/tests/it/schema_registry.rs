@@ -605,3 +605,60 @@ dead_letters: {{ path: "{dead}" }}
     let e = Pipeline::from_config(cfg).build().and_then(|b| b.check(&RunOptions::default())).unwrap_err().to_string();
     assert!(e.contains("`avro` and `protobuf` are two payload formats"), "{e}");
 }
+
+#[test]
+fn json_payloads_that_break_the_json_schema_are_dead_lettered_with_the_rule_they_broke() {
+    let k = crate::kafka::Cluster::new(&[("js", 1)]);
+    let mut lines: Vec<String> =
+        (0..300).map(|i| format!("{{\"device_id\":\"d-{}\",\"seq\":{i},\"temp\":{}.5}}", i % 4, 20 + i % 9)).collect();
+    lines.push("{\"device_id\":\"d-x\",\"seq\":-1,\"temp\":20.5}".into());
+    lines.push("{\"device_id\":\"d-y\",\"seq\":301,\"temp\":\"hot\"}".into());
+    lines.push("{\"seq\":302,\"temp\":1.5}".into());
+    k.produce("js", &lines, Some(0));
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("reading.schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+            "required": ["device_id", "seq"],
+            "properties": {"device_id": {"type": "string", "pattern": "^d-"},
+                           "seq": {"type": "integer", "minimum": 0},
+                           "temp": {"type": "number"}}}"#,
+    )
+    .unwrap();
+    let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
+    let yaml = format!(
+        r#"name: js
+source:
+  id: js
+  kafka: {{ brokers: "{brokers}", topics: [js], stop_at_end: true, json_schema: "{schema}" }}
+  schema: {{ fields: [ {{ name: device_id, type: string }}, {{ name: seq, type: int64 }}, {{ name: temp, type: float64 }} ] }}
+sink: {{ id: o, file: {{ path: "{out}", format: json }} }}
+dead_letters: {{ path: "{dead}" }}
+"#,
+        brokers = k.brokers,
+        schema = schema.display(),
+        out = out.display(),
+        dead = dead.display(),
+    );
+    let cfg = weir::yaml::parse_with("js.yaml", &yaml, |_| None).unwrap();
+    rt().block_on(
+        Pipeline::from_config(cfg).build().unwrap().run(&RunOptions { workers: Some(1), ..Default::default() }),
+    )
+    .unwrap();
+    let rows = read_jsonl(&out);
+    assert_seqs(&rows, 0..300, "rows that match the schema");
+    let dead = read_jsonl(&dead);
+    let reasons: Vec<&str> = dead.iter().map(|d| d["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(reasons[0].contains("at '/seq': must be >=0, but got -1"), "{reasons:?}");
+    assert!(reasons[1].contains("at '/temp': want number, but got string"), "{reasons:?}");
+    assert!(reasons[2].contains("at '/': missing properties 'device_id'"), "{reasons:?}");
+    // Offsets of the refused records, as every Kafka dead letter names them.
+    assert!(dead[0].to_string().contains("offset 300"), "{}", dead[0]);
+    // A schema that is not one is refused before the run, naming the key.
+    let bad = yaml.replace(&schema.display().to_string(), "{\\\"type\\\": 12}");
+    let cfg = weir::yaml::parse_with("js.yaml", &bad, |_| None).unwrap();
+    let e = Pipeline::from_config(cfg).build().and_then(|b| b.check(&RunOptions::default())).unwrap_err().to_string();
+    assert!(e.contains("`json_schema` is not a valid JSON Schema"), "{e}");
+}
