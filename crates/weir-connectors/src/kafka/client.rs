@@ -75,6 +75,20 @@ impl ClientContext for Logging {
     }
 }
 
+/// A client error no retry will cure, as the reason to stop: the broker's TLS certificate is
+/// not trusted, or SASL authentication failed. librdkafka itself retries these for ever.
+pub(crate) fn permanent(error: &KafkaError, reason: &str) -> Option<String> {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    let text = format!("{error} {reason}");
+    match error.rdkafka_error_code()? {
+        C::SSL if text.contains("certificate verify failed") => Some(format!(
+            "TLS: the broker's certificate is not trusted ({reason}); check `ssl.ca.location` in `properties`"
+        )),
+        C::Authentication => Some(format!("SASL authentication failed ({reason}); check the `sasl.*` properties")),
+        _ => None,
+    }
+}
+
 /// Plain consumers (the exactly-once sink's commit topic reader) log the same way.
 impl rdkafka::consumer::ConsumerContext for Logging {}
 

@@ -483,6 +483,8 @@ struct Shared {
     ends: Mutex<HashMap<(String, i32), i64>>,
     /// With `handoff`: the partitions the group assigned, as the job's run starts.
     current: Mutex<Vec<(String, i32)>>,
+    /// A client error no retry will cure (see [`super::client::permanent`]): the run fails.
+    fatal: Mutex<Option<String>>,
 }
 
 #[derive(Debug)]
@@ -555,6 +557,9 @@ impl ClientContext for SourceCtx {
         self.log.log(level, fac, message);
     }
     fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(why) = super::client::permanent(&error, reason) {
+            lock(&self.shared.fatal).get_or_insert(why);
+        }
         self.log.error(error, reason);
     }
     /// librdkafka's statistics (every `statistics.interval.ms`) carry each partition's end
@@ -1161,6 +1166,13 @@ impl Source for KafkaSource {
             self.started = true;
         }
         loop {
+            if let Some(why) = lock(&self.shared.fatal).take() {
+                return Err(CoreError::Other {
+                    message: format!("kafka source: {why}"),
+                    blame: weir_core::Blame::User,
+                    retry: weir_core::Retry::Never,
+                });
+            }
             // Armed only with partitions to read: before the group assigns any, there is no
             // end to reach yet.
             if !self.until_armed

@@ -17,6 +17,7 @@ mod graphs;
 mod http_ingest;
 mod http_sink;
 mod kafka;
+mod kafka_tls;
 mod live_feed;
 mod lookups;
 mod metrics;
