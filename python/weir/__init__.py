@@ -142,7 +142,9 @@ def generator(**settings: Any) -> Json:
 
 def kafka(brokers: str, topics: Sequence[str], *, format: Union[str, Json] = "json", **settings: Any) -> Json:
     """Reads Kafka topics through a consumer group (``group_id``, ``start``, ``metadata``,
-    ``properties``, ``stop_at_end``, as in YAML)."""
+    ``properties``, ``stop_at_end``, as in YAML). ``avro={"schema_registry": {"url": ...}}`` or
+    ``protobuf={...}`` read payloads in the Confluent wire format with their schemas from a
+    registry; ``json_schema=`` checks JSON payloads against a JSON Schema."""
     return {"kafka": _clean({"brokers": brokers, "topics": list(topics), "format": format, **settings})}
 
 
