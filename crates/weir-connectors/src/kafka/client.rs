@@ -50,9 +50,50 @@ impl KafkaClientConfig {
 
 /// Logs librdkafka's own messages and errors through `tracing`, so a broker that is down is
 /// reported (librdkafka reconnects by itself, with backoff).
+///
+/// It also keeps the first client error no retry will cure ([`permanent`]), for the source or
+/// sink using the client to stop with.
 #[derive(Debug, Default)]
 pub(crate) struct Logging {
     pub(crate) what: String,
+    fatal: Fatal,
+}
+
+impl Logging {
+    pub(crate) fn new(what: impl Into<String>) -> Self {
+        let what = what.into();
+        Self { fatal: Fatal { what: what.clone(), why: Default::default() }, what }
+    }
+
+    /// The permanent failure seen, if any, as the error to stop with.
+    pub(crate) fn fatal(&self) -> Option<CoreError> {
+        self.fatal.error()
+    }
+
+    /// A handle on the permanent failure, for a user of the client that cannot reach its
+    /// context (a producer's is wrapped).
+    pub(crate) fn watch(&self) -> Fatal {
+        self.fatal.clone()
+    }
+}
+
+/// The first client error no retry will cure, once seen.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Fatal {
+    what: String,
+    why: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Fatal {
+    /// The failure as the error to stop with.
+    pub(crate) fn error(&self) -> Option<CoreError> {
+        let why = self.why.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()?;
+        Some(CoreError::Other {
+            message: format!("{}: {why}", self.what),
+            blame: weir_core::Blame::User,
+            retry: Retry::Never,
+        })
+    }
 }
 
 impl ClientContext for Logging {
@@ -71,6 +112,9 @@ impl ClientContext for Logging {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(why) = permanent(&error, reason) {
+            self.fatal.why.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(why);
+        }
         tracing::warn!(client = %self.what, error = %error, "Kafka client error (it keeps retrying): {reason}");
     }
 }

@@ -60,7 +60,7 @@ impl KafkaDeadLetters {
     /// A producer that cannot be created (bad properties).
     pub fn new(client: &KafkaClientConfig, topic: &str, what: &str) -> Result<Self> {
         let ours = [("enable.idempotence", "true".to_string()), ("acks", "all".to_string())];
-        let ctx = Deliveries { log: Logging { what: format!("{what} to kafka {topic}") }, ..Deliveries::default() };
+        let ctx = Deliveries { log: Logging::new(format!("{what} to kafka {topic}")), ..Deliveries::default() };
         let producer = client
             .client_config(&ours)
             .create_with_context(ctx)
@@ -124,7 +124,7 @@ pub fn read_topic(client: &KafkaClientConfig, topic: &str, timeout: Duration) ->
             ("enable.auto.commit", "false".into()),
             ("enable.partition.eof", "false".into()),
         ])
-        .create_with_context(Logging { what: "dlq replay".into() })
+        .create_with_context(Logging::new("dlq replay"))
         .map_err(|e| kafka_err("kafka: cannot create the dead-letter reader", &e))?;
     let meta = c.fetch_metadata(Some(topic), timeout).map_err(|e| kafka_err(format!("kafka: topic `{topic}`"), &e))?;
     let parts: Vec<i32> = meta

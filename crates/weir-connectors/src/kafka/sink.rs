@@ -236,21 +236,23 @@ impl KafkaSinkFactory {
 
 impl SinkFactory for KafkaSinkFactory {
     fn create(&self, worker: usize, _workers: usize) -> Result<Box<dyn Sink>> {
-        let producer = match &self.txn {
-            Some(_) => None,
+        let (producer, fatal) = match &self.txn {
+            Some(_) => (None, None),
             None => {
                 let ours = [
                     ("enable.idempotence", "true".to_string()),
                     ("acks", "all".to_string()),
                     ("partitioner", "murmur2_random".to_string()),
                 ];
+                let log = Logging::new(format!("kafka sink {} (worker {worker})", self.cfg.topic));
+                let fatal = log.watch();
                 let p: FutureProducer<Logging> = self
                     .cfg
                     .client
                     .client_config(&ours)
-                    .create_with_context(Logging { what: format!("kafka sink {} (worker {worker})", self.cfg.topic) })
+                    .create_with_context(log)
                     .map_err(|e| kafka_err("kafka sink: cannot create the producer", &e))?;
-                Some(p)
+                (Some(p), Some(fatal))
             }
         };
         let encoder: Box<dyn Encoder> = match &self.registry {
@@ -269,6 +271,7 @@ impl SinkFactory for KafkaSinkFactory {
             failed: Vec::new(),
             last_failure: None,
             traceparent: None,
+            fatal,
         }))
     }
 
@@ -349,6 +352,8 @@ struct KafkaSink {
     last_failure: Option<CoreError>,
     /// The `traceparent` of the write in progress, when it is traced.
     traceparent: Option<String>,
+    /// At least once: the producer's client errors no retry will cure.
+    fatal: Option<super::client::Fatal>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -453,13 +458,25 @@ impl KafkaSink {
     /// that will not pass, or any failure inside a transaction, is the error.
     async fn settle(&mut self, wait: bool) -> Result<()> {
         let txn = self.txn.clone();
-        while let Some(h) = self.in_flight.pop_front() {
+        while let Some(mut h) = self.in_flight.pop_front() {
             if !wait && !h.is_finished() {
                 self.in_flight.push_front(h);
                 break;
             }
+            // While waiting, a client error no retry will cure (an untrusted certificate: the
+            // records would wait for `message.timeout.ms` and be sent again for ever) ends it.
+            let reports = loop {
+                tokio::select! {
+                    r = &mut h => break r,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {
+                        if let Some(e) = self.fatal.as_ref().and_then(super::client::Fatal::error) {
+                            return Err(e);
+                        }
+                    }
+                }
+            };
             let (failed, dropped) =
-                h.await.map_err(|e| CoreError::Task(format!("kafka sink: delivery reports: {e}")))?;
+                reports.map_err(|e| CoreError::Task(format!("kafka sink: delivery reports: {e}")))?;
             if dropped > 0 {
                 return Err(CoreError::Task(format!("kafka sink: the producer dropped {dropped} delivery reports")));
             }
@@ -527,6 +544,9 @@ impl Sink for KafkaSink {
             weir_core::bail_internal!("kafka sink: a transactional write before begin")
         };
         let txn = self.txn.clone();
+        if let Some(e) = self.fatal.as_ref().and_then(super::client::Fatal::error) {
+            return Err(e);
+        }
         // A failure of an earlier batch is reported here, before this batch is sent: the
         // runtime backs off and calls again with this batch, and the failed records go first.
         self.settle(false).await?;

@@ -483,8 +483,6 @@ struct Shared {
     ends: Mutex<HashMap<(String, i32), i64>>,
     /// With `handoff`: the partitions the group assigned, as the job's run starts.
     current: Mutex<Vec<(String, i32)>>,
-    /// A client error no retry will cure (see [`super::client::permanent`]): the run fails.
-    fatal: Mutex<Option<String>>,
 }
 
 #[derive(Debug)]
@@ -557,9 +555,6 @@ impl ClientContext for SourceCtx {
         self.log.log(level, fac, message);
     }
     fn error(&self, error: KafkaError, reason: &str) {
-        if let Some(why) = super::client::permanent(&error, reason) {
-            lock(&self.shared.fatal).get_or_insert(why);
-        }
         self.log.error(error, reason);
     }
     /// librdkafka's statistics (every `statistics.interval.ms`) carry each partition's end
@@ -859,7 +854,7 @@ fn new_consumer(
         ),
     ];
     let ctx = SourceCtx {
-        log: Logging { what: format!("kafka source (group {})", cfg.group_id) },
+        log: Logging::new(format!("kafka source (group {})", cfg.group_id)),
         shared: shared.clone(),
         start: cfg.start,
         stop_at_end: cfg.stop_at_end,
@@ -1166,12 +1161,9 @@ impl Source for KafkaSource {
             self.started = true;
         }
         loop {
-            if let Some(why) = lock(&self.shared.fatal).take() {
-                return Err(CoreError::Other {
-                    message: format!("kafka source: {why}"),
-                    blame: weir_core::Blame::User,
-                    retry: weir_core::Retry::Never,
-                });
+            // A client error no retry will cure (an untrusted certificate) ends the run.
+            if let Some(e) = consumer.context().log.fatal() {
+                return Err(e);
             }
             // Armed only with partitions to read: before the group assigns any, there is no
             // end to reach yet.

@@ -305,7 +305,7 @@ impl Transactions {
         let p: FutureProducer<Logging> = self
             .client
             .client_config(&ours)
-            .create_with_context(Logging { what: format!("kafka sink {} (transactional id {})", self.topic, slot.id) })
+            .create_with_context(Logging::new(format!("kafka sink {} (transactional id {})", self.topic, slot.id)))
             .map_err(|e| kafka_err("kafka sink: cannot create the transactional producer", &e))?;
         let q = p.clone();
         blocking(move || q.init_transactions(CALL_TIMEOUT)).await?.map_err(|e| {
@@ -384,7 +384,7 @@ impl Transactions {
                 ("enable.auto.commit", "false".to_string()),
                 ("group.id", format!("{me}-commits-reader")),
             ])
-            .create_with_context(Logging { what: format!("kafka sink commit reader ({topic})") })
+            .create_with_context(Logging::new(format!("kafka sink commit reader ({topic})")))
             .map_err(|e| kafka_err("kafka sink: cannot create the commit topic reader", &e))?;
         blocking(move || -> Result<Option<Epoch>> {
             let (_, high) = consumer

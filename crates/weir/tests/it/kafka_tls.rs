@@ -1,8 +1,8 @@
 //! Kafka over TLS: a Tansu broker of the test's own behind a TLS listener served by the test
 //! (rustls, with a certificate of a CA made in the test by the `openssl` command), advertised
 //! as the broker's address, so every connection the clients make is TLS. Weir's source and sink
-//! verify the broker against that CA (`ssl.ca.location`); a client that trusts another CA is
-//! refused, and says so. Tansu's own TLS listener and SASL cannot be used (its TLS settings
+//! verify the broker against that CA (`ssl.ca.location`); a source or sink that trusts another
+//! CA fails its run, saying so. Tansu's own TLS listener and SASL cannot be used (its TLS settings
 //! leave the acceptor unused; SCRAM needs a storage engine that keeps credentials), and
 //! librdkafka's mock cluster has neither; SASL stays untested (docs/pipelines.md says so).
 
@@ -170,7 +170,7 @@ dead_letters: {{ path: "{dead}" }}
         props = tls_properties(&ca),
         dead = dir.path().join("dead-w.jsonl").display(),
     );
-    let run = |yaml: &str| {
+    let run = |yaml: &str| -> weir_core::Result<RunSummary> {
         let cfg = weir::yaml::parse_with("tls.yaml", yaml, |_| None).unwrap();
         rt.block_on(
             Pipeline::from_config(cfg).build().unwrap().run(&RunOptions { workers: Some(2), ..Default::default() }),
@@ -202,5 +202,10 @@ dead_letters: {{ path: "{dead}" }}
     let started = std::time::Instant::now();
     let e = run(&reader(&other_ca)).unwrap_err().to_string();
     assert!(e.contains("TLS: the broker's certificate is not trusted") && e.contains("ssl.ca.location"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(120), "the refused handshake ended the run");
+    // So does a writer that trusts another CA, instead of holding its records for ever.
+    let started = std::time::Instant::now();
+    let e = run(&writer.replace(&ca.display().to_string(), &other_ca.display().to_string())).unwrap_err().to_string();
+    assert!(e.contains("kafka sink") && e.contains("TLS: the broker's certificate is not trusted"), "{e}");
     assert!(started.elapsed() < Duration::from_secs(120), "the refused handshake ended the run");
 }
