@@ -45,6 +45,8 @@ pub struct IngestAnswer {
 struct Request {
     body: Vec<u8>,
     format: BodyFormat,
+    /// The caller's trace context (`traceparent`), when traces are on.
+    trace: Option<weir_core::trace::SpanContext>,
     answer: oneshot::Sender<std::result::Result<IngestAnswer, String>>,
 }
 
@@ -87,13 +89,19 @@ impl IngestHub {
         self.max_body
     }
 
-    /// Hands a body to the source and waits for its answer.
+    /// Hands a body to the source and waits for its answer; its rows go on in `trace` (the
+    /// caller's `traceparent`), if given.
     ///
     /// # Errors
     /// [`IngestRefusal`]: the queue is full, no source reads, or the body cannot be split.
-    pub async fn submit(&self, body: Vec<u8>, format: BodyFormat) -> std::result::Result<IngestAnswer, IngestRefusal> {
+    pub async fn submit(
+        &self,
+        body: Vec<u8>,
+        format: BodyFormat,
+        trace: Option<weir_core::trace::SpanContext>,
+    ) -> std::result::Result<IngestAnswer, IngestRefusal> {
         let (answer, answered) = oneshot::channel();
-        self.tx.try_send(Request { body, format, answer }).map_err(|e| match e {
+        self.tx.try_send(Request { body, format, trace, answer }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => IngestRefusal::Busy,
             mpsc::error::TrySendError::Closed(_) => IngestRefusal::Closed,
         })?;
@@ -296,7 +304,7 @@ impl Source for HttpIngestSource {
             match batch {
                 Some(b) => {
                     self.waiting.push((req.answer, answer));
-                    return Ok(SourcePoll::Rows { partition: 0, batch: b });
+                    return Ok(SourcePoll::Rows { partition: 0, batch: b.traced(req.trace) });
                 }
                 // Every record refused: nothing enters the pipeline to wait for.
                 None => match self.respond {

@@ -481,7 +481,13 @@ async fn ingest(
             format!("the body has {} bytes; this source takes at most {} (`max_body`)", body.len(), hub.max_body()),
         );
     }
-    match hub.submit(body.to_vec(), format).await {
+    // A caller's W3C trace context: the request's rows go on in its trace.
+    let trace = weir_core::trace::enabled()
+        .then(|| {
+            headers.get(weir_core::trace::TRACEPARENT).and_then(|v| weir_core::trace::parse_traceparent(v.as_bytes()))
+        })
+        .flatten();
+    match hub.submit(body.to_vec(), format, trace).await {
         Ok(a) => {
             let rejected: Vec<serde_json::Value> =
                 a.rejected.iter().map(|(i, r)| serde_json::json!({ "index": i, "reason": r })).collect();

@@ -390,3 +390,52 @@ traces: {{ endpoint: \"{url}\", sample_ratio: 0, service_name: reader, export_de
         assert_eq!(ancestry(s, &ids), ["sink out", "batch from-kafka", "sink to-kafka", "batch file"]);
     }
 }
+
+#[test]
+fn rows_posted_with_a_traceparent_go_on_in_the_callers_trace() {
+    use std::io::{Read as _, Write as _};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let (url, spans) = collector(0);
+    let http =
+        HttpIngestSettings { token: Some("tok".into()), queue: 4, respond: "accepted".into(), ..Default::default() };
+    let mut cfg = seq_pipeline("readings", SourceConnector::Http(http), false, &out, None);
+    cfg.traces =
+        Some(serde_yaml::from_str(&format!("{{ endpoint: \"{url}\", sample_ratio: 0, export_delay: 50ms }}")).unwrap());
+    let built = Pipeline::from_config(cfg).build().unwrap();
+    let job = Job::new(built.plan(&RunOptions { workers: Some(1), ..Default::default() }).unwrap()).unwrap();
+    let (state, stop) = (built.http_state(&job), job.shutdown_handle());
+    let rt = rt();
+    let traces = rt.block_on(async { built.start_traces() }).unwrap().unwrap();
+    let server = rt.block_on(weir::http::MetricsServer::start("127.0.0.1:0", state)).unwrap();
+    let running = rt.spawn(job.run());
+    // The caller's span: sampled, so the ingest continues it although this job samples nothing.
+    let (trace, parent) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let body = br#"[{"seq": 1, "ts": 1, "temp": 1.5}, {"seq": 2, "ts": 2, "temp": 2.5}]"#;
+    let mut s = std::net::TcpStream::connect(server.addr()).unwrap();
+    write!(
+        s,
+        "POST /ingest/readings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\nContent-Type: application/json\r\ntraceparent: 00-{trace}-{parent}-01\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    stop.stop();
+    rt.block_on(running).unwrap().unwrap();
+    rt.block_on(traces.finish());
+    let spans = poll(|| {
+        let s = spans.lock().unwrap().clone();
+        (!named(&s, "sink out").is_empty()).then_some(s)
+    });
+    let batch = named(&spans, "batch readings");
+    assert_eq!(batch.len(), 1, "{spans:?}");
+    assert_eq!((batch[0].trace.as_str(), batch[0].parent.as_str()), (trace, parent));
+    assert_eq!(batch[0].int("weir.rows"), 2);
+    // The sink's write is the batch's child; the batch's parent is the caller's span.
+    for s in named(&spans, "sink out") {
+        assert_eq!((s.parent.as_str(), s.trace.as_str()), (batch[0].id.as_str(), trace));
+    }
+}
