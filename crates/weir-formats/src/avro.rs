@@ -19,8 +19,8 @@ use std::sync::Arc;
 use apache_avro::types::Value;
 use arrow_schema::SchemaRef;
 
-use crate::columns::{end_struct, null_subtree, Builders, Column, Data, Kind, Outcomes, Plan, ROOT};
-use crate::{record_bytes, Decoded, Decoder, RecordError, RecordErrorKind, Result};
+use crate::columns::{decode_each, end_struct, null_subtree, Builders, Column, Data, Kind, Plan, ROOT};
+use crate::{Decoded, Decoder, RecordErrorKind, Result};
 
 /// The first byte of a record in the Confluent wire format.
 pub const MAGIC: u8 = 0;
@@ -70,47 +70,41 @@ impl AvroDecoder {
         let builders = Builders::new(&plan);
         Ok(Self { schema, plan, builders, schemas, reader })
     }
+}
 
-    fn record(&mut self, rec: &[u8], n: usize) -> std::result::Result<(), (RecordErrorKind, String)> {
-        let id = schema_id(rec).map_err(|m| (RecordErrorKind::Decode, m))?;
-        let writer = self.schemas.get(id).map_err(|why| (RecordErrorKind::Schema, why))?;
-        let mut body = &rec[5..];
-        let value = apache_avro::reader::datum::GenericDatumReader::builder(&writer)
-            .maybe_reader_schema(self.reader.as_ref())
-            .build()
-            .and_then(|r| r.read_value(&mut body))
-            .map_err(|e| (RecordErrorKind::Decode, format!("invalid Avro for schema id {id}: {e}")))?;
-        if !body.is_empty() {
-            return Err((RecordErrorKind::Decode, format!("{} bytes after the datum of schema id {id}", body.len())));
-        }
-        let Value::Record(fields) = value else {
-            return Err((RecordErrorKind::Schema, format!("schema id {id} is not a record schema")));
-        };
-        let mut w = Writer { plan: &self.plan, cols: &mut self.builders.cols };
-        w.fields(ROOT, n, fields).map_err(|m| (RecordErrorKind::Schema, m))
+/// Row `n` from one record.
+fn record(
+    schemas: &dyn AvroSchemas,
+    reader: Option<&Schema>,
+    plan: &Plan,
+    cols: &mut [Column],
+    rec: &[u8],
+    n: usize,
+) -> std::result::Result<(), (RecordErrorKind, String)> {
+    let id = schema_id(rec).map_err(|m| (RecordErrorKind::Decode, m))?;
+    let writer = schemas.get(id).map_err(|why| (RecordErrorKind::Schema, why))?;
+    let mut body = &rec[5..];
+    let value = apache_avro::reader::datum::GenericDatumReader::builder(&writer)
+        .maybe_reader_schema(reader)
+        .build()
+        .and_then(|r| r.read_value(&mut body))
+        .map_err(|e| (RecordErrorKind::Decode, format!("invalid Avro for schema id {id}: {e}")))?;
+    if !body.is_empty() {
+        return Err((RecordErrorKind::Decode, format!("{} bytes after the datum of schema id {id}", body.len())));
     }
+    let Value::Record(fields) = value else {
+        return Err((RecordErrorKind::Schema, format!("schema id {id} is not a record schema")));
+    };
+    let mut w = Writer { plan, cols };
+    w.fields(ROOT, n, fields).map_err(|m| (RecordErrorKind::Schema, m))
 }
 
 impl Decoder for AvroDecoder {
     fn decode(&mut self, buf: &[u8], records: &[Range<usize>]) -> Result<Decoded> {
-        self.builders.reserve(records.len());
-        let mut outcomes = Outcomes::default();
-        for (index, range) in records.iter().enumerate() {
-            let rec = record_bytes(buf, index, range)?;
-            let n = self.builders.rows;
-            match self.record(rec, n) {
-                Ok(()) => {
-                    self.builders.rows += 1;
-                    outcomes.ok(index);
-                }
-                Err((kind, message)) => {
-                    self.builders.rollback(n);
-                    outcomes.failed(n, RecordError { index, kind, message });
-                }
-            }
-        }
-        let batch = self.builders.finish(&self.plan, &self.schema)?;
-        Ok(outcomes.into_decoded(batch))
+        let Self { schema, plan, builders, schemas, reader } = self;
+        decode_each(plan, schema, builders, buf, records, |rec, n, cols| {
+            record(schemas.as_ref(), reader.as_ref(), plan, cols, rec, n)
+        })
     }
 
     fn schema(&self) -> &SchemaRef {

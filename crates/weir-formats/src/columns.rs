@@ -344,6 +344,37 @@ pub(crate) fn parse_timestamp_ms(s: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(s.trim()).ok().map(|t| t.timestamp_millis())
 }
 
+/// A decode pass of the decoders that read one record at a time from a tree (Avro, Protobuf):
+/// `one` fills row `n` of the columns from a record or says why it cannot; a failed record is
+/// rolled back and reported like every decoder's.
+pub(crate) fn decode_each(
+    plan: &Plan,
+    schema: &SchemaRef,
+    builders: &mut Builders,
+    buf: &[u8],
+    records: &[std::ops::Range<usize>],
+    mut one: impl FnMut(&[u8], usize, &mut [Column]) -> std::result::Result<(), (crate::RecordErrorKind, String)>,
+) -> Result<crate::Decoded> {
+    builders.reserve(records.len());
+    let mut outcomes = Outcomes::default();
+    for (index, range) in records.iter().enumerate() {
+        let rec = crate::record_bytes(buf, index, range)?;
+        let n = builders.rows;
+        match one(rec, n, &mut builders.cols) {
+            Ok(()) => {
+                builders.rows += 1;
+                outcomes.ok(index);
+            }
+            Err((kind, message)) => {
+                builders.rollback(n);
+                outcomes.failed(n, crate::RecordError { index, kind, message });
+            }
+        }
+    }
+    let batch = builders.finish(plan, schema)?;
+    Ok(outcomes.into_decoded(batch))
+}
+
 /// What a decode pass tells about its records: the failures, and for each good row its record
 /// (kept only once a record has failed, since until then row `i` is record `i`). Shared by
 /// every decoder so that they report alike.

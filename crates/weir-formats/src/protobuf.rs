@@ -18,8 +18,8 @@ use std::sync::Arc;
 use arrow_schema::SchemaRef;
 use prost_reflect::{DescriptorPool, DynamicMessage, FileDescriptor, MessageDescriptor, ReflectMessage as _, Value};
 
-use crate::columns::{end_struct, Builders, Column, Data, Kind, Outcomes, Plan, ROOT};
-use crate::{record_bytes, Decoded, Decoder, RecordError, RecordErrorKind, Result};
+use crate::columns::{decode_each, end_struct, Builders, Column, Data, Kind, Plan, ROOT};
+use crate::{Decoded, Decoder, RecordErrorKind, Result};
 
 /// The name the schema's own file gets when compiled.
 const MAIN: &str = "registry-schema.proto";
@@ -133,41 +133,32 @@ impl ProtobufDecoder {
         let builders = Builders::new(&plan);
         Ok(Self { schema, plan, builders, schemas })
     }
+}
 
-    fn record(&mut self, rec: &[u8], n: usize) -> std::result::Result<(), (RecordErrorKind, String)> {
-        let (id, indexes, at) = header(rec).map_err(|m| (RecordErrorKind::Decode, m))?;
-        let schema = self.schemas.get(id).map_err(|why| (RecordErrorKind::Schema, why))?;
-        let desc = schema.message(&indexes).ok_or_else(|| {
-            (RecordErrorKind::Schema, format!("schema id {id} has no message at indexes {indexes:?}"))
-        })?;
-        let msg = DynamicMessage::decode(desc.clone(), &rec[at..]).map_err(|e| {
-            (RecordErrorKind::Decode, format!("invalid Protobuf for {} (schema id {id}): {e}", desc.full_name()))
-        })?;
-        let mut w = Writer { plan: &self.plan, cols: &mut self.builders.cols };
-        w.message(ROOT, n, &msg).map_err(|m| (RecordErrorKind::Schema, m))
-    }
+/// Row `n` from one record.
+fn record(
+    schemas: &dyn ProtoSchemas,
+    plan: &Plan,
+    cols: &mut [Column],
+    rec: &[u8],
+    n: usize,
+) -> std::result::Result<(), (RecordErrorKind, String)> {
+    let (id, indexes, at) = header(rec).map_err(|m| (RecordErrorKind::Decode, m))?;
+    let schema = schemas.get(id).map_err(|why| (RecordErrorKind::Schema, why))?;
+    let desc = schema
+        .message(&indexes)
+        .ok_or_else(|| (RecordErrorKind::Schema, format!("schema id {id} has no message at indexes {indexes:?}")))?;
+    let msg = DynamicMessage::decode(desc.clone(), &rec[at..]).map_err(|e| {
+        (RecordErrorKind::Decode, format!("invalid Protobuf for {} (schema id {id}): {e}", desc.full_name()))
+    })?;
+    let mut w = Writer { plan, cols };
+    w.message(ROOT, n, &msg).map_err(|m| (RecordErrorKind::Schema, m))
 }
 
 impl Decoder for ProtobufDecoder {
     fn decode(&mut self, buf: &[u8], records: &[Range<usize>]) -> Result<Decoded> {
-        self.builders.reserve(records.len());
-        let mut outcomes = Outcomes::default();
-        for (index, range) in records.iter().enumerate() {
-            let rec = record_bytes(buf, index, range)?;
-            let n = self.builders.rows;
-            match self.record(rec, n) {
-                Ok(()) => {
-                    self.builders.rows += 1;
-                    outcomes.ok(index);
-                }
-                Err((kind, message)) => {
-                    self.builders.rollback(n);
-                    outcomes.failed(n, RecordError { index, kind, message });
-                }
-            }
-        }
-        let batch = self.builders.finish(&self.plan, &self.schema)?;
-        Ok(outcomes.into_decoded(batch))
+        let Self { schema, plan, builders, schemas } = self;
+        decode_each(plan, schema, builders, buf, records, |rec, n, cols| record(schemas.as_ref(), plan, cols, rec, n))
     }
 
     fn schema(&self) -> &SchemaRef {
