@@ -347,6 +347,7 @@ pub(crate) fn parse_timestamp_ms(s: &str) -> Option<i64> {
 /// A decode pass of the decoders that read one record at a time from a tree (Avro, Protobuf):
 /// `one` fills row `n` of the columns from a record or says why it cannot; a failed record is
 /// rolled back and reported like every decoder's.
+#[cfg(feature = "avro")]
 pub(crate) fn decode_each(
     plan: &Plan,
     schema: &SchemaRef,
