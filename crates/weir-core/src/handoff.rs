@@ -17,6 +17,12 @@
 //! Which partition a key belongs to is the source's business
 //! ([`GroupMember::partitions_of`]): every record of a key must be in one partition, as with
 //! Kafka's default partitioner and a record key equal to the pipeline's key.
+//!
+//! A job with several such sources (a join of two topics) has one of them join the group;
+//! the others follow it ([`GroupMember::follow`]): each reads the same partition numbers of
+//! its own input, which must be partitioned alike (same partition count, same keys), so a
+//! key's rows of every input and its state meet in one process. A partition then stands for
+//! that partition of every input, and moves with the positions of all of them at once.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -39,7 +45,7 @@ pub struct Assignment {
 
 /// A source whose process is one member of a group sharing its input.
 #[async_trait::async_trait]
-pub trait GroupMember: Send + Sync + fmt::Debug {
+pub trait GroupMember: std::any::Any + Send + Sync + fmt::Debug {
     /// Waits until the group has handed this process its partitions; returns early with what
     /// it has (possibly nothing) once `stop` is set. The job's `registry` takes the
     /// source's metrics.
@@ -54,7 +60,31 @@ pub trait GroupMember: Send + Sync + fmt::Debug {
     /// The partition each value of a key column's records are in (`None` when none can be
     /// told, e.g. a null key).
     fn partitions_of(&self, key: &ArrayRef) -> Result<Vec<Option<i32>>>;
+
+    /// Takes the partitions the group gave `leader` (another source of the job, which joined
+    /// the group) as this source's own, without joining the group itself: the same numbers of
+    /// this source's input. Fails when the inputs are not partitioned alike.
+    ///
+    /// # Errors
+    /// A source that cannot follow another, or inputs partitioned differently.
+    async fn follow(
+        &self,
+        leader: &dyn GroupMember,
+        assignment: &Assignment,
+        registry: &Arc<Registry>,
+    ) -> Result<Assignment> {
+        let _ = (leader, assignment, registry);
+        Err(crate::CoreError::Config(format!("{self:?} cannot share the partitions of another source")))
+    }
 }
+
+/// The job's sources in a group, with the step each is: the first joined the group, the
+/// others follow it.
+pub type Inputs<'a> = [(&'a str, &'a dyn GroupMember)];
+
+/// Each partition's positions in every input (in the order of `inputs`; `None` where that
+/// input has none): a candidate read further into a partition when these are greater.
+type Positions = HashMap<i32, Vec<Option<i64>>>;
 
 /// One member's newest visible checkpoint, loaded.
 #[derive(Debug)]
@@ -73,8 +103,9 @@ pub struct Candidate {
 /// Which member's checkpoint each assigned partition comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Plan {
-    /// Partition -> (member, position), for the partitions some checkpoint holds.
-    pub taken: BTreeMap<i32, (String, i64)>,
+    /// Partition -> (member, its position in each input, `None` where it has none), for the
+    /// partitions some checkpoint holds.
+    pub taken: BTreeMap<i32, (String, Vec<Option<i64>>)>,
 }
 
 /// Whether `peer`'s checkpoint would give some assigned partition a position further on
@@ -83,21 +114,13 @@ pub struct Plan {
 ///
 /// # Errors
 /// Position tables of another shape.
-pub fn wanted(
-    group: &dyn GroupMember,
-    source_step: &str,
-    assigned: &[i32],
-    known: &[Candidate],
-    peer: &Candidate,
-) -> Result<bool> {
-    let known: Vec<(HashMap<i32, i64>, i64)> = known
-        .iter()
-        .map(|c| Ok((positions_of(group, source_step, &c.restored)?, c.created_ms)))
-        .collect::<Result<_>>()?;
-    let theirs = positions_of(group, source_step, &peer.restored)?;
+pub fn wanted(inputs: &Inputs<'_>, assigned: &[i32], known: &[Candidate], peer: &Candidate) -> Result<bool> {
+    let known: Vec<(Positions, i64)> =
+        known.iter().map(|c| Ok((positions_of(inputs, &c.restored)?, c.created_ms))).collect::<Result<_>>()?;
+    let theirs = positions_of(inputs, &peer.restored)?;
     Ok(assigned.iter().any(|p| {
-        let Some(&t) = theirs.get(p) else { return false };
-        let best = known.iter().filter_map(|(k, at)| k.get(p).map(|&o| (o, *at))).max();
+        let Some(t) = theirs.get(p) else { return false };
+        let best = known.iter().filter_map(|(k, at)| k.get(p).map(|o| (o, *at))).max();
         best.is_none_or(|b| (t, peer.created_ms) > b)
     }))
 }
@@ -126,15 +149,10 @@ pub fn live_candidate(member: &str, own: bool, mut r: Restored) -> Candidate {
 ///
 /// # Errors
 /// Position or state tables of an unexpected shape.
-pub fn to_park(
-    group: &dyn GroupMember,
-    source_step: &str,
-    assigned: &[i32],
-    own: &[&Candidate],
-) -> Result<crate::store::Parked> {
+pub fn to_park(inputs: &Inputs<'_>, assigned: &[i32], own: &[&Candidate]) -> Result<crate::store::Parked> {
     let mut held = std::collections::BTreeSet::new();
     for c in own {
-        held.extend(positions_of(group, source_step, &c.restored)?.into_keys());
+        held.extend(positions_of(inputs, &c.restored)?.into_keys());
     }
     let gone: Vec<i32> = held.into_iter().filter(|p| !assigned.contains(p)).collect();
     if gone.is_empty() {
@@ -156,7 +174,7 @@ pub fn to_park(
             },
         })
         .collect();
-    let (r, _) = merge(group, source_step, &gone, copies)?;
+    let (r, _) = merge(inputs, &gone, copies)?;
     Ok(crate::store::Parked {
         sources: r.sources,
         operators: r.operators,
@@ -164,36 +182,40 @@ pub fn to_park(
     })
 }
 
-fn positions_of(group: &dyn GroupMember, source_step: &str, r: &Restored) -> Result<HashMap<i32, i64>> {
-    group.positions(r.sources.get(source_step).map_or(&[][..], Vec::as_slice))
+fn positions_of(inputs: &Inputs<'_>, r: &Restored) -> Result<Positions> {
+    let mut out = Positions::new();
+    for (i, (step, group)) in inputs.iter().enumerate() {
+        for (p, o) in group.positions(r.sources.get(*step).map_or(&[][..], Vec::as_slice))? {
+            out.entry(p).or_insert_with(|| vec![None; inputs.len()])[i] = Some(o);
+        }
+    }
+    Ok(out)
 }
 
-/// Builds the state to start from: for each assigned partition, the position and keyed
+/// Builds the state to start from: for each assigned partition, the positions and keyed
 /// state of the candidate that read furthest into it (then the newest; then the process's
-/// own). State without keys (a global window) and state of keys no partition can be told
+/// own). With several inputs, a partition's positions in all of them come from one
+/// checkpoint, with the state they go with: whoever held a partition later read at least
+/// as far into each input, so comparing them in order finds it. State without keys (a global window) and state of keys no partition can be told
 /// for stay with the process's own checkpoint; state of partitions not assigned is dropped.
 ///
 /// # Errors
 /// Position or state tables of an unexpected shape.
-pub fn merge(
-    group: &dyn GroupMember,
-    source_step: &str,
-    assigned: &[i32],
-    candidates: Vec<Candidate>,
-) -> Result<(Restored, Plan)> {
-    let positions: Vec<HashMap<i32, i64>> =
-        candidates.iter().map(|c| positions_of(group, source_step, &c.restored)).collect::<Result<_>>()?;
+pub fn merge(inputs: &Inputs<'_>, assigned: &[i32], candidates: Vec<Candidate>) -> Result<(Restored, Plan)> {
+    let Some(&(_, group)) = inputs.first() else { crate::bail_internal!("a handoff without a source") };
+    let positions: Vec<Positions> =
+        candidates.iter().map(|c| positions_of(inputs, &c.restored)).collect::<Result<_>>()?;
     let mut won: Vec<HashSet<i32>> = vec![HashSet::new(); candidates.len()];
     let mut plan = Plan::default();
     let mut chosen = BTreeMap::new();
     for &p in assigned {
         let best = (0..candidates.len())
-            .filter_map(|i| positions[i].get(&p).map(|&o| (o, candidates[i].created_ms, candidates[i].own, i)))
+            .filter_map(|i| positions[i].get(&p).map(|o| (o, candidates[i].created_ms, candidates[i].own, i)))
             .max();
-        if let Some((offset, _, _, i)) = best {
+        if let Some((offsets, _, _, i)) = best {
             won[i].insert(p);
-            chosen.insert(p, offset);
-            plan.taken.insert(p, (candidates[i].member.clone(), offset));
+            chosen.insert(p, offsets.clone());
+            plan.taken.insert(p, (candidates[i].member.clone(), offsets.clone()));
         }
     }
     let own_epoch = candidates.iter().find(|c| c.own).and_then(|c| c.restored.epoch);
@@ -219,7 +241,10 @@ pub fn merge(
         }
     }
     if !chosen.is_empty() || out.epoch.is_some() {
-        out.sources.insert(source_step.to_string(), vec![group.position_table(&chosen)?]);
+        for (i, (step, input)) in inputs.iter().enumerate() {
+            let at: BTreeMap<i32, i64> = chosen.iter().filter_map(|(&p, o)| o[i].map(|o| (p, o))).collect();
+            out.sources.insert((*step).to_string(), vec![input.position_table(&at)?]);
+        }
     }
     Ok((out, plan))
 }
@@ -335,15 +360,39 @@ mod tests {
         // This process held partitions 0 and 1; the peer held 2 and, before that, 1.
         let own = candidate("a", true, 100, &[(0, 50), (1, 10)], state(&["0x", "1old"], &[5, 1]), 900);
         let peer = candidate("b", false, 90, &[(1, 40), (2, 70)], state(&["1new", "2y", "3z"], &[4, 7, 9]), 700);
-        let (r, plan) = merge(&Digits, "in", &[1, 2], vec![own, peer]).unwrap();
-        assert_eq!(plan.taken[&1], ("b".to_string(), 40));
-        assert_eq!(plan.taken[&2], ("b".to_string(), 70));
+        let (r, plan) = merge(&[("in", &Digits)], &[1, 2], vec![own, peer]).unwrap();
+        assert_eq!(plan.taken[&1], ("b".to_string(), vec![Some(40)]));
+        assert_eq!(plan.taken[&2], ("b".to_string(), vec![Some(70)]));
         assert!(!plan.taken.contains_key(&0), "partition 0 is no longer assigned");
         // Partition 0's keys are dropped, partition 1's come from the peer, 3 is nobody's here.
         assert_eq!(keys(&r), vec![("1new".to_string(), 4), ("2y".to_string(), 7)]);
         assert_eq!(Digits.positions(&r.sources["in"]).unwrap(), HashMap::from([(1, 40), (2, 70)]));
         assert_eq!(r.watermarks["win"], 700, "the lowest watermark of the checkpoints used");
         assert_eq!(r.epoch, Some(Epoch(3)));
+    }
+
+    #[test]
+    fn with_two_inputs_a_partition_takes_every_position_and_its_state_from_one_checkpoint() {
+        let two = |c: &mut Candidate, other: &[(i32, i64)]| {
+            let map: BTreeMap<i32, i64> = other.iter().copied().collect();
+            c.restored.sources.insert("other".into(), vec![Digits.position_table(&map).unwrap()]);
+        };
+        // `a` held partition 1 first; `b` took it over and read on in `other` only, and has
+        // read partition 2 of `other` but nothing yet of `in`.
+        let mut own = candidate("a", true, 100, &[(1, 10)], state(&["1old"], &[1]), 900);
+        two(&mut own, &[(1, 5)]);
+        let mut peer = candidate("b", false, 90, &[(1, 10)], state(&["1new", "2y"], &[2, 7]), 800);
+        two(&mut peer, &[(1, 9), (2, 3)]);
+        let inputs: [(&str, &dyn GroupMember); 2] = [("in", &Digits), ("other", &Digits)];
+        let known = [own];
+        assert!(wanted(&inputs, &[1], &known, &peer).unwrap(), "b read further into `other`");
+        let [own] = known;
+        let (r, plan) = merge(&inputs, &[1, 2], vec![own, peer]).unwrap();
+        assert_eq!(plan.taken[&1], ("b".to_string(), vec![Some(10), Some(9)]));
+        assert_eq!(plan.taken[&2], ("b".to_string(), vec![None, Some(3)]));
+        assert_eq!(keys(&r), vec![("1new".to_string(), 2), ("2y".to_string(), 7)]);
+        assert_eq!(Digits.positions(&r.sources["in"]).unwrap(), HashMap::from([(1, 10)]));
+        assert_eq!(Digits.positions(&r.sources["other"]).unwrap(), HashMap::from([(1, 9), (2, 3)]));
     }
 
     #[test]
@@ -363,7 +412,7 @@ mod tests {
         own.restored.operators.get_mut("win").unwrap().push(keyless(11));
         let mut peer = candidate("b", false, 200, &[(1, 40)], state(&["1fresh"], &[2]), 500);
         peer.restored.operators.get_mut("win").unwrap().push(keyless(22));
-        let (r, plan) = merge(&Digits, "in", &[1], vec![own, peer]).unwrap();
+        let (r, plan) = merge(&[("in", &Digits)], &[1], vec![own, peer]).unwrap();
         assert_eq!(plan.taken[&1].0, "b");
         let all: Vec<usize> = r.operators["win"].iter().map(RecordBatch::num_columns).collect();
         assert_eq!(all.iter().filter(|&&n| n == 2).count(), 1, "only the process's own keyless table");
@@ -380,17 +429,17 @@ mod tests {
         let older_tie = candidate("b", false, 1, &[(0, 50)], state(&[], &[]), 0);
         let newer_tie = candidate("b", false, 9, &[(0, 50)], state(&[], &[]), 0);
         let known = [own];
-        assert!(!wanted(&Digits, "in", &[0, 1], &known, &behind).unwrap());
-        assert!(wanted(&Digits, "in", &[0, 1], &known, &ahead).unwrap());
-        assert!(!wanted(&Digits, "in", &[0], &known, &ahead).unwrap(), "partition 1 is not assigned");
-        assert!(!wanted(&Digits, "in", &[0], &known, &older_tie).unwrap());
-        assert!(wanted(&Digits, "in", &[0], &known, &newer_tie).unwrap());
+        assert!(!wanted(&[("in", &Digits)], &[0, 1], &known, &behind).unwrap());
+        assert!(wanted(&[("in", &Digits)], &[0, 1], &known, &ahead).unwrap());
+        assert!(!wanted(&[("in", &Digits)], &[0], &known, &ahead).unwrap(), "partition 1 is not assigned");
+        assert!(!wanted(&[("in", &Digits)], &[0], &known, &older_tie).unwrap());
+        assert!(wanted(&[("in", &Digits)], &[0], &known, &newer_tie).unwrap());
     }
 
     #[test]
     fn handed_on_partitions_are_carried_and_lose_ties_to_live_state() {
         let own = candidate("a", true, 100, &[(0, 50), (1, 10)], state(&["0x", "1y"], &[5, 1]), 900);
-        let carried = to_park(&Digits, "in", &[0], &[&own]).unwrap();
+        let carried = to_park(&[("in", &Digits)], &[0], &[&own]).unwrap();
         assert_eq!(Digits.positions(&carried.sources["in"]).unwrap(), HashMap::from([(1, 10)]));
         let only = Restored { operators: carried.operators.clone(), ..Restored::default() };
         assert_eq!(keys(&only), vec![("1y".to_string(), 1)], "only the partition handed on");
@@ -402,11 +451,11 @@ mod tests {
         later.sources.insert("in".into(), vec![Digits.position_table(&BTreeMap::from([(0, 80)])).unwrap()]);
         let from_parked = parked_candidate("a", false, &later);
         let live_tie = candidate("c", false, 1, &[(1, 10)], state(&["1live"], &[3]), 400);
-        let (r, plan) = merge(&Digits, "in", &[1], vec![from_parked, live_tie]).unwrap();
+        let (r, plan) = merge(&[("in", &Digits)], &[1], vec![from_parked, live_tie]).unwrap();
         assert_eq!(plan.taken[&1].0, "c");
         assert_eq!(keys(&r), vec![("1live".to_string(), 3)]);
-        let (r, plan) = merge(&Digits, "in", &[1], vec![parked_candidate("a", false, &later)]).unwrap();
-        assert_eq!(plan.taken[&1], ("a".to_string(), 10));
+        let (r, plan) = merge(&[("in", &Digits)], &[1], vec![parked_candidate("a", false, &later)]).unwrap();
+        assert_eq!(plan.taken[&1], ("a".to_string(), vec![Some(10)]));
         assert_eq!((keys(&r), r.watermarks["win"]), (vec![("1y".to_string(), 1)], 900));
     }
 }

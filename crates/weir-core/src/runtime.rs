@@ -570,20 +570,30 @@ impl Job {
         }
     }
 
-    /// With several processes sharing the input (a checkpoint member and a source in a
-    /// group): waits for this process's partitions and takes each from the checkpoint that
-    /// read furthest into it, its own or another member's (see [`crate::handoff`]).
+    /// With several processes sharing the input (a checkpoint member and sources in a
+    /// group): waits for this process's partitions (the first source's, which the others
+    /// follow) and takes each from the checkpoint that read furthest into it, its own or
+    /// another member's (see [`crate::handoff`]).
     async fn take_over(
         &self,
         ck: &CheckpointSpec,
-        group: &dyn GroupMember,
-        source_step: &StepId,
+        groups: &[(&StepId, Arc<dyn GroupMember>)],
         own: Restored,
     ) -> Result<(Restored, crate::store::Parked)> {
         let (sink_step, sink) = &self.commit;
-        let src = source_step.as_str();
+        let Some((lead_step, leader)) = groups.first() else { crate::bail_internal!("a handoff without a source") };
         let assigned =
-            group.assignment(self.shutdown_rx.clone(), &self.registry).await.map_err(|e| e.in_step(source_step))?;
+            leader.assignment(self.shutdown_rx.clone(), &self.registry).await.map_err(|e| e.in_step(lead_step))?;
+        for (step, g) in &groups[1..] {
+            let theirs = g.follow(leader.as_ref(), &assigned, &self.registry).await.map_err(|e| e.in_step(step))?;
+            crate::ensure_config!(
+                theirs == assigned,
+                "source `{step}` was given partitions {:?} to follow `{lead_step}`'s {:?}",
+                theirs.partitions,
+                assigned.partitions
+            );
+        }
+        let inputs: Vec<(&str, &dyn GroupMember)> = groups.iter().map(|(s, g)| (s.as_str(), g.as_ref())).collect();
         let me = ck.store.member_name().unwrap_or_default().to_string();
         // The partitions are there for the API's answer to which member holds a key.
         ck.store
@@ -602,7 +612,7 @@ impl Job {
                 // What a member parked was visible when it parked it: it needs no settling.
                 candidates.push(handoff::parked_candidate(&name, false, &r));
                 let live = handoff::live_candidate(&name, false, r);
-                if !handoff::wanted(group, src, &assigned.partitions, &candidates, &live)? {
+                if !handoff::wanted(&inputs, &assigned.partitions, &candidates, &live)? {
                     continue;
                 }
                 // Its live state counts only as far as the member made its output visible,
@@ -621,13 +631,16 @@ impl Job {
             }
         }
         let own: Vec<&Candidate> = candidates.iter().filter(|c| c.own).collect();
-        let parked = handoff::to_park(group, src, &assigned.partitions, &own)?;
-        let (restored, plan) = handoff::merge(group, src, &assigned.partitions, candidates)?;
+        let parked = handoff::to_park(&inputs, &assigned.partitions, &own)?;
+        let (restored, plan) = handoff::merge(&inputs, &assigned.partitions, candidates)?;
         let moved: Vec<String> = plan
             .taken
             .iter()
             .filter(|(_, (m, _))| *m != me)
-            .map(|(p, (m, o))| format!("{p} from {m} at {o}"))
+            .map(|(p, (m, at))| {
+                let at: Vec<String> = at.iter().map(|o| o.map_or_else(|| "-".to_string(), |o| o.to_string())).collect();
+                format!("{p} from {m} at {}", at.join("/"))
+            })
             .collect();
         if !moved.is_empty() {
             self.registry.connectors.add(
@@ -637,7 +650,8 @@ impl Job {
                 moved.len() as f64,
             );
         }
-        let parked_partitions = group.positions(parked.sources.get(src).map_or(&[][..], Vec::as_slice))?.len();
+        let parked_partitions =
+            leader.positions(parked.sources.get(lead_step.as_str()).map_or(&[][..], Vec::as_slice))?.len();
         tracing::info!(
             member = %me,
             partitions = ?assigned.partitions,
@@ -693,14 +707,9 @@ impl Job {
                         _ => None,
                     })
                     .collect();
-                crate::ensure_config!(
-                    groups.len() <= 1,
-                    "checkpoints shared by several processes (`checkpoints.member`) follow the partitions of one consumer-group source; this pipeline has {}",
-                    groups.len()
-                );
-                if let Some((step, group)) = groups.into_iter().next() {
+                if !groups.is_empty() {
                     self.phase(JobPhase::Assigning);
-                    let (r, p) = self.take_over(ck, group.as_ref(), step, restored).await?;
+                    let (r, p) = self.take_over(ck, &groups, restored).await?;
                     restored = r;
                     parked = Some(p);
                 }

@@ -1677,13 +1677,14 @@ impl BuiltPipeline {
                     let mut store = weir_core::store::CheckpointStore::open_with(&k.dir, &c.name, &k.options)
                         .map_err(|e| CoreError::Config(format!("checkpoints.dir: {e}")))?;
                     if let Some(m) = &k.member {
-                        let src = c.source();
-                        weir_core::ensure_config!(
-                            c.sources.len() == 1 && src.connector.name() == "kafka",
-                            "checkpoints.member: state follows partitions of one Kafka source between processes; source `{}` is not Kafka{}",
-                            src.id,
-                            if c.sources.len() > 1 { " or the pipeline has several sources" } else { "" }
-                        );
+                        // The first Kafka source joins the group; the others read the same
+                        // partition numbers of their own topics (`weir_core::handoff`).
+                        if let Some(src) = c.sources.iter().find(|s| s.connector.name() != "kafka") {
+                            return Err(CoreError::Config(format!(
+                                "checkpoints.member: state follows the partitions of Kafka sources between processes; source `{}` is not Kafka",
+                                src.id
+                            )));
+                        }
                         store = store.member(m)?;
                     }
                     Some(weir_core::runtime::CheckpointSpec {

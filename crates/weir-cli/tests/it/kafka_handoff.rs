@@ -48,11 +48,12 @@ fn log(dir: &Path, member: &str) -> String {
     std::fs::read_to_string(dir.join(format!("{member}.log"))).unwrap_or_default()
 }
 
-/// The rows of committed transactions of every member, minus the `flush-` devices' rows.
-fn committed(brokers: &str, members: &[&str]) -> (Rows, usize) {
+/// The rows of committed transactions of every member (transactional ids `<prefix>-<member>`),
+/// minus the `flush-` devices' rows.
+fn committed(brokers: &str, prefix: &str, members: &[&str]) -> (Rows, usize) {
     let mut commits = std::collections::HashSet::new();
     for m in members {
-        for (_, v) in records(brokers, &format!("w1-{m}.commits"), 1, "") {
+        for (_, v) in records(brokers, &format!("{prefix}-{m}.commits"), 1, "") {
             let v: serde_json::Value = serde_json::from_str(&v).unwrap();
             commits.insert(format!("{}:{}", v["run"].as_str().unwrap(), v["checkpoint"]));
         }
@@ -73,6 +74,10 @@ fn committed(brokers: &str, members: &[&str]) -> (Rows, usize) {
 
 /// Produces the lines of `input` keyed by `device_id`, about `per_s` a second.
 fn produce_paced(brokers: &str, topic: &str, input: &Path, per_s: u64) {
+    produce_lines(brokers, topic, &std::fs::read_to_string(input).unwrap(), per_s);
+}
+
+fn produce_lines(brokers: &str, topic: &str, lines: &str, per_s: u64) {
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
     let p: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -81,7 +86,7 @@ fn produce_paced(brokers: &str, topic: &str, input: &Path, per_s: u64) {
         .create()
         .unwrap();
     let started = Instant::now();
-    for (i, line) in std::fs::read_to_string(input).unwrap().lines().enumerate() {
+    for (i, line) in lines.lines().enumerate() {
         if i % 1000 == 0 {
             let due = Duration::from_millis(i as u64 * 1000 / per_s);
             std::thread::sleep(due.saturating_sub(started.elapsed()));
@@ -96,6 +101,54 @@ fn produce_paced(brokers: &str, topic: &str, input: &Path, per_s: u64) {
         }
     }
     p.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Waits until members `a` and `b` both hold partitions and `a` has committed output (a
+/// record in `commits`); returns when the wait began.
+fn shared(dir: &Path, brokers: &str, commits: &str, a: &mut Child, b: &mut Child) -> Instant {
+    let started = Instant::now();
+    loop {
+        let (la, lb) = (log(dir, "a"), log(dir, "b"));
+        let holds = |l: &str| l.lines().any(|x| x.contains("Partitions assigned;") && !x.contains("partitions=[]"));
+        if holds(&la) && holds(&lb) && !records(brokers, commits, 1, "").is_empty() {
+            return started;
+        }
+        assert!(a.try_wait().unwrap().is_none(), "a ended early: {la}");
+        assert!(b.try_wait().unwrap().is_none(), "b ended early: {lb}");
+        assert!(started.elapsed() < Duration::from_secs(90), "the members never shared the partitions:\n{la}\n{lb}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until survivor `b` has taken partitions over from `a` and the committed output
+/// (transactional ids `<prefix>-<member>`) holds as many rows as `want`; then stops `b`,
+/// which must exit cleanly, and returns its log.
+fn survivor_done(dir: &Path, brokers: &str, prefix: &str, want: &Rows, seed: u64, b: &mut Child) -> String {
+    let expected: usize = want.values().map(Vec::len).sum();
+    let waited = Instant::now();
+    loop {
+        let got = committed(brokers, prefix, &["a", "b"]).0;
+        let n: usize = got.values().map(Vec::len).sum();
+        if n >= expected && log(dir, "b").contains(" from a at ") {
+            break;
+        }
+        assert!(b.try_wait().unwrap().is_none(), "b ended: {}", log(dir, "b"));
+        if waited.elapsed() > Duration::from_secs(120) {
+            eprintln!(
+                "the committed output stalled at {n} of {expected} rows, or b never took a's partitions over (seed {seed}):\n{}",
+                log(dir, "b")
+            );
+            let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).take(20).collect();
+            panic!("missing (of {} kinds): {missing:?}", want.len());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let term = Command::new("kill").args(["-TERM", &b.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let status = b.wait().unwrap();
+    let lb = log(dir, "b");
+    assert!(status.success(), "b failed after SIGTERM: {lb}");
+    lb
 }
 
 #[test]
@@ -146,19 +199,7 @@ fn a_killed_members_partitions_move_to_the_survivor_with_their_state() {
         std::thread::spawn(move || produce_paced(&brokers, "events", &input, 5_000))
     };
     // Kill `a` once both hold partitions and `a` has committed output of its own.
-    let started = Instant::now();
-    loop {
-        let (la, lb) = (log(dir.path(), "a"), log(dir.path(), "b"));
-        let holds = |l: &str| l.lines().any(|x| x.contains("Partitions assigned;") && !x.contains("partitions=[]"));
-        let a_committed = !records(&brokers, "w1-a.commits", 1, "").is_empty();
-        if holds(&la) && holds(&lb) && a_committed {
-            break;
-        }
-        assert!(a.try_wait().unwrap().is_none(), "a ended early: {la}");
-        assert!(b.try_wait().unwrap().is_none(), "b ended early: {lb}");
-        assert!(started.elapsed() < Duration::from_secs(90), "the members never shared the partitions:\n{la}\n{lb}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let started = shared(dir.path(), &brokers, "w1-a.commits", &mut a, &mut b);
     std::thread::sleep(Duration::from_millis(rng.below(2000)));
     let mid_stream = !producer.is_finished();
     a.kill().unwrap();
@@ -185,33 +226,9 @@ fn a_killed_members_partitions_move_to_the_survivor_with_their_state() {
     // The survivor takes over; wait until it has and the committed output is complete (or
     // stalls). Should `a` have committed all of its share before it died, `b` still takes
     // its partitions over, once the group sees `a` gone, from `a`'s checkpoint.
-    let waited = Instant::now();
-    let mut got;
-    loop {
-        got = committed(&brokers, &["a", "b"]).0;
-        let n: usize = got.values().map(Vec::len).sum();
-        if n >= expected && log(dir.path(), "b").contains(" from a at ") {
-            break;
-        }
-        assert!(b.try_wait().unwrap().is_none(), "b ended: {}", log(dir.path(), "b"));
-        if waited.elapsed() > Duration::from_secs(120) {
-            eprintln!(
-                "the committed output stalled at {n} of {expected} rows, or b never took a's partitions over (seed {seed}):\n{}",
-                log(dir.path(), "b")
-            );
-            let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).take(20).collect();
-            panic!("missing (of {} kinds): {missing:?}", want.len());
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    // Stop the survivor; it must exit cleanly.
-    let term = Command::new("kill").args(["-TERM", &b.id().to_string()]).status().unwrap();
-    assert!(term.success());
-    let status = b.wait().unwrap();
-    let lb = log(dir.path(), "b");
-    assert!(status.success(), "b failed after SIGTERM: {lb}");
+    let lb = survivor_done(dir.path(), &brokers, "w1", &want, seed, &mut b);
     assert!(lb.contains(" from a at "), "b never took a partition over from a: {lb}");
-    let (got, aborted) = committed(&brokers, &["a", "b"]);
+    let (got, aborted) = committed(&brokers, "w1", &["a", "b"]);
     eprintln!("{aborted} records of transactions that never committed left out");
     for l in lb.lines().filter(|l| l.contains("Partitions assigned;") || l.contains("Run stopped")) {
         eprintln!("b: {l}");
@@ -229,4 +246,172 @@ fn a_killed_members_partitions_move_to_the_survivor_with_their_state() {
     let o = weir(&["checkpoints", "inspect", ck.to_str().unwrap()], &[]);
     let shown = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && shown.contains("member b:") && shown.contains("per-device-10s"), "{shown}");
+}
+
+/// W5's interval join over two topics, as member `${MEMBER}` of one group (the first source
+/// joins it, the second reads the same partitions of its own topic); or, with `files`, the
+/// reference over the two files.
+fn w5(dir: &Path, brokers: &str, files: Option<(&Path, &Path)>) -> std::path::PathBuf {
+    let source = |topic: &str| {
+        match files {
+        Some((a, b)) => format!("file: {{ path: \"{}\", format: json }}", if topic == "a" { a } else { b }.display()),
+        None => format!(
+            "kafka:\n      brokers: \"{brokers}\"\n      topics: [{topic}]\n      group_id: w5-shared\n      start: earliest\n      format: json\n      properties: {{ session.timeout.ms: \"6000\", heartbeat.interval.ms: \"500\" }}"
+        ),
+    }
+    };
+    let sink = match files {
+        Some(_) => "file: { path: \"${OUTPUT}\", format: json }".to_string(),
+        None => format!("kafka: {{ brokers: \"{brokers}\", topic: out, key: device_id, mode: exactly_once, transactional_id: \"w5-${{MEMBER}}\", checkpoint_header: weir-txn }}"),
+    };
+    let checkpoints = match files {
+        Some(_) => String::new(),
+        None => {
+            format!("checkpoints:\n  dir: {}\n  member: ${{MEMBER}}\n  interval: 200ms\n", dir.join("ck").display())
+        }
+    };
+    let text = format!(
+        r#"name: w5-shared
+sources:
+  - id: a
+    {}
+    schema: &sensor
+      fields:
+        - {{ name: device_id, type: string }}
+        - {{ name: ts, type: int64 }}
+        - name: readings
+          type: struct
+          fields:
+            - {{ name: temp, type: float64 }}
+    event_time: {{ column: ts, format: ms }}
+    watermark: {{ max_out_of_orderness: 2s }}
+  - id: b
+    {}
+    schema: *sensor
+    event_time: {{ column: ts, format: ms }}
+    watermark: {{ max_out_of_orderness: 2s }}
+steps:
+  - interval_join: {{ id: pairs, left: a, right: b, on: device_id, between: [-5ms, 5ms] }}
+  - select:
+      id: columns
+      columns:
+        - a.device_id AS device_id
+        - a.ts AS a_ts
+        - b.ts AS b_ts
+        - a.readings.temp AS a_temp
+        - b.readings.temp AS b_temp
+sink:
+  id: out
+  {sink}
+dead_letters:
+  path: ${{DEAD_LETTERS}}
+{checkpoints}"#,
+        source("a"),
+        source("b"),
+    );
+    let p = dir.join(if files.is_some() { "reference.yaml" } else { "w5.yaml" });
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Two feeds of the same 20 devices, `b`'s readings 1 ms after `a`'s: each reading of `a`
+/// meets one of `b` within 5 ms.
+fn feeds(events: u64) -> (String, String) {
+    let line = |i: u64, shift: u64, temp: u64| {
+        format!(
+            "{{\"device_id\":\"dev-{:02}\",\"ts\":{},\"readings\":{{\"temp\":{temp}.5}}}}\n",
+            i % 20,
+            1_796_000_000_000 + i * 2 + shift
+        )
+    };
+    let a = (0..events).map(|i| line(i, 0, 20 + i % 7)).collect();
+    let b = (0..events).map(|i| line(i, 1, 40 + i % 5)).collect();
+    (a, b)
+}
+
+#[test]
+fn a_join_of_two_topics_moves_each_partition_of_both_with_its_state() {
+    let seed = seed();
+    let mut rng = Rng(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let (a_text, b_text) = feeds(20_000);
+    let (a_file, b_file) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    std::fs::write(&a_file, &a_text).unwrap();
+    std::fs::write(&b_file, &b_text).unwrap();
+
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("a", 4, 1).unwrap();
+    mock.create_topic("b", 4, 1).unwrap();
+    mock.create_topic("out", 3, 1).unwrap();
+    for m in ["a", "b"] {
+        mock.create_topic(&format!("w5-{m}.commits"), 1, 1).unwrap();
+    }
+    let brokers = mock.bootstrap_servers();
+    let p = w5(dir.path(), &brokers, None);
+    let mut one = spawn(&p, dir.path(), "a");
+    let mut two = spawn(&p, dir.path(), "b");
+    // Both feeds arrive over about eight seconds, side by side.
+    let producers: Vec<_> = [("a", a_text), ("b", b_text)]
+        .into_iter()
+        .map(|(topic, text)| {
+            let brokers = brokers.clone();
+            std::thread::spawn(move || produce_lines(&brokers, topic, &text, 2_500))
+        })
+        .collect();
+    let started = shared(dir.path(), &brokers, "w5-a.commits", &mut one, &mut two);
+    std::thread::sleep(Duration::from_millis(rng.below(2000)));
+    let mid_stream = producers.iter().any(|p| !p.is_finished());
+    one.kill().unwrap();
+    one.wait().unwrap();
+    eprintln!("killed a after {:?} (input still arriving: {mid_stream}):\n{}", started.elapsed(), log(dir.path(), "a"));
+    for p in producers {
+        p.join().unwrap();
+    }
+
+    let reference = dir.path().join("reference.jsonl");
+    let o = weir(
+        &["run", w5(dir.path(), &brokers, Some((&a_file, &b_file))).to_str().unwrap(), "--workers", "2", "--quiet"],
+        &[("OUTPUT", &reference), ("DEAD_LETTERS", &dir.path().join("ref-dead.jsonl"))],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = rows(&std::fs::read_to_string(&reference).unwrap());
+    let expected: usize = want.values().map(Vec::len).sum();
+    assert_eq!(expected, 20_000, "one pair per reading of `a`");
+
+    let lb = survivor_done(dir.path(), &brokers, "w5", &want, seed, &mut two);
+    // Each partition taken over names its position in both topics.
+    let took = lb.lines().find(|l| l.contains(" from a at ")).unwrap_or_default().to_string();
+    assert!(names_two_positions(&took), "a partition taken over should name its positions in both topics: {took}");
+    let (got, aborted) = committed(&brokers, "w5", &["a", "b"]);
+    eprintln!("{aborted} records of transactions that never committed left out");
+    assert_same(&want, &got, &format!("W5 over two topics and two members, one killed (seed {seed})"));
+}
+
+/// Whether a "taken over" log line names a partition's positions as `<a>/<b>`.
+fn names_two_positions(line: &str) -> bool {
+    line.split(" from a at ").skip(1).any(|rest| {
+        let at: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '/' || *c == '-').collect();
+        at.split('/').count() == 2
+    })
+}
+
+#[test]
+fn topics_partitioned_differently_cannot_share_their_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("a", 4, 1).unwrap();
+    mock.create_topic("b", 3, 1).unwrap();
+    mock.create_topic("out", 3, 1).unwrap();
+    mock.create_topic("w5-a.commits", 1, 1).unwrap();
+    let p = w5(dir.path(), &mock.bootstrap_servers(), None);
+    let o = weir(
+        &["run", p.to_str().unwrap(), "--workers", "1", "--quiet"],
+        &[("MEMBER", Path::new("a")), ("DEAD_LETTERS", &dir.path().join("dead.jsonl"))],
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("topics `a` (4 partitions) and `b` (3 partitions)") && err.contains("partitioned alike"),
+        "{err}"
+    );
 }

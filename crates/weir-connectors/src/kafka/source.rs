@@ -274,6 +274,7 @@ impl KafkaSourceFactory {
             shared: Arc::new(Shared::default()),
             consumer: Mutex::new(None),
             partition_count: Mutex::new(None),
+            leader: Mutex::new(None),
         });
         Ok(Self { schema, cfg, group })
     }
@@ -324,6 +325,13 @@ struct KafkaGroup {
     /// The topic's partition count when the assignment was last read: which partition a key
     /// is in depends on it.
     partition_count: Mutex<Option<u32>>,
+    /// Set when this source follows another's assignment ([`GroupMember::follow`]): the
+    /// leader's consumer, the one member of the group. This source's consumer then joins no
+    /// group, and its progress hints are committed through the leader's (the group refuses
+    /// commits from a consumer that is not a member).
+    ///
+    /// [`GroupMember::follow`]: weir_core::handoff::GroupMember::follow
+    leader: Mutex<Option<Arc<StreamConsumer<SourceCtx>>>>,
 }
 
 impl std::fmt::Debug for KafkaGroup {
@@ -338,7 +346,8 @@ impl KafkaGroup {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let c = Arc::new(new_consumer(&self.cfg, &self.shared, registry)?);
+        let following = lock(&self.leader).is_some();
+        let c = Arc::new(new_consumer(&self.cfg, &self.shared, registry, !following)?);
         *slot = Some(c.clone());
         Ok(c)
     }
@@ -438,6 +447,37 @@ impl weir_core::handoff::GroupMember for KafkaGroup {
                 )))
             }
         })
+    }
+
+    async fn follow(
+        &self,
+        leader: &dyn weir_core::handoff::GroupMember,
+        assignment: &weir_core::handoff::Assignment,
+        registry: &Arc<weir_core::metrics::Registry>,
+    ) -> Result<weir_core::handoff::Assignment> {
+        let any: &dyn std::any::Any = leader;
+        let Some(lead) = any.downcast_ref::<KafkaGroup>() else {
+            return Err(CoreError::Config(format!(
+                "kafka: a Kafka source shares partitions only with another Kafka source (not {leader:?})"
+            )));
+        };
+        let Some(theirs) = lock(&lead.consumer).clone() else {
+            weir_core::bail_internal!("kafka: a source followed another before that one joined its group")
+        };
+        *lock(&self.leader) = Some(theirs);
+        let consumer = self.consumer(registry)?;
+        let list = assignment.partitions.iter().map(|&p| (self.topic().to_string(), p)).collect();
+        let mine = self.settle(&consumer, list).await?;
+        let (n_lead, n_mine) = (*lock(&lead.partition_count), *lock(&self.partition_count));
+        weir_core::ensure_config!(
+            n_lead == n_mine,
+            "kafka: topics `{}` ({} partitions) and `{}` ({} partitions) are read by processes that share them, so they must be partitioned alike: the same partition count, and the same key in each record",
+            lead.topic(),
+            n_lead.unwrap_or(0),
+            self.topic(),
+            n_mine.unwrap_or(0)
+        );
+        Ok(mine)
     }
 }
 
@@ -827,6 +867,7 @@ fn new_consumer(
     cfg: &KafkaSourceConfig,
     shared: &Arc<Shared>,
     registry: &Arc<weir_core::metrics::Registry>,
+    subscribe: bool,
 ) -> Result<StreamConsumer<SourceCtx>> {
     let reset = if cfg.start == KafkaStart::Latest { "latest" } else { "earliest" };
     let ours = [
@@ -869,6 +910,10 @@ fn new_consumer(
         .create_with_context(ctx)
         .map_err(|e| kafka_err("kafka source: cannot create the consumer", &e))?;
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+    if !subscribe {
+        tracing::info!(topics = ?topics, brokers = %cfg.client.brokers, "Kafka consumer reading the partitions of another source's group.");
+        return Ok(c);
+    }
     c.subscribe(&topics).map_err(|e| kafka_err(format!("kafka source: cannot subscribe to {topics:?}"), &e))?;
     tracing::info!(topics = ?topics, group = %cfg.group_id, brokers = %cfg.client.brokers, "Kafka consumer subscribed.");
     Ok(c)
@@ -928,7 +973,7 @@ impl KafkaSource {
         }
         let c = match &self.group {
             Some(g) => g.consumer(registry)?,
-            None => Arc::new(new_consumer(&self.cfg, &self.shared, registry)?),
+            None => Arc::new(new_consumer(&self.cfg, &self.shared, registry, true)?),
         };
         self.consumer = Some(c.clone());
         Ok(c)
@@ -1296,7 +1341,9 @@ impl Source for KafkaSource {
         // Only partitions this consumer holds: a commit for others is refused by the group.
         // With the positions in the output's transactions, those commits are the only ones.
         let hint = self.cfg.transactional_offsets.is_none();
-        if let (Some(c), Some(tpl), true) = (&self.consumer, self.last_snapshot.take(), hint) {
+        // A follower's go through the leader's consumer, the group's member.
+        let committer = self.group.as_ref().and_then(|g| lock(&g.leader).clone()).or_else(|| self.consumer.clone());
+        if let (Some(c), Some(tpl), true) = (committer, self.last_snapshot.take(), hint) {
             if tpl.count() > 0 {
                 if let Err(e) = c.commit(&tpl, CommitMode::Async) {
                     tracing::debug!(error = %e, "Could not commit progress offsets to Kafka (a hint only).");
