@@ -39,8 +39,8 @@ done
 rate=${RATE:-50000}
 echo
 echo "latency at $rate events/s (ms):"
-echo "| broker | pipeline | mode | workers | produced/s | results measured | p50 | p99 | max |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| broker | pipeline | mode | workers | produced/s | results measured | p50 | p99 | max | in Weir p50 | p99 | max |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 lat() { python3 scripts/bench_kafka_latency.py --weir "$bin" --rate "$rate" "$@" 2>/dev/null; }
 # `none`: no job, the brokers alone (production to readable through one topic).
 echo -n "| Tansu "; lat --brokers "$WEIR_TEST_KAFKA" --pipeline none
@@ -52,4 +52,8 @@ for pl in passthrough w1; do
       echo -n "| mock "; lat --brokers mock --mode $mode --pipeline $pl --workers $workers
     done
   done
+done
+# Exactly once, a result waits for its checkpoint's commit: the interval bounds the latency.
+for interval in 100ms 1s; do
+  echo -n "| mock ($interval checkpoints) "; lat --brokers mock --mode exactly_once --pipeline passthrough --checkpoint-interval $interval
 done

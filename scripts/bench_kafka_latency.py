@@ -13,7 +13,15 @@ output and measures, per output record:
 `--pipeline none` runs no job: the consumer reads the input topic itself, which is what the
 brokers alone add (production to readable, through one topic instead of two).
 
-`--source-property KEY=VALUE` passes a librdkafka property to the job's Kafka source.
+`--source-property KEY=VALUE` passes a librdkafka property to the job's Kafka source,
+`--sink-property KEY=VALUE` one to its Kafka sink; `--max-linger` sets the source's
+`max_linger` (Weir's default when not given).
+
+Weir's own share (pass-through only): the source adds a `received` metadata column (when Weir
+took the record from its consumer, µs) and the sink measures from it (`latency_column`), so
+Weir's run summary gives the time each row spent inside Weir, between the two clients; the
+last columns of the table are its p50 / p99 / max. The brokers' hops and the sink producer's
+`linger.ms` are outside it.
 
 `--brokers mock` runs librdkafka's mock cluster inside this process (the only broker here
 that serves transactions); otherwise a real broker address (Tansu from scripts/services.sh).
@@ -39,7 +47,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 STEPS = {
-    "passthrough": "  - select: { id: columns, columns: [device_id, ts, \"readings.temp AS temp\"] }\n",
+    "passthrough": "  - select: { id: columns, columns: [device_id, ts, \"readings.temp AS temp\", received_us] }\n",
     "w1": (
         "  - key_by: { id: by-device, keys: [device_id] }\n"
         "  - window:\n      id: per-device-10s\n      tumbling: 10s\n"
@@ -52,12 +60,17 @@ STEPS = {
 def pipeline(a, brokers, run):
     ck = f"checkpoints: {{ dir: {a.work}/ck-{run}, interval: {a.checkpoint_interval} }}\n" if a.mode == "exactly_once" else ""
     header = ", checkpoint_header: weir-checkpoint" if a.mode == "exactly_once" else ""
-    props = dict(kv.split("=", 1) for kv in a.source_property)
-    props_yaml = ", properties: {" + ", ".join(f'"{k}": "{v}"' for k, v in props.items()) + "}" if props else ""
+    def properties(pairs):
+        props = dict(kv.split("=", 1) for kv in pairs)
+        return ", properties: {" + ", ".join(f'"{k}": "{v}"' for k, v in props.items()) + "}" if props else ""
+
+    linger = f"  max_linger: {a.max_linger}\n" if a.max_linger else ""
+    received = ", metadata: { received: received_us }" if a.pipeline == "passthrough" else ""
+    latency = "  latency_column: received_us\n" if a.pipeline == "passthrough" else ""
     return f"""name: latency-{a.pipeline}
 source:
   id: events
-  kafka: {{ brokers: "{brokers}", topics: [{run}-in], group_id: {run}, start: latest, format: json{props_yaml} }}
+  kafka: {{ brokers: "{brokers}", topics: [{run}-in], group_id: {run}, start: latest, format: json{properties(a.source_property)}{received} }}
   schema:
     fields:
       - {{ name: device_id, type: string }}
@@ -65,11 +78,11 @@ source:
       - {{ name: readings, type: struct, fields: [ {{ name: temp, type: float64 }} ] }}
   event_time: {{ column: ts, format: ms }}
   watermark: {{ max_out_of_orderness: 2s, idle_timeout: 5s }}
-  max_linger: 5ms
-steps:
+{linger}steps:
 {STEPS[a.pipeline]}sink:
   id: out
-  kafka: {{ brokers: "{brokers}", topic: {run}-out, key: device_id, mode: {a.mode}, transactional_id: {run}{header} }}
+  kafka: {{ brokers: "{brokers}", topic: {run}-out, key: device_id, mode: {a.mode}, transactional_id: {run}{header}{properties(a.sink_property)} }}
+{latency}
 dead_letters: {{ path: {a.work}/{run}-dead.jsonl }}
 {ck}"""
 
@@ -105,6 +118,8 @@ def main():
     ap.add_argument("--mode", choices=["at_least_once", "exactly_once"], default="at_least_once")
     ap.add_argument("--pipeline", choices=sorted(STEPS) + ["none"], default="passthrough")
     ap.add_argument("--source-property", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--sink-property", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--max-linger", default="", help="the source's max_linger (default: Weir's)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--rate", type=int, default=50000)
     ap.add_argument("--seconds", type=float, default=20.0)
@@ -133,9 +148,9 @@ def main():
         path = f"{a.work}/pipeline.yaml"
         with open(path, "w") as f:
             f.write(pipeline(a, brokers, run))
-        quiet = [] if os.environ.get("WEIR_BENCH_LOG") else ["--quiet"]
-        job = subprocess.Popen([a.weir, "run", path, "--workers", str(a.workers), "--no-progress", *quiet],
-                               stderr=open(f"{a.work}/weir.log", "w"))
+        # The run summary (with Weir's own share, for the pass-through) goes to weir.log.
+        job = subprocess.Popen([a.weir, "run", path, "--workers", str(a.workers), "--no-progress"],
+                               stdout=subprocess.DEVNULL, stderr=open(f"{a.work}/weir.log", "w"))
     read_topic = f"{run}-in" if job is None else f"{run}-out"
 
     lat, got, stop = [], [0], threading.Event()
@@ -217,8 +232,15 @@ def main():
         sys.exit(f"no output measured; see {a.work}/weir.log")
     lat.sort()
     q = lambda f: lat[min(len(lat) - 1, int(f * len(lat)))]
+    share = "- | - | -"
+    if job is not None and a.pipeline == "passthrough":
+        import re
+
+        with open(f"{a.work}/weir.log") as f:
+            m = re.search(r"latency from creation to sink: p50 ([\d.]+) ms, p99 ([\d.]+) ms, max ([\d.]+) ms", f.read())
+        share = " | ".join(m.groups()) if m else "? | ? | ?"
     print(f"| {a.pipeline} | {a.mode} | {a.workers} | {sent / produced_for:,.0f} | {len(lat):,} | "
-          f"{q(0.5):.1f} | {q(0.99):.1f} | {lat[-1]:.1f} |")
+          f"{q(0.5):.1f} | {q(0.99):.1f} | {lat[-1]:.1f} | {share} |")
     del holder
 
 

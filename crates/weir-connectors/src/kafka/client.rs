@@ -30,7 +30,23 @@ impl fmt::Debug for KafkaClientConfig {
     }
 }
 
+/// The producers' `linger.ms` unless the pipeline sets it (librdkafka's default is 5 ms).
+/// Weir hands its producers whole batches, so waiting for more records before sending only
+/// delays what is already there; under load, records still gather into larger requests while
+/// earlier ones are in flight. See docs/benchmarks.md (Kafka latency).
+pub(crate) const PRODUCER_LINGER_MS: &str = "0";
+
 impl KafkaClientConfig {
+    /// A producer's librdkafka configuration: as [`Self::client_config`], with Weir's
+    /// defaults ([`PRODUCER_LINGER_MS`]) where the pipeline sets nothing.
+    pub(crate) fn producer_config(&self, ours: &[(&str, String)]) -> ClientConfig {
+        let mut c = self.client_config(ours);
+        if !["linger.ms", "queue.buffering.max.ms"].iter().any(|k| self.properties.contains_key(*k)) {
+            c.set("linger.ms", PRODUCER_LINGER_MS);
+        }
+        c
+    }
+
     /// The librdkafka configuration: passed-through properties, then Weir's own `ours`.
     pub(crate) fn client_config(&self, ours: &[(&str, String)]) -> ClientConfig {
         let mut c = ClientConfig::new();

@@ -249,7 +249,7 @@ impl SinkFactory for KafkaSinkFactory {
                 let p: FutureProducer<Logging> = self
                     .cfg
                     .client
-                    .client_config(&ours)
+                    .producer_config(&ours)
                     .create_with_context(log)
                     .map_err(|e| kafka_err("kafka sink: cannot create the producer", &e))?;
                 (Some(p), Some(fatal))

@@ -21,6 +21,7 @@ use arrow_array::cast::AsArray as _;
 use arrow_array::types::{Int32Type, Int64Type};
 use arrow_array::{Array as _, ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use futures::FutureExt as _;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers as _, Message as _};
@@ -63,6 +64,9 @@ pub struct KafkaMetadataColumns {
     pub timestamp: Option<String>,
     /// The headers as a JSON object of strings (utf8); null without headers.
     pub headers: Option<String>,
+    /// When this source took the record from its consumer, µs since the epoch (int64): with
+    /// the sink's `latency_column`, the time rows spend inside the job.
+    pub received: Option<String>,
 }
 
 impl KafkaMetadataColumns {
@@ -96,6 +100,7 @@ impl KafkaMetadataColumns {
         add(&self.offset, DataType::Int64);
         add(&self.timestamp, DataType::Int64);
         add(&self.headers, DataType::Utf8);
+        add(&self.received, DataType::Int64);
         f
     }
 }
@@ -300,6 +305,7 @@ impl SourceFactory for KafkaSourceFactory {
             parts: Vec::new(),
             index: HashMap::new(),
             linger: Linger::new(self.cfg.batch_size, self.cfg.max_linger),
+            fetched_at: None,
             pending_idle: Vec::new(),
             last_snapshot: None,
             warned_at: None,
@@ -720,6 +726,9 @@ impl ConsumerContext for SourceCtx {
     }
 }
 
+/// Arrivals closer than this are taken as one fetch's records (see `KafkaSource::poll`).
+const FETCH_APART: Duration = Duration::from_micros(200);
+
 /// How often a rebalance step is tried before the run fails, and the pause between tries.
 const REBALANCE_TRIES: u32 = 3;
 const REBALANCE_PAUSE: Duration = Duration::from_millis(500);
@@ -811,6 +820,7 @@ struct Part {
     keys: Vec<Option<String>>,
     times: Vec<Option<i64>>,
     headers: Vec<Option<String>>,
+    received: Vec<i64>,
     first_at: Option<Instant>,
     /// The trace context of the first buffered record that had one (traces on only).
     trace: Option<weir_core::trace::SpanContext>,
@@ -843,6 +853,8 @@ struct KafkaSource {
     parts: Vec<Part>,
     index: HashMap<(String, i32), usize>,
     linger: Linger,
+    /// When the linger last counted a fetch's arrival.
+    fetched_at: Option<Instant>,
     pending_idle: Vec<usize>,
     last_snapshot: Option<TopicPartitionList>,
     warned_at: Option<Instant>,
@@ -1016,6 +1028,7 @@ impl KafkaSource {
                         part.keys.clear();
                         part.times.clear();
                         part.headers.clear();
+                        part.received.clear();
                         part.first_at = None;
                         part.trace = None;
                         if let Some(n) = part.next {
@@ -1053,6 +1066,9 @@ impl KafkaSource {
         }
         if md.timestamp.is_some() {
             part.times.push(m.timestamp().to_millis());
+        }
+        if md.received.is_some() {
+            part.received.push(now_us());
         }
         if md.headers.is_some() {
             part.headers.push(m.headers().map(|h| {
@@ -1095,6 +1111,7 @@ impl KafkaSource {
         let keys = std::mem::take(&mut part.keys);
         let times = std::mem::take(&mut part.times);
         let headers = std::mem::take(&mut part.headers);
+        let received = std::mem::take(&mut part.received);
         let trace = part.trace.take();
         part.first_at = None;
         if let Some(last) = offsets.last() {
@@ -1128,6 +1145,9 @@ impl KafkaSource {
             }
             if md.headers.is_some() {
                 cols.push(Arc::new(StringArray::from((0..n).map(|r| headers[rec(r)].clone()).collect::<Vec<_>>())));
+            }
+            if md.received.is_some() {
+                cols.push(Arc::new(Int64Array::from((0..n).map(|r| received[rec(r)]).collect::<Vec<_>>())));
             }
             Ok(RecordBatch::try_new(schema.clone(), cols)?)
         };
@@ -1277,25 +1297,35 @@ impl Source for KafkaSource {
                     if !self.add(&m) {
                         continue;
                     }
-                    self.linger.arrived(1, Instant::now());
-                    // Drain what is already fetched without waiting, up to a batch.
+                    // Drain what is already fetched without waiting, up to a batch. Polled
+                    // once each, not under a zero timeout: tokio fires a timer on its next
+                    // tick, so `timeout(ZERO, ..)` of an empty queue waits about a
+                    // millisecond, and every batch paid it (docs/benchmarks.md, Kafka latency).
                     let mut n = 1;
                     while n < self.cfg.batch_size {
-                        match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
-                            Ok(Ok(m)) => {
+                        match consumer.recv().now_or_never() {
+                            Some(Ok(m)) => {
                                 if self.add(&m) {
                                     n += 1;
                                 }
                             }
-                            Ok(Err(e)) => {
+                            Some(Err(e)) => {
                                 self.report(&e);
                                 break;
                             }
-                            Err(_) => break,
+                            None => break,
                         }
                     }
-                    if n > 1 {
-                        self.linger.arrived(n - 1, Instant::now());
+                    // Records come a fetch at a time: the linger learns the gap between
+                    // fetches, not between records (tiny within one), so a partial batch
+                    // waits only when the next fetch is expected within `max_linger`. The
+                    // client hands a fetch's records over one by one, so a drain can find the
+                    // queue empty in the middle of one: drains closer than `FETCH_APART` to
+                    // the last counted are the same fetch.
+                    let now = Instant::now();
+                    if self.fetched_at.is_none_or(|t| now - t >= FETCH_APART) {
+                        self.linger.arrived(1, now);
+                        self.fetched_at = Some(now);
                     }
                 }
                 Ok(Err(e)) => {
@@ -1372,6 +1402,11 @@ impl Source for KafkaSource {
         tracing::info!(partitions = resume.len(), "Kafka positions restored from the checkpoint.");
         Ok(())
     }
+}
+
+/// The wall clock in µs since the epoch (0 before it).
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
 /// The source's position table: topic, partition, offset of the next record to hand out.

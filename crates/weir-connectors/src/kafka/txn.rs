@@ -304,7 +304,7 @@ impl Transactions {
         ];
         let p: FutureProducer<Logging> = self
             .client
-            .client_config(&ours)
+            .producer_config(&ours)
             .create_with_context(Logging::new(format!("kafka sink {} (transactional id {})", self.topic, slot.id)))
             .map_err(|e| kafka_err("kafka sink: cannot create the transactional producer", &e))?;
         let q = p.clone();

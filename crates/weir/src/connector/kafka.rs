@@ -265,6 +265,9 @@ pub struct KafkaMetadataSettings {
     /// The headers as a JSON object text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<String>,
+    /// When Weir took the record from its consumer, µs since the epoch (int64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<String>,
 }
 
 /// Kafka sink settings.
@@ -364,6 +367,7 @@ impl KafkaSourceSettings {
             offset: m.offset.clone(),
             timestamp: m.timestamp.clone(),
             headers: m.headers.clone(),
+            received: m.received.clone(),
         }
     }
 }

@@ -215,6 +215,7 @@ fn kafka_to_kafka_with_keys_and_metadata_columns() {
         partition: Some("p".into()),
         offset: Some("o".into()),
         timestamp: Some("bt".into()),
+        received: Some("rx".into()),
         ..Default::default()
     };
     // Metadata columns are ordinary columns to the steps after the source.
@@ -224,12 +225,20 @@ fn kafka_to_kafka_with_keys_and_metadata_columns() {
         "p".into(),
         "o".into(),
         "bt > 0 AS stamped".into(),
+        "rx".into(),
     ]);
     let mut sink = sink_settings(&k.brokers);
     sink.key = Some("device_id".into());
     sink.headers = [("source-partition".to_string(), "p".to_string())].into_iter().collect();
     cfg.sink = SinkConfig::new("to-kafka", SinkConnector::Kafka(sink));
+    // The time each row spent inside the job, from its `received` stamp to the sink.
+    cfg.sink.latency_column = Some("rx".into());
+    let now_us = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+    let before = now_us();
     let s = run(&cfg, 2);
+    let after = now_us();
+    let (_, _, max_us) = s.latency_us.expect("the sink measured from `rx`");
+    assert!(max_us as i64 <= after - before, "{max_us} µs inside a run of {} µs", after - before);
     let expected = read_jsonl(&data("w2-expected.jsonl"));
     assert_eq!(s.sink_rows as usize, expected.len());
     let got = k.consume("out", expected.len());
@@ -238,12 +247,13 @@ fn kafka_to_kafka_with_keys_and_metadata_columns() {
         assert_eq!(key.as_deref(), r["device_id"].as_str(), "the record key is the device id");
         assert_eq!((r["key_matches"].as_bool(), r["stamped"].as_bool()), (Some(true), Some(true)), "{r}");
         assert!((0..3).contains(&r["p"].as_i64().unwrap()) && r["o"].as_i64().unwrap() >= 0, "{r}");
+        assert!((before..=after).contains(&r["rx"].as_i64().unwrap()), "taken from the consumer during the run: {r}");
     }
     let plain: Vec<serde_json::Value> = rows
         .into_iter()
         .map(|mut r| {
             let o = r.as_object_mut().unwrap();
-            for c in ["key_matches", "p", "o", "stamped"] {
+            for c in ["key_matches", "p", "o", "stamped", "rx"] {
                 o.remove(c);
             }
             r
@@ -1332,4 +1342,45 @@ fn a_table_query_names_the_member_that_holds_a_key_on_a_real_broker() {
         stop.stop();
         rt.block_on(handle).unwrap().unwrap();
     }
+}
+
+/// Records come a fetch at a time. A partial batch waits for more only when the next fetch is
+/// expected within `max_linger`: bursts 3 s apart with `max_linger: 1s` are written as they
+/// come. (The linger used to learn the gap between records, small within one fetch, and held
+/// each burst for the whole second.) Timed by the rows' own `received` stamps.
+#[test]
+fn a_partial_batch_does_not_wait_for_a_fetch_not_expected_within_max_linger() {
+    let k = Cluster::new(&[("bursts", 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
+    let mut cfg = from_kafka("w2-filter-project.yaml", &k.brokers, "bursts", &out, &dead);
+    cfg.kafka_source().stop_at_end = false;
+    cfg.kafka_source().metadata.received = Some("rx".into());
+    cfg.source_mut().max_linger = Duration::from_secs(1);
+    cfg.steps = vec![StepConfig::Select(
+        serde_json::from_value(serde_json::json!({"id": "cols", "columns": ["device_id", "rx"]})).unwrap(),
+    )];
+    cfg.sink.latency_column = Some("rx".into());
+    let job = job(cfg, 1);
+    let (reg, stop) = (job.registry(), job.shutdown_handle());
+    let rt = rt();
+    let handle = rt.spawn(job.run());
+    let all = lines(&data("sensors-3k.jsonl"));
+    let mut last = Instant::now();
+    for burst in 0..3 {
+        // Input pacing: each burst is one fetch, 3 s after the one before.
+        std::thread::sleep(Duration::from_secs(3).saturating_sub(last.elapsed()));
+        last = Instant::now();
+        k.produce("bursts", &all[burst * 20..(burst + 1) * 20], Some(0));
+        let t = Instant::now();
+        while reg.sink_rows.load(std::sync::atomic::Ordering::Relaxed) < 20 * (burst as u64 + 1) {
+            assert!(t.elapsed() < Duration::from_secs(15), "burst {burst} never written");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let held_us = reg.latency.max_us();
+    stop.stop();
+    let s = rt.block_on(handle).unwrap().unwrap();
+    assert_eq!(s.sink_rows, 60);
+    assert!(held_us < 500_000, "a burst was held {held_us} µs inside the job (max_linger 1 s)");
 }
