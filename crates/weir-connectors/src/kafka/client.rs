@@ -101,6 +101,22 @@ pub(crate) struct Fatal {
 }
 
 impl Fatal {
+    /// Waits for `fut`, unless a client error no retry will cure comes first (the delivery
+    /// of records to a broker that refuses the handshake would wait for `message.timeout.ms`).
+    pub(crate) async fn or_fatal<T>(&self, fut: impl std::future::Future<Output = T>) -> Result<T, CoreError> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                r = &mut fut => return Ok(r),
+                () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                    if let Some(e) = self.error() {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
     /// The failure as the error to stop with.
     pub(crate) fn error(&self) -> Option<CoreError> {
         let why = self.why.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()?;

@@ -465,15 +465,9 @@ impl KafkaSink {
             }
             // While waiting, a client error no retry will cure (an untrusted certificate: the
             // records would wait for `message.timeout.ms` and be sent again for ever) ends it.
-            let reports = loop {
-                tokio::select! {
-                    r = &mut h => break r,
-                    () = tokio::time::sleep(Duration::from_millis(200)) => {
-                        if let Some(e) = self.fatal.as_ref().and_then(super::client::Fatal::error) {
-                            return Err(e);
-                        }
-                    }
-                }
+            let reports = match &self.fatal {
+                Some(f) => f.or_fatal(&mut h).await?,
+                None => (&mut h).await,
             };
             let (failed, dropped) =
                 reports.map_err(|e| CoreError::Task(format!("kafka sink: delivery reports: {e}")))?;

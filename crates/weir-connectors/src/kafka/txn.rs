@@ -33,6 +33,8 @@ use super::sink::KafkaTransactionSettings;
 /// How long a blocking transaction call (init, commit, abort) may take before it is
 /// reported as failed; librdkafka retries inside it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// One step of `init_transactions` (see `Transactions::ensure_producer`).
+const INIT_STEP: Duration = Duration::from_secs(1);
 
 /// Producer figures, shared by a sink's workers and its committer, reported as metrics.
 #[derive(Debug, Default)]
@@ -302,13 +304,30 @@ impl Transactions {
             ("partitioner", "murmur2_random".to_string()),
             ("transaction.timeout.ms", self.settings.timeout.as_millis().to_string()),
         ];
+        let log = Logging::new(format!("kafka sink {} (transactional id {})", self.topic, slot.id));
+        let fatal = log.watch();
         let p: FutureProducer<Logging> = self
             .client
             .producer_config(&ours)
-            .create_with_context(Logging::new(format!("kafka sink {} (transactional id {})", self.topic, slot.id)))
+            .create_with_context(log)
             .map_err(|e| kafka_err("kafka sink: cannot create the transactional producer", &e))?;
-        let q = p.clone();
-        blocking(move || q.init_transactions(CALL_TIMEOUT)).await?.map_err(|e| {
+        // The first call to reach the brokers. Made in short steps (librdkafka resumes a call
+        // that timed out when it is made again), so that a client error no retry will cure
+        // (an untrusted certificate) ends it within a step, and no abandoned call holds a
+        // thread for the rest of `CALL_TIMEOUT`.
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        let inited = loop {
+            let q = p.clone();
+            match blocking(move || q.init_transactions(INIT_STEP)).await? {
+                Err(KafkaError::Transaction(e)) if e.is_retriable() && Instant::now() < deadline => {
+                    if let Some(e) = fatal.error() {
+                        return Err(e);
+                    }
+                }
+                r => break r,
+            }
+        };
+        inited.map_err(|e| {
             self.error(
                 format!(
                     "kafka sink: initialising transactions for `{}` (is `transaction_timeout` above the broker's `transaction.max.timeout.ms`?)",

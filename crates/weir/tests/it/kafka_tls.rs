@@ -208,4 +208,13 @@ dead_letters: {{ path: "{dead}" }}
     let e = run(&writer.replace(&ca.display().to_string(), &other_ca.display().to_string())).unwrap_err().to_string();
     assert!(e.contains("kafka sink") && e.contains("TLS: the broker's certificate is not trusted"), "{e}");
     assert!(started.elapsed() < Duration::from_secs(120), "the refused handshake ended the run");
+    // And an exactly-once writer, whose transactional producer is the first to connect.
+    let exactly_once = writer
+        .replace(&ca.display().to_string(), &other_ca.display().to_string())
+        .replace("topic: tls,", "topic: tls, mode: exactly_once, transactional_id: tls-eo,")
+        + &format!("checkpoints: {{ dir: \"{}\", interval: 1s }}\n", dir.path().join("ck").display());
+    let started = std::time::Instant::now();
+    let e = run(&exactly_once).unwrap_err().to_string();
+    assert!(e.contains("kafka sink") && e.contains("TLS: the broker's certificate is not trusted"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(30), "the refused handshake ended the run at once");
 }
