@@ -67,12 +67,7 @@ pub trait GroupMember: std::any::Any + Send + Sync + fmt::Debug {
     ///
     /// # Errors
     /// A source that cannot follow another, or inputs partitioned differently.
-    async fn follow(
-        &self,
-        leader: &dyn GroupMember,
-        assignment: &Assignment,
-        registry: &Arc<Registry>,
-    ) -> Result<Assignment> {
+    async fn follow(&self, leader: &dyn GroupMember, assignment: &Assignment, registry: &Arc<Registry>) -> Result<()> {
         let _ = (leader, assignment, registry);
         Err(crate::CoreError::Config(format!("{self:?} cannot share the partitions of another source")))
     }

@@ -585,13 +585,7 @@ impl Job {
         let assigned =
             leader.assignment(self.shutdown_rx.clone(), &self.registry).await.map_err(|e| e.in_step(lead_step))?;
         for (step, g) in &groups[1..] {
-            let theirs = g.follow(leader.as_ref(), &assigned, &self.registry).await.map_err(|e| e.in_step(step))?;
-            crate::ensure_config!(
-                theirs == assigned,
-                "source `{step}` was given partitions {:?} to follow `{lead_step}`'s {:?}",
-                theirs.partitions,
-                assigned.partitions
-            );
+            g.follow(leader.as_ref(), &assigned, &self.registry).await.map_err(|e| e.in_step(step))?;
         }
         let inputs: Vec<(&str, &dyn GroupMember)> = groups.iter().map(|(s, g)| (s.as_str(), g.as_ref())).collect();
         let me = ck.store.member_name().unwrap_or_default().to_string();

@@ -106,7 +106,9 @@ impl Fatal {
     pub(crate) async fn or_fatal<T>(&self, fut: impl std::future::Future<Output = T>) -> Result<T, CoreError> {
         tokio::pin!(fut);
         loop {
+            // The future first: one already done (a settled batch) costs no timer.
             tokio::select! {
+                biased;
                 r = &mut fut => return Ok(r),
                 () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
                     if let Some(e) = self.error() {

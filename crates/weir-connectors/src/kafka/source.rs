@@ -460,7 +460,7 @@ impl weir_core::handoff::GroupMember for KafkaGroup {
         leader: &dyn weir_core::handoff::GroupMember,
         assignment: &weir_core::handoff::Assignment,
         registry: &Arc<weir_core::metrics::Registry>,
-    ) -> Result<weir_core::handoff::Assignment> {
+    ) -> Result<()> {
         let any: &dyn std::any::Any = leader;
         let Some(lead) = any.downcast_ref::<KafkaGroup>() else {
             return Err(CoreError::Config(format!(
@@ -473,7 +473,7 @@ impl weir_core::handoff::GroupMember for KafkaGroup {
         *lock(&self.leader) = Some(theirs);
         let consumer = self.consumer(registry)?;
         let list = assignment.partitions.iter().map(|&p| (self.topic().to_string(), p)).collect();
-        let mine = self.settle(&consumer, list).await?;
+        self.settle(&consumer, list).await?;
         let (n_lead, n_mine) = (*lock(&lead.partition_count), *lock(&self.partition_count));
         weir_core::ensure_config!(
             n_lead == n_mine,
@@ -483,7 +483,7 @@ impl weir_core::handoff::GroupMember for KafkaGroup {
             self.topic(),
             n_mine.unwrap_or(0)
         );
-        Ok(mine)
+        Ok(())
     }
 }
 

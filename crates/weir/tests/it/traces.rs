@@ -393,7 +393,6 @@ traces: {{ endpoint: \"{url}\", sample_ratio: 0, service_name: reader, export_de
 
 #[test]
 fn rows_posted_with_a_traceparent_go_on_in_the_callers_trace() {
-    use std::io::{Read as _, Write as _};
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
     let (url, spans) = collector(0);
@@ -412,17 +411,10 @@ fn rows_posted_with_a_traceparent_go_on_in_the_callers_trace() {
     // The caller's span: sampled, so the ingest continues it although this job samples nothing.
     let (trace, parent) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
     let body = br#"[{"seq": 1, "ts": 1, "temp": 1.5}, {"seq": 2, "ts": 2, "temp": 2.5}]"#;
-    let mut s = std::net::TcpStream::connect(server.addr()).unwrap();
-    write!(
-        s,
-        "POST /ingest/readings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\nContent-Type: application/json\r\ntraceparent: 00-{trace}-{parent}-01\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).unwrap();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let traceparent = format!("00-{trace}-{parent}-01");
+    let headers = [("Content-Type", "application/json"), ("traceparent", traceparent.as_str())];
+    let (status, _, answer) = http_send_with(server.addr(), "POST", "/ingest/readings", Some("tok"), &headers, body);
+    assert_eq!(status, 200, "{answer}");
     stop.stop();
     rt.block_on(running).unwrap().unwrap();
     rt.block_on(traces.finish());
