@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Kafka -> W1 -> Kafka throughput at 1 and 2 workers, next to what the broker alone does on
-# this machine (a bare librdkafka producer and consumer, confluent-kafka from PyPI), against
+# Kafka -> W1 and W2 -> Kafka throughput at 1 and 2 workers, next to what the broker alone
+# does on this machine (a bare librdkafka producer and consumer: confluent-kafka from PyPI,
+# and crates/weir-cli/examples/kafka_bare_consumer.rs, which Python does not hold back), against
 # the Tansu broker that scripts/services.sh starts on 127.0.0.1:19092 (in memory).
 #
 # Usage: scripts/bench-kafka.sh [N_EVENTS]   (default 2000000)
@@ -16,23 +17,38 @@ bin=$PWD/target/release/weir
 run=bench-$(date +%s)
 echo "broker alone ($n events, 4 partitions):"
 python3 scripts/bench_kafka_broker.py "$WEIR_TEST_KAFKA" "$run-in" 4 "$input"
-echo "| workers | wall s | events/s | output records |"
-echo "|---|---|---|---|"
-for workers in 1 2; do
-  for i in 1 2 3; do
-    out=$run-out-$workers-$i
-    # Tansu does not create topics on first use.
-    python3 -c "from confluent_kafka.admin import AdminClient, NewTopic
+# A bare consumer in Rust (librdkafka, as Weir's), reading the same topic: what the broker
+# serves one client here, next to which the pipelines below are measured.
+cargo build --release -p weir-cli --example kafka_bare_consumer >&2
+echo "bare consumer (crates/weir-cli/examples/kafka_bare_consumer.rs), same topic:"
+for i in 1 2 3; do
+  target/release/examples/kafka_bare_consumer "$WEIR_TEST_KAFKA" "$run-in" "$n"
+done
+
+# Kafka -> example -> Kafka, three runs at each worker count.
+pipeline() {
+  local example=$1
+  echo "$example:"
+  echo "| workers | wall s | events/s | output records |"
+  echo "|---|---|---|---|"
+  for workers in 1 2; do
+    for i in 1 2 3; do
+      out=$run-$(basename "$example" .yaml)-$workers-$i
+      # Tansu does not create topics on first use.
+      python3 -c "from confluent_kafka.admin import AdminClient, NewTopic
 a = AdminClient({'bootstrap.servers': '$WEIR_TEST_KAFKA'})
 for f in a.create_topics([NewTopic('$out', 4, 1)]).values(): f.result()"
-    start=$(date +%s.%N)
-    BROKERS=$WEIR_TEST_KAFKA IN=$run-in OUT=$out GROUP=$out STOP_AT_END=true DEAD_LETTERS=/tmp/$out-dead.jsonl \
-      "$bin" run examples/w1-kafka.yaml --workers "$workers" --no-progress 2> /tmp/$out.log
-    end=$(date +%s.%N)
-    rows=$(sed 's/\x1b\[[0-9;]*m//g' /tmp/$out.log | grep -o '[0-9]* rows written' | head -1 || true)
-    python3 -c "s=$end-$start; print(f'| $workers | {s:.2f} | {$n/s/1e3:.0f}k | $rows |')"
+      start=$(date +%s.%N)
+      BROKERS=$WEIR_TEST_KAFKA IN=$run-in OUT=$out GROUP=$out STOP_AT_END=true DEAD_LETTERS=/tmp/$out-dead.jsonl \
+        "$bin" run "$example" --workers "$workers" --no-progress 2> /tmp/$out.log
+      end=$(date +%s.%N)
+      rows=$(sed 's/\x1b\[[0-9;]*m//g' /tmp/$out.log | grep -o '[0-9]* rows written' | head -1 || true)
+      python3 -c "s=$end-$start; print(f'| $workers | {s:.2f} | {$n/s/1e3:.0f}k | $rows |')"
+    done
   done
-done
+}
+pipeline examples/w1-kafka.yaml
+pipeline examples/w2-kafka.yaml
 
 # End-to-end latency at a steady rate: Tansu for at-least-once; librdkafka's mock cluster (in
 # the measuring process) for both modes, since only it serves transactions here.

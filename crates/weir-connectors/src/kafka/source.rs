@@ -1,10 +1,13 @@
 //! The Kafka source: one consumer per process, in a consumer group, reading the partitions
-//! Kafka assigns to the process.
+//! Kafka assigns to the process, decoded on every worker.
 //!
-//! Worker 0 owns the consumer and decodes; the other workers get rows through the exchange
-//! after a `key_by`. One consumer per process means a partition never moves between the
-//! workers of one process, so its read position is always the one this process handed out;
-//! several processes split the partitions through the group protocol.
+//! The consumer's records are split by partition into their own queues before any partition is
+//! assigned (`split_partition_queue`), and each partition belongs to one worker of the process
+//! for the life of the process ([`owner`]): that worker reads its queue, decodes, and keeps its
+//! position and watermark. Worker 0 also serves the consumer's own queue, which carries the group
+//! protocol's callbacks and client errors. A partition never moves between the workers of one
+//! process, so its read position is always the one its worker handed out; several processes
+//! split the partitions through the group protocol.
 //!
 //! Positions (the offset of the next record to hand out, per topic and partition) are the
 //! source's checkpoint state; on restore the consumer starts each assigned partition there.
@@ -23,8 +26,8 @@ use arrow_array::{Array as _, ArrayRef, Int32Array, Int64Array, RecordBatch, Str
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use futures::FutureExt as _;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use weir_core::checkpoint::Epoch;
 use weir_core::linger::Linger;
@@ -247,7 +250,7 @@ impl Missing {
     }
 }
 
-/// Builds the Kafka source: the consumer on worker 0, nothing on the others.
+/// Builds the Kafka source: one consumer per process, its partitions read by every worker.
 #[derive(Debug)]
 pub struct KafkaSourceFactory {
     cfg: Arc<KafkaSourceConfig>,
@@ -255,6 +258,9 @@ pub struct KafkaSourceFactory {
     /// With `handoff`: the consumer, kept across the job's runs so that starting again after
     /// a rebalance does not make the process join the group anew (and rebalance again).
     group: Arc<KafkaGroup>,
+    /// The run whose instances are being made: the runtime makes worker 0's first, so that
+    /// one starts a new run and the others join it.
+    run: Mutex<Option<Arc<Run>>>,
 }
 
 impl KafkaSourceFactory {
@@ -277,11 +283,11 @@ impl KafkaSourceFactory {
         let group = Arc::new(KafkaGroup {
             cfg: cfg.clone(),
             shared: Arc::new(Shared::default()),
-            consumer: Mutex::new(None),
+            reader: Arc::new(Mutex::new(None)),
             partition_count: Mutex::new(None),
             leader: Mutex::new(None),
         });
-        Ok(Self { schema, cfg, group })
+        Ok(Self { schema, cfg, group, run: Mutex::new(None) })
     }
 }
 
@@ -290,17 +296,39 @@ impl SourceFactory for KafkaSourceFactory {
         self.schema.clone()
     }
 
-    fn create(&self, worker: usize, _workers: usize) -> Result<Box<dyn Source>> {
+    fn create(&self, worker: usize, workers: usize) -> Result<Box<dyn Source>> {
         let decoder = payload_decoder(&self.cfg)?;
+        let mut slot = lock(&self.run);
+        let run = match slot.as_ref() {
+            Some(r) if worker > 0 => r.clone(),
+            _ => {
+                // Without a handoff every run has a consumer of its own; with one, the group's.
+                let r = Arc::new(if self.cfg.handoff {
+                    Run { shared: self.group.shared.clone(), reader: self.group.reader.clone() }
+                } else {
+                    Run { shared: Arc::new(Shared::default()), reader: Arc::new(Mutex::new(None)) }
+                });
+                *slot = Some(r.clone());
+                r
+            }
+        };
+        drop(slot);
+        let workers = workers.max(1);
+        run.shared.workers.store(workers, std::sync::atomic::Ordering::Relaxed);
         Ok(Box::new(KafkaSource {
-            reader: worker == 0,
+            worker,
+            workers,
             cfg: self.cfg.clone(),
             schema: self.schema.clone(),
             decoder,
-            consumer: None,
-            shared: if self.cfg.handoff { self.group.shared.clone() } else { Arc::new(Shared::default()) },
+            wake: run.shared.waker(worker),
+            run,
+            reader: None,
+            queues: Vec::new(),
+            turn: 0,
             group: self.cfg.handoff.then(|| self.group.clone()),
             started: false,
+            seen_assignment: false,
             until_armed: false,
             parts: Vec::new(),
             index: HashMap::new(),
@@ -322,12 +350,94 @@ impl SourceFactory for KafkaSourceFactory {
     }
 }
 
+/// What the instances of one run of the job share: the consumer and what its callbacks tell.
+#[derive(Debug)]
+struct Run {
+    shared: Arc<Shared>,
+    reader: Arc<Mutex<Option<Reader>>>,
+}
+
+/// A partition's own queue of fetched records.
+type PartitionQueue = rdkafka::consumer::stream_consumer::StreamPartitionQueue<SourceCtx>;
+
+/// The queues split off a consumer, by topic and partition. Kept as long as the consumer:
+/// a partition whose queue is dropped keeps its records to itself, read by nobody.
+type Queues = Mutex<HashMap<(String, i32), Arc<PartitionQueue>>>;
+
+/// A consumer and its partitions' queues.
+#[derive(Clone)]
+struct Reader {
+    consumer: Arc<StreamConsumer<SourceCtx>>,
+    queues: Arc<Queues>,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").field("queues", &lock(&self.queues).len()).finish_non_exhaustive()
+    }
+}
+
+impl Reader {
+    /// Creates the consumer (subscribed unless it reads partitions another source's group
+    /// assigned), ready to split each partition's records off before it is assigned.
+    fn open(
+        cfg: &KafkaSourceConfig,
+        shared: &Arc<Shared>,
+        registry: &Arc<weir_core::metrics::Registry>,
+        subscribe: bool,
+    ) -> Result<Self> {
+        let consumer = Arc::new(new_consumer(cfg, shared, registry)?);
+        let queues: Arc<Queues> = Arc::default();
+        // Weak: the consumer's context holds `shared`, and a queue holds the consumer.
+        *lock(&shared.splitter) = Some((Arc::downgrade(&consumer), Arc::downgrade(&queues)));
+        let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+        if subscribe {
+            consumer
+                .subscribe(&topics)
+                .map_err(|e| kafka_err(format!("kafka source: cannot subscribe to {topics:?}"), &e))?;
+            tracing::info!(topics = ?topics, group = %cfg.group_id, brokers = %cfg.client.brokers, "Kafka consumer subscribed.");
+        } else {
+            tracing::info!(topics = ?topics, brokers = %cfg.client.brokers, "Kafka consumer reading the partitions of another source's group.");
+        }
+        Ok(Self { consumer, queues })
+    }
+
+    /// The reader in `slot`, opened on first use.
+    fn get_or_open(
+        slot: &Mutex<Option<Reader>>,
+        cfg: &KafkaSourceConfig,
+        shared: &Arc<Shared>,
+        registry: &Arc<weir_core::metrics::Registry>,
+        subscribe: bool,
+    ) -> Result<Self> {
+        let mut r = lock(slot);
+        if let Some(r) = r.as_ref() {
+            return Ok(r.clone());
+        }
+        let opened = Self::open(cfg, shared, registry, subscribe)?;
+        *r = Some(opened.clone());
+        Ok(opened)
+    }
+}
+
+/// The worker of a process's `workers` that reads `partition` of `topic`: fixed for the life
+/// of the process, so a partition given back after a rebalance returns to the worker that
+/// knows its position. Partitions of one topic go round the workers in order (the group
+/// hands a process runs of consecutive partitions), each topic starting at its own worker.
+fn owner(topic: &str, partition: i32, workers: usize) -> usize {
+    if workers <= 1 {
+        return 0;
+    }
+    let start = weir_core::keys::kafka_partition(topic.as_bytes(), workers as u32) as usize;
+    (start + partition.max(0) as usize) % workers
+}
+
 /// The consumer of a source whose state follows partitions between processes, shared by
 /// the job's successive runs.
 struct KafkaGroup {
     cfg: Arc<KafkaSourceConfig>,
     shared: Arc<Shared>,
-    consumer: Mutex<Option<Arc<StreamConsumer<SourceCtx>>>>,
+    reader: Arc<Mutex<Option<Reader>>>,
     /// The topic's partition count when the assignment was last read: which partition a key
     /// is in depends on it.
     partition_count: Mutex<Option<u32>>,
@@ -348,14 +458,8 @@ impl std::fmt::Debug for KafkaGroup {
 
 impl KafkaGroup {
     fn consumer(&self, registry: &Arc<weir_core::metrics::Registry>) -> Result<Arc<StreamConsumer<SourceCtx>>> {
-        let mut slot = lock(&self.consumer);
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
         let following = lock(&self.leader).is_some();
-        let c = Arc::new(new_consumer(&self.cfg, &self.shared, registry, !following)?);
-        *slot = Some(c.clone());
-        Ok(c)
+        Ok(Reader::get_or_open(&self.reader, &self.cfg, &self.shared, registry, !following)?.consumer)
     }
 
     fn topic(&self) -> &str {
@@ -399,8 +503,9 @@ impl weir_core::handoff::GroupMember for KafkaGroup {
                 warned = Instant::now();
                 tracing::warn!(group = %self.cfg.group_id, waited_s = waited.elapsed().as_secs(), "Waiting for the consumer group to assign this process its partitions.");
             }
-            // Polling serves the group protocol's callbacks. A record read here is dropped:
-            // the run assigns every partition again at its restored position.
+            // Polling serves the group protocol's callbacks. Records go to the partitions'
+            // own queues, where the run's assignment at the restored positions makes
+            // librdkafka drop what was fetched before it.
             tokio::select! {
                 _ = tokio::time::timeout(Duration::from_millis(100), consumer.recv()) => {}
                 Ok(()) = stop.changed() => {}
@@ -467,7 +572,7 @@ impl weir_core::handoff::GroupMember for KafkaGroup {
                 "kafka: a Kafka source shares partitions only with another Kafka source (not {leader:?})"
             )));
         };
-        let Some(theirs) = lock(&lead.consumer).clone() else {
+        let Some(theirs) = lock(&lead.reader).as_ref().map(|r| r.consumer.clone()) else {
             weir_core::bail_internal!("kafka: a source followed another before that one joined its group")
         };
         *lock(&self.leader) = Some(theirs);
@@ -511,27 +616,117 @@ impl KafkaGroup {
         *known = Some(count);
         drop(known);
         *lock(&self.shared.current) = list.clone();
-        // Positions come from the restored checkpoint of each run, not from an earlier one.
+        // Positions come from the restored checkpoint of each run, not from an earlier one,
+        // and what an earlier run's instances were told is over.
         lock(&self.shared.resume).clear();
+        lock(&self.shared.inbox).clear();
         Ok(weir_core::handoff::Assignment { partitions: list.into_iter().map(|(_, p)| p).collect() })
     }
 }
 
-/// What the rebalance callback and the source share.
-#[derive(Debug, Default)]
+/// What the rebalance callback and the source's instances share.
+#[derive(Default)]
 struct Shared {
     /// Where to start a partition when it is assigned: restored positions, and the positions
     /// of partitions this process handed out before they were revoked.
     resume: Mutex<HashMap<(String, i32), i64>>,
-    /// Assignment changes, for the source to act on.
+    /// With `handoff`: assignment changes, for the group to start the job's next run on
+    /// ([`KafkaGroup::assignment`]); while a run goes on, any of them ends it.
     events: Mutex<Vec<Assignment>>,
+    /// Each worker's share of the assignment changes, for it to act on.
+    inbox: Mutex<Vec<Vec<Assignment>>>,
+    /// Wakes each worker when its inbox gets something.
+    wakers: Mutex<Vec<Arc<tokio::sync::Notify>>>,
+    /// The process's workers, among which the partitions are divided.
+    workers: std::sync::atomic::AtomicUsize,
+    /// The consumer and where its partitions' queues go, to split each partition off before
+    /// it is assigned (weak: the consumer holds this, and its queues hold the consumer).
+    #[allow(clippy::type_complexity)]
+    splitter: Mutex<Option<(std::sync::Weak<StreamConsumer<SourceCtx>>, std::sync::Weak<Queues>)>>,
     /// Each partition's end offset, from the client's statistics.
     ends: Mutex<HashMap<(String, i32), i64>>,
     /// With `handoff`: the partitions the group assigned, as the job's run starts.
     current: Mutex<Vec<(String, i32)>>,
 }
 
-#[derive(Debug)]
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("current", &*lock(&self.current)).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn workers(&self) -> usize {
+        self.workers.load(std::sync::atomic::Ordering::Relaxed).max(1)
+    }
+
+    fn waker(&self, worker: usize) -> Arc<tokio::sync::Notify> {
+        let mut w = lock(&self.wakers);
+        while w.len() <= worker {
+            w.push(Arc::new(tokio::sync::Notify::new()));
+        }
+        w[worker].clone()
+    }
+
+    fn wake_all(&self) {
+        for w in lock(&self.wakers).iter() {
+            w.notify_one();
+        }
+    }
+
+    /// Hands each worker its share of an assignment change: the partitions it owns (an empty
+    /// share still tells it the assignment), or a failure to every one.
+    fn post(&self, ev: &Assignment) {
+        let n = self.workers();
+        let mut inbox = lock(&self.inbox);
+        let len = n.max(inbox.len());
+        inbox.resize_with(len, Vec::new);
+        for (w, mine) in inbox.iter_mut().enumerate().take(n) {
+            mine.push(match ev {
+                // The group can give a process nothing for a while (an assignment made before
+                // the topic's partitions were known): that is not an assignment a bounded
+                // run's worker may end on, but as if everything had been taken away.
+                Assignment::Assigned(l) if l.is_empty() => Assignment::Revoked(Vec::new()),
+                Assignment::Assigned(l) => {
+                    Assignment::Assigned(l.iter().filter(|(t, p, _)| owner(t, *p, n) == w).cloned().collect())
+                }
+                Assignment::Revoked(l) => {
+                    Assignment::Revoked(l.iter().filter(|(t, p)| owner(t, *p, n) == w).cloned().collect())
+                }
+                Assignment::Failed(why) => Assignment::Failed(why.clone()),
+            });
+        }
+        drop(inbox);
+        self.wake_all();
+    }
+
+    /// Gives each of `tps` not split off yet a queue of its own. Done before the partitions
+    /// are assigned, so that none of their records ever reaches the consumer's own queue (the
+    /// split lasts through later assignments: librdkafka keeps a queue the application
+    /// redirected).
+    fn split(&self, tps: &[(String, i32)]) -> std::result::Result<(), String> {
+        let (consumer, queues) = match lock(&self.splitter).as_ref() {
+            Some((c, q)) => (c.upgrade(), q.upgrade()),
+            None => (None, None),
+        };
+        let (Some(consumer), Some(queues)) = (consumer, queues) else {
+            return Err("the consumer is gone".into());
+        };
+        let mut queues = lock(&queues);
+        for (t, p) in tps {
+            if queues.contains_key(&(t.clone(), *p)) {
+                continue;
+            }
+            let q = consumer
+                .split_partition_queue(t, *p)
+                .ok_or_else(|| format!("could not give partition {t}/{p} a queue of its own"))?;
+            queues.insert((t.clone(), *p), Arc::new(q));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
 enum Assignment {
     /// Partitions assigned, with the offset where each ended at that moment (for
     /// `stop_at_end`; `None` when it could not be read).
@@ -654,6 +849,17 @@ impl ClientContext for SourceCtx {
 }
 
 impl SourceCtx {
+    /// With a handoff, a change is the group's, ending the run; else each worker acts on its
+    /// share.
+    fn tell(&self, ev: Assignment) {
+        if self.handoff {
+            lock(&self.shared.events).push(ev);
+            self.shared.wake_all();
+        } else {
+            self.shared.post(&ev);
+        }
+    }
+
     fn count_rebalance(&self, event: &str) {
         let help = "Partition assignments and revocations seen by the consumer.";
         self.registry.connectors.add("weir_kafka_rebalances_total", help, &[("event", event)], 1.0);
@@ -679,6 +885,7 @@ impl ConsumerContext for SourceCtx {
                 // while they do.
                 let started = weir_core::runtime::blocking(|| {
                     let mut missing = Vec::new();
+                    self.shared.split(&tps)?;
                     retried("looking up the start offsets", || {
                         missing = start_offsets(base, tpl, &resume, self.start)?;
                         Ok(())
@@ -688,7 +895,7 @@ impl ConsumerContext for SourceCtx {
                 });
                 if let Err(e) = started {
                     tracing::error!(error = %e, partitions = ?tps, "Kafka partition assignment failed; the run stops.");
-                    lock(&self.shared.events).push(Assignment::Failed(format!(
+                    self.tell(Assignment::Failed(format!(
                         "kafka source: {e} (partitions {})",
                         tps.iter().map(|(t, p)| format!("{t}/{p}")).collect::<Vec<_>>().join(", ")
                     )));
@@ -706,8 +913,9 @@ impl ConsumerContext for SourceCtx {
                         .collect::<Vec<_>>()
                 });
                 tracing::info!(partitions = ends.len(), "Kafka partitions assigned.");
+                tracing::debug!(?ends, "Where the assigned partitions end (bounded runs).");
                 self.count_rebalance("assigned");
-                lock(&self.shared.events).push(Assignment::Assigned(ends));
+                self.tell(Assignment::Assigned(ends));
             }
             E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let tps = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>();
@@ -716,7 +924,7 @@ impl ConsumerContext for SourceCtx {
                 }
                 tracing::info!(partitions = tps.len(), "Kafka partitions revoked.");
                 self.count_rebalance("revoked");
-                lock(&self.shared.events).push(Assignment::Revoked(tps));
+                self.tell(Assignment::Revoked(tps));
             }
             other => {
                 tracing::warn!(error = ?other, "Kafka rebalance failed; dropping the assignment until the next one.");
@@ -836,16 +1044,28 @@ impl Part {
 }
 
 struct KafkaSource {
-    reader: bool,
+    worker: usize,
+    workers: usize,
     cfg: Arc<KafkaSourceConfig>,
     schema: SchemaRef,
     decoder: Box<dyn Decoder>,
-    consumer: Option<Arc<StreamConsumer<SourceCtx>>>,
-    shared: Arc<Shared>,
+    run: Arc<Run>,
+    /// The run's consumer, once this instance has polled.
+    reader: Option<Reader>,
+    /// The queues of the partitions this worker reads now, with their local index.
+    queues: Vec<(usize, Arc<PartitionQueue>)>,
+    /// Which queue the next drain starts with: they take turns, so that a partition with
+    /// records always waiting does not starve the others.
+    turn: usize,
+    /// Woken when the inbox gets something.
+    wake: Arc<tokio::sync::Notify>,
     /// With `handoff`: the consumer kept across runs.
     group: Option<Arc<KafkaGroup>>,
-    /// With `handoff`: the assignment was applied at the restored positions.
+    /// With `handoff`, on worker 0: the assignment was applied at the restored positions.
     started: bool,
+    /// The latest change this worker heard of was an assignment (not a revocation): a bounded
+    /// run may end once what it holds is read.
+    seen_assignment: bool,
     /// `until` was seen set and each assigned partition's end read.
     until_armed: bool,
     /// Partitions by local index (the runtime's watermark slot); never removed, so indices
@@ -867,19 +1087,18 @@ struct KafkaSource {
 impl std::fmt::Debug for KafkaSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSource")
-            .field("reader", &self.reader)
+            .field("worker", &self.worker)
             .field("topics", &self.cfg.topics)
             .field("partitions", &self.parts.len())
             .finish_non_exhaustive()
     }
 }
 
-/// Creates the consumer and subscribes it.
+/// Creates the consumer (not subscribed yet).
 fn new_consumer(
     cfg: &KafkaSourceConfig,
     shared: &Arc<Shared>,
     registry: &Arc<weir_core::metrics::Registry>,
-    subscribe: bool,
 ) -> Result<StreamConsumer<SourceCtx>> {
     let reset = if cfg.start == KafkaStart::Latest { "latest" } else { "earliest" };
     let ours = [
@@ -916,44 +1135,40 @@ fn new_consumer(
         handoff: cfg.handoff,
         on_missing: cfg.on_missing_position,
     };
-    let c: StreamConsumer<SourceCtx> = cfg
-        .client
+    cfg.client
         .client_config(&ours)
         .create_with_context(ctx)
-        .map_err(|e| kafka_err("kafka source: cannot create the consumer", &e))?;
-    let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
-    if !subscribe {
-        tracing::info!(topics = ?topics, brokers = %cfg.client.brokers, "Kafka consumer reading the partitions of another source's group.");
-        return Ok(c);
-    }
-    c.subscribe(&topics).map_err(|e| kafka_err(format!("kafka source: cannot subscribe to {topics:?}"), &e))?;
-    tracing::info!(topics = ?topics, group = %cfg.group_id, brokers = %cfg.client.brokers, "Kafka consumer subscribed.");
-    Ok(c)
+        .map_err(|e| kafka_err("kafka source: cannot create the consumer", &e))
 }
 
 impl KafkaSource {
-    /// With a handoff: assigns the partitions the group gave this process at the positions
-    /// the run restored (what the consumer fetched before is dropped by the assignment).
+    /// With a handoff, on worker 0: assigns the partitions the group gave this process at the
+    /// positions the run restored (what the consumer fetched before is dropped by the
+    /// assignment), then tells every worker its share.
     async fn start_assigned(&mut self, consumer: &Arc<StreamConsumer<SourceCtx>>) -> Result<()> {
-        let current = lock(&self.shared.current).clone();
-        let resume = lock(&self.shared.resume).clone();
+        let shared = self.run.shared.clone();
+        let current = lock(&shared.current).clone();
+        let resume = lock(&shared.resume).clone();
         let (start, stop_at_end, on_missing) = (self.cfg.start, self.cfg.stop_at_end, self.cfg.on_missing_position);
         let c = consumer.clone();
         let registry = c.context().registry.clone();
-        let at = resume.clone();
+        let sh = shared.clone();
         let ends = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32, Option<i64>)>> {
             let mut tpl = TopicPartitionList::new();
             for (t, p) in &current {
                 tpl.add_partition(t, *p);
             }
             let mut missing = Vec::new();
-            retried("looking up the start offsets", || {
-                missing = start_offsets(c.as_ref(), &mut tpl, &at, start)?;
-                Ok(())
-            })
-            .and_then(|()| report_missing(&missing, on_missing, &registry))
-            .and_then(|()| retried("assigning the partitions", || c.assign(&tpl).map_err(|e| e.to_string())))
-            .map_err(|e| assignment_failed(format!("kafka source: {e}")))?;
+            sh.split(&current)
+                .and_then(|()| {
+                    retried("looking up the start offsets", || {
+                        missing = start_offsets(c.as_ref(), &mut tpl, &resume, start)?;
+                        Ok(())
+                    })
+                })
+                .and_then(|()| report_missing(&missing, on_missing, &registry))
+                .and_then(|()| retried("assigning the partitions", || c.assign(&tpl).map_err(|e| e.to_string())))
+                .map_err(|e| assignment_failed(format!("kafka source: {e}")))?;
             Ok(current
                 .into_iter()
                 .map(|(t, p)| {
@@ -966,29 +1181,26 @@ impl KafkaSource {
         })
         .await
         .map_err(|e| CoreError::Task(e.to_string()))??;
-        let n = ends.len();
-        for (t, p, end) in ends {
-            let next = resume.get(&(t.clone(), p)).copied();
-            let i = self.slot(&t, p);
-            let part = &mut self.parts[i];
-            part.assigned = true;
-            part.end = end;
-            part.next = next;
-        }
-        tracing::info!(partitions = n, "Kafka partitions read from their restored positions.");
+        tracing::info!(partitions = ends.len(), "Kafka partitions read from their restored positions.");
+        shared.post(&Assignment::Assigned(ends));
         Ok(())
     }
 
-    fn consumer(&mut self, registry: &Arc<weir_core::metrics::Registry>) -> Result<Arc<StreamConsumer<SourceCtx>>> {
-        if let Some(c) = &self.consumer {
-            return Ok(c.clone());
+    fn reader(&mut self, registry: &Arc<weir_core::metrics::Registry>) -> Result<Reader> {
+        if let Some(r) = &self.reader {
+            return Ok(r.clone());
         }
-        let c = match &self.group {
-            Some(g) => g.consumer(registry)?,
-            None => Arc::new(new_consumer(&self.cfg, &self.shared, registry, true)?),
+        let r = match &self.group {
+            Some(g) => {
+                g.consumer(registry)?;
+                lock(&g.reader)
+                    .clone()
+                    .ok_or_else(|| CoreError::Internal("kafka: the group's consumer is gone".into()))?
+            }
+            None => Reader::get_or_open(&self.run.reader, &self.cfg, &self.run.shared, registry, true)?,
         };
-        self.consumer = Some(c.clone());
-        Ok(c)
+        self.reader = Some(r.clone());
+        Ok(r)
     }
 
     fn slot(&mut self, topic: &str, partition: i32) -> usize {
@@ -1001,23 +1213,50 @@ impl KafkaSource {
         i
     }
 
+    /// Acts on this worker's share of the assignment changes.
     fn apply_events(&mut self) -> Result<()> {
-        let events = std::mem::take(&mut *lock(&self.shared.events));
+        let events = {
+            let mut inbox = lock(&self.run.shared.inbox);
+            match inbox.get_mut(self.worker) {
+                Some(mine) => std::mem::take(mine),
+                None => return Ok(()),
+            }
+        };
+        let Some(reader) = self.reader.clone() else {
+            weir_core::bail_internal!("kafka: assignment changes before the consumer was opened")
+        };
         for ev in events {
             match ev {
                 Assignment::Failed(why) => return Err(assignment_failed(why)),
                 Assignment::Assigned(list) => {
+                    if list.is_empty() && self.parts.is_empty() {
+                        // The placeholder partition: this worker has nothing to read.
+                        self.pending_idle.push(0);
+                    }
                     for (t, p, end) in list {
                         let i = self.slot(&t, p);
+                        let Some(q) = lock(&reader.queues).get(&(t.clone(), p)).cloned() else {
+                            weir_core::bail_internal!(
+                                "kafka: partition {t}/{p} was assigned without a queue of its own"
+                            )
+                        };
+                        if !self.queues.iter().any(|(j, _)| *j == i) {
+                            self.queues.push((i, q));
+                        }
+                        let resumed = lock(&self.run.shared.resume).get(&(t, p)).copied();
                         let part = &mut self.parts[i];
                         part.assigned = true;
                         part.end = end;
-                        part.next = lock(&self.shared.resume).get(&(t, p)).copied().or(part.next);
+                        // Never back: records may have been taken from the queue already.
+                        part.next = part.next.max(resumed);
                     }
+                    self.seen_assignment = true;
                 }
                 Assignment::Revoked(list) => {
+                    self.seen_assignment = false;
                     for (t, p) in list {
                         let i = self.slot(&t, p);
+                        self.queues.retain(|(j, _)| *j != i);
                         let part = &mut self.parts[i];
                         part.assigned = false;
                         // Read ahead but never handed out: the partition's next owner reads
@@ -1032,7 +1271,7 @@ impl KafkaSource {
                         part.first_at = None;
                         part.trace = None;
                         if let Some(n) = part.next {
-                            lock(&self.shared.resume).insert((t, p), n);
+                            lock(&self.run.shared.resume).insert((t, p), n);
                         }
                         self.pending_idle.push(i);
                     }
@@ -1047,7 +1286,7 @@ impl KafkaSource {
     /// again at its restored position, while the fetcher still held older records), and with
     /// a handoff one of a partition this run does not hold was fetched before the run began.
     /// Returns whether it was kept.
-    fn add(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) -> bool {
+    fn add(&mut self, m: &BorrowedMessage<'_>) -> bool {
         let i = self.slot(m.topic(), m.partition());
         let p = &self.parts[i];
         let expected = p.offsets.last().map(|o| o + 1).or(p.next);
@@ -1165,10 +1404,12 @@ impl KafkaSource {
         Ok(batch.map(|b| b.traced(trace)))
     }
 
+    /// A bounded run's worker has read all it holds (nothing, when the assignment gave it
+    /// nothing).
     fn finished(&self) -> bool {
-        let held = self.parts.iter().any(|p| p.assigned);
-        (self.cfg.stop_at_end && held && self.parts.iter().filter(|p| p.assigned).all(Part::done))
-            || (self.until_armed && self.parts.iter().filter(|p| p.assigned).all(Part::done))
+        (self.cfg.stop_at_end || self.until_armed)
+            && self.seen_assignment
+            && self.parts.iter().filter(|p| p.assigned).all(Part::done)
     }
 
     /// Once the writer of a repartition topic has finished: reads where each assigned
@@ -1206,22 +1447,16 @@ impl KafkaSource {
 #[async_trait::async_trait]
 impl Source for KafkaSource {
     fn partitions(&self) -> usize {
-        // Partitions join as Kafka assigns them; until the first assignment worker 0 has one
-        // placeholder (it becomes the first partition assigned), which holds the watermark
-        // back until then, or until the idle timeout.
-        if self.reader {
-            self.parts.len().max(1)
-        } else {
-            0
-        }
+        // Partitions join as Kafka assigns them; until the first assignment each worker has
+        // one placeholder (it becomes the first partition the worker is given, or goes idle
+        // when the assignment gives it none), which holds the watermark back until then.
+        self.parts.len().max(1)
     }
 
     async fn poll(&mut self, cx: &mut SourceContext) -> Result<SourcePoll> {
-        if !self.reader {
-            return Ok(SourcePoll::End);
-        }
-        let consumer = self.consumer(&cx.registry)?;
-        if self.group.is_some() && !self.started {
+        let reader = self.reader(&cx.registry)?;
+        let consumer = reader.consumer.clone();
+        if self.worker == 0 && self.group.is_some() && !self.started {
             self.start_assigned(&consumer).await?;
             self.started = true;
         }
@@ -1230,22 +1465,27 @@ impl Source for KafkaSource {
             if let Some(e) = consumer.context().log.fatal() {
                 return Err(e);
             }
-            // Armed only with partitions to read: before the group assigns any, there is no
-            // end to reach yet.
-            if !self.until_armed
-                && self.parts.iter().any(|p| p.assigned)
-                && self.cfg.until.as_ref().is_some_and(|u| u.load(std::sync::atomic::Ordering::Acquire))
-            {
-                self.arm_until(&consumer).await?;
+            if self.worker == 0 {
+                // The consumer's own queue carries the group protocol's callbacks and the
+                // client's errors; served here under load too.
+                if let Some(r) = consumer.recv().now_or_never() {
+                    self.unexpected(r)?;
+                }
             }
-            if self.group.is_none() {
-                self.apply_events()?;
-            } else if !cx.stopping() && !lock(&self.shared.events).is_empty() {
+            if self.group.is_some() && !cx.stopping() && !lock(&self.run.shared.events).is_empty() {
                 // The events stay for the next run's `assignment`.
                 return Err(CoreError::Rebalanced(format!(
                     "consumer group `{}` moved partitions of {:?}",
                     self.cfg.group_id, self.cfg.topics
                 )));
+            }
+            self.apply_events()?;
+            // Armed once the assignment is known: before, there is no end to reach yet.
+            if !self.until_armed
+                && self.seen_assignment
+                && self.cfg.until.as_ref().is_some_and(|u| u.load(std::sync::atomic::Ordering::Acquire))
+            {
+                self.arm_until(&consumer).await?;
             }
             if let Some(i) = self.pending_idle.pop() {
                 return Ok(SourcePoll::PartitionIdle(i));
@@ -1265,7 +1505,25 @@ impl Source for KafkaSource {
                 }
                 continue;
             }
-            if stopping || self.finished() {
+            if stopping {
+                return Ok(SourcePoll::End);
+            }
+            // Take what is already fetched, up to a batch.
+            self.turn = self.turn.wrapping_add(1);
+            let k = self.queues.len().max(1);
+            let queues: Vec<Arc<PartitionQueue>> =
+                (0..self.queues.len()).map(|j| self.queues[(self.turn + j) % k].1.clone()).collect();
+            // A bounded run ends once nothing fetched is left either: with a broker whose
+            // answer about a partition's end is too low (Tansu's is one past the first offset
+            // of the partition's last record batch), the rest of that batch is still read, as
+            // a fetch brings a batch whole.
+            let finished = self.finished();
+            if self.drain(&queues, self.cfg.batch_size) > 0 {
+                self.idle_since = None;
+                self.fetched();
+                continue;
+            }
+            if finished {
                 return Ok(SourcePoll::End);
             }
             // Wait for a record, at most until the oldest partial batch is due.
@@ -1277,12 +1535,15 @@ impl Source for KafkaSource {
                 .min()
                 .unwrap_or_else(|| IDLE_POLL.saturating_sub(now - *self.idle_since.get_or_insert(now)));
             let mut shutdown = cx.shutdown.clone();
-            // Cancel safety: a dropped `recv` loses nothing (a record is taken off the queue
+            let wake = self.wake.clone();
+            let main = (self.worker == 0).then_some(consumer.as_ref());
+            // Cancel safety: a dropped `recv` loses nothing (a record is taken off a queue
             // only when it is returned). If the job's stop signal is gone, that branch is
             // disabled rather than spinning.
             let got = tokio::select! {
-                r = tokio::time::timeout(wait, consumer.recv()) => r,
+                r = tokio::time::timeout(wait, arrival(&queues, main)) => r,
                 Ok(()) = shutdown.changed() => continue,
+                () = wake.notified() => continue,
             };
             match got {
                 Err(_) => {
@@ -1292,57 +1553,26 @@ impl Source for KafkaSource {
                         return Ok(SourcePoll::Waiting);
                     }
                 }
-                Ok(Ok(m)) => {
+                Ok(Arrival::Record(Ok(m))) => {
                     self.idle_since = None;
-                    if !self.add(&m) {
-                        continue;
-                    }
-                    // Drain what is already fetched without waiting, up to a batch. Polled
-                    // once each, not under a zero timeout: tokio fires a timer on its next
-                    // tick, so `timeout(ZERO, ..)` of an empty queue waits about a
-                    // millisecond, and every batch paid it (docs/benchmarks.md, Kafka latency).
-                    let mut n = 1;
-                    while n < self.cfg.batch_size {
-                        match consumer.recv().now_or_never() {
-                            Some(Ok(m)) => {
-                                if self.add(&m) {
-                                    n += 1;
-                                }
-                            }
-                            Some(Err(e)) => {
-                                self.report(&e);
-                                break;
-                            }
-                            None => break,
-                        }
-                    }
-                    // Records come a fetch at a time: the linger learns the gap between
-                    // fetches, not between records (tiny within one), so a partial batch
-                    // waits only when the next fetch is expected within `max_linger`. The
-                    // client hands a fetch's records over one by one, so a drain can find the
-                    // queue empty in the middle of one: drains closer than `FETCH_APART` to
-                    // the last counted are the same fetch.
-                    let now = Instant::now();
-                    if self.fetched_at.is_none_or(|t| now - t >= FETCH_APART) {
-                        self.linger.arrived(1, now);
-                        self.fetched_at = Some(now);
+                    // The rest of its fetch goes into the same batch.
+                    let kept = usize::from(self.add(&m));
+                    if kept + self.drain(&queues, self.cfg.batch_size.saturating_sub(1)) > 0 {
+                        self.fetched();
                     }
                 }
-                Ok(Err(e)) => {
-                    self.report(&e);
-                    if self.parts.iter().all(|p| p.ranges.is_empty()) {
-                        return Ok(SourcePoll::Waiting);
-                    }
-                }
+                Ok(Arrival::Record(Err(e))) => self.report(&e),
+                Ok(Arrival::Main(r)) => self.unexpected(r)?,
             }
         }
     }
 
     fn snapshot_for(&mut self, epoch: Epoch) -> Result<Option<RecordBatch>> {
         let table = self.snapshot()?;
-        if let (Some(o), Some(c), Some(tpl)) =
-            (&self.cfg.transactional_offsets, &self.consumer, self.last_snapshot.as_ref())
+        if let (Some(o), Some(r), Some(tpl)) =
+            (&self.cfg.transactional_offsets, &self.reader, self.last_snapshot.as_ref())
         {
+            let c = &r.consumer;
             // The membership as of now: the brokers fence a commit from a member that has
             // since lost the partitions.
             if let Some(group) = c.group_metadata() {
@@ -1353,12 +1583,14 @@ impl Source for KafkaSource {
     }
 
     fn snapshot(&mut self) -> Result<Option<RecordBatch>> {
-        if !self.reader {
-            return Ok(None);
-        }
-        // Positions handed out, plus the remembered ones of partitions not read right now
-        // (restored or revoked), so a checkpoint never forgets a position.
-        let mut pos: HashMap<(String, i32), i64> = lock(&self.shared.resume).clone();
+        // Positions handed out, plus the remembered ones of this worker's partitions not read
+        // right now (restored or revoked), so a checkpoint never forgets a position.
+        let (me, n) = (self.worker, self.workers);
+        let mut pos: HashMap<(String, i32), i64> = lock(&self.run.shared.resume)
+            .iter()
+            .filter(|((t, p), _)| owner(t, *p, n) == me)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
         for p in &self.parts {
             if let Some(n) = p.next {
                 pos.insert((p.topic.clone(), p.partition), n);
@@ -1372,7 +1604,11 @@ impl Source for KafkaSource {
         // With the positions in the output's transactions, those commits are the only ones.
         let hint = self.cfg.transactional_offsets.is_none();
         // A follower's go through the leader's consumer, the group's member.
-        let committer = self.group.as_ref().and_then(|g| lock(&g.leader).clone()).or_else(|| self.consumer.clone());
+        let committer = self
+            .group
+            .as_ref()
+            .and_then(|g| lock(&g.leader).clone())
+            .or_else(|| self.reader.as_ref().map(|r| r.consumer.clone()));
         if let (Some(c), Some(tpl), true) = (committer, self.last_snapshot.take(), hint) {
             if tpl.count() > 0 {
                 if let Err(e) = c.commit(&tpl, CommitMode::Async) {
@@ -1391,15 +1627,15 @@ impl Source for KafkaSource {
     }
 
     fn restore(&mut self, positions: &[RecordBatch]) -> Result<()> {
-        if !self.reader {
-            return Ok(());
-        }
-        let mut resume = lock(&self.shared.resume);
+        // Every worker is given every table; the positions go where all of them look.
+        let mut resume = lock(&self.run.shared.resume);
         for (key, o) in read_positions(positions)? {
             let e = resume.entry(key).or_insert(o);
             *e = (*e).max(o);
         }
-        tracing::info!(partitions = resume.len(), "Kafka positions restored from the checkpoint.");
+        if self.worker == 0 {
+            tracing::info!(partitions = resume.len(), "Kafka positions restored from the checkpoint.");
+        }
         Ok(())
     }
 }
@@ -1437,6 +1673,29 @@ fn read_positions(tables: &[RecordBatch]) -> Result<Vec<((String, i32), i64)>> {
     Ok(out)
 }
 
+/// What ended a wait for records.
+enum Arrival<'a> {
+    /// A record (or an error) from one of the worker's partition queues.
+    Record(KafkaResult<BorrowedMessage<'a>>),
+    /// Something on the consumer's own queue (worker 0 only).
+    Main(KafkaResult<BorrowedMessage<'a>>),
+}
+
+/// Waits for the first record on any of `queues`, or for the consumer's own queue when
+/// `main` is given (polling it serves the group's callbacks). Cancel safe: only the future
+/// that completes takes anything off its queue.
+async fn arrival<'a>(queues: &'a [Arc<PartitionQueue>], main: Option<&'a StreamConsumer<SourceCtx>>) -> Arrival<'a> {
+    type Wait<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Arrival<'a>> + Send + 'a>>;
+    let mut waits: Vec<Wait<'a>> = queues.iter().map(|q| Box::pin(q.recv().map(Arrival::Record)) as Wait<'a>).collect();
+    if let Some(c) = main {
+        waits.push(Box::pin(c.recv().map(Arrival::Main)));
+    }
+    if waits.is_empty() {
+        return std::future::pending().await;
+    }
+    futures::future::select_all(waits).await.0
+}
+
 /// How long a poll waits for a record before it reports the source waiting.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 
@@ -1444,7 +1703,7 @@ impl KafkaSource {
     /// Exports each assigned partition's lag: its end offset (from the last statistics) minus
     /// the position handed out. Called per batch and while waiting, never per record.
     fn publish_lag(&self, cx: &SourceContext) {
-        let ends = lock(&self.shared.ends);
+        let ends = lock(&self.run.shared.ends);
         for p in self.parts.iter().filter(|p| p.assigned) {
             let Some(end) = ends.get(&(p.topic.clone(), p.partition)) else { continue };
             let lag = (end - p.next.unwrap_or(0)).max(0);
@@ -1468,11 +1727,120 @@ impl KafkaSource {
                 .all(|p| p.end.is_some_and(|e| p.offsets.last().map_or(p.next.unwrap_or(0), |o| o + 1) >= e))
     }
 
+    /// Takes up to `budget` records already fetched into `queues`, without waiting; returns
+    /// how many were kept. Each queue is polled once per record, not under a zero timeout:
+    /// tokio fires a timer on its next tick, so `timeout(ZERO, ..)` of an empty queue waits
+    /// about a millisecond, and every batch paid it (docs/benchmarks.md, Kafka latency).
+    fn drain(&mut self, queues: &[Arc<PartitionQueue>], budget: usize) -> usize {
+        let mut n = 0;
+        for q in queues {
+            while n < budget {
+                match q.recv().now_or_never() {
+                    Some(Ok(m)) => n += usize::from(self.add(&m)),
+                    Some(Err(e)) => {
+                        self.report(&e);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+        n
+    }
+
+    /// Records came: the linger learns the gap between fetches, not between records (tiny
+    /// within one), so a partial batch waits only when the next fetch is expected within
+    /// `max_linger`. The client hands a fetch's records over one by one, so a drain can find
+    /// the queue empty in the middle of one: arrivals closer than `FETCH_APART` to the last
+    /// counted are the same fetch.
+    fn fetched(&mut self) {
+        let now = Instant::now();
+        if self.fetched_at.is_none_or(|t| now - t >= FETCH_APART) {
+            self.linger.arrived(1, now);
+            self.fetched_at = Some(now);
+        }
+    }
+
+    /// What came on the consumer's own queue: an error is reported (the client retries); a
+    /// record cannot come there, as every partition is split off before it is assigned.
+    fn unexpected(&mut self, r: KafkaResult<BorrowedMessage<'_>>) -> Result<()> {
+        match r {
+            Err(e) => {
+                self.report(&e);
+                Ok(())
+            }
+            Ok(m) => Err(CoreError::Internal(format!(
+                "kafka source: a record of {}/{} at offset {} came outside its partition's queue",
+                m.topic(),
+                m.partition(),
+                m.offset()
+            ))),
+        }
+    }
+
     /// Logs a consumer error, at most every 10 s: librdkafka retries by itself.
     fn report(&mut self, e: &KafkaError) {
         if self.warned_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
             self.warned_at = Some(Instant::now());
             tracing::warn!(error = %e, topics = ?self.cfg.topics, "Kafka consumer error; it keeps retrying.");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{owner, Assignment, Shared};
+
+    fn told(s: &Shared, worker: usize) -> Vec<String> {
+        std::mem::take(&mut super::lock(&s.inbox)[worker]).iter().map(|e| format!("{e:?}")).collect()
+    }
+
+    #[test]
+    fn each_worker_is_told_its_share_and_nothing_is_not_an_assignment() {
+        let s = Shared::default();
+        s.workers.store(2, std::sync::atomic::Ordering::Relaxed);
+        let wakers: Vec<_> = (0..2).map(|w| s.waker(w)).collect();
+        let list: Vec<(String, i32, Option<i64>)> = (0..4).map(|p| ("t".to_string(), p, Some(10))).collect();
+        s.post(&Assignment::Assigned(list));
+        for (w, waker) in wakers.iter().enumerate() {
+            let mine: Vec<i32> = (0..4).filter(|&p| owner("t", p, 2) == w).collect();
+            assert_eq!(mine.len(), 2);
+            let want = format!(
+                "Assigned([{}])",
+                mine.iter().map(|p| format!("(\"t\", {p}, Some(10))")).collect::<Vec<_>>().join(", ")
+            );
+            assert_eq!(told(&s, w), vec![want]);
+            // Woken: the permit is there without waiting.
+            assert!(futures::FutureExt::now_or_never(waker.notified()).is_some());
+        }
+        // A worker none of whose partitions moved is still told: it learns the assignment.
+        s.post(&Assignment::Revoked(vec![("t".to_string(), 0)]));
+        assert_eq!(told(&s, owner("t", 0, 2)), vec!["Revoked([(\"t\", 0)])"]);
+        assert_eq!(told(&s, 1 - owner("t", 0, 2)), vec!["Revoked([])"]);
+        // The group giving the process nothing (yet) must not let a bounded run's workers end.
+        s.post(&Assignment::Assigned(Vec::new()));
+        assert_eq!(told(&s, 0), vec!["Revoked([])"]);
+        assert_eq!(told(&s, 1), vec!["Revoked([])"]);
+        s.post(&Assignment::Failed("no".into()));
+        assert_eq!(told(&s, 1), vec!["Failed(\"no\")"]);
+    }
+
+    #[test]
+    fn a_process_s_partitions_go_round_its_workers() {
+        // One worker reads everything.
+        assert!((0..16).all(|p| owner("t", p, 1) == 0));
+        // Any run of consecutive partitions (what the range assignor hands a process) is
+        // spread evenly, whatever topic.
+        for topic in ["sensors", "orders", "a"] {
+            for workers in [2, 3, 4] {
+                for first in 0..8 {
+                    let mut per = vec![0; workers];
+                    for p in first..first + 2 * workers as i32 {
+                        per[owner(topic, p, workers)] += 1;
+                    }
+                    assert!(per.iter().all(|&n| n == 2), "{topic} at {workers} workers from {first}: {per:?}");
+                }
+            }
         }
     }
 }

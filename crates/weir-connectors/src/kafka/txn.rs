@@ -136,9 +136,22 @@ impl std::fmt::Debug for TransactionalOffsets {
 }
 
 impl TransactionalOffsets {
-    /// The source's positions for checkpoint `epoch`, with its group membership now.
+    /// A source worker's positions for checkpoint `epoch`, with the group membership now:
+    /// each worker records those of its own partitions, and the checkpoint's are all of them.
     pub(crate) fn record(&self, epoch: Epoch, positions: TopicPartitionList, group: ConsumerGroupMetadata) {
-        self.by_epoch.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(epoch.0, (positions, group));
+        let mut m = self.by_epoch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match m.entry(epoch.0) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert((positions, group));
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                let (all, membership) = o.get_mut();
+                for e in positions.elements() {
+                    let _ = all.add_partition_offset(e.topic(), e.partition(), e.offset());
+                }
+                *membership = group;
+            }
+        }
     }
 
     /// The positions of `epoch`, forgetting those of older checkpoints (never committed now).

@@ -202,6 +202,27 @@ fn w1_from_kafka_equals_the_file_run_at_1_and_2_workers() {
     }
 }
 
+/// Each worker reads and decodes the partitions it owns (not worker 0 all of them): both
+/// workers' source steps count records, together every one, and the output is the file run's.
+#[test]
+fn every_worker_decodes_its_share_of_the_partitions() {
+    let k = Cluster::new(&[("sensors", 4)]);
+    k.produce("sensors", &lines(&data("sensors-3k.jsonl")), None);
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
+    let mut cfg = from_kafka("w2-filter-project.yaml", &k.brokers, "sensors", &out, &dead);
+    cfg.kafka_source().group_id = Some("w2-every-worker".into());
+    let job = job(cfg, 2);
+    let reg = job.registry();
+    rt().block_on(job.run()).unwrap();
+    assert_same_rows(read_jsonl(&data("w2-expected.jsonl")), read_jsonl(&out), "2 workers");
+    let source = weir_core::ids::StepId::new("events");
+    let read: Vec<u64> =
+        (0..2).map(|w| reg.step(&source, w).rows_in.load(std::sync::atomic::Ordering::Relaxed)).collect();
+    assert!(read.iter().all(|&n| n > 0), "records read per worker: {read:?}");
+    assert_eq!(read.iter().sum::<u64>(), 3000, "records read per worker: {read:?}");
+}
+
 #[test]
 fn kafka_to_kafka_with_keys_and_metadata_columns() {
     let k = Cluster::new(&[("in", 3), ("out", 2)]);
