@@ -24,7 +24,7 @@ use arrow_array::cast::AsArray as _;
 use arrow_array::types::{Int32Type, Int64Type};
 use arrow_array::{Array as _, ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use futures::FutureExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
@@ -1286,8 +1286,7 @@ impl KafkaSource {
     /// again at its restored position, while the fetcher still held older records), and with
     /// a handoff one of a partition this run does not hold was fetched before the run began.
     /// Returns whether it was kept.
-    fn add(&mut self, m: &BorrowedMessage<'_>) -> bool {
-        let i = self.slot(m.topic(), m.partition());
+    fn add(&mut self, i: usize, m: &BorrowedMessage<'_>) -> bool {
         let p = &self.parts[i];
         let expected = p.offsets.last().map(|o| o + 1).or(p.next);
         if (self.group.is_some() && !p.assigned) || expected.is_some_and(|e| m.offset() < e) {
@@ -1511,8 +1510,8 @@ impl Source for KafkaSource {
             // Take what is already fetched, up to a batch.
             self.turn = self.turn.wrapping_add(1);
             let k = self.queues.len().max(1);
-            let queues: Vec<Arc<PartitionQueue>> =
-                (0..self.queues.len()).map(|j| self.queues[(self.turn + j) % k].1.clone()).collect();
+            let queues: Vec<(usize, Arc<PartitionQueue>)> =
+                (0..self.queues.len()).map(|j| self.queues[(self.turn + j) % k].clone()).collect();
             // A bounded run ends once nothing fetched is left either: with a broker whose
             // answer about a partition's end is too low (Tansu's is one past the first offset
             // of the partition's last record batch), the rest of that batch is still read, as
@@ -1553,15 +1552,15 @@ impl Source for KafkaSource {
                         return Ok(SourcePoll::Waiting);
                     }
                 }
-                Ok(Arrival::Record(Ok(m))) => {
+                Ok(Arrival::Record(i, Ok(m))) => {
                     self.idle_since = None;
                     // The rest of its fetch goes into the same batch.
-                    let kept = usize::from(self.add(&m));
+                    let kept = usize::from(self.add(i, &m));
                     if kept + self.drain(&queues, self.cfg.batch_size.saturating_sub(1)) > 0 {
                         self.fetched();
                     }
                 }
-                Ok(Arrival::Record(Err(e))) => self.report(&e),
+                Ok(Arrival::Record(_, Err(e))) => self.report(&e),
                 Ok(Arrival::Main(r)) => self.unexpected(r)?,
             }
         }
@@ -1675,8 +1674,9 @@ fn read_positions(tables: &[RecordBatch]) -> Result<Vec<((String, i32), i64)>> {
 
 /// What ended a wait for records.
 enum Arrival<'a> {
-    /// A record (or an error) from one of the worker's partition queues.
-    Record(KafkaResult<BorrowedMessage<'a>>),
+    /// A record (or an error) from one of the worker's partition queues, with the
+    /// partition's local index.
+    Record(usize, KafkaResult<BorrowedMessage<'a>>),
     /// Something on the consumer's own queue (worker 0 only).
     Main(KafkaResult<BorrowedMessage<'a>>),
 }
@@ -1684,9 +1684,13 @@ enum Arrival<'a> {
 /// Waits for the first record on any of `queues`, or for the consumer's own queue when
 /// `main` is given (polling it serves the group's callbacks). Cancel safe: only the future
 /// that completes takes anything off its queue.
-async fn arrival<'a>(queues: &'a [Arc<PartitionQueue>], main: Option<&'a StreamConsumer<SourceCtx>>) -> Arrival<'a> {
+async fn arrival<'a>(
+    queues: &'a [(usize, Arc<PartitionQueue>)],
+    main: Option<&'a StreamConsumer<SourceCtx>>,
+) -> Arrival<'a> {
     type Wait<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Arrival<'a>> + Send + 'a>>;
-    let mut waits: Vec<Wait<'a>> = queues.iter().map(|q| Box::pin(q.recv().map(Arrival::Record)) as Wait<'a>).collect();
+    let mut waits: Vec<Wait<'a>> =
+        queues.iter().map(|(i, q)| Box::pin(q.recv().map(move |r| Arrival::Record(*i, r))) as Wait<'a>).collect();
     if let Some(c) = main {
         waits.push(Box::pin(c.recv().map(Arrival::Main)));
     }
@@ -1731,17 +1735,20 @@ impl KafkaSource {
     /// how many were kept. Each queue is polled once per record, not under a zero timeout:
     /// tokio fires a timer on its next tick, so `timeout(ZERO, ..)` of an empty queue waits
     /// about a millisecond, and every batch paid it (docs/benchmarks.md, Kafka latency).
-    fn drain(&mut self, queues: &[Arc<PartitionQueue>], budget: usize) -> usize {
+    fn drain(&mut self, queues: &[(usize, Arc<PartitionQueue>)], budget: usize) -> usize {
         let mut n = 0;
-        for q in queues {
+        for (i, q) in queues {
+            // One stream per queue and drain: each stream registers with the queue's wakers
+            // (a lock), which `recv` would do for every record.
+            let mut records = q.stream();
             while n < budget {
-                match q.recv().now_or_never() {
-                    Some(Ok(m)) => n += usize::from(self.add(&m)),
-                    Some(Err(e)) => {
+                match records.next().now_or_never() {
+                    Some(Some(Ok(m))) => n += usize::from(self.add(*i, &m)),
+                    Some(Some(Err(e))) => {
                         self.report(&e);
                         break;
                     }
-                    None => break,
+                    Some(None) | None => break,
                 }
             }
         }

@@ -593,9 +593,6 @@ fn exactly_once_needs_checkpoints_and_a_long_enough_transaction_timeout() {
     assert!(err.contains("transaction_timeout") && err.contains("3m"), "{err}");
 }
 
-/// Against a real Kafka-protocol broker (Tansu, started by `scripts/services.sh`): two jobs in
-/// one consumer group split the topic's partitions between them, and together they read every
-/// record (at least once: there are no checkpoints here).
 /// The Tansu broker the test command starts (`WEIR_TEST_KAFKA` to use another), a new topic
 /// `<prefix>-<pid>` of `partitions` on it, and a runtime for the test.
 fn tansu_topic(prefix: &str, partitions: i32) -> (String, String, tokio::runtime::Runtime) {
@@ -639,6 +636,9 @@ fn wait_for_rebalance(members: &[&std::sync::Arc<weir_core::metrics::Registry>])
     }
 }
 
+/// Against a real Kafka-protocol broker (Tansu, started by `scripts/services.sh`): two jobs in
+/// one consumer group split the topic's partitions between them, and together they read every
+/// record (at least once: there are no checkpoints here).
 #[test]
 fn two_jobs_in_one_group_split_the_partitions_on_a_real_broker() {
     let (brokers, topic, rt) = tansu_topic("split", 4);
