@@ -16,6 +16,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use arrow_schema::SchemaRef;
 
@@ -72,22 +73,63 @@ impl AvroDecoder {
     }
 }
 
+/// A datum reader per writer schema id of a batch (or why its records cannot be read): made
+/// once per batch and id rather than per record, as making one resolves the schemas (names,
+/// and with a reader schema the resolution), which cost more than reading a datum.
+type Readers<'s> =
+    std::collections::HashMap<u32, std::result::Result<GenericDatumReader<'s>, (RecordErrorKind, String)>>;
+
+/// The writer schemas of the records of a batch (each id asked for once).
+fn writers(
+    schemas: &dyn AvroSchemas,
+    buf: &[u8],
+    records: &[Range<usize>],
+) -> std::collections::HashMap<u32, std::result::Result<Arc<Schema>, String>> {
+    let mut out = std::collections::HashMap::new();
+    for (i, r) in records.iter().enumerate() {
+        if let Some(id) = crate::record_bytes(buf, i, r).ok().and_then(|rec| schema_id(rec).ok()) {
+            out.entry(id).or_insert_with(|| schemas.get(id));
+        }
+    }
+    out
+}
+
+fn readers<'s>(
+    writers: &'s std::collections::HashMap<u32, std::result::Result<Arc<Schema>, String>>,
+    reader: Option<&'s Schema>,
+) -> Readers<'s> {
+    writers
+        .iter()
+        .map(|(&id, w)| {
+            let r = match w {
+                Ok(w) => GenericDatumReader::builder(w)
+                    .maybe_reader_schema(reader)
+                    .build()
+                    .map_err(|e| (RecordErrorKind::Decode, format!("invalid Avro for schema id {id}: {e}"))),
+                Err(why) => Err((RecordErrorKind::Schema, why.clone())),
+            };
+            (id, r)
+        })
+        .collect()
+}
+
 /// Row `n` from one record.
 fn record(
-    schemas: &dyn AvroSchemas,
-    reader: Option<&Schema>,
+    readers: &Readers<'_>,
     plan: &Plan,
     cols: &mut [Column],
     rec: &[u8],
     n: usize,
 ) -> std::result::Result<(), (RecordErrorKind, String)> {
     let id = schema_id(rec).map_err(|m| (RecordErrorKind::Decode, m))?;
-    let writer = schemas.get(id).map_err(|why| (RecordErrorKind::Schema, why))?;
+    let reader = match readers.get(&id) {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => return Err(e.clone()),
+        None => return Err((RecordErrorKind::Schema, format!("schema id {id} was not looked up"))),
+    };
     let mut body = &rec[5..];
-    let value = apache_avro::reader::datum::GenericDatumReader::builder(&writer)
-        .maybe_reader_schema(reader)
-        .build()
-        .and_then(|r| r.read_value(&mut body))
+    let value = reader
+        .read_value(&mut body)
         .map_err(|e| (RecordErrorKind::Decode, format!("invalid Avro for schema id {id}: {e}")))?;
     if !body.is_empty() {
         return Err((RecordErrorKind::Decode, format!("{} bytes after the datum of schema id {id}", body.len())));
@@ -102,9 +144,9 @@ fn record(
 impl Decoder for AvroDecoder {
     fn decode(&mut self, buf: &[u8], records: &[Range<usize>]) -> Result<Decoded> {
         let Self { schema, plan, builders, schemas, reader } = self;
-        decode_each(plan, schema, builders, buf, records, |rec, n, cols| {
-            record(schemas.as_ref(), reader.as_ref(), plan, cols, rec, n)
-        })
+        let writers = writers(schemas.as_ref(), buf, records);
+        let readers = readers(&writers, reader.as_ref());
+        decode_each(plan, schema, builders, buf, records, |rec, n, cols| record(&readers, plan, cols, rec, n))
     }
 
     fn schema(&self) -> &SchemaRef {
