@@ -457,9 +457,14 @@ impl std::fmt::Debug for KafkaGroup {
 }
 
 impl KafkaGroup {
-    fn consumer(&self, registry: &Arc<weir_core::metrics::Registry>) -> Result<Arc<StreamConsumer<SourceCtx>>> {
+    /// The consumer kept across runs (and its queues), opened on first use.
+    fn reader(&self, registry: &Arc<weir_core::metrics::Registry>) -> Result<Reader> {
         let following = lock(&self.leader).is_some();
-        Ok(Reader::get_or_open(&self.reader, &self.cfg, &self.shared, registry, !following)?.consumer)
+        Reader::get_or_open(&self.reader, &self.cfg, &self.shared, registry, !following)
+    }
+
+    fn consumer(&self, registry: &Arc<weir_core::metrics::Registry>) -> Result<Arc<StreamConsumer<SourceCtx>>> {
+        Ok(self.reader(registry)?.consumer)
     }
 
     fn topic(&self) -> &str {
@@ -1191,12 +1196,7 @@ impl KafkaSource {
             return Ok(r.clone());
         }
         let r = match &self.group {
-            Some(g) => {
-                g.consumer(registry)?;
-                lock(&g.reader)
-                    .clone()
-                    .ok_or_else(|| CoreError::Internal("kafka: the group's consumer is gone".into()))?
-            }
+            Some(g) => g.reader(registry)?,
             None => Reader::get_or_open(&self.run.reader, &self.cfg, &self.run.shared, registry, true)?,
         };
         self.reader = Some(r.clone());
