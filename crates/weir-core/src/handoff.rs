@@ -3,10 +3,13 @@
 //! Several processes run the same pipeline and split a partitioned input between them (a
 //! Kafka consumer group). Each keeps its checkpoints in a folder of its own in a store they
 //! share (`<dir>/<job>/<member>`, see [`crate::store::CheckpointStore::member`]). When
-//! partitions move, every process stops its run where it is ([`crate::CoreError::Rebalanced`])
-//! and starts again from a checkpoint; before reading, it takes each partition it now holds
-//! from whichever member's checkpoint read furthest into that partition: the source position,
-//! and the rows of each operator's state whose key belongs to the partition.
+//! partitions move, each process they move from or to ends its run at a checkpoint
+//! ([`crate::RunRestart`]) and starts again from it; before reading, it takes each partition
+//! it now holds from whichever member's checkpoint read furthest into that partition: the
+//! source position, and the rows of each operator's state whose key belongs to the
+//! partition. A process giving partitions up holds them for the group until a checkpoint of
+//! its new run, which parks their state, has completed ([`GroupMember::releasing`]), so the
+//! member taking them finds their state where that process stopped reading them.
 //!
 //! A member's checkpoint counts only as far as its output is visible. The process's own is
 //! settled by its recovery as usual; another member's is first settled through that member's
@@ -60,6 +63,13 @@ pub trait GroupMember: std::any::Any + Send + Sync + fmt::Debug {
     /// The partition each value of a key column's records are in (`None` when none can be
     /// told, e.g. a null key).
     fn partitions_of(&self, key: &ArrayRef) -> Result<Vec<Option<i32>>>;
+
+    /// Whether this process gave partitions up that it still holds for the group until a
+    /// checkpoint of the run now starting carries their state (parked) for whoever takes
+    /// them: the job then takes a checkpoint at once. The default: never.
+    fn releasing(&self) -> bool {
+        false
+    }
 
     /// Takes the partitions the group gave `leader` (another source of the job, which joined
     /// the group) as this source's own, without joining the group itself: the same numbers of

@@ -46,6 +46,6 @@ pub use deadletter::{DeadLetter, DeadLetterSink, ErrorKind, Payload};
 pub use error::{Blame, CoreError, RefusedRow, Result, Retry};
 pub use ids::StepId;
 pub use operator::{
-    Committer, OpContext, Operator, OperatorFactory, Sink, SinkFactory, Source, SourceContext, SourceFactory,
-    SourcePoll, Visible,
+    Committer, OpContext, Operator, OperatorFactory, RunRestart, Sink, SinkFactory, Source, SourceContext,
+    SourceFactory, SourcePoll, Visible,
 };

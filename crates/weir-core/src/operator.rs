@@ -176,14 +176,53 @@ pub struct SourceContext {
     pub metrics: Arc<StepMetrics>,
     /// The job's dead-letter output.
     pub dead_letters: Arc<dyn DeadLetterSink>,
-    /// Becomes true when the job should stop reading (SIGINT, SIGTERM): a source waiting for
-    /// data MUST wake on it and return [`SourcePoll::End`].
+    /// Becomes true when the job should stop reading (SIGINT, SIGTERM), or this run should
+    /// end for a restart ([`SourceContext::start_again`]): a source waiting for data MUST
+    /// wake on it and return [`SourcePoll::End`].
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Job-wide counters of records and bytes read.
     pub registry: Arc<crate::metrics::Registry>,
     /// Whether records read count as the job's input ([`SourceContext::count_records`]): not
     /// for the source reading a repartition topic, whose records were counted once already.
     pub counts_input: bool,
+    /// Ends the job's current run at a checkpoint ([`SourceContext::start_again`]).
+    pub restart: RunRestart,
+}
+
+/// Ends a job's run at a checkpoint, without draining, after which the job starts again
+/// from that checkpoint at once: what a source asks for when the input it reads changed
+/// under it (a Kafka consumer was given or asked to give up partitions) and the job's state
+/// must be laid out anew, without reading again what it already read.
+///
+/// Asking sets the run's stop signal, so every source of the run ends as on a shutdown
+/// (handing out what it holds, then [`SourcePoll::End`]); the final checkpoint keeps open
+/// windows open, and the job's next run restores it.
+#[derive(Debug, Clone)]
+pub struct RunRestart {
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
+    reason: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl RunRestart {
+    /// A restart that, when asked for, sets `stop` (the run's sources' stop signal).
+    pub fn new(stop: Arc<tokio::sync::watch::Sender<bool>>) -> Self {
+        Self { stop, reason: Arc::default() }
+    }
+
+    /// Asks for the run to end at a checkpoint and start again; the first reason is kept.
+    pub fn request(&self, reason: impl Into<String>) {
+        let mut r = self.reason.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if r.is_none() {
+            *r = Some(reason.into());
+        }
+        drop(r);
+        self.stop.send_replace(true);
+    }
+
+    /// Why a restart was asked for, if it was.
+    pub fn requested(&self) -> Option<String> {
+        self.reason.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
 }
 
 impl SourceContext {
@@ -196,9 +235,14 @@ impl SourceContext {
         }
     }
 
-    /// Whether shutdown was requested.
+    /// Whether shutdown was requested (the job's, or the run's end for a restart).
     pub fn stopping(&self) -> bool {
         *self.shutdown.borrow()
+    }
+
+    /// Ends this run at a checkpoint and starts the job again from it ([`RunRestart`]).
+    pub fn start_again(&self, reason: impl Into<String>) {
+        self.restart.request(reason);
     }
 }
 

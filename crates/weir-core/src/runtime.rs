@@ -693,6 +693,7 @@ impl Job {
             let (r, last) = self.recover(ck).await?;
             restored = r;
             let mut parked = None;
+            let mut releasing = false;
             if ck.store.member_name().is_some() {
                 let groups: Vec<(&StepId, Arc<dyn GroupMember>)> = g
                     .sources()
@@ -706,6 +707,7 @@ impl Job {
                     let (r, p) = self.take_over(ck, &groups, restored).await?;
                     restored = r;
                     parked = Some(p);
+                    releasing = groups.iter().any(|(_, g)| g.releasing());
                 }
             }
             let tasks = (0..plan.len()).flat_map(|t| (0..w_count).map(move |w| task_key(t, w))).collect();
@@ -725,6 +727,11 @@ impl Job {
             if let (Some(c), Some(p)) = (coord.as_mut(), parked) {
                 c.park(p)?;
             }
+            if releasing {
+                // Partitions given up are handed to the group once a checkpoint carries
+                // their state for whoever takes them (see `GroupMember::releasing`): now.
+                let _ = self.on_demand_tx.try_send(());
+            }
             if let Some(tables) = restored.operators.remove(crate::quarantine::STATE_STEP) {
                 if let Some(q) = &g.quarantine {
                     q.restore(&tables, Instant::now(), now_ms())?;
@@ -737,6 +744,10 @@ impl Job {
             }
         }
         let restoring = restored.epoch.is_some();
+        // The run's own stop signal: set by the job's shutdown, or by a source asking for the
+        // run to end at a checkpoint and start again.
+        let run_stop = Arc::new(watch::channel(*self.shutdown_rx.borrow()).0);
+        let restart = crate::operator::RunRestart::new(run_stop.clone());
 
         // Channels into every task fed by others: for each input edge of its head, one per
         // upstream worker when the edge is keyed (any worker may hold a row's key), one from
@@ -845,9 +856,10 @@ impl Job {
                             step: node.id.clone(),
                             metrics: self.registry.step(&node.id, w),
                             dead_letters: g.dead_letters.clone(),
-                            shutdown: self.shutdown_rx.clone(),
+                            shutdown: run_stop.subscribe(),
                             registry: self.registry.clone(),
                             counts_input: g.counts_input,
+                            restart: restart.clone(),
                         };
                         let driver = SourceDriver {
                             shedder: g.shedding.clone().map(|(o, p)| crate::shed::Shedder::new(o, p)),
@@ -894,6 +906,7 @@ impl Job {
 
         tracing::info!(job = %g.name, workers = w_count, tasks = plan.len(), "Job started.");
         let mut tasks_done = false;
+        let mut job_stop = self.shutdown_rx.clone();
         loop {
             let coordinating = coord.as_ref().is_some_and(|c| !c.closed);
             if tasks_done && !coordinating {
@@ -902,6 +915,7 @@ impl Job {
             enum Next {
                 Task(Option<std::result::Result<Result<()>, tokio::task::JoinError>>),
                 Coord(crate::checkpointing::Event),
+                Stop,
             }
             let next = tokio::select! {
                 biased;
@@ -912,8 +926,15 @@ impl Job {
                     }
                 }, if coordinating => Next::Coord(ev),
                 res = tasks.join_next(), if !tasks_done => Next::Task(res),
+                Ok(()) = job_stop.changed(), if !*run_stop.borrow() => Next::Stop,
             };
             let res = match next {
+                Next::Stop => {
+                    if *job_stop.borrow_and_update() {
+                        run_stop.send_replace(true);
+                    }
+                    Ok(())
+                }
                 Next::Coord(ev) => match coord.as_mut() {
                     Some(c) => c.handle(ev).await,
                     None => Ok(()),
@@ -943,6 +964,10 @@ impl Job {
             }
         }
         g.dead_letters.flush()?;
+        if let Some(reason) = restart.requested().filter(|_| !*self.shutdown_rx.borrow()) {
+            // Ended at its final checkpoint on purpose: the next run resumes exactly there.
+            return Err(CoreError::Rebalanced(reason));
+        }
         tracing::info!(job = %g.name, elapsed_ms = started.elapsed().as_millis() as u64, "Job finished.");
         let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         Ok(RunSummary {

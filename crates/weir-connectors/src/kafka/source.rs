@@ -261,7 +261,13 @@ pub struct KafkaSourceFactory {
     /// The run whose instances are being made: the runtime makes worker 0's first, so that
     /// one starts a new run and the others join it.
     run: Mutex<Option<Arc<Run>>>,
+    /// Where this process got to in each partition, across the job's runs: what a run hands
+    /// out below it is read again (`weir_kafka_records_reread_total`).
+    handed: Arc<Handed>,
 }
+
+/// The offset after the last record handed out, per partition.
+type Handed = Mutex<HashMap<(String, i32), i64>>;
 
 impl KafkaSourceFactory {
     /// Checks the settings (no I/O).
@@ -287,7 +293,7 @@ impl KafkaSourceFactory {
             partition_count: Mutex::new(None),
             leader: Mutex::new(None),
         });
-        Ok(Self { schema, cfg, group, run: Mutex::new(None) })
+        Ok(Self { schema, cfg, group, run: Mutex::new(None), handed: Arc::default() })
     }
 }
 
@@ -323,6 +329,7 @@ impl SourceFactory for KafkaSourceFactory {
             decoder,
             wake: run.shared.waker(worker),
             run,
+            handed: self.handed.clone(),
             reader: None,
             queues: Vec::new(),
             turn: 0,
@@ -456,7 +463,47 @@ impl std::fmt::Debug for KafkaGroup {
     }
 }
 
+impl Drop for KafkaGroup {
+    /// The consumer's close waits until every partition is given up, also those held back
+    /// for a checkpoint that will not come now.
+    fn drop(&mut self) {
+        self.shared.closing.store(true, std::sync::atomic::Ordering::Release);
+        let mut held = std::mem::take(&mut *lock(&self.shared.releasing));
+        held.append(&mut lock(&self.shared.parked));
+        if let (false, Some(r)) = (held.is_empty(), lock(&self.reader).as_ref()) {
+            if let Err(e) = r.consumer.incremental_unassign(&partition_list(&held)) {
+                tracing::warn!(error = %e, "Kafka incremental unassign on close failed.");
+            }
+        }
+    }
+}
+
+/// A partition list of `tps` (no offsets).
+fn partition_list(tps: &[(String, i32)]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in tps {
+        tpl.add_partition(t, *p);
+    }
+    tpl
+}
+
 impl KafkaGroup {
+    /// Gives the partitions the current run parked back to the group: a checkpoint holding
+    /// their state has completed.
+    fn release_parked(&self) {
+        let parked = std::mem::take(&mut *lock(&self.shared.parked));
+        if parked.is_empty() {
+            return;
+        }
+        let Some(reader) = lock(&self.reader).clone() else { return };
+        match weir_core::runtime::blocking(|| reader.consumer.incremental_unassign(&partition_list(&parked))) {
+            Ok(()) => {
+                tracing::info!(partitions = ?parked, "Kafka partitions handed back to the group; a checkpoint holds their state.")
+            }
+            Err(e) => tracing::warn!(error = %e, partitions = ?parked, "Kafka incremental unassign failed."),
+        }
+    }
+
     /// The consumer kept across runs (and its queues), opened on first use.
     fn reader(&self, registry: &Arc<weir_core::metrics::Registry>) -> Result<Reader> {
         let following = lock(&self.leader).is_some();
@@ -482,24 +529,19 @@ impl weir_core::handoff::GroupMember for KafkaGroup {
         let consumer = self.consumer(registry)?;
         let waited = Instant::now();
         let mut warned = Instant::now();
-        // The assignment as of the latest event; `None` until the group has made one.
-        let mut current: Option<Vec<(String, i32)>> = None;
         loop {
+            // The callbacks keep what the group gives this process (`owned`); the events only
+            // say that it changed (and end a run).
             let events = std::mem::take(&mut *lock(&self.shared.events));
             for ev in events {
-                current = match ev {
-                    Assignment::Assigned(list) => Some(list.into_iter().map(|(t, p, _)| (t, p)).collect()),
-                    Assignment::Revoked(_) => None,
-                    Assignment::Failed(why) => return Err(assignment_failed(why)),
-                };
-            }
-            // A run starts on an assignment no newer event has replaced (every run after the
-            // first starts because an event came, and a fresh consumer always gets one).
-            if let Some(list) = current.take() {
-                if lock(&self.shared.events).is_empty() {
-                    return self.settle(&consumer, list).await;
+                if let Assignment::Failed(why) = ev {
+                    return Err(assignment_failed(why));
                 }
-                current = Some(list);
+            }
+            // A run starts once the group has made an assignment and no change is pending.
+            if self.shared.known.load(std::sync::atomic::Ordering::Acquire) && lock(&self.shared.events).is_empty() {
+                let list: Vec<(String, i32)> = lock(&self.shared.owned).iter().cloned().collect();
+                return self.settle(&consumer, list).await;
             }
             if *stop.borrow() {
                 return self.settle(&consumer, Vec::new()).await;
@@ -565,6 +607,10 @@ impl weir_core::handoff::GroupMember for KafkaGroup {
         })
     }
 
+    fn releasing(&self) -> bool {
+        !lock(&self.shared.parked).is_empty()
+    }
+
     async fn follow(
         &self,
         leader: &dyn weir_core::handoff::GroupMember,
@@ -625,6 +671,9 @@ impl KafkaGroup {
         // and what an earlier run's instances were told is over.
         lock(&self.shared.resume).clear();
         lock(&self.shared.inbox).clear();
+        // Partitions taken back are not in `list`: this run parks their state.
+        let releasing = std::mem::take(&mut *lock(&self.shared.releasing));
+        lock(&self.shared.parked).extend(releasing);
         Ok(weir_core::handoff::Assignment { partitions: list.into_iter().map(|(_, p)| p).collect() })
     }
 }
@@ -638,8 +687,27 @@ struct Shared {
     /// With `handoff`: assignment changes, for the group to start the job's next run on
     /// ([`KafkaGroup::assignment`]); while a run goes on, any of them ends it.
     events: Mutex<Vec<Assignment>>,
-    /// Each worker's share of the assignment changes, for it to act on.
-    inbox: Mutex<Vec<Vec<Assignment>>>,
+    /// Each worker's share of the assignment changes, for it to act on, with whether the
+    /// process holds any partition after the change.
+    inbox: Mutex<Vec<Vec<(Assignment, bool)>>>,
+    /// The partitions the group gives this process, as of the latest rebalance callback.
+    owned: Mutex<std::collections::BTreeSet<(String, i32)>>,
+    /// The group has made this process an assignment (possibly of nothing) since it joined.
+    known: std::sync::atomic::AtomicBool,
+    /// With `handoff`: partitions the group took back that this process still holds for it,
+    /// until the job's next run has parked their state ([`KafkaGroup::settle`]).
+    releasing: Mutex<Vec<(String, i32)>>,
+    /// With `handoff`: partitions taken back whose state the current run parks; they go
+    /// back to the group (`incremental_unassign`) once one of its checkpoints completed, so
+    /// the member taking them finds their state in a checkpoint and need not fence this one.
+    parked: Mutex<Vec<(String, i32)>>,
+    /// The consumer is closing: partitions taken back are given up at once (its close waits
+    /// for that).
+    closing: std::sync::atomic::AtomicBool,
+    /// With `handoff`: where each partition's queue goes on after the last run, when that
+    /// run ended at a checkpoint with everything it took handed out; a next run starting
+    /// there need not seek.
+    continues: Mutex<HashMap<(String, i32), i64>>,
     /// Wakes each worker when its inbox gets something.
     wakers: Mutex<Vec<Arc<tokio::sync::Notify>>>,
     /// The process's workers, among which the partitions are divided.
@@ -679,27 +747,29 @@ impl Shared {
         }
     }
 
-    /// Hands each worker its share of an assignment change: the partitions it owns (an empty
-    /// share still tells it the assignment), or a failure to every one.
-    fn post(&self, ev: &Assignment) {
+    /// Hands each worker its share of an assignment change (partitions added or taken
+    /// away; an empty share still tells it the change), or a failure to every one. `holding`:
+    /// whether the process holds any partition after the change.
+    fn post(&self, ev: &Assignment, holding: bool) {
         let n = self.workers();
         let mut inbox = lock(&self.inbox);
         let len = n.max(inbox.len());
         inbox.resize_with(len, Vec::new);
         for (w, mine) in inbox.iter_mut().enumerate().take(n) {
-            mine.push(match ev {
+            let share = match ev {
                 // The group can give a process nothing for a while (an assignment made before
-                // the topic's partitions were known): that is not an assignment a bounded
-                // run's worker may end on, but as if everything had been taken away.
-                Assignment::Assigned(l) if l.is_empty() => Assignment::Revoked(Vec::new()),
+                // the topic's partitions were known, or a member that just joined): that is
+                // not an assignment a bounded run's worker may end on.
+                Assignment::Assigned(l) if l.is_empty() && !holding => Assignment::Revoked(Vec::new()),
                 Assignment::Assigned(l) => {
                     Assignment::Assigned(l.iter().filter(|(t, p, _)| owner(t, *p, n) == w).cloned().collect())
                 }
-                Assignment::Revoked(l) => {
+                Assignment::Revoked(l) | Assignment::Lost(l) => {
                     Assignment::Revoked(l.iter().filter(|(t, p)| owner(t, *p, n) == w).cloned().collect())
                 }
                 Assignment::Failed(why) => Assignment::Failed(why.clone()),
-            });
+            };
+            mine.push((share, holding));
         }
         drop(inbox);
         self.wake_all();
@@ -731,12 +801,22 @@ impl Shared {
     }
 }
 
+/// A partition added, with the offset where it ended then (`None` when not asked or not
+/// known).
+type PartitionEnd = (String, i32, Option<i64>);
+
+/// A change of the partitions a process reads: the group's rebalances are incremental
+/// (`cooperative-sticky`), so each names only what moves.
 #[derive(Debug, Clone)]
 enum Assignment {
-    /// Partitions assigned, with the offset where each ended at that moment (for
+    /// Partitions added, with the offset where each ended at that moment (for
     /// `stop_at_end`; `None` when it could not be read).
-    Assigned(Vec<(String, i32, Option<i64>)>),
+    Assigned(Vec<PartitionEnd>),
+    /// Partitions the group takes back.
     Revoked(Vec<(String, i32)>),
+    /// Partitions the group gave another member already (this one missed its session):
+    /// with `handoff` the run stops where it is, as its output may no longer be committed.
+    Lost(Vec<(String, i32)>),
     /// The assignment could not be carried out (see `retried`): the run fails with this.
     Failed(String),
 }
@@ -861,7 +941,8 @@ impl SourceCtx {
             lock(&self.shared.events).push(ev);
             self.shared.wake_all();
         } else {
-            self.shared.post(&ev);
+            let holding = !lock(&self.shared.owned).is_empty();
+            self.shared.post(&ev, holding);
         }
     }
 
@@ -874,16 +955,28 @@ impl SourceCtx {
 impl ConsumerContext for SourceCtx {
     // Overridden (not pre_rebalance) because only here is the list mutable: offsets set on it
     // take effect with the assignment itself, before any fetch, so no record before a
-    // checkpointed position is ever read. The group uses eager assignment (set in
-    // `KafkaSource::consumer`), hence assign/unassign.
+    // checkpointed position is ever read. The group rebalances incrementally
+    // (`cooperative-sticky`, set in `new_consumer`): each callback names only the partitions
+    // that move, and the others go on being read.
     fn rebalance(&self, base: &BaseConsumer<Self>, err: rdkafka::types::RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         use rdkafka::types::RDKafkaRespErr as E;
+        let tps: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
         match err {
+            E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS if tps.is_empty() => {
+                // A round of the rebalance that gives this member nothing more; the protocol
+                // still waits for the (empty) call.
+                if let Err(e) = base.incremental_assign(tpl) {
+                    tracing::warn!(error = %e, "Kafka incremental assign (of nothing) failed.");
+                }
+                if !self.shared.known.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    self.tell(Assignment::Assigned(Vec::new()));
+                }
+            }
             E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let tps: Vec<(String, i32)> =
-                    tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
                 // A partition must never start somewhere else than asked, nor go unread: the
-                // lookups and the assignment are tried a few times, then the run fails.
+                // lookups and the assignment are tried a few times, then the run fails. With a
+                // handoff this start is provisional: the run that reads the partitions seeks
+                // them to the positions it restored.
                 let resume = lock(&self.shared.resume).clone();
                 // The callback runs inside the consumer's poll, on a runtime worker: the lookups
                 // below wait on the brokers, so the worker's other tasks move off this thread
@@ -896,7 +989,9 @@ impl ConsumerContext for SourceCtx {
                         Ok(())
                     })
                     .and_then(|()| report_missing(&missing, self.on_missing, &self.registry))
-                    .and_then(|()| retried("assigning the partitions", || base.assign(tpl).map_err(|e| e.to_string())))
+                    .and_then(|()| {
+                        retried("assigning the partitions", || base.incremental_assign(tpl).map_err(|e| e.to_string()))
+                    })
                 });
                 if let Err(e) = started {
                     tracing::error!(error = %e, partitions = ?tps, "Kafka partition assignment failed; the run stops.");
@@ -907,33 +1002,62 @@ impl ConsumerContext for SourceCtx {
                     return;
                 }
                 let ends = weir_core::runtime::blocking(|| {
-                    tps.into_iter()
+                    tps.iter()
                         .map(|(t, p)| {
                             // With a handoff the run that reads them asks again.
                             let end = (self.stop_at_end && !self.handoff)
-                                .then(|| base.fetch_watermarks(&t, p, Duration::from_secs(10)).ok().map(|(_, h)| h))
+                                .then(|| base.fetch_watermarks(t, *p, Duration::from_secs(10)).ok().map(|(_, h)| h))
                                 .flatten();
-                            (t, p, end)
+                            (t.clone(), *p, end)
                         })
                         .collect::<Vec<_>>()
                 });
+                lock(&self.shared.owned).extend(tps);
+                self.shared.known.store(true, std::sync::atomic::Ordering::Release);
                 tracing::info!(partitions = ends.len(), "Kafka partitions assigned.");
                 tracing::debug!(?ends, "Where the assigned partitions end (bounded runs).");
                 self.count_rebalance("assigned");
                 self.tell(Assignment::Assigned(ends));
             }
             E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                let tps = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>();
-                if let Err(e) = base.unassign() {
-                    tracing::warn!(error = %e, "Kafka unassign failed.");
+                let lost = base.assignment_lost();
+                {
+                    let mut owned = lock(&self.shared.owned);
+                    for tp in &tps {
+                        owned.remove(tp);
+                    }
                 }
-                tracing::info!(partitions = tps.len(), "Kafka partitions revoked.");
                 self.count_rebalance("revoked");
-                self.tell(Assignment::Revoked(tps));
+                if self.handoff && !lost && !self.shared.closing.load(std::sync::atomic::Ordering::Acquire) {
+                    // Held for the group until a checkpoint carries their state: the next run
+                    // parks it, and gives them up once one of its checkpoints completed
+                    // (`KafkaSource::checkpoint_complete`). The group waits meanwhile.
+                    tracing::info!(partitions = ?tps, "Kafka partitions taken back; handed on once a checkpoint carries their state.");
+                    lock(&self.shared.releasing).extend(tps.iter().cloned());
+                    self.tell(Assignment::Revoked(tps));
+                    return;
+                }
+                if let Err(e) = base.incremental_unassign(tpl) {
+                    tracing::warn!(error = %e, "Kafka incremental unassign failed.");
+                }
+                if lost {
+                    tracing::warn!(partitions = ?tps, "Kafka partitions lost: the group gave them to another member (this one missed its session).");
+                    self.tell(Assignment::Lost(tps));
+                } else {
+                    tracing::info!(partitions = tps.len(), "Kafka partitions revoked.");
+                    self.tell(Assignment::Revoked(tps));
+                }
             }
             other => {
-                tracing::warn!(error = ?other, "Kafka rebalance failed; dropping the assignment until the next one.");
-                let _ = base.unassign();
+                tracing::warn!(error = ?other, partitions = ?tps, "Kafka rebalance failed; dropping these partitions until the next one.");
+                let _ = base.incremental_unassign(tpl);
+                {
+                    let mut owned = lock(&self.shared.owned);
+                    for tp in &tps {
+                        owned.remove(tp);
+                    }
+                }
+                self.tell(Assignment::Lost(tps));
             }
         }
     }
@@ -1017,6 +1141,45 @@ fn start_offsets<C: Consumer<SourceCtx>>(
     Ok(missing)
 }
 
+/// Moves assigned partitions to the offsets of `tpl` (a seek: what was fetched before is
+/// dropped). A seek takes no "committed" offset, so those are looked up (a partition
+/// without one starts as `auto.offset.reset` says).
+fn seek_to<C: Consumer<SourceCtx>>(
+    c: &C,
+    tpl: &TopicPartitionList,
+    start: KafkaStart,
+) -> std::result::Result<(), String> {
+    if tpl.count() == 0 {
+        return Ok(());
+    }
+    let mut tpl = tpl.clone();
+    let stored: Vec<(String, i32)> = tpl
+        .elements()
+        .iter()
+        .filter(|e| e.offset() == Offset::Stored)
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect();
+    if !stored.is_empty() {
+        let committed =
+            c.committed_offsets(partition_list(&stored), Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        for e in committed.elements() {
+            let o = match e.offset() {
+                Offset::Offset(o) => Offset::Offset(o),
+                _ if start == KafkaStart::Latest => Offset::End,
+                _ => Offset::Beginning,
+            };
+            let _ = tpl.set_partition_offset(e.topic(), e.partition(), o);
+        }
+    }
+    let done = c.seek_partitions(tpl, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    for e in done.elements() {
+        if let Err(err) = e.error() {
+            return Err(format!("{}/{}: {err}", e.topic(), e.partition()));
+        }
+    }
+    Ok(())
+}
+
 /// One partition's records waiting to be handed out.
 #[derive(Debug, Default)]
 struct Part {
@@ -1027,6 +1190,9 @@ struct Part {
     next: Option<i64>,
     /// With `stop_at_end`: the offset where the partition ended when assigned.
     end: Option<i64>,
+    /// Where this process had got to in the partition before this run: records below it
+    /// are read again.
+    before: Option<i64>,
     buf: Vec<u8>,
     ranges: Vec<Range<usize>>,
     offsets: Vec<i64>,
@@ -1064,6 +1230,8 @@ struct KafkaSource {
     turn: usize,
     /// Woken when the inbox gets something.
     wake: Arc<tokio::sync::Notify>,
+    /// Where this process got to in each partition in earlier runs.
+    handed: Arc<Handed>,
     /// With `handoff`: the consumer kept across runs.
     group: Option<Arc<KafkaGroup>>,
     /// With `handoff`, on worker 0: the assignment was applied at the restored positions.
@@ -1111,7 +1279,8 @@ fn new_consumer(
         ("enable.auto.commit", "false".into()),
         ("enable.auto.offset.store", "false".into()),
         ("auto.offset.reset", reset.into()),
-        ("partition.assignment.strategy", "range,roundrobin".into()),
+        // Incremental rebalances: only the partitions that move stop.
+        ("partition.assignment.strategy", "cooperative-sticky".into()),
         ("enable.partition.eof", "false".into()),
         // Lag metrics come with the statistics; a pipeline may choose another interval.
         (
@@ -1147,22 +1316,29 @@ fn new_consumer(
 }
 
 impl KafkaSource {
-    /// With a handoff, on worker 0: assigns the partitions the group gave this process at the
-    /// positions the run restored (what the consumer fetched before is dropped by the
-    /// assignment), then tells every worker its share.
+    /// With a handoff, on worker 0: starts the partitions of the run at the positions it
+    /// restored, then tells every worker its share. A group member's partitions are assigned
+    /// already (by the rebalance callback, provisionally): each moves to its restored
+    /// position (a seek drops what was fetched before), except those whose queue goes on
+    /// exactly there because the last run ended at a checkpoint: they are left alone, so
+    /// nothing of theirs is fetched twice. A follower, in no group, assigns them all.
     async fn start_assigned(&mut self, consumer: &Arc<StreamConsumer<SourceCtx>>) -> Result<()> {
         let shared = self.run.shared.clone();
         let current = lock(&shared.current).clone();
         let resume = lock(&shared.resume).clone();
+        let continues = std::mem::take(&mut *lock(&shared.continues));
+        let member = self.group.as_ref().is_some_and(|g| lock(&g.leader).is_none());
         let (start, stop_at_end, on_missing) = (self.cfg.start, self.cfg.stop_at_end, self.cfg.on_missing_position);
         let c = consumer.clone();
         let registry = c.context().registry.clone();
         let sh = shared.clone();
-        let ends = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32, Option<i64>)>> {
-            let mut tpl = TopicPartitionList::new();
-            for (t, p) in &current {
-                tpl.add_partition(t, *p);
-            }
+        let (ends, moved) = tokio::task::spawn_blocking(move || -> Result<(Vec<PartitionEnd>, usize)> {
+            let moving: Vec<(String, i32)> = current
+                .iter()
+                .filter(|tp| !member || !resume.contains_key(*tp) || continues.get(*tp) != resume.get(*tp))
+                .cloned()
+                .collect();
+            let mut tpl = partition_list(&moving);
             let mut missing = Vec::new();
             sh.split(&current)
                 .and_then(|()| {
@@ -1172,9 +1348,15 @@ impl KafkaSource {
                     })
                 })
                 .and_then(|()| report_missing(&missing, on_missing, &registry))
-                .and_then(|()| retried("assigning the partitions", || c.assign(&tpl).map_err(|e| e.to_string())))
+                .and_then(|()| {
+                    if member {
+                        retried("moving the partitions to their positions", || seek_to(c.as_ref(), &tpl, start))
+                    } else {
+                        retried("assigning the partitions", || c.assign(&tpl).map_err(|e| e.to_string()))
+                    }
+                })
                 .map_err(|e| assignment_failed(format!("kafka source: {e}")))?;
-            Ok(current
+            let ends = current
                 .into_iter()
                 .map(|(t, p)| {
                     let end = stop_at_end
@@ -1182,12 +1364,18 @@ impl KafkaSource {
                         .flatten();
                     (t, p, end)
                 })
-                .collect())
+                .collect();
+            Ok((ends, moving.len()))
         })
         .await
         .map_err(|e| CoreError::Task(e.to_string()))??;
-        tracing::info!(partitions = ends.len(), "Kafka partitions read from their restored positions.");
-        shared.post(&Assignment::Assigned(ends));
+        tracing::info!(
+            partitions = ends.len(),
+            moved_to_their_positions = moved,
+            "Kafka partitions read from their restored positions."
+        );
+        let holding = !ends.is_empty();
+        shared.post(&Assignment::Assigned(ends), holding);
         Ok(())
     }
 
@@ -1208,7 +1396,8 @@ impl KafkaSource {
             return i;
         }
         let i = self.parts.len();
-        self.parts.push(Part { topic: topic.to_string(), partition, ..Part::default() });
+        let before = lock(&self.handed).get(&(topic.to_string(), partition)).copied();
+        self.parts.push(Part { topic: topic.to_string(), partition, before, ..Part::default() });
         self.index.insert((topic.to_string(), partition), i);
         i
     }
@@ -1225,7 +1414,7 @@ impl KafkaSource {
         let Some(reader) = self.reader.clone() else {
             weir_core::bail_internal!("kafka: assignment changes before the consumer was opened")
         };
-        for ev in events {
+        for (ev, holding) in events {
             match ev {
                 Assignment::Failed(why) => return Err(assignment_failed(why)),
                 Assignment::Assigned(list) => {
@@ -1250,10 +1439,10 @@ impl KafkaSource {
                         // Never back: records may have been taken from the queue already.
                         part.next = part.next.max(resumed);
                     }
-                    self.seen_assignment = true;
+                    self.seen_assignment = holding;
                 }
-                Assignment::Revoked(list) => {
-                    self.seen_assignment = false;
+                Assignment::Revoked(list) | Assignment::Lost(list) => {
+                    self.seen_assignment = holding;
                     for (t, p) in list {
                         let i = self.slot(&t, p);
                         self.queues.retain(|(j, _)| *j != i);
@@ -1356,6 +1545,20 @@ impl KafkaSource {
             part.next = Some(last + 1);
         }
         let (topic, partition) = (part.topic.clone(), part.partition);
+        let again = part.before.map_or(0, |b| offsets.iter().take_while(|&&o| o < b).count());
+        if let Some(next) = part.next {
+            let mut handed = lock(&self.handed);
+            let h = handed.entry((topic.clone(), partition)).or_insert(next);
+            *h = (*h).max(next);
+        }
+        if again > 0 {
+            cx.registry.connectors.add(
+                "weir_kafka_records_reread_total",
+                "Records this process handed out again: a run started over from a checkpoint behind where an earlier one had got (a crash of the run, a fenced producer, a lost partition).",
+                &[("topic", &topic), ("partition", &partition.to_string())],
+                again as f64,
+            );
+        }
         self.publish_lag(cx);
         let md = self.cfg.metadata.clone();
         let schema = self.schema.clone();
@@ -1471,12 +1674,23 @@ impl Source for KafkaSource {
                     self.unexpected(r)?;
                 }
             }
-            if self.group.is_some() && !cx.stopping() && !lock(&self.run.shared.events).is_empty() {
+            if self.group.is_some() && !cx.stopping() {
                 // The events stay for the next run's `assignment`.
-                return Err(CoreError::Rebalanced(format!(
-                    "consumer group `{}` moved partitions of {:?}",
-                    self.cfg.group_id, self.cfg.topics
-                )));
+                let events = lock(&self.run.shared.events);
+                let lost = events.iter().any(|e| matches!(e, Assignment::Lost(_)));
+                let moved = !events.is_empty();
+                drop(events);
+                let why = format!("consumer group `{}` moved partitions of {:?}", self.cfg.group_id, self.cfg.topics);
+                if lost {
+                    // Another member reads them already: stop where the run is, committing
+                    // nothing more.
+                    return Err(CoreError::Rebalanced(why));
+                }
+                if moved {
+                    // The run ends at a checkpoint and the next starts from it with the new
+                    // partitions: the ones that stay go on where they are, nothing read again.
+                    cx.start_again(why);
+                }
             }
             self.apply_events()?;
             // Armed once the assignment is known: before, there is no end to reach yet.
@@ -1505,6 +1719,16 @@ impl Source for KafkaSource {
                 continue;
             }
             if stopping {
+                if self.group.is_some() {
+                    // Everything taken is handed out: each queue goes on at the position the
+                    // final checkpoint records.
+                    let mut continues = lock(&self.run.shared.continues);
+                    for p in self.parts.iter().filter(|p| p.assigned) {
+                        if let Some(n) = p.next {
+                            continues.insert((p.topic.clone(), p.partition), n);
+                        }
+                    }
+                }
                 return Ok(SourcePoll::End);
             }
             // Take what is already fetched, up to a batch.
@@ -1623,6 +1847,15 @@ impl Source for KafkaSource {
         }
         self.last_snapshot = Some(tpl);
         Ok(Some(position_table(&rows)?))
+    }
+
+    async fn checkpoint_complete(&mut self, _epoch: Epoch) -> Result<()> {
+        // Partitions given up are parked in every checkpoint of this run: with one complete,
+        // the member taking them over finds their state.
+        if let (0, Some(g)) = (self.worker, &self.group) {
+            g.release_parked();
+        }
+        Ok(())
     }
 
     fn restore(&mut self, positions: &[RecordBatch]) -> Result<()> {
@@ -1799,7 +2032,10 @@ mod tests {
     use super::{owner, Assignment, Shared};
 
     fn told(s: &Shared, worker: usize) -> Vec<String> {
-        std::mem::take(&mut super::lock(&s.inbox)[worker]).iter().map(|e| format!("{e:?}")).collect()
+        std::mem::take(&mut super::lock(&s.inbox)[worker])
+            .iter()
+            .map(|(e, holding)| format!("{e:?} {holding}"))
+            .collect()
     }
 
     #[test]
@@ -1808,28 +2044,37 @@ mod tests {
         s.workers.store(2, std::sync::atomic::Ordering::Relaxed);
         let wakers: Vec<_> = (0..2).map(|w| s.waker(w)).collect();
         let list: Vec<(String, i32, Option<i64>)> = (0..4).map(|p| ("t".to_string(), p, Some(10))).collect();
-        s.post(&Assignment::Assigned(list));
+        s.post(&Assignment::Assigned(list), true);
         for (w, waker) in wakers.iter().enumerate() {
             let mine: Vec<i32> = (0..4).filter(|&p| owner("t", p, 2) == w).collect();
             assert_eq!(mine.len(), 2);
             let want = format!(
-                "Assigned([{}])",
+                "Assigned([{}]) true",
                 mine.iter().map(|p| format!("(\"t\", {p}, Some(10))")).collect::<Vec<_>>().join(", ")
             );
             assert_eq!(told(&s, w), vec![want]);
             // Woken: the permit is there without waiting.
             assert!(futures::FutureExt::now_or_never(waker.notified()).is_some());
         }
-        // A worker none of whose partitions moved is still told: it learns the assignment.
-        s.post(&Assignment::Revoked(vec![("t".to_string(), 0)]));
-        assert_eq!(told(&s, owner("t", 0, 2)), vec!["Revoked([(\"t\", 0)])"]);
-        assert_eq!(told(&s, 1 - owner("t", 0, 2)), vec!["Revoked([])"]);
+        // A worker none of whose partitions moved is still told: it learns the assignment,
+        // and that the process still holds partitions (its own may all be gone).
+        s.post(&Assignment::Revoked(vec![("t".to_string(), 0)]), true);
+        assert_eq!(told(&s, owner("t", 0, 2)), vec!["Revoked([(\"t\", 0)]) true"]);
+        assert_eq!(told(&s, 1 - owner("t", 0, 2)), vec!["Revoked([]) true"]);
+        // A lost partition is taken away like a revoked one.
+        s.post(&Assignment::Lost(vec![("t".to_string(), 1)]), true);
+        assert_eq!(told(&s, owner("t", 1, 2)), vec!["Revoked([(\"t\", 1)]) true"]);
+        assert_eq!(told(&s, 1 - owner("t", 1, 2)), vec!["Revoked([]) true"]);
         // The group giving the process nothing (yet) must not let a bounded run's workers end.
-        s.post(&Assignment::Assigned(Vec::new()));
-        assert_eq!(told(&s, 0), vec!["Revoked([])"]);
-        assert_eq!(told(&s, 1), vec!["Revoked([])"]);
-        s.post(&Assignment::Failed("no".into()));
-        assert_eq!(told(&s, 1), vec!["Failed(\"no\")"]);
+        s.post(&Assignment::Assigned(Vec::new()), false);
+        assert_eq!(told(&s, 0), vec!["Revoked([]) false"]);
+        assert_eq!(told(&s, 1), vec!["Revoked([]) false"]);
+        // Nothing more for a process that holds partitions is no change for its workers.
+        s.post(&Assignment::Assigned(Vec::new()), true);
+        assert_eq!(told(&s, 0), vec!["Assigned([]) true"]);
+        assert_eq!(told(&s, 1), vec!["Assigned([]) true"]);
+        s.post(&Assignment::Failed("no".into()), true);
+        assert_eq!(told(&s, 1), vec!["Failed(\"no\") true"]);
     }
 
     #[test]
