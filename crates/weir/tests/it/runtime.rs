@@ -377,3 +377,146 @@ fn readiness_follows_the_job_and_its_sink() {
     let (status, body) = readyz();
     assert_eq!((status, body.contains("the job is finished")), (503, true), "{body}");
 }
+
+/// A resumable source of `per_worker` rows per worker (key `k{i % 5}`, value 1, event time
+/// `10 * i` ms), in batches of 10, that asks once, after `restart_at` rows of worker 0, for the
+/// run to end at a checkpoint and start again ([`weir_core::SourceContext::start_again`]).
+#[derive(Debug, Clone)]
+struct RestartingSource {
+    per_worker: i64,
+    restart_at: Option<i64>,
+    asked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl weir_core::SourceFactory for RestartingSource {
+    fn schema(&self) -> SchemaRef {
+        schema()
+    }
+    fn create(&self, worker: usize, _: usize) -> weir_core::Result<Box<dyn weir_core::Source>> {
+        Ok(Box::new(RestartingInstance { f: self.clone(), worker: worker as i64, pos: 0, ended: false }))
+    }
+    fn resumable(&self) -> bool {
+        true
+    }
+}
+
+#[derive(Debug)]
+struct RestartingInstance {
+    f: RestartingSource,
+    worker: i64,
+    pos: i64,
+    ended: bool,
+}
+
+fn position_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new("w", DataType::Int64, false), Field::new("pos", DataType::Int64, false)]))
+}
+
+#[async_trait::async_trait]
+impl weir_core::Source for RestartingInstance {
+    fn partitions(&self) -> usize {
+        1
+    }
+    async fn poll(&mut self, cx: &mut weir_core::SourceContext) -> weir_core::Result<weir_core::SourcePoll> {
+        use weir_core::SourcePoll;
+        if self.worker == 0
+            && self.f.restart_at.is_some_and(|at| self.pos >= at)
+            && !self.f.asked.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            cx.start_again("the test asks for it");
+        }
+        if cx.stopping() || self.ended {
+            return Ok(SourcePoll::End);
+        }
+        if self.pos >= self.f.per_worker {
+            self.ended = true;
+            return Ok(SourcePoll::PartitionEnd(0));
+        }
+        let rows: Vec<(String, f64, i64)> = (self.pos..(self.pos + 10).min(self.f.per_worker))
+            .map(|i| {
+                let id = self.worker * self.f.per_worker + i;
+                (format!("k{}", id % 5), 1.0, 10 * i)
+            })
+            .collect();
+        self.pos += rows.len() as i64;
+        cx.count_records(rows.len() as u64);
+        Ok(SourcePoll::Rows { partition: 0, batch: batch(&rows) })
+    }
+    fn snapshot(&mut self) -> weir_core::Result<Option<RecordBatch>> {
+        let t = RecordBatch::try_new(
+            position_schema(),
+            vec![Arc::new(Int64Array::from(vec![self.worker])), Arc::new(Int64Array::from(vec![self.pos]))],
+        )?;
+        Ok(Some(t))
+    }
+    fn restore(&mut self, positions: &[RecordBatch]) -> weir_core::Result<()> {
+        for t in positions {
+            let (w, p) = (t.column(0).as_primitive::<Int64Type>(), t.column(1).as_primitive::<Int64Type>());
+            for i in 0..t.num_rows() {
+                if w.value(i) == self.worker {
+                    self.pos = p.value(i);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A run ended at a checkpoint on a source's request starts again from that checkpoint at
+/// once: nothing is read twice, and windows open at the end are neither flushed early nor
+/// lost (the final checkpoint does not drain), so the output equals a run without the restart.
+#[test]
+fn a_run_ended_at_a_checkpoint_starts_again_from_it_reading_nothing_twice() {
+    let outcome = |restart_at: Option<i64>| {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = WindowSpec {
+            keys: vec!["k".into()],
+            kind: WindowKind::Tumbling { size_ms: 100 },
+            domain: TimeDomain::Event,
+            aggs: vec![AggSpec { name: "n".into(), func: AggFunc::Count, column: None }],
+            late: LatePolicy::Drop,
+            state_ttl: None,
+        };
+        let (win, _) = spec.plan(&schema()).unwrap();
+        let sink = CollectSink::default();
+        let source = RestartingSource { per_worker: 400, restart_at, asked: Arc::default() };
+        let job = JobSpec {
+            checkpoint: Some(weir_core::runtime::CheckpointSpec {
+                store: weir_core::store::CheckpointStore::open(&dir.path().display().to_string(), "test").unwrap(),
+                interval: None,
+                keep: 2,
+                fresh: false,
+            }),
+            ..test_job(
+                Arc::new(source),
+                vec![
+                    StageSpec { key: None, ops: vec![] },
+                    StageSpec { key: Some(vec!["k".into()]), ops: vec![(StepId::new("win"), win)] },
+                ],
+                Arc::new(sink.clone()),
+            )
+        };
+        let job = Job::new(job).unwrap();
+        let registry = job.registry();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(job.run()).unwrap();
+        let mut windows = BTreeMap::new();
+        for b in sink.batches() {
+            for i in 0..b.num_rows() {
+                let k = b.column(0).as_string::<i32>().value(i).to_string();
+                let start = b.column(1).as_primitive::<Int64Type>().value(i);
+                let n = b.column(3).as_primitive::<Int64Type>().value(i);
+                assert!(windows.insert((k, start), n).is_none(), "a window was emitted twice");
+            }
+        }
+        let read = registry.source_records.load(std::sync::atomic::Ordering::Relaxed);
+        let restarts = registry.connectors.get("weir_job_restarts_total", &[("reason", "rebalance")]).unwrap_or(0.0);
+        (windows, read, restarts)
+    };
+    let (plain, read, restarts) = outcome(None);
+    assert_eq!((read, restarts), (800, 0.0));
+    let (restarted, read, restarts) = outcome(Some(150));
+    assert_eq!(restarts, 1.0, "the run started again once");
+    assert_eq!(read, 800, "records read across both runs");
+    assert_eq!(restarted, plain);
+}
