@@ -7,7 +7,11 @@
 //! position and watermark. Worker 0 also serves the consumer's own queue, which carries the group
 //! protocol's callbacks and client errors. A partition never moves between the workers of one
 //! process, so its read position is always the one its worker handed out; several processes
-//! split the partitions through the group protocol.
+//! split the partitions through the group protocol, whose rebalances are incremental
+//! (`cooperative-sticky`): a callback names only the partitions that move. With `handoff`, a
+//! change ends the job's run at a checkpoint and the next run starts from it, and partitions
+//! taken back are handed to the group only once a checkpoint of that next run, which parks
+//! their state, has completed ([`KafkaGroup::release_parked`]).
 //!
 //! Positions (the offset of the next record to hand out, per topic and partition) are the
 //! source's checkpoint state; on restore the consumer starts each assigned partition there.
