@@ -779,6 +779,14 @@ impl Shared {
         self.wake_all();
     }
 
+    /// The group took `tps` from this process.
+    fn disown(&self, tps: &[(String, i32)]) {
+        let mut owned = lock(&self.owned);
+        for tp in tps {
+            owned.remove(tp);
+        }
+    }
+
     /// Gives each of `tps` not split off yet a queue of its own. Done before the partitions
     /// are assigned, so that none of their records ever reaches the consumer's own queue (the
     /// split lasts through later assignments: librdkafka keeps a queue the application
@@ -1025,12 +1033,7 @@ impl ConsumerContext for SourceCtx {
             }
             E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let lost = base.assignment_lost();
-                {
-                    let mut owned = lock(&self.shared.owned);
-                    for tp in &tps {
-                        owned.remove(tp);
-                    }
-                }
+                self.shared.disown(&tps);
                 self.count_rebalance("revoked");
                 if self.handoff && !lost && !self.shared.closing.load(std::sync::atomic::Ordering::Acquire) {
                     // Held for the group until a checkpoint carries their state: the next run
@@ -1055,12 +1058,7 @@ impl ConsumerContext for SourceCtx {
             other => {
                 tracing::warn!(error = ?other, partitions = ?tps, "Kafka rebalance failed; dropping these partitions until the next one.");
                 let _ = base.incremental_unassign(tpl);
-                {
-                    let mut owned = lock(&self.shared.owned);
-                    for tp in &tps {
-                        owned.remove(tp);
-                    }
-                }
+                self.shared.disown(&tps);
                 self.tell(Assignment::Lost(tps));
             }
         }

@@ -690,6 +690,67 @@ fn part_rows(dir: &Path) -> Vec<serde_json::Value> {
     parts.iter().flat_map(|p| read_jsonl(p)).collect()
 }
 
+/// One record per partition of a `partitions`-partition topic, an hour after sensors-3k: once
+/// they are read, every real window closes by the watermark while the members run.
+fn flush_records(partitions: i32) -> Vec<String> {
+    let mut flush = Vec::new();
+    let mut covered = std::collections::HashSet::new();
+    for i in 0.. {
+        let key = format!("flush-{i}");
+        if covered.insert(weir_core::keys::kafka_partition(key.as_bytes(), partitions as u32)) {
+            flush.push(format!(
+                "{{\"device_id\":\"{key}\",\"ts\":1700003600000,\"readings\":{{\"temp\":1.0,\"humidity\":1.0,\"pressure\":1.0,\"vibration\":0.0}}}}"
+            ));
+        }
+        if covered.len() == partitions as usize {
+            break;
+        }
+    }
+    flush
+}
+
+/// Polls `done` every 100 ms until it holds; fails naming `what` after `secs`.
+fn wait_until(what: &str, secs: u64, done: &dyn Fn() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < Duration::from_secs(secs), "{what} took over {secs} s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A running member: its job, registry, stop handle and output folder.
+type Member = (
+    tokio::task::JoinHandle<weir_core::Result<RunSummary>>,
+    std::sync::Arc<weir_core::metrics::Registry>,
+    weir_core::runtime::ShutdownHandle,
+    std::path::PathBuf,
+);
+
+/// Starts a W1 member of the group on `topic`, two workers, checkpointing every `interval` as
+/// member `name` into `dir`/ck, writing part files into `dir`/out-`name`.
+fn start_member(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    topic: &str,
+    dir: &Path,
+    name: &str,
+    interval: Duration,
+) -> Member {
+    let (out, dead) = (dir.join(format!("out-{name}")), dir.join(format!("{name}-dead.jsonl")));
+    let mut cfg = from_kafka("w1-sensor-window.yaml", brokers, topic, &out, &dead);
+    join_group(&mut cfg, topic);
+    cfg.checkpoints = Some(CheckpointConfig {
+        dir: dir.join("ck").display().to_string(),
+        options: Default::default(),
+        interval,
+        keep: 2,
+        member: Some(name.into()),
+    });
+    let job = job(cfg, 2);
+    let (reg, stop) = (job.registry(), job.shutdown_handle());
+    (rt.spawn(job.run()), reg, stop, out)
+}
+
 /// Keyed state follows its partitions between two members of a group on a real broker
 /// (Tansu): `a` reads the first half alone; `b` joins, takes half the partitions over with
 /// their open windows from `a`'s checkpoint, and `a` goes on with the rest. Together they
@@ -701,45 +762,10 @@ fn keyed_state_moves_with_its_partitions_on_a_real_broker() {
     let (brokers, topic, rt) = tansu_topic("handoff", 4);
     let k = Cluster { mock: None, brokers: brokers.clone() };
     let all = lines(&data("sensors-3k.jsonl"));
-    // After the data, one record per partition an hour later: every real window then
-    // closes by the watermark while the members run.
-    let mut flush = Vec::new();
-    let mut covered = std::collections::HashSet::new();
-    for i in 0.. {
-        let key = format!("flush-{i}");
-        if covered.insert(weir_core::keys::kafka_partition(key.as_bytes(), 4)) {
-            flush.push(format!(
-                "{{\"device_id\":\"{key}\",\"ts\":1700003600000,\"readings\":{{\"temp\":1.0,\"humidity\":1.0,\"pressure\":1.0,\"vibration\":0.0}}}}"
-            ));
-        }
-        if covered.len() == 4 {
-            break;
-        }
-    }
-
+    let flush = flush_records(4);
     let dir = tempfile::tempdir().unwrap();
-    let start = |name: &str| {
-        let (out, dead) = (dir.path().join(format!("out-{name}")), dir.path().join(format!("{name}-dead.jsonl")));
-        let mut cfg = from_kafka("w1-sensor-window.yaml", &brokers, &topic, &out, &dead);
-        join_group(&mut cfg, &topic);
-        cfg.checkpoints = Some(CheckpointConfig {
-            dir: dir.path().join("ck").display().to_string(),
-            options: Default::default(),
-            interval: Duration::from_millis(100),
-            keep: 2,
-            member: Some(name.into()),
-        });
-        let job = job(cfg, 2);
-        let (reg, stop) = (job.registry(), job.shutdown_handle());
-        (rt.spawn(job.run()), reg, stop, out)
-    };
-    let wait = |what: &str, secs: u64, done: &dyn Fn() -> bool| {
-        let t = Instant::now();
-        while !done() {
-            assert!(t.elapsed() < Duration::from_secs(secs), "{what} took over {secs} s");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let start = |name: &str| start_member(&rt, &brokers, &topic, dir.path(), name, Duration::from_millis(100));
+    let wait = wait_until;
     let read = |r: &std::sync::Arc<weir_core::metrics::Registry>| r.steps()[0].1.rows_in;
 
     let a = start("a");
@@ -803,43 +829,11 @@ fn only_what_moves_stops_and_nothing_is_read_again() {
     let k = Cluster::new(&[(topic, partitions)]);
     let (brokers, rt) = (k.brokers.clone(), rt());
     let all = lines(&data("sensors-3k.jsonl"));
-    let mut flush = Vec::new();
-    let mut covered = std::collections::HashSet::new();
-    for i in 0.. {
-        let key = format!("flush-{i}");
-        if covered.insert(weir_core::keys::kafka_partition(key.as_bytes(), partitions as u32)) {
-            flush.push(format!(
-                "{{\"device_id\":\"{key}\",\"ts\":1700003600000,\"readings\":{{\"temp\":1.0,\"humidity\":1.0,\"pressure\":1.0,\"vibration\":0.0}}}}"
-            ));
-        }
-        if covered.len() == partitions as usize {
-            break;
-        }
-    }
+    let flush = flush_records(partitions);
     let dir = tempfile::tempdir().unwrap();
-    let start = |name: &str| {
-        let (out, dead) = (dir.path().join(format!("out-{name}")), dir.path().join(format!("{name}-dead.jsonl")));
-        let mut cfg = from_kafka("w1-sensor-window.yaml", &brokers, topic, &out, &dead);
-        join_group(&mut cfg, topic);
-        cfg.checkpoints = Some(CheckpointConfig {
-            dir: dir.path().join("ck").display().to_string(),
-            options: Default::default(),
-            interval: Duration::from_secs(3600),
-            keep: 2,
-            member: Some(name.into()),
-        });
-        let job = job(cfg, 2);
-        let (reg, stop) = (job.registry(), job.shutdown_handle());
-        (rt.spawn(job.run()), reg, stop, out)
-    };
+    let start = |name: &str| start_member(&rt, &brokers, topic, dir.path(), name, Duration::from_secs(3600));
     type Reg = std::sync::Arc<weir_core::metrics::Registry>;
-    let wait = |what: &str, done: &dyn Fn() -> bool| {
-        let t = Instant::now();
-        while !done() {
-            assert!(t.elapsed() < Duration::from_secs(90), "{what} took over 90 s");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let wait = |what: &str, done: &dyn Fn() -> bool| wait_until(what, 90, done);
     let read = |r: &Reg| r.steps()[0].1.rows_in;
     let taken = |r: &Reg| r.connectors.get("weir_partitions_taken_over_total", &[]).unwrap_or(0.0);
     let ready = |r: &Reg| r.readiness().is_ok();
