@@ -465,6 +465,31 @@ impl RabbitMqServer {
             });
         self.wrapper = Process(Some(child));
         wait_for_port(self.port, Duration::from_secs(60), "rabbitmq-server", &d("out.log"));
+        // The port opens before the node serves AMQP, and a connection made then is aborted
+        // ("connection aborted" while declaring a queue, seen in CI): ready means a handshake.
+        #[cfg(feature = "amqp")]
+        {
+            let until = Instant::now() + Duration::from_secs(60);
+            loop {
+                let url = self.url();
+                let opened = block_on(async move {
+                    let c = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await?;
+                    let _ = c.close(200, "ready".into()).await;
+                    Ok::<(), lapin::Error>(())
+                });
+                match opened {
+                    Ok(()) => break,
+                    Err(e) => {
+                        assert!(
+                            Instant::now() < until,
+                            "rabbitmq-server on port {} serves no AMQP within 60 s: {e}",
+                            self.port
+                        );
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        }
     }
 
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
