@@ -9,6 +9,7 @@
 
 mod client;
 mod deadletter;
+mod queue;
 mod sink;
 mod source;
 mod txn;

@@ -2,10 +2,10 @@
 //! Kafka assigns to the process, decoded on every worker.
 //!
 //! The consumer's records are split by partition into their own queues before any partition is
-//! assigned (`split_partition_queue`), and each partition belongs to one worker of the process
-//! for the life of the process ([`owner`]): that worker reads its queue, decodes, and keeps its
-//! position and watermark. Worker 0 also serves the consumer's own queue, which carries the group
-//! protocol's callbacks and client errors. A partition never moves between the workers of one
+//! assigned ([`PartitionQueue`], read a batch at a time), and each partition belongs to one
+//! worker of the process for the life of the process ([`owner`]): that worker reads its queue,
+//! decodes, and keeps its position and watermark. Worker 0 also serves the consumer's own
+//! queue, which carries the group protocol's callbacks and client errors. A partition never moves between the workers of one
 //! process, so its read position is always the one its worker handed out; several processes
 //! split the partitions through the group protocol, whose rebalances are incremental
 //! (`cooperative-sticky`): a callback names only the partitions that move. With `handoff`, a
@@ -28,10 +28,10 @@ use arrow_array::cast::AsArray as _;
 use arrow_array::types::{Int32Type, Int64Type};
 use arrow_array::{Array as _, ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use futures::{FutureExt as _, StreamExt as _};
+use futures::FutureExt as _;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use weir_core::checkpoint::Epoch;
 use weir_core::linger::Linger;
@@ -40,6 +40,7 @@ use weir_core::{CoreError, Result, Source, SourceContext, SourceFactory, SourceP
 use weir_formats::{Decoder, FormatSpec};
 
 use super::client::{kafka_err, KafkaClientConfig, Logging};
+use super::queue::{Fetched, PartitionQueue, Record};
 use crate::decode::{decode_records_with, Position};
 
 /// Where a partition starts when no checkpoint names a position for it.
@@ -336,6 +337,7 @@ impl SourceFactory for KafkaSourceFactory {
             handed: self.handed.clone(),
             reader: None,
             queues: Vec::new(),
+            taken: Fetched::default(),
             turn: 0,
             group: self.cfg.handoff.then(|| self.group.clone()),
             started: false,
@@ -367,9 +369,6 @@ struct Run {
     shared: Arc<Shared>,
     reader: Arc<Mutex<Option<Reader>>>,
 }
-
-/// A partition's own queue of fetched records.
-type PartitionQueue = rdkafka::consumer::stream_consumer::StreamPartitionQueue<SourceCtx>;
 
 /// The queues split off a consumer, by topic and partition. Kept as long as the consumer:
 /// a partition whose queue is dropped keeps its records to itself, read by nobody.
@@ -804,8 +803,8 @@ impl Shared {
             if queues.contains_key(&(t.clone(), *p)) {
                 continue;
             }
-            let q = consumer
-                .split_partition_queue(t, *p)
+            let wake = self.waker(owner(t, *p, self.workers()));
+            let q = PartitionQueue::split(&consumer, t, *p, wake)
                 .ok_or_else(|| format!("could not give partition {t}/{p} a queue of its own"))?;
             queues.insert((t.clone(), *p), Arc::new(q));
         }
@@ -1227,6 +1226,8 @@ struct KafkaSource {
     reader: Option<Reader>,
     /// The queues of the partitions this worker reads now, with their local index.
     queues: Vec<(usize, Arc<PartitionQueue>)>,
+    /// Records taken off a queue, kept for its allocation (empty between drains).
+    taken: Fetched,
     /// Which queue the next drain starts with: they take turns, so that a partition with
     /// records always waiting does not starve the others.
     turn: usize,
@@ -1477,7 +1478,7 @@ impl KafkaSource {
     /// again at its restored position, while the fetcher still held older records), and with
     /// a handoff one of a partition this run does not hold was fetched before the run began.
     /// Returns whether it was kept.
-    fn add(&mut self, i: usize, m: &BorrowedMessage<'_>) -> bool {
+    fn add(&mut self, i: usize, m: Record<'_>) -> bool {
         let p = &self.parts[i];
         let expected = p.offsets.last().map(|o| o + 1).or(p.next);
         if (self.group.is_some() && !p.assigned) || expected.is_some_and(|e| m.offset() < e) {
@@ -1494,18 +1495,20 @@ impl KafkaSource {
             part.keys.push(m.key().map(|k| String::from_utf8_lossy(k).into_owned()));
         }
         if md.timestamp.is_some() {
-            part.times.push(m.timestamp().to_millis());
+            part.times.push(m.timestamp());
         }
         if md.received.is_some() {
             part.received.push(now_us());
         }
         if md.headers.is_some() {
-            part.headers.push(m.headers().map(|h| {
+            let h = m.headers();
+            // A record without headers has none (null), as with no header block at all.
+            part.headers.push((!h.is_empty()).then(|| {
                 let obj: serde_json::Map<String, serde_json::Value> = h
-                    .iter()
-                    .map(|x| {
-                        let v = x.value.map(|v| String::from_utf8_lossy(v).into_owned());
-                        (x.key.to_string(), v.map_or(serde_json::Value::Null, serde_json::Value::String))
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let v = v.map(|v| String::from_utf8_lossy(v).into_owned());
+                        (k.into_owned(), v.map_or(serde_json::Value::Null, serde_json::Value::String))
                     })
                     .collect();
                 serde_json::Value::Object(obj).to_string()
@@ -1517,8 +1520,9 @@ impl KafkaSource {
         if part.trace.is_none() && weir_core::trace::enabled() {
             part.trace = m
                 .headers()
-                .and_then(|h| h.iter().find(|x| x.key == weir_core::trace::TRACEPARENT))
-                .and_then(|x| x.value.and_then(weir_core::trace::parse_traceparent));
+                .into_iter()
+                .find(|(k, _)| k == weir_core::trace::TRACEPARENT)
+                .and_then(|(_, v)| v.and_then(weir_core::trace::parse_traceparent));
         }
         true
     }
@@ -1761,12 +1765,20 @@ impl Source for KafkaSource {
                 .unwrap_or_else(|| IDLE_POLL.saturating_sub(now - *self.idle_since.get_or_insert(now)));
             let mut shutdown = cx.shutdown.clone();
             let wake = self.wake.clone();
-            let main = (self.worker == 0).then_some(consumer.as_ref());
+            // The consumer's own queue, on worker 0 (polling it serves the group's callbacks).
+            let (worker, main_queue) = (self.worker, &consumer);
+            let main = async move {
+                match worker {
+                    0 => main_queue.recv().await,
+                    _ => std::future::pending().await,
+                }
+            };
             // Cancel safety: a dropped `recv` loses nothing (a record is taken off a queue
-            // only when it is returned). If the job's stop signal is gone, that branch is
-            // disabled rather than spinning.
+            // only when it is returned). A record on one of this worker's queues wakes `wake`
+            // (so does a change of assignment); the loop then takes it. If the job's stop
+            // signal is gone, that branch is disabled rather than spinning.
             let got = tokio::select! {
-                r = tokio::time::timeout(wait, arrival(&queues, main)) => r,
+                r = tokio::time::timeout(wait, main) => r,
                 Ok(()) = shutdown.changed() => continue,
                 () = wake.notified() => continue,
             };
@@ -1778,16 +1790,7 @@ impl Source for KafkaSource {
                         return Ok(SourcePoll::Waiting);
                     }
                 }
-                Ok(Arrival::Record(i, Ok(m))) => {
-                    self.idle_since = None;
-                    // The rest of its fetch goes into the same batch.
-                    let kept = usize::from(self.add(i, &m));
-                    if kept + self.drain(&queues, self.cfg.batch_size.saturating_sub(1)) > 0 {
-                        self.fetched();
-                    }
-                }
-                Ok(Arrival::Record(_, Err(e))) => self.report(&e),
-                Ok(Arrival::Main(r)) => self.unexpected(r)?,
+                Ok(r) => self.unexpected(r)?,
             }
         }
     }
@@ -1907,33 +1910,9 @@ fn read_positions(tables: &[RecordBatch]) -> Result<Vec<((String, i32), i64)>> {
     Ok(out)
 }
 
-/// What ended a wait for records.
-enum Arrival<'a> {
-    /// A record (or an error) from one of the worker's partition queues, with the
-    /// partition's local index.
-    Record(usize, KafkaResult<BorrowedMessage<'a>>),
-    /// Something on the consumer's own queue (worker 0 only).
-    Main(KafkaResult<BorrowedMessage<'a>>),
-}
-
-/// Waits for the first record on any of `queues`, or for the consumer's own queue when
-/// `main` is given (polling it serves the group's callbacks). Cancel safe: only the future
-/// that completes takes anything off its queue.
-async fn arrival<'a>(
-    queues: &'a [(usize, Arc<PartitionQueue>)],
-    main: Option<&'a StreamConsumer<SourceCtx>>,
-) -> Arrival<'a> {
-    type Wait<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Arrival<'a>> + Send + 'a>>;
-    let mut waits: Vec<Wait<'a>> =
-        queues.iter().map(|(i, q)| Box::pin(q.recv().map(move |r| Arrival::Record(*i, r))) as Wait<'a>).collect();
-    if let Some(c) = main {
-        waits.push(Box::pin(c.recv().map(Arrival::Main)));
-    }
-    if waits.is_empty() {
-        return std::future::pending().await;
-    }
-    futures::future::select_all(waits).await.0
-}
+/// How many records a drain takes off a queue at once: enough to pay librdkafka's per-call
+/// bookkeeping rarely, few enough to keep the array of them in cache.
+const TAKE_AT_ONCE: usize = 1024;
 
 /// How long a poll waits for a record before it reports the source waiting.
 const IDLE_POLL: Duration = Duration::from_millis(100);
@@ -1967,26 +1946,29 @@ impl KafkaSource {
     }
 
     /// Takes up to `budget` records already fetched into `queues`, without waiting; returns
-    /// how many were kept. Each queue is polled once per record, not under a zero timeout:
-    /// tokio fires a timer on its next tick, so `timeout(ZERO, ..)` of an empty queue waits
-    /// about a millisecond, and every batch paid it (docs/benchmarks.md, Kafka latency).
+    /// how many were kept. Never under a timeout: tokio fires a timer on its next tick, so a
+    /// zero timeout on an empty queue waits about a millisecond, and every batch paid it
+    /// (docs/benchmarks.md, Kafka latency).
     fn drain(&mut self, queues: &[(usize, Arc<PartitionQueue>)], budget: usize) -> usize {
         let mut n = 0;
+        let mut fetched = std::mem::take(&mut self.taken);
         for (i, q) in queues {
-            // One stream per queue and drain: each stream registers with the queue's wakers
-            // (a lock), which `recv` would do for every record.
-            let mut records = q.stream();
             while n < budget {
-                match records.next().now_or_never() {
-                    Some(Some(Ok(m))) => n += usize::from(self.add(*i, &m)),
-                    Some(Some(Err(e))) => {
-                        self.report(&e);
-                        break;
+                let want = (budget - n).min(TAKE_AT_ONCE);
+                let got = q.take(want, &mut fetched);
+                for m in fetched.records() {
+                    match m.error() {
+                        None => n += usize::from(self.add(*i, m)),
+                        Some(e) => self.report(&e),
                     }
-                    Some(None) | None => break,
+                }
+                fetched.clear();
+                if got < want {
+                    break;
                 }
             }
         }
+        self.taken = fetched;
         n
     }
 
