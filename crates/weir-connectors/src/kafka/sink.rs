@@ -11,7 +11,7 @@ use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::SchemaRef;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message as _, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use weir_core::checkpoint::Epoch;
 use weir_core::metrics::ConnectorMetrics;
@@ -177,14 +177,45 @@ pub struct KafkaTopicSpec {
     pub like: Option<String>,
 }
 
-/// Builds one producer per worker (at least once), or the transactional producers all
-/// workers share and their committer (exactly once).
+/// Builds the sinks of a process's workers, which share one producer (at least once), or the
+/// two transactional producers and their committer (exactly once).
 #[derive(Debug)]
 pub struct KafkaSinkFactory {
     cfg: Arc<KafkaSinkConfig>,
     txn: Option<Arc<Transactions>>,
     stats: Arc<ProduceStats>,
     registry: Option<RegistryOut>,
+    /// At least once: the producer the workers of the current run share, while one of them
+    /// holds it (the next run, after a failure, starts with a new one).
+    producer: std::sync::Mutex<std::sync::Weak<SharedProducer>>,
+}
+
+/// The producer of a process's workers (at least once). One per process rather than per
+/// worker: the workers' records to a partition go out in the same requests, and the process
+/// runs one set of the client's threads (docs/benchmarks.md, "Every core decodes").
+struct SharedProducer {
+    /// Always set; taken only by `drop`.
+    producer: Option<FutureProducer<Logging>>,
+    fatal: super::client::Fatal,
+}
+
+impl Drop for SharedProducer {
+    /// Closing a producer waits for its poll thread's next tick (rust-rdkafka joins a thread
+    /// that polls 100 ms at a time), which added up to 100 ms to the end of every bounded
+    /// run. Every record is acknowledged before the last sink lets go (`close` drains), so it
+    /// is closed on a thread of its own, off the job's way out.
+    fn drop(&mut self) {
+        if let Some(p) = self.producer.take() {
+            // If no thread can be started, the closure and the producer are dropped here.
+            let _ = std::thread::Builder::new().name("weir-kafka-close".into()).spawn(move || drop(p));
+        }
+    }
+}
+
+impl std::fmt::Debug for SharedProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedProducer").finish_non_exhaustive()
+    }
 }
 
 impl KafkaSinkFactory {
@@ -230,31 +261,42 @@ impl KafkaSinkFactory {
                 cfg.source_offsets.clone(),
             )?)),
         };
-        Ok(Self { cfg: Arc::new(cfg), txn, stats, registry })
+        Ok(Self { cfg: Arc::new(cfg), txn, stats, registry, producer: Default::default() })
+    }
+
+    /// The producer the workers share, created by the first that asks.
+    fn shared_producer(&self) -> Result<Arc<SharedProducer>> {
+        let mut slot = self.producer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(p) = slot.upgrade() {
+            return Ok(p);
+        }
+        let ours = [
+            ("enable.idempotence", "true".to_string()),
+            ("acks", "all".to_string()),
+            ("partitioner", "murmur2_random".to_string()),
+        ];
+        let log = Logging::new(format!("kafka sink {}", self.cfg.topic));
+        let fatal = log.watch();
+        let producer: FutureProducer<Logging> = self
+            .cfg
+            .client
+            .producer_config(&ours)
+            .create_with_context(log)
+            .map_err(|e| kafka_err("kafka sink: cannot create the producer", &e))?;
+        let p = Arc::new(SharedProducer { producer: Some(producer), fatal });
+        *slot = Arc::downgrade(&p);
+        Ok(p)
     }
 }
 
 impl SinkFactory for KafkaSinkFactory {
-    fn create(&self, worker: usize, _workers: usize) -> Result<Box<dyn Sink>> {
-        let (producer, fatal) = match &self.txn {
-            Some(_) => (None, None),
-            None => {
-                let ours = [
-                    ("enable.idempotence", "true".to_string()),
-                    ("acks", "all".to_string()),
-                    ("partitioner", "murmur2_random".to_string()),
-                ];
-                let log = Logging::new(format!("kafka sink {} (worker {worker})", self.cfg.topic));
-                let fatal = log.watch();
-                let p: FutureProducer<Logging> = self
-                    .cfg
-                    .client
-                    .producer_config(&ours)
-                    .create_with_context(log)
-                    .map_err(|e| kafka_err("kafka sink: cannot create the producer", &e))?;
-                (Some(p), Some(fatal))
-            }
+    fn create(&self, _worker: usize, _workers: usize) -> Result<Box<dyn Sink>> {
+        let shared = match &self.txn {
+            Some(_) => None,
+            None => Some(self.shared_producer()?),
         };
+        let producer = shared.as_ref().and_then(|s| s.producer.clone());
+        let fatal = shared.as_ref().map(|s| s.fatal.clone());
         let encoder: Box<dyn Encoder> = match &self.registry {
             Some(r) => r.encoder()?,
             None => self.cfg.format.encoder(self.cfg.schema.clone()).map_err(crate::fmt_err)?,
@@ -272,6 +314,7 @@ impl SinkFactory for KafkaSinkFactory {
             last_failure: None,
             traceparent: None,
             fatal,
+            _shared: shared,
         }))
     }
 
@@ -354,6 +397,10 @@ struct KafkaSink {
     traceparent: Option<String>,
     /// At least once: the producer's client errors no retry will cure.
     fatal: Option<super::client::Fatal>,
+    /// At least once: holds the process's producer for this run (see
+    /// [`KafkaSinkFactory::shared_producer`]). Declared after `producer`, so dropped after
+    /// it: the last holder closes it off the job's path.
+    _shared: Option<Arc<SharedProducer>>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -630,14 +677,10 @@ impl Sink for KafkaSink {
     }
 
     async fn close(&mut self) -> Result<()> {
-        self.drain().await?;
-        // A transactional producer's rows are all acknowledged now; the committer, not the
-        // sink, ends its transaction.
-        let (Some(p), None) = (self.producer.clone(), &self.txn) else { return Ok(()) };
-        tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(30)))
-            .await
-            .map_err(|e| CoreError::Task(e.to_string()))?
-            .map_err(|e| kafka_err("kafka sink: flushing at the end", &e))
+        // Every record this worker wrote is acknowledged then. No flush: the producer is the
+        // other workers' too, and would wait for what they are still writing. A transactional
+        // producer's transaction is ended by the committer, not the sink.
+        self.drain().await
     }
 
     fn report(&self, m: &ConnectorMetrics) {
@@ -661,5 +704,45 @@ fn in_txn(what: String, e: &KafkaError, txn: Option<&Transactions>) -> CoreError
         },
         Some(other) => other,
         None => kafka_err(what, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow_schema::{DataType, Field, Schema};
+
+    use super::*;
+
+    fn factory() -> KafkaSinkFactory {
+        KafkaSinkFactory::new(KafkaSinkConfig {
+            // Nothing listens there: a producer is made without reaching a broker.
+            client: KafkaClientConfig { brokers: "127.0.0.1:9".into(), properties: Default::default() },
+            topic: "out".into(),
+            format: FormatSpec::Json,
+            schema: Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)])),
+            key: None,
+            partition: None,
+            headers: BTreeMap::new(),
+            mode: KafkaSinkMode::AtLeastOnce,
+            source_offsets: None,
+            create: None,
+            registry: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_workers_of_a_run_share_one_producer_and_the_next_run_gets_a_new_one() {
+        let f = factory();
+        let (a, b) = (f.shared_producer().unwrap(), f.shared_producer().unwrap());
+        assert!(Arc::ptr_eq(&a, &b), "two workers of one run got producers of their own");
+        let first = Arc::as_ptr(&a);
+        let sinks = [f.create(0, 2).unwrap(), f.create(1, 2).unwrap()];
+        drop((a, b));
+        assert!(std::ptr::eq(Arc::as_ptr(&f.shared_producer().unwrap()), first), "the sinks hold the run's producer");
+        drop(sinks);
+        assert!(f.producer.lock().unwrap().upgrade().is_none(), "the last sink of the run let its producer go");
+        let next = f.shared_producer().unwrap();
+        assert!(next.producer.is_some(), "the next run gets a producer");
     }
 }
