@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Kafka -> W1 and W2 -> Kafka throughput at 1 and 2 workers, next to what the broker alone
 # does on this machine (a bare librdkafka producer and consumer: confluent-kafka from PyPI,
-# and crates/weir-cli/examples/kafka_bare_consumer.rs, which Python does not hold back), against
+# and crates/weir-cli/examples/kafka_bare_consumer.rs, which Python does not hold back; and
+# crates/weir-cli/examples/kafka_bare_pipe.rs, W2's reads and writes with no engine), against
 # the Tansu broker that scripts/services.sh starts on 127.0.0.1:19092 (in memory).
 #
 # Usage: scripts/bench-kafka.sh [N_EVENTS]   (default 2000000; LATENCY=0 skips the latency runs)
@@ -25,6 +26,24 @@ for i in 1 2 3; do
   target/release/examples/kafka_bare_consumer "$WEIR_TEST_KAFKA" "$run-in" "$n"
 done
 
+# Tansu does not create topics on first use.
+create_topic() {
+  python3 -c "from confluent_kafka.admin import AdminClient, NewTopic
+a = AdminClient({'bootstrap.servers': '$WEIR_TEST_KAFKA'})
+for f in a.create_topics([NewTopic('$1', 4, 1)]).values(): f.result()"
+}
+
+# The broker doing W2's I/O with no engine: one thread reads, keeps the hot readings (a byte
+# search) and produces them, with Weir's producer settings (linger 0), then with a 5 ms linger.
+cargo build --release -p weir-cli --example kafka_bare_pipe >&2
+echo "bare consume, filter, produce (crates/weir-cli/examples/kafka_bare_pipe.rs), same topic:"
+for linger in 0 5; do
+  for i in 1 2 3; do
+    create_topic "$run-pipe-$linger-$i"
+    LINGER_MS=$linger target/release/examples/kafka_bare_pipe "$WEIR_TEST_KAFKA" "$run-in" "$n" "$run-pipe-$linger-$i"
+  done
+done
+
 # Kafka -> example -> Kafka, three runs at each worker count.
 pipeline() {
   local example=$1
@@ -34,10 +53,7 @@ pipeline() {
   for workers in 1 2; do
     for i in 1 2 3; do
       out=$run-$(basename "$example" .yaml)-$workers-$i
-      # Tansu does not create topics on first use.
-      python3 -c "from confluent_kafka.admin import AdminClient, NewTopic
-a = AdminClient({'bootstrap.servers': '$WEIR_TEST_KAFKA'})
-for f in a.create_topics([NewTopic('$out', 4, 1)]).values(): f.result()"
+      create_topic "$out"
       start=$(date +%s.%N)
       BROKERS=$WEIR_TEST_KAFKA IN=$run-in OUT=$out GROUP=$out STOP_AT_END=true DEAD_LETTERS=/tmp/$out-dead.jsonl \
         "$bin" run "$example" --workers "$workers" --no-progress 2> /tmp/$out.log
