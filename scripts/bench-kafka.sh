@@ -75,7 +75,8 @@ echo
 echo "latency at $rate events/s (ms):"
 echo "| broker | pipeline | mode | workers | produced/s | results measured | p50 | p99 | max | in Weir p50 | p99 | max |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
-lat() { python3 scripts/bench_kafka_latency.py --weir "$bin" --rate "$rate" "$@" 2>/dev/null; }
+cargo build --release -p weir-cli --example kafka_latency >&2
+lat() { target/release/examples/kafka_latency --weir "$bin" --rate "$rate" "$@" 2>/dev/null; }
 # `none`: no job, the brokers alone (production to readable through one topic).
 echo -n "| Tansu "; lat --brokers "$WEIR_TEST_KAFKA" --pipeline none
 echo -n "| mock "; lat --brokers mock --pipeline none
