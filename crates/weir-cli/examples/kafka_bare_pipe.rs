@@ -20,13 +20,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use rdkafka::{ClientConfig, Message as _};
 
-/// The text of the number after `"name":` in `json`.
-fn number<'a>(json: &'a [u8], name: &[u8]) -> Option<&'a str> {
-    let at = json.windows(name.len()).position(|w| w == name)? + name.len();
-    let rest = &json[at..];
-    let end = rest.iter().position(|b| !(b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'e' | b'E' | b'+')))?;
-    std::str::from_utf8(&rest[..end]).ok()
-}
+mod common;
+use common::number;
 
 /// The text of the string after `"name":"` in `json`.
 fn string<'a>(json: &'a [u8], name: &[u8]) -> Option<&'a str> {

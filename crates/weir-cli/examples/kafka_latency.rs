@@ -48,6 +48,9 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use rdkafka::{ClientConfig, Message as _};
 
+mod common;
+use common::number;
+
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// The job's steps per pipeline.
@@ -188,14 +191,6 @@ fn now_ms() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64() * 1e3
 }
 
-/// The integer after `"name":` in `json`.
-fn integer(json: &[u8], name: &[u8]) -> Option<i64> {
-    let at = json.windows(name.len()).position(|w| w == name)? + name.len();
-    let rest = &json[at..];
-    let end = rest.iter().position(|b| !(b.is_ascii_digit() || *b == b'-')).unwrap_or(rest.len());
-    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
-}
-
 /// What the measuring consumer found.
 #[derive(Default)]
 struct Measured {
@@ -244,9 +239,10 @@ fn measure(
             committed.insert(txn);
             continue;
         }
-        let due = match integer(payload, b"\"window_start\":") {
+        let int = |name: &[u8]| number(payload, name).and_then(|n| n.parse::<i64>().ok());
+        let due = match int(b"\"window_start\":") {
             Some(start) => (start + 12_000) as f64,
-            None => integer(payload, b"\"ts\":").ok_or("a result without ts or window_start")? as f64,
+            None => int(b"\"ts\":").ok_or("a result without ts or window_start")? as f64,
         };
         m.read += 1;
         if due < f64::from_bits(measure_from.load(Ordering::Acquire)) {

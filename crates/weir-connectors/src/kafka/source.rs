@@ -5,13 +5,14 @@
 //! assigned ([`PartitionQueue`], read a batch at a time), and each partition belongs to one
 //! worker of the process for the life of the process ([`owner`]): that worker reads its queue,
 //! decodes, and keeps its position and watermark. Worker 0 also serves the consumer's own
-//! queue, which carries the group protocol's callbacks and client errors. A partition never moves between the workers of one
-//! process, so its read position is always the one its worker handed out; several processes
-//! split the partitions through the group protocol, whose rebalances are incremental
-//! (`cooperative-sticky`): a callback names only the partitions that move. With `handoff`, a
-//! change ends the job's run at a checkpoint and the next run starts from it, and partitions
-//! taken back are handed to the group only once a checkpoint of that next run, which parks
-//! their state, has completed ([`KafkaGroup::release_parked`]).
+//! queue, which carries the group protocol's callbacks and client errors. A partition never
+//! moves between the workers of one process, so its read position is always the one its
+//! worker handed out; several processes split the partitions through the group protocol,
+//! whose rebalances are incremental (`cooperative-sticky`): a callback names only the
+//! partitions that move. With `handoff`, a change ends the job's run at a checkpoint and the
+//! next run starts from it, and partitions taken back are handed to the group only once a
+//! checkpoint of that next run, which parks their state, has completed
+//! ([`KafkaGroup::release_parked`]).
 //!
 //! Positions (the offset of the next record to hand out, per topic and partition) are the
 //! source's checkpoint state; on restore the consumer starts each assigned partition there.

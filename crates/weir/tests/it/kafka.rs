@@ -1056,8 +1056,8 @@ fn request_errors_and_moving_leaders_lose_and_repeat_nothing() {
     assert_eq!(summary.source_records, 3000);
     let expected = read_jsonl(&data("w1-expected.jsonl"));
     // Written (the sink drains every delivery report before the run ends), before asking whether
-    // a reader finds them all (one CI run read
-    // 300 of 303: this tells the sink's side from the reader's if it happens again).
+    // a reader finds them all (one CI run read 300 of 303: this tells the sink's side from the
+    // reader's if it happens again).
     assert_eq!(summary.sink_rows as usize, expected.len(), "rows the sink wrote");
     let got: Vec<serde_json::Value> =
         k.consume("out", expected.len()).into_iter().map(|(_, v)| serde_json::from_str(&v).unwrap()).collect();
