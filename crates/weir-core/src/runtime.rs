@@ -543,6 +543,12 @@ impl Job {
     }
 
     async fn run_alone(&self) -> Result<RunSummary> {
+        // Held across attempts: a run that starts again keeps its checkpoints to itself, so
+        // no other run takes them in between, and the next attempt never finds them held.
+        let _lock = match &self.graph.checkpoint {
+            Some(ck) => ck.store.lock()?,
+            None => None,
+        };
         loop {
             match self.attempt().await {
                 Err(e) if e.starts_again() && !*self.shutdown_rx.borrow() => {
@@ -672,10 +678,8 @@ impl Job {
 
         let mut restored = Restored::default();
         let mut coord: Option<Coordinating> = None;
-        let mut _lock = None;
         if let Some(ck) = &g.checkpoint {
             self.phase(JobPhase::Recovering);
-            _lock = ck.store.lock()?;
             for (_, n) in g.sources() {
                 if let NodeKind::Source { factory, .. } = &n.kind {
                     crate::ensure_config!(

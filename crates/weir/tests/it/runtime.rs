@@ -520,3 +520,56 @@ fn a_run_ended_at_a_checkpoint_starts_again_from_it_reading_nothing_twice() {
     assert_eq!(read, 800, "records read across both runs");
     assert_eq!(restarted, plain);
 }
+
+/// A sink that, before each run of the job (`prepare`), notes whether the job's checkpoints
+/// are locked, by trying to take their lock itself.
+#[derive(Debug, Clone)]
+struct LockProbe {
+    sink: CollectSink,
+    dir: String,
+    held: Arc<std::sync::Mutex<Vec<bool>>>,
+}
+
+impl weir_core::SinkFactory for LockProbe {
+    fn create(&self, worker: usize, workers: usize) -> weir_core::Result<Box<dyn weir_core::Sink>> {
+        weir_core::SinkFactory::create(&self.sink, worker, workers)
+    }
+    fn prepare(&self) -> futures::future::BoxFuture<'_, weir_core::Result<()>> {
+        Box::pin(async move {
+            let store = weir_core::store::CheckpointStore::open(&self.dir, "test")?;
+            let held = store.lock().is_err();
+            self.held.lock().unwrap().push(held);
+            Ok(())
+        })
+    }
+}
+
+/// A job that starts again keeps its checkpoints locked in between: another run cannot take
+/// them between two attempts, and the next attempt does not find the lock still held (a CI
+/// run failed so, "another run of this pipeline is using the checkpoints", when the lock was
+/// let go and taken again at each attempt).
+#[test]
+fn the_checkpoints_stay_locked_while_the_job_starts_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let location = dir.path().display().to_string();
+    let probe = LockProbe { sink: CollectSink::default(), dir: location.clone(), held: Arc::default() };
+    let source = RestartingSource { per_worker: 400, restart_at: Some(150), asked: Arc::default() };
+    let job = JobSpec {
+        checkpoint: Some(weir_core::runtime::CheckpointSpec {
+            store: weir_core::store::CheckpointStore::open(&location, "test").unwrap(),
+            interval: None,
+            keep: 2,
+            fresh: false,
+        }),
+        ..test_job(Arc::new(source), vec![StageSpec { key: None, ops: vec![] }], Arc::new(probe.clone()))
+    };
+    let job = Job::new(job).unwrap();
+    let registry = job.registry();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(job.run()).unwrap();
+    let restarts = registry.connectors.get("weir_job_restarts_total", &[("reason", "rebalance")]).unwrap_or(0.0);
+    assert_eq!(restarts, 1.0, "the run started again once");
+    assert_eq!(*probe.held.lock().unwrap(), [true, true], "locked before each of the two attempts");
+    let store = weir_core::store::CheckpointStore::open(&location, "test").unwrap();
+    assert!(store.lock().unwrap().is_some(), "let go when the job ends");
+}
