@@ -65,6 +65,8 @@ pipeline() {
 }
 pipeline examples/w1-kafka.yaml
 pipeline examples/w2-kafka.yaml
+# Steps that cost more than the broker's pace: how the work spreads over the workers.
+pipeline examples/cpu-bound-kafka.yaml
 
 [ "${LATENCY:-1}" = 0 ] && exit 0
 

@@ -264,9 +264,10 @@ fn measure(
     Ok(m)
 }
 
-/// Weir's own share, "p50 | p99 | max" from its run summary.
-fn own_share(log: &str) -> Option<String> {
-    let at = log.find("latency from creation to sink: ")? + "latency from creation to sink: ".len();
+/// Weir's own share, "p50 | p99 | max" from the line of its run summary that starts with
+/// `what`.
+fn own_share(log: &str, what: &str) -> Option<String> {
+    let at = log.find(what)? + what.len();
     let line = log[at..].lines().next()?;
     let figures: Vec<&str> = line.split(", ").filter_map(|part| part.split_whitespace().nth(1)).collect();
     (figures.len() == 3).then(|| figures.join(" | "))
@@ -399,7 +400,10 @@ fn main() -> Result<(), Error> {
     let q = |f: f64| lat[((f * lat.len() as f64) as usize).min(lat.len() - 1)];
     let share = if a.pipeline == "passthrough" {
         let log = std::fs::read_to_string(work.join("weir.log")).unwrap_or_default();
-        own_share(&log).unwrap_or_else(|| "? | ? | ?".into())
+        if let Some(entry) = own_share(&log, "latency from creation to the sink's entry (before its write): ") {
+            eprintln!("in Weir up to the start of the sink's write, p50 | p99 | max ms: {entry}");
+        }
+        own_share(&log, "latency from creation to sink: ").unwrap_or_else(|| "? | ? | ?".into())
     } else {
         "- | - | -".into()
     };

@@ -161,8 +161,13 @@ pub struct Registry {
     pub source_bytes: AtomicU64,
     /// Rows written by sinks.
     pub sink_rows: AtomicU64,
-    /// Creation-to-sink latency, when the job names a creation-time column.
+    /// Creation-to-sink latency, when the job names a creation-time column: measured when
+    /// the sink has taken the row (after its write returns).
     pub latency: LatencyHistogram,
+    /// The part of [`Registry::latency`] before the sink's write began: with it, the time a
+    /// row waited and was processed upstream is told apart from the time the sink's write of
+    /// its batch took (encoding, handing to the client), which every row of the batch pays.
+    pub latency_to_sink_entry: LatencyHistogram,
     /// The adaptive linger of the last batch a streaming source cut, µs (see
     /// [`crate::linger::Linger`]): near zero for a quiet stream, up to `max_linger` in a burst.
     pub linger_us: AtomicU64,
@@ -558,6 +563,12 @@ impl Registry {
                 "End-to-end latency at the sink (creation column to write).",
                 Kind::Histogram,
                 vec![(Vec::new(), Value::Histogram(self.latency.histogram()))],
+            );
+            fams.push(
+                "weir_sink_entry_latency_seconds",
+                "Latency from the creation column to the start of the sink's write (the rest is the write).",
+                Kind::Histogram,
+                vec![(Vec::new(), Value::Histogram(self.latency_to_sink_entry.histogram()))],
             );
         }
         if let Some(q) = self.quarantine.get() {

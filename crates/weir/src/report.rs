@@ -79,14 +79,18 @@ pub fn summary(s: &RunSummary, workers: usize) -> String {
         human(s.source_records as f64 / secs.max(1e-9)),
         s.sink_rows
     );
-    if let Some((p50, p99, max)) = s.latency_us {
-        let _ = writeln!(
-            out,
-            "latency from creation to sink: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-            p50 as f64 / 1e3,
-            p99 as f64 / 1e3,
-            max as f64 / 1e3
-        );
+    let latencies = [("sink", s.latency_us), ("the sink's entry (before its write)", s.latency_to_sink_entry_us)];
+    for (to, quantiles) in latencies {
+        if let Some((p50, p99, max)) = quantiles {
+            let ms = |us: u64| us as f64 / 1e3;
+            let _ = writeln!(
+                out,
+                "latency from creation to {to}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                ms(p50),
+                ms(p99),
+                ms(max)
+            );
+        }
     }
     out
 }

@@ -108,6 +108,10 @@ sink:
     let le_1ms = find("weir_sink_latency_seconds_bucket", &[("le", "0.001")]);
     let le_1s = find("weir_sink_latency_seconds_bucket", &[("le", "1")]);
     assert!(le_1ms <= le_1s && le_1s <= rows, "buckets are cumulative");
+    // The same rows up to the start of the sink's write: never later than after it.
+    assert_eq!(find("weir_sink_entry_latency_seconds_count", &[]), rows);
+    let (entry, taken) = (find("weir_sink_entry_latency_seconds_sum", &[]), find("weir_sink_latency_seconds_sum", &[]));
+    assert!(entry > 0.0 && entry <= taken, "entry {entry} s, taken {taken} s");
     let families: std::collections::HashSet<&str> = samples.iter().map(|s| s["family"].as_str().unwrap()).collect();
     assert!(families.contains("weir_step_batch_duration_seconds"), "{families:?}");
 }
