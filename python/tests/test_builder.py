@@ -52,6 +52,19 @@ def test_w1_in_python_equals_the_yaml_pipeline(events_file, tmp_path):
     assert summary.sink_rows > 0
 
 
+def test_a_sink_with_a_latency_column_reports_latency_to_its_entry_and_past_its_write(tmp_path):
+    p = weir.Pipeline("latency")
+    p.source("events", weir.generator(count=5000, stamp_created=True, seed=1))
+    p.filter("warm", "readings.temp > 0.0")
+    p.sink("out", weir.file_sink(str(tmp_path / "out.jsonl")), latency_column="created_us")
+    s = p.run(workers=1)
+    assert s.sink_rows > 0
+    entry, taken = s.latency_to_sink_entry_us, s.latency_us
+    assert entry is not None and taken is not None
+    # Each row reaches the sink before its write ends: no quantile of the one exceeds the other's.
+    assert len(entry) == len(taken) == 3 and all(e <= t for e, t in zip(entry, taken)), (entry, taken)
+
+
 def test_the_builder_writes_the_yaml_form():
     p = w1("in.jsonl", "out.jsonl", "dl.jsonl")
     cfg = p.config()

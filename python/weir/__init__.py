@@ -367,18 +367,22 @@ class RunSummary:
 
     ``steps`` holds, per step in pipeline order, its counters (rows in, rows out, filtered,
     dead-lettered, ...); ``latency_us`` the creation-to-sink latency (p50, p99, max) in µs when
-    the sink measured it; ``output`` what a sink written in code collected (see
-    :mod:`weir.testing`)."""
+    the sink measured it (``latency_column``), and ``latency_to_sink_entry_us`` the same up to
+    the start of the sink's write (the difference is the write); ``output`` what a sink written
+    in code collected (see :mod:`weir.testing`)."""
 
-    __slots__ = ("elapsed_s", "source_records", "sink_rows", "steps", "latency_us", "output")
+    __slots__ = ("elapsed_s", "source_records", "sink_rows", "steps", "latency_us", "latency_to_sink_entry_us",
+                 "output")
 
     def __init__(self, elapsed_s: float, source_records: int, sink_rows: int, steps: Dict[str, Dict[str, int]],
-                 latency_us: Optional[tuple] = None, output: Optional[pa.Table] = None):
+                 latency_us: Optional[tuple] = None, output: Optional[pa.Table] = None,
+                 latency_to_sink_entry_us: Optional[tuple] = None):
         self.elapsed_s = elapsed_s
         self.source_records = source_records
         self.sink_rows = sink_rows
         self.steps = steps
         self.latency_us = latency_us
+        self.latency_to_sink_entry_us = latency_to_sink_entry_us
         self.output = output
 
     def __repr__(self) -> str:
@@ -941,7 +945,8 @@ def _summary(raw: Dict[str, Any], sink: Any) -> RunSummary:
     if sink is not None and hasattr(sink, "_table"):
         out = sink._table()
     return RunSummary(elapsed_s=raw["elapsed_s"], source_records=raw["source_records"], sink_rows=raw["sink_rows"],
-                      steps=raw["steps"], latency_us=raw.get("latency_us"), output=out)
+                      steps=raw["steps"], latency_us=raw.get("latency_us"), output=out,
+                      latency_to_sink_entry_us=raw.get("latency_to_sink_entry_us"))
 
 
 _KINDS = ("map_batches", "map", "filter", "stateful_map", "infer")

@@ -334,6 +334,9 @@ fn summary_dict<'py>(py: Python<'py>, s: &RunSummary) -> PyResult<Bound<'py, PyD
     if let Some(l) = s.latency_us {
         d.set_item("latency_us", l)?;
     }
+    if let Some(l) = s.latency_to_sink_entry_us {
+        d.set_item("latency_to_sink_entry_us", l)?;
+    }
     Ok(d)
 }
 
