@@ -1426,8 +1426,10 @@ impl Output {
                     let n = b.num_rows() as u64;
                     StepMetrics::add(&metrics.rows_in, n);
                     StepMetrics::add(&metrics.batches_in, 1);
-                    if let Some(col) = latency {
-                        record_latency(&registry.latency_to_sink_entry, &b, col)?;
+                    // Looked up once: the same stamps are measured again after the write.
+                    let stamps = latency.as_deref().map(|col| latency_stamps(&b, col)).transpose()?;
+                    if let Some(s) = &stamps {
+                        record_latency(&registry.latency_to_sink_entry, s);
                     }
                     let t0 = Instant::now();
                     let mut span = match &b.trace {
@@ -1461,8 +1463,8 @@ impl Output {
                     if *counts {
                         StepMetrics::add(&registry.sink_rows, written);
                     }
-                    if let Some(col) = latency {
-                        record_latency(&registry.latency, &b, col)?;
+                    if let Some(s) = &stamps {
+                        record_latency(&registry.latency, s);
                     }
                 }
             }
@@ -1656,17 +1658,21 @@ fn dead_letter_refused(
     dead.write(letters)
 }
 
-fn record_latency(h: &crate::metrics::LatencyHistogram, b: &Batch, col: &str) -> Result<()> {
+/// The creation stamps of a batch's rows, from the sink's `latency_column`.
+fn latency_stamps(b: &Batch, col: &str) -> Result<arrow_array::Int64Array> {
     let c = crate::time::column_by_path(&b.rows, col)?;
-    let Some(created) = c.as_any().downcast_ref::<arrow_array::Int64Array>() else {
-        return Err(CoreError::Config(format!(
-            "latency column `{col}` must be int64 microseconds, not {}",
-            c.data_type()
-        )));
-    };
+    match c.as_any().downcast_ref::<arrow_array::Int64Array>() {
+        Some(created) => Ok(created.clone()),
+        None => {
+            Err(CoreError::Config(format!("latency column `{col}` must be int64 microseconds, not {}", c.data_type())))
+        }
+    }
+}
+
+/// Records the time from each stamp to now.
+fn record_latency(h: &crate::metrics::LatencyHistogram, created: &arrow_array::Int64Array) {
     let now = chrono::Utc::now().timestamp_micros();
     h.record(created.iter().flatten().map(|t| now - t));
-    Ok(())
 }
 
 async fn send(tx: &mpsc::Sender<(usize, Message)>, m: (usize, Message)) -> Result<()> {
